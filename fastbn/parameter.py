@@ -1,0 +1,63 @@
+"""`Parameter`: a trainable array and its gradient."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+
+class Parameter:
+    """A trainable tensor: ``data`` (an ndarray updated in place by optimizers)
+    and ``grad`` (an ndarray of the same shape and dtype, or None).
+
+    Parameters
+    ----------
+    data : array_like
+        Initial value. Converted to a C-contiguous floating-point ndarray
+        (float32 unless it is already float32/float64).
+    grad : array_like or None, optional
+        Initial gradient.
+    """
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data, grad: Optional[np.ndarray] = None) -> None:
+        array = np.asarray(data)
+        if array.dtype not in (np.float32, np.float64):
+            if array.dtype.kind not in "biuf":
+                raise TypeError(
+                    f"Parameter data: expected a real numeric array, got dtype {array.dtype}"
+                )
+            array = array.astype(np.float32)
+        self.data: np.ndarray = np.ascontiguousarray(array)
+        self.grad: Optional[np.ndarray] = None
+        if grad is not None:
+            grad = np.ascontiguousarray(grad, dtype=self.data.dtype)
+            if grad.shape != self.data.shape:
+                raise ValueError(
+                    f"Parameter grad: expected shape {self.data.shape}, got {grad.shape}"
+                )
+            self.grad = grad
+
+    @property
+    def shape(self) -> tuple:
+        return self.data.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    @property
+    def size(self) -> int:
+        return self.data.size
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradient (to None, or to zeros in place)."""
+        if set_to_none or self.grad is None:
+            self.grad = None
+        else:
+            self.grad.fill(0)
+
+    def __repr__(self) -> str:
+        has_grad = "None" if self.grad is None else "ndarray"
+        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype}, grad={has_grad})"
