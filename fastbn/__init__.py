@@ -1,0 +1,29 @@
+"""fastbn: fast CPU batch normalization, fused optimizers and learning-rate
+schedules for NumPy training code, with PyTorch's names and semantics.
+
+Quick start::
+
+    import numpy as np, fastbn
+    x = np.random.rand(8, 16, 32, 32).astype(np.float32)
+    y = fastbn.functional.batch_norm(x, running_mean, running_var, weight, bias)
+
+Configuration: `show_config()`, `set_num_threads()`, `set_simd_target()`,
+`use_backend("reference")`.
+"""
+__version__ = "0.1.0"
+
+from ._backend import get_backend, set_backend, use_backend
+from ._config import (available_simd_targets, compiled_simd_targets, config_info,
+                      get_num_threads, get_simd_target, set_num_threads, set_simd_target,
+                      show_config, _select_initial_target)
+from .parameter import Parameter
+from . import functional, reference
+
+_select_initial_target()
+
+__all__ = [
+    "Parameter", "functional", "reference",
+    "get_backend", "set_backend", "use_backend",
+    "available_simd_targets", "compiled_simd_targets", "get_simd_target", "set_simd_target",
+    "get_num_threads", "set_num_threads", "show_config", "config_info",
+]

@@ -1,0 +1,23 @@
+"""Command line: ``python -m fastbn info`` (and the ``fastbn`` console script)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastbn", description="fastbn command line")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("info", help="show version, SIMD targets, OpenMP and threads")
+    args = parser.parse_args(argv)
+    import fastbn
+    if args.command in (None, "info"):
+        fastbn.show_config()
+        return 0
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+/* bn_affine_impl.h -- template (FB_REAL, FB_DTYPE): the per-channel affine map
+ * y = x * scale[c] + shift[c] that every normalization ends in, and the
+ * eval-mode forward built on it.  Included once per dtype by bn_kernels.c.
+ *
+ * Cost: one read and one write of x; one FMA per element.  Work is split into
+ * equal contiguous element ranges, one per thread, whatever the layout, so a
+ * single huge channel or a tiny spatial size still uses every thread.
+ */
+
+/* ---- affine map over an element range ------------------------------------ */
+
+/* Elements [begin, end) of the (outer, channels, inner) array. */
+static void FB_TYPED(bn_affine_range)(const FB_REAL *restrict x, FB_REAL *y,
+                                      const FB_REAL *restrict scale,
+                                      const FB_REAL *restrict shift,
+                                      fb_index channels, fb_index inner,
+                                      fb_index begin, fb_index end)
+{
+    if (inner == 1) {
+        /* channels-last rows: the coefficient changes with every element */
+        fb_index row = begin / channels, col = begin - row * channels;
+        while (begin < end) {
+            fb_index stop_col = channels;
+            if (end - begin < channels - col)
+                stop_col = col + (end - begin);
+            const FB_REAL *xr = x + row * channels;
+            FB_REAL *yr = y + row * channels;
+#pragma omp simd
+            for (fb_index c = col; c < stop_col; ++c)
+                yr[c] = xr[c] * scale[c] + shift[c];
+            begin += stop_col - col;
+            col = 0;
+            ++row;
+        }
+    } else {
+        /* channels-first rows of `inner` elements share one coefficient */
+        fb_index row = begin / inner, col = begin - row * inner;
+        while (begin < end) {
+            fb_index stop_col = inner;
+            if (end - begin < inner - col)
+                stop_col = col + (end - begin);
+            const fb_index c = row % channels;
+            const FB_REAL a = scale[c], b = shift[c];
+            const FB_REAL *xr = x + row * inner;
+            FB_REAL *yr = y + row * inner;
+#pragma omp simd
+            for (fb_index i = col; i < stop_col; ++i)
+                yr[i] = xr[i] * a + b;
+            begin += stop_col - col;
+            col = 0;
+            ++row;
+        }
+    }
+}
+
+/* The whole array, in parallel when it is large enough. */
+static void FB_TYPED(bn_affine)(const FB_REAL *x, FB_REAL *y, const FB_REAL *scale,
+                                const FB_REAL *shift, fb_index outer, fb_index channels,
+                                fb_index inner, int num_threads)
+{
+    const fb_index total = outer * channels * inner;
+    const int nt = fb_threads_for(total, num_threads);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        fb_index begin, end;
+        fb_split_range(total, fb_team_size(), fb_thread_id(), &begin, &end);
+        FB_TYPED(bn_affine_range)(x, y, scale, shift, channels, inner, begin, end);
+    }
+}
+
+/* ---- eval-mode forward ---------------------------------------------------- */
+
+static int FB_TYPED(bn_eval_forward)(FASTBN_BN_EVAL_FORWARD_ARGS(FB_REAL))
+{
+    if (outer < 0 || channels <= 0 || inner < 0 || !x || !y || !running_mean || !running_var)
+        return FASTBN_ERR_ARGUMENT;
+    FB_REAL *coefficients = (FB_REAL *)malloc(2 * (size_t)channels * sizeof(FB_REAL));
+    if (!coefficients)
+        return FASTBN_ERR_NOMEM;
+    FB_REAL *scale = coefficients, *shift = coefficients + channels;
+    /* folded in double so float32 coefficients are correctly rounded */
+    for (fb_index c = 0; c < channels; ++c) {
+        double alpha = 1.0 / sqrt((double)running_var[c] + eps);
+        if (weight)
+            alpha *= (double)weight[c];
+        double beta = (bias ? (double)bias[c] : 0.0) - (double)running_mean[c] * alpha;
+        scale[c] = (FB_REAL)alpha;
+        shift[c] = (FB_REAL)beta;
+    }
+    FB_TYPED(bn_affine)(x, y, scale, shift, outer, channels, inner, num_threads);
+    free(coefficients);
+    return FASTBN_OK;
+}

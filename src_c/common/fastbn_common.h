@@ -1,0 +1,50 @@
+/* fastbn_common.h -- types, status codes and naming macros shared by every
+ * kernel family.
+ *
+ * Kernels are plain C99: no Python API, no allocation inside loops, and an int
+ * status as the return value (FASTBN_OK or a negative error).  Each family
+ * source is compiled once per SIMD target (see setup.py), with FASTBN_TARGET
+ * set to baseline/avx2/avx512; every kernel function is `static`, and only the
+ * family's table of function pointers is exported, under a target-suffixed
+ * name, so the copies never clash at link time.
+ */
+#ifndef FASTBN_COMMON_H
+#define FASTBN_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* 64-bit indices everywhere: arrays over 2**31 elements must work. */
+typedef int64_t fb_index;
+
+enum fastbn_status {
+    FASTBN_OK = 0,
+    FASTBN_ERR_ARGUMENT = -1, /* a size or pointer the caller should have rejected */
+    FASTBN_ERR_NOMEM = -2     /* O(C) workspace could not be allocated */
+};
+
+enum fastbn_simd_target {
+    FASTBN_TARGET_BASELINE = 0,
+    FASTBN_TARGET_AVX2 = 1,   /* AVX2 + FMA */
+    FASTBN_TARGET_AVX512 = 2  /* AVX-512 F/BW/VL/DQ */
+};
+
+#define FB_CAT_(a, b) a##_##b
+#define FB_CAT(a, b) FB_CAT_(a, b)
+
+/* Name of a target-specific exported symbol, e.g. fastbn_bn_kernels_avx2. */
+#ifdef FASTBN_TARGET
+#define FB_TARGETED(name) FB_CAT(name, FASTBN_TARGET)
+#endif
+
+/* Name of a per-dtype static function inside an *_impl.h template, which is
+ * included once with FB_REAL=float/FB_DTYPE=f32 and once with double/f64. */
+#define FB_TYPED(name) FB_CAT(name, FB_DTYPE)
+
+#if defined(__GNUC__)
+#define FB_UNUSED __attribute__((unused))
+#else
+#define FB_UNUSED
+#endif
+
+#endif /* FASTBN_COMMON_H */
