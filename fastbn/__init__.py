@@ -12,6 +12,15 @@ Configuration: `show_config()`, `set_num_threads()`, `set_simd_target()`,
 """
 __version__ = "0.1.0"
 
+try:
+    from . import _core  # noqa: F401  (compiled extension)
+except ImportError as error:  # pragma: no cover - depends on how fastbn was installed
+    raise ImportError(
+        "fastbn's compiled extensions are missing. If you are inside the fastbn source "
+        "folder, you are importing the uncompiled sources: run from another directory after "
+        "`pip install .`, or build in place with `python setup.py build_ext --inplace`."
+    ) from error
+
 from ._backend import get_backend, set_backend, use_backend
 from ._config import (available_simd_targets, compiled_simd_targets, config_info,
                       get_num_threads, get_simd_target, set_num_threads, set_simd_target,
