@@ -4,6 +4,7 @@ import io
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -12,10 +13,21 @@ import fastbn
 from fastbn import functional as F
 
 
-def run_python(code, **env):
+# Subprocesses import the same fastbn this process imported (installed or
+# built in place), from a neutral working directory.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(fastbn.__file__)))
+
+
+def run_python_args(args, **env):
     full_env = dict(os.environ, **env)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=full_env, timeout=120)
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          env=full_env, timeout=120, cwd=tempfile.gettempdir())
+
+
+def run_python(code, **env):
+    return run_python_args(["-c", code], **env)
 
 
 def test_best_available_target_is_chosen_by_default():
@@ -123,8 +135,7 @@ def test_show_config_reports_target_openmp_and_threads():
 
 
 def test_command_line_info_prints_the_configuration():
-    result = subprocess.run([sys.executable, "-m", "fastbn", "info"], capture_output=True,
-                            text=True, timeout=120)
+    result = run_python_args(["-m", "fastbn", "info"])
     assert result.returncode == 0, result.stderr
     assert "simd_target" in result.stdout and "openmp" in result.stdout
 
