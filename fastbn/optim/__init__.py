@@ -1,0 +1,16 @@
+"""Optimizers with torch.optim's names, defaults and semantics, updated by
+fused multi-tensor kernels (one call per param group and step).
+
+>>> opt = fastbn.optim.Adam(model_params, lr=1e-3)
+>>> opt.zero_grad(); ...backward...; opt.step()
+"""
+from .adagrad import Adagrad
+from .adam import Adam, AdamW
+from .clip_grad import clip_grad_norm_
+from .lion import Lion
+from .optimizer import Optimizer
+from .rmsprop import RMSprop
+from .sgd import SGD, Momentum
+
+__all__ = ["Optimizer", "SGD", "Momentum", "RMSprop", "Adam", "AdamW", "Adagrad", "Lion",
+           "clip_grad_norm_"]

@@ -1,0 +1,82 @@
+"""Gradient clipping by global norm (torch.nn.utils.clip_grad_norm_)."""
+from __future__ import annotations
+
+import math
+from typing import Iterable, List, Union
+
+import numpy as np
+
+from .. import _backend
+from .._validation import check_positive, check_real, describe
+from ..parameter import Parameter
+from ..reference import optim as reference
+from . import _fused
+
+__all__ = ["clip_grad_norm_"]
+
+
+def clip_grad_norm_(parameters: Union[Parameter, Iterable[Parameter]], max_norm: float,
+                    norm_type: float = 2.0, error_if_nonfinite: bool = False) -> float:
+    """Scale the gradients of `parameters` in place so their global norm is at
+    most `max_norm`.
+
+    norm = sqrt(sum over every gradient element of g**2) (norm_type 2) or
+    max |g| (norm_type inf), accumulated in float64 over fixed chunks in a
+    fixed order (bit-identical for any thread count); coef = max_norm /
+    (norm + 1e-6) multiplies every gradient when coef < 1.  Parameters
+    without a gradient are skipped.
+
+    Parameters
+    ----------
+    parameters : Parameter or iterable of Parameter
+        Their ``.grad`` arrays are modified IN PLACE.
+    max_norm : float
+    norm_type : float, default 2.0
+        2.0 or inf.
+    error_if_nonfinite : bool, default False
+        Raise RuntimeError when the norm is nan or inf (gradients untouched).
+
+    Returns
+    -------
+    float
+        The norm before clipping.
+    """
+    if isinstance(parameters, Parameter):
+        parameters = [parameters]
+    max_norm = check_real(max_norm, "max_norm")
+    norm_type = check_real(norm_type, "norm_type")
+    if norm_type != 2.0 and not math.isinf(norm_type):
+        raise ValueError(f"norm_type: expected 2.0 or inf, got {norm_type!r}")
+    grads = _collect_grads(parameters)
+    if _backend.is_reference() or not _fused.available():
+        norm = reference.grad_norm(grads, norm_type)
+    else:
+        norm = _fused._optim.grad_norm(grads, math.isinf(norm_type))
+    if error_if_nonfinite and not math.isfinite(norm):
+        raise RuntimeError(f"clip_grad_norm_: the total norm of order {norm_type} of the gradients "
+                           f"is non-finite ({norm}), so it cannot be clipped")
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1:
+        if _backend.is_reference() or not _fused.available():
+            for grad in grads:
+                grad *= coef
+        else:
+            _fused._optim.scale_grads(grads, coef)
+    return norm
+
+
+def _collect_grads(parameters: Iterable[Parameter]) -> List[np.ndarray]:
+    grads = []
+    for position, param in enumerate(parameters):
+        if not isinstance(param, Parameter):
+            raise TypeError(f"parameters[{position}]: expected a fastbn.Parameter, got {describe(param)}")
+        grad = param.grad
+        if grad is None:
+            continue
+        name = f"parameters[{position}].grad"
+        if not isinstance(grad, np.ndarray) or grad.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{name}: expected a float32 or float64 numpy.ndarray, got {describe(grad)}")
+        if not (grad.flags.c_contiguous and grad.flags.writeable):
+            raise ValueError(f"{name}: expected a writeable C-contiguous array (scaled in place)")
+        grads.append(grad)
+    return grads

@@ -1,0 +1,384 @@
+"""`Optimizer`: the base class, with torch.optim.Optimizer's interface.
+
+What a subclass provides (everything else lives here):
+
+- ``defaults`` (the hyperparameters and their default values) and
+  `_check_hyperparameters(group, where)` (PyTorch's validation, our messages);
+- `_state_keys(group)`: the state arrays a step of this group needs;
+- `_reference_update(data, grad, state, group)`: one parameter, through
+  fastbn.reference.optim (the oracle and the fallback);
+- `_fused_update(...)` hooks: the per-group scalars and per-step coefficients
+  the fused kernel takes (see fastbn/optim/_fused.py).
+
+A step of one param group is one fused kernel call over every parameter of
+the group that has a gradient (one call per dtype when a group mixes float32
+and float64), unless the reference backend is active or the compiled module
+is missing, in which case the reference updates run one parameter at a time.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+
+from .. import _backend
+from .._validation import FLOAT_DTYPES, check_positive, check_range, check_real, describe
+from ..parameter import Parameter
+from . import _fused
+
+__all__ = ["Optimizer"]
+
+class Optimizer:
+    """Base class of every fastbn optimizer (torch.optim.Optimizer's interface).
+
+    Parameters
+    ----------
+    params : iterable of Parameter, or iterable of dict
+        The parameters to optimize, or param groups: dicts with a ``"params"``
+        entry and per-group hyperparameters overriding `defaults`.
+    defaults : dict
+        Default hyperparameters of every group.
+
+    Attributes
+    ----------
+    param_groups : list of dict
+        One dict per group: its hyperparameters and ``"params"`` (a list).
+        Changing a value (for example ``group["lr"]``, as a scheduler does)
+        takes effect at the next `step`.
+    state : defaultdict(dict)
+        Per-parameter state keyed by the Parameter, with PyTorch's key names
+        (``momentum_buffer``, ``square_avg``, ``exp_avg`` ...); arrays are
+        owned by the optimizer, ``step`` is an int.
+    defaults : dict
+    """
+
+    #: True when this optimizer keeps a per-parameter ``step`` counter.
+    _counts_steps = False
+
+    def __init__(self, params: Iterable, defaults: Dict[str, Any]) -> None:
+        self.defaults: Dict[str, Any] = dict(defaults)
+        self.state: Dict[Parameter, Dict[str, Any]] = defaultdict(dict)
+        self.param_groups: List[Dict[str, Any]] = []
+        self._check_hyperparameters(self.defaults, "")
+        if isinstance(params, (Parameter, np.ndarray, dict)):
+            raise TypeError(
+                "params: expected an iterable of Parameters or of dicts (param groups), "
+                f"got {describe(params)}")
+        try:
+            groups = list(params)
+        except TypeError:
+            raise TypeError(
+                "params: expected an iterable of Parameters or of dicts (param groups), "
+                f"got {describe(params)}") from None
+        if not groups:
+            raise ValueError("params: expected at least one Parameter, got an empty list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        for group in groups:
+            self.add_param_group(group)
+
+    # section: param groups ---------------------------------------------------
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a group of parameters with its own hyperparameters.
+
+        Missing hyperparameters take the optimizer's defaults.  A parameter
+        may belong to one group only (ValueError).
+        """
+        index = len(self.param_groups)
+        where = f"param_groups[{index}]"
+        if not isinstance(param_group, dict):
+            raise TypeError(f"{where}: expected a dict, got {describe(param_group)}")
+        if "params" not in param_group:
+            raise ValueError(f"{where}: expected a 'params' entry, got keys {sorted(param_group)}")
+        group = dict(param_group)
+        params = group["params"]
+        if isinstance(params, Parameter):
+            params = [params]
+        elif isinstance(params, (set, frozenset)):
+            raise TypeError(f"{where}['params']: expected an ordered collection (list or tuple), "
+                            "got a set, whose order changes between runs")
+        else:
+            params = list(params)
+        for position, param in enumerate(params):
+            if not isinstance(param, Parameter):
+                raise TypeError(f"{where}['params'][{position}]: expected a fastbn.Parameter, "
+                                f"got {describe(param)}")
+            _check_param_data(param, where, position)
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError(f"{where}['params']: a parameter appears more than once in the group")
+        existing = {id(p) for g in self.param_groups for p in g["params"]}
+        if any(id(p) in existing for p in params):
+            raise ValueError(f"{where}['params']: some parameters appear in more than one "
+                             "parameter group")
+        group["params"] = params
+        for name, default in self.defaults.items():
+            group.setdefault(name, default)
+        self._check_hyperparameters(group, where)
+        self.param_groups.append(group)
+
+    # section: step -------------------------------------------------------------
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradient of every parameter: to None (default) or to zeros."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                param.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Update every parameter that has a gradient, one fused call per group.
+
+        Parameters
+        ----------
+        closure : callable, optional
+            Re-evaluates the model and returns the loss; called first.
+
+        Returns
+        -------
+        The closure's return value, or None.
+        """
+        loss = closure() if closure is not None else None
+        use_reference = _backend.is_reference() or not _fused.available()
+        for index, group in enumerate(self.param_groups):
+            where = f"param_groups[{index}]"
+            self._check_hyperparameters(group, where)
+            if use_reference:
+                self._reference_group_step(group, index)
+            else:
+                _fused.group_step(self, group, index)
+        return loss
+
+    def _reference_group_step(self, group: Dict[str, Any], group_index: int) -> None:
+        for position, param in enumerate(group["params"]):
+            grad = checked_grad(param, group_index, position)
+            if grad is None:
+                continue
+            state, fresh = self._ensure_state(param, group)
+            if self._counts_steps:
+                state["step"] += 1
+            self._reference_update(param.data, grad, state, group, fresh)
+
+    def _ensure_state(self, param: Parameter, group: Dict[str, Any]) -> Tuple[Dict[str, Any], bool]:
+        """The state of `param` with every array this group's step needs,
+        created (zeros) the first time or when an option such as ``centered``
+        is switched on later.  Also returns whether an array was just created.
+        """
+        state = self.state[param]
+        fresh = False
+        if self._counts_steps and "step" not in state:
+            state["step"] = 0
+        for key in self._state_slots(group):
+            if key is not None and key not in state:
+                state[key] = self._initial_state_array(param, key, group)
+                fresh = True
+        return state, fresh
+
+    def _initial_state_array(self, param: Parameter, key: str, group: Dict[str, Any]) -> np.ndarray:
+        return np.zeros_like(param.data)
+
+    # section: subclass hooks ---------------------------------------------------
+
+    def _check_hyperparameters(self, group: Dict[str, Any], where: str) -> None:
+        """Raise ValueError/TypeError for a bad hyperparameter of `group`;
+        `where` prefixes the names ('' for constructor arguments)."""
+        raise NotImplementedError
+
+    def _state_slots(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
+        """State arrays of one parameter, in the kernel's slot order; None
+        marks a slot this group's options leave unused."""
+        raise NotImplementedError
+
+    def _reference_update(self, data: np.ndarray, grad: np.ndarray, state: Dict[str, Any],
+                          group: Dict[str, Any], fresh: bool) -> None:
+        """One parameter through fastbn.reference.optim (step already counted)."""
+        raise NotImplementedError
+
+    def _kernel_arguments(self, group: Dict[str, Any]) -> Tuple[Tuple[float, ...], int,
+                                                                 Optional[Callable[[int, bool], Tuple[float, ...]]]]:
+        """What the fused kernel takes for this group: the group scalars, the
+        option flags, and a function (step, fresh) -> per-parameter
+        coefficients (None when every parameter uses the group scalars only)."""
+        raise NotImplementedError
+
+    # section: state dict -------------------------------------------------------
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Optimizer state in PyTorch's layout.
+
+        ``{"state": {index: {key: value}}, "param_groups": [{hyperparameters...,
+        "params": [index, ...]}]}``, parameters numbered in group order from 0.
+        Arrays are copies, so training on does not change a saved dict.
+        """
+        index_of: Dict[int, int] = {}
+        groups = []
+        for group in self.param_groups:
+            packed = {key: value for key, value in group.items() if key != "params"}
+            indices = []
+            for param in group["params"]:
+                index_of.setdefault(id(param), len(index_of))
+                indices.append(index_of[id(param)])
+            packed["params"] = indices
+            groups.append(packed)
+        state = {}
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param in self.state and self.state[param]:
+                    state[index_of[id(param)]] = {
+                        key: (value.copy() if isinstance(value, np.ndarray) else value)
+                        for key, value in self.state[param].items()}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore a dict from `state_dict` (fastbn's or torch.optim's).
+
+        Groups and their parameter counts must match this optimizer's.  The
+        saved hyperparameters replace the current ones; arrays are copied into
+        buffers of the parameter's dtype (as PyTorch casts floating state) and
+        must have the parameter's shape; ``step`` becomes an int.
+        """
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("state_dict: expected a dict with 'state' and 'param_groups' entries, "
+                             f"got {describe(state_dict) if not isinstance(state_dict, dict) else sorted(state_dict)}")
+        saved_groups = list(state_dict["param_groups"])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict: expected {len(self.param_groups)} parameter groups "
+                             f"(as this optimizer has), got {len(saved_groups)}")
+        param_of: Dict[Any, Parameter] = {}
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            saved_params = list(saved["params"])
+            if len(saved_params) != len(group["params"]):
+                raise ValueError(
+                    f"state_dict['param_groups'][{index}]: expected {len(group['params'])} "
+                    f"parameters (as this optimizer's group {index} has), got {len(saved_params)}")
+            for saved_id, param in zip(saved_params, group["params"]):
+                param_of[saved_id] = param
+        new_state: Dict[Parameter, Dict[str, Any]] = defaultdict(dict)
+        for saved_id, saved_entry in state_dict["state"].items():
+            if saved_id not in param_of:
+                raise ValueError(f"state_dict['state']: entry {saved_id!r} matches no parameter "
+                                 f"index of the saved param_groups")
+            param = param_of[saved_id]
+            new_state[param] = {key: _loaded_value(value, param, key, saved_id)
+                                for key, value in saved_entry.items() if value is not None}
+        new_groups = []
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            restored = {key: value for key, value in saved.items() if key != "params"}
+            for name, default in self.defaults.items():
+                restored.setdefault(name, default)
+            restored["params"] = group["params"]
+            self._check_hyperparameters(restored, f"state_dict['param_groups'][{index}]")
+            new_groups.append(restored)
+        self.param_groups = new_groups
+        self.state = new_state
+
+    # section: display ----------------------------------------------------------
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} ("]
+        for index, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {index}")
+            for key in sorted(group):
+                if key != "params":
+                    lines.append(f"    {key}: {group[key]}")
+        lines.append(")")
+        return "\n".join(lines)
+
+
+# section: shared checks ------------------------------------------------------
+
+def _param_name(group_index, position) -> str:
+    return f"param_groups[{group_index}]['params'][{position}]"
+
+
+def _check_param_data(param: Parameter, where: str, position: int) -> None:
+    data = param.data
+    name = f"{where}['params'][{position}].data"
+    if not isinstance(data, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {describe(data)}")
+    if data.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32 or float64, got {data.dtype}")
+    if not data.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous array (updated in place), "
+                         f"got strides {data.strides}")
+    if not data.flags.writeable:
+        raise ValueError(f"{name}: expected a writeable array (updated in place), got a read-only one")
+
+
+def checked_grad(param: Parameter, group_index: int, position: int) -> Optional[np.ndarray]:
+    """The gradient of `param` ready for an update, or None when it has none.
+
+    Raises TypeError when the data or gradient dtype is wrong (they must be
+    float32/float64 and equal) and ValueError when the shapes differ or the
+    data is not a writeable C-contiguous array; messages name the parameter
+    by group and position.  A non-contiguous gradient is copied.
+    """
+    grad = param.grad
+    if grad is None:
+        return None
+    _check_param_data(param, f"param_groups[{group_index}]", position)
+    name = _param_name(group_index, position) + ".grad"
+    if not isinstance(grad, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {describe(grad)}")
+    data = param.data
+    if grad.dtype != data.dtype:
+        raise TypeError(f"{name}: expected dtype {data.dtype} (the dtype of the parameter), "
+                        f"got {grad.dtype}")
+    if grad.shape != data.shape:
+        raise ValueError(f"{name}: expected shape {data.shape} (the shape of the parameter), "
+                         f"got {grad.shape}")
+    if not grad.flags.c_contiguous:
+        grad = np.ascontiguousarray(grad)
+    return grad
+
+
+def _loaded_value(value: Any, param: Parameter, key: str, saved_id: Any) -> Any:
+    name = f"state_dict['state'][{saved_id!r}][{key!r}]"
+    if key == "step":
+        step = float(np.asarray(value))
+        if not (step >= 0 and step == int(step)):
+            raise ValueError(f"{name}: expected a non-negative whole number, got {step!r}")
+        return int(step)
+    array = np.asarray(value)
+    if array.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {array.dtype}")
+    if array.shape != param.data.shape:
+        raise ValueError(f"{name}: expected shape {param.data.shape} (the shape of the parameter), "
+                         f"got {array.shape}")
+    return np.array(array, dtype=param.data.dtype, order="C", copy=True)
+
+
+def hyperparameter_name(where: str, key: str) -> str:
+    """``lr`` for constructor arguments, ``param_groups[1]['lr']`` for a group."""
+    return f"{where}[{key!r}]" if where else key
+
+
+def check_non_negative(group: Dict[str, Any], where: str, *keys: str) -> None:
+    for key in keys:
+        check_positive(group[key], hyperparameter_name(where, key), strict=False)
+
+
+def check_unit_interval(group: Dict[str, Any], where: str, key: str) -> None:
+    """A decay factor in [0, 1)."""
+    check_range(group[key], hyperparameter_name(where, key), 0.0, 1.0, high_inclusive=False)
+
+
+def check_betas(group: Dict[str, Any], where: str) -> None:
+    betas = group["betas"]
+    name = hyperparameter_name(where, "betas")
+    if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+        raise TypeError(f"{name}: expected a pair (beta1, beta2), got {describe(betas)}")
+    for index in (0, 1):
+        check_range(betas[index], f"{name}[{index}]", 0.0, 1.0, high_inclusive=False)
+
+
+def check_flags(group: Dict[str, Any], where: str, *keys: str) -> None:
+    for key in keys:
+        value = group[key]
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{hyperparameter_name(where, key)}: expected a bool, got {describe(value)}")
+
+
+def check_reals(group: Dict[str, Any], where: str, *keys: str) -> None:
+    for key in keys:
+        check_real(group[key], hyperparameter_name(where, key))

@@ -1,0 +1,207 @@
+"""Pure-NumPy optimizer updates: the oracle for the fused kernels.
+
+One parameter at a time, plain NumPy in the parameter's dtype, each formula
+written exactly as in shared/SEMANTICS.md and in the order written there.  A
+Python float meeting a float32 array is rounded to float32 first (NumPy's
+NEP 50 rule), so float32 parameters are updated in float32 arithmetic, as the
+kernels do.
+
+Every function updates `param` and the state buffers IN PLACE and never
+modifies `grad`.  Scalar arguments are plain Python numbers; the step counter
+`step` is the value AFTER this step's increment (1 on the first step).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, List, Optional
+
+import numpy as np
+
+
+def _signed(grad: np.ndarray, maximize: bool) -> np.ndarray:
+    return -grad if maximize else grad
+
+
+# section: SGD and Momentum ---------------------------------------------------
+
+def sgd_update(param: np.ndarray, grad: np.ndarray, momentum_buffer: Optional[np.ndarray], *,
+               lr: float, momentum: float, dampening: float, weight_decay: float,
+               nesterov: bool, maximize: bool) -> Optional[np.ndarray]:
+    """torch.optim.SGD for one parameter.
+
+    if maximize g = -g; g += weight_decay * param; first step b = g, then
+    b = momentum * b + (1 - dampening) * g; direction = g + momentum * b if
+    nesterov else b; param -= lr * direction.
+
+    Parameters
+    ----------
+    param : ndarray, IN/OUT
+    grad : ndarray, IN
+    momentum_buffer : ndarray or None, IN/OUT
+        None before the first step with momentum (then a new buffer is made).
+
+    Returns
+    -------
+    ndarray or None
+        The momentum buffer to keep in the state (None when momentum == 0).
+    """
+    g = _signed(grad, maximize)
+    if weight_decay != 0:
+        g = g + weight_decay * param
+    if momentum != 0:
+        if momentum_buffer is None:
+            momentum_buffer = np.array(g, copy=True)
+        else:
+            np.add(momentum * momentum_buffer, (1 - dampening) * g, out=momentum_buffer)
+        direction = g + momentum * momentum_buffer if nesterov else momentum_buffer
+    else:
+        direction = g
+    param -= lr * direction
+    return momentum_buffer if momentum != 0 else None
+
+
+def momentum_update(param: np.ndarray, grad: np.ndarray, momentum_buffer: np.ndarray, *,
+                    lr: float, momentum: float, weight_decay: float, maximize: bool) -> None:
+    """Textbook momentum: v = beta * v + (1 - beta) * g; param -= lr * v.
+
+    `momentum` is beta; the buffer v starts at zero.  With weight decay,
+    g += weight_decay * param first; with maximize, g = -g before that.
+    """
+    g = _signed(grad, maximize)
+    if weight_decay != 0:
+        g = g + weight_decay * param
+    np.add(momentum * momentum_buffer, (1 - momentum) * g, out=momentum_buffer)
+    param -= lr * momentum_buffer
+
+
+# section: RMSprop ------------------------------------------------------------
+
+def rmsprop_update(param: np.ndarray, grad: np.ndarray, square_avg: np.ndarray,
+                   grad_avg: Optional[np.ndarray], momentum_buffer: Optional[np.ndarray], *,
+                   lr: float, alpha: float, eps: float, weight_decay: float, momentum: float,
+                   centered: bool, maximize: bool) -> None:
+    """torch.optim.RMSprop for one parameter (eps OUTSIDE the square root).
+
+    v = alpha * v + (1 - alpha) * g**2; centered: gbar = alpha * gbar +
+    (1 - alpha) * g, denom = sqrt(v - gbar**2) + eps, else denom = sqrt(v) + eps;
+    momentum > 0: b = momentum * b + g / denom, param -= lr * b;
+    else param -= lr * g / denom.
+
+    `grad_avg` is required when centered, `momentum_buffer` when momentum > 0.
+    """
+    g = _signed(grad, maximize)
+    if weight_decay != 0:
+        g = g + weight_decay * param
+    np.add(alpha * square_avg, (1 - alpha) * (g * g), out=square_avg)
+    if centered:
+        np.add(alpha * grad_avg, (1 - alpha) * g, out=grad_avg)
+        denom = np.sqrt(square_avg - grad_avg * grad_avg) + eps
+    else:
+        denom = np.sqrt(square_avg) + eps
+    if momentum > 0:
+        np.add(momentum * momentum_buffer, g / denom, out=momentum_buffer)
+        param -= lr * momentum_buffer
+    else:
+        param -= lr * (g / denom)
+
+
+# section: Adam and AdamW -----------------------------------------------------
+
+def adam_update(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
+                max_exp_avg_sq: Optional[np.ndarray], *, step: int, lr: float, beta1: float,
+                beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
+                bias_correction: bool = True, decoupled_weight_decay: bool = False) -> None:
+    """torch.optim.Adam / AdamW for one parameter.
+
+    L2 decay: g += weight_decay * param (decoupled, AdamW: param *= 1 - lr *
+    weight_decay, before the moments); m = beta1 * m + (1 - beta1) * g;
+    v = beta2 * v + (1 - beta2) * g**2; amsgrad: vmax = max(vmax, v), used
+    below instead of v;
+    param -= (lr / (1 - beta1**t)) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps),
+    or without bias correction param -= lr * m / (sqrt(v) + eps).
+    """
+    g = _signed(grad, maximize)
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            param *= 1 - lr * weight_decay
+        else:
+            g = g + weight_decay * param
+    np.add(beta1 * exp_avg, (1 - beta1) * g, out=exp_avg)
+    np.add(beta2 * exp_avg_sq, (1 - beta2) * (g * g), out=exp_avg_sq)
+    second_moment = exp_avg_sq
+    if amsgrad:
+        np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        second_moment = max_exp_avg_sq
+    if bias_correction:
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2 = 1 - beta2 ** step
+        denom = np.sqrt(second_moment) / math.sqrt(bias_correction2) + eps
+        param -= (lr / bias_correction1) * exp_avg / denom
+    else:
+        param -= lr * exp_avg / (np.sqrt(second_moment) + eps)
+
+
+# section: Adagrad ------------------------------------------------------------
+
+def adagrad_update(param: np.ndarray, grad: np.ndarray, state_sum: np.ndarray, *, step: int,
+                   lr: float, lr_decay: float, weight_decay: float, eps: float,
+                   maximize: bool) -> None:
+    """torch.optim.Adagrad for one parameter.
+
+    g += weight_decay * param; clr = lr / (1 + (t - 1) * lr_decay);
+    sum += g**2; param -= clr * g / (sqrt(sum) + eps).
+    """
+    g = _signed(grad, maximize)
+    if weight_decay != 0:
+        g = g + weight_decay * param
+    clr = lr / (1 + (step - 1) * lr_decay)
+    state_sum += g * g
+    param -= clr * g / (np.sqrt(state_sum) + eps)
+
+
+# section: Lion ---------------------------------------------------------------
+
+def lion_update(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, *, lr: float,
+                beta1: float, beta2: float, weight_decay: float, maximize: bool) -> None:
+    """Lion (Chen et al. 2023) for one parameter.
+
+    c = beta1 * m + (1 - beta1) * g; param -= lr * (sign(c) + weight_decay * param);
+    m = beta2 * m + (1 - beta2) * g.  sign(0) = 0.
+    """
+    g = _signed(grad, maximize)
+    interpolated = beta1 * exp_avg + (1 - beta1) * g
+    direction = np.sign(interpolated)
+    if weight_decay != 0:
+        direction = direction + weight_decay * param
+    param -= lr * direction
+    np.add(beta2 * exp_avg, (1 - beta2) * g, out=exp_avg)
+
+
+# section: gradient clipping --------------------------------------------------
+
+def grad_norm(grads: Iterable[np.ndarray], norm_type: float = 2.0) -> float:
+    """Global norm of several gradients, accumulated in float64.
+
+    norm_type 2: sqrt(sum of squares over every element of every gradient);
+    norm_type inf: the largest absolute value.  0.0 for no gradients.
+    """
+    grads = list(grads)
+    if math.isinf(norm_type):
+        return max((float(np.max(np.abs(g))) for g in grads if g.size), default=0.0)
+    total = 0.0
+    for g in grads:
+        flat = g.astype(np.float64).ravel()
+        total += float(np.dot(flat, flat))
+    return math.sqrt(total)
+
+
+def clip_grad_norm(grads: List[np.ndarray], max_norm: float, norm_type: float = 2.0) -> float:
+    """torch.nn.utils.clip_grad_norm_ on arrays: scale every gradient IN PLACE by
+    coef = max_norm / (norm + 1e-6) when coef < 1.  Returns the norm before
+    clipping."""
+    norm = grad_norm(grads, norm_type)
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1:
+        for g in grads:
+            g *= coef
+    return norm

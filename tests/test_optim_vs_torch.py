@@ -1,0 +1,117 @@
+"""The optimizers (reference backend, and the fast one) against torch.optim:
+pins the semantics (formulas, step order, state keys, first-step rules)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn import optim
+
+from test_optim_cases import (CASES, SHAPES, STEPS, change_hyperparameters, make_optimizer,
+                              make_params, set_grads)
+
+torch = pytest.importorskip("torch")
+
+TORCH_CLASSES = {optim.SGD: "SGD", optim.RMSprop: "RMSprop", optim.Adam: "Adam",
+                 optim.AdamW: "AdamW", optim.Adagrad: "Adagrad"}
+TORCH_CASES = [name for name, (cls, kwargs) in CASES.items()
+               if cls in TORCH_CLASSES and kwargs.get("bias_correction", True)]
+
+
+def torch_twin(case: str, params):
+    """The same optimizer in torch, over float64 copies of `params`, same groups."""
+    cls, kwargs = CASES[case]
+    tensors = [torch.tensor(p.data.copy(), requires_grad=True) for p in params]
+    ours = make_optimizer(case, params)
+    groups = []
+    for group in ours.param_groups:
+        members = [tensors[next(i for i, p in enumerate(params) if p is q)] for q in group["params"]]
+        groups.append({"params": members, "lr": group["lr"]})
+    twin = getattr(torch.optim, TORCH_CLASSES[cls])(groups, **kwargs)
+    return ours, twin, tensors
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+@pytest.mark.parametrize("case", TORCH_CASES)
+def test_matches_torch_optim_for_every_state_buffer(case, backend):
+    params = make_params(SHAPES, np.float64)
+    ours, twin, tensors = torch_twin(case, params)
+    with fastbn.use_backend(backend):
+        for step in range(STEPS):
+            change_hyperparameters(ours, step)
+            change_hyperparameters(twin, step)
+            set_grads(params, step)
+            for param, tensor in zip(params, tensors):
+                tensor.grad = None if param.grad is None else torch.from_numpy(param.grad.copy())
+            ours.step()
+            twin.step()
+    for index, (param, tensor) in enumerate(zip(params, tensors)):
+        np.testing.assert_allclose(param.data, tensor.detach().numpy(), rtol=1e-10, atol=1e-12,
+                                   err_msg=f"param {index}")
+        theirs = twin.state.get(tensor, {})
+        mine = ours.state.get(param, {})
+        assert set(mine) == {key for key, value in theirs.items() if value is not None}, index
+        for key, value in theirs.items():
+            if key == "step":
+                assert mine["step"] == int(value.item())
+            elif value is not None:
+                np.testing.assert_allclose(mine[key], value.numpy(), rtol=1e-10, atol=1e-12,
+                                           err_msg=f"param {index} state {key}")
+
+
+@pytest.mark.parametrize("case", ["adam_amsgrad", "rmsprop_all_options", "sgd_momentum", "adagrad"])
+def test_torch_state_dict_loads_and_training_continues_like_torch(case):
+    params = make_params(SHAPES, np.float64)
+    ours, twin, tensors = torch_twin(case, params)
+    for step in range(5):
+        set_grads(params, step)
+        for param, tensor in zip(params, tensors):
+            tensor.grad = None if param.grad is None else torch.from_numpy(param.grad.copy())
+        twin.step()
+    for param, tensor in zip(params, tensors):
+        param.data[...] = tensor.detach().numpy()
+    ours.load_state_dict(twin.state_dict())
+    for step in range(5, 9):
+        set_grads(params, step)
+        for param, tensor in zip(params, tensors):
+            tensor.grad = None if param.grad is None else torch.from_numpy(param.grad.copy())
+        twin.step()
+        ours.step()
+    for param, tensor in zip(params, tensors):
+        np.testing.assert_allclose(param.data, tensor.detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_momentum_matches_torch_sgd_with_scaled_lr():
+    beta, lr = 0.9, 0.1
+    params = make_params(SHAPES, np.float64)
+    tensors = [torch.tensor(p.data.copy(), requires_grad=True) for p in params]
+    ours = optim.Momentum(params, lr=lr, momentum=beta)
+    twin = torch.optim.SGD(tensors, lr=lr * (1 - beta), momentum=beta)
+    for step in range(STEPS):
+        set_grads(params, step)
+        for param, tensor in zip(params, tensors):
+            tensor.grad = None if param.grad is None else torch.from_numpy(param.grad.copy())
+        ours.step()
+        twin.step()
+    for param, tensor in zip(params, tensors):
+        np.testing.assert_allclose(param.data, tensor.detach().numpy(), rtol=1e-10, atol=1e-12)
+        # torch's buffer is b = sum of beta^k g; ours is v = (1 - beta) * b
+        np.testing.assert_allclose(ours.state[param]["momentum_buffer"],
+                                   (1 - beta) * twin.state[tensor]["momentum_buffer"].numpy(),
+                                   rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_clip_grad_norm_matches_torch(max_norm):
+    params = make_params(SHAPES, np.float64)
+    set_grads(params, 5)
+    tensors = [torch.tensor(p.data.copy(), requires_grad=True) for p in params]
+    for param, tensor in zip(params, tensors):
+        tensor.grad = None if param.grad is None else torch.from_numpy(param.grad.copy())
+    norm = optim.clip_grad_norm_(params, max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(tensors, max_norm)
+    assert norm == pytest.approx(float(expected), rel=1e-12)
+    for param, tensor in zip(params, tensors):
+        if param.grad is not None:
+            np.testing.assert_allclose(param.grad, tensor.grad.numpy(), rtol=1e-12)
