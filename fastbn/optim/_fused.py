@@ -7,7 +7,8 @@ checks it).
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+import functools
+from typing import Any, Dict, List, Tuple
 
 try:
     from . import _optim
@@ -38,11 +39,21 @@ def common_flags(group: Dict[str, Any]) -> int:
     return flags
 
 
-def group_step(optimizer, group: Dict[str, Any], group_index: int) -> None:
-    """One fused kernel call (per dtype) for every parameter of `group` that
-    has a gradient."""
-    scalars, flags, coefficients = optimizer._kernel_arguments(group)
-    _optim.group_step(
-        optimizer._kernel_family, group["params"], optimizer.state,
-        optimizer._state_slots(group), optimizer._counts_steps, group_index,
-        scalars, flags, coefficients, lambda param: optimizer._ensure_state(param, group))
+def step_groups(optimizer, groups: List[Tuple[int, Dict[str, Any]]]) -> None:
+    """One fused kernel call per group (and dtype) for every parameter that
+    has a gradient.  Every gradient of every group is validated before any
+    state or parameter changes (see fastbn/optim/_optim.pyx)."""
+    plans = []
+    for index, group in groups:
+        scalars, flags, coefficients = optimizer._kernel_arguments(group)
+        plan = _optim.GroupPlan(optimizer._kernel_family, group["params"], index, scalars, flags)
+        plans.append((plan, group, coefficients))
+    for plan, group, coefficients in plans:
+        plan.bind_state(optimizer.state, optimizer._state_slots(group), optimizer._counts_steps,
+                        coefficients, functools.partial(_ensure_state, optimizer, group))
+    for plan, group, _ in plans:
+        plan.commit_and_run(len(optimizer._state_slots(group)))
+
+
+def _ensure_state(optimizer, group, param):
+    return optimizer._ensure_state(param, group)

@@ -58,8 +58,9 @@ def clip_grad_norm_(parameters: Union[Parameter, Iterable[Parameter]], max_norm:
     coef = max_norm / (norm + 1e-6)
     if coef < 1:
         if _backend.is_reference() or not _fused.available():
-            for grad in grads:
-                grad *= coef
+            with np.errstate(invalid="ignore"):  # inf * 0 -> nan, as the kernel gives
+                for grad in grads:
+                    grad *= coef
         else:
             _fused._optim.scale_grads(grads, coef)
     return norm

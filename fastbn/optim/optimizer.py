@@ -139,25 +139,28 @@ class Optimizer:
         The closure's return value, or None.
         """
         loss = closure() if closure is not None else None
-        use_reference = _backend.is_reference() or not _fused.available()
-        for index, group in enumerate(self.param_groups):
-            where = f"param_groups[{index}]"
-            self._check_hyperparameters(group, where)
-            if use_reference:
-                self._reference_group_step(group, index)
-            else:
-                _fused.group_step(self, group, index)
+        groups = list(enumerate(self.param_groups))
+        for index, group in groups:
+            self._check_hyperparameters(group, f"param_groups[{index}]")
+        # Every gradient is checked before anything changes, so a bad one
+        # leaves all parameters and state as they were.
+        if _backend.is_reference() or not _fused.available():
+            self._reference_step(groups)
+        else:
+            _fused.step_groups(self, groups)
         return loss
 
-    def _reference_group_step(self, group: Dict[str, Any], group_index: int) -> None:
-        for position, param in enumerate(group["params"]):
-            grad = checked_grad(param, group_index, position)
-            if grad is None:
-                continue
-            state, fresh = self._ensure_state(param, group)
-            if self._counts_steps:
-                state["step"] += 1
-            self._reference_update(param.data, grad, state, group, fresh)
+    def _reference_step(self, groups: List[Tuple[int, Dict[str, Any]]]) -> None:
+        grads = [[checked_grad(param, index, position) for position, param in enumerate(group["params"])]
+                 for index, group in groups]
+        for (index, group), group_grads in zip(groups, grads):
+            for param, grad in zip(group["params"], group_grads):
+                if grad is None:
+                    continue
+                state, fresh = self._ensure_state(param, group)
+                if self._counts_steps:
+                    state["step"] += 1
+                self._reference_update(param.data, grad, state, group, fresh)
 
     def _ensure_state(self, param: Parameter, group: Dict[str, Any]) -> Tuple[Dict[str, Any], bool]:
         """The state of `param` with every array this group's step needs,
@@ -301,6 +304,8 @@ def _check_param_data(param: Parameter, where: str, position: int) -> None:
     if not data.flags.c_contiguous:
         raise ValueError(f"{name}: expected a C-contiguous array (updated in place), "
                          f"got strides {data.strides}")
+    if not data.flags.aligned:
+        raise ValueError(f"{name}: expected an aligned array, got a misaligned view")
     if not data.flags.writeable:
         raise ValueError(f"{name}: expected a writeable array (updated in place), got a read-only one")
 
@@ -310,8 +315,8 @@ def checked_grad(param: Parameter, group_index: int, position: int) -> Optional[
 
     Raises TypeError when the data or gradient dtype is wrong (they must be
     float32/float64 and equal) and ValueError when the shapes differ or the
-    data is not a writeable C-contiguous array; messages name the parameter
-    by group and position.  A non-contiguous gradient is copied.
+    data is not a writeable, aligned, C-contiguous array; messages name the
+    parameter by group and position.  A non-contiguous gradient is copied.
     """
     grad = param.grad
     if grad is None:
@@ -327,8 +332,8 @@ def checked_grad(param: Parameter, group_index: int, position: int) -> Optional[
     if grad.shape != data.shape:
         raise ValueError(f"{name}: expected shape {data.shape} (the shape of the parameter), "
                          f"got {grad.shape}")
-    if not grad.flags.c_contiguous:
-        grad = np.ascontiguousarray(grad)
+    if not (grad.flags.c_contiguous and grad.flags.aligned):
+        grad = np.require(grad, requirements=["C", "A"])
     return grad
 
 

@@ -183,11 +183,15 @@ def grad_norm(grads: Iterable[np.ndarray], norm_type: float = 2.0) -> float:
     """Global norm of several gradients, accumulated in float64.
 
     norm_type 2: sqrt(sum of squares over every element of every gradient);
-    norm_type inf: the largest absolute value.  0.0 for no gradients.
+    norm_type inf: the largest absolute value (nan if any is nan).  0.0 for
+    no gradients.
     """
     grads = list(grads)
     if math.isinf(norm_type):
-        return max((float(np.max(np.abs(g))) for g in grads if g.size), default=0.0)
+        largest = [float(np.max(np.abs(g))) for g in grads if g.size]
+        if any(math.isnan(value) for value in largest):
+            return math.nan
+        return max(largest, default=0.0)
     total = 0.0
     for g in grads:
         flat = g.astype(np.float64).ravel()

@@ -1,0 +1,437 @@
+/* optim_impl.h -- template (FB_REAL, FB_DTYPE, FB_SQRT, FB_FABS): the
+ * per-chunk loops of every optimizer family and of the gradient-norm pieces,
+ * and the kernel entry points built on optim_run().  Included once per dtype
+ * by optim_kernels.c.
+ *
+ * Each loop is one pass over its tensors: every element of param, grad and
+ * state is read once and written once, with at most one division and one
+ * square root.  Options are compile-time constants of an always-inlined loop
+ * (selected once per chunk by FB_SELECT*), so the vectorized body carries no
+ * branches.  Arithmetic is in FB_REAL: the scalars are rounded to the dtype
+ * once per chunk, as NumPy rounds a Python float meeting a float32 array.
+ */
+
+/* section: SGD -------------------------------------------------------------- */
+
+FB_ALWAYS_INLINE void FB_TYPED(sgd_loop)(FB_REAL *restrict param, const FB_REAL *restrict grad,
+                                         FB_REAL *restrict buffer, fb_index n, FB_REAL sign,
+                                         FB_REAL lr, FB_REAL weight_decay, FB_REAL momentum,
+                                         FB_REAL buffer_decay, FB_REAL grad_weight,
+                                         const int has_weight_decay, const int has_momentum,
+                                         const int nesterov)
+{
+#pragma omp simd
+    for (fb_index i = 0; i < n; ++i) {
+        FB_REAL g = sign * grad[i];
+        if (has_weight_decay)
+            g = g + weight_decay * param[i];
+        FB_REAL direction = g;
+        if (has_momentum) {
+            const FB_REAL b = buffer_decay * buffer[i] + grad_weight * g;
+            buffer[i] = b;
+            direction = nesterov ? g + momentum * b : b;
+        }
+        param[i] = param[i] - lr * direction;
+    }
+}
+
+static void FB_TYPED(sgd_chunk)(const optim_call *call, fb_index t, fb_index chunk,
+                                fb_index begin, fb_index end)
+{
+    const fastbn_optim_batch *batch = call->batch;
+    const double *s = call->scalars;
+    const int flags = call->flags;
+    FB_REAL *param = (FB_REAL *)batch->param[t] + begin;
+    const FB_REAL *grad = (const FB_REAL *)batch->grad[t] + begin;
+    const fb_index n = end - begin;
+    const FB_REAL sign = (flags & FASTBN_OPTIM_MAXIMIZE) ? (FB_REAL)-1 : (FB_REAL)1;
+    const FB_REAL lr = (FB_REAL)s[0], weight_decay = (FB_REAL)s[1], momentum = (FB_REAL)s[2];
+    const int has_weight_decay = (flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0;
+    (void)chunk;
+    if (!(flags & FASTBN_OPTIM_MOMENTUM)) {
+#define FB_SGD_PLAIN(wd) FB_TYPED(sgd_loop)(param, grad, NULL, n, sign, lr, weight_decay, 0, 0, 0, wd, 0, 0)
+        FB_SELECT1(FB_SGD_PLAIN, has_weight_decay);
+#undef FB_SGD_PLAIN
+        return;
+    }
+    FB_REAL *buffer = (FB_REAL *)batch->state[0][t] + begin;
+    const double *coefficients = batch->coefficients + t * batch->coefficient_stride;
+    const FB_REAL buffer_decay = (FB_REAL)coefficients[0], grad_weight = (FB_REAL)coefficients[1];
+    const int nesterov = (flags & FASTBN_OPTIM_NESTEROV) != 0;
+#define FB_SGD_MOMENTUM(wd, nes) FB_TYPED(sgd_loop)(param, grad, buffer, n, sign, lr, weight_decay, \
+                                                    momentum, buffer_decay, grad_weight, wd, 1, nes)
+    FB_SELECT2(FB_SGD_MOMENTUM, has_weight_decay, nesterov);
+#undef FB_SGD_MOMENTUM
+}
+
+/* section: Momentum (textbook) ------------------------------------------------ */
+
+FB_ALWAYS_INLINE void FB_TYPED(momentum_loop)(FB_REAL *restrict param, const FB_REAL *restrict grad,
+                                              FB_REAL *restrict velocity, fb_index n, FB_REAL sign,
+                                              FB_REAL lr, FB_REAL weight_decay, FB_REAL beta,
+                                              FB_REAL one_minus_beta, const int has_weight_decay)
+{
+#pragma omp simd
+    for (fb_index i = 0; i < n; ++i) {
+        FB_REAL g = sign * grad[i];
+        if (has_weight_decay)
+            g = g + weight_decay * param[i];
+        const FB_REAL v = beta * velocity[i] + one_minus_beta * g;
+        velocity[i] = v;
+        param[i] = param[i] - lr * v;
+    }
+}
+
+static void FB_TYPED(momentum_chunk)(const optim_call *call, fb_index t, fb_index chunk,
+                                     fb_index begin, fb_index end)
+{
+    const fastbn_optim_batch *batch = call->batch;
+    const double *s = call->scalars;
+    const int flags = call->flags;
+    FB_REAL *param = (FB_REAL *)batch->param[t] + begin;
+    const FB_REAL *grad = (const FB_REAL *)batch->grad[t] + begin;
+    FB_REAL *velocity = (FB_REAL *)batch->state[0][t] + begin;
+    const FB_REAL sign = (flags & FASTBN_OPTIM_MAXIMIZE) ? (FB_REAL)-1 : (FB_REAL)1;
+    (void)chunk;
+#define FB_MOMENTUM(wd) FB_TYPED(momentum_loop)(param, grad, velocity, end - begin, sign, \
+                                                (FB_REAL)s[0], (FB_REAL)s[1], (FB_REAL)s[2], \
+                                                (FB_REAL)s[3], wd)
+    FB_SELECT1(FB_MOMENTUM, (flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0);
+#undef FB_MOMENTUM
+}
+
+/* section: RMSprop ------------------------------------------------------------ */
+
+FB_ALWAYS_INLINE void FB_TYPED(rmsprop_loop)(FB_REAL *restrict param, const FB_REAL *restrict grad,
+                                             FB_REAL *restrict square_avg, FB_REAL *restrict grad_avg,
+                                             FB_REAL *restrict buffer, fb_index n, FB_REAL sign,
+                                             FB_REAL lr, FB_REAL weight_decay, FB_REAL alpha,
+                                             FB_REAL one_minus_alpha, FB_REAL eps, FB_REAL momentum,
+                                             const int has_weight_decay, const int centered,
+                                             const int has_momentum)
+{
+#pragma omp simd
+    for (fb_index i = 0; i < n; ++i) {
+        FB_REAL g = sign * grad[i];
+        if (has_weight_decay)
+            g = g + weight_decay * param[i];
+        const FB_REAL v = alpha * square_avg[i] + one_minus_alpha * (g * g);
+        square_avg[i] = v;
+        FB_REAL denom;
+        if (centered) {
+            const FB_REAL mean = alpha * grad_avg[i] + one_minus_alpha * g;
+            grad_avg[i] = mean;
+            denom = FB_SQRT(v - mean * mean) + eps;
+        } else {
+            denom = FB_SQRT(v) + eps;
+        }
+        if (has_momentum) {
+            const FB_REAL b = momentum * buffer[i] + g / denom;
+            buffer[i] = b;
+            param[i] = param[i] - lr * b;
+        } else {
+            param[i] = param[i] - lr * (g / denom);
+        }
+    }
+}
+
+static void FB_TYPED(rmsprop_chunk)(const optim_call *call, fb_index t, fb_index chunk,
+                                    fb_index begin, fb_index end)
+{
+    const fastbn_optim_batch *batch = call->batch;
+    const double *s = call->scalars;
+    const int flags = call->flags;
+    FB_REAL *param = (FB_REAL *)batch->param[t] + begin;
+    const FB_REAL *grad = (const FB_REAL *)batch->grad[t] + begin;
+    FB_REAL *square_avg = (FB_REAL *)batch->state[0][t] + begin;
+    const int centered = (flags & FASTBN_OPTIM_CENTERED) != 0;
+    const int has_momentum = (flags & FASTBN_OPTIM_MOMENTUM) != 0;
+    FB_REAL *grad_avg = centered ? (FB_REAL *)batch->state[1][t] + begin : NULL;
+    FB_REAL *buffer = has_momentum ? (FB_REAL *)batch->state[2][t] + begin : NULL;
+    const FB_REAL sign = (flags & FASTBN_OPTIM_MAXIMIZE) ? (FB_REAL)-1 : (FB_REAL)1;
+    (void)chunk;
+#define FB_RMSPROP(wd, cen, mom) FB_TYPED(rmsprop_loop)(param, grad, square_avg, grad_avg, buffer,  \
+                                                        end - begin, sign, (FB_REAL)s[0],         \
+                                                        (FB_REAL)s[1], (FB_REAL)s[2], (FB_REAL)s[3], \
+                                                        (FB_REAL)s[4], (FB_REAL)s[5], wd, cen, mom)
+    FB_SELECT3(FB_RMSPROP, (flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0, centered, has_momentum);
+#undef FB_RMSPROP
+}
+
+/* section: Adam / AdamW --------------------------------------------------------- */
+
+/* param -= a * m / (sqrt(v) + b) is PyTorch's
+ * param -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps) with the bias
+ * corrections moved into a = lr * sqrt(bc2) / bc1 and b = eps * sqrt(bc2):
+ * one square root and one division per element instead of two divisions. */
+FB_ALWAYS_INLINE void FB_TYPED(adam_loop)(FB_REAL *restrict param, const FB_REAL *restrict grad,
+                                          FB_REAL *restrict exp_avg, FB_REAL *restrict exp_avg_sq,
+                                          FB_REAL *restrict max_exp_avg_sq, fb_index n, FB_REAL sign,
+                                          FB_REAL weight_decay, FB_REAL beta1, FB_REAL one_minus_beta1,
+                                          FB_REAL beta2, FB_REAL one_minus_beta2, FB_REAL param_decay,
+                                          FB_REAL step_size, FB_REAL eps_hat, const int l2,
+                                          const int decoupled, const int amsgrad)
+{
+#pragma omp simd
+    for (fb_index i = 0; i < n; ++i) {
+        FB_REAL g = sign * grad[i];
+        FB_REAL p = param[i];
+        if (l2)
+            g = g + weight_decay * p;
+        if (decoupled)
+            p = p * param_decay;
+        const FB_REAL m = beta1 * exp_avg[i] + one_minus_beta1 * g;
+        FB_REAL v = beta2 * exp_avg_sq[i] + one_minus_beta2 * (g * g);
+        exp_avg[i] = m;
+        exp_avg_sq[i] = v;
+        if (amsgrad) {
+            const FB_REAL largest = max_exp_avg_sq[i];
+            v = largest > v ? largest : v;
+            max_exp_avg_sq[i] = v;
+        }
+        param[i] = p - step_size * m / (FB_SQRT(v) + eps_hat);
+    }
+}
+
+static void FB_TYPED(adam_chunk)(const optim_call *call, fb_index t, fb_index chunk,
+                                 fb_index begin, fb_index end)
+{
+    const fastbn_optim_batch *batch = call->batch;
+    const double *s = call->scalars;
+    const int flags = call->flags;
+    FB_REAL *param = (FB_REAL *)batch->param[t] + begin;
+    const FB_REAL *grad = (const FB_REAL *)batch->grad[t] + begin;
+    FB_REAL *exp_avg = (FB_REAL *)batch->state[0][t] + begin;
+    FB_REAL *exp_avg_sq = (FB_REAL *)batch->state[1][t] + begin;
+    const int amsgrad = (flags & FASTBN_OPTIM_AMSGRAD) != 0;
+    FB_REAL *max_exp_avg_sq = amsgrad ? (FB_REAL *)batch->state[2][t] + begin : NULL;
+    const double *coefficients = batch->coefficients + t * batch->coefficient_stride;
+    const FB_REAL sign = (flags & FASTBN_OPTIM_MAXIMIZE) ? (FB_REAL)-1 : (FB_REAL)1;
+    const int has_weight_decay = (flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0;
+    const int decoupled = has_weight_decay && (flags & FASTBN_OPTIM_DECOUPLED);
+    (void)chunk;
+#define FB_ADAM(l2, dec, ams) FB_TYPED(adam_loop)(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,   \
+                                                  end - begin, sign, (FB_REAL)s[0], (FB_REAL)s[1],   \
+                                                  (FB_REAL)s[2], (FB_REAL)s[3], (FB_REAL)s[4],       \
+                                                  (FB_REAL)s[5], (FB_REAL)coefficients[0],           \
+                                                  (FB_REAL)coefficients[1], l2, dec, ams)
+    FB_SELECT3(FB_ADAM, has_weight_decay && !decoupled, decoupled, amsgrad);
+#undef FB_ADAM
+}
+
+/* section: Adagrad -------------------------------------------------------------- */
+
+FB_ALWAYS_INLINE void FB_TYPED(adagrad_loop)(FB_REAL *restrict param, const FB_REAL *restrict grad,
+                                             FB_REAL *restrict state_sum, fb_index n, FB_REAL sign,
+                                             FB_REAL weight_decay, FB_REAL eps, FB_REAL clr,
+                                             const int has_weight_decay)
+{
+#pragma omp simd
+    for (fb_index i = 0; i < n; ++i) {
+        FB_REAL g = sign * grad[i];
+        if (has_weight_decay)
+            g = g + weight_decay * param[i];
+        const FB_REAL total = state_sum[i] + g * g;
+        state_sum[i] = total;
+        param[i] = param[i] - clr * g / (FB_SQRT(total) + eps);
+    }
+}
+
+static void FB_TYPED(adagrad_chunk)(const optim_call *call, fb_index t, fb_index chunk,
+                                    fb_index begin, fb_index end)
+{
+    const fastbn_optim_batch *batch = call->batch;
+    const double *s = call->scalars;
+    const int flags = call->flags;
+    FB_REAL *param = (FB_REAL *)batch->param[t] + begin;
+    const FB_REAL *grad = (const FB_REAL *)batch->grad[t] + begin;
+    FB_REAL *state_sum = (FB_REAL *)batch->state[0][t] + begin;
+    const FB_REAL clr = (FB_REAL)batch->coefficients[t * batch->coefficient_stride];
+    const FB_REAL sign = (flags & FASTBN_OPTIM_MAXIMIZE) ? (FB_REAL)-1 : (FB_REAL)1;
+    (void)chunk;
+#define FB_ADAGRAD(wd) FB_TYPED(adagrad_loop)(param, grad, state_sum, end - begin, sign, \
+                                              (FB_REAL)s[0], (FB_REAL)s[1], clr, wd)
+    FB_SELECT1(FB_ADAGRAD, (flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0);
+#undef FB_ADAGRAD
+}
+
+/* section: Lion ----------------------------------------------------------------- */
+
+FB_ALWAYS_INLINE void FB_TYPED(lion_loop)(FB_REAL *restrict param, const FB_REAL *restrict grad,
+                                          FB_REAL *restrict exp_avg, fb_index n, FB_REAL sign,
+                                          FB_REAL lr, FB_REAL weight_decay, FB_REAL beta1,
+                                          FB_REAL one_minus_beta1, FB_REAL beta2,
+                                          FB_REAL one_minus_beta2, const int has_weight_decay)
+{
+#pragma omp simd
+    for (fb_index i = 0; i < n; ++i) {
+        const FB_REAL g = sign * grad[i];
+        const FB_REAL m = exp_avg[i];
+        const FB_REAL c = beta1 * m + one_minus_beta1 * g;
+        /* sign(c) as np.sign: +-1, and c itself for +-0 and nan */
+        FB_REAL direction = c > 0 ? (FB_REAL)1 : (c < 0 ? (FB_REAL)-1 : c);
+        if (has_weight_decay)
+            direction = direction + weight_decay * param[i];
+        param[i] = param[i] - lr * direction;
+        exp_avg[i] = beta2 * m + one_minus_beta2 * g;
+    }
+}
+
+static void FB_TYPED(lion_chunk)(const optim_call *call, fb_index t, fb_index chunk,
+                                 fb_index begin, fb_index end)
+{
+    const fastbn_optim_batch *batch = call->batch;
+    const double *s = call->scalars;
+    const int flags = call->flags;
+    FB_REAL *param = (FB_REAL *)batch->param[t] + begin;
+    const FB_REAL *grad = (const FB_REAL *)batch->grad[t] + begin;
+    FB_REAL *exp_avg = (FB_REAL *)batch->state[0][t] + begin;
+    const FB_REAL sign = (flags & FASTBN_OPTIM_MAXIMIZE) ? (FB_REAL)-1 : (FB_REAL)1;
+    (void)chunk;
+#define FB_LION(wd) FB_TYPED(lion_loop)(param, grad, exp_avg, end - begin, sign, (FB_REAL)s[0], \
+                                        (FB_REAL)s[1], (FB_REAL)s[2], (FB_REAL)s[3],            \
+                                        (FB_REAL)s[4], (FB_REAL)s[5], wd)
+    FB_SELECT1(FB_LION, (flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0);
+#undef FB_LION
+}
+
+/* section: gradient norm and scaling ---------------------------------------------- */
+
+/* Squares summed in float64 into 8 interleaved accumulators (lane j takes
+ * elements j, j+8, ...): a fixed order that does not depend on the data's
+ * alignment, which the vectorizer may map onto two 4-wide registers. */
+static void FB_TYPED(sumsq_chunk)(const optim_call *call, fb_index t, fb_index chunk,
+                                  fb_index begin, fb_index end)
+{
+    const FB_REAL *x = (const FB_REAL *)call->batch->param[t] + begin;
+    const fb_index n = end - begin;
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    fb_index i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int j = 0; j < 8; ++j) {
+            const double value = (double)x[i + j];
+            acc[j] += value * value;
+        }
+    }
+    for (int j = 0; i < n; ++i, ++j) {
+        const double value = (double)x[i];
+        acc[j] += value * value;
+    }
+    call->partials[chunk] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+static void FB_TYPED(maxabs_chunk)(const optim_call *call, fb_index t, fb_index chunk,
+                                   fb_index begin, fb_index end)
+{
+    const FB_REAL *x = (const FB_REAL *)call->batch->param[t] + begin;
+    FB_REAL largest = 0;
+    int nan_seen = 0;
+#pragma omp simd reduction(max : largest) reduction(| : nan_seen)
+    for (fb_index i = 0; i < end - begin; ++i) {
+        const FB_REAL magnitude = FB_FABS(x[i]);
+        largest = magnitude > largest ? magnitude : largest;
+        nan_seen |= magnitude != magnitude;
+    }
+    call->partials[chunk] = nan_seen ? (double)NAN : (double)largest;
+}
+
+static void FB_TYPED(scale_chunk)(const optim_call *call, fb_index t, fb_index chunk,
+                                  fb_index begin, fb_index end)
+{
+    FB_REAL *x = (FB_REAL *)call->batch->param[t] + begin;
+    const FB_REAL factor = (FB_REAL)call->factor;
+    (void)chunk;
+#pragma omp simd
+    for (fb_index i = 0; i < end - begin; ++i)
+        x[i] = x[i] * factor;
+}
+
+/* section: entry points ------------------------------------------------------------ */
+
+static int FB_TYPED(optim_step)(FASTBN_OPTIM_STEP_ARGS, optim_chunk_fn chunk_fn, int n_state,
+                                int needs_coefficients)
+{
+    if (!optim_batch_ok(batch) || !scalars || (needs_coefficients && batch->n_tensors && !batch->coefficients))
+        return FASTBN_ERR_ARGUMENT;
+    for (int slot = 0; slot < n_state; ++slot)
+        if (batch->n_tensors && !batch->state[slot])
+            return FASTBN_ERR_ARGUMENT;
+    optim_call call = {batch, scalars, flags, 0.0, NULL};
+    optim_run(&call, chunk_fn, num_threads);
+    return FASTBN_OK;
+}
+
+static int FB_TYPED(sgd_step)(FASTBN_OPTIM_STEP_ARGS)
+{
+    const int momentum = (flags & FASTBN_OPTIM_MOMENTUM) != 0;
+    return FB_TYPED(optim_step)(batch, scalars, flags, num_threads, FB_TYPED(sgd_chunk), momentum, momentum);
+}
+
+static int FB_TYPED(momentum_step)(FASTBN_OPTIM_STEP_ARGS)
+{
+    return FB_TYPED(optim_step)(batch, scalars, flags, num_threads, FB_TYPED(momentum_chunk), 1, 0);
+}
+
+static int FB_TYPED(rmsprop_step)(FASTBN_OPTIM_STEP_ARGS)
+{
+    if (batch && batch->n_tensors && (((flags & FASTBN_OPTIM_CENTERED) && !batch->state[1])
+                                      || ((flags & FASTBN_OPTIM_MOMENTUM) && !batch->state[2])))
+        return FASTBN_ERR_ARGUMENT;
+    return FB_TYPED(optim_step)(batch, scalars, flags, num_threads, FB_TYPED(rmsprop_chunk), 1, 0);
+}
+
+static int FB_TYPED(adam_step)(FASTBN_OPTIM_STEP_ARGS)
+{
+    const int n_state = (flags & FASTBN_OPTIM_AMSGRAD) ? 3 : 2;
+    return FB_TYPED(optim_step)(batch, scalars, flags, num_threads, FB_TYPED(adam_chunk), n_state, 1);
+}
+
+static int FB_TYPED(adagrad_step)(FASTBN_OPTIM_STEP_ARGS)
+{
+    return FB_TYPED(optim_step)(batch, scalars, flags, num_threads, FB_TYPED(adagrad_chunk), 1, 1);
+}
+
+static int FB_TYPED(lion_step)(FASTBN_OPTIM_STEP_ARGS)
+{
+    return FB_TYPED(optim_step)(batch, scalars, flags, num_threads, FB_TYPED(lion_chunk), 1, 0);
+}
+
+static int FB_TYPED(sumsq)(FASTBN_OPTIM_SUMSQ_ARGS)
+{
+    if (!optim_batch_ok(batch) || !result || (optim_n_chunks(batch) && !partials))
+        return FASTBN_ERR_ARGUMENT;
+    optim_call call = {batch, NULL, 0, 0.0, partials};
+    optim_run(&call, FB_TYPED(sumsq_chunk), num_threads);
+    double total = 0.0;
+    for (fb_index c = 0; c < optim_n_chunks(batch); ++c)
+        total += partials[c];
+    *result = total;
+    return FASTBN_OK;
+}
+
+static int FB_TYPED(maxabs)(FASTBN_OPTIM_MAXABS_ARGS)
+{
+    if (!optim_batch_ok(batch) || !result || (optim_n_chunks(batch) && !partials))
+        return FASTBN_ERR_ARGUMENT;
+    optim_call call = {batch, NULL, 0, 0.0, partials};
+    optim_run(&call, FB_TYPED(maxabs_chunk), num_threads);
+    double largest = 0.0;
+    for (fb_index c = 0; c < optim_n_chunks(batch); ++c) {
+        const double value = partials[c];
+        if (value != value || value > largest)
+            largest = value;
+        if (largest != largest)
+            break;
+    }
+    *result = largest;
+    return FASTBN_OK;
+}
+
+static int FB_TYPED(scale)(FASTBN_OPTIM_SCALE_ARGS)
+{
+    if (!optim_batch_ok(batch))
+        return FASTBN_ERR_ARGUMENT;
+    optim_call call = {batch, NULL, 0, factor, NULL};
+    optim_run(&call, FB_TYPED(scale_chunk), num_threads);
+    return FASTBN_OK;
+}

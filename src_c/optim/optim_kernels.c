@@ -1,0 +1,141 @@
+/* optim_kernels.c -- optimizer kernels for one SIMD target (FASTBN_TARGET):
+ * the multi-tensor work splitter, then both dtypes from optim_impl.h. */
+#include <math.h>
+#include <stdlib.h>
+
+#include "../common/fb_parallel.h"
+#include "optim_kernels.h"
+
+#if defined(__GNUC__) || defined(__clang__)
+#define FB_ALWAYS_INLINE static inline __attribute__((always_inline))
+#else
+#define FB_ALWAYS_INLINE static inline
+#endif
+
+/* Call LOOP with its option arguments as literal 0/1, so each combination is
+ * its own branch-free, vectorized instance. */
+#define FB_SELECT1(LOOP, a) ((a) ? LOOP(1) : LOOP(0))
+#define FB_SELECT2(LOOP, a, b) \
+    ((a) ? ((b) ? LOOP(1, 1) : LOOP(1, 0)) : ((b) ? LOOP(0, 1) : LOOP(0, 0)))
+#define FB_SELECT3(LOOP, a, b, c)                                                  \
+    ((a) ? ((b) ? ((c) ? LOOP(1, 1, 1) : LOOP(1, 1, 0)) : ((c) ? LOOP(1, 0, 1) : LOOP(1, 0, 0))) \
+         : ((b) ? ((c) ? LOOP(0, 1, 1) : LOOP(0, 1, 0)) : ((c) ? LOOP(0, 0, 1) : LOOP(0, 0, 0))))
+
+/* section: the multi-tensor work splitter ------------------------------------- */
+
+/* What one kernel call passes to its per-chunk function. */
+typedef struct optim_call {
+    const fastbn_optim_batch *batch;
+    const double *scalars;
+    int flags;
+    double factor;    /* scale */
+    double *partials; /* reductions: one slot per chunk */
+} optim_call;
+
+/* Process elements [begin, end) of tensor t, which form global chunk `chunk`. */
+typedef void (*optim_chunk_fn)(const optim_call *call, fb_index t, fb_index chunk,
+                               fb_index begin, fb_index end);
+
+static inline fb_index optim_n_chunks(const fastbn_optim_batch *batch)
+{
+    return batch->n_tensors ? batch->chunk_start[batch->n_tensors] : 0;
+}
+
+static int optim_batch_ok(const fastbn_optim_batch *batch)
+{
+    if (!batch || batch->n_tensors < 0 || batch->n_elements < 0)
+        return 0;
+    if (batch->n_tensors == 0)
+        return 1;
+    return batch->param && batch->size && batch->chunk_start && batch->chunk_start[0] == 0;
+}
+
+/* Last tensor whose first chunk is <= chunk (binary search over chunk_start). */
+static fb_index optim_tensor_of_chunk(const fastbn_optim_batch *batch, fb_index chunk)
+{
+    fb_index low = 0, high = batch->n_tensors;
+    while (high - low > 1) {
+        const fb_index middle = low + (high - low) / 2;
+        if (batch->chunk_start[middle] <= chunk)
+            low = middle;
+        else
+            high = middle;
+    }
+    return low;
+}
+
+/* Run chunk_fn over every chunk of the batch: one parallel region, each
+ * thread a contiguous share of the chunk list (equal counts).  Empty tensors
+ * own no chunk and are skipped. */
+static void optim_run(const optim_call *call, optim_chunk_fn chunk_fn, int num_threads)
+{
+    const fastbn_optim_batch *batch = call->batch;
+    const fb_index n_chunks = optim_n_chunks(batch);
+    if (n_chunks == 0)
+        return;
+    const int nt = fb_threads_for(batch->n_elements, num_threads);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        fb_index first, last;
+        fb_split_range(n_chunks, fb_team_size(), fb_thread_id(), &first, &last);
+        if (first < last) {
+            fb_index t = optim_tensor_of_chunk(batch, first);
+            for (fb_index chunk = first; chunk < last; ++chunk) {
+                while (chunk >= batch->chunk_start[t + 1])
+                    ++t;
+                const fb_index begin = (chunk - batch->chunk_start[t]) * FASTBN_OPTIM_CHUNK;
+                const fb_index end = begin + FASTBN_OPTIM_CHUNK < batch->size[t]
+                                         ? begin + FASTBN_OPTIM_CHUNK : batch->size[t];
+                chunk_fn(call, t, chunk, begin, end);
+            }
+        }
+    }
+}
+
+/* section: float32 ------------------------------------------------------------ */
+#define FB_REAL float
+#define FB_DTYPE f32
+#define FB_SQRT sqrtf
+#define FB_FABS fabsf
+#include "optim_impl.h"
+#undef FB_REAL
+#undef FB_DTYPE
+#undef FB_SQRT
+#undef FB_FABS
+
+/* section: float64 ------------------------------------------------------------ */
+#define FB_REAL double
+#define FB_DTYPE f64
+#define FB_SQRT sqrt
+#define FB_FABS fabs
+#include "optim_impl.h"
+#undef FB_REAL
+#undef FB_DTYPE
+#undef FB_SQRT
+#undef FB_FABS
+
+/* section: table -------------------------------------------------------------- */
+const fastbn_optim_kernels FB_TARGETED(fastbn_optim_kernels) = {
+    .step_f32 = {
+        [FASTBN_OPTIM_FAMILY_SGD] = sgd_step_f32,
+        [FASTBN_OPTIM_FAMILY_MOMENTUM] = momentum_step_f32,
+        [FASTBN_OPTIM_FAMILY_RMSPROP] = rmsprop_step_f32,
+        [FASTBN_OPTIM_FAMILY_ADAM] = adam_step_f32,
+        [FASTBN_OPTIM_FAMILY_ADAGRAD] = adagrad_step_f32,
+        [FASTBN_OPTIM_FAMILY_LION] = lion_step_f32,
+    },
+    .step_f64 = {
+        [FASTBN_OPTIM_FAMILY_SGD] = sgd_step_f64,
+        [FASTBN_OPTIM_FAMILY_MOMENTUM] = momentum_step_f64,
+        [FASTBN_OPTIM_FAMILY_RMSPROP] = rmsprop_step_f64,
+        [FASTBN_OPTIM_FAMILY_ADAM] = adam_step_f64,
+        [FASTBN_OPTIM_FAMILY_ADAGRAD] = adagrad_step_f64,
+        [FASTBN_OPTIM_FAMILY_LION] = lion_step_f64,
+    },
+    .sumsq_f32 = sumsq_f32,
+    .sumsq_f64 = sumsq_f64,
+    .maxabs_f32 = maxabs_f32,
+    .maxabs_f64 = maxabs_f64,
+    .scale_f32 = scale_f32,
+    .scale_f64 = scale_f64,
+};

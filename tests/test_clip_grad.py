@@ -1,0 +1,129 @@
+"""clip_grad_norm_: global norm (float64, fixed chunk order), PyTorch's
+coefficient rule, fast kernel against the reference."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn.optim import _fused, clip_grad_norm_
+from fastbn.parameter import Parameter
+
+BACKENDS = ["fast", "reference"]
+SHAPES = ((1,), (7,), (64,), (1000,), (4097,), (33, 65), (70001,))
+
+
+def params_with_grads(dtype=np.float32, shapes=SHAPES, scale=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    params = []
+    for shape in shapes:
+        param = Parameter(np.zeros(shape, dtype))
+        param.grad = (scale * rng.standard_normal(shape)).astype(dtype)
+        params.append(param)
+    return params
+
+
+@pytest.fixture
+def restore_config():
+    target = fastbn.get_simd_target()
+    yield
+    fastbn.set_simd_target(target)
+    fastbn.set_num_threads(None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_norm_is_the_float64_l2_norm_of_all_gradients(dtype, backend):
+    params = params_with_grads(dtype)
+    expected = math.sqrt(sum(float(np.sum(p.grad.astype(np.float64) ** 2)) for p in params))
+    with fastbn.use_backend(backend):
+        norm = clip_grad_norm_(params, max_norm=1e9)
+    assert isinstance(norm, float)
+    assert norm == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("target", fastbn.available_simd_targets())
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_clipping_matches_reference_on_every_simd_target(dtype, norm_type, target, restore_config):
+    fastbn.set_simd_target(target)
+    fast, reference = params_with_grads(dtype), params_with_grads(dtype)
+    norm = clip_grad_norm_(fast, max_norm=1.0, norm_type=norm_type)
+    with fastbn.use_backend("reference"):
+        expected = clip_grad_norm_(reference, max_norm=1.0, norm_type=norm_type)
+    assert norm == pytest.approx(expected, rel=1e-12)
+    coef = 1.0 / (expected + 1e-6)
+    for a, b in zip(fast, reference):
+        np.testing.assert_allclose(a.grad, b.grad, rtol=1e-6 if dtype == np.float32 else 1e-14)
+        np.testing.assert_allclose(np.abs(a.grad).max(), np.abs(b.grad / coef).max() * coef, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_below_max_norm_are_left_untouched(backend):
+    params = params_with_grads(scale=1e-3)
+    before = [p.grad.copy() for p in params]
+    with fastbn.use_backend(backend):
+        norm = clip_grad_norm_(params, max_norm=100.0)
+    assert norm < 100
+    for param, grad in zip(params, before):
+        np.testing.assert_array_equal(param.grad, grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clipped_gradients_have_norm_max_norm(backend):
+    params = params_with_grads(np.float64)
+    with fastbn.use_backend(backend):
+        clip_grad_norm_(params, max_norm=2.5)
+        assert clip_grad_norm_(params, max_norm=1e9) == pytest.approx(2.5, rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_dtypes_and_params_without_grad(backend):
+    params = params_with_grads(np.float32) + params_with_grads(np.float64, seed=1)
+    params[2].grad = None
+    params.append(Parameter(np.zeros(3)))
+    expected = math.sqrt(sum(float(np.sum(p.grad.astype(np.float64) ** 2)) for p in params if p.grad is not None))
+    with fastbn.use_backend(backend):
+        assert clip_grad_norm_(params, max_norm=1.0) == pytest.approx(expected, rel=1e-12)
+        assert clip_grad_norm_([Parameter(np.zeros(3))], max_norm=1.0) == 0.0
+
+
+def test_one_and_two_threads_give_identical_bits(restore_config):
+    if fastbn.get_num_threads() < 2:
+        pytest.skip("needs 2 threads")
+    results = []
+    for threads in (1, 2):
+        fastbn.set_num_threads(threads)
+        params = params_with_grads(np.float32, shapes=SHAPES + ((300, 400),))
+        norm = clip_grad_norm_(params, max_norm=1.0)
+        results.append((norm, [p.grad for p in params]))
+    assert results[0][0] == results[1][0]
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_norm_raises_only_when_asked(backend):
+    params = params_with_grads(np.float32)
+    params[3].grad[5] = np.nan
+    with fastbn.use_backend(backend):
+        assert math.isnan(clip_grad_norm_(params, max_norm=1.0))
+        assert math.isnan(clip_grad_norm_(params, max_norm=1.0, norm_type=math.inf))
+        with pytest.raises(RuntimeError, match="non-finite"):
+            clip_grad_norm_(params, max_norm=1.0, error_if_nonfinite=True)
+        params[3].grad[5] = np.inf
+        assert clip_grad_norm_(params, max_norm=1.0, norm_type=math.inf) == math.inf
+
+
+def test_single_parameter_and_bad_arguments():
+    (param,) = params_with_grads(np.float64, shapes=((4,),))
+    param.grad[:] = [3.0, 4.0, 0.0, 0.0]
+    assert clip_grad_norm_(param, max_norm=10.0) == pytest.approx(5.0)
+    with pytest.raises(ValueError, match=r"norm_type: expected 2.0 or inf, got 1.0"):
+        clip_grad_norm_(param, 1.0, norm_type=1.0)
+    with pytest.raises(TypeError, match=r"parameters\[0\]: expected a fastbn.Parameter"):
+        clip_grad_norm_([np.zeros(3)], 1.0)
+    with pytest.raises(TypeError, match="max_norm: expected a real number"):
+        clip_grad_norm_(param, "1")
