@@ -11,6 +11,8 @@ from .lion import Lion
 from .optimizer import Optimizer
 from .rmsprop import RMSprop
 from .sgd import SGD, Momentum
+from . import lr_scheduler
+from .lr_range_test import lr_range_test
 
 __all__ = ["Optimizer", "SGD", "Momentum", "RMSprop", "Adam", "AdamW", "Adagrad", "Lion",
-           "clip_grad_norm_"]
+           "clip_grad_norm_", "lr_scheduler", "lr_range_test"]

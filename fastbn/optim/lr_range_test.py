@@ -111,7 +111,8 @@ def _suggest(lrs: np.ndarray, smoothed: np.ndarray, mode: str):
     # its minimum (robust to the wiggles of a noisy start).
     plateau = float(np.median(smoothed[:max(1, (lowest + 1) // 4)]))
     drop = plateau - smoothed[lowest]
-    if not drop > 0:
+    # Relative floor: a constant loss still wiggles by rounding in the average.
+    if not drop > 1e-9 * abs(plateau):
         return None, None, min_loss_lr
     descending = smoothed[:lowest + 1]
     low_fraction, high_fraction = RANGE_DROP_FRACTIONS
@@ -259,9 +260,9 @@ def lr_range_test(step_fn: Callable[[], Any], optimizer, start_lr: float = 1e-7,
     smoothed_array = np.asarray(smoothed, dtype=np.float64)
     suggested_range, steepest_lr, min_loss_lr = _suggest(lrs_array, smoothed_array, mode)
     if suggested_range is None and smoothed_array.size >= 3:
-        warnings.warn(f"lr_range_test: the smoothed loss never went below its first value "
-                      f"between lr={start_lr:g} and lr={float(lrs_array[-1]):g}; no range "
-                      "suggested (try a smaller start_lr or more iterations)",
+        warnings.warn(f"lr_range_test: the smoothed loss did not decrease between "
+                      f"lr={start_lr:g} and lr={float(lrs_array[-1]):g}; no range suggested "
+                      "(try a smaller start_lr, a larger end_lr or more iterations)",
                       RuntimeWarning, stacklevel=2)
     result = LRRangeTestResult(
         lrs=lrs_array, losses=np.asarray(losses, dtype=np.float64),
