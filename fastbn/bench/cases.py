@@ -1,0 +1,251 @@
+"""Benchmark cases: each one builds, for the same seeded data, a callable per
+contender ("fastbn", "reference", "torch") and says how many bytes the
+operation must move at minimum (for GB/s)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+import fastbn
+import fastbn.optim  # noqa: F401  (optimizer cases)
+
+Contenders = Dict[str, Callable[[], object]]
+
+
+@dataclass
+class Case:
+    name: str
+    group: str                     # "batchnorm", "optimizer" or "overhead"
+    description: str
+    build: Callable[["BenchConfig"], Tuple[Contenders, float]]   # -> contenders, bytes moved
+    per_call: bool = False         # microsecond calls: time in batches
+
+
+@dataclass
+class BenchConfig:
+    dtype: np.dtype
+    threads: int
+    quick: bool
+    torch: Optional[object]        # the torch module, or None
+
+
+def _torch_dtype(config: BenchConfig):
+    return config.torch.float32 if config.dtype == np.float32 else config.torch.float64
+
+
+def _reference(fn: Callable[[], object]) -> Callable[[], object]:
+    def call():
+        with fastbn.use_backend("reference"):
+            return fn()
+    return call
+
+
+# ---- batch norm ------------------------------------------------------------
+
+def _bn_data(shape, axis, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    channels = shape[axis]
+    x = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+    x *= 2
+    x += 0.5
+    vectors = [rng.standard_normal(channels).astype(dtype) for _ in range(4)]
+    vectors[1] = np.abs(vectors[1]) + 0.5   # running_var
+    return x, vectors
+
+
+def _torch_view(torch, array, axis):
+    """A torch tensor over the same memory, in torch's (N, C, ...) indexing;
+    channels-last arrays become channels_last-strided tensors (no copy)."""
+    tensor = torch.from_numpy(array)
+    if axis == -1 and array.ndim > 2:
+        tensor = tensor.movedim(-1, 1)
+    return tensor
+
+
+def _bn_case(kind: str, shape_full, shape_quick, axis: int):
+    def build(config: BenchConfig):
+        from fastbn import functional as F
+        shape = shape_quick if config.quick else shape_full
+        x, (running_mean, running_var, weight, bias) = _bn_data(shape, axis, config.dtype)
+        out = np.empty_like(x)
+        contenders: Contenders = {}
+        nbytes = x.nbytes
+        if kind == "eval":
+            moved = 2 * nbytes
+
+            def run():
+                return F.batch_norm(x, running_mean, running_var, weight, bias, training=False,
+                                    axis=axis, out=out)
+        elif kind == "train":
+            moved = 2 * nbytes
+            rm, rv = running_mean.copy(), running_var.copy()
+
+            def run():
+                return F.batch_norm(x, rm, rv, weight, bias, training=True, axis=axis, out=out)
+        else:  # backward
+            moved = 3 * nbytes
+            dy, _ = _bn_data(shape, axis, config.dtype, seed=1)
+            _, mean, invstd = F.batch_norm_forward_train(x, weight, bias, 1e-5, axis=axis)
+
+            def run():
+                return F.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis, out=out)
+        contenders["fastbn"] = run
+        contenders["reference"] = _reference(run)
+        torch = config.torch
+        if torch is not None:
+            tx = _torch_view(torch, x, axis)
+            t_mean, t_var = torch.from_numpy(running_mean.copy()), torch.from_numpy(running_var.copy())
+            t_w, t_b = torch.from_numpy(weight), torch.from_numpy(bias)
+            if kind in ("eval", "train"):
+                training = kind == "train"
+
+                def run_torch():
+                    with torch.no_grad():
+                        return torch.nn.functional.batch_norm(tx, t_mean, t_var, t_w, t_b,
+                                                              training=training)
+            else:
+                tdy = _torch_view(torch, dy, axis)
+                _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+                    tx, t_w, t_b, None, None, True, 0.1, 1e-5)
+
+                def run_torch():
+                    return torch.ops.aten.native_batch_norm_backward(
+                        tdy, tx, t_w, None, None, save_mean, save_invstd, True, 1e-5,
+                        [True, True, True])
+            contenders["torch"] = run_torch
+        return contenders, moved
+    return build
+
+
+# ---- optimizers ------------------------------------------------------------
+
+def resnet50_shapes() -> List[tuple]:
+    """Parameter shapes of torchvision's ResNet-50 (161 tensors, 25,557,032
+    parameters): conv weights, BatchNorm weight/bias, fc weight/bias."""
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    in_channels = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for block in range(blocks):
+            shapes += [(width, in_channels, 1, 1), (width,), (width,),
+                       (width, width, 3, 3), (width,), (width,),
+                       (width * 4, width, 1, 1), (width * 4,), (width * 4,)]
+            if block == 0:
+                shapes += [(width * 4, in_channels, 1, 1), (width * 4,), (width * 4,)]
+            in_channels = width * 4
+    shapes += [(1000, 2048), (1000,)]
+    return shapes
+
+
+# bytes per parameter one step must move in float32: read+write of the param
+# and each state buffer, read of the grad
+OPTIMIZERS = {
+    # name: (fastbn kwargs, state buffers, torch class name, torch variant kwargs)
+    "Adam": (dict(lr=1e-3), 2, "Adam", dict(fused=True)),
+    "AdamW": (dict(lr=1e-3), 2, "AdamW", dict(fused=True)),
+    "SGD-momentum": (dict(lr=1e-2, momentum=0.9), 1, "SGD", dict(fused=True)),
+    "Momentum": (dict(lr=1e-2, momentum=0.9), 1, None, None),
+    "RMSprop": (dict(lr=1e-3), 1, "RMSprop", dict(foreach=True)),
+    "Adagrad": (dict(lr=1e-2), 1, "Adagrad", dict(fused=True)),
+    "Lion": (dict(lr=1e-4), 1, None, None),
+}
+
+
+def _optimizer_case(name: str, shapes_fn: Callable[[bool], List[tuple]]):
+    fast_kwargs, state_buffers, torch_name, torch_variant = OPTIMIZERS[name]
+    class_name = "SGD" if name == "SGD-momentum" else name
+
+    def build(config: BenchConfig):
+        shapes = shapes_fn(config.quick)
+        rng = np.random.default_rng(0)
+        datas = [(rng.standard_normal(s, dtype=np.float32) * 0.05).astype(config.dtype) for s in shapes]
+        grads = [(rng.standard_normal(s, dtype=np.float32) * 0.01).astype(config.dtype) for s in shapes]
+        itemsize = np.dtype(config.dtype).itemsize
+        total = sum(d.size for d in datas)
+        moved = total * itemsize * (2 + 1 + 2 * state_buffers)
+
+        def make_fast():
+            params = [fastbn.Parameter(d.copy(), grad=g) for d, g in zip(datas, grads)]
+            return getattr(fastbn.optim, class_name)(params, **fast_kwargs)
+
+        fast_opt, reference_opt = make_fast(), make_fast()
+        contenders: Contenders = {"fastbn": fast_opt.step, "reference": _reference(reference_opt.step)}
+        torch = config.torch
+        if torch is not None and torch_name is not None:
+            t_params = [torch.from_numpy(d.copy()) for d in datas]
+            for p, g in zip(t_params, grads):
+                p.requires_grad_(True)
+                p.grad = torch.from_numpy(g)
+            torch_kwargs = {k: v for k, v in fast_kwargs.items()}
+            try:
+                t_opt = getattr(torch.optim, torch_name)(t_params, **torch_kwargs, **torch_variant)
+                t_opt.step()
+            except (RuntimeError, TypeError):   # variant unsupported on this build
+                t_opt = getattr(torch.optim, torch_name)(t_params, **torch_kwargs, foreach=True)
+            contenders["torch"] = t_opt.step
+        return contenders, moved
+    return build
+
+
+def _resnet_shapes(quick: bool) -> List[tuple]:
+    return resnet50_shapes()
+
+
+def _many_small_shapes(quick: bool) -> List[tuple]:
+    return [(1000,)] * 1000
+
+
+# ---- per-call overhead -----------------------------------------------------
+
+def _overhead_case(training: bool):
+    def build(config: BenchConfig):
+        from fastbn import functional as F
+        x, (running_mean, running_var, weight, bias) = _bn_data((2, 4), 1, config.dtype)
+        rm, rv = running_mean.copy(), running_var.copy()
+
+        def run():
+            return F.batch_norm(x, rm, rv, weight, bias, training=training)
+        contenders: Contenders = {"fastbn": run, "reference": _reference(run)}
+        torch = config.torch
+        if torch is not None:
+            tx, tm, tv = torch.from_numpy(x), torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+            tw, tb = torch.from_numpy(weight), torch.from_numpy(bias)
+
+            def run_torch():
+                with torch.no_grad():
+                    return torch.nn.functional.batch_norm(tx, tm, tv, tw, tb, training=training)
+            contenders["torch"] = run_torch
+        return contenders, 2 * x.nbytes
+    return build
+
+
+def all_cases() -> List[Case]:
+    return [
+        Case("bn_train_fwd_nchw", "batchnorm", "BN training forward (64,128,56,56) channels-first",
+             _bn_case("train", (64, 128, 56, 56), (16, 128, 56, 56), 1)),
+        Case("bn_eval_fwd_nchw", "batchnorm", "BN eval forward (64,128,56,56) channels-first",
+             _bn_case("eval", (64, 128, 56, 56), (16, 128, 56, 56), 1)),
+        Case("bn_backward_nchw", "batchnorm", "BN backward (64,128,56,56) channels-first",
+             _bn_case("backward", (64, 128, 56, 56), (16, 128, 56, 56), 1)),
+        Case("bn_train_fwd_nhwc", "batchnorm", "BN training forward (32,56,56,64) channels-last",
+             _bn_case("train", (32, 56, 56, 64), (8, 56, 56, 64), -1)),
+        Case("bn_backward_nhwc", "batchnorm", "BN backward (32,56,56,64) channels-last",
+             _bn_case("backward", (32, 56, 56, 64), (8, 56, 56, 64), -1)),
+        Case("bn_train_fwd_small", "batchnorm", "BN training forward (8,256,14,14) channels-first",
+             _bn_case("train", (8, 256, 14, 14), (8, 256, 14, 14), 1)),
+        Case("bn_train_fwd_tiny", "batchnorm", "BN training forward (4,32,8,8) channels-first",
+             _bn_case("train", (4, 32, 8, 8), (4, 32, 8, 8), 1)),
+        Case("overhead_eval_2x4", "overhead", "per-call: BN eval forward on (2,4)",
+             _overhead_case(False), per_call=True),
+        Case("overhead_train_2x4", "overhead", "per-call: BN training forward on (2,4)",
+             _overhead_case(True), per_call=True),
+    ] + [
+        Case(f"optim_{name.lower()}_resnet50", "optimizer",
+             f"{name} step, ResNet-50 parameters (161 tensors, 25.6M)",
+             _optimizer_case(name, _resnet_shapes))
+        for name in OPTIMIZERS
+    ] + [
+        Case("optim_adam_1000x1000", "optimizer", "Adam step, 1000 tensors x 1000 parameters",
+             _optimizer_case("Adam", _many_small_shapes)),
+    ]

@@ -1,0 +1,74 @@
+"""`python -m fastbn bench`: runs from an install, writes JSON with every
+figure, and its building blocks measure what they claim."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn.bench import all_cases, copy_bandwidth, resnet50_shapes, time_callable, time_per_call
+
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(fastbn.__file__)))
+
+
+def run_cli(*args):
+    env = dict(os.environ, PYTHONPATH=PACKAGE_PARENT)
+    return subprocess.run([sys.executable, "-m", "fastbn", *args], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=tempfile.gettempdir())
+
+
+def test_bench_writes_json_with_times_ratios_and_bandwidth(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", "--filter", "overhead_eval_2x4", "--no-torch", "--no-progress",
+                     "--threads", "1", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "copy bandwidth probe" in result.stdout
+    assert "overhead_eval_2x4" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["machine"]["simd_target"] == fastbn.get_simd_target()
+    assert report["machine"]["threads"] == 1
+    assert report["copy_bandwidth_gbps"] > 0
+    (case,) = report["cases"]
+    assert case["name"] == "overhead_eval_2x4"
+    assert case["fastbn"]["median_s"] > 0 and case["reference"]["median_s"] > 0
+    assert case["speedup_vs_reference"] == pytest.approx(
+        case["reference"]["median_s"] / case["fastbn"]["median_s"])
+
+
+def test_bench_rejects_a_filter_matching_nothing():
+    result = run_cli("bench", "--filter", "no_such_case", "--no-progress")
+    assert result.returncode == 2
+    assert "no case matches" in result.stderr
+
+
+def test_bench_lists_every_case():
+    result = run_cli("bench", "--list")
+    assert result.returncode == 0
+    for case in all_cases():
+        assert case.name in result.stdout
+
+
+def test_resnet50_parameter_list_has_the_real_sizes():
+    shapes = resnet50_shapes()
+    assert len(shapes) == 161
+    assert sum(int(np.prod(s)) for s in shapes) == 25_557_032
+
+
+def test_time_callable_respects_run_bounds():
+    calls = []
+    timing = time_callable(lambda: calls.append(1), min_time=0.0, min_runs=4, max_runs=4, warmup=2)
+    assert len(timing.runs) == 4 and len(calls) == 6
+    assert timing.best <= timing.median
+
+
+def test_time_per_call_reports_per_call_seconds():
+    timing = time_per_call(lambda: None, calls=100, repeats=3)
+    assert len(timing.runs) == 3 and 0 < timing.median < 1e-3
+
+
+def test_copy_bandwidth_probe_is_positive():
+    assert copy_bandwidth(1, nbytes=8 << 20, repeats=2) > 0
