@@ -73,6 +73,14 @@ def _as_steps(step: Steps, name: str = "step") -> Tuple[np.ndarray, bool]:
     """Steps as a float64 array (and whether the input was a scalar)."""
     if isinstance(step, (bool, np.bool_)):
         raise TypeError(f"{name}: expected a real number or an array of them, got {describe(step)}")
+    if type(step) in (int, float) or isinstance(step, (np.integer, np.floating)):
+        # Scalar fast path: schedulers evaluate one step at a time.
+        value = float(step)
+        if not math.isfinite(value):
+            raise ValueError(f"{name}: expected finite steps, got {step!r}")
+        if value < 0:
+            raise ValueError(f"{name}: expected steps >= 0, got {value:g}")
+        return np.array(value), True
     is_scalar = isinstance(step, numbers.Real)
     array = np.asarray(step)
     if array.dtype.kind not in "iuf":
@@ -100,14 +108,27 @@ class Schedule:
         array of steps.
     params : dict
         The schedule's hyperparameters (read them back with ``.params``).
+    last_step : int, optional
+        Largest valid step (``one_cycle``: total_steps), if any.
+    precompute : bool, default True
+        Whether :meth:`at` may evaluate steps ahead of time. False for
+        schedules that call user functions, which may have side effects or
+        depend on state that changes during training.
     """
 
-    __slots__ = ("name", "_curve", "_params")
+    __slots__ = ("name", "_curve", "_params", "_last_step", "_precompute", "_block")
 
-    def __init__(self, name: str, curve: Callable[..., np.ndarray], params: Dict[str, Any]) -> None:
+    #: Steps evaluated together by :meth:`at`.
+    BLOCK_SIZE = 128
+
+    def __init__(self, name: str, curve: Callable[..., np.ndarray], params: Dict[str, Any], *,
+                 last_step: Optional[int] = None, precompute: bool = True) -> None:
         self.name = name
         self._curve = curve
         self._params = dict(params)
+        self._last_step = last_step
+        self._precompute = precompute
+        self._block: Optional[Tuple[int, list]] = None
 
     @property
     def params(self) -> Dict[str, Any]:
@@ -121,6 +142,29 @@ class Schedule:
         if is_scalar:
             return float(values.reshape(()))
         return values.reshape(steps.shape)
+
+    def at(self, step: numbers.Real) -> float:
+        """Value at one step, the same as ``schedule(step)``, but fast when
+        called for consecutive integer steps (what a scheduler does).
+
+        Integer steps are served from a block of :attr:`BLOCK_SIZE` steps
+        evaluated in one vectorized call, which amortizes NumPy's per-call
+        overhead; other steps are evaluated directly.
+        """
+        if (not self._precompute or isinstance(step, bool) or not isinstance(step, numbers.Integral)
+                or step < 0 or (self._last_step is not None and step > self._last_step)):
+            return self(step)
+        step = int(step)
+        block = self._block
+        first = step - step % self.BLOCK_SIZE
+        if block is None or block[0] != first:
+            stop = first + self.BLOCK_SIZE
+            if self._last_step is not None:
+                stop = min(stop, self._last_step + 1)
+            values = self._curve(np.arange(first, stop, dtype=np.float64), **self._params)
+            block = (first, np.asarray(values, dtype=np.float64).tolist())
+            self._block = block
+        return block[1][step - first]
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{key}={value!r}" for key, value in self._params.items())
@@ -456,7 +500,7 @@ def cyclical(base_lr: float, max_lr: float, step_size_up: float = 2000,
         "gamma": check_real(gamma, "gamma"),
         "scale_fn": scale_fn,
         "scale_mode": scale_mode,
-    })
+    }, precompute=scale_fn is None)
 
 
 # ---- one cycle -----------------------------------------------------------------
@@ -481,24 +525,24 @@ def _one_cycle_curve(steps: np.ndarray, total_steps: int, pct_start: float, thre
     if three_phase:
         phase_ends = [pct_start * total_steps - 1.0, 2.0 * pct_start * total_steps - 2.0,
                       total_steps - 1.0]
-        phase_values = [(start, peak), (peak, start), (start, end)]
+        phase_from, phase_to = [start, peak, start], [peak, start, end]
     else:
         phase_ends = [pct_start * total_steps - 1.0, total_steps - 1.0]
-        phase_values = [(start, peak), (peak, end)]
-    result = np.empty(steps.shape, dtype=np.float64)
-    unassigned = np.ones(steps.shape, dtype=bool)
-    phase_start = 0.0
-    for index, (phase_end, (value_from, value_to)) in enumerate(zip(phase_ends, phase_values)):
-        is_last = index == len(phase_ends) - 1
-        in_phase = unassigned if is_last else unassigned & (steps <= phase_end)
-        length = phase_end - phase_start
-        # A phase of zero length (pct_start * total_steps == 1) is already at its
-        # end value; torch divides by zero there.
-        pct = (steps[in_phase] - phase_start) / length if length != 0 else np.ones(int(in_phase.sum()))
-        result[in_phase] = _anneal(value_from, value_to, pct, anneal_strategy)
-        unassigned &= ~in_phase
-        phase_start = phase_end
-    return result
+        phase_from, phase_to = [start, peak], [peak, end]
+    ends = np.asarray(phase_ends)
+    starts = np.asarray([0.0] + phase_ends[:-1])
+    last = len(phase_ends) - 1
+    # Checked in order, as torch does (the ends need not be sorted when
+    # pct_start * total_steps < 1); the last phase takes every other step.
+    phase = np.full(steps.shape, last, dtype=np.intp)
+    for index in reversed(range(last)):
+        phase = np.where(steps <= ends[index], index, phase)
+    length = ends[phase] - starts[phase]
+    # A phase of zero length (pct_start * total_steps == 1) is already at its
+    # end value; torch divides by zero there.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pct = np.where(length != 0, (steps - starts[phase]) / length, 1.0)
+    return _anneal(np.asarray(phase_from)[phase], np.asarray(phase_to)[phase], pct, anneal_strategy)
 
 
 def _check_one_cycle_shape(total_steps, pct_start, anneal_strategy) -> Tuple[int, float, str]:
@@ -550,7 +594,7 @@ def one_cycle(max_lr: float, total_steps: int, pct_start: float = 0.3, anneal_st
         "total_steps": total_steps, "pct_start": pct_start, "three_phase": bool(three_phase),
         "anneal_strategy": anneal_strategy, "start": check_real(initial_lr, "initial_lr"),
         "peak": max_lr, "end": check_real(min_lr, "min_lr"),
-    })
+    }, last_step=total_steps)
 
 
 def one_cycle_momentum(total_steps: int, base_momentum: float = 0.85, max_momentum: float = 0.95,
@@ -568,7 +612,7 @@ def one_cycle_momentum(total_steps: int, base_momentum: float = 0.85, max_moment
         "total_steps": total_steps, "pct_start": pct_start, "three_phase": bool(three_phase),
         "anneal_strategy": anneal_strategy, "start": max_momentum,
         "peak": check_real(base_momentum, "base_momentum"), "end": max_momentum,
-    })
+    }, last_step=total_steps)
 
 
 # ---- user functions --------------------------------------------------------------
@@ -588,7 +632,7 @@ def lambda_schedule(init_lr: float, lr_lambda: Callable[[int], float]) -> Schedu
     return Schedule("lambda_schedule", _lambda_curve, {
         "init_lr": check_real(init_lr, "init_lr"),
         "lr_lambda": _check_callable(lr_lambda, "lr_lambda"),
-    })
+    }, precompute=False)
 
 
 def _multiplicative_curve(steps: np.ndarray, init_lr: float,
@@ -610,7 +654,7 @@ def multiplicative(init_lr: float, lr_lambda: Callable[[int], float]) -> Schedul
     return Schedule("multiplicative", _multiplicative_curve, {
         "init_lr": check_real(init_lr, "init_lr"),
         "lr_lambda": _check_callable(lr_lambda, "lr_lambda"),
-    })
+    }, precompute=False)
 
 
 # ---- composition -----------------------------------------------------------------
@@ -656,4 +700,6 @@ def join(schedules: Sequence[Callable], boundaries: Sequence[int]) -> Schedule:
     if len(boundaries) != len(schedules) - 1:
         raise ValueError(f"boundaries: expected {len(schedules) - 1} values (one fewer than the "
                          f"{len(schedules)} schedules), got {len(boundaries)}")
-    return Schedule("join", _join_curve, {"schedules": schedules, "boundaries": boundaries})
+    precompute = all(isinstance(piece, Schedule) and piece._precompute for piece in schedules)
+    return Schedule("join", _join_curve, {"schedules": schedules, "boundaries": boundaries},
+                    precompute=precompute)

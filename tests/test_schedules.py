@@ -370,3 +370,46 @@ def test_bad_steps_are_rejected(bad_step, error, message):
 def test_bad_arguments_raise_with_the_argument_name(build, error, message):
     with pytest.raises(error, match=message):
         build()
+
+
+# ---- Schedule.at: one step at a time, as schedulers evaluate --------------------------------------
+
+@pytest.mark.parametrize("schedule", ALL_SCHEDULES, ids=lambda s: s.name)
+def test_at_equals_call_at_every_step_across_blocks(schedule):
+    steps = list(range(0, 100)) + [5, 300, 299, 3, 257, 256, 255]
+    if schedule.name.startswith("one_cycle"):
+        steps = [step for step in steps if step <= 100]  # total_steps
+    assert [schedule.at(step) for step in steps] == [schedule(step) for step in steps]
+
+
+def test_at_with_fractional_or_numpy_steps_falls_back_to_call():
+    schedule = schedules.cosine(0.1, 10)
+    assert schedule.at(2.5) == schedule(2.5)
+    assert schedule.at(np.int64(7)) == schedule(7)
+
+
+def test_at_respects_the_last_valid_step():
+    schedule = schedules.one_cycle(0.1, 130)
+    assert schedule.at(130) == schedule(130)
+    with pytest.raises(ValueError, match=r"total_steps \(130\)"):
+        schedule.at(131)
+
+
+def test_at_never_calls_user_functions_ahead_of_time():
+    calls = []
+
+    def factor(epoch):
+        calls.append(epoch)
+        return 0.5
+
+    for schedule in (schedules.lambda_schedule(1.0, factor),
+                     schedules.cyclical(0.1, 1.0, 4, scale_fn=factor),
+                     schedules.join([schedules.lambda_schedule(1.0, factor), schedules.constant(1.0)], [10])):
+        calls.clear()
+        schedule.at(3)
+        assert len(calls) <= 1
+
+
+def test_at_rejects_negative_steps_like_call():
+    with pytest.raises(ValueError, match=r"step: expected steps >= 0, got -1"):
+        schedules.cosine(0.1, 10).at(-1)

@@ -158,6 +158,22 @@ def _track_optimizer_step(optimizer) -> None:
         return
 
 
+@functools.lru_cache(maxsize=512)
+def _cached_schedule(factory: Callable[..., schedules.Schedule], *args, **kwargs) -> schedules.Schedule:
+    return factory(*args, **kwargs)
+
+
+def _schedule(factory: Callable[..., schedules.Schedule], *args, **kwargs) -> schedules.Schedule:
+    """``factory(*args, **kwargs)``, memoized: schedulers rebuild the same
+    Schedule every step, and building one validates every argument."""
+    try:
+        return _cached_schedule(factory, *args, **kwargs)
+    except TypeError as error:
+        if "unhashable" not in str(error):
+            raise
+        return factory(*args, **kwargs)
+
+
 def _chain(lr: float, previous: float, target: float, floor: float = 0.0) -> float:
     """The chainable update shared by every recursive scheduler.
 
@@ -371,12 +387,13 @@ class _ChainableLRScheduler(LRScheduler):
         for lr, base_lr in zip(current, self.base_lrs):
             curve = self._curve(base_lr)
             # Step 0 is relative to the unscheduled lr, i.e. the base lr.
-            previous = base_lr if epoch == 0 else curve(epoch - 1)
-            lrs.append(_chain(lr, previous, curve(epoch), floor))
+            previous = base_lr if epoch == 0 else curve.at(epoch - 1)
+            target = curve.at(epoch)
+            lrs.append(_chain(lr, previous, target, floor))
         return lrs
 
     def _get_closed_form_lr(self) -> List[float]:
-        return [self._curve(base_lr)(self.last_epoch) for base_lr in self.base_lrs]
+        return [self._curve(base_lr).at(self.last_epoch) for base_lr in self.base_lrs]
 
 
 def _check_lr_lambdas(optimizer, lr_lambda, owner: str) -> list:
@@ -441,7 +458,7 @@ class LambdaLR(_LambdaStateMixin, LRScheduler):
 
     def get_lr(self) -> List[float]:
         _warn_get_lr_called_outside_step(self)
-        return [schedules.lambda_schedule(base_lr, function)(self.last_epoch)
+        return [_schedule(schedules.lambda_schedule, base_lr, function).at(self.last_epoch)
                 for function, base_lr in zip(self.lr_lambdas, self.base_lrs)]
 
 
@@ -505,7 +522,7 @@ class StepLR(_ChainableLRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def _curve(self, base_lr: float) -> schedules.Schedule:
-        return schedules.step_decay(base_lr, self.step_size, self.gamma)
+        return _schedule(schedules.step_decay, base_lr, self.step_size, self.gamma)
 
 
 class MultiStepLR(_ChainableLRScheduler):
@@ -535,7 +552,8 @@ class MultiStepLR(_ChainableLRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def _curve(self, base_lr: float) -> schedules.Schedule:
-        return schedules.multistep(base_lr, sorted(self.milestones.elements()), self.gamma)
+        return _schedule(schedules.multistep, base_lr, tuple(sorted(self.milestones.elements())),
+                         self.gamma)
 
 
 class ConstantLR(_ChainableLRScheduler):
@@ -564,7 +582,7 @@ class ConstantLR(_ChainableLRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def _curve(self, base_lr: float) -> schedules.Schedule:
-        return schedules.constant_warmup(base_lr, self.factor, self.total_iters)
+        return _schedule(schedules.constant_warmup, base_lr, self.factor, self.total_iters)
 
 
 class LinearLR(_ChainableLRScheduler):
@@ -595,7 +613,8 @@ class LinearLR(_ChainableLRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def _curve(self, base_lr: float) -> schedules.Schedule:
-        return schedules.linear(base_lr, self.start_factor, self.end_factor, self.total_iters)
+        return _schedule(schedules.linear, base_lr, self.start_factor, self.end_factor,
+                         self.total_iters)
 
 
 class ExponentialLR(_ChainableLRScheduler):
@@ -618,7 +637,7 @@ class ExponentialLR(_ChainableLRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def _curve(self, base_lr: float) -> schedules.Schedule:
-        return schedules.exponential_decay(base_lr, self.gamma)
+        return _schedule(schedules.exponential_decay, base_lr, self.gamma)
 
 
 class PolynomialLR(_ChainableLRScheduler):
@@ -645,7 +664,7 @@ class PolynomialLR(_ChainableLRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def _curve(self, base_lr: float) -> schedules.Schedule:
-        return schedules.polynomial(base_lr, self.total_iters, self.power)
+        return _schedule(schedules.polynomial, base_lr, self.total_iters, self.power)
 
 
 class CosineAnnealingLR(_ChainableLRScheduler):
@@ -675,7 +694,7 @@ class CosineAnnealingLR(_ChainableLRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def _curve(self, base_lr: float) -> schedules.Schedule:
-        return schedules.cosine(base_lr, self.T_max, self.eta_min)
+        return _schedule(schedules.cosine, base_lr, self.T_max, self.eta_min)
 
     def _curve_floor(self) -> float:
         return self.eta_min
@@ -1036,8 +1055,8 @@ class CyclicLR(LRScheduler):
         return list(self._cyclic_base_lrs)
 
     def _schedule(self, low: float, high: float) -> schedules.Schedule:
-        return schedules.cyclical(low, high, self.step_size_up, self.step_size_down, self.mode,
-                                  self.gamma, self._scale_fn_custom, self.scale_mode)
+        return _schedule(schedules.cyclical, low, high, self.step_size_up, self.step_size_down,
+                         self.mode, self.gamma, self._scale_fn_custom, self.scale_mode)
 
     def scale_fn(self, x: float) -> float:
         """The amplitude scale at `x` (a cycle number or a step, see `scale_mode`)."""
@@ -1052,13 +1071,13 @@ class CyclicLR(LRScheduler):
     def get_lr(self) -> List[float]:
         _warn_get_lr_called_outside_step(self)
         epoch = self.last_epoch
-        lrs = [self._schedule(base_lr, max_lr)(epoch)
+        lrs = [self._schedule(base_lr, max_lr).at(epoch)
                for base_lr, max_lr in zip(self.base_lrs, self.max_lrs)]
         if self.cycle_momentum:
             key = "betas" if self.use_beta1 else "momentum"
             for group, base_m, max_m in zip(self.optimizer.param_groups, self.base_momentums,
                                             self.max_momentums):
-                _set_momentum(group, key, self._schedule(max_m, base_m)(epoch))
+                _set_momentum(group, key, self._schedule(max_m, base_m).at(epoch))
         return lrs
 
     def state_dict(self) -> Dict[str, Any]:
@@ -1110,7 +1129,7 @@ class CosineAnnealingWarmRestarts(LRScheduler):
 
     def get_lr(self) -> List[float]:
         _warn_get_lr_called_outside_step(self)
-        return [schedules.cosine(base_lr, self.T_i, self.eta_min)(self.T_cur)
+        return [_schedule(schedules.cosine, base_lr, self.T_i, self.eta_min).at(self.T_cur)
                 for base_lr in self.base_lrs]
 
     def step(self, epoch: Optional[float] = None) -> None:
@@ -1241,11 +1260,10 @@ class OneCycleLR(LRScheduler):
         key = "betas" if getattr(self, "use_beta1", False) else "momentum"
         lrs = []
         for group in self.optimizer.param_groups:
-            lrs.append(schedules.one_cycle(group["max_lr"], self.total_steps, **shape,
-                                           initial_lr=group["initial_lr"],
-                                           min_lr=group["min_lr"])(step_num))
+            lrs.append(_schedule(schedules.one_cycle, group["max_lr"], self.total_steps, **shape,
+                                 initial_lr=group["initial_lr"], min_lr=group["min_lr"]).at(step_num))
             if self.cycle_momentum:
-                momentum = schedules.one_cycle_momentum(
-                    self.total_steps, group["base_momentum"], group["max_momentum"], **shape)
-                _set_momentum(group, key, momentum(step_num))
+                momentum = _schedule(schedules.one_cycle_momentum, self.total_steps,
+                                     group["base_momentum"], group["max_momentum"], **shape)
+                _set_momentum(group, key, momentum.at(step_num))
         return lrs
