@@ -36,7 +36,9 @@ function                 scheduler class
 =======================  ======================================
 
 A scalar step gives a Python float; an array gives a float64 ndarray of the
-same shape. Steps must be finite and >= 0.
+same shape. Steps must be finite and >= 0. ``schedule.at(step)`` gives the
+same value as ``schedule(step)`` and is fast for consecutive integer steps
+(the schedulers use it).
 """
 from __future__ import annotations
 

@@ -841,3 +841,14 @@ def test_cyclic_and_one_cycle_drive_real_momentum_and_betas():
     resumed_sgd.step()
     resumed.step()
     assert resumed_sgd.param_groups[0]["lr"] == schedules.cyclical(0.01, 0.1, 5)(40)
+
+
+def test_constant_lr_with_factor_zero_restores_the_base_lr():
+    # torch divides by zero here.
+    lrs = run_lrs(lambda o: L.ConstantLR(o, factor=0.0, total_iters=3), 5)[:, 0]
+    np.testing.assert_array_equal(lrs, [0, 0, 0, 0.1, 0.1, 0.1])
+
+
+def test_one_cycle_zero_length_warmup_starts_at_the_peak():
+    lrs = run_lrs(lambda o: L.OneCycleLR(o, 0.1, 10, pct_start=0.1), 9, momentum=0.9)[:, 0]
+    assert lrs[0] == 0.1 and np.all(np.diff(lrs) < 0)

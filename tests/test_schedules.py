@@ -413,3 +413,11 @@ def test_at_never_calls_user_functions_ahead_of_time():
 def test_at_rejects_negative_steps_like_call():
     with pytest.raises(ValueError, match=r"step: expected steps >= 0, got -1"):
         schedules.cosine(0.1, 10).at(-1)
+
+
+def test_warm_restart_position_is_exact_where_a_float_log_is_not():
+    # log10(1000) = 2.9999999999999996 in floating point: epoch 111 with
+    # T_0=1, T_mult=10 must still start the cycle of length 1000.
+    T_cur, T_i = schedules.warm_restart_position([110, 111, 1111], T_0=1, T_mult=10)
+    np.testing.assert_array_equal(T_cur, [99, 0, 0])
+    np.testing.assert_array_equal(T_i, [100, 1000, 10000])
