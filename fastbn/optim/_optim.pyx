@@ -287,49 +287,39 @@ cdef class GroupPlan:
 
     cdef _bind(self, _Tensors tensors, object state, tuple slots, bint counts_steps,
                object coefficients, object ensure_state):
-        cdef int64_t index, step = 0
-        cdef int slot, k, n_slots = len(slots)
-        cdef object param, entry, key, value, row
+        cdef int64_t index
+        cdef long long step = 0, last_step = -1
+        cdef int slot, k, n_slots = len(slots), last_fresh = -1
+        cdef object param, entry, key, row, step_object = None
         cdef PyObject *found
-        cdef bint fresh, complete
+        cdef PyObject *values[N_SLOTS]
+        cdef bint fresh
         cdef cnp.ndarray data
-        cdef long long last_step = -1
-        cdef int last_fresh = -1
         cdef double last_row[MAX_COEFFICIENTS]
         cdef object step_key = "step"
         for index in range(tensors.n):
             param = tensors.params[index]
             data = <cnp.ndarray>tensors.arrays[index]
-            found = PyDict_GetItem(state, param)
-            complete = found is not NULL
-            if complete:
-                entry = <object>found
-                if counts_steps and PyDict_GetItem(entry, step_key) is NULL:
-                    complete = False
-                for slot in range(n_slots):
-                    key = slots[slot]
-                    if key is not None and PyDict_GetItem(entry, key) is NULL:
-                        complete = False
             fresh = False
-            if not complete:
+            found = PyDict_GetItem(state, param)
+            if found is NULL or not self._lookup(<object>found, slots, counts_steps, values):
                 entry, fresh = ensure_state(param)
+                self._lookup(entry, slots, counts_steps, values)
+            else:
+                entry = <object>found
             for slot in range(n_slots):
-                key = slots[slot]
-                if key is None:
+                if values[slot] is NULL:
                     continue
-                value = <object>PyDict_GetItem(entry, key)
-                if not usable_state(value, data):
-                    raise ValueError(
-                        f"optimizer state {key!r} of param_groups[{self.group_index}]['params']"
-                        f"[{tensors.position[index]}]: expected an aligned C-contiguous writeable "
-                        f"ndarray of dtype {data.dtype} with {data.size} elements (the parameter's), "
-                        f"got {type(value).__name__}")
-                tensors.state[slot][index] = cnp.PyArray_DATA(<cnp.ndarray>value)
-                tensors.keepalive.append(value)
+                if not usable_state(<object>values[slot], data):
+                    self._raise_bad_state(slots[slot], <object>values[slot], data, tensors.position[index])
+                tensors.state[slot][index] = cnp.PyArray_DATA(<cnp.ndarray>values[slot])
+                tensors.keepalive.append(<object>values[slot])
             if counts_steps:
-                step = PyLong_AsLongLong(entry["step"]) + 1
+                step = PyLong_AsLongLong(<object>PyDict_GetItem(entry, step_key)) + 1
+                if step != last_step:
+                    step_object = PyLong_FromLongLong(step)
                 self.step_owners.append(entry)
-                self.new_steps.append(step)
+                self.new_steps.append(step_object)
             if coefficients is not None:
                 if step != last_step or <int>fresh != last_fresh:
                     row = coefficients(step, fresh)
@@ -337,10 +327,36 @@ cdef class GroupPlan:
                         raise ValueError(f"at most {MAX_COEFFICIENTS} coefficients, got {len(row)}")
                     for k in range(len(row)):
                         last_row[k] = row[k]
-                    last_step = step
                     last_fresh = fresh
                 for k in range(MAX_COEFFICIENTS):
                     tensors.coefficients[index * MAX_COEFFICIENTS + k] = last_row[k]
+            last_step = step
+
+    cdef bint _lookup(self, object entry, tuple slots, bint counts_steps, PyObject **values) except -1:
+        """Fill values[slot] from the state dict `entry` (NULL for unused
+        slots); False when a needed key is missing."""
+        cdef int slot
+        cdef object key
+        if not isinstance(entry, dict):
+            raise TypeError(f"optimizer state entry: expected a dict, got {type(entry).__name__}")
+        if counts_steps and PyDict_GetItem(entry, "step") is NULL:
+            return False
+        for slot in range(len(slots)):
+            key = slots[slot]
+            if key is None:
+                values[slot] = NULL
+            else:
+                values[slot] = PyDict_GetItem(entry, key)
+                if values[slot] is NULL:
+                    return False
+        return True
+
+    cdef _raise_bad_state(self, object key, object value, cnp.ndarray data, int64_t position):
+        raise ValueError(
+            f"optimizer state {key!r} of param_groups[{self.group_index}]['params'][{position}]: "
+            f"expected an aligned C-contiguous writeable ndarray of dtype {data.dtype} with "
+            f"{data.size} elements (the parameter's), got {type(value).__name__}"
+            + (f" of dtype {value.dtype} with {value.size} elements" if isinstance(value, cnp.ndarray) else ""))
 
     def commit_and_run(self, int n_slots):
         """Write the new step counters, then update every tensor (GIL released)."""
