@@ -26,12 +26,14 @@ from ._config import (available_simd_targets, compiled_simd_targets, config_info
                       get_num_threads, get_simd_target, set_num_threads, set_simd_target,
                       show_config, _select_initial_target)
 from .parameter import Parameter
+from .checkpoint import CheckpointError, load, load_into, save
 from . import functional, reference
 
 _select_initial_target()
 
 __all__ = [
     "Parameter", "functional", "reference",
+    "save", "load", "load_into", "CheckpointError",
     "get_backend", "set_backend", "use_backend",
     "available_simd_targets", "compiled_simd_targets", "get_simd_target", "set_simd_target",
     "get_num_threads", "set_num_threads", "show_config", "config_info",
