@@ -852,3 +852,11 @@ def test_constant_lr_with_factor_zero_restores_the_base_lr():
 def test_one_cycle_zero_length_warmup_starts_at_the_peak():
     lrs = run_lrs(lambda o: L.OneCycleLR(o, 0.1, 10, pct_start=0.1), 9, momentum=0.9)[:, 0]
     assert lrs[0] == 0.1 and np.all(np.diff(lrs) < 0)
+
+
+def test_a_copied_optimizer_steps_itself_not_the_original():
+    optimizer = FakeOptimizer([0.1])
+    L.StepLR(optimizer, 3)
+    for clone in (copy.deepcopy(optimizer), pickle.loads(pickle.dumps(optimizer))):
+        clone.step()
+        assert clone.steps == 1 and optimizer.steps == 0

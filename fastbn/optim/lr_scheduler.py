@@ -75,7 +75,6 @@ import functools
 import math
 import types
 import warnings
-import weakref
 from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -148,33 +147,39 @@ def _set_momentum(group: dict, key: str, value: float) -> None:
         group["momentum"] = value
 
 
+class _RecordingStep:
+    """``optimizer.step`` wrapped to record that it ran (``optimizer._opt_called``).
+
+    An object holding the optimizer rather than a closure, so that copies of
+    the optimizer (``copy.deepcopy``, pickle) step themselves, not the original.
+    """
+
+    _wrapped_by_lr_sched = True
+
+    def __init__(self, optimizer, function: Callable) -> None:
+        functools.update_wrapper(self, function)
+        self._optimizer = optimizer
+        self._function = function
+
+    def __call__(self, *args, **kwargs):
+        self._optimizer._opt_called = True
+        return self._function(self._optimizer, *args, **kwargs)
+
+
 def _track_optimizer_step(optimizer) -> None:
     """Wrap ``optimizer.step`` to record that it ran (for the call-order warning).
 
     As PyTorch does; skipped silently for optimizers whose ``step`` is not a
-    bound method or that cannot hold the flag.
+    bound method or that cannot take an instance attribute.
     """
     step = getattr(optimizer, "step", None)
     function = getattr(step, "__func__", None)
     if function is None or getattr(step, "_wrapped_by_lr_sched", False):
         return
     try:
-        optimizer_ref = weakref.ref(optimizer)
-    except TypeError:
-        return
-
-    @functools.wraps(function)
-    def step_and_record(*args, **kwargs):
-        owner = optimizer_ref()
-        owner._opt_called = True
-        return function.__get__(owner, type(owner))(*args, **kwargs)
-
-    step_and_record._wrapped_by_lr_sched = True
-    try:
-        optimizer.step = step_and_record
+        optimizer.step = _RecordingStep(optimizer, function)
     except (AttributeError, TypeError):
         return
-
 
 @functools.lru_cache(maxsize=512)
 def _cached_schedule(factory: Callable[..., schedules.Schedule], *args, **kwargs) -> schedules.Schedule:
@@ -183,7 +188,10 @@ def _cached_schedule(factory: Callable[..., schedules.Schedule], *args, **kwargs
 
 def _schedule(factory: Callable[..., schedules.Schedule], *args, **kwargs) -> schedules.Schedule:
     """``factory(*args, **kwargs)``, memoized: schedulers rebuild the same
-    Schedule every step, and building one validates every argument."""
+    Schedule every step, and building one validates every argument. Schedules
+    holding a user function are not memoized (the cache would keep it alive)."""
+    if any(callable(value) for value in (*args, *kwargs.values())):
+        return factory(*args, **kwargs)
     try:
         return _cached_schedule(factory, *args, **kwargs)
     except TypeError as error:
