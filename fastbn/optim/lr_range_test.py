@@ -19,7 +19,7 @@ from .. import schedules
 from .._validation import check_int, check_positive, check_range, describe
 from .lr_scheduler import _check_optimizer
 
-__all__ = ["lr_range_test", "LRRangeTestResult"]
+__all__ = ["lr_range_test", "LRRangeTestResult", "plot_lr_range_test"]
 
 MODES = ("exp", "linear")
 
