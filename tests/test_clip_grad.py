@@ -27,10 +27,10 @@ def params_with_grads(dtype=np.float32, shapes=SHAPES, scale=1.0, seed=0):
 
 @pytest.fixture
 def restore_config():
-    target = fastbn.get_simd_target()
-    yield
+    target, threads = fastbn.get_simd_target(), fastbn.get_num_threads()
+    yield threads
     fastbn.set_simd_target(target)
-    fastbn.set_num_threads(None)
+    fastbn.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

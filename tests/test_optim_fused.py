@@ -22,10 +22,13 @@ MANY_SMALL_SHAPES = tuple((37 + (i % 5),) for i in range(1000))
 
 @pytest.fixture
 def restore_config():
+    """Yields the thread count at the start; restores it and the SIMD target.
+    (Restored explicitly: set_num_threads(None) does not undo an earlier
+    set_num_threads(1) in the OpenMP runtime.)"""
     target, threads = fastbn.get_simd_target(), fastbn.get_num_threads()
-    yield
+    yield threads
     fastbn.set_simd_target(target)
-    fastbn.set_num_threads(None)
+    fastbn.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -61,9 +64,10 @@ def test_one_and_two_threads_give_identical_bits(case, dtype, restore_config):
 @pytest.mark.parametrize("case", ["adam_amsgrad", "sgd_momentum", "rmsprop_centered"])
 def test_a_thousand_small_tensors_match_reference_and_are_thread_independent(case, restore_config):
     expected = run_case(case, np.float32, MANY_SMALL_SHAPES, backend="reference")
+    threads = restore_config
     fastbn.set_num_threads(1)
     single = run_case(case, np.float32, MANY_SMALL_SHAPES)
-    fastbn.set_num_threads(None)
+    fastbn.set_num_threads(threads)
     default = run_case(case, np.float32, MANY_SMALL_SHAPES)
     assert_snapshots_close(default, expected, np.float32)
     assert_snapshots_equal(default, single)

@@ -19,6 +19,11 @@ TORCH_CASES = [name for name, (cls, kwargs) in CASES.items()
                if cls in TORCH_CLASSES and kwargs.get("bias_correction", True)]
 
 
+def copy_grads(params, tensors) -> None:
+    for param, tensor in zip(params, tensors):
+        tensor.grad = None if param.grad is None else torch.from_numpy(param.grad.copy())
+
+
 def torch_twin(case: str, params):
     """The same optimizer in torch, over float64 copies of `params`, same groups."""
     cls, kwargs = CASES[case]
@@ -42,8 +47,7 @@ def test_matches_torch_optim_for_every_state_buffer(case, backend):
             change_hyperparameters(ours, step)
             change_hyperparameters(twin, step)
             set_grads(params, step)
-            for param, tensor in zip(params, tensors):
-                tensor.grad = None if param.grad is None else torch.from_numpy(param.grad.copy())
+            copy_grads(params, tensors)
             ours.step()
             twin.step()
     for index, (param, tensor) in enumerate(zip(params, tensors)):
@@ -66,16 +70,14 @@ def test_torch_state_dict_loads_and_training_continues_like_torch(case):
     ours, twin, tensors = torch_twin(case, params)
     for step in range(5):
         set_grads(params, step)
-        for param, tensor in zip(params, tensors):
-            tensor.grad = None if param.grad is None else torch.from_numpy(param.grad.copy())
+        copy_grads(params, tensors)
         twin.step()
     for param, tensor in zip(params, tensors):
         param.data[...] = tensor.detach().numpy()
     ours.load_state_dict(twin.state_dict())
     for step in range(5, 9):
         set_grads(params, step)
-        for param, tensor in zip(params, tensors):
-            tensor.grad = None if param.grad is None else torch.from_numpy(param.grad.copy())
+        copy_grads(params, tensors)
         twin.step()
         ours.step()
     for param, tensor in zip(params, tensors):
@@ -90,8 +92,7 @@ def test_momentum_matches_torch_sgd_with_scaled_lr():
     twin = torch.optim.SGD(tensors, lr=lr * (1 - beta), momentum=beta)
     for step in range(STEPS):
         set_grads(params, step)
-        for param, tensor in zip(params, tensors):
-            tensor.grad = None if param.grad is None else torch.from_numpy(param.grad.copy())
+        copy_grads(params, tensors)
         ours.step()
         twin.step()
     for param, tensor in zip(params, tensors):
@@ -107,8 +108,7 @@ def test_clip_grad_norm_matches_torch(max_norm):
     params = make_params(SHAPES, np.float64)
     set_grads(params, 5)
     tensors = [torch.tensor(p.data.copy(), requires_grad=True) for p in params]
-    for param, tensor in zip(params, tensors):
-        tensor.grad = None if param.grad is None else torch.from_numpy(param.grad.copy())
+    copy_grads(params, tensors)
     norm = optim.clip_grad_norm_(params, max_norm)
     expected = torch.nn.utils.clip_grad_norm_(tensors, max_norm)
     assert norm == pytest.approx(float(expected), rel=1e-12)

@@ -309,6 +309,7 @@ cdef class GroupPlan:
                 entry = <object>found
             for slot in range(n_slots):
                 if values[slot] is NULL:
+                    tensors.state[slot][index] = NULL
                     continue
                 if not usable_state(<object>values[slot], data):
                     self._raise_bad_state(slots[slot], <object>values[slot], data, tensors.position[index])

@@ -11,6 +11,36 @@
  * once per chunk, as NumPy rounds a Python float meeting a float32 array.
  */
 
+/* section: one tensor's chunk ---------------------------------------------------- */
+
+/* Pointers to elements [begin, end) of tensor t and the dtype-rounded sign
+ * of the gradient (-1 under maximize), shared by every family's chunk. */
+typedef struct FB_TYPED(optim_view) {
+    FB_REAL *param;
+    const FB_REAL *grad;
+    FB_REAL *state[FASTBN_OPTIM_MAX_STATE]; /* NULL where the slot is unused */
+    const double *coefficients;             /* this tensor's row, or NULL */
+    fb_index n;
+    FB_REAL sign;
+} FB_TYPED(optim_view);
+
+static inline FB_TYPED(optim_view) FB_TYPED(optim_view_of)(const optim_call *call, fb_index t,
+                                                           fb_index begin, fb_index end)
+{
+    const fastbn_optim_batch *batch = call->batch;
+    FB_TYPED(optim_view) view;
+    view.param = (FB_REAL *)batch->param[t] + begin;
+    view.grad = batch->grad ? (const FB_REAL *)batch->grad[t] + begin : NULL;
+    for (int slot = 0; slot < FASTBN_OPTIM_MAX_STATE; ++slot) {
+        FB_REAL *base = batch->state[slot] ? (FB_REAL *)batch->state[slot][t] : NULL;
+        view.state[slot] = base ? base + begin : NULL;
+    }
+    view.coefficients = batch->coefficients ? batch->coefficients + t * batch->coefficient_stride : NULL;
+    view.n = end - begin;
+    view.sign = (call->flags & FASTBN_OPTIM_MAXIMIZE) ? (FB_REAL)-1 : (FB_REAL)1;
+    return view;
+}
+
 /* section: SGD -------------------------------------------------------------- */
 
 FB_ALWAYS_INLINE void FB_TYPED(sgd_loop)(FB_REAL *restrict param, const FB_REAL *restrict grad,
@@ -38,29 +68,23 @@ FB_ALWAYS_INLINE void FB_TYPED(sgd_loop)(FB_REAL *restrict param, const FB_REAL 
 static void FB_TYPED(sgd_chunk)(const optim_call *call, fb_index t, fb_index chunk,
                                 fb_index begin, fb_index end)
 {
-    const fastbn_optim_batch *batch = call->batch;
+    const FB_TYPED(optim_view) v = FB_TYPED(optim_view_of)(call, t, begin, end);
     const double *s = call->scalars;
     const int flags = call->flags;
-    FB_REAL *param = (FB_REAL *)batch->param[t] + begin;
-    const FB_REAL *grad = (const FB_REAL *)batch->grad[t] + begin;
-    const fb_index n = end - begin;
-    const FB_REAL sign = (flags & FASTBN_OPTIM_MAXIMIZE) ? (FB_REAL)-1 : (FB_REAL)1;
     const FB_REAL lr = (FB_REAL)s[0], weight_decay = (FB_REAL)s[1], momentum = (FB_REAL)s[2];
     const int has_weight_decay = (flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0;
     (void)chunk;
     if (!(flags & FASTBN_OPTIM_MOMENTUM)) {
-#define FB_SGD_PLAIN(wd) FB_TYPED(sgd_loop)(param, grad, NULL, n, sign, lr, weight_decay, 0, 0, 0, wd, 0, 0)
+#define FB_SGD_PLAIN(wd) FB_TYPED(sgd_loop)(v.param, v.grad, NULL, v.n, v.sign, lr, weight_decay, 0, 0, 0, wd, 0, 0)
         FB_SELECT1(FB_SGD_PLAIN, has_weight_decay);
 #undef FB_SGD_PLAIN
         return;
     }
-    FB_REAL *buffer = (FB_REAL *)batch->state[0][t] + begin;
-    const double *coefficients = batch->coefficients + t * batch->coefficient_stride;
-    const FB_REAL buffer_decay = (FB_REAL)coefficients[0], grad_weight = (FB_REAL)coefficients[1];
-    const int nesterov = (flags & FASTBN_OPTIM_NESTEROV) != 0;
-#define FB_SGD_MOMENTUM(wd, nes) FB_TYPED(sgd_loop)(param, grad, buffer, n, sign, lr, weight_decay, \
-                                                    momentum, buffer_decay, grad_weight, wd, 1, nes)
-    FB_SELECT2(FB_SGD_MOMENTUM, has_weight_decay, nesterov);
+    const FB_REAL buffer_decay = (FB_REAL)v.coefficients[0], grad_weight = (FB_REAL)v.coefficients[1];
+#define FB_SGD_MOMENTUM(wd, nes) FB_TYPED(sgd_loop)(v.param, v.grad, v.state[0], v.n, v.sign, lr,       \
+                                                    weight_decay, momentum, buffer_decay, grad_weight, \
+                                                    wd, 1, nes)
+    FB_SELECT2(FB_SGD_MOMENTUM, has_weight_decay, (flags & FASTBN_OPTIM_NESTEROV) != 0);
 #undef FB_SGD_MOMENTUM
 }
 
@@ -85,18 +109,12 @@ FB_ALWAYS_INLINE void FB_TYPED(momentum_loop)(FB_REAL *restrict param, const FB_
 static void FB_TYPED(momentum_chunk)(const optim_call *call, fb_index t, fb_index chunk,
                                      fb_index begin, fb_index end)
 {
-    const fastbn_optim_batch *batch = call->batch;
+    const FB_TYPED(optim_view) v = FB_TYPED(optim_view_of)(call, t, begin, end);
     const double *s = call->scalars;
-    const int flags = call->flags;
-    FB_REAL *param = (FB_REAL *)batch->param[t] + begin;
-    const FB_REAL *grad = (const FB_REAL *)batch->grad[t] + begin;
-    FB_REAL *velocity = (FB_REAL *)batch->state[0][t] + begin;
-    const FB_REAL sign = (flags & FASTBN_OPTIM_MAXIMIZE) ? (FB_REAL)-1 : (FB_REAL)1;
     (void)chunk;
-#define FB_MOMENTUM(wd) FB_TYPED(momentum_loop)(param, grad, velocity, end - begin, sign, \
-                                                (FB_REAL)s[0], (FB_REAL)s[1], (FB_REAL)s[2], \
-                                                (FB_REAL)s[3], wd)
-    FB_SELECT1(FB_MOMENTUM, (flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0);
+#define FB_MOMENTUM(wd) FB_TYPED(momentum_loop)(v.param, v.grad, v.state[0], v.n, v.sign, (FB_REAL)s[0], \
+                                                (FB_REAL)s[1], (FB_REAL)s[2], (FB_REAL)s[3], wd)
+    FB_SELECT1(FB_MOMENTUM, (call->flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0);
 #undef FB_MOMENTUM
 }
 
@@ -138,23 +156,16 @@ FB_ALWAYS_INLINE void FB_TYPED(rmsprop_loop)(FB_REAL *restrict param, const FB_R
 static void FB_TYPED(rmsprop_chunk)(const optim_call *call, fb_index t, fb_index chunk,
                                     fb_index begin, fb_index end)
 {
-    const fastbn_optim_batch *batch = call->batch;
+    const FB_TYPED(optim_view) v = FB_TYPED(optim_view_of)(call, t, begin, end);
     const double *s = call->scalars;
     const int flags = call->flags;
-    FB_REAL *param = (FB_REAL *)batch->param[t] + begin;
-    const FB_REAL *grad = (const FB_REAL *)batch->grad[t] + begin;
-    FB_REAL *square_avg = (FB_REAL *)batch->state[0][t] + begin;
-    const int centered = (flags & FASTBN_OPTIM_CENTERED) != 0;
-    const int has_momentum = (flags & FASTBN_OPTIM_MOMENTUM) != 0;
-    FB_REAL *grad_avg = centered ? (FB_REAL *)batch->state[1][t] + begin : NULL;
-    FB_REAL *buffer = has_momentum ? (FB_REAL *)batch->state[2][t] + begin : NULL;
-    const FB_REAL sign = (flags & FASTBN_OPTIM_MAXIMIZE) ? (FB_REAL)-1 : (FB_REAL)1;
     (void)chunk;
-#define FB_RMSPROP(wd, cen, mom) FB_TYPED(rmsprop_loop)(param, grad, square_avg, grad_avg, buffer,  \
-                                                        end - begin, sign, (FB_REAL)s[0],         \
-                                                        (FB_REAL)s[1], (FB_REAL)s[2], (FB_REAL)s[3], \
-                                                        (FB_REAL)s[4], (FB_REAL)s[5], wd, cen, mom)
-    FB_SELECT3(FB_RMSPROP, (flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0, centered, has_momentum);
+#define FB_RMSPROP(wd, cen, mom) FB_TYPED(rmsprop_loop)(v.param, v.grad, v.state[0], v.state[1], v.state[2], \
+                                                        v.n, v.sign, (FB_REAL)s[0], (FB_REAL)s[1],        \
+                                                        (FB_REAL)s[2], (FB_REAL)s[3], (FB_REAL)s[4],      \
+                                                        (FB_REAL)s[5], wd, cen, mom)
+    FB_SELECT3(FB_RMSPROP, (flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0, (flags & FASTBN_OPTIM_CENTERED) != 0,
+               (flags & FASTBN_OPTIM_MOMENTUM) != 0);
 #undef FB_RMSPROP
 }
 
@@ -196,26 +207,18 @@ FB_ALWAYS_INLINE void FB_TYPED(adam_loop)(FB_REAL *restrict param, const FB_REAL
 static void FB_TYPED(adam_chunk)(const optim_call *call, fb_index t, fb_index chunk,
                                  fb_index begin, fb_index end)
 {
-    const fastbn_optim_batch *batch = call->batch;
+    const FB_TYPED(optim_view) v = FB_TYPED(optim_view_of)(call, t, begin, end);
     const double *s = call->scalars;
     const int flags = call->flags;
-    FB_REAL *param = (FB_REAL *)batch->param[t] + begin;
-    const FB_REAL *grad = (const FB_REAL *)batch->grad[t] + begin;
-    FB_REAL *exp_avg = (FB_REAL *)batch->state[0][t] + begin;
-    FB_REAL *exp_avg_sq = (FB_REAL *)batch->state[1][t] + begin;
-    const int amsgrad = (flags & FASTBN_OPTIM_AMSGRAD) != 0;
-    FB_REAL *max_exp_avg_sq = amsgrad ? (FB_REAL *)batch->state[2][t] + begin : NULL;
-    const double *coefficients = batch->coefficients + t * batch->coefficient_stride;
-    const FB_REAL sign = (flags & FASTBN_OPTIM_MAXIMIZE) ? (FB_REAL)-1 : (FB_REAL)1;
     const int has_weight_decay = (flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0;
     const int decoupled = has_weight_decay && (flags & FASTBN_OPTIM_DECOUPLED);
     (void)chunk;
-#define FB_ADAM(l2, dec, ams) FB_TYPED(adam_loop)(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,   \
-                                                  end - begin, sign, (FB_REAL)s[0], (FB_REAL)s[1],   \
-                                                  (FB_REAL)s[2], (FB_REAL)s[3], (FB_REAL)s[4],       \
-                                                  (FB_REAL)s[5], (FB_REAL)coefficients[0],           \
-                                                  (FB_REAL)coefficients[1], l2, dec, ams)
-    FB_SELECT3(FB_ADAM, has_weight_decay && !decoupled, decoupled, amsgrad);
+#define FB_ADAM(l2, dec, ams) FB_TYPED(adam_loop)(v.param, v.grad, v.state[0], v.state[1], v.state[2],   \
+                                                  v.n, v.sign, (FB_REAL)s[0], (FB_REAL)s[1],            \
+                                                  (FB_REAL)s[2], (FB_REAL)s[3], (FB_REAL)s[4],          \
+                                                  (FB_REAL)s[5], (FB_REAL)v.coefficients[0],            \
+                                                  (FB_REAL)v.coefficients[1], l2, dec, ams)
+    FB_SELECT3(FB_ADAM, has_weight_decay && !decoupled, decoupled, (flags & FASTBN_OPTIM_AMSGRAD) != 0);
 #undef FB_ADAM
 }
 
@@ -240,18 +243,12 @@ FB_ALWAYS_INLINE void FB_TYPED(adagrad_loop)(FB_REAL *restrict param, const FB_R
 static void FB_TYPED(adagrad_chunk)(const optim_call *call, fb_index t, fb_index chunk,
                                     fb_index begin, fb_index end)
 {
-    const fastbn_optim_batch *batch = call->batch;
+    const FB_TYPED(optim_view) v = FB_TYPED(optim_view_of)(call, t, begin, end);
     const double *s = call->scalars;
-    const int flags = call->flags;
-    FB_REAL *param = (FB_REAL *)batch->param[t] + begin;
-    const FB_REAL *grad = (const FB_REAL *)batch->grad[t] + begin;
-    FB_REAL *state_sum = (FB_REAL *)batch->state[0][t] + begin;
-    const FB_REAL clr = (FB_REAL)batch->coefficients[t * batch->coefficient_stride];
-    const FB_REAL sign = (flags & FASTBN_OPTIM_MAXIMIZE) ? (FB_REAL)-1 : (FB_REAL)1;
     (void)chunk;
-#define FB_ADAGRAD(wd) FB_TYPED(adagrad_loop)(param, grad, state_sum, end - begin, sign, \
-                                              (FB_REAL)s[0], (FB_REAL)s[1], clr, wd)
-    FB_SELECT1(FB_ADAGRAD, (flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0);
+#define FB_ADAGRAD(wd) FB_TYPED(adagrad_loop)(v.param, v.grad, v.state[0], v.n, v.sign, (FB_REAL)s[0], \
+                                              (FB_REAL)s[1], (FB_REAL)v.coefficients[0], wd)
+    FB_SELECT1(FB_ADAGRAD, (call->flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0);
 #undef FB_ADAGRAD
 }
 
@@ -280,18 +277,13 @@ FB_ALWAYS_INLINE void FB_TYPED(lion_loop)(FB_REAL *restrict param, const FB_REAL
 static void FB_TYPED(lion_chunk)(const optim_call *call, fb_index t, fb_index chunk,
                                  fb_index begin, fb_index end)
 {
-    const fastbn_optim_batch *batch = call->batch;
+    const FB_TYPED(optim_view) v = FB_TYPED(optim_view_of)(call, t, begin, end);
     const double *s = call->scalars;
-    const int flags = call->flags;
-    FB_REAL *param = (FB_REAL *)batch->param[t] + begin;
-    const FB_REAL *grad = (const FB_REAL *)batch->grad[t] + begin;
-    FB_REAL *exp_avg = (FB_REAL *)batch->state[0][t] + begin;
-    const FB_REAL sign = (flags & FASTBN_OPTIM_MAXIMIZE) ? (FB_REAL)-1 : (FB_REAL)1;
     (void)chunk;
-#define FB_LION(wd) FB_TYPED(lion_loop)(param, grad, exp_avg, end - begin, sign, (FB_REAL)s[0], \
+#define FB_LION(wd) FB_TYPED(lion_loop)(v.param, v.grad, v.state[0], v.n, v.sign, (FB_REAL)s[0],  \
                                         (FB_REAL)s[1], (FB_REAL)s[2], (FB_REAL)s[3],            \
                                         (FB_REAL)s[4], (FB_REAL)s[5], wd)
-    FB_SELECT1(FB_LION, (flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0);
+    FB_SELECT1(FB_LION, (call->flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0);
 #undef FB_LION
 }
 

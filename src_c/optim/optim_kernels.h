@@ -46,7 +46,8 @@ typedef struct fastbn_optim_batch {
     fb_index n_elements;                       /* sum of size[] */
     void *const *param;                        /* [n_tensors] IN/OUT (or the gradients to scale) */
     const void *const *grad;                   /* [n_tensors] IN */
-    void *const *state[FASTBN_OPTIM_MAX_STATE]; /* [n_tensors] IN/OUT each; NULL = slot unused */
+    void *const *state[FASTBN_OPTIM_MAX_STATE]; /* [n_tensors] IN/OUT each; NULL (or NULL
+                                                  entries) where the slot is unused */
     const fb_index *size;                      /* [n_tensors] elements */
     const fb_index *chunk_start;               /* [n_tensors + 1] first chunk of each tensor */
     const double *coefficients;                /* [n_tensors][coefficient_stride] or NULL */
