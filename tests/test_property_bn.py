@@ -1,0 +1,236 @@
+"""Property-based tests (hypothesis) of batch normalization against the NumPy
+reference: random shapes and ranks, channels-first and channels-last,
+strided / negative-stride / transposed / read-only inputs, magnitudes from
+1e-30 to 1e30 (within what the dtype can represent), constant channels,
++-inf and NaN (a NaN stays where it belongs: its element in eval mode, its
+channel in training mode), random eps/momentum.
+
+Zero-size dimensions are covered by tests/test_reliability_edge_cases.py,
+which runs them in a subprocess (a crash there must not kill the suite).
+
+Training-mode properties run once ``batch_norm(training=True)`` exists.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import fastbn
+from fastbn import functional as F
+
+from test_reliability_kernels import bn_training_available
+
+SETTINGS = dict(deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+# Largest and smallest data scales whose squares (the variance) the dtype holds.
+SCALE_EXPONENTS = {np.float32: (-15, 15), np.float64: (-30, 30)}
+
+
+# section: strategies --------------------------------------------------------------
+
+
+@st.composite
+def layouts(draw, array):
+    """The same values in a memory layout a user may pass."""
+    kind = draw(st.sampled_from(["contiguous", "strided", "negative", "transposed", "readonly"]))
+    if kind == "strided":
+        axis = draw(st.integers(0, array.ndim - 1))
+        shape = list(array.shape)
+        shape[axis] *= 2
+        padded = np.full(shape, np.nan, array.dtype)
+        index = [slice(None)] * array.ndim
+        index[axis] = slice(None, None, 2)
+        padded[tuple(index)] = array
+        return padded[tuple(index)]
+    if kind == "negative":
+        axes = draw(st.lists(st.integers(0, array.ndim - 1), min_size=1, max_size=array.ndim, unique=True))
+        flipped = np.ascontiguousarray(np.flip(array, axis=axes))
+        return np.flip(flipped, axis=axes)
+    if kind == "transposed":
+        return np.asfortranarray(array)
+    if kind == "readonly":
+        copy = array.copy()
+        copy.flags.writeable = False
+        return copy
+    return array
+
+
+@st.composite
+def bn_problems(draw, *, allow_special=True):
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    ndim = draw(st.integers(2, 5))
+    shape = tuple(draw(st.lists(st.integers(1, 6), min_size=ndim, max_size=ndim)))
+    axis = draw(st.sampled_from([1, -1]))
+    channels = shape[axis]
+    low, high = SCALE_EXPONENTS[dtype]
+    scale = 10.0 ** draw(st.integers(low, high))
+    offset = scale * draw(st.sampled_from([0.0, 1.0, -3.0, 1e3]))
+    seed = draw(st.integers(0, 2 ** 32 - 1))
+    rng = np.random.default_rng(seed)
+    broadcast = [1] * ndim
+    broadcast[axis] = channels
+    x = offset + scale * rng.standard_normal(shape)
+    mean = offset + scale * rng.standard_normal(channels) * 0.1
+    var = (scale ** 2) * (rng.random(channels) + 0.1)
+    weight = rng.standard_normal(channels) if draw(st.booleans()) else None
+    bias = rng.standard_normal(channels) if draw(st.booleans()) else None
+    constant = draw(st.lists(st.integers(0, channels - 1), max_size=channels, unique=True))
+    for c in constant:  # constant channels: zero variance
+        index = [slice(None)] * ndim
+        index[axis] = c
+        x[tuple(index)] = offset
+        var[c] = 0.0
+    if allow_special and draw(st.booleans()):
+        flat = x.reshape(-1)
+        count = draw(st.integers(1, 3))
+        for position in rng.integers(0, flat.size, count):
+            flat[position] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    eps = draw(st.sampled_from([1e-5, 1e-3, 0.1])) * max(scale ** 2, 1e-30)
+    arrays = [x.astype(dtype), mean.astype(dtype), var.astype(dtype)]
+    vectors = [None if v is None else v.astype(dtype) for v in (weight, bias)]
+    return dict(x=arrays[0], mean=arrays[1], var=arrays[2], weight=vectors[0], bias=vectors[1],
+                axis=axis, eps=float(eps), dtype=dtype, broadcast=tuple(broadcast))
+
+
+def assert_matches_reference(fast, reference, problem):
+    """NaN and inf exactly where the reference has them; finite values within
+    a few ulps of the magnitudes involved (the fast path folds the affine map
+    into y = x * a + b, whose rounding differs from (x - m) / s * w + b)."""
+    dtype = problem["dtype"]
+    assert fast.dtype == reference.dtype == np.dtype(dtype)
+    assert fast.shape == reference.shape
+    np.testing.assert_array_equal(np.isnan(fast), np.isnan(reference))
+    np.testing.assert_array_equal(np.isposinf(fast), np.isposinf(reference))
+    np.testing.assert_array_equal(np.isneginf(fast), np.isneginf(reference))
+    shape = problem["broadcast"]
+    weight = problem["weight"] if problem["weight"] is not None else np.ones(shape[problem["axis"]])
+    bias = problem["bias"] if problem["bias"] is not None else np.zeros(shape[problem["axis"]])
+    alpha = np.abs(weight.astype(np.float64)) / np.sqrt(problem["var"].astype(np.float64) + problem["eps"])
+    x64 = problem["x"].astype(np.float64)
+    scale = (np.abs(x64) * alpha.reshape(shape) + np.abs(problem["mean"].astype(np.float64) * alpha).reshape(shape)
+             + np.abs(bias.astype(np.float64)).reshape(shape))
+    finite = np.isfinite(reference) & np.isfinite(scale)
+    tolerance = 16 * np.finfo(dtype).eps * scale + np.finfo(dtype).tiny
+    with np.errstate(invalid="ignore"):
+        error = np.abs(fast.astype(np.float64) - reference.astype(np.float64))
+    assert np.all(error[finite] <= tolerance[finite]), float(np.max(error[finite] - tolerance[finite]))
+
+
+# section: eval mode ---------------------------------------------------------------
+
+
+@settings(max_examples=300, **SETTINGS)
+@given(problem=bn_problems(), data=st.data())
+def test_eval_forward_matches_reference_for_any_shape_layout_and_magnitude(problem, data):
+    x = data.draw(layouts(problem["x"]))
+    before = x.copy()
+    args = (problem["mean"], problem["var"], problem["weight"], problem["bias"])
+    with np.errstate(all="ignore"):
+        fast = F.batch_norm(x, *args, eps=problem["eps"], axis=problem["axis"])
+        with fastbn.use_backend("reference"):
+            reference = F.batch_norm(x, *args, eps=problem["eps"], axis=problem["axis"])
+    assert_matches_reference(fast, reference, problem)
+    np.testing.assert_array_equal(x, before)  # input untouched (NaN positions included)
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(problem=bn_problems())
+def test_eval_forward_in_place_equals_out_of_place(problem):
+    x = problem["x"].copy()
+    args = (problem["mean"], problem["var"], problem["weight"], problem["bias"])
+    with np.errstate(all="ignore"):
+        expected = F.batch_norm(x, *args, eps=problem["eps"], axis=problem["axis"])
+        result = F.batch_norm(x, *args, eps=problem["eps"], axis=problem["axis"], out=x)
+    assert result is x
+    np.testing.assert_array_equal(x, expected)
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(problem=bn_problems(allow_special=False), data=st.data())
+def test_nan_in_a_running_statistic_stays_in_its_channel(problem, data):
+    channels = problem["mean"].shape[0]
+    bad = data.draw(st.integers(0, channels - 1))
+    which = data.draw(st.sampled_from(["mean", "var", "weight", "bias"]))
+    vectors = {key: problem[key] for key in ("mean", "var", "weight", "bias")}
+    if vectors[which] is None:
+        vectors[which] = np.ones(channels, problem["dtype"])
+    vectors[which] = vectors[which].copy()
+    vectors[which][bad] = np.nan
+    with np.errstate(all="ignore"):
+        y = F.batch_norm(problem["x"], vectors["mean"], vectors["var"], vectors["weight"],
+                         vectors["bias"], eps=problem["eps"], axis=problem["axis"])
+    channel_of = np.indices(y.shape)[problem["axis"] % y.ndim]
+    assert np.all(np.isnan(y[channel_of == bad]))
+    assert not np.any(np.isnan(y[channel_of != bad]))
+
+
+# section: training mode (once available) ------------------------------------------
+
+training = pytest.mark.skipif(not bn_training_available(),
+                              reason="batch_norm(training=True) not implemented yet")
+
+
+@training
+@settings(max_examples=120, **SETTINGS)
+@given(problem=bn_problems(allow_special=False), data=st.data(),
+       momentum=st.one_of(st.none(), st.floats(0.0, 1.0)))
+def test_training_forward_matches_reference_and_updates_running_stats(problem, data, momentum):
+    x = data.draw(layouts(problem["x"]))
+    assume(x.size // x.shape[problem["axis"]] > 1)
+    outputs = {}
+    for backend in ("fast", "reference"):
+        mean, var = problem["mean"].copy(), problem["var"].copy()
+        with fastbn.use_backend(backend), np.errstate(all="ignore"):
+            y = F.batch_norm(x, mean, var, problem["weight"], problem["bias"], training=True,
+                             momentum=momentum, eps=problem["eps"], axis=problem["axis"])
+        outputs[backend] = (y, mean, var)
+    dtype = problem["dtype"]
+    tol = dict(rtol=2e-3, atol=2e-3) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-9)
+    y_fast, y_ref = outputs["fast"][0], outputs["reference"][0]
+    weight = problem["weight"] if problem["weight"] is not None else 1.0
+    np.testing.assert_allclose(y_fast, y_ref, rtol=tol["rtol"],
+                               atol=tol["atol"] * float(np.max(np.abs(weight))) + tol["atol"])
+    scale = np.abs(outputs["reference"][1]) + np.sqrt(np.abs(outputs["reference"][2]))
+    for index in (1, 2):
+        np.testing.assert_allclose(outputs["fast"][index], outputs["reference"][index],
+                                   rtol=tol["rtol"], atol=float(np.max(scale)) * tol["atol"])
+
+
+@training
+@settings(max_examples=60, **SETTINGS)
+@given(problem=bn_problems(allow_special=False), data=st.data())
+def test_training_nan_stays_within_its_channel(problem, data):
+    x = problem["x"].copy()
+    axis = problem["axis"] % x.ndim
+    channels = x.shape[axis]
+    bad = data.draw(st.integers(0, channels - 1))
+    index = [0] * x.ndim
+    index[axis] = bad
+    x[tuple(index)] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    assume(x.size // channels > 1)
+    mean, var = problem["mean"].copy(), problem["var"].copy()
+    with np.errstate(all="ignore"):
+        y = F.batch_norm(x, mean, var, problem["weight"], problem["bias"], training=True,
+                         eps=problem["eps"], axis=problem["axis"])
+    channel_of = np.indices(y.shape)[axis]
+    assert not np.any(np.isnan(y[channel_of != bad]))
+    others = np.arange(channels) != bad
+    assert not np.any(np.isnan(mean[others])) and not np.any(np.isnan(var[others]))
+    assert np.isnan(mean[bad]) or np.isinf(mean[bad])
+
+
+@training
+@settings(max_examples=40, **SETTINGS)
+@given(dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2 ** 32 - 1),
+       mean_value=st.sampled_from([1e4, -1e4, 1e6]))
+def test_training_variance_is_accurate_for_data_with_a_large_mean(dtype, seed, mean_value):
+    """float32 statistics are accumulated in float64 (never E[x^2] - E[x]^2 in float32)."""
+    rng = np.random.default_rng(seed)
+    x = (mean_value + rng.standard_normal((64, 3, 50))).astype(dtype)
+    mean, var = np.zeros(3, dtype), np.ones(3, dtype)
+    F.batch_norm(x, mean, var, training=True, momentum=1.0)
+    exact = x.astype(np.float64).var(axis=(0, 2), ddof=1)
+    np.testing.assert_allclose(var, exact, rtol=1e-3 if dtype == np.float32 else 1e-10)
