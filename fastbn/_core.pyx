@@ -21,6 +21,9 @@ TARGET_NAMES = ("baseline", "avx2", "avx512")
 
 cdef int _simd_target = 0
 cdef int _user_threads = 0   # 0: not set by set_num_threads
+# The OpenMP default at import (OMP_NUM_THREADS or the core count), restored
+# by set_num_threads(None) after an explicit count changed the runtime's.
+cdef int _default_threads = fb_max_threads()
 
 fastbn_install_fork_guard()
 
@@ -62,12 +65,20 @@ def set_user_threads(int n) -> None:
     runtime, so threadpoolctl reports it too."""
     global _user_threads
     _user_threads = n
-    if n > 0:
-        fb_set_max_threads(n)
+    fb_set_max_threads(n if n > 0 else _default_threads)
 
 
 def get_user_threads() -> int:
     return _user_threads
+
+
+cdef int raise_for_status(int status, str kernel) except -1:
+    if status == 0:
+        return 0
+    if status == -2:
+        raise MemoryError(f"{kernel}: could not allocate kernel workspace")
+    raise RuntimeError(f"{kernel}: kernel rejected its arguments (status {status}); "
+                       "this is a bug in fastbn's validation, please report it")
 
 
 def in_forked_child() -> bool:

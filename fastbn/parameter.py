@@ -13,10 +13,12 @@ class Parameter:
     Parameters
     ----------
     data : array_like
-        Initial value. Converted to a C-contiguous floating-point ndarray
-        (float32 unless it is already float32/float64).
+        Initial value. Kept as is when it is a C-contiguous float32/float64
+        ndarray (no copy: the Parameter updates the caller's array); other
+        layouts are copied, integer data becomes float32.
     grad : array_like or None, optional
-        Initial gradient.
+        Initial gradient: same shape and dtype as data (TypeError otherwise,
+        never a silent cast).
     """
 
     __slots__ = ("data", "grad")
@@ -29,15 +31,21 @@ class Parameter:
                     f"Parameter data: expected a real numeric array, got dtype {array.dtype}"
                 )
             array = array.astype(np.float32)
-        self.data: np.ndarray = np.ascontiguousarray(array)
+        # np.ascontiguousarray would turn a 0-d array into shape (1,)
+        self.data: np.ndarray = array if array.flags.c_contiguous else array.copy(order="C")
         self.grad: Optional[np.ndarray] = None
         if grad is not None:
-            grad = np.ascontiguousarray(grad, dtype=self.data.dtype)
+            grad = np.asarray(grad)
+            if grad.dtype != self.data.dtype:
+                raise TypeError(
+                    f"Parameter grad: expected dtype {self.data.dtype} (the dtype of data), "
+                    f"got {grad.dtype}"
+                )
             if grad.shape != self.data.shape:
                 raise ValueError(
                     f"Parameter grad: expected shape {self.data.shape}, got {grad.shape}"
                 )
-            self.grad = grad
+            self.grad = grad if grad.flags.c_contiguous else grad.copy(order="C")
 
     @property
     def shape(self) -> tuple:

@@ -130,9 +130,6 @@ def test_kernels_release_the_gil():
     assert len(progress) > 0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (fastbn/_core.pyx set_user_threads / _config.set_num_threads): "
-                   "set_num_threads(None) does not restore the OpenMP default; the last explicit "
-                   "count stays in effect because omp_set_num_threads is never undone")
 def test_set_num_threads_none_restores_the_default():
     default = fastbn.get_num_threads()
     fastbn.set_num_threads(1)

@@ -473,16 +473,11 @@ def test_checkpoint_restore_never_casts(tmp_path):
         fastbn.load_into(tmp_path / "c", {"optimizer": optim.Adam(_params(np.float32))})
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (fastbn/parameter.py Parameter.__init__): a float32 grad for a "
-                   "float64 parameter is cast silently (np.ascontiguousarray(grad, dtype=data.dtype)) instead "
-                   "of raising TypeError as the documented dtype rule requires")
 def test_parameter_rejects_a_gradient_of_another_dtype():
     with pytest.raises(TypeError):
         Parameter(np.zeros(3, np.float64), grad=np.zeros(3, np.float32))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (fastbn/parameter.py): Parameter(0-d array) becomes shape (1,) "
-                   "(np.ascontiguousarray promotes 0-d to 1-d), so a 0-d gradient is then rejected")
 def test_parameter_keeps_a_zero_dimensional_shape():
     param = Parameter(np.float64(3.0))
     assert param.shape == ()
@@ -504,10 +499,6 @@ def _corrupt_state(value_factory, key="exp_avg"):
     return outcome
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (fastbn/optim/optimizer.py _reference_step): the reference backend "
-                   "does not validate optimizer state: a float32 'exp_avg' for a float64 parameter is used "
-                   "silently (mixed precision), a float 'step' is accepted, a wrong shape raises NumPy's "
-                   "broadcast error; the fast backend raises ValueError/TypeError for each")
 @pytest.mark.parametrize("value_factory,key", [
     (lambda: np.zeros(5, np.float32), "exp_avg"),
     (lambda: 1.5, "step"),

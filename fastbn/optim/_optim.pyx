@@ -23,7 +23,7 @@ from cpython.ref cimport PyObject
 from libc.math cimport sqrt
 from libc.stdint cimport int64_t
 
-from fastbn._core cimport current_simd_target, effective_num_threads
+from fastbn._core cimport current_simd_target, effective_num_threads, raise_for_status
 
 cnp.import_array()
 
@@ -96,15 +96,6 @@ cdef enum:
 
 cdef int REQUIRED_DATA_FLAGS = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED | cnp.NPY_ARRAY_WRITEABLE
 cdef int REQUIRED_GRAD_FLAGS = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED
-
-
-cdef int raise_for_status(int status, str kernel) except -1:
-    if status == 0:
-        return 0
-    if status == -2:
-        raise MemoryError(f"{kernel}: out of memory")
-    raise RuntimeError(f"{kernel}: kernel rejected its arguments (status {status}); "
-                       "this is a bug in fastbn's validation, please report it")
 
 
 # section: tensor tables ------------------------------------------------------
@@ -224,7 +215,7 @@ cdef inline bint usable_state(object value, cnp.ndarray data) noexcept:
     cdef cnp.ndarray array = <cnp.ndarray>value
     return (cnp.PyArray_TYPE(array) == cnp.PyArray_TYPE(data)
             and cnp.PyArray_ISNOTSWAPPED(array)
-            and cnp.PyArray_SIZE(array) == cnp.PyArray_SIZE(data)
+            and cnp.PyArray_SAMESHAPE(array, data)
             and (cnp.PyArray_FLAGS(array) & REQUIRED_DATA_FLAGS) == REQUIRED_DATA_FLAGS)
 
 
@@ -355,9 +346,9 @@ cdef class GroupPlan:
     cdef _raise_bad_state(self, object key, object value, cnp.ndarray data, int64_t position):
         raise ValueError(
             f"optimizer state {key!r} of param_groups[{self.group_index}]['params'][{position}]: "
-            f"expected an aligned C-contiguous writeable ndarray of dtype {data.dtype} with "
-            f"{data.size} elements (the parameter's), got {type(value).__name__}"
-            + (f" of dtype {value.dtype} with {value.size} elements" if isinstance(value, cnp.ndarray) else ""))
+            f"expected an aligned C-contiguous writeable ndarray of dtype {data.dtype} and "
+            f"shape {(<object>data).shape} (the parameter's), got {type(value).__name__}"
+            + (f" of dtype {value.dtype} and shape {value.shape}" if isinstance(value, cnp.ndarray) else ""))
 
     def commit_and_run(self, int n_slots):
         """Write the new step counters, then update every tensor (GIL released)."""

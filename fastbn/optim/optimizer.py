@@ -154,13 +154,40 @@ class Optimizer:
         grads = [[checked_grad(param, index, position) for position, param in enumerate(group["params"])]
                  for index, group in groups]
         for (index, group), group_grads in zip(groups, grads):
-            for param, grad in zip(group["params"], group_grads):
+            for position, (param, grad) in enumerate(zip(group["params"], group_grads)):
                 if grad is None:
                     continue
                 state, fresh = self._ensure_state(param, group)
+                self._check_state_entry(state, group, param, index, position)
                 if self._counts_steps:
                     state["step"] += 1
                 self._reference_update(param.data, grad, state, group, fresh)
+
+    def _check_state_entry(self, state: Dict[str, Any], group: Dict[str, Any], param: Parameter,
+                           index: int, position: int) -> None:
+        """The checks the compiled bridge makes on a (possibly user-loaded)
+        state entry, with the same exception types, so both backends reject
+        corrupted state alike."""
+        where = f"param_groups[{index}]['params'][{position}]"
+        if self._counts_steps:
+            step = state["step"]
+            if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+                raise TypeError(f"optimizer state 'step' of {where}: expected an int, "
+                                f"got {type(step).__name__} {step!r}")
+        data = param.data
+        for key in self._state_slots(group):
+            if key is None:
+                continue
+            value = state[key]
+            if not (isinstance(value, np.ndarray) and value.dtype == data.dtype
+                    and value.shape == data.shape and value.flags.c_contiguous
+                    and value.flags.writeable and value.flags.aligned):
+                detail = (f" of dtype {value.dtype} and shape {value.shape}"
+                          if isinstance(value, np.ndarray) else "")
+                raise ValueError(
+                    f"optimizer state {key!r} of {where}: expected an aligned C-contiguous "
+                    f"writeable ndarray of dtype {data.dtype} and shape {data.shape} "
+                    f"(the parameter's), got {type(value).__name__}{detail}")
 
     def _ensure_state(self, param: Parameter, group: Dict[str, Any]) -> Tuple[Dict[str, Any], bool]:
         """The state of `param` with every array this group's step needs,
