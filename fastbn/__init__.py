@@ -28,12 +28,15 @@ from ._config import (available_simd_targets, compiled_simd_targets, config_info
 from .parameter import Parameter
 from .checkpoint import CheckpointError, load, load_into, save
 from . import functional, reference
+from . import nn
+from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from . import optim, schedules
 
 _select_initial_target()
 
 __all__ = [
-    "Parameter", "functional", "reference", "optim", "schedules",
+    "Parameter", "functional", "nn", "reference", "optim", "schedules",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "save", "load", "load_into", "CheckpointError",
     "get_backend", "set_backend", "use_backend",
     "available_simd_targets", "compiled_simd_targets", "get_simd_target", "set_simd_target",

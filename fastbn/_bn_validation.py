@@ -1,12 +1,20 @@
 """Argument checks for batch normalization, shared by the fast path
-(fastbn.functional) and the reference (fastbn.reference)."""
+(fastbn.functional), the layers (fastbn.nn) and the reference
+(fastbn.reference), so both backends raise the same error for the same bad
+input.
+
+The checks run on every call, so each has a cheap fast path for the common
+case (a float32/float64 ndarray, a float eps, axis 1 or -1) and only falls back
+to the general, message-building code when something looks wrong.
+"""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
 import numpy as np
 
-from ._validation import as_float_array, check_axis, check_channel_vector, check_real
+from ._validation import (as_float_array, check_axis, check_channel_vector, check_real,
+                          check_same_dtype, check_shape, describe)
 
 
 class BatchNormLayout(NamedTuple):
@@ -21,11 +29,20 @@ class BatchNormLayout(NamedTuple):
     def n_per_channel(self) -> int:
         return self.outer * self.inner
 
+    @property
+    def reduce_axes(self) -> tuple:
+        """Every axis except the channel axis."""
+        return tuple(i for i in range(len(self.shape)) if i != self.axis)
+
+
+_new_layout = tuple.__new__
+
 
 def batch_norm_layout(x: np.ndarray, axis, name: str = "input") -> BatchNormLayout:
-    if x.ndim < 2:
-        raise ValueError(f"{name}: expected at least 2 dimensions (N, C, ...), got {x.ndim}D input")
-    axis = check_axis(axis, x.ndim)
+    ndim = x.ndim
+    if ndim < 2:
+        raise ValueError(f"{name}: expected at least 2 dimensions (N, C, ...), got {ndim}D input")
+    axis = check_axis(axis, ndim)
     shape = x.shape
     channels = shape[axis]
     if axis == 1:
@@ -33,33 +50,50 @@ def batch_norm_layout(x: np.ndarray, axis, name: str = "input") -> BatchNormLayo
         inner = 1
         for size in shape[2:]:
             inner *= size
+        broadcast = (1, channels) + (1,) * (ndim - 2)
     else:
         outer = 1
         for size in shape[:-1]:
             outer *= size
         inner = 1
-    broadcast = [1] * x.ndim
-    broadcast[axis] = channels
-    return BatchNormLayout(axis, channels, outer, inner, tuple(broadcast))
+        broadcast = (1,) * (ndim - 1) + (channels,)
+    return _new_layout(BatchNormLayout, (axis, channels, outer, inner, broadcast))
 
 
 def check_eps(eps, *, batch_stats: bool) -> float:
     """eps > 0 when batch statistics are used (a constant channel would divide
     by zero), >= 0 with running statistics."""
-    eps = check_real(eps, "eps")
-    if batch_stats and not eps > 0:
-        raise ValueError(f"eps: expected a value > 0 when batch statistics are used, got {eps!r}")
-    if not eps >= 0:
-        raise ValueError(f"eps: expected a value >= 0, got {eps!r}")
+    if type(eps) is not float or not eps > 0:
+        eps = check_real(eps, "eps")
+        if batch_stats and not eps > 0:
+            raise ValueError(f"eps: expected a value > 0 when batch statistics are used, got {eps!r}")
+        if not eps >= 0:
+            raise ValueError(f"eps: expected a value >= 0, got {eps!r}")
     return eps
 
 
 def check_momentum(momentum) -> Optional[float]:
     if momentum is None:
         return None
-    momentum = check_real(momentum, "momentum")
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum: expected a value in [0, 1] or None, got {momentum!r}")
+    if type(momentum) is not float or not 0.0 <= momentum <= 1.0:
+        momentum = check_real(momentum, "momentum")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum: expected a value in [0, 1] or None, got {momentum!r}")
+    return momentum
+
+
+def check_update_momentum(momentum) -> float:
+    """The factor of a running-statistics update: a number, not None.
+
+    None (a cumulative average) needs the number of batches seen so far, which
+    only the module keeps; it passes momentum = 1 / num_batches_tracked.
+    """
+    momentum = check_momentum(momentum)
+    if momentum is None:
+        raise ValueError(
+            "momentum: None (cumulative average) needs the number of batches seen; "
+            "pass momentum=1/num_batches_tracked (as BatchNorm layers do) to update "
+            "running statistics")
     return momentum
 
 
@@ -71,3 +105,49 @@ def check_batch_norm_vectors(layout: BatchNormLayout, dtype, **vectors) -> dict:
 
 def check_input(x, name: str = "input") -> np.ndarray:
     return as_float_array(x, name)
+
+
+def check_batch_size(x: np.ndarray, layout: BatchNormLayout) -> None:
+    """Batch statistics need at least 2 values per channel (torch's rule and
+    message), and a non-empty batch."""
+    n = layout.outer * layout.inner
+    if n > 1:
+        return
+    if n == 0:
+        raise ValueError(f"Expected a non-empty batch when using batch statistics, "
+                         f"got input size {tuple(x.shape)}")
+    raise ValueError(f"Expected more than 1 value per channel when training, "
+                     f"got input size {tuple(x.shape)}")
+
+
+def check_running_stats_pair(running_mean, running_var) -> None:
+    if (running_mean is None) != (running_var is None):
+        given, missing = (("running_mean", "running_var") if running_var is None
+                          else ("running_var", "running_mean"))
+        raise ValueError(f"{missing}: expected an array because {given} was given "
+                         f"(pass both running statistics or neither), got None")
+
+
+def check_updatable(name: str, array: Optional[np.ndarray]) -> None:
+    """A running statistic updated in place must be writeable."""
+    if array is not None and not array.flags.writeable:
+        raise ValueError(f"{name}: expected a writeable array (running statistics are updated "
+                         f"in place in training), got a read-only one")
+
+
+def check_like(name: str, value, like: np.ndarray, like_name: str) -> np.ndarray:
+    """An array with exactly the shape and dtype of `like` (e.g. dy vs x)."""
+    if type(value) is np.ndarray and value.dtype is like.dtype and value.shape == like.shape:
+        return value
+    array = as_float_array(value, name)
+    check_shape(name, array, like.shape)
+    check_same_dtype(name, array, like_name, like.dtype)
+    return array
+
+
+def check_saved_stat(name: str, value, layout: BatchNormLayout, dtype) -> np.ndarray:
+    """A per-channel statistic the backward needs (mean, invstd): required."""
+    if value is None:
+        raise TypeError(f"{name}: expected a 1-D array with {layout.channels} elements "
+                        f"(one per channel), got {describe(value)}")
+    return check_channel_vector(name, value, layout.channels, dtype)

@@ -18,6 +18,9 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# Native float dtypes are singletons, so the hot paths below test identity
+# first (`is`, no dtype comparison call) and fall back to the general check.
+_FLOAT32, _FLOAT64 = FLOAT_DTYPES
 
 
 def describe(value) -> str:
@@ -33,6 +36,10 @@ def as_float_array(value, name: str) -> np.ndarray:
     Raises TypeError for non-arrays of non-real-float dtype (ints, complex,
     object, bool). Lists of floats are accepted and become float64 arrays.
     """
+    if type(value) is np.ndarray:
+        dtype = value.dtype
+        if dtype is _FLOAT32 or dtype is _FLOAT64:
+            return value
     if isinstance(value, np.ndarray):
         array = value
     elif isinstance(value, (list, tuple)) or np.isscalar(value):
@@ -62,6 +69,9 @@ def check_channel_vector(name: str, value, num_channels: int, dtype: np.dtype) -
     """A per-channel vector (running stats, weight, bias): 1-D, length C, same dtype."""
     if value is None:
         return None
+    if (type(value) is np.ndarray and value.dtype is dtype and value.ndim == 1
+            and value.shape[0] == num_channels):
+        return value
     array = as_float_array(value, name)
     if array.ndim != 1 or array.shape[0] != num_channels:
         raise ValueError(
@@ -74,6 +84,11 @@ def check_channel_vector(name: str, value, num_channels: int, dtype: np.dtype) -
 
 def check_axis(axis, ndim: int) -> int:
     """Channel axis: 1 (channels-first) or -1 / ndim-1 (channels-last). Returns 1 or ndim-1."""
+    if type(axis) is int:
+        if axis == 1 and ndim >= 2:
+            return 1
+        if axis == -1 and ndim >= 2:
+            return ndim - 1
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"axis: expected an int (1 or -1), got {describe(axis)}")
     axis = int(axis)
@@ -86,6 +101,10 @@ def check_axis(axis, ndim: int) -> int:
 
 
 def check_real(value, name: str) -> float:
+    if type(value) is float:
+        if value != value:
+            raise ValueError(f"{name}: expected a number, got nan")
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {describe(value)}")
     value = float(value)
@@ -140,7 +159,9 @@ def check_out(out, name: str, shape: Sequence[int], dtype: np.dtype,
         raise ValueError(f"{name}: expected a C-contiguous array, got strides {out.strides}")
     identical_ok = list(allow_identical)
     for array in inputs:
-        if array is None or not np.shares_memory(out, array):
+        # may_share_memory is a cheap bounds test; the exact test runs only
+        # when the bounds overlap
+        if array is None or not np.may_share_memory(out, array) or not np.shares_memory(out, array):
             continue
         if any(_is_identical(out, other) for other in identical_ok if other is array):
             continue

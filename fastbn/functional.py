@@ -1,28 +1,41 @@
-"""Stateless batch normalization (``torch.nn.functional`` semantics).
+"""Stateless batch normalization (``torch.nn.functional`` semantics) and the
+training pieces for code without autograd.
+
+- `batch_norm`: torch's ``F.batch_norm``; in training it uses batch
+  statistics and updates the running statistics in place.
+- `batch_norm_forward_train`: the training forward that also returns the
+  per-channel ``saved_mean`` and ``saved_invstd`` the backward needs.
+- `batch_norm_backward`: gradients of a training-mode forward.
+- `batch_norm_backward_eval`: gradients of an eval-mode forward (running
+  statistics, which are constants for the backward).
 
 Every function validates its arguments (shared with the reference backend),
 then runs the C kernels, or the NumPy reference under
-``fastbn.use_backend("reference")``.
+``fastbn.use_backend("reference")``.  Inputs may have any strides
+(non-contiguous ones are copied once); outputs passed as ``out=`` must be
+C-contiguous.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
 from . import _backend
-from ._bn_validation import (batch_norm_layout, check_batch_norm_vectors, check_eps,
-                             check_input, check_momentum)
-from ._validation import check_out
+from ._bn_validation import (batch_norm_layout, check_batch_norm_vectors, check_batch_size,
+                             check_eps, check_input, check_like, check_momentum,
+                             check_running_stats_pair, check_saved_stat, check_updatable,
+                             check_update_momentum)
+from ._validation import check_channel_vector, check_out
 from .nn import _bn
 
-__all__ = ["batch_norm"]
+__all__ = ["batch_norm", "batch_norm_forward_train", "batch_norm_backward",
+           "batch_norm_backward_eval"]
 
 
-def _contiguous(array: Optional[np.ndarray]) -> Optional[np.ndarray]:
-    if array is None or array.flags.c_contiguous:
-        return array
-    return np.ascontiguousarray(array)
+def _reference():
+    from . import reference
+    return reference
 
 
 def batch_norm(x: np.ndarray, running_mean: Optional[np.ndarray], running_var: Optional[np.ndarray],
@@ -36,15 +49,21 @@ def batch_norm(x: np.ndarray, running_mean: Optional[np.ndarray], running_var: O
     x : ndarray, float32 or float64, shape (N, C, *spatial) or (N, *spatial, C)
         IN.  Any strides (non-contiguous input is copied once).
     running_mean, running_var : ndarray (C,) or None
-        IN (eval) / IN-OUT (training: updated in place with `momentum`).
+        IN (eval) / IN-OUT (training: updated in place,
+        ``r = (1 - momentum) * r + momentum * batch_stat``, with the UNBIASED
+        batch variance for ``running_var``).  Both or neither; None means batch
+        statistics are used in eval too.
     weight, bias : ndarray (C,) or None
         IN.  The affine parameters (None means 1 and 0).
     training : bool
         Use batch statistics (and update running stats) instead of running stats.
-    momentum : float or None
-        Running-average factor; None means a cumulative average.
+    momentum : float
+        Running-average factor in [0, 1].  torch's cumulative average
+        (``momentum=None`` on a layer) is ``momentum=1/num_batches_tracked``
+        here, since this function does not know the count; None is accepted
+        only when nothing is updated.
     eps : float
-        Added to the variance.
+        Added to the variance; > 0 when batch statistics are used.
     axis : int, keyword-only
         Channel axis: 1 (channels-first) or -1 (channels-last).
     out : ndarray or None, keyword-only
@@ -54,27 +73,227 @@ def batch_norm(x: np.ndarray, running_mean: Optional[np.ndarray], running_var: O
     -------
     ndarray
         The normalized array (`out` when given).
+
+    Raises
+    ------
+    TypeError
+        Non-float input, or arrays of different dtypes.
+    ValueError
+        Wrong shapes, fewer than 2 values per channel (or an empty batch) with
+        batch statistics, eps <= 0 with batch statistics, bad momentum, axis
+        or `out`.
     """
     if _backend.is_reference():
-        from .reference import batch_norm as reference_batch_norm
-        return reference_batch_norm(x, running_mean, running_var, weight, bias, training,
-                                    momentum, eps, axis=axis, out=out)
+        return _reference().batch_norm(x, running_mean, running_var, weight, bias, training,
+                                       momentum, eps, axis=axis, out=out)
     x = check_input(x)
     layout = batch_norm_layout(x, axis)
-    use_batch_stats = training or running_mean is None or running_var is None
+    check_running_stats_pair(running_mean, running_var)
+    use_batch_stats = bool(training) or running_mean is None
+    update = use_batch_stats and running_mean is not None
     eps = check_eps(eps, batch_stats=use_batch_stats)
-    check_momentum(momentum)
-    vectors = check_batch_norm_vectors(layout, x.dtype, running_mean=running_mean,
-                                       running_var=running_var, weight=weight, bias=bias)
+    momentum = check_update_momentum(momentum) if update else check_momentum(momentum)
+    channels, dtype = layout.channels, x.dtype
+    running_mean = check_channel_vector("running_mean", running_mean, channels, dtype)
+    running_var = check_channel_vector("running_var", running_var, channels, dtype)
+    weight = check_channel_vector("weight", weight, channels, dtype)
+    bias = check_channel_vector("bias", bias, channels, dtype)
     if use_batch_stats:
-        raise NotImplementedError(
-            "batch_norm: training mode (batch statistics) is not implemented yet; "
-            "pass training=False with running_mean and running_var")
-    if out is None:
-        y = np.empty(x.shape, dtype=x.dtype)
-    else:
-        y = check_out(out, "out", x.shape, x.dtype, inputs=(x, *vectors.values()), allow_identical=(x,))
-    _bn.eval_forward(_contiguous(x), y, layout.outer, layout.channels, layout.inner,
-                     _contiguous(vectors["running_mean"]), _contiguous(vectors["running_var"]),
-                     _contiguous(vectors["weight"]), _contiguous(vectors["bias"]), eps)
-    return y
+        check_batch_size(x, layout)
+    if update:
+        check_updatable("running_mean", running_mean)
+        check_updatable("running_var", running_var)
+    if out is not None:
+        out = check_out(out, "out", x.shape, dtype,
+                        inputs=(x, running_mean, running_var, weight, bias), allow_identical=(x,))
+    if x.size == 0:
+        return np.empty(x.shape, dtype) if out is None else out
+    if use_batch_stats:
+        return _bn.train_forward(x, out, layout.outer, channels, layout.inner, weight, bias, eps,
+                                 running_mean if update else None,
+                                 running_var if update else None, momentum if update else 0.0)[0]
+    return _bn.eval_forward(x, out, layout.outer, channels, layout.inner,
+                            running_mean, running_var, weight, bias, eps)
+
+
+def batch_norm_forward_train(x: np.ndarray, weight: Optional[np.ndarray] = None,
+                             bias: Optional[np.ndarray] = None, eps: float = 1e-5, *,
+                             axis: int = 1, out: Optional[np.ndarray] = None,
+                             running_mean: Optional[np.ndarray] = None,
+                             running_var: Optional[np.ndarray] = None,
+                             momentum: float = 0.1) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training-mode forward that also returns what the backward needs.
+
+    Normalizes with the batch statistics of each channel (biased variance)
+    and, when running statistics are given, updates them in place exactly as
+    `batch_norm` does in training.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, shape (N, C, *spatial) or (N, *spatial, C)
+        IN.  At least 2 values per channel.  Any strides.
+    weight, bias : ndarray (C,) or None
+        IN.  Affine parameters (None means 1 and 0).
+    eps : float
+        > 0, added to the variance.
+    axis : int, keyword-only
+        Channel axis: 1 or -1.
+    out : ndarray or None, keyword-only
+        OUT.  C-contiguous, same shape and dtype as x; may be x itself.
+    running_mean, running_var : ndarray (C,) or None, keyword-only
+        IN-OUT.  Both or neither; updated in place with `momentum`.
+    momentum : float, keyword-only
+        Running-average factor in [0, 1] (``1/num_batches_tracked`` for a
+        cumulative average).
+
+    Returns
+    -------
+    y : ndarray
+        The normalized array (`out` when given).
+    saved_mean : ndarray (C,)
+        Per-channel batch mean.
+    saved_invstd : ndarray (C,)
+        Per-channel ``1 / sqrt(biased_batch_var + eps)``.
+    """
+    if _backend.is_reference():
+        return _reference().batch_norm_forward_train(
+            x, weight, bias, eps, axis=axis, out=out, running_mean=running_mean,
+            running_var=running_var, momentum=momentum)
+    x = check_input(x)
+    layout = batch_norm_layout(x, axis)
+    check_running_stats_pair(running_mean, running_var)
+    update = running_mean is not None
+    eps = check_eps(eps, batch_stats=True)
+    momentum = check_update_momentum(momentum) if update else check_momentum(momentum)
+    vectors = check_batch_norm_vectors(layout, x.dtype, weight=weight, bias=bias,
+                                       running_mean=running_mean, running_var=running_var)
+    check_batch_size(x, layout)
+    check_updatable("running_mean", vectors["running_mean"])
+    check_updatable("running_var", vectors["running_var"])
+    if out is not None:
+        out = check_out(out, "out", x.shape, x.dtype, inputs=(x, *vectors.values()),
+                        allow_identical=(x,))
+    if x.size == 0:  # no channels: nothing to compute
+        empty = np.empty(0, x.dtype)
+        return (np.empty(x.shape, x.dtype) if out is None else out), empty, empty.copy()
+    return _bn.train_forward(x, out, layout.outer, layout.channels, layout.inner,
+                             vectors["weight"], vectors["bias"], eps, vectors["running_mean"],
+                             vectors["running_var"], momentum if update else 0.0)
+
+
+def batch_norm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd: np.ndarray,
+                        weight: Optional[np.ndarray] = None, *, axis: int = 1,
+                        out: Optional[np.ndarray] = None
+                        ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of a training-mode batch norm (batch statistics).
+
+    With ``xhat = (x - mean) * invstd`` and n values per channel::
+
+        dbias   = sum(dy)
+        dweight = sum(dy * xhat)
+        dx      = weight * invstd / n * (n * dy - dbias - xhat * dweight)
+
+    Parameters
+    ----------
+    dy : ndarray
+        IN.  Gradient of the output; same shape and dtype as x.
+    x : ndarray, float32 or float64
+        IN.  The forward's input.
+    mean, invstd : ndarray (C,)
+        IN.  ``saved_mean`` and ``saved_invstd`` from `batch_norm_forward_train`.
+    weight : ndarray (C,) or None
+        IN.  The forward's weight (None means 1).
+    axis : int, keyword-only
+        Channel axis: 1 or -1 (as in the forward).
+    out : ndarray or None, keyword-only
+        OUT for dx.  C-contiguous, same shape and dtype as x; may be dy (or x)
+        itself.
+
+    Returns
+    -------
+    dx : ndarray
+        Gradient of the input (`out` when given).
+    dweight, dbias : ndarray (C,)
+        Gradients of weight and bias (computed even when weight is None).
+    """
+    if _backend.is_reference():
+        return _reference().batch_norm_backward(dy, x, mean, invstd, weight, axis=axis, out=out)
+    x = check_input(x, "x")
+    layout = batch_norm_layout(x, axis, "x")
+    dy = check_like("dy", dy, x, "x")
+    mean = check_saved_stat("mean", mean, layout, x.dtype)
+    invstd = check_saved_stat("invstd", invstd, layout, x.dtype)
+    weight = check_channel_vector("weight", weight, layout.channels, x.dtype)
+    if out is not None:
+        out = check_out(out, "out", x.shape, x.dtype, inputs=(dy, x, mean, invstd, weight),
+                        allow_identical=(dy, x))
+    dweight = np.empty(layout.channels, x.dtype)
+    dbias = np.empty(layout.channels, x.dtype)
+    if x.size == 0:
+        dweight.fill(0)
+        dbias.fill(0)
+        return (np.empty(x.shape, x.dtype) if out is None else out), dweight, dbias
+    dx = _bn.backward(dy, x, out, layout.outer, layout.channels, layout.inner, mean, invstd,
+                      weight, dweight, dbias, False)
+    return dx, dweight, dbias
+
+
+def batch_norm_backward_eval(dy: np.ndarray, x: np.ndarray, running_mean: np.ndarray,
+                             running_var: np.ndarray, weight: Optional[np.ndarray] = None,
+                             eps: float = 1e-5, *, axis: int = 1,
+                             out: Optional[np.ndarray] = None
+                             ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of an eval-mode batch norm (running statistics, constants).
+
+    With ``invstd = 1 / sqrt(running_var + eps)``::
+
+        dx      = dy * weight * invstd
+        dweight = sum(dy * (x - running_mean) * invstd)
+        dbias   = sum(dy)
+
+    Parameters
+    ----------
+    dy : ndarray
+        IN.  Gradient of the output; same shape and dtype as x.
+    x : ndarray, float32 or float64
+        IN.  The forward's input.
+    running_mean, running_var : ndarray (C,)
+        IN.  The statistics the forward used.
+    weight : ndarray (C,) or None
+        IN.  The forward's weight (None means 1).
+    eps : float
+        >= 0, as in the forward.
+    axis : int, keyword-only
+        Channel axis: 1 or -1.
+    out : ndarray or None, keyword-only
+        OUT for dx.  C-contiguous, same shape and dtype as x; may be dy itself.
+
+    Returns
+    -------
+    dx : ndarray
+        Gradient of the input (`out` when given).
+    dweight, dbias : ndarray (C,)
+        Gradients of weight and bias (computed even when weight is None).
+    """
+    if _backend.is_reference():
+        return _reference().batch_norm_backward_eval(dy, x, running_mean, running_var, weight,
+                                                     eps, axis=axis, out=out)
+    x = check_input(x, "x")
+    layout = batch_norm_layout(x, axis, "x")
+    dy = check_like("dy", dy, x, "x")
+    eps = check_eps(eps, batch_stats=False)
+    running_mean = check_saved_stat("running_mean", running_mean, layout, x.dtype)
+    running_var = check_saved_stat("running_var", running_var, layout, x.dtype)
+    weight = check_channel_vector("weight", weight, layout.channels, x.dtype)
+    if out is not None:
+        out = check_out(out, "out", x.shape, x.dtype,
+                        inputs=(dy, x, running_mean, running_var, weight), allow_identical=(dy,))
+    dweight = np.empty(layout.channels, x.dtype)
+    dbias = np.empty(layout.channels, x.dtype)
+    if x.size == 0:
+        dweight.fill(0)
+        dbias.fill(0)
+        return (np.empty(x.shape, x.dtype) if out is None else out), dweight, dbias
+    dx = _bn.backward_eval(dy, x, out, layout.outer, layout.channels, layout.inner, running_mean,
+                           running_var, weight, eps, dweight, dbias, False)
+    return dx, dweight, dbias

@@ -1,7 +1,15 @@
 """Cython bridge to the batch-norm kernels (src_c/bn).
 
-Callers (fastbn.functional) have already validated everything: dtypes match,
-arrays are C-contiguous, per-channel vectors have `channels` elements.  This
+Callers (fastbn.functional, fastbn.nn) have already validated everything:
+dtypes match, shapes are (outer, channels, inner)-compatible, per-channel
+vectors have `channels` elements, outputs are C-contiguous and do not overlap
+inputs except where a kernel allows it (in place).
+
+Inputs may have any strides: one that is not C-contiguous and aligned is
+copied once here; a running statistic (IN-OUT) that needs a copy is copied
+back after the kernel, so the caller's array is always updated in place.
+Outputs passed as None are allocated here, which costs less than np.empty
+from Python on the per-call path.  This
 layer only picks the kernel table for the active SIMD target and the dtype,
 releases the GIL around the call and turns a status code into an exception.
 """
@@ -22,7 +30,56 @@ cdef extern from "bn/bn_kernels.h":
                                 int64_t inner, const double *running_mean,
                                 const double *running_var, const double *weight,
                                 const double *bias, double eps, int num_threads) noexcept nogil
+        int (*train_forward_f32)(const float *x, float *y, int64_t outer, int64_t channels,
+                                 int64_t inner, const float *weight, const float *bias,
+                                 double eps, float *saved_mean, float *saved_invstd,
+                                 float *running_mean, float *running_var, double momentum,
+                                 int num_threads) noexcept nogil
+        int (*train_forward_f64)(const double *x, double *y, int64_t outer, int64_t channels,
+                                 int64_t inner, const double *weight, const double *bias,
+                                 double eps, double *saved_mean, double *saved_invstd,
+                                 double *running_mean, double *running_var, double momentum,
+                                 int num_threads) noexcept nogil
+        int (*backward_f32)(const float *dy, const float *x, float *dx, int64_t outer,
+                            int64_t channels, int64_t inner, const float *mean,
+                            const float *invstd, const float *weight, float *dweight,
+                            float *dbias, int accumulate, int num_threads) noexcept nogil
+        int (*backward_f64)(const double *dy, const double *x, double *dx, int64_t outer,
+                            int64_t channels, int64_t inner, const double *mean,
+                            const double *invstd, const double *weight, double *dweight,
+                            double *dbias, int accumulate, int num_threads) noexcept nogil
+        int (*backward_eval_f32)(const float *dy, const float *x, float *dx, int64_t outer,
+                                 int64_t channels, int64_t inner, const float *running_mean,
+                                 const float *running_var, const float *weight, double eps,
+                                 float *dweight, float *dbias, int accumulate,
+                                 int num_threads) noexcept nogil
+        int (*backward_eval_f64)(const double *dy, const double *x, double *dx, int64_t outer,
+                                 int64_t channels, int64_t inner, const double *running_mean,
+                                 const double *running_var, const double *weight, double eps,
+                                 double *dweight, double *dbias, int accumulate,
+                                 int num_threads) noexcept nogil
     const fastbn_bn_kernels *fastbn_bn_kernels_for(int target) nogil
+
+
+cdef inline object kernel_input(object array):
+    """`array` itself when the kernels can read it, else a C-contiguous copy."""
+    if array is None or cnp.PyArray_ISCARRAY_RO(<cnp.ndarray>array):
+        return array
+    return cnp.PyArray_NewCopy(<cnp.ndarray>array, cnp.NPY_CORDER)
+
+
+cdef inline int copy_back(object target, object kernel_array) except -1:
+    """After the kernel: update `target` in place if the kernel wrote a copy."""
+    if kernel_array is not target:
+        cnp.PyArray_CopyInto(<cnp.ndarray>target, <cnp.ndarray>kernel_array)
+    return 0
+
+
+def as_kernel_array(cnp.ndarray array):
+    """`array` itself if C-contiguous and aligned, else a C-contiguous copy.
+    Lets a caller keep the array the kernel read (e.g. a layer saving its
+    input for the backward) without a second copy."""
+    return kernel_input(array)
 
 
 cdef inline void *data_or_null(object array):
@@ -40,19 +97,37 @@ cdef int raise_for_status(int status, str kernel) except -1:
                        "this is a bug in fastbn's validation, please report it")
 
 
-def eval_forward(cnp.ndarray x, cnp.ndarray y, int64_t outer, int64_t channels, int64_t inner,
-                 cnp.ndarray running_mean, cnp.ndarray running_var, object weight, object bias,
+cdef inline cnp.ndarray empty_like_array(cnp.ndarray array):
+    return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(array), cnp.PyArray_DIMS(array),
+                             cnp.PyArray_TYPE(array), 0)
+
+
+cdef inline cnp.ndarray empty_vector(int64_t length, int typenum):
+    cdef cnp.npy_intp dims[1]
+    dims[0] = <cnp.npy_intp>length
+    return cnp.PyArray_EMPTY(1, dims, typenum, 0)
+
+
+def eval_forward(object x, object y, int64_t outer, int64_t channels, int64_t inner,
+                 object running_mean, object running_var, object weight, object bias,
                  double eps):
     """y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
 
-    x IN (outer, channels, inner) C-contiguous; y OUT, same shape (may be x);
-    running_mean, running_var IN (channels,); weight, bias IN (channels,) or None.
+    x IN (outer, channels, inner) any strides; y OUT, same shape (may be x),
+    or None to allocate it; running_mean, running_var IN (channels,); weight,
+    bias IN (channels,) or None.  Returns y.
     """
     cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
     cdef int nt = effective_num_threads()
     cdef int status
+    x = kernel_input(x)
+    running_mean = kernel_input(running_mean)
+    running_var = kernel_input(running_var)
+    weight = kernel_input(weight)
+    bias = kernel_input(bias)
+    cdef cnp.ndarray out = empty_like_array(x) if y is None else <cnp.ndarray>y
     cdef void *xp = cnp.PyArray_DATA(x)
-    cdef void *yp = cnp.PyArray_DATA(y)
+    cdef void *yp = cnp.PyArray_DATA(out)
     cdef void *mp = cnp.PyArray_DATA(running_mean)
     cdef void *vp = cnp.PyArray_DATA(running_var)
     cdef void *wp = data_or_null(weight)
@@ -68,4 +143,144 @@ def eval_forward(cnp.ndarray x, cnp.ndarray y, int64_t outer, int64_t channels, 
                                             <const double *>mp, <const double *>vp,
                                             <const double *>wp, <const double *>bp, eps, nt)
     raise_for_status(status, "batch_norm eval forward")
-    return y
+    return out
+
+
+def train_forward(object x, object y, int64_t outer, int64_t channels, int64_t inner,
+                  object weight, object bias, double eps, object running_mean,
+                  object running_var, double momentum):
+    """Batch statistics, optional running-stat update, normalization.
+
+    x IN (outer, channels, inner) any strides, at least 2 values per channel;
+    y OUT same shape (may be x), or None to allocate it; weight, bias IN
+    (channels,) or None; running_mean, running_var IN-OUT (channels,) or both
+    None.  Returns (y, saved_mean, saved_invstd), the last two new (channels,)
+    arrays.
+    """
+    cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
+    cdef int nt = effective_num_threads()
+    cdef int status
+    x = kernel_input(x)
+    weight = kernel_input(weight)
+    bias = kernel_input(bias)
+    cdef object rm = kernel_input(running_mean)
+    cdef object rv = kernel_input(running_var)
+    cdef int typenum = cnp.PyArray_TYPE(x)
+    cdef cnp.ndarray out = empty_like_array(x) if y is None else <cnp.ndarray>y
+    cdef cnp.ndarray saved_mean = empty_vector(channels, typenum)
+    cdef cnp.ndarray saved_invstd = empty_vector(channels, typenum)
+    cdef void *xp = cnp.PyArray_DATA(x)
+    cdef void *yp = cnp.PyArray_DATA(out)
+    cdef void *wp = data_or_null(weight)
+    cdef void *bp = data_or_null(bias)
+    cdef void *smp = cnp.PyArray_DATA(saved_mean)
+    cdef void *sip = cnp.PyArray_DATA(saved_invstd)
+    cdef void *rmp = data_or_null(rm)
+    cdef void *rvp = data_or_null(rv)
+    if typenum == cnp.NPY_FLOAT32:
+        with nogil:
+            status = table.train_forward_f32(<const float *>xp, <float *>yp, outer, channels, inner,
+                                             <const float *>wp, <const float *>bp, eps,
+                                             <float *>smp, <float *>sip, <float *>rmp,
+                                             <float *>rvp, momentum, nt)
+    else:
+        with nogil:
+            status = table.train_forward_f64(<const double *>xp, <double *>yp, outer, channels,
+                                             inner, <const double *>wp, <const double *>bp, eps,
+                                             <double *>smp, <double *>sip, <double *>rmp,
+                                             <double *>rvp, momentum, nt)
+    raise_for_status(status, "batch_norm training forward")
+    if rm is not None:
+        copy_back(running_mean, rm)
+        copy_back(running_var, rv)
+    return out, saved_mean, saved_invstd
+
+
+def backward(object dy, object x, object dx, int64_t outer, int64_t channels,
+             int64_t inner, object mean, object invstd, object weight,
+             object dweight, object dbias, bint accumulate):
+    """Training-mode backward from the forward's saved mean and invstd.
+
+    dy, x IN (outer, channels, inner) any strides; dx OUT same shape (may be
+    dy or x), or None to allocate it; mean, invstd, weight IN (channels,)
+    (weight may be None); dweight, dbias OUT (channels,) or None (not
+    wanted), added to when `accumulate`.  Returns dx.
+    """
+    cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
+    cdef int nt = effective_num_threads()
+    cdef int status
+    cdef int acc = accumulate
+    dy = kernel_input(dy)
+    x = kernel_input(x)
+    mean = kernel_input(mean)
+    invstd = kernel_input(invstd)
+    weight = kernel_input(weight)
+    cdef cnp.ndarray out = empty_like_array(dy) if dx is None else <cnp.ndarray>dx
+    cdef void *dyp = cnp.PyArray_DATA(dy)
+    cdef void *xp = cnp.PyArray_DATA(x)
+    cdef void *dxp = cnp.PyArray_DATA(out)
+    cdef void *mp = cnp.PyArray_DATA(mean)
+    cdef void *ip = cnp.PyArray_DATA(invstd)
+    cdef void *wp = data_or_null(weight)
+    cdef void *dwp = data_or_null(dweight)
+    cdef void *dbp = data_or_null(dbias)
+    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
+        with nogil:
+            status = table.backward_f32(<const float *>dyp, <const float *>xp, <float *>dxp,
+                                        outer, channels, inner, <const float *>mp,
+                                        <const float *>ip, <const float *>wp, <float *>dwp,
+                                        <float *>dbp, acc, nt)
+    else:
+        with nogil:
+            status = table.backward_f64(<const double *>dyp, <const double *>xp, <double *>dxp,
+                                        outer, channels, inner, <const double *>mp,
+                                        <const double *>ip, <const double *>wp, <double *>dwp,
+                                        <double *>dbp, acc, nt)
+    raise_for_status(status, "batch_norm backward")
+    return out
+
+
+def backward_eval(object dy, object x, object dx, int64_t outer, int64_t channels,
+                  int64_t inner, object running_mean, object running_var,
+                  object weight, double eps, object dweight, object dbias, bint accumulate):
+    """Eval-mode backward (running statistics were used in the forward).
+
+    dy IN (outer, channels, inner) any strides; x IN same shape, or None when
+    dweight and dbias are both None; dx OUT same shape (may be dy), or None
+    to allocate it; running_mean, running_var, weight IN (channels,) (weight
+    may be None); dweight, dbias OUT (channels,) or None (not wanted), added
+    to when `accumulate`.  Returns dx.
+    """
+    cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
+    cdef int nt = effective_num_threads()
+    cdef int status
+    cdef int acc = accumulate
+    dy = kernel_input(dy)
+    x = kernel_input(x) if (dweight is not None or dbias is not None) else None
+    running_mean = kernel_input(running_mean)
+    running_var = kernel_input(running_var)
+    weight = kernel_input(weight)
+    cdef cnp.ndarray out = empty_like_array(dy) if dx is None else <cnp.ndarray>dx
+    cdef void *dyp = cnp.PyArray_DATA(dy)
+    cdef void *xp = data_or_null(x)
+    cdef void *dxp = cnp.PyArray_DATA(out)
+    cdef void *mp = cnp.PyArray_DATA(running_mean)
+    cdef void *vp = cnp.PyArray_DATA(running_var)
+    cdef void *wp = data_or_null(weight)
+    cdef void *dwp = data_or_null(dweight)
+    cdef void *dbp = data_or_null(dbias)
+    if cnp.PyArray_TYPE(dy) == cnp.NPY_FLOAT32:
+        with nogil:
+            status = table.backward_eval_f32(<const float *>dyp, <const float *>xp, <float *>dxp,
+                                             outer, channels, inner, <const float *>mp,
+                                             <const float *>vp, <const float *>wp, eps,
+                                             <float *>dwp, <float *>dbp, acc, nt)
+    else:
+        with nogil:
+            status = table.backward_eval_f64(<const double *>dyp, <const double *>xp,
+                                             <double *>dxp, outer, channels, inner,
+                                             <const double *>mp, <const double *>vp,
+                                             <const double *>wp, eps, <double *>dwp,
+                                             <double *>dbp, acc, nt)
+    raise_for_status(status, "batch_norm eval backward")
+    return out

@@ -5,11 +5,13 @@
 
 #include "../common/fb_parallel.h"
 #include "bn_kernels.h"
+#include "bn_plan.h"
 
 /* section: float32 ---------------------------------------------------------- */
 #define FB_REAL float
 #define FB_DTYPE f32
 #include "bn_affine_impl.h"
+#include "bn_train_impl.h"
 #undef FB_REAL
 #undef FB_DTYPE
 
@@ -17,6 +19,7 @@
 #define FB_REAL double
 #define FB_DTYPE f64
 #include "bn_affine_impl.h"
+#include "bn_train_impl.h"
 #undef FB_REAL
 #undef FB_DTYPE
 
@@ -24,4 +27,10 @@
 const fastbn_bn_kernels FB_TARGETED(fastbn_bn_kernels) = {
     .eval_forward_f32 = bn_eval_forward_f32,
     .eval_forward_f64 = bn_eval_forward_f64,
+    .train_forward_f32 = bn_train_forward_f32,
+    .train_forward_f64 = bn_train_forward_f64,
+    .backward_f32 = bn_backward_f32,
+    .backward_f64 = bn_backward_f64,
+    .backward_eval_f32 = bn_backward_eval_f32,
+    .backward_eval_f64 = bn_backward_eval_f64,
 };

@@ -19,9 +19,47 @@
     const real *running_mean, const real *running_var, const real *weight,         \
     const real *bias, double eps, int num_threads
 
+/* Training forward: per-channel batch mean and biased variance over the
+ * outer * inner values of each channel (at least 2), then
+ * y = (x - mean) * invstd * weight + bias with invstd = 1/sqrt(var + eps).
+ * OUT saved_mean, saved_invstd (channels,).  IN-OUT running_mean/running_var
+ * (both or neither): r = (1 - momentum) * r + momentum * stat, with the
+ * UNBIASED variance for running_var.  y may equal x (in place). */
+#define FASTBN_BN_TRAIN_FORWARD_ARGS(real)                                         \
+    const real *x, real *y, fb_index outer, fb_index channels, fb_index inner,     \
+    const real *weight, const real *bias, double eps, real *saved_mean,            \
+    real *saved_invstd, real *running_mean, real *running_var, double momentum,    \
+    int num_threads
+
+/* Training backward with the forward's saved mean and invstd:
+ * dbias = sum(dy), dweight = sum(dy * xhat), xhat = (x - mean) * invstd,
+ * dx = weight * invstd / n * (n * dy - dbias - xhat * dweight).
+ * dweight/dbias may be NULL (not wanted); with accumulate != 0 they are
+ * added to, not overwritten.  dx may equal dy or x. */
+#define FASTBN_BN_BACKWARD_ARGS(real)                                              \
+    const real *dy, const real *x, real *dx, fb_index outer, fb_index channels,    \
+    fb_index inner, const real *mean, const real *invstd, const real *weight,      \
+    real *dweight, real *dbias, int accumulate, int num_threads
+
+/* Eval-mode backward (running statistics were used in the forward):
+ * invstd = 1/sqrt(running_var + eps), dx = dy * weight * invstd,
+ * dweight = sum(dy * (x - running_mean) * invstd), dbias = sum(dy).
+ * With dweight and dbias both NULL, x is not read (may be NULL). */
+#define FASTBN_BN_BACKWARD_EVAL_ARGS(real)                                         \
+    const real *dy, const real *x, real *dx, fb_index outer, fb_index channels,    \
+    fb_index inner, const real *running_mean, const real *running_var,             \
+    const real *weight, double eps, real *dweight, real *dbias, int accumulate,    \
+    int num_threads
+
 typedef struct fastbn_bn_kernels {
     int (*eval_forward_f32)(FASTBN_BN_EVAL_FORWARD_ARGS(float));
     int (*eval_forward_f64)(FASTBN_BN_EVAL_FORWARD_ARGS(double));
+    int (*train_forward_f32)(FASTBN_BN_TRAIN_FORWARD_ARGS(float));
+    int (*train_forward_f64)(FASTBN_BN_TRAIN_FORWARD_ARGS(double));
+    int (*backward_f32)(FASTBN_BN_BACKWARD_ARGS(float));
+    int (*backward_f64)(FASTBN_BN_BACKWARD_ARGS(double));
+    int (*backward_eval_f32)(FASTBN_BN_BACKWARD_EVAL_ARGS(float));
+    int (*backward_eval_f64)(FASTBN_BN_BACKWARD_EVAL_ARGS(double));
 } fastbn_bn_kernels;
 
 extern const fastbn_bn_kernels fastbn_bn_kernels_baseline;

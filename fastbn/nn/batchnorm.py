@@ -1,0 +1,309 @@
+"""BatchNorm1d / BatchNorm2d / BatchNorm3d with torch.nn's names, defaults,
+state_dict keys and semantics, plus a NumPy-style backward.
+
+    bn = fastbn.nn.BatchNorm2d(64)             # channels-first (N, C, H, W)
+    bn = fastbn.nn.BatchNorm2d(64, axis=-1)    # channels-last  (N, H, W, C)
+    y = bn(x)                # training: batch statistics, running stats updated
+    dx = bn.backward(dy)     # accumulates into bn.weight.grad / bn.bias.grad
+    bn.eval(); y = bn(x)     # running statistics
+
+Conventions of other frameworks: Keras/Flax ``momentum`` is the weight of the
+OLD value (their 0.99 is torch's and fastbn's 0.01), Keras' default eps is
+1e-3, and Keras/Flax keep a BIASED running variance; fastbn follows torch
+(unbiased running variance, momentum = weight of the new batch statistic).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+from .._bn_validation import (batch_norm_layout, check_batch_size, check_input, check_like,
+                              check_momentum, check_updatable)
+from .._validation import (FLOAT_DTYPES, check_channel_vector, check_int, check_positive,
+                           describe)
+from ..parameter import Parameter
+from . import _bn
+from .module import Module
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+_TRAIN, _EVAL = 0, 1   # which statistics the saved forward used
+
+
+class _BatchNorm(Module):
+    """Shared implementation; the subclasses only fix the accepted ranks."""
+
+    _input_ranks: Tuple[int, ...] = ()
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, *, axis: int = 1,
+                 dtype=np.float32) -> None:
+        super().__init__()
+        num_features = check_int(num_features, "num_features", minimum=1)
+        eps = check_positive(eps, "eps")
+        momentum = check_momentum(momentum)
+        for flag_name, flag in (("affine", affine), ("track_running_stats", track_running_stats)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{flag_name}: expected a bool, got {describe(flag)}")
+        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or axis not in (1, -1):
+            raise ValueError(f"axis: expected 1 (channels-first) or -1 (channels-last), got {axis!r}")
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype: expected float32 or float64, got {describe(dtype)}") from None
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.axis = int(axis)
+        self.dtype = dtype
+        if self.affine:
+            self.weight = Parameter(np.ones(num_features, dtype))
+            self.bias = Parameter(np.zeros(num_features, dtype))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if self.track_running_stats:
+            self.register_buffer("running_mean", np.zeros(num_features, dtype))
+            self.register_buffer("running_var", np.ones(num_features, dtype))
+            self.register_buffer("num_batches_tracked", np.array(0, dtype=np.int64))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        object.__setattr__(self, "_saved", None)
+
+    # ---- state ------------------------------------------------------------
+
+    def reset_running_stats(self) -> None:
+        """running_mean = 0, running_var = 1, num_batches_tracked = 0 (in place)."""
+        if self.track_running_stats:
+            self.running_mean.fill(0)
+            self.running_var.fill(1)
+            self.num_batches_tracked.fill(0)
+
+    def reset_parameters(self) -> None:
+        """Running statistics reset; weight = 1, bias = 0 (in place)."""
+        self.reset_running_stats()
+        if self.affine:
+            self.weight.data.fill(1)
+            self.bias.data.fill(0)
+
+    def _optional_state_keys(self) -> Tuple[str, ...]:
+        # torch loads checkpoints without it, keeping the current count
+        return ("num_batches_tracked",) if self.track_running_stats else ()
+
+    # ---- forward ------------------------------------------------------------
+
+    def _rank_error(self, ndim: int) -> str:
+        ranks = " or ".join(f"{rank}D" for rank in self._input_ranks)
+        return f"expected {ranks} input (got {ndim}D input)"
+
+    def _check_input(self, x):
+        x = check_input(x)
+        if x.ndim not in self._input_ranks:
+            raise ValueError(self._rank_error(x.ndim))
+        layout = batch_norm_layout(x, self.axis)
+        if layout.channels != self.num_features:
+            raise ValueError(
+                f"input: expected {self.num_features} channels (num_features) on axis "
+                f"{self.axis}, got {layout.channels} (input shape {tuple(x.shape)})")
+        if x.dtype is not self.dtype and x.dtype != self.dtype and self._has_state():
+            raise TypeError(f"input: expected dtype {self.dtype} (the dtype of this "
+                            f"{type(self).__name__}'s parameters and buffers), got {x.dtype}")
+        return x, layout
+
+    def _has_state(self) -> bool:
+        return self.affine or self.track_running_stats
+
+    def _vector(self, name: str, array, dtype):
+        return check_channel_vector(name, array, self.num_features, dtype)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Normalize `x` (float32/float64, channel axis `axis`).
+
+        Training mode: batch statistics; with track_running_stats the running
+        statistics are updated in place and num_batches_tracked += 1
+        (momentum None: cumulative average).  Eval mode: running statistics,
+        or batch statistics when track_running_stats is False.
+        Saves what `backward` needs.
+        """
+        x, layout = self._check_input(x)
+        dtype = x.dtype
+        weight = bias = None
+        if self.affine:
+            weight = self._vector("weight", self.weight.data, dtype)
+            bias = self._vector("bias", self.bias.data, dtype)
+        running_mean = self.running_mean
+        if self.training or running_mean is None:
+            check_batch_size(x, layout)
+            running_var = None
+            factor = 0.0
+            update = self.training and running_mean is not None
+            if update:
+                running_mean = self._vector("running_mean", running_mean, dtype)
+                running_var = self._vector("running_var", self.running_var, dtype)
+                check_updatable("running_mean", running_mean)
+                check_updatable("running_var", running_var)
+                count = int(self.num_batches_tracked) + 1
+                factor = 1.0 / count if self.momentum is None else self.momentum
+            else:
+                running_mean = None
+            x = _bn.as_kernel_array(x)
+            y, mean, invstd = _bn.train_forward(x, None, layout.outer, layout.channels,
+                                                layout.inner, weight, bias, self.eps,
+                                                running_mean, running_var, factor)
+            if update:
+                self.num_batches_tracked.fill(count)
+            object.__setattr__(self, "_saved", (_TRAIN, x, layout, mean, invstd))
+            return y
+        running_mean = self._vector("running_mean", running_mean, dtype)
+        running_var = self._vector("running_var", self.running_var, dtype)
+        if x.size == 0:
+            y = np.empty(x.shape, dtype)
+        else:
+            x = _bn.as_kernel_array(x)
+            y = _bn.eval_forward(x, None, layout.outer, layout.channels, layout.inner,
+                                 running_mean, running_var, weight, bias, self.eps)
+        object.__setattr__(self, "_saved", (_EVAL, x, layout, running_mean, running_var))
+        return y
+
+    # ---- backward -----------------------------------------------------------
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        """Gradient of the input of the last forward.
+
+        Adds dL/dweight and dL/dbias to ``weight.grad`` and ``bias.grad``
+        (allocating them when None), so gradients of several backward calls
+        accumulate as in torch; clear them with ``zero_grad()``.
+
+        Parameters
+        ----------
+        dy : ndarray
+            IN.  Gradient of the output; same shape and dtype as the forward's
+            input.
+
+        Returns
+        -------
+        ndarray
+            dL/dx (a new array).
+        """
+        saved = self._saved
+        if saved is None:
+            raise RuntimeError(f"{type(self).__name__}.backward: no forward pass to "
+                               "differentiate; call the module on an input first")
+        mode, x, layout, stat_a, stat_b = saved
+        dy = check_like("dy", dy, x, "the forward's input")
+        weight = None
+        if self.affine:
+            weight = self._vector("weight", self.weight.data, x.dtype)
+        dweight, dbias, accumulate, finish = self._grad_targets(x.dtype)
+        if x.size == 0:
+            dx = np.empty(x.shape, x.dtype)
+            if dweight is not None and not accumulate:
+                dweight.fill(0)
+                dbias.fill(0)
+        elif mode == _TRAIN:
+            dx = _bn.backward(dy, x, None, layout.outer, layout.channels, layout.inner,
+                              stat_a, stat_b, weight, dweight, dbias, accumulate)
+        else:
+            dx = _bn.backward_eval(dy, x, None, layout.outer, layout.channels, layout.inner,
+                                   stat_a, stat_b, weight, self.eps, dweight, dbias, accumulate)
+        if finish is not None:
+            finish(dweight, dbias)
+        return dx
+
+    def _grad_targets(self, dtype):
+        """(dweight, dbias, accumulate, finish): where the kernel writes the
+        parameter gradients.  Usually straight into existing grads (accumulate)
+        or into new arrays that become the grads; `finish` handles the rest."""
+        if not self.affine:
+            return None, None, False, None
+        weight, bias = self.weight, self.bias
+        weight_grad, bias_grad = weight.grad, bias.grad
+        if weight_grad is None and bias_grad is None:
+            dweight = np.empty(self.num_features, dtype)
+            dbias = np.empty(self.num_features, dtype)
+
+            def adopt(dweight, dbias):
+                weight.grad = dweight
+                bias.grad = dbias
+            return dweight, dbias, False, adopt
+        if self._accumulable(weight_grad, dtype) and self._accumulable(bias_grad, dtype):
+            return weight_grad, bias_grad, True, None
+        for name, grad in (("weight.grad", weight_grad), ("bias.grad", bias_grad)):
+            if grad is not None:
+                self._vector(name, grad, dtype)
+                if not grad.flags.writeable:
+                    raise ValueError(f"{name}: expected a writeable array, got a read-only one")
+
+        def combine(dweight, dbias):
+            for param, fresh in ((weight, dweight), (bias, dbias)):
+                if param.grad is None:
+                    param.grad = fresh
+                else:
+                    param.grad += fresh
+        return (np.empty(self.num_features, dtype), np.empty(self.num_features, dtype),
+                False, combine)
+
+    def _accumulable(self, grad, dtype) -> bool:
+        return (type(grad) is np.ndarray and grad.dtype is dtype and grad.ndim == 1
+                and grad.shape[0] == self.num_features and grad.flags.c_contiguous
+                and grad.flags.writeable and grad.flags.aligned)
+
+    # ---- printing ---------------------------------------------------------------
+
+    def extra_repr(self) -> str:
+        text = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+        if self.axis != 1:
+            text += f", axis={self.axis}"
+        if self.dtype != np.float32:
+            text += f", dtype={self.dtype}"
+        return text
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch norm over (N, C) or (N, C, L) input (channels-last: (N, C) or
+    (N, L, C) with ``axis=-1``).
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels.
+    eps : float
+        Added to the variance (> 0).
+    momentum : float or None
+        Running-average factor (weight of the NEW batch statistic); None
+        means a cumulative average (1 / num_batches_tracked).
+    affine : bool
+        Learnable weight (init 1) and bias (init 0) as `fastbn.Parameter`.
+    track_running_stats : bool
+        Keep running_mean (init 0), running_var (init 1, unbiased) and
+        num_batches_tracked (int64 0-d array); if False, batch statistics are
+        used in eval too.
+    axis : int, keyword-only
+        Channel axis: 1 (channels-first, torch's layout) or -1 (channels-last).
+    dtype : float32 or float64, keyword-only
+        dtype of parameters and buffers; inputs must match.
+    """
+
+    _input_ranks = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch norm over (N, C, H, W) input ((N, H, W, C) with ``axis=-1``).
+    Parameters as `BatchNorm1d`."""
+
+    _input_ranks = (4,)
+
+
+class BatchNorm3d(_BatchNorm):
+    """Batch norm over (N, C, D, H, W) input ((N, D, H, W, C) with ``axis=-1``).
+    Parameters as `BatchNorm1d`."""
+
+    _input_ranks = (5,)

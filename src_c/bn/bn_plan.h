@@ -1,0 +1,238 @@
+/* bn_plan.h -- how a batch-norm pass over an (outer, channels, inner) array is
+ * cut into work items, shared by the training forward and both backwards.
+ *
+ * Determinism: every per-channel sum is a sum of per-CHUNK partials added in
+ * chunk order, and the chunk boundaries depend only on the shape, never on
+ * the thread count.  Threads only decide WHO computes a chunk, so results are
+ * bit-identical for 1, 2 or 64 threads.
+ *
+ * Two geometries:
+ *
+ *   planar (inner > 1, e.g. NCHW): channel c is `outer` contiguous rows of
+ *     `inner` values.  Its n = outer * inner values, read as one sequence, are
+ *     cut into chunks of `chunk` values (a chunk may span rows); one work item
+ *     is (channel, chunk), numbered c * chunks + k.  Channels are processed in
+ *     cache blocks: all chunks of a block are reduced, the block's channels are
+ *     finalized, then the block is rewritten while it is still in L2/L3, so
+ *     the data comes from DRAM about once.  Each thread rewrites exactly the
+ *     chunks it reduced, so the second read hits its own L2.
+ *
+ *   interleaved (inner == 1, e.g. NHWC or (N, C)): row r holds one value of
+ *     every channel.  A work item is (row chunk k, channel group j), numbered
+ *     k * groups + j; it owns partial sums for the group's channels.  Every
+ *     channel needs every row, so there is one block (the whole array); the
+ *     rewrite walks the items in reverse so the rows read last, still cached,
+ *     are rewritten first.
+ *
+ * Partial sums live in two arrays of channels * chunks doubles, indexed
+ * c * chunks + k (planar) or k * channels + c (interleaved).
+ */
+#ifndef FASTBN_BN_PLAN_H
+#define FASTBN_BN_PLAN_H
+
+#include <string.h>
+
+#include "../common/fb_parallel.h"
+
+/* Independent accumulators per reduction: enough to hide the FP-add latency
+ * (4 cycles x 2 pipes x 4 doubles per AVX2 vector = 32 lanes would saturate;
+ * 16 per sum, two sums, keeps 8 vectors in flight without spilling). */
+#define FB_BN_LANES 16
+
+/* The lanes as GCC/Clang vector-extension types: exact control over which
+ * value goes to which accumulator (the auto-vectorizer spills 16 scalar
+ * lanes).  Other compilers get the same arithmetic as plain C arrays. */
+#if defined(__GNUC__) || defined(__clang__)
+#define FB_BN_HAVE_VECTORS 1
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+#define FB_BN_INLINE static inline __attribute__((always_inline))
+#if defined(__AVX512F__)
+#define FB_BN_VEC 8
+#elif defined(__AVX__)
+#define FB_BN_VEC 4
+#else
+#define FB_BN_VEC 2 /* SSE2: the baseline's native width */
+#endif
+#define FB_BN_VECS (FB_BN_LANES / FB_BN_VEC)
+typedef double fb_vec_d __attribute__((vector_size(FB_BN_VEC * sizeof(double))));
+typedef float fb_vec_f __attribute__((vector_size(FB_BN_VEC * sizeof(float))));
+/* `rest` takes the values of each run's tail (len % FB_BN_LANES). */
+typedef struct { fb_vec_d v[FB_BN_VECS]; double rest; } fb_bn_lanes;
+
+FB_BN_INLINE fb_vec_d fb_vec_broadcast(double value)
+{
+    fb_vec_d v;
+    for (int l = 0; l < FB_BN_VEC; ++l)
+        v[l] = value;
+    return v;
+}
+/* Unaligned loads of FB_BN_VEC values, widened to double.  The widening
+ * uses the conversion instruction directly: GCC 12 lowers
+ * __builtin_convertvector(float -> double) through the stack. */
+FB_BN_INLINE fb_vec_d bn_load_doubles_f32(const float *p)
+{
+#if defined(__AVX512F__)
+    return (fb_vec_d)_mm512_cvtps_pd(_mm256_loadu_ps(p));
+#elif defined(__AVX__)
+    return (fb_vec_d)_mm256_cvtps_pd(_mm_loadu_ps(p));
+#elif defined(__SSE2__)
+    return (fb_vec_d)_mm_cvtps_pd(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)p)));
+#else
+    fb_vec_f v;
+    memcpy(&v, p, sizeof v);
+    return __builtin_convertvector(v, fb_vec_d);
+#endif
+}
+FB_BN_INLINE fb_vec_d bn_load_doubles_f64(const double *p)
+{
+    fb_vec_d v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+#else
+#define FB_BN_HAVE_VECTORS 0
+#define FB_BN_INLINE static inline
+typedef struct { double v[FB_BN_LANES]; double rest; } fb_bn_lanes;
+#endif
+
+FB_BN_INLINE void fb_bn_lanes_zero(fb_bn_lanes *a)
+{
+    memset(a, 0, sizeof *a);
+}
+
+/* Sum of the lanes in lane order, then the tails. */
+FB_BN_INLINE double fb_bn_lanes_total(const fb_bn_lanes *a)
+{
+    double lanes[FB_BN_LANES], total = 0.0;
+    memcpy(lanes, a->v, sizeof lanes);
+    for (int l = 0; l < FB_BN_LANES; ++l)
+        total += lanes[l];
+    return total + a->rest;
+}
+
+/* Planar chunk: 4096 values (16 KiB of float32) amortize the per-chunk
+ * bookkeeping, and a 56x56 channel of a 64-image batch still splits into ~50
+ * chunks, so two threads share even a single channel evenly. */
+#define FB_BN_CHUNK_VALUES ((fb_index)4096)
+/* Caps the partial-sum workspace at 2 x 1024 doubles per channel. */
+#define FB_BN_MAX_CHUNKS_PER_CHANNEL ((fb_index)1024)
+/* Interleaved: at most 32 row chunks, so the workspace stays 512 bytes per
+ * channel while still giving 16+ items per thread on a 2-core machine. */
+#define FB_BN_MAX_ROW_CHUNKS ((fb_index)32)
+/* Interleaved: channels per work item; 512 doubles x 2 sums = 8 KiB of
+ * partials, which stay in L1 while the rows stream past. */
+#define FB_BN_MAX_GROUP_WIDTH ((fb_index)512)
+/* Planar cache block: bytes of streamed input per thread (x, or dy and x)
+ * reduced before being rewritten.  Below the 512 KiB L2 of a Zen3 core, so
+ * the rewrite reads from L2 (lines that spill still sit in the L3). */
+#define FB_BN_BLOCK_BYTES_PER_THREAD ((fb_index)384 * 1024)
+
+typedef struct fb_bn_plan {
+    fb_index outer, channels, inner;
+    fb_index n;              /* values per channel */
+    int interleaved;         /* inner == 1 */
+    fb_index chunk;          /* planar: values per chunk; interleaved: rows per chunk */
+    fb_index chunks;         /* chunks per channel (planar) or row chunks (interleaved) */
+    fb_index group_width;    /* interleaved: channels per work item */
+    fb_index groups;         /* interleaved: channel groups */
+    fb_index block_channels; /* planar: channels per cache block; interleaved: all */
+} fb_bn_plan;
+
+static inline fb_index fb_ceil_div(fb_index a, fb_index b) { return (a + b - 1) / b; }
+static inline fb_index fb_min_index(fb_index a, fb_index b) { return a < b ? a : b; }
+static inline fb_index fb_max_index(fb_index a, fb_index b) { return a > b ? a : b; }
+
+/* `streamed_bytes_per_value`: bytes read per value in the reduction (x: one
+ * array; backward: dy and x).  `num_threads` only sizes the cache blocks. */
+static inline void fb_bn_make_plan(fb_bn_plan *plan, fb_index outer, fb_index channels,
+                                   fb_index inner, fb_index streamed_bytes_per_value,
+                                   int num_threads)
+{
+    if (channels == 1) {
+        /* a single channel is one contiguous sequence: always planar */
+        inner *= outer;
+        outer = 1;
+    }
+    plan->outer = outer;
+    plan->channels = channels;
+    plan->inner = inner;
+    plan->n = outer * inner;
+    plan->interleaved = inner == 1 && channels > 1;
+    if (!plan->interleaved) {
+        plan->chunk = fb_max_index(FB_BN_CHUNK_VALUES,
+                                   fb_ceil_div(plan->n, FB_BN_MAX_CHUNKS_PER_CHANNEL));
+        plan->chunks = fb_ceil_div(plan->n, plan->chunk);
+        plan->group_width = 1;
+        plan->groups = channels;
+        const fb_index channel_bytes = plan->n * streamed_bytes_per_value;
+        const fb_index budget = (fb_index)num_threads * FB_BN_BLOCK_BYTES_PER_THREAD;
+        plan->block_channels = channel_bytes > 0
+            ? fb_min_index(channels, fb_max_index(1, budget / channel_bytes)) : channels;
+    } else {
+        plan->groups = fb_ceil_div(channels, FB_BN_MAX_GROUP_WIDTH);
+        plan->group_width = fb_ceil_div(channels, plan->groups);
+        plan->chunk = fb_max_index(fb_ceil_div(FB_BN_CHUNK_VALUES, plan->group_width),
+                                   fb_ceil_div(outer, FB_BN_MAX_ROW_CHUNKS));
+        plan->chunks = fb_ceil_div(outer, plan->chunk);
+        plan->block_channels = channels;
+    }
+}
+
+/* Work items of the block starting at channel c0: [*first, *last). */
+static inline void fb_bn_block_items(const fb_bn_plan *plan, fb_index c0, fb_index c1,
+                                     fb_index *first, fb_index *last)
+{
+    if (plan->interleaved) {
+        *first = 0;
+        *last = plan->chunks * plan->groups;
+    } else {
+        *first = c0 * plan->chunks;
+        *last = c1 * plan->chunks;
+    }
+}
+
+/* Walks the contiguous runs (row pieces) of planar chunk k of a channel:
+ *     fb_bn_runs runs = fb_bn_runs_start(plan, k);
+ *     while (fb_bn_runs_next(plan, c, &runs, &offset, &len)) ...
+ * One division per chunk, none per run. */
+typedef struct { fb_index row, col, remaining; } fb_bn_runs;
+
+static inline fb_bn_runs fb_bn_runs_start(const fb_bn_plan *plan, fb_index k)
+{
+    fb_bn_runs runs;
+    const fb_index begin = k * plan->chunk;
+    runs.row = begin / plan->inner;
+    runs.col = begin - runs.row * plan->inner;
+    runs.remaining = fb_min_index(plan->n, begin + plan->chunk) - begin;
+    return runs;
+}
+
+static inline int fb_bn_runs_next(const fb_bn_plan *plan, fb_index c, fb_bn_runs *runs,
+                                  fb_index *offset, fb_index *len)
+{
+    if (runs->remaining <= 0)
+        return 0;
+    *len = fb_min_index(plan->inner - runs->col, runs->remaining);
+    *offset = (runs->row * plan->channels + c) * plan->inner + runs->col;
+    runs->remaining -= *len;
+    runs->col = 0;
+    ++runs->row;
+    return 1;
+}
+
+/* What a pass computes (see bn_train_impl.h). */
+enum fb_bn_mode {
+    FB_BN_FORWARD = 0,       /* batch statistics, then y = x * scale + shift */
+    FB_BN_BACKWARD = 1,      /* sums of dy and dy * (x - mean), then dx (3 coefficients) */
+    FB_BN_BACKWARD_EVAL = 2  /* optional sums for dweight/dbias, dx = dy * scale */
+};
+
+/* Doubles of partial-sum workspace per sum. */
+static inline fb_index fb_bn_partial_count(const fb_bn_plan *plan)
+{
+    return plan->channels * plan->chunks;
+}
+
+#endif /* FASTBN_BN_PLAN_H */

@@ -1,0 +1,476 @@
+/* bn_train_impl.h -- template (FB_REAL, FB_DTYPE): the training forward (batch
+ * statistics, running-stat update, normalization), the training backward and
+ * the eval-mode backward.  Included once per dtype by bn_kernels.c.
+ *
+ * All three are one pass shape (bn_plan.h): reduce chunks to per-channel
+ * partial sums, finalize per-channel coefficients, rewrite the block with one
+ * or two FMAs per value.
+ *
+ * Accumulators: float64 always.  The forward sums (x - center) and
+ * (x - center)^2 where center is a value of the channel itself (its first
+ * one).  Shifted sums are additive, so chunk partials combine exactly like
+ * plain sums, and the cancellation in S2 - S1^2/n costs a relative error of
+ * about eps64 * D^2 / var, where D = |center - mean|; since center is one of
+ * the n values, D^2 <= n * var, so the error stays below n * 1e-16 whatever
+ * the mean (1e4 + N(0, 1) in float32 is computed to float64 accuracy).
+ */
+
+typedef struct {
+    int mode;                          /* enum fb_bn_mode */
+    int reduce;                        /* 0: eval backward without dweight/dbias */
+    int accumulate;                    /* add into dweight/dbias instead of overwriting */
+    const FB_REAL *x, *dy;
+    FB_REAL *out;                      /* y (forward) or dx */
+    const FB_REAL *weight, *bias;
+    const FB_REAL *mean, *spread;      /* backward: saved mean, invstd; eval: running mean, var */
+    FB_REAL *saved_mean, *saved_invstd, *running_mean, *running_var;
+    FB_REAL *dweight, *dbias;
+    double eps, momentum;
+    /* workspace */
+    double *sum1, *sum2;               /* per-chunk partials, see bn_plan.h for the indexing */
+    double *center;                    /* per channel: forward shift, or the backward's mean */
+    FB_REAL *k1, *k2, *k3;             /* per-channel coefficients of the rewrite */
+} FB_TYPED(bn_pass);
+
+/* ---- reductions over one contiguous run ----------------------------------- */
+
+/* Lane l accumulates the values i of a run with i % FB_BN_LANES == l; the
+ * run's last len % FB_BN_LANES values go, in order, to the scalar `rest`. */
+#if FB_BN_HAVE_VECTORS
+
+/* a1 += x - center, a2 += (x - center)^2 */
+FB_BN_INLINE void FB_TYPED(bn_lanes_shifted)(const FB_REAL *restrict x, fb_index len,
+                                             double center, fb_bn_lanes *restrict a1,
+                                             fb_bn_lanes *restrict a2)
+{
+    const fb_vec_d shift = fb_vec_broadcast(center);
+    fb_index i = 0;
+    for (; i + FB_BN_LANES <= len; i += FB_BN_LANES) {
+        for (int v = 0; v < FB_BN_VECS; ++v) {
+            const fb_vec_d d = FB_TYPED(bn_load_doubles)(x + i + v * FB_BN_VEC) - shift;
+            a1->v[v] += d;
+            a2->v[v] += d * d;
+        }
+    }
+    for (; i < len; ++i) {
+        const double d = (double)x[i] - center;
+        a1->rest += d;
+        a2->rest += d * d;
+    }
+}
+
+/* a1 += dy, a2 += dy * (x - center) */
+FB_BN_INLINE void FB_TYPED(bn_lanes_grad)(const FB_REAL *restrict dy, const FB_REAL *restrict x,
+                                          fb_index len, double center, fb_bn_lanes *restrict a1,
+                                          fb_bn_lanes *restrict a2)
+{
+    const fb_vec_d shift = fb_vec_broadcast(center);
+    fb_index i = 0;
+    for (; i + FB_BN_LANES <= len; i += FB_BN_LANES) {
+        for (int v = 0; v < FB_BN_VECS; ++v) {
+            const fb_vec_d g = FB_TYPED(bn_load_doubles)(dy + i + v * FB_BN_VEC);
+            const fb_vec_d d = FB_TYPED(bn_load_doubles)(x + i + v * FB_BN_VEC) - shift;
+            a1->v[v] += g;
+            a2->v[v] += g * d;
+        }
+    }
+    for (; i < len; ++i) {
+        const double g = (double)dy[i];
+        a1->rest += g;
+        a2->rest += g * ((double)x[i] - center);
+    }
+}
+
+#else /* plain C lanes, same arithmetic */
+
+static inline void FB_TYPED(bn_lanes_shifted)(const FB_REAL *restrict x, fb_index len,
+                                              double center, fb_bn_lanes *restrict a1,
+                                              fb_bn_lanes *restrict a2)
+{
+    fb_index i = 0;
+    for (; i + FB_BN_LANES <= len; i += FB_BN_LANES)
+        for (int l = 0; l < FB_BN_LANES; ++l) {
+            const double d = (double)x[i + l] - center;
+            a1->v[l] += d;
+            a2->v[l] += d * d;
+        }
+    for (; i < len; ++i) {
+        const double d = (double)x[i] - center;
+        a1->rest += d;
+        a2->rest += d * d;
+    }
+}
+
+static inline void FB_TYPED(bn_lanes_grad)(const FB_REAL *restrict dy, const FB_REAL *restrict x,
+                                           fb_index len, double center, fb_bn_lanes *restrict a1,
+                                           fb_bn_lanes *restrict a2)
+{
+    fb_index i = 0;
+    for (; i + FB_BN_LANES <= len; i += FB_BN_LANES)
+        for (int l = 0; l < FB_BN_LANES; ++l) {
+            const double g = (double)dy[i + l];
+            a1->v[l] += g;
+            a2->v[l] += g * ((double)x[i + l] - center);
+        }
+    for (; i < len; ++i) {
+        const double g = (double)dy[i];
+        a1->rest += g;
+        a2->rest += g * ((double)x[i] - center);
+    }
+}
+
+#endif
+
+/* ---- reduce one work item -------------------------------------------------- */
+
+static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass,
+                                       fb_index item)
+{
+    const fb_index c = item / plan->chunks, k = item - c * plan->chunks;
+    const double center = pass->center[c];
+    fb_bn_lanes a1, a2;
+    fb_bn_lanes_zero(&a1);
+    fb_bn_lanes_zero(&a2);
+    fb_bn_runs runs = fb_bn_runs_start(plan, k);
+    fb_index offset, len;
+    if (pass->mode == FB_BN_FORWARD) {
+        while (fb_bn_runs_next(plan, c, &runs, &offset, &len))
+            FB_TYPED(bn_lanes_shifted)(pass->x + offset, len, center, &a1, &a2);
+    } else {
+        while (fb_bn_runs_next(plan, c, &runs, &offset, &len))
+            FB_TYPED(bn_lanes_grad)(pass->dy + offset, pass->x + offset, len, center, &a1, &a2);
+    }
+    pass->sum1[item] = fb_bn_lanes_total(&a1);  /* planar partial index c * chunks + k == item */
+    pass->sum2[item] = fb_bn_lanes_total(&a2);
+}
+
+/* Rows are taken four at a time: one load/store of each partial per four
+ * rows instead of per row. */
+static void FB_TYPED(bn_reduce_interleaved)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass,
+                                            fb_index item)
+{
+    const fb_index C = plan->channels;
+    const fb_index k = item / plan->groups, j = item - k * plan->groups;
+    const fb_index c0 = j * plan->group_width;
+    const fb_index width = fb_min_index(C, c0 + plan->group_width) - c0;
+    const fb_index r1 = fb_min_index(plan->outer, (k + 1) * plan->chunk);
+    double *restrict s1 = pass->sum1 + k * C + c0;
+    double *restrict s2 = pass->sum2 + k * C + c0;
+    const double *restrict center = pass->center + c0;
+    for (fb_index c = 0; c < width; ++c)
+        s1[c] = s2[c] = 0.0;
+    fb_index r = k * plan->chunk;
+    if (pass->mode == FB_BN_FORWARD) {
+        for (; r + 4 <= r1; r += 4) {
+            const FB_REAL *restrict x0 = pass->x + r * C + c0;
+            const FB_REAL *restrict x1 = x0 + C, *restrict x2 = x1 + C, *restrict x3 = x2 + C;
+#pragma omp simd
+            for (fb_index c = 0; c < width; ++c) {
+                const double d0 = (double)x0[c] - center[c], d1 = (double)x1[c] - center[c];
+                const double d2 = (double)x2[c] - center[c], d3 = (double)x3[c] - center[c];
+                s1[c] += (d0 + d1) + (d2 + d3);
+                s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+            }
+        }
+        for (; r < r1; ++r) {
+            const FB_REAL *restrict x0 = pass->x + r * C + c0;
+#pragma omp simd
+            for (fb_index c = 0; c < width; ++c) {
+                const double d0 = (double)x0[c] - center[c];
+                s1[c] += d0;
+                s2[c] += d0 * d0;
+            }
+        }
+    } else {
+        for (; r + 4 <= r1; r += 4) {
+            const FB_REAL *restrict x0 = pass->x + r * C + c0;
+            const FB_REAL *restrict x1 = x0 + C, *restrict x2 = x1 + C, *restrict x3 = x2 + C;
+            const FB_REAL *restrict g0 = pass->dy + r * C + c0;
+            const FB_REAL *restrict g1 = g0 + C, *restrict g2 = g1 + C, *restrict g3 = g2 + C;
+#pragma omp simd
+            for (fb_index c = 0; c < width; ++c) {
+                const double d0 = (double)x0[c] - center[c], d1 = (double)x1[c] - center[c];
+                const double d2 = (double)x2[c] - center[c], d3 = (double)x3[c] - center[c];
+                const double e0 = g0[c], e1 = g1[c], e2 = g2[c], e3 = g3[c];
+                s1[c] += (e0 + e1) + (e2 + e3);
+                s2[c] += (e0 * d0 + e1 * d1) + (e2 * d2 + e3 * d3);
+            }
+        }
+        for (; r < r1; ++r) {
+            const FB_REAL *restrict x0 = pass->x + r * C + c0;
+            const FB_REAL *restrict g0 = pass->dy + r * C + c0;
+#pragma omp simd
+            for (fb_index c = 0; c < width; ++c) {
+                const double e0 = g0[c];
+                s1[c] += e0;
+                s2[c] += e0 * ((double)x0[c] - center[c]);
+            }
+        }
+    }
+}
+
+/* ---- per-channel coefficients ---------------------------------------------- */
+
+static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass, fb_index c)
+{
+    /* chunk partials in chunk order: the fixed order behind thread-count
+     * independent results */
+    double s1 = 0.0, s2 = 0.0;
+    if (pass->reduce) {
+        const fb_index channel_stride = plan->interleaved ? 1 : plan->chunks;
+        const fb_index chunk_stride = plan->interleaved ? plan->channels : 1;
+        const double *p1 = pass->sum1 + c * channel_stride, *p2 = pass->sum2 + c * channel_stride;
+        for (fb_index k = 0; k < plan->chunks; ++k) {
+            s1 += p1[k * chunk_stride];
+            s2 += p2[k * chunk_stride];
+        }
+    }
+    const double n = (double)plan->n;
+    const double w = pass->weight ? (double)pass->weight[c] : 1.0;
+    double invstd, dweight = 0.0;
+    switch (pass->mode) {
+    case FB_BN_FORWARD: {
+        const double shifted_mean = s1 / n;
+        double var = (s2 - s1 * shifted_mean) / n;
+        if (var < 0.0)  /* rounding on a (near-)constant channel; NaN passes through */
+            var = 0.0;
+        const double mean = pass->center[c] + shifted_mean;
+        invstd = 1.0 / sqrt(var + pass->eps);
+        pass->saved_mean[c] = (FB_REAL)mean;
+        pass->saved_invstd[c] = (FB_REAL)invstd;
+        if (pass->running_mean) {
+            const double m = pass->momentum;
+            pass->running_mean[c] = (FB_REAL)((1.0 - m) * (double)pass->running_mean[c] + m * mean);
+            pass->running_var[c] = (FB_REAL)((1.0 - m) * (double)pass->running_var[c]
+                                             + m * var * (n / (n - 1.0)));
+        }
+        const double scale = w * invstd;
+        pass->k1[c] = (FB_REAL)scale;
+        pass->k3[c] = (FB_REAL)((pass->bias ? (double)pass->bias[c] : 0.0) - mean * scale);
+        return;
+    }
+    case FB_BN_BACKWARD: {
+        /* dx = w*invstd/n * (n*dy - sum(dy) - xhat*sum(dy*xhat)), expanded in x */
+        invstd = (double)pass->spread[c];
+        dweight = s2 * invstd;
+        const double a = w * invstd;
+        const double b = -a * invstd * dweight / n;
+        pass->k1[c] = (FB_REAL)a;
+        pass->k2[c] = (FB_REAL)b;
+        pass->k3[c] = (FB_REAL)(-a * s1 / n - b * pass->center[c]);
+        break;
+    }
+    default: /* FB_BN_BACKWARD_EVAL */
+        invstd = 1.0 / sqrt((double)pass->spread[c] + pass->eps);
+        dweight = s2 * invstd;
+        pass->k1[c] = (FB_REAL)(w * invstd);
+        break;
+    }
+    if (pass->reduce && pass->dweight)
+        pass->dweight[c] = (FB_REAL)((pass->accumulate ? (double)pass->dweight[c] : 0.0) + dweight);
+    if (pass->reduce && pass->dbias)
+        pass->dbias[c] = (FB_REAL)((pass->accumulate ? (double)pass->dbias[c] : 0.0) + s1);
+}
+
+/* ---- rewrite one work item ------------------------------------------------- */
+
+/* out may equal x or dy (in place): every loop reads element i before
+ * writing element i, so no restrict on out. */
+static void FB_TYPED(bn_apply_run)(const FB_TYPED(bn_pass) *pass, fb_index offset, fb_index len,
+                                   fb_index c)
+{
+    FB_REAL *out = pass->out + offset;
+    const FB_REAL a = pass->k1[c];
+    if (pass->mode == FB_BN_FORWARD) {
+        const FB_REAL *x = pass->x + offset;
+        const FB_REAL b = pass->k3[c];
+#pragma omp simd
+        for (fb_index i = 0; i < len; ++i)
+            out[i] = x[i] * a + b;
+    } else if (pass->mode == FB_BN_BACKWARD) {
+        const FB_REAL *x = pass->x + offset, *dy = pass->dy + offset;
+        const FB_REAL b = pass->k2[c], d = pass->k3[c];
+#pragma omp simd
+        for (fb_index i = 0; i < len; ++i)
+            out[i] = dy[i] * a + (x[i] * b + d);
+    } else {
+        const FB_REAL *dy = pass->dy + offset;
+#pragma omp simd
+        for (fb_index i = 0; i < len; ++i)
+            out[i] = dy[i] * a;
+    }
+}
+
+static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pass) *pass,
+                                    fb_index item)
+{
+    if (!plan->interleaved) {
+        const fb_index c = item / plan->chunks, k = item - c * plan->chunks;
+        fb_bn_runs runs = fb_bn_runs_start(plan, k);
+        fb_index offset, len;
+        while (fb_bn_runs_next(plan, c, &runs, &offset, &len))
+            FB_TYPED(bn_apply_run)(pass, offset, len, c);
+        return;
+    }
+    const fb_index C = plan->channels;
+    const fb_index k = item / plan->groups, j = item - k * plan->groups;
+    const fb_index c0 = j * plan->group_width;
+    const fb_index width = fb_min_index(C, c0 + plan->group_width) - c0;
+    const fb_index r1 = fb_min_index(plan->outer, (k + 1) * plan->chunk);
+    const FB_REAL *restrict a = pass->k1 + c0, *restrict b = pass->k2 + c0, *restrict d = pass->k3 + c0;
+    for (fb_index r = k * plan->chunk; r < r1; ++r) {
+        const fb_index offset = r * C + c0;
+        FB_REAL *out = pass->out + offset;
+        if (pass->mode == FB_BN_FORWARD) {
+            const FB_REAL *x = pass->x + offset;
+#pragma omp simd
+            for (fb_index c = 0; c < width; ++c)
+                out[c] = x[c] * a[c] + d[c];
+        } else if (pass->mode == FB_BN_BACKWARD) {
+            const FB_REAL *x = pass->x + offset, *dy = pass->dy + offset;
+#pragma omp simd
+            for (fb_index c = 0; c < width; ++c)
+                out[c] = dy[c] * a[c] + (x[c] * b[c] + d[c]);
+        } else {
+            const FB_REAL *dy = pass->dy + offset;
+#pragma omp simd
+            for (fb_index c = 0; c < width; ++c)
+                out[c] = dy[c] * a[c];
+        }
+    }
+}
+
+/* ---- the pass ------------------------------------------------------------- */
+
+/* Body run by every thread of the team (or by the caller alone). */
+static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass)
+{
+    const int team = fb_team_size(), tid = fb_thread_id();
+    for (fb_index c0 = 0; c0 < plan->channels; c0 += plan->block_channels) {
+        const fb_index c1 = fb_min_index(plan->channels, c0 + plan->block_channels);
+        fb_index items_begin, items_end, first, last, channel_first, channel_last;
+        fb_bn_block_items(plan, c0, c1, &items_begin, &items_end);
+        fb_split_range(items_end - items_begin, team, tid, &first, &last);
+        first += items_begin;
+        last += items_begin;
+        if (pass->reduce) {
+            for (fb_index item = first; item < last; ++item) {
+                if (plan->interleaved)
+                    FB_TYPED(bn_reduce_interleaved)(plan, pass, item);
+                else
+                    FB_TYPED(bn_reduce_planar)(plan, pass, item);
+            }
+#pragma omp barrier
+        }
+        fb_split_range(c1 - c0, team, tid, &channel_first, &channel_last);
+        for (fb_index c = c0 + channel_first; c < c0 + channel_last; ++c)
+            FB_TYPED(bn_finalize)(plan, pass, c);
+#pragma omp barrier
+        /* newest first: the items this thread reduced last are the likeliest
+         * to still be in its cache */
+        for (fb_index item = last; item-- > first;)
+            FB_TYPED(bn_apply_item)(plan, pass, item);
+    }
+}
+
+/* Plan, allocate the O(channels x chunks) workspace, run, free.
+ * `streams`: arrays read by the reduction (sizes the cache blocks). */
+static int FB_TYPED(bn_run)(FB_TYPED(bn_pass) *pass, fb_index outer, fb_index channels,
+                            fb_index inner, int streams, int num_threads)
+{
+    const int nt = fb_threads_for(outer * channels * inner, num_threads);
+    fb_bn_plan plan;
+    fb_bn_make_plan(&plan, outer, channels, inner, streams * (fb_index)sizeof(FB_REAL), nt);
+    const fb_index partials = pass->reduce ? fb_bn_partial_count(&plan) : 0;
+    const size_t bytes = (size_t)(2 * partials + channels) * sizeof(double)
+                       + (size_t)(3 * channels) * sizeof(FB_REAL);
+    double *workspace = (double *)malloc(bytes);
+    if (!workspace)
+        return FASTBN_ERR_NOMEM;
+    pass->sum1 = workspace;
+    pass->sum2 = workspace + partials;
+    pass->center = workspace + 2 * partials;
+    pass->k1 = (FB_REAL *)(pass->center + channels);
+    pass->k2 = pass->k1 + channels;
+    pass->k3 = pass->k2 + channels;
+    for (fb_index c = 0; c < channels; ++c) {
+        if (pass->mode == FB_BN_FORWARD)
+            pass->center[c] = (double)pass->x[c * inner];  /* first value of channel c */
+        else
+            pass->center[c] = pass->mean ? (double)pass->mean[c] : 0.0;
+        pass->k2[c] = 0;
+    }
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        FB_TYPED(bn_pass_body)(&plan, pass);
+    } else {
+        FB_TYPED(bn_pass_body)(&plan, pass);
+    }
+    free(workspace);
+    return FASTBN_OK;
+}
+
+/* ---- entry points ---------------------------------------------------------- */
+
+static int FB_TYPED(bn_train_forward)(FASTBN_BN_TRAIN_FORWARD_ARGS(FB_REAL))
+{
+    if (outer < 0 || channels <= 0 || inner < 0 || outer * inner < 2 || !x || !y
+        || !saved_mean || !saved_invstd || (running_mean == NULL) != (running_var == NULL)
+        || !(eps > 0))
+        return FASTBN_ERR_ARGUMENT;
+    FB_TYPED(bn_pass) pass = {0};
+    pass.mode = FB_BN_FORWARD;
+    pass.reduce = 1;
+    pass.x = x;
+    pass.out = y;
+    pass.weight = weight;
+    pass.bias = bias;
+    pass.saved_mean = saved_mean;
+    pass.saved_invstd = saved_invstd;
+    pass.running_mean = running_mean;
+    pass.running_var = running_var;
+    pass.eps = eps;
+    pass.momentum = momentum;
+    return FB_TYPED(bn_run)(&pass, outer, channels, inner, 1, num_threads);
+}
+
+static int FB_TYPED(bn_backward)(FASTBN_BN_BACKWARD_ARGS(FB_REAL))
+{
+    if (outer < 0 || channels <= 0 || inner < 0 || !dy || !x || !dx || !mean || !invstd)
+        return FASTBN_ERR_ARGUMENT;
+    FB_TYPED(bn_pass) pass = {0};
+    pass.mode = FB_BN_BACKWARD;
+    pass.reduce = 1;
+    pass.accumulate = accumulate;
+    pass.dy = dy;
+    pass.x = x;
+    pass.out = dx;
+    pass.weight = weight;
+    pass.mean = mean;
+    pass.spread = invstd;
+    pass.dweight = dweight;
+    pass.dbias = dbias;
+    return FB_TYPED(bn_run)(&pass, outer, channels, inner, 2, num_threads);
+}
+
+static int FB_TYPED(bn_backward_eval)(FASTBN_BN_BACKWARD_EVAL_ARGS(FB_REAL))
+{
+    const int reduce = dweight != NULL || dbias != NULL;
+    if (outer < 0 || channels <= 0 || inner < 0 || !dy || !dx || !running_mean || !running_var
+        || (reduce && !x) || !(eps >= 0))
+        return FASTBN_ERR_ARGUMENT;
+    FB_TYPED(bn_pass) pass = {0};
+    pass.mode = FB_BN_BACKWARD_EVAL;
+    pass.reduce = reduce;
+    pass.accumulate = accumulate;
+    pass.dy = dy;
+    pass.x = x;
+    pass.out = dx;
+    pass.weight = weight;
+    pass.mean = running_mean;
+    pass.spread = running_var;
+    pass.eps = eps;
+    pass.dweight = dweight;
+    pass.dbias = dbias;
+    return FB_TYPED(bn_run)(&pass, outer, channels, inner, reduce ? 2 : 1, num_threads);
+}
