@@ -173,30 +173,113 @@ training = pytest.mark.skipif(not bn_training_available(),
                               reason="batch_norm(training=True) not implemented yet")
 
 
+def _by_channel(array, axis):
+    """float64 view (C, n) of an array with the channel axis `axis`."""
+    array = np.asarray(array, np.float64)
+    return np.moveaxis(array, axis % array.ndim, 0).reshape(array.shape[axis], -1)
+
+
+def _batch_statistics(x, axis, eps):
+    """Exact (float64) per-channel mean, invstd and unbiased variance of x."""
+    values = _by_channel(x, axis)
+    mean = values.mean(axis=1)
+    biased = ((values - mean[:, None]) ** 2).mean(axis=1)
+    n = values.shape[1]
+    return mean, 1.0 / np.sqrt(biased + eps), biased * n / max(n - 1, 1), values
+
+
+def _assert_within(actual, expected, bound, name):
+    actual64, expected64 = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual64.shape == expected64.shape, name
+    error = np.abs(actual64 - expected64)
+    assert np.all(error <= bound), (name, float(np.max(error - bound)))
+
+
+ULPS = 64
+
+
 @training
 @settings(max_examples=120, **SETTINGS)
 @given(problem=bn_problems(allow_special=False), data=st.data(),
-       momentum=st.one_of(st.none(), st.floats(0.0, 1.0)))
+       momentum=st.floats(0.0, 1.0))
 def test_training_forward_matches_reference_and_updates_running_stats(problem, data, momentum):
+    """Error bounds follow the operations: y = (x - mean) * invstd * w + b in
+    the dtype costs a few ulps of (|x| + |mean|) * invstd * |w| + |b| (PyTorch's
+    CPU kernel, like fastbn's, folds it into x * a + b); the variance a few
+    ulps of itself plus the square of a few ulps of the data."""
     x = data.draw(layouts(problem["x"]))
-    assume(x.size // x.shape[problem["axis"]] > 1)
+    axis = problem["axis"]
+    assume(x.size // x.shape[axis] > 1)
     outputs = {}
     for backend in ("fast", "reference"):
         mean, var = problem["mean"].copy(), problem["var"].copy()
         with fastbn.use_backend(backend), np.errstate(all="ignore"):
             y = F.batch_norm(x, mean, var, problem["weight"], problem["bias"], training=True,
-                             momentum=momentum, eps=problem["eps"], axis=problem["axis"])
+                             momentum=momentum, eps=problem["eps"], axis=axis)
         outputs[backend] = (y, mean, var)
     dtype = problem["dtype"]
-    tol = dict(rtol=2e-3, atol=2e-3) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-9)
-    y_fast, y_ref = outputs["fast"][0], outputs["reference"][0]
-    weight = problem["weight"] if problem["weight"] is not None else 1.0
-    np.testing.assert_allclose(y_fast, y_ref, rtol=tol["rtol"],
-                               atol=tol["atol"] * float(np.max(np.abs(weight))) + tol["atol"])
-    scale = np.abs(outputs["reference"][1]) + np.sqrt(np.abs(outputs["reference"][2]))
-    for index in (1, 2):
-        np.testing.assert_allclose(outputs["fast"][index], outputs["reference"][index],
-                                   rtol=tol["rtol"], atol=float(np.max(scale)) * tol["atol"])
+    u = ULPS * np.finfo(dtype).eps
+    channels = x.shape[axis]
+    weight = np.abs(problem["weight"]) if problem["weight"] is not None else np.ones(channels)
+    bias = np.abs(problem["bias"]) if problem["bias"] is not None else np.zeros(channels)
+    batch_mean, invstd, unbiased, values = _batch_statistics(x, axis, problem["eps"])
+    shape = problem["broadcast"]
+    y_scale = ((np.abs(x.astype(np.float64)) + np.abs(batch_mean).reshape(shape)) * (invstd * weight).reshape(shape)
+               + bias.reshape(shape))
+    assert outputs["fast"][0].dtype == np.dtype(dtype)
+    _assert_within(outputs["fast"][0], outputs["reference"][0], u * y_scale + u, "y")
+    old_mean, old_var = np.abs(problem["mean"].astype(np.float64)), np.abs(problem["var"].astype(np.float64))
+    _assert_within(outputs["fast"][1], outputs["reference"][1], u * (old_mean + np.abs(batch_mean)) + np.finfo(dtype).tiny,
+                   "running_mean")
+    data_ulp = u * np.max(np.abs(values), axis=1)
+    _assert_within(outputs["fast"][2], outputs["reference"][2], u * (old_var + unbiased) + 4 * data_ulp ** 2,
+                   "running_var")
+
+
+@training
+@settings(max_examples=120, **SETTINGS)
+@given(problem=bn_problems(allow_special=False), data=st.data(), eval_mode=st.booleans())
+def test_backward_matches_reference(problem, data, eval_mode):
+    x = data.draw(layouts(problem["x"]))
+    axis = problem["axis"]
+    assume(x.size // x.shape[axis] > 1)
+    dtype = problem["dtype"]
+    rng = np.random.default_rng(x.size)
+    dy = data.draw(layouts(rng.standard_normal(x.shape).astype(dtype)))
+    weight, eps = problem["weight"], problem["eps"]
+    results = {}
+    for backend in ("fast", "reference"):
+        with fastbn.use_backend(backend), np.errstate(all="ignore"):
+            if eval_mode:
+                results[backend] = F.batch_norm_backward_eval(dy, x, problem["mean"], problem["var"], weight,
+                                                              eps, axis=axis)
+            else:
+                with fastbn.use_backend("reference"):
+                    _, mean, invstd = F.batch_norm_forward_train(x, weight, problem["bias"], eps, axis=axis)
+                results[backend] = F.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis)
+    u = ULPS * np.finfo(dtype).eps
+    channels = x.shape[axis]
+    w = np.abs(weight.astype(np.float64)) if weight is not None else np.ones(channels)
+    if eval_mode:
+        centre = problem["mean"].astype(np.float64)
+        invstd = 1.0 / np.sqrt(problem["var"].astype(np.float64) + eps)
+    else:
+        centre, invstd, _, _ = _batch_statistics(x, axis, eps)
+    xs, dys = _by_channel(x, axis), _by_channel(dy, axis)
+    xhat_bound = (np.abs(xs) + np.abs(centre)[:, None]) * invstd[:, None]
+    n = xs.shape[1]
+    sum_dy = np.abs(dys).sum(axis=1)
+    sum_dy_xhat = (np.abs(dys) * xhat_bound).sum(axis=1)
+    dx_fast, dw_fast, db_fast = results["fast"]
+    dx_ref, dw_ref, db_ref = results["reference"]
+    assert dx_fast.dtype == dw_fast.dtype == db_fast.dtype == np.dtype(dtype)
+    _assert_within(db_fast, db_ref, u * sum_dy + u, "dbias")
+    _assert_within(dw_fast, dw_ref, u * sum_dy_xhat + u, "dweight")
+    if eval_mode:
+        dx_bound = u * (w * invstd)[:, None] * np.abs(dys)
+    else:
+        dx_bound = u * (w * invstd)[:, None] * (np.abs(dys) + (sum_dy[:, None] + xhat_bound * sum_dy_xhat[:, None]) / n)
+    _assert_within(_by_channel(dx_fast, axis), _by_channel(dx_ref, axis), dx_bound + u, "dx")
 
 
 @training

@@ -114,6 +114,49 @@ def _bn_train_functional(channels_last: bool):
     return prepare
 
 
+def _bn_forward_train(channels_last: bool):
+    def prepare(size, dtype, seed):
+        x, (mean, var, weight, bias), axis = _bn_inputs(size, dtype, seed, channels_last)
+        out = np.empty_like(x)
+        result = {}
+
+        def call():
+            result["y"], result["saved_mean"], result["saved_invstd"] = F.batch_norm_forward_train(
+                x, weight, bias, 1e-3, axis=axis, out=out, running_mean=mean, running_var=var,
+                momentum=0.2)
+            return result["y"]
+
+        return Prepared(call, lambda: {**{k: v.copy() for k, v in result.items()},
+                                       "running_mean": mean.copy(), "running_var": var.copy()})
+    return prepare
+
+
+def _bn_backward(channels_last: bool, eval_mode: bool):
+    def prepare(size, dtype, seed):
+        x, (mean, var, weight, bias), axis = _bn_inputs(size, dtype, seed, channels_last)
+        dy = np.random.default_rng(seed + 1).standard_normal(x.shape).astype(dtype)
+        if not eval_mode:
+            with fastbn.use_backend("reference"):
+                _, mean, invstd = F.batch_norm_forward_train(x, weight, bias, 1e-3, axis=axis)
+        result = {}
+
+        def call():
+            if eval_mode:
+                grads = F.batch_norm_backward_eval(dy, x, mean, var, weight, 1e-3, axis=axis)
+            else:
+                grads = F.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis)
+            result["dx"], result["dweight"], result["dbias"] = grads
+            return grads
+
+        return Prepared(call, lambda: {k: v.copy() for k, v in result.items()})
+    return prepare
+
+
+def bn_training_pieces_available() -> bool:
+    return all(hasattr(F, name) for name in ("batch_norm_forward_train", "batch_norm_backward",
+                                              "batch_norm_backward_eval"))
+
+
 def bn_module_class():
     nn = getattr(fastbn, "nn", None)
     cls = getattr(nn, "BatchNorm1d", None)
@@ -220,6 +263,13 @@ def kernel_cases() -> List[KernelCase]:
     if bn_training_available():
         cases += [KernelCase("bn_train_nchw", _bn_train_functional(channels_last=False)),
                   KernelCase("bn_train_nhwc", _bn_train_functional(channels_last=True))]
+    if bn_training_pieces_available():
+        cases += [KernelCase("bn_forward_train_nchw", _bn_forward_train(channels_last=False)),
+                  KernelCase("bn_forward_train_nhwc", _bn_forward_train(channels_last=True)),
+                  KernelCase("bn_backward_nchw", _bn_backward(channels_last=False, eval_mode=False)),
+                  KernelCase("bn_backward_nhwc", _bn_backward(channels_last=True, eval_mode=False)),
+                  KernelCase("bn_backward_eval_nchw", _bn_backward(channels_last=False, eval_mode=True)),
+                  KernelCase("bn_backward_eval_nhwc", _bn_backward(channels_last=True, eval_mode=True))]
     if bn_module_class() is not None:
         cases += [KernelCase("bn_module_train_backward_nchw", _bn_module(True, False)),
                   KernelCase("bn_module_train_backward_nhwc", _bn_module(True, True)),
