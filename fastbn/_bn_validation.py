@@ -9,6 +9,7 @@ to the general, message-building code when something looks wrong.
 """
 from __future__ import annotations
 
+from math import prod
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -39,25 +40,18 @@ _new_layout = tuple.__new__
 
 
 def batch_norm_layout(x: np.ndarray, axis, name: str = "input") -> BatchNormLayout:
-    ndim = x.ndim
+    shape = x.shape
+    ndim = len(shape)
     if ndim < 2:
         raise ValueError(f"{name}: expected at least 2 dimensions (N, C, ...), got {ndim}D input")
-    axis = check_axis(axis, ndim)
-    shape = x.shape
+    if axis != 1 or type(axis) is not int:
+        axis = check_axis(axis, ndim)
     channels = shape[axis]
     if axis == 1:
-        outer = shape[0]
-        inner = 1
-        for size in shape[2:]:
-            inner *= size
-        broadcast = (1, channels) + (1,) * (ndim - 2)
-    else:
-        outer = 1
-        for size in shape[:-1]:
-            outer *= size
-        inner = 1
-        broadcast = (1,) * (ndim - 1) + (channels,)
-    return _new_layout(BatchNormLayout, (axis, channels, outer, inner, broadcast))
+        return _new_layout(BatchNormLayout, (1, channels, shape[0], prod(shape[2:]),
+                                             (1, channels) + (1,) * (ndim - 2)))
+    return _new_layout(BatchNormLayout, (axis, channels, prod(shape[:-1]), 1,
+                                         (1,) * (ndim - 1) + (channels,)))
 
 
 def check_eps(eps, *, batch_stats: bool) -> float:

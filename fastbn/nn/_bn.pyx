@@ -82,6 +82,96 @@ def as_kernel_array(cnp.ndarray array):
     return kernel_input(array)
 
 
+# ---- fast-path argument checks -------------------------------------------------
+# The per-call cost of a tiny batch norm is dominated by argument checking in
+# Python.  These return True/None-free answers for the COMMON, VALID call
+# only; anything unusual (or wrong) returns False/None and the caller runs the
+# Python validators in fastbn._bn_validation, which own every error message.
+
+cdef inline bint is_float_array(object value, int typenum):
+    """An exact ndarray of native dtype `typenum`."""
+    return (type(value) is cnp.ndarray
+            and cnp.PyArray_TYPE(<cnp.ndarray>value) == typenum
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>value))
+
+
+cdef inline bint is_channel_vector(object value, cnp.npy_intp channels, int typenum):
+    return value is None or (is_float_array(value, typenum)
+                             and cnp.PyArray_NDIM(<cnp.ndarray>value) == 1
+                             and cnp.PyArray_DIMS(<cnp.ndarray>value)[0] == channels)
+
+
+def channel_vectors_ok(cnp.npy_intp channels, int typenum, a, b, c, d):
+    """True when each of a, b, c, d is None or a native 1-D array of
+    `channels` elements of dtype `typenum`."""
+    return (is_channel_vector(a, channels, typenum) and is_channel_vector(b, channels, typenum)
+            and is_channel_vector(c, channels, typenum)
+            and is_channel_vector(d, channels, typenum))
+
+
+def standard_geometry(object x, object axis, object running_mean, object running_var,
+                      object weight, object bias, object eps, object momentum,
+                      bint batch_stats, bint update):
+    """(outer, channels, inner) when this batch-norm call is valid and plain:
+    x a float32/float64 ndarray of rank >= 2, axis the int 1 or -1, eps and
+    momentum floats in range, per-channel vectors matching, running
+    statistics both given or both None (writeable when `update`), a
+    non-empty input with at least 2 values per channel with batch statistics.
+    None otherwise."""
+    if type(x) is not cnp.ndarray or type(axis) is not int or type(eps) is not float:
+        return None
+    cdef cnp.ndarray array = <cnp.ndarray>x
+    cdef int typenum = cnp.PyArray_TYPE(array)
+    cdef int ndim = cnp.PyArray_NDIM(array)
+    if (typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64) or ndim < 2:
+        return None
+    if not cnp.PyArray_ISNOTSWAPPED(array):
+        return None
+    cdef long channel_axis = axis
+    if channel_axis == -1:
+        channel_axis = ndim - 1
+    elif channel_axis != 1:
+        return None
+    cdef double eps_value = eps
+    if not (eps_value > 0 or (not batch_stats and eps_value >= 0)):
+        return None
+    cdef double momentum_value
+    if momentum is None:
+        if update:
+            return None
+    elif type(momentum) is float:
+        momentum_value = momentum
+        if not (0.0 <= momentum_value <= 1.0):
+            return None
+    else:
+        return None
+    cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(array)
+    cdef cnp.npy_intp channels = dims[channel_axis]
+    cdef int64_t outer = 1, inner = 1
+    cdef int i
+    for i in range(ndim):
+        if i < channel_axis:
+            outer *= dims[i]
+        elif i > channel_axis:
+            inner *= dims[i]
+    if channel_axis == ndim - 1:
+        outer, inner = outer * inner, 1
+    if (running_mean is None) != (running_var is None):
+        return None
+    if not (is_channel_vector(running_mean, channels, typenum)
+            and is_channel_vector(running_var, channels, typenum)
+            and is_channel_vector(weight, channels, typenum)
+            and is_channel_vector(bias, channels, typenum)):
+        return None
+    if channels == 0 or outer * inner == 0 or (batch_stats and outer * inner < 2):
+        return None  # empty input, or too few values: the Python path decides
+    if update and running_mean is not None and not (
+            cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_mean)
+            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_var)):
+        return None
+    return outer, channels, inner
+
+
 cdef inline void *data_or_null(object array):
     if array is None:
         return NULL

@@ -29,6 +29,8 @@ from .module import Module
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 _TRAIN, _EVAL = 0, 1   # which statistics the saved forward used
+_TYPENUMS = {np.dtype(np.float32): np.dtype(np.float32).num,
+             np.dtype(np.float64): np.dtype(np.float64).num}
 
 
 class _BatchNorm(Module):
@@ -76,6 +78,7 @@ class _BatchNorm(Module):
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
         object.__setattr__(self, "_saved", None)
+        object.__setattr__(self, "_known_input", ((), None, None))
 
     # ---- state ------------------------------------------------------------
 
@@ -123,6 +126,17 @@ class _BatchNorm(Module):
     def _vector(self, name: str, array, dtype):
         return check_channel_vector(name, array, self.num_features, dtype)
 
+    def _checked_state(self, dtype):
+        """(weight, bias, running_mean, running_var) arrays (None when absent),
+        validated against num_features and the input dtype."""
+        weight, bias = self.weight, self.bias
+        arrays = (None if weight is None else weight.data, None if bias is None else bias.data,
+                  self.running_mean, self.running_var)
+        if not _bn.channel_vectors_ok(self.num_features, _TYPENUMS.get(dtype, -1), *arrays):
+            for name, array in zip(("weight", "bias", "running_mean", "running_var"), arrays):
+                self._vector(name, array, dtype)
+        return arrays
+
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Normalize `x` (float32/float64, channel axis `axis`).
 
@@ -132,27 +146,27 @@ class _BatchNorm(Module):
         or batch statistics when track_running_stats is False.
         Saves what `backward` needs.
         """
-        x, layout = self._check_input(x)
-        dtype = x.dtype
-        weight = bias = None
-        if self.affine:
-            weight = self._vector("weight", self.weight.data, dtype)
-            bias = self._vector("bias", self.bias.data, dtype)
-        running_mean = self.running_mean
+        # the geometry of the last input shape is reused: a training loop
+        # calls the layer on the same shape every step
+        known = self._known_input
+        if type(x) is np.ndarray and x.shape == known[0] and x.dtype is known[1]:
+            layout = known[2]
+        else:
+            x, layout = self._check_input(x)
+            object.__setattr__(self, "_known_input", (x.shape, x.dtype, layout))
+        weight, bias, running_mean, running_var = self._checked_state(x.dtype)
         if self.training or running_mean is None:
             check_batch_size(x, layout)
-            running_var = None
             factor = 0.0
             update = self.training and running_mean is not None
             if update:
-                running_mean = self._vector("running_mean", running_mean, dtype)
-                running_var = self._vector("running_var", self.running_var, dtype)
-                check_updatable("running_mean", running_mean)
-                check_updatable("running_var", running_var)
+                if not (running_mean.flags.writeable and running_var.flags.writeable):
+                    check_updatable("running_mean", running_mean)
+                    check_updatable("running_var", running_var)
                 count = int(self.num_batches_tracked) + 1
                 factor = 1.0 / count if self.momentum is None else self.momentum
             else:
-                running_mean = None
+                running_mean = running_var = None
             x = _bn.as_kernel_array(x)
             y, mean, invstd = _bn.train_forward(x, None, layout.outer, layout.channels,
                                                 layout.inner, weight, bias, self.eps,
@@ -161,10 +175,8 @@ class _BatchNorm(Module):
                 self.num_batches_tracked.fill(count)
             object.__setattr__(self, "_saved", (_TRAIN, x, layout, mean, invstd))
             return y
-        running_mean = self._vector("running_mean", running_mean, dtype)
-        running_var = self._vector("running_var", self.running_var, dtype)
         if x.size == 0:
-            y = np.empty(x.shape, dtype)
+            y = np.empty(x.shape, x.dtype)
         else:
             x = _bn.as_kernel_array(x)
             y = _bn.eval_forward(x, None, layout.outer, layout.channels, layout.inner,
@@ -198,9 +210,7 @@ class _BatchNorm(Module):
                                "differentiate; call the module on an input first")
         mode, x, layout, stat_a, stat_b = saved
         dy = check_like("dy", dy, x, "the forward's input")
-        weight = None
-        if self.affine:
-            weight = self._vector("weight", self.weight.data, x.dtype)
+        weight = self._checked_state(x.dtype)[0]
         dweight, dbias, accumulate, finish = self._grad_targets(x.dtype)
         if x.size == 0:
             dx = np.empty(x.shape, x.dtype)
@@ -219,30 +229,37 @@ class _BatchNorm(Module):
 
     def _grad_targets(self, dtype):
         """(dweight, dbias, accumulate, finish): where the kernel writes the
-        parameter gradients.  Usually straight into existing grads (accumulate)
-        or into new arrays that become the grads; `finish` handles the rest."""
-        if not self.affine:
-            return None, None, False, None
+        parameter gradients.  Usually straight into the existing grads
+        (accumulate) or into new arrays that become the grads; otherwise into
+        new arrays that `finish` adds to the grads."""
         weight, bias = self.weight, self.bias
-        weight_grad, bias_grad = weight.grad, bias.grad
-        if weight_grad is None and bias_grad is None:
-            dweight = np.empty(self.num_features, dtype)
-            dbias = np.empty(self.num_features, dtype)
+        if weight is None and bias is None:
+            return None, None, False, None
+        if weight is not None and bias is not None:
+            if weight.grad is None and bias.grad is None:
+                dweight = np.empty(self.num_features, dtype)
+                dbias = np.empty(self.num_features, dtype)
 
-            def adopt(dweight, dbias):
-                weight.grad = dweight
-                bias.grad = dbias
-            return dweight, dbias, False, adopt
-        if self._accumulable(weight_grad, dtype) and self._accumulable(bias_grad, dtype):
-            return weight_grad, bias_grad, True, None
-        for name, grad in (("weight.grad", weight_grad), ("bias.grad", bias_grad)):
-            if grad is not None:
-                self._vector(name, grad, dtype)
-                if not grad.flags.writeable:
-                    raise ValueError(f"{name}: expected a writeable array, got a read-only one")
+                def adopt(dweight, dbias):
+                    weight.grad = dweight
+                    bias.grad = dbias
+                return dweight, dbias, False, adopt
+            if (self._accumulable(weight.grad, dtype)
+                    and self._accumulable(bias.grad, dtype)):
+                return weight.grad, bias.grad, True, None
+        # unusual: one parameter absent, one grad None, or a grad that is
+        # not a plain contiguous array
+        for name, param in (("weight", weight), ("bias", bias)):
+            if param is not None and param.grad is not None:
+                self._vector(f"{name}.grad", param.grad, dtype)
+                if not param.grad.flags.writeable:
+                    raise ValueError(f"{name}.grad: expected a writeable array, "
+                                     "got a read-only one")
 
         def combine(dweight, dbias):
             for param, fresh in ((weight, dweight), (bias, dbias)):
+                if param is None:
+                    continue
                 if param.grad is None:
                     param.grad = fresh
                 else:

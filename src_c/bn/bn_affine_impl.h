@@ -60,7 +60,12 @@ static void FB_TYPED(bn_affine)(const FB_REAL *x, FB_REAL *y, const FB_REAL *sca
 {
     const fb_index total = outer * channels * inner;
     const int nt = fb_threads_for(total, num_threads);
-#pragma omp parallel num_threads(nt) if (nt > 1)
+    if (nt <= 1) {
+        /* not even an if(0) region: libgomp's team setup costs ~0.3 us */
+        FB_TYPED(bn_affine_range)(x, y, scale, shift, channels, inner, 0, total);
+        return;
+    }
+#pragma omp parallel num_threads(nt)
     {
         fb_index begin, end;
         fb_split_range(total, fb_team_size(), fb_thread_id(), &begin, &end);
