@@ -2,5 +2,15 @@
 ``backward``)."""
 from .module import IncompatibleKeys, Module
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from . import init
+from .linear import Linear
+from .activation import ReLU
+from .dropout import Dropout
+from .flatten import Flatten
+from .container import Sequential
+from .loss import CrossEntropyLoss, MSELoss
+from .fold import fold_batchnorm
 
-__all__ = ["Module", "IncompatibleKeys", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["Module", "IncompatibleKeys", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+           "init", "Linear", "ReLU", "Dropout", "Flatten", "Sequential", "CrossEntropyLoss",
+           "MSELoss", "fold_batchnorm"]

@@ -1,0 +1,50 @@
+"""The scripts in examples/ run (small settings, in a subprocess)."""
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+import fastbn
+
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(fastbn.__file__)))
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def run_example(name, *args):
+    env = dict(os.environ, PYTHONPATH=PACKAGE_PARENT)
+    result = subprocess.run([sys.executable, os.path.join(EXAMPLES, name), *args],
+                            capture_output=True, text=True, env=env, timeout=300,
+                            cwd=tempfile.gettempdir())
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_train_mlp_then_inference_from_its_checkpoint(tmp_path):
+    checkpoint = str(tmp_path / "mlp.ckpt")
+    out = run_example("train_mlp.py", "--epochs", "2", "--dataset", "generated", "--save", checkpoint)
+    assert "epoch  2" in out and "saved to" in out
+    out = run_example("inference.py", "--checkpoint", checkpoint, "--batch", "32")
+    assert "trained for 2 epochs" in out
+    assert "agreement folded vs original: 100.0%" in out
+
+
+def test_inference_runs_without_a_checkpoint():
+    out = run_example("inference.py", "--batch", "16")
+    assert "saved it and restored it" in out
+    assert "max |folded - original| logit difference" in out
+
+
+def test_lr_range_test_suggests_a_range(tmp_path):
+    plot = tmp_path / "range.png"
+    args = ["--iters", "60"]
+    try:
+        import matplotlib  # noqa: F401
+        args += ["--plot", str(plot)]
+    except ImportError:
+        pass
+    out = run_example("lr_range_test.py", *args)
+    assert "suggested range" in out
+    if "--plot" in args:
+        assert plot.stat().st_size > 0
