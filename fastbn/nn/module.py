@@ -113,7 +113,7 @@ class Module:
     def _check_new_name(self, name: str, registry: dict) -> None:
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"name: expected a non-empty string without '.', got {name!r}")
-        if name not in registry and name in self.__dict__:
+        if name not in registry and hasattr(self, name):
             raise ValueError(f"name: attribute {name!r} already exists")
 
     # ---- calling ------------------------------------------------------------
