@@ -11,11 +11,18 @@
  *   planar (inner > 1, e.g. NCHW): channel c is `outer` contiguous rows of
  *     `inner` values.  Its n = outer * inner values, read as one sequence, are
  *     cut into chunks of `chunk` values (a chunk may span rows); one work item
- *     is (channel, chunk), numbered c * chunks + k.  Channels are processed in
- *     cache blocks: all chunks of a block are reduced, the block's channels are
- *     finalized, then the block is rewritten while it is still in L2/L3, so
- *     the data comes from DRAM about once.  Each thread rewrites exactly the
- *     chunks it reduced, so the second read hits its own L2.
+ *     is (channel, chunk), numbered c * chunks + k.  With enough channels
+ *     (FB_BN_OWNED_CHANNELS_PER_THREAD per thread) every thread OWNS a
+ *     contiguous range of channels and, one channel at a time, reduces its
+ *     chunks, finalizes it and rewrites it while it is still in L2/L3: no
+ *     barrier at all, and the data comes from DRAM about once.  With few
+ *     channels, the chunks of each channel are shared by all threads instead,
+ *     in cache blocks of channels: all chunks of a block are reduced, a
+ *     barrier, the block's channels are finalized, a barrier, then each
+ *     thread rewrites exactly the chunks it reduced (second read from its own
+ *     L2).  Barriers are few there (two per block, a block being a channel or
+ *     more), which matters: a barrier waits for the slowest thread, and on a
+ *     busy machine a descheduled thread costs a whole time slice.
  *
  *   interleaved (inner == 1, e.g. NHWC or (N, C)): row r holds one value of
  *     every channel.  A work item is (row chunk k, channel group j), numbered
@@ -124,6 +131,9 @@ FB_BN_INLINE double fb_bn_lanes_total(const fb_bn_lanes *a)
 /* Interleaved: channels per work item; 512 doubles x 2 sums = 8 KiB of
  * partials, which stay in L1 while the rows stream past. */
 #define FB_BN_MAX_GROUP_WIDTH ((fb_index)512)
+/* Planar: channels per thread from which threads own whole channels (no
+ * barriers); the imbalance is then at most one channel in four. */
+#define FB_BN_OWNED_CHANNELS_PER_THREAD 4
 /* Planar cache block: bytes of streamed input per thread (x, or dy and x)
  * reduced before being rewritten.  Below the 512 KiB L2 of a Zen3 core, so
  * the rewrite reads from L2 (lines that spill still sit in the L3). */
@@ -133,6 +143,7 @@ typedef struct fb_bn_plan {
     fb_index outer, channels, inner;
     fb_index n;              /* values per channel */
     int interleaved;         /* inner == 1 */
+    int owned;               /* planar, many channels: threads own whole channels */
     fb_index chunk;          /* planar: values per chunk; interleaved: rows per chunk */
     fb_index chunks;         /* chunks per channel (planar) or row chunks (interleaved) */
     fb_index group_width;    /* interleaved: channels per work item */
@@ -145,7 +156,9 @@ static inline fb_index fb_min_index(fb_index a, fb_index b) { return a < b ? a :
 static inline fb_index fb_max_index(fb_index a, fb_index b) { return a > b ? a : b; }
 
 /* `streamed_bytes_per_value`: bytes read per value in the reduction (x: one
- * array; backward: dy and x).  `num_threads` only sizes the cache blocks. */
+ * array; backward: dy and x).  `num_threads` only decides who computes what
+ * (owned channels or shared chunks, block sizes), never the chunk boundaries
+ * or the order of any sum. */
 static inline void fb_bn_make_plan(fb_bn_plan *plan, fb_index outer, fb_index channels,
                                    fb_index inner, fb_index streamed_bytes_per_value,
                                    int num_threads)
@@ -160,6 +173,8 @@ static inline void fb_bn_make_plan(fb_bn_plan *plan, fb_index outer, fb_index ch
     plan->inner = inner;
     plan->n = outer * inner;
     plan->interleaved = inner == 1 && channels > 1;
+    plan->owned = !plan->interleaved
+        && channels >= (fb_index)FB_BN_OWNED_CHANNELS_PER_THREAD * num_threads;
     if (!plan->interleaved) {
         plan->chunk = fb_max_index(FB_BN_CHUNK_VALUES,
                                    fb_ceil_div(plan->n, FB_BN_MAX_CHUNKS_PER_CHANNEL));

@@ -126,6 +126,7 @@ static inline void FB_TYPED(bn_lanes_grad)(const FB_REAL *restrict dy, const FB_
 static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass,
                                        fb_index item)
 {
+    /* reduce one chunk; the partial lands at index c * chunks + k == item */
     const fb_index c = item / plan->chunks, k = item - c * plan->chunks;
     const double center = pass->center[c];
     fb_bn_lanes a1, a2;
@@ -140,7 +141,7 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, FB_TYPED(bn_pass)
         while (fb_bn_runs_next(plan, c, &runs, &offset, &len))
             FB_TYPED(bn_lanes_grad)(pass->dy + offset, pass->x + offset, len, center, &a1, &a2);
     }
-    pass->sum1[item] = fb_bn_lanes_total(&a1);  /* planar partial index c * chunks + k == item */
+    pass->sum1[item] = fb_bn_lanes_total(&a1);
     pass->sum2[item] = fb_bn_lanes_total(&a2);
 }
 
@@ -346,6 +347,21 @@ static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pa
 static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass)
 {
     const int team = fb_team_size(), tid = fb_thread_id();
+    if (plan->owned) {
+        /* this thread's channels, one at a time: no barrier */
+        fb_index first, last;
+        fb_split_range(plan->channels, team, tid, &first, &last);
+        for (fb_index c = first; c < last; ++c) {
+            const fb_index items_begin = c * plan->chunks, items_end = items_begin + plan->chunks;
+            if (pass->reduce)
+                for (fb_index item = items_begin; item < items_end; ++item)
+                    FB_TYPED(bn_reduce_planar)(plan, pass, item);
+            FB_TYPED(bn_finalize)(plan, pass, c);
+            for (fb_index item = items_end; item-- > items_begin;)
+                FB_TYPED(bn_apply_item)(plan, pass, item);
+        }
+        return;
+    }
     for (fb_index c0 = 0; c0 < plan->channels; c0 += plan->block_channels) {
         const fb_index c1 = fb_min_index(plan->channels, c0 + plan->block_channels);
         fb_index items_begin, items_end, first, last, channel_first, channel_last;
