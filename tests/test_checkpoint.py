@@ -701,3 +701,86 @@ def test_resume_with_every_scheduler_kind_is_bit_exact(tmp_path, scheduler_name)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_resume_with_a_batch_norm_module_is_bit_exact(tmp_path, dtype):
     _resume_equals_uninterrupted(tmp_path, "adam_all_options", "one_cycle", dtype, with_bn=True)
+
+
+# section: a whole model: Sequential with BatchNorm, resumed in a new process ------
+
+MLP_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import fastbn
+    from fastbn import nn
+    from fastbn.optim import lr_scheduler
+
+    def build():
+        rng = np.random.default_rng(0)
+        model = nn.Sequential(nn.Linear(6, 16, rng=rng), nn.BatchNorm1d(16, momentum=None), nn.ReLU(),
+                              nn.Linear(16, 3, rng=rng))
+        optimizer = fastbn.optim.AdamW(model.parameters(), lr=1e-2, amsgrad=True)
+        scheduler = lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=20)
+        return model, optimizer, scheduler
+
+    def train(model, optimizer, scheduler, first, last):
+        criterion = nn.CrossEntropyLoss()
+        for step in range(first, last):
+            rng = np.random.default_rng(100 + step)
+            x = rng.standard_normal((32, 6)).astype(np.float32)
+            y = rng.integers(0, 3, 32)
+            model.train()
+            criterion(model(x), y)
+            optimizer.zero_grad()
+            model.backward(criterion.backward())
+            optimizer.step()
+            scheduler.step()
+
+    def fingerprint(model, optimizer):
+        model.eval()
+        x = np.random.default_rng(7).standard_normal((5, 6)).astype(np.float32)
+        arrays = [model(x)] + list(model.state_dict().values())
+        arrays += [v for s in optimizer.state.values() for v in s.values() if isinstance(v, np.ndarray)]
+        return b"".join(np.ascontiguousarray(a).tobytes() for a in arrays).hex()
+
+    mode, path = sys.argv[1], sys.argv[2]
+    model, optimizer, scheduler = build()
+    if mode == "uninterrupted":
+        train(model, optimizer, scheduler, 0, 18)
+    elif mode == "first_half":
+        train(model, optimizer, scheduler, 0, 9)
+        fastbn.save(path, {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 9})
+    else:
+        step = fastbn.load_into(path, {"model": model, "optimizer": optimizer, "scheduler": scheduler})["step"]
+        train(model, optimizer, scheduler, step, 18)
+    print(fingerprint(model, optimizer))
+""")
+
+
+@pytest.mark.skipif(not hasattr(getattr(fastbn, "nn", None), "Sequential"), reason="fastbn.nn not available")
+def test_a_model_resumed_in_a_new_process_equals_the_uninterrupted_run(tmp_path):
+    path = str(tmp_path / "mlp.ckpt")
+
+    def run(mode):
+        result = subprocess.run([sys.executable, "-c", MLP_SCRIPT, mode, path], capture_output=True, text=True,
+                                timeout=300, env=dict(os.environ, PYTHONPATH=_pythonpath()), cwd=str(tmp_path))
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    uninterrupted = run("uninterrupted")
+    run("first_half")
+    assert run("resume") == uninterrupted
+
+
+@pytest.mark.skipif(not hasattr(getattr(fastbn, "nn", None), "Sequential"), reason="fastbn.nn not available")
+def test_load_into_a_model_of_another_architecture_names_the_mismatch(tmp_path):
+    from fastbn import nn
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    fastbn.save(tmp_path / "m", {"model": model})
+    wider = nn.Sequential(nn.Linear(4, 9), nn.BatchNorm1d(9), nn.Linear(9, 2))
+    with pytest.raises(checkpoint.CheckpointError, match=r"\['0.weight'\]: shape \(8, 4\) saved, the target has \(9, 4\)"):
+        fastbn.load_into(tmp_path / "m", {"model": wider})
+    deeper = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2), nn.Linear(2, 2))
+    with pytest.raises(checkpoint.CheckpointError, match=r"missing \['3.weight', '3.bias'\]"):
+        fastbn.load_into(tmp_path / "m", {"model": deeper})
+    double = nn.Sequential(nn.Linear(4, 8, dtype=np.float64), nn.BatchNorm1d(8, dtype=np.float64),
+                           nn.Linear(8, 2, dtype=np.float64))
+    with pytest.raises(TypeError, match="dtype float32 saved, the target has float64"):
+        fastbn.load_into(tmp_path / "m", {"model": double})

@@ -317,3 +317,54 @@ def test_training_variance_is_accurate_for_data_with_a_large_mean(dtype, seed, m
     F.batch_norm(x, mean, var, training=True, momentum=1.0)
     exact = x.astype(np.float64).var(axis=(0, 2), ddof=1)
     np.testing.assert_allclose(var, exact, rtol=1e-3 if dtype == np.float32 else 1e-10)
+
+
+# section: layers -------------------------------------------------------------------
+
+def _bn_layer_class(ndim):
+    nn = getattr(fastbn, "nn", None)
+    names = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
+    return getattr(nn, names[ndim], None) if nn is not None else None
+
+
+layers = pytest.mark.skipif(_bn_layer_class(4) is None or not hasattr(_bn_layer_class(4), "backward"),
+                            reason="fastbn.nn BatchNorm layers not available yet")
+
+
+@layers
+@settings(max_examples=80, **SETTINGS)
+@given(dtype=st.sampled_from([np.float32, np.float64]), ndim=st.integers(2, 5),
+       sizes=st.lists(st.integers(1, 5), min_size=5, max_size=5), axis=st.sampled_from([1, -1]),
+       affine=st.booleans(), track=st.booleans(), momentum=st.one_of(st.none(), st.floats(0.0, 1.0)),
+       steps=st.integers(1, 3), seed=st.integers(0, 2 ** 32 - 1))
+def test_batch_norm_layers_match_reference_over_training_and_eval(dtype, ndim, sizes, axis, affine, track,
+                                                                  momentum, steps, seed):
+    shape = tuple(sizes[:ndim])
+    channels = shape[axis]
+    assume(int(np.prod(shape)) // channels > 1)
+    results = {}
+    for backend in ("fast", "reference"):
+        rng = np.random.default_rng(seed)
+        with fastbn.use_backend(backend):
+            layer = _bn_layer_class(ndim)(channels, momentum=momentum, affine=affine,
+                                          track_running_stats=track, axis=axis, dtype=dtype)
+            if affine:
+                layer.weight.data[...] = rng.standard_normal(channels)
+                layer.bias.data[...] = rng.standard_normal(channels)
+            outputs = []
+            for _ in range(steps):
+                x = (rng.standard_normal(shape) * 3 + 5).astype(dtype)
+                layer.train()
+                outputs.append(layer(x))
+                outputs.append(layer.backward(rng.standard_normal(shape).astype(dtype)))
+            layer.eval()
+            outputs.append(layer((rng.standard_normal(shape) * 3 + 5).astype(dtype)))
+            if affine:
+                outputs += [layer.weight.grad, layer.bias.grad]
+            outputs += [np.asarray(v) for v in layer.state_dict().values()]
+        results[backend] = outputs
+    tolerance = dict(rtol=2e-4, atol=2e-4) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-9)
+    assert len(results["fast"]) == len(results["reference"])
+    for index, (fast, reference) in enumerate(zip(results["fast"], results["reference"])):
+        assert fast.dtype == reference.dtype and fast.shape == reference.shape, index
+        np.testing.assert_allclose(fast, reference, err_msg=str(index), **tolerance)
