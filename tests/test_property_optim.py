@@ -128,7 +128,7 @@ def _finite_max(array):
     return float(finite.max()) if finite.size else 0.0
 
 
-@settings(max_examples=400, **SETTINGS)
+@settings(max_examples=300, **SETTINGS)
 @given(optimizer=optimizers(), run_data=training_runs())
 def test_every_optimizer_matches_reference_on_random_problems(optimizer, run_data):
     cls, kwargs = optimizer
@@ -136,11 +136,16 @@ def test_every_optimizer_matches_reference_on_random_problems(optimizer, run_dat
     fast_params, fast_opt = run(cls, kwargs, initial, steps, "fast")
     ref_params, ref_opt = run(cls, kwargs, initial, steps, "reference")
     for index, (fast, ref, start) in enumerate(zip(fast_params, ref_params, initial)):
+        # Rounding errors scale with every value the parameter passed through:
+        # the start, the end, and each step's update (O(lr) for the normalized
+        # optimizers; O(lr * |g|) for SGD/Momentum, twice that with Nesterov).
         magnitude = np.abs(start.astype(np.float64)) + np.abs(ref.data.astype(np.float64))
-        if cls in (optim.Adam, optim.AdamW, optim.Lion, optim.RMSprop, optim.Adagrad):
-            # normalized updates are O(lr) whatever the gradient scale
-            magnitude = magnitude + kwargs["lr"] * len(steps) * (1 + 2 * kwargs.get("weight_decay", 0)
-                                                                 * np.abs(start))
+        if cls in (optim.SGD, optim.Momentum):
+            gradient_sum = sum(_finite_max(grads[index]) for grads in steps if grads[index] is not None)
+            per_step = 2 * gradient_sum + kwargs.get("weight_decay", 0) * _finite_max(magnitude)
+        else:
+            per_step = 1 + 2 * kwargs.get("weight_decay", 0) * _finite_max(magnitude)
+        magnitude = magnitude + kwargs["lr"] * len(steps) * per_step
         assert_close_elementwise(fast.data, ref.data, magnitude, dtype, f"param{index}")
         fast_state, ref_state = fast_opt.state.get(fast, {}), ref_opt.state.get(ref, {})
         assert fast_state.keys() == ref_state.keys(), index
