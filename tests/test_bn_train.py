@@ -266,3 +266,57 @@ def test_forward_train_is_bitwise_identical_for_1_and_2_threads(dtype, shape, ax
     one, two = _with_threads(1, run), _with_threads(2, run)
     for a, b in zip(one, two):
         np.testing.assert_array_equal(a, b)
+
+
+# ---- large outputs: non-temporal stores ---------------------------------------
+
+# outputs of 8 MiB and more are written with streaming stores (aligned vector
+# body, scalar head and tail); `out` one element off alignment exercises the head
+STREAMING_CASES = [((4, 8, 256, 260), 1), ((4, 256, 260, 8), -1), ((2, 3, 700, 800), 1)]
+
+
+def misaligned_like(array):
+    storage = np.empty(array.size + 1, array.dtype)
+    return storage[1:].reshape(array.shape)
+
+
+@pytest.mark.parametrize("shape,axis", STREAMING_CASES)
+def test_large_outputs_match_reference(simd_target, shape, axis):
+    # the reference runs in float64 here: NumPy's float32 sums over 10^5+
+    # strided values are less accurate than the kernels
+    rng = np.random.default_rng(9)
+    x, weight, bias, running_mean, running_var = make_inputs(rng, shape, axis, np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    assert x.nbytes >= 8 << 20
+    f64 = [a.astype(np.float64) for a in (x, weight, bias, running_mean, running_var, dy)]
+    x64, weight64, bias64, mean64, var64, dy64 = f64
+    y_ref, mean_ref, invstd_ref = R.batch_norm_forward_train(x64, weight64, bias64, axis=axis)
+    for out in (None, misaligned_like(x)):
+        y, mean, invstd = F.batch_norm_forward_train(x, weight, bias, axis=axis, out=out)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(invstd, invstd_ref, rtol=1e-6)
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, axis=axis,
+                     out=misaligned_like(x))
+    np.testing.assert_allclose(y, R.batch_norm(x64, mean64, var64, weight64, bias64, axis=axis),
+                               rtol=1e-5, atol=1e-5)
+    dx, dweight, _ = F.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis,
+                                           out=misaligned_like(x))
+    expected = R.batch_norm_backward(dy64, x64, mean.astype(np.float64),
+                                     invstd.astype(np.float64), weight64, axis=axis)
+    np.testing.assert_allclose(dx, expected[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dweight, expected[1], rtol=1e-5, atol=1e-2)
+    dx, _, dbias = F.batch_norm_backward_eval(dy, x, running_mean, running_var, weight, axis=axis)
+    expected = R.batch_norm_backward_eval(dy64, x64, mean64, var64, weight64, axis=axis)
+    np.testing.assert_allclose(dx, expected[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dbias, expected[2], rtol=1e-5, atol=1e-2)
+
+
+def test_large_outputs_are_bitwise_identical_for_1_and_2_threads():
+    rng = np.random.default_rng(10)
+    x, weight, bias, _, _ = make_inputs(rng, (1, 3, 1000, 1000), 1, np.float64)
+
+    def run():
+        return F.batch_norm_forward_train(x, weight, bias)
+
+    for a, b in zip(_with_threads(1, run), _with_threads(2, run)):
+        np.testing.assert_array_equal(a, b)

@@ -2,7 +2,8 @@
  * y = x * scale[c] + shift[c] that every normalization ends in, and the
  * eval-mode forward built on it.  Included once per dtype by bn_kernels.c.
  *
- * Cost: one read and one write of x; one FMA per element.  Work is split into
+ * Cost: one read and one write of x (streaming stores when y is large, see
+ * bn_span_impl.h); one FMA per element.  Work is split into
  * equal contiguous element ranges, one per thread, whatever the layout, so a
  * single huge channel or a tiny spatial size still uses every thread.
  */
@@ -10,25 +11,21 @@
 /* ---- affine map over an element range ------------------------------------ */
 
 /* Elements [begin, end) of the (outer, channels, inner) array. */
-static void FB_TYPED(bn_affine_range)(const FB_REAL *restrict x, FB_REAL *y,
+static void FB_TYPED(bn_affine_range)(const FB_REAL *x, FB_REAL *y,
                                       const FB_REAL *restrict scale,
                                       const FB_REAL *restrict shift,
                                       fb_index channels, fb_index inner,
-                                      fb_index begin, fb_index end)
+                                      fb_index begin, fb_index end, int stream)
 {
     if (inner == 1) {
         /* channels-last rows: the coefficient changes with every element */
         fb_index row = begin / channels, col = begin - row * channels;
         while (begin < end) {
-            fb_index stop_col = channels;
-            if (end - begin < channels - col)
-                stop_col = col + (end - begin);
-            const FB_REAL *xr = x + row * channels;
-            FB_REAL *yr = y + row * channels;
-#pragma omp simd
-            for (fb_index c = col; c < stop_col; ++c)
-                yr[c] = xr[c] * scale[c] + shift[c];
-            begin += stop_col - col;
+            const fb_index len = fb_min_index(channels - col, end - begin);
+            const fb_index offset = row * channels + col;
+            FB_TYPED(bn_span_channels)(y + offset, x + offset, NULL, len, scale + col,
+                                       shift + col, NULL, stream);
+            begin += len;
             col = 0;
             ++row;
         }
@@ -36,17 +33,10 @@ static void FB_TYPED(bn_affine_range)(const FB_REAL *restrict x, FB_REAL *y,
         /* channels-first rows of `inner` elements share one coefficient */
         fb_index row = begin / inner, col = begin - row * inner;
         while (begin < end) {
-            fb_index stop_col = inner;
-            if (end - begin < inner - col)
-                stop_col = col + (end - begin);
-            const fb_index c = row % channels;
-            const FB_REAL a = scale[c], b = shift[c];
-            const FB_REAL *xr = x + row * inner;
-            FB_REAL *yr = y + row * inner;
-#pragma omp simd
-            for (fb_index i = col; i < stop_col; ++i)
-                yr[i] = xr[i] * a + b;
-            begin += stop_col - col;
+            const fb_index len = fb_min_index(inner - col, end - begin);
+            const fb_index c = row % channels, offset = row * inner + col;
+            FB_TYPED(bn_span)(y + offset, x + offset, NULL, len, scale[c], shift[c], 0, stream);
+            begin += len;
             col = 0;
             ++row;
         }
@@ -60,16 +50,21 @@ static void FB_TYPED(bn_affine)(const FB_REAL *x, FB_REAL *y, const FB_REAL *sca
 {
     const fb_index total = outer * channels * inner;
     const int nt = fb_threads_for(total, num_threads);
+    const int stream = total * (fb_index)sizeof(FB_REAL) >= FB_BN_STREAM_BYTES;
     if (nt <= 1) {
         /* not even an if(0) region: libgomp's team setup costs ~0.3 us */
-        FB_TYPED(bn_affine_range)(x, y, scale, shift, channels, inner, 0, total);
+        FB_TYPED(bn_affine_range)(x, y, scale, shift, channels, inner, 0, total, stream);
+        if (stream)
+            fb_stream_fence();
         return;
     }
 #pragma omp parallel num_threads(nt)
     {
         fb_index begin, end;
         fb_split_range(total, fb_team_size(), fb_thread_id(), &begin, &end);
-        FB_TYPED(bn_affine_range)(x, y, scale, shift, channels, inner, begin, end);
+        FB_TYPED(bn_affine_range)(x, y, scale, shift, channels, inner, begin, end, stream);
+        if (stream)
+            fb_stream_fence();
     }
 }
 

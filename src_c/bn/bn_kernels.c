@@ -10,6 +10,7 @@
 /* section: float32 ---------------------------------------------------------- */
 #define FB_REAL float
 #define FB_DTYPE f32
+#include "bn_span_impl.h"
 #include "bn_affine_impl.h"
 #include "bn_train_impl.h"
 #undef FB_REAL
@@ -18,6 +19,7 @@
 /* section: float64 ---------------------------------------------------------- */
 #define FB_REAL double
 #define FB_DTYPE f64
+#include "bn_span_impl.h"
 #include "bn_affine_impl.h"
 #include "bn_train_impl.h"
 #undef FB_REAL

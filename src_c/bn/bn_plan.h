@@ -17,19 +17,19 @@
  *     chunks, finalizes it and rewrites it while it is still in L2/L3: no
  *     barrier at all, and the data comes from DRAM about once.  With few
  *     channels, the chunks of each channel are shared by all threads instead,
- *     in cache blocks of channels: all chunks of a block are reduced, a
- *     barrier, the block's channels are finalized, a barrier, then each
- *     thread rewrites exactly the chunks it reduced (second read from its own
- *     L2).  Barriers are few there (two per block, a block being a channel or
- *     more), which matters: a barrier waits for the slowest thread, and on a
- *     busy machine a descheduled thread costs a whole time slice.
+ *     in cache blocks of channels: all chunks of a block are reduced, one
+ *     barrier, every thread derives the block's coefficients (its own copy),
+ *     then rewrites exactly the chunks it reduced (second read from its own
+ *     L2).  Barriers are kept few on purpose: a barrier waits for the slowest
+ *     thread, and on a busy machine a descheduled thread costs a whole
+ *     scheduler time slice.
  *
  *   interleaved (inner == 1, e.g. NHWC or (N, C)): row r holds one value of
  *     every channel.  A work item is (row chunk k, channel group j), numbered
  *     k * groups + j; it owns partial sums for the group's channels.  Every
- *     channel needs every row, so there is one block (the whole array); the
- *     rewrite walks the items in reverse so the rows read last, still cached,
- *     are rewritten first.
+ *     channel needs every row, so there is one block (the whole array, one
+ *     barrier); the rewrite walks the items in reverse so the rows read
+ *     last, still cached, are rewritten first.
  *
  * Partial sums live in two arrays of channels * chunks doubles, indexed
  * c * chunks + k (planar) or k * channels + c (interleaved).
@@ -37,6 +37,7 @@
 #ifndef FASTBN_BN_PLAN_H
 #define FASTBN_BN_PLAN_H
 
+#include <stdint.h>
 #include <string.h>
 
 #include "../common/fb_parallel.h"
@@ -45,6 +46,11 @@
  * (4 cycles x 2 pipes x 4 doubles per AVX2 vector = 32 lanes would saturate;
  * 16 per sum, two sums, keeps 8 vectors in flight without spilling). */
 #define FB_BN_LANES 16
+/* Planar lanes first sum 8 values each in the input dtype (8 x 16 = 128
+ * values of a run), then add that into their float64 lane: float32 does 8
+ * values per AVX2 operation instead of 4, and a float32 sum of 8 values is
+ * off by at most ~8 ulp before float64 takes over. */
+#define FB_BN_SHORT_SUM 8
 
 /* The lanes as GCC/Clang vector-extension types: exact control over which
  * value goes to which accumulator (the auto-vectorizer spills 16 scalar
@@ -64,45 +70,120 @@
 #endif
 #define FB_BN_VECS (FB_BN_LANES / FB_BN_VEC)
 typedef double fb_vec_d __attribute__((vector_size(FB_BN_VEC * sizeof(double))));
-typedef float fb_vec_f __attribute__((vector_size(FB_BN_VEC * sizeof(float))));
+/* "real" vectors: the same width in the input dtype (2 * FB_BN_VEC floats or
+ * FB_BN_VEC doubles), used for the in-dtype short sums */
+typedef float fb_rvec_f32 __attribute__((vector_size(FB_BN_VEC * sizeof(double))));
+typedef double fb_rvec_f64 __attribute__((vector_size(FB_BN_VEC * sizeof(double))));
+#define FB_RVEC_LEN_f32 (2 * FB_BN_VEC)
+#define FB_RVEC_LEN_f64 (FB_BN_VEC)
 /* `rest` takes the values of each run's tail (len % FB_BN_LANES). */
 typedef struct { fb_vec_d v[FB_BN_VECS]; double rest; } fb_bn_lanes;
 
-FB_BN_INLINE fb_vec_d fb_vec_broadcast(double value)
+FB_BN_INLINE fb_rvec_f32 fb_rvec_load_f32(const float *p)
 {
-    fb_vec_d v;
-    for (int l = 0; l < FB_BN_VEC; ++l)
+    fb_rvec_f32 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+FB_BN_INLINE fb_rvec_f64 fb_rvec_load_f64(const double *p)
+{
+    fb_rvec_f64 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+FB_BN_INLINE fb_rvec_f32 fb_rvec_broadcast_f32(float value)
+{
+    fb_rvec_f32 v;
+    for (int l = 0; l < FB_RVEC_LEN_f32; ++l)
         v[l] = value;
     return v;
 }
-/* Unaligned loads of FB_BN_VEC values, widened to double.  The widening
- * uses the conversion instruction directly: GCC 12 lowers
- * __builtin_convertvector(float -> double) through the stack. */
-FB_BN_INLINE fb_vec_d bn_load_doubles_f32(const float *p)
+FB_BN_INLINE fb_rvec_f64 fb_rvec_broadcast_f64(double value)
+{
+    fb_rvec_f64 v;
+    for (int l = 0; l < FB_RVEC_LEN_f64; ++l)
+        v[l] = value;
+    return v;
+}
+
+/* Non-temporal store of one vector; p is aligned to the vector size. */
+FB_BN_INLINE void fb_rvec_stream_f32(float *p, fb_rvec_f32 v)
 {
 #if defined(__AVX512F__)
-    return (fb_vec_d)_mm512_cvtps_pd(_mm256_loadu_ps(p));
+    _mm512_stream_ps(p, (__m512)v);
 #elif defined(__AVX__)
-    return (fb_vec_d)_mm256_cvtps_pd(_mm_loadu_ps(p));
+    _mm256_stream_ps(p, (__m256)v);
 #elif defined(__SSE2__)
-    return (fb_vec_d)_mm_cvtps_pd(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)p)));
+    _mm_stream_ps(p, (__m128)v);
 #else
-    fb_vec_f v;
-    memcpy(&v, p, sizeof v);
-    return __builtin_convertvector(v, fb_vec_d);
+    memcpy(p, &v, sizeof v);
 #endif
 }
-FB_BN_INLINE fb_vec_d bn_load_doubles_f64(const double *p)
+FB_BN_INLINE void fb_rvec_stream_f64(double *p, fb_rvec_f64 v)
 {
-    fb_vec_d v;
-    memcpy(&v, p, sizeof v);
-    return v;
+#if defined(__AVX512F__)
+    _mm512_stream_pd(p, (__m512d)v);
+#elif defined(__AVX__)
+    _mm256_stream_pd(p, (__m256d)v);
+#elif defined(__SSE2__)
+    _mm_stream_pd(p, (__m128d)v);
+#else
+    memcpy(p, &v, sizeof v);
+#endif
+}
+
+/* Widen float lanes into double lanes and add them: float lane l of vector v
+ * goes to double lane v * FB_RVEC_LEN + l.  The conversion instruction is
+ * spelled out: GCC 12 lowers __builtin_convertvector(float -> double)
+ * through the stack. */
+FB_BN_INLINE void fb_widen_add(fb_vec_d *low, fb_vec_d *high, fb_rvec_f32 v)
+{
+#if defined(__AVX512F__)
+    const __m512 w = (__m512)v;
+    *low += (fb_vec_d)_mm512_cvtps_pd(_mm512_castps512_ps256(w));
+    *high += (fb_vec_d)_mm512_cvtps_pd(
+        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(w), 1)));
+#elif defined(__AVX__)
+    const __m256 w = (__m256)v;
+    *low += (fb_vec_d)_mm256_cvtps_pd(_mm256_castps256_ps128(w));
+    *high += (fb_vec_d)_mm256_cvtps_pd(_mm256_extractf128_ps(w, 1));
+#elif defined(__SSE2__)
+    const __m128 w = (__m128)v;
+    *low += (fb_vec_d)_mm_cvtps_pd(w);
+    *high += (fb_vec_d)_mm_cvtps_pd(_mm_movehl_ps(w, w));
+#else
+    for (int l = 0; l < FB_BN_VEC; ++l) {
+        (*low)[l] += (double)v[l];
+        (*high)[l] += (double)v[FB_BN_VEC + l];
+    }
+#endif
+}
+
+/* Add short in-dtype lane sums into the float64 lanes. */
+FB_BN_INLINE void fb_flush_f32(fb_bn_lanes *a, const fb_rvec_f32 *b)
+{
+    for (int v = 0; v < FB_BN_LANES / FB_RVEC_LEN_f32; ++v)
+        fb_widen_add(&a->v[2 * v], &a->v[2 * v + 1], b[v]);
+}
+FB_BN_INLINE void fb_flush_f64(fb_bn_lanes *a, const fb_rvec_f64 *b)
+{
+    for (int v = 0; v < FB_BN_LANES / FB_RVEC_LEN_f64; ++v)
+        a->v[v] += b[v];
 }
 #else
 #define FB_BN_HAVE_VECTORS 0
 #define FB_BN_INLINE static inline
 typedef struct { double v[FB_BN_LANES]; double rest; } fb_bn_lanes;
 #endif
+
+/* Orders this thread's non-temporal stores before whatever follows (the end
+ * of the parallel region, the return to Python). */
+static inline void fb_stream_fence(void)
+{
+#if defined(__SSE2__)
+    _mm_sfence();
+#endif
+}
 
 FB_BN_INLINE void fb_bn_lanes_zero(fb_bn_lanes *a)
 {
@@ -131,6 +212,13 @@ FB_BN_INLINE double fb_bn_lanes_total(const fb_bn_lanes *a)
 /* Interleaved: channels per work item; 512 doubles x 2 sums = 8 KiB of
  * partials, which stay in L1 while the rows stream past. */
 #define FB_BN_MAX_GROUP_WIDTH ((fb_index)512)
+/* Outputs of at least this many bytes are written with non-temporal stores:
+ * well past the ~12-16 MiB of L3 a core gets in practice, where y would be
+ * evicted before anyone reads it, and where a normal store's read of the old
+ * line costs a third memory stream.  Smaller outputs stay in cache for the
+ * next layer. */
+#define FB_BN_STREAM_BYTES ((fb_index)8 << 20)
+
 /* Planar: channels per thread from which threads own whole channels (no
  * barriers); the imbalance is then at most one channel in four. */
 #define FB_BN_OWNED_CHANNELS_PER_THREAD 4

@@ -19,6 +19,7 @@ typedef struct {
     int mode;                          /* enum fb_bn_mode */
     int reduce;                        /* 0: eval backward without dweight/dbias */
     int accumulate;                    /* add into dweight/dbias instead of overwriting */
+    int stream;                        /* non-temporal stores for the output */
     const FB_REAL *x, *dy;
     FB_REAL *out;                      /* y (forward) or dx */
     const FB_REAL *weight, *bias;
@@ -29,93 +30,138 @@ typedef struct {
     /* workspace */
     double *sum1, *sum2;               /* per-chunk partials, see bn_plan.h for the indexing */
     double *center;                    /* per channel: forward shift, or the backward's mean */
-    FB_REAL *k1, *k2, *k3;             /* per-channel coefficients of the rewrite */
+    FB_REAL *center_real;              /* the same in the input dtype (exactly: it is an input) */
+    FB_REAL *coefficients;             /* per thread: 3 x channels, see bn_coefficients */
 } FB_TYPED(bn_pass);
+
+/* Per-channel coefficients of the rewrite (bn_span): out = in * k1 + k3, or
+ * in * k1 + (x * k2 + k3).  Each thread has its own set, so threads that
+ * share channels can all compute them after one barrier instead of waiting
+ * for one another a second time. */
+typedef struct {
+    FB_REAL *k1, *k2, *k3;
+} FB_TYPED(bn_coefficients);
+
+static FB_TYPED(bn_coefficients) FB_TYPED(bn_thread_coefficients)(const FB_TYPED(bn_pass) *pass,
+                                                                  fb_index channels, int tid)
+{
+    FB_TYPED(bn_coefficients) coef;
+    coef.k1 = pass->coefficients + (fb_index)3 * channels * tid;
+    coef.k2 = coef.k1 + channels;
+    coef.k3 = coef.k2 + channels;
+    return coef;
+}
 
 /* ---- reductions over one contiguous run ----------------------------------- */
 
-/* Lane l accumulates the values i of a run with i % FB_BN_LANES == l; the
- * run's last len % FB_BN_LANES values go, in order, to the scalar `rest`. */
+/* Lane l accumulates the values i of a run with i % FB_BN_LANES == l, in
+ * short sums of FB_BN_SHORT_SUM values in the input dtype that are then added
+ * to the float64 lane; the run's last len % FB_BN_LANES values go, in order,
+ * to the scalar `rest`. */
 #if FB_BN_HAVE_VECTORS
+
+#define FB_RVEC FB_TYPED(fb_rvec)
+#define FB_RVEC_LEN FB_CAT(FB_RVEC_LEN, FB_DTYPE)
+#define FB_RVECS (FB_BN_LANES / FB_RVEC_LEN)
 
 /* a1 += x - center, a2 += (x - center)^2 */
 FB_BN_INLINE void FB_TYPED(bn_lanes_shifted)(const FB_REAL *restrict x, fb_index len,
-                                             double center, fb_bn_lanes *restrict a1,
+                                             FB_REAL center, fb_bn_lanes *restrict a1,
                                              fb_bn_lanes *restrict a2)
 {
-    const fb_vec_d shift = fb_vec_broadcast(center);
+    const FB_RVEC shift = FB_TYPED(fb_rvec_broadcast)(center);
     fb_index i = 0;
-    for (; i + FB_BN_LANES <= len; i += FB_BN_LANES) {
-        for (int v = 0; v < FB_BN_VECS; ++v) {
-            const fb_vec_d d = FB_TYPED(bn_load_doubles)(x + i + v * FB_BN_VEC) - shift;
-            a1->v[v] += d;
-            a2->v[v] += d * d;
+    while (i + FB_BN_LANES <= len) {
+        FB_RVEC b1[FB_RVECS], b2[FB_RVECS];
+        for (int v = 0; v < FB_RVECS; ++v)
+            b1[v] = b2[v] = FB_TYPED(fb_rvec_broadcast)(0);
+        const fb_index stop = i + FB_BN_SHORT_SUM * FB_BN_LANES;
+        for (; i + FB_BN_LANES <= len && i < stop; i += FB_BN_LANES) {
+            for (int v = 0; v < FB_RVECS; ++v) {
+                const FB_RVEC d = FB_TYPED(fb_rvec_load)(x + i + v * FB_RVEC_LEN) - shift;
+                b1[v] += d;
+                b2[v] += d * d;
+            }
         }
+        FB_TYPED(fb_flush)(a1, b1);
+        FB_TYPED(fb_flush)(a2, b2);
     }
     for (; i < len; ++i) {
-        const double d = (double)x[i] - center;
-        a1->rest += d;
-        a2->rest += d * d;
+        const FB_REAL d = x[i] - center;
+        a1->rest += (double)d;
+        a2->rest += (double)(d * d);
     }
 }
 
 /* a1 += dy, a2 += dy * (x - center) */
 FB_BN_INLINE void FB_TYPED(bn_lanes_grad)(const FB_REAL *restrict dy, const FB_REAL *restrict x,
-                                          fb_index len, double center, fb_bn_lanes *restrict a1,
+                                          fb_index len, FB_REAL center, fb_bn_lanes *restrict a1,
                                           fb_bn_lanes *restrict a2)
 {
-    const fb_vec_d shift = fb_vec_broadcast(center);
+    const FB_RVEC shift = FB_TYPED(fb_rvec_broadcast)(center);
     fb_index i = 0;
-    for (; i + FB_BN_LANES <= len; i += FB_BN_LANES) {
-        for (int v = 0; v < FB_BN_VECS; ++v) {
-            const fb_vec_d g = FB_TYPED(bn_load_doubles)(dy + i + v * FB_BN_VEC);
-            const fb_vec_d d = FB_TYPED(bn_load_doubles)(x + i + v * FB_BN_VEC) - shift;
-            a1->v[v] += g;
-            a2->v[v] += g * d;
+    while (i + FB_BN_LANES <= len) {
+        FB_RVEC b1[FB_RVECS], b2[FB_RVECS];
+        for (int v = 0; v < FB_RVECS; ++v)
+            b1[v] = b2[v] = FB_TYPED(fb_rvec_broadcast)(0);
+        const fb_index stop = i + FB_BN_SHORT_SUM * FB_BN_LANES;
+        for (; i + FB_BN_LANES <= len && i < stop; i += FB_BN_LANES) {
+            for (int v = 0; v < FB_RVECS; ++v) {
+                const FB_RVEC g = FB_TYPED(fb_rvec_load)(dy + i + v * FB_RVEC_LEN);
+                const FB_RVEC d = FB_TYPED(fb_rvec_load)(x + i + v * FB_RVEC_LEN) - shift;
+                b1[v] += g;
+                b2[v] += g * d;
+            }
         }
+        FB_TYPED(fb_flush)(a1, b1);
+        FB_TYPED(fb_flush)(a2, b2);
     }
     for (; i < len; ++i) {
-        const double g = (double)dy[i];
-        a1->rest += g;
-        a2->rest += g * ((double)x[i] - center);
+        const FB_REAL g = dy[i];
+        a1->rest += (double)g;
+        a2->rest += (double)(g * (x[i] - center));
     }
 }
+
+#undef FB_RVEC
+#undef FB_RVEC_LEN
+#undef FB_RVECS
 
 #else /* plain C lanes, same arithmetic */
 
 static inline void FB_TYPED(bn_lanes_shifted)(const FB_REAL *restrict x, fb_index len,
-                                              double center, fb_bn_lanes *restrict a1,
+                                              FB_REAL center, fb_bn_lanes *restrict a1,
                                               fb_bn_lanes *restrict a2)
 {
     fb_index i = 0;
     for (; i + FB_BN_LANES <= len; i += FB_BN_LANES)
         for (int l = 0; l < FB_BN_LANES; ++l) {
-            const double d = (double)x[i + l] - center;
-            a1->v[l] += d;
-            a2->v[l] += d * d;
+            const FB_REAL d = x[i + l] - center;
+            a1->v[l] += (double)d;
+            a2->v[l] += (double)(d * d);
         }
     for (; i < len; ++i) {
-        const double d = (double)x[i] - center;
-        a1->rest += d;
-        a2->rest += d * d;
+        const FB_REAL d = x[i] - center;
+        a1->rest += (double)d;
+        a2->rest += (double)(d * d);
     }
 }
 
 static inline void FB_TYPED(bn_lanes_grad)(const FB_REAL *restrict dy, const FB_REAL *restrict x,
-                                           fb_index len, double center, fb_bn_lanes *restrict a1,
+                                           fb_index len, FB_REAL center, fb_bn_lanes *restrict a1,
                                            fb_bn_lanes *restrict a2)
 {
     fb_index i = 0;
     for (; i + FB_BN_LANES <= len; i += FB_BN_LANES)
         for (int l = 0; l < FB_BN_LANES; ++l) {
-            const double g = (double)dy[i + l];
-            a1->v[l] += g;
-            a2->v[l] += g * ((double)x[i + l] - center);
+            const FB_REAL g = dy[i + l];
+            a1->v[l] += (double)g;
+            a2->v[l] += (double)(g * (x[i + l] - center));
         }
     for (; i < len; ++i) {
-        const double g = (double)dy[i];
-        a1->rest += g;
-        a2->rest += g * ((double)x[i] - center);
+        const FB_REAL g = dy[i];
+        a1->rest += (double)g;
+        a2->rest += (double)(g * (x[i] - center));
     }
 }
 
@@ -128,7 +174,7 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, FB_TYPED(bn_pass)
 {
     /* reduce one chunk; the partial lands at index c * chunks + k == item */
     const fb_index c = item / plan->chunks, k = item - c * plan->chunks;
-    const double center = pass->center[c];
+    const FB_REAL center = pass->center_real[c];
     fb_bn_lanes a1, a2;
     fb_bn_lanes_zero(&a1);
     fb_bn_lanes_zero(&a2);
@@ -145,8 +191,13 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, FB_TYPED(bn_pass)
     pass->sum2[item] = fb_bn_lanes_total(&a2);
 }
 
-/* Rows are taken four at a time: one load/store of each partial per four
- * rows instead of per row. */
+/* Rows are taken four at a time: the four rows' deviations and products are
+ * summed in the input dtype, then widened and added to the float64 partials
+ * once per four rows.  For float32 that is 8 values per AVX2 operation
+ * instead of 4 and a quarter of the conversions; center is a value of the
+ * input (or the saved mean), so x - center is exact when x is near it, and a
+ * sum of four values adds at most ~2 ulp of relative error before the float64
+ * accumulation takes over. */
 static void FB_TYPED(bn_reduce_interleaved)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass,
                                             fb_index item)
 {
@@ -157,7 +208,7 @@ static void FB_TYPED(bn_reduce_interleaved)(const fb_bn_plan *plan, FB_TYPED(bn_
     const fb_index r1 = fb_min_index(plan->outer, (k + 1) * plan->chunk);
     double *restrict s1 = pass->sum1 + k * C + c0;
     double *restrict s2 = pass->sum2 + k * C + c0;
-    const double *restrict center = pass->center + c0;
+    const FB_REAL *restrict center = pass->center_real + c0;
     for (fb_index c = 0; c < width; ++c)
         s1[c] = s2[c] = 0.0;
     fb_index r = k * plan->chunk;
@@ -167,19 +218,19 @@ static void FB_TYPED(bn_reduce_interleaved)(const fb_bn_plan *plan, FB_TYPED(bn_
             const FB_REAL *restrict x1 = x0 + C, *restrict x2 = x1 + C, *restrict x3 = x2 + C;
 #pragma omp simd
             for (fb_index c = 0; c < width; ++c) {
-                const double d0 = (double)x0[c] - center[c], d1 = (double)x1[c] - center[c];
-                const double d2 = (double)x2[c] - center[c], d3 = (double)x3[c] - center[c];
-                s1[c] += (d0 + d1) + (d2 + d3);
-                s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+                const FB_REAL d0 = x0[c] - center[c], d1 = x1[c] - center[c];
+                const FB_REAL d2 = x2[c] - center[c], d3 = x3[c] - center[c];
+                s1[c] += (double)((d0 + d1) + (d2 + d3));
+                s2[c] += (double)((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3));
             }
         }
         for (; r < r1; ++r) {
             const FB_REAL *restrict x0 = pass->x + r * C + c0;
 #pragma omp simd
             for (fb_index c = 0; c < width; ++c) {
-                const double d0 = (double)x0[c] - center[c];
-                s1[c] += d0;
-                s2[c] += d0 * d0;
+                const FB_REAL d0 = x0[c] - center[c];
+                s1[c] += (double)d0;
+                s2[c] += (double)(d0 * d0);
             }
         }
     } else {
@@ -190,11 +241,10 @@ static void FB_TYPED(bn_reduce_interleaved)(const fb_bn_plan *plan, FB_TYPED(bn_
             const FB_REAL *restrict g1 = g0 + C, *restrict g2 = g1 + C, *restrict g3 = g2 + C;
 #pragma omp simd
             for (fb_index c = 0; c < width; ++c) {
-                const double d0 = (double)x0[c] - center[c], d1 = (double)x1[c] - center[c];
-                const double d2 = (double)x2[c] - center[c], d3 = (double)x3[c] - center[c];
-                const double e0 = g0[c], e1 = g1[c], e2 = g2[c], e3 = g3[c];
-                s1[c] += (e0 + e1) + (e2 + e3);
-                s2[c] += (e0 * d0 + e1 * d1) + (e2 * d2 + e3 * d3);
+                const FB_REAL d0 = x0[c] - center[c], d1 = x1[c] - center[c];
+                const FB_REAL d2 = x2[c] - center[c], d3 = x3[c] - center[c];
+                s1[c] += (double)((g0[c] + g1[c]) + (g2[c] + g3[c]));
+                s2[c] += (double)((g0[c] * d0 + g1[c] * d1) + (g2[c] * d2 + g3[c] * d3));
             }
         }
         for (; r < r1; ++r) {
@@ -202,9 +252,8 @@ static void FB_TYPED(bn_reduce_interleaved)(const fb_bn_plan *plan, FB_TYPED(bn_
             const FB_REAL *restrict g0 = pass->dy + r * C + c0;
 #pragma omp simd
             for (fb_index c = 0; c < width; ++c) {
-                const double e0 = g0[c];
-                s1[c] += e0;
-                s2[c] += e0 * ((double)x0[c] - center[c]);
+                s1[c] += (double)g0[c];
+                s2[c] += (double)(g0[c] * (x0[c] - center[c]));
             }
         }
     }
@@ -212,7 +261,11 @@ static void FB_TYPED(bn_reduce_interleaved)(const fb_bn_plan *plan, FB_TYPED(bn_
 
 /* ---- per-channel coefficients ---------------------------------------------- */
 
-static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass, fb_index c)
+/* Coefficients of channel c into k; with `owner`, also the outputs that
+ * exactly one thread writes (saved statistics, running statistics, dweight,
+ * dbias). */
+static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass, fb_index c,
+                                  FB_TYPED(bn_coefficients) coef, int owner)
 {
     /* chunk partials in chunk order: the fixed order behind thread-count
      * independent results */
@@ -237,6 +290,11 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
             var = 0.0;
         const double mean = pass->center[c] + shifted_mean;
         invstd = 1.0 / sqrt(var + pass->eps);
+        const double scale = w * invstd;
+        coef.k1[c] = (FB_REAL)scale;
+        coef.k3[c] = (FB_REAL)((pass->bias ? (double)pass->bias[c] : 0.0) - mean * scale);
+        if (!owner)
+            return;
         pass->saved_mean[c] = (FB_REAL)mean;
         pass->saved_invstd[c] = (FB_REAL)invstd;
         if (pass->running_mean) {
@@ -245,9 +303,6 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
             pass->running_var[c] = (FB_REAL)((1.0 - m) * (double)pass->running_var[c]
                                              + m * var * (n / (n - 1.0)));
         }
-        const double scale = w * invstd;
-        pass->k1[c] = (FB_REAL)scale;
-        pass->k3[c] = (FB_REAL)((pass->bias ? (double)pass->bias[c] : 0.0) - mean * scale);
         return;
     }
     case FB_BN_BACKWARD: {
@@ -256,17 +311,21 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
         dweight = s2 * invstd;
         const double a = w * invstd;
         const double b = -a * invstd * dweight / n;
-        pass->k1[c] = (FB_REAL)a;
-        pass->k2[c] = (FB_REAL)b;
-        pass->k3[c] = (FB_REAL)(-a * s1 / n - b * pass->center[c]);
+        coef.k1[c] = (FB_REAL)a;
+        coef.k2[c] = (FB_REAL)b;
+        coef.k3[c] = (FB_REAL)(-a * s1 / n - b * pass->center[c]);
         break;
     }
     default: /* FB_BN_BACKWARD_EVAL */
         invstd = 1.0 / sqrt((double)pass->spread[c] + pass->eps);
         dweight = s2 * invstd;
-        pass->k1[c] = (FB_REAL)(w * invstd);
+        coef.k1[c] = (FB_REAL)(w * invstd);
+        coef.k2[c] = 0;
+        coef.k3[c] = 0;
         break;
     }
+    if (!owner)
+        return;
     if (pass->reduce && pass->dweight)
         pass->dweight[c] = (FB_REAL)((pass->accumulate ? (double)pass->dweight[c] : 0.0) + dweight);
     if (pass->reduce && pass->dbias)
@@ -275,42 +334,24 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
 
 /* ---- rewrite one work item ------------------------------------------------- */
 
-/* out may equal x or dy (in place): every loop reads element i before
- * writing element i, so no restrict on out. */
-static void FB_TYPED(bn_apply_run)(const FB_TYPED(bn_pass) *pass, fb_index offset, fb_index len,
-                                   fb_index c)
-{
-    FB_REAL *out = pass->out + offset;
-    const FB_REAL a = pass->k1[c];
-    if (pass->mode == FB_BN_FORWARD) {
-        const FB_REAL *x = pass->x + offset;
-        const FB_REAL b = pass->k3[c];
-#pragma omp simd
-        for (fb_index i = 0; i < len; ++i)
-            out[i] = x[i] * a + b;
-    } else if (pass->mode == FB_BN_BACKWARD) {
-        const FB_REAL *x = pass->x + offset, *dy = pass->dy + offset;
-        const FB_REAL b = pass->k2[c], d = pass->k3[c];
-#pragma omp simd
-        for (fb_index i = 0; i < len; ++i)
-            out[i] = dy[i] * a + (x[i] * b + d);
-    } else {
-        const FB_REAL *dy = pass->dy + offset;
-#pragma omp simd
-        for (fb_index i = 0; i < len; ++i)
-            out[i] = dy[i] * a;
-    }
-}
-
+/* Rewrite one work item through bn_span (see bn_span_impl.h; out may equal x
+ * or dy). */
 static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pass) *pass,
-                                    fb_index item)
+                                    FB_TYPED(bn_coefficients) coef, fb_index item)
 {
+    /* forward: in = x; backward: in = dy with the x term; eval backward:
+     * in = dy alone */
+    const FB_REAL *in = pass->mode == FB_BN_FORWARD ? pass->x : pass->dy;
+    const FB_REAL *x_term = pass->mode == FB_BN_BACKWARD ? pass->x : NULL;
     if (!plan->interleaved) {
         const fb_index c = item / plan->chunks, k = item - c * plan->chunks;
+        const FB_REAL a = coef.k1[c], b = coef.k2[c], d = coef.k3[c];
+        const FB_REAL shift = pass->mode == FB_BN_BACKWARD ? b : d;
         fb_bn_runs runs = fb_bn_runs_start(plan, k);
         fb_index offset, len;
         while (fb_bn_runs_next(plan, c, &runs, &offset, &len))
-            FB_TYPED(bn_apply_run)(pass, offset, len, c);
+            FB_TYPED(bn_span)(pass->out + offset, in + offset, x_term ? x_term + offset : NULL,
+                              len, a, shift, d, pass->stream);
         return;
     }
     const fb_index C = plan->channels;
@@ -318,26 +359,13 @@ static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pa
     const fb_index c0 = j * plan->group_width;
     const fb_index width = fb_min_index(C, c0 + plan->group_width) - c0;
     const fb_index r1 = fb_min_index(plan->outer, (k + 1) * plan->chunk);
-    const FB_REAL *restrict a = pass->k1 + c0, *restrict b = pass->k2 + c0, *restrict d = pass->k3 + c0;
+    const FB_REAL *a = coef.k1 + c0, *b = coef.k2 + c0, *d = coef.k3 + c0;
+    const FB_REAL *shift = pass->mode == FB_BN_BACKWARD ? b : d;
     for (fb_index r = k * plan->chunk; r < r1; ++r) {
         const fb_index offset = r * C + c0;
-        FB_REAL *out = pass->out + offset;
-        if (pass->mode == FB_BN_FORWARD) {
-            const FB_REAL *x = pass->x + offset;
-#pragma omp simd
-            for (fb_index c = 0; c < width; ++c)
-                out[c] = x[c] * a[c] + d[c];
-        } else if (pass->mode == FB_BN_BACKWARD) {
-            const FB_REAL *x = pass->x + offset, *dy = pass->dy + offset;
-#pragma omp simd
-            for (fb_index c = 0; c < width; ++c)
-                out[c] = dy[c] * a[c] + (x[c] * b[c] + d[c]);
-        } else {
-            const FB_REAL *dy = pass->dy + offset;
-#pragma omp simd
-            for (fb_index c = 0; c < width; ++c)
-                out[c] = dy[c] * a[c];
-        }
+        FB_TYPED(bn_span_channels)(pass->out + offset, in + offset,
+                                   x_term ? x_term + offset : NULL, width, a, shift, d,
+                                   pass->stream);
     }
 }
 
@@ -347,24 +375,31 @@ static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pa
 static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass)
 {
     const int team = fb_team_size(), tid = fb_thread_id();
+    const FB_TYPED(bn_coefficients) coef = FB_TYPED(bn_thread_coefficients)(pass, plan->channels,
+                                                                            tid);
     if (plan->owned) {
-        /* this thread's channels, one at a time: no barrier */
+        /* this thread's channels, one at a time: reduce, finalize, rewrite
+         * while the channel is still in L2/L3; no barrier */
+        const fb_index chunks = plan->chunks;
         fb_index first, last;
         fb_split_range(plan->channels, team, tid, &first, &last);
         for (fb_index c = first; c < last; ++c) {
-            const fb_index items_begin = c * plan->chunks, items_end = items_begin + plan->chunks;
             if (pass->reduce)
-                for (fb_index item = items_begin; item < items_end; ++item)
-                    FB_TYPED(bn_reduce_planar)(plan, pass, item);
-            FB_TYPED(bn_finalize)(plan, pass, c);
-            for (fb_index item = items_end; item-- > items_begin;)
-                FB_TYPED(bn_apply_item)(plan, pass, item);
+                for (fb_index s = 0; s < chunks; ++s)
+                    FB_TYPED(bn_reduce_planar)(plan, pass, c * chunks + s);
+            FB_TYPED(bn_finalize)(plan, pass, c, coef, 1);
+            /* newest chunk first: the likeliest to still be in L2 */
+            for (fb_index s = 0; s < chunks; ++s)
+                FB_TYPED(bn_apply_item)(plan, pass, coef, (c + 1) * chunks - 1 - s);
         }
+        if (pass->stream)
+            fb_stream_fence();
         return;
     }
+    /* shared channels, block by block: one barrier per block */
     for (fb_index c0 = 0; c0 < plan->channels; c0 += plan->block_channels) {
         const fb_index c1 = fb_min_index(plan->channels, c0 + plan->block_channels);
-        fb_index items_begin, items_end, first, last, channel_first, channel_last;
+        fb_index items_begin, items_end, first, last, owned_first, owned_last;
         fb_bn_block_items(plan, c0, c1, &items_begin, &items_end);
         fb_split_range(items_end - items_begin, team, tid, &first, &last);
         first += items_begin;
@@ -378,15 +413,19 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
             }
 #pragma omp barrier
         }
-        fb_split_range(c1 - c0, team, tid, &channel_first, &channel_last);
-        for (fb_index c = c0 + channel_first; c < c0 + channel_last; ++c)
-            FB_TYPED(bn_finalize)(plan, pass, c);
-#pragma omp barrier
+        /* every thread derives every coefficient of the block from the same
+         * partials (identical values); one thread per channel writes outputs */
+        fb_split_range(c1 - c0, team, tid, &owned_first, &owned_last);
+        for (fb_index c = c0; c < c1; ++c)
+            FB_TYPED(bn_finalize)(plan, pass, c, coef,
+                                  c >= c0 + owned_first && c < c0 + owned_last);
         /* newest first: the items this thread reduced last are the likeliest
          * to still be in its cache */
         for (fb_index item = last; item-- > first;)
-            FB_TYPED(bn_apply_item)(plan, pass, item);
+            FB_TYPED(bn_apply_item)(plan, pass, coef, item);
     }
+    if (pass->stream)
+        fb_stream_fence();
 }
 
 /* Plan, allocate the O(channels x chunks) workspace, run, free.
@@ -395,26 +434,26 @@ static int FB_TYPED(bn_run)(FB_TYPED(bn_pass) *pass, fb_index outer, fb_index ch
                             fb_index inner, int streams, int num_threads)
 {
     const int nt = fb_threads_for(outer * channels * inner, num_threads);
+    pass->stream = outer * channels * inner * (fb_index)sizeof(FB_REAL) >= FB_BN_STREAM_BYTES;
     fb_bn_plan plan;
     fb_bn_make_plan(&plan, outer, channels, inner, streams * (fb_index)sizeof(FB_REAL), nt);
     const fb_index partials = pass->reduce ? fb_bn_partial_count(&plan) : 0;
     const size_t bytes = (size_t)(2 * partials + channels) * sizeof(double)
-                       + (size_t)(3 * channels) * sizeof(FB_REAL);
+                       + (size_t)((3 * (fb_index)nt + 1) * channels) * sizeof(FB_REAL);
     double *workspace = (double *)malloc(bytes);
     if (!workspace)
         return FASTBN_ERR_NOMEM;
     pass->sum1 = workspace;
     pass->sum2 = workspace + partials;
     pass->center = workspace + 2 * partials;
-    pass->k1 = (FB_REAL *)(pass->center + channels);
-    pass->k2 = pass->k1 + channels;
-    pass->k3 = pass->k2 + channels;
+    pass->center_real = (FB_REAL *)(pass->center + channels);
+    pass->coefficients = pass->center_real + channels;
     for (fb_index c = 0; c < channels; ++c) {
         if (pass->mode == FB_BN_FORWARD)
-            pass->center[c] = (double)pass->x[c * inner];  /* first value of channel c */
+            pass->center_real[c] = pass->x[c * inner];  /* first value of channel c */
         else
-            pass->center[c] = pass->mean ? (double)pass->mean[c] : 0.0;
-        pass->k2[c] = 0;
+            pass->center_real[c] = pass->mean ? pass->mean[c] : 0;
+        pass->center[c] = (double)pass->center_real[c];
     }
     if (nt > 1) {
 #pragma omp parallel num_threads(nt)

@@ -1,0 +1,144 @@
+/* bn_span_impl.h -- template (FB_REAL, FB_DTYPE): the elementwise rewrite of
+ * one contiguous span, which every batch-norm kernel ends in.  Included once
+ * per dtype by bn_kernels.c, before the kernels that use it.
+ *
+ *   x == NULL:  out = in * a + b            (normalize: in = x; eval backward:
+ *                                            in = dy, b = 0)
+ *   otherwise:  out = in * a + (x * b + d)  (training backward: in = dy)
+ *
+ * bn_span takes scalar coefficients (a channels-first run: one channel);
+ * bn_span_channels takes per-element coefficient arrays (a channels-last
+ * row: element i belongs to channel i).
+ *
+ * `stream`: write with non-temporal stores.  For outputs far larger than the
+ * caches, a normal store first reads the line it overwrites (a third memory
+ * stream) and evicts input that a second pass still wants; a streaming store
+ * does neither.  The caller decides (FB_BN_STREAM_BYTES) and issues
+ * fb_stream_fence() before the data is handed on.
+ *
+ * out may equal in or x: every element is read before it is written.
+ */
+
+#if FB_BN_HAVE_VECTORS
+
+#define FB_RVEC FB_TYPED(fb_rvec)
+#define FB_RVEC_LEN FB_CAT(FB_RVEC_LEN, FB_DTYPE)
+
+/* Elements before out + i is aligned for a streaming vector store; `len`
+ * when out is not even aligned to its element size. */
+static inline fb_index FB_TYPED(bn_stream_head)(const FB_REAL *out, fb_index len)
+{
+    const uintptr_t address = (uintptr_t)out, vector_bytes = sizeof(FB_RVEC);
+    if (address % sizeof(FB_REAL))
+        return len;
+    const fb_index head = (fb_index)(((vector_bytes - address % vector_bytes) % vector_bytes)
+                                     / sizeof(FB_REAL));
+    return head < len ? head : len;
+}
+
+static void FB_TYPED(bn_span_stream)(FB_REAL *out, const FB_REAL *in, const FB_REAL *x,
+                                     fb_index len, FB_REAL a, FB_REAL b, FB_REAL d)
+{
+    const fb_index head = FB_TYPED(bn_stream_head)(out, len);
+    fb_index i = 0;
+    const FB_RVEC va = FB_TYPED(fb_rvec_broadcast)(a), vb = FB_TYPED(fb_rvec_broadcast)(b);
+    if (!x) {
+        for (; i < head; ++i)
+            out[i] = in[i] * a + b;
+        for (; i + FB_RVEC_LEN <= len; i += FB_RVEC_LEN)
+            FB_TYPED(fb_rvec_stream)(out + i, FB_TYPED(fb_rvec_load)(in + i) * va + vb);
+        for (; i < len; ++i)
+            out[i] = in[i] * a + b;
+        return;
+    }
+    const FB_RVEC vd = FB_TYPED(fb_rvec_broadcast)(d);
+    for (; i < head; ++i)
+        out[i] = in[i] * a + (x[i] * b + d);
+    for (; i + FB_RVEC_LEN <= len; i += FB_RVEC_LEN)
+        FB_TYPED(fb_rvec_stream)(out + i, FB_TYPED(fb_rvec_load)(in + i) * va
+                                 + (FB_TYPED(fb_rvec_load)(x + i) * vb + vd));
+    for (; i < len; ++i)
+        out[i] = in[i] * a + (x[i] * b + d);
+}
+
+static void FB_TYPED(bn_span_channels_stream)(FB_REAL *out, const FB_REAL *in,
+                                              const FB_REAL *x, fb_index len,
+                                              const FB_REAL *a, const FB_REAL *b,
+                                              const FB_REAL *d)
+{
+    const fb_index head = FB_TYPED(bn_stream_head)(out, len);
+    fb_index i = 0;
+#define FB_LOAD(p) FB_TYPED(fb_rvec_load)(p)
+    if (!x) {
+        for (; i < head; ++i)
+            out[i] = in[i] * a[i] + b[i];
+        for (; i + FB_RVEC_LEN <= len; i += FB_RVEC_LEN)
+            FB_TYPED(fb_rvec_stream)(out + i, FB_LOAD(in + i) * FB_LOAD(a + i) + FB_LOAD(b + i));
+        for (; i < len; ++i)
+            out[i] = in[i] * a[i] + b[i];
+        return;
+    }
+    for (; i < head; ++i)
+        out[i] = in[i] * a[i] + (x[i] * b[i] + d[i]);
+    for (; i + FB_RVEC_LEN <= len; i += FB_RVEC_LEN)
+        FB_TYPED(fb_rvec_stream)(out + i, FB_LOAD(in + i) * FB_LOAD(a + i)
+                                 + (FB_LOAD(x + i) * FB_LOAD(b + i) + FB_LOAD(d + i)));
+    for (; i < len; ++i)
+        out[i] = in[i] * a[i] + (x[i] * b[i] + d[i]);
+#undef FB_LOAD
+}
+
+#undef FB_RVEC
+#undef FB_RVEC_LEN
+#define FB_BN_CAN_STREAM 1
+#else
+#define FB_BN_CAN_STREAM 0
+#endif
+
+static inline void FB_TYPED(bn_span)(FB_REAL *out, const FB_REAL *in, const FB_REAL *x,
+                                     fb_index len, FB_REAL a, FB_REAL b, FB_REAL d, int stream)
+{
+#if FB_BN_CAN_STREAM
+    if (stream) {
+        FB_TYPED(bn_span_stream)(out, in, x, len, a, b, d);
+        return;
+    }
+#else
+    (void)stream;
+#endif
+    if (!x) {
+#pragma omp simd
+        for (fb_index i = 0; i < len; ++i)
+            out[i] = in[i] * a + b;
+    } else {
+#pragma omp simd
+        for (fb_index i = 0; i < len; ++i)
+            out[i] = in[i] * a + (x[i] * b + d);
+    }
+}
+
+static inline void FB_TYPED(bn_span_channels)(FB_REAL *out, const FB_REAL *in, const FB_REAL *x,
+                                              fb_index len, const FB_REAL *restrict a,
+                                              const FB_REAL *restrict b,
+                                              const FB_REAL *restrict d, int stream)
+{
+#if FB_BN_CAN_STREAM
+    if (stream) {
+        FB_TYPED(bn_span_channels_stream)(out, in, x, len, a, b, d);
+        return;
+    }
+#else
+    (void)stream;
+#endif
+    if (!x) {
+#pragma omp simd
+        for (fb_index i = 0; i < len; ++i)
+            out[i] = in[i] * a[i] + b[i];
+    } else {
+#pragma omp simd
+        for (fb_index i = 0; i < len; ++i)
+            out[i] = in[i] * a[i] + (x[i] * b[i] + d[i]);
+    }
+}
+
+#undef FB_BN_CAN_STREAM
