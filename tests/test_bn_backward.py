@@ -196,7 +196,7 @@ def test_large_mean_float32_backward_stays_accurate():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,axis", DETERMINISM_CASES)
-def test_backward_is_bitwise_identical_for_1_and_2_threads(dtype, shape, axis, rng):
+def test_backward_is_bitwise_identical_for_1_and_2_threads(simd_target, dtype, shape, axis, rng):
     dy, x, weight, mean, invstd, running_mean, running_var = make_backward_inputs(
         rng, shape, axis, dtype)
 

@@ -253,7 +253,8 @@ def _with_threads(threads, function):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,axis", DETERMINISM_CASES)
-def test_forward_train_is_bitwise_identical_for_1_and_2_threads(dtype, shape, axis, rng):
+def test_forward_train_is_bitwise_identical_for_1_and_2_threads(simd_target, dtype, shape, axis,
+                                                                 rng):
     x, weight, bias, running_mean, running_var = make_inputs(rng, shape, axis, dtype)
 
     def run():
@@ -311,7 +312,7 @@ def test_large_outputs_match_reference(simd_target, shape, axis):
     np.testing.assert_allclose(dbias, expected[2], rtol=1e-5, atol=1e-2)
 
 
-def test_large_outputs_are_bitwise_identical_for_1_and_2_threads():
+def test_large_outputs_are_bitwise_identical_for_1_and_2_threads(simd_target):
     rng = np.random.default_rng(10)
     x, weight, bias, _, _ = make_inputs(rng, (1, 3, 1000, 1000), 1, np.float64)
 
