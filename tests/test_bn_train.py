@@ -236,6 +236,7 @@ def test_outlier_shift_keeps_the_variance_accurate():
 DETERMINISM_CASES = [
     ((8, 64, 17, 19), 1),     # planar, many channels: channels split across threads
     ((16, 2, 64, 64), 1),     # planar, few channels: each channel split into chunks
+    ((8, 5, 40, 40), 1),      # 1 thread owns channels, 2 threads share them: same bits
     ((4, 1, 100, 100), 1),    # a single channel
     ((64, 33, 37), -1),       # interleaved, channels-last
     ((40000, 3), 1),          # interleaved, few channels, (N, C)

@@ -169,10 +169,10 @@ static inline void FB_TYPED(bn_lanes_grad)(const FB_REAL *restrict dy, const FB_
 
 /* ---- reduce one work item -------------------------------------------------- */
 
-static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass,
-                                       fb_index item)
+/* The two sums of one chunk (item = c * chunks + k). */
+static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, const FB_TYPED(bn_pass) *pass,
+                                       fb_index item, double *sum1, double *sum2)
 {
-    /* reduce one chunk; the partial lands at index c * chunks + k == item */
     const fb_index c = item / plan->chunks, k = item - c * plan->chunks;
     const FB_REAL center = pass->center_real[c];
     fb_bn_lanes a1, a2;
@@ -187,8 +187,8 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, FB_TYPED(bn_pass)
         while (fb_bn_runs_next(plan, c, &runs, &offset, &len))
             FB_TYPED(bn_lanes_grad)(pass->dy + offset, pass->x + offset, len, center, &a1, &a2);
     }
-    pass->sum1[item] = fb_bn_lanes_total(&a1);
-    pass->sum2[item] = fb_bn_lanes_total(&a2);
+    *sum1 = fb_bn_lanes_total(&a1);
+    *sum2 = fb_bn_lanes_total(&a2);
 }
 
 /* Rows are taken four at a time: the four rows' deviations and products are
@@ -261,24 +261,30 @@ static void FB_TYPED(bn_reduce_interleaved)(const fb_bn_plan *plan, FB_TYPED(bn_
 
 /* ---- per-channel coefficients ---------------------------------------------- */
 
-/* Coefficients of channel c into k; with `owner`, also the outputs that
- * exactly one thread writes (saved statistics, running statistics, dweight,
- * dbias). */
-static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass, fb_index c,
-                                  FB_TYPED(bn_coefficients) coef, int owner)
+/* Coefficients of channel c (sums s1, s2) into coef; with `owner`, also the
+ * outputs that exactly one thread writes (saved statistics, running
+ * statistics, dweight, dbias). */
+/* Channel c's sums from its stored chunk partials, added in chunk order
+ * starting from 0: the fixed order behind thread-count independent results
+ * (the owned mode adds the same partials in the same order on the fly). */
+static void FB_TYPED(bn_channel_sums)(const fb_bn_plan *plan, const FB_TYPED(bn_pass) *pass,
+                                      fb_index c, double *sum1, double *sum2)
 {
-    /* chunk partials in chunk order: the fixed order behind thread-count
-     * independent results */
+    const fb_index channel_stride = plan->interleaved ? 1 : plan->chunks;
+    const fb_index chunk_stride = plan->interleaved ? plan->channels : 1;
+    const double *p1 = pass->sum1 + c * channel_stride, *p2 = pass->sum2 + c * channel_stride;
     double s1 = 0.0, s2 = 0.0;
-    if (pass->reduce) {
-        const fb_index channel_stride = plan->interleaved ? 1 : plan->chunks;
-        const fb_index chunk_stride = plan->interleaved ? plan->channels : 1;
-        const double *p1 = pass->sum1 + c * channel_stride, *p2 = pass->sum2 + c * channel_stride;
-        for (fb_index k = 0; k < plan->chunks; ++k) {
-            s1 += p1[k * chunk_stride];
-            s2 += p2[k * chunk_stride];
-        }
+    for (fb_index k = 0; k < plan->chunks; ++k) {
+        s1 += p1[k * chunk_stride];
+        s2 += p2[k * chunk_stride];
     }
+    *sum1 = s1;
+    *sum2 = s2;
+}
+
+static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass, fb_index c,
+                                  double s1, double s2, FB_TYPED(bn_coefficients) coef, int owner)
+{
     const double n = (double)plan->n;
     const double w = pass->weight ? (double)pass->weight[c] : 1.0;
     double invstd, dweight = 0.0;
@@ -384,10 +390,16 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
         fb_index first, last;
         fb_split_range(plan->channels, team, tid, &first, &last);
         for (fb_index c = first; c < last; ++c) {
-            if (pass->reduce)
-                for (fb_index s = 0; s < chunks; ++s)
-                    FB_TYPED(bn_reduce_planar)(plan, pass, c * chunks + s);
-            FB_TYPED(bn_finalize)(plan, pass, c, coef, 1);
+            double s1 = 0.0, s2 = 0.0;
+            if (pass->reduce) {
+                for (fb_index s = 0; s < chunks; ++s) {
+                    double chunk1, chunk2;
+                    FB_TYPED(bn_reduce_planar)(plan, pass, c * chunks + s, &chunk1, &chunk2);
+                    s1 += chunk1;
+                    s2 += chunk2;
+                }
+            }
+            FB_TYPED(bn_finalize)(plan, pass, c, s1, s2, coef, 1);
             /* newest chunk first: the likeliest to still be in L2 */
             for (fb_index s = 0; s < chunks; ++s)
                 FB_TYPED(bn_apply_item)(plan, pass, coef, (c + 1) * chunks - 1 - s);
@@ -408,17 +420,22 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
             for (fb_index item = first; item < last; ++item) {
                 if (plan->interleaved)
                     FB_TYPED(bn_reduce_interleaved)(plan, pass, item);
-                else
-                    FB_TYPED(bn_reduce_planar)(plan, pass, item);
+                else  /* planar partial index c * chunks + k == item */
+                    FB_TYPED(bn_reduce_planar)(plan, pass, item, pass->sum1 + item,
+                                               pass->sum2 + item);
             }
 #pragma omp barrier
         }
         /* every thread derives every coefficient of the block from the same
          * partials (identical values); one thread per channel writes outputs */
         fb_split_range(c1 - c0, team, tid, &owned_first, &owned_last);
-        for (fb_index c = c0; c < c1; ++c)
-            FB_TYPED(bn_finalize)(plan, pass, c, coef,
+        for (fb_index c = c0; c < c1; ++c) {
+            double s1 = 0.0, s2 = 0.0;
+            if (pass->reduce)
+                FB_TYPED(bn_channel_sums)(plan, pass, c, &s1, &s2);
+            FB_TYPED(bn_finalize)(plan, pass, c, s1, s2, coef,
                                   c >= c0 + owned_first && c < c0 + owned_last);
+        }
         /* newest first: the items this thread reduced last are the likeliest
          * to still be in its cache */
         for (fb_index item = last; item-- > first;)
@@ -428,7 +445,8 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
         fb_stream_fence();
 }
 
-/* Plan, allocate the O(channels x chunks) workspace, run, free.
+/* Plan, allocate the workspace (O(channels x threads), plus the chunk
+ * partials when threads share channels), run, free.
  * `streams`: arrays read by the reduction (sizes the cache blocks). */
 static int FB_TYPED(bn_run)(FB_TYPED(bn_pass) *pass, fb_index outer, fb_index channels,
                             fb_index inner, int streams, int num_threads)
@@ -437,7 +455,9 @@ static int FB_TYPED(bn_run)(FB_TYPED(bn_pass) *pass, fb_index outer, fb_index ch
     pass->stream = outer * channels * inner * (fb_index)sizeof(FB_REAL) >= FB_BN_STREAM_BYTES;
     fb_bn_plan plan;
     fb_bn_make_plan(&plan, outer, channels, inner, streams * (fb_index)sizeof(FB_REAL), nt);
-    const fb_index partials = pass->reduce ? fb_bn_partial_count(&plan) : 0;
+    /* stored partials only where threads share channels; owners add theirs
+     * on the fly */
+    const fb_index partials = pass->reduce && !plan.owned ? fb_bn_partial_count(&plan) : 0;
     const size_t bytes = (size_t)(2 * partials + channels) * sizeof(double)
                        + (size_t)((3 * (fb_index)nt + 1) * channels) * sizeof(FB_REAL);
     double *workspace = (double *)malloc(bytes);
