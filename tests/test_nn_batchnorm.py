@@ -337,3 +337,10 @@ def test_load_state_dict_without_num_batches_tracked_keeps_the_count(rng):
     state = {k: v.copy() for k, v in layer.state_dict().items() if k != "num_batches_tracked"}
     assert layer.load_state_dict(state).missing_keys == []
     assert int(layer.num_batches_tracked) == 1
+
+
+def test_num_batches_tracked_of_another_integer_dtype_still_counts(rng):
+    layer = BatchNorm1d(3)
+    layer.num_batches_tracked = np.array(5, np.int32)
+    layer(rng.standard_normal((4, 3)).astype(np.float32))
+    assert int(layer.num_batches_tracked) == 6 and layer.num_batches_tracked.dtype == np.int32

@@ -101,12 +101,32 @@ cdef inline bint is_channel_vector(object value, cnp.npy_intp channels, int type
                              and cnp.PyArray_DIMS(<cnp.ndarray>value)[0] == channels)
 
 
-def channel_vectors_ok(cnp.npy_intp channels, int typenum, a, b, c, d):
+def channel_vectors_ok(cnp.npy_intp channels, int typenum, a, b, c, d, bint writeable_cd=False):
     """True when each of a, b, c, d is None or a native 1-D array of
-    `channels` elements of dtype `typenum`."""
-    return (is_channel_vector(a, channels, typenum) and is_channel_vector(b, channels, typenum)
+    `channels` elements of dtype `typenum` (and c, d writeable when
+    `writeable_cd`: running statistics about to be updated)."""
+    if not (is_channel_vector(a, channels, typenum) and is_channel_vector(b, channels, typenum)
             and is_channel_vector(c, channels, typenum)
-            and is_channel_vector(d, channels, typenum))
+            and is_channel_vector(d, channels, typenum)):
+        return False
+    if writeable_cd:
+        return ((c is None or cnp.PyArray_ISWRITEABLE(<cnp.ndarray>c))
+                and (d is None or cnp.PyArray_ISWRITEABLE(<cnp.ndarray>d)))
+    return True
+
+
+def increment_counter(object counter):
+    """counter += 1 in place for a writeable 0-d int64 array (a layer's
+    num_batches_tracked), returning True; False (nothing done) for anything
+    else, which the caller then handles in Python."""
+    if (type(counter) is not cnp.ndarray or cnp.PyArray_NDIM(<cnp.ndarray>counter) != 0
+            or cnp.PyArray_TYPE(<cnp.ndarray>counter) != cnp.NPY_INT64
+            or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>counter)
+            or not cnp.PyArray_ISALIGNED(<cnp.ndarray>counter)
+            or not cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>counter)):
+        return False
+    (<int64_t *>cnp.PyArray_DATA(<cnp.ndarray>counter))[0] += 1
+    return True
 
 
 def standard_geometry(object x, object axis, object running_mean, object running_var,

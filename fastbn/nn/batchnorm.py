@@ -126,15 +126,20 @@ class _BatchNorm(Module):
     def _vector(self, name: str, array, dtype):
         return check_channel_vector(name, array, self.num_features, dtype)
 
-    def _checked_state(self, dtype):
+    def _checked_state(self, dtype, updating: bool = False):
         """(weight, bias, running_mean, running_var) arrays (None when absent),
-        validated against num_features and the input dtype."""
+        validated against num_features and the input dtype (and writeable
+        running statistics when `updating`)."""
         weight, bias = self.weight, self.bias
         arrays = (None if weight is None else weight.data, None if bias is None else bias.data,
                   self.running_mean, self.running_var)
-        if not _bn.channel_vectors_ok(self.num_features, _TYPENUMS.get(dtype, -1), *arrays):
+        if not _bn.channel_vectors_ok(self.num_features, _TYPENUMS.get(dtype, -1), *arrays,
+                                      updating):
             for name, array in zip(("weight", "bias", "running_mean", "running_var"), arrays):
                 self._vector(name, array, dtype)
+            if updating:
+                check_updatable("running_mean", arrays[2])
+                check_updatable("running_var", arrays[3])
         return arrays
 
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -154,25 +159,26 @@ class _BatchNorm(Module):
         else:
             x, layout = self._check_input(x)
             object.__setattr__(self, "_known_input", (x.shape, x.dtype, layout))
-        weight, bias, running_mean, running_var = self._checked_state(x.dtype)
-        if self.training or running_mean is None:
-            check_batch_size(x, layout)
+        training = self.training
+        update = training and self.track_running_stats
+        weight, bias, running_mean, running_var = self._checked_state(x.dtype, update)
+        if training or running_mean is None:
+            if layout.outer * layout.inner < 2:
+                check_batch_size(x, layout)
             factor = 0.0
-            update = self.training and running_mean is not None
+            update = update and running_mean is not None
             if update:
-                if not (running_mean.flags.writeable and running_var.flags.writeable):
-                    check_updatable("running_mean", running_mean)
-                    check_updatable("running_var", running_var)
-                count = int(self.num_batches_tracked) + 1
-                factor = 1.0 / count if self.momentum is None else self.momentum
+                momentum = self.momentum
+                factor = momentum if momentum is not None else (
+                    1.0 / (int(self.num_batches_tracked) + 1))
             else:
                 running_mean = running_var = None
             x = _bn.as_kernel_array(x)
             y, mean, invstd = _bn.train_forward(x, None, layout.outer, layout.channels,
                                                 layout.inner, weight, bias, self.eps,
                                                 running_mean, running_var, factor)
-            if update:
-                self.num_batches_tracked.fill(count)
+            if update and not _bn.increment_counter(self.num_batches_tracked):
+                self.num_batches_tracked[...] += 1
             object.__setattr__(self, "_saved", (_TRAIN, x, layout, mean, invstd))
             return y
         if x.size == 0:
