@@ -6,13 +6,15 @@
  * partial sums, finalize per-channel coefficients, rewrite the block with one
  * or two FMAs per value.
  *
- * Accumulators: float64 always.  The forward sums (x - center) and
- * (x - center)^2 where center is a value of the channel itself (its first
- * one).  Shifted sums are additive, so chunk partials combine exactly like
- * plain sums, and the cancellation in S2 - S1^2/n costs a relative error of
- * about eps64 * D^2 / var, where D = |center - mean|; since center is one of
- * the n values, D^2 <= n * var, so the error stays below n * 1e-16 whatever
- * the mean (1e4 + N(0, 1) in float32 is computed to float64 accuracy).
+ * Accumulators: float64, fed by short sums (at most 8 values) formed in the
+ * input dtype.  The forward sums (x - center) and (x - center)^2 where center
+ * is a value of the channel itself (its first one), so x - center is exact
+ * for values near it.  Shifted sums are additive, so chunk partials combine
+ * exactly like plain sums, and the cancellation in S2 - S1^2/n costs a
+ * relative error of about eps64 * D^2 / var, where D = |center - mean|;
+ * since center is one of the n values, D^2 <= n * var, so the error stays
+ * below n * 1e-16 whatever the mean (float32 1e4 + N(0, 1) gets its variance
+ * to ~1e-7 relative, the rounding of the short sums).
  */
 
 typedef struct {
@@ -127,7 +129,7 @@ FB_BN_INLINE void FB_TYPED(bn_lanes_grad)(const FB_REAL *restrict dy, const FB_R
 #undef FB_RVEC_LEN
 #undef FB_RVECS
 
-#else /* plain C lanes, same arithmetic */
+#else /* plain C lanes (no short sums): compilers without vector extensions */
 
 static inline void FB_TYPED(bn_lanes_shifted)(const FB_REAL *restrict x, fb_index len,
                                               FB_REAL center, fb_bn_lanes *restrict a1,
