@@ -61,10 +61,12 @@ mkdir "$work/src"
 tar --exclude=./build --exclude=./.git --exclude='*.so' --exclude='./fastbn/*.c' \
     --exclude=./.hypothesis --exclude=./.pytest_cache --exclude='__pycache__' -cf - . \
   | tar -xf - -C "$work/src"
-(cd "$work/src" && FASTBN_SANITIZE=1 "$python" setup.py -q build_ext --inplace -j 2 \
+(cd "$work/src" && FASTBN_SANITIZE=1 "$python" setup.py -q build_ext --inplace --force -j 2 -t "$work/build-temp" \
    >"$work/build.log" 2>&1) || { tail -50 "$work/build.log"; echo "sanitized build failed"; exit 1; }
 for ext in $(find "$work/src/fastbn" -name '*.so'); do
-  ldd "$ext" | grep -q libasan || { echo "not instrumented (no libasan): $ext"; exit 1; }
+  # (not `ldd | grep -q`: under pipefail, grep closing the pipe early fails ldd)
+  ldd "$ext" >"$work/ldd.txt"
+  grep -q libasan "$work/ldd.txt" || { echo "not instrumented (no libasan): $ext"; exit 1; }
 done
 echo "   built: $(find "$work/src/fastbn" -name '*.so' | wc -l) instrumented extensions"
 
@@ -74,11 +76,22 @@ echo "== 3. kernel tests under ASan + UBSan"
 # (catalogue, determinism, threads, zero-size subprocesses).  Not the leak
 # tests (RSS is meaningless under ASan) nor the fork tests (slow here, and
 # covered by the normal run).
+patterns=(tests/test_bn*.py tests/test_optim_fused.py tests/test_optim_api.py tests/test_clip_grad.py
+          tests/test_property_*.py tests/test_reliability_kernels.py tests/test_reliability_determinism.py
+          tests/test_reliability_threads.py tests/test_reliability_edge_cases.py tests/test_layers.py
+          tests/test_checkpoint.py)
+# In a git checkout, only tracked test files (not someone's work in progress).
+if git -C "$repo" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  tests=$(git -C "$repo" ls-files -- "${patterns[@]}")
+else
+  tests=$(cd "$repo" && ls "${patterns[@]}" 2>/dev/null || true)
+fi
 cd "$work/src"
-tests=$(ls tests/test_bn*.py tests/test_optim_fused.py tests/test_optim_api.py tests/test_clip_grad.py \
-           tests/test_property_*.py tests/test_reliability_kernels.py tests/test_reliability_determinism.py \
-           tests/test_reliability_threads.py tests/test_reliability_edge_cases.py tests/test_layers.py \
-           tests/test_checkpoint.py 2>/dev/null || true)
+imported=$(PYTHONPATH="$work/src" sanitizer_env "$python" -c "import fastbn; print(fastbn.__file__)")
+case "$imported" in
+  "$work/src/"*) echo "   testing the instrumented copy: $imported" ;;
+  *) echo "the tests would import $imported, not the instrumented copy"; exit 1 ;;
+esac
 set +e
 PYTHONPATH="$work/src" sanitizer_env timeout 1200 "$python" -m pytest -q -p no:cacheprovider \
     -W ignore::DeprecationWarning $tests "$@" 2>&1 | tee "$work/tests.log"
