@@ -25,7 +25,7 @@ from fastbn import optim
 from fastbn.optim import lr_scheduler
 from fastbn.parameter import Parameter
 
-from test_reliability_kernels import bn_module_class, bn_training_available
+from test_reliability_kernels import bn_module_class, bn_training_available, bn_training_pieces_available
 
 BACKENDS = ("fast", "reference")
 
@@ -119,6 +119,59 @@ if bn_training_available():
         BadInput("bn_train_eps_zero", lambda: _bn(training=True, eps=0.0), ValueError, "eps"),
         BadInput("bn_train_x_int", lambda: _bn(_x(np.int64), training=True), TypeError, "input"),
         BadInput("bn_train_var_float64", lambda: _bn(var=np.ones(3), training=True), TypeError, "running_var"),
+    ]
+
+
+if bn_training_pieces_available():
+    def _pieces():
+        x = np.ones((2, 3, 4), np.float32)
+        return x, np.ones_like(x), np.zeros(3, np.float32), np.ones(3, np.float32)
+
+    def _read_only_stat():
+        stat = np.zeros(3, np.float32)
+        stat.flags.writeable = False
+        return stat
+
+    def _ft(x=None, **kwargs):
+        return lambda: F.batch_norm_forward_train(_pieces()[0] if x is None else x, **kwargs)
+
+    def _bw(eval_mode=False, **changes):
+        def call():
+            x, dy, m, v = _pieces()
+            args = dict(dy=dy, x=x, m=m, v=v)
+            args.update(changes)
+            extra = {k: args.pop(k) for k in list(args) if k not in ("dy", "x", "m", "v")}
+            function = F.batch_norm_backward_eval if eval_mode else F.batch_norm_backward
+            return function(args["dy"], args["x"], args["m"], args["v"], **extra)
+        return call
+
+    BN_BAD += [
+        BadInput("forward_train_running_mean_without_var", _ft(running_mean=np.zeros(3, np.float32)),
+                 ValueError, "running_var"),
+        BadInput("forward_train_momentum_none_with_stats",
+                 _ft(running_mean=np.zeros(3, np.float32), running_var=np.ones(3, np.float32), momentum=None),
+                 ValueError, "momentum"),
+        BadInput("forward_train_read_only_running_mean",
+                 _ft(running_mean=_read_only_stat(), running_var=np.ones(3, np.float32)), ValueError, "running_mean"),
+        BadInput("forward_train_eps_zero", _ft(eps=0.0), ValueError, "eps"),
+        BadInput("forward_train_one_value_per_channel", _ft(x=np.ones((1, 3), np.float32)), ValueError,
+                 "per channel"),
+        BadInput("forward_train_x_complex", _ft(x=np.ones((2, 3), np.complex64)), TypeError, "input"),
+        BadInput("forward_train_weight_float64", _ft(weight=np.ones(3)), TypeError, "weight"),
+        BadInput("backward_dy_shape", _bw(dy=np.ones((2, 3, 5), np.float32)), ValueError, "dy"),
+        BadInput("backward_dy_float64", _bw(dy=np.ones((2, 3, 4))), TypeError, "dy"),
+        BadInput("backward_mean_length", _bw(m=np.zeros(4, np.float32)), ValueError, "mean"),
+        BadInput("backward_invstd_float64", _bw(v=np.ones(3)), TypeError, "invstd"),
+        BadInput("backward_weight_int", _bw(weight=np.ones(3, np.int32)), TypeError, "weight"),
+        BadInput("backward_out_float64", _bw(out=np.empty((2, 3, 4))), TypeError, "out"),
+        BadInput("backward_axis_0", _bw(axis=0), ValueError, "axis"),
+        BadInput("backward_x_int", _bw(x=np.ones((2, 3, 4), np.int32)), TypeError, "x"),
+        BadInput("backward_eval_eps_negative", _bw(eval_mode=True, eps=-1.0), ValueError, "eps"),
+        BadInput("backward_eval_var_length", _bw(eval_mode=True, v=np.ones(2, np.float32)), ValueError,
+                 "running_var"),
+        BadInput("backward_eval_dy_list", _bw(eval_mode=True, dy=[1.0] * 24), ValueError, "dy"),
+        BadInput("backward_eval_x_int", _bw(eval_mode=True, x=np.ones((2, 3, 4), np.int32)), TypeError, "x"),
+        BadInput("backward_eval_mean_float64", _bw(eval_mode=True, m=np.zeros(3)), TypeError, "running_mean"),
     ]
 
 
