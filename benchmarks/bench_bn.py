@@ -17,8 +17,21 @@ both; the median of the rounds is reported.  GB/s counts the bytes the
 operation must move at minimum: read x + write y for the forwards, read dy
 and x + write dx for the backward.  Ratios are torch / fastbn and
 reference / fastbn (higher is better for fastbn).
+
+Two OpenMP runtimes share this process (fastbn's libgomp and the copy torch
+bundles).  After a parallel region, libgomp's idle workers spin for 300,000
+pause instructions by default, several milliseconds on Zen 3; on a 2-core
+machine the other library's next call then runs with one core stolen
+(measured: fastbn's (8,256,14,14) forward 0.1 ms alone, 6.8 ms right after a
+torch call; torch's 0.6 ms alone, 24 ms right after fastbn).  The script
+therefore sets GOMP_SPINCOUNT=10000 (both runtimes read it) before importing
+either library, unless the caller set it.
 """
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # see the module docstring
 
 import argparse
 import statistics
@@ -221,7 +234,8 @@ def describe_setup() -> str:
     torch_text = (f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
                   if torch is not None else "torch not installed")
     return (f"fastbn {fastbn.__version__}, SIMD target {fastbn.get_simd_target()}, "
-            f"{fastbn.get_num_threads()} threads; numpy {np.__version__}; {torch_text}; float32")
+            f"{fastbn.get_num_threads()} threads; numpy {np.__version__}; {torch_text}; float32; "
+            f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -98,17 +98,16 @@ def batch_norm(x: np.ndarray, running_mean: Optional[np.ndarray], running_var: O
                                        momentum, eps, axis=axis, out=out)
     use_batch_stats = bool(training) or running_mean is None
     update = use_batch_stats and running_mean is not None
-    if out is None:
-        geometry = _bn.standard_geometry(x, axis, running_mean, running_var, weight, bias, eps,
-                                         momentum, use_batch_stats, update)
-        if geometry is not None:  # a plain valid call: skip the Python validators
-            outer, channels, inner = geometry
-            if use_batch_stats:
-                return _bn.train_forward(x, None, outer, channels, inner, weight, bias, eps,
-                                         running_mean, running_var,
-                                         momentum if update else 0.0)[0]
-            return _bn.eval_forward(x, None, outer, channels, inner, running_mean, running_var,
-                                    weight, bias, eps)
+    geometry = _bn.standard_geometry(x, axis, running_mean, running_var, weight, bias, eps,
+                                     momentum, use_batch_stats, update, out)
+    if geometry is not None:  # a plain valid call: skip the Python validators
+        outer, channels, inner = geometry
+        if use_batch_stats:
+            return _bn.train_forward(x, out, outer, channels, inner, weight, bias, eps,
+                                     running_mean, running_var,
+                                     momentum if update else 0.0)[0]
+        return _bn.eval_forward(x, out, outer, channels, inner, running_mean, running_var,
+                                weight, bias, eps)
     x = check_input(x)
     layout = batch_norm_layout(x, axis)
     check_running_stats_pair(running_mean, running_var)
@@ -180,14 +179,13 @@ def batch_norm_forward_train(x: np.ndarray, weight: Optional[np.ndarray] = None,
         return _reference().batch_norm_forward_train(
             x, weight, bias, eps, axis=axis, out=out, running_mean=running_mean,
             running_var=running_var, momentum=momentum)
-    if out is None:
-        geometry = _bn.standard_geometry(x, axis, running_mean, running_var, weight, bias, eps,
-                                         momentum, True, running_mean is not None)
-        if geometry is not None:  # a plain valid call: skip the Python validators
-            outer, channels, inner = geometry
-            return _bn.train_forward(x, None, outer, channels, inner, weight, bias, eps,
-                                     running_mean, running_var,
-                                     0.0 if running_mean is None else momentum)
+    geometry = _bn.standard_geometry(x, axis, running_mean, running_var, weight, bias, eps,
+                                     momentum, True, running_mean is not None, out)
+    if geometry is not None:  # a plain valid call: skip the Python validators
+        outer, channels, inner = geometry
+        return _bn.train_forward(x, out, outer, channels, inner, weight, bias, eps,
+                                 running_mean, running_var,
+                                 0.0 if running_mean is None else momentum)
     x = check_input(x)
     layout = batch_norm_layout(x, axis)
     check_running_stats_pair(running_mean, running_var)

@@ -129,15 +129,61 @@ def increment_counter(object counter):
     return True
 
 
+cdef inline void byte_extent(cnp.ndarray array, Py_ssize_t *low, Py_ssize_t *high):
+    """[low, high): the bytes `array` can touch (conservative bounds)."""
+    cdef Py_ssize_t start = <Py_ssize_t>cnp.PyArray_DATA(array), lo = 0, hi = 0
+    cdef int i
+    for i in range(cnp.PyArray_NDIM(array)):
+        if cnp.PyArray_DIMS(array)[i] == 0:
+            low[0] = high[0] = start
+            return
+        if cnp.PyArray_STRIDES(array)[i] < 0:
+            lo += (cnp.PyArray_DIMS(array)[i] - 1) * cnp.PyArray_STRIDES(array)[i]
+        else:
+            hi += (cnp.PyArray_DIMS(array)[i] - 1) * cnp.PyArray_STRIDES(array)[i]
+    low[0] = start + lo
+    high[0] = start + hi + cnp.PyArray_ITEMSIZE(array)
+
+
+cdef inline bint apart(cnp.ndarray out, object other):
+    """True when `other` is None or its bytes cannot meet out's."""
+    if other is None:
+        return True
+    cdef Py_ssize_t out_low, out_high, low, high
+    byte_extent(out, &out_low, &out_high)
+    byte_extent(<cnp.ndarray>other, &low, &high)
+    return high <= out_low or low >= out_high
+
+
+cdef inline bint plain_out(object out, cnp.ndarray x, object a, object b, object c, object d):
+    """out is a writeable C-contiguous array shaped and typed like x that is
+    x itself or provably apart from x and the vectors a-d."""
+    if type(out) is not cnp.ndarray:
+        return False
+    cdef cnp.ndarray target = <cnp.ndarray>out
+    cdef int i
+    if (cnp.PyArray_TYPE(target) != cnp.PyArray_TYPE(x) or not cnp.PyArray_ISNOTSWAPPED(target)
+            or cnp.PyArray_NDIM(target) != cnp.PyArray_NDIM(x)
+            or not cnp.PyArray_IS_C_CONTIGUOUS(target) or not cnp.PyArray_ISWRITEABLE(target)):
+        return False
+    for i in range(cnp.PyArray_NDIM(x)):
+        if cnp.PyArray_DIMS(target)[i] != cnp.PyArray_DIMS(x)[i]:
+            return False
+    if target is not x and not apart(target, x):
+        return False
+    return apart(target, a) and apart(target, b) and apart(target, c) and apart(target, d)
+
+
 def standard_geometry(object x, object axis, object running_mean, object running_var,
                       object weight, object bias, object eps, object momentum,
-                      bint batch_stats, bint update):
+                      bint batch_stats, bint update, object out=None):
     """(outer, channels, inner) when this batch-norm call is valid and plain:
     x a float32/float64 ndarray of rank >= 2, axis the int 1 or -1, eps and
     momentum floats in range, per-channel vectors matching, running
     statistics both given or both None (writeable when `update`), a
-    non-empty input with at least 2 values per channel with batch statistics.
-    None otherwise."""
+    non-empty input with at least 2 values per channel with batch statistics,
+    and `out` None, x itself, or a writeable C-contiguous array like x whose
+    bytes are provably apart from every input.  None otherwise."""
     if type(x) is not cnp.ndarray or type(axis) is not int or type(eps) is not float:
         return None
     cdef cnp.ndarray array = <cnp.ndarray>x
@@ -188,6 +234,8 @@ def standard_geometry(object x, object axis, object running_mean, object running
     if update and running_mean is not None and not (
             cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_mean)
             and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_var)):
+        return None
+    if out is not None and not plain_out(out, array, running_mean, running_var, weight, bias):
         return None
     return outer, channels, inner
 
