@@ -33,7 +33,7 @@ WARM_UP = 2_000
 # A leak of 16 bytes per call would add 1.6 MB over CALLS; allocator noise
 # after the warm-up is a few hundred KB at most.
 RSS_SLACK = 1 << 20
-TRACEMALLOC_CALLS = 2_000
+TRACEMALLOC_CALLS = 1_000
 TRACEMALLOC_SLACK = 32 << 10
 
 BIG = 2 ** 31 + 4099
@@ -77,9 +77,11 @@ def test_a_hundred_thousand_calls_do_not_grow_the_resident_set(case, serial_kern
 def test_calls_allocate_no_lasting_python_memory(case, serial_kernels):
     """Traced Python allocations kept over three windows of calls: a leak
     shows in every window; a one-time cache fill inside NumPy (seen once per
-    process around ``ndarray.__array_interface__``) in one window at most."""
+    process around ``ndarray.__array_interface__``) in one window at most.
+    (Snapshots, which are slow, are only taken to explain a failure.)"""
     prepared = case.prepare(48, np.float64, 1)
     growths = []
+    details = ""
     with np.errstate(all="ignore"):
         for _ in range(200):
             prepared.call()
@@ -87,18 +89,21 @@ def test_calls_allocate_no_lasting_python_memory(case, serial_kernels):
         tracemalloc.start(4)
         try:
             for _ in range(3):
-                start = tracemalloc.take_snapshot()
                 before, _ = tracemalloc.get_traced_memory()
                 for _ in range(TRACEMALLOC_CALLS):
                     prepared.call()
                 gc.collect()
-                after, _ = tracemalloc.get_traced_memory()
-                growths.append((after - before, tracemalloc.take_snapshot().compare_to(start, "traceback")[:3]))
+                growths.append(tracemalloc.get_traced_memory()[0] - before)
+            if min(growths) >= TRACEMALLOC_SLACK:
+                start = tracemalloc.take_snapshot()
+                for _ in range(TRACEMALLOC_CALLS):
+                    prepared.call()
+                gc.collect()
+                sites = tracemalloc.take_snapshot().compare_to(start, "traceback")[:3]
+                details = "\n".join(f"{stat}\n" + "\n".join(stat.traceback.format()) for stat in sites)
         finally:
             tracemalloc.stop()
-    smallest, sites = min(growths, key=lambda item: item[0])
-    details = "\n".join(f"{stat}\n" + "\n".join(stat.traceback.format()) for stat in sites)
-    assert smallest < TRACEMALLOC_SLACK, f"{case.name}: {smallest} bytes kept per window; largest:\n{details}"
+    assert min(growths) < TRACEMALLOC_SLACK, f"{case.name}: {growths} bytes kept per window; largest:\n{details}"
 
 
 def _failing_calls():
