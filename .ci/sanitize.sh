@@ -6,7 +6,9 @@
 # failure, or if the build is not actually instrumented.
 #
 # Usage: bash .ci/sanitize.sh [extra pytest arguments]
-# Environment: SANITIZE_KEEP=1 keeps the scratch directory (printed).
+# Environment: PYTHON (default python3; needs Cython, numpy, setuptools, pytest,
+# hypothesis), SANITIZE_KEEP=1 keeps the scratch directory (printed).
+# Takes about 3 minutes on 2 cores (1 min build, 2 min tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -18,6 +20,10 @@ else
   trap 'rm -rf "$work"' EXIT
 fi
 
+"$python" -c "import Cython, numpy, setuptools, pytest, hypothesis" 2>/dev/null || {
+  echo "$python needs Cython, numpy, setuptools, pytest and hypothesis to build and test (PYTHON=... selects another)"
+  exit 2
+}
 asan_runtime=$(gcc -print-file-name=libasan.so)
 ubsan_runtime=$(gcc -print-file-name=libubsan.so)
 for runtime in "$asan_runtime" "$ubsan_runtime"; do
