@@ -16,7 +16,7 @@ releases the GIL around the call and turns a status code into an exception.
 cimport numpy as cnp
 from libc.stdint cimport int64_t
 
-from fastbn._core cimport current_simd_target, effective_num_threads
+from fastbn._core cimport current_simd_target, effective_num_threads, raise_for_status
 
 cnp.import_array()
 
@@ -244,15 +244,6 @@ cdef inline void *data_or_null(object array):
     if array is None:
         return NULL
     return cnp.PyArray_DATA(<cnp.ndarray>array)
-
-
-cdef int raise_for_status(int status, str kernel) except -1:
-    if status == 0:
-        return 0
-    if status == -2:
-        raise MemoryError(f"{kernel}: could not allocate the per-channel workspace")
-    raise RuntimeError(f"{kernel}: kernel rejected its arguments (status {status}); "
-                       "this is a bug in fastbn's validation, please report it")
 
 
 cdef inline cnp.ndarray empty_like_array(cnp.ndarray array):
