@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import statistics
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List
@@ -44,13 +43,46 @@ def time_callable(fn: Callable[[], object], *, min_time: float = 0.2, min_runs: 
     return timing
 
 
+def time_interleaved(contenders: "dict[str, Callable[[], object]]", *, min_time: float = 0.2,
+                     min_rounds: int = 5, max_rounds: int = 200,
+                     max_rounds_for: "dict[str, int] | None" = None,
+                     settle: float = 0.02) -> "dict[str, Timing]":
+    """Time several contenders in alternating rounds, so a change of machine
+    load affects all of them alike.
+
+    In each round every contender gets one untimed call, then one timed call.
+    Before that, `settle` seconds of sleep let the previous contender's idle
+    OpenMP workers stop spinning: libgomp (fastbn's and the copy torch
+    bundles) busy-waits for milliseconds after each parallel region, which
+    on a 2-core machine would steal a core from whoever runs next.  Stops
+    after `min_rounds` rounds once every contender has spent `min_time`
+    seconds; `max_rounds_for` caps slow contenders (e.g. the reference)."""
+    caps = max_rounds_for or {}
+    timings = {name: Timing() for name in contenders}
+    for round_index in range(max_rounds):
+        for name, fn in contenders.items():
+            if round_index >= caps.get(name, max_rounds):
+                continue
+            time.sleep(settle)
+            fn()
+            start = time.perf_counter()
+            fn()
+            timings[name].runs.append(time.perf_counter() - start)
+        if round_index + 1 >= min_rounds and all(
+                sum(t.runs) >= min_time or len(t.runs) >= caps.get(n, max_rounds)
+                for n, t in timings.items()):
+            break
+    return timings
+
+
 def time_per_call(fn: Callable[[], object], *, calls: int = 2000, repeats: int = 7) -> Timing:
     """For microsecond-scale calls: time batches of `calls` and report the
     per-call time of each batch (so timer resolution does not dominate)."""
-    for _ in range(calls // 10 + 1):
-        fn()
     timing = Timing()
     for _ in range(repeats):
+        time.sleep(0.02)            # see time_interleaved: let other OpenMP pools idle
+        for _ in range(calls // 10 + 1):
+            fn()
         start = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -59,27 +91,12 @@ def time_per_call(fn: Callable[[], object], *, calls: int = 2000, repeats: int =
 
 
 def copy_bandwidth(num_threads: int, nbytes: int = 256 << 20, repeats: int = 5) -> float:
-    """Memory bandwidth in GB/s (bytes read + written per second) of a plain
-    copy of `nbytes` (far larger than the caches), split across `num_threads`
-    Python threads (NumPy releases the GIL while copying).  This is the
-    roofline every memory-bound kernel is compared with."""
+    """Memory bandwidth in GB/s (bytes read + written per second, STREAM
+    convention) of a parallel C copy of `nbytes` (far larger than the caches)
+    with `num_threads` threads: the roofline every memory-bound kernel is
+    compared with."""
+    from fastbn import _core
     source = np.ones(nbytes // 8, dtype=np.float64)
-    destination = np.empty_like(source)
-    num_threads = max(1, int(num_threads))
-    bounds = np.linspace(0, source.size, num_threads + 1).astype(np.int64)
-
-    def copy_slice(i: int) -> None:
-        np.copyto(destination[bounds[i]:bounds[i + 1]], source[bounds[i]:bounds[i + 1]])
-
-    def copy_all() -> None:
-        if num_threads == 1:
-            copy_slice(0)
-            return
-        workers = [threading.Thread(target=copy_slice, args=(i,)) for i in range(num_threads)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-
-    timing = time_callable(copy_all, min_time=0.0, min_runs=repeats, max_runs=repeats, warmup=1)
-    return 2 * source.nbytes / timing.best / 1e9
+    destination = np.zeros_like(source)     # touched: no page faults timed
+    seconds = _core.copy_probe_seconds(destination, source, max(1, int(num_threads)), repeats)
+    return 2 * source.nbytes / seconds / 1e9

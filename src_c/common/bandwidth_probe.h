@@ -1,0 +1,45 @@
+/* bandwidth_probe.h -- the roofline for memory-bound kernels: how fast this
+ * machine copies an array far larger than its caches, with the same thread
+ * count the kernels use.  STREAM convention: a copy moves 2 x n x 8 bytes
+ * (read + write; the write-allocate read is not counted, as it is not in
+ * the kernels' "bytes that must move"). */
+#ifndef FASTBN_BANDWIDTH_PROBE_H
+#define FASTBN_BANDWIDTH_PROBE_H
+
+#include <string.h>
+#include <time.h>
+
+#include "fb_parallel.h"
+
+static double fb_probe_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Best wall time (seconds) of `repeats` parallel copies src -> dst. */
+static double fastbn_copy_probe(double *dst, const double *src, fb_index n, int num_threads,
+                                int repeats)
+{
+    double best = 1e300;
+    const int nt = num_threads > 0 ? num_threads : 1;
+    for (int r = 0; r < repeats; ++r) {
+        double start = fb_probe_now();
+#pragma omp parallel num_threads(nt) if (nt > 1)
+        {
+            fb_index begin, end;
+            fb_split_range(n, fb_team_size(), fb_thread_id(), &begin, &end);
+            /* glibc's memcpy streams large copies with non-temporal stores,
+             * the best a copy can do on this machine */
+            if (end > begin)
+                memcpy(dst + begin, src + begin, (size_t)(end - begin) * sizeof(double));
+        }
+        double elapsed = fb_probe_now() - start;
+        if (elapsed < best)
+            best = elapsed;
+    }
+    return best;
+}
+
+#endif /* FASTBN_BANDWIDTH_PROBE_H */
