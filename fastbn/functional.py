@@ -8,6 +8,10 @@ training pieces for code without autograd.
 - `batch_norm_backward`: gradients of a training-mode forward.
 - `batch_norm_backward_eval`: gradients of an eval-mode forward (running
   statistics, which are constants for the backward).
+- `batch_norm_relu`, `batch_norm_relu_forward_train`,
+  `batch_norm_relu_backward`, `batch_norm_relu_backward_eval`: the same four
+  with a ReLU fused after the normalization (one pass; the backward
+  recomputes the ReLU mask from x).
 
 Every function validates its arguments (shared with the reference backend),
 then runs the C kernels, or the NumPy reference under
@@ -40,7 +44,8 @@ from ._validation import check_channel_vector, check_out
 from .nn import _bn
 
 __all__ = ["batch_norm", "batch_norm_forward_train", "batch_norm_backward",
-           "batch_norm_backward_eval"]
+           "batch_norm_backward_eval", "batch_norm_relu", "batch_norm_relu_forward_train",
+           "batch_norm_relu_backward", "batch_norm_relu_backward_eval"]
 
 
 def _reference():
@@ -93,47 +98,9 @@ def batch_norm(x: np.ndarray, running_mean: Optional[np.ndarray], running_var: O
         batch statistics, eps <= 0 with batch statistics, bad momentum, axis
         or `out`.
     """
-    if _backend.is_reference():
-        return _reference().batch_norm(x, running_mean, running_var, weight, bias, training,
-                                       momentum, eps, axis=axis, out=out)
-    use_batch_stats = bool(training) or running_mean is None
-    update = use_batch_stats and running_mean is not None
-    geometry = _bn.standard_geometry(x, axis, running_mean, running_var, weight, bias, eps,
-                                     momentum, use_batch_stats, update, out)
-    if geometry is not None:  # a plain valid call: skip the Python validators
-        outer, channels, inner = geometry
-        if use_batch_stats:
-            return _bn.train_forward(x, out, outer, channels, inner, weight, bias, eps,
-                                     running_mean, running_var,
-                                     momentum if update else 0.0)[0]
-        return _bn.eval_forward(x, out, outer, channels, inner, running_mean, running_var,
-                                weight, bias, eps)
-    x = check_input(x)
-    layout = batch_norm_layout(x, axis)
-    check_running_stats_pair(running_mean, running_var)
-    eps = check_eps(eps, batch_stats=use_batch_stats)
-    momentum = check_update_momentum(momentum) if update else check_momentum(momentum)
-    channels, dtype = layout.channels, x.dtype
-    running_mean = check_channel_vector("running_mean", running_mean, channels, dtype)
-    running_var = check_channel_vector("running_var", running_var, channels, dtype)
-    weight = check_channel_vector("weight", weight, channels, dtype)
-    bias = check_channel_vector("bias", bias, channels, dtype)
-    if use_batch_stats:
-        check_batch_size(x, layout)
-    if update:
-        check_updatable("running_mean", running_mean)
-        check_updatable("running_var", running_var)
-    if out is not None:
-        out = check_out(out, "out", x.shape, dtype,
-                        inputs=(x, running_mean, running_var, weight, bias), allow_identical=(x,))
-    if x.size == 0:
-        return np.empty(x.shape, dtype) if out is None else out
-    if use_batch_stats:
-        return _bn.train_forward(x, out, layout.outer, channels, layout.inner, weight, bias, eps,
-                                 running_mean if update else None,
-                                 running_var if update else None, momentum if update else 0.0)[0]
-    return _bn.eval_forward(x, out, layout.outer, channels, layout.inner,
-                            running_mean, running_var, weight, bias, eps)
+    return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                       axis, out, relu=False)
+
 
 
 def batch_norm_forward_train(x: np.ndarray, weight: Optional[np.ndarray] = None,
@@ -175,37 +142,9 @@ def batch_norm_forward_train(x: np.ndarray, weight: Optional[np.ndarray] = None,
     saved_invstd : ndarray (C,)
         Per-channel ``1 / sqrt(biased_batch_var + eps)``.
     """
-    if _backend.is_reference():
-        return _reference().batch_norm_forward_train(
-            x, weight, bias, eps, axis=axis, out=out, running_mean=running_mean,
-            running_var=running_var, momentum=momentum)
-    geometry = _bn.standard_geometry(x, axis, running_mean, running_var, weight, bias, eps,
-                                     momentum, True, running_mean is not None, out)
-    if geometry is not None:  # a plain valid call: skip the Python validators
-        outer, channels, inner = geometry
-        return _bn.train_forward(x, out, outer, channels, inner, weight, bias, eps,
-                                 running_mean, running_var,
-                                 0.0 if running_mean is None else momentum)
-    x = check_input(x)
-    layout = batch_norm_layout(x, axis)
-    check_running_stats_pair(running_mean, running_var)
-    update = running_mean is not None
-    eps = check_eps(eps, batch_stats=True)
-    momentum = check_update_momentum(momentum) if update else check_momentum(momentum)
-    vectors = check_batch_norm_vectors(layout, x.dtype, weight=weight, bias=bias,
-                                       running_mean=running_mean, running_var=running_var)
-    check_batch_size(x, layout)
-    check_updatable("running_mean", vectors["running_mean"])
-    check_updatable("running_var", vectors["running_var"])
-    if out is not None:
-        out = check_out(out, "out", x.shape, x.dtype, inputs=(x, *vectors.values()),
-                        allow_identical=(x,))
-    if x.size == 0:  # no channels: nothing to compute
-        empty = np.empty(0, x.dtype)
-        return (np.empty(x.shape, x.dtype) if out is None else out), empty, empty.copy()
-    return _bn.train_forward(x, out, layout.outer, layout.channels, layout.inner,
-                             vectors["weight"], vectors["bias"], eps, vectors["running_mean"],
-                             vectors["running_var"], momentum if update else 0.0)
+    return _forward_train(x, weight, bias, eps, axis, out, running_mean, running_var,
+                          momentum, relu=False)
+
 
 
 def batch_norm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd: np.ndarray,
@@ -243,26 +182,8 @@ def batch_norm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd:
     dweight, dbias : ndarray (C,)
         Gradients of weight and bias (computed even when weight is None).
     """
-    if _backend.is_reference():
-        return _reference().batch_norm_backward(dy, x, mean, invstd, weight, axis=axis, out=out)
-    x = check_input(x, "x")
-    layout = batch_norm_layout(x, axis, "x")
-    dy = check_like("dy", dy, x, "x")
-    mean = check_saved_stat("mean", mean, layout, x.dtype)
-    invstd = check_saved_stat("invstd", invstd, layout, x.dtype)
-    weight = check_channel_vector("weight", weight, layout.channels, x.dtype)
-    if out is not None:
-        out = check_out(out, "out", x.shape, x.dtype, inputs=(dy, x, mean, invstd, weight),
-                        allow_identical=(dy, x))
-    dweight = np.empty(layout.channels, x.dtype)
-    dbias = np.empty(layout.channels, x.dtype)
-    if x.size == 0:
-        dweight.fill(0)
-        dbias.fill(0)
-        return (np.empty(x.shape, x.dtype) if out is None else out), dweight, dbias
-    dx = _bn.backward(dy, x, out, layout.outer, layout.channels, layout.inner, mean, invstd,
-                      weight, dweight, dbias, False)
-    return dx, dweight, dbias
+    return _backward(dy, x, mean, invstd, weight, None, axis, out, relu=False)
+
 
 
 def batch_norm_backward_eval(dy: np.ndarray, x: np.ndarray, running_mean: np.ndarray,
@@ -302,9 +223,233 @@ def batch_norm_backward_eval(dy: np.ndarray, x: np.ndarray, running_mean: np.nda
     dweight, dbias : ndarray (C,)
         Gradients of weight and bias (computed even when weight is None).
     """
+    return _backward_eval(dy, x, running_mean, running_var, weight, None, eps, axis,
+                          out, relu=False)
+
+
+def batch_norm_relu(x: np.ndarray, running_mean: Optional[np.ndarray],
+                    running_var: Optional[np.ndarray], weight: Optional[np.ndarray] = None,
+                    bias: Optional[np.ndarray] = None, training: bool = False,
+                    momentum: Optional[float] = 0.1, eps: float = 1e-5, *, axis: int = 1,
+                    out: Optional[np.ndarray] = None) -> np.ndarray:
+    """``relu(batch_norm(...))`` in one pass over the data.
+
+    Same arguments, validation and running-statistics update as
+    `batch_norm`; the output is ``max(y, 0)`` (NaN stays NaN, as in
+    ``torch.relu``), written by the normalization's own store (no second
+    pass, no temporary).
+
+    Returns
+    -------
+    ndarray
+        The activated array (`out` when given; `out` may be x).
+    """
+    return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                       axis, out, relu=True)
+
+
+def batch_norm_relu_forward_train(x: np.ndarray, weight: Optional[np.ndarray] = None,
+                                  bias: Optional[np.ndarray] = None, eps: float = 1e-5, *,
+                                  axis: int = 1, out: Optional[np.ndarray] = None,
+                                  running_mean: Optional[np.ndarray] = None,
+                                  running_var: Optional[np.ndarray] = None,
+                                  momentum: float = 0.1
+                                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training forward of batch norm + ReLU: `batch_norm_forward_train`,
+    then ``max(y, 0)``, in one pass.
+
+    Returns
+    -------
+    y : ndarray
+        ``max(batch_norm(x), 0)`` (`out` when given).
+    saved_mean, saved_invstd : ndarray (C,)
+        For `batch_norm_relu_backward`.
+
+    Notes
+    -----
+    The normalization uses the saved mean and invstd as rounded to the input
+    dtype (the plain forward uses them in float64), so that the backward,
+    which only has the saved values, recomputes exactly the forward's ReLU
+    mask.  For float32 this moves y by about ``|mean * invstd| * 6e-8``.
+    """
+    return _forward_train(x, weight, bias, eps, axis, out, running_mean, running_var,
+                          momentum, relu=True)
+
+
+def batch_norm_relu_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray,
+                             invstd: np.ndarray, weight: Optional[np.ndarray] = None,
+                             bias: Optional[np.ndarray] = None, *, axis: int = 1,
+                             out: Optional[np.ndarray] = None
+                             ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of `batch_norm_relu_forward_train`.
+
+    `dy` is the gradient of the ReLU's output.  The ReLU mask is not stored:
+    it is recomputed from x as ``(x - mean) * invstd * weight + bias > 0``
+    (exactly where the forward's output is > 0), so the fused backward reads
+    dy and x and writes dx, like `batch_norm_backward`, instead of also
+    reading y and writing and re-reading a masked gradient.
+
+    Parameters
+    ----------
+    dy, x, mean, invstd, weight, axis, out
+        As in `batch_norm_backward`.
+    bias : ndarray (C,) or None
+        IN.  The forward's bias (None means 0), needed for the mask.
+
+    Returns
+    -------
+    dx : ndarray
+        Gradient of the input (`out` when given; `out` may be dy or x).
+    dweight, dbias : ndarray (C,)
+        Gradients of weight and bias.
+    """
+    return _backward(dy, x, mean, invstd, weight, bias, axis, out, relu=True)
+
+
+def batch_norm_relu_backward_eval(dy: np.ndarray, x: np.ndarray, running_mean: np.ndarray,
+                                  running_var: np.ndarray, weight: Optional[np.ndarray] = None,
+                                  bias: Optional[np.ndarray] = None, eps: float = 1e-5, *,
+                                  axis: int = 1, out: Optional[np.ndarray] = None
+                                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of an eval-mode `batch_norm_relu` (running statistics).
+
+    As `batch_norm_backward_eval`, with dy masked where the eval forward's
+    pre-activation ``x * scale + shift`` is <= 0; `bias` is the forward's
+    bias (None means 0).  x is always read (for the mask).
+    """
+    return _backward_eval(dy, x, running_mean, running_var, weight, bias, eps, axis, out,
+                          relu=True)
+
+
+# section: shared implementations (relu: fused ReLU) ------------------------------
+
+
+def _batch_norm(x: np.ndarray, running_mean, running_var, weight, bias, training, momentum,
+                eps, axis: int, out, relu: bool):
     if _backend.is_reference():
-        return _reference().batch_norm_backward_eval(dy, x, running_mean, running_var, weight,
-                                                     eps, axis=axis, out=out)
+        reference = _reference()
+        function = reference.batch_norm_relu if relu else reference.batch_norm
+        return function(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                        axis=axis, out=out)
+    use_batch_stats = bool(training) or running_mean is None
+    update = use_batch_stats and running_mean is not None
+    geometry = _bn.standard_geometry(x, axis, running_mean, running_var, weight, bias, eps,
+                                     momentum, use_batch_stats, update, out)
+    if geometry is not None:  # a plain valid call: skip the Python validators
+        outer, channels, inner = geometry
+        if use_batch_stats:
+            return _bn.train_forward(x, out, outer, channels, inner, weight, bias, eps,
+                                     running_mean, running_var,
+                                     momentum if update else 0.0, relu)[0]
+        return _bn.eval_forward(x, out, outer, channels, inner, running_mean, running_var,
+                                weight, bias, eps, relu)
+    x = check_input(x)
+    layout = batch_norm_layout(x, axis)
+    check_running_stats_pair(running_mean, running_var)
+    eps = check_eps(eps, batch_stats=use_batch_stats)
+    momentum = check_update_momentum(momentum) if update else check_momentum(momentum)
+    channels, dtype = layout.channels, x.dtype
+    running_mean = check_channel_vector("running_mean", running_mean, channels, dtype)
+    running_var = check_channel_vector("running_var", running_var, channels, dtype)
+    weight = check_channel_vector("weight", weight, channels, dtype)
+    bias = check_channel_vector("bias", bias, channels, dtype)
+    if use_batch_stats:
+        check_batch_size(x, layout)
+    if update:
+        check_updatable("running_mean", running_mean)
+        check_updatable("running_var", running_var)
+    if out is not None:
+        out = check_out(out, "out", x.shape, dtype,
+                        inputs=(x, running_mean, running_var, weight, bias), allow_identical=(x,))
+    if x.size == 0:
+        return np.empty(x.shape, dtype) if out is None else out
+    if use_batch_stats:
+        return _bn.train_forward(x, out, layout.outer, channels, layout.inner, weight, bias, eps,
+                                 running_mean if update else None,
+                                 running_var if update else None, momentum if update else 0.0,
+                                 relu)[0]
+    return _bn.eval_forward(x, out, layout.outer, channels, layout.inner,
+                            running_mean, running_var, weight, bias, eps, relu)
+
+
+
+def _forward_train(x: np.ndarray, weight, bias, eps, axis: int, out, running_mean,
+                   running_var, momentum, relu: bool):
+    if _backend.is_reference():
+        reference = _reference()
+        function = (reference.batch_norm_relu_forward_train if relu
+                    else reference.batch_norm_forward_train)
+        return function(x, weight, bias, eps, axis=axis, out=out, running_mean=running_mean,
+                        running_var=running_var, momentum=momentum)
+    geometry = _bn.standard_geometry(x, axis, running_mean, running_var, weight, bias, eps,
+                                     momentum, True, running_mean is not None, out)
+    if geometry is not None:  # a plain valid call: skip the Python validators
+        outer, channels, inner = geometry
+        return _bn.train_forward(x, out, outer, channels, inner, weight, bias, eps,
+                                 running_mean, running_var,
+                                 0.0 if running_mean is None else momentum, relu)
+    x = check_input(x)
+    layout = batch_norm_layout(x, axis)
+    check_running_stats_pair(running_mean, running_var)
+    update = running_mean is not None
+    eps = check_eps(eps, batch_stats=True)
+    momentum = check_update_momentum(momentum) if update else check_momentum(momentum)
+    vectors = check_batch_norm_vectors(layout, x.dtype, weight=weight, bias=bias,
+                                       running_mean=running_mean, running_var=running_var)
+    check_batch_size(x, layout)
+    check_updatable("running_mean", vectors["running_mean"])
+    check_updatable("running_var", vectors["running_var"])
+    if out is not None:
+        out = check_out(out, "out", x.shape, x.dtype, inputs=(x, *vectors.values()),
+                        allow_identical=(x,))
+    if x.size == 0:  # no channels: nothing to compute
+        empty = np.empty(0, x.dtype)
+        return (np.empty(x.shape, x.dtype) if out is None else out), empty, empty.copy()
+    return _bn.train_forward(x, out, layout.outer, layout.channels, layout.inner,
+                             vectors["weight"], vectors["bias"], eps, vectors["running_mean"],
+                             vectors["running_var"], momentum if update else 0.0, relu)
+
+
+
+def _backward(dy: np.ndarray, x: np.ndarray, mean, invstd, weight, bias, axis: int, out,
+              relu: bool):
+    if _backend.is_reference():
+        reference = _reference()
+        if relu:
+            return reference.batch_norm_relu_backward(dy, x, mean, invstd, weight, bias,
+                                                      axis=axis, out=out)
+        return reference.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis, out=out)
+    x = check_input(x, "x")
+    layout = batch_norm_layout(x, axis, "x")
+    dy = check_like("dy", dy, x, "x")
+    mean = check_saved_stat("mean", mean, layout, x.dtype)
+    invstd = check_saved_stat("invstd", invstd, layout, x.dtype)
+    weight = check_channel_vector("weight", weight, layout.channels, x.dtype)
+    bias = check_channel_vector("bias", bias, layout.channels, x.dtype)
+    if out is not None:
+        out = check_out(out, "out", x.shape, x.dtype, inputs=(dy, x, mean, invstd, weight, bias),
+                        allow_identical=(dy, x))
+    dweight = np.empty(layout.channels, x.dtype)
+    dbias = np.empty(layout.channels, x.dtype)
+    if x.size == 0:
+        dweight.fill(0)
+        dbias.fill(0)
+        return (np.empty(x.shape, x.dtype) if out is None else out), dweight, dbias
+    dx = _bn.backward(dy, x, out, layout.outer, layout.channels, layout.inner, mean, invstd,
+                      weight, dweight, dbias, False, bias, relu)
+    return dx, dweight, dbias
+
+
+
+def _backward_eval(dy: np.ndarray, x: np.ndarray, running_mean, running_var, weight, bias,
+                   eps, axis: int, out, relu: bool):
+    if _backend.is_reference():
+        reference = _reference()
+        if relu:
+            return reference.batch_norm_relu_backward_eval(dy, x, running_mean, running_var,
+                                                           weight, bias, eps, axis=axis, out=out)
+        return reference.batch_norm_backward_eval(dy, x, running_mean, running_var, weight,
+                                                  eps, axis=axis, out=out)
     x = check_input(x, "x")
     layout = batch_norm_layout(x, axis, "x")
     dy = check_like("dy", dy, x, "x")
@@ -312,9 +457,11 @@ def batch_norm_backward_eval(dy: np.ndarray, x: np.ndarray, running_mean: np.nda
     running_mean = check_saved_stat("running_mean", running_mean, layout, x.dtype)
     running_var = check_saved_stat("running_var", running_var, layout, x.dtype)
     weight = check_channel_vector("weight", weight, layout.channels, x.dtype)
+    bias = check_channel_vector("bias", bias, layout.channels, x.dtype)
     if out is not None:
         out = check_out(out, "out", x.shape, x.dtype,
-                        inputs=(dy, x, running_mean, running_var, weight), allow_identical=(dy,))
+                        inputs=(dy, x, running_mean, running_var, weight, bias),
+                        allow_identical=(dy,))
     dweight = np.empty(layout.channels, x.dtype)
     dbias = np.empty(layout.channels, x.dtype)
     if x.size == 0:
@@ -322,5 +469,5 @@ def batch_norm_backward_eval(dy: np.ndarray, x: np.ndarray, running_mean: np.nda
         dbias.fill(0)
         return (np.empty(x.shape, x.dtype) if out is None else out), dweight, dbias
     dx = _bn.backward_eval(dy, x, out, layout.outer, layout.channels, layout.inner, running_mean,
-                           running_var, weight, eps, dweight, dbias, False)
+                           running_var, weight, eps, dweight, dbias, False, bias, relu)
     return dx, dweight, dbias

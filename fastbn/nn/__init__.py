@@ -2,6 +2,7 @@
 ``backward``)."""
 from .module import IncompatibleKeys, Module
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .batchnorm_relu import BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d
 from . import init
 from .linear import Linear
 from .activation import ReLU
@@ -12,5 +13,6 @@ from .loss import CrossEntropyLoss, MSELoss
 from .fold import fold_batchnorm
 
 __all__ = ["Module", "IncompatibleKeys", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+           "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d",
            "init", "Linear", "ReLU", "Dropout", "Flatten", "Sequential", "CrossEntropyLoss",
            "MSELoss", "fold_batchnorm"]

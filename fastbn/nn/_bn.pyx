@@ -25,38 +25,42 @@ cdef extern from "bn/bn_kernels.h":
         int (*eval_forward_f32)(const float *x, float *y, int64_t outer, int64_t channels,
                                 int64_t inner, const float *running_mean,
                                 const float *running_var, const float *weight,
-                                const float *bias, double eps, int num_threads) noexcept nogil
+                                const float *bias, double eps, int relu, int num_threads) noexcept nogil
         int (*eval_forward_f64)(const double *x, double *y, int64_t outer, int64_t channels,
                                 int64_t inner, const double *running_mean,
                                 const double *running_var, const double *weight,
-                                const double *bias, double eps, int num_threads) noexcept nogil
+                                const double *bias, double eps, int relu, int num_threads) noexcept nogil
         int (*train_forward_f32)(const float *x, float *y, int64_t outer, int64_t channels,
                                  int64_t inner, const float *weight, const float *bias,
                                  double eps, float *saved_mean, float *saved_invstd,
                                  float *running_mean, float *running_var, double momentum,
-                                 int num_threads) noexcept nogil
+                                 int relu, int num_threads) noexcept nogil
         int (*train_forward_f64)(const double *x, double *y, int64_t outer, int64_t channels,
                                  int64_t inner, const double *weight, const double *bias,
                                  double eps, double *saved_mean, double *saved_invstd,
                                  double *running_mean, double *running_var, double momentum,
-                                 int num_threads) noexcept nogil
+                                 int relu, int num_threads) noexcept nogil
         int (*backward_f32)(const float *dy, const float *x, float *dx, int64_t outer,
                             int64_t channels, int64_t inner, const float *mean,
-                            const float *invstd, const float *weight, float *dweight,
-                            float *dbias, int accumulate, int num_threads) noexcept nogil
+                            const float *invstd, const float *weight, const float *bias,
+                            float *dweight, float *dbias, int accumulate, int relu,
+                            int num_threads) noexcept nogil
         int (*backward_f64)(const double *dy, const double *x, double *dx, int64_t outer,
                             int64_t channels, int64_t inner, const double *mean,
-                            const double *invstd, const double *weight, double *dweight,
-                            double *dbias, int accumulate, int num_threads) noexcept nogil
+                            const double *invstd, const double *weight, const double *bias,
+                            double *dweight, double *dbias, int accumulate, int relu,
+                            int num_threads) noexcept nogil
         int (*backward_eval_f32)(const float *dy, const float *x, float *dx, int64_t outer,
                                  int64_t channels, int64_t inner, const float *running_mean,
-                                 const float *running_var, const float *weight, double eps,
-                                 float *dweight, float *dbias, int accumulate,
+                                 const float *running_var, const float *weight,
+                                 const float *bias, double eps, float *dweight,
+                                 float *dbias, int accumulate, int relu,
                                  int num_threads) noexcept nogil
         int (*backward_eval_f64)(const double *dy, const double *x, double *dx, int64_t outer,
                                  int64_t channels, int64_t inner, const double *running_mean,
-                                 const double *running_var, const double *weight, double eps,
-                                 double *dweight, double *dbias, int accumulate,
+                                 const double *running_var, const double *weight,
+                                 const double *bias, double eps, double *dweight,
+                                 double *dbias, int accumulate, int relu,
                                  int num_threads) noexcept nogil
     const fastbn_bn_kernels *fastbn_bn_kernels_for(int target) nogil
 
@@ -259,16 +263,17 @@ cdef inline cnp.ndarray empty_vector(int64_t length, int typenum):
 
 def eval_forward(object x, object y, int64_t outer, int64_t channels, int64_t inner,
                  object running_mean, object running_var, object weight, object bias,
-                 double eps):
+                 double eps, bint relu=False):
     """y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
 
     x IN (outer, channels, inner) any strides; y OUT, same shape (may be x),
     or None to allocate it; running_mean, running_var IN (channels,); weight,
-    bias IN (channels,) or None.  Returns y.
+    bias IN (channels,) or None.  relu: store max(y, 0) (fused ReLU).  Returns y.
     """
     cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
     cdef int nt = effective_num_threads()
     cdef int status
+    cdef int fused_relu = relu
     x = kernel_input(x)
     running_mean = kernel_input(running_mean)
     running_var = kernel_input(running_var)
@@ -285,30 +290,33 @@ def eval_forward(object x, object y, int64_t outer, int64_t channels, int64_t in
         with nogil:
             status = table.eval_forward_f32(<const float *>xp, <float *>yp, outer, channels, inner,
                                             <const float *>mp, <const float *>vp,
-                                            <const float *>wp, <const float *>bp, eps, nt)
+                                            <const float *>wp, <const float *>bp, eps,
+                                            fused_relu, nt)
     else:
         with nogil:
             status = table.eval_forward_f64(<const double *>xp, <double *>yp, outer, channels, inner,
                                             <const double *>mp, <const double *>vp,
-                                            <const double *>wp, <const double *>bp, eps, nt)
+                                            <const double *>wp, <const double *>bp, eps,
+                                            fused_relu, nt)
     raise_for_status(status, "batch_norm eval forward")
     return out
 
 
 def train_forward(object x, object y, int64_t outer, int64_t channels, int64_t inner,
                   object weight, object bias, double eps, object running_mean,
-                  object running_var, double momentum):
+                  object running_var, double momentum, bint relu=False):
     """Batch statistics, optional running-stat update, normalization.
 
     x IN (outer, channels, inner) any strides, at least 2 values per channel;
     y OUT same shape (may be x), or None to allocate it; weight, bias IN
     (channels,) or None; running_mean, running_var IN-OUT (channels,) or both
-    None.  Returns (y, saved_mean, saved_invstd), the last two new (channels,)
-    arrays.
+    None.  relu: store max(y, 0) (fused ReLU).  Returns (y, saved_mean,
+    saved_invstd), the last two new (channels,) arrays.
     """
     cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
     cdef int nt = effective_num_threads()
     cdef int status
+    cdef int fused_relu = relu
     x = kernel_input(x)
     weight = kernel_input(weight)
     bias = kernel_input(bias)
@@ -331,13 +339,13 @@ def train_forward(object x, object y, int64_t outer, int64_t channels, int64_t i
             status = table.train_forward_f32(<const float *>xp, <float *>yp, outer, channels, inner,
                                              <const float *>wp, <const float *>bp, eps,
                                              <float *>smp, <float *>sip, <float *>rmp,
-                                             <float *>rvp, momentum, nt)
+                                             <float *>rvp, momentum, fused_relu, nt)
     else:
         with nogil:
             status = table.train_forward_f64(<const double *>xp, <double *>yp, outer, channels,
                                              inner, <const double *>wp, <const double *>bp, eps,
                                              <double *>smp, <double *>sip, <double *>rmp,
-                                             <double *>rvp, momentum, nt)
+                                             <double *>rvp, momentum, fused_relu, nt)
     raise_for_status(status, "batch_norm training forward")
     if rm is not None:
         copy_back(running_mean, rm)
@@ -347,23 +355,28 @@ def train_forward(object x, object y, int64_t outer, int64_t channels, int64_t i
 
 def backward(object dy, object x, object dx, int64_t outer, int64_t channels,
              int64_t inner, object mean, object invstd, object weight,
-             object dweight, object dbias, bint accumulate):
+             object dweight, object dbias, bint accumulate, object bias=None,
+             bint relu=False):
     """Training-mode backward from the forward's saved mean and invstd.
 
     dy, x IN (outer, channels, inner) any strides; dx OUT same shape (may be
     dy or x), or None to allocate it; mean, invstd, weight IN (channels,)
     (weight may be None); dweight, dbias OUT (channels,) or None (not
-    wanted), added to when `accumulate`.  Returns dx.
+    wanted), added to when `accumulate`.  relu: dy is the gradient of a fused
+    ReLU's output, masked where the forward's pre-activation (recomputed from
+    x, the statistics, weight and `bias`) is <= 0.  Returns dx.
     """
     cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
     cdef int nt = effective_num_threads()
     cdef int status
     cdef int acc = accumulate
+    cdef int fused_relu = relu
     dy = kernel_input(dy)
     x = kernel_input(x)
     mean = kernel_input(mean)
     invstd = kernel_input(invstd)
     weight = kernel_input(weight)
+    bias = kernel_input(bias) if relu else None
     cdef cnp.ndarray out = empty_like_array(dy) if dx is None else <cnp.ndarray>dx
     cdef void *dyp = cnp.PyArray_DATA(dy)
     cdef void *xp = cnp.PyArray_DATA(x)
@@ -371,44 +384,51 @@ def backward(object dy, object x, object dx, int64_t outer, int64_t channels,
     cdef void *mp = cnp.PyArray_DATA(mean)
     cdef void *ip = cnp.PyArray_DATA(invstd)
     cdef void *wp = data_or_null(weight)
+    cdef void *bp = data_or_null(bias)
     cdef void *dwp = data_or_null(dweight)
     cdef void *dbp = data_or_null(dbias)
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
         with nogil:
             status = table.backward_f32(<const float *>dyp, <const float *>xp, <float *>dxp,
                                         outer, channels, inner, <const float *>mp,
-                                        <const float *>ip, <const float *>wp, <float *>dwp,
-                                        <float *>dbp, acc, nt)
+                                        <const float *>ip, <const float *>wp,
+                                        <const float *>bp, <float *>dwp, <float *>dbp, acc,
+                                        fused_relu, nt)
     else:
         with nogil:
             status = table.backward_f64(<const double *>dyp, <const double *>xp, <double *>dxp,
                                         outer, channels, inner, <const double *>mp,
-                                        <const double *>ip, <const double *>wp, <double *>dwp,
-                                        <double *>dbp, acc, nt)
+                                        <const double *>ip, <const double *>wp,
+                                        <const double *>bp, <double *>dwp, <double *>dbp, acc,
+                                        fused_relu, nt)
     raise_for_status(status, "batch_norm backward")
     return out
 
 
 def backward_eval(object dy, object x, object dx, int64_t outer, int64_t channels,
                   int64_t inner, object running_mean, object running_var,
-                  object weight, double eps, object dweight, object dbias, bint accumulate):
+                  object weight, double eps, object dweight, object dbias, bint accumulate,
+                  object bias=None, bint relu=False):
     """Eval-mode backward (running statistics were used in the forward).
 
     dy IN (outer, channels, inner) any strides; x IN same shape, or None when
     dweight and dbias are both None; dx OUT same shape (may be dy), or None
     to allocate it; running_mean, running_var, weight IN (channels,) (weight
     may be None); dweight, dbias OUT (channels,) or None (not wanted), added
-    to when `accumulate`.  Returns dx.
+    to when `accumulate`.  relu: as in `backward` (x is then required).
+    Returns dx.
     """
     cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
     cdef int nt = effective_num_threads()
     cdef int status
     cdef int acc = accumulate
+    cdef int fused_relu = relu
     dy = kernel_input(dy)
-    x = kernel_input(x) if (dweight is not None or dbias is not None) else None
+    x = kernel_input(x) if (dweight is not None or dbias is not None or relu) else None
     running_mean = kernel_input(running_mean)
     running_var = kernel_input(running_var)
     weight = kernel_input(weight)
+    bias = kernel_input(bias) if relu else None
     cdef cnp.ndarray out = empty_like_array(dy) if dx is None else <cnp.ndarray>dx
     cdef void *dyp = cnp.PyArray_DATA(dy)
     cdef void *xp = data_or_null(x)
@@ -416,20 +436,23 @@ def backward_eval(object dy, object x, object dx, int64_t outer, int64_t channel
     cdef void *mp = cnp.PyArray_DATA(running_mean)
     cdef void *vp = cnp.PyArray_DATA(running_var)
     cdef void *wp = data_or_null(weight)
+    cdef void *bp = data_or_null(bias)
     cdef void *dwp = data_or_null(dweight)
     cdef void *dbp = data_or_null(dbias)
     if cnp.PyArray_TYPE(dy) == cnp.NPY_FLOAT32:
         with nogil:
             status = table.backward_eval_f32(<const float *>dyp, <const float *>xp, <float *>dxp,
                                              outer, channels, inner, <const float *>mp,
-                                             <const float *>vp, <const float *>wp, eps,
-                                             <float *>dwp, <float *>dbp, acc, nt)
+                                             <const float *>vp, <const float *>wp,
+                                             <const float *>bp, eps, <float *>dwp,
+                                             <float *>dbp, acc, fused_relu, nt)
     else:
         with nogil:
             status = table.backward_eval_f64(<const double *>dyp, <const double *>xp,
                                              <double *>dxp, outer, channels, inner,
                                              <const double *>mp, <const double *>vp,
-                                             <const double *>wp, eps, <double *>dwp,
-                                             <double *>dbp, acc, nt)
+                                             <const double *>wp, <const double *>bp, eps,
+                                             <double *>dwp, <double *>dbp, acc, fused_relu,
+                                             nt)
     raise_for_status(status, "batch_norm eval backward")
     return out

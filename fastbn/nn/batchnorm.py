@@ -37,6 +37,9 @@ class _BatchNorm(Module):
     """Shared implementation; the subclasses only fix the accepted ranks."""
 
     _input_ranks: Tuple[int, ...] = ()
+    #: True in the fused BatchNormReLU layers (fastbn/nn/batchnorm_relu.py):
+    #: the kernels apply a ReLU after the normalization and mask the gradient
+    fused_relu = False
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *, axis: int = 1,
@@ -176,7 +179,8 @@ class _BatchNorm(Module):
             x = _bn.as_kernel_array(x)
             y, mean, invstd = _bn.train_forward(x, None, layout.outer, layout.channels,
                                                 layout.inner, weight, bias, self.eps,
-                                                running_mean, running_var, factor)
+                                                running_mean, running_var, factor,
+                                                self.fused_relu)
             if update and not _bn.increment_counter(self.num_batches_tracked):
                 self.num_batches_tracked[...] += 1
             object.__setattr__(self, "_saved", (_TRAIN, x, layout, mean, invstd))
@@ -186,7 +190,8 @@ class _BatchNorm(Module):
         else:
             x = _bn.as_kernel_array(x)
             y = _bn.eval_forward(x, None, layout.outer, layout.channels, layout.inner,
-                                 running_mean, running_var, weight, bias, self.eps)
+                                 running_mean, running_var, weight, bias, self.eps,
+                                 self.fused_relu)
         object.__setattr__(self, "_saved", (_EVAL, x, layout, running_mean, running_var))
         return y
 
@@ -216,7 +221,7 @@ class _BatchNorm(Module):
                                "differentiate; call the module on an input first")
         mode, x, layout, stat_a, stat_b = saved
         dy = check_like("dy", dy, x, "the forward's input")
-        weight = self._checked_state(x.dtype)[0]
+        weight, bias = self._checked_state(x.dtype)[:2]
         dweight, dbias, accumulate, finish = self._grad_targets(x.dtype)
         if x.size == 0:
             dx = np.empty(x.shape, x.dtype)
@@ -225,10 +230,12 @@ class _BatchNorm(Module):
                 dbias.fill(0)
         elif mode == _TRAIN:
             dx = _bn.backward(dy, x, None, layout.outer, layout.channels, layout.inner,
-                              stat_a, stat_b, weight, dweight, dbias, accumulate)
+                              stat_a, stat_b, weight, dweight, dbias, accumulate, bias,
+                              self.fused_relu)
         else:
             dx = _bn.backward_eval(dy, x, None, layout.outer, layout.channels, layout.inner,
-                                   stat_a, stat_b, weight, self.eps, dweight, dbias, accumulate)
+                                   stat_a, stat_b, weight, self.eps, dweight, dbias, accumulate,
+                                   bias, self.fused_relu)
         if finish is not None:
             finish(dweight, dbias)
         return dx

@@ -3,6 +3,9 @@ path, written for clarity, used by the tests as the oracle and selectable with
 ``fastbn.use_backend("reference")``."""
 from .batchnorm import (batch_norm, batch_norm_backward, batch_norm_backward_eval,
                         batch_norm_forward_train)
+from .batchnorm_relu import (batch_norm_relu, batch_norm_relu_backward,
+                             batch_norm_relu_backward_eval, batch_norm_relu_forward_train)
 
 __all__ = ["batch_norm", "batch_norm_forward_train", "batch_norm_backward",
-           "batch_norm_backward_eval"]
+           "batch_norm_backward_eval", "batch_norm_relu", "batch_norm_relu_forward_train",
+           "batch_norm_relu_backward", "batch_norm_relu_backward_eval"]

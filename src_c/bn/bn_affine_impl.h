@@ -15,7 +15,7 @@ static void FB_TYPED(bn_affine_range)(const FB_REAL *x, FB_REAL *y,
                                       const FB_REAL *restrict scale,
                                       const FB_REAL *restrict shift,
                                       fb_index channels, fb_index inner,
-                                      fb_index begin, fb_index end, int stream)
+                                      fb_index begin, fb_index end, int stream, int relu)
 {
     if (inner == 1) {
         /* channels-last rows: the coefficient changes with every element */
@@ -24,7 +24,7 @@ static void FB_TYPED(bn_affine_range)(const FB_REAL *x, FB_REAL *y,
             const fb_index len = fb_min_index(channels - col, end - begin);
             const fb_index offset = row * channels + col;
             FB_TYPED(bn_span_channels)(y + offset, x + offset, NULL, len, scale + col,
-                                       shift + col, NULL, stream);
+                                       shift + col, NULL, stream, relu);
             begin += len;
             col = 0;
             ++row;
@@ -35,7 +35,8 @@ static void FB_TYPED(bn_affine_range)(const FB_REAL *x, FB_REAL *y,
         while (begin < end) {
             const fb_index len = fb_min_index(inner - col, end - begin);
             const fb_index c = row % channels, offset = row * inner + col;
-            FB_TYPED(bn_span)(y + offset, x + offset, NULL, len, scale[c], shift[c], 0, stream);
+            FB_TYPED(bn_span)(y + offset, x + offset, NULL, len, scale[c], shift[c], 0, stream,
+                              relu);
             begin += len;
             col = 0;
             ++row;
@@ -46,14 +47,14 @@ static void FB_TYPED(bn_affine_range)(const FB_REAL *x, FB_REAL *y,
 /* The whole array, in parallel when it is large enough. */
 static void FB_TYPED(bn_affine)(const FB_REAL *x, FB_REAL *y, const FB_REAL *scale,
                                 const FB_REAL *shift, fb_index outer, fb_index channels,
-                                fb_index inner, int num_threads)
+                                fb_index inner, int relu, int num_threads)
 {
     const fb_index total = outer * channels * inner;
     const int nt = fb_threads_for(total, num_threads);
     const int stream = total * (fb_index)sizeof(FB_REAL) >= FB_BN_STREAM_BYTES;
     if (nt <= 1) {
         /* not even an if(0) region: libgomp's team setup costs ~0.3 us */
-        FB_TYPED(bn_affine_range)(x, y, scale, shift, channels, inner, 0, total, stream);
+        FB_TYPED(bn_affine_range)(x, y, scale, shift, channels, inner, 0, total, stream, relu);
         if (stream)
             fb_stream_fence();
         return;
@@ -62,7 +63,8 @@ static void FB_TYPED(bn_affine)(const FB_REAL *x, FB_REAL *y, const FB_REAL *sca
     {
         fb_index begin, end;
         fb_split_range(total, fb_team_size(), fb_thread_id(), &begin, &end);
-        FB_TYPED(bn_affine_range)(x, y, scale, shift, channels, inner, begin, end, stream);
+        FB_TYPED(bn_affine_range)(x, y, scale, shift, channels, inner, begin, end, stream,
+                                  relu);
         if (stream)
             fb_stream_fence();
     }
@@ -79,15 +81,11 @@ static int FB_TYPED(bn_eval_forward)(FASTBN_BN_EVAL_FORWARD_ARGS(FB_REAL))
         return FASTBN_ERR_NOMEM;
     FB_REAL *scale = coefficients, *shift = coefficients + channels;
     /* folded in double so float32 coefficients are correctly rounded */
-    for (fb_index c = 0; c < channels; ++c) {
-        double alpha = 1.0 / sqrt((double)running_var[c] + eps);
-        if (weight)
-            alpha *= (double)weight[c];
-        double beta = (bias ? (double)bias[c] : 0.0) - (double)running_mean[c] * alpha;
-        scale[c] = (FB_REAL)alpha;
-        shift[c] = (FB_REAL)beta;
-    }
-    FB_TYPED(bn_affine)(x, y, scale, shift, outer, channels, inner, num_threads);
+    for (fb_index c = 0; c < channels; ++c)
+        FB_TYPED(bn_normalize_coefficients)((double)running_mean[c],
+                                            1.0 / sqrt((double)running_var[c] + eps), weight,
+                                            bias, c, scale + c, shift + c);
+    FB_TYPED(bn_affine)(x, y, scale, shift, outer, channels, inner, relu, num_threads);
     free(coefficients);
     return FASTBN_OK;
 }

@@ -11,6 +11,7 @@
 /* section: float32 ---------------------------------------------------------- */
 #define FB_REAL float
 #define FB_DTYPE f32
+#include "bn_relu_impl.h"
 #include "bn_span_impl.h"
 #include "bn_affine_impl.h"
 #include "bn_train_impl.h"
@@ -20,6 +21,7 @@
 /* section: float64 ---------------------------------------------------------- */
 #define FB_REAL double
 #define FB_DTYPE f64
+#include "bn_relu_impl.h"
 #include "bn_span_impl.h"
 #include "bn_affine_impl.h"
 #include "bn_train_impl.h"

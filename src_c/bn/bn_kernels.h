@@ -12,12 +12,18 @@
 
 #include "../common/fastbn_common.h"
 
+/* Every kernel takes `relu`: nonzero fuses a ReLU after the batch norm
+ * (bn_relu_impl.h).  The forwards then store max(y, 0); the backwards take
+ * dy as the gradient of that ReLU's output and mask it where the
+ * pre-activation y = x * scale + shift (recomputed from x, `bias` and the
+ * statistics) is <= 0, exactly where the forward stored 0. */
+
 /* y = x * alpha[c] + beta[c], alpha = weight / sqrt(running_var + eps),
  * beta = bias - running_mean * alpha.  y may equal x (in place). */
 #define FASTBN_BN_EVAL_FORWARD_ARGS(real)                                          \
     const real *x, real *y, fb_index outer, fb_index channels, fb_index inner,     \
     const real *running_mean, const real *running_var, const real *weight,         \
-    const real *bias, double eps, int num_threads
+    const real *bias, double eps, int relu, int num_threads
 
 /* Training forward: per-channel batch mean and biased variance over the
  * outer * inner values of each channel (at least 2), then
@@ -29,27 +35,30 @@
     const real *x, real *y, fb_index outer, fb_index channels, fb_index inner,     \
     const real *weight, const real *bias, double eps, real *saved_mean,            \
     real *saved_invstd, real *running_mean, real *running_var, double momentum,    \
-    int num_threads
+    int relu, int num_threads
 
 /* Training backward with the forward's saved mean and invstd:
  * dbias = sum(dy), dweight = sum(dy * xhat), xhat = (x - mean) * invstd,
  * dx = weight * invstd / n * (n * dy - dbias - xhat * dweight).
  * dweight/dbias may be NULL (not wanted); with accumulate != 0 they are
- * added to, not overwritten.  dx may equal dy or x. */
+ * added to, not overwritten.  dx may equal dy or x.  `bias` is read only
+ * with relu (for the mask). */
 #define FASTBN_BN_BACKWARD_ARGS(real)                                              \
     const real *dy, const real *x, real *dx, fb_index outer, fb_index channels,    \
     fb_index inner, const real *mean, const real *invstd, const real *weight,      \
-    real *dweight, real *dbias, int accumulate, int num_threads
+    const real *bias, real *dweight, real *dbias, int accumulate, int relu,        \
+    int num_threads
 
 /* Eval-mode backward (running statistics were used in the forward):
  * invstd = 1/sqrt(running_var + eps), dx = dy * weight * invstd,
  * dweight = sum(dy * (x - running_mean) * invstd), dbias = sum(dy).
- * With dweight and dbias both NULL, x is not read (may be NULL). */
+ * With dweight and dbias both NULL and no relu, x is not read (may be NULL).
+ * `bias` is read only with relu (for the mask). */
 #define FASTBN_BN_BACKWARD_EVAL_ARGS(real)                                         \
     const real *dy, const real *x, real *dx, fb_index outer, fb_index channels,    \
     fb_index inner, const real *running_mean, const real *running_var,             \
-    const real *weight, double eps, real *dweight, real *dbias, int accumulate,    \
-    int num_threads
+    const real *weight, const real *bias, double eps, real *dweight, real *dbias,  \
+    int accumulate, int relu, int num_threads
 
 typedef struct fastbn_bn_kernels {
     int (*eval_forward_f32)(FASTBN_BN_EVAL_FORWARD_ARGS(float));

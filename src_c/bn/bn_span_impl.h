@@ -2,9 +2,12 @@
  * one contiguous span, which every batch-norm kernel ends in.  Included once
  * per dtype by bn_kernels.c, before the kernels that use it.
  *
- *   x == NULL:  out = in * a + b            (normalize: in = x; eval backward:
+ *   x == NULL:  out = act(in * a + b)       (normalize: in = x; eval backward:
  *                                            in = dy, b = 0)
  *   otherwise:  out = in * a + (x * b + d)  (training backward: in = dy)
+ *
+ * act is the ReLU when `relu` (fused batch norm + ReLU, bn_relu_impl.h),
+ * else the identity; callers pass relu = 0 for the backward rewrites.
  *
  * bn_span takes scalar coefficients (a channels-first run: one channel);
  * bn_span_channels takes per-element coefficient arrays (a channels-last
@@ -37,18 +40,19 @@ static inline fb_index FB_TYPED(bn_stream_head)(const FB_REAL *out, fb_index len
 }
 
 static void FB_TYPED(bn_span_stream)(FB_REAL *out, const FB_REAL *in, const FB_REAL *x,
-                                     fb_index len, FB_REAL a, FB_REAL b, FB_REAL d)
+                                     fb_index len, FB_REAL a, FB_REAL b, FB_REAL d, int relu)
 {
     const fb_index head = FB_TYPED(bn_stream_head)(out, len);
     fb_index i = 0;
     const FB_RVEC va = FB_TYPED(fb_rvec_broadcast)(a), vb = FB_TYPED(fb_rvec_broadcast)(b);
     if (!x) {
         for (; i < head; ++i)
-            out[i] = in[i] * a + b;
+            out[i] = FB_TYPED(bn_activate)(in[i] * a + b, relu);
         for (; i + FB_RVEC_LEN <= len; i += FB_RVEC_LEN)
-            FB_TYPED(fb_rvec_stream)(out + i, FB_TYPED(fb_rvec_load)(in + i) * va + vb);
+            FB_TYPED(fb_rvec_stream)(out + i, FB_TYPED(bn_activate_vec)(
+                FB_TYPED(fb_rvec_load)(in + i) * va + vb, relu));
         for (; i < len; ++i)
-            out[i] = in[i] * a + b;
+            out[i] = FB_TYPED(bn_activate)(in[i] * a + b, relu);
         return;
     }
     const FB_RVEC vd = FB_TYPED(fb_rvec_broadcast)(d);
@@ -64,18 +68,19 @@ static void FB_TYPED(bn_span_stream)(FB_REAL *out, const FB_REAL *in, const FB_R
 static void FB_TYPED(bn_span_channels_stream)(FB_REAL *out, const FB_REAL *in,
                                               const FB_REAL *x, fb_index len,
                                               const FB_REAL *a, const FB_REAL *b,
-                                              const FB_REAL *d)
+                                              const FB_REAL *d, int relu)
 {
     const fb_index head = FB_TYPED(bn_stream_head)(out, len);
     fb_index i = 0;
 #define FB_LOAD(p) FB_TYPED(fb_rvec_load)(p)
     if (!x) {
         for (; i < head; ++i)
-            out[i] = in[i] * a[i] + b[i];
+            out[i] = FB_TYPED(bn_activate)(in[i] * a[i] + b[i], relu);
         for (; i + FB_RVEC_LEN <= len; i += FB_RVEC_LEN)
-            FB_TYPED(fb_rvec_stream)(out + i, FB_LOAD(in + i) * FB_LOAD(a + i) + FB_LOAD(b + i));
+            FB_TYPED(fb_rvec_stream)(out + i, FB_TYPED(bn_activate_vec)(
+                FB_LOAD(in + i) * FB_LOAD(a + i) + FB_LOAD(b + i), relu));
         for (; i < len; ++i)
-            out[i] = in[i] * a[i] + b[i];
+            out[i] = FB_TYPED(bn_activate)(in[i] * a[i] + b[i], relu);
         return;
     }
     for (; i < head; ++i)
@@ -96,11 +101,12 @@ static void FB_TYPED(bn_span_channels_stream)(FB_REAL *out, const FB_REAL *in,
 #endif
 
 static inline void FB_TYPED(bn_span)(FB_REAL *out, const FB_REAL *in, const FB_REAL *x,
-                                     fb_index len, FB_REAL a, FB_REAL b, FB_REAL d, int stream)
+                                     fb_index len, FB_REAL a, FB_REAL b, FB_REAL d, int stream,
+                                     int relu)
 {
 #if FB_BN_CAN_STREAM
     if (stream) {
-        FB_TYPED(bn_span_stream)(out, in, x, len, a, b, d);
+        FB_TYPED(bn_span_stream)(out, in, x, len, a, b, d, relu);
         return;
     }
 #else
@@ -109,7 +115,7 @@ static inline void FB_TYPED(bn_span)(FB_REAL *out, const FB_REAL *in, const FB_R
     if (!x) {
 #pragma omp simd
         for (fb_index i = 0; i < len; ++i)
-            out[i] = in[i] * a + b;
+            out[i] = FB_TYPED(bn_activate)(in[i] * a + b, relu);
     } else {
 #pragma omp simd
         for (fb_index i = 0; i < len; ++i)
@@ -120,11 +126,11 @@ static inline void FB_TYPED(bn_span)(FB_REAL *out, const FB_REAL *in, const FB_R
 static inline void FB_TYPED(bn_span_channels)(FB_REAL *out, const FB_REAL *in, const FB_REAL *x,
                                               fb_index len, const FB_REAL *restrict a,
                                               const FB_REAL *restrict b,
-                                              const FB_REAL *restrict d, int stream)
+                                              const FB_REAL *restrict d, int stream, int relu)
 {
 #if FB_BN_CAN_STREAM
     if (stream) {
-        FB_TYPED(bn_span_channels_stream)(out, in, x, len, a, b, d);
+        FB_TYPED(bn_span_channels_stream)(out, in, x, len, a, b, d, relu);
         return;
     }
 #else
@@ -133,7 +139,7 @@ static inline void FB_TYPED(bn_span_channels)(FB_REAL *out, const FB_REAL *in, c
     if (!x) {
 #pragma omp simd
         for (fb_index i = 0; i < len; ++i)
-            out[i] = in[i] * a[i] + b[i];
+            out[i] = FB_TYPED(bn_activate)(in[i] * a[i] + b[i], relu);
     } else {
 #pragma omp simd
         for (fb_index i = 0; i < len; ++i)

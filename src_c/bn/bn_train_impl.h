@@ -22,6 +22,7 @@ typedef struct {
     int reduce;                        /* 0: eval backward without dweight/dbias */
     int accumulate;                    /* add into dweight/dbias instead of overwriting */
     int stream;                        /* non-temporal stores for the output */
+    int relu;                          /* fused ReLU (bn_relu_impl.h) */
     const FB_REAL *x, *dy;
     FB_REAL *out;                      /* y (forward) or dx */
     const FB_REAL *weight, *bias;
@@ -34,6 +35,7 @@ typedef struct {
     double *center;                    /* per channel: forward shift, or the backward's mean */
     FB_REAL *center_real;              /* the same in the input dtype (exactly: it is an input) */
     FB_REAL *coefficients;             /* per thread: 3 x channels, see bn_coefficients */
+    FB_REAL *mask_scale, *mask_shift;  /* relu backwards: the forward's coefficients */
 } FB_TYPED(bn_pass);
 
 /* Per-channel coefficients of the rewrite (bn_span): out = in * k1 + k3, or
@@ -52,6 +54,42 @@ static FB_TYPED(bn_coefficients) FB_TYPED(bn_thread_coefficients)(const FB_TYPED
     coef.k2 = coef.k1 + channels;
     coef.k3 = coef.k2 + channels;
     return coef;
+}
+
+/* ---- the gradient the backwards read ---------------------------------------- */
+
+/* dy as the reductions and rewrites of the backwards see it: dy itself, or,
+ * with relu, dy masked by the forward's ReLU (bn_relu_impl.h), written into
+ * `staging` (FB_BN_RELU_BLOCK values).  Planar runs are therefore walked in
+ * steps of FB_BN_RELU_BLOCK with relu and in one step without. */
+static inline fb_index FB_TYPED(bn_grad_step)(const FB_TYPED(bn_pass) *pass, fb_index len)
+{
+    return pass->relu ? FB_BN_RELU_BLOCK : len;
+}
+
+/* `len` values of channel c at `offset` (planar). */
+static inline const FB_REAL *FB_TYPED(bn_grad_span)(const FB_TYPED(bn_pass) *pass, fb_index c,
+                                                    fb_index offset, fb_index len,
+                                                    FB_REAL *staging)
+{
+    if (!pass->relu)
+        return pass->dy + offset;
+    FB_TYPED(bn_relu_mask)(staging, pass->dy + offset, pass->x + offset, len,
+                           pass->mask_scale[c], pass->mask_shift[c]);
+    return staging;
+}
+
+/* `width` values of channels c0.. at `offset` (an interleaved row piece;
+ * width <= FB_BN_MAX_GROUP_WIDTH <= FB_BN_RELU_BLOCK). */
+static inline const FB_REAL *FB_TYPED(bn_grad_row)(const FB_TYPED(bn_pass) *pass, fb_index c0,
+                                                   fb_index offset, fb_index width,
+                                                   FB_REAL *staging)
+{
+    if (!pass->relu)
+        return pass->dy + offset;
+    FB_TYPED(bn_relu_mask_channels)(staging, pass->dy + offset, pass->x + offset, width,
+                                    pass->mask_scale + c0, pass->mask_shift + c0);
+    return staging;
 }
 
 /* ---- reductions over one contiguous run ----------------------------------- */
@@ -95,12 +133,17 @@ FB_BN_INLINE void FB_TYPED(bn_lanes_shifted)(const FB_REAL *restrict x, fb_index
     }
 }
 
-/* a1 += dy, a2 += dy * (x - center) */
+/* a1 += g, a2 += g * (x - center), g = dy, or with relu dy masked where
+ * x * mask_scale + mask_shift <= 0 (bn_relu_impl.h).  Always inlined, and
+ * called with a constant relu, so the plain path carries no mask code. */
 FB_BN_INLINE void FB_TYPED(bn_lanes_grad)(const FB_REAL *restrict dy, const FB_REAL *restrict x,
                                           fb_index len, FB_REAL center, fb_bn_lanes *restrict a1,
-                                          fb_bn_lanes *restrict a2)
+                                          fb_bn_lanes *restrict a2, const int relu,
+                                          FB_REAL mask_scale, FB_REAL mask_shift)
 {
     const FB_RVEC shift = FB_TYPED(fb_rvec_broadcast)(center);
+    const FB_RVEC vscale = FB_TYPED(fb_rvec_broadcast)(mask_scale);
+    const FB_RVEC vshift = FB_TYPED(fb_rvec_broadcast)(mask_shift);
     fb_index i = 0;
     while (i + FB_BN_LANES <= len) {
         FB_RVEC b1[FB_RVECS], b2[FB_RVECS];
@@ -109,8 +152,11 @@ FB_BN_INLINE void FB_TYPED(bn_lanes_grad)(const FB_REAL *restrict dy, const FB_R
         const fb_index stop = i + FB_BN_SHORT_SUM * FB_BN_LANES;
         for (; i + FB_BN_LANES <= len && i < stop; i += FB_BN_LANES) {
             for (int v = 0; v < FB_RVECS; ++v) {
-                const FB_RVEC g = FB_TYPED(fb_rvec_load)(dy + i + v * FB_RVEC_LEN);
-                const FB_RVEC d = FB_TYPED(fb_rvec_load)(x + i + v * FB_RVEC_LEN) - shift;
+                const FB_RVEC xv = FB_TYPED(fb_rvec_load)(x + i + v * FB_RVEC_LEN);
+                FB_RVEC g = FB_TYPED(fb_rvec_load)(dy + i + v * FB_RVEC_LEN);
+                if (relu)
+                    g = FB_TYPED(bn_relu_mask_vec)(g, xv, vscale, vshift);
+                const FB_RVEC d = xv - shift;
                 b1[v] += g;
                 b2[v] += g * d;
             }
@@ -119,7 +165,8 @@ FB_BN_INLINE void FB_TYPED(bn_lanes_grad)(const FB_REAL *restrict dy, const FB_R
         FB_TYPED(fb_flush)(a2, b2);
     }
     for (; i < len; ++i) {
-        const FB_REAL g = dy[i];
+        const FB_REAL g = relu ? FB_TYPED(bn_relu_masked)(dy[i], x[i], mask_scale, mask_shift)
+                               : dy[i];
         a1->rest += (double)g;
         a2->rest += (double)(g * (x[i] - center));
     }
@@ -151,17 +198,21 @@ static inline void FB_TYPED(bn_lanes_shifted)(const FB_REAL *restrict x, fb_inde
 
 static inline void FB_TYPED(bn_lanes_grad)(const FB_REAL *restrict dy, const FB_REAL *restrict x,
                                            fb_index len, FB_REAL center, fb_bn_lanes *restrict a1,
-                                           fb_bn_lanes *restrict a2)
+                                           fb_bn_lanes *restrict a2, const int relu,
+                                           FB_REAL mask_scale, FB_REAL mask_shift)
 {
     fb_index i = 0;
     for (; i + FB_BN_LANES <= len; i += FB_BN_LANES)
         for (int l = 0; l < FB_BN_LANES; ++l) {
-            const FB_REAL g = dy[i + l];
+            const FB_REAL g = relu ? FB_TYPED(bn_relu_masked)(dy[i + l], x[i + l], mask_scale,
+                                                              mask_shift)
+                                   : dy[i + l];
             a1->v[l] += (double)g;
             a2->v[l] += (double)(g * (x[i + l] - center));
         }
     for (; i < len; ++i) {
-        const FB_REAL g = dy[i];
+        const FB_REAL g = relu ? FB_TYPED(bn_relu_masked)(dy[i], x[i], mask_scale, mask_shift)
+                               : dy[i];
         a1->rest += (double)g;
         a2->rest += (double)(g * (x[i] - center));
     }
@@ -185,9 +236,15 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, const FB_TYPED(bn
     if (pass->mode == FB_BN_FORWARD) {
         while (fb_bn_runs_next(plan, c, &runs, &offset, &len))
             FB_TYPED(bn_lanes_shifted)(pass->x + offset, len, center, &a1, &a2);
+    } else if (pass->relu) {
+        const FB_REAL mask_scale = pass->mask_scale[c], mask_shift = pass->mask_shift[c];
+        while (fb_bn_runs_next(plan, c, &runs, &offset, &len))
+            FB_TYPED(bn_lanes_grad)(pass->dy + offset, pass->x + offset, len, center, &a1, &a2,
+                                    1, mask_scale, mask_shift);
     } else {
         while (fb_bn_runs_next(plan, c, &runs, &offset, &len))
-            FB_TYPED(bn_lanes_grad)(pass->dy + offset, pass->x + offset, len, center, &a1, &a2);
+            FB_TYPED(bn_lanes_grad)(pass->dy + offset, pass->x + offset, len, center, &a1, &a2,
+                                    0, 0, 0);
     }
     *sum1 = fb_bn_lanes_total(&a1);
     *sum2 = fb_bn_lanes_total(&a2);
@@ -236,11 +293,18 @@ static void FB_TYPED(bn_reduce_interleaved)(const fb_bn_plan *plan, FB_TYPED(bn_
             }
         }
     } else {
+        FB_REAL staging[4][FB_BN_RELU_BLOCK];
         for (; r + 4 <= r1; r += 4) {
-            const FB_REAL *restrict x0 = pass->x + r * C + c0;
+            const fb_index offset = r * C + c0;
+            const FB_REAL *restrict x0 = pass->x + offset;
             const FB_REAL *restrict x1 = x0 + C, *restrict x2 = x1 + C, *restrict x3 = x2 + C;
-            const FB_REAL *restrict g0 = pass->dy + r * C + c0;
-            const FB_REAL *restrict g1 = g0 + C, *restrict g2 = g1 + C, *restrict g3 = g2 + C;
+            const FB_REAL *restrict g0 = FB_TYPED(bn_grad_row)(pass, c0, offset, width, staging[0]);
+            const FB_REAL *restrict g1 = FB_TYPED(bn_grad_row)(pass, c0, offset + C, width,
+                                                               staging[1]);
+            const FB_REAL *restrict g2 = FB_TYPED(bn_grad_row)(pass, c0, offset + 2 * C, width,
+                                                               staging[2]);
+            const FB_REAL *restrict g3 = FB_TYPED(bn_grad_row)(pass, c0, offset + 3 * C, width,
+                                                               staging[3]);
 #pragma omp simd
             for (fb_index c = 0; c < width; ++c) {
                 const FB_REAL d0 = x0[c] - center[c], d1 = x1[c] - center[c];
@@ -251,7 +315,8 @@ static void FB_TYPED(bn_reduce_interleaved)(const fb_bn_plan *plan, FB_TYPED(bn_
         }
         for (; r < r1; ++r) {
             const FB_REAL *restrict x0 = pass->x + r * C + c0;
-            const FB_REAL *restrict g0 = pass->dy + r * C + c0;
+            const FB_REAL *restrict g0 = FB_TYPED(bn_grad_row)(pass, c0, r * C + c0, width,
+                                                               staging[0]);
 #pragma omp simd
             for (fb_index c = 0; c < width; ++c) {
                 s1[c] += (double)g0[c];
@@ -298,9 +363,14 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
             var = 0.0;
         const double mean = pass->center[c] + shifted_mean;
         invstd = 1.0 / sqrt(var + pass->eps);
-        const double scale = w * invstd;
-        coef.k1[c] = (FB_REAL)scale;
-        coef.k3[c] = (FB_REAL)((pass->bias ? (double)pass->bias[c] : 0.0) - mean * scale);
+        if (pass->relu)  /* the backward recomputes the ReLU mask from the saved (rounded)
+                          * statistics, so normalize with exactly those */
+            FB_TYPED(bn_normalize_coefficients)((double)(FB_REAL)mean, (double)(FB_REAL)invstd,
+                                                pass->weight, pass->bias, c, coef.k1 + c,
+                                                coef.k3 + c);
+        else
+            FB_TYPED(bn_normalize_coefficients)(mean, invstd, pass->weight, pass->bias, c,
+                                                coef.k1 + c, coef.k3 + c);
         if (!owner)
             return;
         pass->saved_mean[c] = (FB_REAL)mean;
@@ -347,19 +417,29 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
 static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pass) *pass,
                                     FB_TYPED(bn_coefficients) coef, fb_index item)
 {
-    /* forward: in = x; backward: in = dy with the x term; eval backward:
-     * in = dy alone */
-    const FB_REAL *in = pass->mode == FB_BN_FORWARD ? pass->x : pass->dy;
+    /* forward: in = x (ReLU applied here when relu); backward: in = dy with
+     * the x term; eval backward: in = dy alone.  The backwards read dy
+     * through bn_grad_span/bn_grad_row (masked with relu). */
+    const int forward = pass->mode == FB_BN_FORWARD;
+    const int relu_out = forward && pass->relu;
     const FB_REAL *x_term = pass->mode == FB_BN_BACKWARD ? pass->x : NULL;
+    FB_REAL staging[FB_BN_RELU_BLOCK];
     if (!plan->interleaved) {
         const fb_index c = item / plan->chunks, k = item - c * plan->chunks;
         const FB_REAL a = coef.k1[c], b = coef.k2[c], d = coef.k3[c];
         const FB_REAL shift = pass->mode == FB_BN_BACKWARD ? b : d;
         fb_bn_runs runs = fb_bn_runs_start(plan, k);
         fb_index offset, len;
-        while (fb_bn_runs_next(plan, c, &runs, &offset, &len))
-            FB_TYPED(bn_span)(pass->out + offset, in + offset, x_term ? x_term + offset : NULL,
-                              len, a, shift, d, pass->stream);
+        while (fb_bn_runs_next(plan, c, &runs, &offset, &len)) {
+            const fb_index step = forward ? len : FB_TYPED(bn_grad_step)(pass, len);
+            for (fb_index s = 0; s < len; s += step) {
+                const fb_index n = fb_min_index(step, len - s), at = offset + s;
+                const FB_REAL *in = forward ? pass->x + at
+                                            : FB_TYPED(bn_grad_span)(pass, c, at, n, staging);
+                FB_TYPED(bn_span)(pass->out + at, in, x_term ? x_term + at : NULL, n, a, shift,
+                                  d, pass->stream, relu_out);
+            }
+        }
         return;
     }
     const fb_index C = plan->channels;
@@ -371,9 +451,10 @@ static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pa
     const FB_REAL *shift = pass->mode == FB_BN_BACKWARD ? b : d;
     for (fb_index r = k * plan->chunk; r < r1; ++r) {
         const fb_index offset = r * C + c0;
-        FB_TYPED(bn_span_channels)(pass->out + offset, in + offset,
-                                   x_term ? x_term + offset : NULL, width, a, shift, d,
-                                   pass->stream);
+        const FB_REAL *in = forward ? pass->x + offset
+                                    : FB_TYPED(bn_grad_row)(pass, c0, offset, width, staging);
+        FB_TYPED(bn_span_channels)(pass->out + offset, in, x_term ? x_term + offset : NULL,
+                                   width, a, shift, d, pass->stream, relu_out);
     }
 }
 
@@ -460,8 +541,10 @@ static int FB_TYPED(bn_run)(FB_TYPED(bn_pass) *pass, fb_index outer, fb_index ch
     /* stored partials only where threads share channels; owners add theirs
      * on the fly */
     const fb_index partials = pass->reduce && !plan.owned ? fb_bn_partial_count(&plan) : 0;
+    /* relu backwards: the forward's coefficients, for the mask */
+    const fb_index masks = pass->relu && pass->mode != FB_BN_FORWARD ? 2 * channels : 0;
     const size_t bytes = (size_t)(2 * partials + channels) * sizeof(double)
-                       + (size_t)((3 * (fb_index)nt + 1) * channels) * sizeof(FB_REAL);
+                       + (size_t)((3 * (fb_index)nt + 1) * channels + masks) * sizeof(FB_REAL);
     double *workspace = (double *)malloc(bytes);
     if (!workspace)
         return FASTBN_ERR_NOMEM;
@@ -470,12 +553,23 @@ static int FB_TYPED(bn_run)(FB_TYPED(bn_pass) *pass, fb_index outer, fb_index ch
     pass->center = workspace + 2 * partials;
     pass->center_real = (FB_REAL *)(pass->center + channels);
     pass->coefficients = pass->center_real + channels;
+    pass->mask_scale = pass->coefficients + 3 * (fb_index)nt * channels;
+    pass->mask_shift = pass->mask_scale + channels;
     for (fb_index c = 0; c < channels; ++c) {
         if (pass->mode == FB_BN_FORWARD)
             pass->center_real[c] = pass->x[c * inner];  /* first value of channel c */
         else
             pass->center_real[c] = pass->mean ? pass->mean[c] : 0;
         pass->center[c] = (double)pass->center_real[c];
+        if (masks) {
+            /* as the forward computed them: from the saved mean and invstd
+             * (training) or the running statistics (eval) */
+            const double invstd = pass->mode == FB_BN_BACKWARD
+                ? (double)pass->spread[c] : 1.0 / sqrt((double)pass->spread[c] + pass->eps);
+            FB_TYPED(bn_normalize_coefficients)((double)pass->mean[c], invstd, pass->weight,
+                                                pass->bias, c, pass->mask_scale + c,
+                                                pass->mask_shift + c);
+        }
     }
     if (nt > 1) {
 #pragma omp parallel num_threads(nt)
@@ -508,6 +602,7 @@ static int FB_TYPED(bn_train_forward)(FASTBN_BN_TRAIN_FORWARD_ARGS(FB_REAL))
     pass.running_var = running_var;
     pass.eps = eps;
     pass.momentum = momentum;
+    pass.relu = relu;
     return FB_TYPED(bn_run)(&pass, outer, channels, inner, 1, num_threads);
 }
 
@@ -525,8 +620,10 @@ static int FB_TYPED(bn_backward)(FASTBN_BN_BACKWARD_ARGS(FB_REAL))
     pass.weight = weight;
     pass.mean = mean;
     pass.spread = invstd;
+    pass.bias = bias;
     pass.dweight = dweight;
     pass.dbias = dbias;
+    pass.relu = relu;
     return FB_TYPED(bn_run)(&pass, outer, channels, inner, 2, num_threads);
 }
 
@@ -534,7 +631,7 @@ static int FB_TYPED(bn_backward_eval)(FASTBN_BN_BACKWARD_EVAL_ARGS(FB_REAL))
 {
     const int reduce = dweight != NULL || dbias != NULL;
     if (outer < 0 || channels <= 0 || inner < 0 || !dy || !dx || !running_mean || !running_var
-        || (reduce && !x) || !(eps >= 0))
+        || ((reduce || relu) && !x) || !(eps >= 0))
         return FASTBN_ERR_ARGUMENT;
     FB_TYPED(bn_pass) pass = {0};
     pass.mode = FB_BN_BACKWARD_EVAL;
@@ -546,8 +643,10 @@ static int FB_TYPED(bn_backward_eval)(FASTBN_BN_BACKWARD_EVAL_ARGS(FB_REAL))
     pass.weight = weight;
     pass.mean = running_mean;
     pass.spread = running_var;
+    pass.bias = bias;
     pass.eps = eps;
     pass.dweight = dweight;
     pass.dbias = dbias;
+    pass.relu = relu;
     return FB_TYPED(bn_run)(&pass, outer, channels, inner, reduce ? 2 : 1, num_threads);
 }

@@ -1,0 +1,107 @@
+/* bn_relu_impl.h -- template (FB_REAL, FB_DTYPE): what batch norm + ReLU adds
+ * to the batch-norm kernels, so that the fused layer costs what batch norm
+ * alone costs.  Included once per dtype by bn_kernels.c, before the span,
+ * affine and training templates that use it.
+ *
+ * Forward: the rewrite's output goes through bn_activate (the ReLU) before
+ * it is stored: y = max(x * scale + shift, 0), NaN passed through as in
+ * torch.  No second pass over y.
+ *
+ * Backward: the ReLU's gradient mask is NOT stored or read: it is recomputed
+ * from x, which the batch-norm backward reads anyway, as
+ * x * scale + shift > 0 with the forward's own coefficients; dy is masked
+ * block by block into a small stack buffer (bn_relu_mask) that the unchanged
+ * batch-norm reduction and rewrite then read.  Traffic: dy and x in, dx out,
+ * exactly the batch-norm backward's; the unfused pair also reads y and
+ * writes and re-reads the masked gradient.
+ *
+ * The mask is exactly the forward's output sign because both evaluate the
+ * same expression, x * scale + shift, on the same FB_REAL coefficients
+ * (bn_normalize_coefficients, from the same double statistics: the fused
+ * training forward derives its coefficients from the ROUNDED saved mean and
+ * invstd, which is all the backward has) and the compiler contracts it the
+ * same way in both loops (one FMA on targets that have it, else a multiply
+ * and an add).
+ */
+
+#ifndef FB_BN_RELU_BLOCK
+/* Values of dy masked at a time: 4 KiB of float64 on the stack, a multiple
+ * of FB_BN_SHORT_SUM * FB_BN_LANES (128) so the reduction's short sums start
+ * at the same offsets as over the whole run. */
+#define FB_BN_RELU_BLOCK ((fb_index)512)
+/* an interleaved row piece (FB_BN_MAX_GROUP_WIDTH channels) fits one block */
+typedef char fb_bn_relu_block_holds_a_row[FB_BN_MAX_GROUP_WIDTH <= FB_BN_RELU_BLOCK ? 1 : -1];
+#endif
+
+/* scale = weight * invstd, shift = bias - mean * scale, computed in double
+ * and rounded once: the forward's per-channel coefficients (train and eval),
+ * and the backward's ReLU-mask coefficients. */
+static inline void FB_TYPED(bn_normalize_coefficients)(double mean, double invstd,
+                                                       const FB_REAL *weight,
+                                                       const FB_REAL *bias, fb_index c,
+                                                       FB_REAL *scale, FB_REAL *shift)
+{
+    const double s = (weight ? (double)weight[c] : 1.0) * invstd;
+    *scale = (FB_REAL)s;
+    *shift = (FB_REAL)((bias ? (double)bias[c] : 0.0) - mean * s);
+}
+
+/* max(v, 0) when relu; NaN stays NaN (NaN < 0 is false). */
+static inline FB_REAL FB_TYPED(bn_activate)(FB_REAL v, int relu)
+{
+    return relu && v < 0 ? (FB_REAL)0 : v;
+}
+
+/* dy, or 0 where the pre-activation x * scale + shift is <= 0 (or NaN). */
+static inline FB_REAL FB_TYPED(bn_relu_masked)(FB_REAL dy, FB_REAL x, FB_REAL scale, FB_REAL shift)
+{
+    return x * scale + shift > 0 ? dy : (FB_REAL)0;
+}
+
+#if FB_BN_HAVE_VECTORS
+#define FB_RVEC FB_TYPED(fb_rvec)
+FB_BN_INLINE FB_RVEC FB_TYPED(bn_activate_vec)(FB_RVEC v, int relu)
+{
+    if (!relu)
+        return v;
+    const FB_RVEC zero = FB_TYPED(fb_rvec_broadcast)(0);
+    /* all-ones integer lanes where v < 0: clear those (-> +0.0); NaN lanes
+     * compare false and stay NaN */
+    const __typeof__(v < zero) negative = v < zero;
+    return (FB_RVEC)((__typeof__(negative))v & ~negative);
+}
+
+/* bn_relu_masked on vectors */
+FB_BN_INLINE FB_RVEC FB_TYPED(bn_relu_mask_vec)(FB_RVEC dy, FB_RVEC x, FB_RVEC scale,
+                                                FB_RVEC shift)
+{
+    const FB_RVEC zero = FB_TYPED(fb_rvec_broadcast)(0);
+    const FB_RVEC pre = x * scale + shift;
+    const __typeof__(pre > zero) keep = pre > zero;
+    return (FB_RVEC)((__typeof__(keep))dy & keep);
+}
+#undef FB_RVEC
+#endif
+
+/* g = dy where the pre-activation x * scale + shift is > 0, else 0 (one
+ * channel: planar runs).  g must not alias dy or x. */
+static inline void FB_TYPED(bn_relu_mask)(FB_REAL *restrict g, const FB_REAL *restrict dy,
+                                          const FB_REAL *restrict x, fb_index len,
+                                          FB_REAL scale, FB_REAL shift)
+{
+#pragma omp simd
+    for (fb_index i = 0; i < len; ++i)
+        g[i] = FB_TYPED(bn_relu_masked)(dy[i], x[i], scale, shift);
+}
+
+/* The same along a channels-last row: element i belongs to channel i. */
+static inline void FB_TYPED(bn_relu_mask_channels)(FB_REAL *restrict g,
+                                                   const FB_REAL *restrict dy,
+                                                   const FB_REAL *restrict x, fb_index len,
+                                                   const FB_REAL *restrict scale,
+                                                   const FB_REAL *restrict shift)
+{
+#pragma omp simd
+    for (fb_index i = 0; i < len; ++i)
+        g[i] = FB_TYPED(bn_relu_masked)(dy[i], x[i], scale[i], shift[i]);
+}
