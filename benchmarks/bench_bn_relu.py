@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -36,6 +35,7 @@ import numpy as np
 import fastbn
 from fastbn import functional as F
 from fastbn import nn
+from fastbn.bench.measure import time_interleaved
 
 try:
     import torch
@@ -142,20 +142,6 @@ def build_contenders(kind: str, shape) -> Dict[str, Callable[[], object]]:
     return contenders
 
 
-def time_interleaved(contenders: Dict[str, Callable[[], object]], rounds: int,
-                     warmup: int = 2) -> Dict[str, List[float]]:
-    for fn in contenders.values():
-        for _ in range(warmup):
-            fn()
-    times: Dict[str, List[float]] = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, fn in contenders.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def run(shape=SHAPE, rounds: int = 15, threads: int = 2, kinds=KINDS) -> List[dict]:
     """One row per operation: median seconds, GB/s, fused speed-up."""
     fastbn.set_num_threads(threads)
@@ -163,7 +149,9 @@ def run(shape=SHAPE, rounds: int = 15, threads: int = 2, kinds=KINDS) -> List[di
         torch.set_num_threads(threads)
     rows = []
     for kind in kinds:
-        times = time_interleaved(build_contenders(kind, shape), rounds)
+        timings = time_interleaved(build_contenders(kind, shape), min_rounds=rounds,
+                                   max_rounds=rounds)
+        times = {name: timing.runs for name, timing in timings.items()}
         median = {name: statistics.median(values) for name, values in times.items()}
         moved = STREAMS[kind] * int(np.prod(shape)) * np.dtype(DTYPE).itemsize
         rows.append(dict(kind=kind, shape=tuple(shape), bytes=moved,

@@ -123,6 +123,63 @@ def _bn_case(kind: str, shape_full, shape_quick, axis: int):
     return build
 
 
+# ---- batch norm + ReLU ----------------------------------------------------------
+
+def _bn_relu_case(kind: str, fused: bool, shape_full, shape_quick):
+    """Training forward or backward of batch norm + ReLU, channels-first.
+    "fastbn" is the fused kernel (fused=True) or fastbn's batch norm then
+    the ReLU in NumPy (fused=False), as a user without the fused layer
+    writes it; the reference and torch compute batch norm then ReLU."""
+    def build(config: BenchConfig):
+        from fastbn import functional as F
+        shape = shape_quick if config.quick else shape_full
+        x, (_mean, _var, weight, bias) = _bn_data(shape, 1, config.dtype)
+        buffer = np.empty_like(x)
+        zero = x.dtype.type(0)
+        if kind == "train":
+            moved = 2 * x.nbytes
+
+            def fused_op(out=None):
+                return F.batch_norm_relu_forward_train(x, weight, bias, out=out)[0]
+
+            def unfused_op(out=None):
+                y = F.batch_norm_forward_train(x, weight, bias, out=out)[0]
+                return np.maximum(y, zero, out=y)
+        else:  # backward
+            moved = 3 * x.nbytes
+            dy, _ = _bn_data(shape, 1, config.dtype, seed=1)
+            y, mean, invstd = F.batch_norm_relu_forward_train(x, weight, bias)
+
+            def fused_op(out=None):
+                return F.batch_norm_relu_backward(dy, x, mean, invstd, weight, bias, out=out)[0]
+
+            def unfused_op(out=None):
+                return F.batch_norm_backward(np.where(y > 0, dy, zero), x, mean, invstd, weight,
+                                             out=out)[0]
+        op = fused_op if fused else unfused_op
+        contenders: Contenders = {"fastbn": op, "fastbn_out": lambda: op(buffer),
+                                  "reference": _reference(fused_op)}
+        torch = config.torch
+        if torch is not None:
+            functional = torch.nn.functional
+            tx, t_w, t_b = torch.from_numpy(x), torch.from_numpy(weight), torch.from_numpy(bias)
+            if kind == "train":
+                def run_torch():
+                    with torch.no_grad():
+                        return functional.relu(functional.batch_norm(tx, None, None, t_w, t_b,
+                                                                     training=True), inplace=True)
+            else:
+                tdy = torch.from_numpy(dy)
+                xg, wg, bg = (t.clone().requires_grad_(True) for t in (tx, t_w, t_b))
+                t_y = functional.relu(functional.batch_norm(xg, None, None, wg, bg, training=True))
+
+                def run_torch():
+                    return torch.autograd.grad(t_y, (xg, wg, bg), tdy, retain_graph=True)
+            contenders["torch"] = run_torch
+        return contenders, moved
+    return build
+
+
 # ---- optimizers ------------------------------------------------------------
 
 def resnet50_shapes() -> List[tuple]:
@@ -240,6 +297,18 @@ def all_cases() -> List[Case]:
              _bn_case("train", (8, 256, 14, 14), (8, 256, 14, 14), 1)),
         Case("bn_train_fwd_tiny", "batchnorm", "BN training forward (4,32,8,8) channels-first",
              _bn_case("train", (4, 32, 8, 8), (4, 32, 8, 8), 1)),
+        Case("bn_relu_train_fwd_nchw", "batchnorm",
+             "BN+ReLU training forward, fused (64,128,56,56) channels-first",
+             _bn_relu_case("train", True, (64, 128, 56, 56), (16, 128, 56, 56))),
+        Case("bn_then_relu_train_fwd_nchw", "batchnorm",
+             "BN then ReLU (NumPy) training forward (64,128,56,56) channels-first",
+             _bn_relu_case("train", False, (64, 128, 56, 56), (16, 128, 56, 56))),
+        Case("bn_relu_backward_nchw", "batchnorm",
+             "BN+ReLU backward, fused (64,128,56,56) channels-first",
+             _bn_relu_case("backward", True, (64, 128, 56, 56), (16, 128, 56, 56))),
+        Case("bn_then_relu_backward_nchw", "batchnorm",
+             "ReLU (NumPy) then BN backward (64,128,56,56) channels-first",
+             _bn_relu_case("backward", False, (64, 128, 56, 56), (16, 128, 56, 56))),
         Case("overhead_eval_2x4", "overhead", "per-call: BN eval forward on (2,4)",
              _overhead_case(False), per_call=True),
         Case("overhead_train_2x4", "overhead", "per-call: BN training forward on (2,4)",

@@ -15,23 +15,13 @@ import numpy as np
 from .._bn_validation import (batch_norm_layout, check_eps, check_input, check_like,
                               check_saved_stat)
 from .._validation import check_channel_vector, check_out
-from .batchnorm import (batch_norm, batch_norm_backward, batch_norm_backward_eval,
+from .batchnorm import (_normalize, batch_norm, batch_norm_backward, batch_norm_backward_eval,
                         batch_norm_forward_train)
 
 
 def _relu_in_place(y: np.ndarray) -> np.ndarray:
     # np.maximum propagates NaN, as torch.relu does
     return np.maximum(y, y.dtype.type(0), out=y)
-
-
-def _pre_activation(x, mean, invstd, weight, bias, layout):
-    shape = layout.shape
-    pre = (x - mean.reshape(shape)) * invstd.reshape(shape)
-    if weight is not None:
-        pre = pre * weight.reshape(shape)
-    if bias is not None:
-        pre = pre + bias.reshape(shape)
-    return pre
 
 
 def batch_norm_relu(x: np.ndarray, running_mean: Optional[np.ndarray],
@@ -84,7 +74,7 @@ def batch_norm_relu_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray,
     if out is not None:
         check_out(out, "out", x.shape, x.dtype, inputs=(dy, x, mean, invstd, weight, bias),
                   allow_identical=(dy, x))
-    pre = _pre_activation(x, mean, invstd, weight, bias, layout)
+    pre = _normalize(x, mean, invstd, weight, bias, layout)
     masked = np.where(pre > 0, dy, dy.dtype.type(0))
     return batch_norm_backward(masked, x, mean, invstd, weight, axis=axis, out=out)
 
@@ -102,7 +92,7 @@ def batch_norm_relu_backward_eval(dy: np.ndarray, x: np.ndarray, running_mean: n
         check_out(out, "out", x.shape, x.dtype,
                   inputs=(dy, x, running_mean, running_var, weight, bias), allow_identical=(dy,))
     invstd = 1 / np.sqrt(running_var + x.dtype.type(eps))
-    pre = _pre_activation(x, running_mean, invstd, weight, bias, layout)
+    pre = _normalize(x, running_mean, invstd, weight, bias, layout)
     masked = np.where(pre > 0, dy, dy.dtype.type(0))
     return batch_norm_backward_eval(masked, x, running_mean, running_var, weight, eps,
                                     axis=axis, out=out)
