@@ -330,3 +330,32 @@ def test_small_mlp_with_batchnorm_reaches_90_percent_test_accuracy_in_5_epochs()
     accuracy = (model(data.x_test).argmax(axis=1) == data.y_test).mean()
     assert np.mean(losses) < 0.5
     assert accuracy >= 0.9
+
+
+@pytest.mark.parametrize("options", [dict(), dict(reduction="sum"), dict(reduction="none"),
+                                     dict(label_smoothing=0.1), dict(ignore_index=1)])
+def test_cross_entropy_and_its_gradient_match_torch(rng, options):
+    torch = pytest.importorskip("torch")
+    logits = rng.standard_normal((7, 5))
+    target = np.array([1, 0, 4, 1, 3, 2, 1])
+    criterion = nn.CrossEntropyLoss(**options)
+    loss = criterion(logits, target)
+    upstream = rng.standard_normal(7) if options.get("reduction") == "none" else 1.0
+    grad = criterion.backward(upstream)
+    t_logits = torch.from_numpy(logits).requires_grad_(True)
+    t_loss = torch.nn.CrossEntropyLoss(**options)(t_logits, torch.from_numpy(target))
+    t_loss.backward(torch.as_tensor(upstream) if np.ndim(upstream) else None)
+    np.testing.assert_allclose(loss, t_loss.detach().numpy(), rtol=1e-12)
+    np.testing.assert_allclose(grad, t_logits.grad.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_mse_loss_matches_torch(rng):
+    torch = pytest.importorskip("torch")
+    prediction, target = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
+    criterion = nn.MSELoss()
+    loss = criterion(prediction, target)
+    t_prediction = torch.from_numpy(prediction).requires_grad_(True)
+    t_loss = torch.nn.MSELoss()(t_prediction, torch.from_numpy(target))
+    t_loss.backward()
+    np.testing.assert_allclose(loss, t_loss.item(), rtol=1e-14)
+    np.testing.assert_allclose(criterion.backward(), t_prediction.grad.numpy(), rtol=1e-14)
