@@ -36,7 +36,7 @@ static void FB_TYPED(bn_affine_range)(const FB_REAL *x, FB_REAL *y,
             const fb_index len = fb_min_index(inner - col, end - begin);
             const fb_index c = row % channels, offset = row * inner + col;
             FB_TYPED(bn_span)(y + offset, x + offset, NULL, len, scale[c], shift[c], 0, stream,
-                              relu);
+                              relu, 0, 0);
             begin += len;
             col = 0;
             ++row;

@@ -6,8 +6,10 @@
  *                                            in = dy, b = 0)
  *   otherwise:  out = in * a + (x * b + d)  (training backward: in = dy)
  *
- * act is the ReLU when `relu` (fused batch norm + ReLU, bn_relu_impl.h),
- * else the identity; callers pass relu = 0 for the backward rewrites.
+ * With `relu` (fused batch norm + ReLU, bn_relu_impl.h): act is the ReLU;
+ * in bn_span's training-backward form, `in` (dy) is first masked where
+ * x * mask_scale + mask_shift <= 0.  Without: act is the identity and the
+ * mask coefficients are ignored.
  *
  * bn_span takes scalar coefficients (a channels-first run: one channel);
  * bn_span_channels takes per-element coefficient arrays (a channels-last
@@ -40,7 +42,8 @@ static inline fb_index FB_TYPED(bn_stream_head)(const FB_REAL *out, fb_index len
 }
 
 static void FB_TYPED(bn_span_stream)(FB_REAL *out, const FB_REAL *in, const FB_REAL *x,
-                                     fb_index len, FB_REAL a, FB_REAL b, FB_REAL d, int relu)
+                                     fb_index len, FB_REAL a, FB_REAL b, FB_REAL d, int relu,
+                                     FB_REAL mask_scale, FB_REAL mask_shift)
 {
     const fb_index head = FB_TYPED(bn_stream_head)(out, len);
     fb_index i = 0;
@@ -56,13 +59,21 @@ static void FB_TYPED(bn_span_stream)(FB_REAL *out, const FB_REAL *in, const FB_R
         return;
     }
     const FB_RVEC vd = FB_TYPED(fb_rvec_broadcast)(d);
+    const FB_RVEC vscale = FB_TYPED(fb_rvec_broadcast)(mask_scale);
+    const FB_RVEC vshift = FB_TYPED(fb_rvec_broadcast)(mask_shift);
+#define FB_GRAD(i) (relu ? FB_TYPED(bn_relu_masked)(in[i], x[i], mask_scale, mask_shift) : in[i])
     for (; i < head; ++i)
-        out[i] = in[i] * a + (x[i] * b + d);
-    for (; i + FB_RVEC_LEN <= len; i += FB_RVEC_LEN)
-        FB_TYPED(fb_rvec_stream)(out + i, FB_TYPED(fb_rvec_load)(in + i) * va
-                                 + (FB_TYPED(fb_rvec_load)(x + i) * vb + vd));
+        out[i] = FB_GRAD(i) * a + (x[i] * b + d);
+    for (; i + FB_RVEC_LEN <= len; i += FB_RVEC_LEN) {
+        const FB_RVEC xv = FB_TYPED(fb_rvec_load)(x + i);
+        FB_RVEC g = FB_TYPED(fb_rvec_load)(in + i);
+        if (relu)
+            g = FB_TYPED(bn_relu_mask_vec)(g, xv, vscale, vshift);
+        FB_TYPED(fb_rvec_stream)(out + i, g * va + (xv * vb + vd));
+    }
     for (; i < len; ++i)
-        out[i] = in[i] * a + (x[i] * b + d);
+        out[i] = FB_GRAD(i) * a + (x[i] * b + d);
+#undef FB_GRAD
 }
 
 static void FB_TYPED(bn_span_channels_stream)(FB_REAL *out, const FB_REAL *in,
@@ -102,11 +113,11 @@ static void FB_TYPED(bn_span_channels_stream)(FB_REAL *out, const FB_REAL *in,
 
 static inline void FB_TYPED(bn_span)(FB_REAL *out, const FB_REAL *in, const FB_REAL *x,
                                      fb_index len, FB_REAL a, FB_REAL b, FB_REAL d, int stream,
-                                     int relu)
+                                     int relu, FB_REAL mask_scale, FB_REAL mask_shift)
 {
 #if FB_BN_CAN_STREAM
     if (stream) {
-        FB_TYPED(bn_span_stream)(out, in, x, len, a, b, d, relu);
+        FB_TYPED(bn_span_stream)(out, in, x, len, a, b, d, relu, mask_scale, mask_shift);
         return;
     }
 #else
@@ -116,10 +127,15 @@ static inline void FB_TYPED(bn_span)(FB_REAL *out, const FB_REAL *in, const FB_R
 #pragma omp simd
         for (fb_index i = 0; i < len; ++i)
             out[i] = FB_TYPED(bn_activate)(in[i] * a + b, relu);
-    } else {
+    } else if (!relu) {
 #pragma omp simd
         for (fb_index i = 0; i < len; ++i)
             out[i] = in[i] * a + (x[i] * b + d);
+    } else {
+#pragma omp simd
+        for (fb_index i = 0; i < len; ++i)
+            out[i] = FB_TYPED(bn_relu_masked)(in[i], x[i], mask_scale, mask_shift) * a
+                     + (x[i] * b + d);
     }
 }
 

@@ -58,15 +58,11 @@ static FB_TYPED(bn_coefficients) FB_TYPED(bn_thread_coefficients)(const FB_TYPED
 
 /* ---- the gradient the backwards read ---------------------------------------- */
 
-/* dy as the reductions and rewrites of the backwards see it: dy itself, or,
- * with relu, dy masked by the forward's ReLU (bn_relu_impl.h), written into
- * `staging` (FB_BN_RELU_BLOCK values).  Planar runs are therefore walked in
- * steps of FB_BN_RELU_BLOCK with relu and in one step without. */
-static inline fb_index FB_TYPED(bn_grad_step)(const FB_TYPED(bn_pass) *pass, fb_index len)
-{
-    return pass->relu ? FB_BN_RELU_BLOCK : len;
-}
-
+/* dy as the rewrites of the backwards read it where they do not mask it
+ * themselves: dy itself, or, with relu, dy masked by the forward's ReLU
+ * (bn_relu_impl.h), written into `staging` (at most FB_BN_RELU_BLOCK
+ * values).  The planar reduction and the planar training rewrite mask in
+ * their own loops instead (bn_lanes_grad, bn_span). */
 /* `len` values of channel c at `offset` (planar). */
 static inline const FB_REAL *FB_TYPED(bn_grad_span)(const FB_TYPED(bn_pass) *pass, fb_index c,
                                                     fb_index offset, fb_index len,
@@ -419,7 +415,7 @@ static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pa
 {
     /* forward: in = x (ReLU applied here when relu); backward: in = dy with
      * the x term; eval backward: in = dy alone.  The backwards read dy
-     * through bn_grad_span/bn_grad_row (masked with relu). */
+     * masked with relu (in bn_span, or staged through bn_grad_span/bn_grad_row). */
     const int forward = pass->mode == FB_BN_FORWARD;
     const int relu_out = forward && pass->relu;
     const FB_REAL *x_term = pass->mode == FB_BN_BACKWARD ? pass->x : NULL;
@@ -428,16 +424,23 @@ static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pa
         const fb_index c = item / plan->chunks, k = item - c * plan->chunks;
         const FB_REAL a = coef.k1[c], b = coef.k2[c], d = coef.k3[c];
         const FB_REAL shift = pass->mode == FB_BN_BACKWARD ? b : d;
+        /* the training backward masks dy inside bn_span; only the eval
+         * backward, whose rewrite does not read x, stages a masked copy */
+        const int staged = pass->relu && pass->mode == FB_BN_BACKWARD_EVAL;
+        const int span_relu = pass->relu && !staged;
+        const FB_REAL mask_scale = span_relu && !forward ? pass->mask_scale[c] : 0;
+        const FB_REAL mask_shift = span_relu && !forward ? pass->mask_shift[c] : 0;
         fb_bn_runs runs = fb_bn_runs_start(plan, k);
         fb_index offset, len;
         while (fb_bn_runs_next(plan, c, &runs, &offset, &len)) {
-            const fb_index step = forward ? len : FB_TYPED(bn_grad_step)(pass, len);
+            const fb_index step = staged ? FB_BN_RELU_BLOCK : len;
             for (fb_index s = 0; s < len; s += step) {
                 const fb_index n = fb_min_index(step, len - s), at = offset + s;
                 const FB_REAL *in = forward ? pass->x + at
-                                            : FB_TYPED(bn_grad_span)(pass, c, at, n, staging);
+                                    : staged ? FB_TYPED(bn_grad_span)(pass, c, at, n, staging)
+                                             : pass->dy + at;
                 FB_TYPED(bn_span)(pass->out + at, in, x_term ? x_term + at : NULL, n, a, shift,
-                                  d, pass->stream, relu_out);
+                                  d, pass->stream, span_relu, mask_scale, mask_shift);
             }
         }
         return;
