@@ -9,10 +9,12 @@
  *
  * Backward: the ReLU's gradient mask is NOT stored or read: it is recomputed
  * from x, which the batch-norm backward reads anyway, as
- * x * scale + shift > 0 with the forward's own coefficients; dy is masked
- * block by block into a small stack buffer (bn_relu_mask) that the unchanged
- * batch-norm reduction and rewrite then read.  Traffic: dy and x in, dx out,
- * exactly the batch-norm backward's; the unfused pair also reads y and
+ * x * scale + shift > 0 with the forward's own coefficients (bn_relu_masked).
+ * The planar reduction lanes and the planar training rewrite mask dy in
+ * their own loops; the interleaved (channels-last) row loops and the eval
+ * backward's rewrite, which does not read x, first mask a row or a block of
+ * dy into a small stack buffer (bn_relu_mask*).  Traffic: dy and x in, dx
+ * out, exactly the batch-norm backward's; the unfused pair also reads y and
  * writes and re-reads the masked gradient.
  *
  * The mask is exactly the forward's output sign because both evaluate the
@@ -25,9 +27,8 @@
  */
 
 #ifndef FB_BN_RELU_BLOCK
-/* Values of dy masked at a time: 4 KiB of float64 on the stack, a multiple
- * of FB_BN_SHORT_SUM * FB_BN_LANES (128) so the reduction's short sums start
- * at the same offsets as over the whole run. */
+/* Values of dy staged (masked) at a time: 4 KiB of float64 on the stack,
+ * small enough for L1, large enough to amortize the loop set-up. */
 #define FB_BN_RELU_BLOCK ((fb_index)512)
 /* an interleaved row piece (FB_BN_MAX_GROUP_WIDTH channels) fits one block */
 typedef char fb_bn_relu_block_holds_a_row[FB_BN_MAX_GROUP_WIDTH <= FB_BN_RELU_BLOCK ? 1 : -1];
