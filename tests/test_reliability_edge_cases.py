@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import numpy as np
@@ -78,8 +79,10 @@ def _run_isolated(cases):
         [os.path.dirname(os.path.dirname(fastbn.__file__))] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     payload = json.dumps([[f, list(s), a] for f, s, a in cases])
     while start < len(cases):
+        # a neutral cwd: from the repository root `python -c` would import the
+        # uncompiled source folder instead of the fastbn under test
         child = subprocess.run([sys.executable, "-c", CHILD, payload, str(start)], capture_output=True,
-                               text=True, timeout=300, env=env)
+                               text=True, timeout=300, env=env, cwd=tempfile.gettempdir())
         last_started = None
         for line in child.stdout.splitlines():
             kind, index, *rest = line.split(" ", 2)
@@ -126,7 +129,7 @@ def test_the_isolation_reports_a_crash_instead_of_dying():
         os.kill(os.getpid(), signal.SIGFPE)
     """)
     child = subprocess.run([sys.executable, "-c", crashing, "[]", "0"], capture_output=True, text=True,
-                           timeout=60)
+                           timeout=60, cwd=tempfile.gettempdir())
     # -8 (SIGFPE) normally; a sanitizer runtime turns the signal into its own exit code
     assert child.returncode != 0 and child.stdout.startswith("START 0")
 
