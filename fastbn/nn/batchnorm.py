@@ -18,6 +18,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from .. import _backend
+
 from .._bn_validation import (batch_norm_layout, check_batch_size, check_input, check_like,
                               check_momentum, check_updatable)
 from .._validation import (FLOAT_DTYPES, check_channel_vector, check_int, check_positive,
@@ -154,6 +156,8 @@ class _BatchNorm(Module):
         or batch statistics when track_running_stats is False.
         Saves what `backward` needs.
         """
+        if _backend.is_reference():
+            return self._forward_reference(x)
         # the geometry of the last input shape is reused: a training loop
         # calls the layer on the same shape every step
         known = self._known_input
@@ -222,6 +226,8 @@ class _BatchNorm(Module):
         mode, x, layout, stat_a, stat_b = saved
         dy = check_like("dy", dy, x, "the forward's input")
         weight, bias = self._checked_state(x.dtype)[:2]
+        if _backend.is_reference():
+            return self._backward_reference(dy, mode, x, stat_a, stat_b, weight, bias)
         dweight, dbias, accumulate, finish = self._grad_targets(x.dtype)
         if x.size == 0:
             dx = np.empty(x.shape, x.dtype)
@@ -238,6 +244,60 @@ class _BatchNorm(Module):
                                    bias, self.fused_relu)
         if finish is not None:
             finish(dweight, dbias)
+        return dx
+
+    # ---- the same layer on the NumPy reference (use_backend("reference")) ----
+
+    def _forward_reference(self, x: np.ndarray) -> np.ndarray:
+        from .. import reference as R
+        x, layout = self._check_input(x)
+        update = self.training and self.track_running_stats
+        weight, bias, running_mean, running_var = self._checked_state(x.dtype, update)
+        relu = self.fused_relu
+        if self.training or running_mean is None:
+            check_batch_size(x, layout)
+            momentum = 0.1
+            if update and running_mean is not None:
+                momentum = self.momentum if self.momentum is not None else (
+                    1.0 / (int(self.num_batches_tracked) + 1))
+            else:
+                running_mean = running_var = None
+            forward = R.batch_norm_relu_forward_train if relu else R.batch_norm_forward_train
+            y, mean, invstd = forward(x, weight, bias, self.eps, axis=self.axis,
+                                      running_mean=running_mean, running_var=running_var,
+                                      momentum=momentum)
+            if running_mean is not None:
+                self.num_batches_tracked[...] += 1
+            object.__setattr__(self, "_saved", (_TRAIN, x, layout, mean, invstd))
+            return y
+        forward = R.batch_norm_relu if relu else R.batch_norm
+        y = forward(x, running_mean, running_var, weight, bias, False, 0.1, self.eps, axis=self.axis)
+        object.__setattr__(self, "_saved", (_EVAL, x, layout, running_mean, running_var))
+        return y
+
+    def _backward_reference(self, dy, mode, x, stat_a, stat_b, weight, bias) -> np.ndarray:
+        from .. import reference as R
+        if mode == _TRAIN:
+            if self.fused_relu:
+                dx, dweight, dbias = R.batch_norm_relu_backward(dy, x, stat_a, stat_b, weight, bias,
+                                                                axis=self.axis)
+            else:
+                dx, dweight, dbias = R.batch_norm_backward(dy, x, stat_a, stat_b, weight,
+                                                           axis=self.axis)
+        elif self.fused_relu:
+            dx, dweight, dbias = R.batch_norm_relu_backward_eval(dy, x, stat_a, stat_b, weight, bias,
+                                                                 self.eps, axis=self.axis)
+        else:
+            dx, dweight, dbias = R.batch_norm_backward_eval(dy, x, stat_a, stat_b, weight, self.eps,
+                                                            axis=self.axis)
+        for param, grad in ((self.weight, dweight), (self.bias, dbias)):
+            if param is None:
+                continue
+            grad = np.asarray(grad, dtype=x.dtype).reshape(self.num_features)
+            if param.grad is None:
+                param.grad = grad.copy()
+            else:
+                param.grad += grad
         return dx
 
     def _grad_targets(self, dtype):
