@@ -14,7 +14,7 @@ cdef extern from "common/fb_parallel.h":
     void fb_set_max_threads(int n) nogil
 
 cdef extern from "common/bandwidth_probe.h":
-    double fastbn_copy_probe(double *dst, const double *src, long long n, int num_threads,
+    double fastbn_stream_probe(double *dst, const double *src, long long n, int num_threads,
                              int repeats) nogil
 
 cdef extern from "common/fork_guard.h":
@@ -109,14 +109,14 @@ cdef int current_simd_target() noexcept nogil:
     return _simd_target
 
 
-def copy_probe_seconds(double[::1] destination, const double[::1] source, int num_threads,
+def stream_probe_seconds(double[::1] destination, const double[::1] source, int num_threads,
                        int repeats) -> float:
-    """Best time of `repeats` parallel copies of `source` into `destination`
+    """Best time of `repeats` parallel passes destination += 0.5 * source
     (see src_c/common/bandwidth_probe.h); the GIL is released."""
     if destination.shape[0] != source.shape[0]:
         raise ValueError("destination and source must have the same length")
     cdef double seconds
     with nogil:
-        seconds = fastbn_copy_probe(&destination[0], &source[0], source.shape[0],
+        seconds = fastbn_stream_probe(&destination[0], &source[0], source.shape[0],
                                     num_threads, repeats)
     return seconds

@@ -2,8 +2,8 @@
 vs PyTorch (when installed), as median time, speed-up, GB/s and % of the
 machine's measured copy bandwidth."""
 from .cases import Case, all_cases, resnet50_shapes
-from .measure import copy_bandwidth, time_callable, time_per_call
+from .measure import stream_bandwidth, time_callable, time_per_call
 from .runner import build_parser, main
 
-__all__ = ["Case", "all_cases", "resnet50_shapes", "copy_bandwidth", "time_callable",
+__all__ = ["Case", "all_cases", "resnet50_shapes", "stream_bandwidth", "time_callable",
            "time_per_call", "build_parser", "main"]

@@ -90,13 +90,15 @@ def time_per_call(fn: Callable[[], object], *, calls: int = 2000, repeats: int =
     return timing
 
 
-def copy_bandwidth(num_threads: int, nbytes: int = 256 << 20, repeats: int = 5) -> float:
-    """Memory bandwidth in GB/s (bytes read + written per second, STREAM
-    convention) of a parallel C copy of `nbytes` (far larger than the caches)
-    with `num_threads` threads: the roofline every memory-bound kernel is
-    compared with."""
+def stream_bandwidth(num_threads: int, nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Memory bandwidth in GB/s of a parallel in-place stream update
+    (dst += 0.5 * src over two arrays of `nbytes`, far larger than the caches)
+    with `num_threads` threads, counting 3 x nbytes moved per pass: the
+    roofline every memory-bound kernel is compared with (see
+    src_c/common/bandwidth_probe.h)."""
     from fastbn import _core
     source = np.ones(nbytes // 8, dtype=np.float64)
-    destination = np.zeros_like(source)     # touched: no page faults timed
-    seconds = _core.copy_probe_seconds(destination, source, max(1, int(num_threads)), repeats)
-    return 2 * source.nbytes / seconds / 1e9
+    destination = np.zeros_like(source)
+    destination += 1.0                      # touched: no page faults timed
+    seconds = _core.stream_probe_seconds(destination, source, max(1, int(num_threads)), repeats)
+    return 3 * source.nbytes / seconds / 1e9

@@ -17,7 +17,7 @@ import fastbn
 from fastbn._progress import ProgressBar
 
 from .cases import BenchConfig, Case, all_cases
-from .measure import copy_bandwidth, time_interleaved, time_per_call
+from .measure import stream_bandwidth, time_interleaved, time_per_call
 
 CONTENDERS = ("fastbn", "fastbn_out", "reference", "torch")
 
@@ -186,8 +186,8 @@ def main(args: argparse.Namespace) -> int:
     info = machine_info(threads, torch)
     records = []
     with ProgressBar(len(cases) + 1, label="fastbn bench", enabled=not args.no_progress) as bar:
-        bar.set_detail("copy bandwidth probe")
-        bandwidth = copy_bandwidth(threads)
+        bar.set_detail("bandwidth probe")
+        bandwidth = stream_bandwidth(threads)
         bar.update(1)
         for case in cases:
             records.append(run_case(case, config, bar))
@@ -196,7 +196,7 @@ def main(args: argparse.Namespace) -> int:
              f"SIMD {info['simd_target']} | {args.dtype} | numpy {info['numpy']} | "
              f"torch {info['torch'] or 'absent'}")
     print(title)
-    print(f"copy bandwidth probe: {bandwidth:.1f} GB/s (read + write, {threads} threads); "
+    print(f"bandwidth probe (in-place stream update): {bandwidth:.1f} GB/s ({threads} threads); "
           "times are medians of interleaved rounds; 'x ref'/'x torch' = their time / fastbn time "
           "(all three allocating their output); 'out=' = fastbn writing into a reused buffer; "
           "GB/s = bytes that must move / fastbn time (out= where available)")
@@ -204,7 +204,7 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "dtype": args.dtype, "quick": args.quick,
-                       "copy_bandwidth_gbps": bandwidth, "cases": records}, f, indent=2, default=str)
+                       "stream_bandwidth_gbps": bandwidth, "cases": records}, f, indent=2, default=str)
         print(f"wrote {args.json}")
     if args.plot:
         try:
