@@ -18,7 +18,7 @@ static double fb_probe_now(void)
 }
 
 /* Best wall time (seconds) of `repeats` parallel passes dst += 0.5 * src. */
-static double fastbn_copy_probe(double *dst, const double *src, fb_index n, int num_threads,
+static double fastbn_stream_probe(double *dst, const double *src, fb_index n, int num_threads,
                                 int repeats)
 {
     double best = 1e300;
