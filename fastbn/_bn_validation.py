@@ -145,3 +145,36 @@ def check_saved_stat(name: str, value, layout: BatchNormLayout, dtype) -> np.nda
         raise TypeError(f"{name}: expected a 1-D array with {layout.channels} elements "
                         f"(one per channel), got {describe(value)}")
     return check_channel_vector(name, value, layout.channels, dtype)
+
+
+class ForwardTrainArgs(NamedTuple):
+    """Validated arguments of a training forward (fast path and reference)."""
+    x: np.ndarray
+    layout: BatchNormLayout
+    eps: float
+    momentum: Optional[float]
+    update: bool              # running statistics are updated
+    vectors: dict             # weight, bias, running_mean, running_var (or None)
+    out: Optional[np.ndarray]
+
+
+def check_forward_train_args(x, weight, bias, eps, axis, out, running_mean, running_var,
+                             momentum) -> ForwardTrainArgs:
+    """Every check of `batch_norm_forward_train`, in one order for both
+    backends (so they raise the same error for the same bad input)."""
+    from ._validation import check_out
+    x = check_input(x)
+    layout = batch_norm_layout(x, axis)
+    check_running_stats_pair(running_mean, running_var)
+    update = running_mean is not None
+    eps = check_eps(eps, batch_stats=True)
+    momentum = check_update_momentum(momentum) if update else check_momentum(momentum)
+    vectors = check_batch_norm_vectors(layout, x.dtype, weight=weight, bias=bias,
+                                       running_mean=running_mean, running_var=running_var)
+    check_batch_size(x, layout)
+    check_updatable("running_mean", vectors["running_mean"])
+    check_updatable("running_var", vectors["running_var"])
+    if out is not None:
+        out = check_out(out, "out", x.shape, x.dtype, inputs=(x, *vectors.values()),
+                        allow_identical=(x,))
+    return ForwardTrainArgs(x, layout, eps, momentum, update, vectors, out)

@@ -39,7 +39,7 @@ from . import _backend
 from ._bn_validation import (batch_norm_layout, check_batch_norm_vectors, check_batch_size,
                              check_eps, check_input, check_like, check_momentum,
                              check_running_stats_pair, check_saved_stat, check_updatable,
-                             check_update_momentum)
+                             check_update_momentum, check_forward_train_args)
 from ._validation import check_channel_vector, check_out
 from .nn import _bn
 
@@ -388,20 +388,8 @@ def _forward_train(x: np.ndarray, weight, bias, eps, axis: int, out, running_mea
         return _bn.train_forward(x, out, outer, channels, inner, weight, bias, eps,
                                  running_mean, running_var,
                                  0.0 if running_mean is None else momentum, relu)
-    x = check_input(x)
-    layout = batch_norm_layout(x, axis)
-    check_running_stats_pair(running_mean, running_var)
-    update = running_mean is not None
-    eps = check_eps(eps, batch_stats=True)
-    momentum = check_update_momentum(momentum) if update else check_momentum(momentum)
-    vectors = check_batch_norm_vectors(layout, x.dtype, weight=weight, bias=bias,
-                                       running_mean=running_mean, running_var=running_var)
-    check_batch_size(x, layout)
-    check_updatable("running_mean", vectors["running_mean"])
-    check_updatable("running_var", vectors["running_var"])
-    if out is not None:
-        out = check_out(out, "out", x.shape, x.dtype, inputs=(x, *vectors.values()),
-                        allow_identical=(x,))
+    x, layout, eps, momentum, update, vectors, out = check_forward_train_args(
+        x, weight, bias, eps, axis, out, running_mean, running_var, momentum)
     if x.size == 0:  # no channels: nothing to compute
         empty = np.empty(0, x.dtype)
         return (np.empty(x.shape, x.dtype) if out is None else out), empty, empty.copy()

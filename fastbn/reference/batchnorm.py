@@ -15,7 +15,8 @@ import numpy as np
 from .._bn_validation import (BatchNormLayout, batch_norm_layout, check_batch_norm_vectors,
                               check_batch_size, check_eps, check_input, check_like,
                               check_momentum, check_running_stats_pair, check_saved_stat,
-                              check_updatable, check_update_momentum)
+                              check_updatable, check_update_momentum,
+                              check_forward_train_args)
 from .._validation import check_channel_vector, check_out
 
 
@@ -97,19 +98,8 @@ def batch_norm_forward_train(x: np.ndarray, weight: Optional[np.ndarray] = None,
                              running_var: Optional[np.ndarray] = None,
                              momentum: float = 0.1) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reference for `fastbn.functional.batch_norm_forward_train`."""
-    x = check_input(x)
-    layout = batch_norm_layout(x, axis)
-    check_running_stats_pair(running_mean, running_var)
-    update = running_mean is not None
-    eps = check_eps(eps, batch_stats=True)
-    momentum = check_update_momentum(momentum) if update else check_momentum(momentum)
-    vectors = check_batch_norm_vectors(layout, x.dtype, weight=weight, bias=bias,
-                                       running_mean=running_mean, running_var=running_var)
-    check_batch_size(x, layout)
-    check_updatable("running_mean", running_mean)
-    check_updatable("running_var", running_var)
-    if out is not None:
-        check_out(out, "out", x.shape, x.dtype, inputs=(x, *vectors.values()), allow_identical=(x,))
+    x, layout, eps, momentum, update, vectors, out = check_forward_train_args(
+        x, weight, bias, eps, axis, out, running_mean, running_var, momentum)
     if x.size == 0:
         empty = np.empty(0, x.dtype)
         return _deliver(np.empty(x.shape, x.dtype), out), empty, empty.copy()
