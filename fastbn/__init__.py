@@ -10,7 +10,7 @@ Quick start::
 Configuration: `show_config()`, `set_num_threads()`, `set_simd_target()`,
 `use_backend("reference")`.
 """
-__version__ = "0.1.0"
+from ._version import __version__
 
 try:
     from . import _core  # noqa: F401  (compiled extension)

@@ -85,7 +85,7 @@ def get_num_threads() -> int:
 # ---- report ---------------------------------------------------------------
 
 def config_info() -> Dict[str, object]:
-    from . import __version__
+    from ._version import __version__
     return {
         "fastbn": __version__,
         "python": sys.version.split()[0],
