@@ -22,7 +22,7 @@ from .measure import stream_bandwidth, time_interleaved, time_per_call
 CONTENDERS = ("fastbn", "fastbn_out", "reference", "torch")
 
 
-def _load_torch(threads: int, enabled: bool):
+def load_torch(threads: int, enabled: bool):
     if not enabled:
         return None
     try:
@@ -177,7 +177,7 @@ def main(args: argparse.Namespace) -> int:
         print("--threads: expected an int >= 1", file=sys.stderr)
         return 2
     fastbn.set_num_threads(threads)
-    torch = _load_torch(threads, not args.no_torch)
+    torch = load_torch(threads, not args.no_torch)
     config = BenchConfig(dtype=np.dtype(args.dtype), threads=threads, quick=args.quick, torch=torch)
     cases = select_cases(args.filter, args.quick)
     if not cases:
