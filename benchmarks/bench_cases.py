@@ -9,9 +9,14 @@ shapes, data or what is timed.
 
 Threads: FASTBN_BENCH_THREADS (default: all cores) for fastbn and torch;
 dtype: FASTBN_BENCH_DTYPE (float32 or float64); FASTBN_BENCH_QUICK=1 uses
-the smaller shapes of `fastbn bench --quick`.  GOMP_SPINCOUNT is lowered before
-the libraries load, as `fastbn bench` does (two OpenMP runtimes share the
-process; see fastbn/bench/measure.py).
+the smaller shapes of `fastbn bench --quick`.
+
+GOMP_SPINCOUNT is lowered before the libraries load (unless set): fastbn's
+libgomp and the copy torch bundles share the process, and after a parallel
+region each one's idle workers spin for milliseconds, stealing a core from
+the other on a 2-core machine.  `fastbn bench` sleeps between contenders
+instead (fastbn/bench/measure.py); pytest-benchmark runs each benchmark's
+rounds back to back, so the spin itself has to be short.
 """
 from __future__ import annotations
 
