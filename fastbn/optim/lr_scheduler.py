@@ -52,7 +52,17 @@ Deviations from PyTorch (all on inputs PyTorch mishandles or accepts silently)
   ``T_0=1, T_mult=10`` at the end of the previous cycle instead of the start
   of the next).
 - The optimizer is duck-typed (``param_groups``), not required to be a
-  ``torch.optim.Optimizer``; lrs are Python floats (no tensor lrs).
+  ``torch.optim.Optimizer``. Learning rates (arguments and the groups' ``'lr'``)
+  may be given as 0-d or one-element arrays or tensors, as PyTorch accepts;
+  they are converted to Python floats, and the groups hold floats afterwards
+  (PyTorch keeps a tensor lr a tensor).
+- Hyperparameters must be finite; periods, ``T_0``, ``T_mult`` and steps at
+  most 2**53 (ValueError naming the argument). A value returned by an
+  ``lr_lambda`` or ``scale_fn`` that is not a finite real number raises
+  TypeError/ValueError naming the function and the step.
+- A constructor that takes the first step (every scheduler but SequentialLR,
+  ChainedScheduler and ReduceLROnPlateau) and raises leaves the optimizer's
+  param groups (and its ``step`` method) as they were.
 
 PyTorch behaviours kept on purpose
 ----------------------------------
