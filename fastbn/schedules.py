@@ -36,19 +36,41 @@ function                 scheduler class
 =======================  ======================================
 
 A scalar step gives a Python float; an array gives a float64 ndarray of the
-same shape. Steps must be finite and >= 0. ``schedule.at(step)`` gives the
-same value as ``schedule(step)`` and is fast for consecutive integer steps
-(the schedulers use it).
+same shape. Steps must be finite, >= 0 and <= 2**53 (up to 2**53 float64
+holds every integer, so an int step and its float64 value are the same step).
+``schedule.at(step)`` gives the same value as ``schedule(step)`` and is fast
+for consecutive integer steps (the schedulers use it).
+
+Hyperparameters are real numbers (a 0-d or one-element array or tensor is
+accepted and converted to a Python float) and must be finite.
+
+Reproducibility: one code path for every step
+----------------------------------------------
+A schedule's value at a step does not depend on the CPU, on the NumPy build,
+or on whether the step came alone or in an array. Arithmetic (+, -, *, /,
+floor, min, comparisons) is done with NumPy: IEEE 754 rounds those exactly,
+in SIMD loops and in scalar code alike. Every transcendental function (every
+power with a non-constant exponent, cos, log) is evaluated element by element
+with Python's :mod:`math` module (``math.pow``, ``math.cos``, ``math.log``)
+through :func:`_power`, :func:`_cos` and :func:`_log`, also for integer
+exponents. NumPy's own ``np.power``/``np.cos``/``np.log`` are not used:
+their vectorized loops (SVML on AVX-512 CPUs) round differently from the
+scalar C library by an ulp, so an array and a scalar step would disagree.
+The values are those of the platform's C library, the same as Python's
+``x ** y`` and ``math.cos`` give, which is also what PyTorch's schedulers
+compute. The cost is about 50 ns per element, paid once per block of
+:attr:`Schedule.BLOCK_SIZE` steps by the schedulers.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ._validation import check_int, check_positive, check_range, check_real, describe
+from ._validation import check_int, check_positive, check_range, describe
 
 __all__ = [
     "Schedule", "constant", "constant_warmup", "linear", "warmup", "exponential_decay",
@@ -64,12 +86,99 @@ SCALE_MODES = ("cycle", "iterations")
 ANNEAL_STRATEGIES = ("cos", "linear")
 
 
+#: Largest step accepted: every integer up to 2**53 is exact in float64.
+MAX_STEP = 2 ** 53
+
+
 def cyclical_mode_names() -> Tuple[str, ...]:
     """The built-in ``mode`` names of :func:`cyclical` / ``CyclicLR``."""
     return CYCLICAL_MODES
 
 
+# ---- transcendental functions: Python's math module, element by element -----
+# See "Reproducibility" in the module docstring: these are the only places a
+# schedule evaluates pow, cos or log.
+
+def _is_odd_integer(value: float) -> bool:
+    return value.is_integer() and math.fmod(value, 2.0) != 0.0
+
+
+def _pow_ieee(base: float, exponent: float) -> float:
+    """``math.pow`` with C99's results where it raises instead."""
+    try:
+        return math.pow(base, exponent)
+    except OverflowError:
+        return math.copysign(math.inf, base) if _is_odd_integer(exponent) else math.inf
+    except ValueError:
+        if base == 0.0:  # 0 ** negative
+            return math.copysign(math.inf, base) if _is_odd_integer(exponent) else math.inf
+        return math.nan  # negative ** non-integer
+
+
+def _cos_ieee(value: float) -> float:
+    return math.cos(value) if math.isfinite(value) else math.nan
+
+
+def _log_ieee(value: float) -> float:
+    if value > 0.0:
+        return math.log(value)
+    return -math.inf if value == 0.0 else math.nan
+
+
+def _elementwise(function: Callable[..., float], fallback: Callable[..., float],
+                 *operands) -> Union[np.ndarray, np.float64]:
+    """``function`` applied to each element of the broadcast `operands`.
+
+    `function` is a math-module function; `fallback` is its IEEE-valued
+    version, used only when `function` raised (domain or range error).
+    """
+    if all(isinstance(operand, float) or (type(operand) is np.ndarray and operand.ndim == 0)
+           for operand in operands):  # np.float64 is a float
+        # One step (schedule(step) with a scalar): no lists, no broadcasting.
+        scalars = [float(operand) for operand in operands]
+        try:
+            return np.float64(function(*scalars))
+        except (OverflowError, ValueError):
+            return np.float64(fallback(*scalars))
+    arrays = [np.asarray(operand, dtype=np.float64) for operand in operands]
+    shapes = {array.shape for array in arrays}
+    shape = shapes.pop() if len(shapes) == 1 else np.broadcast_shapes(*shapes)
+    # A scalar operand (the usual base of a power) is repeated, not broadcast:
+    # np.broadcast_arrays costs more than the whole evaluation of one step.
+    size = math.prod(shape)
+    columns = [array.ravel().tolist() if array.shape == shape
+               else itertools.repeat(float(array), size) if array.ndim == 0
+               else np.broadcast_to(array, shape).ravel().tolist()
+               for array in arrays]
+    try:
+        values = list(map(function, *columns))
+    except (OverflowError, ValueError):
+        columns = [np.broadcast_to(array, shape).ravel().tolist() for array in arrays]
+        values = list(map(fallback, *columns))
+    return np.array(values, dtype=np.float64).reshape(shape)
+
+
+def _power(base, exponent) -> np.ndarray:
+    """``base ** exponent`` element-wise with ``math.pow`` (broadcasting)."""
+    return _elementwise(math.pow, _pow_ieee, base, exponent)
+
+
+def _cos(values) -> np.ndarray:
+    """``cos`` element-wise with ``math.cos``."""
+    return _elementwise(math.cos, _cos_ieee, values)
+
+
+def _log(values) -> np.ndarray:
+    """Natural logarithm element-wise with ``math.log``."""
+    return _elementwise(math.log, _log_ieee, values)
+
+
 # ---- the Schedule object ---------------------------------------------------
+
+def _too_large_step(name: str, value) -> ValueError:
+    return ValueError(f"{name}: expected steps <= 2**53 = {MAX_STEP} (float64 holds every integer "
+                      f"only up to there), got {value}")
+
 
 def _as_steps(step: Steps, name: str = "step") -> Tuple[np.ndarray, bool]:
     """Steps as a float64 array (and whether the input was a scalar)."""
@@ -77,22 +186,90 @@ def _as_steps(step: Steps, name: str = "step") -> Tuple[np.ndarray, bool]:
         raise TypeError(f"{name}: expected a real number or an array of them, got {describe(step)}")
     if type(step) in (int, float) or isinstance(step, (np.integer, np.floating)):
         # Scalar fast path: schedulers evaluate one step at a time.
+        if isinstance(step, (int, np.integer)) and step > MAX_STEP:
+            # Compared as ints: float(2**53 + 1) would already be 2**53.
+            raise _too_large_step(name, step)
         value = float(step)
         if not math.isfinite(value):
             raise ValueError(f"{name}: expected finite steps, got {step!r}")
         if value < 0:
             raise ValueError(f"{name}: expected steps >= 0, got {value:g}")
+        if value > MAX_STEP:
+            raise _too_large_step(name, step)
         return np.array(value), True
     is_scalar = isinstance(step, numbers.Real)
     array = np.asarray(step)
     if array.dtype.kind not in "iuf":
         raise TypeError(f"{name}: expected a real number or an array of real numbers, got {describe(step)}")
+    if array.dtype.kind in "iu" and array.size and array.max() > MAX_STEP:
+        raise _too_large_step(name, array.max())
     array = array.astype(np.float64, copy=False)
     if not np.all(np.isfinite(array)):
         raise ValueError(f"{name}: expected finite steps, got {step!r}")
     if array.size and array.min() < 0:
         raise ValueError(f"{name}: expected steps >= 0, got {array.min():g}")
+    if array.size and array.max() > MAX_STEP:
+        raise _too_large_step(name, array.max())
     return array, is_scalar
+
+
+def as_real(value, name: str) -> float:
+    """A finite real hyperparameter (learning rate, factor, period) as a float.
+
+    Accepts a real number, or an array or tensor with exactly one real
+    element (e.g. a 0-d ``np.ndarray`` or a 0-d ``torch.Tensor``), or any
+    object with ``__float__`` that is not a container of several values.
+
+    Raises
+    ------
+    TypeError
+        `value` is not a real number (bool, str, complex, None, ...).
+    ValueError
+        NaN, infinite, too large for a float, or an array of other than one element.
+    """
+    if type(value) is float:
+        result = value
+    elif isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a real number, got {describe(value)}")
+    elif isinstance(value, numbers.Real):
+        try:
+            result = float(value)
+        except OverflowError:
+            raise ValueError(f"{name}: expected a finite real number, got {value!r:.60} "
+                             "(too large for a float)") from None
+    else:
+        result = _one_element_as_float(value, name)
+    if not math.isfinite(result):
+        raise ValueError(f"{name}: expected a finite real number, got {result!r}")
+    return result
+
+
+def _one_element_as_float(value, name: str) -> float:
+    """The float of an array, tensor or other ``__float__`` object holding one real value."""
+    if not hasattr(type(value), "__float__"):
+        raise TypeError(f"{name}: expected a real number, got {describe(value)}")
+    numel = getattr(value, "numel", None)  # torch.Tensor
+    size = numel() if callable(numel) else getattr(value, "size", 1)  # np.ndarray
+    if isinstance(size, numbers.Integral) and size != 1:
+        raise ValueError(f"{name}: expected a real number or an array with one element, "
+                         f"got {type(value).__name__} of shape {tuple(getattr(value, 'shape', ()))}")
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None:
+        kind = getattr(dtype, "kind", None)  # NumPy dtypes have a kind, torch dtypes flags
+        real = (kind in ("i", "u", "f") if kind is not None
+                else not getattr(dtype, "is_complex", False) and not str(dtype).endswith("bool"))
+        if not real:
+            raise TypeError(f"{name}: expected a real number, got {type(value).__name__} "
+                            f"of dtype {dtype}")
+    if isinstance(value, np.ndarray):
+        value = value.reshape(())  # NumPy >= 2.? converts only 0-d arrays with float()
+    try:
+        return float(value)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{name}: expected a real number, got {describe(value)} ({error})") from None
+    except OverflowError:
+        raise ValueError(f"{name}: expected a finite real number, got a value too large "
+                         "for a float") from None
 
 
 class Schedule:
@@ -154,7 +331,8 @@ class Schedule:
         overhead; other steps are evaluated directly.
         """
         if (not self._precompute or isinstance(step, bool) or not isinstance(step, numbers.Integral)
-                or step < 0 or (self._last_step is not None and step > self._last_step)):
+                or step < 0 or step > MAX_STEP
+                or (self._last_step is not None and step > self._last_step)):
             return self(step)
         step = int(step)
         block = self._block
@@ -175,9 +353,39 @@ class Schedule:
 
 # ---- argument checks shared by several schedules --------------------------
 
+def _positive(value, name: str) -> float:
+    """A finite real > 0."""
+    return check_positive(as_real(value, name), name)
+
+
+def _nonnegative(value, name: str) -> float:
+    """A finite real >= 0."""
+    return check_positive(as_real(value, name), name, strict=False)
+
+
+def _fraction(value, name: str) -> float:
+    """A real in [0, 1]."""
+    return check_range(as_real(value, name), name, 0.0, 1.0)
+
+
+def check_count(value, name: str, *, minimum: int = 1) -> int:
+    """An int in [minimum, 2**53]: a cycle length, total_steps or milestone
+    (larger ones cannot be compared exactly with float64 steps)."""
+    value = check_int(value, name, minimum=minimum)
+    if value > MAX_STEP:
+        shown = value if value < 10 ** 20 else f"about 2**{value.bit_length() - 1}"
+        raise ValueError(f"{name}: expected an int <= 2**53 = {MAX_STEP} (float64 steps are exact "
+                         f"only up to there), "
+                         f"got {shown}")
+    return value
+
+
 def _check_steps_count(value, name: str, *, allow_zero: bool = False) -> float:
-    """A step count (step size, total_iters, ...): real, > 0 (or >= 0)."""
-    return check_positive(value, name, strict=not allow_zero)
+    """A step count (step size, total_iters, ...): finite, > 0 (or >= 0).
+
+    A non-finite period would make the curve NaN (inf / inf) or constant.
+    """
+    return _nonnegative(value, name) if allow_zero else _positive(value, name)
 
 
 def check_milestones(milestones, name: str = "milestones", *, strict: bool = True) -> list:
@@ -185,7 +393,7 @@ def check_milestones(milestones, name: str = "milestones", *, strict: bool = Tru
     repeats when `strict` is False). Returns them as a list of ints."""
     if isinstance(milestones, (str, bytes)) or not hasattr(milestones, "__iter__"):
         raise TypeError(f"{name}: expected a sequence of ints, got {describe(milestones)}")
-    values = [check_int(value, f"{name}[{index}]", minimum=0) for index, value in enumerate(milestones)]
+    values = [check_count(value, f"{name}[{index}]", minimum=0) for index, value in enumerate(milestones)]
     for index in range(1, len(values)):
         previous, current = values[index - 1], values[index]
         if current < previous or (strict and current == previous):
@@ -203,7 +411,7 @@ def _constant_curve(steps: np.ndarray, value: float) -> np.ndarray:
 
 def constant(value: float) -> Schedule:
     """A constant learning rate (useful as a piece of :func:`join`)."""
-    return Schedule("constant", _constant_curve, {"value": check_real(value, "value")})
+    return Schedule("constant", _constant_curve, {"value": as_real(value, "value")})
 
 
 def _constant_factor_curve(steps: np.ndarray, init_lr: float, factor: float,
@@ -224,8 +432,8 @@ def constant_warmup(init_lr: float, factor: float = 1.0 / 3, total_iters: float 
         Number of steps (>= 0) at the reduced learning rate.
     """
     return Schedule("constant_warmup", _constant_factor_curve, {
-        "init_lr": check_real(init_lr, "init_lr"),
-        "factor": check_range(factor, "factor", 0.0, 1.0),
+        "init_lr": as_real(init_lr, "init_lr"),
+        "factor": _fraction(factor, "factor"),
         "total_iters": _check_steps_count(total_iters, "total_iters", allow_zero=True),
     })
 
@@ -255,9 +463,9 @@ def linear(init_lr: float, start_factor: float = 1.0 / 3, end_factor: float = 1.
         Length of the ramp in steps (> 0).
     """
     return Schedule("linear", _linear_curve, {
-        "init_lr": check_real(init_lr, "init_lr"),
-        "start_factor": check_positive(start_factor, "start_factor", strict=False),
-        "end_factor": check_positive(end_factor, "end_factor", strict=False),
+        "init_lr": as_real(init_lr, "init_lr"),
+        "start_factor": _nonnegative(start_factor, "start_factor"),
+        "end_factor": _nonnegative(end_factor, "end_factor"),
         "total_iters": _check_steps_count(total_iters, "total_iters"),
     })
 
@@ -268,15 +476,15 @@ def warmup(peak_lr: float, warmup_steps: float, start_lr: float = 0.0) -> Schedu
     The same curve as :func:`linear` with ``start_factor = start_lr / peak_lr``
     and ``end_factor = 1``. Combine it with a decay through :func:`join`.
     """
-    peak_lr = check_positive(peak_lr, "peak_lr")
-    start_lr = check_positive(start_lr, "start_lr", strict=False)
+    peak_lr = _positive(peak_lr, "peak_lr")
+    start_lr = _nonnegative(start_lr, "start_lr")
     return linear(peak_lr, start_lr / peak_lr, 1.0, warmup_steps)
 
 
 def _exponential_curve(steps: np.ndarray, init_lr: float, decay_rate: float, decay_steps: float,
                        staircase: bool) -> np.ndarray:
     exponent = np.floor_divide(steps, decay_steps) if staircase else steps / decay_steps
-    return init_lr * decay_rate ** exponent
+    return init_lr * _power(decay_rate, exponent)
 
 
 def exponential_decay(init_lr: float, decay_rate: float, decay_steps: float = 1,
@@ -296,8 +504,8 @@ def exponential_decay(init_lr: float, decay_rate: float, decay_steps: float = 1,
         changes in discrete jumps (``StepLR``).
     """
     return Schedule("exponential_decay", _exponential_curve, {
-        "init_lr": check_real(init_lr, "init_lr"),
-        "decay_rate": check_positive(decay_rate, "decay_rate", strict=False),
+        "init_lr": as_real(init_lr, "init_lr"),
+        "decay_rate": _nonnegative(decay_rate, "decay_rate"),
         "decay_steps": _check_steps_count(decay_steps, "decay_steps"),
         "staircase": bool(staircase),
     })
@@ -310,14 +518,14 @@ def step_decay(init_lr: float, step_size: float, gamma: float = 0.1) -> Schedule
     Same formula as ``exponential_decay(init_lr, gamma, step_size, staircase=True)``.
     """
     step_size = _check_steps_count(step_size, "step_size")
-    gamma = check_positive(gamma, "gamma", strict=False)
+    gamma = _nonnegative(gamma, "gamma")
     return exponential_decay(init_lr, gamma, step_size, staircase=True)
 
 
 def _multistep_curve(steps: np.ndarray, init_lr: float, milestones: Tuple[int, ...],
                      gamma: float) -> np.ndarray:
     passed = np.searchsorted(np.asarray(milestones, dtype=np.float64), steps, side="right")
-    return init_lr * gamma ** passed
+    return init_lr * _power(gamma, passed)
 
 
 def multistep(init_lr: float, milestones: Sequence[int], gamma: float = 0.1) -> Schedule:
@@ -327,15 +535,15 @@ def multistep(init_lr: float, milestones: Sequence[int], gamma: float = 0.1) -> 
     times multiplies by ``gamma ** n`` (as in PyTorch).
     """
     return Schedule("multistep", _multistep_curve, {
-        "init_lr": check_real(init_lr, "init_lr"),
+        "init_lr": as_real(init_lr, "init_lr"),
         "milestones": tuple(check_milestones(milestones, strict=False)),
-        "gamma": check_positive(gamma, "gamma", strict=False),
+        "gamma": _nonnegative(gamma, "gamma"),
     })
 
 
 def _polynomial_curve(steps: np.ndarray, init_lr: float, total_iters: float,
                       power: float) -> np.ndarray:
-    return init_lr * (1.0 - np.minimum(total_iters, steps) / total_iters) ** power
+    return init_lr * _power(1.0 - np.minimum(total_iters, steps) / total_iters, power)
 
 
 def polynomial(init_lr: float, total_iters: float = 5, power: float = 1.0) -> Schedule:
@@ -344,9 +552,9 @@ def polynomial(init_lr: float, total_iters: float = 5, power: float = 1.0) -> Sc
     Reaches 0 at `total_iters` and stays there.
     """
     return Schedule("polynomial", _polynomial_curve, {
-        "init_lr": check_real(init_lr, "init_lr"),
+        "init_lr": as_real(init_lr, "init_lr"),
         "total_iters": _check_steps_count(total_iters, "total_iters"),
-        "power": check_positive(power, "power", strict=False),
+        "power": _nonnegative(power, "power"),
     })
 
 
@@ -354,7 +562,7 @@ def polynomial(init_lr: float, total_iters: float = 5, power: float = 1.0) -> Sc
 
 def _cosine_curve(steps: np.ndarray, init_lr: float, T_max: Union[float, np.ndarray],
                   eta_min: float) -> np.ndarray:
-    return eta_min + (init_lr - eta_min) * (1.0 + np.cos(math.pi * steps / T_max)) / 2.0
+    return eta_min + (init_lr - eta_min) * (1.0 + _cos(math.pi * steps / T_max)) / 2.0
 
 
 def cosine(init_lr: float, T_max: float, eta_min: float = 0.0) -> Schedule:
@@ -365,9 +573,9 @@ def cosine(init_lr: float, T_max: float, eta_min: float = 0.0) -> Schedule:
     exactly as PyTorch's scheduler does.
     """
     return Schedule("cosine", _cosine_curve, {
-        "init_lr": check_real(init_lr, "init_lr"),
+        "init_lr": as_real(init_lr, "init_lr"),
         "T_max": _check_steps_count(T_max, "T_max"),
-        "eta_min": check_real(eta_min, "eta_min"),
+        "eta_min": as_real(eta_min, "eta_min"),
     })
 
 
@@ -381,18 +589,18 @@ def warm_restart_position(steps: Steps, T_0: int, T_mult: int = 1) -> Tuple[np.n
     steps on a boundary land at ``T_cur = 0`` of the new cycle.
     """
     steps, _ = _as_steps(steps)
-    T_0 = check_int(T_0, "T_0", minimum=1)
-    T_mult = check_int(T_mult, "T_mult", minimum=1)
+    T_0 = check_count(T_0, "T_0")
+    T_mult = check_count(T_mult, "T_mult")
     if T_mult == 1:
         return np.mod(steps, T_0), np.full(steps.shape, float(T_0))
 
     def cycle_start(n: np.ndarray) -> np.ndarray:
-        return T_0 * (float(T_mult) ** n - 1.0) / (T_mult - 1)
+        return T_0 * (_power(float(T_mult), n) - 1.0) / (T_mult - 1)
 
-    cycle = np.floor(np.log(steps / T_0 * (T_mult - 1) + 1.0) / math.log(T_mult))
+    cycle = np.floor(_log(steps / T_0 * (T_mult - 1) + 1.0) / math.log(T_mult))
     cycle = np.where(cycle_start(cycle) > steps, cycle - 1, cycle)
     cycle = np.where(cycle_start(cycle + 1) <= steps, cycle + 1, cycle)
-    return steps - cycle_start(cycle), T_0 * float(T_mult) ** cycle
+    return steps - cycle_start(cycle), T_0 * _power(float(T_mult), cycle)
 
 
 def _warm_restarts_curve(steps: np.ndarray, init_lr: float, T_0: int, T_mult: int,
@@ -409,19 +617,24 @@ def cosine_warm_restarts(init_lr: float, T_0: int, T_mult: int = 1, eta_min: flo
     cycle lasts `T_0` steps, each next one `T_mult` times longer.
     """
     return Schedule("cosine_warm_restarts", _warm_restarts_curve, {
-        "init_lr": check_real(init_lr, "init_lr"),
-        "T_0": check_int(T_0, "T_0", minimum=1),
-        "T_mult": check_int(T_mult, "T_mult", minimum=1),
-        "eta_min": check_real(eta_min, "eta_min"),
+        "init_lr": as_real(init_lr, "init_lr"),
+        "T_0": check_count(T_0, "T_0"),
+        "T_mult": check_count(T_mult, "T_mult"),
+        "eta_min": as_real(eta_min, "eta_min"),
     })
 
 
 # ---- cyclical (Smith's CLR) ---------------------------------------------------
 
-def _apply_elementwise(function: Callable, values: np.ndarray) -> np.ndarray:
+def user_function_value(function: Callable, argument, name: str) -> float:
+    """``function(argument)`` checked to be a finite real number (a float)."""
+    return as_real(function(argument), f"the value returned by {name}({argument!r})")
+
+
+def _apply_elementwise(function: Callable, values: np.ndarray, name: str) -> np.ndarray:
     """Call a user's scalar function on each value (ints where integral, as torch passes)."""
-    flat = [function(int(value) if float(value).is_integer() else float(value))
-            for value in values.ravel()]
+    flat = [user_function_value(function, int(value) if value.is_integer() else value, name)
+            for value in values.ravel().tolist()]
     return np.asarray(flat, dtype=np.float64).reshape(values.shape)
 
 
@@ -437,13 +650,13 @@ def _cyclical_curve(steps: np.ndarray, base_lr: float, max_lr: float, step_size_
         falling = (x - 1.0) / (step_ratio - 1.0)
     scale_factor = np.where(x <= step_ratio, rising, falling)
     if scale_fn is not None:
-        scale = _apply_elementwise(scale_fn, cycle if scale_mode == "cycle" else steps)
+        scale = _apply_elementwise(scale_fn, cycle if scale_mode == "cycle" else steps, "scale_fn")
     elif mode == "triangular":
         scale = 1.0
     elif mode == "triangular2":
-        scale = 1.0 / 2.0 ** (cycle - 1.0)
+        scale = 1.0 / _power(2.0, cycle - 1.0)
     else:  # exp_range
-        scale = gamma ** steps
+        scale = _power(gamma, steps)
     # Operation order follows torch's CyclicLR.
     return base_lr + (max_lr - base_lr) * scale_factor * scale
 
@@ -494,12 +707,12 @@ def cyclical(base_lr: float, max_lr: float, step_size_up: float = 2000,
         if scale_mode not in SCALE_MODES:
             raise ValueError(f"scale_mode: expected one of {SCALE_MODES}, got {scale_mode!r}")
     return Schedule("cyclical", _cyclical_curve, {
-        "base_lr": check_real(base_lr, "base_lr"),
-        "max_lr": check_real(max_lr, "max_lr"),
+        "base_lr": as_real(base_lr, "base_lr"),
+        "max_lr": as_real(max_lr, "max_lr"),
         "step_size_up": step_size_up,
         "step_size_down": step_size_down,
         "mode": mode,
-        "gamma": check_real(gamma, "gamma"),
+        "gamma": as_real(gamma, "gamma"),
         "scale_fn": scale_fn,
         "scale_mode": scale_mode,
     }, precompute=scale_fn is None)
@@ -510,7 +723,7 @@ def cyclical(base_lr: float, max_lr: float, step_size_up: float = 2000,
 def _anneal(start: float, end: float, pct: np.ndarray, anneal_strategy: str) -> np.ndarray:
     # Operation order follows torch's OneCycleLR._annealing_cos/_annealing_linear.
     if anneal_strategy == "cos":
-        return end + (start - end) / 2.0 * (np.cos(math.pi * pct) + 1.0)
+        return end + (start - end) / 2.0 * (_cos(math.pi * pct) + 1.0)
     return (end - start) * pct + start
 
 
@@ -548,8 +761,8 @@ def _one_cycle_curve(steps: np.ndarray, total_steps: int, pct_start: float, thre
 
 
 def _check_one_cycle_shape(total_steps, pct_start, anneal_strategy) -> Tuple[int, float, str]:
-    total_steps = check_int(total_steps, "total_steps", minimum=1)
-    pct_start = check_range(pct_start, "pct_start", 0.0, 1.0)
+    total_steps = check_count(total_steps, "total_steps")
+    pct_start = _fraction(pct_start, "pct_start")
     if anneal_strategy not in ANNEAL_STRATEGIES:
         raise ValueError(f"anneal_strategy: expected one of {ANNEAL_STRATEGIES}, got {anneal_strategy!r}")
     return total_steps, pct_start, anneal_strategy
@@ -587,15 +800,15 @@ def one_cycle(max_lr: float, total_steps: int, pct_start: float = 0.3, anneal_st
     """
     total_steps, pct_start, anneal_strategy = _check_one_cycle_shape(total_steps, pct_start,
                                                                      anneal_strategy)
-    max_lr = check_real(max_lr, "max_lr")
+    max_lr = as_real(max_lr, "max_lr")
     if initial_lr is None:
-        initial_lr = max_lr / check_positive(div_factor, "div_factor")
+        initial_lr = max_lr / _positive(div_factor, "div_factor")
     if min_lr is None:
-        min_lr = check_real(initial_lr, "initial_lr") / check_positive(final_div_factor, "final_div_factor")
+        min_lr = as_real(initial_lr, "initial_lr") / _positive(final_div_factor, "final_div_factor")
     return Schedule("one_cycle", _one_cycle_curve, {
         "total_steps": total_steps, "pct_start": pct_start, "three_phase": bool(three_phase),
-        "anneal_strategy": anneal_strategy, "start": check_real(initial_lr, "initial_lr"),
-        "peak": max_lr, "end": check_real(min_lr, "min_lr"),
+        "anneal_strategy": anneal_strategy, "start": as_real(initial_lr, "initial_lr"),
+        "peak": max_lr, "end": as_real(min_lr, "min_lr"),
     }, last_step=total_steps)
 
 
@@ -609,18 +822,18 @@ def one_cycle_momentum(total_steps: int, base_momentum: float = 0.85, max_moment
     """
     total_steps, pct_start, anneal_strategy = _check_one_cycle_shape(total_steps, pct_start,
                                                                      anneal_strategy)
-    max_momentum = check_real(max_momentum, "max_momentum")
+    max_momentum = as_real(max_momentum, "max_momentum")
     return Schedule("one_cycle_momentum", _one_cycle_curve, {
         "total_steps": total_steps, "pct_start": pct_start, "three_phase": bool(three_phase),
         "anneal_strategy": anneal_strategy, "start": max_momentum,
-        "peak": check_real(base_momentum, "base_momentum"), "end": max_momentum,
+        "peak": as_real(base_momentum, "base_momentum"), "end": max_momentum,
     }, last_step=total_steps)
 
 
 # ---- user functions --------------------------------------------------------------
 
 def _lambda_curve(steps: np.ndarray, init_lr: float, lr_lambda: Callable[[int], float]) -> np.ndarray:
-    return init_lr * _apply_elementwise(lr_lambda, steps)
+    return init_lr * _apply_elementwise(lr_lambda, steps, "lr_lambda")
 
 
 def _check_callable(function, name: str) -> Callable:
@@ -632,7 +845,7 @@ def _check_callable(function, name: str) -> Callable:
 def lambda_schedule(init_lr: float, lr_lambda: Callable[[int], float]) -> Schedule:
     """``init_lr * lr_lambda(step)`` (``LambdaLR``); `lr_lambda` is called once per step."""
     return Schedule("lambda_schedule", _lambda_curve, {
-        "init_lr": check_real(init_lr, "init_lr"),
+        "init_lr": as_real(init_lr, "init_lr"),
         "lr_lambda": _check_callable(lr_lambda, "lr_lambda"),
     }, precompute=False)
 
@@ -643,7 +856,8 @@ def _multiplicative_curve(steps: np.ndarray, init_lr: float,
         raise ValueError("step: multiplicative schedules are defined at integer steps only, "
                          f"got {steps[steps != np.floor(steps)][0]:g}")
     last = int(steps.max()) if steps.size else 0
-    factors = np.asarray([1.0] + [lr_lambda(step) for step in range(1, last + 1)], dtype=np.float64)
+    factors = [1.0] + [user_function_value(lr_lambda, step, "lr_lambda") for step in range(1, last + 1)]
+    factors = np.asarray(factors, dtype=np.float64)
     return init_lr * np.cumprod(factors)[steps.astype(np.int64)]
 
 
@@ -654,7 +868,7 @@ def multiplicative(init_lr: float, lr_lambda: Callable[[int], float]) -> Schedul
     (``lr *= lr_lambda(step)``); this is their running product.
     """
     return Schedule("multiplicative", _multiplicative_curve, {
-        "init_lr": check_real(init_lr, "init_lr"),
+        "init_lr": as_real(init_lr, "init_lr"),
         "lr_lambda": _check_callable(lr_lambda, "lr_lambda"),
     }, precompute=False)
 

@@ -52,7 +52,17 @@ Deviations from PyTorch (all on inputs PyTorch mishandles or accepts silently)
   ``T_0=1, T_mult=10`` at the end of the previous cycle instead of the start
   of the next).
 - The optimizer is duck-typed (``param_groups``), not required to be a
-  ``torch.optim.Optimizer``; lrs are Python floats (no tensor lrs).
+  ``torch.optim.Optimizer``. Learning rates (arguments and the groups' ``'lr'``)
+  may be given as 0-d or one-element arrays or tensors, as PyTorch accepts;
+  they are converted to Python floats, and the groups hold floats afterwards
+  (PyTorch keeps a tensor lr a tensor).
+- Hyperparameters must be finite; periods, ``T_0``, ``T_mult`` and steps at
+  most 2**53 (ValueError naming the argument). A value returned by an
+  ``lr_lambda`` or ``scale_fn`` that is not a finite real number raises
+  TypeError/ValueError naming the function and the step.
+- A constructor that takes the first step (every scheduler but SequentialLR,
+  ChainedScheduler and ReduceLROnPlateau) and raises leaves the optimizer's
+  param groups (and its ``step`` method) as they were.
 
 PyTorch behaviours kept on purpose
 ----------------------------------
@@ -70,16 +80,18 @@ vectorized call; a ``step()`` costs about 10 microseconds.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
 import types
 import warnings
+import weakref
 from collections import Counter
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 from .. import schedules
-from .._validation import check_int, check_positive, check_range, check_real, describe
+from .._validation import check_int, check_positive, check_range, describe
 
 __all__ = [
     "LRScheduler", "LambdaLR", "MultiplicativeLR", "StepLR", "MultiStepLR", "ConstantLR",
@@ -93,6 +105,11 @@ EPOCH_DEPRECATION_WARNING = (
     "where possible. Please use `scheduler.step()` to step the scheduler. During the "
     "deprecation, if epoch is different from None, the closed form is used instead of the "
     "new chainable form, where available.")
+
+#: Where the call-order warnings send the user: PyTorch's documentation of the
+#: training loop with a scheduler, which fastbn's schedulers follow.
+CALL_ORDER_GUIDANCE = (
+    "See more details at https://pytorch.org/docs/stable/optim.html#how-to-adjust-learning-rate")
 
 FloatOrList = Union[float, Sequence[float]]
 
@@ -108,11 +125,27 @@ def _check_optimizer(optimizer, owner: str) -> None:
             f"of dicts with an 'lr' entry (e.g. fastbn.optim.SGD), got {describe(optimizer)}")
 
 
-def _group_values(optimizer, key: str) -> list:
-    return [group[key] for group in optimizer.param_groups]
+def _group_lrs(optimizer, key: str = "lr") -> List[float]:
+    """Each group's `key` (a learning rate) as a float: a 0-d array or tensor
+    set by the user (torch accepts those) is converted."""
+    return [_as_lr(group[key], f"param_groups[{index}][{key!r}]")
+            for index, group in enumerate(optimizer.param_groups)]
 
 
-def _per_group(name: str, optimizer, value, *, check=check_real) -> list:
+def _as_lr(value, name: str) -> float:
+    """A learning rate or momentum: a finite real, or a one-element array or tensor."""
+    return schedules.as_real(value, name)
+
+
+def _nonnegative(value, name: str) -> float:
+    return check_positive(_as_lr(value, name), name, strict=False)
+
+
+def _positive(value, name: str) -> float:
+    return check_positive(_as_lr(value, name), name)
+
+
+def _per_group(name: str, optimizer, value, *, check=_as_lr) -> list:
     """One value per param group: a scalar is repeated, a list must match."""
     count = len(optimizer.param_groups)
     if isinstance(value, (list, tuple)):
@@ -147,23 +180,70 @@ def _set_momentum(group: dict, key: str, value: float) -> None:
         group["momentum"] = value
 
 
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _unchanged_on_error(optimizer) -> Iterator[None]:
+    """Undo the changes a scheduler's construction made to the optimizer (its
+    param groups' entries and the ``step`` wrapper) if the construction raises:
+    an exception leaves the optimizer as it was."""
+    saved_groups = [dict(group) for group in optimizer.param_groups]
+    instance_attributes = getattr(optimizer, "__dict__", None)
+    saved_step = instance_attributes.get("step", _MISSING) if instance_attributes is not None else None
+    try:
+        yield
+    except BaseException:
+        # Entries are replaced, never mutated in place (betas is a new tuple),
+        # so the shallow copies hold the old values.
+        for group, saved in zip(optimizer.param_groups, saved_groups):
+            group.clear()
+            group.update(saved)
+        if instance_attributes is not None:
+            if saved_step is _MISSING:
+                instance_attributes.pop("step", None)
+            else:
+                instance_attributes["step"] = saved_step
+        raise
+
+
 class _RecordingStep:
     """``optimizer.step`` wrapped to record that it ran (``optimizer._opt_called``).
 
-    An object holding the optimizer rather than a closure, so that copies of
-    the optimizer (``copy.deepcopy``, pickle) step themselves, not the original.
+    Installed as an instance attribute of the optimizer, so it holds the
+    optimizer through a weak reference (as PyTorch's wrapper does): a strong
+    one would make every optimizer with a scheduler a reference cycle, whose
+    state arrays stay alive until the cyclic garbage collector runs. Copies
+    of the optimizer (``copy.deepcopy``, pickle) get a wrapper of their own
+    that steps the copy, not the original.
     """
 
     _wrapped_by_lr_sched = True
 
     def __init__(self, optimizer, function: Callable) -> None:
         functools.update_wrapper(self, function)
-        self._optimizer = optimizer
+        self._optimizer_ref = weakref.ref(optimizer)
         self._function = function
 
+    def _optimizer(self):
+        optimizer = self._optimizer_ref()
+        if optimizer is None:
+            raise ReferenceError("optimizer.step: the optimizer this step method belongs to "
+                                 "no longer exists")
+        return optimizer
+
     def __call__(self, *args, **kwargs):
-        self._optimizer._opt_called = True
-        return self._function(self._optimizer, *args, **kwargs)
+        optimizer = self._optimizer()
+        optimizer._opt_called = True
+        return self._function(optimizer, *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> "_RecordingStep":
+        # Inside copy.deepcopy(optimizer) the memo already maps the optimizer
+        # to its copy, which this returns.
+        return _RecordingStep(copy.deepcopy(self._optimizer(), memo), self._function)
+
+    def __reduce__(self):
+        return _RecordingStep, (self._optimizer(), self._function)
 
 
 def _track_optimizer_step(optimizer) -> None:
@@ -178,8 +258,9 @@ def _track_optimizer_step(optimizer) -> None:
         return
     try:
         optimizer.step = _RecordingStep(optimizer, function)
-    except (AttributeError, TypeError):
+    except (AttributeError, TypeError):  # no instance attributes or no weak references
         return
+
 
 @functools.lru_cache(maxsize=512)
 def _cached_schedule(factory: Callable[..., schedules.Schedule], *args, **kwargs) -> schedules.Schedule:
@@ -278,11 +359,21 @@ class LRScheduler:
 
     def __init__(self, optimizer, last_epoch: int = -1) -> None:
         _check_optimizer(optimizer, type(self).__name__)
+        with _unchanged_on_error(optimizer):
+            self._attach(optimizer, last_epoch)
+
+    def _attach(self, optimizer, last_epoch: int) -> None:
+        """Check the groups, set 'initial_lr', wrap ``optimizer.step`` and take step 0."""
         last_epoch = check_int(last_epoch, "last_epoch", minimum=-1)
         self.optimizer = optimizer
         if last_epoch == -1:
-            for group in optimizer.param_groups:
-                group.setdefault("initial_lr", group["lr"])
+            # Every lr is checked (and converted to a float) before any group is changed.
+            lrs = _group_lrs(optimizer)
+            for index, group in enumerate(optimizer.param_groups):
+                if "initial_lr" in group:
+                    _as_lr(group["initial_lr"], f"param_groups[{index}]['initial_lr']")
+            for lr, group in zip(lrs, optimizer.param_groups):
+                group.setdefault("initial_lr", lr)
         else:
             for index, group in enumerate(optimizer.param_groups):
                 if "initial_lr" not in group:
@@ -297,7 +388,7 @@ class LRScheduler:
         self._initial_step()
 
     def _resolve_base_lrs(self) -> List[float]:
-        return _group_values(self.optimizer, "initial_lr")
+        return _group_lrs(self.optimizer, "initial_lr")
 
     def _initial_step(self) -> None:
         """Reset the step count and take step 0."""
@@ -354,13 +445,15 @@ class LRScheduler:
                 warnings.warn(
                     "Seems like `optimizer.step()` has been overridden after learning rate "
                     "scheduler initialization. Please, make sure to call `optimizer.step()` "
-                    "before `lr_scheduler.step()`.", UserWarning, stacklevel=3)
+                    "before `lr_scheduler.step()`. " + CALL_ORDER_GUIDANCE,
+                    UserWarning, stacklevel=3)
         elif not getattr(self.optimizer, "_opt_called", False):
             warnings.warn(
-                "Detected call of `lr_scheduler.step()` before `optimizer.step()`. You should "
-                "call them in the opposite order: `optimizer.step()` before "
-                "`lr_scheduler.step()`. Failure to do this will result in skipping the first "
-                "value of the learning rate schedule.", UserWarning, stacklevel=3)
+                "Detected call of `lr_scheduler.step()` before `optimizer.step()`. As in PyTorch "
+                "1.1.0 and later, you should call them in the opposite order: "
+                "`optimizer.step()` before `lr_scheduler.step()`. Failure to do this will result "
+                "in skipping the first value of the learning rate schedule. "
+                + CALL_ORDER_GUIDANCE, UserWarning, stacklevel=3)
 
     def _update_lr(self, epoch: Optional[int] = None) -> None:
         self._get_lr_called_within_step = True
@@ -382,7 +475,7 @@ class LRScheduler:
                 "the scheduler was created are not supported")
         for group, lr in zip(groups, values):
             group["lr"] = lr
-        self._last_lr = _group_values(self.optimizer, "lr")
+        self._last_lr = _group_lrs(self.optimizer)
 
 
 class _ChainableLRScheduler(LRScheduler):
@@ -404,7 +497,7 @@ class _ChainableLRScheduler(LRScheduler):
 
     def get_lr(self) -> List[float]:
         _warn_get_lr_called_outside_step(self)
-        current = _group_values(self.optimizer, "lr")
+        current = _group_lrs(self.optimizer)
         epoch = self.last_epoch
         if self._is_initial and epoch > 0 and self._resume_keeps_lr:
             return current
@@ -509,10 +602,11 @@ class MultiplicativeLR(_LambdaLRScheduler):
 
     def get_lr(self) -> List[float]:
         _warn_get_lr_called_outside_step(self)
-        current = _group_values(self.optimizer, "lr")
+        current = _group_lrs(self.optimizer)
         if self._is_initial:
             return current
-        return [lr * function(self.last_epoch) for lr, function in zip(current, self.lr_lambdas)]
+        return [lr * schedules.user_function_value(function, self.last_epoch, "lr_lambda")
+                for lr, function in zip(current, self.lr_lambdas)]
 
 
 # ---- chainable schedulers ---------------------------------------------------------------
@@ -539,7 +633,7 @@ class StepLR(_ChainableLRScheduler):
 
     def __init__(self, optimizer, step_size: int, gamma: float = 0.1, last_epoch: int = -1) -> None:
         self.step_size = check_int(step_size, "step_size", minimum=1)
-        self.gamma = check_positive(gamma, "gamma", strict=False)
+        self.gamma = _nonnegative(gamma, "gamma")
         super().__init__(optimizer, last_epoch)
 
     def _curve(self, base_lr: float) -> schedules.Schedule:
@@ -569,7 +663,7 @@ class MultiStepLR(_ChainableLRScheduler):
     def __init__(self, optimizer, milestones: Sequence[int], gamma: float = 0.1,
                  last_epoch: int = -1) -> None:
         self.milestones = Counter(schedules.check_milestones(milestones, strict=False))
-        self.gamma = check_positive(gamma, "gamma", strict=False)
+        self.gamma = _nonnegative(gamma, "gamma")
         super().__init__(optimizer, last_epoch)
 
     def _curve(self, base_lr: float) -> schedules.Schedule:
@@ -654,7 +748,7 @@ class ExponentialLR(_ChainableLRScheduler):
     """
 
     def __init__(self, optimizer, gamma: float, last_epoch: int = -1) -> None:
-        self.gamma = check_positive(gamma, "gamma", strict=False)
+        self.gamma = _nonnegative(gamma, "gamma")
         super().__init__(optimizer, last_epoch)
 
     def _curve(self, base_lr: float) -> schedules.Schedule:
@@ -681,7 +775,7 @@ class PolynomialLR(_ChainableLRScheduler):
     def __init__(self, optimizer, total_iters: int = 5, power: float = 1.0,
                  last_epoch: int = -1) -> None:
         self.total_iters = check_int(total_iters, "total_iters", minimum=1)
-        self.power = check_positive(power, "power", strict=False)
+        self.power = _nonnegative(power, "power")
         super().__init__(optimizer, last_epoch)
 
     def _curve(self, base_lr: float) -> schedules.Schedule:
@@ -710,8 +804,8 @@ class CosineAnnealingLR(_ChainableLRScheduler):
     """
 
     def __init__(self, optimizer, T_max: int, eta_min: float = 0.0, last_epoch: int = -1) -> None:
-        self.T_max = check_positive(T_max, "T_max")
-        self.eta_min = check_real(eta_min, "eta_min")
+        self.T_max = _positive(T_max, "T_max")
+        self.eta_min = _as_lr(eta_min, "eta_min")
         super().__init__(optimizer, last_epoch)
 
     def _curve(self, base_lr: float) -> schedules.Schedule:
@@ -844,13 +938,13 @@ class ChainedScheduler(LRScheduler):
         optimizer = optimizer if optimizer is not None else getattr(schedulers[0], "optimizer", None)
         self._schedulers = _check_sub_schedulers("ChainedScheduler", schedulers, optimizer)
         self.optimizer = optimizer
-        self._last_lr = _group_values(self._schedulers[-1].optimizer, "lr")
+        self._last_lr = _group_lrs(self._schedulers[-1].optimizer)
 
     def step(self) -> None:  # type: ignore[override]
         """Step every scheduler, in order."""
         for scheduler in self._schedulers:
             scheduler.step()
-        self._last_lr = _group_values(self._schedulers[-1].optimizer, "lr")
+        self._last_lr = _group_lrs(self._schedulers[-1].optimizer)
 
     def state_dict(self) -> Dict[str, Any]:
         """Own state plus each inner scheduler's state under ``'_schedulers'``."""
@@ -901,7 +995,7 @@ class ReduceLROnPlateau(LRScheduler):
         _check_optimizer(optimizer, "ReduceLROnPlateau")
         self.factor = check_range(factor, "factor", 0.0, 1.0, high_inclusive=False)
         self.optimizer = optimizer
-        check_nonnegative = functools.partial(check_positive, strict=False)
+        check_nonnegative = _nonnegative
         if isinstance(min_lr, (list, tuple)):
             self.default_min_lr = None
             self.min_lrs = _per_group("min_lr", optimizer, min_lr, check=check_nonnegative)
@@ -912,7 +1006,7 @@ class ReduceLROnPlateau(LRScheduler):
         self.cooldown = check_int(cooldown, "cooldown", minimum=0)
         self.eps = check_nonnegative(eps, "eps")
         self.last_epoch = 0
-        self._last_lr = _group_values(optimizer, "lr")
+        self._last_lr = _group_lrs(optimizer)
         self._init_is_better(mode, check_nonnegative(threshold, "threshold"), threshold_mode)
         self._reset()
 
@@ -968,7 +1062,7 @@ class ReduceLROnPlateau(LRScheduler):
             self._reduce_lr()
             self.cooldown_counter = self.cooldown
             self.num_bad_epochs = 0
-        self._last_lr = _group_values(self.optimizer, "lr")
+        self._last_lr = _group_lrs(self.optimizer)
 
     def _reduce_lr(self) -> None:
         groups = self.optimizer.param_groups
@@ -1038,39 +1132,40 @@ class CyclicLR(LRScheduler):
                  cycle_momentum: bool = True, base_momentum: FloatOrList = 0.8,
                  max_momentum: FloatOrList = 0.9, last_epoch: int = -1) -> None:
         _check_optimizer(optimizer, "CyclicLR")
-        self.optimizer = optimizer
-        base_lrs = _per_group("base_lr", optimizer, base_lr)
-        self.max_lrs = _per_group("max_lr", optimizer, max_lr)
-        # Validates the shape arguments once (and normalizes scale_mode as torch does).
-        shape = schedules.cyclical(0.0, 1.0, step_size_up, step_size_down, mode, gamma,
-                                   scale_fn, scale_mode).params
-        self.step_size_up = shape["step_size_up"]
-        self.step_size_down = shape["step_size_down"]
-        self.total_size = self.step_size_up + self.step_size_down
-        self.step_ratio = self.step_size_up / self.total_size
-        self.mode = mode
-        self.gamma = shape["gamma"]
-        self._scale_fn_custom = scale_fn
-        self.scale_mode = shape["scale_mode"]
-        self.cycle_momentum = bool(cycle_momentum)
-        last_epoch = check_int(last_epoch, "last_epoch", minimum=-1)
-        if last_epoch == -1:
-            for lr, group in zip(base_lrs, optimizer.param_groups):
-                group["lr"] = lr
-        if self.cycle_momentum:
-            momentum_key = _momentum_key(optimizer, "CyclicLR")
-            self.use_beta1 = momentum_key == "betas"
-            self.base_momentums = _per_group("base_momentum", optimizer, base_momentum)
-            self.max_momentums = _per_group("max_momentum", optimizer, max_momentum)
+        with _unchanged_on_error(optimizer):
+            self.optimizer = optimizer
+            base_lrs = _per_group("base_lr", optimizer, base_lr)
+            self.max_lrs = _per_group("max_lr", optimizer, max_lr)
+            # Validates the shape arguments once (and normalizes scale_mode as torch does).
+            shape = schedules.cyclical(0.0, 1.0, step_size_up, step_size_down, mode, gamma,
+                                       scale_fn, scale_mode).params
+            self.step_size_up = shape["step_size_up"]
+            self.step_size_down = shape["step_size_down"]
+            self.total_size = self.step_size_up + self.step_size_down
+            self.step_ratio = self.step_size_up / self.total_size
+            self.mode = mode
+            self.gamma = shape["gamma"]
+            self._scale_fn_custom = scale_fn
+            self.scale_mode = shape["scale_mode"]
+            self.cycle_momentum = bool(cycle_momentum)
+            last_epoch = check_int(last_epoch, "last_epoch", minimum=-1)
             if last_epoch == -1:
-                for max_m, base_m, group in zip(self.max_momentums, self.base_momentums,
-                                                optimizer.param_groups):
-                    _set_momentum(group, momentum_key, max_m)
-                    group["max_momentum"] = max_m
-                    group["base_momentum"] = base_m
-        self._cyclic_base_lrs = base_lrs
-        super().__init__(optimizer, last_epoch)
-        del self._cyclic_base_lrs
+                for lr, group in zip(base_lrs, optimizer.param_groups):
+                    group["lr"] = lr
+            if self.cycle_momentum:
+                momentum_key = _momentum_key(optimizer, "CyclicLR")
+                self.use_beta1 = momentum_key == "betas"
+                self.base_momentums = _per_group("base_momentum", optimizer, base_momentum)
+                self.max_momentums = _per_group("max_momentum", optimizer, max_momentum)
+                if last_epoch == -1:
+                    for max_m, base_m, group in zip(self.max_momentums, self.base_momentums,
+                                                    optimizer.param_groups):
+                        _set_momentum(group, momentum_key, max_m)
+                        group["max_momentum"] = max_m
+                        group["base_momentum"] = base_m
+            self._cyclic_base_lrs = base_lrs
+            super().__init__(optimizer, last_epoch)
+            del self._cyclic_base_lrs
 
     def _resolve_base_lrs(self) -> List[float]:
         return list(self._cyclic_base_lrs)
@@ -1141,10 +1236,10 @@ class CosineAnnealingWarmRestarts(LRScheduler):
 
     def __init__(self, optimizer, T_0: int, T_mult: int = 1, eta_min: float = 0.0,
                  last_epoch: int = -1) -> None:
-        self.T_0 = check_int(T_0, "T_0", minimum=1)
+        self.T_0 = schedules.check_count(T_0, "T_0")
         self.T_i = self.T_0
-        self.T_mult = check_int(T_mult, "T_mult", minimum=1)
-        self.eta_min = check_real(eta_min, "eta_min")
+        self.T_mult = schedules.check_count(T_mult, "T_mult")
+        self.eta_min = _as_lr(eta_min, "eta_min")
         self.T_cur = check_int(last_epoch, "last_epoch", minimum=-1)
         super().__init__(optimizer, last_epoch)
 
@@ -1164,9 +1259,11 @@ class CosineAnnealingWarmRestarts(LRScheduler):
                 self.T_cur = self.T_cur % self.T_i
                 self.T_i = self.T_i * self.T_mult
         else:
-            epoch = check_real(epoch, "epoch")
+            epoch = schedules.as_real(epoch, "epoch")
             if epoch < 0:
                 raise ValueError(f"epoch: expected a value >= 0, got {epoch!r}")
+            if epoch > schedules.MAX_STEP:
+                raise ValueError(f"epoch: expected a value <= 2**53 (the largest step), got {epoch!r}")
             T_cur, T_i = schedules.warm_restart_position(epoch, self.T_0, self.T_mult)
             self.T_cur, self.T_i = float(T_cur), int(T_i)
             if float(self.T_cur).is_integer():
@@ -1179,7 +1276,7 @@ class CosineAnnealingWarmRestarts(LRScheduler):
             self._get_lr_called_within_step = False
         for group, lr in zip(self.optimizer.param_groups, values):
             group["lr"] = lr
-        self._last_lr = _group_values(self.optimizer, "lr")
+        self._last_lr = _group_lrs(self.optimizer)
 
 
 class OneCycleLR(LRScheduler):
@@ -1229,44 +1326,45 @@ class OneCycleLR(LRScheduler):
                  div_factor: float = 25.0, final_div_factor: float = 1e4,
                  three_phase: bool = False, last_epoch: int = -1) -> None:
         _check_optimizer(optimizer, "OneCycleLR")
-        self.optimizer = optimizer
-        if total_steps is not None:
-            self.total_steps = check_int(total_steps, "total_steps", minimum=1)
-        elif epochs is not None and steps_per_epoch is not None:
-            self.total_steps = (check_int(epochs, "epochs", minimum=1)
-                                * check_int(steps_per_epoch, "steps_per_epoch", minimum=1))
-        else:
-            raise ValueError("OneCycleLR: expected total_steps, or both epochs and "
-                             f"steps_per_epoch, got total_steps={total_steps!r}, "
-                             f"epochs={epochs!r}, steps_per_epoch={steps_per_epoch!r}")
-        self.pct_start = check_range(pct_start, "pct_start", 0.0, 1.0)
-        if anneal_strategy not in schedules.ANNEAL_STRATEGIES:
-            raise ValueError(f"anneal_strategy: expected one of {schedules.ANNEAL_STRATEGIES}, "
-                             f"got {anneal_strategy!r}")
-        self._anneal_func_type = anneal_strategy
-        self.three_phase = bool(three_phase)
-        div_factor = check_positive(div_factor, "div_factor")
-        final_div_factor = check_positive(final_div_factor, "final_div_factor")
-        max_lrs = _per_group("max_lr", optimizer, max_lr)
-        last_epoch = check_int(last_epoch, "last_epoch", minimum=-1)
-        if last_epoch == -1:
-            for peak, group in zip(max_lrs, optimizer.param_groups):
-                group["initial_lr"] = peak / div_factor
-                group["max_lr"] = peak
-                group["min_lr"] = group["initial_lr"] / final_div_factor
-        self.cycle_momentum = bool(cycle_momentum)
-        if self.cycle_momentum:
-            momentum_key = _momentum_key(optimizer, "OneCycleLR")
-            self.use_beta1 = momentum_key == "betas"
-            max_momentums = _per_group("max_momentum", optimizer, max_momentum)
-            base_momentums = _per_group("base_momentum", optimizer, base_momentum)
+        with _unchanged_on_error(optimizer):
+            self.optimizer = optimizer
+            if total_steps is not None:
+                self.total_steps = check_int(total_steps, "total_steps", minimum=1)
+            elif epochs is not None and steps_per_epoch is not None:
+                self.total_steps = (check_int(epochs, "epochs", minimum=1)
+                                    * check_int(steps_per_epoch, "steps_per_epoch", minimum=1))
+            else:
+                raise ValueError("OneCycleLR: expected total_steps, or both epochs and "
+                                 f"steps_per_epoch, got total_steps={total_steps!r}, "
+                                 f"epochs={epochs!r}, steps_per_epoch={steps_per_epoch!r}")
+            self.pct_start = check_range(pct_start, "pct_start", 0.0, 1.0)
+            if anneal_strategy not in schedules.ANNEAL_STRATEGIES:
+                raise ValueError(f"anneal_strategy: expected one of {schedules.ANNEAL_STRATEGIES}, "
+                                 f"got {anneal_strategy!r}")
+            self._anneal_func_type = anneal_strategy
+            self.three_phase = bool(three_phase)
+            div_factor = _positive(div_factor, "div_factor")
+            final_div_factor = _positive(final_div_factor, "final_div_factor")
+            max_lrs = _per_group("max_lr", optimizer, max_lr)
+            last_epoch = check_int(last_epoch, "last_epoch", minimum=-1)
             if last_epoch == -1:
-                for max_m, base_m, group in zip(max_momentums, base_momentums,
-                                                optimizer.param_groups):
-                    _set_momentum(group, momentum_key, max_m)
-                    group["max_momentum"] = max_m
-                    group["base_momentum"] = base_m
-        super().__init__(optimizer, last_epoch)
+                for peak, group in zip(max_lrs, optimizer.param_groups):
+                    group["initial_lr"] = peak / div_factor
+                    group["max_lr"] = peak
+                    group["min_lr"] = group["initial_lr"] / final_div_factor
+            self.cycle_momentum = bool(cycle_momentum)
+            if self.cycle_momentum:
+                momentum_key = _momentum_key(optimizer, "OneCycleLR")
+                self.use_beta1 = momentum_key == "betas"
+                max_momentums = _per_group("max_momentum", optimizer, max_momentum)
+                base_momentums = _per_group("base_momentum", optimizer, base_momentum)
+                if last_epoch == -1:
+                    for max_m, base_m, group in zip(max_momentums, base_momentums,
+                                                    optimizer.param_groups):
+                        _set_momentum(group, momentum_key, max_m)
+                        group["max_momentum"] = max_m
+                        group["base_momentum"] = base_m
+            super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> List[float]:
         _warn_get_lr_called_outside_step(self)
@@ -1279,12 +1377,48 @@ class OneCycleLR(LRScheduler):
         shape = dict(pct_start=self.pct_start, anneal_strategy=self._anneal_func_type,
                      three_phase=self.three_phase)
         key = "betas" if getattr(self, "use_beta1", False) else "momentum"
+        groups = self.optimizer.param_groups
+        # Floats first (a checkpoint may hold 0-d tensors), so that memoized
+        # schedules are found again at the next step.
+        bounds = [{name: _as_lr(group[name], f"param_groups[{index}][{name!r}]")
+                   for name in ("initial_lr", "max_lr", "min_lr")} for index, group in enumerate(groups)]
+        momenta = [{name: _as_lr(group[name], f"param_groups[{index}][{name!r}]")
+                    for name in ("base_momentum", "max_momentum")} if self.cycle_momentum else {}
+                   for index, group in enumerate(groups)]
         lrs = []
-        for group in self.optimizer.param_groups:
-            lrs.append(_schedule(schedules.one_cycle, group["max_lr"], self.total_steps, **shape,
-                                 initial_lr=group["initial_lr"], min_lr=group["min_lr"]).at(step_num))
+        for group, bound, momentum_bound in zip(groups, bounds, momenta):
+            lrs.append(_schedule(schedules.one_cycle, bound["max_lr"], self.total_steps, **shape,
+                                 initial_lr=bound["initial_lr"], min_lr=bound["min_lr"]).at(step_num))
             if self.cycle_momentum:
                 momentum = _schedule(schedules.one_cycle_momentum, self.total_steps,
-                                     group["base_momentum"], group["max_momentum"], **shape)
+                                     momentum_bound["base_momentum"], momentum_bound["max_momentum"],
+                                     **shape)
                 _set_momentum(group, key, momentum.at(step_num))
         return lrs
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore a state returned by :meth:`state_dict`, also one saved by an
+        older PyTorch that holds the annealing function itself (``'anneal_func'``,
+        PyTorch's ``_annealing_cos`` or ``_annealing_linear``) instead of
+        ``'_anneal_func_type'``: it is mapped to ``'cos'`` or ``'linear'``.
+        """
+        state = dict(state_dict)
+        if "anneal_func" in state:
+            legacy = state.pop("anneal_func")
+            if "_anneal_func_type" not in state:
+                state["_anneal_func_type"] = _legacy_anneal_strategy(legacy)
+        strategy = state.get("_anneal_func_type", self._anneal_func_type)
+        if strategy not in schedules.ANNEAL_STRATEGIES:
+            raise ValueError(f"state_dict['_anneal_func_type']: expected one of "
+                             f"{schedules.ANNEAL_STRATEGIES}, got {strategy!r}")
+        super().load_state_dict(state)
+
+
+def _legacy_anneal_strategy(function) -> str:
+    """'cos' or 'linear' for the annealing function an old PyTorch OneCycleLR saved."""
+    name = getattr(function, "__name__", None)
+    strategy = {"_annealing_cos": "cos", "_annealing_linear": "linear"}.get(name)
+    if strategy is None:
+        raise ValueError("state_dict['anneal_func']: expected PyTorch's OneCycleLR._annealing_cos "
+                         f"or _annealing_linear (a legacy OneCycleLR state), got {describe(function)}")
+    return strategy
