@@ -178,3 +178,43 @@ def check_forward_train_args(x, weight, bias, eps, axis, out, running_mean, runn
         out = check_out(out, "out", x.shape, x.dtype, inputs=(x, *vectors.values()),
                         allow_identical=(x,))
     return ForwardTrainArgs(x, layout, eps, momentum, update, vectors, out)
+
+
+# ---- layer hyperparameters: one rule each, used by the constructor and by the
+# property setters of fastbn.nn's batch-norm layers ---------------------------
+
+
+def check_num_features(num_features) -> int:
+    from ._validation import check_int
+    return check_int(num_features, "num_features", minimum=1)
+
+
+def check_layer_eps(eps) -> float:
+    """A layer's eps: > 0, because its training forward uses batch statistics."""
+    return check_eps(eps, batch_stats=True)
+
+
+def check_layer_axis(axis) -> int:
+    """A layer's channel axis: 1 (channels-first) or -1 (channels-last),
+    before the rank of an input is known."""
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or axis not in (1, -1):
+        raise ValueError(f"axis: expected 1 (channels-first) or -1 (channels-last), got {axis!r}")
+    return int(axis)
+
+
+def check_counter(name: str, counter, *, updating: bool) -> None:
+    """num_batches_tracked: None (not counted, as in torch) or a 0-d integer
+    array (int64 as created; another native integer dtype is kept and counts
+    too), writeable when a training forward is about to increment it."""
+    if counter is None:
+        return
+    if (not isinstance(counter, np.ndarray) or counter.ndim != 0
+            or counter.dtype.kind not in "iu" or not counter.dtype.isnative):
+        raise TypeError(f"{name}: expected a 0-d native-order integer array (int64) or None, "
+                        f"got {describe(counter)}")
+    if updating and not counter.flags.writeable:
+        raise ValueError(f"{name}: expected a writeable array (it is incremented in place "
+                         f"in training), got a read-only one")
+    if updating and not counter.flags.aligned:
+        raise ValueError(f"{name}: expected an aligned array (it is incremented in place "
+                         f"in training), got an unaligned view")

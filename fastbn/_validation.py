@@ -41,7 +41,10 @@ def as_float_array(value, name: str) -> np.ndarray:
         if dtype is _FLOAT32 or dtype is _FLOAT64:
             return value
     if isinstance(value, np.ndarray):
-        array = value
+        # a subclass (np.matrix, ...) would bring its own operator semantics
+        # (matrix `*` is a matmul) into the kernels and the reference alike;
+        # both backends work on the plain ndarray view
+        array = value if type(value) is np.ndarray else np.asarray(value)
     elif isinstance(value, (list, tuple)) or np.isscalar(value):
         array = np.asarray(value)
         if array.dtype.kind in "iu":
@@ -172,3 +175,41 @@ def check_out(out, name: str, shape: Sequence[int], dtype: np.dtype,
 def _is_identical(a: np.ndarray, b: np.ndarray) -> bool:
     return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
             and a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype)
+
+
+# ---- layer hyperparameters and gradient targets -------------------------------
+
+
+def check_float_dtype(dtype, name: str = "dtype") -> np.dtype:
+    """float32 or float64 (as a np.dtype), from anything np.dtype accepts."""
+    try:
+        resolved = np.dtype(dtype)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected float32 or float64, got {describe(dtype)}") from None
+    if resolved not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected float32 or float64, got {resolved}")
+    return resolved
+
+
+def check_bool(value, name: str) -> bool:
+    """A bool (or NumPy bool); ints are refused, as a typo guard."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {describe(value)}")
+    return bool(value)
+
+
+def check_grad_target(name: str, grad, like: np.ndarray) -> None:
+    """An existing ``param.grad`` that a backward is about to add to: an
+    ndarray of the parameter's shape and dtype (no silent upcast of the sum),
+    writeable.  None (the backward creates it) passes."""
+    if grad is None:
+        return
+    if not isinstance(grad, np.ndarray):
+        raise TypeError(f"{name}: expected an ndarray or None, got {describe(grad)}")
+    if grad.dtype != like.dtype:
+        raise TypeError(f"{name}: expected dtype {like.dtype} (the dtype of the parameter), "
+                        f"got {grad.dtype}")
+    check_shape(name, grad, like.shape)
+    if not grad.flags.writeable:
+        raise ValueError(f"{name}: expected a writeable array (gradients accumulate in "
+                         "place), got a read-only one")

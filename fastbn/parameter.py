@@ -13,9 +13,14 @@ class Parameter:
     Parameters
     ----------
     data : array_like
-        Initial value. Kept as is when it is a C-contiguous float32/float64
-        ndarray (no copy: the Parameter updates the caller's array); other
-        layouts are copied, integer data becomes float32.
+        Initial value. Kept as is when it is a C-contiguous native-order
+        float32/float64 ndarray (no copy: the Parameter updates the caller's
+        array).  Other layouts and byte-swapped float32/float64 are copied
+        into a native-order array of the same precision.  Integer and bool
+        data become float32 (exact for integers up to 2**24 in magnitude).
+        Other float widths (float16, longdouble) and non-numeric dtypes
+        (bfloat16 included) raise TypeError: fastbn's kernels take float32
+        and float64 only, and a silent cast would change the values.
     grad : array_like or None, optional
         Initial gradient: same shape and dtype as data (TypeError otherwise,
         never a silent cast).
@@ -25,12 +30,25 @@ class Parameter:
 
     def __init__(self, data, grad: Optional[np.ndarray] = None) -> None:
         array = np.asarray(data)
-        if array.dtype not in (np.float32, np.float64):
-            if array.dtype.kind not in "biuf":
+        dtype = array.dtype
+        if type(array) is not np.ndarray:   # np.matrix and other subclasses
+            array = array.view(np.ndarray)
+        if dtype.kind == "f":
+            if dtype.itemsize not in (4, 8):
                 raise TypeError(
-                    f"Parameter data: expected a real numeric array, got dtype {array.dtype}"
+                    f"Parameter data: expected float32 or float64 (or integer) data, got dtype "
+                    f"{dtype}; convert it with .astype(np.float32) or .astype(np.float64)"
                 )
+            if not dtype.isnative:
+                # same precision, native byte order: the kernels read native floats
+                array = array.astype(dtype.newbyteorder("="))
+        elif dtype.kind in "biu":
             array = array.astype(np.float32)
+        else:
+            raise TypeError(
+                f"Parameter data: expected a real numeric array (float32, float64 or integer), "
+                f"got dtype {dtype}"
+            )
         # np.ascontiguousarray would turn a 0-d array into shape (1,)
         self.data: np.ndarray = array if array.flags.c_contiguous else array.copy(order="C")
         self.grad: Optional[np.ndarray] = None

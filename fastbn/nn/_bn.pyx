@@ -105,31 +105,54 @@ cdef inline bint is_channel_vector(object value, cnp.npy_intp channels, int type
                              and cnp.PyArray_DIMS(<cnp.ndarray>value)[0] == channels)
 
 
-def channel_vectors_ok(cnp.npy_intp channels, int typenum, a, b, c, d, bint writeable_cd=False):
+def channel_vectors_ok(cnp.npy_intp channels, int typenum, a, b, c, d, bint writeable_cd=False,
+                       object counter=None):
     """True when each of a, b, c, d is None or a native 1-D array of
-    `channels` elements of dtype `typenum` (and c, d writeable when
-    `writeable_cd`: running statistics about to be updated)."""
+    `channels` elements of dtype `typenum` (and c, d writeable and `counter`
+    None or a counter `train_forward` can bump, when `writeable_cd`: running
+    statistics about to be updated)."""
     if not (is_channel_vector(a, channels, typenum) and is_channel_vector(b, channels, typenum)
             and is_channel_vector(c, channels, typenum)
             and is_channel_vector(d, channels, typenum)):
         return False
     if writeable_cd:
         return ((c is None or cnp.PyArray_ISWRITEABLE(<cnp.ndarray>c))
-                and (d is None or cnp.PyArray_ISWRITEABLE(<cnp.ndarray>d)))
+                and (d is None or cnp.PyArray_ISWRITEABLE(<cnp.ndarray>d))
+                and (counter is None or is_counter(counter)))
     return True
 
 
+cdef inline bint is_counter(object counter):
+    """A writeable, aligned, native 0-d integer array (a layer's
+    num_batches_tracked; int64 unless the user assigned another)."""
+    return (type(counter) is cnp.ndarray and cnp.PyArray_NDIM(<cnp.ndarray>counter) == 0
+            and cnp.PyArray_ISINTEGER(<cnp.ndarray>counter)
+            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>counter)
+            and cnp.PyArray_ISALIGNED(<cnp.ndarray>counter)
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>counter))
+
+
+cdef inline void bump(cnp.ndarray counter) noexcept:
+    """counter += 1 for an `is_counter` array (wrapping, as NumPy's += does)."""
+    cdef void *data = cnp.PyArray_DATA(counter)
+    cdef Py_ssize_t size = cnp.PyArray_ITEMSIZE(counter)
+    if size == 8:
+        (<unsigned long long *>data)[0] += 1
+    elif size == 4:
+        (<unsigned int *>data)[0] += 1
+    elif size == 2:
+        (<unsigned short *>data)[0] += 1
+    else:
+        (<unsigned char *>data)[0] += 1
+
+
 def increment_counter(object counter):
-    """counter += 1 in place for a writeable 0-d int64 array (a layer's
+    """counter += 1 in place for a writeable 0-d integer array (a layer's
     num_batches_tracked), returning True; False (nothing done) for anything
     else, which the caller then handles in Python."""
-    if (type(counter) is not cnp.ndarray or cnp.PyArray_NDIM(<cnp.ndarray>counter) != 0
-            or cnp.PyArray_TYPE(<cnp.ndarray>counter) != cnp.NPY_INT64
-            or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>counter)
-            or not cnp.PyArray_ISALIGNED(<cnp.ndarray>counter)
-            or not cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>counter)):
+    if not is_counter(counter):
         return False
-    (<int64_t *>cnp.PyArray_DATA(<cnp.ndarray>counter))[0] += 1
+    bump(<cnp.ndarray>counter)
     return True
 
 
@@ -304,15 +327,25 @@ def eval_forward(object x, object y, int64_t outer, int64_t channels, int64_t in
 
 def train_forward(object x, object y, int64_t outer, int64_t channels, int64_t inner,
                   object weight, object bias, double eps, object running_mean,
-                  object running_var, double momentum, bint relu=False):
+                  object running_var, double momentum, bint relu=False,
+                  object counter=None):
     """Batch statistics, optional running-stat update, normalization.
 
     x IN (outer, channels, inner) any strides, at least 2 values per channel;
     y OUT same shape (may be x), or None to allocate it; weight, bias IN
     (channels,) or None; running_mean, running_var IN-OUT (channels,) or both
-    None.  relu: store max(y, 0) (fused ReLU).  Returns (y, saved_mean,
-    saved_invstd), the last two new (channels,) arrays.
+    None.  relu: store max(y, 0) (fused ReLU).  counter IN-OUT: None, or a
+    writeable native 0-d integer array incremented after the running
+    statistics (a layer's num_batches_tracked).  Returns (y, saved_mean, saved_invstd), the
+    last two new (channels,) arrays.
+
+    The running statistics and the counter change together or not at all:
+    between the kernel's return and the increment no Python code runs, so a
+    signal handler (KeyboardInterrupt) cannot run in between.
     """
+    if counter is not None and not is_counter(counter):
+        raise ValueError("counter: expected a writeable, aligned, native 0-d integer array "
+                         "or None")
     cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
     cdef int nt = effective_num_threads()
     cdef int status
@@ -350,6 +383,8 @@ def train_forward(object x, object y, int64_t outer, int64_t channels, int64_t i
     if rm is not None:
         copy_back(running_mean, rm)
         copy_back(running_var, rv)
+    if counter is not None:
+        bump(<cnp.ndarray>counter)
     return out, saved_mean, saved_invstd
 
 

@@ -20,13 +20,13 @@ import numpy as np
 
 from .. import _backend
 
-from .._bn_validation import (batch_norm_layout, check_batch_size, check_input, check_like,
-                              check_momentum, check_updatable)
-from .._validation import (FLOAT_DTYPES, check_channel_vector, check_int, check_positive,
-                           describe)
+from .._bn_validation import (batch_norm_layout, check_batch_size, check_counter, check_input,
+                              check_layer_axis, check_layer_eps, check_like, check_momentum,
+                              check_num_features, check_running_stats_pair, check_updatable)
+from .._validation import check_bool, check_channel_vector, check_float_dtype, check_grad_target
 from ..parameter import Parameter
 from . import _bn
-from .module import Module
+from .module import Module, accumulate_grads
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -35,8 +35,31 @@ _TYPENUMS = {np.dtype(np.float32): np.dtype(np.float32).num,
              np.dtype(np.float64): np.dtype(np.float64).num}
 
 
+def _read_only(name: str, reason: str) -> property:
+    """A constructor argument that cannot change afterwards (AttributeError
+    naming it on assignment)."""
+    slot = "_" + name
+
+    def get(self):
+        return self.__dict__[slot]
+
+    def refuse(self, value) -> None:
+        raise AttributeError(f"{name}: read-only after construction ({reason}); "
+                             f"build a new {type(self).__name__} instead")
+    return property(get, refuse, doc=f"Read-only after construction ({reason}).")
+
+
 class _BatchNorm(Module):
-    """Shared implementation; the subclasses only fix the accepted ranks."""
+    """Shared implementation; the subclasses only fix the accepted ranks.
+
+    Hyperparameters can be assigned after construction, with the
+    constructor's checks (the same ValueError/TypeError and message): `eps`,
+    `momentum`, `track_running_stats` (as in torch: False stops the running
+    statistics' update in training; eval still uses them while they exist)
+    and `axis` (the next call re-derives the layout).  `num_features`,
+    `affine` and `dtype` size and type the parameters and buffers, so they
+    are read-only (AttributeError).
+    """
 
     _input_ranks: Tuple[int, ...] = ()
     #: True in the fused BatchNormReLU layers (fastbn/nn/batchnorm_relu.py):
@@ -47,34 +70,28 @@ class _BatchNorm(Module):
                  affine: bool = True, track_running_stats: bool = True, *, axis: int = 1,
                  dtype=np.float32) -> None:
         super().__init__()
-        num_features = check_int(num_features, "num_features", minimum=1)
-        eps = check_positive(eps, "eps")
+        num_features = check_num_features(num_features)
+        eps = check_layer_eps(eps)
         momentum = check_momentum(momentum)
-        for flag_name, flag in (("affine", affine), ("track_running_stats", track_running_stats)):
-            if not isinstance(flag, (bool, np.bool_)):
-                raise TypeError(f"{flag_name}: expected a bool, got {describe(flag)}")
-        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or axis not in (1, -1):
-            raise ValueError(f"axis: expected 1 (channels-first) or -1 (channels-last), got {axis!r}")
-        try:
-            dtype = np.dtype(dtype)
-        except TypeError:
-            raise TypeError(f"dtype: expected float32 or float64, got {describe(dtype)}") from None
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
-        self.axis = int(axis)
-        self.dtype = dtype
-        if self.affine:
+        affine = check_bool(affine, "affine")
+        track_running_stats = check_bool(track_running_stats, "track_running_stats")
+        axis = check_layer_axis(axis)
+        dtype = check_float_dtype(dtype)
+        set_attribute = object.__setattr__
+        set_attribute(self, "_num_features", num_features)
+        set_attribute(self, "_affine", affine)
+        set_attribute(self, "_dtype", dtype)
+        set_attribute(self, "_eps", eps)
+        set_attribute(self, "_momentum", momentum)
+        set_attribute(self, "_track_running_stats", track_running_stats)
+        set_attribute(self, "_axis", axis)
+        if affine:
             self.weight = Parameter(np.ones(num_features, dtype))
             self.bias = Parameter(np.zeros(num_features, dtype))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
-        if self.track_running_stats:
+        if track_running_stats:
             self.register_buffer("running_mean", np.zeros(num_features, dtype))
             self.register_buffer("running_var", np.ones(num_features, dtype))
             self.register_buffer("num_batches_tracked", np.array(0, dtype=np.int64))
@@ -82,28 +99,82 @@ class _BatchNorm(Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
-        object.__setattr__(self, "_saved", None)
+        set_attribute(self, "_saved", None)
+        set_attribute(self, "_known_input", ((), None, None))
+
+    # ---- hyperparameters ----------------------------------------------------
+    # The per-call path reads the validated private values (_eps, ...); the
+    # public names are properties so that an assignment is checked at once
+    # (a bad value would otherwise reach the kernels on the next call).
+
+    num_features = _read_only("num_features", "it sizes the parameters and buffers")
+    affine = _read_only("affine", "it decides whether weight and bias exist")
+    dtype = _read_only("dtype", "it is the dtype of the parameters and buffers")
+
+    @property
+    def eps(self) -> float:
+        """Added to the variance; > 0."""
+        return self._eps
+
+    @eps.setter
+    def eps(self, value) -> None:
+        object.__setattr__(self, "_eps", check_layer_eps(value))
+
+    @property
+    def momentum(self) -> Optional[float]:
+        """Weight of the new batch statistic in [0, 1], or None (cumulative average)."""
+        return self._momentum
+
+    @momentum.setter
+    def momentum(self, value) -> None:
+        object.__setattr__(self, "_momentum", check_momentum(value))
+
+    @property
+    def track_running_stats(self) -> bool:
+        """Whether a training forward updates the running statistics."""
+        return self._track_running_stats
+
+    @track_running_stats.setter
+    def track_running_stats(self, value) -> None:
+        object.__setattr__(self, "_track_running_stats", check_bool(value, "track_running_stats"))
+
+    @property
+    def axis(self) -> int:
+        """Channel axis: 1 (channels-first) or -1 (channels-last)."""
+        return self._axis
+
+    @axis.setter
+    def axis(self, value) -> None:
+        value = check_layer_axis(value)
+        # the cached layout of the last input shape belongs to the old axis
         object.__setattr__(self, "_known_input", ((), None, None))
+        object.__setattr__(self, "_axis", value)
 
     # ---- state ------------------------------------------------------------
 
     def reset_running_stats(self) -> None:
         """running_mean = 0, running_var = 1, num_batches_tracked = 0 (in place)."""
-        if self.track_running_stats:
-            self.running_mean.fill(0)
-            self.running_var.fill(1)
-            self.num_batches_tracked.fill(0)
+        if self._track_running_stats:
+            buffers = (self.running_mean, self.running_var)
+            for name, array in zip(("running_mean", "running_var"), buffers):
+                check_updatable(name, array)
+            check_counter("num_batches_tracked", self.num_batches_tracked, updating=True)
+            for array in buffers:
+                if array is not None:
+                    array.fill(0 if array is buffers[0] else 1)
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.fill(0)
 
     def reset_parameters(self) -> None:
         """Running statistics reset; weight = 1, bias = 0 (in place)."""
         self.reset_running_stats()
-        if self.affine:
+        if self._affine:
             self.weight.data.fill(1)
             self.bias.data.fill(0)
 
     def _optional_state_keys(self) -> Tuple[str, ...]:
         # torch loads checkpoints without it, keeping the current count
-        return ("num_batches_tracked",) if self.track_running_stats else ()
+        return ("num_batches_tracked",) if self.num_batches_tracked is not None else ()
 
     # ---- forward ------------------------------------------------------------
 
@@ -115,37 +186,54 @@ class _BatchNorm(Module):
         x = check_input(x)
         if x.ndim not in self._input_ranks:
             raise ValueError(self._rank_error(x.ndim))
-        layout = batch_norm_layout(x, self.axis)
-        if layout.channels != self.num_features:
+        layout = batch_norm_layout(x, self._axis)
+        if layout.channels != self._num_features:
             raise ValueError(
-                f"input: expected {self.num_features} channels (num_features) on axis "
-                f"{self.axis}, got {layout.channels} (input shape {tuple(x.shape)})")
-        if x.dtype is not self.dtype and x.dtype != self.dtype and self._has_state():
-            raise TypeError(f"input: expected dtype {self.dtype} (the dtype of this "
+                f"input: expected {self._num_features} channels (num_features) on axis "
+                f"{self._axis}, got {layout.channels} (input shape {tuple(x.shape)})")
+        if x.dtype is not self._dtype and x.dtype != self._dtype and self._has_state():
+            raise TypeError(f"input: expected dtype {self._dtype} (the dtype of this "
                             f"{type(self).__name__}'s parameters and buffers), got {x.dtype}")
         return x, layout
 
     def _has_state(self) -> bool:
-        return self.affine or self.track_running_stats
+        return (self._affine or self.running_mean is not None
+                or self.running_var is not None)
 
     def _vector(self, name: str, array, dtype):
-        return check_channel_vector(name, array, self.num_features, dtype)
+        return check_channel_vector(name, array, self._num_features, dtype)
 
     def _checked_state(self, dtype, updating: bool = False):
         """(weight, bias, running_mean, running_var) arrays (None when absent),
-        validated against num_features and the input dtype (and writeable
-        running statistics when `updating`)."""
+        validated against num_features and the input dtype (and, when
+        `updating`, writeable running statistics and a writeable
+        num_batches_tracked: everything a training forward writes is checked
+        before the kernel runs)."""
         weight, bias = self.weight, self.bias
         arrays = (None if weight is None else weight.data, None if bias is None else bias.data,
                   self.running_mean, self.running_var)
-        if not _bn.channel_vectors_ok(self.num_features, _TYPENUMS.get(dtype, -1), *arrays,
-                                      updating):
+        if not _bn.channel_vectors_ok(self._num_features, _TYPENUMS.get(dtype, -1), *arrays,
+                                      updating, self.num_batches_tracked):
             for name, array in zip(("weight", "bias", "running_mean", "running_var"), arrays):
                 self._vector(name, array, dtype)
+            check_running_stats_pair(arrays[2], arrays[3])
             if updating:
                 check_updatable("running_mean", arrays[2])
                 check_updatable("running_var", arrays[3])
+                check_counter("num_batches_tracked", self.num_batches_tracked, updating=True)
         return arrays
+
+    def _update_factor(self, counter) -> float:
+        """The running-average factor: momentum, or 1 / (batches seen + 1)
+        for the cumulative average (momentum None)."""
+        momentum = self._momentum
+        if momentum is not None:
+            return momentum
+        if counter is None:
+            raise ValueError("num_batches_tracked: expected a 0-d int64 array because "
+                             "momentum=None (cumulative average) needs the number of batches "
+                             "seen, got None")
+        return 1.0 / (int(counter) + 1)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Normalize `x` (float32/float64, channel axis `axis`).
@@ -153,13 +241,19 @@ class _BatchNorm(Module):
         Training mode: batch statistics; with track_running_stats the running
         statistics are updated in place and num_batches_tracked += 1
         (momentum None: cumulative average).  Eval mode: running statistics,
-        or batch statistics when track_running_stats is False.
+        or batch statistics when the layer has none.
         Saves what `backward` needs.
+
+        Everything the call writes is checked first, so an exception leaves
+        the running statistics and the counter unchanged; the running
+        statistics and num_batches_tracked change together (also when a
+        KeyboardInterrupt arrives during the call, on the fast backend).
         """
         if _backend.is_reference():
             return self._forward_reference(x)
         # the geometry of the last input shape is reused: a training loop
-        # calls the layer on the same shape every step
+        # calls the layer on the same shape every step (assigning `axis`
+        # clears it)
         known = self._known_input
         if type(x) is np.ndarray and x.shape == known[0] and x.dtype is known[1]:
             layout = known[2]
@@ -167,26 +261,25 @@ class _BatchNorm(Module):
             x, layout = self._check_input(x)
             object.__setattr__(self, "_known_input", (x.shape, x.dtype, layout))
         training = self.training
-        update = training and self.track_running_stats
+        update = training and self._track_running_stats
         weight, bias, running_mean, running_var = self._checked_state(x.dtype, update)
         if training or running_mean is None:
             if layout.outer * layout.inner < 2:
                 check_batch_size(x, layout)
             factor = 0.0
-            update = update and running_mean is not None
-            if update:
-                momentum = self.momentum
-                factor = momentum if momentum is not None else (
-                    1.0 / (int(self.num_batches_tracked) + 1))
+            counter = None
+            if update and running_mean is not None:
+                counter = self.num_batches_tracked
+                factor = self._update_factor(counter)
             else:
                 running_mean = running_var = None
             x = _bn.as_kernel_array(x)
+            # the kernel updates the running statistics and bumps the counter
+            # in one bridge call: no Python code runs between the two
             y, mean, invstd = _bn.train_forward(x, None, layout.outer, layout.channels,
-                                                layout.inner, weight, bias, self.eps,
+                                                layout.inner, weight, bias, self._eps,
                                                 running_mean, running_var, factor,
-                                                self.fused_relu)
-            if update and not _bn.increment_counter(self.num_batches_tracked):
-                self.num_batches_tracked[...] += 1
+                                                self.fused_relu, counter)
             object.__setattr__(self, "_saved", (_TRAIN, x, layout, mean, invstd))
             return y
         if x.size == 0:
@@ -194,7 +287,7 @@ class _BatchNorm(Module):
         else:
             x = _bn.as_kernel_array(x)
             y = _bn.eval_forward(x, None, layout.outer, layout.channels, layout.inner,
-                                 running_mean, running_var, weight, bias, self.eps,
+                                 running_mean, running_var, weight, bias, self._eps,
                                  self.fused_relu)
         object.__setattr__(self, "_saved", (_EVAL, x, layout, running_mean, running_var))
         return y
@@ -206,7 +299,9 @@ class _BatchNorm(Module):
 
         Adds dL/dweight and dL/dbias to ``weight.grad`` and ``bias.grad``
         (allocating them when None), so gradients of several backward calls
-        accumulate as in torch; clear them with ``zero_grad()``.
+        accumulate as in torch; clear them with ``zero_grad()``.  Both grads
+        are checked (shape, dtype, writeable) before either is written, and
+        they change together or not at all.
 
         Parameters
         ----------
@@ -240,7 +335,7 @@ class _BatchNorm(Module):
                               self.fused_relu)
         else:
             dx = _bn.backward_eval(dy, x, None, layout.outer, layout.channels, layout.inner,
-                                   stat_a, stat_b, weight, self.eps, dweight, dbias, accumulate,
+                                   stat_a, stat_b, weight, self._eps, dweight, dbias, accumulate,
                                    bias, self.fused_relu)
         if finish is not None:
             finish(dweight, dbias)
@@ -251,98 +346,105 @@ class _BatchNorm(Module):
     def _forward_reference(self, x: np.ndarray) -> np.ndarray:
         from .. import reference as R
         x, layout = self._check_input(x)
-        update = self.training and self.track_running_stats
+        update = self.training and self._track_running_stats
         weight, bias, running_mean, running_var = self._checked_state(x.dtype, update)
         relu = self.fused_relu
         if self.training or running_mean is None:
             check_batch_size(x, layout)
-            momentum = 0.1
-            if update and running_mean is not None:
-                momentum = self.momentum if self.momentum is not None else (
-                    1.0 / (int(self.num_batches_tracked) + 1))
-            else:
-                running_mean = running_var = None
             forward = R.batch_norm_relu_forward_train if relu else R.batch_norm_forward_train
-            y, mean, invstd = forward(x, weight, bias, self.eps, axis=self.axis,
-                                      running_mean=running_mean, running_var=running_var,
-                                      momentum=momentum)
-            if running_mean is not None:
-                self.num_batches_tracked[...] += 1
+            if not (update and running_mean is not None):
+                y, mean, invstd = forward(x, weight, bias, self._eps, axis=self._axis)
+                object.__setattr__(self, "_saved", (_TRAIN, x, layout, mean, invstd))
+                return y
+            counter = self.num_batches_tracked
+            factor = self._update_factor(counter)
+            # NumPy updates the statistics in several steps: keep the old
+            # values so that any exception (KeyboardInterrupt included) puts
+            # them back, and count last, in the same statement as nothing else
+            backup = (running_mean.copy(), running_var.copy())
+            try:
+                y, mean, invstd = forward(x, weight, bias, self._eps, axis=self._axis,
+                                          running_mean=running_mean, running_var=running_var,
+                                          momentum=factor)
+                if counter is not None:
+                    counter[...] += 1
+            except BaseException:
+                running_mean[...], running_var[...] = backup
+                raise
             object.__setattr__(self, "_saved", (_TRAIN, x, layout, mean, invstd))
             return y
         forward = R.batch_norm_relu if relu else R.batch_norm
-        y = forward(x, running_mean, running_var, weight, bias, False, 0.1, self.eps, axis=self.axis)
+        y = forward(x, running_mean, running_var, weight, bias, False, 0.1, self._eps,
+                    axis=self._axis)
         object.__setattr__(self, "_saved", (_EVAL, x, layout, running_mean, running_var))
         return y
 
     def _backward_reference(self, dy, mode, x, stat_a, stat_b, weight, bias) -> np.ndarray:
         from .. import reference as R
+        self._check_grads(x.dtype)
         if mode == _TRAIN:
             if self.fused_relu:
                 dx, dweight, dbias = R.batch_norm_relu_backward(dy, x, stat_a, stat_b, weight, bias,
-                                                                axis=self.axis)
+                                                                axis=self._axis)
             else:
                 dx, dweight, dbias = R.batch_norm_backward(dy, x, stat_a, stat_b, weight,
-                                                           axis=self.axis)
+                                                           axis=self._axis)
         elif self.fused_relu:
             dx, dweight, dbias = R.batch_norm_relu_backward_eval(dy, x, stat_a, stat_b, weight, bias,
-                                                                 self.eps, axis=self.axis)
+                                                                 self._eps, axis=self._axis)
         else:
-            dx, dweight, dbias = R.batch_norm_backward_eval(dy, x, stat_a, stat_b, weight, self.eps,
-                                                            axis=self.axis)
+            dx, dweight, dbias = R.batch_norm_backward_eval(dy, x, stat_a, stat_b, weight,
+                                                            self._eps, axis=self._axis)
+        updates = []
         for param, grad in ((self.weight, dweight), (self.bias, dbias)):
-            if param is None:
-                continue
-            grad = np.asarray(grad, dtype=x.dtype).reshape(self.num_features)
-            if param.grad is None:
-                param.grad = grad.copy()
-            else:
-                param.grad += grad
+            if param is not None:
+                updates.append((param, np.array(grad, dtype=x.dtype).reshape(self._num_features)))
+        accumulate_grads(updates)
         return dx
+
+    def _check_grads(self, dtype) -> None:
+        """Every existing parameter gradient: a writeable array of the
+        parameter's shape and of the input's dtype."""
+        for name, param in (("weight", self.weight), ("bias", self.bias)):
+            if param is not None and param.grad is not None:
+                self._vector(f"{name}.grad", param.grad, dtype)
+                check_grad_target(f"{name}.grad", param.grad, param.data)
 
     def _grad_targets(self, dtype):
         """(dweight, dbias, accumulate, finish): where the kernel writes the
         parameter gradients.  Usually straight into the existing grads
-        (accumulate) or into new arrays that become the grads; otherwise into
-        new arrays that `finish` adds to the grads."""
+        (accumulate; one kernel call writes both) or into new arrays that
+        become the grads; otherwise into new arrays that `finish` adds to the
+        grads, all or nothing.  Every existing grad is checked here, before
+        the kernel runs."""
         weight, bias = self.weight, self.bias
         if weight is None and bias is None:
             return None, None, False, None
         if weight is not None and bias is not None:
             if weight.grad is None and bias.grad is None:
-                dweight = np.empty(self.num_features, dtype)
-                dbias = np.empty(self.num_features, dtype)
+                dweight = np.empty(self._num_features, dtype)
+                dbias = np.empty(self._num_features, dtype)
 
                 def adopt(dweight, dbias):
-                    weight.grad = dweight
-                    bias.grad = dbias
+                    # one statement: both grads appear together
+                    weight.grad, bias.grad = dweight, dbias
                 return dweight, dbias, False, adopt
             if (self._accumulable(weight.grad, dtype)
                     and self._accumulable(bias.grad, dtype)):
                 return weight.grad, bias.grad, True, None
         # unusual: one parameter absent, one grad None, or a grad that is
         # not a plain contiguous array
-        for name, param in (("weight", weight), ("bias", bias)):
-            if param is not None and param.grad is not None:
-                self._vector(f"{name}.grad", param.grad, dtype)
-                if not param.grad.flags.writeable:
-                    raise ValueError(f"{name}.grad: expected a writeable array, "
-                                     "got a read-only one")
+        self._check_grads(dtype)
 
         def combine(dweight, dbias):
-            for param, fresh in ((weight, dweight), (bias, dbias)):
-                if param is None:
-                    continue
-                if param.grad is None:
-                    param.grad = fresh
-                else:
-                    param.grad += fresh
-        return (np.empty(self.num_features, dtype), np.empty(self.num_features, dtype),
+            accumulate_grads([(param, fresh) for param, fresh in ((weight, dweight), (bias, dbias))
+                              if param is not None])
+        return (np.empty(self._num_features, dtype), np.empty(self._num_features, dtype),
                 False, combine)
 
     def _accumulable(self, grad, dtype) -> bool:
         return (type(grad) is np.ndarray and grad.dtype is dtype and grad.ndim == 1
-                and grad.shape[0] == self.num_features and grad.flags.c_contiguous
+                and grad.shape[0] == self._num_features and grad.flags.c_contiguous
                 and grad.flags.writeable and grad.flags.aligned)
 
     # ---- printing ---------------------------------------------------------------

@@ -7,22 +7,16 @@ from typing import Optional
 
 import numpy as np
 
-from .._validation import FLOAT_DTYPES, as_float_array, check_int, check_same_dtype
+from .._validation import (as_float_array, check_float_dtype, check_grad_target, check_int,
+                           check_same_dtype)
 from ..parameter import Parameter
 from . import init as initializers
 from .init import RandomState
-from .module import Module
+from .module import Module, accumulate_grads
 
 __all__ = ["Linear"]
 
 INITS = ("kaiming", "kaiming_uniform", "xavier", "xavier_normal", "torch")
-
-
-def _check_dtype(dtype) -> np.dtype:
-    dtype = np.dtype(dtype)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
-    return dtype
 
 
 class Linear(Module):
@@ -55,7 +49,10 @@ class Linear(Module):
 
     Shapes: input (*, in_features) -> output (*, out_features).
     ``backward(dy)`` returns dx and adds dy^T x to ``weight.grad`` and the sum
-    of dy to ``bias.grad`` (creating them when None).
+    of dy to ``bias.grad`` (creating them when None).  Existing grads must
+    have the parameter's shape and dtype (TypeError for another dtype, never
+    a silent upcast) and be writeable; both are checked before either is
+    written, and both change or neither does.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
@@ -65,7 +62,7 @@ class Linear(Module):
         self.out_features = check_int(out_features, "out_features", minimum=1)
         if init not in INITS:
             raise ValueError(f"init: expected one of {INITS}, got {init!r}")
-        dtype = _check_dtype(dtype)
+        dtype = check_float_dtype(dtype)
         generator = initializers.as_generator(rng)
         weight = np.empty((self.out_features, self.in_features), dtype=dtype)
         bias_data = np.zeros(self.out_features, dtype=dtype) if bias else None
@@ -107,21 +104,21 @@ class Linear(Module):
         expected = x.shape[:-1] + (self.out_features,)
         if dy.shape != expected:
             raise ValueError(f"dy: expected shape {expected} (the forward output's), got {dy.shape}")
+        params = [("weight", self.weight)] + ([("bias", self.bias)] if self.bias is not None
+                                               else [])
+        for name, param in params:
+            check_grad_target(f"{name}.grad", param.grad, param.data)
         dy_rows = dy.reshape(-1, self.out_features)
         x_rows = x.reshape(-1, self.in_features)
-        _accumulate(self.weight, dy_rows.T @ x_rows)
+        dx = np.matmul(dy, self.weight.data)
+        # computed in full before any grad is written; then written all or
+        # nothing
+        fresh = [np.ascontiguousarray(dy_rows.T @ x_rows)]
         if self.bias is not None:
-            _accumulate(self.bias, dy_rows.sum(axis=0))
-        return np.matmul(dy, self.weight.data)
+            fresh.append(dy_rows.sum(axis=0))
+        accumulate_grads([(param, grad) for (_, param), grad in zip(params, fresh)])
+        return dx
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}")
-
-
-def _accumulate(param: Parameter, grad: np.ndarray) -> None:
-    """torch's rule: gradients add up until zero_grad()."""
-    if param.grad is None:
-        param.grad = np.ascontiguousarray(grad, dtype=param.data.dtype)
-    else:
-        param.grad += grad

@@ -118,6 +118,9 @@ class CrossEntropyLoss(_Loss):
         logits = as_float_array(input, "input")
         if logits.ndim != 2:
             raise ValueError(f"input: expected logits of shape (N, C), got shape {logits.shape}")
+        if logits.shape[1] == 0:
+            raise ValueError(f"input: expected logits of shape (N, C) with at least one class "
+                             f"(C >= 1), got shape {logits.shape}")
         if not isinstance(target, np.ndarray):
             target = np.asarray(target)
         if target.dtype.kind in "iu":

@@ -236,13 +236,17 @@ class Module:
 
         Accepts a fastbn or a torch ``state_dict`` converted with
         ``{k: v.numpy() for k, v in sd.items()}``.  Everything is validated
-        before anything is copied, so a failed load changes nothing.
+        (including that each target array is writeable) before anything is
+        copied, so a failed load changes nothing; an exception during the
+        copy itself (KeyboardInterrupt) restores the old values, which costs
+        a temporary copy of the module's state.
 
         Raises
         ------
         ValueError
             Missing or unexpected keys (with ``strict=True``), wrong shapes,
-            non-numeric values.
+            non-numeric values, integer values out of the target's range, a
+            read-only target array (each naming the key).
         TypeError
             A float array of a different dtype than the module's (no silent
             casts), or a non-integer value for an integer buffer.
@@ -268,8 +272,16 @@ class Module:
             if key not in state_dict:
                 continue
             loads.append((target, _checked_state_value(key, state_dict[key], target)))
-        for target, value in loads:
-            target[...] = value
+        # every value is known to fit; the old values are kept so that an
+        # exception while copying (a KeyboardInterrupt, say) puts them back
+        backups = [target.copy() for target, _ in loads]
+        try:
+            for target, value in loads:
+                target[...] = value
+        except BaseException:
+            for (target, _), old in zip(loads, backups):
+                target[...] = old
+            raise
         return IncompatibleKeys(missing, unexpected)
 
     def _named_module_prefixes(self) -> Iterator[Tuple[str, "Module"]]:
@@ -295,17 +307,67 @@ def _checked_state_value(key: str, value, target: np.ndarray) -> np.ndarray:
     """`value` as an array that can be copied into `target` without a cast
     that changes precision: same shape; same float dtype for float targets;
     any integer dtype for integer targets (counters)."""
-    array = np.asarray(value)
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"state_dict[{key!r}]: expected a numeric array, got "
+                         f"{describe(value)} ({error})") from None
+    if type(array) is not np.ndarray:   # np.matrix and other subclasses
+        array = array.view(np.ndarray)
     if array.dtype.kind not in "biuf":
         raise ValueError(f"state_dict[{key!r}]: expected a numeric array, got {describe(value)}")
     if array.shape != target.shape:
         raise ValueError(f"state_dict[{key!r}]: expected shape {target.shape}, "
                          f"got {array.shape}")
     if target.dtype.kind == "f":
+        # equality ignores nothing: a byte-swapped float array is refused too
         if array.dtype != target.dtype:
             raise TypeError(f"state_dict[{key!r}]: expected dtype {target.dtype} (the module's), "
                             f"got {array.dtype}; convert it with .astype(np.{target.dtype}) "
                             "or build the module with that dtype")
     elif array.dtype.kind not in "iu":
         raise TypeError(f"state_dict[{key!r}]: expected an integer array, got dtype {array.dtype}")
+    elif not np.can_cast(array.dtype, target.dtype, casting="safe"):
+        info = np.iinfo(target.dtype)
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise ValueError(f"state_dict[{key!r}]: expected integers in [{info.min}, {info.max}] "
+                             f"(the range of {target.dtype}), got {array.min()}..{array.max()}")
+    if not target.flags.writeable:
+        raise ValueError(f"state_dict[{key!r}]: cannot load into the module's array, which is "
+                         "read-only (loading copies in place)")
     return array
+
+
+def accumulate_grads(updates) -> None:
+    """Add fresh gradients to their parameters' ``grad`` (or make them the
+    grad where it is None), all or nothing.
+
+    Parameters
+    ----------
+    updates : list of (Parameter, ndarray)
+        IN.  Each fresh gradient has the parameter's shape and dtype and is
+        owned by the caller (it may become ``param.grad``); every existing
+        grad has already been checked (`check_grad_target`).
+
+    Any exception while writing (a KeyboardInterrupt) undoes the writes made
+    so far.  The largest in-place add runs last and needs no backup: once it
+    has run, nothing is left to fail.
+    """
+    adds = sorted(((param, fresh) for param, fresh in updates if param.grad is not None),
+                  key=lambda pair: pair[1].size)
+    adopts = [(param, fresh) for param, fresh in updates if param.grad is None]
+    last = adds.pop() if adds else None
+    backups = [param.grad.copy() for param, _ in adds]
+    try:
+        for param, fresh in adds:
+            param.grad += fresh
+        for param, fresh in adopts:
+            param.grad = fresh
+        if last is not None:
+            last[0].grad += last[1]
+    except BaseException:
+        for param, _ in adopts:
+            param.grad = None
+        for (param, _), old in zip(adds, backups):
+            param.grad[...] = old
+        raise

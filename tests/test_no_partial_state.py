@@ -1,0 +1,314 @@
+"""Failure injection for the layers: whatever fails, and wherever, the full
+state (parameters, grads, running statistics, counters) is unchanged after
+the exception, or (a KeyboardInterrupt after the call's commit point) fully
+updated, exactly as a clean call leaves it.
+
+Injected failures: a read-only buffer (each written buffer in turn), a bad
+state entry, a MemoryError from every NumPy call and every bridge call on
+the path, and a KeyboardInterrupt at every trace event of fastbn's code.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+
+import numpy as np
+import pytest
+
+import fastbn
+import fastbn.nn as nn
+from _state_snapshot import (assert_same_state, count_library_calls, count_trace_events,
+                             run_interrupted, run_out_of_memory, snapshot)
+
+BACKENDS = ("fast", "reference")
+
+# NumPy (and the bridge) as seen by the code under test
+_MODULES = ["fastbn.nn.batchnorm", "fastbn.nn.linear", "fastbn.nn.module", "fastbn._validation",
+            "fastbn._bn_validation", "fastbn.reference.batchnorm",
+            "fastbn.reference.batchnorm_relu"]
+PATCHES = [(importlib.import_module(name), "np") for name in _MODULES] + [
+    (importlib.import_module("fastbn.nn.batchnorm"), "_bn")]
+
+
+# ---- the layers and calls under test -----------------------------------------------
+
+def _bn_case(kind: str, momentum=0.1):
+    rng = np.random.default_rng(7)
+    if kind == "BatchNorm1d":
+        layer, shape = nn.BatchNorm1d(3, momentum=momentum), (5, 3)
+    elif kind == "BatchNorm2d":
+        layer, shape = nn.BatchNorm2d(3, momentum=momentum), (2, 3, 2, 3)
+    elif kind == "BatchNorm2d-channels-last":
+        layer, shape = nn.BatchNorm2d(3, momentum=momentum, axis=-1), (2, 2, 3, 3)
+    else:
+        layer, shape = nn.BatchNormReLU2d(3, momentum=momentum), (2, 3, 2, 3)
+    layer.weight.data[...] = rng.uniform(0.5, 1.5, 3)
+    layer.bias.data[...] = rng.uniform(-0.5, 0.5, 3)
+    for _ in range(2):   # non-trivial running statistics and count
+        layer(rng.standard_normal(shape).astype(np.float32))
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    return layer, x, dy
+
+
+BN_KINDS = ("BatchNorm1d", "BatchNorm2d", "BatchNorm2d-channels-last", "BatchNormReLU2d")
+# op name -> (prepare(layer, x, dy, grads), call(layer, x, dy))
+#   grads: "none" (backward creates them) or "existing" (backward adds to them)
+
+
+def _prepare_backward(mode):
+    def prepare(layer, x, dy, grads):
+        layer.train(mode == "train")
+        layer(x)
+        if grads == "existing":
+            layer.weight.grad = np.full(3, 0.25, np.float32)
+            layer.bias.grad = np.full(3, -0.5, np.float32)
+        else:
+            layer.zero_grad()
+    return prepare
+
+
+def _prepare_forward(mode):
+    def prepare(layer, x, dy, grads):
+        layer.train(mode == "train")
+    return prepare
+
+
+BN_OPS = {
+    "train_forward": (_prepare_forward("train"), lambda layer, x, dy: layer(x)),
+    "eval_forward": (_prepare_forward("eval"), lambda layer, x, dy: layer(x)),
+    "train_backward": (_prepare_backward("train"), lambda layer, x, dy: layer.backward(dy)),
+    "eval_backward": (_prepare_backward("eval"), lambda layer, x, dy: layer.backward(dy)),
+}
+
+
+def _bn_setup(kind, op, grads, momentum=0.1):
+    layer, x, dy = _bn_case(kind, momentum)
+    prepare, call = BN_OPS[op]
+    prepare(layer, x, dy, grads)
+    return layer, (lambda target: call(target, x, dy))
+
+
+def _linear_setup(op, grads):
+    rng = np.random.default_rng(3)
+    layer = nn.Linear(4, 3, rng=rng)
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    dy = rng.standard_normal((5, 3)).astype(np.float32)
+    if op == "forward":
+        return layer, (lambda target: target(x))
+    layer(x)
+    if grads == "existing":
+        layer.weight.grad = np.full((3, 4), 0.25, np.float32)
+        layer.bias.grad = np.full(3, -0.5, np.float32)
+    return layer, (lambda target: target.backward(dy))
+
+
+def _model():
+    rng = np.random.default_rng(11)
+    return nn.Sequential(nn.Linear(4, 3, rng=rng), nn.BatchNorm1d(3), nn.ReLU(),
+                         nn.Linear(3, 2, rng=rng))
+
+
+def _new_state():
+    """A valid state dict with every value different from _model()'s."""
+    state = {key: np.asarray(value).copy() for key, value in _model().state_dict().items()}
+    for key, value in state.items():
+        value += 1 if value.dtype.kind == "f" else 5
+    return state
+
+
+def _load_setup():
+    state = _new_state()
+    return _model(), (lambda target: target.load_state_dict(state))
+
+
+SETUPS = {}
+for _kind in BN_KINDS:
+    for _op in BN_OPS:
+        for _grads in (("none", "existing") if "backward" in _op else ("none",)):
+            SETUPS[f"{_kind}-{_op}-grads_{_grads}"] = (
+                lambda kind=_kind, op=_op, grads=_grads: _bn_setup(kind, op, grads))
+SETUPS["BatchNorm1d-momentum_None-train_forward"] = lambda: _bn_setup(
+    "BatchNorm1d", "train_forward", "none", momentum=None)
+for _op in ("forward", "backward"):
+    for _grads in (("none", "existing") if _op == "backward" else ("none",)):
+        SETUPS[f"Linear-{_op}-grads_{_grads}"] = (
+            lambda op=_op, grads=_grads: _linear_setup(op, grads))
+SETUPS["Module.load_state_dict"] = _load_setup
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with fastbn.use_backend(request.param):
+        yield request.param
+
+
+def _expected_after(setup):
+    """(state before, state after a clean call) of a fresh setup."""
+    layer, call = setup()
+    before = snapshot(layer)
+    call(layer)
+    return before, snapshot(layer)
+
+
+# ---- KeyboardInterrupt at every trace event --------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(SETUPS))
+def test_keyboard_interrupt_anywhere_leaves_state_unchanged_or_complete(name, backend):
+    setup = SETUPS[name]
+    before, after = _expected_after(setup)
+    layer, call = setup()
+    points = count_trace_events(lambda: call(layer))
+    assert points > 5      # the hooks see the call path
+    outcomes = {"unchanged": 0, "complete": 0}
+    for k in range(points):
+        layer, call = setup()
+        assert run_interrupted(lambda: call(layer), k), f"event {k} was not reached"
+        state = snapshot(layer)
+        if state == before:
+            outcomes["unchanged"] += 1
+        else:
+            assert_same_state(after, state, f"{name}, interrupted at event {k}")
+            outcomes["complete"] += 1
+    assert outcomes["unchanged"] > 0
+
+
+# ---- MemoryError from every NumPy and bridge call ---------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(SETUPS))
+def test_memory_error_anywhere_leaves_state_unchanged(name, backend):
+    setup = SETUPS[name]
+    layer, call = setup()
+    calls = count_library_calls(lambda: call(layer), PATCHES)
+    # Linear's forward allocates only through ufuncs (matmul), not patched
+    assert calls > 0 or name == "Linear-forward-grads_none"
+    for k in range(calls):
+        layer, call = setup()
+        before = snapshot(layer)
+        assert run_out_of_memory(lambda: call(layer), k, PATCHES)
+        assert_same_state(before, snapshot(layer), f"{name}, MemoryError at call {k}")
+
+
+# ---- a read-only buffer, each written buffer in turn ---------------------------------------
+
+TRAIN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@pytest.mark.parametrize("kind", BN_KINDS)
+@pytest.mark.parametrize("buffer", TRAIN_BUFFERS)
+def test_read_only_buffer_fails_training_forward_before_any_write(kind, buffer, backend):
+    layer, call = _bn_setup(kind, "train_forward", "none")
+    getattr(layer, buffer).flags.writeable = False
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match=f"{buffer}: expected a writeable array"):
+        call(layer)
+    assert_same_state(before, snapshot(layer))
+
+
+@pytest.mark.parametrize("kind", BN_KINDS)
+@pytest.mark.parametrize("mode", ("train", "eval"))
+@pytest.mark.parametrize("param", ("weight", "bias"))
+def test_read_only_grad_fails_bn_backward_before_any_write(kind, mode, param, backend):
+    layer, call = _bn_setup(kind, f"{mode}_backward", "existing")
+    getattr(layer, param).grad.flags.writeable = False
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match=f"{param}.grad: expected a writeable array"):
+        call(layer)
+    assert_same_state(before, snapshot(layer))
+
+
+@pytest.mark.parametrize("param", ("weight", "bias"))
+def test_read_only_grad_fails_linear_backward_before_any_write(param, backend):
+    layer, call = _linear_setup("backward", "existing")
+    getattr(layer, param).grad.flags.writeable = False
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match=f"{param}.grad: expected a writeable array"):
+        call(layer)
+    assert_same_state(before, snapshot(layer))
+
+
+@pytest.mark.parametrize("key", sorted(_model().state_dict()))
+def test_read_only_target_fails_load_state_dict_naming_the_key(key):
+    model = _model()
+    model.state_dict()[key].flags.writeable = False
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"state_dict\['{key}'\].*read-only"):
+        model.load_state_dict(_new_state())
+    assert_same_state(before, snapshot(model))
+
+
+# ---- a bad state entry ------------------------------------------------------------------
+
+BAD_GRADS = {
+    "float64": (lambda grad: grad.astype(np.float64), TypeError, "dtype float32"),
+    "wrong shape": (lambda grad: np.zeros(grad.size + 1, grad.dtype), ValueError, "shape"),
+}
+
+
+@pytest.mark.parametrize("kind", BN_KINDS)
+@pytest.mark.parametrize("param", ("weight", "bias"))
+@pytest.mark.parametrize("bad", sorted(BAD_GRADS))
+def test_bad_grad_fails_bn_backward_before_any_write(kind, param, bad, backend):
+    make_bad, error, message = BAD_GRADS[bad]
+    layer, call = _bn_setup(kind, "train_backward", "existing")
+    target = getattr(layer, param)
+    target.grad = make_bad(target.grad)
+    before = snapshot(layer)
+    with pytest.raises(error, match=f"{param}.grad.*{message}"):
+        call(layer)
+    assert_same_state(before, snapshot(layer))
+
+
+@pytest.mark.parametrize("param", ("weight", "bias"))
+@pytest.mark.parametrize("bad", sorted(BAD_GRADS))
+def test_bad_grad_fails_linear_backward_before_any_write(param, bad, backend):
+    make_bad, error, message = BAD_GRADS[bad]
+    layer, call = _linear_setup("backward", "existing")
+    target = getattr(layer, param)
+    target.grad = make_bad(target.grad) if bad == "float64" else np.zeros(
+        target.data.shape[:-1] + (target.data.shape[-1] + 1,), np.float32)
+    before = snapshot(layer)
+    with pytest.raises(error, match=f"{param}.grad.*{message}"):
+        call(layer)
+    assert_same_state(before, snapshot(layer))
+
+
+BAD_COUNTERS = {
+    "float counter": (np.array(2.0), TypeError, "integer"),
+    "1-d counter": (np.array([2]), TypeError, "0-d"),
+    "byte-swapped": (np.array(2, ">i8" if np.little_endian else "<i8"), TypeError, "native"),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_COUNTERS))
+def test_bad_counter_fails_training_forward_before_any_write(bad, backend):
+    value, error, message = BAD_COUNTERS[bad]
+    layer, call = _bn_setup("BatchNorm2d", "train_forward", "none")
+    layer.num_batches_tracked = value
+    before = snapshot(layer)
+    with pytest.raises(error, match=f"num_batches_tracked.*{message}"):
+        call(layer)
+    assert_same_state(before, snapshot(layer))
+
+
+def _bad_entries(key, value):
+    yield "wrong shape", np.zeros(value.shape + (2,), value.dtype), ValueError
+    yield "non-numeric", np.array(["a"] * max(value.size, 1)).reshape(value.shape), ValueError
+    if value.dtype.kind == "f":
+        yield "other float dtype", value.astype(np.float64), TypeError
+    else:
+        yield "out of int64 range", np.array(2 ** 63, np.uint64), ValueError
+
+
+@pytest.mark.parametrize("key", sorted(_model().state_dict()))
+def test_bad_entry_fails_load_state_dict_naming_the_key(key):
+    model = _model()
+    before = snapshot(model)
+    for what, value, error in _bad_entries(key, model.state_dict()[key]):
+        state = _new_state()
+        state[key] = value
+        with pytest.raises(error, match=rf"state_dict\['{key}'\]"):
+            model.load_state_dict(state)
+        assert_same_state(before, snapshot(model), f"{key}: {what}")
