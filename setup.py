@@ -45,7 +45,7 @@ SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
 # extension name -> (Cython source, kernel sources compiled per target)
 EXTENSIONS = {
     "fastbn._core": ("fastbn/_core.pyx", []),
-    "fastbn.nn._bn": ("fastbn/nn/_bn.pyx", ["src_c/bn/bn_kernels.c"]),
+    "fastbn._bn": ("fastbn/_bn.pyx", ["src_c/bn/bn_kernels.c"]),
 }
 if os.path.exists("fastbn/optim/_optim.pyx"):
     EXTENSIONS["fastbn.optim._optim"] = ("fastbn/optim/_optim.pyx", ["src_c/optim/optim_kernels.c"])

@@ -1,5 +1,17 @@
-"""The backend seam: every public function asks `current_backend()` whether to
-run the compiled kernels ("fast") or the pure-NumPy oracle ("reference").
+"""The kernel seam: every public function validates its arguments, then calls
+the methods of the CURRENT KERNELS OBJECT, chosen once per context:
+
+- "fast": `FastKernels`, the Cython bridge functions (fastbn/_bn.pyx) bound
+  as they are (no Python frame between the caller and the bridge);
+- "reference": `fastbn.reference._kernels.ReferenceKernels`, the same
+  methods with the same signatures and contract, in NumPy.
+
+A kernel method takes kernel-ready arrays: the input viewed as (outer,
+channels, inner) (argument names carry the layout), per-channel vectors and
+scalars.  It returns None, having written nothing, when an array is not
+kernel-ready, so a caller may try it first and run the validators only then
+(the layers do: one bridge call per warm forward or backward).  A new kernel
+family (an optimizer's step, ...) is more methods on both classes.
 
 The choice lives in a ContextVar, so `use_backend` in one thread (or asyncio
 task) does not change what another thread runs.
@@ -10,25 +22,46 @@ import contextlib
 import contextvars
 from typing import Iterator
 
+from . import _bn
+
 BACKENDS = ("fast", "reference")
 
-_current = contextvars.ContextVar("fastbn_backend", default="fast")
+
+class FastKernels:
+    """The compiled kernels (see fastbn/_bn.pyx for each method's contract)."""
+
+    name = "fast"
+    eval_forward = staticmethod(_bn.eval_forward)
+    train_forward = staticmethod(_bn.train_forward)
+    backward = staticmethod(_bn.backward)
+    backward_eval = staticmethod(_bn.backward_eval)
 
 
-def _check_name(name: str) -> str:
+FAST = FastKernels()
+_current = contextvars.ContextVar("fastbn_kernels", default=FAST)
+#: The active kernels object; the per-call paths call this (a C method, no frame).
+current_kernels = _current.get
+
+
+def kernels_for(name: str):
+    """The kernels object of backend `name` ("fast" or "reference")."""
+    if name == "fast":
+        return FAST
     if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
-    return name
+    # imported here: fastbn.reference imports fastbn.functional, which imports this module
+    from .reference._kernels import REFERENCE
+    return REFERENCE
 
 
 def get_backend() -> str:
     """Return the active backend name: "fast" (C kernels) or "reference" (NumPy)."""
-    return _current.get()
+    return _current.get().name
 
 
 def set_backend(name: str) -> None:
     """Select the backend for the current thread/context ("fast" or "reference")."""
-    _current.set(_check_name(name))
+    _current.set(kernels_for(name))
 
 
 @contextlib.contextmanager
@@ -38,7 +71,7 @@ def use_backend(name: str) -> Iterator[str]:
     >>> with fastbn.use_backend("reference"):
     ...     y = fastbn.functional.batch_norm(x, mean, var)
     """
-    token = _current.set(_check_name(name))
+    token = _current.set(kernels_for(name))
     try:
         yield name
     finally:
@@ -46,4 +79,5 @@ def use_backend(name: str) -> Iterator[str]:
 
 
 def is_reference() -> bool:
-    return _current.get() == "reference"
+    """True under ``use_backend("reference")``."""
+    return _current.get().name == "reference"

@@ -1,7 +1,7 @@
-"""Argument checks for batch normalization, shared by the fast path
-(fastbn.functional), the layers (fastbn.nn) and the reference
-(fastbn.reference), so both backends raise the same error for the same bad
-input.
+"""Argument checks for batch normalization: every rule once, called from one
+place per public entry point (fastbn.functional's shared implementations,
+which fastbn.reference's twins call too, and the layers in fastbn.nn), so
+both backends raise the same error for the same bad input.
 
 The checks run on every call, so each has a cheap fast path for the common
 case (a float32/float64 ndarray, a float eps, axis 1 or -1) and only falls back
@@ -14,8 +14,9 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from ._validation import (as_float_array, check_axis, check_channel_vector, check_real,
-                          check_same_dtype, check_shape, describe)
+from ._validation import (FLOAT_DTYPES as _FLOAT_DTYPES, as_float_array, check_axis,
+                          check_channel_vector, check_real, check_same_dtype, check_shape,
+                          describe)
 
 
 class BatchNormLayout(NamedTuple):
@@ -55,8 +56,10 @@ def batch_norm_layout(x: np.ndarray, axis, name: str = "input") -> BatchNormLayo
 
 
 def check_eps(eps, *, batch_stats: bool) -> float:
-    """eps > 0 when batch statistics are used (a constant channel would divide
-    by zero), >= 0 with running statistics."""
+    """The one rule for eps (functions and layers alike): a real number, > 0
+    when batch statistics are used (a constant channel would divide by zero;
+    a layer's eps is checked this way, as its training forward uses them),
+    >= 0 with running statistics."""
     if type(eps) is not float or not eps > 0:
         eps = check_real(eps, "eps")
         if batch_stats and not eps > 0:
@@ -89,12 +92,6 @@ def check_update_momentum(momentum) -> float:
             "pass momentum=1/num_batches_tracked (as BatchNorm layers do) to update "
             "running statistics")
     return momentum
-
-
-def check_batch_norm_vectors(layout: BatchNormLayout, dtype, **vectors) -> dict:
-    """Validate per-channel vectors (None allowed), return them by name."""
-    return {name: check_channel_vector(name, value, layout.channels, dtype)
-            for name, value in vectors.items()}
 
 
 def check_input(x, name: str = "input") -> np.ndarray:
@@ -147,37 +144,111 @@ def check_saved_stat(name: str, value, layout: BatchNormLayout, dtype) -> np.nda
     return check_channel_vector(name, value, layout.channels, dtype)
 
 
-class ForwardTrainArgs(NamedTuple):
-    """Validated arguments of a training forward (fast path and reference)."""
+class BatchNormArgs(NamedTuple):
+    """Validated arguments of a forward (`batch_norm`, `batch_norm_forward_train`
+    and their ReLU twins)."""
     x: np.ndarray
     layout: BatchNormLayout
     eps: float
     momentum: Optional[float]
+    use_batch_stats: bool
     update: bool              # running statistics are updated
-    vectors: dict             # weight, bias, running_mean, running_var (or None)
+    running_mean: Optional[np.ndarray]
+    running_var: Optional[np.ndarray]
+    weight: Optional[np.ndarray]
+    bias: Optional[np.ndarray]
     out: Optional[np.ndarray]
 
 
-def check_forward_train_args(x, weight, bias, eps, axis, out, running_mean, running_var,
-                             momentum) -> ForwardTrainArgs:
-    """Every check of `batch_norm_forward_train`, in one order for both
-    backends (so they raise the same error for the same bad input)."""
+def check_batch_norm_args(x, running_mean, running_var, weight, bias, use_batch_stats: bool,
+                          momentum, eps, axis, out) -> BatchNormArgs:
+    """Every check of a batch-norm forward, in one order for both backends.
+    Running statistics are updated when given with batch statistics."""
     from ._validation import check_out
     x = check_input(x)
     layout = batch_norm_layout(x, axis)
     check_running_stats_pair(running_mean, running_var)
-    update = running_mean is not None
-    eps = check_eps(eps, batch_stats=True)
+    update = use_batch_stats and running_mean is not None
+    eps = check_eps(eps, batch_stats=use_batch_stats)
     momentum = check_update_momentum(momentum) if update else check_momentum(momentum)
-    vectors = check_batch_norm_vectors(layout, x.dtype, weight=weight, bias=bias,
-                                       running_mean=running_mean, running_var=running_var)
-    check_batch_size(x, layout)
-    check_updatable("running_mean", vectors["running_mean"])
-    check_updatable("running_var", vectors["running_var"])
+    channels, dtype = layout.channels, x.dtype
+    running_mean = check_channel_vector("running_mean", running_mean, channels, dtype)
+    running_var = check_channel_vector("running_var", running_var, channels, dtype)
+    weight = check_channel_vector("weight", weight, channels, dtype)
+    bias = check_channel_vector("bias", bias, channels, dtype)
+    if use_batch_stats:
+        check_batch_size(x, layout)
+    if update:
+        check_updatable("running_mean", running_mean)
+        check_updatable("running_var", running_var)
     if out is not None:
-        out = check_out(out, "out", x.shape, x.dtype, inputs=(x, *vectors.values()),
-                        allow_identical=(x,))
-    return ForwardTrainArgs(x, layout, eps, momentum, update, vectors, out)
+        out = check_out(out, "out", x.shape, dtype,
+                        inputs=(x, running_mean, running_var, weight, bias), allow_identical=(x,))
+    return BatchNormArgs(x, layout, eps, momentum, use_batch_stats, update, running_mean,
+                         running_var, weight, bias, out)
+
+
+class BackwardArgs(NamedTuple):
+    """Validated arguments of a backward (training: stat_a, stat_b = mean,
+    invstd; eval: running_mean, running_var)."""
+    dy: np.ndarray
+    x: np.ndarray
+    layout: BatchNormLayout
+    stat_a: np.ndarray
+    stat_b: np.ndarray
+    weight: Optional[np.ndarray]
+    bias: Optional[np.ndarray]
+    eps: Optional[float]
+    out: Optional[np.ndarray]
+
+
+def check_backward_args(dy, x, stat_a, stat_b, weight, bias, eps, axis, out, *,
+                        eval_mode: bool) -> BackwardArgs:
+    """Every check of `batch_norm_backward` (eval_mode False: the saved mean
+    and invstd, eps unused) and `batch_norm_backward_eval` (the running
+    statistics and eps) and their ReLU twins, in one order for both backends.
+    `out` may be dy (and, in training, x) itself."""
+    from ._validation import check_out
+    x = check_input(x, "x")
+    layout = batch_norm_layout(x, axis, "x")
+    dy = check_like("dy", dy, x, "x")
+    if eval_mode:
+        eps = check_eps(eps, batch_stats=False)
+    names = ("running_mean", "running_var") if eval_mode else ("mean", "invstd")
+    stat_a = check_saved_stat(names[0], stat_a, layout, x.dtype)
+    stat_b = check_saved_stat(names[1], stat_b, layout, x.dtype)
+    weight = check_channel_vector("weight", weight, layout.channels, x.dtype)
+    bias = check_channel_vector("bias", bias, layout.channels, x.dtype)
+    if out is not None:
+        out = check_out(out, "out", x.shape, x.dtype,
+                        inputs=(dy, x, stat_a, stat_b, weight, bias),
+                        allow_identical=(dy,) if eval_mode else (dy, x))
+    return BackwardArgs(dy, x, layout, stat_a, stat_b, weight, bias, eps, out)
+
+
+# ---- kernel-ready arrays: the NumPy twin of the bridge's own tests --------------
+# A kernel method (fastbn._backend) returns None for an array that fails these;
+# the caller then runs the checks above, which name the problem.
+
+
+def is_kernel_input(value, size: int) -> bool:
+    """An exact ndarray of native float32/float64 with `size` elements."""
+    return (type(value) is np.ndarray and value.dtype in _FLOAT_DTYPES
+            and value.dtype.isnative and value.size == size)
+
+
+def is_kernel_vector(value, channels: int, dtype) -> bool:
+    """None, or an exact native 1-D ndarray of `channels` elements of `dtype`."""
+    return value is None or (type(value) is np.ndarray and value.dtype == dtype
+                             and value.dtype.isnative and value.ndim == 1
+                             and value.shape[0] == channels)
+
+
+def is_counter(counter) -> bool:
+    """A counter a training forward can bump in place: an exact writeable,
+    aligned, native 0-d integer ndarray."""
+    return (type(counter) is np.ndarray and counter.ndim == 0 and counter.dtype.kind in "iu"
+            and counter.dtype.isnative and counter.flags.writeable and counter.flags.aligned)
 
 
 # ---- layer hyperparameters: one rule each, used by the constructor and by the
@@ -187,11 +258,6 @@ def check_forward_train_args(x, weight, bias, eps, axis, out, running_mean, runn
 def check_num_features(num_features) -> int:
     from ._validation import check_int
     return check_int(num_features, "num_features", minimum=1)
-
-
-def check_layer_eps(eps) -> float:
-    """A layer's eps: > 0, because its training forward uses batch statistics."""
-    return check_eps(eps, batch_stats=True)
 
 
 def check_layer_axis(axis) -> int:

@@ -13,9 +13,10 @@ training pieces for code without autograd.
   with a ReLU fused after the normalization (one pass; the backward
   recomputes the ReLU mask from x).
 
-Every function validates its arguments (shared with the reference backend),
-then runs the C kernels, or the NumPy reference under
-``fastbn.use_backend("reference")``.  Inputs may have any strides
+Every function validates its arguments once (fastbn._bn_validation), then
+calls the current kernels object (fastbn._backend): the C kernels, or their
+NumPy twins under ``fastbn.use_backend("reference")``.  `fastbn.reference`
+has a twin of each function with the same signature, on the NumPy kernels.  Inputs may have any strides
 (non-contiguous ones are copied once); outputs passed as ``out=`` must be
 C-contiguous.
 
@@ -35,22 +36,14 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from . import _backend
-from ._bn_validation import (batch_norm_layout, check_batch_norm_vectors, check_batch_size,
-                             check_eps, check_input, check_like, check_momentum,
-                             check_running_stats_pair, check_saved_stat, check_updatable,
-                             check_update_momentum, check_forward_train_args)
-from ._validation import check_channel_vector, check_out
-from .nn import _bn
+from ._backend import current_kernels
+from ._bn import standard_geometry
+from ._bn_validation import (check_backward_args, check_batch_norm_args, check_eps,
+                             check_momentum, check_update_momentum)
 
 __all__ = ["batch_norm", "batch_norm_forward_train", "batch_norm_backward",
            "batch_norm_backward_eval", "batch_norm_relu", "batch_norm_relu_forward_train",
            "batch_norm_relu_backward", "batch_norm_relu_backward_eval"]
-
-
-def _reference():
-    from . import reference
-    return reference
 
 
 def batch_norm(x: np.ndarray, running_mean: Optional[np.ndarray], running_var: Optional[np.ndarray],
@@ -98,8 +91,8 @@ def batch_norm(x: np.ndarray, running_mean: Optional[np.ndarray], running_var: O
         batch statistics, eps <= 0 with batch statistics, bad momentum, axis
         or `out`.
     """
-    return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                       axis, out, relu=False)
+    return _batch_norm(current_kernels(), x, running_mean, running_var, weight, bias, training,
+                       momentum, eps, axis, out, False)
 
 
 
@@ -142,8 +135,8 @@ def batch_norm_forward_train(x: np.ndarray, weight: Optional[np.ndarray] = None,
     saved_invstd : ndarray (C,)
         Per-channel ``1 / sqrt(biased_batch_var + eps)``.
     """
-    return _forward_train(x, weight, bias, eps, axis, out, running_mean, running_var,
-                          momentum, relu=False)
+    return _forward_train(current_kernels(), x, weight, bias, eps, axis, out, running_mean,
+                          running_var, momentum, False)
 
 
 
@@ -182,7 +175,7 @@ def batch_norm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd:
     dweight, dbias : ndarray (C,)
         Gradients of weight and bias (computed even when weight is None).
     """
-    return _backward(dy, x, mean, invstd, weight, None, axis, out, relu=False)
+    return _backward(current_kernels(), dy, x, mean, invstd, weight, None, axis, out, False)
 
 
 
@@ -223,8 +216,8 @@ def batch_norm_backward_eval(dy: np.ndarray, x: np.ndarray, running_mean: np.nda
     dweight, dbias : ndarray (C,)
         Gradients of weight and bias (computed even when weight is None).
     """
-    return _backward_eval(dy, x, running_mean, running_var, weight, None, eps, axis,
-                          out, relu=False)
+    return _backward_eval(current_kernels(), dy, x, running_mean, running_var, weight, None,
+                          eps, axis, out, False)
 
 
 def batch_norm_relu(x: np.ndarray, running_mean: Optional[np.ndarray],
@@ -244,8 +237,8 @@ def batch_norm_relu(x: np.ndarray, running_mean: Optional[np.ndarray],
     ndarray
         The activated array (`out` when given; `out` may be x).
     """
-    return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                       axis, out, relu=True)
+    return _batch_norm(current_kernels(), x, running_mean, running_var, weight, bias, training,
+                       momentum, eps, axis, out, True)
 
 
 def batch_norm_relu_forward_train(x: np.ndarray, weight: Optional[np.ndarray] = None,
@@ -272,8 +265,8 @@ def batch_norm_relu_forward_train(x: np.ndarray, weight: Optional[np.ndarray] = 
     which only has the saved values, recomputes exactly the forward's ReLU
     mask.  For float32 this moves y by about ``|mean * invstd| * 6e-8``.
     """
-    return _forward_train(x, weight, bias, eps, axis, out, running_mean, running_var,
-                          momentum, relu=True)
+    return _forward_train(current_kernels(), x, weight, bias, eps, axis, out, running_mean,
+                          running_var, momentum, True)
 
 
 def batch_norm_relu_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray,
@@ -303,7 +296,7 @@ def batch_norm_relu_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray,
     dweight, dbias : ndarray (C,)
         Gradients of weight and bias.
     """
-    return _backward(dy, x, mean, invstd, weight, bias, axis, out, relu=True)
+    return _backward(current_kernels(), dy, x, mean, invstd, weight, bias, axis, out, True)
 
 
 def batch_norm_relu_backward_eval(dy: np.ndarray, x: np.ndarray, running_mean: np.ndarray,
@@ -317,145 +310,91 @@ def batch_norm_relu_backward_eval(dy: np.ndarray, x: np.ndarray, running_mean: n
     pre-activation ``x * scale + shift`` is <= 0; `bias` is the forward's
     bias (None means 0).  x is always read (for the mask).
     """
-    return _backward_eval(dy, x, running_mean, running_var, weight, bias, eps, axis, out,
-                          relu=True)
+    return _backward_eval(current_kernels(), dy, x, running_mean, running_var, weight, bias,
+                          eps, axis, out, True)
 
 
-# section: shared implementations (relu: fused ReLU) ------------------------------
+# section: shared implementations --------------------------------------------------
+# Used by the functions above with the current kernels object and by their
+# twins in fastbn.reference with the NumPy kernels: one check sequence per
+# entry point for both backends.  relu: fused ReLU.
 
 
-def _batch_norm(x: np.ndarray, running_mean, running_var, weight, bias, training, momentum,
-                eps, axis: int, out, relu: bool):
-    if _backend.is_reference():
-        reference = _reference()
-        function = reference.batch_norm_relu if relu else reference.batch_norm
-        return function(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                        axis=axis, out=out)
+def _batch_norm(kernels, x, running_mean, running_var, weight, bias, training, momentum, eps,
+                axis, out, relu):
     use_batch_stats = bool(training) or running_mean is None
     update = use_batch_stats and running_mean is not None
-    geometry = _bn.standard_geometry(x, axis, running_mean, running_var, weight, bias, eps,
-                                     momentum, use_batch_stats, update, out)
-    if geometry is not None:  # a plain valid call: skip the Python validators
+    geometry = standard_geometry(x, axis, running_mean, running_var, weight, bias,
+                                 use_batch_stats, update, out)
+    if geometry is not None:  # plain valid arrays: only the scalars are left to check
+        eps = check_eps(eps, batch_stats=use_batch_stats)
+        momentum = check_update_momentum(momentum) if update else check_momentum(momentum)
         outer, channels, inner = geometry
-        if use_batch_stats:
-            return _bn.train_forward(x, out, outer, channels, inner, weight, bias, eps,
-                                     running_mean, running_var,
-                                     momentum if update else 0.0, relu)[0]
-        return _bn.eval_forward(x, out, outer, channels, inner, running_mean, running_var,
-                                weight, bias, eps, relu)
-    x = check_input(x)
-    layout = batch_norm_layout(x, axis)
-    check_running_stats_pair(running_mean, running_var)
-    eps = check_eps(eps, batch_stats=use_batch_stats)
-    momentum = check_update_momentum(momentum) if update else check_momentum(momentum)
-    channels, dtype = layout.channels, x.dtype
-    running_mean = check_channel_vector("running_mean", running_mean, channels, dtype)
-    running_var = check_channel_vector("running_var", running_var, channels, dtype)
-    weight = check_channel_vector("weight", weight, channels, dtype)
-    bias = check_channel_vector("bias", bias, channels, dtype)
+    else:
+        x, layout, eps, momentum, use_batch_stats, update, running_mean, running_var, weight, \
+            bias, out = check_batch_norm_args(x, running_mean, running_var, weight, bias,
+                                              use_batch_stats, momentum, eps, axis, out)
+        if x.size == 0:
+            return np.empty(x.shape, x.dtype) if out is None else out
+        outer, channels, inner = layout.outer, layout.channels, layout.inner
     if use_batch_stats:
-        check_batch_size(x, layout)
-    if update:
-        check_updatable("running_mean", running_mean)
-        check_updatable("running_var", running_var)
-    if out is not None:
-        out = check_out(out, "out", x.shape, dtype,
-                        inputs=(x, running_mean, running_var, weight, bias), allow_identical=(x,))
-    if x.size == 0:
-        return np.empty(x.shape, dtype) if out is None else out
-    if use_batch_stats:
-        return _bn.train_forward(x, out, layout.outer, channels, layout.inner, weight, bias, eps,
-                                 running_mean if update else None,
-                                 running_var if update else None, momentum if update else 0.0,
-                                 relu)[0]
-    return _bn.eval_forward(x, out, layout.outer, channels, layout.inner,
-                            running_mean, running_var, weight, bias, eps, relu)
+        if not update:
+            running_mean = running_var = None
+            momentum = 0.0
+        return kernels.train_forward(x, out, outer, channels, inner, weight, bias, eps,
+                                     running_mean, running_var, momentum, relu)[0]
+    return kernels.eval_forward(x, out, outer, channels, inner, running_mean, running_var,
+                                weight, bias, eps, relu)[0]
 
 
-
-def _forward_train(x: np.ndarray, weight, bias, eps, axis: int, out, running_mean,
-                   running_var, momentum, relu: bool):
-    if _backend.is_reference():
-        reference = _reference()
-        function = (reference.batch_norm_relu_forward_train if relu
-                    else reference.batch_norm_forward_train)
-        return function(x, weight, bias, eps, axis=axis, out=out, running_mean=running_mean,
-                        running_var=running_var, momentum=momentum)
-    geometry = _bn.standard_geometry(x, axis, running_mean, running_var, weight, bias, eps,
-                                     momentum, True, running_mean is not None, out)
-    if geometry is not None:  # a plain valid call: skip the Python validators
+def _forward_train(kernels, x, weight, bias, eps, axis, out, running_mean, running_var,
+                   momentum, relu):
+    update = running_mean is not None
+    geometry = standard_geometry(x, axis, running_mean, running_var, weight, bias, True,
+                                 update, out)
+    if geometry is not None:  # plain valid arrays: only the scalars are left to check
+        eps = check_eps(eps, batch_stats=True)
+        momentum = check_update_momentum(momentum) if update else check_momentum(momentum)
         outer, channels, inner = geometry
-        return _bn.train_forward(x, out, outer, channels, inner, weight, bias, eps,
-                                 running_mean, running_var,
-                                 0.0 if running_mean is None else momentum, relu)
-    x, layout, eps, momentum, update, vectors, out = check_forward_train_args(
-        x, weight, bias, eps, axis, out, running_mean, running_var, momentum)
-    if x.size == 0:  # no channels: nothing to compute
-        empty = np.empty(0, x.dtype)
-        return (np.empty(x.shape, x.dtype) if out is None else out), empty, empty.copy()
-    return _bn.train_forward(x, out, layout.outer, layout.channels, layout.inner,
-                             vectors["weight"], vectors["bias"], eps, vectors["running_mean"],
-                             vectors["running_var"], momentum if update else 0.0, relu)
+    else:
+        x, layout, eps, momentum, _, update, running_mean, running_var, weight, bias, out = \
+            check_batch_norm_args(x, running_mean, running_var, weight, bias, True, momentum,
+                                  eps, axis, out)
+        if x.size == 0:  # no channels: nothing to compute
+            empty = np.empty(0, x.dtype)
+            return (np.empty(x.shape, x.dtype) if out is None else out), empty, empty.copy()
+        outer, channels, inner = layout.outer, layout.channels, layout.inner
+    y, mean, invstd, _ = kernels.train_forward(x, out, outer, channels, inner, weight, bias, eps,
+                                               running_mean, running_var,
+                                               momentum if update else 0.0, relu)
+    return y, mean, invstd
 
 
-
-def _backward(dy: np.ndarray, x: np.ndarray, mean, invstd, weight, bias, axis: int, out,
-              relu: bool):
-    if _backend.is_reference():
-        reference = _reference()
-        if relu:
-            return reference.batch_norm_relu_backward(dy, x, mean, invstd, weight, bias,
-                                                      axis=axis, out=out)
-        return reference.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis, out=out)
-    x = check_input(x, "x")
-    layout = batch_norm_layout(x, axis, "x")
-    dy = check_like("dy", dy, x, "x")
-    mean = check_saved_stat("mean", mean, layout, x.dtype)
-    invstd = check_saved_stat("invstd", invstd, layout, x.dtype)
-    weight = check_channel_vector("weight", weight, layout.channels, x.dtype)
-    bias = check_channel_vector("bias", bias, layout.channels, x.dtype)
-    if out is not None:
-        out = check_out(out, "out", x.shape, x.dtype, inputs=(dy, x, mean, invstd, weight, bias),
-                        allow_identical=(dy, x))
+def _backward(kernels, dy, x, mean, invstd, weight, bias, axis, out, relu):
+    dy, x, layout, mean, invstd, weight, bias, _, out = check_backward_args(
+        dy, x, mean, invstd, weight, bias, None, axis, out, eval_mode=False)
     dweight = np.empty(layout.channels, x.dtype)
     dbias = np.empty(layout.channels, x.dtype)
     if x.size == 0:
         dweight.fill(0)
         dbias.fill(0)
         return (np.empty(x.shape, x.dtype) if out is None else out), dweight, dbias
-    dx = _bn.backward(dy, x, out, layout.outer, layout.channels, layout.inner, mean, invstd,
-                      weight, dweight, dbias, False, bias, relu)
+    dx = kernels.backward(dy, x, out, layout.outer, layout.channels, layout.inner, mean, invstd,
+                          weight, dweight, dbias, False, bias, relu)
     return dx, dweight, dbias
 
 
-
-def _backward_eval(dy: np.ndarray, x: np.ndarray, running_mean, running_var, weight, bias,
-                   eps, axis: int, out, relu: bool):
-    if _backend.is_reference():
-        reference = _reference()
-        if relu:
-            return reference.batch_norm_relu_backward_eval(dy, x, running_mean, running_var,
-                                                           weight, bias, eps, axis=axis, out=out)
-        return reference.batch_norm_backward_eval(dy, x, running_mean, running_var, weight,
-                                                  eps, axis=axis, out=out)
-    x = check_input(x, "x")
-    layout = batch_norm_layout(x, axis, "x")
-    dy = check_like("dy", dy, x, "x")
-    eps = check_eps(eps, batch_stats=False)
-    running_mean = check_saved_stat("running_mean", running_mean, layout, x.dtype)
-    running_var = check_saved_stat("running_var", running_var, layout, x.dtype)
-    weight = check_channel_vector("weight", weight, layout.channels, x.dtype)
-    bias = check_channel_vector("bias", bias, layout.channels, x.dtype)
-    if out is not None:
-        out = check_out(out, "out", x.shape, x.dtype,
-                        inputs=(dy, x, running_mean, running_var, weight, bias),
-                        allow_identical=(dy,))
+def _backward_eval(kernels, dy, x, running_mean, running_var, weight, bias, eps, axis, out,
+                   relu):
+    dy, x, layout, running_mean, running_var, weight, bias, eps, out = check_backward_args(
+        dy, x, running_mean, running_var, weight, bias, eps, axis, out, eval_mode=True)
     dweight = np.empty(layout.channels, x.dtype)
     dbias = np.empty(layout.channels, x.dtype)
     if x.size == 0:
         dweight.fill(0)
         dbias.fill(0)
         return (np.empty(x.shape, x.dtype) if out is None else out), dweight, dbias
-    dx = _bn.backward_eval(dy, x, out, layout.outer, layout.channels, layout.inner, running_mean,
-                           running_var, weight, eps, dweight, dbias, False, bias, relu)
+    dx = kernels.backward_eval(dy, x, out, layout.outer, layout.channels, layout.inner,
+                               running_mean, running_var, weight, eps, dweight, dbias, False,
+                               bias, relu)
     return dx, dweight, dbias

@@ -169,17 +169,38 @@ def test_read_only_num_batches_tracked_raises_before_the_running_stats_change(ba
     layer(_x((6, 3)))    # eval does not write the counter
 
 
-def test_bridge_bumps_the_counter_together_with_the_running_stats():
-    from fastbn.nn import _bn
+@pytest.mark.parametrize("backend", ("fast", "reference"))
+def test_kernels_bump_the_counter_together_with_the_running_stats(backend):
+    kernels = fastbn._backend.kernels_for(backend)
     x = _x((6, 3))
     mean, var, counter = np.zeros(3, np.float32), np.ones(3, np.float32), np.array(4)
-    _bn.train_forward(x, None, 6, 3, 1, None, None, 1e-5, mean, var, 0.5, False, counter)
-    assert int(counter) == 5
+    y, saved_mean, _, x_read = kernels.train_forward(x, None, 6, 3, 1, None, None, 1e-5, mean,
+                                                     var, 0.5, False, counter)
+    assert int(counter) == 5 and x_read is x
     np.testing.assert_allclose(mean, 0.5 * x.mean(axis=0), rtol=1e-5, atol=1e-7)
-    frozen = np.array(4)
+    np.testing.assert_allclose(saved_mean, x.mean(axis=0), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ("fast", "reference"))
+def test_kernels_refuse_a_frozen_counter_writing_nothing(backend):
+    kernels = fastbn._backend.kernels_for(backend)
+    mean, var, frozen = np.zeros(3, np.float32), np.ones(3, np.float32), np.array(4)
     frozen.flags.writeable = False
-    with pytest.raises(ValueError, match="counter"):
-        _bn.train_forward(x, None, 6, 3, 1, None, None, 1e-5, mean, var, 0.5, False, frozen)
+    assert kernels.train_forward(_x((6, 3)), None, 6, 3, 1, None, None, 1e-5, mean, var, 0.5,
+                                 False, frozen) is None
+    assert int(frozen) == 4 and not mean.any() and (var == 1).all()
+
+
+@pytest.mark.parametrize("backend", ("fast", "reference"))
+def test_kernels_take_the_cumulative_average_factor_from_the_counter(backend):
+    kernels = fastbn._backend.kernels_for(backend)
+    x = _x((6, 3))
+    mean, var, counter = np.zeros(3, np.float32), np.ones(3, np.float32), np.array(3)
+    kernels.train_forward(x, None, 6, 3, 1, None, None, 1e-5, mean, var, None, False, counter)
+    np.testing.assert_allclose(mean, x.mean(axis=0) / 4, rtol=1e-5, atol=1e-7)
+    assert int(counter) == 4
+    assert kernels.train_forward(x, None, 6, 3, 1, None, None, 1e-5, mean, var, None, False,
+                                 None) is None
 
 
 # ---- Parameter dtypes -----------------------------------------------------------------------

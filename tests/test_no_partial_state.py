@@ -24,10 +24,24 @@ BACKENDS = ("fast", "reference")
 
 # NumPy (and the bridge) as seen by the code under test
 _MODULES = ["fastbn.nn.batchnorm", "fastbn.nn.linear", "fastbn.nn.module", "fastbn._validation",
-            "fastbn._bn_validation", "fastbn.reference.batchnorm",
-            "fastbn.reference.batchnorm_relu"]
+            "fastbn._bn_validation", "fastbn.reference._kernels"]
+
+
+class _ActiveKernels:
+    """The active kernels object (the bridge on the fast backend) as an
+    attribute, so that the injection can wrap it like a module's ``np``."""
+
+    @property
+    def kernels(self):
+        return fastbn._backend.current_kernels()
+
+    @kernels.setter
+    def kernels(self, value):
+        fastbn._backend._current.set(value)
+
+
 PATCHES = [(importlib.import_module(name), "np") for name in _MODULES] + [
-    (importlib.import_module("fastbn.nn.batchnorm"), "_bn")]
+    (_ActiveKernels(), "kernels")]
 
 
 # ---- the layers and calls under test -----------------------------------------------

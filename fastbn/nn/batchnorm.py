@@ -18,21 +18,17 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .. import _backend
-
-from .._bn_validation import (batch_norm_layout, check_batch_size, check_counter, check_input,
-                              check_layer_axis, check_layer_eps, check_like, check_momentum,
+from .._backend import current_kernels
+from .._bn_validation import (batch_norm_layout, check_batch_size, check_counter, check_eps,
+                              check_input, check_layer_axis, check_like, check_momentum,
                               check_num_features, check_running_stats_pair, check_updatable)
 from .._validation import check_bool, check_channel_vector, check_float_dtype, check_grad_target
 from ..parameter import Parameter
-from . import _bn
 from .module import Module, accumulate_grads
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 _TRAIN, _EVAL = 0, 1   # which statistics the saved forward used
-_TYPENUMS = {np.dtype(np.float32): np.dtype(np.float32).num,
-             np.dtype(np.float64): np.dtype(np.float64).num}
 
 
 def _read_only(name: str, reason: str) -> property:
@@ -71,7 +67,7 @@ class _BatchNorm(Module):
                  dtype=np.float32) -> None:
         super().__init__()
         num_features = check_num_features(num_features)
-        eps = check_layer_eps(eps)
+        eps = check_eps(eps, batch_stats=True)
         momentum = check_momentum(momentum)
         affine = check_bool(affine, "affine")
         track_running_stats = check_bool(track_running_stats, "track_running_stats")
@@ -118,7 +114,7 @@ class _BatchNorm(Module):
 
     @eps.setter
     def eps(self, value) -> None:
-        object.__setattr__(self, "_eps", check_layer_eps(value))
+        object.__setattr__(self, "_eps", check_eps(value, batch_stats=True))
 
     @property
     def momentum(self) -> Optional[float]:
@@ -203,37 +199,31 @@ class _BatchNorm(Module):
     def _vector(self, name: str, array, dtype):
         return check_channel_vector(name, array, self._num_features, dtype)
 
-    def _checked_state(self, dtype, updating: bool = False):
-        """(weight, bias, running_mean, running_var) arrays (None when absent),
-        validated against num_features and the input dtype (and, when
-        `updating`, writeable running statistics and a writeable
-        num_batches_tracked: everything a training forward writes is checked
-        before the kernel runs)."""
+    def _state_arrays(self):
+        """(weight, bias, running_mean, running_var) as they are (None when absent)."""
         weight, bias = self.weight, self.bias
-        arrays = (None if weight is None else weight.data, None if bias is None else bias.data,
-                  self.running_mean, self.running_var)
-        if not _bn.channel_vectors_ok(self._num_features, _TYPENUMS.get(dtype, -1), *arrays,
-                                      updating, self.num_batches_tracked):
-            for name, array in zip(("weight", "bias", "running_mean", "running_var"), arrays):
-                self._vector(name, array, dtype)
-            check_running_stats_pair(arrays[2], arrays[3])
-            if updating:
-                check_updatable("running_mean", arrays[2])
-                check_updatable("running_var", arrays[3])
-                check_counter("num_batches_tracked", self.num_batches_tracked, updating=True)
-        return arrays
+        return (None if weight is None else weight.data, None if bias is None else bias.data,
+                self.running_mean, self.running_var)
 
-    def _update_factor(self, counter) -> float:
-        """The running-average factor: momentum, or 1 / (batches seen + 1)
-        for the cumulative average (momentum None)."""
-        momentum = self._momentum
-        if momentum is not None:
-            return momentum
-        if counter is None:
-            raise ValueError("num_batches_tracked: expected a 0-d int64 array because "
-                             "momentum=None (cumulative average) needs the number of batches "
-                             "seen, got None")
-        return 1.0 / (int(counter) + 1)
+    def _checked_state(self, dtype, updating: bool = False):
+        """The state arrays validated against num_features and the input dtype
+        (and, when `updating`, writeable running statistics and a counter a
+        training forward can bump), for a kernel that refused them (it checks
+        them itself, before writing anything): raises the validators' error,
+        or returns the arrays they normalized for a second try."""
+        arrays = self._state_arrays()
+        arrays = tuple(self._vector(name, array, dtype) for name, array in
+                       zip(("weight", "bias", "running_mean", "running_var"), arrays))
+        check_running_stats_pair(arrays[2], arrays[3])
+        if updating:
+            check_updatable("running_mean", arrays[2])
+            check_updatable("running_var", arrays[3])
+            check_counter("num_batches_tracked", self.num_batches_tracked, updating=True)
+            if self._momentum is None and self.num_batches_tracked is None:
+                raise ValueError("num_batches_tracked: expected a 0-d int64 array because "
+                                 "momentum=None (cumulative average) needs the number of "
+                                 "batches seen, got None")
+        return arrays
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Normalize `x` (float32/float64, channel axis `axis`).
@@ -247,10 +237,9 @@ class _BatchNorm(Module):
         Everything the call writes is checked first, so an exception leaves
         the running statistics and the counter unchanged; the running
         statistics and num_batches_tracked change together (also when a
-        KeyboardInterrupt arrives during the call, on the fast backend).
+        KeyboardInterrupt arrives during the call).
         """
-        if _backend.is_reference():
-            return self._forward_reference(x)
+        kernels = current_kernels()
         # the geometry of the last input shape is reused: a training loop
         # calls the layer on the same shape every step (assigning `axis`
         # clears it)
@@ -262,35 +251,55 @@ class _BatchNorm(Module):
             object.__setattr__(self, "_known_input", (x.shape, x.dtype, layout))
         training = self.training
         update = training and self._track_running_stats
-        weight, bias, running_mean, running_var = self._checked_state(x.dtype, update)
+        weight, bias, running_mean, running_var = self._state_arrays()
+        outer, channels, inner = layout.outer, layout.channels, layout.inner
         if training or running_mean is None:
-            if layout.outer * layout.inner < 2:
+            if outer * inner < 2:
                 check_batch_size(x, layout)
-            factor = 0.0
             counter = None
+            momentum = 0.0
             if update and running_mean is not None:
                 counter = self.num_batches_tracked
-                factor = self._update_factor(counter)
+                momentum = self._momentum   # None: the kernel's cumulative average
             else:
                 running_mean = running_var = None
-            x = _bn.as_kernel_array(x)
-            # the kernel updates the running statistics and bumps the counter
-            # in one bridge call: no Python code runs between the two
-            y, mean, invstd = _bn.train_forward(x, None, layout.outer, layout.channels,
-                                                layout.inner, weight, bias, self._eps,
-                                                running_mean, running_var, factor,
-                                                self.fused_relu, counter)
+            # one kernel call: it checks the state arrays, updates the running
+            # statistics and bumps the counter (all or nothing), and returns
+            # the array it read as x, which the backward reads again
+            result = kernels.train_forward(x, None, outer, channels, inner, weight, bias,
+                                           self._eps, running_mean, running_var, momentum,
+                                           self.fused_relu, counter)
+            if result is None:
+                weight, bias, running_mean, running_var = self._checked_state(
+                    x.dtype, update and running_mean is not None)
+                if not (update and running_mean is not None):
+                    running_mean = running_var = None
+                result = self._retry(kernels.train_forward(
+                    x, None, outer, channels, inner, weight, bias, self._eps, running_mean,
+                    running_var, momentum, self.fused_relu, counter))
+            y, mean, invstd, x = result
             object.__setattr__(self, "_saved", (_TRAIN, x, layout, mean, invstd))
             return y
         if x.size == 0:
+            self._checked_state(x.dtype)
             y = np.empty(x.shape, x.dtype)
         else:
-            x = _bn.as_kernel_array(x)
-            y = _bn.eval_forward(x, None, layout.outer, layout.channels, layout.inner,
-                                 running_mean, running_var, weight, bias, self._eps,
-                                 self.fused_relu)
+            result = kernels.eval_forward(x, None, outer, channels, inner, running_mean,
+                                          running_var, weight, bias, self._eps, self.fused_relu)
+            if result is None:
+                weight, bias, running_mean, running_var = self._checked_state(x.dtype)
+                result = self._retry(kernels.eval_forward(
+                    x, None, outer, channels, inner, running_mean, running_var, weight, bias,
+                    self._eps, self.fused_relu))
+            y, x = result
         object.__setattr__(self, "_saved", (_EVAL, x, layout, running_mean, running_var))
         return y
+
+    def _retry(self, result):
+        if result is None:   # the validators passed what the kernel refused: a bug
+            raise RuntimeError(f"{type(self).__name__}: the kernels refused arguments that "
+                               "passed validation")
+        return result
 
     # ---- backward -----------------------------------------------------------
 
@@ -318,89 +327,38 @@ class _BatchNorm(Module):
         if saved is None:
             raise RuntimeError(f"{type(self).__name__}.backward: no forward pass to "
                                "differentiate; call the module on an input first")
+        kernels = current_kernels()
         mode, x, layout, stat_a, stat_b = saved
         dy = check_like("dy", dy, x, "the forward's input")
-        weight, bias = self._checked_state(x.dtype)[:2]
-        if _backend.is_reference():
-            return self._backward_reference(dy, mode, x, stat_a, stat_b, weight, bias)
+        weight, bias = self._state_arrays()[:2]
         dweight, dbias, accumulate, finish = self._grad_targets(x.dtype)
         if x.size == 0:
+            self._checked_state(x.dtype)
             dx = np.empty(x.shape, x.dtype)
             if dweight is not None and not accumulate:
                 dweight.fill(0)
                 dbias.fill(0)
-        elif mode == _TRAIN:
-            dx = _bn.backward(dy, x, None, layout.outer, layout.channels, layout.inner,
-                              stat_a, stat_b, weight, dweight, dbias, accumulate, bias,
-                              self.fused_relu)
         else:
-            dx = _bn.backward_eval(dy, x, None, layout.outer, layout.channels, layout.inner,
-                                   stat_a, stat_b, weight, self._eps, dweight, dbias, accumulate,
-                                   bias, self.fused_relu)
+            dx = self._backward_kernel(kernels, mode, dy, x, layout, stat_a, stat_b, weight,
+                                       bias, dweight, dbias, accumulate)
+            if dx is None:
+                weight, bias = self._checked_state(x.dtype)[:2]
+                dx = self._retry(self._backward_kernel(kernels, mode, dy, x, layout, stat_a,
+                                                       stat_b, weight, bias, dweight, dbias,
+                                                       accumulate))
         if finish is not None:
             finish(dweight, dbias)
         return dx
 
-    # ---- the same layer on the NumPy reference (use_backend("reference")) ----
-
-    def _forward_reference(self, x: np.ndarray) -> np.ndarray:
-        from .. import reference as R
-        x, layout = self._check_input(x)
-        update = self.training and self._track_running_stats
-        weight, bias, running_mean, running_var = self._checked_state(x.dtype, update)
-        relu = self.fused_relu
-        if self.training or running_mean is None:
-            check_batch_size(x, layout)
-            forward = R.batch_norm_relu_forward_train if relu else R.batch_norm_forward_train
-            if not (update and running_mean is not None):
-                y, mean, invstd = forward(x, weight, bias, self._eps, axis=self._axis)
-                object.__setattr__(self, "_saved", (_TRAIN, x, layout, mean, invstd))
-                return y
-            counter = self.num_batches_tracked
-            factor = self._update_factor(counter)
-            # NumPy updates the statistics in several steps: keep the old
-            # values so that any exception (KeyboardInterrupt included) puts
-            # them back, and count last, in the same statement as nothing else
-            backup = (running_mean.copy(), running_var.copy())
-            try:
-                y, mean, invstd = forward(x, weight, bias, self._eps, axis=self._axis,
-                                          running_mean=running_mean, running_var=running_var,
-                                          momentum=factor)
-                if counter is not None:
-                    counter[...] += 1
-            except BaseException:
-                running_mean[...], running_var[...] = backup
-                raise
-            object.__setattr__(self, "_saved", (_TRAIN, x, layout, mean, invstd))
-            return y
-        forward = R.batch_norm_relu if relu else R.batch_norm
-        y = forward(x, running_mean, running_var, weight, bias, False, 0.1, self._eps,
-                    axis=self._axis)
-        object.__setattr__(self, "_saved", (_EVAL, x, layout, running_mean, running_var))
-        return y
-
-    def _backward_reference(self, dy, mode, x, stat_a, stat_b, weight, bias) -> np.ndarray:
-        from .. import reference as R
-        self._check_grads(x.dtype)
+    def _backward_kernel(self, kernels, mode, dy, x, layout, stat_a, stat_b, weight, bias,
+                         dweight, dbias, accumulate):
         if mode == _TRAIN:
-            if self.fused_relu:
-                dx, dweight, dbias = R.batch_norm_relu_backward(dy, x, stat_a, stat_b, weight, bias,
-                                                                axis=self._axis)
-            else:
-                dx, dweight, dbias = R.batch_norm_backward(dy, x, stat_a, stat_b, weight,
-                                                           axis=self._axis)
-        elif self.fused_relu:
-            dx, dweight, dbias = R.batch_norm_relu_backward_eval(dy, x, stat_a, stat_b, weight, bias,
-                                                                 self._eps, axis=self._axis)
-        else:
-            dx, dweight, dbias = R.batch_norm_backward_eval(dy, x, stat_a, stat_b, weight,
-                                                            self._eps, axis=self._axis)
-        updates = []
-        for param, grad in ((self.weight, dweight), (self.bias, dbias)):
-            if param is not None:
-                updates.append((param, np.array(grad, dtype=x.dtype).reshape(self._num_features)))
-        accumulate_grads(updates)
-        return dx
+            return kernels.backward(dy, x, None, layout.outer, layout.channels, layout.inner,
+                                    stat_a, stat_b, weight, dweight, dbias, accumulate, bias,
+                                    self.fused_relu)
+        return kernels.backward_eval(dy, x, None, layout.outer, layout.channels, layout.inner,
+                                     stat_a, stat_b, weight, self._eps, dweight, dbias,
+                                     accumulate, bias, self.fused_relu)
 
     def _check_grads(self, dtype) -> None:
         """Every existing parameter gradient: a writeable array of the

@@ -1,6 +1,8 @@
-"""Pure-NumPy reference implementations: the same signatures as the fast
-path, written for clarity, used by the tests as the oracle and selectable with
-``fastbn.use_backend("reference")``."""
+"""Pure-NumPy reference: `_kernels` holds the reference backend's kernels
+object (the fast one's methods, in NumPy, selected with
+``fastbn.use_backend("reference")``); the public functions are twins of
+`fastbn.functional`'s, with identical signatures, running on those kernels
+(the tests' oracle)."""
 from .batchnorm import (batch_norm, batch_norm_backward, batch_norm_backward_eval,
                         batch_norm_forward_train)
 from .batchnorm_relu import (batch_norm_relu, batch_norm_relu_backward,

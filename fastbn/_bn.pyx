@@ -1,9 +1,13 @@
-"""Cython bridge to the batch-norm kernels (src_c/bn).
+"""Cython bridge to the batch-norm kernels (src_c/bn): the fast backend's
+batch-norm methods (fastbn._backend.FastKernels binds them as they are).
 
-Callers (fastbn.functional, fastbn.nn) have already validated everything:
-dtypes match, shapes are (outer, channels, inner)-compatible, per-channel
-vectors have `channels` elements, outputs are C-contiguous and do not overlap
-inputs except where a kernel allows it (in place).
+Each kernel function checks that its arrays are kernel-ready (exact
+ndarrays of the input's native dtype, per-channel vectors of `channels`
+elements, written buffers writeable, a counter it can bump) and returns None,
+having written nothing, when one is not: the caller then runs the validators
+of fastbn._bn_validation, which own every rule's error message.  Scalars and
+`out` buffers are the caller's to validate.  fastbn.reference._kernels has
+the same functions with the same contract, in NumPy.
 
 Inputs may have any strides: one that is not C-contiguous and aligned is
 copied once here; a running statistic (IN-OUT) that needs a copy is copied
@@ -79,18 +83,13 @@ cdef inline int copy_back(object target, object kernel_array) except -1:
     return 0
 
 
-def as_kernel_array(cnp.ndarray array):
-    """`array` itself if C-contiguous and aligned, else a C-contiguous copy.
-    Lets a caller keep the array the kernel read (e.g. a layer saving its
-    input for the backward) without a second copy."""
-    return kernel_input(array)
-
-
-# ---- fast-path argument checks -------------------------------------------------
+# ---- kernel-ready checks ---------------------------------------------------------
 # The per-call cost of a tiny batch norm is dominated by argument checking in
-# Python.  These return True/None-free answers for the COMMON, VALID call
-# only; anything unusual (or wrong) returns False/None and the caller runs the
-# Python validators in fastbn._bn_validation, which own every error message.
+# Python.  These answer True for the COMMON, VALID call only; anything unusual
+# (or wrong) makes a kernel function return None (standard_geometry: None)
+# and the caller runs the Python validators in fastbn._bn_validation, which
+# own every error message.  fastbn._bn_validation.is_kernel_vector and
+# kernel_ready are the same tests for the NumPy kernels.
 
 cdef inline bint is_float_array(object value, int typenum):
     """An exact ndarray of native dtype `typenum`."""
@@ -105,21 +104,37 @@ cdef inline bint is_channel_vector(object value, cnp.npy_intp channels, int type
                              and cnp.PyArray_DIMS(<cnp.ndarray>value)[0] == channels)
 
 
-def channel_vectors_ok(cnp.npy_intp channels, int typenum, a, b, c, d, bint writeable_cd=False,
-                       object counter=None):
-    """True when each of a, b, c, d is None or a native 1-D array of
-    `channels` elements of dtype `typenum` (and c, d writeable and `counter`
-    None or a counter `train_forward` can bump, when `writeable_cd`: running
-    statistics about to be updated)."""
-    if not (is_channel_vector(a, channels, typenum) and is_channel_vector(b, channels, typenum)
-            and is_channel_vector(c, channels, typenum)
-            and is_channel_vector(d, channels, typenum)):
+cdef inline bint is_input(object value, int64_t outer, int64_t channels, int64_t inner):
+    """An exact native float32/float64 ndarray of outer * channels * inner elements."""
+    if type(value) is not cnp.ndarray:
         return False
-    if writeable_cd:
-        return ((c is None or cnp.PyArray_ISWRITEABLE(<cnp.ndarray>c))
-                and (d is None or cnp.PyArray_ISWRITEABLE(<cnp.ndarray>d))
-                and (counter is None or is_counter(counter)))
-    return True
+    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>value)
+    return ((typenum == cnp.NPY_FLOAT32 or typenum == cnp.NPY_FLOAT64)
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>value)
+            and cnp.PyArray_SIZE(<cnp.ndarray>value) == outer * channels * inner)
+
+
+cdef inline bint is_like(object value, cnp.ndarray like):
+    """An exact native ndarray of like's dtype and size (dy vs x)."""
+    return (is_float_array(value, cnp.PyArray_TYPE(like))
+            and cnp.PyArray_SIZE(<cnp.ndarray>value) == cnp.PyArray_SIZE(like))
+
+
+cdef inline bint is_written_vector(object value, cnp.npy_intp channels, int typenum):
+    """None, or a per-channel vector the kernel can write through its pointer."""
+    return value is None or (is_channel_vector(value, channels, typenum)
+                             and cnp.PyArray_ISCARRAY(<cnp.ndarray>value))
+
+
+cdef inline bint is_updatable_pair(object running_mean, object running_var,
+                                   cnp.npy_intp channels, int typenum):
+    """Both None, or both writeable per-channel vectors."""
+    if running_mean is None or running_var is None:
+        return running_mean is None and running_var is None
+    return (is_channel_vector(running_mean, channels, typenum)
+            and is_channel_vector(running_var, channels, typenum)
+            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_mean)
+            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_var))
 
 
 cdef inline bint is_counter(object counter):
@@ -144,16 +159,6 @@ cdef inline void bump(cnp.ndarray counter) noexcept:
         (<unsigned short *>data)[0] += 1
     else:
         (<unsigned char *>data)[0] += 1
-
-
-def increment_counter(object counter):
-    """counter += 1 in place for a writeable 0-d integer array (a layer's
-    num_batches_tracked), returning True; False (nothing done) for anything
-    else, which the caller then handles in Python."""
-    if not is_counter(counter):
-        return False
-    bump(<cnp.ndarray>counter)
-    return True
 
 
 cdef inline void byte_extent(cnp.ndarray array, Py_ssize_t *low, Py_ssize_t *high):
@@ -202,16 +207,17 @@ cdef inline bint plain_out(object out, cnp.ndarray x, object a, object b, object
 
 
 def standard_geometry(object x, object axis, object running_mean, object running_var,
-                      object weight, object bias, object eps, object momentum,
-                      bint batch_stats, bint update, object out=None):
-    """(outer, channels, inner) when this batch-norm call is valid and plain:
-    x a float32/float64 ndarray of rank >= 2, axis the int 1 or -1, eps and
-    momentum floats in range, per-channel vectors matching, running
-    statistics both given or both None (writeable when `update`), a
-    non-empty input with at least 2 values per channel with batch statistics,
-    and `out` None, x itself, or a writeable C-contiguous array like x whose
-    bytes are provably apart from every input.  None otherwise."""
-    if type(x) is not cnp.ndarray or type(axis) is not int or type(eps) is not float:
+                      object weight, object bias, bint batch_stats, bint update,
+                      object out=None):
+    """(outer, channels, inner) when the arrays of this batch-norm call are
+    valid and plain: x a float32/float64 ndarray of rank >= 2, axis the int 1
+    or -1, per-channel vectors matching, running statistics both given or
+    both None (writeable when `update`), a non-empty input with at least 2
+    values per channel with batch statistics, and `out` None, x itself, or a
+    writeable C-contiguous array like x whose bytes are provably apart from
+    every input.  None otherwise.  The scalars (eps, momentum) are not looked
+    at: their one rule each is in fastbn._bn_validation."""
+    if type(x) is not cnp.ndarray or type(axis) is not int:
         return None
     cdef cnp.ndarray array = <cnp.ndarray>x
     cdef int typenum = cnp.PyArray_TYPE(array)
@@ -224,19 +230,6 @@ def standard_geometry(object x, object axis, object running_mean, object running
     if channel_axis == -1:
         channel_axis = ndim - 1
     elif channel_axis != 1:
-        return None
-    cdef double eps_value = eps
-    if not (eps_value > 0 or (not batch_stats and eps_value >= 0)):
-        return None
-    cdef double momentum_value
-    if momentum is None:
-        if update:
-            return None
-    elif type(momentum) is float:
-        momentum_value = momentum
-        if not (0.0 <= momentum_value <= 1.0):
-            return None
-    else:
         return None
     cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(array)
     cdef cnp.npy_intp channels = dims[channel_axis]
@@ -291,8 +284,19 @@ def eval_forward(object x, object y, int64_t outer, int64_t channels, int64_t in
 
     x IN (outer, channels, inner) any strides; y OUT, same shape (may be x),
     or None to allocate it; running_mean, running_var IN (channels,); weight,
-    bias IN (channels,) or None.  relu: store max(y, 0) (fused ReLU).  Returns y.
+    bias IN (channels,) or None.  relu: store max(y, 0) (fused ReLU).
+    Returns (y, the array read as x: x itself or its C-contiguous copy), or
+    None (nothing written) when an array is not kernel-ready.
     """
+    if not is_input(x, outer, channels, inner):
+        return None
+    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    if not (running_mean is not None and running_var is not None
+            and is_channel_vector(running_mean, channels, typenum)
+            and is_channel_vector(running_var, channels, typenum)
+            and is_channel_vector(weight, channels, typenum)
+            and is_channel_vector(bias, channels, typenum)):
+        return None
     cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
     cdef int nt = effective_num_threads()
     cdef int status
@@ -322,30 +326,46 @@ def eval_forward(object x, object y, int64_t outer, int64_t channels, int64_t in
                                             <const double *>wp, <const double *>bp, eps,
                                             fused_relu, nt)
     raise_for_status(status, "batch_norm eval forward")
-    return out
+    return out, x
 
 
 def train_forward(object x, object y, int64_t outer, int64_t channels, int64_t inner,
                   object weight, object bias, double eps, object running_mean,
-                  object running_var, double momentum, bint relu=False,
+                  object running_var, object momentum, bint relu=False,
                   object counter=None):
     """Batch statistics, optional running-stat update, normalization.
 
     x IN (outer, channels, inner) any strides, at least 2 values per channel;
     y OUT same shape (may be x), or None to allocate it; weight, bias IN
     (channels,) or None; running_mean, running_var IN-OUT (channels,) or both
-    None.  relu: store max(y, 0) (fused ReLU).  counter IN-OUT: None, or a
-    writeable native 0-d integer array incremented after the running
-    statistics (a layer's num_batches_tracked).  Returns (y, saved_mean, saved_invstd), the
-    last two new (channels,) arrays.
+    None.  momentum: the running-average factor (a float), or None for the
+    cumulative average 1 / (counter + 1).  relu: store max(y, 0) (fused
+    ReLU).  counter IN-OUT: None, or a writeable native 0-d integer array
+    incremented after the running statistics (a layer's num_batches_tracked).
+    Returns (y, saved_mean, saved_invstd, the array read as x: x itself or
+    its C-contiguous copy), the means new (channels,) arrays; or None
+    (nothing written) when an array is not kernel-ready or momentum is None
+    without a counter.
 
     The running statistics and the counter change together or not at all:
     between the kernel's return and the increment no Python code runs, so a
     signal handler (KeyboardInterrupt) cannot run in between.
     """
-    if counter is not None and not is_counter(counter):
-        raise ValueError("counter: expected a writeable, aligned, native 0-d integer array "
-                         "or None")
+    if not is_input(x, outer, channels, inner):
+        return None
+    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    if not (is_channel_vector(weight, channels, typenum)
+            and is_channel_vector(bias, channels, typenum)
+            and is_updatable_pair(running_mean, running_var, channels, typenum)
+            and (counter is None or is_counter(counter))):
+        return None
+    cdef double factor
+    if momentum is None:
+        if counter is None:
+            return None
+        factor = 1.0 / (int(counter) + 1)
+    else:
+        factor = momentum
     cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
     cdef int nt = effective_num_threads()
     cdef int status
@@ -355,7 +375,6 @@ def train_forward(object x, object y, int64_t outer, int64_t channels, int64_t i
     bias = kernel_input(bias)
     cdef object rm = kernel_input(running_mean)
     cdef object rv = kernel_input(running_var)
-    cdef int typenum = cnp.PyArray_TYPE(x)
     cdef cnp.ndarray out = empty_like_array(x) if y is None else <cnp.ndarray>y
     cdef cnp.ndarray saved_mean = empty_vector(channels, typenum)
     cdef cnp.ndarray saved_invstd = empty_vector(channels, typenum)
@@ -372,20 +391,20 @@ def train_forward(object x, object y, int64_t outer, int64_t channels, int64_t i
             status = table.train_forward_f32(<const float *>xp, <float *>yp, outer, channels, inner,
                                              <const float *>wp, <const float *>bp, eps,
                                              <float *>smp, <float *>sip, <float *>rmp,
-                                             <float *>rvp, momentum, fused_relu, nt)
+                                             <float *>rvp, factor, fused_relu, nt)
     else:
         with nogil:
             status = table.train_forward_f64(<const double *>xp, <double *>yp, outer, channels,
                                              inner, <const double *>wp, <const double *>bp, eps,
                                              <double *>smp, <double *>sip, <double *>rmp,
-                                             <double *>rvp, momentum, fused_relu, nt)
+                                             <double *>rvp, factor, fused_relu, nt)
     raise_for_status(status, "batch_norm training forward")
     if rm is not None:
         copy_back(running_mean, rm)
         copy_back(running_var, rv)
     if counter is not None:
         bump(<cnp.ndarray>counter)
-    return out, saved_mean, saved_invstd
+    return out, saved_mean, saved_invstd, x
 
 
 def backward(object dy, object x, object dx, int64_t outer, int64_t channels,
@@ -396,11 +415,23 @@ def backward(object dy, object x, object dx, int64_t outer, int64_t channels,
 
     dy, x IN (outer, channels, inner) any strides; dx OUT same shape (may be
     dy or x), or None to allocate it; mean, invstd, weight IN (channels,)
-    (weight may be None); dweight, dbias OUT (channels,) or None (not
-    wanted), added to when `accumulate`.  relu: dy is the gradient of a fused
-    ReLU's output, masked where the forward's pre-activation (recomputed from
-    x, the statistics, weight and `bias`) is <= 0.  Returns dx.
+    (weight may be None); dweight, dbias OUT (channels,) C-contiguous, or
+    None (not wanted), added to when `accumulate`.  relu: dy is the gradient
+    of a fused ReLU's output, masked where the forward's pre-activation
+    (recomputed from x, the statistics, weight and `bias`) is <= 0.  Returns
+    dx, or None (nothing written) when an array is not kernel-ready.
     """
+    if not is_input(x, outer, channels, inner) or not is_like(dy, <cnp.ndarray>x):
+        return None
+    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    if not (mean is not None and invstd is not None
+            and is_channel_vector(mean, channels, typenum)
+            and is_channel_vector(invstd, channels, typenum)
+            and is_channel_vector(weight, channels, typenum)
+            and (not relu or is_channel_vector(bias, channels, typenum))
+            and is_written_vector(dweight, channels, typenum)
+            and is_written_vector(dbias, channels, typenum)):
+        return None
     cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
     cdef int nt = effective_num_threads()
     cdef int status
@@ -449,17 +480,31 @@ def backward_eval(object dy, object x, object dx, int64_t outer, int64_t channel
     dy IN (outer, channels, inner) any strides; x IN same shape, or None when
     dweight and dbias are both None; dx OUT same shape (may be dy), or None
     to allocate it; running_mean, running_var, weight IN (channels,) (weight
-    may be None); dweight, dbias OUT (channels,) or None (not wanted), added
-    to when `accumulate`.  relu: as in `backward` (x is then required).
-    Returns dx.
+    may be None); dweight, dbias OUT (channels,) C-contiguous, or None (not
+    wanted), added to when `accumulate`.  relu: as in `backward` (x is then
+    required).  Returns dx, or None (nothing written) when an array is not
+    kernel-ready.
     """
+    cdef bint needs_x = dweight is not None or dbias is not None or relu
+    if not is_input(dy, outer, channels, inner) or (
+            needs_x and not is_like(x, <cnp.ndarray>dy)):
+        return None
+    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>dy)
+    if not (running_mean is not None and running_var is not None
+            and is_channel_vector(running_mean, channels, typenum)
+            and is_channel_vector(running_var, channels, typenum)
+            and is_channel_vector(weight, channels, typenum)
+            and (not relu or is_channel_vector(bias, channels, typenum))
+            and is_written_vector(dweight, channels, typenum)
+            and is_written_vector(dbias, channels, typenum)):
+        return None
     cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
     cdef int nt = effective_num_threads()
     cdef int status
     cdef int acc = accumulate
     cdef int fused_relu = relu
     dy = kernel_input(dy)
-    x = kernel_input(x) if (dweight is not None or dbias is not None or relu) else None
+    x = kernel_input(x) if needs_x else None
     running_mean = kernel_input(running_mean)
     running_var = kernel_input(running_var)
     weight = kernel_input(weight)

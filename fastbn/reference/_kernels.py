@@ -1,0 +1,209 @@
+"""The reference backend's kernels: the methods of the fast kernels object
+(fastbn/_bn.pyx) with the same names, signatures and contract, in NumPy.
+
+Written the way a NumPy user writes the formulas: the input viewed as
+``x__ocn = x.reshape(outer, channels, inner)``, whole-array expressions in the
+input dtype (two-pass mean and variance, no tricks), so the fast kernels are
+checked against the textbook math, not against a copy of themselves.
+
+The contract shared with the bridge:
+- arrays that are not kernel-ready (fastbn._bn_validation.kernel_ready)
+  make a method return None having written nothing;
+- everything a call writes (running statistics and the counter; both
+  parameter gradients) changes together or not at all, also when an
+  exception (a KeyboardInterrupt) arrives in the middle of the writes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .._bn_validation import is_counter, is_kernel_input, is_kernel_vector
+
+_REDUCE = (0, 2)   # every axis of (outer, channels, inner) but the channels
+
+
+def _per_channel(vector: np.ndarray) -> np.ndarray:
+    return vector.reshape(1, -1, 1)
+
+
+def _normalize(x__ocn, mean, invstd, weight, bias):
+    y = (x__ocn - _per_channel(mean)) * _per_channel(invstd)
+    if weight is not None:
+        y = y * _per_channel(weight)
+    if bias is not None:
+        y = y + _per_channel(bias)
+    return y
+
+
+def _relu_mask(dy__ocn, x__ocn, mean, invstd, weight, bias):
+    """dy where the forward's pre-activation is > 0, else 0 (also for NaN)."""
+    pre = _normalize(x__ocn, mean, invstd, weight, bias)
+    return np.where(pre > 0, dy__ocn, dy__ocn.dtype.type(0))
+
+
+def _deliver(result__ocn: np.ndarray, out: Optional[np.ndarray], shape) -> np.ndarray:
+    if out is None:
+        return np.ascontiguousarray(result__ocn).reshape(shape)
+    out.reshape(result__ocn.shape)[...] = result__ocn
+    return out
+
+
+def _commit(writes, counter=None) -> None:
+    """target[...] = value for each (target, value), then counter += 1: all
+    or nothing (the old values come back on any exception)."""
+    backups = [target.copy() for target, _ in writes]
+    try:
+        for target, value in writes:
+            target[...] = value
+        if counter is not None:
+            counter[...] += 1
+    except BaseException:
+        for (target, _), backup in zip(writes, backups):
+            target[...] = backup
+        raise
+
+
+def _gradient_writes(dweight, dbias, new_dweight, new_dbias, accumulate: bool):
+    return [(target, target + value if accumulate else value)
+            for target, value in ((dweight, new_dweight), (dbias, new_dbias))
+            if target is not None]
+
+
+def _vectors_ready(channels: int, dtype, *vectors) -> bool:
+    return all(is_kernel_vector(vector, channels, dtype) for vector in vectors)
+
+
+def _written_ready(channels: int, dtype, *vectors) -> bool:
+    return all(vector is None or (is_kernel_vector(vector, channels, dtype)
+                                  and vector.flags.writeable and vector.flags.c_contiguous)
+               for vector in vectors)
+
+
+def eval_forward(x, y, outer, channels, inner, running_mean, running_var, weight, bias,
+                 eps, relu=False):
+    """See fastbn/_bn.pyx: eval_forward.  Returns (y, x) or None."""
+    if not is_kernel_input(x, outer * channels * inner):
+        return None
+    if (running_mean is None or running_var is None
+            or not _vectors_ready(channels, x.dtype, running_mean, running_var, weight, bias)):
+        return None
+    x__ocn = x.reshape(outer, channels, inner)
+    invstd = 1 / np.sqrt(running_var + x.dtype.type(eps))
+    y__ocn = _normalize(x__ocn, running_mean, invstd, weight, bias)
+    if relu:
+        np.maximum(y__ocn, y__ocn.dtype.type(0), out=y__ocn)   # NaN passes, as torch.relu
+    return _deliver(y__ocn, y, x.shape), x
+
+
+def train_forward(x, y, outer, channels, inner, weight, bias, eps, running_mean, running_var,
+                  momentum, relu=False, counter=None):
+    """See fastbn/_bn.pyx: train_forward.  Returns (y, saved_mean,
+    saved_invstd, x) or None."""
+    if not is_kernel_input(x, outer * channels * inner):
+        return None
+    dtype = x.dtype
+    if not _vectors_ready(channels, dtype, weight, bias, running_mean, running_var):
+        return None
+    if (running_mean is None) != (running_var is None) or not (
+            running_mean is None
+            or (running_mean.flags.writeable and running_var.flags.writeable)):
+        return None
+    if counter is not None and not is_counter(counter):
+        return None
+    if momentum is None:
+        if counter is None:
+            return None
+        momentum = 1.0 / (int(counter) + 1)
+    x__ocn = x.reshape(outer, channels, inner)
+    mean = x__ocn.mean(axis=_REDUCE)
+    centered = x__ocn - _per_channel(mean)
+    var = (centered * centered).mean(axis=_REDUCE)
+    invstd = 1 / np.sqrt(var + dtype.type(eps))
+    y__ocn = _normalize(x__ocn, mean, invstd, weight, bias)
+    if relu:
+        np.maximum(y__ocn, dtype.type(0), out=y__ocn)
+    result = _deliver(y__ocn, y, x.shape)
+    if running_mean is not None:
+        # r = (1 - m) * r + m * stat, with the unbiased variance for running_var
+        n = outer * inner
+        factor = dtype.type(momentum)
+        keep = dtype.type(1) - factor
+        _commit([(running_mean, keep * running_mean + factor * mean),
+                 (running_var, keep * running_var + factor * (var * dtype.type(n / (n - 1))))],
+                counter)
+    return result, mean, invstd, x
+
+
+def backward(dy, x, dx, outer, channels, inner, mean, invstd, weight, dweight, dbias,
+             accumulate, bias=None, relu=False):
+    """See fastbn/_bn.pyx: backward.  Returns dx or None."""
+    size = outer * channels * inner
+    if not (is_kernel_input(x, size) and is_kernel_input(dy, size) and dy.dtype == x.dtype):
+        return None
+    dtype = x.dtype
+    if (mean is None or invstd is None
+            or not _vectors_ready(channels, dtype, mean, invstd, weight, bias if relu else None)
+            or not _written_ready(channels, dtype, dweight, dbias)):
+        return None
+    x__ocn = x.reshape(outer, channels, inner)
+    dy__ocn = dy.reshape(outer, channels, inner)
+    if relu:
+        dy__ocn = _relu_mask(dy__ocn, x__ocn, mean, invstd, weight, bias)
+    xhat = (x__ocn - _per_channel(mean)) * _per_channel(invstd)
+    sum_dy = dy__ocn.sum(axis=_REDUCE)
+    sum_dy_xhat = (dy__ocn * xhat).sum(axis=_REDUCE)
+    n = dtype.type(outer * inner)
+    scale = invstd if weight is None else weight * invstd
+    dx__ocn = (_per_channel(scale) / n
+               * (n * dy__ocn - _per_channel(sum_dy) - xhat * _per_channel(sum_dy_xhat)))
+    writes = _gradient_writes(dweight, dbias, sum_dy_xhat, sum_dy, accumulate)
+    result = _deliver(dx__ocn, dx, x.shape)
+    _commit(writes)
+    return result
+
+
+def backward_eval(dy, x, dx, outer, channels, inner, running_mean, running_var, weight, eps,
+                  dweight, dbias, accumulate, bias=None, relu=False):
+    """See fastbn/_bn.pyx: backward_eval.  Returns dx or None."""
+    size = outer * channels * inner
+    needs_x = dweight is not None or dbias is not None or relu
+    if not is_kernel_input(dy, size) or (
+            needs_x and not (is_kernel_input(x, size) and x.dtype == dy.dtype)):
+        return None
+    dtype = dy.dtype
+    if (running_mean is None or running_var is None
+            or not _vectors_ready(channels, dtype, running_mean, running_var, weight,
+                                  bias if relu else None)
+            or not _written_ready(channels, dtype, dweight, dbias)):
+        return None
+    dy__ocn = dy.reshape(outer, channels, inner)
+    invstd = 1 / np.sqrt(running_var + dtype.type(eps))
+    if needs_x:
+        x__ocn = x.reshape(outer, channels, inner)
+    if relu:
+        dy__ocn = _relu_mask(dy__ocn, x__ocn, running_mean, invstd, weight, bias)
+    scale = invstd if weight is None else weight * invstd
+    dx__ocn = dy__ocn * _per_channel(scale)
+    writes = []
+    if dweight is not None or dbias is not None:
+        xhat = (x__ocn - _per_channel(running_mean)) * _per_channel(invstd)
+        writes = _gradient_writes(dweight, dbias, (dy__ocn * xhat).sum(axis=_REDUCE),
+                                  dy__ocn.sum(axis=_REDUCE), accumulate)
+    result = _deliver(dx__ocn, dx, dy.shape)
+    _commit(writes)
+    return result
+
+
+class ReferenceKernels:
+    """The NumPy kernels object selected by ``use_backend("reference")``."""
+
+    name = "reference"
+    eval_forward = staticmethod(eval_forward)
+    train_forward = staticmethod(train_forward)
+    backward = staticmethod(backward)
+    backward_eval = staticmethod(backward_eval)
+
+
+REFERENCE = ReferenceKernels()
