@@ -484,7 +484,7 @@ def _adam_checkpoint(tmp_path, shapes=((2, 3), (4,)), dtype=np.float64):
     (lambda: optim.Adam([Parameter(np.ones((3, 2))), Parameter(np.ones(4))]), checkpoint.CheckpointError,
      r"'optimizer': state_dict\['state'\]\[0\]\['exp_avg'\]: expected shape \(3, 2\) \(the shape of the parameter\), got \(2, 3\)"),
     (lambda: optim.Adam([Parameter(np.ones((2, 3), np.float32)), Parameter(np.ones(4))]), TypeError,
-     r"'optimizer': state_dict\['state'\]\[0\]\['exp_avg'\]: expected dtype float32 \(the parameter's; fastbn does not cast state\), got float64"),
+     r"'optimizer': state_dict\['state'\]\[0\]\['exp_avg'\]: expected dtype float32 \(the parameter's; fastbn never casts state\), got float64"),
     (lambda: optim.Adam([Parameter(np.ones((2, 3)))]), checkpoint.CheckpointError,
      r"state_dict\['param_groups'\]\[0\]: expected 1 parameters \(as this optimizer's group 0 has\), got 2"),
     (lambda: optim.Adam([{"params": [Parameter(np.ones((2, 3)))]}, {"params": [Parameter(np.ones(4))]}]),

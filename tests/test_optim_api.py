@@ -330,7 +330,7 @@ def test_load_state_dict_refuses_state_of_another_precision_and_changes_nothing(
     saved = {"state": {0: {"step": 3, "exp_avg": np.ones(3), "exp_avg_sq": np.ones(3, np.float32)}},
              "param_groups": [{"lr": 0.25, "params": [0]}]}
     with pytest.raises(TypeError, match=r"state_dict\['state'\]\[0\]\['exp_avg'\]: expected dtype "
-                                        r"float32 \(the parameter's; fastbn does not cast state\), got float64"):
+                                        r"float32 \(the parameter's; fastbn never casts state\), got float64"):
         opt.load_state_dict(saved)
     assert opt.param_groups[0]["lr"] == 0.1 and len(opt.state) == 0
 

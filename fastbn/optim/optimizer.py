@@ -521,8 +521,8 @@ def _checked_state_value(value: Any, param: Parameter, name: str, key: str) -> A
     array = np.asarray(value)
     data = param.data
     if array.dtype.kind != "f" or array.dtype.itemsize != data.dtype.itemsize:
-        raise _StateDtypeError(f"{name}: expected dtype {data.dtype} (the parameter's; fastbn does not "
-                        f"cast state), got {array.dtype}")
+        raise _StateDtypeError(f"{name}: expected dtype {data.dtype} (the parameter's; fastbn never "
+                        f"casts state), got {array.dtype}")
     if array.shape != data.shape:
         raise ValueError(f"{name}: expected shape {data.shape} (the shape of the parameter), "
                          f"got {array.shape}")
