@@ -66,7 +66,8 @@ until after the rename. After a successful save, temporary files of the same
 target that a killed save left behind are deleted: only regular files with
 exactly that name pattern, owned by the current user, and not locked (so
 never the file of a save still running, in this process or another). Where
-``fcntl`` is missing (Windows) nothing is cleaned up.
+locks are not available (Windows, file systems without ``flock``) nothing
+is cleaned up.
 
 A value that contains itself (a dict holding itself, directly or deeper)
 cannot be saved: :class:`CheckpointError` names both places of the cycle.
@@ -386,8 +387,9 @@ def _is_temp_name(name: str, prefix: str) -> bool:
             and all(char in "0123456789abcdef" for char in middle))
 
 
-def _create_temporary(directory: str, prefix: str) -> Tuple[int, str]:
-    """A new temporary file, open and (where possible) locked by us.
+def _create_temporary(directory: str, prefix: str) -> Tuple[int, str, bool]:
+    """A new temporary file, open and (where possible) locked by us; the
+    last item tells whether it is locked.
 
     The lock marks it as in use for the stale-file cleanup of other saves. A
     cleaner could unlink it in the instant between creation and locking; the
@@ -401,11 +403,14 @@ def _create_temporary(directory: str, prefix: str) -> Tuple[int, str]:
         except FileExistsError:
             continue
         if fcntl is None:
-            return fd, temporary
+            return fd, temporary, False
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # a file system without locks (some network mounts)
+                return fd, temporary, False
             if os.fstat(fd).st_nlink > 0:
-                return fd, temporary
+                return fd, temporary, True
         except BaseException:
             os.close(fd)
             _unlink_quietly(temporary)
@@ -464,7 +469,7 @@ def _atomic_write(path: str, entries: Dict[str, np.ndarray], compress: bool) -> 
     directory = os.path.dirname(os.path.abspath(path))
     mode = _new_file_mode(path)
     prefix = _temp_prefix(directory, os.path.basename(path))
-    fd, temporary = _create_temporary(directory, prefix)
+    fd, temporary, locked = _create_temporary(directory, prefix)
     # The file stays open (and locked) until after the rename, so no other
     # save's cleanup can take it for a leftover while it is being written.
     file = os.fdopen(fd, "wb")
@@ -483,7 +488,8 @@ def _atomic_write(path: str, entries: Dict[str, np.ndarray], compress: bool) -> 
     finally:
         file.close()
     _fsync_directory(directory)
-    _remove_stale_temporaries(directory, prefix)
+    if locked:  # without locks, a leftover and a running save look the same
+        _remove_stale_temporaries(directory, prefix)
 
 
 # section: public API -------------------------------------------------------------

@@ -4,9 +4,11 @@ manifest declares; leftover temporary files of killed saves are cleaned up
 without touching a save in progress; long names and cycles are handled."""
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -459,6 +461,21 @@ def test_a_temporary_unlinked_between_creation_and_locking_is_replaced(tmp_path,
     assert [name for name in os.listdir(tmp_path) if name.endswith(".tmp")] == []
 
 
+def test_without_file_locks_saves_work_and_leave_other_temporaries_alone(tmp_path, monkeypatch):
+    # On a file system without flock a leftover cannot be told from a running
+    # save's file: the save must succeed and delete nothing but its own.
+    stale = make_stale(tmp_path, "run.ckpt", "0123abcd")
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    fastbn.save(tmp_path / "run.ckpt", {"w": 3})
+    monkeypatch.undo()
+    assert fastbn.load(tmp_path / "run.ckpt") == {"w": 3}
+    assert [name for name in os.listdir(tmp_path) if name.endswith(".tmp")] == [stale.name]
+
+
 KILLED_SAVE = textwrap.dedent("""
     import os, signal, sys
     import numpy as np
@@ -551,3 +568,47 @@ def test_too_deeply_nested_values_raise_checkpoint_error(tmp_path):
         deep = [deep]
     with pytest.raises(checkpoint.CheckpointError, match="nested too deeply"):
         fastbn.save(tmp_path / "d", {"deep": deep})
+
+
+# section: random corruption ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_randomly_corrupted_files_load_unchanged_or_raise_checkpoint_error(tmp_path, compress):
+    # Bit flips, byte overwrites and truncations anywhere in the file: the
+    # result is the saved content exactly (the damage hit a field the loader
+    # does not need, such as a timestamp) or CheckpointError, never another
+    # exception and never different values.
+    rng = np.random.default_rng(1234 + compress)
+    params = [Parameter(np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)), Parameter(np.ones(5))]
+    opt = optim.Adam(params)
+    for param in params:
+        param.grad = np.ones_like(param.data)
+    opt.step()
+    path, bad = tmp_path / "good.ckpt", tmp_path / "bad.ckpt"
+    fastbn.save(path, {"optimizer": opt, "epoch": 3, "extra": [1.5, "x", np.arange(4)]}, compress=compress)
+    good = path.read_bytes()
+    expected = pickle.dumps(fastbn.load(path))  # bytes: equal only for identical values
+    outcomes = {"loaded": 0, "refused": 0}
+    for trial in range(300):
+        data = bytearray(good)
+        where = int(rng.integers(len(data)))
+        if trial % 3 == 0:
+            data[where] ^= 1 << int(rng.integers(8))
+        elif trial % 3 == 1:
+            data[where] = int(rng.integers(256))
+        else:
+            del data[where:]
+        bad.write_bytes(bytes(data))
+        try:
+            loaded = fastbn.load(bad)
+        except checkpoint.CheckpointError:
+            outcomes["refused"] += 1
+            target = optim.Adam([Parameter(np.zeros((3, 4), np.float32)), Parameter(np.zeros(5))])
+            with pytest.raises(checkpoint.CheckpointError):
+                fastbn.load_into(bad, {"optimizer": target}, strict=False)
+            assert len(target.state) == 0
+        else:
+            outcomes["loaded"] += 1
+            assert pickle.dumps(loaded) == expected, (trial, where)
+    assert outcomes["refused"] > 150, outcomes
