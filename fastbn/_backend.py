@@ -16,8 +16,11 @@ _current = contextvars.ContextVar("fastbn_backend", default="fast")
 
 
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or name not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a backend name (a str, one of {BACKENDS}), "
+                        f"got {type(name).__name__} {name!r}")
+    if name not in BACKENDS:
+        raise ValueError(f"name: expected a backend name, one of {BACKENDS}, got {name!r}")
     return name
 
 
@@ -27,7 +30,15 @@ def get_backend() -> str:
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for the current thread/context ("fast" or "reference")."""
+    """Select the backend for the current thread/context ("fast" or "reference").
+
+    Raises
+    ------
+    TypeError
+        `name` is not a str.
+    ValueError
+        `name` is not one of the backend names.
+    """
     _current.set(_check_name(name))
 
 
