@@ -454,3 +454,42 @@ def test_fastbn_threads_follow_torch_unless_set_explicitly():
     finally:
         fastbn.set_num_threads(None)
         torch.set_num_threads(previous)
+
+
+# section: packaging ------------------------------------------------------------------
+
+
+def test_importing_fastbn_does_not_import_torch():
+    import subprocess
+    import sys
+    code = "import sys, fastbn, fastbn.nn, fastbn.optim; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_inference_mode_and_no_grad_take_the_fast_path(training):
+    ours, theirs = module_pair(2)
+    ours.train(training)
+    theirs.train(training)
+    x = torch.randn(4, 5, 3, 3)
+    with torch.inference_mode():
+        assert_close(ours(x), theirs(x), torch.float32)
+    with torch.no_grad():
+        assert_close(ours(x), theirs(x), torch.float32)
+    assert_same_state(ours, theirs, torch.float32)
+
+
+def test_double_backward_through_a_module_matches_torch():
+    ours, theirs = module_pair(2, dtype=torch.float64)
+    x = torch.randn(3, 5, 2, 2, dtype=torch.float64)
+    penalties = []
+    for module in (ours, theirs):
+        x_leaf = x.clone().requires_grad_()
+        y = module(x_leaf)
+        (grad_x,) = torch.autograd.grad(y.pow(3).sum(), x_leaf, create_graph=True)
+        grad_x.square().sum().backward()
+        penalties.append((x_leaf.grad, module.weight.grad))
+    assert_close(penalties[0][0], penalties[1][0], torch.float64)
+    assert_close(penalties[0][1], penalties[1][1], torch.float64)
