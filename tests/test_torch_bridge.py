@@ -177,8 +177,7 @@ def test_cumulative_average_first_batch_replaces_initial_statistics():
 @pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dim", [1, 2, 3])
 def test_fused_batchnorm_relu_matches_torch_batchnorm_then_relu(dim, memory_format):
-    rank, shape = {1: 3, 2: 4, 3: 5}[dim], None
-    shape = SHAPES[rank][1]
+    shape = SHAPES[dim + 2][1]
     ours, theirs = module_pair(dim, fast_class=FUSED_CLASS[dim])
     for step in range(2):
         x = random_input(shape, torch.float32, memory_format, seed=step)
@@ -410,7 +409,7 @@ def test_converted_cnn_trains_with_the_same_losses_as_torch(fuse_relu):
     reference, converted = small_cnn(), small_cnn()
     ft.convert(converted, fuse_relu=fuse_relu)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-                  for m in (reference, converted)]  # built BEFORE converting would work too
+                  for m in (reference, converted)]
     generator = torch.Generator().manual_seed(7)
     losses = {id(reference): [], id(converted): []}
     for step in range(20):
