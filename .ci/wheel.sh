@@ -17,7 +17,7 @@
 # installs torch==2.13.0 in the test environment so that the torch-oracle
 # tests run in that two-runtime setting (about 2 minutes more to install).
 #
-# Usage: bash .ci/wheel.sh [extra pytest arguments, e.g. a subset of tests/]
+# Usage: bash .ci/wheel.sh [pytest arguments; default: tests, the whole suite]
 # Environment: PYTHON (default python3) makes the virtual environments,
 #   WHEEL_TORCH=1 see above, WHEEL_OUT=dir copies the repaired wheel there,
 #   WHEEL_KEEP=1 keeps the temporary directory (printed).
@@ -25,7 +25,7 @@
 # for the suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-repo=$(pwd)
+[ $# -gt 0 ] || set -- tests
 python=${PYTHON:-python3}
 work=$(mktemp -d "${TMPDIR:-/tmp}/fastbn-wheel.XXXXXX")
 if [ "${WHEEL_KEEP:-0}" = "1" ]; then
@@ -127,7 +127,7 @@ PY
   fastbn info
   echo "== test suite against the installed wheel"
   start=$SECONDS
-  pytest -q -p no:cacheprovider tests "$@"
+  pytest -q -p no:cacheprovider "$@"
   echo "test suite against the wheel: $((SECONDS - start)) s"
 )
 echo "wheel check passed: $(basename "$wheel") ($((SECONDS - started)) s in all)"
