@@ -47,8 +47,11 @@ def kernels_for(name: str):
     """The kernels object of backend `name` ("fast" or "reference")."""
     if name == "fast":
         return FAST
-    if not isinstance(name, str) or name not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a backend name (a str, one of {BACKENDS}), "
+                        f"got {type(name).__name__} {name!r}")
+    if name not in BACKENDS:
+        raise ValueError(f"name: expected a backend name, one of {BACKENDS}, got {name!r}")
     # imported here: fastbn.reference imports fastbn.functional, which imports this module
     from .reference._kernels import REFERENCE
     return REFERENCE
@@ -60,7 +63,15 @@ def get_backend() -> str:
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for the current thread/context ("fast" or "reference")."""
+    """Select the backend for the current thread/context ("fast" or "reference").
+
+    Raises
+    ------
+    TypeError
+        `name` is not a str.
+    ValueError
+        `name` is not one of the backend names.
+    """
     _current.set(kernels_for(name))
 
 

@@ -482,13 +482,13 @@ def _adam_checkpoint(tmp_path, shapes=((2, 3), (4,)), dtype=np.float64):
     (lambda: optim.SGD([Parameter(np.ones((2, 3))), Parameter(np.ones(4))]), TypeError,
      "saved from a Adam, cannot be loaded into a SGD"),
     (lambda: optim.Adam([Parameter(np.ones((3, 2))), Parameter(np.ones(4))]), checkpoint.CheckpointError,
-     r"state\[0\]\['exp_avg'\]: shape \(2, 3\) saved, the parameter has shape \(3, 2\)"),
+     r"'optimizer': state_dict\['state'\]\[0\]\['exp_avg'\]: expected shape \(3, 2\) \(the shape of the parameter\), got \(2, 3\)"),
     (lambda: optim.Adam([Parameter(np.ones((2, 3), np.float32)), Parameter(np.ones(4))]), TypeError,
-     r"state\[0\]\['exp_avg'\]: dtype float64 saved, the parameter has dtype float32"),
+     r"'optimizer': state_dict\['state'\]\[0\]\['exp_avg'\]: expected dtype float32 \(the parameter's; fastbn never casts state\), got float64"),
     (lambda: optim.Adam([Parameter(np.ones((2, 3)))]), checkpoint.CheckpointError,
-     "param_groups\\[0\\] has 2 parameters saved, the optimizer's has 1"),
+     r"state_dict\['param_groups'\]\[0\]: expected 1 parameters \(as this optimizer's group 0 has\), got 2"),
     (lambda: optim.Adam([{"params": [Parameter(np.ones((2, 3)))]}, {"params": [Parameter(np.ones(4))]}]),
-     checkpoint.CheckpointError, "1 parameter groups saved, the optimizer has 2"),
+     checkpoint.CheckpointError, r"state_dict: expected 2 parameter groups \(as this optimizer has\), got 1"),
 ])
 def test_load_into_rejects_a_mismatched_optimizer_and_changes_nothing(tmp_path, make_target, error, pattern):
     path = _adam_checkpoint(tmp_path)

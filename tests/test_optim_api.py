@@ -324,17 +324,31 @@ def test_load_state_dict_rejects_mismatched_groups_and_shapes():
         opt.load_state_dict({"state": {}})
 
 
-def test_load_state_dict_casts_state_to_the_parameter_dtype_and_restores_hyperparameters():
+def test_load_state_dict_refuses_state_of_another_precision_and_changes_nothing():
     a, = make_params([(3,)], np.float32)
     opt = optim.Adam([a], lr=0.1)
-    saved = {"state": {0: {"step": np.float32(3.0), "exp_avg": np.ones(3),
-                           "exp_avg_sq": np.ones(3)}},
+    saved = {"state": {0: {"step": 3, "exp_avg": np.ones(3), "exp_avg_sq": np.ones(3, np.float32)}},
+             "param_groups": [{"lr": 0.25, "params": [0]}]}
+    with pytest.raises(TypeError, match=r"state_dict\['state'\]\[0\]\['exp_avg'\]: expected dtype "
+                                        r"float32 \(the parameter's; fastbn never casts state\), got float64"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 0.1 and len(opt.state) == 0
+
+
+def test_load_state_dict_normalizes_step_and_byte_order_and_restores_hyperparameters():
+    a, = make_params([(3,)], np.float32)
+    opt = optim.Adam([a], lr=0.1)
+    swapped = np.array([1.0, 2.0, 3.0], ">f4")
+    saved = {"state": {0: {"step": np.float32(3.0), "exp_avg": swapped,
+                           "exp_avg_sq": np.ones(3, np.float32)}},
              "param_groups": [{"lr": 0.25, "betas": (0.5, 0.9), "eps": 1e-8, "weight_decay": 0,
                                "amsgrad": False, "params": [0]}]}
     opt.load_state_dict(saved)
     state = opt.state[a]
-    assert state["step"] == 3 and isinstance(state["step"], int)
-    assert state["exp_avg"].dtype == np.float32 and state["exp_avg"].flags.c_contiguous
+    assert state["step"] == 3 and type(state["step"]) is int
+    assert state["exp_avg"].dtype == np.dtype("=f4") and state["exp_avg"].flags.c_contiguous
+    np.testing.assert_array_equal(state["exp_avg"], [1.0, 2.0, 3.0])
+    assert state["exp_avg"] is not swapped and state["exp_avg_sq"] is not saved["state"][0]["exp_avg_sq"]
     group = opt.param_groups[0]
     assert group["lr"] == 0.25 and group["betas"] == (0.5, 0.9) and group["params"] == [a]
     assert group["bias_correction"] is True  # missing keys take the defaults

@@ -17,7 +17,9 @@ is missing, in which case the reference updates run one parameter at a time.
 """
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
@@ -259,45 +261,156 @@ class Optimizer:
                         for key, value in self.state[param].items()}
         return {"state": state, "param_groups": groups}
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Restore a dict from `state_dict` (fastbn's or torch.optim's).
+    def check_state_dict(self, state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+        """Check a saved state against this optimizer; return a normalized copy.
 
-        Groups and their parameter counts must match this optimizer's.  The
-        saved hyperparameters replace the current ones; arrays are copied into
-        buffers of the parameter's dtype (as PyTorch casts floating state) and
-        must have the parameter's shape; ``step`` becomes an int.
+        The one place where optimizer state is validated: `load_state_dict`
+        and :func:`fastbn.load_into` both call it, so a state that one
+        accepts the other accepts too.  Nothing is modified.
+
+        Parameters
+        ----------
+        state_dict : mapping
+            ``{"state": ..., "param_groups": ...}`` as `state_dict` returns
+            (fastbn's or torch.optim's, with tensors converted to arrays).
+
+        Returns
+        -------
+        dict
+            The state in `state_dict`'s layout with parameters renumbered in
+            this optimizer's group order from 0, every array a fresh
+            C-contiguous native-byte-order copy, ``step`` a Python int,
+            ``None`` state values dropped and missing hyperparameters filled
+            from `defaults`.
+
+        Raises
+        ------
+        TypeError
+            A value of the wrong type: `state_dict`, ``state`` or a group not
+            a mapping, ``params`` not a list, a ``step`` that is not a whole
+            number (a string, a bool, an array of more than one element), a
+            state array that is not floating point or whose precision differs
+            from its parameter's (no silent casts).
+        ValueError
+            A wrong value: a missing ``state``/``param_groups``/``params``
+            entry, another number of groups or of parameters per group than
+            this optimizer has, a parameter index used twice or unknown, an
+            array of another shape than its parameter, a ``step`` that is
+            negative, non-finite, fractional or above 2**53, missing
+            ``step`` in an optimizer that counts steps, a bad hyperparameter.
+
+        Notes
+        -----
+        Dtype rule: a state array must have its parameter's precision
+        (float32 state for a float32 parameter); a byte-swapped array of that
+        precision is accepted and stored in native order.  PyTorch casts
+        floating state to the parameter's dtype instead; fastbn refuses, as
+        it refuses every implicit cast (a float64 Adam state loaded into a
+        float32 model would silently lose its low bits).  Cast explicitly
+        with ``astype`` when that is what you want.
+
+        ``step`` may be an int, a whole float or a 0-d array holding one
+        (PyTorch stores it as a float tensor); the bound 2**53 keeps every
+        step exactly representable as a float64.
         """
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        if not isinstance(state_dict, Mapping):
+            raise TypeError("state_dict: expected a dict with 'state' and 'param_groups' entries, "
+                            f"got {describe(state_dict)}")
+        missing = [key for key in ("state", "param_groups") if key not in state_dict]
+        if missing:
             raise ValueError("state_dict: expected a dict with 'state' and 'param_groups' entries, "
-                             f"got {describe(state_dict) if not isinstance(state_dict, dict) else sorted(state_dict)}")
-        saved_groups = list(state_dict["param_groups"])
+                             f"got keys {sorted(map(str, state_dict))} (missing {missing})")
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(saved_groups, (list, tuple)):
+            raise TypeError(f"state_dict['param_groups']: expected a list of dicts, got {describe(saved_groups)}")
+        if not isinstance(saved_state, Mapping):
+            raise TypeError(f"state_dict['state']: expected a dict mapping parameter indices to dicts, "
+                            f"got {describe(saved_state)}")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict: expected {len(self.param_groups)} parameter groups "
                              f"(as this optimizer has), got {len(saved_groups)}")
-        param_of: Dict[Any, Parameter] = {}
+        position_of: Dict[Any, Tuple[int, Parameter]] = {}
+        groups = []
         for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            saved_params = list(saved["params"])
+            where = f"state_dict['param_groups'][{index}]"
+            if not isinstance(saved, Mapping):
+                raise TypeError(f"{where}: expected a dict, got {describe(saved)}")
+            if "params" not in saved:
+                raise ValueError(f"{where}: expected a 'params' entry, got keys {sorted(map(str, saved))}")
+            saved_params = saved["params"]
+            if not isinstance(saved_params, (list, tuple)):
+                raise TypeError(f"{where}['params']: expected a list of parameter indices, "
+                                f"got {describe(saved_params)}")
             if len(saved_params) != len(group["params"]):
                 raise ValueError(
-                    f"state_dict['param_groups'][{index}]: expected {len(group['params'])} "
-                    f"parameters (as this optimizer's group {index} has), got {len(saved_params)}")
-            for saved_id, param in zip(saved_params, group["params"]):
-                param_of[saved_id] = param
-        new_state: Dict[Parameter, Dict[str, Any]] = defaultdict(dict)
-        for saved_id, saved_entry in state_dict["state"].items():
-            if saved_id not in param_of:
+                    f"{where}: expected {len(group['params'])} parameters (as this optimizer's "
+                    f"group {index} has), got {len(saved_params)}")
+            for slot, (saved_id, param) in enumerate(zip(saved_params, group["params"])):
+                name = f"{where}['params'][{slot}]"
+                try:
+                    seen = saved_id in position_of
+                except TypeError:
+                    raise TypeError(f"{name}: expected a parameter index (an int), got "
+                                    f"{describe(saved_id)}") from None
+                if seen:
+                    raise ValueError(f"{name}: parameter index {saved_id!r} appears more than once")
+                position_of[saved_id] = (len(position_of), param)
+            restored = {key: copy.deepcopy(value) for key, value in saved.items() if key != "params"}
+            for key, default in self.defaults.items():
+                restored.setdefault(key, default)
+            self._check_hyperparameters(restored, where)
+            restored["params"] = list(range(len(position_of) - len(group["params"]), len(position_of)))
+            groups.append(restored)
+        state: Dict[int, Dict[str, Any]] = {}
+        for saved_id, entry in saved_state.items():
+            try:
+                found = position_of.get(saved_id)
+            except TypeError:
+                found = None
+            if found is None:
                 raise ValueError(f"state_dict['state']: entry {saved_id!r} matches no parameter "
-                                 f"index of the saved param_groups")
-            param = param_of[saved_id]
-            new_state[param] = {key: _loaded_value(value, param, key, saved_id)
-                                for key, value in saved_entry.items() if value is not None}
+                                 "index of the saved param_groups")
+            position, param = found
+            where = f"state_dict['state'][{saved_id!r}]"
+            if not isinstance(entry, Mapping):
+                raise TypeError(f"{where}: expected a dict of state values, got {describe(entry)}")
+            values = {}
+            for key, value in entry.items():
+                if not isinstance(key, str):
+                    raise TypeError(f"{where}: expected str state names, got {describe(key)}")
+                if value is not None:
+                    values[key] = _checked_state_value(value, param, f"{where}[{key!r}]", key)
+            if self._counts_steps and values and "step" not in values:
+                raise ValueError(f"{where}: expected a 'step' entry ({type(self).__name__} counts "
+                                 f"steps), got keys {sorted(values)}")
+            if values:
+                state[position] = values
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a dict from `state_dict` (fastbn's or torch.optim's).
+
+        Everything is checked by `check_state_dict` first, so a state that
+        is refused leaves the optimizer unchanged.  Groups and their
+        parameter counts must match this optimizer's; the saved
+        hyperparameters replace the current ones; arrays are copied and must
+        have their parameter's shape and precision (no casts); ``step``
+        becomes an int.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As `check_state_dict`; messages name the offending entry.
+        """
+        normalized = self.check_state_dict(state_dict)
+        params = [param for group in self.param_groups for param in group["params"]]
+        new_state: Dict[Parameter, Dict[str, Any]] = defaultdict(dict)
+        for position, values in normalized["state"].items():
+            new_state[params[position]] = values
         new_groups = []
-        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            restored = {key: value for key, value in saved.items() if key != "params"}
-            for name, default in self.defaults.items():
-                restored.setdefault(name, default)
+        for saved, group in zip(normalized["param_groups"], self.param_groups):
+            restored = dict(saved)
             restored["params"] = group["params"]
-            self._check_hyperparameters(restored, f"state_dict['param_groups'][{index}]")
             new_groups.append(restored)
         self.param_groups = new_groups
         self.state = new_state
@@ -364,20 +477,56 @@ def checked_grad(param: Parameter, group_index: int, position: int) -> Optional[
     return grad
 
 
-def _loaded_value(value: Any, param: Parameter, key: str, saved_id: Any) -> Any:
-    name = f"state_dict['state'][{saved_id!r}][{key!r}]"
+class _StateDtypeError(TypeError):
+    """A saved state array whose precision differs from its parameter's
+    (:func:`fastbn.load_into` keeps this one a TypeError and turns the other
+    state errors into CheckpointError)."""
+
+
+#: Largest ``step`` a state may hold: every whole number up to it is exact in
+#: float64 (PyTorch's step is a float tensor), and step + 1 fits in an int64.
+MAX_STEP = 2 ** 53
+
+
+def _checked_step(value: Any, name: str) -> int:
+    """``step`` as an int: an int, a whole float, or a 0-d array of one."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a whole number (int), got {describe(value)}")
+    if isinstance(value, (int, np.integer)):
+        step = int(value)
+    else:
+        array = (np.asarray(value) if isinstance(value, (float, np.floating, np.ndarray))
+                 or hasattr(value, "__array__") else None)
+        if array is None or array.shape != () or array.dtype.kind not in "iuf":
+            raise TypeError(f"{name}: expected a whole number (an int, or a float or 0-d array "
+                            f"holding one), got {describe(value)}")
+        if array.dtype.kind == "f":
+            number = float(array)
+            if not number.is_integer():
+                raise ValueError(f"{name}: expected a whole number, got {number!r}")
+            step = int(number)
+        else:
+            step = int(array)
+    if not 0 <= step <= MAX_STEP:
+        raise ValueError(f"{name}: expected a whole number in [0, 2**53], got {step}")
+    return step
+
+
+def _checked_state_value(value: Any, param: Parameter, name: str, key: str) -> Any:
+    """One value of a saved state entry, normalized (see `check_state_dict`)."""
     if key == "step":
-        step = float(np.asarray(value))
-        if not (step >= 0 and step == int(step)):
-            raise ValueError(f"{name}: expected a non-negative whole number, got {step!r}")
-        return int(step)
+        return _checked_step(value, name)
+    if not (isinstance(value, np.ndarray) or hasattr(value, "__array__")):
+        raise TypeError(f"{name}: expected an ndarray, got {describe(value)}")
     array = np.asarray(value)
-    if array.dtype.kind != "f":
-        raise TypeError(f"{name}: expected a floating-point array, got dtype {array.dtype}")
-    if array.shape != param.data.shape:
-        raise ValueError(f"{name}: expected shape {param.data.shape} (the shape of the parameter), "
+    data = param.data
+    if array.dtype.kind != "f" or array.dtype.itemsize != data.dtype.itemsize:
+        raise _StateDtypeError(f"{name}: expected dtype {data.dtype} (the parameter's; fastbn never "
+                        f"casts state), got {array.dtype}")
+    if array.shape != data.shape:
+        raise ValueError(f"{name}: expected shape {data.shape} (the shape of the parameter), "
                          f"got {array.shape}")
-    return np.array(array, dtype=param.data.dtype, order="C", copy=True)
+    return np.array(array, dtype=data.dtype, order="C", copy=True)
 
 
 def hyperparameter_name(where: str, key: str) -> str:

@@ -1,0 +1,35 @@
+"""fastbn's CPU kernels as a drop-in backend for PyTorch models.
+
+One line for an existing model::
+
+    import fastbn.torch
+    fastbn.torch.convert(model, fuse_relu=True)   # in place; same parameters
+
+or build with `fastbn.torch.BatchNorm2d` (a ``torch.nn.BatchNorm2d``) etc.
+The kernels are registered as torch custom ops (``torch.ops.fastbn.*``,
+see `fastbn.torch._ops`), so autograd, ``torch.compile``, ``torch.export``
+and ``torch.autograd.gradcheck`` work through them.
+
+Threads: fastbn's kernels use ``torch.get_num_threads()`` threads unless a
+count was set with `fastbn.set_num_threads`.  fastbn's OpenMP runtime and
+torch's are separate; on few cores set ``GOMP_SPINCOUNT=10000`` (or
+``OMP_WAIT_POLICY=passive``) in the environment before starting Python so
+that the idle workers of one do not spin against the other.
+
+Requires torch (``pip install fastbn[torch]``); the rest of fastbn never
+imports it.
+"""
+try:
+    import torch  # noqa: F401
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError("fastbn.torch needs PyTorch: pip install 'fastbn[torch]'") from error
+
+from . import _ops  # noqa: F401  (registers torch.ops.fastbn.*)
+from .batchnorm import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormReLU1d,
+                        BatchNormReLU2d, BatchNormReLU3d)
+from .convert import convert
+
+_ops.sync_num_threads()
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU1d",
+           "BatchNormReLU2d", "BatchNormReLU3d", "convert"]
