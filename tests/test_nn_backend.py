@@ -60,3 +60,42 @@ def test_layer_under_the_reference_backend_calls_the_reference_kernels(monkeypat
     with fastbn.use_backend("reference"):
         layer(x)
     assert calls == [1]
+
+
+class _CountingKernels:
+    """Stands in for the active kernels object, recording each method called."""
+
+    def __init__(self, kernels, calls):
+        self._kernels, self._calls = kernels, calls
+
+    def __getattr__(self, name):
+        method = getattr(self._kernels, name)
+
+        def counted(*args, **kwargs):
+            self._calls.append(name)
+            return method(*args, **kwargs)
+        return counted
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+@pytest.mark.parametrize("cls,shape", LAYERS)
+def test_warm_layer_forward_and_backward_make_one_kernel_call_each(backend, cls, shape, rng):
+    layer = cls(5)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    calls = []
+    for training in (True, False):
+        layer.train(training)
+        with fastbn.use_backend(backend):
+            layer(x), layer.backward(dy)    # warm: layout cached, grads exist
+            token = fastbn._backend._current.set(
+                _CountingKernels(fastbn._backend.current_kernels(), calls))
+            try:
+                layer(x)
+                forward_calls, calls[:] = list(calls), []
+                layer.backward(dy)
+                backward_calls, calls[:] = list(calls), []
+            finally:
+                fastbn._backend._current.reset(token)
+        assert forward_calls == ["train_forward" if training else "eval_forward"]
+        assert backward_calls == ["backward" if training else "backward_eval"]
