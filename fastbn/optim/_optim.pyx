@@ -272,6 +272,13 @@ cdef inline bint exact_step(object value, long long *step) noexcept:
     return overflow == 0 and 0 <= step[0] < MAX_STEP
 
 
+cdef struct kernel_call:
+    fastbn_optim_batch batch
+    fastbn_optim_step_fn kernel
+    const double *scalars
+    int flags
+
+
 cdef class StepPlan:
     """Everything one `Optimizer.step` writes, prepared without writing it
     (see the module docstring for the protocol)."""
@@ -392,7 +399,7 @@ cdef class StepPlan:
     def coefficient_keys(self, Py_ssize_t group):
         """The (step, fresh) pairs whose coefficient rows group `group` needs,
         in the order `set_coefficients` takes the rows."""
-        return list((<_GroupBatch>self.groups[group]).run_keys)
+        return (<_GroupBatch>self.groups[group]).run_keys
 
     def set_coefficients(self, Py_ssize_t group, list rows):
         """One row of per-tensor coefficients per `coefficient_keys` entry."""
@@ -432,30 +439,25 @@ cdef class StepPlan:
         cdef int nt = effective_num_threads()
         cdef int status = 0
         cdef _GroupBatch batch
-        cdef fastbn_optim_batch *batches = <fastbn_optim_batch *>PyMem_Malloc(
-            (2 * n_groups if n_groups > 0 else 1) * sizeof(fastbn_optim_batch))
-        cdef fastbn_optim_step_fn *kernels = <fastbn_optim_step_fn *>PyMem_Malloc(
-            (2 * n_groups if n_groups > 0 else 1) * sizeof(fastbn_optim_step_fn))
-        cdef const double **scalars = <const double **>PyMem_Malloc(
-            (2 * n_groups if n_groups > 0 else 1) * sizeof(double *))
-        cdef int *flags = <int *>PyMem_Malloc((2 * n_groups if n_groups > 0 else 1) * sizeof(int))
         cdef object triple
+        cdef kernel_call *calls = <kernel_call *>PyMem_Malloc(
+            (2 * n_groups if n_groups > 0 else 1) * sizeof(kernel_call))
+        if not calls:
+            raise MemoryError("optimizer step: could not allocate the kernel call list")
         try:
-            if not batches or not kernels or not scalars or not flags:
-                raise MemoryError("optimizer step: could not allocate the kernel call list")
             for index in range(n_groups):
                 batch = <_GroupBatch>self.groups[index]
                 if batch.float32.n:
-                    batches[n_calls] = batch.float32.batch(batch.n_slots)
-                    kernels[n_calls] = table.step_f32[batch.family]
-                    scalars[n_calls] = batch.scalars
-                    flags[n_calls] = batch.flags
+                    calls[n_calls].batch = batch.float32.batch(batch.n_slots)
+                    calls[n_calls].kernel = table.step_f32[batch.family]
+                    calls[n_calls].scalars = batch.scalars
+                    calls[n_calls].flags = batch.flags
                     n_calls += 1
                 if batch.float64.n:
-                    batches[n_calls] = batch.float64.batch(batch.n_slots)
-                    kernels[n_calls] = table.step_f64[batch.family]
-                    scalars[n_calls] = batch.scalars
-                    flags[n_calls] = batch.flags
+                    calls[n_calls].batch = batch.float64.batch(batch.n_slots)
+                    calls[n_calls].kernel = table.step_f64[batch.family]
+                    calls[n_calls].scalars = batch.scalars
+                    calls[n_calls].flags = batch.flags
                     n_calls += 1
             # New keys may make a dict grow (MemoryError): undo the ones made.
             try:
@@ -472,27 +474,26 @@ cdef class StepPlan:
                 PyDict_SetItem(self.step_owners[index], "step", self.new_steps[index])
             with nogil:
                 for call in range(n_calls):
-                    status = kernels[call](&batches[call], scalars[call], flags[call], nt)
+                    status = calls[call].kernel(&calls[call].batch, calls[call].scalars,
+                                                calls[call].flags, nt)
                     if status != 0:
                         break
             raise_for_status(status, "optimizer step")
         finally:
-            PyMem_Free(batches)
-            PyMem_Free(kernels)
-            PyMem_Free(<void *>scalars)
-            PyMem_Free(flags)
+            PyMem_Free(calls)
 
 
-def data_unchanged(list param_lists, list known):
-    """True when ``param_lists[i][j].data is known[i][j]`` for every group i
-    and position j (same lengths): the memory-overlap check of the last step
-    still holds.  One attribute read and one pointer comparison per parameter."""
+def data_unchanged(list param_groups, list known):
+    """True when ``param_groups[i]["params"][j].data is known[i][j]`` for
+    every group i and position j (same lengths): the memory-overlap check of
+    the last step still holds.  One attribute read and one pointer comparison
+    per parameter."""
     cdef Py_ssize_t group, position, n
     cdef list params, arrays
-    if len(param_lists) != len(known):
+    if len(param_groups) != len(known):
         return False
-    for group in range(len(param_lists)):
-        params = <list>param_lists[group]
+    for group in range(len(param_groups)):
+        params = <list>param_groups[group]["params"]
         arrays = <list>known[group]
         n = len(params)
         if len(arrays) != n:
@@ -501,6 +502,7 @@ def data_unchanged(list param_lists, list known):
             if params[position].data is not arrays[position]:
                 return False
     return True
+
 
 # section: gradient clipping --------------------------------------------------
 

@@ -30,7 +30,7 @@ import numpy as np
 from .. import _backend
 from .._validation import check_positive, check_range, check_real, describe
 from ..parameter import Parameter
-from . import _fused
+from ._fused import _optim
 from ._checks import check_disjoint_params, check_param_data, check_state_entry, checked_grad
 
 __all__ = ["Optimizer"]
@@ -233,15 +233,14 @@ class Optimizer:
     def _check_disjoint(self, groups: List[Dict[str, Any]]) -> None:
         """Phase 1, memory overlap: rechecked only when a parameter's .data
         array (or a group's parameter list) changed since the last check."""
-        param_lists = [group["params"] for group in groups]
         known = self._disjoint_data
-        if known is not None and _fused._optim.data_unchanged(param_lists, known):
+        if known is not None and _optim.data_unchanged(groups, known):
             return
         check_disjoint_params(groups)
-        self._disjoint_data = [[param.data for param in params] for params in param_lists]
+        self._disjoint_data = [[param.data for param in group["params"]] for group in groups]
 
     def _fused_step(self, groups: List[Dict[str, Any]]) -> None:
-        plan = _fused._optim.StepPlan(self.state, self._counts_steps)
+        plan = _optim.StepPlan(self.state, self._counts_steps)
         group_slots, group_coefficients, updates = [], [], []
         # Phase 1: the bridge takes every parameter that is ready as it is,
         # and the checks below handle the rest (first step, copies, errors).
