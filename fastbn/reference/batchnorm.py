@@ -2,9 +2,14 @@
 ``fastbn.use_backend("reference")`` backend.
 
 Same signatures, validation and errors as `fastbn.functional`.  Written the
-way a NumPy user would write the formulas: whole-array expressions computed
-in the input dtype (two-pass mean and variance, no tricks), so the fast path
-is checked against the textbook math, not against a copy of itself.
+way a NumPy user would write the formulas: whole-array expressions (two-pass
+mean and variance, no tricks), so the fast path is checked against the
+textbook math, not against a copy of itself.  The training forward computes
+the batch statistics and the normalization in float64 and rounds the outputs
+once (torch's CPU kernels also accumulate the statistics in double): a
+float32 mean accumulated in float32 is off by far more than float32 rounding
+when the mean is large (1e4 + N(0, 1)), and that error, times 1/std, lands
+on every output.  Everything else is computed in the input dtype.
 """
 from __future__ import annotations
 
@@ -21,12 +26,22 @@ from .._validation import check_channel_vector, check_out
 
 
 def _batch_statistics(x: np.ndarray, layout: BatchNormLayout) -> Tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and biased variance (two passes)."""
+    """Per-channel mean and biased variance (two passes), in float64."""
     axes = layout.reduce_axes
+    x = x.astype(np.float64, copy=False)
     mean = x.mean(axis=axes)
     centered = x - mean.reshape(layout.shape)
     var = (centered * centered).mean(axis=axes)
     return mean, var
+
+
+def _normalize_batch(x: np.ndarray, weight, bias, eps: float, layout: BatchNormLayout):
+    """Training normalization: y in x's dtype (computed in float64, rounded
+    once), and the float64 mean, biased variance and invstd."""
+    mean, var = _batch_statistics(x, layout)
+    invstd = 1 / np.sqrt(var + float(eps))
+    y = _normalize(x.astype(np.float64, copy=False), mean, invstd, weight, bias, layout)
+    return y.astype(x.dtype, copy=False), mean, var, invstd
 
 
 def _update_running(running_mean: np.ndarray, running_var: np.ndarray, mean: np.ndarray,
@@ -81,9 +96,7 @@ def batch_norm(x: np.ndarray, running_mean: Optional[np.ndarray], running_var: O
     if use_batch_stats:
         if x.size == 0:
             return _deliver(np.empty(x.shape, x.dtype), out)
-        mean, var = _batch_statistics(x, layout)
-        invstd = 1 / np.sqrt(var + eps_typed)
-        y = _normalize(x, mean, invstd, weight, bias, layout)
+        y, mean, var, _ = _normalize_batch(x, weight, bias, eps, layout)
         if update:
             _update_running(running_mean, running_var, mean, var, layout.n_per_channel, momentum)
         return _deliver(y, out)
@@ -103,12 +116,10 @@ def batch_norm_forward_train(x: np.ndarray, weight: Optional[np.ndarray] = None,
     if x.size == 0:
         empty = np.empty(0, x.dtype)
         return _deliver(np.empty(x.shape, x.dtype), out), empty, empty.copy()
-    mean, var = _batch_statistics(x, layout)
-    invstd = 1 / np.sqrt(var + x.dtype.type(eps))
-    y = _normalize(x, mean, invstd, weight, bias, layout)
+    y, mean, var, invstd = _normalize_batch(x, weight, bias, eps, layout)
     if update:
         _update_running(running_mean, running_var, mean, var, layout.n_per_channel, momentum)
-    return _deliver(y, out), mean, invstd
+    return _deliver(y, out), mean.astype(x.dtype), invstd.astype(x.dtype)
 
 
 def batch_norm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd: np.ndarray,
