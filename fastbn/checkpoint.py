@@ -111,7 +111,7 @@ import stat
 import struct
 import zipfile
 import zlib
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Tuple, Union
 
 import numpy as np
 

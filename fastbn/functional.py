@@ -23,12 +23,15 @@ C-contiguous.
 Numerics: batch statistics are sums in float64 of values shifted by one value
 of their channel (short runs of up to 8 values are summed in the input dtype
 first), so float32 data with a large mean (1e4 + N(0, 1)) keeps a variance
-accurate to float64 level.  The normalization is one fused multiply-add per
-element, ``y = x * scale + shift`` with ``scale = weight * invstd`` and
-``shift = bias - mean * scale`` rounded to the input dtype; its absolute error
-is about ``|mean * scale| * eps(dtype)``, the same order as
-``(x - mean) * invstd`` with a rounded mean.  Results are bit-identical for any
-thread count.
+accurate to float64 level.  The normalization is one subtraction and one
+fused multiply-add per element, ``y = (x - mean) * scale + shift`` with
+``scale = weight * invstd`` rounded to the input dtype: ``x - mean`` is exact
+near the mean, so a large mean costs no precision and a constant channel
+gives exactly `bias`.  (The training forward subtracts the mean rounded to
+the input dtype and puts the rounding into ``shift``; the fused ReLU variant
+cannot, since its backward recomputes the ReLU mask from the saved mean, so
+its error includes that rounding, at most half an ulp of the mean times
+``|scale|``.)  Results are bit-identical for any thread count.
 """
 from __future__ import annotations
 
@@ -71,7 +74,12 @@ def batch_norm(x: np.ndarray, running_mean: Optional[np.ndarray], running_var: O
         here, since this function does not know the count; None is accepted
         only when nothing is updated.
     eps : float
-        Added to the variance; > 0 when batch statistics are used.
+        Added to the variance; > 0 when batch statistics are used.  With
+        running statistics eps may be 0: where ``running_var + eps == 0`` the
+        output is the IEEE value of ``(x - running_mean) / 0 * weight + bias``,
+        on both backends: +-inf where x != running_mean, NaN where
+        x == running_mean (0 * inf) or weight == 0 (torch's CPU kernel, which
+        folds the mean into the shift, gives NaN for most of these).
     axis : int, keyword-only
         Channel axis: 1 (channels-first) or -1 (channels-last).
     out : ndarray or None, keyword-only
@@ -80,7 +88,10 @@ def batch_norm(x: np.ndarray, running_mean: Optional[np.ndarray], running_var: O
     Returns
     -------
     ndarray
-        The normalized array (`out` when given).
+        The normalized array (`out` when given), computed as
+        ``(x - mean) * (weight / sqrt(var + eps)) + bias``: the mean is
+        subtracted first, so a large mean costs no precision (a constant
+        channel gives exactly `bias`).
 
     Raises
     ------
@@ -307,7 +318,7 @@ def batch_norm_relu_backward_eval(dy: np.ndarray, x: np.ndarray, running_mean: n
     """Gradients of an eval-mode `batch_norm_relu` (running statistics).
 
     As `batch_norm_backward_eval`, with dy masked where the eval forward's
-    pre-activation ``x * scale + shift`` is <= 0; `bias` is the forward's
+    pre-activation ``(x - running_mean) * scale + bias`` is <= 0; `bias` is the forward's
     bias (None means 0).  x is always read (for the mask).
     """
     return _backward_eval(current_kernels(), dy, x, running_mean, running_var, weight, bias,

@@ -12,8 +12,6 @@ from fastbn.optim import _fused
 from test_optim_cases import (CASES, DTYPES, SHAPES, assert_snapshots_close, assert_snapshots_equal,
                               make_optimizer, make_params, run_case, set_grads, snapshot, train)
 
-pytestmark = pytest.mark.skipif(not _fused.available(), reason="compiled optimizer kernels not built")
-
 # Large enough (> 2 x 32768 elements) that the kernels really use two threads,
 # with tensors smaller than, equal to and larger than one 4096-element chunk.
 THREADED_SHAPES = ((1,), (7,), (4096,), (4097,), (70001,), (300, 301), (64,), (12289,))

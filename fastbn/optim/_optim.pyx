@@ -1,23 +1,28 @@
 """Cython bridge to the fused multi-tensor optimizer kernels (src_c/optim).
 
-A step of one param group becomes one kernel call per dtype.  `GroupPlan`
-walks the group's parameters once (a few hundred nanoseconds each: slot
-reads, flag checks and pointer copies, no NumPy calls on the fast path) and
-fills C arrays of (param, grad, state...) pointers and sizes; the kernel then
-updates every tensor in one parallel region with the GIL released.
+A step of one param group becomes one kernel call per dtype.  This module
+only builds the C tables of (param, grad, state...) pointers and calls the
+kernels with the GIL released; every rule about what a valid parameter,
+gradient or state entry is, and every error message, lives in Python
+(fastbn/optim/_checks.py), which also creates missing state.  Nothing here
+calls back into Python.
 
-The work of `Optimizer.step` is split so that a bad gradient anywhere leaves
-every parameter and every state untouched:
-1. `GroupPlan(...)` for every group: validate data and gradients, take pointers;
-2. `bind_state` for every group: find or create state, compute per-tensor
-   coefficients from the step counters each parameter is about to reach;
-3. `commit_and_run` for every group: write the new step counters, run the kernels.
-Validation failures are reported by the same Python checks the reference
-backend uses (fastbn.optim.optimizer.checked_grad), so messages are identical.
+`Optimizer.step` (fastbn/optim/optimizer.py) drives a `StepPlan`:
+1. `scan_group` for every group: a C-level walk over the parameters (a few
+   hundred nanoseconds each: slot reads, flag checks, pointer copies) that
+   takes every parameter whose data, gradient and state entry are all ready
+   for the kernel, and returns the positions of the others (no state yet, a
+   copy needed, or something to reject) for Python to check;
+2. `add_tensor` for each of those once Python has validated them and
+   allocated their missing state, then `set_coefficients` per group;
+3. `commit_and_run`: attach the new state, write the step counters and run
+   every group's kernels back to back, in one call that runs no Python code,
+   so nothing (not even KeyboardInterrupt) can stop it half way.
+Until step 3 nothing outside the plan has been written.
 """
 cimport numpy as cnp
-from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
-from cpython.long cimport PyLong_AsLongLong, PyLong_FromLongLong
+from cpython.dict cimport PyDict_Check, PyDict_CheckExact, PyDict_DelItem, PyDict_GetItem, PyDict_SetItem
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport PyObject
 from libc.math cimport sqrt
@@ -78,8 +83,6 @@ cdef extern from "optim/optim_kernels.h":
     const fastbn_optim_kernels *fastbn_optim_kernels_for(int target) nogil
     int64_t fastbn_optim_chunks_of(int64_t size) nogil
 
-from fastbn.optim.optimizer import checked_grad
-
 FAMILIES = {"sgd": FASTBN_OPTIM_FAMILY_SGD, "momentum": FASTBN_OPTIM_FAMILY_MOMENTUM,
             "rmsprop": FASTBN_OPTIM_FAMILY_RMSPROP, "adam": FASTBN_OPTIM_FAMILY_ADAM,
             "adagrad": FASTBN_OPTIM_FAMILY_ADAGRAD, "lion": FASTBN_OPTIM_FAMILY_LION}
@@ -88,6 +91,9 @@ FLAGS = {"maximize": FASTBN_OPTIM_MAXIMIZE, "weight_decay": FASTBN_OPTIM_WEIGHT_
          "centered": FASTBN_OPTIM_CENTERED, "amsgrad": FASTBN_OPTIM_AMSGRAD,
          "decoupled": FASTBN_OPTIM_DECOUPLED}
 CHUNK = FASTBN_OPTIM_CHUNK
+
+# Largest step counter taken without the Python checks (their MAX_STEP).
+cdef long long MAX_STEP = 1LL << 53
 
 cdef enum:
     MAX_SCALARS = 8
@@ -109,11 +115,9 @@ cdef class _Tensors:
     cdef void **state[N_SLOTS]
     cdef int64_t *size
     cdef int64_t *chunk_start
-    cdef int64_t *position
+    cdef int64_t *run
     cdef double *coefficients
     cdef int64_t n, capacity, n_elements
-    cdef list params
-    cdef list arrays
     cdef list keepalive
 
     def __cinit__(self, int64_t capacity):
@@ -121,8 +125,6 @@ cdef class _Tensors:
         self.capacity = capacity if capacity > 0 else 1
         self.n = 0
         self.n_elements = 0
-        self.params = []
-        self.arrays = []
         self.keepalive = []
         self.param = <void **>PyMem_Malloc(self.capacity * sizeof(void *))
         self.grad = <const void **>PyMem_Malloc(self.capacity * sizeof(void *))
@@ -130,11 +132,11 @@ cdef class _Tensors:
             self.state[slot] = <void **>PyMem_Malloc(self.capacity * sizeof(void *))
         self.size = <int64_t *>PyMem_Malloc(self.capacity * sizeof(int64_t))
         self.chunk_start = <int64_t *>PyMem_Malloc((self.capacity + 1) * sizeof(int64_t))
-        self.position = <int64_t *>PyMem_Malloc(self.capacity * sizeof(int64_t))
+        self.run = <int64_t *>PyMem_Malloc(self.capacity * sizeof(int64_t))
         self.coefficients = <double *>PyMem_Malloc(self.capacity * MAX_COEFFICIENTS * sizeof(double))
         if (not self.param or not self.grad or not self.state[0] or not self.state[1]
                 or not self.state[2] or not self.size or not self.chunk_start
-                or not self.position or not self.coefficients):
+                or not self.run or not self.coefficients):
             raise MemoryError("optimizer step: could not allocate the tensor tables")
         self.chunk_start[0] = 0
 
@@ -146,21 +148,20 @@ cdef class _Tensors:
             PyMem_Free(self.state[slot])
         PyMem_Free(self.size)
         PyMem_Free(self.chunk_start)
-        PyMem_Free(self.position)
+        PyMem_Free(self.run)
         PyMem_Free(self.coefficients)
 
-    cdef inline void add(self, object param, cnp.ndarray data, cnp.ndarray grad, int64_t position):
+    cdef inline void add(self, cnp.ndarray data, cnp.ndarray grad, int64_t run):
         cdef int64_t index = self.n
         cdef int64_t size = cnp.PyArray_SIZE(data)
         self.param[index] = cnp.PyArray_DATA(data)
         self.grad[index] = cnp.PyArray_DATA(grad)
         self.size[index] = size
         self.chunk_start[index + 1] = self.chunk_start[index] + fastbn_optim_chunks_of(size)
-        self.position[index] = position
+        self.run[index] = run
         self.n_elements += size
         self.n = index + 1
-        self.params.append(param)
-        self.arrays.append(data)
+        self.keepalive.append(data)
         self.keepalive.append(grad)
 
     cdef fastbn_optim_batch batch(self, int n_used_slots) noexcept:
@@ -219,159 +220,288 @@ cdef inline bint usable_state(object value, cnp.ndarray data) noexcept:
             and (cnp.PyArray_FLAGS(array) & REQUIRED_DATA_FLAGS) == REQUIRED_DATA_FLAGS)
 
 
-# section: one group's step ---------------------------------------------------
+# section: one optimizer step -------------------------------------------------
 
-cdef class GroupPlan:
-    """The kernel calls of one param group's step (see the module docstring)."""
-    cdef int family, flags, group_index, n_scalars
+cdef class _GroupBatch:
+    """One group's kernel calls: family, option flags, scalars, one tensor
+    table per dtype, and the (step, fresh) runs its coefficient rows follow."""
+    cdef int family, flags, n_slots
     cdef double scalars[MAX_SCALARS]
     cdef _Tensors float32, float64
-    cdef list step_owners
-    cdef list new_steps
+    cdef list run_keys
+    cdef long long last_step
+    cdef int last_fresh
 
-    def __init__(self, str family, list params, int group_index, tuple scalars, int flags):
-        cdef Py_ssize_t n = len(params), position
-        cdef object param, grad, data
+    def __cinit__(self, int family, int flags, tuple scalars, int n_slots, int64_t capacity):
         cdef int index
         if len(scalars) > MAX_SCALARS:
             raise ValueError(f"at most {MAX_SCALARS} group scalars, got {len(scalars)}")
-        self.family = FAMILIES[family]
+        if n_slots > N_SLOTS:
+            raise ValueError(f"at most {N_SLOTS} state slots, got {n_slots}")
+        self.family = family
         self.flags = flags
-        self.group_index = group_index
-        self.n_scalars = len(scalars)
-        for index in range(self.n_scalars):
-            self.scalars[index] = scalars[index]
-        self.float32 = _Tensors(n)
-        self.float64 = _Tensors(n)
+        self.n_slots = n_slots
+        for index in range(MAX_SCALARS):
+            self.scalars[index] = scalars[index] if index < len(scalars) else 0.0
+        self.float32 = _Tensors(capacity)
+        self.float64 = _Tensors(capacity)
+        self.run_keys = []
+        self.last_step = -1
+        self.last_fresh = -1
+
+    cdef int64_t run_of(self, long long step, bint fresh):
+        """Index of the (step, fresh) run a tensor joins: consecutive tensors
+        with equal keys share one coefficient row computation."""
+        if step != self.last_step or <int>fresh != self.last_fresh:
+            self.run_keys.append((step, fresh))
+            self.last_step = step
+            self.last_fresh = fresh
+        return len(self.run_keys) - 1
+
+    cdef _Tensors table_for(self, cnp.ndarray data):
+        return self.float32 if cnp.PyArray_TYPE(data) == cnp.NPY_FLOAT32 else self.float64
+
+
+cdef inline bint exact_step(object value, long long *step) noexcept:
+    """A plain int in [0, MAX_STEP]: the common case, read without calling
+    Python; anything else goes to the Python checks."""
+    cdef int overflow = 0
+    if not PyLong_CheckExact(value):
+        return False
+    step[0] = PyLong_AsLongLongAndOverflow(value, &overflow)
+    return overflow == 0 and 0 <= step[0] <= MAX_STEP
+
+
+cdef struct kernel_call:
+    fastbn_optim_batch batch
+    fastbn_optim_step_fn kernel
+    const double *scalars
+    int flags
+
+
+cdef class StepPlan:
+    """Everything one `Optimizer.step` writes, prepared without writing it
+    (see the module docstring for the protocol)."""
+    cdef list groups
+    cdef list insertions
+    cdef list step_owners
+    cdef list new_steps
+    cdef object state
+    cdef bint counts_steps
+
+    def __init__(self, object state, bint counts_steps):
+        if not PyDict_Check(state):
+            raise TypeError(f"optimizer state: expected a dict, got {type(state).__name__}")
+        self.groups = []
+        self.insertions = []
         self.step_owners = []
         self.new_steps = []
+        self.state = state
+        self.counts_steps = counts_steps
+
+    def scan_group(self, str family, list params, tuple slots, tuple scalars, int flags):
+        """Start the next group's batch and take every parameter that is ready
+        for the kernel: a gradient, data and gradient float32/float64 of one
+        dtype and shape, C-contiguous and aligned, data writeable, and a state
+        entry holding every array of `slots` (usable: same dtype and shape,
+        C-contiguous, aligned, writeable) and, when steps are counted, a
+        ``step`` int in [0, 2**53].  Returns the positions of the parameters
+        that have a gradient but are not ready, for Python to check."""
+        cdef Py_ssize_t position, n = len(params)
+        cdef int slot, n_slots = len(slots)
+        cdef object param, grad, data, key
+        cdef PyObject *found
+        cdef PyObject *values[N_SLOTS]
+        cdef dict entry
+        cdef long long step = 0
+        cdef bint ready
+        cdef _Tensors tensors
+        cdef int64_t index
+        cdef _GroupBatch batch = _GroupBatch(FAMILIES[family], flags, scalars, n_slots, n)
+        cdef list pending = []
+        self.groups.append(batch)
         for position in range(n):
             param = params[position]
             grad = param.grad
             if grad is None:
                 continue
             data = param.data
-            if not ready_for_kernel(data, grad):
-                # raises the reference backend's message, or returns a usable copy
-                grad = checked_grad(param, group_index, position)
-                if not ready_for_kernel(data, grad):
-                    raise ValueError(f"param_groups[{group_index}]['params'][{position}]: data or "
-                                     "gradient is not an aligned native-endian array")
-            if cnp.PyArray_TYPE(<cnp.ndarray>data) == cnp.NPY_FLOAT32:
-                self.float32.add(param, <cnp.ndarray>data, <cnp.ndarray>grad, position)
-            else:
-                self.float64.add(param, <cnp.ndarray>data, <cnp.ndarray>grad, position)
-
-    def bind_state(self, object state, tuple slots, bint counts_steps, object coefficients,
-                   object ensure_state):
-        """Find (or create through `ensure_state(param)`) the state of every
-        parameter, point the slots at its arrays, and compute per-tensor
-        coefficients with `coefficients(step, fresh)`, called again only when
-        (step, fresh) changes from one tensor to the next."""
-        cdef int n_slots = len(slots)
-        if n_slots > N_SLOTS:
-            raise ValueError(f"at most {N_SLOTS} state slots, got {n_slots}")
-        if not isinstance(state, dict):
-            raise TypeError(f"optimizer state: expected a dict, got {type(state).__name__}")
-        self._bind(self.float32, state, slots, counts_steps, coefficients, ensure_state)
-        self._bind(self.float64, state, slots, counts_steps, coefficients, ensure_state)
-
-    cdef _bind(self, _Tensors tensors, object state, tuple slots, bint counts_steps,
-               object coefficients, object ensure_state):
-        cdef int64_t index
-        cdef long long step = 0, last_step = -1
-        cdef int slot, k, n_slots = len(slots), last_fresh = -1
-        cdef object param, entry, key, row, step_object = None
-        cdef PyObject *found
-        cdef PyObject *values[N_SLOTS]
-        cdef bint fresh
-        cdef cnp.ndarray data
-        cdef double last_row[MAX_COEFFICIENTS]
-        cdef object step_key = "step"
-        for index in range(tensors.n):
-            param = tensors.params[index]
-            data = <cnp.ndarray>tensors.arrays[index]
-            fresh = False
-            found = PyDict_GetItem(state, param)
-            if found is NULL or not self._lookup(<object>found, slots, counts_steps, values):
-                entry, fresh = ensure_state(param)
-                self._lookup(entry, slots, counts_steps, values)
-            else:
-                entry = <object>found
+            found = PyDict_GetItem(self.state, param)
+            ready = ready_for_kernel(data, grad) and found is not NULL and PyDict_CheckExact(<object>found)
+            if ready:
+                entry = <dict>found
+                if self.counts_steps:
+                    found = PyDict_GetItem(entry, "step")
+                    ready = found is not NULL and exact_step(<object>found, &step)
+                for slot in range(n_slots):
+                    if not ready:
+                        break
+                    key = slots[slot]
+                    if key is None:
+                        values[slot] = NULL
+                        continue
+                    values[slot] = PyDict_GetItem(entry, key)
+                    ready = values[slot] is not NULL and usable_state(<object>values[slot], <cnp.ndarray>data)
+            if not ready:
+                pending.append(position)
+                continue
+            tensors = batch.table_for(<cnp.ndarray>data)
+            index = tensors.n
             for slot in range(n_slots):
-                if values[slot] is NULL:
-                    tensors.state[slot][index] = NULL
-                    continue
-                if not usable_state(<object>values[slot], data):
-                    self._raise_bad_state(slots[slot], <object>values[slot], data, tensors.position[index])
-                tensors.state[slot][index] = cnp.PyArray_DATA(<cnp.ndarray>values[slot])
-                tensors.keepalive.append(<object>values[slot])
-            if counts_steps:
-                step = PyLong_AsLongLong(<object>PyDict_GetItem(entry, step_key)) + 1
-                if step != last_step:
-                    step_object = PyLong_FromLongLong(step)
+                tensors.state[slot][index] = cnp.PyArray_DATA(<cnp.ndarray>values[slot]) if values[slot] is not NULL else NULL
+                if values[slot] is not NULL:
+                    tensors.keepalive.append(<object>values[slot])
+            tensors.add(<cnp.ndarray>data, <cnp.ndarray>grad, batch.run_of(step + 1, False))
+            if self.counts_steps:
                 self.step_owners.append(entry)
-                self.new_steps.append(step_object)
-            if coefficients is not None:
-                if step != last_step or <int>fresh != last_fresh:
-                    row = coefficients(step, fresh)
-                    if len(row) > MAX_COEFFICIENTS:
-                        raise ValueError(f"at most {MAX_COEFFICIENTS} coefficients, got {len(row)}")
-                    for k in range(len(row)):
-                        last_row[k] = row[k]
-                    last_fresh = fresh
-                for k in range(MAX_COEFFICIENTS):
-                    tensors.coefficients[index * MAX_COEFFICIENTS + k] = last_row[k]
-            last_step = step
+                self.new_steps.append(step + 1)
+        return pending
 
-    cdef bint _lookup(self, object entry, tuple slots, bint counts_steps, PyObject **values) except -1:
-        """Fill values[slot] from the state dict `entry` (NULL for unused
-        slots); False when a needed key is missing."""
+    def add_tensor(self, Py_ssize_t group, cnp.ndarray data, cnp.ndarray grad, tuple arrays,
+                   long long new_step, bint fresh, object step_owner, list insertions):
+        """Add one parameter Python has validated to group `group`'s batch:
+        `arrays` its state arrays in slot order (None for unused slots),
+        `new_step` its step counter after this step, `fresh` whether its state
+        arrays were just created; at commit, ``step_owner["step"] = new_step``
+        (unless step_owner is None) and each (mapping, key, value) of
+        `insertions` is attached."""
+        cdef _GroupBatch batch = <_GroupBatch>self.groups[group]
+        cdef _Tensors tensors
+        cdef int64_t index
         cdef int slot
-        cdef object key
-        if not isinstance(entry, dict):
-            raise TypeError(f"optimizer state entry: expected a dict, got {type(entry).__name__}")
-        if counts_steps and PyDict_GetItem(entry, "step") is NULL:
-            return False
-        for slot in range(len(slots)):
-            key = slots[slot]
-            if key is None:
-                values[slot] = NULL
-            else:
-                values[slot] = PyDict_GetItem(entry, key)
-                if values[slot] is NULL:
-                    return False
-        return True
+        cdef object value
+        if not ready_for_kernel(data, grad) or len(arrays) != batch.n_slots:
+            raise ValueError("add_tensor: data, gradient or state arrays not ready for the kernel")
+        for slot in range(batch.n_slots):
+            value = arrays[slot]
+            if value is not None and not usable_state(value, data):
+                raise ValueError(f"add_tensor: state slot {slot} not ready for the kernel")
+        tensors = batch.table_for(data)
+        index = tensors.n
+        if index >= tensors.capacity:
+            raise ValueError("add_tensor: more tensors than the group has parameters")
+        for slot in range(batch.n_slots):
+            value = arrays[slot]
+            tensors.state[slot][index] = cnp.PyArray_DATA(<cnp.ndarray>value) if value is not None else NULL
+            if value is not None:
+                tensors.keepalive.append(value)
+        tensors.add(data, grad, batch.run_of(new_step, fresh))
+        if step_owner is not None:
+            if not PyDict_Check(step_owner):
+                raise TypeError("add_tensor: step_owner must be a dict")
+            self.step_owners.append(step_owner)
+            self.new_steps.append(new_step)
+        for value in insertions:
+            if not (isinstance(value, tuple) and len(value) == 3 and PyDict_Check(value[0])):
+                raise TypeError("add_tensor: insertions must be (dict, key, value) triples")
+        self.insertions.extend(insertions)
 
-    cdef _raise_bad_state(self, object key, object value, cnp.ndarray data, int64_t position):
-        raise ValueError(
-            f"optimizer state {key!r} of param_groups[{self.group_index}]['params'][{position}]: "
-            f"expected an aligned C-contiguous writeable ndarray of dtype {data.dtype} and "
-            f"shape {(<object>data).shape} (the parameter's), got {type(value).__name__}"
-            + (f" of dtype {value.dtype} and shape {value.shape}" if isinstance(value, cnp.ndarray) else ""))
+    def coefficient_keys(self, Py_ssize_t group):
+        """The (step, fresh) pairs whose coefficient rows group `group` needs,
+        in the order `set_coefficients` takes the rows."""
+        return (<_GroupBatch>self.groups[group]).run_keys
 
-    def commit_and_run(self, int n_slots):
-        """Write the new step counters, then update every tensor (GIL released)."""
-        cdef Py_ssize_t index
-        for index in range(len(self.step_owners)):
-            (<dict>self.step_owners[index])["step"] = self.new_steps[index]
+    def set_coefficients(self, Py_ssize_t group, list rows):
+        """One row of per-tensor coefficients per `coefficient_keys` entry."""
+        cdef _GroupBatch batch = <_GroupBatch>self.groups[group]
+        cdef double *table = NULL
+        cdef Py_ssize_t run, n_runs = len(batch.run_keys)
+        cdef int64_t index
+        cdef int k
+        cdef _Tensors tensors
+        if len(rows) != n_runs:
+            raise ValueError(f"set_coefficients: expected {n_runs} rows, got {len(rows)}")
+        table = <double *>PyMem_Malloc((n_runs if n_runs > 0 else 1) * MAX_COEFFICIENTS * sizeof(double))
+        if not table:
+            raise MemoryError("optimizer step: could not allocate the coefficient rows")
+        try:
+            for run in range(n_runs):
+                row = rows[run]
+                if len(row) > MAX_COEFFICIENTS:
+                    raise ValueError(f"at most {MAX_COEFFICIENTS} coefficients, got {len(row)}")
+                for k in range(MAX_COEFFICIENTS):
+                    table[run * MAX_COEFFICIENTS + k] = row[k] if k < len(row) else 0.0
+            for tensors in (batch.float32, batch.float64):
+                for index in range(tensors.n):
+                    for k in range(MAX_COEFFICIENTS):
+                        tensors.coefficients[index * MAX_COEFFICIENTS + k] = \
+                            table[tensors.run[index] * MAX_COEFFICIENTS + k]
+        finally:
+            PyMem_Free(table)
+
+    def commit_and_run(self):
+        """Attach the new state, write the step counters, then run every
+        group's kernels back to back with the GIL released.  No Python code
+        runs in here, so an asynchronous exception (KeyboardInterrupt) is
+        raised before or after the whole of it, never inside."""
+        cdef Py_ssize_t n_groups = len(self.groups), index, done = 0, n_calls = 0, call
         cdef const fastbn_optim_kernels *table = fastbn_optim_kernels_for(current_simd_target())
         cdef int nt = effective_num_threads()
-        cdef fastbn_optim_batch batch
-        cdef fastbn_optim_step_fn kernel
         cdef int status = 0
-        if self.float32.n:
-            batch = self.float32.batch(n_slots)
-            kernel = table.step_f32[self.family]
+        cdef _GroupBatch batch
+        cdef object triple
+        cdef kernel_call *calls = <kernel_call *>PyMem_Malloc(
+            (2 * n_groups if n_groups > 0 else 1) * sizeof(kernel_call))
+        if not calls:
+            raise MemoryError("optimizer step: could not allocate the kernel call list")
+        try:
+            for index in range(n_groups):
+                batch = <_GroupBatch>self.groups[index]
+                if batch.float32.n:
+                    calls[n_calls].batch = batch.float32.batch(batch.n_slots)
+                    calls[n_calls].kernel = table.step_f32[batch.family]
+                    calls[n_calls].scalars = batch.scalars
+                    calls[n_calls].flags = batch.flags
+                    n_calls += 1
+                if batch.float64.n:
+                    calls[n_calls].batch = batch.float64.batch(batch.n_slots)
+                    calls[n_calls].kernel = table.step_f64[batch.family]
+                    calls[n_calls].scalars = batch.scalars
+                    calls[n_calls].flags = batch.flags
+                    n_calls += 1
+            # New keys may make a dict grow (MemoryError): undo the ones made.
+            try:
+                for triple in self.insertions:
+                    PyDict_SetItem((<tuple>triple)[0], (<tuple>triple)[1], (<tuple>triple)[2])
+                    done += 1
+            except BaseException:
+                for index in range(done - 1, -1, -1):
+                    triple = self.insertions[index]
+                    PyDict_DelItem((<tuple>triple)[0], (<tuple>triple)[1])
+                raise
+            # Existing "step" keys: replacing a value never allocates.
+            for index in range(len(self.step_owners)):
+                PyDict_SetItem(self.step_owners[index], "step", self.new_steps[index])
             with nogil:
-                status = kernel(&batch, self.scalars, self.flags, nt)
-            raise_for_status(status, "optimizer step (float32)")
-        if self.float64.n:
-            batch = self.float64.batch(n_slots)
-            kernel = table.step_f64[self.family]
-            with nogil:
-                status = kernel(&batch, self.scalars, self.flags, nt)
-            raise_for_status(status, "optimizer step (float64)")
+                for call in range(n_calls):
+                    status = calls[call].kernel(&calls[call].batch, calls[call].scalars,
+                                                calls[call].flags, nt)
+                    if status != 0:
+                        break
+            raise_for_status(status, "optimizer step")
+        finally:
+            PyMem_Free(calls)
+
+
+def data_unchanged(list param_groups, list known):
+    """True when ``param_groups[i]["params"][j].data is known[i][j]`` for
+    every group i and position j (same lengths): the memory-overlap check of
+    the last step still holds.  One attribute read and one pointer comparison
+    per parameter."""
+    cdef Py_ssize_t group, position, n
+    cdef list params, arrays
+    if len(param_groups) != len(known):
+        return False
+    for group in range(len(param_groups)):
+        params = <list>param_groups[group]["params"]
+        arrays = <list>known[group]
+        n = len(params)
+        if len(arrays) != n:
+            return False
+        for position in range(n):
+            if params[position].data is not arrays[position]:
+                return False
+    return True
 
 
 # section: gradient clipping --------------------------------------------------
@@ -384,7 +514,7 @@ cdef _Tensors gradient_table(list grads, int dtype):
     for position in range(len(grads)):
         grad = grads[position]
         if cnp.PyArray_TYPE(<cnp.ndarray>grad) == dtype:
-            tensors.add(None, <cnp.ndarray>grad, <cnp.ndarray>grad, position)
+            tensors.add(<cnp.ndarray>grad, <cnp.ndarray>grad, 0)
     return tensors
 
 

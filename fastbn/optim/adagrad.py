@@ -5,7 +5,6 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
-from ..parameter import Parameter
 from ..reference import optim as reference
 from . import _fused
 from .optimizer import Optimizer, check_flags, check_non_negative
@@ -45,7 +44,7 @@ class Adagrad(Optimizer):
                                       eps=eps, maximize=maximize))
         for group in self.param_groups:
             for param in group["params"]:
-                self._ensure_state(param, group)
+                self.state[param] = self._initial_state(param, group)
 
     def _check_hyperparameters(self, group: Dict[str, Any], where: str) -> None:
         check_non_negative(group, where, "lr", "lr_decay", "weight_decay",
@@ -55,8 +54,8 @@ class Adagrad(Optimizer):
     def _state_slots(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
         return ("sum",)
 
-    def _initial_state_array(self, param: Parameter, key: str, group: Dict[str, Any]) -> np.ndarray:
-        return np.full_like(param.data, group["initial_accumulator_value"])
+    def _initial_fill(self, key: str, group: Dict[str, Any]) -> float:
+        return group["initial_accumulator_value"]
 
     def _reference_update(self, data: np.ndarray, grad: np.ndarray, state: Dict[str, Any],
                           group: Dict[str, Any], fresh: bool) -> None:

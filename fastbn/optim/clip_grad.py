@@ -48,7 +48,7 @@ def clip_grad_norm_(parameters: Union[Parameter, Iterable[Parameter]], max_norm:
     if norm_type != 2.0 and not math.isinf(norm_type):
         raise ValueError(f"norm_type: expected 2.0 or inf, got {norm_type!r}")
     grads = _collect_grads(parameters)
-    if _backend.is_reference() or not _fused.available():
+    if _backend.is_reference():
         norm = reference.grad_norm(grads, norm_type)
     else:
         norm = _fused._optim.grad_norm(grads, math.isinf(norm_type))
@@ -57,7 +57,7 @@ def clip_grad_norm_(parameters: Union[Parameter, Iterable[Parameter]], max_norm:
                            f"is non-finite ({norm}), so it cannot be clipped")
     coef = max_norm / (norm + 1e-6)
     if coef < 1:
-        if _backend.is_reference() or not _fused.available():
+        if _backend.is_reference():
             with np.errstate(invalid="ignore"):  # inf * 0 -> nan, as the kernel gives
                 for grad in grads:
                     grad *= coef

@@ -4,16 +4,21 @@ What a subclass provides (everything else lives here):
 
 - ``defaults`` (the hyperparameters and their default values) and
   `_check_hyperparameters(group, where)` (PyTorch's validation, our messages);
-- `_state_keys(group)`: the state arrays a step of this group needs;
-- `_reference_update(data, grad, state, group)`: one parameter, through
-  fastbn.reference.optim (the oracle and the fallback);
-- `_fused_update(...)` hooks: the per-group scalars and per-step coefficients
-  the fused kernel takes (see fastbn/optim/_fused.py).
+- `_state_slots(group)`: the state arrays a step of this group needs, in the
+  kernel's slot order;
+- `_reference_update(data, grad, state, group, fresh)`: one parameter,
+  through fastbn.reference.optim (the oracle);
+- `_kernel_arguments(group)`: the group scalars, option flags and per-step
+  coefficients the fused kernel takes (see fastbn/optim/_fused.py).
 
-A step of one param group is one fused kernel call over every parameter of
-the group that has a gradient (one call per dtype when a group mixes float32
-and float64), unless the reference backend is active or the compiled module
-is missing, in which case the reference updates run one parameter at a time.
+A step runs in three phases over every group: validate (hyperparameters,
+memory overlap, data, gradients, existing state), allocate the state that is
+missing (held aside, not yet in `state`), then commit (attach that state,
+count the step, update).  The first two write nothing, so any error they
+raise leaves the optimizer and every parameter as they were.  On the fast
+backend the commit is a single call into the compiled bridge that runs all
+groups' kernels back to back (one call per group and dtype); on the
+reference backend it updates one parameter at a time in NumPy.
 """
 from __future__ import annotations
 
@@ -25,11 +30,48 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from .. import _backend
-from .._validation import FLOAT_DTYPES, check_positive, check_range, check_real, describe
+from .._validation import check_positive, check_range, check_real, describe
 from ..parameter import Parameter
-from . import _fused
+from ._fused import _optim
+from ._checks import (MAX_STEP, check_disjoint_params, check_param_data, check_state_entry,
+                      checked_grad)
 
 __all__ = ["Optimizer"]
+
+_PARAMS_EXPECTED = "expected an iterable of Parameters or of dicts (param groups)"
+
+
+class _Update:
+    """One parameter a step updates, as validated in phase 1: its arrays,
+    existing state entry (None before its first step), the state keys to
+    create, and its step counter after this step."""
+
+    __slots__ = ("group_index", "param", "data", "grad", "entry", "missing", "created", "new_step")
+
+    def __init__(self, group_index: int, param: Parameter, grad: np.ndarray,
+                 entry: Optional[Dict[str, Any]], missing: Tuple[str, ...], new_step: int) -> None:
+        self.group_index = group_index
+        self.param = param
+        self.data = param.data
+        self.grad = grad
+        self.entry = entry
+        self.missing = missing
+        self.created: Dict[str, np.ndarray] = {}
+        self.new_step = new_step
+
+    @property
+    def fresh(self) -> bool:
+        """True when this step creates any of its state arrays."""
+        return bool(self.missing)
+
+
+def _allocate_state_array(data: np.ndarray, fill_value: float) -> np.ndarray:
+    """A new state array shaped like `data` (the one place state memory is
+    allocated, so tests can make it fail)."""
+    if fill_value == 0:
+        return np.zeros_like(data)
+    return np.full_like(data, fill_value)
+
 
 class Optimizer:
     """Base class of every fastbn optimizer (torch.optim.Optimizer's interface).
@@ -38,7 +80,10 @@ class Optimizer:
     ----------
     params : iterable of Parameter, or iterable of dict
         The parameters to optimize, or param groups: dicts with a ``"params"``
-        entry and per-group hyperparameters overriding `defaults`.
+        entry and per-group hyperparameters overriding `defaults`.  An ordered
+        collection (list, tuple, generator): a set is refused (TypeError), as
+        torch does, because its order, which numbers the parameters in
+        `state_dict`, changes between runs.
     defaults : dict
         Default hyperparameters of every group.
 
@@ -53,6 +98,13 @@ class Optimizer:
         (``momentum_buffer``, ``square_avg``, ``exp_avg`` ...); arrays are
         owned by the optimizer, ``step`` is an int.
     defaults : dict
+
+    Notes
+    -----
+    No two parameters of one optimizer may share memory (`step` raises
+    ValueError naming both): the kernels update many tensors in parallel, so
+    two parameters on the same memory would get a result that depends on the
+    thread timing.
     """
 
     #: True when this optimizer keeps a per-parameter ``step`` counter.
@@ -62,17 +114,20 @@ class Optimizer:
         self.defaults: Dict[str, Any] = dict(defaults)
         self.state: Dict[Parameter, Dict[str, Any]] = defaultdict(dict)
         self.param_groups: List[Dict[str, Any]] = []
+        # The .data arrays of every group's parameters when they were last
+        # found disjoint (see `step`); None until the first step.
+        self._disjoint_data: Optional[List[List[np.ndarray]]] = None
         self._check_hyperparameters(self.defaults, "")
         if isinstance(params, (Parameter, np.ndarray, dict)):
-            raise TypeError(
-                "params: expected an iterable of Parameters or of dicts (param groups), "
-                f"got {describe(params)}")
+            raise TypeError(f"params: {_PARAMS_EXPECTED}, got {describe(params)}")
+        if isinstance(params, (set, frozenset)):
+            raise TypeError(f"params: expected an ordered collection of Parameters (a list or "
+                            f"tuple), got a {type(params).__name__}, whose order changes between "
+                            "runs")
         try:
             groups = list(params)
         except TypeError:
-            raise TypeError(
-                "params: expected an iterable of Parameters or of dicts (param groups), "
-                f"got {describe(params)}") from None
+            raise TypeError(f"params: {_PARAMS_EXPECTED}, got {describe(params)}") from None
         if not groups:
             raise ValueError("params: expected at least one Parameter, got an empty list")
         if not isinstance(groups[0], dict):
@@ -107,7 +162,7 @@ class Optimizer:
             if not isinstance(param, Parameter):
                 raise TypeError(f"{where}['params'][{position}]: expected a fastbn.Parameter, "
                                 f"got {describe(param)}")
-            _check_param_data(param, where, position)
+            check_param_data(param, where, position)
         if len({id(p) for p in params}) != len(params):
             raise ValueError(f"{where}['params']: a parameter appears more than once in the group")
         existing = {id(p) for g in self.param_groups for p in g["params"]}
@@ -129,7 +184,7 @@ class Optimizer:
                 param.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        """Update every parameter that has a gradient, one fused call per group.
+        """Update every parameter that has a gradient, all groups at once.
 
         Parameters
         ----------
@@ -139,75 +194,154 @@ class Optimizer:
         Returns
         -------
         The closure's return value, or None.
+
+        Raises
+        ------
+        TypeError, ValueError
+            A bad hyperparameter, parameter, gradient or state entry (the
+            message names it), or two parameters sharing memory.
+
+        Notes
+        -----
+        What is guaranteed when `step` raises (after the closure returned):
+
+        - An error found by validation or while allocating new state
+          (TypeError, ValueError, MemoryError) leaves every parameter,
+          gradient and state entry exactly as it was, on both backends:
+          everything is checked and every missing state array is allocated
+          (held aside) before anything is written.
+        - Fast backend: attaching the new state, counting the step and the
+          kernel calls of every group happen in one compiled call that runs
+          no Python code, so a KeyboardInterrupt (or another asynchronous
+          exception) arrives either before it (nothing changed) or after it
+          (every group fully stepped), never between two groups.
+        - Reference backend (the NumPy oracle): parameters are updated one
+          after another in Python; a KeyboardInterrupt during that loop can
+          leave the earlier parameters stepped and the later ones not
+          (torch.optim has the same window).
         """
         loss = closure() if closure is not None else None
-        groups = list(enumerate(self.param_groups))
-        for index, group in groups:
+        groups = self.param_groups
+        for index, group in enumerate(groups):
             self._check_hyperparameters(group, f"param_groups[{index}]")
-        # Every gradient is checked before anything changes, so a bad one
-        # leaves all parameters and state as they were.
-        if _backend.is_reference() or not _fused.available():
+        if not isinstance(self.state, dict):
+            raise TypeError(f"optimizer state: expected a dict, got {describe(self.state)}")
+        self._check_disjoint(groups)
+        if _backend.is_reference():
             self._reference_step(groups)
         else:
-            _fused.step_groups(self, groups)
+            self._fused_step(groups)
         return loss
 
-    def _reference_step(self, groups: List[Tuple[int, Dict[str, Any]]]) -> None:
-        grads = [[checked_grad(param, index, position) for position, param in enumerate(group["params"])]
-                 for index, group in groups]
-        for (index, group), group_grads in zip(groups, grads):
-            for position, (param, grad) in enumerate(zip(group["params"], group_grads)):
-                if grad is None:
-                    continue
-                state, fresh = self._ensure_state(param, group)
-                self._check_state_entry(state, group, param, index, position)
-                if self._counts_steps:
-                    state["step"] += 1
-                self._reference_update(param.data, grad, state, group, fresh)
+    def _check_disjoint(self, groups: List[Dict[str, Any]]) -> None:
+        """Phase 1, memory overlap: rechecked only when a parameter's .data
+        array (or a group's parameter list) changed since the last check."""
+        known = self._disjoint_data
+        if known is not None and _optim.data_unchanged(groups, known):
+            return
+        check_disjoint_params(groups)
+        self._disjoint_data = [[param.data for param in group["params"]] for group in groups]
 
-    def _check_state_entry(self, state: Dict[str, Any], group: Dict[str, Any], param: Parameter,
-                           index: int, position: int) -> None:
-        """The checks the compiled bridge makes on a (possibly user-loaded)
-        state entry, with the same exception types, so both backends reject
-        corrupted state alike."""
-        where = f"param_groups[{index}]['params'][{position}]"
-        if self._counts_steps:
-            step = state["step"]
-            if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-                raise TypeError(f"optimizer state 'step' of {where}: expected an int, "
-                                f"got {type(step).__name__} {step!r}")
-        data = param.data
-        for key in self._state_slots(group):
-            if key is None:
-                continue
-            value = state[key]
-            if not (isinstance(value, np.ndarray) and value.dtype == data.dtype
-                    and value.shape == data.shape and value.flags.c_contiguous
-                    and value.flags.writeable and value.flags.aligned):
-                detail = (f" of dtype {value.dtype} and shape {value.shape}"
-                          if isinstance(value, np.ndarray) else "")
-                raise ValueError(
-                    f"optimizer state {key!r} of {where}: expected an aligned C-contiguous "
-                    f"writeable ndarray of dtype {data.dtype} and shape {data.shape} "
-                    f"(the parameter's), got {type(value).__name__}{detail}")
+    def _fused_step(self, groups: List[Dict[str, Any]]) -> None:
+        plan = _optim.StepPlan(self.state, self._counts_steps)
+        group_slots, group_coefficients, updates = [], [], []
+        # Phase 1: the bridge takes every parameter that is ready as it is,
+        # and the checks below handle the rest (first step, copies, errors).
+        for index, group in enumerate(groups):
+            slots = self._state_slots(group)
+            scalars, flags, coefficients = self._kernel_arguments(group)
+            params = group["params"]
+            for position in plan.scan_group(self._kernel_family, params, slots, scalars, flags):
+                updates.append(self._validated_update(index, position, params[position], slots))
+            group_slots.append(slots)
+            group_coefficients.append(coefficients)
+        # Phase 2.
+        self._allocate_missing(updates, groups)
+        for update in updates:
+            slots = group_slots[update.group_index]
+            arrays = tuple(None if key is None else
+                           update.created[key] if key in update.created else update.entry[key]
+                           for key in slots)
+            step_owner, insertions = self._attachments(update)
+            plan.add_tensor(update.group_index, update.data, update.grad, arrays,
+                            update.new_step, update.fresh, step_owner, insertions)
+        for index, coefficients in enumerate(group_coefficients):
+            if coefficients is not None:
+                plan.set_coefficients(index, [coefficients(step, fresh)
+                                              for step, fresh in plan.coefficient_keys(index)])
+        # Phase 3.
+        plan.commit_and_run()
 
-    def _ensure_state(self, param: Parameter, group: Dict[str, Any]) -> Tuple[Dict[str, Any], bool]:
-        """The state of `param` with every array this group's step needs,
-        created (zeros) the first time or when an option such as ``centered``
-        is switched on later.  Also returns whether an array was just created.
-        """
-        state = self.state[param]
-        fresh = False
-        if self._counts_steps and "step" not in state:
-            state["step"] = 0
+    def _reference_step(self, groups: List[Dict[str, Any]]) -> None:
+        # Phase 1.
+        updates = []
+        for index, group in enumerate(groups):
+            slots = self._state_slots(group)
+            for position, param in enumerate(group["params"]):
+                if param.grad is not None:
+                    updates.append(self._validated_update(index, position, param, slots))
+        # Phase 2.
+        self._allocate_missing(updates, groups)
+        # Phase 3.
+        for update in updates:
+            step_owner, insertions = self._attachments(update)
+            for mapping, key, value in insertions:
+                mapping[key] = value
+            if step_owner is not None:
+                step_owner["step"] = update.new_step
+        for update in updates:
+            self._reference_update(update.data, update.grad, self.state[update.param],
+                                   groups[update.group_index], update.fresh)
+
+    def _validated_update(self, group_index: int, position: int, param: Parameter,
+                          slots: Tuple[Optional[str], ...]) -> _Update:
+        """Phase 1 for one parameter with a gradient: check it, its gradient
+        and its state entry (if any); raise, or return what the step needs."""
+        grad = checked_grad(param, group_index, position)
+        entry = self.state.get(param)  # .get: a defaultdict lookup would insert
+        if entry is not None:
+            check_state_entry(entry, slots, self._counts_steps, param.data, group_index, position)
+        missing = tuple(key for key in slots
+                        if key is not None and (entry is None or key not in entry))
+        new_step = int(entry.get("step", 0)) + 1 if entry is not None and self._counts_steps else 1
+        return _Update(group_index, param, grad, entry, missing, new_step)
+
+    def _allocate_missing(self, updates: List[_Update], groups: List[Dict[str, Any]]) -> None:
+        """Phase 2: every missing state array, held aside in `update.created`."""
+        for update in updates:
+            group = groups[update.group_index]
+            for key in update.missing:
+                update.created[key] = self._initial_state_array(update.param, key, group)
+
+    def _attachments(self, update: _Update) -> Tuple[Optional[Dict[str, Any]], List[tuple]]:
+        """What phase 3 writes for `update`: the existing entry whose ``step``
+        to overwrite (or None) and the (mapping, key, value) insertions."""
+        if update.entry is None:
+            entry: Dict[str, Any] = {"step": update.new_step} if self._counts_steps else {}
+            entry.update(update.created)
+            return None, [(self.state, update.param, entry)]
+        insertions = [(update.entry, key, value) for key, value in update.created.items()]
+        if not self._counts_steps:
+            return None, insertions
+        if "step" in update.entry:
+            return update.entry, insertions
+        return None, insertions + [(update.entry, "step", update.new_step)]
+
+    def _initial_state(self, param: Parameter, group: Dict[str, Any]) -> Dict[str, Any]:
+        """A complete state entry before the first step (Adagrad creates its
+        state at construction, as torch does)."""
+        entry: Dict[str, Any] = {"step": 0} if self._counts_steps else {}
         for key in self._state_slots(group):
-            if key is not None and key not in state:
-                state[key] = self._initial_state_array(param, key, group)
-                fresh = True
-        return state, fresh
+            if key is not None:
+                entry[key] = self._initial_state_array(param, key, group)
+        return entry
 
     def _initial_state_array(self, param: Parameter, key: str, group: Dict[str, Any]) -> np.ndarray:
-        return np.zeros_like(param.data)
+        return _allocate_state_array(param.data, self._initial_fill(key, group))
+
+    def _initial_fill(self, key: str, group: Dict[str, Any]) -> float:
+        """The value a new state array `key` starts at (zero unless overridden)."""
+        return 0.0
 
     # section: subclass hooks ---------------------------------------------------
 
@@ -223,7 +357,8 @@ class Optimizer:
 
     def _reference_update(self, data: np.ndarray, grad: np.ndarray, state: Dict[str, Any],
                           group: Dict[str, Any], fresh: bool) -> None:
-        """One parameter through fastbn.reference.optim (step already counted)."""
+        """One parameter through fastbn.reference.optim (step already counted;
+        `fresh`: its state arrays were created by this step)."""
         raise NotImplementedError
 
     def _kernel_arguments(self, group: Dict[str, Any]) -> Tuple[Tuple[float, ...], int,
@@ -430,62 +565,10 @@ class Optimizer:
 
 # section: shared checks ------------------------------------------------------
 
-def _param_name(group_index, position) -> str:
-    return f"param_groups[{group_index}]['params'][{position}]"
-
-
-def _check_param_data(param: Parameter, where: str, position: int) -> None:
-    data = param.data
-    name = f"{where}['params'][{position}].data"
-    if not isinstance(data, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy.ndarray, got {describe(data)}")
-    if data.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected dtype float32 or float64, got {data.dtype}")
-    if not data.flags.c_contiguous:
-        raise ValueError(f"{name}: expected a C-contiguous array (updated in place), "
-                         f"got strides {data.strides}")
-    if not data.flags.aligned:
-        raise ValueError(f"{name}: expected an aligned array, got a misaligned view")
-    if not data.flags.writeable:
-        raise ValueError(f"{name}: expected a writeable array (updated in place), got a read-only one")
-
-
-def checked_grad(param: Parameter, group_index: int, position: int) -> Optional[np.ndarray]:
-    """The gradient of `param` ready for an update, or None when it has none.
-
-    Raises TypeError when the data or gradient dtype is wrong (they must be
-    float32/float64 and equal) and ValueError when the shapes differ or the
-    data is not a writeable, aligned, C-contiguous array; messages name the
-    parameter by group and position.  A non-contiguous gradient is copied.
-    """
-    grad = param.grad
-    if grad is None:
-        return None
-    _check_param_data(param, f"param_groups[{group_index}]", position)
-    name = _param_name(group_index, position) + ".grad"
-    if not isinstance(grad, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy.ndarray, got {describe(grad)}")
-    data = param.data
-    if grad.dtype != data.dtype:
-        raise TypeError(f"{name}: expected dtype {data.dtype} (the dtype of the parameter), "
-                        f"got {grad.dtype}")
-    if grad.shape != data.shape:
-        raise ValueError(f"{name}: expected shape {data.shape} (the shape of the parameter), "
-                         f"got {grad.shape}")
-    if not (grad.flags.c_contiguous and grad.flags.aligned):
-        grad = np.require(grad, requirements=["C", "A"])
-    return grad
-
-
 class _StateDtypeError(TypeError):
     """A saved state array whose precision differs from its parameter's
     (:func:`fastbn.load_into` keeps this one a TypeError and turns the other
     state errors into CheckpointError)."""
-
-
-#: Largest ``step`` a state may hold: every whole number up to it is exact in
-#: float64 (PyTorch's step is a float tensor), and step + 1 fits in an int64.
-MAX_STEP = 2 ** 53
 
 
 def _checked_step(value: Any, name: str) -> int:

@@ -84,7 +84,8 @@ class SGD(Optimizer):
             return first if fresh else steady
 
         scalars = (float(group["lr"]), float(group["weight_decay"]), momentum)
-        return scalars, flags, buffer_coefficients
+        # Without momentum the kernel reads no coefficients.
+        return scalars, flags, buffer_coefficients if momentum != 0 else None
 
 
 class Momentum(Optimizer):

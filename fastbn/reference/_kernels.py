@@ -2,9 +2,11 @@
 (fastbn/_bn.pyx) with the same names, signatures and contract, in NumPy.
 
 Written the way a NumPy user writes the formulas: the input viewed as
-``x__ocn = x.reshape(outer, channels, inner)``, whole-array expressions in the
-input dtype (two-pass mean and variance, no tricks), so the fast kernels are
-checked against the textbook math, not against a copy of themselves.
+``x__ocn = x.reshape(outer, channels, inner)``, whole-array expressions
+(two-pass mean and variance, no tricks), so the fast kernels are checked
+against the textbook math, not against a copy of themselves.  The training
+forward computes in float64 and rounds its outputs once; everything else is
+computed in the input dtype.
 
 The contract shared with the bridge:
 - arrays that are not kernel-ready (fastbn._bn_validation.kernel_ready)
@@ -116,12 +118,17 @@ def train_forward(x, y, outer, channels, inner, weight, bias, eps, running_mean,
         if counter is None:
             return None
         momentum = 1.0 / (int(counter) + 1)
-    x__ocn = x.reshape(outer, channels, inner)
+    # statistics and normalization in float64, outputs rounded once (torch's
+    # CPU kernels also accumulate the statistics in double): a float32 mean
+    # accumulated in float32 is off by far more than float32 rounding when
+    # the mean is large (1e4 + N(0, 1)), and that error, times 1/std, lands
+    # on every output
+    x__ocn = x.reshape(outer, channels, inner).astype(np.float64, copy=False)
     mean = x__ocn.mean(axis=_REDUCE)
     centered = x__ocn - _per_channel(mean)
     var = (centered * centered).mean(axis=_REDUCE)
-    invstd = 1 / np.sqrt(var + dtype.type(eps))
-    y__ocn = _normalize(x__ocn, mean, invstd, weight, bias)
+    invstd = 1 / np.sqrt(var + float(eps))
+    y__ocn = _normalize(x__ocn, mean, invstd, weight, bias).astype(dtype, copy=False)
     if relu:
         np.maximum(y__ocn, dtype.type(0), out=y__ocn)
     result = _deliver(y__ocn, y, x.shape)
@@ -133,7 +140,7 @@ def train_forward(x, y, outer, channels, inner, weight, bias, eps, running_mean,
         _commit([(running_mean, keep * running_mean + factor * mean),
                  (running_var, keep * running_var + factor * (var * dtype.type(n / (n - 1))))],
                 counter)
-    return result, mean, invstd, x
+    return result, mean.astype(dtype), invstd.astype(dtype), x
 
 
 def backward(dy, x, dx, outer, channels, inner, mean, invstd, weight, dweight, dbias,

@@ -1,9 +1,9 @@
-/* bn_affine_impl.h -- template (FB_REAL, FB_DTYPE): the per-channel affine map
- * y = x * scale[c] + shift[c] that every normalization ends in, and the
- * eval-mode forward built on it.  Included once per dtype by bn_kernels.c.
+/* bn_affine_impl.h -- template (FB_REAL, FB_DTYPE): the per-channel map
+ * y = (x - mean[c]) * scale[c] + shift[c] of the eval-mode forward.
+ * Included once per dtype by bn_kernels.c.
  *
  * Cost: one read and one write of x (streaming stores when y is large, see
- * bn_span_impl.h); one FMA per element.  Work is split into
+ * bn_span_impl.h); one subtraction and one FMA per element.  Work is split into
  * equal contiguous element ranges, one per thread, whatever the layout, so a
  * single huge channel or a tiny spatial size still uses every thread.
  */
@@ -12,6 +12,7 @@
 
 /* Elements [begin, end) of the (outer, channels, inner) array. */
 static void FB_TYPED(bn_affine_range)(const FB_REAL *x, FB_REAL *y,
+                                      const FB_REAL *restrict mean,
                                       const FB_REAL *restrict scale,
                                       const FB_REAL *restrict shift,
                                       fb_index channels, fb_index inner,
@@ -23,8 +24,8 @@ static void FB_TYPED(bn_affine_range)(const FB_REAL *x, FB_REAL *y,
         while (begin < end) {
             const fb_index len = fb_min_index(channels - col, end - begin);
             const fb_index offset = row * channels + col;
-            FB_TYPED(bn_span_channels)(y + offset, x + offset, NULL, len, scale + col,
-                                       shift + col, NULL, stream, relu);
+            FB_TYPED(bn_span_channels)(y + offset, x + offset, NULL, len, mean + col,
+                                       scale + col, shift + col, NULL, stream, relu);
             begin += len;
             col = 0;
             ++row;
@@ -35,8 +36,8 @@ static void FB_TYPED(bn_affine_range)(const FB_REAL *x, FB_REAL *y,
         while (begin < end) {
             const fb_index len = fb_min_index(inner - col, end - begin);
             const fb_index c = row % channels, offset = row * inner + col;
-            FB_TYPED(bn_span)(y + offset, x + offset, NULL, len, scale[c], shift[c], 0, stream,
-                              relu, 0, 0);
+            FB_TYPED(bn_span)(y + offset, x + offset, NULL, len, mean[c], scale[c], shift[c], 0,
+                              stream, relu, 0, 0);
             begin += len;
             col = 0;
             ++row;
@@ -45,8 +46,9 @@ static void FB_TYPED(bn_affine_range)(const FB_REAL *x, FB_REAL *y,
 }
 
 /* The whole array, in parallel when it is large enough. */
-static void FB_TYPED(bn_affine)(const FB_REAL *x, FB_REAL *y, const FB_REAL *scale,
-                                const FB_REAL *shift, fb_index outer, fb_index channels,
+static void FB_TYPED(bn_affine)(const FB_REAL *x, FB_REAL *y, const FB_REAL *mean,
+                                const FB_REAL *scale, const FB_REAL *shift,
+                                fb_index outer, fb_index channels,
                                 fb_index inner, int relu, int num_threads)
 {
     const fb_index total = outer * channels * inner;
@@ -54,7 +56,8 @@ static void FB_TYPED(bn_affine)(const FB_REAL *x, FB_REAL *y, const FB_REAL *sca
     const int stream = total * (fb_index)sizeof(FB_REAL) >= FB_BN_STREAM_BYTES;
     if (nt <= 1) {
         /* not even an if(0) region: libgomp's team setup costs ~0.3 us */
-        FB_TYPED(bn_affine_range)(x, y, scale, shift, channels, inner, 0, total, stream, relu);
+        FB_TYPED(bn_affine_range)(x, y, mean, scale, shift, channels, inner, 0, total, stream,
+                                  relu);
         if (stream)
             fb_stream_fence();
         return;
@@ -63,8 +66,8 @@ static void FB_TYPED(bn_affine)(const FB_REAL *x, FB_REAL *y, const FB_REAL *sca
     {
         fb_index begin, end;
         fb_split_range(total, fb_team_size(), fb_thread_id(), &begin, &end);
-        FB_TYPED(bn_affine_range)(x, y, scale, shift, channels, inner, begin, end, stream,
-                                  relu);
+        FB_TYPED(bn_affine_range)(x, y, mean, scale, shift, channels, inner, begin, end,
+                                  stream, relu);
         if (stream)
             fb_stream_fence();
     }
@@ -80,12 +83,15 @@ static int FB_TYPED(bn_eval_forward)(FASTBN_BN_EVAL_FORWARD_ARGS(FB_REAL))
     if (!coefficients)
         return FASTBN_ERR_NOMEM;
     FB_REAL *scale = coefficients, *shift = coefficients + channels;
-    /* folded in double so float32 coefficients are correctly rounded */
+    /* running_var + eps == 0 gives scale = +-inf (NaN with weight 0): y is
+     * then +-inf where x != running_mean and NaN where x == running_mean
+     * (0 * inf), the IEEE value of (x - mean) / sqrt(var + eps) * weight +
+     * bias -- as the reference computes it; no special case */
     for (fb_index c = 0; c < channels; ++c)
-        FB_TYPED(bn_normalize_coefficients)((double)running_mean[c],
-                                            1.0 / sqrt((double)running_var[c] + eps), weight,
+        FB_TYPED(bn_normalize_coefficients)(1.0 / sqrt((double)running_var[c] + eps), weight,
                                             bias, c, scale + c, shift + c);
-    FB_TYPED(bn_affine)(x, y, scale, shift, outer, channels, inner, relu, num_threads);
+    FB_TYPED(bn_affine)(x, y, running_mean, scale, shift, outer, channels, inner, relu,
+                        num_threads);
     free(coefficients);
     return FASTBN_OK;
 }

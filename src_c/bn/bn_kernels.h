@@ -15,11 +15,14 @@
 /* Every kernel takes `relu`: nonzero fuses a ReLU after the batch norm
  * (bn_relu_impl.h).  The forwards then store max(y, 0); the backwards take
  * dy as the gradient of that ReLU's output and mask it where the
- * pre-activation y = x * scale + shift (recomputed from x, `bias` and the
- * statistics) is <= 0, exactly where the forward stored 0. */
+ * pre-activation y = (x - mean) * scale + bias (recomputed from x, `bias` and
+ * the statistics) is <= 0, exactly where the forward stored 0. */
 
-/* y = x * alpha[c] + beta[c], alpha = weight / sqrt(running_var + eps),
- * beta = bias - running_mean * alpha.  y may equal x (in place). */
+/* y = (x - running_mean[c]) * alpha[c] + bias[c],
+ * alpha = weight / sqrt(running_var + eps): the mean is subtracted, not
+ * folded into the constant, so a large mean costs no precision.  With
+ * running_var + eps == 0: +-inf where x != running_mean, NaN where
+ * x == running_mean (0 * inf).  y may equal x (in place). */
 #define FASTBN_BN_EVAL_FORWARD_ARGS(real)                                          \
     const real *x, real *y, fb_index outer, fb_index channels, fb_index inner,     \
     const real *running_mean, const real *running_var, const real *weight,         \

@@ -4,26 +4,28 @@
  * affine and training templates that use it.
  *
  * Forward: the rewrite's output goes through bn_activate (the ReLU) before
- * it is stored: y = max(x * scale + shift, 0), NaN passed through as in
- * torch.  No second pass over y.
+ * it is stored: y = max((x - mean) * scale + shift, 0), NaN passed through as
+ * in torch.  No second pass over y.
  *
  * Backward: the ReLU's gradient mask is NOT stored or read: it is recomputed
  * from x, which the batch-norm backward reads anyway, as
- * x * scale + shift > 0 with the forward's own coefficients (bn_relu_masked).
- * The planar reduction lanes and the planar training rewrite mask dy in
- * their own loops; the interleaved (channels-last) row loops and the eval
- * backward's rewrite, which does not read x, first mask a row or a block of
- * dy into a small stack buffer (bn_relu_mask*).  Traffic: dy and x in, dx
- * out, exactly the batch-norm backward's; the unfused pair also reads y and
- * writes and re-reads the masked gradient.
+ * (x - mean) * scale + shift > 0 with the forward's own mean and
+ * coefficients (bn_relu_masked).  The planar reduction lanes and the planar
+ * training rewrite mask dy in their own loops; the interleaved
+ * (channels-last) row loops and the eval backward's rewrite, which does not
+ * read x, first mask a row or a block of dy into a small stack buffer
+ * (bn_relu_mask*).  Traffic: dy and x in, dx out, exactly the batch-norm
+ * backward's; the unfused pair also reads y and writes and re-reads the
+ * masked gradient.
  *
  * The mask is exactly the forward's output sign because both evaluate the
- * same expression, x * scale + shift, on the same FB_REAL coefficients
- * (bn_normalize_coefficients, from the same double statistics: the fused
- * training forward derives its coefficients from the ROUNDED saved mean and
- * invstd, which is all the backward has) and the compiler contracts it the
- * same way in both loops (one FMA on targets that have it, else a multiply
- * and an add).
+ * same expression, (x - mean) * scale + shift, on the same FB_REAL values:
+ * mean is the saved mean (training) or running_mean (eval), which the
+ * backward receives, scale comes from bn_normalize_coefficients on the same
+ * double statistics (the fused training forward derives it from the ROUNDED
+ * saved invstd, which is all the backward has), shift is the bias; and the
+ * compiler contracts it the same way in both loops (one subtraction, then
+ * one FMA on targets that have it, else a multiply and an add).
  */
 
 #ifndef FB_BN_RELU_BLOCK
@@ -34,17 +36,19 @@
 typedef char fb_bn_relu_block_holds_a_row[FB_BN_MAX_GROUP_WIDTH <= FB_BN_RELU_BLOCK ? 1 : -1];
 #endif
 
-/* scale = weight * invstd, shift = bias - mean * scale, computed in double
- * and rounded once: the forward's per-channel coefficients (train and eval),
- * and the backward's ReLU-mask coefficients. */
-static inline void FB_TYPED(bn_normalize_coefficients)(double mean, double invstd,
-                                                       const FB_REAL *weight,
+/* The coefficients of y = (x - mean) * scale + shift: scale = weight *
+ * invstd, computed in double and rounded once; shift = bias.  The forwards'
+ * coefficients (train and eval) and the backward's ReLU-mask coefficients.
+ * Centering first, instead of folding the mean into the shift
+ * (x * scale + (bias - mean * scale)), is what keeps large means accurate:
+ * x - mean is exact for x near mean, where the folded form loses the
+ * low bits of x * scale to the cancellation against the shift. */
+static inline void FB_TYPED(bn_normalize_coefficients)(double invstd, const FB_REAL *weight,
                                                        const FB_REAL *bias, fb_index c,
                                                        FB_REAL *scale, FB_REAL *shift)
 {
-    const double s = (weight ? (double)weight[c] : 1.0) * invstd;
-    *scale = (FB_REAL)s;
-    *shift = (FB_REAL)((bias ? (double)bias[c] : 0.0) - mean * s);
+    *scale = (FB_REAL)((weight ? (double)weight[c] : 1.0) * invstd);
+    *shift = bias ? bias[c] : (FB_REAL)0;
 }
 
 /* max(v, 0) when relu; NaN stays NaN (NaN < 0 is false). */
@@ -53,10 +57,12 @@ static inline FB_REAL FB_TYPED(bn_activate)(FB_REAL v, int relu)
     return relu && v < 0 ? (FB_REAL)0 : v;
 }
 
-/* dy, or 0 where the pre-activation x * scale + shift is <= 0 (or NaN). */
-static inline FB_REAL FB_TYPED(bn_relu_masked)(FB_REAL dy, FB_REAL x, FB_REAL scale, FB_REAL shift)
+/* dy, or 0 where the pre-activation (x - mean) * scale + shift is <= 0 (or
+ * NaN). */
+static inline FB_REAL FB_TYPED(bn_relu_masked)(FB_REAL dy, FB_REAL x, FB_REAL mean,
+                                               FB_REAL scale, FB_REAL shift)
 {
-    return x * scale + shift > 0 ? dy : (FB_REAL)0;
+    return (x - mean) * scale + shift > 0 ? dy : (FB_REAL)0;
 }
 
 #if FB_BN_HAVE_VECTORS
@@ -72,37 +78,38 @@ FB_BN_INLINE FB_RVEC FB_TYPED(bn_activate_vec)(FB_RVEC v, int relu)
     return (FB_RVEC)((__typeof__(negative))v & ~negative);
 }
 
-/* bn_relu_masked on vectors */
-FB_BN_INLINE FB_RVEC FB_TYPED(bn_relu_mask_vec)(FB_RVEC dy, FB_RVEC x, FB_RVEC scale,
+/* bn_relu_masked on vectors, given the centered x - mean */
+FB_BN_INLINE FB_RVEC FB_TYPED(bn_relu_mask_vec)(FB_RVEC dy, FB_RVEC centered, FB_RVEC scale,
                                                 FB_RVEC shift)
 {
     const FB_RVEC zero = FB_TYPED(fb_rvec_broadcast)(0);
-    const FB_RVEC pre = x * scale + shift;
+    const FB_RVEC pre = centered * scale + shift;
     const __typeof__(pre > zero) keep = pre > zero;
     return (FB_RVEC)((__typeof__(keep))dy & keep);
 }
 #undef FB_RVEC
 #endif
 
-/* g = dy where the pre-activation x * scale + shift is > 0, else 0 (one
- * channel: planar runs).  g must not alias dy or x. */
+/* g = dy where the pre-activation (x - mean) * scale + shift is > 0, else 0
+ * (one channel: planar runs).  g must not alias dy or x. */
 static inline void FB_TYPED(bn_relu_mask)(FB_REAL *restrict g, const FB_REAL *restrict dy,
                                           const FB_REAL *restrict x, fb_index len,
-                                          FB_REAL scale, FB_REAL shift)
+                                          FB_REAL mean, FB_REAL scale, FB_REAL shift)
 {
 #pragma omp simd
     for (fb_index i = 0; i < len; ++i)
-        g[i] = FB_TYPED(bn_relu_masked)(dy[i], x[i], scale, shift);
+        g[i] = FB_TYPED(bn_relu_masked)(dy[i], x[i], mean, scale, shift);
 }
 
 /* The same along a channels-last row: element i belongs to channel i. */
 static inline void FB_TYPED(bn_relu_mask_channels)(FB_REAL *restrict g,
                                                    const FB_REAL *restrict dy,
                                                    const FB_REAL *restrict x, fb_index len,
+                                                   const FB_REAL *restrict mean,
                                                    const FB_REAL *restrict scale,
                                                    const FB_REAL *restrict shift)
 {
 #pragma omp simd
     for (fb_index i = 0; i < len; ++i)
-        g[i] = FB_TYPED(bn_relu_masked)(dy[i], x[i], scale[i], shift[i]);
+        g[i] = FB_TYPED(bn_relu_masked)(dy[i], x[i], mean[i], scale[i], shift[i]);
 }

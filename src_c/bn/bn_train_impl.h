@@ -4,7 +4,7 @@
  *
  * All three are one pass shape (bn_plan.h): reduce chunks to per-channel
  * partial sums, finalize per-channel coefficients, rewrite the block with one
- * or two FMAs per value.
+ * subtraction of the mean and one or two FMAs per value.
  *
  * Accumulators: float64, fed by short sums (at most 8 values) formed in the
  * input dtype.  The forward sums (x - center) and (x - center)^2 where center
@@ -38,10 +38,13 @@ typedef struct {
     FB_REAL *mask_scale, *mask_shift;  /* relu backwards: the forward's coefficients */
 } FB_TYPED(bn_pass);
 
-/* Per-channel coefficients of the rewrite (bn_span): out = in * k1 + k3, or
- * in * k1 + (x * k2 + k3).  Each thread has its own set, so threads that
- * share channels can all compute them after one barrier instead of waiting
- * for one another a second time. */
+/* Per-channel coefficients of the rewrite (bn_span):
+ *   forward:        y  = (x - k2) * k1 + k3            (k2: the mean, in FB_REAL)
+ *   backward:       dx = dy * k1 + ((x - mean) * k2 + k3)   (mean: center_real)
+ *   eval backward:  dx = (dy - k2) * k1 + k3 with k2 = k3 = 0
+ * Each thread has its own set, so threads that share channels can all
+ * compute them after one barrier instead of waiting for one another a second
+ * time. */
 typedef struct {
     FB_REAL *k1, *k2, *k3;
 } FB_TYPED(bn_coefficients);
@@ -71,7 +74,7 @@ static inline const FB_REAL *FB_TYPED(bn_grad_span)(const FB_TYPED(bn_pass) *pas
     if (!pass->relu)
         return pass->dy + offset;
     FB_TYPED(bn_relu_mask)(staging, pass->dy + offset, pass->x + offset, len,
-                           pass->mask_scale[c], pass->mask_shift[c]);
+                           pass->center_real[c], pass->mask_scale[c], pass->mask_shift[c]);
     return staging;
 }
 
@@ -84,7 +87,8 @@ static inline const FB_REAL *FB_TYPED(bn_grad_row)(const FB_TYPED(bn_pass) *pass
     if (!pass->relu)
         return pass->dy + offset;
     FB_TYPED(bn_relu_mask_channels)(staging, pass->dy + offset, pass->x + offset, width,
-                                    pass->mask_scale + c0, pass->mask_shift + c0);
+                                    pass->center_real + c0, pass->mask_scale + c0,
+                                    pass->mask_shift + c0);
     return staging;
 }
 
@@ -130,7 +134,8 @@ FB_BN_INLINE void FB_TYPED(bn_lanes_shifted)(const FB_REAL *restrict x, fb_index
 }
 
 /* a1 += g, a2 += g * (x - center), g = dy, or with relu dy masked where
- * x * mask_scale + mask_shift <= 0 (bn_relu_impl.h).  Always inlined, and
+ * (x - center) * mask_scale + mask_shift <= 0 (bn_relu_impl.h; the backwards'
+ * center is the forward's mean).  Always inlined, and
  * called with a constant relu, so the plain path carries no mask code. */
 FB_BN_INLINE void FB_TYPED(bn_lanes_grad)(const FB_REAL *restrict dy, const FB_REAL *restrict x,
                                           fb_index len, FB_REAL center, fb_bn_lanes *restrict a1,
@@ -148,11 +153,10 @@ FB_BN_INLINE void FB_TYPED(bn_lanes_grad)(const FB_REAL *restrict dy, const FB_R
         const fb_index stop = i + FB_BN_SHORT_SUM * FB_BN_LANES;
         for (; i + FB_BN_LANES <= len && i < stop; i += FB_BN_LANES) {
             for (int v = 0; v < FB_RVECS; ++v) {
-                const FB_RVEC xv = FB_TYPED(fb_rvec_load)(x + i + v * FB_RVEC_LEN);
+                const FB_RVEC d = FB_TYPED(fb_rvec_load)(x + i + v * FB_RVEC_LEN) - shift;
                 FB_RVEC g = FB_TYPED(fb_rvec_load)(dy + i + v * FB_RVEC_LEN);
                 if (relu)
-                    g = FB_TYPED(bn_relu_mask_vec)(g, xv, vscale, vshift);
-                const FB_RVEC d = xv - shift;
+                    g = FB_TYPED(bn_relu_mask_vec)(g, d, vscale, vshift);
                 b1[v] += g;
                 b2[v] += g * d;
             }
@@ -161,7 +165,8 @@ FB_BN_INLINE void FB_TYPED(bn_lanes_grad)(const FB_REAL *restrict dy, const FB_R
         FB_TYPED(fb_flush)(a2, b2);
     }
     for (; i < len; ++i) {
-        const FB_REAL g = relu ? FB_TYPED(bn_relu_masked)(dy[i], x[i], mask_scale, mask_shift)
+        const FB_REAL g = relu ? FB_TYPED(bn_relu_masked)(dy[i], x[i], center, mask_scale,
+                                                          mask_shift)
                                : dy[i];
         a1->rest += (double)g;
         a2->rest += (double)(g * (x[i] - center));
@@ -200,14 +205,15 @@ static inline void FB_TYPED(bn_lanes_grad)(const FB_REAL *restrict dy, const FB_
     fb_index i = 0;
     for (; i + FB_BN_LANES <= len; i += FB_BN_LANES)
         for (int l = 0; l < FB_BN_LANES; ++l) {
-            const FB_REAL g = relu ? FB_TYPED(bn_relu_masked)(dy[i + l], x[i + l], mask_scale,
-                                                              mask_shift)
+            const FB_REAL g = relu ? FB_TYPED(bn_relu_masked)(dy[i + l], x[i + l], center,
+                                                              mask_scale, mask_shift)
                                    : dy[i + l];
             a1->v[l] += (double)g;
             a2->v[l] += (double)(g * (x[i + l] - center));
         }
     for (; i < len; ++i) {
-        const FB_REAL g = relu ? FB_TYPED(bn_relu_masked)(dy[i], x[i], mask_scale, mask_shift)
+        const FB_REAL g = relu ? FB_TYPED(bn_relu_masked)(dy[i], x[i], center, mask_scale,
+                                                          mask_shift)
                                : dy[i];
         a1->rest += (double)g;
         a2->rest += (double)(g * (x[i] - center));
@@ -359,14 +365,25 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
             var = 0.0;
         const double mean = pass->center[c] + shifted_mean;
         invstd = 1.0 / sqrt(var + pass->eps);
-        if (pass->relu)  /* the backward recomputes the ReLU mask from the saved (rounded)
-                          * statistics, so normalize with exactly those */
-            FB_TYPED(bn_normalize_coefficients)((double)(FB_REAL)mean, (double)(FB_REAL)invstd,
-                                                pass->weight, pass->bias, c, coef.k1 + c,
-                                                coef.k3 + c);
-        else
-            FB_TYPED(bn_normalize_coefficients)(mean, invstd, pass->weight, pass->bias, c,
-                                                coef.k1 + c, coef.k3 + c);
+        /* y = (x - m) * k1 + k3 with m the mean rounded to FB_REAL (the saved
+         * mean): x - m is exact for x near the mean, so a large mean costs
+         * no precision, and a constant channel (x == m) gives exactly bias */
+        const FB_REAL mean_real = (FB_REAL)mean;
+        coef.k2[c] = mean_real;
+        if (pass->relu) {
+            /* the backward recomputes the ReLU mask from the saved (rounded)
+             * statistics, so normalize with exactly those */
+            FB_TYPED(bn_normalize_coefficients)((double)(FB_REAL)invstd, pass->weight,
+                                                pass->bias, c, coef.k1 + c, coef.k3 + c);
+        } else {
+            /* the rounding of m is put back into the shift (in double):
+             * y = (x - m) * s + (bias - (mean - m) * s) -- exact centering
+             * without a second subtraction per element */
+            const double s = w * invstd;
+            coef.k1[c] = (FB_REAL)s;
+            coef.k3[c] = (FB_REAL)((pass->bias ? (double)pass->bias[c] : 0.0)
+                                   - (mean - (double)mean_real) * s);
+        }
         if (!owner)
             return;
         pass->saved_mean[c] = (FB_REAL)mean;
@@ -380,14 +397,16 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
         return;
     }
     case FB_BN_BACKWARD: {
-        /* dx = w*invstd/n * (n*dy - sum(dy) - xhat*sum(dy*xhat)), expanded in x */
+        /* dx = w*invstd/n * (n*dy - sum(dy) - xhat*sum(dy*xhat)) with
+         * xhat = (x - mean) * invstd kept centered (expanding it in x would
+         * cancel x * k2 against mean * k2 when |mean| >> the spread) */
         invstd = (double)pass->spread[c];
         dweight = s2 * invstd;
         const double a = w * invstd;
         const double b = -a * invstd * dweight / n;
         coef.k1[c] = (FB_REAL)a;
         coef.k2[c] = (FB_REAL)b;
-        coef.k3[c] = (FB_REAL)(-a * s1 / n - b * pass->center[c]);
+        coef.k3[c] = (FB_REAL)(-a * s1 / n);
         break;
     }
     default: /* FB_BN_BACKWARD_EVAL */
@@ -413,9 +432,10 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
 static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pass) *pass,
                                     FB_TYPED(bn_coefficients) coef, fb_index item)
 {
-    /* forward: in = x (ReLU applied here when relu); backward: in = dy with
-     * the x term; eval backward: in = dy alone.  The backwards read dy
-     * masked with relu (in bn_span, or staged through bn_grad_span/bn_grad_row). */
+    /* forward: in = x centered on k2 (ReLU applied here when relu);
+     * backward: in = dy with the x term, x centered on the saved mean;
+     * eval backward: in = dy alone (k2 = 0).  The backwards read dy masked
+     * with relu (in bn_span, or staged through bn_grad_span/bn_grad_row). */
     const int forward = pass->mode == FB_BN_FORWARD;
     const int relu_out = forward && pass->relu;
     const FB_REAL *x_term = pass->mode == FB_BN_BACKWARD ? pass->x : NULL;
@@ -424,6 +444,7 @@ static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pa
         const fb_index c = item / plan->chunks, k = item - c * plan->chunks;
         const FB_REAL a = coef.k1[c], b = coef.k2[c], d = coef.k3[c];
         const FB_REAL shift = pass->mode == FB_BN_BACKWARD ? b : d;
+        const FB_REAL m = pass->mode == FB_BN_BACKWARD ? pass->center_real[c] : b;
         /* the training backward masks dy inside bn_span; only the eval
          * backward, whose rewrite does not read x, stages a masked copy */
         const int staged = pass->relu && pass->mode == FB_BN_BACKWARD_EVAL;
@@ -439,8 +460,8 @@ static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pa
                 const FB_REAL *in = forward ? pass->x + at
                                     : staged ? FB_TYPED(bn_grad_span)(pass, c, at, n, staging)
                                              : pass->dy + at;
-                FB_TYPED(bn_span)(pass->out + at, in, x_term ? x_term + at : NULL, n, a, shift,
-                                  d, pass->stream, span_relu, mask_scale, mask_shift);
+                FB_TYPED(bn_span)(pass->out + at, in, x_term ? x_term + at : NULL, n, m, a,
+                                  shift, d, pass->stream, span_relu, mask_scale, mask_shift);
             }
         }
         return;
@@ -452,12 +473,13 @@ static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pa
     const fb_index r1 = fb_min_index(plan->outer, (k + 1) * plan->chunk);
     const FB_REAL *a = coef.k1 + c0, *b = coef.k2 + c0, *d = coef.k3 + c0;
     const FB_REAL *shift = pass->mode == FB_BN_BACKWARD ? b : d;
+    const FB_REAL *m = pass->mode == FB_BN_BACKWARD ? pass->center_real + c0 : b;
     for (fb_index r = k * plan->chunk; r < r1; ++r) {
         const fb_index offset = r * C + c0;
         const FB_REAL *in = forward ? pass->x + offset
                                     : FB_TYPED(bn_grad_row)(pass, c0, offset, width, staging);
         FB_TYPED(bn_span_channels)(pass->out + offset, in, x_term ? x_term + offset : NULL,
-                                   width, a, shift, d, pass->stream, relu_out);
+                                   width, m, a, shift, d, pass->stream, relu_out);
     }
 }
 
@@ -569,9 +591,8 @@ static int FB_TYPED(bn_run)(FB_TYPED(bn_pass) *pass, fb_index outer, fb_index ch
              * (training) or the running statistics (eval) */
             const double invstd = pass->mode == FB_BN_BACKWARD
                 ? (double)pass->spread[c] : 1.0 / sqrt((double)pass->spread[c] + pass->eps);
-            FB_TYPED(bn_normalize_coefficients)((double)pass->mean[c], invstd, pass->weight,
-                                                pass->bias, c, pass->mask_scale + c,
-                                                pass->mask_shift + c);
+            FB_TYPED(bn_normalize_coefficients)(invstd, pass->weight, pass->bias, c,
+                                                pass->mask_scale + c, pass->mask_shift + c);
         }
     }
     if (nt > 1) {
