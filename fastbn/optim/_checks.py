@@ -76,12 +76,15 @@ def checked_grad(param: Parameter, group_index: int, position: int) -> Optional[
 
 
 def check_state_entry(entry: Any, slots: Sequence[Optional[str]], counts_steps: bool,
-                      data: np.ndarray, group_index: int, position: int) -> None:
+                      data: np.ndarray, group_index: int, position: int, *,
+                      state_dtype: Optional[np.dtype] = None) -> None:
     """An existing state entry (possibly loaded or edited by the user) must be
     a dict whose ``step`` (when the optimizer counts steps and the entry has
     one) is an int in [0, MAX_STEP] and whose arrays for `slots` (the ones it
-    has; missing ones get created) match the parameter: same dtype and shape,
-    aligned, C-contiguous, writeable."""
+    has; missing ones get created) match the parameter: same dtype (or
+    `state_dtype` when given: bfloat16 state) and shape, aligned,
+    C-contiguous, writeable."""
+    expected_dtype = data.dtype if state_dtype is None else state_dtype
     where = param_name(group_index, position)
     if not isinstance(entry, dict):
         raise TypeError(f"optimizer state of {where}: expected a dict, got {describe(entry)}")
@@ -97,7 +100,7 @@ def check_state_entry(entry: Any, slots: Sequence[Optional[str]], counts_steps: 
         if key is None or key not in entry:
             continue
         value = entry[key]
-        if not (isinstance(value, np.ndarray) and value.dtype == data.dtype
+        if not (isinstance(value, np.ndarray) and value.dtype == expected_dtype
                 and value.shape == data.shape and value.flags.c_contiguous
                 and value.flags.writeable and value.flags.aligned):
             detail = (f" of dtype {value.dtype} and shape {value.shape}"
@@ -105,7 +108,7 @@ def check_state_entry(entry: Any, slots: Sequence[Optional[str]], counts_steps: 
                       if isinstance(value, np.ndarray) else "")
             raise ValueError(
                 f"optimizer state {key!r} of {where}: expected an aligned C-contiguous "
-                f"writeable ndarray of dtype {data.dtype} and shape {data.shape} "
+                f"writeable ndarray of dtype {expected_dtype} and shape {data.shape} "
                 f"(the parameter's), got {type(value).__name__}{detail}")
 
 

@@ -24,6 +24,7 @@ FLAG_NESTEROV = 1 << 3
 FLAG_CENTERED = 1 << 4
 FLAG_AMSGRAD = 1 << 5
 FLAG_DECOUPLED = 1 << 6
+FLAG_STOCHASTIC_ROUNDING = 1 << 16  # bfloat16 state kernels only
 
 
 def common_flags(group: Dict[str, Any]) -> int:

@@ -26,7 +26,7 @@ from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport PyObject
 from libc.math cimport sqrt
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint16_t, uint64_t
 
 from fastbn._core cimport current_simd_target, effective_num_threads, raise_for_status
 
@@ -43,6 +43,7 @@ cdef extern from "optim/optim_kernels.h":
         FASTBN_OPTIM_CENTERED
         FASTBN_OPTIM_AMSGRAD
         FASTBN_OPTIM_DECOUPLED
+        FASTBN_OPTIM_STOCHASTIC_ROUNDING
     enum:
         FASTBN_OPTIM_FAMILY_SGD
         FASTBN_OPTIM_FAMILY_MOMENTUM
@@ -62,6 +63,7 @@ cdef extern from "optim/optim_kernels.h":
         const int64_t *chunk_start
         const double *coefficients
         int64_t coefficient_stride
+        const uint64_t *rounding_key
 
     ctypedef int (*fastbn_optim_step_fn)(const fastbn_optim_batch *batch, const double *scalars,
                                          int flags, int num_threads) noexcept nogil
@@ -79,9 +81,15 @@ cdef extern from "optim/optim_kernels.h":
                           int num_threads) noexcept nogil
         int (*scale_f32)(const fastbn_optim_batch *batch, double factor, int num_threads) noexcept nogil
         int (*scale_f64)(const fastbn_optim_batch *batch, double factor, int num_threads) noexcept nogil
+        fastbn_optim_step_fn step_f32_bf16state[6]
+        int (*round_bf16)(const float *src, uint16_t *dst, int64_t n, uint64_t key, int slot,
+                          int stochastic) noexcept nogil
 
     const fastbn_optim_kernels *fastbn_optim_kernels_for(int target) nogil
     int64_t fastbn_optim_chunks_of(int64_t size) nogil
+
+cdef extern from "common/fb_bf16.h":
+    uint64_t fb_bf16_tensor_key(uint64_t seed, uint64_t step, uint64_t position) nogil
 
 FAMILIES = {"sgd": FASTBN_OPTIM_FAMILY_SGD, "momentum": FASTBN_OPTIM_FAMILY_MOMENTUM,
             "rmsprop": FASTBN_OPTIM_FAMILY_RMSPROP, "adam": FASTBN_OPTIM_FAMILY_ADAM,
@@ -116,6 +124,8 @@ cdef class _Tensors:
     cdef int64_t *size
     cdef int64_t *chunk_start
     cdef int64_t *run
+    cdef int64_t *position        # of each tensor in its group (bfloat16 state keys)
+    cdef uint64_t *rounding_key   # filled at commit for bfloat16 state
     cdef double *coefficients
     cdef int64_t n, capacity, n_elements
     cdef list keepalive
@@ -133,10 +143,13 @@ cdef class _Tensors:
         self.size = <int64_t *>PyMem_Malloc(self.capacity * sizeof(int64_t))
         self.chunk_start = <int64_t *>PyMem_Malloc((self.capacity + 1) * sizeof(int64_t))
         self.run = <int64_t *>PyMem_Malloc(self.capacity * sizeof(int64_t))
+        self.position = <int64_t *>PyMem_Malloc(self.capacity * sizeof(int64_t))
+        self.rounding_key = <uint64_t *>PyMem_Malloc(self.capacity * sizeof(uint64_t))
         self.coefficients = <double *>PyMem_Malloc(self.capacity * MAX_COEFFICIENTS * sizeof(double))
         if (not self.param or not self.grad or not self.state[0] or not self.state[1]
                 or not self.state[2] or not self.size or not self.chunk_start
-                or not self.run or not self.coefficients):
+                or not self.run or not self.coefficients or not self.position
+                or not self.rounding_key):
             raise MemoryError("optimizer step: could not allocate the tensor tables")
         self.chunk_start[0] = 0
 
@@ -149,9 +162,11 @@ cdef class _Tensors:
         PyMem_Free(self.size)
         PyMem_Free(self.chunk_start)
         PyMem_Free(self.run)
+        PyMem_Free(self.position)
+        PyMem_Free(self.rounding_key)
         PyMem_Free(self.coefficients)
 
-    cdef inline void add(self, cnp.ndarray data, cnp.ndarray grad, int64_t run):
+    cdef inline void add(self, cnp.ndarray data, cnp.ndarray grad, int64_t run, int64_t position=-1):
         cdef int64_t index = self.n
         cdef int64_t size = cnp.PyArray_SIZE(data)
         self.param[index] = cnp.PyArray_DATA(data)
@@ -159,6 +174,7 @@ cdef class _Tensors:
         self.size[index] = size
         self.chunk_start[index + 1] = self.chunk_start[index] + fastbn_optim_chunks_of(size)
         self.run[index] = run
+        self.position[index] = position
         self.n_elements += size
         self.n = index + 1
         self.keepalive.append(data)
@@ -177,6 +193,7 @@ cdef class _Tensors:
         batch.chunk_start = self.chunk_start
         batch.coefficients = self.coefficients
         batch.coefficient_stride = MAX_COEFFICIENTS
+        batch.rounding_key = NULL
         return batch
 
 
@@ -210,11 +227,13 @@ cdef inline bint ready_for_kernel(object data, object grad) noexcept:
     return same_shape(d, g)
 
 
-cdef inline bint usable_state(object value, cnp.ndarray data) noexcept:
+cdef inline bint usable_state(object value, cnp.ndarray data, int state_type) noexcept:
+    """A state array for `data`: of `data`'s dtype, or of type number
+    `state_type` when that is not -1 (bfloat16 state)."""
     if not cnp.PyArray_Check(value):
         return False
     cdef cnp.ndarray array = <cnp.ndarray>value
-    return (cnp.PyArray_TYPE(array) == cnp.PyArray_TYPE(data)
+    return (cnp.PyArray_TYPE(array) == (cnp.PyArray_TYPE(data) if state_type < 0 else state_type)
             and cnp.PyArray_ISNOTSWAPPED(array)
             and cnp.PyArray_SAMESHAPE(array, data)
             and (cnp.PyArray_FLAGS(array) & REQUIRED_DATA_FLAGS) == REQUIRED_DATA_FLAGS)
@@ -226,13 +245,16 @@ cdef class _GroupBatch:
     """One group's kernel calls: family, option flags, scalars, one tensor
     table per dtype, and the (step, fresh) runs its coefficient rows follow."""
     cdef int family, flags, n_slots
+    cdef int state_type           # -1: state of the parameters' dtype; else bfloat16's type number
+    cdef uint64_t rounding_seed
     cdef double scalars[MAX_SCALARS]
     cdef _Tensors float32, float64
     cdef list run_keys
     cdef long long last_step
     cdef int last_fresh
 
-    def __cinit__(self, int family, int flags, tuple scalars, int n_slots, int64_t capacity):
+    def __cinit__(self, int family, int flags, tuple scalars, int n_slots, int64_t capacity,
+                  int state_type=-1, uint64_t rounding_seed=0):
         cdef int index
         if len(scalars) > MAX_SCALARS:
             raise ValueError(f"at most {MAX_SCALARS} group scalars, got {len(scalars)}")
@@ -241,6 +263,8 @@ cdef class _GroupBatch:
         self.family = family
         self.flags = flags
         self.n_slots = n_slots
+        self.state_type = state_type
+        self.rounding_seed = rounding_seed
         for index in range(MAX_SCALARS):
             self.scalars[index] = scalars[index] if index < len(scalars) else 0.0
         self.float32 = _Tensors(capacity)
@@ -299,14 +323,19 @@ cdef class StepPlan:
         self.state = state
         self.counts_steps = counts_steps
 
-    def scan_group(self, str family, list params, tuple slots, tuple scalars, int flags):
+    def scan_group(self, str family, list params, tuple slots, tuple scalars, int flags,
+                   int state_type=-1, uint64_t rounding_seed=0):
         """Start the next group's batch and take every parameter that is ready
         for the kernel: a gradient, data and gradient float32/float64 of one
         dtype and shape, C-contiguous and aligned, data writeable, and a state
         entry holding every array of `slots` (usable: same dtype and shape,
         C-contiguous, aligned, writeable) and, when steps are counted, a
         ``step`` int in [0, 2**53].  Returns the positions of the parameters
-        that have a gradient but are not ready, for Python to check."""
+        that have a gradient but are not ready, for Python to check.
+
+        `state_type` -1 keeps state in the parameters' dtype; a bfloat16 type
+        number means float32 parameters with bfloat16 state, rounded with
+        generator keys from `rounding_seed` (see the bfloat16 section)."""
         cdef Py_ssize_t position, n = len(params)
         cdef int slot, n_slots = len(slots)
         cdef object param, grad, data, key
@@ -317,7 +346,8 @@ cdef class StepPlan:
         cdef bint ready
         cdef _Tensors tensors
         cdef int64_t index
-        cdef _GroupBatch batch = _GroupBatch(FAMILIES[family], flags, scalars, n_slots, n)
+        cdef _GroupBatch batch = _GroupBatch(FAMILIES[family], flags, scalars, n_slots, n,
+                                             state_type, rounding_seed)
         cdef list pending = []
         self.groups.append(batch)
         for position in range(n):
@@ -327,7 +357,8 @@ cdef class StepPlan:
                 continue
             data = param.data
             found = PyDict_GetItem(self.state, param)
-            ready = ready_for_kernel(data, grad) and found is not NULL and PyDict_CheckExact(<object>found)
+            ready = (ready_for_kernel(data, grad) and found is not NULL and PyDict_CheckExact(<object>found)
+                     and (state_type < 0 or cnp.PyArray_TYPE(<cnp.ndarray>data) == cnp.NPY_FLOAT32))
             if ready:
                 entry = <dict>found
                 if self.counts_steps:
@@ -341,7 +372,8 @@ cdef class StepPlan:
                         values[slot] = NULL
                         continue
                     values[slot] = PyDict_GetItem(entry, key)
-                    ready = values[slot] is not NULL and usable_state(<object>values[slot], <cnp.ndarray>data)
+                    ready = values[slot] is not NULL and usable_state(<object>values[slot], <cnp.ndarray>data,
+                                                                       state_type)
             if not ready:
                 pending.append(position)
                 continue
@@ -351,20 +383,22 @@ cdef class StepPlan:
                 tensors.state[slot][index] = cnp.PyArray_DATA(<cnp.ndarray>values[slot]) if values[slot] is not NULL else NULL
                 if values[slot] is not NULL:
                     tensors.keepalive.append(<object>values[slot])
-            tensors.add(<cnp.ndarray>data, <cnp.ndarray>grad, batch.run_of(step + 1, False))
+            tensors.add(<cnp.ndarray>data, <cnp.ndarray>grad, batch.run_of(step + 1, False), position)
             if self.counts_steps:
                 self.step_owners.append(entry)
                 self.new_steps.append(step + 1)
         return pending
 
     def add_tensor(self, Py_ssize_t group, cnp.ndarray data, cnp.ndarray grad, tuple arrays,
-                   long long new_step, bint fresh, object step_owner, list insertions):
+                   long long new_step, bint fresh, object step_owner, list insertions,
+                   Py_ssize_t position=-1):
         """Add one parameter Python has validated to group `group`'s batch:
         `arrays` its state arrays in slot order (None for unused slots),
         `new_step` its step counter after this step, `fresh` whether its state
         arrays were just created; at commit, ``step_owner["step"] = new_step``
         (unless step_owner is None) and each (mapping, key, value) of
-        `insertions` is attached."""
+        `insertions` is attached.  `position` (the parameter's index in its
+        group) keys the rounding of bfloat16 state."""
         cdef _GroupBatch batch = <_GroupBatch>self.groups[group]
         cdef _Tensors tensors
         cdef int64_t index
@@ -372,9 +406,11 @@ cdef class StepPlan:
         cdef object value
         if not ready_for_kernel(data, grad) or len(arrays) != batch.n_slots:
             raise ValueError("add_tensor: data, gradient or state arrays not ready for the kernel")
+        if batch.state_type >= 0 and (cnp.PyArray_TYPE(data) != cnp.NPY_FLOAT32 or position < 0):
+            raise ValueError("add_tensor: bfloat16 state needs float32 data and the parameter's position")
         for slot in range(batch.n_slots):
             value = arrays[slot]
-            if value is not None and not usable_state(value, data):
+            if value is not None and not usable_state(value, data, batch.state_type):
                 raise ValueError(f"add_tensor: state slot {slot} not ready for the kernel")
         tensors = batch.table_for(data)
         index = tensors.n
@@ -385,7 +421,7 @@ cdef class StepPlan:
             tensors.state[slot][index] = cnp.PyArray_DATA(<cnp.ndarray>value) if value is not None else NULL
             if value is not None:
                 tensors.keepalive.append(value)
-        tensors.add(data, grad, batch.run_of(new_step, fresh))
+        tensors.add(data, grad, batch.run_of(new_step, fresh), position)
         if step_owner is not None:
             if not PyDict_Check(step_owner):
                 raise TypeError("add_tensor: step_owner must be a dict")
@@ -449,7 +485,13 @@ cdef class StepPlan:
                 batch = <_GroupBatch>self.groups[index]
                 if batch.float32.n:
                     calls[n_calls].batch = batch.float32.batch(batch.n_slots)
-                    calls[n_calls].kernel = table.step_f32[batch.family]
+                    if batch.state_type >= 0:
+                        calls[n_calls].batch.rounding_key = fill_rounding_keys(batch)
+                        calls[n_calls].kernel = table.step_f32_bf16state[batch.family]
+                        if calls[n_calls].kernel == NULL:
+                            raise ValueError("optimizer step: no bfloat16-state kernel for this optimizer")
+                    else:
+                        calls[n_calls].kernel = table.step_f32[batch.family]
                     calls[n_calls].scalars = batch.scalars
                     calls[n_calls].flags = batch.flags
                     n_calls += 1
@@ -574,3 +616,46 @@ def scale_grads(list grads, double factor):
             else:
                 status = table.scale_f64(&batch, factor, nt)
         raise_for_status(status, "gradient scaling")
+
+
+# section: bfloat16 state -----------------------------------------------------
+
+STOCHASTIC_ROUNDING_FLAG = FASTBN_OPTIM_STOCHASTIC_ROUNDING
+
+cdef const uint64_t *fill_rounding_keys(_GroupBatch batch) except NULL:
+    """The generator key of every float32 tensor of a bfloat16-state group:
+    fb_bf16_tensor_key(seed, its step after this one, its position)."""
+    cdef _Tensors tensors = batch.float32
+    cdef int64_t index
+    cdef list run_keys = batch.run_keys
+    for index in range(tensors.n):
+        tensors.rounding_key[index] = fb_bf16_tensor_key(
+            batch.rounding_seed, <uint64_t>(<long long>run_keys[tensors.run[index]][0]),
+            <uint64_t>tensors.position[index])
+    return tensors.rounding_key
+
+
+def tensor_key(uint64_t seed, uint64_t step, uint64_t position):
+    """The generator key the kernels use for the tensor at `position` of its
+    group, at step `step` (after the increment), with seed `seed`."""
+    return fb_bf16_tensor_key(seed, step, position)
+
+
+def round_to_bf16(cnp.ndarray source, cnp.ndarray out, uint64_t key, int slot, bint stochastic):
+    """out[...] = source rounded to bfloat16 as the bfloat16-state kernels
+    store state slot `slot` of a tensor with generator key `key` (on the
+    current SIMD target).  `source`: C-contiguous float32; `out`:
+    C-contiguous 2-byte array of the same size (bfloat16 or uint16)."""
+    cdef const fastbn_optim_kernels *table = fastbn_optim_kernels_for(current_simd_target())
+    cdef int status
+    cdef int64_t n = cnp.PyArray_SIZE(source)
+    if (cnp.PyArray_TYPE(source) != cnp.NPY_FLOAT32 or not cnp.PyArray_IS_C_CONTIGUOUS(source)
+            or cnp.PyArray_ITEMSIZE(out) != 2 or not cnp.PyArray_IS_C_CONTIGUOUS(out)
+            or not cnp.PyArray_ISWRITEABLE(out) or cnp.PyArray_SIZE(out) != n):
+        raise ValueError("round_to_bf16: expected C-contiguous float32 source and a writeable "
+                         "C-contiguous 2-byte out of the same size")
+    cdef const float *src = <const float *>cnp.PyArray_DATA(source)
+    cdef uint16_t *dst = <uint16_t *>cnp.PyArray_DATA(out)
+    with nogil:
+        status = table.round_bf16(src, dst, n, key, slot, stochastic)
+    raise_for_status(status, "bfloat16 rounding")

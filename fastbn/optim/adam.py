@@ -37,6 +37,9 @@ class Adam(Optimizer):
     bias_correction : bool, default True
     decoupled_weight_decay : bool, default False
         True gives AdamW.
+    state_dtype : {"float32", "bfloat16"}, default "float32"
+    stochastic_rounding : bool, default True
+        bfloat16 optimizer state, see `Optimizer`.
 
     State: ``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad).
 
@@ -54,11 +57,13 @@ class Adam(Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
                  maximize: bool = False, bias_correction: bool = True,
-                 decoupled_weight_decay: bool = False) -> None:
+                 decoupled_weight_decay: bool = False, state_dtype: str = "float32",
+                 stochastic_rounding: bool = True) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       amsgrad=amsgrad, maximize=maximize,
                                       bias_correction=bias_correction,
-                                      decoupled_weight_decay=decoupled_weight_decay))
+                                      decoupled_weight_decay=decoupled_weight_decay),
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
 
     def _check_hyperparameters(self, group: Dict[str, Any], where: str) -> None:
         check_non_negative(group, where, "lr", "eps", "weight_decay")
@@ -107,7 +112,9 @@ class AdamW(Adam):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 maximize: bool = False, bias_correction: bool = True) -> None:
+                 maximize: bool = False, bias_correction: bool = True, state_dtype: str = "float32",
+                 stochastic_rounding: bool = True) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, bias_correction=bias_correction,
-                         decoupled_weight_decay=True)
+                         decoupled_weight_decay=True, state_dtype=state_dtype,
+                         stochastic_rounding=stochastic_rounding)

@@ -27,6 +27,9 @@ class Lion(Optimizer):
     betas : (float, float), default (0.9, 0.99), each in [0, 1)
     weight_decay : float, default 0 (decoupled)
     maximize : bool, default False
+    state_dtype : {"float32", "bfloat16"}, default "float32"
+    stochastic_rounding : bool, default True
+        bfloat16 optimizer state, see `Optimizer`.
 
     State: ``exp_avg`` (m).
     """
@@ -34,9 +37,11 @@ class Lion(Optimizer):
     _kernel_family = "lion"
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: Tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0, *, maximize: bool = False) -> None:
+                 weight_decay: float = 0.0, *, maximize: bool = False, state_dtype: str = "float32",
+                 stochastic_rounding: bool = True) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
-                                      maximize=maximize))
+                                      maximize=maximize),
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
 
     def _check_hyperparameters(self, group: Dict[str, Any], where: str) -> None:
         check_non_negative(group, where, "lr", "weight_decay")

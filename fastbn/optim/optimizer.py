@@ -32,7 +32,8 @@ import numpy as np
 from .. import _backend
 from .._validation import check_positive, check_range, check_real, describe
 from ..parameter import Parameter
-from ._fused import _optim
+from . import _bf16
+from ._fused import FLAG_STOCHASTIC_ROUNDING, _optim
 from ._checks import (MAX_STEP, check_disjoint_params, check_param_data, check_state_entry,
                       checked_grad)
 
@@ -46,11 +47,13 @@ class _Update:
     existing state entry (None before its first step), the state keys to
     create, and its step counter after this step."""
 
-    __slots__ = ("group_index", "param", "data", "grad", "entry", "missing", "created", "new_step")
+    __slots__ = ("group_index", "position", "param", "data", "grad", "entry", "missing", "created",
+                 "new_step")
 
-    def __init__(self, group_index: int, param: Parameter, grad: np.ndarray,
+    def __init__(self, group_index: int, position: int, param: Parameter, grad: np.ndarray,
                  entry: Optional[Dict[str, Any]], missing: Tuple[str, ...], new_step: int) -> None:
         self.group_index = group_index
+        self.position = position
         self.param = param
         self.data = param.data
         self.grad = grad
@@ -65,12 +68,13 @@ class _Update:
         return bool(self.missing)
 
 
-def _allocate_state_array(data: np.ndarray, fill_value: float) -> np.ndarray:
-    """A new state array shaped like `data` (the one place state memory is
-    allocated, so tests can make it fail)."""
+def _allocate_state_array(data: np.ndarray, fill_value: float,
+                          dtype: Optional[np.dtype] = None) -> np.ndarray:
+    """A new state array shaped like `data`, of `data`'s dtype or `dtype`
+    (the one place state memory is allocated, so tests can make it fail)."""
     if fill_value == 0:
-        return np.zeros_like(data)
-    return np.full_like(data, fill_value)
+        return np.zeros_like(data, dtype=dtype)
+    return np.full_like(data, fill_value, dtype=dtype)
 
 
 class Optimizer:
@@ -86,6 +90,22 @@ class Optimizer:
         `state_dict`, changes between runs.
     defaults : dict
         Default hyperparameters of every group.
+    state_dtype : {"float32", "bfloat16"}, default "float32"
+        Only for optimizers that offer it (SGD, Momentum, RMSprop, Adam,
+        AdamW, Lion).  "float32" keeps the state in the parameters' dtype.
+        "bfloat16" (float32 parameters only; needs ml_dtypes, the ``bf16``
+        extra) stores every state array as bfloat16, half the bytes: each
+        step widens it to float32, updates it exactly as float32 state, and
+        rounds it back.  The optimizer then counts steps (``step`` in each
+        state entry) and every group gets the entries ``state_dtype``,
+        ``stochastic_rounding`` and ``rounding_seed`` (an int in [0, 2**64),
+        0 by default; saved and restored with the state).
+    stochastic_rounding : bool, default True
+        With bfloat16 state: round stochastically (unbiased, so updates
+        smaller than half a bfloat16 step still move the state on average),
+        with random bits drawn from (rounding_seed, step, position of the
+        parameter in its group, element index) -- the same for any thread
+        count and after a resume.  False: round to nearest-even.
 
     Attributes
     ----------
@@ -110,14 +130,22 @@ class Optimizer:
     #: True when this optimizer keeps a per-parameter ``step`` counter.
     _counts_steps = False
 
-    def __init__(self, params: Iterable, defaults: Dict[str, Any]) -> None:
+    def __init__(self, params: Iterable, defaults: Dict[str, Any], *, state_dtype: str = "float32",
+                 stochastic_rounding: bool = True) -> None:
         self.defaults: Dict[str, Any] = dict(defaults)
         self.state: Dict[Parameter, Dict[str, Any]] = defaultdict(dict)
         self.param_groups: List[Dict[str, Any]] = []
         # The .data arrays of every group's parameters when they were last
         # found disjoint (see `step`); None until the first step.
         self._disjoint_data: Optional[List[List[np.ndarray]]] = None
-        self._check_hyperparameters(self.defaults, "")
+        # bfloat16 state: its dtype (None: state of the parameters' dtype).
+        self._state_dtype: Optional[np.dtype] = _bf16.check_state_options(state_dtype, stochastic_rounding)
+        if self._state_dtype is not None:
+            # The step counter keys the rounding, so every family counts steps.
+            self._counts_steps = True
+            self.defaults.update(state_dtype="bfloat16", stochastic_rounding=bool(stochastic_rounding),
+                                 rounding_seed=0)
+        self._check_group(self.defaults, "")
         if isinstance(params, (Parameter, np.ndarray, dict)):
             raise TypeError(f"params: {_PARAMS_EXPECTED}, got {describe(params)}")
         if isinstance(params, (set, frozenset)):
@@ -172,7 +200,10 @@ class Optimizer:
         group["params"] = params
         for name, default in self.defaults.items():
             group.setdefault(name, default)
-        self._check_hyperparameters(group, where)
+        self._check_group(group, where)
+        if self._state_dtype is not None:
+            for position, param in enumerate(params):
+                self._check_bf16_state_param(param, where, position)
         self.param_groups.append(group)
 
     # section: step -------------------------------------------------------------
@@ -223,7 +254,7 @@ class Optimizer:
         loss = closure() if closure is not None else None
         groups = self.param_groups
         for index, group in enumerate(groups):
-            self._check_hyperparameters(group, f"param_groups[{index}]")
+            self._check_group(group, f"param_groups[{index}]")
         if not isinstance(self.state, dict):
             raise TypeError(f"optimizer state: expected a dict, got {describe(self.state)}")
         self._check_disjoint(groups)
@@ -251,7 +282,13 @@ class Optimizer:
             slots = self._state_slots(group)
             scalars, flags, coefficients = self._kernel_arguments(group)
             params = group["params"]
-            for position in plan.scan_group(self._kernel_family, params, slots, scalars, flags):
+            state_type, seed = -1, 0
+            if self._state_dtype is not None:
+                state_type, seed = self._state_dtype.num, int(group["rounding_seed"])
+                if group["stochastic_rounding"]:
+                    flags |= FLAG_STOCHASTIC_ROUNDING
+            for position in plan.scan_group(self._kernel_family, params, slots, scalars, flags,
+                                            state_type, seed):
                 updates.append(self._validated_update(index, position, params[position], slots))
             group_slots.append(slots)
             group_coefficients.append(coefficients)
@@ -264,7 +301,7 @@ class Optimizer:
                            for key in slots)
             step_owner, insertions = self._attachments(update)
             plan.add_tensor(update.group_index, update.data, update.grad, arrays,
-                            update.new_step, update.fresh, step_owner, insertions)
+                            update.new_step, update.fresh, step_owner, insertions, update.position)
         for index, coefficients in enumerate(group_coefficients):
             if coefficients is not None:
                 plan.set_coefficients(index, [coefficients(step, fresh)
@@ -290,21 +327,30 @@ class Optimizer:
             if step_owner is not None:
                 step_owner["step"] = update.new_step
         for update in updates:
-            self._reference_update(update.data, update.grad, self.state[update.param],
-                                   groups[update.group_index], update.fresh)
+            group = groups[update.group_index]
+            if self._state_dtype is None:
+                self._reference_update(update.data, update.grad, self.state[update.param], group,
+                                       update.fresh)
+            else:
+                _bf16.reference_update(self._reference_update, update.data, update.grad,
+                                       self.state[update.param], group, update.fresh,
+                                       self._state_slots(group), update.position)
 
     def _validated_update(self, group_index: int, position: int, param: Parameter,
                           slots: Tuple[Optional[str], ...]) -> _Update:
         """Phase 1 for one parameter with a gradient: check it, its gradient
         and its state entry (if any); raise, or return what the step needs."""
         grad = checked_grad(param, group_index, position)
+        if self._state_dtype is not None:
+            self._check_bf16_state_param(param, f"param_groups[{group_index}]", position)
         entry = self.state.get(param)  # .get: a defaultdict lookup would insert
         if entry is not None:
-            check_state_entry(entry, slots, self._counts_steps, param.data, group_index, position)
+            check_state_entry(entry, slots, self._counts_steps, param.data, group_index, position,
+                              state_dtype=self._state_dtype)
         missing = tuple(key for key in slots
                         if key is not None and (entry is None or key not in entry))
         new_step = int(entry.get("step", 0)) + 1 if entry is not None and self._counts_steps else 1
-        return _Update(group_index, param, grad, entry, missing, new_step)
+        return _Update(group_index, position, param, grad, entry, missing, new_step)
 
     def _allocate_missing(self, updates: List[_Update], groups: List[Dict[str, Any]]) -> None:
         """Phase 2: every missing state array, held aside in `update.created`."""
@@ -337,11 +383,40 @@ class Optimizer:
         return entry
 
     def _initial_state_array(self, param: Parameter, key: str, group: Dict[str, Any]) -> np.ndarray:
-        return _allocate_state_array(param.data, self._initial_fill(key, group))
+        return _allocate_state_array(param.data, self._initial_fill(key, group), self._state_dtype)
 
     def _initial_fill(self, key: str, group: Dict[str, Any]) -> float:
         """The value a new state array `key` starts at (zero unless overridden)."""
         return 0.0
+
+    # section: bfloat16 state ---------------------------------------------------
+
+    def _check_group(self, group: Dict[str, Any], where: str) -> None:
+        """The subclass's hyperparameter checks, then the state options:
+        ``state_dtype`` is fixed at construction (a group or a loaded
+        state_dict may not change it), ``stochastic_rounding`` a bool and
+        ``rounding_seed`` an int in [0, 2**64)."""
+        self._check_hyperparameters(group, where)
+        expected = "float32" if self._state_dtype is None else "bfloat16"
+        found = group.get("state_dtype", "float32")
+        if not isinstance(found, str) or found != expected:
+            raise ValueError(f"{hyperparameter_name(where, 'state_dtype')}: expected {expected!r} "
+                             f"(fixed when the optimizer is constructed), got {found!r}")
+        if self._state_dtype is None:
+            return
+        check_flags(group, where, "stochastic_rounding")
+        seed = group["rounding_seed"]
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) \
+                or not 0 <= int(seed) < 2 ** 64:
+            raise TypeError(f"{hyperparameter_name(where, 'rounding_seed')}: expected an int in "
+                            f"[0, 2**64), got {describe(seed)}")
+
+    @staticmethod
+    def _check_bf16_state_param(param: Parameter, where: str, position: int) -> None:
+        data = param.data
+        if isinstance(data, np.ndarray) and data.dtype != np.float32:
+            raise TypeError(f"{where}['params'][{position}].data: expected dtype float32 "
+                            f"(state_dtype='bfloat16' is for float32 parameters), got {data.dtype}")
 
     # section: subclass hooks ---------------------------------------------------
 
@@ -493,7 +568,7 @@ class Optimizer:
             restored = {key: copy.deepcopy(value) for key, value in saved.items() if key != "params"}
             for key, default in self.defaults.items():
                 restored.setdefault(key, default)
-            self._check_hyperparameters(restored, where)
+            self._check_group(restored, where)
             restored["params"] = list(range(len(position_of) - len(group["params"]), len(position_of)))
             groups.append(restored)
         state: Dict[int, Dict[str, Any]] = {}
@@ -514,7 +589,8 @@ class Optimizer:
                 if not isinstance(key, str):
                     raise TypeError(f"{where}: expected str state names, got {describe(key)}")
                 if value is not None:
-                    values[key] = _checked_state_value(value, param, f"{where}[{key!r}]", key)
+                    values[key] = _checked_state_value(value, param, f"{where}[{key!r}]", key,
+                                                       self._state_dtype)
             if self._counts_steps and values and "step" not in values:
                 raise ValueError(f"{where}: expected a 'step' entry ({type(self).__name__} counts "
                                  f"steps), got keys {sorted(values)}")
@@ -595,14 +671,24 @@ def _checked_step(value: Any, name: str) -> int:
     return step
 
 
-def _checked_state_value(value: Any, param: Parameter, name: str, key: str) -> Any:
-    """One value of a saved state entry, normalized (see `check_state_dict`)."""
+def _checked_state_value(value: Any, param: Parameter, name: str, key: str,
+                         state_dtype: Optional[np.dtype] = None) -> Any:
+    """One value of a saved state entry, normalized (see `check_state_dict`);
+    `state_dtype`: bfloat16 for an optimizer with bfloat16 state."""
     if key == "step":
         return _checked_step(value, name)
     if not (isinstance(value, np.ndarray) or hasattr(value, "__array__")):
         raise TypeError(f"{name}: expected an ndarray, got {describe(value)}")
     array = np.asarray(value)
     data = param.data
+    if state_dtype is not None:
+        if array.dtype != state_dtype:
+            raise _StateDtypeError(f"{name}: expected dtype bfloat16 (the optimizer's state_dtype; "
+                                   f"fastbn never casts state), got {array.dtype}")
+        if array.shape != data.shape:
+            raise ValueError(f"{name}: expected shape {data.shape} (the shape of the parameter), "
+                             f"got {array.shape}")
+        return np.array(array, dtype=state_dtype, order="C", copy=True)
     if array.dtype.kind != "f" or array.dtype.itemsize != data.dtype.itemsize:
         raise _StateDtypeError(f"{name}: expected dtype {data.dtype} (the parameter's; fastbn never "
                         f"casts state), got {array.dtype}")

@@ -32,6 +32,9 @@ class RMSprop(Optimizer):
     momentum : float, default 0
     centered : bool, default False
     maximize : bool, default False
+    state_dtype : {"float32", "bfloat16"}, default "float32"
+    stochastic_rounding : bool, default True
+        bfloat16 optimizer state, see `Optimizer`.
 
     State: ``step``, ``square_avg``, ``momentum_buffer`` (momentum > 0),
     ``grad_avg`` (centered).
@@ -42,9 +45,11 @@ class RMSprop(Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
-                 *, maximize: bool = False) -> None:
+                 *, maximize: bool = False, state_dtype: str = "float32",
+                 stochastic_rounding: bool = True) -> None:
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                                      momentum=momentum, centered=centered, maximize=maximize))
+                                      momentum=momentum, centered=centered, maximize=maximize),
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
 
     def _check_hyperparameters(self, group: Dict[str, Any], where: str) -> None:
         check_non_negative(group, where, "lr", "eps", "momentum", "weight_decay", "alpha")

@@ -32,6 +32,9 @@ class SGD(Optimizer):
     nesterov : bool, default False
         Needs momentum > 0 and dampening == 0.
     maximize : bool, default False
+    state_dtype : {"float32", "bfloat16"}, default "float32"
+    stochastic_rounding : bool, default True
+        bfloat16 optimizer state, see `Optimizer`.
 
     State: ``momentum_buffer`` (when momentum != 0).
     """
@@ -40,10 +43,12 @@ class SGD(Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-                 *, maximize: bool = False) -> None:
+                 *, maximize: bool = False, state_dtype: str = "float32",
+                 stochastic_rounding: bool = True) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
-                                      maximize=maximize))
+                                      maximize=maximize),
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
 
     def _check_hyperparameters(self, group: Dict[str, Any], where: str) -> None:
         check_non_negative(group, where, "lr", "momentum", "weight_decay")
@@ -106,6 +111,9 @@ class Momentum(Optimizer):
     momentum : float in [0, 1), default 0.9
     weight_decay : float, default 0
     maximize : bool, default False
+    state_dtype : {"float32", "bfloat16"}, default "float32"
+    stochastic_rounding : bool, default True
+        bfloat16 optimizer state, see `Optimizer`.
 
     State: ``momentum_buffer`` (v).
     """
@@ -113,9 +121,11 @@ class Momentum(Optimizer):
     _kernel_family = "momentum"
 
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.9,
-                 weight_decay: float = 0.0, *, maximize: bool = False) -> None:
+                 weight_decay: float = 0.0, *, maximize: bool = False, state_dtype: str = "float32",
+                 stochastic_rounding: bool = True) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      maximize=maximize))
+                                      maximize=maximize),
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
 
     def _check_hyperparameters(self, group: Dict[str, Any], where: str) -> None:
         check_non_negative(group, where, "lr", "weight_decay")

@@ -1,5 +1,6 @@
 /* optim_kernels.c -- optimizer kernels for one SIMD target (FASTBN_TARGET):
- * the multi-tensor work splitter, then both dtypes from optim_impl.h. */
+ * the multi-tensor work splitter, then both dtypes from optim_impl.h, then
+ * float32 parameters with bfloat16 state (optim_bf16_impl.h). */
 #include <math.h>
 #include <stdlib.h>
 
@@ -114,6 +115,9 @@ static void optim_run(const optim_call *call, optim_chunk_fn chunk_fn, int num_t
 #undef FB_SQRT
 #undef FB_FABS
 
+/* section: float32 parameters, bfloat16 state --------------------------------- */
+#include "optim_bf16_impl.h"
+
 /* section: table -------------------------------------------------------------- */
 const fastbn_optim_kernels FB_TARGETED(fastbn_optim_kernels) = {
     .step_f32 = {
@@ -138,4 +142,12 @@ const fastbn_optim_kernels FB_TARGETED(fastbn_optim_kernels) = {
     .maxabs_f64 = maxabs_f64,
     .scale_f32 = scale_f32,
     .scale_f64 = scale_f64,
+    .step_f32_bf16state = {
+        [FASTBN_OPTIM_FAMILY_SGD] = sgd_step_bf16state,
+        [FASTBN_OPTIM_FAMILY_MOMENTUM] = momentum_step_bf16state,
+        [FASTBN_OPTIM_FAMILY_RMSPROP] = rmsprop_step_bf16state,
+        [FASTBN_OPTIM_FAMILY_ADAM] = adam_step_bf16state,
+        [FASTBN_OPTIM_FAMILY_LION] = lion_step_bf16state,
+    },
+    .round_bf16 = round_bf16,
 };

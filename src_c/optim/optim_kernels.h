@@ -38,7 +38,10 @@ enum fastbn_optim_flag {
     FASTBN_OPTIM_NESTEROV = 1 << 3,     /* SGD */
     FASTBN_OPTIM_CENTERED = 1 << 4,     /* RMSprop */
     FASTBN_OPTIM_AMSGRAD = 1 << 5,      /* Adam */
-    FASTBN_OPTIM_DECOUPLED = 1 << 6     /* Adam: decoupled weight decay (AdamW) */
+    FASTBN_OPTIM_DECOUPLED = 1 << 6,    /* Adam: decoupled weight decay (AdamW) */
+    /* bfloat16 state kernels: stochastic rounding of the stored state
+     * (nearest-even without it).  A high bit, clear of the per-family options. */
+    FASTBN_OPTIM_STOCHASTIC_ROUNDING = 1 << 16
 };
 
 typedef struct fastbn_optim_batch {
@@ -52,6 +55,9 @@ typedef struct fastbn_optim_batch {
     const fb_index *chunk_start;               /* [n_tensors + 1] first chunk of each tensor */
     const double *coefficients;                /* [n_tensors][coefficient_stride] or NULL */
     fb_index coefficient_stride;
+    /* bfloat16 state kernels only: [n_tensors] generator key of each tensor
+     * (fb_bf16_tensor_key of seed, step and position in its group). */
+    const uint64_t *rounding_key;
 } fastbn_optim_batch;
 
 /* Every update kernel: (batch, group scalars, option flags, threads).
@@ -107,6 +113,15 @@ typedef struct fastbn_optim_kernels {
     int (*maxabs_f64)(FASTBN_OPTIM_MAXABS_ARGS);
     int (*scale_f32)(FASTBN_OPTIM_SCALE_ARGS);
     int (*scale_f64)(FASTBN_OPTIM_SCALE_ARGS);
+    /* float32 parameters and gradients with bfloat16 state: the float32
+     * update of the family (the same arithmetic as step_f32) on state widened
+     * to float32, stored back rounded (batch->rounding_key, flag
+     * FASTBN_OPTIM_STOCHASTIC_ROUNDING).  NULL for families without it. */
+    fastbn_optim_step_fn step_f32_bf16state[FASTBN_OPTIM_N_FAMILIES];
+    /* dst = src rounded to bfloat16 exactly as those kernels store state slot
+     * `slot` of a tensor with generator key `key`. */
+    int (*round_bf16)(const float *src, uint16_t *dst, fb_index n, uint64_t key, int slot,
+                      int stochastic);
 } fastbn_optim_kernels;
 
 extern const fastbn_optim_kernels fastbn_optim_kernels_baseline;

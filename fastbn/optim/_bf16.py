@@ -1,0 +1,133 @@
+"""bfloat16 optimizer state: the option checks, the lazily imported dtype,
+and the NumPy reference of the kernels' rounding.
+
+State kept in bfloat16 (``state_dtype="bfloat16"``) is widened to float32
+for each update, updated in float32 exactly as float32 state would be, and
+stored back rounded to bfloat16:
+
+- stochastically (``stochastic_rounding=True``, the default): the float32
+  bit pattern plus 16 random bits, truncated, which rounds up with
+  probability (dropped bits) / 2**16 and so is unbiased;
+- or to nearest-even.
+
+NaN and infinity stay NaN and infinity.  The random bits come from a
+counter-based generator (SplitMix64's output function): a key per tensor
+mixed from (seed, step, position of the parameter in its group) and the
+element's index, so any thread count and any resumed run draw the same bits.
+The functions below compute the same numbers as src_c/common/fb_bf16.h,
+bit for bit; they are the oracle of the kernels and the reference backend.
+
+The NumPy bfloat16 dtype is ml_dtypes' (``pip install 'fastbn[bf16]'``),
+imported only when bfloat16 state is asked for.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import numpy as np
+
+from .._validation import describe
+
+__all__ = ["STATE_DTYPES", "bfloat16", "check_state_options", "tensor_key", "round_to_bf16",
+           "widen", "reference_update"]
+
+STATE_DTYPES = ("float32", "bfloat16")
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def bfloat16() -> np.dtype:
+    """ml_dtypes' bfloat16 as a NumPy dtype (ImportError naming the extra)."""
+    try:
+        import ml_dtypes
+    except ImportError as error:
+        raise ImportError("state_dtype='bfloat16' needs the ml_dtypes package (the NumPy bfloat16 "
+                          "dtype): install it with `pip install 'fastbn[bf16]'`") from error
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def is_bfloat16(dtype: Any) -> bool:
+    """True for ml_dtypes' bfloat16 (without importing ml_dtypes)."""
+    return isinstance(dtype, np.dtype) and dtype.kind == "V" and dtype.itemsize == 2 \
+        and dtype.name == "bfloat16"
+
+
+def check_state_options(state_dtype: Any, stochastic_rounding: Any) -> Optional[np.dtype]:
+    """Check the constructor options; the bfloat16 dtype, or None for float32."""
+    if not isinstance(state_dtype, str):
+        raise TypeError(f"state_dtype: expected one of {STATE_DTYPES} (a str), got {describe(state_dtype)}")
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype: expected one of {STATE_DTYPES}, got {state_dtype!r}")
+    if not isinstance(stochastic_rounding, (bool, np.bool_)):
+        raise TypeError(f"stochastic_rounding: expected a bool, got {describe(stochastic_rounding)}")
+    return bfloat16() if state_dtype == "bfloat16" else None
+
+
+# section: the counter-based generator ----------------------------------------
+
+def _mix64(z: int) -> int:
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _mix64_array(z: np.ndarray) -> np.ndarray:
+    # uint64 array arithmetic wraps modulo 2**64, as C's does.
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def tensor_key(seed: int, step: int, position: int) -> int:
+    """The generator key of the parameter at `position` of its group at step
+    `step` (the counter after this step's increment)."""
+    key = _mix64((seed + _GOLDEN) & _MASK64)
+    key = _mix64(key ^ (step & _MASK64))
+    return _mix64(key ^ (position & _MASK64))
+
+
+def random_bits(key: int, n: int) -> np.ndarray:
+    """64 random bits for each element 0 .. n-1 of the tensor with `key`."""
+    index = np.arange(1, n + 1, dtype=np.uint64)
+    return _mix64_array(np.full(n, key, dtype=np.uint64) + index * np.uint64(_GOLDEN))
+
+
+# section: rounding -------------------------------------------------------------
+
+def round_to_bf16(values: np.ndarray, key: int, slot: int, stochastic: bool) -> np.ndarray:
+    """float32 `values` rounded to bfloat16 as the kernels store state slot
+    `slot` of the tensor with generator key `key`: stochastically with bits
+    [16 slot, 16 slot + 16) of each element's draw, or to nearest-even.
+    Returns a new bfloat16 array of `values`' shape."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).reshape(-1).view(np.uint32)
+    if stochastic:
+        draws = random_bits(key, bits.size)
+        increment = ((draws >> np.uint64(16 * slot)) & np.uint64(0xFFFF)).astype(np.uint32)
+    else:
+        increment = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    rounded = ((bits + increment) >> np.uint32(16)).astype(np.uint16)
+    is_nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    rounded[is_nan] = ((bits[is_nan] >> np.uint32(16)) | np.uint32(0x0040)).astype(np.uint16)
+    return rounded.view(bfloat16()).reshape(np.shape(values))
+
+
+def widen(values: np.ndarray) -> np.ndarray:
+    """bfloat16 `values` as float32 (exact)."""
+    return np.asarray(values).astype(np.float32)
+
+
+def reference_update(update: Callable[..., None], data: np.ndarray, grad: np.ndarray,
+                     state: Dict[str, Any], group: Dict[str, Any], fresh: bool,
+                     slots: Sequence[Optional[str]], position: int) -> None:
+    """One parameter with bfloat16 state on the reference backend: `update`
+    (the optimizer's float32 reference update) on float32 copies of the state,
+    then each slot's result rounded back into the bfloat16 arrays in place."""
+    widened = {key: (widen(value) if isinstance(value, np.ndarray) else value)
+               for key, value in state.items()}
+    update(data, grad, widened, group, fresh)
+    key = tensor_key(int(group["rounding_seed"]), int(state["step"]), position)
+    stochastic = bool(group["stochastic_rounding"])
+    for slot, name in enumerate(slots):
+        if name is not None:
+            state[name][...] = round_to_bf16(widened[name], key, slot, stochastic)

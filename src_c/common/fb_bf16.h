@@ -1,0 +1,175 @@
+/* fb_bf16.h -- bfloat16 storage: widening to float32, narrowing by
+ * round-to-nearest-even or by stochastic rounding, and the counter-based
+ * generator that feeds stochastic rounding.
+ *
+ * bfloat16 is the top half of a float32 (sign, 8 exponent bits, 7 mantissa
+ * bits), so widening is a 16-bit shift and is exact.  Narrowing adds a
+ * rounding increment to the float32 bit pattern and keeps the top half:
+ *   - nearest-even: 0x7FFF plus the lowest kept bit (ties go to even);
+ *   - stochastic: 16 uniform random bits, so x rounds up with probability
+ *     (dropped bits) / 2**16 and the rounding is unbiased.
+ * Carries ripple into the exponent, which is exactly right: the largest
+ * mantissa rounds up to the next power of two, and past the largest finite
+ * bfloat16 to infinity.  Infinities have zero dropped bits and stay
+ * infinite; a NaN is kept a quiet NaN explicitly (its payload may sit in the
+ * dropped bits alone, and truncating it would give an infinity).
+ *
+ * The random bits come from a counter-based generator (SplitMix64's
+ * finalizer): a 64-bit key per tensor, mixed from (seed, step, position of
+ * the tensor in its group), and the element's index in its tensor.  A given
+ * element at a given step always gets the same bits whatever the thread
+ * count or chunking, and a resumed run draws the same bits again.  The
+ * NumPy reference (fastbn/optim/_bf16.py) computes the same numbers.
+ *
+ * Portable C99; the compiler vectorizes the loops of the callers.  The
+ * AVX512_BF16 conversion instruction can only do nearest-even (and flushes
+ * subnormals), so it is not used for stochastic rounding.
+ */
+#ifndef FASTBN_BF16_H
+#define FASTBN_BF16_H
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__GNUC__) || defined(__clang__)
+#define FB_BF16_INLINE static inline __attribute__((always_inline))
+#else
+#define FB_BF16_INLINE static inline
+#endif
+
+/* 2**64 / golden ratio: SplitMix64's counter increment. */
+#define FB_BF16_GOLDEN UINT64_C(0x9E3779B97F4A7C15)
+
+/* SplitMix64's output function: a bijection of 64-bit words whose outputs
+ * for consecutive counters pass the usual statistical batteries. */
+FB_BF16_INLINE uint64_t fb_bf16_mix64(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+    return z ^ (z >> 31);
+}
+
+/* The key of one tensor at one step. */
+static inline uint64_t fb_bf16_tensor_key(uint64_t seed, uint64_t step, uint64_t position)
+{
+    uint64_t key = fb_bf16_mix64(seed + FB_BF16_GOLDEN);
+    key = fb_bf16_mix64(key ^ step);
+    return fb_bf16_mix64(key ^ position);
+}
+
+/* 64 random bits for element `index` of the tensor with `key`: state slot s
+ * of that element takes bits [16 s, 16 s + 16). */
+FB_BF16_INLINE uint64_t fb_bf16_random(uint64_t key, uint64_t index)
+{
+    return fb_bf16_mix64(key + (index + 1) * FB_BF16_GOLDEN);
+}
+
+FB_BF16_INLINE uint32_t fb_bf16_bits_of(float x)
+{
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return bits;
+}
+
+FB_BF16_INLINE float fb_bf16_to_f32(uint16_t h)
+{
+    const uint32_t bits = (uint32_t)h << 16;
+    float x;
+    memcpy(&x, &bits, sizeof x);
+    return x;
+}
+
+/* Narrow with `increment` added below the kept half (see the header
+ * comment); NaN stays a quiet NaN of the same sign. */
+FB_BF16_INLINE uint16_t fb_bf16_narrow(uint32_t bits, uint32_t increment)
+{
+    const int is_nan = (bits & UINT32_C(0x7FFFFFFF)) > UINT32_C(0x7F800000);
+    const uint16_t rounded = (uint16_t)((bits + increment) >> 16);
+    const uint16_t quiet_nan = (uint16_t)((bits >> 16) | 0x0040u);
+    return is_nan ? quiet_nan : rounded;
+}
+
+FB_BF16_INLINE uint16_t fb_f32_to_bf16_nearest(float x)
+{
+    const uint32_t bits = fb_bf16_bits_of(x);
+    return fb_bf16_narrow(bits, UINT32_C(0x7FFF) + ((bits >> 16) & 1u));
+}
+
+/* `random16` in [0, 2**16). */
+FB_BF16_INLINE uint16_t fb_f32_to_bf16_stochastic(float x, uint32_t random16)
+{
+    return fb_bf16_narrow(fb_bf16_bits_of(x), random16);
+}
+
+/* section: array helpers ------------------------------------------------------ */
+
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+#include <immintrin.h>
+
+/* Nearest-even with the conversion instruction, 16 floats at a time.  The
+ * instruction treats subnormal inputs as zero, so those lanes take the
+ * portable result instead: the output is bit-identical to it. */
+static inline void fb_bf16_narrow_nearest_avx512bf16(const float *restrict src, uint16_t *restrict dst,
+                                                     int64_t n)
+{
+    const __m512i exponent = _mm512_set1_epi32(0x7F800000);
+    const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 x = _mm512_loadu_ps(src + i);
+        const __m512i bits = _mm512_castps_si512(x);
+        const __m256i converted = (__m256i)_mm512_cvtneps_pbh(x);
+        const __mmask16 subnormal = _mm512_testn_epi32_mask(bits, exponent)
+                                    & _mm512_test_epi32_mask(bits, magnitude);
+        if (subnormal) {
+            const __m512i increment = _mm512_add_epi32(
+                _mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)));
+            const __m256i portable = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits, increment), 16));
+            _mm256_storeu_si256((__m256i *)(dst + i), _mm256_mask_blend_epi16(subnormal, converted, portable));
+        } else {
+            _mm256_storeu_si256((__m256i *)(dst + i), converted);
+        }
+    }
+    for (; i < n; ++i)
+        dst[i] = fb_f32_to_bf16_nearest(src[i]);
+}
+#endif
+
+
+static inline void fb_bf16_widen(const uint16_t *restrict src, float *restrict dst, int64_t n)
+{
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i)
+        dst[i] = fb_bf16_to_f32(src[i]);
+}
+
+/* random[i] = the bits of element first + i. */
+static inline void fb_bf16_fill_random(uint64_t *restrict random, int64_t n, uint64_t key, int64_t first)
+{
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i)
+        random[i] = fb_bf16_random(key, (uint64_t)(first + i));
+}
+
+/* dst[i] = src[i] rounded to bfloat16: stochastically with bits [16 slot,
+ * 16 slot + 16) of random[i], or to nearest-even when `random` is NULL. */
+static inline void fb_bf16_narrow_array(const float *restrict src, uint16_t *restrict dst, int64_t n,
+                                        const uint64_t *restrict random, int slot)
+{
+    if (random) {
+        const int shift = 16 * slot;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i)
+            dst[i] = fb_f32_to_bf16_stochastic(src[i], (uint32_t)(random[i] >> shift) & 0xFFFFu);
+        return;
+    }
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+    fb_bf16_narrow_nearest_avx512bf16(src, dst, n);
+#else
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i)
+        dst[i] = fb_f32_to_bf16_nearest(src[i]);
+#endif
+}
+
+#endif /* FASTBN_BF16_H */
