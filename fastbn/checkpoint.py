@@ -41,6 +41,8 @@ strings (other than ``"$type"``). Everything else is an object tagged by
 =============  ===========================================================
 ``array``      ``{"key": "a3"}``: the array stored under entry ``a3``
 ``scalar``     ``{"key": "a4"}``: a NumPy scalar, stored as a 0-d array
+``bfloat16``   ``{"key": "a5"}``: an ml_dtypes bfloat16 array (bfloat16
+               optimizer state), stored as its uint16 bit patterns
 ``float``      ``{"value": "inf" | "-inf" | "nan"}``: a non-finite float
 ``tuple``      ``{"items": [<node>, ...]}``
 ``dict``       ``{"items": [[<key node>, <node>], ...]}``: a dict with
@@ -175,6 +177,9 @@ class _Encoder:
     def _encode(self, value: Any, path: str) -> Any:
         if value is None or isinstance(value, (bool, str)):
             return value
+        if isinstance(value, np.ndarray) and _is_bfloat16(value.dtype):
+            # .npy has no bfloat16: its bits are stored as uint16, tagged.
+            return {"$type": "bfloat16", "key": self._store(value.view(np.uint16), path)}
         if isinstance(value, np.ndarray):
             return {"$type": "array", "key": self._store(value, path)}
         if isinstance(value, np.generic):
@@ -210,6 +215,11 @@ class _Encoder:
             return self.encode(key, path)
         raise TypeError(f"fastbn.save: {path or '<root>'}: cannot store a dict key of type "
                         f"{type(key).__name__} (supported: None, bool, int, float, str, tuple, numpy scalars)")
+
+
+def _is_bfloat16(dtype: np.dtype) -> bool:
+    """ml_dtypes' bfloat16, recognized without importing ml_dtypes."""
+    return dtype.kind == "V" and dtype.itemsize == 2 and dtype.name == "bfloat16"
 
 
 def _join(path: str, key: Any) -> str:
@@ -260,6 +270,12 @@ class _Decoder:
         kind = node["$type"]
         if kind == "array":
             return self._array(node)
+        if kind == "bfloat16":
+            array = self._array(node)
+            if array.dtype != np.uint16:
+                raise self._fail(f"bfloat16 entry {node['key']!r} is stored as {array.dtype}, expected uint16")
+            from .optim._bf16 import bfloat16  # ml_dtypes, imported only when needed
+            return array.view(bfloat16())
         if kind == "scalar":
             array = self._array(node)
             if array.ndim != 0:
