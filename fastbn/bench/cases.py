@@ -210,12 +210,15 @@ OPTIMIZERS = {
     "RMSprop": (dict(lr=1e-3), 1, "RMSprop", dict(foreach=True)),
     "Adagrad": (dict(lr=1e-2), 1, "Adagrad", dict(fused=True)),
     "Lion": (dict(lr=1e-4), 1, None, None),
+    # bfloat16 state (ml_dtypes): 2-byte state buffers; torch keeps float32 state
+    "Adam-bf16state": (dict(lr=1e-3, state_dtype="bfloat16"), 2, "Adam", dict(fused=True)),
 }
 
 
 def _optimizer_case(name: str, shapes_fn: Callable[[bool], List[tuple]]):
     fast_kwargs, state_buffers, torch_name, torch_variant = OPTIMIZERS[name]
-    class_name = "SGD" if name == "SGD-momentum" else name
+    class_name = "SGD" if name == "SGD-momentum" else name.split("-bf16state")[0]
+    state_itemsize = 2 if fast_kwargs.get("state_dtype") == "bfloat16" else None
 
     def build(config: BenchConfig):
         shapes = shapes_fn(config.quick)
@@ -224,7 +227,7 @@ def _optimizer_case(name: str, shapes_fn: Callable[[bool], List[tuple]]):
         grads = [(rng.standard_normal(s, dtype=np.float32) * 0.01).astype(config.dtype) for s in shapes]
         itemsize = np.dtype(config.dtype).itemsize
         total = sum(d.size for d in datas)
-        moved = total * itemsize * (2 + 1 + 2 * state_buffers)
+        moved = total * (itemsize * (2 + 1) + 2 * state_buffers * (state_itemsize or itemsize))
 
         def make_fast():
             params = [fastbn.Parameter(d.copy(), grad=g) for d, g in zip(datas, grads)]
@@ -238,7 +241,7 @@ def _optimizer_case(name: str, shapes_fn: Callable[[bool], List[tuple]]):
             for p, g in zip(t_params, grads):
                 p.requires_grad_(True)
                 p.grad = torch.from_numpy(g)
-            torch_kwargs = {k: v for k, v in fast_kwargs.items()}
+            torch_kwargs = {k: v for k, v in fast_kwargs.items() if k != "state_dtype"}
             try:
                 t_opt = getattr(torch.optim, torch_name)(t_params, **torch_kwargs, **torch_variant)
                 t_opt.step()
