@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from ._validation import (_FLOAT64, as_float_array, check_axis, check_channel_vector,
-                          check_flag, check_real, check_same_dtype, check_shape, describe)
+                          check_bool, check_real, check_same_dtype, check_shape, describe)
 
 
 class BatchNormLayout(NamedTuple):
@@ -309,7 +309,7 @@ def check_apply_args(x, mean, invstd, weight, bias, axis, relu, out) -> PhaseApp
     invstd = check_phase_vector("invstd", invstd, layout, x.dtype)
     weight = check_channel_vector("weight", weight, layout.channels, x.dtype)
     bias = check_channel_vector("bias", bias, layout.channels, x.dtype)
-    relu = check_flag(relu, "relu")
+    relu = check_bool(relu, "relu")
     if out is not None:
         out = check_out(out, "out", x.shape, x.dtype, inputs=(x, mean, invstd, weight, bias),
                         allow_identical=(x,))
