@@ -589,8 +589,12 @@ def batch_norm_apply(x: np.ndarray, mean: np.ndarray, invstd: np.ndarray,
     """Normalize with given per-channel statistics (the forward's last phase).
 
     ``y = (x - mean) * invstd * weight + bias``, then ``max(y, 0)`` with
-    `relu`; computed as `batch_norm_forward_train` computes it (one fused
-    multiply-add per element, coefficients rounded once from float64).
+    `relu`; computed as `batch_norm_forward_train` computes it:
+    ``(x - m) * scale + shift`` with ``m`` the mean rounded to x's dtype and
+    ``scale`` rounded once from float64; the rounding of a float64 mean goes
+    into ``shift``, except with `relu`, where ``shift`` is exactly ``bias``
+    so that `batch_norm_backward_reduce` / `batch_norm_backward_apply` with
+    ``relu_from`` recompute exactly this ReLU's mask.
 
     Parameters
     ----------
