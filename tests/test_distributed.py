@@ -85,7 +85,7 @@ def _mpiexec():
     return str(beside_python) if beside_python.exists() else shutil.which("mpiexec")
 
 
-def _run_under_mpiexec(script, ranks, *args, timeout=240):
+def _run_under_mpiexec(script, ranks, *args, timeout=240, folder=MPI_SCRIPTS):
     pytest.importorskip("mpi4py")
     launcher = _mpiexec()
     if launcher is None:
@@ -94,7 +94,7 @@ def _run_under_mpiexec(script, ranks, *args, timeout=240):
     # the ranks import the same fastbn as this process
     package_root = str(Path(fastbn.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([package_root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    command = [launcher, "-n", str(ranks), sys.executable, str(MPI_SCRIPTS / script), *args]
+    command = [launcher, "-n", str(ranks), sys.executable, str(folder / script), *args]
     try:
         result = subprocess.run(command, cwd=MPI_SCRIPTS, env=env, capture_output=True,
                                 text=True, timeout=timeout)
@@ -103,7 +103,7 @@ def _run_under_mpiexec(script, ranks, *args, timeout=240):
                     f"{error.stdout or ''}{error.stderr or ''}")
     assert result.returncode == 0, (f"{' '.join(command)} exited with {result.returncode}\n"
                                     f"{result.stdout}\n{result.stderr}")
-    assert f"ok: {MPI_SCRIPTS / script}" in result.stdout or "ok: " in result.stdout
+    return result.stdout
 
 
 RANKS = [1, 2, 3]
@@ -111,22 +111,31 @@ RANKS = [1, 2, 3]
 
 @pytest.mark.parametrize("ranks", RANKS)
 def test_syncbatchnorm_on_ranks_matches_batchnorm_on_the_concatenated_batch(ranks):
-    _run_under_mpiexec("check_syncbn.py", ranks)
+    assert f"on {ranks} ranks" in _run_under_mpiexec("check_syncbn.py", ranks)
 
 
 @pytest.mark.parametrize("ranks", RANKS)
 def test_bad_input_on_one_rank_raises_the_same_error_on_every_rank(ranks):
-    _run_under_mpiexec("check_mismatch.py", ranks, timeout=120)
+    assert f"on {ranks} ranks" in _run_under_mpiexec("check_mismatch.py", ranks, timeout=120)
 
 
 @pytest.mark.parametrize("ranks", RANKS)
 def test_data_parallel_training_matches_one_process_on_full_batches(ranks):
-    _run_under_mpiexec("check_training.py", ranks)
+    assert f"on {ranks} ranks" in _run_under_mpiexec("check_training.py", ranks)
 
 
 @pytest.mark.parametrize("ranks", [2])
 def test_zero_checkpoint_resumes_bit_exactly(ranks, tmp_path):
-    _run_under_mpiexec("check_zero_checkpoint.py", ranks, str(tmp_path))
+    assert f"on {ranks} ranks" in _run_under_mpiexec("check_zero_checkpoint.py", ranks,
+                                                     str(tmp_path))
+
+
+@pytest.mark.parametrize("option", [[], ["--zero"]])
+def test_distributed_example_runs_on_two_ranks(option):
+    out = _run_under_mpiexec("distributed_mlp.py", 2, "--steps", "2", "--width", "32",
+                             "--global-batch", "16", *option, timeout=120,
+                             folder=Path(__file__).parent.parent / "examples")
+    assert "2 rank(s) x 1 thread(s)" in out and "examples/s" in out
 
 
 # section: one process ---------------------------------------------------------------
