@@ -4,7 +4,9 @@
  *
  * All three are one pass shape (bn_plan.h): reduce chunks to per-channel
  * partial sums, finalize per-channel coefficients, rewrite the block with one
- * or two FMAs per value.
+ * or two FMAs per value.  The split phases (stats, apply, backward_reduce,
+ * backward_apply; end of file) are the same pass stopped after the finalize
+ * or started at it, with the per-channel results in float64.
  *
  * Accumulators: float64, fed by short sums (at most 8 values) formed in the
  * input dtype.  The forward sums (x - center) and (x - center)^2 where center
@@ -356,6 +358,7 @@ static void FB_TYPED(bn_channel_sums)(const fb_bn_plan *plan, const FB_TYPED(bn_
  * (fused BACKWARD and BACKWARD_APPLY alike):
  * dx = w*invstd/n * (n*dy - sum_dy - xhat*sum_dy_xhat), expanded in x so
  * that it is dy * k1 + (x * k2 + k3). */
+/* bn_backward_coefficients_f32, bn_backward_coefficients_f64 */
 static inline void FB_TYPED(bn_backward_coefficients)(FB_TYPED(bn_coefficients) coef,
                                                       fb_index c, double w, double invstd,
                                                       double sum_dy, double sum_dy_xhat,
@@ -716,6 +719,7 @@ static int FB_TYPED(bn_backward_eval)(FASTBN_BN_BACKWARD_EVAL_ARGS(FB_REAL))
  * lanes, chunk order and rewrite coefficients, so composing the phases on
  * one process reproduces the fused kernels. */
 
+/* bn_stats_f32, bn_stats_f64 */
 static int FB_TYPED(bn_stats)(FASTBN_BN_STATS_ARGS(FB_REAL))
 {
     if (outer < 0 || channels <= 0 || inner < 0 || outer * inner < 1 || !x || !mean || !m2)
@@ -729,6 +733,7 @@ static int FB_TYPED(bn_stats)(FASTBN_BN_STATS_ARGS(FB_REAL))
     return FB_TYPED(bn_run)(&pass, outer, channels, inner, 1, num_threads);
 }
 
+/* bn_apply_f32, bn_apply_f64 */
 static int FB_TYPED(bn_apply)(FASTBN_BN_APPLY_ARGS(FB_REAL))
 {
     if (outer < 0 || channels <= 0 || inner < 0 || !x || !y || !mean || !invstd)
@@ -745,6 +750,7 @@ static int FB_TYPED(bn_apply)(FASTBN_BN_APPLY_ARGS(FB_REAL))
     return FB_TYPED(bn_run)(&pass, outer, channels, inner, 1, num_threads);
 }
 
+/* bn_backward_reduce_f32, bn_backward_reduce_f64 */
 static int FB_TYPED(bn_backward_reduce)(FASTBN_BN_BACKWARD_REDUCE_ARGS(FB_REAL))
 {
     if (outer < 0 || channels <= 0 || inner < 0 || !dy || !x || !mean || !invstd || !sum_dy
@@ -765,6 +771,7 @@ static int FB_TYPED(bn_backward_reduce)(FASTBN_BN_BACKWARD_REDUCE_ARGS(FB_REAL))
     return FB_TYPED(bn_run)(&pass, outer, channels, inner, 2, num_threads);
 }
 
+/* bn_backward_apply_f32, bn_backward_apply_f64 */
 static int FB_TYPED(bn_backward_apply)(FASTBN_BN_BACKWARD_APPLY_ARGS(FB_REAL))
 {
     if (outer < 0 || channels <= 0 || inner < 0 || !dy || !x || !dx || !mean || !invstd
