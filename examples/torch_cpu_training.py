@@ -11,9 +11,9 @@ prints the median and best step time of each and the loss difference.
     python examples/torch_cpu_training.py --steps 20 --mlp-steps 200 --mlp-width 1024
     python examples/torch_cpu_training.py --bn-module  # BatchNorm2d module alone
 
-Set GOMP_SPINCOUNT=10000 (or OMP_WAIT_POLICY=passive) before starting
-Python when cores are few: fastbn's OpenMP pool and torch's then stop
-busy-waiting against each other (see the README's PyTorch section).
+Set OMP_WAIT_POLICY=passive before starting Python on a shared or loaded
+machine: the idle threads of fastbn's and torch's OpenMP pools then sleep
+instead of busy-waiting (measured in the README's PyTorch section).
 """
 import argparse
 import copy

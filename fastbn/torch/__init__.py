@@ -15,9 +15,9 @@ and ``torch.autograd.gradcheck`` work through them.
 
 Threads: fastbn's kernels use ``torch.get_num_threads()`` threads unless a
 count was set with `fastbn.set_num_threads`.  fastbn's OpenMP runtime and
-torch's are separate; on few cores set ``GOMP_SPINCOUNT=10000`` (or
-``OMP_WAIT_POLICY=passive``) in the environment before starting Python so
-that the idle workers of one do not spin against the other.
+torch's are separate; on a shared or loaded machine set
+``OMP_WAIT_POLICY=passive`` in the environment before starting Python so
+that idle workers sleep instead of spinning (measured in the README).
 
 Requires torch (``pip install fastbn[torch]``); the rest of fastbn never
 imports it.

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..optim import clip_grad_norm_ as fastbn_clip_grad_norm_
 from ..parameter import Parameter
+from ._ops import sync_num_threads
 
 __all__ = ["clip_grad_norm_"]
 
@@ -54,6 +55,7 @@ def clip_grad_norm_(parameters: Union[Tensor, Iterable[Tensor]], max_norm: float
                                               foreach=foreach)
     if not grads:
         return torch.tensor(0.0)
+    sync_num_threads()
     views = [_gradient_holder(grad) for grad in grads]
     max_norm = float(max_norm)
     norm = fastbn_clip_grad_norm_(views, max_norm, norm_type,

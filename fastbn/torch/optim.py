@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .. import optim as fastbn_optim
 from ..parameter import Parameter
+from ._ops import sync_num_threads
 
 __all__ = ["SGD", "Momentum", "RMSprop", "Adam", "AdamW", "Adagrad", "Lion"]
 
@@ -241,6 +242,7 @@ class _FastbnOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        sync_num_threads()
         names = self._hyperparameter_names()
         updated: List[Tensor] = []
         for index, (group, fast_group, slots) in enumerate(
