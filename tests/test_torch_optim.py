@@ -349,3 +349,23 @@ def test_clip_grad_norm_of_nonfinite_gradients_raises_when_asked():
     with pytest.raises(RuntimeError, match="non-finite"):
         ft.clip_grad_norm_(param, 1.0, error_if_nonfinite=True)
     assert param.grad[0].item() == 1.0
+
+
+def test_named_parameters_are_accepted_and_their_names_saved():
+    model = torch.nn.Linear(3, 2)
+    optimizer = fto.Adam(model.named_parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    assert optimizer.state_dict()["param_groups"][0]["param_names"] == ["weight", "bias"]
+
+
+def test_pickling_is_refused_with_a_pointer_to_state_dict():
+    optimizer = fto.SGD(make_params(torch.float32), lr=0.1)
+    with pytest.raises(TypeError, match="state_dict"):
+        copy.deepcopy(optimizer)
+
+
+def test_load_state_dict_rejects_a_non_dict():
+    optimizer = fto.SGD(make_params(torch.float32), lr=0.1)
+    with pytest.raises(TypeError, match="state_dict: expected a dict"):
+        optimizer.load_state_dict([1, 2])

@@ -216,6 +216,13 @@ class _FastbnOptimizer(torch.optim.Optimizer):
         fast_group["params"] = [slot.parameter for slot in slots]
         return fast_group
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # A pickled copy would hold copies of the parameters, detached from
+        # the model's tensors; torch's own checkpoints go through state_dict.
+        raise TypeError(f"{type(self).__name__}: fastbn.torch optimizers cannot be pickled or "
+                        "deep-copied (their state views the model's tensors); save "
+                        "optimizer.state_dict() and load it into a new optimizer instead")
+
     # section: step -------------------------------------------------------------
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
@@ -329,10 +336,12 @@ class _FastbnOptimizer(torch.optim.Optimizer):
         Everything is checked before anything changes: TypeError/ValueError
         (naming the entry) leave the optimizer as it was.
         """
-        if not isinstance(state_dict, dict) or "param_groups" not in state_dict \
-                or "state" not in state_dict:
+        if not isinstance(state_dict, dict):
+            raise TypeError("state_dict: expected a dict with 'state' and 'param_groups' entries, "
+                            f"got {type(state_dict).__name__}")
+        if "param_groups" not in state_dict or "state" not in state_dict:
             raise ValueError("state_dict: expected a dict with 'state' and 'param_groups' entries, "
-                             f"got {type(state_dict).__name__}")
+                             f"got keys {sorted(map(str, state_dict))}")
         saved_groups = state_dict["param_groups"]
         if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(self.param_groups):
             got = len(saved_groups) if isinstance(saved_groups, (list, tuple)) else saved_groups
