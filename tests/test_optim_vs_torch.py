@@ -14,9 +14,21 @@ from test_optim_cases import (CASES, SHAPES, STEPS, change_hyperparameters, make
 torch = pytest.importorskip("torch")
 
 TORCH_CLASSES = {optim.SGD: "SGD", optim.RMSprop: "RMSprop", optim.Adam: "Adam",
-                 optim.AdamW: "AdamW", optim.Adagrad: "Adagrad"}
+                 optim.AdamW: "AdamW", optim.Adagrad: "Adagrad", optim.NAdam: "NAdam",
+                 optim.RAdam: "RAdam", optim.Adadelta: "Adadelta", optim.Adamax: "Adamax"}
 TORCH_CASES = [name for name, (cls, kwargs) in CASES.items()
                if cls in TORCH_CLASSES and kwargs.get("bias_correction", True)]
+
+
+@pytest.fixture(autouse=True)
+def torch_scalars_in_float64():
+    """torch keeps NAdam's mu_product (and every ``step``) in the default
+    dtype; float64 makes it the float fastbn keeps, so the comparisons can be
+    tight."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def copy_grads(params, tensors) -> None:
