@@ -16,8 +16,9 @@ from .radam import RAdam
 from .rmsprop import RMSprop
 from .sgd import SGD, Momentum
 from . import lr_scheduler
+from . import swa_utils
 from .lr_range_test import lr_range_test
 
 __all__ = ["Optimizer", "SGD", "Momentum", "RMSprop", "Adam", "AdamW", "Adagrad", "Lion",
            "NAdam", "RAdam", "Adadelta", "Adamax",
-           "clip_grad_norm_", "lr_scheduler", "lr_range_test"]
+           "clip_grad_norm_", "lr_scheduler", "lr_range_test", "swa_utils"]
