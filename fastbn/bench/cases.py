@@ -210,6 +210,10 @@ OPTIMIZERS = {
     "RMSprop": (dict(lr=1e-3), 1, "RMSprop", dict(foreach=True)),
     "Adagrad": (dict(lr=1e-2), 1, "Adagrad", dict(fused=True)),
     "Lion": (dict(lr=1e-4), 1, None, None),
+    "NAdam": (dict(lr=2e-3), 2, "NAdam", dict(foreach=True)),
+    "RAdam": (dict(lr=1e-3), 2, "RAdam", dict(foreach=True)),
+    "Adadelta": (dict(lr=1.0), 2, "Adadelta", dict(foreach=True)),
+    "Adamax": (dict(lr=2e-3), 2, "Adamax", dict(foreach=True)),
 }
 
 
