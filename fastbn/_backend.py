@@ -10,7 +10,10 @@ A kernel method takes kernel-ready arrays: the input viewed as (outer,
 channels, inner) (argument names carry the layout), per-channel vectors and
 scalars.  It returns None, having written nothing, when an array is not
 kernel-ready, so a caller may try it first and run the validators only then
-(the layers do: one bridge call per warm forward or backward).  A new kernel
+(the layers do: one bridge call per warm forward or backward).  The
+split-phase methods (stats, merge_stats, apply, backward_reduce,
+backward_apply) are called only with validated arguments and have no such
+test.  A new kernel
 family (an optimizer's step, ...) is more methods on both classes.
 
 The choice lives in a ContextVar, so `use_backend` in one thread (or asyncio
@@ -35,6 +38,11 @@ class FastKernels:
     train_forward = staticmethod(_bn.train_forward)
     backward = staticmethod(_bn.backward)
     backward_eval = staticmethod(_bn.backward_eval)
+    stats = staticmethod(_bn.stats)
+    merge_stats = staticmethod(_bn.merge_stats)
+    apply = staticmethod(_bn.apply)
+    backward_reduce = staticmethod(_bn.backward_reduce)
+    backward_apply = staticmethod(_bn.backward_apply)
 
 
 FAST = FastKernels()

@@ -17,6 +17,8 @@ from Python on the per-call path.  This
 layer only picks the kernel table for the active SIMD target and the dtype,
 releases the GIL around the call and turns a status code into an exception.
 """
+import numpy as np
+
 cimport numpy as cnp
 from libc.stdint cimport int64_t
 
@@ -66,6 +68,42 @@ cdef extern from "bn/bn_kernels.h":
                                  const double *bias, double eps, double *dweight,
                                  double *dbias, int accumulate, int relu,
                                  int num_threads) noexcept nogil
+        int (*stats_f32)(const float *x, int64_t outer, int64_t channels, int64_t inner,
+                         double *mean, double *m2, int num_threads) noexcept nogil
+        int (*stats_f64)(const double *x, int64_t outer, int64_t channels, int64_t inner,
+                         double *mean, double *m2, int num_threads) noexcept nogil
+        int (*apply_f32)(const float *x, float *y, int64_t outer, int64_t channels,
+                         int64_t inner, const double *mean, const double *invstd,
+                         const float *weight, const float *bias, int relu,
+                         int num_threads) noexcept nogil
+        int (*apply_f64)(const double *x, double *y, int64_t outer, int64_t channels,
+                         int64_t inner, const double *mean, const double *invstd,
+                         const double *weight, const double *bias, int relu,
+                         int num_threads) noexcept nogil
+        int (*backward_reduce_f32)(const float *dy, const float *x, int64_t outer,
+                                   int64_t channels, int64_t inner, const double *mean,
+                                   const double *invstd, const float *mask_weight,
+                                   const float *mask_bias, int relu, double *sum_dy,
+                                   double *sum_dy_xhat, int num_threads) noexcept nogil
+        int (*backward_reduce_f64)(const double *dy, const double *x, int64_t outer,
+                                   int64_t channels, int64_t inner, const double *mean,
+                                   const double *invstd, const double *mask_weight,
+                                   const double *mask_bias, int relu, double *sum_dy,
+                                   double *sum_dy_xhat, int num_threads) noexcept nogil
+        int (*backward_apply_f32)(const float *dy, const float *x, float *dx, int64_t outer,
+                                  int64_t channels, int64_t inner, const double *mean,
+                                  const double *invstd, const float *weight,
+                                  const double *sum_dy, const double *sum_dy_xhat,
+                                  double count, const float *mask_weight,
+                                  const float *mask_bias, int relu,
+                                  int num_threads) noexcept nogil
+        int (*backward_apply_f64)(const double *dy, const double *x, double *dx,
+                                  int64_t outer, int64_t channels, int64_t inner,
+                                  const double *mean, const double *invstd,
+                                  const double *weight, const double *sum_dy,
+                                  const double *sum_dy_xhat, double count,
+                                  const double *mask_weight, const double *mask_bias,
+                                  int relu, int num_threads) noexcept nogil
     const fastbn_bn_kernels *fastbn_bn_kernels_for(int target) nogil
 
 
@@ -535,4 +573,210 @@ def backward_eval(object dy, object x, object dx, int64_t outer, int64_t channel
                                              <double *>dwp, <double *>dbp, acc, fused_relu,
                                              nt)
     raise_for_status(status, "batch_norm eval backward")
+    return out
+
+
+# ---- split phases ----------------------------------------------------------------
+# The fused training forward and backward cut at their per-channel sums
+# (src_c/bn/bn_kernels.h, "split phases"), for statistics combined across
+# processes between the halves.  Per-channel statistics and sums cross the
+# cut as float64: `mean`, `invstd`, `sum_dy` and `sum_dy_xhat` may be
+# float64 or the input's dtype (converted here, exactly, once).
+# `mask_weight`/`mask_bias`: the forward's weight and bias, read only with
+# `relu` (dy is then the gradient of the fused ReLU's output and is masked
+# where the forward's pre-activation is <= 0).
+
+
+cdef inline object float64_vector(object vector):
+    """`vector` itself when it is a C-contiguous aligned native float64
+    array, else a float64 copy."""
+    return cnp.PyArray_FROMANY(vector, cnp.NPY_FLOAT64, 1, 1, cnp.NPY_ARRAY_IN_ARRAY)
+
+
+def stats(object x, int64_t outer, int64_t channels, int64_t inner):
+    """Per-channel mean and m2 = sum((x - mean)^2), float64.
+
+    x IN (outer, channels, inner) any strides, at least 1 value per channel.
+    Returns (mean, m2), new float64 (channels,) arrays.
+    """
+    cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
+    cdef int nt = effective_num_threads()
+    cdef int status
+    x = kernel_input(x)
+    cdef cnp.ndarray mean = empty_vector(channels, cnp.NPY_FLOAT64)
+    cdef cnp.ndarray m2 = empty_vector(channels, cnp.NPY_FLOAT64)
+    cdef void *xp = cnp.PyArray_DATA(x)
+    cdef double *mp = <double *>cnp.PyArray_DATA(mean)
+    cdef double *m2p = <double *>cnp.PyArray_DATA(m2)
+    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
+        with nogil:
+            status = table.stats_f32(<const float *>xp, outer, channels, inner, mp, m2p, nt)
+    else:
+        with nogil:
+            status = table.stats_f64(<const double *>xp, outer, channels, inner, mp, m2p, nt)
+    raise_for_status(status, "batch_norm_stats")
+    return mean, m2
+
+
+def merge_stats(list counts, object means, object m2s):
+    """The whole batch's (count, mean, m2) from P parts' `stats`.
+
+    counts: P non-negative ints; means, m2s IN (P, channels) float64.
+    Chan et al.'s parallel update applied to part 0, 1, 2, ... in that
+    order (parts with count 0 skipped), so the result depends only on the
+    parts and their order.  Merging part b into the running total a::
+
+        n = na + nb;  d = mb - ma
+        mean = ma + d * nb / n;  m2 = m2a + m2b + d**2 * na * nb / n
+
+    P x channels values: NumPy arithmetic, no C kernel.  Returns (count,
+    mean, m2), mean and m2 new float64 (channels,) arrays (0 where count is 0).
+    """
+    count = 0
+    mean = np.zeros(means.shape[1])
+    m2 = np.zeros(means.shape[1])
+    for part_count, part_mean, part_m2 in zip(counts, means, m2s):
+        if part_count == 0:
+            continue
+        if count == 0:
+            count, mean, m2 = part_count, part_mean.copy(), part_m2.copy()
+            continue
+        total = count + part_count
+        delta = part_mean - mean
+        mean = mean + delta * part_count / total
+        m2 = m2 + part_m2 + delta * delta * (count * part_count / total)
+        count = total
+    return count, mean, m2
+
+
+def apply(object x, object y, int64_t outer, int64_t channels, int64_t inner, object mean,
+          object invstd, object weight, object bias, bint relu=False):
+    """y = (x - mean) * invstd * weight + bias (max(., 0) with relu).
+
+    x IN (outer, channels, inner) any strides; y OUT same shape (may be x),
+    or None to allocate it; mean, invstd IN (channels,); weight, bias IN
+    (channels,) x's dtype, or None.  Returns y.
+    """
+    cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
+    cdef int nt = effective_num_threads()
+    cdef int status
+    cdef int fused_relu = relu
+    x = kernel_input(x)
+    mean = float64_vector(mean)
+    invstd = float64_vector(invstd)
+    weight = kernel_input(weight)
+    bias = kernel_input(bias)
+    cdef cnp.ndarray out = empty_like_array(x) if y is None else <cnp.ndarray>y
+    cdef void *xp = cnp.PyArray_DATA(x)
+    cdef void *yp = cnp.PyArray_DATA(out)
+    cdef const double *mp = <const double *>cnp.PyArray_DATA(mean)
+    cdef const double *ip = <const double *>cnp.PyArray_DATA(invstd)
+    cdef void *wp = data_or_null(weight)
+    cdef void *bp = data_or_null(bias)
+    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
+        with nogil:
+            status = table.apply_f32(<const float *>xp, <float *>yp, outer, channels, inner, mp,
+                                     ip, <const float *>wp, <const float *>bp, fused_relu, nt)
+    else:
+        with nogil:
+            status = table.apply_f64(<const double *>xp, <double *>yp, outer, channels, inner,
+                                     mp, ip, <const double *>wp, <const double *>bp,
+                                     fused_relu, nt)
+    raise_for_status(status, "batch_norm_apply")
+    return out
+
+
+def backward_reduce(object dy, object x, int64_t outer, int64_t channels, int64_t inner,
+                    object mean, object invstd, object mask_weight=None,
+                    object mask_bias=None, bint relu=False):
+    """Per-channel float64 sum(dy) and sum(dy * (x - mean) * invstd).
+
+    dy, x IN (outer, channels, inner) any strides; mean, invstd IN
+    (channels,).  Returns (sum_dy, sum_dy_xhat), new float64 (channels,)
+    arrays.
+    """
+    cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
+    cdef int nt = effective_num_threads()
+    cdef int status
+    cdef int fused_relu = relu
+    dy = kernel_input(dy)
+    x = kernel_input(x)
+    mean = float64_vector(mean)
+    invstd = float64_vector(invstd)
+    mask_weight = kernel_input(mask_weight) if relu else None
+    mask_bias = kernel_input(mask_bias) if relu else None
+    cdef cnp.ndarray sum_dy = empty_vector(channels, cnp.NPY_FLOAT64)
+    cdef cnp.ndarray sum_dy_xhat = empty_vector(channels, cnp.NPY_FLOAT64)
+    cdef void *dyp = cnp.PyArray_DATA(dy)
+    cdef void *xp = cnp.PyArray_DATA(x)
+    cdef const double *mp = <const double *>cnp.PyArray_DATA(mean)
+    cdef const double *ip = <const double *>cnp.PyArray_DATA(invstd)
+    cdef void *wp = data_or_null(mask_weight)
+    cdef void *bp = data_or_null(mask_bias)
+    cdef double *s1p = <double *>cnp.PyArray_DATA(sum_dy)
+    cdef double *s2p = <double *>cnp.PyArray_DATA(sum_dy_xhat)
+    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
+        with nogil:
+            status = table.backward_reduce_f32(<const float *>dyp, <const float *>xp, outer,
+                                               channels, inner, mp, ip, <const float *>wp,
+                                               <const float *>bp, fused_relu, s1p, s2p, nt)
+    else:
+        with nogil:
+            status = table.backward_reduce_f64(<const double *>dyp, <const double *>xp, outer,
+                                               channels, inner, mp, ip, <const double *>wp,
+                                               <const double *>bp, fused_relu, s1p, s2p, nt)
+    raise_for_status(status, "batch_norm_backward_reduce")
+    return sum_dy, sum_dy_xhat
+
+
+def backward_apply(object dy, object x, object dx, int64_t outer, int64_t channels,
+                   int64_t inner, object mean, object invstd, object weight, object sum_dy,
+                   object sum_dy_xhat, double count, object mask_weight=None,
+                   object mask_bias=None, bint relu=False):
+    """dx = weight * invstd / count * (count * dy - sum_dy - xhat * sum_dy_xhat).
+
+    dy, x IN (outer, channels, inner) any strides; dx OUT same shape (may be
+    dy or x), or None to allocate it; mean, invstd, sum_dy, sum_dy_xhat IN
+    (channels,); weight IN (channels,) x's dtype, or None; count > 0.
+    Returns dx.
+    """
+    cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
+    cdef int nt = effective_num_threads()
+    cdef int status
+    cdef int fused_relu = relu
+    dy = kernel_input(dy)
+    x = kernel_input(x)
+    mean = float64_vector(mean)
+    invstd = float64_vector(invstd)
+    sum_dy = float64_vector(sum_dy)
+    sum_dy_xhat = float64_vector(sum_dy_xhat)
+    weight = kernel_input(weight)
+    mask_weight = kernel_input(mask_weight) if relu else None
+    mask_bias = kernel_input(mask_bias) if relu else None
+    cdef cnp.ndarray out = empty_like_array(dy) if dx is None else <cnp.ndarray>dx
+    cdef void *dyp = cnp.PyArray_DATA(dy)
+    cdef void *xp = cnp.PyArray_DATA(x)
+    cdef void *dxp = cnp.PyArray_DATA(out)
+    cdef const double *mp = <const double *>cnp.PyArray_DATA(mean)
+    cdef const double *ip = <const double *>cnp.PyArray_DATA(invstd)
+    cdef const double *s1p = <const double *>cnp.PyArray_DATA(sum_dy)
+    cdef const double *s2p = <const double *>cnp.PyArray_DATA(sum_dy_xhat)
+    cdef void *wp = data_or_null(weight)
+    cdef void *mwp = data_or_null(mask_weight)
+    cdef void *mbp = data_or_null(mask_bias)
+    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
+        with nogil:
+            status = table.backward_apply_f32(<const float *>dyp, <const float *>xp,
+                                              <float *>dxp, outer, channels, inner, mp, ip,
+                                              <const float *>wp, s1p, s2p, count,
+                                              <const float *>mwp, <const float *>mbp,
+                                              fused_relu, nt)
+    else:
+        with nogil:
+            status = table.backward_apply_f64(<const double *>dyp, <const double *>xp,
+                                              <double *>dxp, outer, channels, inner, mp, ip,
+                                              <const double *>wp, s1p, s2p, count,
+                                              <const double *>mwp, <const double *>mbp,
+                                              fused_relu, nt)
+    raise_for_status(status, "batch_norm_backward_apply")
     return out

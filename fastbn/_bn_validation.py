@@ -14,9 +14,9 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from ._validation import (FLOAT_DTYPES as _FLOAT_DTYPES, as_float_array, check_axis,
-                          check_channel_vector, check_real, check_same_dtype, check_shape,
-                          describe)
+from ._validation import (FLOAT_DTYPES as _FLOAT_DTYPES, _FLOAT64, as_float_array, check_axis,
+                          check_bool, check_channel_vector, check_real, check_same_dtype,
+                          check_shape, describe)
 
 
 class BatchNormLayout(NamedTuple):
@@ -284,3 +284,144 @@ def check_counter(name: str, counter, *, updating: bool) -> None:
     if updating and not counter.flags.aligned:
         raise ValueError(f"{name}: expected an aligned array (it is incremented in place "
                          f"in training), got an unaligned view")
+
+
+# section: split-phase primitives (batch_norm_stats and after) ----------------------
+# One argument check per primitive, called by the fast function and its
+# reference twin alike.  Per-channel statistics and sums of the phases are
+# float64 or the input's dtype (they cross processes in float64).
+
+
+def check_phase_vector(name: str, value, layout: BatchNormLayout, dtype) -> np.ndarray:
+    """A required per-channel statistic or sum of the phases: 1-D, one value
+    per channel, float64 or the input's dtype."""
+    if value is None:
+        raise TypeError(f"{name}: expected a 1-D array with {layout.channels} elements "
+                        f"(one per channel), got {describe(value)}")
+    if type(value) is np.ndarray and value.dtype is _FLOAT64:
+        return check_channel_vector(name, value, layout.channels, value.dtype)
+    array = as_float_array(value, name)
+    if array.dtype != _FLOAT64:
+        return check_channel_vector(name, array, layout.channels, dtype)
+    return check_channel_vector(name, array, layout.channels, array.dtype)
+
+
+def check_relu_from(relu_from, layout: BatchNormLayout, dtype):
+    """None, or the forward's (weight, bias) for the ReLU mask: each None or
+    a per-channel vector of the input's dtype.  Returns None or the pair."""
+    if relu_from is None:
+        return None
+    if not isinstance(relu_from, (tuple, list)) or len(relu_from) != 2:
+        raise TypeError(f"relu_from: expected None or a (weight, bias) pair of the forward, "
+                        f"got {describe(relu_from)}")
+    weight, bias = relu_from
+    return (check_channel_vector("relu_from[0] (weight)", weight, layout.channels, dtype),
+            check_channel_vector("relu_from[1] (bias)", bias, layout.channels, dtype))
+
+
+def check_stats_args(x, axis):
+    """`batch_norm_stats`: returns (x, layout)."""
+    x = check_input(x)
+    return x, batch_norm_layout(x, axis)
+
+
+def check_merge_stats_args(counts, means, m2s):
+    """`batch_norm_merge_stats`: counts (P,) non-negative integers, means and
+    m2s (P, C) float arrays, P >= 1.  Returns (counts as a list of ints,
+    means, m2s as float64 arrays)."""
+    if isinstance(counts, np.ndarray):
+        counts_array = counts
+    elif isinstance(counts, (list, tuple)):
+        counts_array = np.asarray(counts)
+    else:
+        raise TypeError(f"counts: expected a 1-D sequence or array of ints, got {describe(counts)}")
+    if counts_array.dtype.kind not in "iu" and not (counts_array.size == 0
+                                                     and counts_array.dtype.kind == "f"):
+        raise TypeError(f"counts: expected integers (values per channel of each part), "
+                        f"got dtype {counts_array.dtype}")
+    if counts_array.ndim != 1 or counts_array.shape[0] == 0:
+        raise ValueError(f"counts: expected a 1-D array with one count per part (at least 1), "
+                         f"got shape {counts_array.shape}")
+    if (counts_array < 0).any():
+        raise ValueError(f"counts: expected counts >= 0, got {counts_array.min()}")
+    parts = counts_array.shape[0]
+    means = as_float_array(means, "means")
+    if means.ndim != 2 or means.shape[0] != parts:
+        raise ValueError(f"means: expected shape ({parts}, C) (one row per part), "
+                         f"got {tuple(means.shape)}")
+    m2s = as_float_array(m2s, "m2s")
+    check_shape("m2s", m2s, means.shape)
+    return ([int(n) for n in counts_array], means.astype(np.float64, copy=False),
+            m2s.astype(np.float64, copy=False))
+
+
+class PhaseApplyArgs(NamedTuple):
+    """Validated arguments of `batch_norm_apply`."""
+    x: np.ndarray
+    layout: BatchNormLayout
+    mean: np.ndarray
+    invstd: np.ndarray
+    weight: Optional[np.ndarray]
+    bias: Optional[np.ndarray]
+    relu: bool
+    out: Optional[np.ndarray]
+
+
+def check_apply_args(x, mean, invstd, weight, bias, axis, relu, out) -> PhaseApplyArgs:
+    from ._validation import check_out
+    x = check_input(x)
+    layout = batch_norm_layout(x, axis)
+    mean = check_phase_vector("mean", mean, layout, x.dtype)
+    invstd = check_phase_vector("invstd", invstd, layout, x.dtype)
+    weight = check_channel_vector("weight", weight, layout.channels, x.dtype)
+    bias = check_channel_vector("bias", bias, layout.channels, x.dtype)
+    relu = check_bool(relu, "relu")
+    if out is not None:
+        out = check_out(out, "out", x.shape, x.dtype, inputs=(x, mean, invstd, weight, bias),
+                        allow_identical=(x,))
+    return PhaseApplyArgs(x, layout, mean, invstd, weight, bias, relu, out)
+
+
+class PhaseBackwardArgs(NamedTuple):
+    """Validated arguments of `batch_norm_backward_reduce` and
+    `batch_norm_backward_apply` (the latter's own ones None where not given)."""
+    dy: np.ndarray
+    x: np.ndarray
+    layout: BatchNormLayout
+    mean: np.ndarray
+    invstd: np.ndarray
+    relu_from: Optional[tuple]   # (weight, bias) of the forward, or None
+    weight: Optional[np.ndarray]
+    sum_dy: Optional[np.ndarray]
+    sum_dy_xhat: Optional[np.ndarray]
+    count: Optional[int]
+    out: Optional[np.ndarray]
+
+
+def check_backward_reduce_args(dy, x, mean, invstd, axis, relu_from) -> PhaseBackwardArgs:
+    x = check_input(x, "x")
+    layout = batch_norm_layout(x, axis, "x")
+    dy = check_like("dy", dy, x, "x")
+    mean = check_phase_vector("mean", mean, layout, x.dtype)
+    invstd = check_phase_vector("invstd", invstd, layout, x.dtype)
+    relu_from = check_relu_from(relu_from, layout, x.dtype)
+    return PhaseBackwardArgs(dy, x, layout, mean, invstd, relu_from, None, None, None, None,
+                             None)
+
+
+def check_backward_apply_args(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, axis,
+                              relu_from, out) -> PhaseBackwardArgs:
+    from ._validation import check_int, check_out
+    dy, x, layout, mean, invstd, relu_from = check_backward_reduce_args(
+        dy, x, mean, invstd, axis, relu_from)[:6]
+    weight = check_channel_vector("weight", weight, layout.channels, x.dtype)
+    sum_dy = check_phase_vector("sum_dy", sum_dy, layout, x.dtype)
+    sum_dy_xhat = check_phase_vector("sum_dy_xhat", sum_dy_xhat, layout, x.dtype)
+    count = check_int(count, "count", minimum=1)
+    if out is not None:
+        out = check_out(out, "out", x.shape, x.dtype,
+                        inputs=(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat,
+                                *(relu_from or ())),
+                        allow_identical=(dy, x))
+    return PhaseBackwardArgs(dy, x, layout, mean, invstd, relu_from, weight, sum_dy,
+                             sum_dy_xhat, count, out)

@@ -135,6 +135,13 @@ def check_range(value, name: str, low: float, high: float, *,
     return value
 
 
+def check_flag(value, name: str) -> bool:
+    """A bool (or numpy bool), returned as a Python bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {describe(value)}")
+    return bool(value)
+
+
 def check_int(value, name: str, *, minimum: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an int, got {describe(value)}")

@@ -12,12 +12,17 @@ training pieces for code without autograd.
   `batch_norm_relu_backward`, `batch_norm_relu_backward_eval`: the same four
   with a ReLU fused after the normalization (one pass; the backward
   recomputes the ReLU mask from x).
+- `batch_norm_stats`, `batch_norm_merge_stats`, `batch_norm_apply`,
+  `batch_norm_backward_reduce`, `batch_norm_backward_apply`: the training
+  forward and backward split at their per-channel sums (torch's
+  SyncBatchNorm split), so that the statistics of several parts of a batch
+  (processes) can be combined in between.
 
 Every function validates its arguments once (fastbn._bn_validation), then
 calls the current kernels object (fastbn._backend): the C kernels, or their
 NumPy twins under ``fastbn.use_backend("reference")``.  `fastbn.reference`
-has a twin of each function with the same signature, on the NumPy kernels.  Inputs may have any strides
-(non-contiguous ones are copied once); outputs passed as ``out=`` must be
+has a twin of each function with the same signature, on the NumPy kernels.
+Inputs may have any strides (non-contiguous ones are copied once); outputs passed as ``out=`` must be
 C-contiguous.
 
 Numerics: batch statistics are sums in float64 of values shifted by one value
@@ -35,18 +40,22 @@ its error includes that rounding, at most half an ulp of the mean times
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ._backend import current_kernels
 from ._bn import standard_geometry
-from ._bn_validation import (check_backward_args, check_batch_norm_args, check_eps,
-                             check_momentum, check_update_momentum)
+from ._bn_validation import (check_apply_args, check_backward_apply_args, check_backward_args,
+                             check_backward_reduce_args, check_batch_norm_args, check_eps,
+                             check_merge_stats_args, check_momentum, check_stats_args,
+                             check_update_momentum)
 
 __all__ = ["batch_norm", "batch_norm_forward_train", "batch_norm_backward",
            "batch_norm_backward_eval", "batch_norm_relu", "batch_norm_relu_forward_train",
-           "batch_norm_relu_backward", "batch_norm_relu_backward_eval"]
+           "batch_norm_relu_backward", "batch_norm_relu_backward_eval",
+           "batch_norm_stats", "batch_norm_merge_stats", "batch_norm_apply",
+           "batch_norm_backward_reduce", "batch_norm_backward_apply"]
 
 
 def batch_norm(x: np.ndarray, running_mean: Optional[np.ndarray], running_var: Optional[np.ndarray],
@@ -409,3 +418,251 @@ def _backward_eval(kernels, dy, x, running_mean, running_var, weight, bias, eps,
                                running_mean, running_var, weight, eps, dweight, dbias, False,
                                bias, relu)
     return dx, dweight, dbias
+
+
+# section: split-phase primitives ----------------------------------------------------
+# The training forward and backward cut where torch's SyncBatchNorm cuts them:
+#
+#   forward:   batch_norm_stats (per part) -> batch_norm_merge_stats (all parts)
+#              -> invstd = 1 / sqrt(m2 / count + eps) -> batch_norm_apply (per part)
+#   backward:  batch_norm_backward_reduce (per part) -> add the sums over parts
+#              -> batch_norm_backward_apply (per part, with the total count)
+#
+# The C phases are the fused kernels' own passes stopped at (or started from)
+# their per-channel sums, which are float64 and bit-identical for any thread
+# count; on a single part the composition reproduces `batch_norm_forward_train`
+# and `batch_norm_backward` to rounding.
+
+
+def batch_norm_stats(x: np.ndarray, *, axis: int = 1) -> Tuple[int, np.ndarray, np.ndarray]:
+    """Per-channel count, mean and sum of squared deviations of a (part of a) batch.
+
+    The forward's first phase.  The sums are accumulated in float64 around a
+    value of each channel, in a fixed chunk order (bit-identical for any
+    thread count); ``m2 / count`` is the biased batch variance that
+    `batch_norm_forward_train` uses.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, shape (N, C, *spatial) or (N, *spatial, C)
+        IN.  Any strides.  May hold no values per channel (count 0).
+    axis : int, keyword-only
+        Channel axis: 1 or -1.
+
+    Returns
+    -------
+    count : int
+        Values per channel (``x.size // C``).
+    mean : ndarray (C,) float64
+        Per-channel mean (0 when count is 0).
+    m2 : ndarray (C,) float64
+        Per-channel ``sum((x - mean)**2)`` (0 when count is 0).
+    """
+    return _stats(current_kernels(), x, axis)
+
+
+def batch_norm_merge_stats(counts: Union[Sequence[int], np.ndarray],
+                           means: Union[Sequence[np.ndarray], np.ndarray],
+                           m2s: Union[Sequence[np.ndarray], np.ndarray]
+                           ) -> Tuple[int, np.ndarray, np.ndarray]:
+    """Merge the `batch_norm_stats` of P parts of a batch into the whole batch's.
+
+    Chan et al.'s parallel formula, applied to part 0, 1, 2, ... in that
+    order (so the result depends only on the parts and their order).  Merging
+    part b into the running total a::
+
+        n    = na + nb
+        d    = mb - ma
+        mean = ma + d * nb / n
+        m2   = m2a + m2b + d**2 * na * nb / n
+
+    Parts with count 0 are skipped.  The arrays are tiny (P x C), so this runs
+    in NumPy, in float64.
+
+    Parameters
+    ----------
+    counts : sequence or ndarray of int, shape (P,)
+        IN.  Values per channel of each part (>= 0), P >= 1.
+    means, m2s : ndarray (P, C) (or a sequence of P (C,) arrays), float32 or float64
+        IN.  Each part's mean and m2.
+
+    Returns
+    -------
+    count : int
+        Total values per channel.
+    mean, m2 : ndarray (C,) float64
+        Mean and m2 of the whole batch (0 where count is 0).
+    """
+    return _merge_stats(current_kernels(), counts, means, m2s)
+
+
+def batch_norm_apply(x: np.ndarray, mean: np.ndarray, invstd: np.ndarray,
+                     weight: Optional[np.ndarray] = None, bias: Optional[np.ndarray] = None,
+                     *, axis: int = 1, relu: bool = False,
+                     out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Normalize with given per-channel statistics (the forward's last phase).
+
+    ``y = (x - mean) * invstd * weight + bias``, then ``max(y, 0)`` with
+    `relu`; computed as `batch_norm_forward_train` computes it:
+    ``(x - m) * scale + shift`` with ``m`` the mean rounded to x's dtype and
+    ``scale`` rounded once from float64; the rounding of a float64 mean goes
+    into ``shift``, except with `relu`, where ``shift`` is exactly ``bias``
+    so that `batch_norm_backward_reduce` / `batch_norm_backward_apply` with
+    ``relu_from`` recompute exactly this ReLU's mask.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, shape (N, C, *spatial) or (N, *spatial, C)
+        IN.  Any strides.
+    mean, invstd : ndarray (C,), float64 or x's dtype
+        IN.  E.g. the merged mean and ``1 / sqrt(m2 / count + eps)``.
+    weight, bias : ndarray (C,) or None
+        IN.  Affine parameters, x's dtype (None means 1 and 0).
+    axis : int, keyword-only
+        Channel axis: 1 or -1.
+    relu : bool, keyword-only
+        Fuse a ReLU (NaN passes through, as in ``torch.relu``).
+    out : ndarray or None, keyword-only
+        OUT.  C-contiguous, same shape and dtype as x; may be x itself.
+
+    Returns
+    -------
+    ndarray
+        The normalized array (`out` when given).
+    """
+    return _apply(current_kernels(), x, mean, invstd, weight, bias, axis, relu, out)
+
+
+def batch_norm_backward_reduce(dy: np.ndarray, x: np.ndarray, mean: np.ndarray,
+                               invstd: np.ndarray, *, axis: int = 1,
+                               relu_from: Optional[Tuple[Optional[np.ndarray],
+                                                         Optional[np.ndarray]]] = None
+                               ) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-channel sums of the backward (its first phase).
+
+    ``sum_dy = sum(dy)`` and ``sum_dy_xhat = sum(dy * xhat)`` with
+    ``xhat = (x - mean) * invstd``, accumulated in float64 in a fixed chunk
+    order (bit-identical for any thread count).  They are the gradients of
+    bias and weight of this part; summed over the parts, they feed
+    `batch_norm_backward_apply`.
+
+    Parameters
+    ----------
+    dy : ndarray
+        IN.  Gradient of the output; same shape and dtype as x.
+    x : ndarray, float32 or float64
+        IN.  The forward's input.
+    mean, invstd : ndarray (C,), float64 or x's dtype
+        IN.  The statistics the forward normalized with.
+    axis : int, keyword-only
+        Channel axis: 1 or -1.
+    relu_from : (weight, bias) or None, keyword-only
+        The forward's weight and bias when it fused a ReLU (`batch_norm_apply`
+        with ``relu=True``): dy is then the gradient of the ReLU's output and
+        is masked where the pre-activation ``(x - mean) * invstd * weight +
+        bias`` is <= 0, recomputed from x as the fused backward does.
+
+    Returns
+    -------
+    sum_dy, sum_dy_xhat : ndarray (C,) float64
+    """
+    return _backward_reduce(current_kernels(), dy, x, mean, invstd, axis, relu_from)
+
+
+def batch_norm_backward_apply(dy: np.ndarray, x: np.ndarray, mean: np.ndarray,
+                              invstd: np.ndarray, weight: Optional[np.ndarray],
+                              sum_dy: np.ndarray, sum_dy_xhat: np.ndarray, count: int, *,
+                              axis: int = 1,
+                              relu_from: Optional[Tuple[Optional[np.ndarray],
+                                                        Optional[np.ndarray]]] = None,
+                              out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Gradient of the input from the backward's sums (its last phase).
+
+    ::
+
+        xhat = (x - mean) * invstd
+        dx   = weight * invstd / count * (count * dy - sum_dy - xhat * sum_dy_xhat)
+
+    computed as `batch_norm_backward` computes it.  With the sums and count
+    of the whole batch (all parts), dx is the full-batch gradient.
+
+    Parameters
+    ----------
+    dy, x : ndarray
+        IN.  As in `batch_norm_backward_reduce`.
+    mean, invstd : ndarray (C,), float64 or x's dtype
+        IN.  The statistics the forward normalized with.
+    weight : ndarray (C,) or None
+        IN.  The forward's weight, x's dtype (None means 1).
+    sum_dy, sum_dy_xhat : ndarray (C,), float64 or x's dtype
+        IN.  `batch_norm_backward_reduce`'s sums, added over all parts.
+    count : int
+        Values per channel over all parts (>= 1), e.g. from
+        `batch_norm_merge_stats`.
+    axis : int, keyword-only
+        Channel axis: 1 or -1.
+    relu_from : (weight, bias) or None, keyword-only
+        As in `batch_norm_backward_reduce` (dy is masked the same way).
+    out : ndarray or None, keyword-only
+        OUT for dx.  C-contiguous, same shape and dtype as x; may be dy or x.
+
+    Returns
+    -------
+    dx : ndarray
+        Gradient of the input (`out` when given).
+    """
+    return _backward_apply(current_kernels(), dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat,
+                           count, axis, relu_from, out)
+
+
+# section: shared implementations of the phases -------------------------------------
+# As above: one check sequence per entry point, then the kernels object's
+# phase method (fastbn.reference's twins pass the NumPy kernels).
+
+
+def _stats(kernels, x, axis):
+    x, layout = check_stats_args(x, axis)
+    count = layout.n_per_channel
+    if x.size == 0:
+        return count, np.zeros(layout.channels), np.zeros(layout.channels)
+    mean, m2 = kernels.stats(x, layout.outer, layout.channels, layout.inner)
+    return count, mean, m2
+
+
+def _merge_stats(kernels, counts, means, m2s):
+    counts, means, m2s = check_merge_stats_args(counts, means, m2s)
+    return kernels.merge_stats(counts, means, m2s)
+
+
+def _apply(kernels, x, mean, invstd, weight, bias, axis, relu, out):
+    x, layout, mean, invstd, weight, bias, relu, out = check_apply_args(
+        x, mean, invstd, weight, bias, axis, relu, out)
+    if x.size == 0:
+        return np.empty(x.shape, x.dtype) if out is None else out
+    return kernels.apply(x, out, layout.outer, layout.channels, layout.inner, mean, invstd,
+                         weight, bias, relu)
+
+
+def _backward_reduce(kernels, dy, x, mean, invstd, axis, relu_from):
+    args = check_backward_reduce_args(dy, x, mean, invstd, axis, relu_from)
+    layout = args.layout
+    if args.x.size == 0:
+        return np.zeros(layout.channels), np.zeros(layout.channels)
+    mask_weight, mask_bias = args.relu_from or (None, None)
+    return kernels.backward_reduce(args.dy, args.x, layout.outer, layout.channels,
+                                   layout.inner, args.mean, args.invstd, mask_weight,
+                                   mask_bias, args.relu_from is not None)
+
+
+def _backward_apply(kernels, dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, axis,
+                    relu_from, out):
+    args = check_backward_apply_args(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count,
+                                     axis, relu_from, out)
+    layout = args.layout
+    if args.x.size == 0:
+        return np.empty(args.x.shape, args.x.dtype) if args.out is None else args.out
+    mask_weight, mask_bias = args.relu_from or (None, None)
+    return kernels.backward_apply(args.dy, args.x, args.out, layout.outer, layout.channels,
+                                  layout.inner, args.mean, args.invstd, args.weight,
+                                  args.sum_dy, args.sum_dy_xhat, float(args.count),
+                                  mask_weight, mask_bias, args.relu_from is not None)

@@ -48,3 +48,16 @@ def test_lr_range_test_suggests_a_range(tmp_path):
     assert "suggested range" in out
     if "--plot" in args:
         assert plot.stat().st_size > 0
+
+
+def test_torch_cpu_training_compares_torch_and_fastbn_steps():
+    pytest.importorskip("torch")
+    out = run_example("torch_cpu_training.py", "--batch", "2", "--size", "32", "--width", "4",
+                      "--steps", "2", "--mlp-batch", "8", "--mlp-width", "16", "--mlp-steps", "2",
+                      "--optimizer", "adam")
+    assert "ResNet-18-shaped CNN" in out and "MLP" in out
+    assert out.count("speed-up") == 2
+    first_step_differences = [float(line.split("first step ")[1].split(",")[0])
+                              for line in out.splitlines() if "first step" in line]
+    # same initial weights and batch: the first losses agree to float32 rounding
+    assert len(first_step_differences) == 2 and max(first_step_differences) < 1e-4

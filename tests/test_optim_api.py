@@ -2,6 +2,7 @@
 closures, error messages (both backends)."""
 from __future__ import annotations
 
+import copy
 import pickle
 
 import numpy as np
@@ -358,3 +359,25 @@ def test_repr_lists_each_group():
     opt = optim.SGD(make_params([(3,)], np.float32), lr=0.5)
     text = repr(opt)
     assert text.startswith("SGD (") and "Parameter Group 0" in text and "lr: 0.5" in text
+
+
+def test_nadam_mu_product_is_a_checked_float_in_the_state():
+    params = make_params(SHAPES, np.float64)
+    opt = make_optimizer("nadam", params)
+    train("nadam", params, steps=3, optimizer=opt)
+    saved = opt.state_dict()
+    assert all(isinstance(entry["mu_product"], float) and 0 < entry["mu_product"] < 1
+               for entry in saved["state"].values())
+    bad = copy.deepcopy(saved)
+    bad["state"][1]["mu_product"] = 1.5
+    with pytest.raises(ValueError, match=r"state_dict\['state'\]\[1\]\['mu_product'\]: expected a float in \[0, 1\], got 1.5"):
+        opt.load_state_dict(bad)
+    bad["state"][1]["mu_product"] = "0.5"
+    with pytest.raises(TypeError, match=r"\['mu_product'\]: expected a float in \[0, 1\]"):
+        opt.load_state_dict(bad)
+    opt.state[params[1]]["mu_product"] = -0.1
+    before = {key: np.array(value, copy=True) for key, value in opt.state[params[3]].items()}
+    with pytest.raises(ValueError, match=r"optimizer state 'mu_product' of param_groups\[0\]\['params'\]\[1\]"):
+        opt.step()
+    for key, value in opt.state[params[3]].items():
+        np.testing.assert_array_equal(value, before[key])

@@ -38,6 +38,10 @@ OPTIMIZERS: Dict[str, Tuple[type, dict]] = {
     "adamw": (optim.AdamW, dict(lr=0.01)),
     "adagrad": (optim.Adagrad, dict(lr=0.1, lr_decay=0.01)),
     "lion": (optim.Lion, dict(lr=0.01)),
+    "nadam_decoupled": (optim.NAdam, dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    "radam": (optim.RAdam, dict(lr=0.01, betas=(0.9, 0.9))),
+    "adadelta": (optim.Adadelta, dict(lr=1.0, weight_decay=0.01)),
+    "adamax": (optim.Adamax, dict(lr=0.01)),
 }
 
 # Group 0: p0 (no state before the injected step), p1; group 1: p2 (float64),
@@ -264,7 +268,8 @@ def test_memory_error_at_any_state_allocation_changes_nothing(case, backend, mon
         opt.step()
     n_allocations = counter.calls
     expected_arrays = {"sgd": 0, "sgd_momentum": 2, "momentum": 2, "rmsprop_centered_momentum": 6,
-                       "adam_amsgrad": 6, "adamw": 4, "adagrad": 1, "lion": 2}[case]
+                       "adam_amsgrad": 6, "adamw": 4, "adagrad": 1, "lion": 2, "nadam_decoupled": 4,
+                       "radam": 4, "adadelta": 4, "adamax": 4}[case]
     assert n_allocations == expected_arrays  # p0 and p3 get state (Adagrad: p3 only)
     stepped = snapshot(params, opt)
     for fail_at in range(1, n_allocations + 1):

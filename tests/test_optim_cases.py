@@ -51,6 +51,22 @@ CASES: Dict[str, tuple] = {
                                                                  maximize=True)),
     "lion": (optim.Lion, dict(lr=0.01)),
     "lion_weight_decay_maximize": (optim.Lion, dict(lr=0.01, weight_decay=0.1, maximize=True)),
+    "nadam": (optim.NAdam, dict(lr=0.01)),
+    "nadam_weight_decay": (optim.NAdam, dict(lr=0.01, weight_decay=0.01)),
+    "nadam_decoupled_maximize": (optim.NAdam, dict(lr=0.01, weight_decay=0.1, maximize=True,
+                                                   decoupled_weight_decay=True, momentum_decay=0.01)),
+    "radam": (optim.RAdam, dict(lr=0.01)),
+    # beta2 = 0.9 makes rho_t > 5 from step 6: both branches in the 12 steps
+    "radam_weight_decay_early_rectification": (optim.RAdam, dict(lr=0.01, betas=(0.9, 0.9),
+                                                                 weight_decay=0.01)),
+    "radam_decoupled_maximize": (optim.RAdam, dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.1,
+                                                   decoupled_weight_decay=True, maximize=True)),
+    "adadelta": (optim.Adadelta, dict(lr=1.0)),
+    "adadelta_weight_decay_maximize": (optim.Adadelta, dict(lr=0.5, rho=0.8, eps=1e-5,
+                                                            weight_decay=0.01, maximize=True)),
+    "adamax": (optim.Adamax, dict(lr=0.01)),
+    "adamax_weight_decay_maximize": (optim.Adamax, dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6,
+                                                        weight_decay=0.1, maximize=True)),
 }
 
 STEPS = 12

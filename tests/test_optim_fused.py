@@ -40,7 +40,9 @@ def test_fused_step_matches_reference_for_params_and_every_state_buffer(case, dt
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["sgd_nesterov_weight_decay", "momentum", "rmsprop_all_options",
                                   "adam_all_options", "adamw", "adagrad_lr_decay_weight_decay",
-                                  "lion_weight_decay_maximize"])
+                                  "lion_weight_decay_maximize", "nadam_decoupled_maximize",
+                                  "radam_weight_decay_early_rectification",
+                                  "adadelta_weight_decay_maximize", "adamax_weight_decay_maximize"])
 def test_every_simd_target_matches_reference(case, dtype, target, restore_config):
     fastbn.set_simd_target(target)
     assert_snapshots_close(run_case(case, dtype, THREADED_SHAPES, backend="fast"),

@@ -14,9 +14,21 @@ from test_optim_cases import (CASES, SHAPES, STEPS, change_hyperparameters, make
 torch = pytest.importorskip("torch")
 
 TORCH_CLASSES = {optim.SGD: "SGD", optim.RMSprop: "RMSprop", optim.Adam: "Adam",
-                 optim.AdamW: "AdamW", optim.Adagrad: "Adagrad"}
+                 optim.AdamW: "AdamW", optim.Adagrad: "Adagrad", optim.NAdam: "NAdam",
+                 optim.RAdam: "RAdam", optim.Adadelta: "Adadelta", optim.Adamax: "Adamax"}
 TORCH_CASES = [name for name, (cls, kwargs) in CASES.items()
                if cls in TORCH_CLASSES and kwargs.get("bias_correction", True)]
+
+
+@pytest.fixture(autouse=True)
+def torch_scalars_in_float64():
+    """torch keeps NAdam's mu_product (and every ``step``) in the default
+    dtype; float64 makes it the float fastbn keeps, so the comparisons can be
+    tight."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def copy_grads(params, tensors) -> None:
@@ -115,3 +127,54 @@ def test_clip_grad_norm_matches_torch(max_norm):
     for param, tensor in zip(params, tensors):
         if param.grad is not None:
             np.testing.assert_allclose(param.grad, tensor.grad.numpy(), rtol=1e-12)
+
+
+NEW_CASES = [name for name, (cls, _) in CASES.items()
+             if cls in (optim.NAdam, optim.RAdam, optim.Adadelta, optim.Adamax)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", NEW_CASES)
+def test_new_optimizers_match_torch_over_100_steps(case, dtype):
+    params = make_params(SHAPES, dtype)
+    ours, twin, tensors = torch_twin(case, params)
+    for step in range(100):
+        change_hyperparameters(ours, step)
+        change_hyperparameters(twin, step)
+        set_grads(params, step)
+        copy_grads(params, tensors)
+        ours.step()
+        twin.step()
+    tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-12)
+    for index, (param, tensor) in enumerate(zip(params, tensors)):
+        assert param.data.dtype == dtype
+        np.testing.assert_allclose(param.data, tensor.detach().numpy(), err_msg=f"param {index}",
+                                   **tolerance)
+        for key, value in twin.state[tensor].items():
+            mine = ours.state[param][key]
+            if key == "step":
+                assert mine == int(value.item())
+            else:
+                np.testing.assert_allclose(mine, value.numpy(), err_msg=f"param {index} {key}",
+                                           **tolerance)
+
+
+@pytest.mark.parametrize("case", ["nadam_decoupled_maximize", "radam_weight_decay_early_rectification",
+                                  "adadelta", "adamax_weight_decay_maximize"])
+def test_new_optimizers_load_torch_state_and_continue_like_torch(case):
+    params = make_params(SHAPES, np.float64)
+    ours, twin, tensors = torch_twin(case, params)
+    for step in range(5):
+        set_grads(params, step)
+        copy_grads(params, tensors)
+        twin.step()
+    for param, tensor in zip(params, tensors):
+        param.data[...] = tensor.detach().numpy()
+    ours.load_state_dict(twin.state_dict())
+    for step in range(5, 12):
+        set_grads(params, step)
+        copy_grads(params, tensors)
+        twin.step()
+        ours.step()
+    for param, tensor in zip(params, tensors):
+        np.testing.assert_allclose(param.data, tensor.detach().numpy(), rtol=1e-10, atol=1e-12)

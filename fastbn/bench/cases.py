@@ -210,6 +210,10 @@ OPTIMIZERS = {
     "RMSprop": (dict(lr=1e-3), 1, "RMSprop", dict(foreach=True)),
     "Adagrad": (dict(lr=1e-2), 1, "Adagrad", dict(fused=True)),
     "Lion": (dict(lr=1e-4), 1, None, None),
+    "NAdam": (dict(lr=2e-3), 2, "NAdam", dict(foreach=True)),
+    "RAdam": (dict(lr=1e-3), 2, "RAdam", dict(foreach=True)),
+    "Adadelta": (dict(lr=1.0), 2, "Adadelta", dict(foreach=True)),
+    "Adamax": (dict(lr=2e-3), 2, "Adamax", dict(foreach=True)),
     # bfloat16 state (ml_dtypes): 2-byte state buffers; torch keeps float32 state
     "Adam-bf16state": (dict(lr=1e-3, state_dtype="bfloat16"), 2, "Adam", dict(fused=True)),
 }
@@ -221,6 +225,10 @@ def _optimizer_case(name: str, shapes_fn: Callable[[bool], List[tuple]]):
     state_itemsize = 2 if fast_kwargs.get("state_dtype") == "bfloat16" else None
 
     def build(config: BenchConfig):
+        if state_itemsize is not None and np.dtype(config.dtype) != np.float32:
+            # run_case reports NotImplementedError as a skipped case
+            raise NotImplementedError(f"state_dtype='bfloat16' is for float32 parameters, "
+                                      f"not {np.dtype(config.dtype)}")
         shapes = shapes_fn(config.quick)
         rng = np.random.default_rng(0)
         datas = [(rng.standard_normal(s, dtype=np.float32) * 0.05).astype(config.dtype) for s in shapes]

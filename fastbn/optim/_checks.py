@@ -76,14 +76,16 @@ def checked_grad(param: Parameter, group_index: int, position: int) -> Optional[
 
 
 def check_state_entry(entry: Any, slots: Sequence[Optional[str]], counts_steps: bool,
-                      data: np.ndarray, group_index: int, position: int, *,
+                      data: np.ndarray, group_index: int, position: int,
+                      scalar_key: Optional[str] = None, *,
                       state_dtype: Optional[np.dtype] = None) -> None:
     """An existing state entry (possibly loaded or edited by the user) must be
     a dict whose ``step`` (when the optimizer counts steps and the entry has
-    one) is an int in [0, MAX_STEP] and whose arrays for `slots` (the ones it
-    has; missing ones get created) match the parameter: same dtype (or
-    `state_dtype` when given: bfloat16 state) and shape, aligned,
-    C-contiguous, writeable."""
+    one) is an int in [0, MAX_STEP], whose `scalar_key` value (NAdam's
+    ``mu_product``, when it has one) is a float in [0, 1], and whose arrays
+    for `slots` (the ones it has; missing ones get created) match the
+    parameter: same dtype (or `state_dtype` when given: bfloat16 state) and
+    shape, aligned, C-contiguous, writeable."""
     expected_dtype = data.dtype if state_dtype is None else state_dtype
     where = param_name(group_index, position)
     if not isinstance(entry, dict):
@@ -96,6 +98,14 @@ def check_state_entry(entry: Any, slots: Sequence[Optional[str]], counts_steps: 
         if not 0 <= step <= MAX_STEP:
             raise ValueError(f"optimizer state 'step' of {where}: expected an int in "
                              f"[0, 2**53], got {step!r}")
+    if scalar_key is not None and scalar_key in entry:
+        value = entry[scalar_key]
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (float, int, np.floating, np.integer)):
+            raise TypeError(f"optimizer state {scalar_key!r} of {where}: expected a float, "
+                            f"got {type(value).__name__} {value!r}")
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"optimizer state {scalar_key!r} of {where}: expected a float in "
+                             f"[0, 1], got {value!r}")
     for key in slots:
         if key is None or key not in entry:
             continue

@@ -19,9 +19,15 @@ calls back into Python.
    every group's kernels back to back, in one call that runs no Python code,
    so nothing (not even KeyboardInterrupt) can stop it half way.
 Until step 3 nothing outside the plan has been written.
+
+An optimizer may also keep one per-parameter float in its state entries
+(`scalar_key`, NAdam's ``mu_product``): it joins the (step, fresh) key of the
+coefficient runs, the rows of a run are computed from it, and the new value
+of each run (`set_scalar_values`) replaces it at commit, like ``step``.
 """
 cimport numpy as cnp
 from cpython.dict cimport PyDict_Check, PyDict_CheckExact, PyDict_DelItem, PyDict_GetItem, PyDict_SetItem
+from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_CheckExact
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport PyObject
@@ -35,6 +41,7 @@ cnp.import_array()
 cdef extern from "optim/optim_kernels.h":
     int64_t FASTBN_OPTIM_CHUNK
     int FASTBN_OPTIM_MAX_STATE
+    int FASTBN_OPTIM_MAX_COEFFICIENTS
     enum:
         FASTBN_OPTIM_MAXIMIZE
         FASTBN_OPTIM_WEIGHT_DECAY
@@ -51,6 +58,11 @@ cdef extern from "optim/optim_kernels.h":
         FASTBN_OPTIM_FAMILY_ADAM
         FASTBN_OPTIM_FAMILY_ADAGRAD
         FASTBN_OPTIM_FAMILY_LION
+        FASTBN_OPTIM_FAMILY_NADAM
+        FASTBN_OPTIM_FAMILY_RADAM
+        FASTBN_OPTIM_FAMILY_ADADELTA
+        FASTBN_OPTIM_FAMILY_ADAMAX
+        FASTBN_OPTIM_FAMILY_LERP
         FASTBN_OPTIM_N_FAMILIES
 
     ctypedef struct fastbn_optim_batch:
@@ -69,8 +81,8 @@ cdef extern from "optim/optim_kernels.h":
                                          int flags, int num_threads) noexcept nogil
 
     ctypedef struct fastbn_optim_kernels:
-        fastbn_optim_step_fn step_f32[6]
-        fastbn_optim_step_fn step_f64[6]
+        fastbn_optim_step_fn step_f32[11]
+        fastbn_optim_step_fn step_f64[11]
         int (*sumsq_f32)(const fastbn_optim_batch *batch, double *partials, double *result,
                          int num_threads) noexcept nogil
         int (*sumsq_f64)(const fastbn_optim_batch *batch, double *partials, double *result,
@@ -81,7 +93,7 @@ cdef extern from "optim/optim_kernels.h":
                           int num_threads) noexcept nogil
         int (*scale_f32)(const fastbn_optim_batch *batch, double factor, int num_threads) noexcept nogil
         int (*scale_f64)(const fastbn_optim_batch *batch, double factor, int num_threads) noexcept nogil
-        fastbn_optim_step_fn step_f32_bf16state[6]
+        fastbn_optim_step_fn step_f32_bf16state[11]
         int (*round_bf16)(const float *src, uint16_t *dst, int64_t n, uint64_t key, int slot,
                           int stochastic) noexcept nogil
 
@@ -93,7 +105,9 @@ cdef extern from "common/fb_bf16.h":
 
 FAMILIES = {"sgd": FASTBN_OPTIM_FAMILY_SGD, "momentum": FASTBN_OPTIM_FAMILY_MOMENTUM,
             "rmsprop": FASTBN_OPTIM_FAMILY_RMSPROP, "adam": FASTBN_OPTIM_FAMILY_ADAM,
-            "adagrad": FASTBN_OPTIM_FAMILY_ADAGRAD, "lion": FASTBN_OPTIM_FAMILY_LION}
+            "adagrad": FASTBN_OPTIM_FAMILY_ADAGRAD, "lion": FASTBN_OPTIM_FAMILY_LION,
+            "nadam": FASTBN_OPTIM_FAMILY_NADAM, "radam": FASTBN_OPTIM_FAMILY_RADAM,
+            "adadelta": FASTBN_OPTIM_FAMILY_ADADELTA, "adamax": FASTBN_OPTIM_FAMILY_ADAMAX}
 FLAGS = {"maximize": FASTBN_OPTIM_MAXIMIZE, "weight_decay": FASTBN_OPTIM_WEIGHT_DECAY,
          "momentum": FASTBN_OPTIM_MOMENTUM, "nesterov": FASTBN_OPTIM_NESTEROV,
          "centered": FASTBN_OPTIM_CENTERED, "amsgrad": FASTBN_OPTIM_AMSGRAD,
@@ -105,7 +119,7 @@ cdef long long MAX_STEP = 1LL << 53
 
 cdef enum:
     MAX_SCALARS = 8
-    MAX_COEFFICIENTS = 2
+    MAX_COEFFICIENTS = 4
     N_SLOTS = 3
 
 cdef int REQUIRED_DATA_FLAGS = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED | cnp.NPY_ARRAY_WRITEABLE
@@ -252,9 +266,12 @@ cdef class _GroupBatch:
     cdef list run_keys
     cdef long long last_step
     cdef int last_fresh
+    cdef bint has_scalar
+    cdef double last_scalar
+    cdef list scalar_values
 
     def __cinit__(self, int family, int flags, tuple scalars, int n_slots, int64_t capacity,
-                  int state_type=-1, uint64_t rounding_seed=0):
+                  bint has_scalar=False, int state_type=-1, uint64_t rounding_seed=0):
         cdef int index
         if len(scalars) > MAX_SCALARS:
             raise ValueError(f"at most {MAX_SCALARS} group scalars, got {len(scalars)}")
@@ -272,14 +289,23 @@ cdef class _GroupBatch:
         self.run_keys = []
         self.last_step = -1
         self.last_fresh = -1
+        self.has_scalar = has_scalar
+        self.last_scalar = -1.0
+        self.scalar_values = None
 
-    cdef int64_t run_of(self, long long step, bint fresh):
-        """Index of the (step, fresh) run a tensor joins: consecutive tensors
-        with equal keys share one coefficient row computation."""
-        if step != self.last_step or <int>fresh != self.last_fresh:
-            self.run_keys.append((step, fresh))
+    cdef int64_t run_of(self, long long step, bint fresh, double scalar=0.0):
+        """Index of the (step, fresh) run, or (step, fresh, scalar) run when
+        the optimizer keeps a per-parameter scalar, that a tensor joins:
+        consecutive tensors with equal keys share one coefficient row."""
+        if (step != self.last_step or <int>fresh != self.last_fresh
+                or (self.has_scalar and scalar != self.last_scalar)):
+            if self.has_scalar:
+                self.run_keys.append((step, fresh, scalar))
+            else:
+                self.run_keys.append((step, fresh))
             self.last_step = step
             self.last_fresh = fresh
+            self.last_scalar = scalar
         return len(self.run_keys) - 1
 
     cdef _Tensors table_for(self, cnp.ndarray data):
@@ -312,16 +338,26 @@ cdef class StepPlan:
     cdef list new_steps
     cdef object state
     cdef bint counts_steps
+    cdef object scalar_key
+    cdef list scalar_owners
+    cdef list scalar_groups
+    cdef list scalar_runs
 
-    def __init__(self, object state, bint counts_steps):
+    def __init__(self, object state, bint counts_steps, object scalar_key=None):
         if not PyDict_Check(state):
             raise TypeError(f"optimizer state: expected a dict, got {type(state).__name__}")
+        if scalar_key is not None and not isinstance(scalar_key, str):
+            raise TypeError(f"scalar_key: expected a str or None, got {type(scalar_key).__name__}")
         self.groups = []
         self.insertions = []
         self.step_owners = []
         self.new_steps = []
         self.state = state
         self.counts_steps = counts_steps
+        self.scalar_key = scalar_key
+        self.scalar_owners = []
+        self.scalar_groups = []
+        self.scalar_runs = []
 
     def scan_group(self, str family, list params, tuple slots, tuple scalars, int flags,
                    int state_type=-1, uint64_t rounding_seed=0):
@@ -330,8 +366,9 @@ cdef class StepPlan:
         dtype and shape, C-contiguous and aligned, data writeable, and a state
         entry holding every array of `slots` (usable: same dtype and shape,
         C-contiguous, aligned, writeable) and, when steps are counted, a
-        ``step`` int in [0, 2**53].  Returns the positions of the parameters
-        that have a gradient but are not ready, for Python to check.
+        ``step`` int in [0, 2**53] and, with a `scalar_key`, that key holding
+        a float in [0, 1].  Returns the positions of the parameters that have
+        a gradient but are not ready, for Python to check.
 
         `state_type` -1 keeps state in the parameters' dtype; a bfloat16 type
         number means float32 parameters with bfloat16 state, rounded with
@@ -343,11 +380,15 @@ cdef class StepPlan:
         cdef PyObject *values[N_SLOTS]
         cdef dict entry
         cdef long long step = 0
+        cdef double scalar = 0.0
         cdef bint ready
+        cdef bint has_scalar = self.scalar_key is not None
         cdef _Tensors tensors
         cdef int64_t index
         cdef _GroupBatch batch = _GroupBatch(FAMILIES[family], flags, scalars, n_slots, n,
-                                             state_type, rounding_seed)
+                                             has_scalar=has_scalar, state_type=state_type,
+                                             rounding_seed=rounding_seed)
+        cdef Py_ssize_t group_index = len(self.groups)
         cdef list pending = []
         self.groups.append(batch)
         for position in range(n):
@@ -364,6 +405,12 @@ cdef class StepPlan:
                 if self.counts_steps:
                     found = PyDict_GetItem(entry, "step")
                     ready = found is not NULL and exact_step(<object>found, &step)
+                if ready and has_scalar:
+                    found = PyDict_GetItem(entry, self.scalar_key)
+                    ready = found is not NULL and PyFloat_CheckExact(<object>found)
+                    if ready:
+                        scalar = PyFloat_AS_DOUBLE(<object>found)
+                        ready = 0.0 <= scalar <= 1.0
                 for slot in range(n_slots):
                     if not ready:
                         break
@@ -383,22 +430,30 @@ cdef class StepPlan:
                 tensors.state[slot][index] = cnp.PyArray_DATA(<cnp.ndarray>values[slot]) if values[slot] is not NULL else NULL
                 if values[slot] is not NULL:
                     tensors.keepalive.append(<object>values[slot])
-            tensors.add(<cnp.ndarray>data, <cnp.ndarray>grad, batch.run_of(step + 1, False), position)
+            tensors.add(<cnp.ndarray>data, <cnp.ndarray>grad, batch.run_of(step + 1, False, scalar),
+                        position)
             if self.counts_steps:
                 self.step_owners.append(entry)
                 self.new_steps.append(step + 1)
+            if has_scalar:
+                self.scalar_owners.append(entry)
+                self.scalar_groups.append(group_index)
+                self.scalar_runs.append(len(batch.run_keys) - 1)
         return pending
 
     def add_tensor(self, Py_ssize_t group, cnp.ndarray data, cnp.ndarray grad, tuple arrays,
                    long long new_step, bint fresh, object step_owner, list insertions,
-                   Py_ssize_t position=-1):
+                   *, object scalar_owner=None, double scalar=0.0, Py_ssize_t position=-1):
         """Add one parameter Python has validated to group `group`'s batch:
         `arrays` its state arrays in slot order (None for unused slots),
         `new_step` its step counter after this step, `fresh` whether its state
         arrays were just created; at commit, ``step_owner["step"] = new_step``
         (unless step_owner is None) and each (mapping, key, value) of
-        `insertions` is attached.  `position` (the parameter's index in its
-        group) keys the rounding of bfloat16 state."""
+        `insertions` is attached.  With a `scalar_key`: `scalar` is the
+        parameter's current value and `scalar_owner` the entry dict (existing,
+        or new in `insertions`) whose key gets the run's new value; the key
+        must be in that dict once the insertions are made.  `position` (the
+        parameter's index in its group) keys the rounding of bfloat16 state."""
         cdef _GroupBatch batch = <_GroupBatch>self.groups[group]
         cdef _Tensors tensors
         cdef int64_t index
@@ -412,6 +467,8 @@ cdef class StepPlan:
             value = arrays[slot]
             if value is not None and not usable_state(value, data, batch.state_type):
                 raise ValueError(f"add_tensor: state slot {slot} not ready for the kernel")
+        if batch.has_scalar and not PyDict_Check(scalar_owner):
+            raise TypeError("add_tensor: scalar_owner must be a dict")
         tensors = batch.table_for(data)
         index = tensors.n
         if index >= tensors.capacity:
@@ -421,7 +478,11 @@ cdef class StepPlan:
             tensors.state[slot][index] = cnp.PyArray_DATA(<cnp.ndarray>value) if value is not None else NULL
             if value is not None:
                 tensors.keepalive.append(value)
-        tensors.add(data, grad, batch.run_of(new_step, fresh), position)
+        tensors.add(data, grad, batch.run_of(new_step, fresh, scalar), position)
+        if batch.has_scalar:
+            self.scalar_owners.append(scalar_owner)
+            self.scalar_groups.append(group)
+            self.scalar_runs.append(len(batch.run_keys) - 1)
         if step_owner is not None:
             if not PyDict_Check(step_owner):
                 raise TypeError("add_tensor: step_owner must be a dict")
@@ -433,9 +494,20 @@ cdef class StepPlan:
         self.insertions.extend(insertions)
 
     def coefficient_keys(self, Py_ssize_t group):
-        """The (step, fresh) pairs whose coefficient rows group `group` needs,
-        in the order `set_coefficients` takes the rows."""
+        """The (step, fresh) pairs, or (step, fresh, scalar) triples with a
+        `scalar_key`, whose coefficient rows group `group` needs, in the order
+        `set_coefficients` takes the rows."""
         return (<_GroupBatch>self.groups[group]).run_keys
+
+    def set_scalar_values(self, Py_ssize_t group, list values):
+        """The new scalar (a float) of each `coefficient_keys` run of group
+        `group`, written to its parameters' entries at commit."""
+        cdef _GroupBatch batch = <_GroupBatch>self.groups[group]
+        if not batch.has_scalar:
+            raise ValueError("set_scalar_values: this plan keeps no per-parameter scalar")
+        if len(values) != len(batch.run_keys):
+            raise ValueError(f"set_scalar_values: expected {len(batch.run_keys)} values, got {len(values)}")
+        batch.scalar_values = [float(value) for value in values]
 
     def set_coefficients(self, Py_ssize_t group, list rows):
         """One row of per-tensor coefficients per `coefficient_keys` entry."""
@@ -481,6 +553,10 @@ cdef class StepPlan:
         if not calls:
             raise MemoryError("optimizer step: could not allocate the kernel call list")
         try:
+            for index in range(len(self.scalar_groups)):
+                if (<_GroupBatch>self.groups[self.scalar_groups[index]]).scalar_values is None:
+                    raise ValueError("commit_and_run: set_scalar_values was not called for "
+                                     f"group {self.scalar_groups[index]}")
             for index in range(n_groups):
                 batch = <_GroupBatch>self.groups[index]
                 if batch.float32.n:
@@ -514,6 +590,11 @@ cdef class StepPlan:
             # Existing "step" keys: replacing a value never allocates.
             for index in range(len(self.step_owners)):
                 PyDict_SetItem(self.step_owners[index], "step", self.new_steps[index])
+            # Existing keys as well (add_tensor's contract).
+            for index in range(len(self.scalar_owners)):
+                batch = <_GroupBatch>self.groups[self.scalar_groups[index]]
+                PyDict_SetItem(self.scalar_owners[index], self.scalar_key,
+                               batch.scalar_values[self.scalar_runs[index]])
             with nogil:
                 for call in range(n_calls):
                     status = calls[call].kernel(&calls[call].batch, calls[call].scalars,
@@ -616,6 +697,46 @@ def scale_grads(list grads, double factor):
             else:
                 status = table.scale_f64(&batch, factor, nt)
         raise_for_status(status, "gradient scaling")
+
+
+# section: weight averaging ---------------------------------------------------
+
+def lerp_(list averages, list currents, double weight):
+    """averages[i] += weight * (currents[i] - averages[i]) in place, torch.lerp's
+    form (from the current value when |weight| >= 0.5), over every pair in
+    one kernel call per dtype.  The caller (fastbn.optim.swa_utils) checks
+    that each pair is C-contiguous, aligned, of one float32/float64 dtype and
+    shape, and that the averages are writeable and disjoint."""
+    cdef const fastbn_optim_kernels *table = fastbn_optim_kernels_for(current_simd_target())
+    cdef int nt = effective_num_threads()
+    cdef double scalars[2]
+    cdef _Tensors tensors
+    cdef fastbn_optim_batch batch
+    cdef int status = 0
+    cdef Py_ssize_t position
+    cdef int dtype
+    if len(averages) != len(currents):
+        raise ValueError(f"lerp_: expected as many current arrays as averages ({len(averages)}), "
+                         f"got {len(currents)}")
+    for position in range(len(averages)):
+        if not ready_for_kernel(averages[position], currents[position]):
+            raise ValueError(f"lerp_: pair {position} is not ready for the kernel")
+    scalars[0] = weight
+    scalars[1] = 1.0 - weight
+    for dtype in (cnp.NPY_FLOAT32, cnp.NPY_FLOAT64):
+        tensors = _Tensors(len(averages))
+        for position in range(len(averages)):
+            if cnp.PyArray_TYPE(<cnp.ndarray>averages[position]) == dtype:
+                tensors.add(<cnp.ndarray>averages[position], <cnp.ndarray>currents[position], 0)
+        if tensors.n == 0:
+            continue
+        batch = tensors.batch(0)
+        with nogil:
+            if dtype == cnp.NPY_FLOAT32:
+                status = table.step_f32[FASTBN_OPTIM_FAMILY_LERP](&batch, scalars, 0, nt)
+            else:
+                status = table.step_f64[FASTBN_OPTIM_FAMILY_LERP](&batch, scalars, 0, nt)
+        raise_for_status(status, "weight averaging")
 
 
 # section: bfloat16 state -----------------------------------------------------

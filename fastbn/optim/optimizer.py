@@ -129,6 +129,12 @@ class Optimizer:
 
     #: True when this optimizer keeps a per-parameter ``step`` counter.
     _counts_steps = False
+    #: The key of a per-parameter float the state entries keep besides the
+    #: arrays (NAdam's ``mu_product``), or None; it starts at
+    #: `_scalar_initial`, and a group's coefficient function then takes
+    #: (step, fresh, value) and returns (coefficients, new value).
+    _scalar_state: Optional[str] = None
+    _scalar_initial = 1.0
 
     def __init__(self, params: Iterable, defaults: Dict[str, Any], *, state_dtype: str = "float32",
                  stochastic_rounding: bool = True) -> None:
@@ -274,7 +280,7 @@ class Optimizer:
         self._disjoint_data = [[param.data for param in group["params"]] for group in groups]
 
     def _fused_step(self, groups: List[Dict[str, Any]]) -> None:
-        plan = _optim.StepPlan(self.state, self._counts_steps)
+        plan = _optim.StepPlan(self.state, self._counts_steps, scalar_key=self._scalar_state)
         group_slots, group_coefficients, updates = [], [], []
         # Phase 1: the bridge takes every parameter that is ready as it is,
         # and the checks below handle the rest (first step, copies, errors).
@@ -288,7 +294,7 @@ class Optimizer:
                 if group["stochastic_rounding"]:
                     flags |= FLAG_STOCHASTIC_ROUNDING
             for position in plan.scan_group(self._kernel_family, params, slots, scalars, flags,
-                                            state_type, seed):
+                                            state_type=state_type, rounding_seed=seed):
                 updates.append(self._validated_update(index, position, params[position], slots))
             group_slots.append(slots)
             group_coefficients.append(coefficients)
@@ -300,12 +306,27 @@ class Optimizer:
                            update.created[key] if key in update.created else update.entry[key]
                            for key in slots)
             step_owner, insertions = self._attachments(update)
-            plan.add_tensor(update.group_index, update.data, update.grad, arrays,
-                            update.new_step, update.fresh, step_owner, insertions, update.position)
+            if self._scalar_state is None:
+                plan.add_tensor(update.group_index, update.data, update.grad, arrays,
+                                update.new_step, update.fresh, step_owner, insertions,
+                                position=update.position)
+            else:
+                owner = insertions[0][2] if update.entry is None else update.entry
+                plan.add_tensor(update.group_index, update.data, update.grad, arrays,
+                                update.new_step, update.fresh, step_owner, insertions,
+                                scalar_owner=owner,
+                                scalar=float(owner.get(self._scalar_state, self._scalar_initial)),
+                                position=update.position)
         for index, coefficients in enumerate(group_coefficients):
-            if coefficients is not None:
-                plan.set_coefficients(index, [coefficients(step, fresh)
-                                              for step, fresh in plan.coefficient_keys(index)])
+            if coefficients is None:
+                continue
+            keys = plan.coefficient_keys(index)
+            if self._scalar_state is None:
+                plan.set_coefficients(index, [coefficients(step, fresh) for step, fresh in keys])
+            else:
+                results = [coefficients(*key) for key in keys]
+                plan.set_coefficients(index, [row for row, _ in results])
+                plan.set_scalar_values(index, [value for _, value in results])
         # Phase 3.
         plan.commit_and_run()
 
@@ -346,7 +367,7 @@ class Optimizer:
         entry = self.state.get(param)  # .get: a defaultdict lookup would insert
         if entry is not None:
             check_state_entry(entry, slots, self._counts_steps, param.data, group_index, position,
-                              state_dtype=self._state_dtype)
+                              scalar_key=self._scalar_state, state_dtype=self._state_dtype)
         missing = tuple(key for key in slots
                         if key is not None and (entry is None or key not in entry))
         new_step = int(entry.get("step", 0)) + 1 if entry is not None and self._counts_steps else 1
@@ -362,11 +383,16 @@ class Optimizer:
     def _attachments(self, update: _Update) -> Tuple[Optional[Dict[str, Any]], List[tuple]]:
         """What phase 3 writes for `update`: the existing entry whose ``step``
         to overwrite (or None) and the (mapping, key, value) insertions."""
+        scalar_key = self._scalar_state
         if update.entry is None:
             entry: Dict[str, Any] = {"step": update.new_step} if self._counts_steps else {}
             entry.update(update.created)
+            if scalar_key is not None:
+                entry[scalar_key] = self._scalar_initial
             return None, [(self.state, update.param, entry)]
         insertions = [(update.entry, key, value) for key, value in update.created.items()]
+        if scalar_key is not None and scalar_key not in update.entry:
+            insertions.append((update.entry, scalar_key, self._scalar_initial))
         if not self._counts_steps:
             return None, insertions
         if "step" in update.entry:
@@ -590,7 +616,8 @@ class Optimizer:
                     raise TypeError(f"{where}: expected str state names, got {describe(key)}")
                 if value is not None:
                     values[key] = _checked_state_value(value, param, f"{where}[{key!r}]", key,
-                                                       self._state_dtype)
+                                                       scalar_key=self._scalar_state,
+                                                       state_dtype=self._state_dtype)
             if self._counts_steps and values and "step" not in values:
                 raise ValueError(f"{where}: expected a 'step' entry ({type(self).__name__} counts "
                                  f"steps), got keys {sorted(values)}")
@@ -671,12 +698,33 @@ def _checked_step(value: Any, name: str) -> int:
     return step
 
 
-def _checked_state_value(value: Any, param: Parameter, name: str, key: str,
+def _checked_scalar(value: Any, name: str) -> float:
+    """A per-parameter scalar (NAdam's ``mu_product``) as a float in [0, 1]:
+    a real number or a 0-d array of one (PyTorch stores a 0-d tensor)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a float in [0, 1], got {describe(value)}")
+    array = (np.asarray(value) if isinstance(value, (int, float, np.number, np.ndarray))
+             or hasattr(value, "__array__") else None)
+    if array is None or array.shape != () or array.dtype.kind not in "iuf":
+        raise TypeError(f"{name}: expected a float in [0, 1] (or a 0-d array holding one), "
+                        f"got {describe(value)}")
+    number = float(array)
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"{name}: expected a float in [0, 1], got {number!r}")
+    return number
+
+
+def _checked_state_value(value: Any, param: Parameter, name: str, key: str, *,
+                         scalar_key: Optional[str] = None,
                          state_dtype: Optional[np.dtype] = None) -> Any:
     """One value of a saved state entry, normalized (see `check_state_dict`);
-    `state_dtype`: bfloat16 for an optimizer with bfloat16 state."""
+    `scalar_key`: the optimizer's per-parameter float (NAdam's
+    ``mu_product``), if any; `state_dtype`: bfloat16 for an optimizer with
+    bfloat16 state."""
     if key == "step":
         return _checked_step(value, name)
+    if key == scalar_key:
+        return _checked_scalar(value, name)
     if not (isinstance(value, np.ndarray) or hasattr(value, "__array__")):
         raise TypeError(f"{name}: expected an ndarray, got {describe(value)}")
     array = np.asarray(value)

@@ -6,7 +6,11 @@ Written the way a NumPy user writes the formulas: the input viewed as
 (two-pass mean and variance, no tricks), so the fast kernels are checked
 against the textbook math, not against a copy of themselves.  The training
 forward computes in float64 and rounds its outputs once; everything else is
-computed in the input dtype.
+computed in the input dtype.  The split phases (stats, merge_stats, apply,
+backward_reduce, backward_apply) compute in float64 as the formulas read:
+two-pass statistics, the merge as one weighted sum over all parts (not the
+fast path's sequential Chan update), the ReLU mask from the pre-activation
+in float64.
 
 The contract shared with the bridge:
 - arrays that are not kernel-ready (fastbn._bn_validation.kernel_ready)
@@ -203,6 +207,86 @@ def backward_eval(dy, x, dx, outer, channels, inner, running_mean, running_var, 
     return result
 
 
+# section: split phases ------------------------------------------------------------
+# Called only with validated arrays (fastbn.functional's phase implementations
+# check every argument first): per-channel statistics and sums are float64 or
+# the input's dtype, and come back float64.
+
+
+def _float64_per_channel(vector, default: float):
+    """`vector` as float64 shaped (1, C, 1) (a scalar if None)."""
+    if vector is None:
+        return default
+    return _per_channel(np.asarray(vector, np.float64))
+
+
+def _xhat64(x__ocn, mean, invstd):
+    return ((x__ocn.astype(np.float64) - _float64_per_channel(mean, 0.0))
+            * _float64_per_channel(invstd, 1.0))
+
+
+def _gradient64(dy__ocn, xhat, mask_weight, mask_bias, relu):
+    """dy in float64, zeroed where the forward's ReLU had pre-activation <= 0."""
+    g = dy__ocn.astype(np.float64)
+    if not relu:
+        return g
+    pre = xhat * _float64_per_channel(mask_weight, 1.0) + _float64_per_channel(mask_bias, 0.0)
+    return np.where(pre > 0, g, 0.0)
+
+
+def stats(x, outer, channels, inner):
+    """See fastbn/_bn.pyx: stats.  Returns (mean, m2), float64."""
+    x__ocn = x.reshape(outer, channels, inner).astype(np.float64)
+    mean = x__ocn.mean(axis=_REDUCE)
+    centered = x__ocn - _per_channel(mean)
+    return mean, (centered * centered).sum(axis=_REDUCE)
+
+
+def merge_stats(counts, means, m2s):
+    """See fastbn/_bn.pyx: merge_stats.  The direct formula
+    ``mean = sum(n_i * mean_i) / n``, ``m2 = sum(m2_i + n_i * (mean_i - mean)**2)``
+    over the parts with n_i > 0.  Returns (count, mean, m2)."""
+    present = [i for i, n in enumerate(counts) if n > 0]
+    total = sum(counts)
+    if total == 0:
+        return 0, np.zeros(means.shape[1]), np.zeros(means.shape[1])
+    weights = np.array([counts[i] for i in present], np.float64)[:, None]
+    means, m2s = means[present], m2s[present]
+    mean = (weights * means).sum(axis=0) / total
+    m2 = (m2s + weights * (means - mean) ** 2).sum(axis=0)
+    return total, mean, m2
+
+
+def apply(x, y, outer, channels, inner, mean, invstd, weight, bias, relu=False):
+    """See fastbn/_bn.pyx: apply.  Returns y."""
+    x__ocn = x.reshape(outer, channels, inner)
+    y__ocn = (_xhat64(x__ocn, mean, invstd) * _float64_per_channel(weight, 1.0)
+              + _float64_per_channel(bias, 0.0))
+    if relu:
+        y__ocn = np.maximum(y__ocn, 0.0)   # NaN passes through, as in torch.relu
+    return _deliver(y__ocn.astype(x.dtype, copy=False), y, x.shape)
+
+
+def backward_reduce(dy, x, outer, channels, inner, mean, invstd, mask_weight=None,
+                    mask_bias=None, relu=False):
+    """See fastbn/_bn.pyx: backward_reduce.  Returns (sum_dy, sum_dy_xhat), float64."""
+    xhat = _xhat64(x.reshape(outer, channels, inner), mean, invstd)
+    g = _gradient64(dy.reshape(outer, channels, inner), xhat, mask_weight, mask_bias, relu)
+    return g.sum(axis=_REDUCE), (g * xhat).sum(axis=_REDUCE)
+
+
+def backward_apply(dy, x, dx, outer, channels, inner, mean, invstd, weight, sum_dy,
+                   sum_dy_xhat, count, mask_weight=None, mask_bias=None, relu=False):
+    """See fastbn/_bn.pyx: backward_apply.  Returns dx."""
+    n = float(count)
+    xhat = _xhat64(x.reshape(outer, channels, inner), mean, invstd)
+    g = _gradient64(dy.reshape(outer, channels, inner), xhat, mask_weight, mask_bias, relu)
+    scale = _float64_per_channel(weight, 1.0) * _float64_per_channel(invstd, 1.0)
+    dx__ocn = scale / n * (n * g - _float64_per_channel(sum_dy, 0.0)
+                           - xhat * _float64_per_channel(sum_dy_xhat, 0.0))
+    return _deliver(dx__ocn.astype(x.dtype, copy=False), dx, x.shape)
+
+
 class ReferenceKernels:
     """The NumPy kernels object selected by ``use_backend("reference")``."""
 
@@ -211,6 +295,11 @@ class ReferenceKernels:
     train_forward = staticmethod(train_forward)
     backward = staticmethod(backward)
     backward_eval = staticmethod(backward_eval)
+    stats = staticmethod(stats)
+    merge_stats = staticmethod(merge_stats)
+    apply = staticmethod(apply)
+    backward_reduce = staticmethod(backward_reduce)
+    backward_apply = staticmethod(backward_apply)
 
 
 REFERENCE = ReferenceKernels()

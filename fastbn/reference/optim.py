@@ -177,6 +177,126 @@ def lion_update(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, *, lr:
     np.add(beta2 * exp_avg, (1 - beta2) * g, out=exp_avg)
 
 
+# section: NAdam, RAdam, Adadelta, Adamax ------------------------------------
+
+def nadam_update(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
+                 *, step: int, mu_product: float, lr: float, beta1: float, beta2: float,
+                 eps: float, weight_decay: float, momentum_decay: float,
+                 decoupled_weight_decay: bool, maximize: bool) -> float:
+    """torch.optim.NAdam for one parameter; returns the new mu_product.
+
+    L2: g += weight_decay * param (decoupled: param *= 1 - lr * weight_decay);
+    mu_t = beta1 * (1 - 0.5 * 0.96**(t * momentum_decay)), mu_{t+1} likewise;
+    mu_product *= mu_t; m = beta1 * m + (1 - beta1) * g;
+    v = beta2 * v + (1 - beta2) * g**2; denom = sqrt(v / (1 - beta2**t)) + eps;
+    param -= lr (1 - mu_t) / (1 - mu_product) * g / denom
+           + lr mu_{t+1} / (1 - mu_product * mu_{t+1}) * m / denom.
+    """
+    g = _signed(grad, maximize)
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            param *= 1 - lr * weight_decay
+        else:
+            g = g + weight_decay * param
+    mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
+    mu_product = mu_product * mu
+    np.add(beta1 * exp_avg, (1 - beta1) * g, out=exp_avg)
+    np.add(beta2 * exp_avg_sq, (1 - beta2) * (g * g), out=exp_avg_sq)
+    denom = np.sqrt(exp_avg_sq / (1 - beta2 ** step)) + eps
+    param -= (lr * (1 - mu) / (1 - mu_product)) * g / denom
+    param -= (lr * mu_next / (1 - mu_product * mu_next)) * exp_avg / denom
+    return mu_product
+
+
+def radam_rectification(step: int, beta2: float) -> Optional[float]:
+    """RAdam's variance rectification r_t, or None while rho_t <= 5 (the
+    variance of the adaptive rate is intractable; the update is then plain
+    momentum).  rho_inf = 2 / (1 - beta2) - 1,
+    rho_t = rho_inf - 2 t beta2**t / (1 - beta2**t),
+    r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))."""
+    bias_correction2 = 1 - beta2 ** step
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2 ** step) / bias_correction2
+    if not rho_t > 5.0:
+        return None
+    return math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+
+
+def radam_update(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
+                 *, step: int, lr: float, beta1: float, beta2: float, eps: float,
+                 weight_decay: float, decoupled_weight_decay: bool, maximize: bool) -> None:
+    """torch.optim.RAdam for one parameter.
+
+    Decay and moments as Adam; m_hat = m / (1 - beta1**t); with r_t from
+    `radam_rectification`: param -= lr * m_hat * r_t * sqrt(1 - beta2**t) /
+    (sqrt(v) + eps), or param -= lr * m_hat while rho_t <= 5.
+    """
+    g = _signed(grad, maximize)
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            param *= 1 - lr * weight_decay
+        else:
+            g = g + weight_decay * param
+    np.add(beta1 * exp_avg, (1 - beta1) * g, out=exp_avg)
+    np.add(beta2 * exp_avg_sq, (1 - beta2) * (g * g), out=exp_avg_sq)
+    corrected = exp_avg / (1 - beta1 ** step)
+    rectification = radam_rectification(step, beta2)
+    if rectification is None:
+        param -= corrected * lr
+    else:
+        adaptive = math.sqrt(1 - beta2 ** step) / (np.sqrt(exp_avg_sq) + eps)
+        param -= corrected * lr * adaptive * rectification
+
+
+def adadelta_update(param: np.ndarray, grad: np.ndarray, square_avg: np.ndarray,
+                    acc_delta: np.ndarray, *, lr: float, rho: float, eps: float,
+                    weight_decay: float, maximize: bool) -> None:
+    """torch.optim.Adadelta for one parameter.
+
+    g += weight_decay * param; s = rho * s + (1 - rho) * g**2;
+    delta = sqrt(a + eps) / sqrt(s + eps) * g; a = rho * a + (1 - rho) * delta**2;
+    param -= lr * delta.
+    """
+    g = _signed(grad, maximize)
+    if weight_decay != 0:
+        g = g + weight_decay * param
+    np.add(rho * square_avg, (1 - rho) * (g * g), out=square_avg)
+    delta = np.sqrt(acc_delta + eps) / np.sqrt(square_avg + eps) * g
+    np.add(rho * acc_delta, (1 - rho) * (delta * delta), out=acc_delta)
+    param -= lr * delta
+
+
+def adamax_update(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_inf: np.ndarray,
+                  *, step: int, lr: float, beta1: float, beta2: float, eps: float,
+                  weight_decay: float, maximize: bool) -> None:
+    """torch.optim.Adamax for one parameter.
+
+    g += weight_decay * param; m = beta1 * m + (1 - beta1) * g;
+    u = max(beta2 * u, |g| + eps) (nan propagates); param -= lr / (1 - beta1**t) * m / u.
+    """
+    g = _signed(grad, maximize)
+    if weight_decay != 0:
+        g = g + weight_decay * param
+    np.add(beta1 * exp_avg, (1 - beta1) * g, out=exp_avg)
+    np.maximum(beta2 * exp_inf, np.abs(g) + eps, out=exp_inf)
+    param -= (lr / (1 - beta1 ** step)) * (exp_avg / exp_inf)
+
+
+# section: weight averaging ---------------------------------------------------
+
+def lerp_(averages: List[np.ndarray], currents: List[np.ndarray], weight: float) -> None:
+    """averages[i] += weight * (currents[i] - averages[i]) IN PLACE, torch.lerp's
+    form: from the average when |weight| < 0.5, else
+    currents[i] - (currents[i] - averages[i]) * (1 - weight)."""
+    for average, current in zip(averages, currents):
+        difference = current - average
+        if abs(weight) < 0.5:
+            average += weight * difference
+        else:
+            average[...] = current - difference * (1 - weight)
+
+
 # section: gradient clipping --------------------------------------------------
 
 def grad_norm(grads: Iterable[np.ndarray], norm_type: float = 2.0) -> float:

@@ -6,15 +6,18 @@ One line for an existing model::
     fastbn.torch.convert(model, fuse_relu=True)   # in place; same parameters
 
 or build with `fastbn.torch.BatchNorm2d` (a ``torch.nn.BatchNorm2d``) etc.
+`fastbn.torch.optim` has the fused optimizers as ``torch.optim.Optimizer``
+subclasses (``fastbn.torch.optim.Adam(model.parameters())``) and
+`clip_grad_norm_` clips gradients with the fused norm kernel.
 The kernels are registered as torch custom ops (``torch.ops.fastbn.*``,
 see `fastbn.torch._ops`), so autograd, ``torch.compile``, ``torch.export``
 and ``torch.autograd.gradcheck`` work through them.
 
 Threads: fastbn's kernels use ``torch.get_num_threads()`` threads unless a
 count was set with `fastbn.set_num_threads`.  fastbn's OpenMP runtime and
-torch's are separate; on few cores set ``GOMP_SPINCOUNT=10000`` (or
-``OMP_WAIT_POLICY=passive``) in the environment before starting Python so
-that the idle workers of one do not spin against the other.
+torch's are separate; on a shared or loaded machine set
+``OMP_WAIT_POLICY=passive`` in the environment before starting Python so
+that idle workers sleep instead of spinning (measured in the README).
 
 Requires torch (``pip install fastbn[torch]``); the rest of fastbn never
 imports it.
@@ -27,9 +30,11 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from . import _ops  # noqa: F401  (registers torch.ops.fastbn.*)
 from .batchnorm import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormReLU1d,
                         BatchNormReLU2d, BatchNormReLU3d)
+from .clip_grad import clip_grad_norm_
 from .convert import convert
+from . import optim
 
 _ops.sync_num_threads()
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU1d",
-           "BatchNormReLU2d", "BatchNormReLU3d", "convert"]
+           "BatchNormReLU2d", "BatchNormReLU3d", "convert", "clip_grad_norm_", "optim"]

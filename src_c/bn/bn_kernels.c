@@ -38,4 +38,12 @@ const fastbn_bn_kernels FB_TARGETED(fastbn_bn_kernels) = {
     .backward_f64 = bn_backward_f64,
     .backward_eval_f32 = bn_backward_eval_f32,
     .backward_eval_f64 = bn_backward_eval_f64,
+    .stats_f32 = bn_stats_f32,
+    .stats_f64 = bn_stats_f64,
+    .apply_f32 = bn_apply_f32,
+    .apply_f64 = bn_apply_f64,
+    .backward_reduce_f32 = bn_backward_reduce_f32,
+    .backward_reduce_f64 = bn_backward_reduce_f64,
+    .backward_apply_f32 = bn_backward_apply_f32,
+    .backward_apply_f64 = bn_backward_apply_f64,
 };

@@ -63,6 +63,50 @@
     const real *weight, const real *bias, double eps, real *dweight, real *dbias,  \
     int accumulate, int relu, int num_threads
 
+/* ---- split phases ---------------------------------------------------------
+ * The training forward and backward cut at their per-channel sums, so that
+ * the sums of several parts of a batch (processes) can be combined in
+ * between: stats, (merge), apply; backward_reduce, (add), backward_apply.
+ * The same passes and plans as the fused kernels: per-channel results are
+ * bit-identical for any thread count, and composing the phases on one part
+ * reproduces the fused kernels.  Statistics and sums cross the phase
+ * boundary as float64 (channels,) arrays. */
+
+/* OUT mean and m2 = sum((x - mean)^2) of the outer * inner (>= 1) values of
+ * each channel, accumulated in float64 around a value of the channel (the
+ * training forward's reduction; m2 / n is exactly its biased variance). */
+#define FASTBN_BN_STATS_ARGS(real)                                                 \
+    const real *x, fb_index outer, fb_index channels, fb_index inner, double *mean, \
+    double *m2, int num_threads
+
+/* y = (x - mean) * invstd * weight + bias through the training forward's
+ * rewrite (coefficients rounded once from float64); relu stores max(y, 0).
+ * y may equal x. */
+#define FASTBN_BN_APPLY_ARGS(real)                                                 \
+    const real *x, real *y, fb_index outer, fb_index channels, fb_index inner,     \
+    const double *mean, const double *invstd, const real *weight, const real *bias, \
+    int relu, int num_threads
+
+/* OUT sum_dy = sum(g), sum_dy_xhat = sum(g * (x - mean) * invstd) in float64
+ * (the training backward's reduction), g = dy, or with relu dy masked where
+ * the forward's pre-activation from (mean, invstd, mask_weight, mask_bias)
+ * is <= 0. */
+#define FASTBN_BN_BACKWARD_REDUCE_ARGS(real)                                       \
+    const real *dy, const real *x, fb_index outer, fb_index channels,              \
+    fb_index inner, const double *mean, const double *invstd,                      \
+    const real *mask_weight, const real *mask_bias, int relu, double *sum_dy,      \
+    double *sum_dy_xhat, int num_threads
+
+/* dx = weight * invstd / count * (count * g - sum_dy - xhat * sum_dy_xhat),
+ * xhat = (x - mean) * invstd, g as in backward_reduce (count > 0: the values
+ * per channel the sums were taken over, on all parts together).  dx may
+ * equal dy or x. */
+#define FASTBN_BN_BACKWARD_APPLY_ARGS(real)                                        \
+    const real *dy, const real *x, real *dx, fb_index outer, fb_index channels,    \
+    fb_index inner, const double *mean, const double *invstd, const real *weight,  \
+    const double *sum_dy, const double *sum_dy_xhat, double count,                 \
+    const real *mask_weight, const real *mask_bias, int relu, int num_threads
+
 typedef struct fastbn_bn_kernels {
     int (*eval_forward_f32)(FASTBN_BN_EVAL_FORWARD_ARGS(float));
     int (*eval_forward_f64)(FASTBN_BN_EVAL_FORWARD_ARGS(double));
@@ -72,6 +116,14 @@ typedef struct fastbn_bn_kernels {
     int (*backward_f64)(FASTBN_BN_BACKWARD_ARGS(double));
     int (*backward_eval_f32)(FASTBN_BN_BACKWARD_EVAL_ARGS(float));
     int (*backward_eval_f64)(FASTBN_BN_BACKWARD_EVAL_ARGS(double));
+    int (*stats_f32)(FASTBN_BN_STATS_ARGS(float));
+    int (*stats_f64)(FASTBN_BN_STATS_ARGS(double));
+    int (*apply_f32)(FASTBN_BN_APPLY_ARGS(float));
+    int (*apply_f64)(FASTBN_BN_APPLY_ARGS(double));
+    int (*backward_reduce_f32)(FASTBN_BN_BACKWARD_REDUCE_ARGS(float));
+    int (*backward_reduce_f64)(FASTBN_BN_BACKWARD_REDUCE_ARGS(double));
+    int (*backward_apply_f32)(FASTBN_BN_BACKWARD_APPLY_ARGS(float));
+    int (*backward_apply_f64)(FASTBN_BN_BACKWARD_APPLY_ARGS(double));
 } fastbn_bn_kernels;
 
 extern const fastbn_bn_kernels fastbn_bn_kernels_baseline;

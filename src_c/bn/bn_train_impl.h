@@ -4,7 +4,10 @@
  *
  * All three are one pass shape (bn_plan.h): reduce chunks to per-channel
  * partial sums, finalize per-channel coefficients, rewrite the block with one
- * subtraction of the mean and one or two FMAs per value.
+ * subtraction of the mean and one or two FMAs per value.  The split phases
+ * (stats, apply, backward_reduce, backward_apply; end of file) are the same
+ * pass stopped after the finalize or started at it, with the per-channel
+ * results in float64.
  *
  * Accumulators: float64, fed by short sums (at most 8 values) formed in the
  * input dtype.  The forward sums (x - center) and (x - center)^2 where center
@@ -30,6 +33,13 @@ typedef struct {
     FB_REAL *saved_mean, *saved_invstd, *running_mean, *running_var;
     FB_REAL *dweight, *dbias;
     double eps, momentum;
+    /* split phases (FB_BN_STATS and after): per-channel statistics and sums
+     * cross the phase boundary in float64 */
+    const double *phase_mean, *phase_invstd; /* IN: APPLY, BACKWARD_REDUCE, BACKWARD_APPLY */
+    const double *phase_sum_dy, *phase_sum_dy_xhat; /* IN: BACKWARD_APPLY */
+    double phase_count;                /* IN: BACKWARD_APPLY, the n of those sums */
+    double *phase_out1, *phase_out2;   /* OUT: STATS mean, m2; BACKWARD_REDUCE the sums */
+    const FB_REAL *mask_weight;        /* relu backwards: the forward's weight, for the mask */
     /* workspace */
     double *sum1, *sum2;               /* per-chunk partials, see bn_plan.h for the indexing */
     double *center;                    /* per channel: forward shift, or the backward's mean */
@@ -235,7 +245,7 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, const FB_TYPED(bn
     fb_bn_lanes_zero(&a2);
     fb_bn_runs runs = fb_bn_runs_start(plan, k);
     fb_index offset, len;
-    if (pass->mode == FB_BN_FORWARD) {
+    if (fb_bn_reduces_x(pass->mode)) {
         while (fb_bn_runs_next(plan, c, &runs, &offset, &len))
             FB_TYPED(bn_lanes_shifted)(pass->x + offset, len, center, &a1, &a2);
     } else if (pass->relu) {
@@ -273,7 +283,7 @@ static void FB_TYPED(bn_reduce_interleaved)(const fb_bn_plan *plan, FB_TYPED(bn_
     for (fb_index c = 0; c < width; ++c)
         s1[c] = s2[c] = 0.0;
     fb_index r = k * plan->chunk;
-    if (pass->mode == FB_BN_FORWARD) {
+    if (fb_bn_reduces_x(pass->mode)) {
         for (; r + 4 <= r1; r += 4) {
             const FB_REAL *restrict x0 = pass->x + r * C + c0;
             const FB_REAL *restrict x1 = x0 + C, *restrict x2 = x1 + C, *restrict x3 = x2 + C;
@@ -351,6 +361,56 @@ static void FB_TYPED(bn_channel_sums)(const fb_bn_plan *plan, const FB_TYPED(bn_
     *sum2 = s2;
 }
 
+/* The training forward's rewrite coefficients (fused FORWARD and APPLY
+ * alike): y = (x - k2) * k1 + k3.  `relu`: the fused ReLU forward, whose
+ * backward recomputes the mask as (x - k2) * k1 + bias from the statistics
+ * it is given, so the shift is exactly bias. */
+/* bn_forward_coefficients_f32, bn_forward_coefficients_f64 */
+static inline void FB_TYPED(bn_forward_coefficients)(const FB_TYPED(bn_pass) *pass,
+                                                     FB_TYPED(bn_coefficients) coef, fb_index c,
+                                                     double mean, double invstd, int relu)
+{
+    /* m = the mean rounded to FB_REAL (the saved mean): x - m is exact for
+     * x near the mean, so a large mean costs no precision, and a constant
+     * channel (x == m) gives exactly bias */
+    const FB_REAL mean_real = (FB_REAL)mean;
+    coef.k2[c] = mean_real;
+    if (relu) {
+        FB_TYPED(bn_normalize_coefficients)(invstd, pass->weight, pass->bias, c, coef.k1 + c,
+                                            coef.k3 + c);
+    } else {
+        /* the rounding of m is put back into the shift (in double):
+         * y = (x - m) * s + (bias - (mean - m) * s) -- exact centering
+         * without a second subtraction per element */
+        const double s = (pass->weight ? (double)pass->weight[c] : 1.0) * invstd;
+        coef.k1[c] = (FB_REAL)s;
+        coef.k3[c] = (FB_REAL)((pass->bias ? (double)pass->bias[c] : 0.0)
+                               - (mean - (double)mean_real) * s);
+    }
+}
+
+/* The training backward's rewrite coefficients from its per-channel sums
+ * (fused BACKWARD and BACKWARD_APPLY alike):
+ * dx = w*invstd/n * (n*dy - sum_dy - xhat*sum_dy_xhat) with
+ * xhat = (x - mean) * invstd kept centered (expanding it in x would cancel
+ * x * k2 against mean * k2 when |mean| >> the spread):
+ * dx = dy * k1 + ((x - m) * k2 + k3), m = the mean rounded to FB_REAL
+ * (center_real); `remainder` = mean - m, nonzero only for a float64 mean
+ * that FB_REAL cannot hold (the split phases). */
+/* bn_backward_coefficients_f32, bn_backward_coefficients_f64 */
+static inline void FB_TYPED(bn_backward_coefficients)(FB_TYPED(bn_coefficients) coef,
+                                                      fb_index c, double w, double invstd,
+                                                      double sum_dy, double sum_dy_xhat,
+                                                      double n, double remainder)
+{
+    const double a = w * invstd;
+    const double b = -a * invstd * sum_dy_xhat / n;
+    coef.k1[c] = (FB_REAL)a;
+    coef.k2[c] = (FB_REAL)b;
+    coef.k3[c] = (FB_REAL)(remainder != 0.0 ? -a * sum_dy / n - b * remainder
+                                            : -a * sum_dy / n);
+}
+
 static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass, fb_index c,
                                   double s1, double s2, FB_TYPED(bn_coefficients) coef, int owner)
 {
@@ -365,25 +425,11 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
             var = 0.0;
         const double mean = pass->center[c] + shifted_mean;
         invstd = 1.0 / sqrt(var + pass->eps);
-        /* y = (x - m) * k1 + k3 with m the mean rounded to FB_REAL (the saved
-         * mean): x - m is exact for x near the mean, so a large mean costs
-         * no precision, and a constant channel (x == m) gives exactly bias */
-        const FB_REAL mean_real = (FB_REAL)mean;
-        coef.k2[c] = mean_real;
-        if (pass->relu) {
-            /* the backward recomputes the ReLU mask from the saved (rounded)
-             * statistics, so normalize with exactly those */
-            FB_TYPED(bn_normalize_coefficients)((double)(FB_REAL)invstd, pass->weight,
-                                                pass->bias, c, coef.k1 + c, coef.k3 + c);
-        } else {
-            /* the rounding of m is put back into the shift (in double):
-             * y = (x - m) * s + (bias - (mean - m) * s) -- exact centering
-             * without a second subtraction per element */
-            const double s = w * invstd;
-            coef.k1[c] = (FB_REAL)s;
-            coef.k3[c] = (FB_REAL)((pass->bias ? (double)pass->bias[c] : 0.0)
-                                   - (mean - (double)mean_real) * s);
-        }
+        /* with relu, the backward recomputes the ReLU mask from the saved
+         * (rounded) statistics, so normalize with exactly those */
+        FB_TYPED(bn_forward_coefficients)(pass, coef, c, mean,
+                                          pass->relu ? (double)(FB_REAL)invstd : invstd,
+                                          pass->relu);
         if (!owner)
             return;
         pass->saved_mean[c] = (FB_REAL)mean;
@@ -397,18 +443,45 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
         return;
     }
     case FB_BN_BACKWARD: {
-        /* dx = w*invstd/n * (n*dy - sum(dy) - xhat*sum(dy*xhat)) with
-         * xhat = (x - mean) * invstd kept centered (expanding it in x would
-         * cancel x * k2 against mean * k2 when |mean| >> the spread) */
         invstd = (double)pass->spread[c];
         dweight = s2 * invstd;
-        const double a = w * invstd;
-        const double b = -a * invstd * dweight / n;
-        coef.k1[c] = (FB_REAL)a;
-        coef.k2[c] = (FB_REAL)b;
-        coef.k3[c] = (FB_REAL)(-a * s1 / n);
+        FB_TYPED(bn_backward_coefficients)(coef, c, w, invstd, s1, dweight, n, 0.0);
         break;
     }
+    case FB_BN_STATS: {
+        /* FORWARD's statistics before the division by n: m2 / n is
+         * exactly FORWARD's var */
+        const double shifted_mean = s1 / n;
+        double m2 = s2 - s1 * shifted_mean;
+        if (m2 < 0.0)  /* rounding on a (near-)constant channel; NaN passes through */
+            m2 = 0.0;
+        if (owner) {
+            pass->phase_out1[c] = pass->center[c] + shifted_mean;
+            pass->phase_out2[c] = m2;
+        }
+        return;
+    }
+    case FB_BN_APPLY:
+        /* with relu, shift = bias: the mask of backward_reduce/apply is
+         * (x - m) * scale + bias from the same mean and invstd */
+        FB_TYPED(bn_forward_coefficients)(pass, coef, c, pass->phase_mean[c],
+                                          pass->phase_invstd[c], pass->relu);
+        return;
+    case FB_BN_BACKWARD_REDUCE:
+        if (owner) {
+            /* s2 is around center = the mean rounded to the input dtype;
+             * move it to the float64 mean (no-op when it is representable) */
+            const double mean = pass->phase_mean[c];
+            pass->phase_out1[c] = s1;
+            pass->phase_out2[c] = pass->phase_invstd[c] * (s2 - s1 * (mean - pass->center[c]));
+        }
+        return;
+    case FB_BN_BACKWARD_APPLY:
+        FB_TYPED(bn_backward_coefficients)(coef, c, w, pass->phase_invstd[c],
+                                           pass->phase_sum_dy[c], pass->phase_sum_dy_xhat[c],
+                                           pass->phase_count,
+                                           pass->phase_mean[c] - pass->center[c]);
+        return;
     default: /* FB_BN_BACKWARD_EVAL */
         invstd = 1.0 / sqrt((double)pass->spread[c] + pass->eps);
         dweight = s2 * invstd;
@@ -436,15 +509,15 @@ static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pa
      * backward: in = dy with the x term, x centered on the saved mean;
      * eval backward: in = dy alone (k2 = 0).  The backwards read dy masked
      * with relu (in bn_span, or staged through bn_grad_span/bn_grad_row). */
-    const int forward = pass->mode == FB_BN_FORWARD;
+    const int forward = fb_bn_normalizes(pass->mode);
     const int relu_out = forward && pass->relu;
-    const FB_REAL *x_term = pass->mode == FB_BN_BACKWARD ? pass->x : NULL;
+    const FB_REAL *x_term = fb_bn_training_dx(pass->mode) ? pass->x : NULL;
     FB_REAL staging[FB_BN_RELU_BLOCK];
     if (!plan->interleaved) {
         const fb_index c = item / plan->chunks, k = item - c * plan->chunks;
         const FB_REAL a = coef.k1[c], b = coef.k2[c], d = coef.k3[c];
-        const FB_REAL shift = pass->mode == FB_BN_BACKWARD ? b : d;
-        const FB_REAL m = pass->mode == FB_BN_BACKWARD ? pass->center_real[c] : b;
+        const FB_REAL shift = x_term ? b : d;
+        const FB_REAL m = x_term ? pass->center_real[c] : b;
         /* the training backward masks dy inside bn_span; only the eval
          * backward, whose rewrite does not read x, stages a masked copy */
         const int staged = pass->relu && pass->mode == FB_BN_BACKWARD_EVAL;
@@ -472,8 +545,8 @@ static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pa
     const fb_index width = fb_min_index(C, c0 + plan->group_width) - c0;
     const fb_index r1 = fb_min_index(plan->outer, (k + 1) * plan->chunk);
     const FB_REAL *a = coef.k1 + c0, *b = coef.k2 + c0, *d = coef.k3 + c0;
-    const FB_REAL *shift = pass->mode == FB_BN_BACKWARD ? b : d;
-    const FB_REAL *m = pass->mode == FB_BN_BACKWARD ? pass->center_real + c0 : b;
+    const FB_REAL *shift = x_term ? b : d;
+    const FB_REAL *m = x_term ? pass->center_real + c0 : b;
     for (fb_index r = k * plan->chunk; r < r1; ++r) {
         const fb_index offset = r * C + c0;
         const FB_REAL *in = forward ? pass->x + offset
@@ -491,6 +564,7 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
     const int team = fb_team_size(), tid = fb_thread_id();
     const FB_TYPED(bn_coefficients) coef = FB_TYPED(bn_thread_coefficients)(pass, plan->channels,
                                                                             tid);
+    const int rewrite = fb_bn_rewrites(pass->mode);
     if (plan->owned) {
         /* this thread's channels, one at a time: reduce, finalize, rewrite
          * while the channel is still in L2/L3; no barrier */
@@ -509,7 +583,7 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
             }
             FB_TYPED(bn_finalize)(plan, pass, c, s1, s2, coef, 1);
             /* newest chunk first: the likeliest to still be in L2 */
-            for (fb_index s = 0; s < chunks; ++s)
+            for (fb_index s = 0; s < chunks && rewrite; ++s)
                 FB_TYPED(bn_apply_item)(plan, pass, coef, (c + 1) * chunks - 1 - s);
         }
         if (pass->stream)
@@ -546,7 +620,7 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
         }
         /* newest first: the items this thread reduced last are the likeliest
          * to still be in its cache */
-        for (fb_index item = last; item-- > first;)
+        for (fb_index item = last; rewrite && item-- > first;)
             FB_TYPED(bn_apply_item)(plan, pass, coef, item);
     }
     if (pass->stream)
@@ -567,7 +641,7 @@ static int FB_TYPED(bn_run)(FB_TYPED(bn_pass) *pass, fb_index outer, fb_index ch
      * on the fly */
     const fb_index partials = pass->reduce && !plan.owned ? fb_bn_partial_count(&plan) : 0;
     /* relu backwards: the forward's coefficients, for the mask */
-    const fb_index masks = pass->relu && pass->mode != FB_BN_FORWARD ? 2 * channels : 0;
+    const fb_index masks = pass->relu && !fb_bn_normalizes(pass->mode) ? 2 * channels : 0;
     const size_t bytes = (size_t)(2 * partials + channels) * sizeof(double)
                        + (size_t)((3 * (fb_index)nt + 1) * channels + masks) * sizeof(FB_REAL);
     double *workspace = (double *)malloc(bytes);
@@ -581,17 +655,20 @@ static int FB_TYPED(bn_run)(FB_TYPED(bn_pass) *pass, fb_index outer, fb_index ch
     pass->mask_scale = pass->coefficients + 3 * (fb_index)nt * channels;
     pass->mask_shift = pass->mask_scale + channels;
     for (fb_index c = 0; c < channels; ++c) {
-        if (pass->mode == FB_BN_FORWARD)
+        if (fb_bn_reduces_x(pass->mode))
             pass->center_real[c] = pass->x[c * inner];  /* first value of channel c */
+        else if (pass->phase_mean)
+            pass->center_real[c] = (FB_REAL)pass->phase_mean[c];
         else
             pass->center_real[c] = pass->mean ? pass->mean[c] : 0;
         pass->center[c] = (double)pass->center_real[c];
         if (masks) {
             /* as the forward computed them: from the saved mean and invstd
              * (training) or the running statistics (eval) */
-            const double invstd = pass->mode == FB_BN_BACKWARD
+            const double invstd = pass->phase_invstd ? pass->phase_invstd[c]
+                : pass->mode == FB_BN_BACKWARD
                 ? (double)pass->spread[c] : 1.0 / sqrt((double)pass->spread[c] + pass->eps);
-            FB_TYPED(bn_normalize_coefficients)(invstd, pass->weight, pass->bias, c,
+            FB_TYPED(bn_normalize_coefficients)(invstd, pass->mask_weight, pass->bias, c,
                                                 pass->mask_scale + c, pass->mask_shift + c);
         }
     }
@@ -645,6 +722,7 @@ static int FB_TYPED(bn_backward)(FASTBN_BN_BACKWARD_ARGS(FB_REAL))
     pass.mean = mean;
     pass.spread = invstd;
     pass.bias = bias;
+    pass.mask_weight = weight;
     pass.dweight = dweight;
     pass.dbias = dbias;
     pass.relu = relu;
@@ -668,9 +746,91 @@ static int FB_TYPED(bn_backward_eval)(FASTBN_BN_BACKWARD_EVAL_ARGS(FB_REAL))
     pass.mean = running_mean;
     pass.spread = running_var;
     pass.bias = bias;
+    pass.mask_weight = weight;
     pass.eps = eps;
     pass.dweight = dweight;
     pass.dbias = dbias;
     pass.relu = relu;
     return FB_TYPED(bn_run)(&pass, outer, channels, inner, reduce ? 2 : 1, num_threads);
+}
+
+/* ---- split-phase entry points ---------------------------------------------- */
+/* The fused forward and backward cut at their per-channel sums (see
+ * FASTBN_BN_STATS_ARGS and after in bn_kernels.h): the same passes, plans,
+ * lanes, chunk order and rewrite coefficients, so composing the phases on
+ * one process reproduces the fused kernels. */
+
+/* bn_stats_f32, bn_stats_f64 */
+static int FB_TYPED(bn_stats)(FASTBN_BN_STATS_ARGS(FB_REAL))
+{
+    if (outer < 0 || channels <= 0 || inner < 0 || outer * inner < 1 || !x || !mean || !m2)
+        return FASTBN_ERR_ARGUMENT;
+    FB_TYPED(bn_pass) pass = {0};
+    pass.mode = FB_BN_STATS;
+    pass.reduce = 1;
+    pass.x = x;
+    pass.phase_out1 = mean;
+    pass.phase_out2 = m2;
+    return FB_TYPED(bn_run)(&pass, outer, channels, inner, 1, num_threads);
+}
+
+/* bn_apply_f32, bn_apply_f64 */
+static int FB_TYPED(bn_apply)(FASTBN_BN_APPLY_ARGS(FB_REAL))
+{
+    if (outer < 0 || channels <= 0 || inner < 0 || !x || !y || !mean || !invstd)
+        return FASTBN_ERR_ARGUMENT;
+    FB_TYPED(bn_pass) pass = {0};
+    pass.mode = FB_BN_APPLY;
+    pass.x = x;
+    pass.out = y;
+    pass.weight = weight;
+    pass.bias = bias;
+    pass.phase_mean = mean;
+    pass.phase_invstd = invstd;
+    pass.relu = relu;
+    return FB_TYPED(bn_run)(&pass, outer, channels, inner, 1, num_threads);
+}
+
+/* bn_backward_reduce_f32, bn_backward_reduce_f64 */
+static int FB_TYPED(bn_backward_reduce)(FASTBN_BN_BACKWARD_REDUCE_ARGS(FB_REAL))
+{
+    if (outer < 0 || channels <= 0 || inner < 0 || !dy || !x || !mean || !invstd || !sum_dy
+        || !sum_dy_xhat)
+        return FASTBN_ERR_ARGUMENT;
+    FB_TYPED(bn_pass) pass = {0};
+    pass.mode = FB_BN_BACKWARD_REDUCE;
+    pass.reduce = 1;
+    pass.dy = dy;
+    pass.x = x;
+    pass.phase_mean = mean;
+    pass.phase_invstd = invstd;
+    pass.mask_weight = mask_weight;
+    pass.bias = mask_bias;
+    pass.relu = relu;
+    pass.phase_out1 = sum_dy;
+    pass.phase_out2 = sum_dy_xhat;
+    return FB_TYPED(bn_run)(&pass, outer, channels, inner, 2, num_threads);
+}
+
+/* bn_backward_apply_f32, bn_backward_apply_f64 */
+static int FB_TYPED(bn_backward_apply)(FASTBN_BN_BACKWARD_APPLY_ARGS(FB_REAL))
+{
+    if (outer < 0 || channels <= 0 || inner < 0 || !dy || !x || !dx || !mean || !invstd
+        || !sum_dy || !sum_dy_xhat || !(count > 0))
+        return FASTBN_ERR_ARGUMENT;
+    FB_TYPED(bn_pass) pass = {0};
+    pass.mode = FB_BN_BACKWARD_APPLY;
+    pass.dy = dy;
+    pass.x = x;
+    pass.out = dx;
+    pass.weight = weight;
+    pass.phase_mean = mean;
+    pass.phase_invstd = invstd;
+    pass.phase_sum_dy = sum_dy;
+    pass.phase_sum_dy_xhat = sum_dy_xhat;
+    pass.phase_count = count;
+    pass.mask_weight = mask_weight;
+    pass.bias = mask_bias;
+    pass.relu = relu;
+    return FB_TYPED(bn_run)(&pass, outer, channels, inner, 2, num_threads);
 }

@@ -287,6 +287,214 @@ static void FB_TYPED(lion_chunk)(const optim_call *call, fb_index t, fb_index ch
 #undef FB_LION
 }
 
+/* section: NAdam ------------------------------------------------------------------- */
+
+/* PyTorch's two addcdiv terms, (lr (1 - mu_t) / (1 - prod mu_1..t)) g and
+ * (lr mu_{t+1} / (1 - prod mu_1..t+1)) m over sqrt(v / bc2) + eps, share one
+ * denominator; with sqrt(bc2) moved into the coefficients (grad_weight,
+ * avg_weight, eps_hat = eps sqrt(bc2)) the element needs one square root and
+ * one division, as Adam's. */
+FB_ALWAYS_INLINE void FB_TYPED(nadam_loop)(FB_REAL *restrict param, const FB_REAL *restrict grad,
+                                           FB_REAL *restrict exp_avg, FB_REAL *restrict exp_avg_sq,
+                                           fb_index n, FB_REAL sign, FB_REAL weight_decay,
+                                           FB_REAL beta1, FB_REAL one_minus_beta1, FB_REAL beta2,
+                                           FB_REAL one_minus_beta2, FB_REAL param_decay,
+                                           FB_REAL grad_weight, FB_REAL avg_weight, FB_REAL eps_hat,
+                                           const int l2, const int decoupled)
+{
+#pragma omp simd
+    for (fb_index i = 0; i < n; ++i) {
+        FB_REAL g = sign * grad[i];
+        FB_REAL p = param[i];
+        if (l2)
+            g = g + weight_decay * p;
+        if (decoupled)
+            p = p * param_decay;
+        const FB_REAL m = beta1 * exp_avg[i] + one_minus_beta1 * g;
+        const FB_REAL v = beta2 * exp_avg_sq[i] + one_minus_beta2 * (g * g);
+        exp_avg[i] = m;
+        exp_avg_sq[i] = v;
+        param[i] = p - (grad_weight * g + avg_weight * m) / (FB_SQRT(v) + eps_hat);
+    }
+}
+
+static void FB_TYPED(nadam_chunk)(const optim_call *call, fb_index t, fb_index chunk,
+                                  fb_index begin, fb_index end)
+{
+    const FB_TYPED(optim_view) v = FB_TYPED(optim_view_of)(call, t, begin, end);
+    const double *s = call->scalars;
+    const double *c = v.coefficients;
+    const int flags = call->flags;
+    const int has_weight_decay = (flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0;
+    const int decoupled = has_weight_decay && (flags & FASTBN_OPTIM_DECOUPLED);
+    (void)chunk;
+#define FB_NADAM(l2, dec) FB_TYPED(nadam_loop)(v.param, v.grad, v.state[0], v.state[1], v.n, v.sign,    \
+                                               (FB_REAL)s[0], (FB_REAL)s[1], (FB_REAL)s[2],            \
+                                               (FB_REAL)s[3], (FB_REAL)s[4], (FB_REAL)s[5],            \
+                                               (FB_REAL)c[0], (FB_REAL)c[1], (FB_REAL)c[2], l2, dec)
+    FB_SELECT2(FB_NADAM, has_weight_decay && !decoupled, decoupled);
+#undef FB_NADAM
+}
+
+/* section: RAdam ------------------------------------------------------------------- */
+
+/* While the variance is tractable (rho_t > 5, decided per step by the caller
+ * and passed as coefficient 2) the update is Adam's loop with
+ * a = lr r_t sqrt(bc2) / bc1 and b = eps; before that it is plain momentum,
+ * param -= (lr / bc1) m, with the second moment still tracked. */
+FB_ALWAYS_INLINE void FB_TYPED(radam_momentum_loop)(FB_REAL *restrict param, const FB_REAL *restrict grad,
+                                                    FB_REAL *restrict exp_avg, FB_REAL *restrict exp_avg_sq,
+                                                    fb_index n, FB_REAL sign, FB_REAL weight_decay,
+                                                    FB_REAL beta1, FB_REAL one_minus_beta1, FB_REAL beta2,
+                                                    FB_REAL one_minus_beta2, FB_REAL param_decay,
+                                                    FB_REAL step_size, const int l2, const int decoupled)
+{
+#pragma omp simd
+    for (fb_index i = 0; i < n; ++i) {
+        FB_REAL g = sign * grad[i];
+        FB_REAL p = param[i];
+        if (l2)
+            g = g + weight_decay * p;
+        if (decoupled)
+            p = p * param_decay;
+        const FB_REAL m = beta1 * exp_avg[i] + one_minus_beta1 * g;
+        exp_avg[i] = m;
+        exp_avg_sq[i] = beta2 * exp_avg_sq[i] + one_minus_beta2 * (g * g);
+        param[i] = p - step_size * m;
+    }
+}
+
+static void FB_TYPED(radam_chunk)(const optim_call *call, fb_index t, fb_index chunk,
+                                  fb_index begin, fb_index end)
+{
+    const FB_TYPED(optim_view) v = FB_TYPED(optim_view_of)(call, t, begin, end);
+    const double *s = call->scalars;
+    const double *c = v.coefficients;
+    const int flags = call->flags;
+    const int has_weight_decay = (flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0;
+    const int decoupled = has_weight_decay && (flags & FASTBN_OPTIM_DECOUPLED);
+    (void)chunk;
+    if (c[2] != 0.0) {
+#define FB_RADAM_ADAPTIVE(l2, dec) FB_TYPED(adam_loop)(v.param, v.grad, v.state[0], v.state[1], NULL, v.n,  \
+                                                       v.sign, (FB_REAL)s[0], (FB_REAL)s[1],               \
+                                                       (FB_REAL)s[2], (FB_REAL)s[3], (FB_REAL)s[4],        \
+                                                       (FB_REAL)s[5], (FB_REAL)c[0], (FB_REAL)c[1],        \
+                                                       l2, dec, 0)
+        FB_SELECT2(FB_RADAM_ADAPTIVE, has_weight_decay && !decoupled, decoupled);
+#undef FB_RADAM_ADAPTIVE
+        return;
+    }
+#define FB_RADAM_MOMENTUM(l2, dec) FB_TYPED(radam_momentum_loop)(v.param, v.grad, v.state[0], v.state[1], v.n, \
+                                                                 v.sign, (FB_REAL)s[0], (FB_REAL)s[1],        \
+                                                                 (FB_REAL)s[2], (FB_REAL)s[3], (FB_REAL)s[4], \
+                                                                 (FB_REAL)s[5], (FB_REAL)c[0], l2, dec)
+    FB_SELECT2(FB_RADAM_MOMENTUM, has_weight_decay && !decoupled, decoupled);
+#undef FB_RADAM_MOMENTUM
+}
+
+/* section: Adadelta ------------------------------------------------------------------ */
+
+/* PyTorch's order: delta = sqrt(acc_delta + eps) / sqrt(square_avg + eps) * g,
+ * two square roots (not one of the quotient) so the rounding matches. */
+FB_ALWAYS_INLINE void FB_TYPED(adadelta_loop)(FB_REAL *restrict param, const FB_REAL *restrict grad,
+                                              FB_REAL *restrict square_avg, FB_REAL *restrict acc_delta,
+                                              fb_index n, FB_REAL sign, FB_REAL lr, FB_REAL weight_decay,
+                                              FB_REAL rho, FB_REAL one_minus_rho, FB_REAL eps,
+                                              const int has_weight_decay)
+{
+#pragma omp simd
+    for (fb_index i = 0; i < n; ++i) {
+        FB_REAL g = sign * grad[i];
+        if (has_weight_decay)
+            g = g + weight_decay * param[i];
+        const FB_REAL sq = rho * square_avg[i] + one_minus_rho * (g * g);
+        square_avg[i] = sq;
+        const FB_REAL delta = FB_SQRT(acc_delta[i] + eps) / FB_SQRT(sq + eps) * g;
+        acc_delta[i] = rho * acc_delta[i] + one_minus_rho * (delta * delta);
+        param[i] = param[i] - lr * delta;
+    }
+}
+
+static void FB_TYPED(adadelta_chunk)(const optim_call *call, fb_index t, fb_index chunk,
+                                     fb_index begin, fb_index end)
+{
+    const FB_TYPED(optim_view) v = FB_TYPED(optim_view_of)(call, t, begin, end);
+    const double *s = call->scalars;
+    (void)chunk;
+#define FB_ADADELTA(wd) FB_TYPED(adadelta_loop)(v.param, v.grad, v.state[0], v.state[1], v.n, v.sign,   \
+                                                (FB_REAL)s[0], (FB_REAL)s[1], (FB_REAL)s[2],           \
+                                                (FB_REAL)s[3], (FB_REAL)s[4], wd)
+    FB_SELECT1(FB_ADADELTA, (call->flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0);
+#undef FB_ADADELTA
+}
+
+/* section: Adamax ------------------------------------------------------------------- */
+
+FB_ALWAYS_INLINE void FB_TYPED(adamax_loop)(FB_REAL *restrict param, const FB_REAL *restrict grad,
+                                            FB_REAL *restrict exp_avg, FB_REAL *restrict exp_inf,
+                                            fb_index n, FB_REAL sign, FB_REAL weight_decay,
+                                            FB_REAL beta1, FB_REAL one_minus_beta1, FB_REAL beta2,
+                                            FB_REAL eps, FB_REAL clr, const int has_weight_decay)
+{
+#pragma omp simd
+    for (fb_index i = 0; i < n; ++i) {
+        FB_REAL g = sign * grad[i];
+        if (has_weight_decay)
+            g = g + weight_decay * param[i];
+        const FB_REAL m = beta1 * exp_avg[i] + one_minus_beta1 * g;
+        exp_avg[i] = m;
+        const FB_REAL decayed = beta2 * exp_inf[i];
+        const FB_REAL magnitude = FB_FABS(g) + eps;
+        /* torch.maximum: a nan on either side gives nan */
+        const FB_REAL u = (decayed > magnitude || decayed != decayed) ? decayed : magnitude;
+        exp_inf[i] = u;
+        param[i] = param[i] - clr * (m / u);
+    }
+}
+
+static void FB_TYPED(adamax_chunk)(const optim_call *call, fb_index t, fb_index chunk,
+                                   fb_index begin, fb_index end)
+{
+    const FB_TYPED(optim_view) v = FB_TYPED(optim_view_of)(call, t, begin, end);
+    const double *s = call->scalars;
+    (void)chunk;
+#define FB_ADAMAX(wd) FB_TYPED(adamax_loop)(v.param, v.grad, v.state[0], v.state[1], v.n, v.sign,        \
+                                            (FB_REAL)s[0], (FB_REAL)s[1], (FB_REAL)s[2], (FB_REAL)s[3], \
+                                            (FB_REAL)s[4], (FB_REAL)v.coefficients[0], wd)
+    FB_SELECT1(FB_ADAMAX, (call->flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0);
+#undef FB_ADAMAX
+}
+
+/* section: weight averaging (lerp) ----------------------------------------------------- */
+
+/* average += w (current - average), torch.lerp's two-sided form: below
+ * w = 0.5 from the average, from the current value above it, so w = 1 gives
+ * the current value exactly.  `param` holds the averages, `grad` the current
+ * values (read only). */
+FB_ALWAYS_INLINE void FB_TYPED(lerp_loop)(FB_REAL *restrict average, const FB_REAL *restrict current,
+                                          fb_index n, FB_REAL weight, FB_REAL one_minus_weight,
+                                          const int from_current)
+{
+#pragma omp simd
+    for (fb_index i = 0; i < n; ++i) {
+        const FB_REAL difference = current[i] - average[i];
+        average[i] = from_current ? current[i] - difference * one_minus_weight
+                                  : average[i] + weight * difference;
+    }
+}
+
+static void FB_TYPED(lerp_chunk)(const optim_call *call, fb_index t, fb_index chunk,
+                                 fb_index begin, fb_index end)
+{
+    const FB_TYPED(optim_view) v = FB_TYPED(optim_view_of)(call, t, begin, end);
+    const double *s = call->scalars;
+    const FB_REAL weight = (FB_REAL)s[0];
+    (void)chunk;
+#define FB_LERP(from_current) FB_TYPED(lerp_loop)(v.param, v.grad, v.n, weight, (FB_REAL)s[1], from_current)
+    FB_SELECT1(FB_LERP, !(FB_FABS(weight) < (FB_REAL)0.5));
+#undef FB_LERP
+}
+
 /* section: gradient norm and scaling ---------------------------------------------- */
 
 /* Squares summed in float64 into 8 interleaved accumulators (lane j takes
@@ -386,6 +594,31 @@ static int FB_TYPED(adagrad_step)(FASTBN_OPTIM_STEP_ARGS)
 static int FB_TYPED(lion_step)(FASTBN_OPTIM_STEP_ARGS)
 {
     return FB_TYPED(optim_step)(batch, scalars, flags, num_threads, FB_TYPED(lion_chunk), 1, 0);
+}
+
+static int FB_TYPED(nadam_step)(FASTBN_OPTIM_STEP_ARGS)
+{
+    return FB_TYPED(optim_step)(batch, scalars, flags, num_threads, FB_TYPED(nadam_chunk), 2, 1);
+}
+
+static int FB_TYPED(radam_step)(FASTBN_OPTIM_STEP_ARGS)
+{
+    return FB_TYPED(optim_step)(batch, scalars, flags, num_threads, FB_TYPED(radam_chunk), 2, 1);
+}
+
+static int FB_TYPED(adadelta_step)(FASTBN_OPTIM_STEP_ARGS)
+{
+    return FB_TYPED(optim_step)(batch, scalars, flags, num_threads, FB_TYPED(adadelta_chunk), 2, 0);
+}
+
+static int FB_TYPED(adamax_step)(FASTBN_OPTIM_STEP_ARGS)
+{
+    return FB_TYPED(optim_step)(batch, scalars, flags, num_threads, FB_TYPED(adamax_chunk), 2, 1);
+}
+
+static int FB_TYPED(lerp_step)(FASTBN_OPTIM_STEP_ARGS)
+{
+    return FB_TYPED(optim_step)(batch, scalars, flags, num_threads, FB_TYPED(lerp_chunk), 0, 0);
 }
 
 static int FB_TYPED(sumsq)(FASTBN_OPTIM_SUMSQ_ARGS)

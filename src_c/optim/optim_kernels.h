@@ -1,5 +1,6 @@
 /* optim_kernels.h -- the optimizer kernel family: fused multi-tensor updates
- * (SGD, Momentum, RMSprop, Adam/AdamW, Adagrad, Lion) and the gradient-norm
+ * (SGD, Momentum, RMSprop, Adam/AdamW, Adagrad, Lion, NAdam, RAdam, Adadelta,
+ * Adamax), the weight-averaging lerp of swa_utils and the gradient-norm
  * pieces of clip_grad_norm_, with one table of function pointers per SIMD
  * target.
  *
@@ -30,6 +31,9 @@
 /* State slots a family uses (see each family's comment below). */
 #define FASTBN_OPTIM_MAX_STATE 3
 
+/* Per-tensor coefficients a family may take (NAdam and RAdam use 3). */
+#define FASTBN_OPTIM_MAX_COEFFICIENTS 4
+
 /* Option bits of `flags` (must equal fastbn/optim/_fused.py). */
 enum fastbn_optim_flag {
     FASTBN_OPTIM_MAXIMIZE = 1 << 0,     /* g = -g first */
@@ -38,7 +42,7 @@ enum fastbn_optim_flag {
     FASTBN_OPTIM_NESTEROV = 1 << 3,     /* SGD */
     FASTBN_OPTIM_CENTERED = 1 << 4,     /* RMSprop */
     FASTBN_OPTIM_AMSGRAD = 1 << 5,      /* Adam */
-    FASTBN_OPTIM_DECOUPLED = 1 << 6,    /* Adam: decoupled weight decay (AdamW) */
+    FASTBN_OPTIM_DECOUPLED = 1 << 6,    /* Adam, NAdam, RAdam: decoupled weight decay */
     /* bfloat16 state kernels: stochastic rounding of the stored state
      * (nearest-even without it).  A high bit, clear of the per-family options. */
     FASTBN_OPTIM_STOCHASTIC_ROUNDING = 1 << 16
@@ -75,6 +79,18 @@ typedef struct fastbn_optim_batch {
  * adagrad   scalars {weight_decay, eps}; coefficients {clr}; state {sum}.
  * lion      scalars {lr, weight_decay, beta1, 1 - beta1, beta2, 1 - beta2};
  *           state {exp_avg}.
+ * nadam     scalars as adam; coefficients {grad weight, exp_avg weight, eps_hat}:
+ *           param -= (cg * g + cm * m) / (sqrt(v) + eps_hat);
+ *           state {exp_avg, exp_avg_sq}.
+ * radam     scalars as adam; coefficients {a, b, adaptive}: adaptive != 0
+ *           param -= a * m / (sqrt(v) + b), else param -= a * m;
+ *           state {exp_avg, exp_avg_sq}.
+ * adadelta  scalars {lr, weight_decay, rho, 1 - rho, eps};
+ *           state {square_avg, acc_delta}.
+ * adamax    scalars {weight_decay, beta1, 1 - beta1, beta2, eps};
+ *           coefficients {lr / (1 - beta1**t)}; state {exp_avg, exp_inf}.
+ * lerp      param[] (the averages) += w * (grad[] (current values) - param[]),
+ *           torch.lerp's form; scalars {w, 1 - w}; no state, flags unused.
  */
 #define FASTBN_OPTIM_STEP_ARGS \
     const fastbn_optim_batch *batch, const double *scalars, int flags, int num_threads
@@ -101,7 +117,12 @@ enum fastbn_optim_family {
     FASTBN_OPTIM_FAMILY_ADAM = 3,
     FASTBN_OPTIM_FAMILY_ADAGRAD = 4,
     FASTBN_OPTIM_FAMILY_LION = 5,
-    FASTBN_OPTIM_N_FAMILIES = 6
+    FASTBN_OPTIM_FAMILY_NADAM = 6,
+    FASTBN_OPTIM_FAMILY_RADAM = 7,
+    FASTBN_OPTIM_FAMILY_ADADELTA = 8,
+    FASTBN_OPTIM_FAMILY_ADAMAX = 9,
+    FASTBN_OPTIM_FAMILY_LERP = 10,
+    FASTBN_OPTIM_N_FAMILIES = 11
 };
 
 typedef struct fastbn_optim_kernels {

@@ -1,0 +1,76 @@
+"""Communicator defaults and the agreement checks every collective entry
+point runs first.
+
+Any object with mpi4py's communicator methods works as ``comm``
+(``Get_rank``, ``Get_size``, ``Allgather``, ``Allgatherv``, ``Allreduce``,
+``Bcast`` and the pickle-based ``allgather``, ``bcast``, ``gather``); None
+means ``mpi4py.MPI.COMM_WORLD``.  mpi4py is imported only when that default is
+needed, so single-process code never requires it.
+
+Why the checks: a collective that ranks enter with different buffer sizes,
+or that one rank skips because it raised locally, hangs or corrupts memory.
+So every entry point first exchanges a small fixed-size description of what
+each rank is about to do; on a mismatch every rank raises the SAME
+ValueError, built from the gathered descriptions.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Sequence
+
+import numpy as np
+
+__all__ = ["resolve_comm", "rank_and_size", "DTYPE_CODES", "dtype_code", "dtype_name",
+           "agree", "raise_on_disagreement"]
+
+#: small integer codes for the dtypes ranks exchange in metadata
+DTYPE_CODES = {np.dtype(np.float32): 1, np.dtype(np.float64): 2, np.dtype(np.int64): 3}
+_DTYPE_NAMES = {code: dtype.name for dtype, code in DTYPE_CODES.items()}
+
+
+def resolve_comm(comm: Any = None) -> Any:
+    """`comm`, or ``mpi4py.MPI.COMM_WORLD`` when None (imported here, lazily)."""
+    if comm is not None:
+        for method in ("Get_rank", "Get_size", "Allgather"):
+            if not callable(getattr(comm, method, None)):
+                raise TypeError(f"comm: expected an mpi4py communicator (with {method}()), "
+                                f"got {type(comm).__name__}")
+        return comm
+    try:
+        from mpi4py import MPI
+    except ImportError as error:
+        raise ImportError("fastbn.distributed needs mpi4py for its default communicator: "
+                          "pip install 'fastbn[mpi]' (mpi4py and an MPI library such as the "
+                          "mpich wheel), or pass comm=") from error
+    return MPI.COMM_WORLD
+
+
+def rank_and_size(comm: Any) -> tuple:
+    return int(comm.Get_rank()), int(comm.Get_size())
+
+
+def dtype_code(dtype: Any) -> int:
+    """The exchange code of a dtype (0 for anything else)."""
+    try:
+        return DTYPE_CODES.get(np.dtype(dtype), 0)
+    except TypeError:
+        return 0
+
+
+def dtype_name(code: float) -> str:
+    return _DTYPE_NAMES.get(int(code), "other")
+
+
+def agree(comm: Any, description: Sequence[float]) -> np.ndarray:
+    """Allgather a fixed-length float64 description of this rank; returns
+    the (size, len) table of every rank's, in rank order."""
+    send = np.asarray(description, dtype=np.float64).ravel()
+    table = np.empty((rank_and_size(comm)[1], send.size), dtype=np.float64)
+    comm.Allgather(send, table)
+    return table
+
+
+def raise_on_disagreement(what: str, rows: List[str], cause: BaseException = None) -> None:
+    """The ValueError every rank raises, with the same message on every rank:
+    `what` went wrong, then one line per rank."""
+    message = what + "\n" + "\n".join(f"  rank {rank}: {row}" for rank, row in enumerate(rows))
+    raise ValueError(message) from cause
