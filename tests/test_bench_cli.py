@@ -72,3 +72,16 @@ def test_time_per_call_reports_per_call_seconds():
 
 def test_stream_bandwidth_probe_is_positive():
     assert stream_bandwidth(1, nbytes=8 << 20, repeats=2) > 0
+
+
+def test_bench_float64_skips_the_bfloat16_state_case(tmp_path):
+    # bfloat16 optimizer state is for float32 parameters only: the float64
+    # run reports the case as skipped instead of failing
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", "--dtype", "float64", "--filter", "optim_adam-bf16state_resnet50",
+                     "--no-torch", "--no-progress", "--threads", "1", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["name"] == "optim_adam-bf16state_resnet50"
+    assert "bfloat16" in case["skipped"] and "float64" in case["skipped"]
+    assert "fastbn" not in case
