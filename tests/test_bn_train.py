@@ -172,16 +172,17 @@ def test_two_values_per_channel_are_enough(shape, axis, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_constant_channel_normalizes_to_bias(dtype):
+def test_constant_channel_normalizes_to_exactly_the_bias(simd_target, dtype):
     x = np.full((4, 2, 3), 7.0, dtype)
     y, mean, invstd = F.batch_norm_forward_train(x, None, np.array([0.5, -1.0], dtype))
+    y_ref = R.batch_norm_forward_train(x, None, np.array([0.5, -1.0], dtype))[0]
+    np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_array_equal(mean, 7.0)
     np.testing.assert_allclose(invstd, 1 / np.sqrt(1e-5), rtol=1e-6)
-    # y = x * scale + shift with shift = bias - mean * scale rounded to the
-    # dtype: the error is about |mean * scale| * eps(dtype)
-    bound = 2 * 7.0 * (1 / np.sqrt(1e-5)) * np.finfo(dtype).eps
-    np.testing.assert_allclose(y[:, 0], 0.5, rtol=0, atol=bound)
-    np.testing.assert_allclose(y[:, 1], -1.0, rtol=0, atol=bound)
+    # y = (x - mean) * scale + bias: the mean is subtracted (not folded into
+    # the shift), so x - mean is exactly 0 and y is exactly the bias
+    np.testing.assert_array_equal(y[:, 0], 0.5)
+    np.testing.assert_array_equal(y[:, 1], -1.0)
 
 
 def test_nan_in_a_channel_stays_in_that_channel():

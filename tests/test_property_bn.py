@@ -97,8 +97,9 @@ def bn_problems(draw, *, allow_special=True):
 
 def assert_matches_reference(fast, reference, problem):
     """NaN and inf exactly where the reference has them; finite values within
-    a few ulps of the magnitudes involved (the fast path folds the affine map
-    into y = x * a + b, whose rounding differs from (x - m) / s * w + b)."""
+    a few ulps of the magnitudes involved (the fast path computes
+    (x - m) * a + b with a = w / sqrt(v + eps) rounded to the dtype, whose
+    rounding differs from the reference's (x - m) / s * w + b)."""
     dtype = problem["dtype"]
     assert fast.dtype == reference.dtype == np.dtype(dtype)
     assert fast.shape == reference.shape

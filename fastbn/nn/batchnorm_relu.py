@@ -6,7 +6,7 @@ parameters, buffers and state_dict keys as the BatchNorm layer, in one pass:
 the forward applies the ReLU in the normalization's store, and the backward
 recomputes the ReLU mask from the saved input instead of keeping the output.
 It saves a full read and write of the activation in each direction (see
-benchmarks/bench_bn_relu.py).
+the ``bn_relu_*`` against ``bn_then_relu_*`` cases of ``fastbn bench``).
 
 A state_dict of ``Sequential(BatchNorm2d, ReLU)`` loads into it after
 dropping the ReLU's index; `fastbn.nn.fold_batchnorm` folds a
