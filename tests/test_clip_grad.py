@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn.optim import _fused, clip_grad_norm_
+from fastbn.optim import clip_grad_norm_
 from fastbn.parameter import Parameter
 
 BACKENDS = ["fast", "reference"]

@@ -6,7 +6,6 @@ import pytest
 
 import fastbn
 from fastbn import nn
-from fastbn import reference as R
 
 from conftest import assert_close
 

@@ -9,7 +9,6 @@ the path, and a KeyboardInterrupt at every trace event of fastbn's code.
 """
 from __future__ import annotations
 
-import copy
 import importlib
 
 import numpy as np

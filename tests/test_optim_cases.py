@@ -4,10 +4,9 @@ loop with changing gradients and hyperparameters, and comparison helpers.
 table itself.)"""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
-import pytest
 
 import fastbn
 from fastbn import optim

@@ -10,7 +10,7 @@ from fastbn import optim
 from fastbn.optim import _fused
 
 from test_optim_cases import (CASES, DTYPES, SHAPES, assert_snapshots_close, assert_snapshots_equal,
-                              make_optimizer, make_params, run_case, set_grads, snapshot, train)
+                              make_params, run_case, snapshot, train)
 
 # Large enough (> 2 x 32768 elements) that the kernels really use two threads,
 # with tensors smaller than, equal to and larger than one 4096-element chunk.

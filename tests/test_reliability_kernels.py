@@ -13,7 +13,7 @@ fast and the reference backend, and agrees with the reference.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, NamedTuple, Tuple
+from typing import Callable, Dict, List, NamedTuple
 
 import numpy as np
 import pytest

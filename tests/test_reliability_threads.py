@@ -12,8 +12,7 @@ import pytest
 import fastbn
 from fastbn import functional as F
 
-from test_reliability_kernels import (CASE_IDS, KERNEL_CASES, THREADED_SIZE, assert_identical,
-                                      run_case)
+from test_reliability_kernels import KERNEL_CASES, THREADED_SIZE, assert_identical, run_case
 
 WORKERS = 4
 

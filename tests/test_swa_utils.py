@@ -11,7 +11,6 @@ import fastbn
 from fastbn import nn, optim
 from fastbn.optim import swa_utils
 from fastbn.parameter import Parameter
-from fastbn.reference import optim as reference
 
 torch = pytest.importorskip("torch")
 

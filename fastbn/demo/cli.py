@@ -7,7 +7,7 @@ import contextlib
 import os
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import numpy as np
 

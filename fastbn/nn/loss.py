@@ -14,7 +14,7 @@ NumPy scalar of that dtype (``float(loss)`` for a Python number).
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 

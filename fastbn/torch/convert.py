@@ -1,7 +1,6 @@
 """`convert`: switch a torch model's BatchNorm layers to fastbn's, in place."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .batchnorm import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormReLU1d,
