@@ -39,6 +39,17 @@ def num_threads(request):
 
 
 @pytest.fixture
+def restore_config():
+    """Yields the thread count at the start; restores it and the SIMD target.
+    (Restored explicitly: set_num_threads(None) does not undo an earlier
+    set_num_threads(1) in the OpenMP runtime.)"""
+    target, threads = fastbn.get_simd_target(), fastbn.get_num_threads()
+    yield threads
+    fastbn.set_simd_target(target)
+    fastbn.set_num_threads(threads)
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(12345)
 

@@ -25,14 +25,6 @@ def params_with_grads(dtype=np.float32, shapes=SHAPES, scale=1.0, seed=0):
     return params
 
 
-@pytest.fixture
-def restore_config():
-    target, threads = fastbn.get_simd_target(), fastbn.get_num_threads()
-    yield threads
-    fastbn.set_simd_target(target)
-    fastbn.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_norm_is_the_float64_l2_norm_of_all_gradients(dtype, backend):

@@ -33,14 +33,6 @@ CASES = {
 }
 
 
-@pytest.fixture
-def restore_config():
-    target, threads = fastbn.get_simd_target(), fastbn.get_num_threads()
-    yield threads
-    fastbn.set_simd_target(target)
-    fastbn.set_num_threads(threads)
-
-
 def bits(array):
     return np.ascontiguousarray(array).view(np.uint16).astype(np.int64)
 

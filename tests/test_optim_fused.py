@@ -18,17 +18,6 @@ THREADED_SHAPES = ((1,), (7,), (4096,), (4097,), (70001,), (300, 301), (64,), (1
 MANY_SMALL_SHAPES = tuple((37 + (i % 5),) for i in range(1000))
 
 
-@pytest.fixture
-def restore_config():
-    """Yields the thread count at the start; restores it and the SIMD target.
-    (Restored explicitly: set_num_threads(None) does not undo an earlier
-    set_num_threads(1) in the OpenMP runtime.)"""
-    target, threads = fastbn.get_simd_target(), fastbn.get_num_threads()
-    yield threads
-    fastbn.set_simd_target(target)
-    fastbn.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_step_matches_reference_for_params_and_every_state_buffer(case, dtype):

@@ -143,14 +143,6 @@ def lerp_case(dtype, weight, backend):
     return averages
 
 
-@pytest.fixture
-def restore_config():
-    target, threads = fastbn.get_simd_target(), fastbn.get_num_threads()
-    yield threads
-    fastbn.set_simd_target(target)
-    fastbn.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("target", fastbn.available_simd_targets())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weight", [0.001, 1 / 3, 0.5, 0.9, 1.0])
