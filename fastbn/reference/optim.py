@@ -107,6 +107,27 @@ def rmsprop_update(param: np.ndarray, grad: np.ndarray, square_avg: np.ndarray,
 
 # section: Adam and AdamW -----------------------------------------------------
 
+def _decayed_grad(param: np.ndarray, grad: np.ndarray, lr: float, weight_decay: float,
+                  decoupled_weight_decay: bool, maximize: bool) -> np.ndarray:
+    """The gradient of the Adam family after weight decay: L2 adds
+    weight_decay * param to it; decoupled (AdamW) decay scales param by
+    1 - lr * weight_decay in place instead."""
+    g = _signed(grad, maximize)
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            param *= 1 - lr * weight_decay
+        else:
+            g = g + weight_decay * param
+    return g
+
+
+def _adam_moments(exp_avg: np.ndarray, exp_avg_sq: np.ndarray, g: np.ndarray,
+                  beta1: float, beta2: float) -> None:
+    """m = beta1 * m + (1 - beta1) * g; v = beta2 * v + (1 - beta2) * g**2, in place."""
+    np.add(beta1 * exp_avg, (1 - beta1) * g, out=exp_avg)
+    np.add(beta2 * exp_avg_sq, (1 - beta2) * (g * g), out=exp_avg_sq)
+
+
 def adam_update(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray,
                 max_exp_avg_sq: Optional[np.ndarray], *, step: int, lr: float, beta1: float,
                 beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
@@ -120,14 +141,8 @@ def adam_update(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_av
     param -= (lr / (1 - beta1**t)) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps),
     or without bias correction param -= lr * m / (sqrt(v) + eps).
     """
-    g = _signed(grad, maximize)
-    if weight_decay != 0:
-        if decoupled_weight_decay:
-            param *= 1 - lr * weight_decay
-        else:
-            g = g + weight_decay * param
-    np.add(beta1 * exp_avg, (1 - beta1) * g, out=exp_avg)
-    np.add(beta2 * exp_avg_sq, (1 - beta2) * (g * g), out=exp_avg_sq)
+    g = _decayed_grad(param, grad, lr, weight_decay, decoupled_weight_decay, maximize)
+    _adam_moments(exp_avg, exp_avg_sq, g, beta1, beta2)
     second_moment = exp_avg_sq
     if amsgrad:
         np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
@@ -192,17 +207,11 @@ def nadam_update(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_a
     param -= lr (1 - mu_t) / (1 - mu_product) * g / denom
            + lr mu_{t+1} / (1 - mu_product * mu_{t+1}) * m / denom.
     """
-    g = _signed(grad, maximize)
-    if weight_decay != 0:
-        if decoupled_weight_decay:
-            param *= 1 - lr * weight_decay
-        else:
-            g = g + weight_decay * param
+    g = _decayed_grad(param, grad, lr, weight_decay, decoupled_weight_decay, maximize)
     mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
     mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
     mu_product = mu_product * mu
-    np.add(beta1 * exp_avg, (1 - beta1) * g, out=exp_avg)
-    np.add(beta2 * exp_avg_sq, (1 - beta2) * (g * g), out=exp_avg_sq)
+    _adam_moments(exp_avg, exp_avg_sq, g, beta1, beta2)
     denom = np.sqrt(exp_avg_sq / (1 - beta2 ** step)) + eps
     param -= (lr * (1 - mu) / (1 - mu_product)) * g / denom
     param -= (lr * mu_next / (1 - mu_product * mu_next)) * exp_avg / denom
@@ -232,14 +241,8 @@ def radam_update(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_a
     `radam_rectification`: param -= lr * m_hat * r_t * sqrt(1 - beta2**t) /
     (sqrt(v) + eps), or param -= lr * m_hat while rho_t <= 5.
     """
-    g = _signed(grad, maximize)
-    if weight_decay != 0:
-        if decoupled_weight_decay:
-            param *= 1 - lr * weight_decay
-        else:
-            g = g + weight_decay * param
-    np.add(beta1 * exp_avg, (1 - beta1) * g, out=exp_avg)
-    np.add(beta2 * exp_avg_sq, (1 - beta2) * (g * g), out=exp_avg_sq)
+    g = _decayed_grad(param, grad, lr, weight_decay, decoupled_weight_decay, maximize)
+    _adam_moments(exp_avg, exp_avg_sq, g, beta1, beta2)
     corrected = exp_avg / (1 - beta1 ** step)
     rectification = radam_rectification(step, beta2)
     if rectification is None:
