@@ -92,7 +92,7 @@ from collections import Counter
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 from .. import schedules
-from .._validation import check_int, check_positive, check_range, describe
+from .._validation import check_int, check_range, describe
 
 __all__ = [
     "LRScheduler", "LambdaLR", "MultiplicativeLR", "StepLR", "MultiStepLR", "ConstantLR",
@@ -133,17 +133,12 @@ def _group_lrs(optimizer, key: str = "lr") -> List[float]:
             for index, group in enumerate(optimizer.param_groups)]
 
 
-def _as_lr(value, name: str) -> float:
-    """A learning rate or momentum: a finite real, or a one-element array or tensor."""
-    return schedules.as_real(value, name)
-
-
-def _nonnegative(value, name: str) -> float:
-    return check_positive(_as_lr(value, name), name, strict=False)
-
-
-def _positive(value, name: str) -> float:
-    return check_positive(_as_lr(value, name), name)
+# A learning rate, momentum or factor: a finite real, or a one-element array
+# or tensor. The schedules' own checks, so a scheduler accepts exactly the
+# values its curve in fastbn.schedules accepts.
+_as_lr = schedules.as_real
+_nonnegative = schedules._nonnegative
+_positive = schedules._positive
 
 
 def _per_group(name: str, optimizer, value, *, check=_as_lr) -> list:
