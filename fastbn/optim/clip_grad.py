@@ -7,7 +7,7 @@ from typing import Iterable, List, Union
 import numpy as np
 
 from .._backend import current_kernels
-from .._validation import check_positive, check_real, describe
+from .._validation import check_real, describe
 from ..parameter import Parameter
 
 __all__ = ["clip_grad_norm_"]
