@@ -13,8 +13,17 @@ kernel-ready, so a caller may try it first and run the validators only then
 (the layers do: one bridge call per warm forward or backward).  The
 split-phase methods (stats, merge_stats, apply, backward_reduce,
 backward_apply) are called only with validated arguments and have no such
-test.  A new kernel
-family (an optimizer's step, ...) is more methods on both classes.
+test.
+
+The optimizer family is four more methods (fastbn/optim/_fused.py and
+fastbn/reference/_optim_kernels.py): `optim_plan(optimizer)`, a plan object
+with the compiled StepPlan's protocol (scan_group, add_tensor,
+coefficient_keys, set_coefficients, set_scalar_values, commit_and_run),
+which the optimizers fill after their shared validation and allocation
+phases; `grad_norm(grads, inf_norm)`, `scale_grads(grads, factor)` and
+`lerp_(averages, currents, weight)` for clip_grad_norm_ and the weight
+averaging.  The fast ones are looked up in fastbn.optim on first use
+(fastbn.optim imports this module, so it cannot be imported here).
 
 The choice lives in a ContextVar, so `use_backend` in one thread (or asyncio
 task) does not change what another thread runs.
@@ -23,11 +32,28 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator
+import importlib
+from typing import Any, Iterator
 
 from . import _bn
 
 BACKENDS = ("fast", "reference")
+
+
+class _Deferred:
+    """A kernel method found in `module` on first use, then bound on the
+    class as a staticmethod (later calls go straight to it, no frame)."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __set_name__(self, owner: type, attribute: str) -> None:
+        self.attribute = attribute
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        function = getattr(importlib.import_module(self.module), self.name)
+        setattr(owner, self.attribute, staticmethod(function))
+        return function
 
 
 class FastKernels:
@@ -43,6 +69,10 @@ class FastKernels:
     apply = staticmethod(_bn.apply)
     backward_reduce = staticmethod(_bn.backward_reduce)
     backward_apply = staticmethod(_bn.backward_apply)
+    optim_plan = _Deferred("fastbn.optim._fused", "step_plan")
+    grad_norm = _Deferred("fastbn.optim._optim", "grad_norm")
+    scale_grads = _Deferred("fastbn.optim._optim", "scale_grads")
+    lerp_ = _Deferred("fastbn.optim._optim", "lerp_")
 
 
 FAST = FastKernels()
@@ -96,7 +126,3 @@ def use_backend(name: str) -> Iterator[str]:
     finally:
         _current.reset(token)
 
-
-def is_reference() -> bool:
-    """True under ``use_backend("reference")``."""
-    return _current.get().name == "reference"

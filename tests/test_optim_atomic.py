@@ -26,6 +26,7 @@ from fastbn.optim import _optim
 from fastbn.optim._checks import check_disjoint_params
 from fastbn.optim.optimizer import Optimizer
 from fastbn.parameter import Parameter
+from fastbn.reference import _optim_kernels as reference_optim_kernels
 
 BACKENDS = ["fast", "reference"]
 
@@ -51,6 +52,7 @@ DTYPES = [np.float32, np.float32, np.float64, np.float32, np.float32]
 WARM_UP = (1, 2, 4)
 
 OPTIM_DIR = os.path.dirname(inspect.getfile(optim.Optimizer))
+TRACED = (OPTIM_DIR, inspect.getfile(reference_optim_kernels))
 
 
 # section: setup and snapshots ------------------------------------------------
@@ -290,13 +292,13 @@ def test_memory_error_at_any_state_allocation_changes_nothing(case, backend, mon
 
 class _InterruptAtLine:
     """A sys.settrace hook raising KeyboardInterrupt at the k-th line event
-    in fastbn/optim; records where it fired."""
+    in fastbn/optim or the reference optimizer kernels; records where it fired."""
 
     def __init__(self, k: int) -> None:
         self.k, self.count, self.fired_at = k, 0, None
 
     def __call__(self, frame, event, arg):
-        if not frame.f_code.co_filename.startswith(OPTIM_DIR):
+        if not frame.f_code.co_filename.startswith(TRACED):
             return None
         return self._local
 
@@ -314,15 +316,15 @@ class _InterruptAtLine:
 
 
 # Functions the reference backend's phase 3 calls (after its first write).
-PHASE3_HELPERS = {"_reference_update", "_attachments", "fresh"}
+PHASE3_HELPERS = {"_reference_update", "_reference_tensor_update", "_attachments", "fresh"}
 
 
 def _reference_phase3_first_line() -> int:
-    lines, first = inspect.getsourcelines(Optimizer._reference_step)
+    lines, first = inspect.getsourcelines(Optimizer._planned_step)
     for offset, line in enumerate(lines):
         if "# Phase 3" in line:
             return first + offset
-    raise AssertionError("Optimizer._reference_step has no '# Phase 3' marker")
+    raise AssertionError("Optimizer._planned_step has no '# Phase 3' marker")
 
 
 def _interrupted_step(case: str, backend: str, k: int):
@@ -362,7 +364,7 @@ def test_keyboard_interrupt_at_any_line_leaves_the_step_unapplied_or_complete(ca
             # The documented window of the reference backend only: its
             # parameter-by-parameter update loop (after phase 3 began).
             assert backend == "reference", f"partial step after an interrupt at {fired_at}"
-            assert any((name == "_reference_step" and line >= phase3) or name in PHASE3_HELPERS
+            assert any((name == "_planned_step" and line >= phase3) or name in PHASE3_HELPERS
                        for name, line in fired_at), fired_at
             outcomes["reference_update_loop"] += 1
         assert k < 5000
@@ -481,7 +483,7 @@ def test_a_set_of_parameters_is_refused_because_its_order_is_not_reproducible(co
         optim.SGD([{"params": params}], lr=0.1)
 
 
-# What Optimizer._fused_step itself calls in Python; a call back from the
+# What Optimizer._planned_step itself calls in Python; a call back from the
 # compiled bridge would show up as another function called from that frame.
 FUSED_STEP_CALLEES = {"_state_slots", "_kernel_arguments", "_validated_update", "_allocate_missing",
                       "_attachments", "fresh", "<genexpr>", "<listcomp>"}
@@ -494,7 +496,7 @@ def test_the_compiled_bridge_calls_no_python_function_during_a_step():
     callees = []
 
     def profiler(frame, event, arg):
-        if event == "call" and frame.f_back is not None and frame.f_back.f_code.co_name == "_fused_step":
+        if event == "call" and frame.f_back is not None and frame.f_back.f_code.co_name == "_planned_step":
             callees.append(frame.f_code.co_name)
 
     sys.setprofile(profiler)

@@ -35,3 +35,10 @@ def common_flags(group: Dict[str, Any]) -> int:
     if group.get("weight_decay", 0) != 0:
         flags |= FLAG_WEIGHT_DECAY
     return flags
+
+
+def step_plan(optimizer: Any) -> "_optim.StepPlan":
+    """The fast kernels' `optim_plan`: an empty compiled StepPlan for one
+    step of `optimizer` (fastbn._backend.FastKernels binds it)."""
+    return _optim.StepPlan(optimizer.state, optimizer._counts_steps,
+                           scalar_key=optimizer._scalar_state)

@@ -6,11 +6,9 @@ from typing import Iterable, List, Union
 
 import numpy as np
 
-from .. import _backend
-from .._validation import check_positive, check_real, describe
+from .._backend import current_kernels
+from .._validation import check_real, describe
 from ..parameter import Parameter
-from ..reference import optim as reference
-from . import _fused
 
 __all__ = ["clip_grad_norm_"]
 
@@ -48,21 +46,14 @@ def clip_grad_norm_(parameters: Union[Parameter, Iterable[Parameter]], max_norm:
     if norm_type != 2.0 and not math.isinf(norm_type):
         raise ValueError(f"norm_type: expected 2.0 or inf, got {norm_type!r}")
     grads = _collect_grads(parameters)
-    if _backend.is_reference():
-        norm = reference.grad_norm(grads, norm_type)
-    else:
-        norm = _fused._optim.grad_norm(grads, math.isinf(norm_type))
+    kernels = current_kernels()
+    norm = kernels.grad_norm(grads, math.isinf(norm_type))
     if error_if_nonfinite and not math.isfinite(norm):
         raise RuntimeError(f"clip_grad_norm_: the total norm of order {norm_type} of the gradients "
                            f"is non-finite ({norm}), so it cannot be clipped")
     coef = max_norm / (norm + 1e-6)
     if coef < 1:
-        if _backend.is_reference():
-            with np.errstate(invalid="ignore"):  # inf * 0 -> nan, as the kernel gives
-                for grad in grads:
-                    grad *= coef
-        else:
-            _fused._optim.scale_grads(grads, coef)
+        kernels.scale_grads(grads, coef)
     return norm
 
 

@@ -15,10 +15,12 @@ A step runs in three phases over every group: validate (hyperparameters,
 memory overlap, data, gradients, existing state), allocate the state that is
 missing (held aside, not yet in `state`), then commit (attach that state,
 count the step, update).  The first two write nothing, so any error they
-raise leaves the optimizer and every parameter as they were.  On the fast
-backend the commit is a single call into the compiled bridge that runs all
-groups' kernels back to back (one call per group and dtype); on the
-reference backend it updates one parameter at a time in NumPy.
+raise leaves the optimizer and every parameter as they were.  Both
+backends run these phases in one routine that fills a plan from the current
+kernels object (fastbn._backend, `optim_plan`).  On the fast backend the
+commit is a single call into the compiled bridge that runs all groups'
+kernels back to back (one call per group and dtype); the reference plan
+updates one parameter at a time in NumPy.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from .. import _backend
+from .._backend import current_kernels
 from .._validation import check_positive, check_range, check_real, describe
 from ..parameter import Parameter
 from . import _bf16
@@ -264,10 +266,7 @@ class Optimizer:
         if not isinstance(self.state, dict):
             raise TypeError(f"optimizer state: expected a dict, got {describe(self.state)}")
         self._check_disjoint(groups)
-        if _backend.is_reference():
-            self._reference_step(groups)
-        else:
-            self._fused_step(groups)
+        self._planned_step(groups, current_kernels().optim_plan(self))
         return loss
 
     def _check_disjoint(self, groups: List[Dict[str, Any]]) -> None:
@@ -279,8 +278,10 @@ class Optimizer:
         check_disjoint_params(groups)
         self._disjoint_data = [[param.data for param in group["params"]] for group in groups]
 
-    def _fused_step(self, groups: List[Dict[str, Any]]) -> None:
-        plan = _optim.StepPlan(self.state, self._counts_steps, scalar_key=self._scalar_state)
+    def _planned_step(self, groups: List[Dict[str, Any]], plan: Any) -> None:
+        """Phases 1 to 3 on either backend: `plan` is the current kernels
+        object's (the compiled StepPlan, or its NumPy twin, which takes no
+        parameter as ready and updates in phase 3 one parameter at a time)."""
         group_slots, group_coefficients, updates = [], [], []
         # Phase 1: the bridge takes every parameter that is ready as it is,
         # and the checks below handle the rest (first step, copies, errors).
@@ -330,32 +331,15 @@ class Optimizer:
         # Phase 3.
         plan.commit_and_run()
 
-    def _reference_step(self, groups: List[Dict[str, Any]]) -> None:
-        # Phase 1.
-        updates = []
-        for index, group in enumerate(groups):
-            slots = self._state_slots(group)
-            for position, param in enumerate(group["params"]):
-                if param.grad is not None:
-                    updates.append(self._validated_update(index, position, param, slots))
-        # Phase 2.
-        self._allocate_missing(updates, groups)
-        # Phase 3.
-        for update in updates:
-            step_owner, insertions = self._attachments(update)
-            for mapping, key, value in insertions:
-                mapping[key] = value
-            if step_owner is not None:
-                step_owner["step"] = update.new_step
-        for update in updates:
-            group = groups[update.group_index]
-            if self._state_dtype is None:
-                self._reference_update(update.data, update.grad, self.state[update.param], group,
-                                       update.fresh)
-            else:
-                _bf16.reference_update(self._reference_update, update.data, update.grad,
-                                       self.state[update.param], group, update.fresh,
-                                       self._state_slots(group), update.position)
+    def _reference_tensor_update(self, data: np.ndarray, grad: np.ndarray, entry: Dict[str, Any],
+                                 group: Dict[str, Any], fresh: bool, position: int) -> None:
+        """The reference kernels' update of one parameter (state attached and
+        step counted): `_reference_update`, on float32 copies of bfloat16 state."""
+        if self._state_dtype is None:
+            self._reference_update(data, grad, entry, group, fresh)
+        else:
+            _bf16.reference_update(self._reference_update, data, grad, entry, group, fresh,
+                                   self._state_slots(group), position)
 
     def _validated_update(self, group_index: int, position: int, param: Parameter,
                           slots: Tuple[Optional[str], ...]) -> _Update:

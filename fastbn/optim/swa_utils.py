@@ -24,12 +24,10 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .. import _backend
+from .._backend import current_kernels
 from .._validation import FLOAT_DTYPES, check_int, check_range, describe
 from ..nn.batchnorm import _BatchNorm
 from ..nn.module import Module
-from ..reference import optim as reference
-from ._fused import _optim
 from .lr_scheduler import LRScheduler, _as_lr, _per_group, _warn_get_lr_called_outside_step
 
 __all__ = ["AveragedModel", "SWALR", "get_ema_multi_avg_fn", "get_swa_multi_avg_fn", "update_bn"]
@@ -41,7 +39,8 @@ MultiAvgFn = Callable[[List[np.ndarray], List[np.ndarray], int], None]
 
 def _lerp(averages: Sequence[np.ndarray], currents: Sequence[np.ndarray], weight: float) -> None:
     """averages[i] += weight * (currents[i] - averages[i]) in place, all pairs
-    in one kernel call per dtype (or through the NumPy reference backend)."""
+    in one call of the current kernels object (one kernel call per dtype on
+    the fast backend)."""
     averages, currents = list(averages), list(currents)
     if len(averages) != len(currents):
         raise ValueError(f"current_param_list: expected {len(averages)} arrays (one per "
@@ -62,10 +61,7 @@ def _lerp(averages: Sequence[np.ndarray], currents: Sequence[np.ndarray], weight
             raise ValueError(f"averaged_param_list[{index}]: expected a writeable, aligned, "
                              "C-contiguous array (updated in place)")
         ready.append(np.require(current, requirements=["C", "A"]))
-    if _backend.is_reference():
-        reference.lerp_(averages, ready, weight)
-    else:
-        _optim.lerp_(averages, ready, float(weight))
+    current_kernels().lerp_(averages, ready, float(weight))
 
 
 def get_ema_multi_avg_fn(decay: float = 0.999) -> MultiAvgFn:

@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 
 from .._bn_validation import is_counter, is_kernel_input, is_kernel_vector
+from . import _optim_kernels
 
 _REDUCE = (0, 2)   # every axis of (outer, channels, inner) but the channels
 
@@ -300,6 +301,10 @@ class ReferenceKernels:
     apply = staticmethod(apply)
     backward_reduce = staticmethod(backward_reduce)
     backward_apply = staticmethod(backward_apply)
+    optim_plan = staticmethod(_optim_kernels.optim_plan)
+    grad_norm = staticmethod(_optim_kernels.grad_norm)
+    scale_grads = staticmethod(_optim_kernels.scale_grads)
+    lerp_ = staticmethod(_optim_kernels.lerp_)
 
 
 REFERENCE = ReferenceKernels()
