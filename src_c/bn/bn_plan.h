@@ -66,6 +66,12 @@
  * the rewrite reads from L2 (lines that spill still sit in the L3). */
 #define FB_BN_BLOCK_BYTES_PER_THREAD ((fb_index)384 * 1024)
 
+/* Channels-last rewrites walk a work item as one flat span whose channel
+ * index wraps (bn_span_wrap); their per-channel coefficient arrays carry this
+ * many extra entries repeating the first ones, so one vector of coefficients
+ * (at most 64 bytes = 16 float32) starting at any channel is one load. */
+#define FB_BN_WRAP_PAD ((fb_index)16)
+
 typedef struct fb_bn_plan {
     fb_index outer, channels, inner;
     fb_index n;              /* values per channel */
