@@ -271,13 +271,13 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, const FB_TYPED(bn
  * input (or the saved mean), so x - center is exact when x is near it, and a
  * sum of four values adds at most ~2 ulp of relative error before the float64
  * accumulation takes over. */
-static void FB_TYPED(bn_reduce_interleaved)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass,
-                                            fb_index item)
+/* Row chunk k of channels [c0, c0 + width): the partials of one channel
+ * depend only on k and the channel, not on c0 or width, so any split of the
+ * channels into pieces gives the same sums. */
+static void FB_TYPED(bn_reduce_rows)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass,
+                                     fb_index k, fb_index c0, fb_index width)
 {
     const fb_index C = plan->channels;
-    const fb_index k = item / plan->groups, j = item - k * plan->groups;
-    const fb_index c0 = j * plan->group_width;
-    const fb_index width = fb_min_index(C, c0 + plan->group_width) - c0;
     const fb_index r1 = fb_min_index(plan->outer, (k + 1) * plan->chunk);
     double *restrict s1 = pass->sum1 + k * C + c0;
     double *restrict s2 = pass->sum2 + k * C + c0;
@@ -340,6 +340,16 @@ static void FB_TYPED(bn_reduce_interleaved)(const fb_bn_plan *plan, FB_TYPED(bn_
     }
 }
 
+/* Work item k * groups + j of an interleaved plan. */
+static void FB_TYPED(bn_reduce_interleaved)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass,
+                                            fb_index item)
+{
+    const fb_index k = item / plan->groups, j = item - k * plan->groups;
+    const fb_index c0 = j * plan->group_width;
+    FB_TYPED(bn_reduce_rows)(plan, pass, k, c0,
+                             fb_min_index(plan->channels, c0 + plan->group_width) - c0);
+}
+
 /* ---- per-channel coefficients ---------------------------------------------- */
 
 /* Coefficients of channel c (sums s1, s2) into coef; with `owner`, also the
@@ -370,16 +380,17 @@ static void FB_TYPED(bn_channel_sums)(const fb_bn_plan *plan, const FB_TYPED(bn_
  * channels: every read in the same L1 set) through a chain of dependent
  * additions; that took 40 % of a (256, 512) training forward. */
 static void FB_TYPED(bn_interleaved_totals)(const fb_bn_plan *plan,
-                                            const FB_TYPED(bn_pass) *pass,
-                                            double *restrict total1, double *restrict total2)
+                                            const FB_TYPED(bn_pass) *pass, fb_index first,
+                                            fb_index last, double *restrict total1,
+                                            double *restrict total2)
 {
     const fb_index C = plan->channels;
-    for (fb_index c = 0; c < C; ++c)
+    for (fb_index c = first; c < last; ++c)
         total1[c] = total2[c] = 0.0;
     for (fb_index k = 0; k < plan->chunks; ++k) {
         const double *restrict p1 = pass->sum1 + k * C, *restrict p2 = pass->sum2 + k * C;
 #pragma omp simd
-        for (fb_index c = 0; c < C; ++c) {
+        for (fb_index c = first; c < last; ++c) {
             total1[c] += p1[c];
             total2[c] += p2[c];
         }
@@ -525,6 +536,10 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
 
 /* ---- rewrite one work item ------------------------------------------------- */
 
+static void FB_TYPED(bn_apply_rows)(const fb_bn_plan *plan, const FB_TYPED(bn_pass) *pass,
+                                    FB_TYPED(bn_coefficients) coef, fb_index k, fb_index c0,
+                                    fb_index width);
+
 /* Rewrite one work item through bn_span (see bn_span_impl.h; out may equal x
  * or dy). */
 static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pass) *pass,
@@ -563,13 +578,23 @@ static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pa
         }
         return;
     }
-    /* interleaved: the item's rows of its channel group.  With one group
-     * they are one contiguous stretch, rewritten as one flat span whose
-     * channel wraps (bn_span_wrap); with several groups, row by row. */
-    const fb_index C = plan->channels;
     const fb_index k = item / plan->groups, j = item - k * plan->groups;
     const fb_index c0 = j * plan->group_width;
-    const fb_index width = fb_min_index(C, c0 + plan->group_width) - c0;
+    FB_TYPED(bn_apply_rows)(plan, pass, coef, k, c0,
+                            fb_min_index(plan->channels, c0 + plan->group_width) - c0);
+}
+
+/* Row chunk k of channels [c0, c0 + width) of an interleaved plan.  When the
+ * piece is whole rows it is one contiguous stretch, rewritten as one flat
+ * span whose channel wraps (bn_span_wrap); otherwise row by row. */
+static void FB_TYPED(bn_apply_rows)(const fb_bn_plan *plan, const FB_TYPED(bn_pass) *pass,
+                                    FB_TYPED(bn_coefficients) coef, fb_index k, fb_index c0,
+                                    fb_index width)
+{
+    const int forward = fb_bn_normalizes(pass->mode);
+    const FB_REAL *x_term = fb_bn_training_dx(pass->mode) ? pass->x : NULL;
+    FB_REAL staging[FB_BN_RELU_BLOCK];
+    const fb_index C = plan->channels;
     const fb_index r0 = k * plan->chunk, r1 = fb_min_index(plan->outer, (k + 1) * plan->chunk);
     const FB_REAL *shift = x_term ? coef.k2 : coef.k3;
     const FB_REAL *m = x_term ? pass->center_real : coef.k2;
@@ -577,7 +602,7 @@ static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pa
      * in its rewrite) stages a masked copy of each row */
     const int staged = pass->relu && pass->mode == FB_BN_BACKWARD_EVAL;
     const int span_relu = pass->relu && !staged;
-    const fb_index rows = staged || plan->groups > 1 ? r1 - r0 : 1;
+    const fb_index rows = staged || width < C ? r1 - r0 : 1;
     const fb_index len = rows == 1 ? (r1 - r0) * width : width;
     for (fb_index r = r0; r < r0 + rows; ++r) {
         const fb_index offset = r * C + c0;
@@ -624,6 +649,32 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
             fb_stream_fence();
         return;
     }
+    if (plan->owned_columns) {
+        /* interleaved, many channels: this thread's channels (whole cache
+         * lines of them), every row: reduce, finalize, rewrite; no barrier */
+        const fb_index C = plan->channels, unit = FB_BN_COLUMN_UNIT;
+        fb_index first, last;
+        fb_split_range(fb_ceil_div(C, unit), team, tid, &first, &last);
+        first *= unit;
+        last = fb_min_index(C, last * unit);
+        for (fb_index k = 0; k < plan->chunks && pass->reduce; ++k)
+            for (fb_index c0 = first; c0 < last; c0 += plan->group_width)
+                FB_TYPED(bn_reduce_rows)(plan, pass, k, c0,
+                                         fb_min_index(last, c0 + plan->group_width) - c0);
+        double *totals = pass->totals + (fb_index)2 * C * tid;
+        if (pass->reduce)
+            FB_TYPED(bn_interleaved_totals)(plan, pass, first, last, totals, totals + C);
+        for (fb_index c = first; c < last; ++c)
+            FB_TYPED(bn_finalize)(plan, pass, c, pass->reduce ? totals[c] : 0.0,
+                                  pass->reduce ? totals[C + c] : 0.0, coef, 1);
+        for (fb_index k = plan->chunks; rewrite && k-- > 0;)
+            for (fb_index c0 = first; c0 < last; c0 += plan->group_width)
+                FB_TYPED(bn_apply_rows)(plan, pass, coef, k, c0,
+                                        fb_min_index(last, c0 + plan->group_width) - c0);
+        if (pass->stream)
+            fb_stream_fence();
+        return;
+    }
     /* shared channels, block by block: one barrier per block */
     for (fb_index c0 = 0; c0 < plan->channels; c0 += plan->block_channels) {
         const fb_index c1 = fb_min_index(plan->channels, c0 + plan->block_channels);
@@ -647,7 +698,8 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
         fb_split_range(c1 - c0, team, tid, &owned_first, &owned_last);
         double *totals = pass->totals + (fb_index)2 * plan->channels * tid;
         if (pass->reduce && plan->interleaved)
-            FB_TYPED(bn_interleaved_totals)(plan, pass, totals, totals + plan->channels);
+            FB_TYPED(bn_interleaved_totals)(plan, pass, 0, plan->channels, totals,
+                                            totals + plan->channels);
         for (fb_index c = c0; c < c1; ++c) {
             double s1 = 0.0, s2 = 0.0;
             if (pass->reduce && plan->interleaved) {
