@@ -125,7 +125,7 @@ def _bn_case(kind: str, shape_full, shape_quick, axis: int):
 
 # ---- batch norm + ReLU ----------------------------------------------------------
 
-def _bn_relu_case(kind: str, fused: bool, shape_full, shape_quick):
+def _bn_relu_case(kind: str, fused: bool, shape_full, shape_quick, axis: int = 1):
     """Training forward or backward of batch norm + ReLU, channels-first.
     "fastbn" is the fused kernel (fused=True) or fastbn's batch norm then
     the ReLU in NumPy (fused=False), as a user without the fused layer
@@ -133,43 +133,45 @@ def _bn_relu_case(kind: str, fused: bool, shape_full, shape_quick):
     def build(config: BenchConfig):
         from fastbn import functional as F
         shape = shape_quick if config.quick else shape_full
-        x, (_mean, _var, weight, bias) = _bn_data(shape, 1, config.dtype)
+        x, (_mean, _var, weight, bias) = _bn_data(shape, axis, config.dtype)
         buffer = np.empty_like(x)
         zero = x.dtype.type(0)
         if kind == "train":
             moved = 2 * x.nbytes
 
             def fused_op(out=None):
-                return F.batch_norm_relu_forward_train(x, weight, bias, out=out)[0]
+                return F.batch_norm_relu_forward_train(x, weight, bias, axis=axis, out=out)[0]
 
             def unfused_op(out=None):
-                y = F.batch_norm_forward_train(x, weight, bias, out=out)[0]
+                y = F.batch_norm_forward_train(x, weight, bias, axis=axis, out=out)[0]
                 return np.maximum(y, zero, out=y)
         else:  # backward
             moved = 3 * x.nbytes
-            dy, _ = _bn_data(shape, 1, config.dtype, seed=1)
-            y, mean, invstd = F.batch_norm_relu_forward_train(x, weight, bias)
+            dy, _ = _bn_data(shape, axis, config.dtype, seed=1)
+            y, mean, invstd = F.batch_norm_relu_forward_train(x, weight, bias, axis=axis)
 
             def fused_op(out=None):
-                return F.batch_norm_relu_backward(dy, x, mean, invstd, weight, bias, out=out)[0]
+                return F.batch_norm_relu_backward(dy, x, mean, invstd, weight, bias, axis=axis,
+                                                  out=out)[0]
 
             def unfused_op(out=None):
                 return F.batch_norm_backward(np.where(y > 0, dy, zero), x, mean, invstd, weight,
-                                             out=out)[0]
+                                             axis=axis, out=out)[0]
         op = fused_op if fused else unfused_op
         contenders: Contenders = {"fastbn": op, "fastbn_out": lambda: op(buffer),
                                   "reference": _reference(fused_op)}
         torch = config.torch
         if torch is not None:
             functional = torch.nn.functional
-            tx, t_w, t_b = torch.from_numpy(x), torch.from_numpy(weight), torch.from_numpy(bias)
+            tx = _torch_view(torch, x, axis)
+            t_w, t_b = torch.from_numpy(weight), torch.from_numpy(bias)
             if kind == "train":
                 def run_torch():
                     with torch.no_grad():
                         return functional.relu(functional.batch_norm(tx, None, None, t_w, t_b,
                                                                      training=True), inplace=True)
             else:
-                tdy = torch.from_numpy(dy)
+                tdy = _torch_view(torch, dy, axis)
                 xg, wg, bg = (t.clone().requires_grad_(True) for t in (tx, t_w, t_b))
                 t_y = functional.relu(functional.batch_norm(xg, None, None, wg, bg, training=True))
 
@@ -292,6 +294,36 @@ def _overhead_case(training: bool):
     return build
 
 
+# (N, C) inputs of BatchNorm1d (MLPs, tabular models) at a spread of shapes,
+# some off any power-of-two grid; and channels-last BatchNorm2d/3d at a
+# spread of channel counts.  (name suffix, full shape, quick shape)
+SHAPES_NC = [("64x64", (64, 64), (64, 64)), ("256x512", (256, 512), (256, 512)),
+             ("1000x300", (1000, 300), (1000, 300)), ("4096x1024", (4096, 1024), (1024, 1024)),
+             ("8192x4096", (8192, 4096), (2048, 4096)), ("8192x64", (8192, 64), (8192, 64))]
+SHAPES_CL = [("c16", (32, 56, 56, 16), (8, 56, 56, 16)), ("c64", (32, 56, 56, 64), (8, 56, 56, 64)),
+             ("c200", (16, 28, 28, 200), (4, 28, 28, 200)),
+             ("c512", (32, 14, 14, 512), (8, 14, 14, 512)),
+             ("3d_c48", (4, 16, 28, 28, 48), (2, 8, 28, 28, 48))]
+
+
+def _shape_cases() -> List[Case]:
+    cases = []
+    for suffix, full, quick in SHAPES_NC:
+        for kind, label in (("train", "training forward"), ("eval", "eval forward"),
+                            ("backward", "backward")):
+            cases.append(Case(f"bn1d_{kind}_{suffix}", "batchnorm",
+                              f"BatchNorm1d {label} {full}", _bn_case(kind, full, quick, 1)))
+        for kind, label in (("train", "training forward"), ("backward", "backward")):
+            cases.append(Case(f"bn1d_relu_{kind}_{suffix}", "batchnorm",
+                              f"BatchNorm1d+ReLU {label}, fused {full}",
+                              _bn_relu_case(kind, True, full, quick, 1)))
+    for suffix, full, quick in SHAPES_CL:
+        for kind, label in (("train", "training forward"), ("backward", "backward")):
+            cases.append(Case(f"bn_cl_{kind}_{suffix}", "batchnorm",
+                              f"BN {label} {full} channels-last", _bn_case(kind, full, quick, -1)))
+    return cases
+
+
 def all_cases() -> List[Case]:
     return [
         Case("bn_train_fwd_nchw", "batchnorm", "BN training forward (64,128,56,56) channels-first",
@@ -324,7 +356,7 @@ def all_cases() -> List[Case]:
              _overhead_case(False), per_call=True),
         Case("overhead_train_2x4", "overhead", "per-call: BN training forward on (2,4)",
              _overhead_case(True), per_call=True),
-    ] + [
+    ] + _shape_cases() + [
         Case(f"optim_{name.lower()}_resnet50", "optimizer",
              f"{name} step, ResNet-50 parameters (161 tensors, 25.6M)",
              _optimizer_case(name, _resnet_shapes))

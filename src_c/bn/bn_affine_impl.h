@@ -19,17 +19,10 @@ static void FB_TYPED(bn_affine_range)(const FB_REAL *x, FB_REAL *y,
                                       fb_index begin, fb_index end, int stream, int relu)
 {
     if (inner == 1) {
-        /* channels-last rows: the coefficient changes with every element */
-        fb_index row = begin / channels, col = begin - row * channels;
-        while (begin < end) {
-            const fb_index len = fb_min_index(channels - col, end - begin);
-            const fb_index offset = row * channels + col;
-            FB_TYPED(bn_span_channels)(y + offset, x + offset, NULL, len, mean + col,
-                                       scale + col, shift + col, NULL, stream, relu);
-            begin += len;
-            col = 0;
-            ++row;
-        }
+        /* channels-last: one flat stretch, the channel wrapping (bn_span_wrap;
+         * the coefficient arrays are wrapped) */
+        FB_TYPED(bn_span_wrap)(y + begin, x + begin, NULL, end - begin, begin % channels,
+                               channels, mean, scale, shift, NULL, NULL, NULL, stream, relu);
     } else {
         /* channels-first rows of `inner` elements share one coefficient */
         fb_index row = begin / inner, col = begin - row * inner;
@@ -79,10 +72,14 @@ static int FB_TYPED(bn_eval_forward)(FASTBN_BN_EVAL_FORWARD_ARGS(FB_REAL))
 {
     if (outer < 0 || channels <= 0 || inner < 0 || !x || !y || !running_mean || !running_var)
         return FASTBN_ERR_ARGUMENT;
-    FB_REAL *coefficients = (FB_REAL *)malloc(2 * (size_t)channels * sizeof(FB_REAL));
+    /* scale, shift and (channels-last) a wrapped copy of running_mean, each
+     * channels + FB_BN_WRAP_PAD long (bn_span_wrap) */
+    const fb_index stride = channels + FB_BN_WRAP_PAD;
+    FB_REAL *coefficients = (FB_REAL *)malloc(3 * (size_t)stride * sizeof(FB_REAL));
     if (!coefficients)
         return FASTBN_ERR_NOMEM;
-    FB_REAL *scale = coefficients, *shift = coefficients + channels;
+    FB_REAL *scale = coefficients, *shift = coefficients + stride;
+    FB_REAL *mean = inner == 1 ? coefficients + 2 * stride : (FB_REAL *)running_mean;
     /* running_var + eps == 0 gives scale = +-inf (NaN with weight 0): y is
      * then +-inf where x != running_mean and NaN where x == running_mean
      * (0 * inf), the IEEE value of (x - mean) / sqrt(var + eps) * weight +
@@ -90,7 +87,13 @@ static int FB_TYPED(bn_eval_forward)(FASTBN_BN_EVAL_FORWARD_ARGS(FB_REAL))
     for (fb_index c = 0; c < channels; ++c)
         FB_TYPED(bn_normalize_coefficients)(1.0 / sqrt((double)running_var[c] + eps), weight,
                                             bias, c, scale + c, shift + c);
-    FB_TYPED(bn_affine)(x, y, running_mean, scale, shift, outer, channels, inner, relu,
+    if (inner == 1) {
+        memcpy(mean, running_mean, (size_t)channels * sizeof(FB_REAL));
+        FB_TYPED(bn_wrap_extend)(mean, channels);
+        FB_TYPED(bn_wrap_extend)(scale, channels);
+        FB_TYPED(bn_wrap_extend)(shift, channels);
+    }
+    FB_TYPED(bn_affine)(x, y, mean, scale, shift, outer, channels, inner, relu,
                         num_threads);
     free(coefficients);
     return FASTBN_OK;

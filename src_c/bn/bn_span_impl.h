@@ -18,8 +18,8 @@
  * the mask coefficients are ignored.
  *
  * bn_span takes scalar coefficients (a channels-first run: one channel);
- * bn_span_channels takes per-element coefficient arrays (a channels-last
- * row: element i belongs to channel i).
+ * bn_span_wrap takes per-channel coefficient arrays (a channels-last
+ * stretch, see below).
  *
  * `stream`: write with non-temporal stores.  For outputs far larger than the
  * caches, a normal store first reads the line it overwrites (a third memory
@@ -84,35 +84,6 @@ static void FB_TYPED(bn_span_stream)(FB_REAL *out, const FB_REAL *in, const FB_R
 #undef FB_GRAD
 }
 
-static void FB_TYPED(bn_span_channels_stream)(FB_REAL *out, const FB_REAL *in,
-                                              const FB_REAL *x, fb_index len,
-                                              const FB_REAL *m, const FB_REAL *a,
-                                              const FB_REAL *b, const FB_REAL *d, int relu)
-{
-    const fb_index head = FB_TYPED(bn_stream_head)(out, len);
-    fb_index i = 0;
-#define FB_LOAD(p) FB_TYPED(fb_rvec_load)(p)
-    if (!x) {
-        for (; i < head; ++i)
-            out[i] = FB_TYPED(bn_activate)((in[i] - m[i]) * a[i] + b[i], relu);
-        for (; i + FB_RVEC_LEN <= len; i += FB_RVEC_LEN)
-            FB_TYPED(fb_rvec_stream)(out + i, FB_TYPED(bn_activate_vec)(
-                (FB_LOAD(in + i) - FB_LOAD(m + i)) * FB_LOAD(a + i) + FB_LOAD(b + i), relu));
-        for (; i < len; ++i)
-            out[i] = FB_TYPED(bn_activate)((in[i] - m[i]) * a[i] + b[i], relu);
-        return;
-    }
-    for (; i < head; ++i)
-        out[i] = in[i] * a[i] + ((x[i] - m[i]) * b[i] + d[i]);
-    for (; i + FB_RVEC_LEN <= len; i += FB_RVEC_LEN)
-        FB_TYPED(fb_rvec_stream)(out + i, FB_LOAD(in + i) * FB_LOAD(a + i)
-                                 + ((FB_LOAD(x + i) - FB_LOAD(m + i)) * FB_LOAD(b + i)
-                                    + FB_LOAD(d + i)));
-    for (; i < len; ++i)
-        out[i] = in[i] * a[i] + ((x[i] - m[i]) * b[i] + d[i]);
-#undef FB_LOAD
-}
-
 #undef FB_RVEC
 #undef FB_RVEC_LEN
 #define FB_BN_CAN_STREAM 1
@@ -149,29 +120,118 @@ static inline void FB_TYPED(bn_span)(FB_REAL *out, const FB_REAL *in, const FB_R
     }
 }
 
-static inline void FB_TYPED(bn_span_channels)(FB_REAL *out, const FB_REAL *in, const FB_REAL *x,
-                                              fb_index len, const FB_REAL *restrict m,
-                                              const FB_REAL *restrict a,
-                                              const FB_REAL *restrict b,
-                                              const FB_REAL *restrict d, int stream, int relu)
+/* ---- channels-last stretches -----------------------------------------------
+ * bn_span_wrap rewrites `len` consecutive elements of a channels-last array
+ * (rows of `channels` values) whose first element belongs to channel c, as
+ * ONE flat span: the channel index wraps around instead of the loop
+ * restarting at every row.  Per-row loops pay a scalar head and tail on every
+ * row (NumPy rows are only 16-byte aligned, and C is rarely a multiple of the
+ * vector width), which measured ~1 ns/element against 0.23 for NCHW; the flat
+ * walk pays them once per work item.  The coefficient arrays are WRAPPED:
+ * length channels + FB_BN_WRAP_PAD with entry i == entry i % channels
+ * (bn_wrap_extend), so a full vector of coefficients starting at any channel
+ * is one unaligned load.  The vector body and the scalar head and tail
+ * evaluate the same expressions (same contraction), so a value does not
+ * depend on where a stretch starts. */
+
+static inline void FB_TYPED(bn_wrap_extend)(FB_REAL *coefficients, fb_index channels)
 {
-#if FB_BN_CAN_STREAM
-    if (stream) {
-        FB_TYPED(bn_span_channels_stream)(out, in, x, len, m, a, b, d, relu);
-        return;
+    for (fb_index i = 0; i < FB_BN_WRAP_PAD; ++i)
+        coefficients[channels + i] = coefficients[i % channels];
+}
+
+#if FB_BN_HAVE_VECTORS
+#define FB_RVEC FB_TYPED(fb_rvec)
+#define FB_RVEC_LEN FB_CAT(FB_RVEC_LEN, FB_DTYPE)
+#define FB_LOAD(p) FB_TYPED(fb_rvec_load)(p)
+
+/* x == NULL: out = act((in - m) * a + b); else out = g * a + ((x - m) * b + d)
+ * with g = in, or with mask, in masked where (x - m) * ms + mh <= 0.  Always
+ * inlined with constant flags, so each variant is a tight loop. */
+FB_BN_INLINE void FB_TYPED(bn_wrap_body)(FB_REAL *out, const FB_REAL *in, const FB_REAL *x,
+                                         fb_index len, fb_index c, fb_index channels,
+                                         const FB_REAL *restrict m, const FB_REAL *restrict a,
+                                         const FB_REAL *restrict b, const FB_REAL *restrict d,
+                                         const FB_REAL *restrict ms, const FB_REAL *restrict mh,
+                                         const int stream, const int relu, const int mask)
+{
+    fb_index i = 0;
+    const fb_index head = stream ? FB_TYPED(bn_stream_head)(out, len) : 0;
+    const fb_index step = FB_RVEC_LEN % channels;  /* c + step < 2 * channels */
+#define FB_SCALAR_STEP                                                                       do {                                                                                         if (!x) {                                                                                    out[i] = FB_TYPED(bn_activate)((in[i] - m[c]) * a[c] + b[c], relu);                  } else {                                                                                     const FB_REAL g = mask ? FB_TYPED(bn_relu_masked)(in[i], x[i], m[c], ms[c],                                                                mh[c])                                                        : in[i];                                                          out[i] = g * a[c] + ((x[i] - m[c]) * b[c] + d[c]);                                   }                                                                                        if (++c == channels)                                                                         c = 0;                                                                           } while (0)
+    for (; i < head; ++i)
+        FB_SCALAR_STEP;
+    for (; i + FB_RVEC_LEN <= len; i += FB_RVEC_LEN) {
+        FB_RVEC v;
+        if (!x) {
+            v = FB_TYPED(bn_activate_vec)((FB_LOAD(in + i) - FB_LOAD(m + c)) * FB_LOAD(a + c)
+                                          + FB_LOAD(b + c), relu);
+        } else {
+            const FB_RVEC xc = FB_LOAD(x + i) - FB_LOAD(m + c);
+            FB_RVEC g = FB_LOAD(in + i);
+            if (mask)
+                g = FB_TYPED(bn_relu_mask_vec)(g, xc, FB_LOAD(ms + c), FB_LOAD(mh + c));
+            v = g * FB_LOAD(a + c) + (xc * FB_LOAD(b + c) + FB_LOAD(d + c));
+        }
+        if (stream)
+            FB_TYPED(fb_rvec_stream)(out + i, v);
+        else
+            memcpy(out + i, &v, sizeof v);
+        c += step;
+        if (c >= channels)
+            c -= channels;
     }
+    for (; i < len; ++i)
+        FB_SCALAR_STEP;
+#undef FB_SCALAR_STEP
+}
+
+#undef FB_LOAD
+#undef FB_RVEC
+#undef FB_RVEC_LEN
 #else
+static inline void FB_TYPED(bn_wrap_body)(FB_REAL *out, const FB_REAL *in, const FB_REAL *x,
+                                          fb_index len, fb_index c, fb_index channels,
+                                          const FB_REAL *m, const FB_REAL *a, const FB_REAL *b,
+                                          const FB_REAL *d, const FB_REAL *ms, const FB_REAL *mh,
+                                          int stream, int relu, int mask)
+{
     (void)stream;
-#endif
-    if (!x) {
-#pragma omp simd
-        for (fb_index i = 0; i < len; ++i)
-            out[i] = FB_TYPED(bn_activate)((in[i] - m[i]) * a[i] + b[i], relu);
-    } else {
-#pragma omp simd
-        for (fb_index i = 0; i < len; ++i)
-            out[i] = in[i] * a[i] + ((x[i] - m[i]) * b[i] + d[i]);
+    for (fb_index i = 0; i < len; ++i) {
+        if (!x) {
+            out[i] = FB_TYPED(bn_activate)((in[i] - m[c]) * a[c] + b[c], relu);
+        } else {
+            const FB_REAL g = mask ? FB_TYPED(bn_relu_masked)(in[i], x[i], m[c], ms[c], mh[c])
+                                   : in[i];
+            out[i] = g * a[c] + ((x[i] - m[c]) * b[c] + d[c]);
+        }
+        if (++c == channels)
+            c = 0;
     }
+}
+#endif
+
+/* The variants, each a loop of its own (constant flags). */
+static void FB_TYPED(bn_span_wrap)(FB_REAL *out, const FB_REAL *in, const FB_REAL *x,
+                                   fb_index len, fb_index c, fb_index channels,
+                                   const FB_REAL *m, const FB_REAL *a, const FB_REAL *b,
+                                   const FB_REAL *d, const FB_REAL *ms, const FB_REAL *mh,
+                                   int stream, int relu)
+{
+#define FB_WRAP(x_, stream_, relu_, mask_) \
+    FB_TYPED(bn_wrap_body)(out, in, x_, len, c, channels, m, a, b, d, ms, mh, stream_, relu_, mask_)
+    if (!x) {
+        if (stream)
+            relu ? FB_WRAP(NULL, 1, 1, 0) : FB_WRAP(NULL, 1, 0, 0);
+        else
+            relu ? FB_WRAP(NULL, 0, 1, 0) : FB_WRAP(NULL, 0, 0, 0);
+    } else {
+        if (stream)
+            relu ? FB_WRAP(x, 1, 0, 1) : FB_WRAP(x, 1, 0, 0);
+        else
+            relu ? FB_WRAP(x, 0, 0, 1) : FB_WRAP(x, 0, 0, 0);
+    }
+#undef FB_WRAP
 }
 
 #undef FB_BN_CAN_STREAM

@@ -42,9 +42,10 @@ typedef struct {
     const FB_REAL *mask_weight;        /* relu backwards: the forward's weight, for the mask */
     /* workspace */
     double *sum1, *sum2;               /* per-chunk partials, see bn_plan.h for the indexing */
+    double *totals;                    /* interleaved: per thread, 2 x channels channel sums */
     double *center;                    /* per channel: forward shift, or the backward's mean */
     FB_REAL *center_real;              /* the same in the input dtype (exactly: it is an input) */
-    FB_REAL *coefficients;             /* per thread: 3 x channels, see bn_coefficients */
+    FB_REAL *coefficients;             /* per thread: 3 x (channels + FB_BN_WRAP_PAD) */
     FB_REAL *mask_scale, *mask_shift;  /* relu backwards: the forward's coefficients */
 } FB_TYPED(bn_pass);
 
@@ -63,9 +64,10 @@ static FB_TYPED(bn_coefficients) FB_TYPED(bn_thread_coefficients)(const FB_TYPED
                                                                   fb_index channels, int tid)
 {
     FB_TYPED(bn_coefficients) coef;
-    coef.k1 = pass->coefficients + (fb_index)3 * channels * tid;
-    coef.k2 = coef.k1 + channels;
-    coef.k3 = coef.k2 + channels;
+    const fb_index stride = channels + FB_BN_WRAP_PAD;  /* wrapped (bn_span_wrap) */
+    coef.k1 = pass->coefficients + (fb_index)3 * stride * tid;
+    coef.k2 = coef.k1 + stride;
+    coef.k3 = coef.k2 + stride;
     return coef;
 }
 
@@ -269,13 +271,13 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, const FB_TYPED(bn
  * input (or the saved mean), so x - center is exact when x is near it, and a
  * sum of four values adds at most ~2 ulp of relative error before the float64
  * accumulation takes over. */
-static void FB_TYPED(bn_reduce_interleaved)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass,
-                                            fb_index item)
+/* Row chunk k of channels [c0, c0 + width): the partials of one channel
+ * depend only on k and the channel, not on c0 or width, so any split of the
+ * channels into pieces gives the same sums. */
+static void FB_TYPED(bn_reduce_rows)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass,
+                                     fb_index k, fb_index c0, fb_index width)
 {
     const fb_index C = plan->channels;
-    const fb_index k = item / plan->groups, j = item - k * plan->groups;
-    const fb_index c0 = j * plan->group_width;
-    const fb_index width = fb_min_index(C, c0 + plan->group_width) - c0;
     const fb_index r1 = fb_min_index(plan->outer, (k + 1) * plan->chunk);
     double *restrict s1 = pass->sum1 + k * C + c0;
     double *restrict s2 = pass->sum2 + k * C + c0;
@@ -338,6 +340,16 @@ static void FB_TYPED(bn_reduce_interleaved)(const fb_bn_plan *plan, FB_TYPED(bn_
     }
 }
 
+/* Work item k * groups + j of an interleaved plan. */
+static void FB_TYPED(bn_reduce_interleaved)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass,
+                                            fb_index item)
+{
+    const fb_index k = item / plan->groups, j = item - k * plan->groups;
+    const fb_index c0 = j * plan->group_width;
+    FB_TYPED(bn_reduce_rows)(plan, pass, k, c0,
+                             fb_min_index(plan->channels, c0 + plan->group_width) - c0);
+}
+
 /* ---- per-channel coefficients ---------------------------------------------- */
 
 /* Coefficients of channel c (sums s1, s2) into coef; with `owner`, also the
@@ -359,6 +371,30 @@ static void FB_TYPED(bn_channel_sums)(const fb_bn_plan *plan, const FB_TYPED(bn_
     }
     *sum1 = s1;
     *sum2 = s2;
+}
+
+/* The channel sums of every channel of an interleaved plan, into `total1`,
+ * `total2`: the same additions in the same order as bn_channel_sums (chunk
+ * order, from 0), done for all channels at once.  Walking one channel at a
+ * time reads its partials at a stride of `channels` doubles (4 KiB for 512
+ * channels: every read in the same L1 set) through a chain of dependent
+ * additions; that took 40 % of a (256, 512) training forward. */
+static void FB_TYPED(bn_interleaved_totals)(const fb_bn_plan *plan,
+                                            const FB_TYPED(bn_pass) *pass, fb_index first,
+                                            fb_index last, double *restrict total1,
+                                            double *restrict total2)
+{
+    const fb_index C = plan->channels;
+    for (fb_index c = first; c < last; ++c)
+        total1[c] = total2[c] = 0.0;
+    for (fb_index k = 0; k < plan->chunks; ++k) {
+        const double *restrict p1 = pass->sum1 + k * C, *restrict p2 = pass->sum2 + k * C;
+#pragma omp simd
+        for (fb_index c = first; c < last; ++c) {
+            total1[c] += p1[c];
+            total2[c] += p2[c];
+        }
+    }
 }
 
 /* The training forward's rewrite coefficients (fused FORWARD and APPLY
@@ -500,6 +536,10 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
 
 /* ---- rewrite one work item ------------------------------------------------- */
 
+static void FB_TYPED(bn_apply_rows)(const fb_bn_plan *plan, const FB_TYPED(bn_pass) *pass,
+                                    FB_TYPED(bn_coefficients) coef, fb_index k, fb_index c0,
+                                    fb_index width);
+
 /* Rewrite one work item through bn_span (see bn_span_impl.h; out may equal x
  * or dy). */
 static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pass) *pass,
@@ -510,7 +550,6 @@ static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pa
      * eval backward: in = dy alone (k2 = 0).  The backwards read dy masked
      * with relu (in bn_span, or staged through bn_grad_span/bn_grad_row). */
     const int forward = fb_bn_normalizes(pass->mode);
-    const int relu_out = forward && pass->relu;
     const FB_REAL *x_term = fb_bn_training_dx(pass->mode) ? pass->x : NULL;
     FB_REAL staging[FB_BN_RELU_BLOCK];
     if (!plan->interleaved) {
@@ -539,20 +578,40 @@ static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pa
         }
         return;
     }
-    const fb_index C = plan->channels;
     const fb_index k = item / plan->groups, j = item - k * plan->groups;
     const fb_index c0 = j * plan->group_width;
-    const fb_index width = fb_min_index(C, c0 + plan->group_width) - c0;
-    const fb_index r1 = fb_min_index(plan->outer, (k + 1) * plan->chunk);
-    const FB_REAL *a = coef.k1 + c0, *b = coef.k2 + c0, *d = coef.k3 + c0;
-    const FB_REAL *shift = x_term ? b : d;
-    const FB_REAL *m = x_term ? pass->center_real + c0 : b;
-    for (fb_index r = k * plan->chunk; r < r1; ++r) {
+    FB_TYPED(bn_apply_rows)(plan, pass, coef, k, c0,
+                            fb_min_index(plan->channels, c0 + plan->group_width) - c0);
+}
+
+/* Row chunk k of channels [c0, c0 + width) of an interleaved plan.  When the
+ * piece is whole rows it is one contiguous stretch, rewritten as one flat
+ * span whose channel wraps (bn_span_wrap); otherwise row by row. */
+static void FB_TYPED(bn_apply_rows)(const fb_bn_plan *plan, const FB_TYPED(bn_pass) *pass,
+                                    FB_TYPED(bn_coefficients) coef, fb_index k, fb_index c0,
+                                    fb_index width)
+{
+    const int forward = fb_bn_normalizes(pass->mode);
+    const FB_REAL *x_term = fb_bn_training_dx(pass->mode) ? pass->x : NULL;
+    FB_REAL staging[FB_BN_RELU_BLOCK];
+    const fb_index C = plan->channels;
+    const fb_index r0 = k * plan->chunk, r1 = fb_min_index(plan->outer, (k + 1) * plan->chunk);
+    const FB_REAL *shift = x_term ? coef.k2 : coef.k3;
+    const FB_REAL *m = x_term ? pass->center_real : coef.k2;
+    /* the training backward masks dy in the span; the eval backward (x not
+     * in its rewrite) stages a masked copy of each row */
+    const int staged = pass->relu && pass->mode == FB_BN_BACKWARD_EVAL;
+    const int span_relu = pass->relu && !staged;
+    const fb_index rows = staged || width < C ? r1 - r0 : 1;
+    const fb_index len = rows == 1 ? (r1 - r0) * width : width;
+    for (fb_index r = r0; r < r0 + rows; ++r) {
         const fb_index offset = r * C + c0;
         const FB_REAL *in = forward ? pass->x + offset
-                                    : FB_TYPED(bn_grad_row)(pass, c0, offset, width, staging);
-        FB_TYPED(bn_span_channels)(pass->out + offset, in, x_term ? x_term + offset : NULL,
-                                   width, m, a, shift, d, pass->stream, relu_out);
+                          : staged ? FB_TYPED(bn_grad_row)(pass, c0, offset, width, staging)
+                                   : pass->dy + offset;
+        FB_TYPED(bn_span_wrap)(pass->out + offset, in, x_term ? x_term + offset : NULL, len, c0,
+                               C, m, coef.k1, shift, coef.k3, pass->mask_scale,
+                               pass->mask_shift, pass->stream, span_relu);
     }
 }
 
@@ -590,6 +649,32 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
             fb_stream_fence();
         return;
     }
+    if (plan->owned_columns) {
+        /* interleaved, many channels: this thread's channels (whole cache
+         * lines of them), every row: reduce, finalize, rewrite; no barrier */
+        const fb_index C = plan->channels, unit = FB_BN_COLUMN_UNIT;
+        fb_index first, last;
+        fb_split_range(fb_ceil_div(C, unit), team, tid, &first, &last);
+        first *= unit;
+        last = fb_min_index(C, last * unit);
+        for (fb_index k = 0; k < plan->chunks && pass->reduce; ++k)
+            for (fb_index c0 = first; c0 < last; c0 += plan->group_width)
+                FB_TYPED(bn_reduce_rows)(plan, pass, k, c0,
+                                         fb_min_index(last, c0 + plan->group_width) - c0);
+        double *totals = pass->totals + (fb_index)2 * C * tid;
+        if (pass->reduce)
+            FB_TYPED(bn_interleaved_totals)(plan, pass, first, last, totals, totals + C);
+        for (fb_index c = first; c < last; ++c)
+            FB_TYPED(bn_finalize)(plan, pass, c, pass->reduce ? totals[c] : 0.0,
+                                  pass->reduce ? totals[C + c] : 0.0, coef, 1);
+        for (fb_index k = plan->chunks; rewrite && k-- > 0;)
+            for (fb_index c0 = first; c0 < last; c0 += plan->group_width)
+                FB_TYPED(bn_apply_rows)(plan, pass, coef, k, c0,
+                                        fb_min_index(last, c0 + plan->group_width) - c0);
+        if (pass->stream)
+            fb_stream_fence();
+        return;
+    }
     /* shared channels, block by block: one barrier per block */
     for (fb_index c0 = 0; c0 < plan->channels; c0 += plan->block_channels) {
         const fb_index c1 = fb_min_index(plan->channels, c0 + plan->block_channels);
@@ -611,12 +696,25 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
         /* every thread derives every coefficient of the block from the same
          * partials (identical values); one thread per channel writes outputs */
         fb_split_range(c1 - c0, team, tid, &owned_first, &owned_last);
+        double *totals = pass->totals + (fb_index)2 * plan->channels * tid;
+        if (pass->reduce && plan->interleaved)
+            FB_TYPED(bn_interleaved_totals)(plan, pass, 0, plan->channels, totals,
+                                            totals + plan->channels);
         for (fb_index c = c0; c < c1; ++c) {
             double s1 = 0.0, s2 = 0.0;
-            if (pass->reduce)
+            if (pass->reduce && plan->interleaved) {
+                s1 = totals[c];
+                s2 = totals[plan->channels + c];
+            } else if (pass->reduce) {
                 FB_TYPED(bn_channel_sums)(plan, pass, c, &s1, &s2);
+            }
             FB_TYPED(bn_finalize)(plan, pass, c, s1, s2, coef,
                                   c >= c0 + owned_first && c < c0 + owned_last);
+        }
+        if (plan->interleaved) {
+            FB_TYPED(bn_wrap_extend)(coef.k1, plan->channels);
+            FB_TYPED(bn_wrap_extend)(coef.k2, plan->channels);
+            FB_TYPED(bn_wrap_extend)(coef.k3, plan->channels);
         }
         /* newest first: the items this thread reduced last are the likeliest
          * to still be in its cache */
@@ -640,20 +738,24 @@ static int FB_TYPED(bn_run)(FB_TYPED(bn_pass) *pass, fb_index outer, fb_index ch
     /* stored partials only where threads share channels; owners add theirs
      * on the fly */
     const fb_index partials = pass->reduce && !plan.owned ? fb_bn_partial_count(&plan) : 0;
+    const fb_index totals = pass->reduce && plan.interleaved ? 2 * (fb_index)nt * channels : 0;
+    /* per-channel arrays in FB_REAL are wrapped (bn_span_wrap) */
+    const fb_index stride = channels + FB_BN_WRAP_PAD;
     /* relu backwards: the forward's coefficients, for the mask */
-    const fb_index masks = pass->relu && !fb_bn_normalizes(pass->mode) ? 2 * channels : 0;
-    const size_t bytes = (size_t)(2 * partials + channels) * sizeof(double)
-                       + (size_t)((3 * (fb_index)nt + 1) * channels + masks) * sizeof(FB_REAL);
+    const fb_index masks = pass->relu && !fb_bn_normalizes(pass->mode) ? 2 * stride : 0;
+    const size_t bytes = (size_t)(2 * partials + totals + channels) * sizeof(double)
+                       + (size_t)((3 * (fb_index)nt + 1) * stride + masks) * sizeof(FB_REAL);
     double *workspace = (double *)malloc(bytes);
     if (!workspace)
         return FASTBN_ERR_NOMEM;
     pass->sum1 = workspace;
     pass->sum2 = workspace + partials;
-    pass->center = workspace + 2 * partials;
+    pass->totals = workspace + 2 * partials;
+    pass->center = pass->totals + totals;
     pass->center_real = (FB_REAL *)(pass->center + channels);
-    pass->coefficients = pass->center_real + channels;
-    pass->mask_scale = pass->coefficients + 3 * (fb_index)nt * channels;
-    pass->mask_shift = pass->mask_scale + channels;
+    pass->coefficients = pass->center_real + stride;
+    pass->mask_scale = pass->coefficients + 3 * (fb_index)nt * stride;
+    pass->mask_shift = pass->mask_scale + stride;
     for (fb_index c = 0; c < channels; ++c) {
         if (fb_bn_reduces_x(pass->mode))
             pass->center_real[c] = pass->x[c * inner];  /* first value of channel c */
@@ -671,6 +773,11 @@ static int FB_TYPED(bn_run)(FB_TYPED(bn_pass) *pass, fb_index outer, fb_index ch
             FB_TYPED(bn_normalize_coefficients)(invstd, pass->mask_weight, pass->bias, c,
                                                 pass->mask_scale + c, pass->mask_shift + c);
         }
+    }
+    FB_TYPED(bn_wrap_extend)(pass->center_real, channels);
+    if (masks) {
+        FB_TYPED(bn_wrap_extend)(pass->mask_scale, channels);
+        FB_TYPED(bn_wrap_extend)(pass->mask_shift, channels);
     }
     if (nt > 1) {
 #pragma omp parallel num_threads(nt)

@@ -1,0 +1,155 @@
+"""The parallel plans of the batch-norm kernels on 2-D (N, C) and
+channels-last inputs: the flat channel-wrapping rewrite (bn_span_wrap), the
+vectorized channel sums, and the owned-columns plan (threads own channel
+ranges, no barrier).  Every kernel against the NumPy reference on every SIMD
+target, both dtypes, odd channel and row counts and sizes on both sides of
+each threshold; results bit-identical for 1, 2 and 3 threads."""
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn import functional as F
+from fastbn import reference as R
+
+from conftest import assert_close
+
+DTYPES = [np.float32, np.float64]
+
+# (N, C) shapes: odd channel counts (1, 3, 17 and 63/65 around a vector
+# multiple, 4097 past the 512-channel group width), odd row counts, and
+# channel counts around the owned-columns threshold (64 per thread: 127/128
+# for two threads, 191/192 for three) and the serial threshold (32768 values).
+SHAPES_NC = [(2, 1), (3, 3), (33, 17), (2, 63), (33, 65), (3, 4097), (257, 127), (256, 128),
+             (170, 191), (171, 192), (127, 257), (128, 256), (129, 256), (300, 600)]
+# channels-last (N, H, W, C) and (N, D, H, W, C): the channel wraps inside a
+# work item, and across the stretches of the threads.
+SHAPES_CL = [(2, 5, 7, 3), (3, 4, 5, 17), (2, 9, 9, 63), (2, 6, 6, 129), (2, 2, 3, 4, 33)]
+
+
+def make(rng, shape, dtype):
+    channels = shape[-1]
+    x = (rng.standard_normal(shape) * 2 + 3.0).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    weight = rng.normal(1.0, 0.5, channels).astype(dtype)
+    bias = rng.normal(0.0, 0.5, channels).astype(dtype)
+    running_mean = rng.normal(3.0, 0.5, channels).astype(dtype)
+    running_var = (np.abs(rng.standard_normal(channels)) + 0.5).astype(dtype)
+    return x, dy, weight, bias, running_mean, running_var
+
+
+def run_all(module, x, dy, weight, bias, running_mean, running_var):
+    """Every kernel family on channels-last input (axis=-1): forward and
+    backward, training and eval, plain and fused with ReLU.  Returns every
+    output and every mutated buffer."""
+    axis = -1
+    rm, rv = running_mean.copy(), running_var.copy()
+    y, mean, invstd = module.batch_norm_forward_train(x, weight, bias, 1e-5, axis=axis,
+                                                      running_mean=rm, running_var=rv)
+    y_eval = module.batch_norm(x, running_mean, running_var, weight, bias, training=False,
+                               axis=axis)
+    dx, dweight, dbias = module.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis)
+    dx_eval = module.batch_norm_backward_eval(dy, x, running_mean, running_var, weight,
+                                              axis=axis)
+    yr, mean_r, invstd_r = module.batch_norm_relu_forward_train(x, weight, bias, axis=axis)
+    dxr = module.batch_norm_relu_backward(dy, x, mean_r, invstd_r, weight, bias, axis=axis)
+    dxr_eval = module.batch_norm_relu_backward_eval(dy, x, running_mean, running_var, weight,
+                                                    bias, axis=axis)
+    yr_eval = module.batch_norm_relu(x, running_mean, running_var, weight, bias,
+                                     training=False, axis=axis)
+    flat = [y, mean, invstd, rm, rv, y_eval, dx, dweight, dbias, yr, mean_r, invstd_r, yr_eval]
+    for result in (dx_eval, dxr, dxr_eval):
+        flat.extend(result if isinstance(result, tuple) else (result,))
+    return [np.asarray(a) for a in flat if a is not None]
+
+
+@pytest.fixture
+def threads():
+    yield fastbn.set_num_threads
+    fastbn.set_num_threads(None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES_NC + SHAPES_CL)
+def test_channels_last_kernels_match_the_reference(simd_target, threads, shape, dtype, rng):
+    inputs = make(rng, shape, dtype)
+    expected = run_all(R, *inputs)
+    for count in (1, 2):
+        threads(count)
+        actual = run_all(F, *inputs)
+        assert len(actual) == len(expected)
+        for got, want in zip(actual, expected):
+            assert_close(got, want, dtype, scale=10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES_NC + SHAPES_CL + [(1024, 96), (64, 1000)])
+def test_channels_last_results_are_bit_identical_for_1_2_and_3_threads(simd_target, threads,
+                                                                       shape, dtype, rng):
+    inputs = make(rng, shape, dtype)
+    results = []
+    for count in (1, 2, 3):
+        threads(count)
+        results.append(run_all(F, *inputs))
+    for other in results[1:]:
+        for got, want in zip(other, results[0]):
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(33, 65), (128, 256), (300, 600), (2, 6, 6, 129)])
+def test_split_phases_compose_to_the_fused_kernels_on_channels_last(simd_target, threads,
+                                                                     shape, dtype, rng):
+    x, dy, weight, bias, _, _ = make(rng, shape, dtype)
+    axis = -1
+    for count in (1, 2, 3):
+        threads(count)
+        y, mean, invstd = F.batch_norm_forward_train(x, weight, bias, 1e-5, axis=axis)
+        n, mean64, m2 = F.batch_norm_stats(x, axis=axis)
+        invstd64 = 1.0 / np.sqrt(m2 / n + 1e-5)
+        np.testing.assert_array_equal(mean64.astype(dtype), mean)
+        y_phases = F.batch_norm_apply(x, mean64, invstd64, weight, bias, axis=axis)
+        np.testing.assert_array_equal(y_phases, y)
+        dx, dweight, dbias = F.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis)
+        sums = F.batch_norm_backward_reduce(dy, x, mean, invstd, axis=axis)
+        dx_phases = F.batch_norm_backward_apply(dy, x, mean, invstd, weight, *sums, n,
+                                                axis=axis)
+        np.testing.assert_array_equal(dx_phases, dx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_unaligned_channels_last_input_and_output(simd_target, threads, offset, dtype, rng):
+    """The flat rewrite's vector body starts at any alignment: arrays that
+    begin 1 or 3 elements into a buffer give the reference's results."""
+    shape = (70, 37)
+    x, dy, weight, bias, running_mean, running_var = make(rng, shape, dtype)
+    size = x.size
+    buffer = np.empty(size + offset, dtype)[offset:].reshape(shape)
+    buffer[...] = x
+    out = np.empty(size + offset, dtype)[offset:].reshape(shape)
+    threads(2)
+    y, mean, invstd = F.batch_norm_forward_train(buffer, weight, bias, 1e-5, axis=-1, out=out)
+    want = R.batch_norm_forward_train(x, weight, bias, 1e-5, axis=-1)
+    assert y is out
+    assert_close(y, want[0], dtype, scale=10)
+    y_eval = F.batch_norm(buffer, running_mean, running_var, weight, bias, training=False,
+                          axis=-1, out=out)
+    assert_close(y_eval, R.batch_norm(x, running_mean, running_var, weight, bias,
+                                      training=False, axis=-1), dtype, scale=10)
+
+
+def test_large_channels_last_output_streams_and_matches_the_reference(simd_target, threads, rng):
+    """Above the streaming-store size (8 MiB outputs): the non-temporal path
+    of the flat rewrite, 1 and 3 threads bit-identical."""
+    shape, dtype = (8200, 260), np.float32
+    x, dy, weight, bias, _, _ = make(rng, shape, dtype)
+    outputs = []
+    for count in (1, 3):
+        threads(count)
+        y, mean, invstd = F.batch_norm_forward_train(x, weight, bias, 1e-5, axis=-1)
+        dx = F.batch_norm_backward(dy, x, mean, invstd, weight, axis=-1)[0]
+        outputs.append((y, mean, invstd, dx))
+    for got, want in zip(outputs[1], outputs[0]):
+        np.testing.assert_array_equal(got, want)
+    want = R.batch_norm_forward_train(x, weight, bias, 1e-5, axis=-1)
+    assert_close(outputs[0][0], want[0], dtype, scale=10)
