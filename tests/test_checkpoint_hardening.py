@@ -495,7 +495,7 @@ def test_temporaries_left_by_killed_saves_are_removed_by_the_next_save(tmp_path)
         [os.path.dirname(os.path.dirname(fastbn.__file__)), os.environ.get("PYTHONPATH", "")]))
     for _ in range(3):
         result = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(path)], env=env,
-                                capture_output=True, timeout=120)
+                                capture_output=True, timeout=120, cwd=str(tmp_path))
         assert result.returncode == -9, result.stderr
     assert len([n for n in os.listdir(tmp_path) if n.endswith(".tmp")]) == 3
     fastbn.save(path, {"a": 2})

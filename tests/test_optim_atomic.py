@@ -513,12 +513,14 @@ def test_the_compiled_bridge_calls_no_python_function_during_a_step():
                    for value in vars(_optim).values() if callable(value))
 
 
-def test_a_missing_compiled_module_is_a_loud_import_error():
+def test_a_missing_compiled_module_is_a_loud_import_error(tmp_path):
     code = ("import sys; sys.modules['fastbn.optim._optim'] = None\n"
             "try:\n    import fastbn.optim\nexcept ImportError as error:\n    print('ImportError', error)\n"
             "else:\n    print('imported')")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    # from a neutral folder: in a source checkout the working directory would
+    # put the uncompiled package first on sys.path
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                            timeout=120)
+                            timeout=120, cwd=str(tmp_path))
     assert result.stdout.startswith("ImportError"), result.stdout + result.stderr
     assert "compiled optimizer kernels" in result.stdout

@@ -458,12 +458,13 @@ def test_fastbn_threads_follow_torch_unless_set_explicitly():
 # section: packaging ------------------------------------------------------------------
 
 
-def test_importing_fastbn_does_not_import_torch():
+def test_importing_fastbn_does_not_import_torch(tmp_path):
     import subprocess
     import sys
     code = "import sys, fastbn, fastbn.nn, fastbn.optim; print('torch' in sys.modules)"
+    # from a neutral folder, so an uncompiled source checkout does not shadow the install
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True)
+                            check=True, cwd=str(tmp_path))
     assert result.stdout.strip() == "False"
 
 
