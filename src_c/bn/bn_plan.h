@@ -189,7 +189,7 @@ static inline int fb_bn_runs_next(const fb_bn_plan *plan, fb_index c, fb_bn_runs
 
 /* What a pass computes (see bn_train_impl.h). */
 enum fb_bn_mode {
-    FB_BN_FORWARD = 0,       /* batch statistics, then y = x * scale + shift */
+    FB_BN_FORWARD = 0,       /* batch statistics, then y = (x - mean) * scale + shift */
     FB_BN_BACKWARD = 1,      /* sums of dy and dy * (x - mean), then dx (3 coefficients) */
     FB_BN_BACKWARD_EVAL = 2, /* optional sums for dweight/dbias, dx = dy * scale */
     /* The split phases (the fused FORWARD and BACKWARD cut in two, for
