@@ -459,12 +459,16 @@ def test_fastbn_threads_follow_torch_unless_set_explicitly():
 
 
 def test_importing_fastbn_does_not_import_torch(tmp_path):
+    import os
     import subprocess
     import sys
     code = "import sys, fastbn, fastbn.nn, fastbn.optim; print('torch' in sys.modules)"
-    # from a neutral folder, so an uncompiled source checkout does not shadow the install
+    # from a neutral folder, with the package this test imported first on the
+    # path, so an uncompiled source checkout never shadows it
+    package_root = os.path.dirname(os.path.dirname(fastbn.__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True, cwd=str(tmp_path))
+                            check=True, cwd=str(tmp_path), env=env)
     assert result.stdout.strip() == "False"
 
 
