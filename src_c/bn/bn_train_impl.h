@@ -352,12 +352,10 @@ static void FB_TYPED(bn_reduce_interleaved)(const fb_bn_plan *plan, FB_TYPED(bn_
 
 /* ---- per-channel coefficients ---------------------------------------------- */
 
-/* Coefficients of channel c (sums s1, s2) into coef; with `owner`, also the
- * outputs that exactly one thread writes (saved statistics, running
- * statistics, dweight, dbias). */
-/* Channel c's sums from its stored chunk partials, added in chunk order
- * starting from 0: the fixed order behind thread-count independent results
- * (the owned mode adds the same partials in the same order on the fly). */
+/* bn_channel_sums_f32 / _f64: channel c's sums from its stored chunk
+ * partials, added in chunk order starting from 0: the fixed order behind
+ * thread-count independent results (the owned mode adds the same partials in
+ * the same order on the fly). */
 static void FB_TYPED(bn_channel_sums)(const fb_bn_plan *plan, const FB_TYPED(bn_pass) *pass,
                                       fb_index c, double *sum1, double *sum2)
 {
@@ -447,6 +445,9 @@ static inline void FB_TYPED(bn_backward_coefficients)(FB_TYPED(bn_coefficients) 
                                             : -a * sum_dy / n);
 }
 
+/* bn_finalize_f32 / bn_finalize_f64: coefficients of channel c (sums s1,
+ * s2) into coef; with `owner`, also the outputs that exactly one thread
+ * writes (saved statistics, running statistics, dweight, dbias). */
 static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass, fb_index c,
                                   double s1, double s2, FB_TYPED(bn_coefficients) coef, int owner)
 {
