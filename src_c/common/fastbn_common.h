@@ -29,6 +29,15 @@ enum fastbn_simd_target {
     FASTBN_TARGET_AVX512 = 2  /* AVX-512 F/BW/VL/DQ */
 };
 
+/* Element type of a kernel's buffers: the index into every per-dtype array
+ * of function pointers. */
+enum fastbn_dtype {
+    FB_DTYPE_F32 = 0,
+    FB_DTYPE_F64 = 1,
+    FB_DTYPE_BF16 = 2, /* bfloat16 storage: reserved, no kernel yet */
+    FB_N_DTYPES = 3
+};
+
 #define FB_CAT_(a, b) a##_##b
 #define FB_CAT(a, b) FB_CAT_(a, b)
 
