@@ -6,7 +6,7 @@
 #include "../common/fb_parallel.h"
 #include "bn_kernels.h"
 #include "bn_plan.h"
-#include "bn_simd.h"
+#include "../common/fb_simd.h"
 
 /* section: float32 ---------------------------------------------------------- */
 #define FB_REAL float
