@@ -18,9 +18,16 @@ DTYPES = [np.float32, np.float64]
 # (N, C) shapes: odd channel counts (1, 3, 17 and 63/65 around a vector
 # multiple, 4097 past the 512-channel group width), odd row counts, and
 # channel counts around the owned-columns threshold (64 per thread: 127/128
-# for two threads, 191/192 for three) and the serial threshold (32768 values).
+# for two threads, 191/192 for three).
 SHAPES_NC = [(2, 1), (3, 3), (33, 17), (2, 63), (33, 65), (3, 4097), (257, 127), (256, 128),
              (170, 191), (171, 192), (127, 257), (128, 256), (129, 256), (300, 600)]
+# Shapes on both sides of the thread threshold (1 MiB moved per call: from
+# 2049 x 64 float32 values the training forward runs on two threads, below it
+# only the backward does), of the 64-row minimum row chunk (63/65 rows, 2047
+# rows leaving a 63-row last chunk), and of the 8-then-4-then-1-row steps of
+# the interleaved reduction (row counts 1..15 past a multiple of 8).
+SHAPES_THREADS = [(63, 64), (65, 72), (2047, 64), (2049, 64), (1031, 136), (700, 400),
+                  (129, 4097), (4, 30, 30, 150)]
 # channels-last (N, H, W, C) and (N, D, H, W, C): the channel wraps inside a
 # work item, and across the stretches of the threads.
 SHAPES_CL = [(2, 5, 7, 3), (3, 4, 5, 17), (2, 9, 9, 63), (2, 6, 6, 129), (2, 2, 3, 4, 33)]
@@ -69,7 +76,7 @@ def threads():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES_NC + SHAPES_CL)
+@pytest.mark.parametrize("shape", SHAPES_NC + SHAPES_CL + SHAPES_THREADS)
 def test_channels_last_kernels_match_the_reference(simd_target, threads, shape, dtype, rng):
     inputs = make(rng, shape, dtype)
     expected = run_all(R, *inputs)
@@ -82,7 +89,8 @@ def test_channels_last_kernels_match_the_reference(simd_target, threads, shape, 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES_NC + SHAPES_CL + [(1024, 96), (64, 1000)])
+@pytest.mark.parametrize("shape", SHAPES_NC + SHAPES_CL + SHAPES_THREADS
+                         + [(1024, 96), (64, 1000)])
 def test_channels_last_results_are_bit_identical_for_1_2_and_3_threads(simd_target, threads,
                                                                        shape, dtype, rng):
     inputs = make(rng, shape, dtype)

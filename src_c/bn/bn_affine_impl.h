@@ -45,7 +45,8 @@ static void FB_TYPED(bn_affine)(const FB_REAL *x, FB_REAL *y, const FB_REAL *mea
                                 fb_index inner, int relu, int num_threads)
 {
     const fb_index total = outer * channels * inner;
-    const int nt = fb_threads_for(total, num_threads);
+    /* bytes moved: x read, y written */
+    const int nt = fb_threads_for_bytes(2 * total * (fb_index)sizeof(FB_REAL), num_threads);
     const int stream = total * (fb_index)sizeof(FB_REAL) >= FB_BN_STREAM_BYTES;
     if (nt <= 1) {
         /* not even an if(0) region: libgomp's team setup costs ~0.3 us */

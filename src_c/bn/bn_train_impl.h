@@ -264,13 +264,17 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, const FB_TYPED(bn
     *sum2 = fb_bn_lanes_total(&a2);
 }
 
-/* Rows are taken four at a time: the four rows' deviations and products are
- * summed in the input dtype, then widened and added to the float64 partials
- * once per four rows.  For float32 that is 8 values per AVX2 operation
- * instead of 4 and a quarter of the conversions; center is a value of the
- * input (or the saved mean), so x - center is exact when x is near it, and a
- * sum of four values adds at most ~2 ulp of relative error before the float64
- * accumulation takes over. */
+/* Rows are taken eight at a time (then four, then one): the rows'
+ * deviations and products are summed pairwise in the input dtype, then
+ * widened and added to the float64 partials once per eight rows.  For
+ * float32 that is 16 values per AVX-512 operation instead of 8 and an
+ * eighth of the conversions; center is a value of the input (or the saved
+ * mean), so x - center is exact when x is near it, and a pairwise sum of
+ * eight values adds at most ~3 ulp of relative error before the float64
+ * accumulation takes over.  Eight rather than four: the partials s1, s2 are
+ * loaded and stored once per step, and with four rows those accesses were
+ * the hottest instructions of a (256, 512) float32 reduction (profiled);
+ * eight halves them. */
 /* Row chunk k of channels [c0, c0 + width): the partials of one channel
  * depend only on k and the channel, not on c0 or width, so any split of the
  * channels into pieces gives the same sums. */
@@ -286,6 +290,22 @@ static void FB_TYPED(bn_reduce_rows)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *
         s1[c] = s2[c] = 0.0;
     fb_index r = k * plan->chunk;
     if (fb_bn_reduces_x(pass->mode)) {
+        for (; r + 8 <= r1; r += 8) {
+            const FB_REAL *restrict x0 = pass->x + r * C + c0;
+            const FB_REAL *restrict x1 = x0 + C, *restrict x2 = x1 + C, *restrict x3 = x2 + C;
+            const FB_REAL *restrict x4 = x3 + C, *restrict x5 = x4 + C, *restrict x6 = x5 + C;
+            const FB_REAL *restrict x7 = x6 + C;
+#pragma omp simd
+            for (fb_index c = 0; c < width; ++c) {
+                const FB_REAL d0 = x0[c] - center[c], d1 = x1[c] - center[c];
+                const FB_REAL d2 = x2[c] - center[c], d3 = x3[c] - center[c];
+                const FB_REAL d4 = x4[c] - center[c], d5 = x5[c] - center[c];
+                const FB_REAL d6 = x6[c] - center[c], d7 = x7[c] - center[c];
+                s1[c] += (double)(((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7)));
+                s2[c] += (double)(((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
+                                  + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)));
+            }
+        }
         for (; r + 4 <= r1; r += 4) {
             const FB_REAL *restrict x0 = pass->x + r * C + c0;
             const FB_REAL *restrict x1 = x0 + C, *restrict x2 = x1 + C, *restrict x3 = x2 + C;
@@ -306,7 +326,33 @@ static void FB_TYPED(bn_reduce_rows)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *
                 s2[c] += (double)(d0 * d0);
             }
         }
-    } else {
+    } else if (!pass->relu) {
+        for (; r + 8 <= r1; r += 8) {
+            const fb_index offset = r * C + c0;
+            const FB_REAL *restrict x0 = pass->x + offset;
+            const FB_REAL *restrict x1 = x0 + C, *restrict x2 = x1 + C, *restrict x3 = x2 + C;
+            const FB_REAL *restrict x4 = x3 + C, *restrict x5 = x4 + C, *restrict x6 = x5 + C;
+            const FB_REAL *restrict x7 = x6 + C;
+            const FB_REAL *restrict g0 = pass->dy + offset;
+            const FB_REAL *restrict g1 = g0 + C, *restrict g2 = g1 + C, *restrict g3 = g2 + C;
+            const FB_REAL *restrict g4 = g3 + C, *restrict g5 = g4 + C, *restrict g6 = g5 + C;
+            const FB_REAL *restrict g7 = g6 + C;
+#pragma omp simd
+            for (fb_index c = 0; c < width; ++c) {
+                const FB_REAL d0 = x0[c] - center[c], d1 = x1[c] - center[c];
+                const FB_REAL d2 = x2[c] - center[c], d3 = x3[c] - center[c];
+                const FB_REAL d4 = x4[c] - center[c], d5 = x5[c] - center[c];
+                const FB_REAL d6 = x6[c] - center[c], d7 = x7[c] - center[c];
+                s1[c] += (double)(((g0[c] + g1[c]) + (g2[c] + g3[c]))
+                                  + ((g4[c] + g5[c]) + (g6[c] + g7[c])));
+                s2[c] += (double)(((g0[c] * d0 + g1[c] * d1) + (g2[c] * d2 + g3[c] * d3))
+                                  + ((g4[c] * d4 + g5[c] * d5) + (g6[c] * d6 + g7[c] * d7)));
+            }
+        }
+    }
+    if (!fb_bn_reduces_x(pass->mode)) {
+        /* the rest of the rows; with relu all of them, four at a time
+         * through a masked copy of dy (bn_grad_row) */
         FB_REAL staging[4][FB_BN_RELU_BLOCK];
         for (; r + 4 <= r1; r += 4) {
             const fb_index offset = r * C + c0;
@@ -446,11 +492,17 @@ static inline void FB_TYPED(bn_backward_coefficients)(FB_TYPED(bn_coefficients) 
 }
 
 /* bn_finalize_f32 / bn_finalize_f64: coefficients of channel c (sums s1,
- * s2) into coef; with `owner`, also the outputs that exactly one thread
- * writes (saved statistics, running statistics, dweight, dbias). */
+ * s2) into *coefficients; with `owner`, also the outputs that exactly one
+ * thread writes (saved statistics, running statistics, dweight, dbias).
+ * The coefficients come by pointer: passed by value, the three-pointer
+ * struct was stored to the stack and reloaded as one wider load on every
+ * call, a failed store forward per channel (~10 % of a (256, 512) float32
+ * training forward, profiled). */
 static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass, fb_index c,
-                                  double s1, double s2, FB_TYPED(bn_coefficients) coef, int owner)
+                                  double s1, double s2,
+                                  const FB_TYPED(bn_coefficients) *coefficients, int owner)
 {
+    const FB_TYPED(bn_coefficients) coef = *coefficients;
     const double n = (double)plan->n;
     const double w = pass->weight ? (double)pass->weight[c] : 1.0;
     double invstd, dweight = 0.0;
@@ -641,7 +693,7 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
                     s2 += chunk2;
                 }
             }
-            FB_TYPED(bn_finalize)(plan, pass, c, s1, s2, coef, 1);
+            FB_TYPED(bn_finalize)(plan, pass, c, s1, s2, &coef, 1);
             /* newest chunk first: the likeliest to still be in L2 */
             for (fb_index s = 0; s < chunks && rewrite; ++s)
                 FB_TYPED(bn_apply_item)(plan, pass, coef, (c + 1) * chunks - 1 - s);
@@ -667,7 +719,7 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
             FB_TYPED(bn_interleaved_totals)(plan, pass, first, last, totals, totals + C);
         for (fb_index c = first; c < last; ++c)
             FB_TYPED(bn_finalize)(plan, pass, c, pass->reduce ? totals[c] : 0.0,
-                                  pass->reduce ? totals[C + c] : 0.0, coef, 1);
+                                  pass->reduce ? totals[C + c] : 0.0, &coef, 1);
         for (fb_index k = plan->chunks; rewrite && k-- > 0;)
             for (fb_index c0 = first; c0 < last; c0 += plan->group_width)
                 FB_TYPED(bn_apply_rows)(plan, pass, coef, k, c0,
@@ -709,7 +761,7 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
             } else if (pass->reduce) {
                 FB_TYPED(bn_channel_sums)(plan, pass, c, &s1, &s2);
             }
-            FB_TYPED(bn_finalize)(plan, pass, c, s1, s2, coef,
+            FB_TYPED(bn_finalize)(plan, pass, c, s1, s2, &coef,
                                   c >= c0 + owned_first && c < c0 + owned_last);
         }
         if (plan->interleaved) {
@@ -732,26 +784,35 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
 static int FB_TYPED(bn_run)(FB_TYPED(bn_pass) *pass, fb_index outer, fb_index channels,
                             fb_index inner, int streams, int num_threads)
 {
-    const int nt = fb_threads_for(outer * channels * inner, num_threads);
+    /* bytes moved: the reduction's input arrays, plus the output */
+    const fb_index values = outer * channels * inner;
+    const int nt = fb_threads_for_bytes(values * (fb_index)sizeof(FB_REAL)
+                                        * (streams + fb_bn_rewrites(pass->mode)), num_threads);
     pass->stream = outer * channels * inner * (fb_index)sizeof(FB_REAL) >= FB_BN_STREAM_BYTES;
     fb_bn_plan plan;
     fb_bn_make_plan(&plan, outer, channels, inner, streams * (fb_index)sizeof(FB_REAL), nt);
     /* stored partials only where threads share channels; owners add theirs
      * on the fly */
     const fb_index partials = pass->reduce && !plan.owned ? fb_bn_partial_count(&plan) : 0;
+    /* sum2 starts 2 KiB (mod 4 KiB) past sum1: the interleaved reduction
+     * loads and stores s1[c], then s2[c], row after row, and at a distance
+     * that is a multiple of 4 KiB the load of one waits on the store to the
+     * other (4K aliasing).  Profiled on (256, 512) float32 training forward,
+     * the instruction after that load was 30 % of the reduction's time. */
+    const fb_index sum2_offset = partials ? fb_ceil_div(partials, 512) * 512 + 256 : 0;
     const fb_index totals = pass->reduce && plan.interleaved ? 2 * (fb_index)nt * channels : 0;
     /* per-channel arrays in FB_REAL are wrapped (bn_span_wrap) */
     const fb_index stride = channels + FB_BN_WRAP_PAD;
     /* relu backwards: the forward's coefficients, for the mask */
     const fb_index masks = pass->relu && !fb_bn_normalizes(pass->mode) ? 2 * stride : 0;
-    const size_t bytes = (size_t)(2 * partials + totals + channels) * sizeof(double)
+    const size_t bytes = (size_t)(sum2_offset + partials + totals + channels) * sizeof(double)
                        + (size_t)((3 * (fb_index)nt + 1) * stride + masks) * sizeof(FB_REAL);
     double *workspace = (double *)malloc(bytes);
     if (!workspace)
         return FASTBN_ERR_NOMEM;
     pass->sum1 = workspace;
-    pass->sum2 = workspace + partials;
-    pass->totals = workspace + 2 * partials;
+    pass->sum2 = workspace + sum2_offset;
+    pass->totals = pass->sum2 + partials;
     pass->center = pass->totals + totals;
     pass->center_real = (FB_REAL *)(pass->center + channels);
     pass->coefficients = pass->center_real + stride;
