@@ -3,20 +3,15 @@
 
 torch's own ``torch.nn.SyncBatchNorm`` refuses CPU tensors.  This layer
 has its constructor and state_dict (but is not its subclass, since
-DistributedDataParallel rejects those on CPU); a training forward on CPU
-runs fastbn's split phases::
-
-    local (count, mean, m2)                  batch_norm_stats
-    ONE all_gather of [header, mean, m2]     (8 * (5 + 2C) bytes sent per rank)
-    merge in rank order (Chan's formula)     batch_norm_merge_stats
-    normalize the local batch                batch_norm_apply
-
-and its backward::
-
-    local (sum dy, sum dy*xhat)              batch_norm_backward_reduce
-    ONE all_gather of [header, both sums]    (8 * (1 + 2C) bytes sent per rank)
-    add the sums in rank order               (float64)
-    dx of the local batch                    batch_norm_backward_apply
+DistributedDataParallel rejects those on CPU).  It runs the protocol of
+`fastbn.nn.SyncBatchNorm` (the MPI layer) over ``torch.distributed``: the
+training forward computes this rank's per-channel (count, mean, m2) with
+`fastbn.functional.batch_norm_stats`, all_gathers them with a small header
+(8 * (5 + 2C) bytes per rank), merges them in rank order
+(`batch_norm_merge_stats`) and normalizes the local batch
+(`batch_norm_apply`); the backward all_gathers this rank's
+`batch_norm_backward_reduce` sums (8 * (1 + 2C) bytes per rank), adds them
+in rank order in float64 and computes dx (`batch_norm_backward_apply`).
 
 Gathering then combining in rank order (instead of an all_reduce, whose
 summation order is the backend's) gives every rank the same bits, run after
@@ -42,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as bn_functional
+from ..distributed._comm import raise_on_disagreement
 from . import _ops
 from .batchnorm import BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d, _forward
 
@@ -64,13 +60,6 @@ def _all_gather_rows(row: np.ndarray, group) -> np.ndarray:
     received = [torch.empty_like(send) for _ in range(size)]
     torch.distributed.all_gather(received, send, group=group)
     return torch.stack(received).numpy()
-
-
-def _raise_on_every_rank(what: str, rows, cause: Optional[BaseException] = None) -> None:
-    """The ValueError every rank raises, with the same message on every rank:
-    `what`, then one line per rank."""
-    message = what + "\n" + "\n".join(f"  rank {rank}: {row}" for rank, row in enumerate(rows))
-    raise ValueError(message) from cause
 
 
 def _dtype_code(dtype: torch.dtype) -> int:
@@ -203,7 +192,7 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             rows = [f"num_features={int(row[0])}, weight={bool(row[1])}, bias={bool(row[2])}, "
                     f"track_running_stats={bool(row[3])}, relu={bool(row[4])}, eps={row[5]!r}, "
                     f"momentum={None if row[6] < 0 else row[6]!r}" for row in table]
-            _raise_on_every_rank(
+            raise_on_disagreement(
                 f"{type(self).__name__}: the ranks' layers differ (num_features, affine, bias, "
                 f"track_running_stats, eps and momentum must be the same on every rank):", rows)
         # a plain tuple (not the group) keeps the layer deep-copyable and picklable
@@ -248,7 +237,7 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         if header[:, 0].any() or not (header[:, 2] == header[0, 2]).all():
             rows = [f"{int(row[1])} channels, {_dtype_name(row[2])}, {int(row[3])}D input"
                     + (" -- rejected by this rank's checks" if row[0] else "") for row in header]
-            _raise_on_every_rank(
+            raise_on_disagreement(
                 f"{type(self).__name__}: an input is invalid or the ranks' inputs disagree "
                 f"(every rank needs a float32 or float64 CPU input of the layer's dtype with "
                 f"{channels} channels on dimension 1):", rows, local_error)
@@ -363,7 +352,7 @@ def _gathered_sums(sum_dy: np.ndarray, sum_dy_xhat: np.ndarray,
     send[_BACKWARD_HEADER + channels:] = sum_dy_xhat
     table = _all_gather_rows(send, group)
     if table[:, 0].any():  # pragma: no cover - the header keeps the protocol extensible
-        _raise_on_every_rank("SyncBatchNorm.backward: a rank failed",
+        raise_on_disagreement("SyncBatchNorm.backward: a rank failed",
                              ["failed" if row[0] else "ok" for row in table])
     sums = table[0, _BACKWARD_HEADER:].copy()
     for row in table[1:]:
