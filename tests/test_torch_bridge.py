@@ -443,13 +443,22 @@ def test_fastbn_threads_follow_torch_unless_set_explicitly():
     layer = ft.BatchNorm2d(5)
     x = torch.randn(2, 5, 3, 3)
     try:
+        fastbn.set_num_threads(None)
         torch.set_num_threads(1)
         layer(x)
         assert fastbn.get_num_threads() == 1
+        assert fastbn.get_user_num_threads() is None  # following torch is not a user choice
         fastbn.set_num_threads(2)
         torch.set_num_threads(1)
         layer(x)
-        assert fastbn._core.get_user_threads() == 2
+        assert fastbn.get_user_num_threads() == 2
+        assert fastbn._core.get_user_threads() == 2  # the limit in force, not torch's 1
+        fastbn.set_num_threads(None)  # back to following torch at the next op
+        # (with one shared OpenMP runtime, resetting fastbn also reset torch's count)
+        torch.set_num_threads(1)
+        layer(x)
+        assert fastbn._core.get_user_threads() == 1
+        assert fastbn.get_user_num_threads() is None
     finally:
         fastbn.set_num_threads(None)
         torch.set_num_threads(previous)
