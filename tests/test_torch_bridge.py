@@ -325,7 +325,8 @@ def small_mlp(batchnorm_class):
 
 def test_torch_compile_fullgraph_matches_eager_and_updates_buffers():
     # aot_eager exercises the fake kernels and the autograd registration
-    # (AOTAutograd) without inductor's C++ compile, which takes minutes here.
+    # (AOTAutograd) without inductor's C++ compile (30-60 s here; the
+    # slow-marked tests/test_torch_compile_inductor.py runs inductor).
     eager_model = small_mlp(ft.BatchNorm1d)
     compiled_model = copy.deepcopy(eager_model)
     compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
