@@ -13,6 +13,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
+import fastbn.functional
 import fastbn.torch as ft
 
 nn = torch.nn
@@ -27,6 +28,18 @@ SPATIAL = {2: (), 3: (7,), 4: (6, 7), 5: (3, 4, 5)}
 def channels_last(x):
     """The same values stored with the channel dimension innermost."""
     return x.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+def in_memory_format(x, memory_format):
+    """The same values, stored contiguously, channels-last, or "strided"
+    (every other element of a twice-as-long last dimension)."""
+    if memory_format == "channels_last":
+        return channels_last(x)
+    if memory_format == "strided":
+        strided = x.repeat_interleave(2, dim=-1)[..., ::2]
+        assert not strided.is_contiguous()
+        return strided
+    return x
 
 
 def relative_error(ours, reference):
@@ -71,6 +84,7 @@ COMPARE_CASES = [
     ("2d_f64_no_bias", 2, "float64", "contiguous", (3, 2, 4), {"bias": False}),
     ("4d_f32_fused_relu", 4, "float32", "channels_last", (3, 4, 2), {"relu": True}),
     ("3d_f64_fused_relu", 3, "float64", "contiguous", (2, 3, 3), {"relu": True}),
+    ("4d_f32_strided", 4, "float32", "strided", (2, 3, 2), {}),
 ]
 
 
@@ -135,14 +149,11 @@ def run_case(name, ndim, dtype_name, memory_format, batches, options, rank, worl
             y_reference = torch.relu(y_reference)
         y_reference.backward(dy_full.double())
         # this rank's part
-        x = x_full[start:stop].clone()
-        if memory_format == "channels_last":
-            x = channels_last(x)
-        x.requires_grad_()
+        x = in_memory_format(x_full[start:stop].clone(), memory_format).requires_grad_()
         y = layer(x)
         y.backward(dy_full[start:stop])
-        layouts_kept &= (y.stride() == x.stride() and x.grad.stride() == x.stride()) \
-            if x.shape[0] > 1 else True
+        if x.shape[0] > 1 and memory_format != "strided":
+            layouts_kept &= y.stride() == x.stride() and x.grad.stride() == x.stride()
         for key, ours, theirs in (("y", y, y_reference[start:stop]),
                                   ("dx", x.grad, x_reference.grad[start:stop])):
             if ours.numel():
@@ -171,9 +182,7 @@ def run_case(name, ndim, dtype_name, memory_format, batches, options, rank, worl
     reference.eval()
     x_full = (torch.randn((sum(batches), CHANNELS, *SPATIAL[ndim]), generator=generator,
                           dtype=torch.float64) + 1).to(dtype)
-    x = x_full[start:stop]
-    if memory_format == "channels_last":
-        x = channels_last(x)
+    x = in_memory_format(x_full[start:stop], memory_format)
     calls = count_collectives(lambda: outputs.append(layer(x).detach().clone()))
     if reference.running_mean is not None and x.shape[0] > 0:
         y_reference = reference(x_full.double())
@@ -232,6 +241,23 @@ def attempt(run):
     return {"type": None, "message": ""}
 
 
+def backward_failing_on_rank_1(layer, rank):
+    """A backward whose local sums fail on rank 1 only."""
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    y = layer(x)
+    original = fastbn.functional.batch_norm_backward_reduce
+
+    def failing(*args, **kwargs):
+        raise MemoryError("simulated: no memory for the backward's sums")
+
+    if rank == 1:
+        fastbn.functional.batch_norm_backward_reduce = failing
+    try:
+        y.backward(torch.randn(y.shape))
+    finally:
+        fastbn.functional.batch_norm_backward_reduce = original
+
+
 def scenario_mismatch(rank, world):
     results = {}
     layer = ft.SyncBatchNorm(4)
@@ -249,6 +275,7 @@ def scenario_mismatch(rank, world):
     # the ranks are still in step: a valid call works on every rank
     results["valid_call_after_errors"] = attempt(lambda: layer(good).sum().backward())
     results["counter_after_valid_call"] = int(layer.num_batches_tracked)
+    results["backward_failure"] = attempt(lambda: backward_failing_on_rank_1(layer, rank))
     different = ft.SyncBatchNorm(4 + rank)
     results["num_features"] = attempt(lambda: different(torch.randn(3, 4 + rank)))
     different_eps = ft.SyncBatchNorm(4, eps=1e-5 * (1 + rank))

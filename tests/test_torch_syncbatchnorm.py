@@ -148,7 +148,8 @@ def test_ddp_with_converted_model_matches_one_process(tmp_path):
                                          ("input_rank", "1D input"),
                                          ("global_batch_of_one", "more than 1 value"),
                                          ("num_features", "num_features=5"),
-                                         ("eps", "eps=")])
+                                         ("eps", "eps="),
+                                         ("backward_failure", "backward failed on a rank")])
 def test_bad_input_on_one_rank_raises_the_same_error_on_every_rank(mismatch_two_ranks, case,
                                                                    words):
     errors = [rank_results[case] for rank_results in mismatch_two_ranks]

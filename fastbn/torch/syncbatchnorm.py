@@ -326,11 +326,19 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         weight_array, bias_array = _ops._array_or_none(weight), _ops._array_or_none(bias)
         relu_from = (weight_array, bias_array) if ctx.relu else None
         # this rank's sums are this rank's share of dbias and dweight
-        sum_dy, sum_dy_xhat = bn_functional.batch_norm_backward_reduce(
-            dy_view, x_view, mean, invstd, axis=axis, relu_from=relu_from)
+        local_error = None
+        try:
+            sum_dy, sum_dy_xhat = bn_functional.batch_norm_backward_reduce(
+                dy_view, x_view, mean, invstd, axis=axis, relu_from=relu_from)
+        except Exception as error:  # e.g. MemoryError: reported to every rank
+            if not ctx.needs_input_grad[0]:
+                raise  # no collective follows
+            local_error = error
+            sum_dy = sum_dy_xhat = np.zeros(mean.shape[0])
         dx = None
         if ctx.needs_input_grad[0]:  # as torch: no dx needed, no communication
-            global_dy, global_dy_xhat = _gathered_sums(sum_dy, sum_dy_xhat, ctx.group)
+            global_dy, global_dy_xhat = _gathered_sums(sum_dy, sum_dy_xhat, ctx.group,
+                                                       local_error)
             dx, dx_array = _ops._new_output(x, axis)
             bn_functional.batch_norm_backward_apply(
                 dy_view, x_view, mean, invstd, weight_array, global_dy, global_dy_xhat, count,
@@ -342,18 +350,20 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None, None, None
 
 
-def _gathered_sums(sum_dy: np.ndarray, sum_dy_xhat: np.ndarray,
-                   group) -> Tuple[np.ndarray, np.ndarray]:
+def _gathered_sums(sum_dy: np.ndarray, sum_dy_xhat: np.ndarray, group,
+                   local_error: Optional[BaseException]) -> Tuple[np.ndarray, np.ndarray]:
     """The sums of every rank, added in rank order (the same bits on every
-    rank)."""
+    rank); a rank whose own sums failed (`local_error`) still takes part,
+    and then every rank raises."""
     channels = sum_dy.shape[0]
     send = np.zeros(_BACKWARD_HEADER + 2 * channels)
+    send[0] = local_error is not None
     send[_BACKWARD_HEADER:_BACKWARD_HEADER + channels] = sum_dy
     send[_BACKWARD_HEADER + channels:] = sum_dy_xhat
     table = _all_gather_rows(send, group)
-    if table[:, 0].any():  # pragma: no cover - the header keeps the protocol extensible
-        raise_on_disagreement("SyncBatchNorm.backward: a rank failed",
-                             ["failed" if row[0] else "ok" for row in table])
+    if table[:, 0].any():
+        raise_on_disagreement("SyncBatchNorm.backward: the backward failed on a rank:",
+                              ["failed" if row[0] else "ok" for row in table], local_error)
     sums = table[0, _BACKWARD_HEADER:].copy()
     for row in table[1:]:
         sums += row[_BACKWARD_HEADER:]
