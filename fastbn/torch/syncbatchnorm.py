@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as bn_functional
-from ..distributed._comm import raise_on_disagreement
+from ..distributed._comm import merge_gathered_stats, raise_on_disagreement, sum_in_rank_order
 from . import _ops
 from .batchnorm import BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d, _forward
 
@@ -241,17 +241,10 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
                 f"{type(self).__name__}: an input is invalid or the ranks' inputs disagree "
                 f"(every rank needs a float32 or float64 CPU input of the layer's dtype with "
                 f"{channels} channels on dimension 1):", rows, local_error)
-        counts = header[:, 4].astype(np.int64)
-        total, mean, m2 = bn_functional.batch_norm_merge_stats(
-            counts, table[:, _FORWARD_HEADER:_FORWARD_HEADER + channels],
-            table[:, _FORWARD_HEADER + channels:])
-        if total < 2:
-            raise ValueError(f"Expected more than 1 value per channel when training, got "
-                             f"{total} over all {len(counts)} ranks (per rank: "
-                             f"{[int(c) for c in counts]})")
+        total, mean, m2 = merge_gathered_stats(table, _FORWARD_HEADER, channels)
         invstd = 1.0 / np.sqrt(m2 / total + self.eps)
         self._update_running_stats(mean, m2 / (total - 1))
-        return mean, invstd, int(total)
+        return mean, invstd, total
 
     def _update_running_stats(self, mean: np.ndarray, unbiased_var: np.ndarray) -> None:
         """torch's update, ``r = (1 - m) * r + m * stat`` (m = 1 /
@@ -364,9 +357,7 @@ def _gathered_sums(sum_dy: np.ndarray, sum_dy_xhat: np.ndarray, group,
     if table[:, 0].any():
         raise_on_disagreement("SyncBatchNorm.backward: the backward failed on a rank:",
                               ["failed" if row[0] else "ok" for row in table], local_error)
-    sums = table[0, _BACKWARD_HEADER:].copy()
-    for row in table[1:]:
-        sums += row[_BACKWARD_HEADER:]
+    sums = sum_in_rank_order(table[:, _BACKWARD_HEADER:])
     return sums[:channels], sums[channels:]
 
 
