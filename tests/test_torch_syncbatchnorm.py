@@ -250,3 +250,19 @@ def test_fused_sync_layer_without_distributed_equals_batchnorm_then_relu():
     theirs = nn.BatchNorm1d(3, dtype=torch.float64)
     x = torch.randn(7, 3, 4, dtype=torch.float64)
     torch.testing.assert_close(ours(x), torch.relu(theirs(x)), rtol=1e-12, atol=1e-12)
+
+
+def test_torch_syncbn_example_trains_with_ddp_and_times_the_layers(tmp_path):
+    example = WORKER.parent.parent / "examples" / "torch_syncbn.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([PACKAGE_ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    try:
+        result = subprocess.run([sys.executable, str(example), "--steps", "2", "--shape",
+                                 "4,8,6,6", "--repeats", "2"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("examples/torch_syncbn.py did not finish within 300 s (a hang?)")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "running statistics identical on all 2 ranks: True" in result.stdout
+    assert "SyncBatchNorm / local fastbn BatchNorm2d" in result.stdout
+    assert "step 1: loss per rank" in result.stdout
