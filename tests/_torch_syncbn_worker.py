@@ -357,7 +357,35 @@ def scenario_ddp(rank, world):
             "sync_layers": sum(isinstance(m, ft.SyncBatchNorm) for m in model.modules())}
 
 
-SCENARIOS = {"compare": scenario_compare, "mismatch": scenario_mismatch,
+def scenario_subgroup(rank, world):
+    """process_group=: ranks 0 and 1 synchronize with each other only; rank 2
+    is a group of its own (a local BatchNorm)."""
+    groups = [dist.new_group([0, 1]), dist.new_group([2])]  # every rank creates every group
+    group = groups[0] if rank < 2 else groups[1]
+    batches = (3, 5, 4)
+    generator = torch.Generator().manual_seed(11)
+    reference = make_reference(4, {}, generator)
+    layer = ft.SyncBatchNorm(CHANNELS, process_group=group, dtype=torch.float64)
+    layer.load_state_dict(reference.state_dict())
+    x_full = torch.randn(sum(batches), CHANNELS, 3, 4, generator=generator, dtype=torch.float64)
+    dy_full = torch.randn(x_full.shape, generator=generator, dtype=torch.float64)
+    # the batch the rank's group normalizes over
+    members = slice(0, batches[0] + batches[1]) if rank < 2 else slice(sum(batches[:2]), None)
+    x_reference = x_full[members].clone().requires_grad_()
+    y_reference = reference(x_reference)
+    y_reference.backward(dy_full[members])
+    start = sum(batches[:rank]) - (0 if rank < 2 else sum(batches[:2]))
+    part = slice(start, start + batches[rank])
+    x = x_full[sum(batches[:rank]):sum(batches[:rank + 1])].clone().requires_grad_()
+    y = layer(x)
+    y.backward(dy_full[sum(batches[:rank]):sum(batches[:rank + 1])])
+    return {"errors": {"y": relative_error(y, y_reference[part]),
+                       "dx": relative_error(x.grad, x_reference.grad[part]),
+                       "running_var": relative_error(layer.running_var,
+                                                     reference.running_var)}}
+
+
+SCENARIOS = {"compare": scenario_compare, "subgroup": scenario_subgroup, "mismatch": scenario_mismatch,
              "single": scenario_single, "ddp": scenario_ddp}
 
 
