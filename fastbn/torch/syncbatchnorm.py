@@ -142,8 +142,9 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             or when all ranks together hold fewer than 2 values per channel.
         """
         if input.device.type != "cpu":
-            return torch.nn.SyncBatchNorm.forward(self, input)
-        group = self._sync_group(input)
+            y = torch.nn.SyncBatchNorm.forward(self, input)
+            return torch.relu(y) if self._fused_relu else y
+        group = self._sync_group()
         if group is None:
             return _forward(self, input, self._local_torch_forward, self._fused_relu)
         if _ops.channel_axis(input) == 0:
@@ -154,7 +155,7 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
     # ---- when to synchronize ------------------------------------------------------
 
-    def _sync_group(self, x: Tensor):
+    def _sync_group(self):
         """The process group to synchronize over, or None for a local forward
         (eval mode, no torch.distributed, one rank)."""
         if not self.training or not torch.distributed.is_available():
