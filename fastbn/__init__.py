@@ -23,7 +23,8 @@ except ImportError as error:  # pragma: no cover - depends on how fastbn was ins
 
 from ._backend import get_backend, set_backend, use_backend
 from ._config import (available_simd_targets, compiled_simd_targets, config_info,
-                      get_num_threads, get_simd_target, set_num_threads, set_simd_target,
+                      get_num_threads, get_simd_target, get_user_num_threads,
+                      set_num_threads, set_simd_target,
                       show_config, _select_initial_target)
 from .parameter import Parameter
 from .checkpoint import CheckpointError, load, load_into, save
@@ -40,5 +41,5 @@ __all__ = [
     "save", "load", "load_into", "CheckpointError",
     "get_backend", "set_backend", "use_backend",
     "available_simd_targets", "compiled_simd_targets", "get_simd_target", "set_simd_target",
-    "get_num_threads", "set_num_threads", "show_config", "config_info",
+    "get_num_threads", "get_user_num_threads", "set_num_threads", "show_config", "config_info",
 ]

@@ -67,19 +67,51 @@ def _select_initial_target() -> None:
 
 # ---- threads --------------------------------------------------------------
 
+# The count last given to set_num_threads (None: none in effect).  Kept apart
+# from the core's limit, which integrations such as fastbn.torch also set
+# (`_follow_num_threads`) without it counting as the user's choice.
+_user_num_threads: Optional[int] = None
+
+
 def set_num_threads(n: Optional[int]) -> None:
     """Use at most `n` threads in kernels (None restores the OpenMP default,
     i.e. OMP_NUM_THREADS or the number of cores).  threadpoolctl limits and
     OMP_NUM_THREADS still cap it."""
+    global _user_num_threads
     if n is None:
         _core.set_user_threads(0)
+        _user_num_threads = None
         return
-    _core.set_user_threads(check_int(n, "n", minimum=1))
+    n = check_int(n, "n", minimum=1)
+    _core.set_user_threads(n)
+    _user_num_threads = n
 
 
 def get_num_threads() -> int:
     """Threads the next kernel call in this thread may use (large inputs)."""
     return _core.num_threads()
+
+
+def get_user_num_threads() -> Optional[int]:
+    """The thread count set explicitly with `set_num_threads`, or None.
+
+    None when `set_num_threads` was never called or was last called with
+    None.  Integrations that pick a count themselves (fastbn.torch follows
+    ``torch.get_num_threads()``) do so only while this is None, and their
+    count is not reported here; `get_num_threads` gives the count in effect.
+
+    Returns
+    -------
+    int or None
+    """
+    return _user_num_threads
+
+
+def _follow_num_threads(n: int) -> None:
+    """Limit kernels to `n` threads on behalf of an integration, unless the
+    user chose a count (`get_user_num_threads` stays None)."""
+    if _user_num_threads is None and _core.get_user_threads() != n:
+        _core.set_user_threads(n)
 
 
 # ---- report ---------------------------------------------------------------

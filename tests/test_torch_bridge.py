@@ -325,7 +325,8 @@ def small_mlp(batchnorm_class):
 
 def test_torch_compile_fullgraph_matches_eager_and_updates_buffers():
     # aot_eager exercises the fake kernels and the autograd registration
-    # (AOTAutograd) without inductor's C++ compile, which takes minutes here.
+    # (AOTAutograd) without inductor's C++ compile (30-60 s here; the
+    # slow-marked tests/test_torch_compile_inductor.py runs inductor).
     eager_model = small_mlp(ft.BatchNorm1d)
     compiled_model = copy.deepcopy(eager_model)
     compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
@@ -443,13 +444,22 @@ def test_fastbn_threads_follow_torch_unless_set_explicitly():
     layer = ft.BatchNorm2d(5)
     x = torch.randn(2, 5, 3, 3)
     try:
+        fastbn.set_num_threads(None)
         torch.set_num_threads(1)
         layer(x)
         assert fastbn.get_num_threads() == 1
+        assert fastbn.get_user_num_threads() is None  # following torch is not a user choice
         fastbn.set_num_threads(2)
         torch.set_num_threads(1)
         layer(x)
-        assert fastbn._core.get_user_threads() == 2
+        assert fastbn.get_user_num_threads() == 2
+        assert fastbn._core.get_user_threads() == 2  # the limit in force, not torch's 1
+        fastbn.set_num_threads(None)  # back to following torch at the next op
+        # (with one shared OpenMP runtime, resetting fastbn also reset torch's count)
+        torch.set_num_threads(1)
+        layer(x)
+        assert fastbn._core.get_user_threads() == 1
+        assert fastbn.get_user_num_threads() is None
     finally:
         fastbn.set_num_threads(None)
         torch.set_num_threads(previous)

@@ -1,6 +1,7 @@
 """fastbn.torch.optim and fastbn.torch.clip_grad_norm_ against torch itself:
 100-step trajectories with a scheduler and several param groups, zero-copy
 updates, torch-layout state dicts in both directions, errors."""
+import contextlib
 import copy
 import math
 
@@ -124,7 +125,53 @@ CASES = {
                                            momentum=0.9, weight_decay=1e-2)),
     "lion": (lambda p: fto.Lion(groups_of(p), lr=1e-3, weight_decay=0.1),
              lambda p: lion_reference(groups_of(p), lr=1e-3, weight_decay=0.1)),
+    "nadam_weight_decay": (
+        lambda p: fto.NAdam(groups_of(p, momentum_decay=8e-3), lr=1e-2, weight_decay=1e-2),
+        lambda p: torch.optim.NAdam(groups_of(p, momentum_decay=8e-3), lr=1e-2,
+                                    weight_decay=1e-2)),
+    "nadam_decoupled_maximize": (
+        lambda p: fto.NAdam(groups_of(p, lr=3e-3), lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1,
+                            decoupled_weight_decay=True, maximize=True),
+        lambda p: torch.optim.NAdam(groups_of(p, lr=3e-3), lr=1e-2, betas=(0.8, 0.99),
+                                    weight_decay=0.1, decoupled_weight_decay=True,
+                                    maximize=True)),
+    "radam_weight_decay": (
+        lambda p: fto.RAdam(groups_of(p, betas=(0.5, 0.9)), lr=1e-2, weight_decay=1e-2),
+        lambda p: torch.optim.RAdam(groups_of(p, betas=(0.5, 0.9)), lr=1e-2,
+                                    weight_decay=1e-2)),
+    "radam_decoupled_maximize": (
+        lambda p: fto.RAdam(groups_of(p, lr=3e-3), lr=1e-2, weight_decay=0.1,
+                            decoupled_weight_decay=True, maximize=True),
+        lambda p: torch.optim.RAdam(groups_of(p, lr=3e-3), lr=1e-2, weight_decay=0.1,
+                                    decoupled_weight_decay=True, maximize=True)),
+    "adadelta": (lambda p: fto.Adadelta(groups_of(p, rho=0.5), lr=0.5, weight_decay=1e-2),
+                 lambda p: torch.optim.Adadelta(groups_of(p, rho=0.5), lr=0.5,
+                                                weight_decay=1e-2)),
+    "adadelta_maximize": (
+        lambda p: fto.Adadelta(groups_of(p, eps=1e-4), rho=0.95, maximize=True),
+        lambda p: torch.optim.Adadelta(groups_of(p, eps=1e-4), rho=0.95, maximize=True)),
+    "adamax_weight_decay_maximize": (
+        lambda p: fto.Adamax(groups_of(p, betas=(0.5, 0.9)), lr=1e-2, weight_decay=1e-2,
+                             maximize=True),
+        lambda p: torch.optim.Adamax(groups_of(p, betas=(0.5, 0.9)), lr=1e-2, weight_decay=1e-2,
+                                     maximize=True)),
 }
+
+
+@contextlib.contextmanager
+def torch_scalars_in_float64(case):
+    """torch keeps NAdam's mu_product in its default dtype (float32 unless
+    changed); float64 makes it the float fastbn keeps, so that float64
+    trajectories can be compared tightly.  Other cases run unchanged."""
+    if "nadam" not in case:
+        yield
+        return
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -135,7 +182,8 @@ def test_100_step_trajectory_with_scheduler_and_groups_matches_torch(case, dtype
     storage = [p.data_ptr() for p in ours]
     objects = list(ours)
     optimizer = run(ours_factory, ours)
-    run(theirs_factory, theirs)
+    with torch_scalars_in_float64(case):
+        run(theirs_factory, theirs)
     assert_params_close(ours, theirs, dtype)
     # updated in place: the same tensor objects over the same memory
     assert [p.data_ptr() for p in ours] == storage
@@ -171,7 +219,8 @@ def test_layout_change_after_construction_carries_the_state_along():
 
 def test_is_a_torch_optimizer_and_schedulers_drive_its_lr():
     params = make_params(torch.float32)
-    for cls in (fto.SGD, fto.Momentum, fto.RMSprop, fto.Adam, fto.AdamW, fto.Adagrad, fto.Lion):
+    for cls in (fto.SGD, fto.Momentum, fto.RMSprop, fto.Adam, fto.AdamW, fto.Adagrad, fto.NAdam,
+                fto.RAdam, fto.Adadelta, fto.Adamax, fto.Lion):
         assert isinstance(cls(params), torch.optim.Optimizer)
     optimizer = fto.SGD(params, lr=1.0)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
@@ -228,6 +277,14 @@ STATE_CASES = {
     "rmsprop": (lambda p: fto.RMSprop(p, momentum=0.5, centered=True),
                 lambda p: torch.optim.RMSprop(p, momentum=0.5, centered=True)),
     "adagrad": (lambda p: fto.Adagrad(p), lambda p: torch.optim.Adagrad(p)),
+    "nadam": (lambda p: fto.NAdam(groups_of(p, lr=3e-3), lr=1e-2, weight_decay=1e-2),
+              lambda p: torch.optim.NAdam(groups_of(p, lr=3e-3), lr=1e-2, weight_decay=1e-2)),
+    "radam": (lambda p: fto.RAdam(p, lr=1e-2, weight_decay=1e-2, decoupled_weight_decay=True),
+              lambda p: torch.optim.RAdam(p, lr=1e-2, weight_decay=1e-2,
+                                          decoupled_weight_decay=True)),
+    "adadelta": (lambda p: fto.Adadelta(p, weight_decay=1e-2),
+                 lambda p: torch.optim.Adadelta(p, weight_decay=1e-2)),
+    "adamax": (lambda p: fto.Adamax(p, lr=1e-2), lambda p: torch.optim.Adamax(p, lr=1e-2)),
 }
 
 
@@ -244,27 +301,58 @@ def test_checkpoint_moves_between_torch_and_fastbn_and_training_continues_identi
     ours_factory, theirs_factory = STATE_CASES[case]
     first, second = ((theirs_factory, ours_factory) if direction == "torch_to_fastbn"
                      else (ours_factory, theirs_factory))
-    params = make_params(torch.float64, channels_last=True)
-    optimizer = first(params)
-    train(optimizer, params, 10)
+    with torch_scalars_in_float64(case):
+        params = make_params(torch.float64, channels_last=True)
+        optimizer = first(params)
+        train(optimizer, params, 10)
+        saved = copy.deepcopy(optimizer.state_dict())
+        resumed_params = [p.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+                          for p in params]
+        resumed = second(resumed_params)
+        resumed.load_state_dict(saved)
+        torch_optimizer = optimizer if direction == "torch_to_fastbn" else resumed
+        for ours, theirs in zip(resumed.state_dict()["param_groups"],
+                                optimizer.state_dict()["param_groups"]):
+            # every torch entry carried over (fastbn adds bias_correction to Adam's)
+            for key in torch_optimizer.state_dict()["param_groups"][0]:
+                assert ours[key] == theirs[key], key
+        for index, entry in optimizer.state_dict()["state"].items():
+            for key, value in entry.items():
+                torch.testing.assert_close(resumed.state_dict()["state"][index][key], value,
+                                           check_dtype=key not in ("step", "mu_product"))
+        train(optimizer, params, 10, first=10)
+        train(resumed, resumed_params, 10, first=10)
+        assert_params_close(resumed_params, params, torch.float64)
+
+
+def test_nadam_mu_product_is_a_0d_tensor_and_torchs_float32_one_loads():
+    params = make_params(torch.float64)
+    source = torch.optim.NAdam(params, lr=1e-2)  # default dtype float32: float32 mu_product
+    train(source, params, 3)
+    saved = source.state_dict()["state"][0]["mu_product"]
+    assert saved.dtype == torch.float32
+    optimizer = fto.NAdam([p.detach().clone().requires_grad_() for p in params], lr=1e-2)
+    optimizer.load_state_dict(source.state_dict())
+    mu_product = optimizer.state_dict()["state"][0]["mu_product"]
+    assert mu_product.dim() == 0 and mu_product.dtype == torch.float64
+    assert mu_product.item() == saved.item()
+    # and back: torch takes it (cast to the parameter's dtype, as its own)
+    back = torch.optim.NAdam([p.detach().clone().requires_grad_() for p in params], lr=1e-2)
+    back.load_state_dict(optimizer.state_dict())
+    assert back.state_dict()["state"][0]["mu_product"].item() == saved.item()
+
+
+def test_nadam_checkpoint_resumes_bit_exactly_in_fastbn():
+    params = make_params(torch.float64)
+    optimizer = fto.NAdam(groups_of(params), lr=1e-2)
+    train(optimizer, params, 7)
     saved = copy.deepcopy(optimizer.state_dict())
-    resumed_params = [p.detach().clone(memory_format=torch.preserve_format).requires_grad_()
-                      for p in params]
-    resumed = second(resumed_params)
+    resumed_params = [p.detach().clone().requires_grad_() for p in params]
+    resumed = fto.NAdam(groups_of(resumed_params), lr=1e-2)
     resumed.load_state_dict(saved)
-    torch_optimizer = optimizer if direction == "torch_to_fastbn" else resumed
-    for ours, theirs in zip(resumed.state_dict()["param_groups"],
-                            optimizer.state_dict()["param_groups"]):
-        # every torch entry carried over (fastbn adds bias_correction to Adam's)
-        for key in torch_optimizer.state_dict()["param_groups"][0]:
-            assert ours[key] == theirs[key], key
-    for index, entry in optimizer.state_dict()["state"].items():
-        for key, value in entry.items():
-            torch.testing.assert_close(resumed.state_dict()["state"][index][key], value,
-                                       check_dtype=key != "step")
-    train(optimizer, params, 10, first=10)
-    train(resumed, resumed_params, 10, first=10)
-    assert_params_close(resumed_params, params, torch.float64)
+    train(optimizer, params, 5, first=7)
+    train(resumed, resumed_params, 5, first=7)
+    assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(params, resumed_params))
 
 
 def test_loading_a_bad_state_dict_changes_nothing():

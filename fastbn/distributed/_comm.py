@@ -20,7 +20,7 @@ from typing import Any, List, Sequence
 import numpy as np
 
 __all__ = ["resolve_comm", "rank_and_size", "DTYPE_CODES", "dtype_code", "dtype_name",
-           "agree", "raise_on_disagreement"]
+           "agree", "raise_on_disagreement", "merge_gathered_stats", "sum_in_rank_order"]
 
 #: small integer codes for the dtypes ranks exchange in metadata
 DTYPE_CODES = {np.dtype(np.float32): 1, np.dtype(np.float64): 2, np.dtype(np.int64): 3}
@@ -74,3 +74,30 @@ def raise_on_disagreement(what: str, rows: List[str], cause: BaseException = Non
     `what` went wrong, then one line per rank."""
     message = what + "\n" + "\n".join(f"  rank {rank}: {row}" for rank, row in enumerate(rows))
     raise ValueError(message) from cause
+
+
+def merge_gathered_stats(table: np.ndarray, header_width: int,
+                         channels: int) -> tuple:
+    """The whole batch's ``(count, mean, m2)`` from a SyncBatchNorm forward's
+    gathered table, whose rows are ``[header (values per channel in its last
+    column), mean (C), m2 (C)]``, merged in rank order (the same bits on
+    every rank).  ValueError, on every rank alike, when all ranks together
+    hold fewer than 2 values per channel."""
+    from ..functional import batch_norm_merge_stats
+    counts = table[:, header_width - 1].astype(np.int64)
+    total, mean, m2 = batch_norm_merge_stats(counts, table[:, header_width:header_width + channels],
+                                             table[:, header_width + channels:])
+    if total < 2:
+        raise ValueError(f"Expected more than 1 value per channel when training, got "
+                         f"{total} over all {len(counts)} ranks (per rank: "
+                         f"{[int(c) for c in counts]})")
+    return int(total), mean, m2
+
+
+def sum_in_rank_order(rows: np.ndarray) -> np.ndarray:
+    """The rows of a gathered table added in rank order, in float64 (the
+    same bits on every rank, unlike an Allreduce)."""
+    total = rows[0].copy()
+    for row in rows[1:]:
+        total += row
+    return total

@@ -167,14 +167,7 @@ class SyncBatchNorm(_BatchNorm):
                 f"SyncBatchNorm: an input is invalid or the ranks' inputs disagree (every rank "
                 f"needs a {self.dtype} input with {channels} channels on axis {self.axis}):",
                 rows, local_error)
-        counts = header[:, 4].astype(np.int64)
-        total, mean, m2 = F.batch_norm_merge_stats(
-            counts, table[:, _FORWARD_HEADER:_FORWARD_HEADER + channels],
-            table[:, _FORWARD_HEADER + channels:])
-        if total < 2:
-            raise ValueError(f"Expected more than 1 value per channel when training, got "
-                             f"{total} over all {len(counts)} ranks (per rank: "
-                             f"{[int(c) for c in counts]})")
+        total, mean, m2 = _comm.merge_gathered_stats(table, _FORWARD_HEADER, channels)
         weight, bias, running_mean, running_var = state
         invstd = 1.0 / np.sqrt(m2 / total + self._eps)
         y = F.batch_norm_apply(x, mean, invstd, weight, bias, axis=self._axis,
@@ -257,9 +250,7 @@ class SyncBatchNorm(_BatchNorm):
                 f"needs dy shaped like its forward input, dtype {x.dtype}, and grads of that "
                 f"dtype):", rows, local_error)
         # rank order, on every rank: the same sums bit for bit
-        sums = table[0, _BACKWARD_HEADER:].copy()
-        for row in table[1:]:
-            sums += row[_BACKWARD_HEADER:]
+        sums = _comm.sum_in_rank_order(table[:, _BACKWARD_HEADER:])
         sum_dy, sum_dy_xhat = sums[:channels], sums[channels:]
         dx = F.batch_norm_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, total,
                                          axis=layout.axis, relu_from=relu_from)

@@ -9,6 +9,9 @@ or build with `fastbn.torch.BatchNorm2d` (a ``torch.nn.BatchNorm2d``) etc.
 `fastbn.torch.optim` has the fused optimizers as ``torch.optim.Optimizer``
 subclasses (``fastbn.torch.optim.Adam(model.parameters())``) and
 `clip_grad_norm_` clips gradients with the fused norm kernel.
+`SyncBatchNorm` and `convert_sync_batchnorm` synchronize batch statistics
+over ``torch.distributed`` (gloo) for CPU tensors, which torch's own
+SyncBatchNorm refuses.
 The kernels are registered as torch custom ops (``torch.ops.fastbn.*``,
 see `fastbn.torch._ops`), so autograd, ``torch.compile``, ``torch.export``
 and ``torch.autograd.gradcheck`` work through them.
@@ -32,9 +35,11 @@ from .batchnorm import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormReLU1d,
                         BatchNormReLU2d, BatchNormReLU3d)
 from .clip_grad import clip_grad_norm_
 from .convert import convert
+from .syncbatchnorm import SyncBatchNorm, SyncBatchNormReLU, convert_sync_batchnorm
 from . import optim
 
 _ops.sync_num_threads()
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU1d",
-           "BatchNormReLU2d", "BatchNormReLU3d", "convert", "clip_grad_norm_", "optim"]
+           "BatchNormReLU2d", "BatchNormReLU3d", "SyncBatchNorm", "SyncBatchNormReLU",
+           "convert", "convert_sync_batchnorm", "clip_grad_norm_", "optim"]

@@ -45,9 +45,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _core
 from .. import functional as bn_functional
-from .._config import set_num_threads
+from .._config import _follow_num_threads, get_user_num_threads
 
 __all__ = ["batch_norm_train", "batch_norm_eval", "batch_norm_backward",
            "batch_norm_backward_eval", "channel_axis", "sync_num_threads"]
@@ -55,23 +54,14 @@ __all__ = ["batch_norm_train", "batch_norm_eval", "batch_norm_backward",
 
 # section: threads -----------------------------------------------------------------
 
-_followed_threads = 0  # the count this module last gave fastbn (0: none yet)
-
-
 def sync_num_threads() -> None:
     """Make fastbn's kernels use ``torch.get_num_threads()`` threads, unless
     the user chose a count with `fastbn.set_num_threads` (then theirs wins).
 
     Called by every op, so ``torch.set_num_threads`` later on is followed too.
     """
-    global _followed_threads
-    chosen = _core.get_user_threads()
-    if chosen != 0 and chosen != _followed_threads:
-        return  # set explicitly by the user
-    wanted = torch.get_num_threads()
-    if wanted != chosen:
-        set_num_threads(wanted)
-        _followed_threads = wanted
+    if get_user_num_threads() is None:
+        _follow_num_threads(torch.get_num_threads())
 
 
 # section: layouts ------------------------------------------------------------------

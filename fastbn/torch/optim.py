@@ -12,12 +12,20 @@ source of truth for hyperparameters: they are read at every `step`, so
 ``torch.optim.lr_scheduler`` schedulers (and code that edits
 ``group["lr"]``) drive the updates.
 
-Parameters must be dense CPU float32/float64 tensors (contiguous or any
-other dense layout such as channels_last, whose state then has the same
-strides); anything else raises at construction: TypeError for another dtype
-or a sparse/non-strided tensor, ValueError for another device or a
-non-dense view.  There is no silent fallback: use ``torch.optim`` for those
-parameters.
+The classes: `SGD`, `Momentum`, `RMSprop`, `Adam`, `AdamW`, `Adagrad`,
+`NAdam`, `RAdam`, `Adadelta`, `Adamax` and `Lion`, with torch's constructor
+arguments and defaults where torch has the class.  In every one:
+
+- ``params``: an iterable of tensors, of (name, tensor) pairs or of group
+  dicts.  They must be dense CPU float32/float64 tensors (contiguous or any
+  other dense layout such as channels_last, whose state then has the same
+  strides); anything else raises at construction: TypeError for another
+  dtype or a sparse/non-strided tensor, ValueError for another device or a
+  non-dense view.  There is no silent fallback: use ``torch.optim`` for
+  those parameters.
+- ``foreach`` and ``fused`` (where torch has them) are accepted and ignored:
+  fastbn's kernel is always fused.
+- ``capturable=True`` and ``differentiable=True`` raise ValueError.
 
 State is exposed in torch's layout (``optimizer.state[p]["exp_avg"]`` is a
 tensor of p's shape sharing memory with fastbn's state array; ``step`` is a
@@ -38,7 +46,8 @@ from .. import optim as fastbn_optim
 from ..parameter import Parameter
 from ._ops import sync_num_threads
 
-__all__ = ["SGD", "Momentum", "RMSprop", "Adam", "AdamW", "Adagrad", "Lion"]
+__all__ = ["SGD", "Momentum", "RMSprop", "Adam", "AdamW", "Adagrad", "NAdam", "RAdam",
+           "Adadelta", "Adamax", "Lion"]
 
 _DTYPES = (torch.float32, torch.float64)
 # torch-only constructor options; these values are the only ones supported
@@ -369,13 +378,15 @@ class _FastbnOptimizer(torch.optim.Optimizer):
             fast_group["params"] = list(saved["params"])
             fast_groups.append(fast_group)
         fast_state = {}
+        scalar_keys = ("step", self._fastbn_class._scalar_state)
         for saved_id, entry in state_dict["state"].items():
             slot = slot_of.get(saved_id)
             if slot is None or not isinstance(entry, dict):
                 fast_state[saved_id] = entry  # fastbn's check names the problem
                 continue
             fast_state[saved_id] = {
-                key: _to_fastbn_value(value, key, slot, f"state_dict['state'][{saved_id!r}][{key!r}]")
+                key: _to_fastbn_value(value, key, slot, scalar_keys,
+                                      f"state_dict['state'][{saved_id!r}][{key!r}]")
                 for key, value in entry.items()}
         self._fastbn.load_state_dict({"state": fast_state, "param_groups": fast_groups})
         self.param_groups = new_groups
@@ -392,22 +403,30 @@ def _check_torch_option(group: Dict[str, Any], key: str, name: str) -> None:
 
 
 def _to_torch_entry(entry: Dict[str, Any], order: Optional[Tuple[int, ...]]) -> Dict[str, Any]:
+    """fastbn's state entry in torch's layout: arrays as tensors of the
+    parameter's shape sharing their memory, ``step`` a 0-d float32 tensor,
+    other per-parameter floats (NAdam's ``mu_product``) 0-d float64 tensors."""
     converted = {}
     for key, value in entry.items():
         if key == "step":
             converted[key] = torch.tensor(float(value), dtype=torch.float32)
         elif isinstance(value, np.ndarray):
             converted[key] = _as_torch_layout(value, order)
+        elif isinstance(value, (float, np.floating)):
+            converted[key] = torch.tensor(float(value), dtype=torch.float64)
         else:
             converted[key] = value
     return converted
 
 
-def _to_fastbn_value(value: Any, key: str, slot: _Slot, name: str) -> Any:
-    """A saved state value as fastbn's check_state_dict takes it."""
+def _to_fastbn_value(value: Any, key: str, slot: _Slot, scalar_keys: Tuple[str, ...],
+                     name: str) -> Any:
+    """A saved state value as fastbn's check_state_dict takes it: a number
+    for the `scalar_keys` (``step``, ``mu_product``), else an array of the
+    parameter's shape and dtype (torch's rule) in the kernels' layout."""
     if not isinstance(value, Tensor):
         return value
-    if key == "step":
+    if key in scalar_keys:
         if value.numel() != 1:
             raise TypeError(f"{name}: expected a one-element tensor, got shape {tuple(value.shape)}")
         return value.item()
@@ -422,22 +441,23 @@ def _to_fastbn_value(value: Any, key: str, slot: _Slot, name: str) -> Any:
 
 
 # section: the optimizers ---------------------------------------------------------------
+# Each __init__ hands its own arguments to the base class (`_defaults`); the
+# arguments every class shares are described in the module docstring.
+
+
+def _defaults(arguments: Dict[str, Any]) -> Dict[str, Any]:
+    """A constructor's arguments (its ``locals()`` on entry) as the
+    optimizer's defaults: every argument but ``self`` and ``params``."""
+    return {key: value for key, value in arguments.items()
+            if key not in ("self", "params", "__class__")}
 
 
 class SGD(_FastbnOptimizer):
     """`fastbn.optim.SGD` (torch.optim.SGD's update) for torch parameters.
 
-    Parameters
-    ----------
-    params : iterable of Tensor, of (name, Tensor) or of dict
-        Dense CPU float32/float64 tensors (TypeError/ValueError otherwise;
-        no fallback).
-    lr, momentum, dampening, weight_decay, nesterov, maximize
-        As torch.optim.SGD.
-    foreach, fused : ignored
-        Accepted for torch compatibility (fastbn's kernel is always fused).
-    differentiable : bool, default False
-        True raises ValueError.
+    Parameters: lr, momentum, dampening, weight_decay, nesterov, maximize as
+    torch.optim.SGD; params, foreach, fused and differentiable as every
+    optimizer here (see `fastbn.torch.optim`).
 
     State: ``momentum_buffer`` (momentum != 0), as torch.
     """
@@ -448,10 +468,7 @@ class SGD(_FastbnOptimizer):
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
                  maximize: bool = False, foreach: Optional[bool] = None,
                  differentiable: bool = False, fused: Optional[bool] = None) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
-                                      weight_decay=weight_decay, nesterov=nesterov,
-                                      maximize=maximize, foreach=foreach,
-                                      differentiable=differentiable, fused=fused))
+        super().__init__(params, _defaults(locals()))
 
 
 class Momentum(_FastbnOptimizer):
@@ -460,14 +477,9 @@ class Momentum(_FastbnOptimizer):
     equals ``torch.optim.SGD(lr=lr * (1 - momentum), momentum=momentum)``
     (dampening 0) up to rounding.
 
-    Parameters
-    ----------
-    params : iterable of Tensor, of (name, Tensor) or of dict
-        Dense CPU float32/float64 tensors (TypeError/ValueError otherwise).
-    lr : float, default 1e-3
-    momentum : float in [0, 1), default 0.9
-    weight_decay : float, default 0
-    maximize : bool, default False
+    Parameters: lr (default 1e-3), momentum in [0, 1) (default 0.9),
+    weight_decay (default 0), maximize (default False); params as every
+    optimizer here.
 
     State: ``momentum_buffer``.
     """
@@ -476,23 +488,15 @@ class Momentum(_FastbnOptimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.9,
                  weight_decay: float = 0.0, *, maximize: bool = False) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      maximize=maximize))
+        super().__init__(params, _defaults(locals()))
 
 
 class RMSprop(_FastbnOptimizer):
     """`fastbn.optim.RMSprop` (torch.optim.RMSprop's update) for torch parameters.
 
-    Parameters
-    ----------
-    params : iterable of Tensor, of (name, Tensor) or of dict
-        Dense CPU float32/float64 tensors (TypeError/ValueError otherwise;
-        no fallback).
-    lr, alpha, eps, weight_decay, momentum, centered, maximize
-        As torch.optim.RMSprop.
-    foreach : ignored
-    capturable, differentiable : bool, default False
-        True raises ValueError.
+    Parameters: lr, alpha, eps, weight_decay, momentum, centered, maximize as
+    torch.optim.RMSprop; params, foreach, capturable and differentiable as
+    every optimizer here.
 
     State: ``step``, ``square_avg``, ``momentum_buffer`` (momentum > 0),
     ``grad_avg`` (centered), as torch.
@@ -504,27 +508,17 @@ class RMSprop(_FastbnOptimizer):
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
                  capturable: bool = False, foreach: Optional[bool] = None,
                  maximize: bool = False, differentiable: bool = False) -> None:
-        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                                      momentum=momentum, centered=centered,
-                                      capturable=capturable, foreach=foreach, maximize=maximize,
-                                      differentiable=differentiable))
+        super().__init__(params, _defaults(locals()))
 
 
 class Adam(_FastbnOptimizer):
     """`fastbn.optim.Adam` (torch.optim.Adam's update) for torch parameters.
 
-    Parameters
-    ----------
-    params : iterable of Tensor, of (name, Tensor) or of dict
-        Dense CPU float32/float64 tensors (TypeError/ValueError otherwise;
-        no fallback).
-    lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay
-        As torch.optim.Adam.
-    bias_correction : bool, default True
-        fastbn's option: False gives the uncorrected textbook update.
-    foreach, fused : ignored
-    capturable, differentiable : bool, default False
-        True raises ValueError.
+    Parameters: lr, betas, eps, weight_decay, amsgrad, maximize,
+    decoupled_weight_decay as torch.optim.Adam; params, foreach, fused,
+    capturable and differentiable as every optimizer here; and fastbn's
+    bias_correction (default True; False gives the uncorrected textbook
+    update).
 
     State: ``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``
     (amsgrad), as torch.
@@ -539,11 +533,7 @@ class Adam(_FastbnOptimizer):
                  capturable: bool = False, differentiable: bool = False,
                  fused: Optional[bool] = None, decoupled_weight_decay: bool = False,
                  bias_correction: bool = True) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      amsgrad=amsgrad, foreach=foreach, maximize=maximize,
-                                      capturable=capturable, differentiable=differentiable,
-                                      fused=fused, decoupled_weight_decay=decoupled_weight_decay,
-                                      bias_correction=bias_correction))
+        super().__init__(params, _defaults(locals()))
 
 
 class AdamW(Adam):
@@ -559,25 +549,15 @@ class AdamW(Adam):
                  foreach: Optional[bool] = None, capturable: bool = False,
                  differentiable: bool = False, fused: Optional[bool] = None,
                  bias_correction: bool = True) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, foreach=foreach, maximize=maximize,
-                         capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, bias_correction=bias_correction)
+        super().__init__(params, **_defaults(locals()), decoupled_weight_decay=True)
 
 
 class Adagrad(_FastbnOptimizer):
     """`fastbn.optim.Adagrad` (torch.optim.Adagrad's update) for torch parameters.
 
-    Parameters
-    ----------
-    params : iterable of Tensor, of (name, Tensor) or of dict
-        Dense CPU float32/float64 tensors (TypeError/ValueError otherwise;
-        no fallback).
-    lr, lr_decay, weight_decay, initial_accumulator_value, eps, maximize
-        As torch.optim.Adagrad.
-    foreach, fused : ignored
-    differentiable : bool, default False
-        True raises ValueError.
+    Parameters: lr, lr_decay, weight_decay, initial_accumulator_value, eps,
+    maximize as torch.optim.Adagrad; params, foreach, fused and
+    differentiable as every optimizer here.
 
     State: ``step``, ``sum``, created at construction for every parameter
     (as torch does).
@@ -589,10 +569,89 @@ class Adagrad(_FastbnOptimizer):
                  weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
                  eps: float = 1e-10, foreach: Optional[bool] = None, *, maximize: bool = False,
                  differentiable: bool = False, fused: Optional[bool] = None) -> None:
-        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                                      initial_accumulator_value=initial_accumulator_value,
-                                      eps=eps, foreach=foreach, maximize=maximize,
-                                      differentiable=differentiable, fused=fused))
+        super().__init__(params, _defaults(locals()))
+
+
+class NAdam(_FastbnOptimizer):
+    """`fastbn.optim.NAdam` (torch.optim.NAdam's update) for torch parameters.
+
+    Parameters: lr, betas, eps, weight_decay, momentum_decay,
+    decoupled_weight_decay, maximize as torch.optim.NAdam; params, foreach,
+    capturable and differentiable as every optimizer here.
+
+    State: ``step``, ``mu_product`` (a 0-d float64 tensor; torch keeps it in
+    its default dtype, float32 unless changed, so over many steps torch's
+    float32 trajectory and this one differ by that rounding), ``exp_avg``,
+    ``exp_avg_sq``, as torch.
+    """
+
+    _fastbn_class = fastbn_optim.NAdam
+
+    def __init__(self, params: Iterable, lr: float = 2e-3,
+                 betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum_decay: float = 4e-3,
+                 decoupled_weight_decay: bool = False, *, foreach: Optional[bool] = None,
+                 maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class RAdam(_FastbnOptimizer):
+    """`fastbn.optim.RAdam` (torch.optim.RAdam's update) for torch parameters.
+
+    Parameters: lr, betas, eps, weight_decay, decoupled_weight_decay,
+    maximize as torch.optim.RAdam; params, foreach, capturable and
+    differentiable as every optimizer here.
+
+    State: ``step``, ``exp_avg``, ``exp_avg_sq``, as torch.
+    """
+
+    _fastbn_class = fastbn_optim.RAdam
+
+    def __init__(self, params: Iterable, lr: float = 1e-3,
+                 betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, decoupled_weight_decay: bool = False, *,
+                 foreach: Optional[bool] = None, maximize: bool = False,
+                 capturable: bool = False, differentiable: bool = False) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class Adadelta(_FastbnOptimizer):
+    """`fastbn.optim.Adadelta` (torch.optim.Adadelta's update) for torch
+    parameters.
+
+    Parameters: lr, rho, eps, weight_decay, maximize as torch.optim.Adadelta;
+    params, foreach, capturable and differentiable as every optimizer here.
+
+    State: ``step``, ``square_avg``, ``acc_delta``, as torch.
+    """
+
+    _fastbn_class = fastbn_optim.Adadelta
+
+    def __init__(self, params: Iterable, lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6,
+                 weight_decay: float = 0.0, foreach: Optional[bool] = None, *,
+                 capturable: bool = False, maximize: bool = False,
+                 differentiable: bool = False) -> None:
+        super().__init__(params, _defaults(locals()))
+
+
+class Adamax(_FastbnOptimizer):
+    """`fastbn.optim.Adamax` (torch.optim.Adamax's update) for torch parameters.
+
+    Parameters: lr, betas, eps, weight_decay, maximize as torch.optim.Adamax;
+    params, foreach, capturable and differentiable as every optimizer here.
+
+    State: ``step``, ``exp_avg``, ``exp_inf``, as torch.
+    """
+
+    _fastbn_class = fastbn_optim.Adamax
+
+    def __init__(self, params: Iterable, lr: float = 2e-3,
+                 betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, foreach: Optional[bool] = None, *,
+                 maximize: bool = False, differentiable: bool = False,
+                 capturable: bool = False) -> None:
+        super().__init__(params, _defaults(locals()))
 
 
 class Lion(_FastbnOptimizer):
@@ -600,14 +659,9 @@ class Lion(_FastbnOptimizer):
     c = beta1 * m + (1 - beta1) * g; param -= lr * (sign(c) + weight_decay *
     param); m = beta2 * m + (1 - beta2) * g.
 
-    Parameters
-    ----------
-    params : iterable of Tensor, of (name, Tensor) or of dict
-        Dense CPU float32/float64 tensors (TypeError/ValueError otherwise).
-    lr : float, default 1e-4
-    betas : (float, float), default (0.9, 0.99)
-    weight_decay : float, default 0 (decoupled)
-    maximize : bool, default False
+    Parameters: lr (default 1e-4), betas (default (0.9, 0.99)), weight_decay
+    (default 0, decoupled), maximize (default False); params as every
+    optimizer here.
 
     State: ``exp_avg`` (m), as lion-pytorch.
     """
@@ -617,5 +671,4 @@ class Lion(_FastbnOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-4,
                  betas: Tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, *,
                  maximize: bool = False) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
-                                      maximize=maximize))
+        super().__init__(params, _defaults(locals()))
