@@ -521,8 +521,8 @@ def backward(object dy, object x, object dx, int64_t outer, int64_t channels,
             and is_written_vector(dweight, channels, typenum)
             and is_written_vector(dbias, channels, typenum)):
         return None
-    return run_backward(dy, x, dx, outer, channels, inner, mean, invstd, weight, dweight,
-                        dbias, accumulate, bias, relu)
+    return run_backward(False, dy, x, dx, outer, channels, inner, mean, invstd, weight, 0.0,
+                        dweight, dbias, accumulate, bias, relu)
 
 
 def backward_at(object dy, object x, object dx, object axis, object mean, object invstd,
@@ -532,19 +532,27 @@ def backward_at(object dy, object x, object dx, object axis, object mean, object
     written) unless, as in `eval_forward_at`, every array is plain and
     kernel-ready, dy is shaped and typed like x, and dx is None, dy, x, or
     apart from every input."""
+    return backward_at_axis(False, dy, x, dx, axis, mean, invstd, weight, bias, 0.0, relu)
+
+
+cdef object backward_at_axis(bint eval_mode, object dy, object x, object dx, object axis,
+                             object stat_a, object stat_b, object weight, object bias,
+                             double eps, bint relu):
     cdef int64_t geometry[3]
     if not (plain_geometry(x, axis, geometry) and same_shape(dy, <cnp.ndarray>x)):
         return None
     cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
-    if not backward_vectors_ready(typenum, geometry[1], mean, invstd, weight, bias):
+    if not backward_vectors_ready(typenum, geometry[1], stat_a, stat_b, weight, bias):
         return None
-    if dx is not None and not (plain_out(dx, <cnp.ndarray>x, mean, invstd, weight, bias)
+    # the eval backward's dx may be dy but not x
+    if dx is not None and not ((not eval_mode or dx is not x)
+                               and plain_out(dx, <cnp.ndarray>x, stat_a, stat_b, weight, bias)
                                and (dx is dy or apart(<cnp.ndarray>dx, dy))):
         return None
     cdef cnp.ndarray dweight = empty_vector(geometry[1], typenum)
     cdef cnp.ndarray dbias = empty_vector(geometry[1], typenum)
-    dx = run_backward(dy, x, dx, geometry[0], geometry[1], geometry[2], mean, invstd, weight,
-                      dweight, dbias, False, bias, relu)
+    dx = run_backward(eval_mode, dy, x, dx, geometry[0], geometry[1], geometry[2], stat_a,
+                      stat_b, weight, eps, dweight, dbias, False, bias, relu)
     return dx, dweight, dbias
 
 
@@ -557,31 +565,41 @@ cdef inline bint backward_vectors_ready(int typenum, int64_t channels, object st
             and is_channel_vector(bias, channels, typenum))
 
 
-cdef object run_backward(object dy, object x, object dx, int64_t outer, int64_t channels,
-                         int64_t inner, object mean, object invstd, object weight,
-                         object dweight, object dbias, bint accumulate, object bias,
-                         bint relu):
+cdef object run_backward(bint eval_mode, object dy, object x, object dx, int64_t outer,
+                         int64_t channels, int64_t inner, object stat_a, object stat_b,
+                         object weight, double eps, object dweight, object dbias,
+                         bint accumulate, object bias, bint relu):
+    """The training backward (stat_a, stat_b: the saved mean and invstd) or,
+    with `eval_mode`, the eval backward (the running statistics and eps; x
+    is read only for dweight, dbias or relu, and may be None otherwise)."""
+    cdef bint needs_x = not eval_mode or dweight is not None or dbias is not None or relu
     dy = kernel_input(dy)
-    x = kernel_input(x)
-    mean = kernel_input(mean)
-    invstd = kernel_input(invstd)
+    x = kernel_input(x) if needs_x else None
+    stat_a = kernel_input(stat_a)
+    stat_b = kernel_input(stat_b)
     weight = kernel_input(weight)
     bias = kernel_input(bias) if relu else None
     cdef cnp.ndarray out = empty_like_array(dy) if dx is None else <cnp.ndarray>dx
     cdef fastbn_bn_call call
     start_call(&call, outer, channels, inner)
     call.dy = cnp.PyArray_DATA(dy)
-    call.x = cnp.PyArray_DATA(x)
+    call.x = data_or_null(x)
     call.out = cnp.PyArray_DATA(out)
-    call.mean = cnp.PyArray_DATA(mean)
-    call.invstd = cnp.PyArray_DATA(invstd)
     call.weight = data_or_null(weight)
     call.bias = data_or_null(bias)
     call.dweight = data_or_null(dweight)
     call.dbias = data_or_null(dbias)
     call.accumulate = accumulate
     call.relu = relu
-    run(kernels().backward, <cnp.ndarray>x, &call, "batch_norm backward")
+    if eval_mode:
+        call.running_mean = cnp.PyArray_DATA(stat_a)
+        call.running_var = cnp.PyArray_DATA(stat_b)
+        call.eps = eps
+        run(kernels().backward_eval, <cnp.ndarray>dy, &call, "batch_norm eval backward")
+    else:
+        call.mean = cnp.PyArray_DATA(stat_a)
+        call.invstd = cnp.PyArray_DATA(stat_b)
+        run(kernels().backward, <cnp.ndarray>dy, &call, "batch_norm backward")
     return out
 
 
@@ -609,8 +627,8 @@ def backward_eval(object dy, object x, object dx, int64_t outer, int64_t channel
             and is_written_vector(dweight, channels, typenum)
             and is_written_vector(dbias, channels, typenum)):
         return None
-    return run_backward_eval(dy, x, dx, outer, channels, inner, running_mean, running_var,
-                             weight, eps, dweight, dbias, accumulate, bias, relu)
+    return run_backward(True, dy, x, dx, outer, channels, inner, running_mean, running_var,
+                        weight, eps, dweight, dbias, accumulate, bias, relu)
 
 
 def backward_eval_at(object dy, object x, object dx, object axis, object running_mean,
@@ -620,53 +638,10 @@ def backward_eval_at(object dy, object x, object dx, object axis, object running
     the parameter gradients new arrays: (dx, dweight, dbias), or None
     (nothing written) unless, as in `backward_at`, every array is plain and
     kernel-ready (dx may be dy but not x) and eps is a float >= 0."""
-    cdef int64_t geometry[3]
-    if not (plain_eps(eps, False) and plain_geometry(x, axis, geometry)
-            and same_shape(dy, <cnp.ndarray>x)):
+    if not plain_eps(eps, False):
         return None
-    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
-    if not backward_vectors_ready(typenum, geometry[1], running_mean, running_var, weight,
-                                  bias):
-        return None
-    if dx is not None and not (dx is not x and plain_out(dx, <cnp.ndarray>x, running_mean,
-                                                         running_var, weight, bias)
-                               and (dx is dy or apart(<cnp.ndarray>dx, dy))):
-        return None
-    cdef cnp.ndarray dweight = empty_vector(geometry[1], typenum)
-    cdef cnp.ndarray dbias = empty_vector(geometry[1], typenum)
-    dx = run_backward_eval(dy, x, dx, geometry[0], geometry[1], geometry[2], running_mean,
-                           running_var, weight, eps, dweight, dbias, False, bias, relu)
-    return dx, dweight, dbias
-
-
-cdef object run_backward_eval(object dy, object x, object dx, int64_t outer,
-                              int64_t channels, int64_t inner, object running_mean,
-                              object running_var, object weight, double eps, object dweight,
-                              object dbias, bint accumulate, object bias, bint relu):
-    cdef bint needs_x = dweight is not None or dbias is not None or relu
-    dy = kernel_input(dy)
-    x = kernel_input(x) if needs_x else None
-    running_mean = kernel_input(running_mean)
-    running_var = kernel_input(running_var)
-    weight = kernel_input(weight)
-    bias = kernel_input(bias) if relu else None
-    cdef cnp.ndarray out = empty_like_array(dy) if dx is None else <cnp.ndarray>dx
-    cdef fastbn_bn_call call
-    start_call(&call, outer, channels, inner)
-    call.dy = cnp.PyArray_DATA(dy)
-    call.x = data_or_null(x)
-    call.out = cnp.PyArray_DATA(out)
-    call.running_mean = cnp.PyArray_DATA(running_mean)
-    call.running_var = cnp.PyArray_DATA(running_var)
-    call.weight = data_or_null(weight)
-    call.bias = data_or_null(bias)
-    call.dweight = data_or_null(dweight)
-    call.dbias = data_or_null(dbias)
-    call.eps = eps
-    call.accumulate = accumulate
-    call.relu = relu
-    run(kernels().backward_eval, <cnp.ndarray>dy, &call, "batch_norm eval backward")
-    return out
+    return backward_at_axis(True, dy, x, dx, axis, running_mean, running_var, weight, bias,
+                            eps, relu)
 
 
 # ---- split phases ----------------------------------------------------------------
