@@ -85,7 +85,7 @@ cdef inline int copy_back(object target, object kernel_array) except -1:
 # ---- kernel-ready checks ---------------------------------------------------------
 # The per-call cost of a tiny batch norm is dominated by argument checking in
 # Python.  These answer True for the COMMON, VALID call only; anything unusual
-# (or wrong) makes a kernel function return None (standard_geometry: None)
+# (or wrong) makes a kernel function return None
 # and the caller runs the Python validators in fastbn._bn_validation, which
 # own every error message.  fastbn._bn_validation.is_kernel_vector and
 # kernel_ready are the same tests for the NumPy kernels.
@@ -205,33 +205,25 @@ cdef inline bint plain_out(object out, cnp.ndarray x, object a, object b, object
     return apart(target, a) and apart(target, b) and apart(target, c) and apart(target, d)
 
 
-def standard_geometry(object x, object axis, object running_mean, object running_var,
-                      object weight, object bias, bint batch_stats, bint update,
-                      object out=None):
-    """(outer, channels, inner) when the arrays of this batch-norm call are
-    valid and plain: x a float32/float64 ndarray of rank >= 2, axis the int 1
-    or -1, per-channel vectors matching, running statistics both given or
-    both None (writeable when `update`), a non-empty input with at least 2
-    values per channel with batch statistics, and `out` None, x itself, or a
-    writeable C-contiguous array like x whose bytes are provably apart from
-    every input.  None otherwise.  The scalars (eps, momentum) are not looked
-    at: their one rule each is in fastbn._bn_validation."""
+cdef bint plain_geometry(object x, object axis, int64_t *geometry):
+    """geometry[:] = (outer, channels, inner) and True when x is a native
+    float32/float64 ndarray of rank >= 2 with at least 1 channel and 1 value
+    per channel and axis is the int 1 or -1; False otherwise."""
     if type(x) is not cnp.ndarray or type(axis) is not int:
-        return None
+        return False
     cdef cnp.ndarray array = <cnp.ndarray>x
     cdef int typenum = cnp.PyArray_TYPE(array)
     cdef int ndim = cnp.PyArray_NDIM(array)
     if (typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64) or ndim < 2:
-        return None
+        return False
     if not cnp.PyArray_ISNOTSWAPPED(array):
-        return None
+        return False
     cdef long channel_axis = axis
     if channel_axis == -1:
         channel_axis = ndim - 1
     elif channel_axis != 1:
-        return None
+        return False
     cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(array)
-    cdef cnp.npy_intp channels = dims[channel_axis]
     cdef int64_t outer = 1, inner = 1
     cdef int i
     for i in range(ndim):
@@ -241,22 +233,37 @@ def standard_geometry(object x, object axis, object running_mean, object running
             inner *= dims[i]
     if channel_axis == ndim - 1:
         outer, inner = outer * inner, 1
-    if (running_mean is None) != (running_var is None):
-        return None
-    if not (is_channel_vector(running_mean, channels, typenum)
-            and is_channel_vector(running_var, channels, typenum)
-            and is_channel_vector(weight, channels, typenum)
-            and is_channel_vector(bias, channels, typenum)):
-        return None
-    if channels == 0 or outer * inner == 0 or (batch_stats and outer * inner < 2):
-        return None  # empty input, or too few values: the Python path decides
-    if update and running_mean is not None and not (
-            cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_mean)
-            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_var)):
-        return None
-    if out is not None and not plain_out(out, array, running_mean, running_var, weight, bias):
-        return None
-    return outer, channels, inner
+    geometry[0] = outer
+    geometry[1] = dims[channel_axis]
+    geometry[2] = inner
+    return geometry[1] > 0 and outer * inner > 0
+
+
+cdef inline bint same_shape(object value, cnp.ndarray like):
+    """An exact native ndarray of like's dtype and shape."""
+    if not is_float_array(value, cnp.PyArray_TYPE(like)):
+        return False
+    cdef cnp.ndarray array = <cnp.ndarray>value
+    if cnp.PyArray_NDIM(array) != cnp.PyArray_NDIM(like):
+        return False
+    cdef int i
+    for i in range(cnp.PyArray_NDIM(like)):
+        if cnp.PyArray_DIMS(array)[i] != cnp.PyArray_DIMS(like)[i]:
+            return False
+    return True
+
+
+# The one rule of each scalar is in fastbn._bn_validation; these accept only
+# the plain valid case (a float, in range), anything else goes there.
+
+cdef inline bint plain_eps(object eps, bint batch_stats):
+    return type(eps) is float and ((<double>eps > 0) if batch_stats else (<double>eps >= 0))
+
+
+cdef inline bint plain_momentum(object momentum, bint update):
+    if momentum is None:
+        return not update
+    return type(momentum) is float and 0.0 <= <double>momentum <= 1.0
 
 
 cdef inline void *data_or_null(object array):
@@ -325,13 +332,47 @@ def eval_forward(object x, object y, int64_t outer, int64_t channels, int64_t in
     """
     if not is_input(x, outer, channels, inner):
         return None
-    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
-    if not (running_mean is not None and running_var is not None
+    if not eval_vectors_ready(cnp.PyArray_TYPE(<cnp.ndarray>x), channels, running_mean,
+                              running_var, weight, bias):
+        return None
+    return run_eval_forward(x, y, outer, channels, inner, running_mean, running_var, weight,
+                            bias, eps, relu)
+
+
+def eval_forward_at(object x, object y, object axis, object running_mean, object running_var,
+                    object weight, object bias, object eps, bint relu=False):
+    """`eval_forward` with the geometry read from x and the channel `axis`:
+    (y, the array read as x), or None (nothing written) unless x is a
+    non-empty float32/float64 ndarray of rank >= 2, axis the int 1 or -1,
+    the vectors kernel-ready, eps a float >= 0 and y None, x itself or a
+    writeable C-contiguous array like x whose bytes are provably apart from
+    every input.  Lets a caller that got None run the validators once and
+    call `eval_forward`, while the valid call crosses into the bridge once."""
+    cdef int64_t geometry[3]
+    if not (plain_eps(eps, False) and plain_geometry(x, axis, geometry)):
+        return None
+    if not eval_vectors_ready(cnp.PyArray_TYPE(<cnp.ndarray>x), geometry[1], running_mean,
+                              running_var, weight, bias):
+        return None
+    if y is not None and not plain_out(y, <cnp.ndarray>x, running_mean, running_var, weight,
+                                       bias):
+        return None
+    return run_eval_forward(x, y, geometry[0], geometry[1], geometry[2], running_mean,
+                            running_var, weight, bias, eps, relu)
+
+
+cdef inline bint eval_vectors_ready(int typenum, int64_t channels, object running_mean,
+                                    object running_var, object weight, object bias):
+    return (running_mean is not None and running_var is not None
             and is_channel_vector(running_mean, channels, typenum)
             and is_channel_vector(running_var, channels, typenum)
             and is_channel_vector(weight, channels, typenum)
-            and is_channel_vector(bias, channels, typenum)):
-        return None
+            and is_channel_vector(bias, channels, typenum))
+
+
+cdef object run_eval_forward(object x, object y, int64_t outer, int64_t channels,
+                             int64_t inner, object running_mean, object running_var,
+                             object weight, object bias, double eps, bint relu):
     x = kernel_input(x)
     running_mean = kernel_input(running_mean)
     running_var = kernel_input(running_var)
@@ -377,9 +418,7 @@ def train_forward(object x, object y, int64_t outer, int64_t channels, int64_t i
     if not is_input(x, outer, channels, inner):
         return None
     cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
-    if not (is_channel_vector(weight, channels, typenum)
-            and is_channel_vector(bias, channels, typenum)
-            and is_updatable_pair(running_mean, running_var, channels, typenum)
+    if not (train_vectors_ready(typenum, channels, weight, bias, running_mean, running_var)
             and (counter is None or is_counter(counter))):
         return None
     cdef double factor
@@ -389,6 +428,47 @@ def train_forward(object x, object y, int64_t outer, int64_t channels, int64_t i
         factor = 1.0 / (int(counter) + 1)
     else:
         factor = momentum
+    return run_train_forward(x, y, outer, channels, inner, weight, bias, eps, running_mean,
+                             running_var, factor, relu, counter)
+
+
+def train_forward_at(object x, object y, object axis, object weight, object bias, object eps,
+                     object running_mean, object running_var, object momentum,
+                     bint relu=False):
+    """`train_forward` (no counter) with the geometry read from x and the
+    channel `axis`: (y, saved_mean, saved_invstd, the array read as x), or
+    None (nothing written) unless, as in `eval_forward_at`, every array is
+    plain and kernel-ready (running statistics both None, or both writeable),
+    x has at least 2 values per channel, eps is a float > 0 and momentum a
+    float in [0, 1] (or None without running statistics, which are then not
+    updated)."""
+    cdef int64_t geometry[3]
+    if not (plain_eps(eps, True) and plain_momentum(momentum, running_mean is not None)
+            and plain_geometry(x, axis, geometry) and geometry[0] * geometry[2] >= 2):
+        return None
+    if not train_vectors_ready(cnp.PyArray_TYPE(<cnp.ndarray>x), geometry[1], weight, bias,
+                               running_mean, running_var):
+        return None
+    if y is not None and not plain_out(y, <cnp.ndarray>x, running_mean, running_var, weight,
+                                       bias):
+        return None
+    return run_train_forward(x, y, geometry[0], geometry[1], geometry[2], weight, bias, eps,
+                             running_mean, running_var,
+                             0.0 if momentum is None else <double>momentum, relu, None)
+
+
+cdef inline bint train_vectors_ready(int typenum, int64_t channels, object weight,
+                                     object bias, object running_mean, object running_var):
+    return (is_channel_vector(weight, channels, typenum)
+            and is_channel_vector(bias, channels, typenum)
+            and is_updatable_pair(running_mean, running_var, channels, typenum))
+
+
+cdef object run_train_forward(object x, object y, int64_t outer, int64_t channels,
+                              int64_t inner, object weight, object bias, double eps,
+                              object running_mean, object running_var, double factor,
+                              bint relu, object counter):
+    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
     x = kernel_input(x)
     weight = kernel_input(weight)
     bias = kernel_input(bias)
@@ -436,35 +516,90 @@ def backward(object dy, object x, object dx, int64_t outer, int64_t channels,
     if not is_input(x, outer, channels, inner) or not is_like(dy, <cnp.ndarray>x):
         return None
     cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
-    if not (mean is not None and invstd is not None
-            and is_channel_vector(mean, channels, typenum)
-            and is_channel_vector(invstd, channels, typenum)
-            and is_channel_vector(weight, channels, typenum)
-            and (not relu or is_channel_vector(bias, channels, typenum))
+    if not (backward_vectors_ready(typenum, channels, mean, invstd, weight,
+                                   bias if relu else None)
             and is_written_vector(dweight, channels, typenum)
             and is_written_vector(dbias, channels, typenum)):
         return None
+    return run_backward(False, dy, x, dx, outer, channels, inner, mean, invstd, weight, 0.0,
+                        dweight, dbias, accumulate, bias, relu)
+
+
+def backward_at(object dy, object x, object dx, object axis, object mean, object invstd,
+                object weight, object bias, bint relu=False):
+    """`backward` with the geometry read from x and the channel `axis`, the
+    parameter gradients new arrays: (dx, dweight, dbias), or None (nothing
+    written) unless, as in `eval_forward_at`, every array is plain and
+    kernel-ready, dy is shaped and typed like x, and dx is None, dy, x, or
+    apart from every input."""
+    return backward_at_axis(False, dy, x, dx, axis, mean, invstd, weight, bias, 0.0, relu)
+
+
+cdef object backward_at_axis(bint eval_mode, object dy, object x, object dx, object axis,
+                             object stat_a, object stat_b, object weight, object bias,
+                             double eps, bint relu):
+    cdef int64_t geometry[3]
+    if not (plain_geometry(x, axis, geometry) and same_shape(dy, <cnp.ndarray>x)):
+        return None
+    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    if not backward_vectors_ready(typenum, geometry[1], stat_a, stat_b, weight, bias):
+        return None
+    # the eval backward's dx may be dy but not x
+    if dx is not None and not ((not eval_mode or dx is not x)
+                               and plain_out(dx, <cnp.ndarray>x, stat_a, stat_b, weight, bias)
+                               and (dx is dy or apart(<cnp.ndarray>dx, dy))):
+        return None
+    cdef cnp.ndarray dweight = empty_vector(geometry[1], typenum)
+    cdef cnp.ndarray dbias = empty_vector(geometry[1], typenum)
+    dx = run_backward(eval_mode, dy, x, dx, geometry[0], geometry[1], geometry[2], stat_a,
+                      stat_b, weight, eps, dweight, dbias, False, bias, relu)
+    return dx, dweight, dbias
+
+
+cdef inline bint backward_vectors_ready(int typenum, int64_t channels, object stat_a,
+                                        object stat_b, object weight, object bias):
+    return (stat_a is not None and stat_b is not None
+            and is_channel_vector(stat_a, channels, typenum)
+            and is_channel_vector(stat_b, channels, typenum)
+            and is_channel_vector(weight, channels, typenum)
+            and is_channel_vector(bias, channels, typenum))
+
+
+cdef object run_backward(bint eval_mode, object dy, object x, object dx, int64_t outer,
+                         int64_t channels, int64_t inner, object stat_a, object stat_b,
+                         object weight, double eps, object dweight, object dbias,
+                         bint accumulate, object bias, bint relu):
+    """The training backward (stat_a, stat_b: the saved mean and invstd) or,
+    with `eval_mode`, the eval backward (the running statistics and eps; x
+    is read only for dweight, dbias or relu, and may be None otherwise)."""
+    cdef bint needs_x = not eval_mode or dweight is not None or dbias is not None or relu
     dy = kernel_input(dy)
-    x = kernel_input(x)
-    mean = kernel_input(mean)
-    invstd = kernel_input(invstd)
+    x = kernel_input(x) if needs_x else None
+    stat_a = kernel_input(stat_a)
+    stat_b = kernel_input(stat_b)
     weight = kernel_input(weight)
     bias = kernel_input(bias) if relu else None
     cdef cnp.ndarray out = empty_like_array(dy) if dx is None else <cnp.ndarray>dx
     cdef fastbn_bn_call call
     start_call(&call, outer, channels, inner)
     call.dy = cnp.PyArray_DATA(dy)
-    call.x = cnp.PyArray_DATA(x)
+    call.x = data_or_null(x)
     call.out = cnp.PyArray_DATA(out)
-    call.mean = cnp.PyArray_DATA(mean)
-    call.invstd = cnp.PyArray_DATA(invstd)
     call.weight = data_or_null(weight)
     call.bias = data_or_null(bias)
     call.dweight = data_or_null(dweight)
     call.dbias = data_or_null(dbias)
     call.accumulate = accumulate
     call.relu = relu
-    run(kernels().backward, <cnp.ndarray>x, &call, "batch_norm backward")
+    if eval_mode:
+        call.running_mean = cnp.PyArray_DATA(stat_a)
+        call.running_var = cnp.PyArray_DATA(stat_b)
+        call.eps = eps
+        run(kernels().backward_eval, <cnp.ndarray>dy, &call, "batch_norm eval backward")
+    else:
+        call.mean = cnp.PyArray_DATA(stat_a)
+        call.invstd = cnp.PyArray_DATA(stat_b)
+        run(kernels().backward, <cnp.ndarray>dy, &call, "batch_norm backward")
     return out
 
 
@@ -487,37 +622,26 @@ def backward_eval(object dy, object x, object dx, int64_t outer, int64_t channel
             needs_x and not is_like(x, <cnp.ndarray>dy)):
         return None
     cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>dy)
-    if not (running_mean is not None and running_var is not None
-            and is_channel_vector(running_mean, channels, typenum)
-            and is_channel_vector(running_var, channels, typenum)
-            and is_channel_vector(weight, channels, typenum)
-            and (not relu or is_channel_vector(bias, channels, typenum))
+    if not (backward_vectors_ready(typenum, channels, running_mean, running_var, weight,
+                                   bias if relu else None)
             and is_written_vector(dweight, channels, typenum)
             and is_written_vector(dbias, channels, typenum)):
         return None
-    dy = kernel_input(dy)
-    x = kernel_input(x) if needs_x else None
-    running_mean = kernel_input(running_mean)
-    running_var = kernel_input(running_var)
-    weight = kernel_input(weight)
-    bias = kernel_input(bias) if relu else None
-    cdef cnp.ndarray out = empty_like_array(dy) if dx is None else <cnp.ndarray>dx
-    cdef fastbn_bn_call call
-    start_call(&call, outer, channels, inner)
-    call.dy = cnp.PyArray_DATA(dy)
-    call.x = data_or_null(x)
-    call.out = cnp.PyArray_DATA(out)
-    call.running_mean = cnp.PyArray_DATA(running_mean)
-    call.running_var = cnp.PyArray_DATA(running_var)
-    call.weight = data_or_null(weight)
-    call.bias = data_or_null(bias)
-    call.dweight = data_or_null(dweight)
-    call.dbias = data_or_null(dbias)
-    call.eps = eps
-    call.accumulate = accumulate
-    call.relu = relu
-    run(kernels().backward_eval, <cnp.ndarray>dy, &call, "batch_norm eval backward")
-    return out
+    return run_backward(True, dy, x, dx, outer, channels, inner, running_mean, running_var,
+                        weight, eps, dweight, dbias, accumulate, bias, relu)
+
+
+def backward_eval_at(object dy, object x, object dx, object axis, object running_mean,
+                     object running_var, object weight, object bias, object eps,
+                     bint relu=False):
+    """`backward_eval` with the geometry read from x and the channel `axis`,
+    the parameter gradients new arrays: (dx, dweight, dbias), or None
+    (nothing written) unless, as in `backward_at`, every array is plain and
+    kernel-ready (dx may be dy but not x) and eps is a float >= 0."""
+    if not plain_eps(eps, False):
+        return None
+    return backward_at_axis(True, dy, x, dx, axis, running_mean, running_var, weight, bias,
+                            eps, relu)
 
 
 # ---- split phases ----------------------------------------------------------------
