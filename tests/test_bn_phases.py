@@ -19,14 +19,15 @@ DTYPES = [np.float32, np.float64]
 PHASES = ["batch_norm_stats", "batch_norm_merge_stats", "batch_norm_apply",
           "batch_norm_backward_reduce", "batch_norm_backward_apply"]
 # odd geometries (C = 1, C = 3, 2 values per channel, channels-last C = 17)
-# and ones above the serial threshold: planar with few channels (threads
-# share chunks), planar with many (threads own channels), interleaved
+# and ones above the thread threshold (1 MiB moved per call, so > 262144
+# float32 values for the statistics alone): planar with few channels
+# (threads share chunks), planar with many (threads own channels), interleaved
 SMALL_CASES = [
     ((4, 1, 5), 1), ((9, 1), 1), ((5, 3, 7), 1), ((2, 3), 1), ((1, 3, 2), 1), ((2, 17), -1),
     ((6, 5, 17), -1), ((3, 2, 2, 3), -1),
 ]
-THREADED_CASES = [((8, 3, 50, 50), 1), ((4, 40, 30, 20), 1), ((48, 48, 17), -1),
-                  ((20, 60, 33), -1)]
+THREADED_CASES = [((8, 3, 110, 110), 1), ((4, 40, 45, 40), 1), ((160, 48, 37), -1),
+                  ((100, 90, 33), -1)]
 CASES = SMALL_CASES + THREADED_CASES
 TIGHT = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-13}
 

@@ -26,9 +26,11 @@ from fastbn.parameter import Parameter
 DTYPES = (np.float32, np.float64)
 
 #: Elements of the large tensor in a "threaded" run: > 3 x FASTBN_SERIAL_ELEMENTS
-#: (32768, src_c/common/fb_parallel.h), so 1, 2 and 3 threads all really split it,
+#: (32768, the optimizers) and, in float32, > 1.5 MiB moved by a batch-norm
+#: forward (FASTBN_PARALLEL_BYTES = 1 MiB, at least half of it per thread; both
+#: in src_c/common/fb_parallel.h), so 1, 2 and 3 threads all really split it,
 #: and not a multiple of any chunk size.
-THREADED_SIZE = 3 * 32768 + 4099
+THREADED_SIZE = 6 * 32768 + 4099
 
 #: Outputs of one call: name -> array (copies) or Python float.
 Outputs = Dict[str, object]

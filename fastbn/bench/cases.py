@@ -297,7 +297,9 @@ def _overhead_case(training: bool):
 # (N, C) inputs of BatchNorm1d (MLPs, tabular models) at a spread of shapes,
 # some off any power-of-two grid; and channels-last BatchNorm2d/3d at a
 # spread of channel counts.  (name suffix, full shape, quick shape)
-SHAPES_NC = [("64x64", (64, 64), (64, 64)), ("256x512", (256, 512), (256, 512)),
+SHAPES_NC = [("64x64", (64, 64), (64, 64)), ("100x300", (100, 300), (100, 300)),
+             ("256x512", (256, 512), (256, 512)), ("777x1000", (777, 1000), (777, 1000)),
+             ("3000x96", (3000, 96), (3000, 96)), ("64x4096", (64, 4096), (64, 4096)),
              ("1000x300", (1000, 300), (1000, 300)), ("4096x1024", (4096, 1024), (1024, 1024)),
              ("8192x4096", (8192, 4096), (2048, 4096)), ("8192x64", (8192, 64), (8192, 64))]
 SHAPES_CL = [("c16", (32, 56, 56, 16), (8, 56, 56, 16)), ("c64", (32, 56, 56, 64), (8, 56, 56, 64)),

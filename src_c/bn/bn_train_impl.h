@@ -274,7 +274,9 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, const FB_TYPED(bn
  * accumulation takes over.  Eight rather than four: the partials s1, s2 are
  * loaded and stored once per step, and with four rows those accesses were
  * the hottest instructions of a (256, 512) float32 reduction (profiled);
- * eight halves them. */
+ * eight halves them.  The backward's sums stay at four rows: eight rows of
+ * dy and x are sixteen row pointers, more than the general registers, and
+ * with the spills it was not measurably faster. */
 /* Row chunk k of channels [c0, c0 + width): the partials of one channel
  * depend only on k and the channel, not on c0 or width, so any split of the
  * channels into pieces gives the same sums. */
@@ -326,33 +328,9 @@ static void FB_TYPED(bn_reduce_rows)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *
                 s2[c] += (double)(d0 * d0);
             }
         }
-    } else if (!pass->relu) {
-        for (; r + 8 <= r1; r += 8) {
-            const fb_index offset = r * C + c0;
-            const FB_REAL *restrict x0 = pass->x + offset;
-            const FB_REAL *restrict x1 = x0 + C, *restrict x2 = x1 + C, *restrict x3 = x2 + C;
-            const FB_REAL *restrict x4 = x3 + C, *restrict x5 = x4 + C, *restrict x6 = x5 + C;
-            const FB_REAL *restrict x7 = x6 + C;
-            const FB_REAL *restrict g0 = pass->dy + offset;
-            const FB_REAL *restrict g1 = g0 + C, *restrict g2 = g1 + C, *restrict g3 = g2 + C;
-            const FB_REAL *restrict g4 = g3 + C, *restrict g5 = g4 + C, *restrict g6 = g5 + C;
-            const FB_REAL *restrict g7 = g6 + C;
-#pragma omp simd
-            for (fb_index c = 0; c < width; ++c) {
-                const FB_REAL d0 = x0[c] - center[c], d1 = x1[c] - center[c];
-                const FB_REAL d2 = x2[c] - center[c], d3 = x3[c] - center[c];
-                const FB_REAL d4 = x4[c] - center[c], d5 = x5[c] - center[c];
-                const FB_REAL d6 = x6[c] - center[c], d7 = x7[c] - center[c];
-                s1[c] += (double)(((g0[c] + g1[c]) + (g2[c] + g3[c]))
-                                  + ((g4[c] + g5[c]) + (g6[c] + g7[c])));
-                s2[c] += (double)(((g0[c] * d0 + g1[c] * d1) + (g2[c] * d2 + g3[c] * d3))
-                                  + ((g4[c] * d4 + g5[c] * d5) + (g6[c] * d6 + g7[c] * d7)));
-            }
-        }
-    }
-    if (!fb_bn_reduces_x(pass->mode)) {
-        /* the rest of the rows; with relu all of them, four at a time
-         * through a masked copy of dy (bn_grad_row) */
+    } else {
+        /* four rows at a time; with relu through a masked copy of dy
+         * (bn_grad_row) */
         FB_REAL staging[4][FB_BN_RELU_BLOCK];
         for (; r + 4 <= r1; r += 4) {
             const fb_index offset = r * C + c0;
