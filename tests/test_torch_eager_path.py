@@ -170,3 +170,28 @@ def test_vmap_over_a_batch_of_inputs_uses_the_custom_op_path():
     except (RuntimeError, NotImplementedError) as error:  # custom op without a vmap rule
         pytest.skip(f"vmap of the custom op unsupported here: {error}")
     torch.testing.assert_close(got, expected)
+
+
+def test_parametrized_weight_is_read_through_its_parametrization():
+    """A parametrized weight is no longer in the module's parameter dict;
+    the fast path must read the parametrized value, as torch does."""
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    ours, theirs = ft.BatchNorm2d(5), torch.nn.BatchNorm2d(5)
+    for module in (ours, theirs):
+        parametrize.register_parametrization(module, "weight", Double())
+    x = make_input(2, torch.float32, "contiguous", seed=2)
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_theirs = ours(x_ours), theirs(x_theirs)
+    assert type(y_ours.grad_fn).__name__ == f"{EAGER}trainBackward"
+    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-5, atol=1e-5)
+    y_ours.sum().backward()
+    y_theirs.sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.parametrizations.weight.original.grad,
+                               theirs.parametrizations.weight.original.grad,
+                               rtol=1e-4, atol=1e-4)

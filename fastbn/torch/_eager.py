@@ -45,6 +45,29 @@ _tracing_state = torch._C._get_tracing_state
 _increment_version = torch._C._increment_version
 
 
+_unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", None)
+
+
+def _unwrap_dead(tensor: Optional[Tensor]) -> Optional[Tensor]:
+    """A tensor that escaped a finished functorch transform, unwrapped (what
+    ``Function.apply`` does to its arguments)."""
+    if tensor is None or _unwrap_if_dead is None:
+        return tensor
+    return _unwrap_if_dead(tensor)
+
+
+def _bare_apply(cls: type):
+    """``cls.apply`` without ``Function.apply``'s Python wrapper, which
+    costs about as much as the C ``apply`` itself on a small batch; the
+    wrapper only binds default arguments (these classes have none to bind)
+    and handles functorch, which `eager_allowed` has ruled out (dead
+    functorch wrappers are unwrapped by the callers, as the wrapper does)."""
+    try:
+        return torch._C._FunctionBase.__dict__["apply"].__get__(None, cls)
+    except (AttributeError, KeyError, TypeError):  # pragma: no cover - other torch versions
+        return cls.apply
+
+
 def eager_allowed(x: Tensor, *tensors: Optional[Tensor]) -> bool:
     """True when the call is plain eager PyTorch: not compiling or exporting
     (checked first, so dynamo traces nothing after it), no Python dispatch
@@ -127,6 +150,9 @@ class EagerFor_fastbn_batch_norm_train(torch.autograd.Function):  # noqa: N801
                 None, None, None, None, None, None)
 
 
+_train_apply = _bare_apply(EagerFor_fastbn_batch_norm_train)
+
+
 def train_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                   running_mean: Optional[Tensor], running_var: Optional[Tensor],
                   momentum: float, eps: float, relu: bool) -> Tensor:
@@ -134,8 +160,8 @@ def train_forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     updated in place with `momentum`."""
     axis = _ops._kernel_axis(x)
     if _needs_graph(x, weight, bias):
-        return EagerFor_fastbn_batch_norm_train.apply(x, weight, bias, running_mean, running_var, momentum, eps,
-                                    relu, axis)
+        return _train_apply(_unwrap_dead(x), _unwrap_dead(weight), _unwrap_dead(bias),
+                            running_mean, running_var, momentum, eps, relu, axis)
     return _run_train(x, weight, bias, running_mean, running_var, momentum, eps, relu, axis)[0]
 
 
@@ -175,13 +201,17 @@ class EagerFor_fastbn_batch_norm_eval(torch.autograd.Function):  # noqa: N801
                 None, None, None)
 
 
+_eval_apply = _bare_apply(EagerFor_fastbn_batch_norm_eval)
+
+
 def eval_forward(x: Tensor, running_mean: Tensor, running_var: Tensor,
                  weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                  relu: bool) -> Tensor:
     """Running-statistics forward."""
     axis = _ops._kernel_axis(x)
     if _needs_graph(x, weight, bias):
-        return EagerFor_fastbn_batch_norm_eval.apply(x, running_mean, running_var, weight, bias, eps, relu, axis)
+        return _eval_apply(_unwrap_dead(x), running_mean, running_var, _unwrap_dead(weight),
+                           _unwrap_dead(bias), eps, relu, axis)
     return _run_eval(x, running_mean, running_var, weight, bias, eps, relu, axis)
 
 

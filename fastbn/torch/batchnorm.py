@@ -49,19 +49,42 @@ def _fast_path_supported(module: torch.nn.Module, x: Tensor, weight: Optional[Te
     return _ops.channel_axis(x) != 0
 
 
+_TENSOR_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _module_tensors(module: torch.nn.Module) -> tuple:
+    """weight, bias, running_mean, running_var, num_batches_tracked, read
+    from the module's parameter and buffer dicts (``nn.Module.__getattr__``
+    costs about 1 us per lookup); a name found in neither (e.g. a
+    parametrized weight, a property) is read as an attribute, as is every
+    name while torch.compile traces (dynamo's module handling stays as for
+    torch's own modules)."""
+    if torch.compiler.is_compiling():
+        return tuple(getattr(module, name, None) for name in _TENSOR_NAMES)
+    parameters, buffers = module._parameters, module._buffers
+    tensors = []
+    for name in _TENSOR_NAMES:
+        if name in parameters:
+            tensors.append(parameters[name])
+        elif name in buffers:
+            tensors.append(buffers[name])
+        else:
+            tensors.append(getattr(module, name, None))
+    return tuple(tensors)
+
+
 def _forward(module: torch.nn.Module, x: Tensor, torch_forward: Callable[[Tensor], Tensor],
              relu: bool) -> Tensor:
     """torch's ``_BatchNorm.forward`` logic with fastbn's kernels in place of
     ``F.batch_norm``: in plain eager mode through `_eager` (running buffers
     updated in place), otherwise (compile, export, fake tensors, dispatch
     modes, functorch) through the ``torch.ops.fastbn`` custom ops."""
-    weight, bias = module.weight, module.bias
-    running_mean, running_var = module.running_mean, module.running_var
+    weight, bias, running_mean, running_var, counter = _module_tensors(module)
     if not _fast_path_supported(module, x, weight, bias, running_mean, running_var):
         y = torch_forward(x)
         return torch.relu(y) if relu else y
     module._check_input_dim(x)
-    training, counter = module.training, module.num_batches_tracked
+    training = module.training
     batch_stats = training or running_mean is None
     update = training and module.track_running_stats and running_mean is not None
     if _EAGER_FAST_PATH and eager_allowed(x, weight, bias, running_mean, running_var, counter) \
