@@ -195,3 +195,23 @@ def test_parametrized_weight_is_read_through_its_parametrization():
     torch.testing.assert_close(ours.parametrizations.weight.original.grad,
                                theirs.parametrizations.weight.original.grad,
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_eager_path_passes_gradcheck_and_gradgradcheck(relu, training, layout):
+    # no running statistics in training: gradcheck calls the module many times
+    module = CLASSES[2, relu](3, dtype=torch.float64, track_running_stats=not training)
+    module.train(training)
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.uniform_(-0.5, 0.5)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 3, 2, generator=generator, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    x.requires_grad_()
+    assert type(module(x).grad_fn).__name__.startswith(EAGER)
+    assert torch.autograd.gradcheck(module, (x,))
+    assert torch.autograd.gradgradcheck(module, (x,))

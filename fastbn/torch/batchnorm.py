@@ -11,6 +11,12 @@ of an (N, C, L) tensor), whose module tensors are CPU tensors of the same
 dtype, in training or eval, with any momentum (``None`` is torch's
 cumulative average) and with or without running statistics.
 
+Eager calls (no torch.compile/export, fake tensors, dispatch modes or
+functorch transforms) run the kernels through `fastbn.torch._eager`, which
+updates the running buffers in place and skips the custom-op dispatch
+(tens of microseconds per call); everything else goes through the
+``torch.ops.fastbn`` custom ops.  Both give bit-identical results.
+
 Fallback: anything else (another device or dtype, other strides, an empty
 batch) runs torch's own ``forward`` (plus ``torch.relu`` for the fused
 classes), silently.  Double backward works on the fast path too: the
