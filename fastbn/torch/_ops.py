@@ -14,7 +14,9 @@ The differentiable ops are functional: ``register_autograd`` only accepts
 ops that mutate nothing, so `batch_norm_train` returns the UPDATED running
 statistics as new tensors and the caller copies them into its buffers
 (``running_mean.copy_(new_running_mean)``, C elements).  torch.compile and
-torch.export then see an ordinary buffer mutation.
+torch.export then see an ordinary buffer mutation.  (Plain eager calls of
+the modules skip these ops: `fastbn.torch._eager` runs the same kernels and
+updates the buffers in place.)
 
 Ops
 ---
