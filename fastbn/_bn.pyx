@@ -35,7 +35,7 @@ cdef int BF16_TYPENUM = -1
 try:
     import ml_dtypes as _ml_dtypes
     BF16_TYPENUM = np.dtype(_ml_dtypes.bfloat16).num
-except ImportError:  # optional dependency
+except (ImportError, AttributeError):  # optional dependency (or blocked in sys.modules)
     pass
 
 
