@@ -21,6 +21,7 @@ import pytest
 
 import fastbn
 from fastbn import _bn
+from fastbn import functional as F
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 from fastbn.reference import _bf16_bn as R  # noqa: E402
@@ -297,3 +298,87 @@ def test_fastbn_imports_without_ml_dtypes(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok float32"
+
+
+# ---- the Python API: functional, layers, validation --------------------------------
+
+def layer_run(layer_class, x, dy, channels_last):
+    """A float32 layer on bfloat16 activations: two training steps (forward,
+    backward), then eval forward and backward.  Returns every output and
+    every buffer and gradient the layer holds."""
+    layer = layer_class(channel_count(x.shape, channels_last), axis=-1 if channels_last else 1)
+    results = []
+    for _ in range(2):
+        results += [layer(x), layer.backward(dy)]
+    layer.eval()
+    results += [layer(x), layer.backward(dy)]
+    results += [layer.running_mean, layer.running_var, layer.weight.grad, layer.bias.grad,
+                layer.num_batches_tracked]
+    return results
+
+
+@pytest.mark.parametrize("layer_class", [fastbn.nn.BatchNorm2d, fastbn.nn.BatchNormReLU2d])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float32_layer_takes_bf16_activations_like_the_reference_backend(
+        simd_target, layer_class, channels_last, rng):
+    shape = (4, 8, 4, 5) if channels_last else (4, 5, 8, 4)
+    x, dy = make(rng, shape, channels_last, dyadic=True)[:2]
+    fast = layer_run(layer_class, x, dy, channels_last)
+    with fastbn.use_backend("reference"):
+        reference = layer_run(layer_class, x, dy, channels_last)
+    for got, want in zip(fast, reference):
+        assert got.dtype == want.dtype
+        assert np.array_equal(np.ravel(got).view(np.uint8), np.ravel(want).view(np.uint8))
+    assert [a.dtype for a in fast[:6]] == [BF16] * 6
+    assert {a.dtype for a in fast[6:10]} == {np.dtype(np.float32)}
+    assert int(fast[10]) == 2
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_functional_bf16_calls_match_the_reference_backend(simd_target, channels_last, rng):
+    shape = (2, 4, 4, 3) if channels_last else (2, 3, 4, 4)
+    axis = -1 if channels_last else 1
+    x, dy, weight, bias, running_mean, running_var = make(rng, shape, channels_last, True)
+
+    def calls():
+        rm, rv = running_mean.copy(), running_var.copy()
+        y = F.batch_norm(x, rm, rv, weight, bias, training=True, axis=axis)
+        y_eval = F.batch_norm_relu(x, running_mean, running_var, weight, bias, axis=axis)
+        y2, mean, invstd = F.batch_norm_forward_train(x, weight, bias, axis=axis)
+        dx, dw, db = F.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis)
+        dxe, dwe, dbe = F.batch_norm_relu_backward_eval(dy, x, running_mean, running_var,
+                                                        weight, bias, axis=axis)
+        return [y, rm, rv, y_eval, y2, mean, invstd, dx, dw, db, dxe, dwe, dbe]
+
+    fast = calls()
+    with fastbn.use_backend("reference"):
+        reference = calls()
+    for got, want in zip(fast, reference):
+        assert got.dtype == want.dtype
+        assert np.array_equal(np.ravel(got).view(np.uint8), np.ravel(want).view(np.uint8))
+
+
+def test_mixed_bf16_and_float_arguments_raise_type_errors_naming_the_argument():
+    x = np.ones((4, 3, 5), BF16)
+    f32, f64 = np.ones(3, np.float32), np.ones(3, np.float64)
+    with pytest.raises(TypeError, match=r"running_mean: expected dtype float32 .*got float64"):
+        F.batch_norm(x, f64, f64, training=False)
+    with pytest.raises(TypeError, match=r"weight: expected dtype float32 .*got bfloat16"):
+        F.batch_norm(x, f32, f32, weight=np.ones(3, BF16), training=False)
+    with pytest.raises(TypeError, match=r"dy: expected dtype bfloat16 .*got float32"):
+        F.batch_norm_backward(x.astype(np.float32), x, f32, f32)
+    with pytest.raises(TypeError, match=r"input: expected dtype float64 .*got bfloat16"):
+        fastbn.nn.BatchNorm1d(3, dtype=np.float64)(x)
+    with pytest.raises(TypeError, match="input"):
+        F.batch_norm_stats(x)
+
+
+def test_a_refused_bf16_call_changes_no_state():
+    layer = fastbn.nn.BatchNorm1d(3)
+    before = [layer.running_mean.copy(), layer.running_var.copy(),
+              int(layer.num_batches_tracked)]
+    layer.running_var = layer.running_var.astype(np.float64)
+    with pytest.raises(TypeError, match="running_var"):
+        layer(np.ones((4, 3), BF16))
+    assert np.array_equal(layer.running_mean, before[0])
+    assert int(layer.num_batches_tracked) == before[2]

@@ -276,7 +276,7 @@ class _BatchNorm(Module):
                                            self.fused_relu, counter)
             if result is None:
                 weight, bias, running_mean, running_var = self._checked_state(
-                    x.dtype, update and running_mean is not None)
+                    channel_dtype(x.dtype), update and running_mean is not None)
                 if not (update and running_mean is not None):
                     running_mean = running_var = None
                 result = self._retry(kernels.train_forward(
@@ -292,7 +292,8 @@ class _BatchNorm(Module):
             result = kernels.eval_forward(x, None, outer, channels, inner, running_mean,
                                           running_var, weight, bias, self._eps, self.fused_relu)
             if result is None:
-                weight, bias, running_mean, running_var = self._checked_state(channel_dtype(x.dtype))
+                weight, bias, running_mean, running_var = self._checked_state(
+                    channel_dtype(x.dtype))
                 result = self._retry(kernels.eval_forward(
                     x, None, outer, channels, inner, running_mean, running_var, weight, bias,
                     self._eps, self.fused_relu))
