@@ -83,9 +83,14 @@ def run_all(module, x, dy, weight, bias, running_mean, running_var, geo, relu):
     dweight_eval, dbias_eval = np.zeros(C, np.float32), np.zeros(C, np.float32)
     dx_eval = module.backward_eval(dy, x, None, outer, C, inner, running_mean, running_var,
                                    weight, EPS, dweight_eval, dbias_eval, False, bias, relu)
+    # without parameter gradients (and without relu) x is not read: a pass
+    # with no reduction, walked in memory order
+    dx_eval_only = module.backward_eval(dy, x if relu else None, None, outer, C, inner,
+                                        running_mean, running_var, weight, EPS, None, None,
+                                        False, bias, relu)
     return dict(y=y, mean=mean, invstd=invstd, running_mean=rm, running_var=rv, y_eval=y_eval,
                 dx=dx, dweight=dweight, dbias=dbias, dx_eval=dx_eval,
-                dweight_eval=dweight_eval, dbias_eval=dbias_eval)
+                dweight_eval=dweight_eval, dbias_eval=dbias_eval, dx_eval_only=dx_eval_only)
 
 
 def assert_same_bits(actual, expected):
@@ -161,7 +166,8 @@ def test_bf16_outputs_are_within_one_ulp_of_the_float32_kernels_on_the_same_valu
     want = run_all(_bn, x32, dy32, weight, bias, running_mean, running_var, geo, relu)
     gain = np.abs(weight).max() * max(want["invstd"].max(), (1 / np.sqrt(running_var + EPS)).max())
     scales = dict(y=np.abs(want["y"]).max(), y_eval=np.abs(want["y_eval"]).max(),
-                  dx=np.abs(dy32).max() * gain, dx_eval=np.abs(dy32).max() * gain)
+                  dx=np.abs(dy32).max() * gain, dx_eval=np.abs(dy32).max() * gain,
+                  dx_eval_only=np.abs(dy32).max() * gain)
     for name, scale in scales.items():
         assert got[name].dtype == BF16 and got[name].shape == x.shape
         assert_within_one_ulp(got[name], want[name], name, scale)

@@ -50,6 +50,11 @@
 #define FB_BN_BF16_MAX_ROW_CHUNKS ((fb_index)32)
 #define FB_BN_BF16_BLOCK ((fb_index)1024)
 #define FB_BN_BF16_LANES 16
+/* Elements per work item of a pass without reduction (eval forward, eval
+ * backward without parameter gradients), which walks the array linearly:
+ * long contiguous streams keep the prefetchers ahead, where a channel's rows
+ * (a few KiB each) would restart them every row. */
+#define FB_BN_BF16_LINEAR ((fb_index)16384)
 /* Planar cache block: bytes of streamed input per thread. */
 #define FB_BN_BF16_BLOCK_BYTES ((fb_index)384 * 1024)
 
@@ -61,6 +66,8 @@ typedef struct {
     fb_index outer, channels, inner, n;
     int interleaved;
     fb_index chunk, chunks, block_channels;
+    int linear;             /* no reduction: items are flat element ranges */
+    fb_index linear_items;
     const uint16_t *x, *dy;
     uint16_t *out;
     const float *weight, *bias;
@@ -456,6 +463,32 @@ static void bn_bf16_rewrite_item(const bn_bf16_pass *p, fb_index item)
     }
 }
 
+/* Linear item: elements [item * FB_BN_BF16_LINEAR, ...) in memory order. */
+static void bn_bf16_rewrite_linear(const bn_bf16_pass *p, fb_index item)
+{
+    float v[FB_BN_BF16_BLOCK];
+    const fb_index total = p->outer * p->channels * p->inner;
+    fb_index i = item * FB_BN_BF16_LINEAR;
+    const fb_index end = fb_min_index(total, i + FB_BN_BF16_LINEAR);
+    while (i < end) {
+        if (p->interleaved) {
+            const fb_index c0 = i % p->channels;
+            const fb_index len = fb_min_index(fb_min_index(p->channels - c0, end - i),
+                                              FB_BN_BF16_BLOCK);
+            bn_bf16_compute_row(p, v, i, len, c0);
+            fb_bn_bf16_narrow(v, p->out + i, len, p->instruction);
+            i += len;
+        } else {
+            const fb_index row = i / p->inner, col = i - row * p->inner;
+            const fb_index len = fb_min_index(fb_min_index(p->inner - col, end - i),
+                                              FB_BN_BF16_BLOCK);
+            bn_bf16_compute(p, v, i, len, row % p->channels);
+            fb_bn_bf16_narrow(v, p->out + i, len, p->instruction);
+            i += len;
+        }
+    }
+}
+
 /* ---- the pass --------------------------------------------------------------- */
 
 /* Run by every thread of the team, or by the caller alone.  The work-sharing
@@ -463,6 +496,12 @@ static void bn_bf16_rewrite_item(const bn_bf16_pass *p, fb_index item)
  * rewrites the items it reduced (from its own cache). */
 static void bn_bf16_body(bn_bf16_pass *p)
 {
+    if (p->linear) {
+#pragma omp for schedule(static)
+        for (fb_index item = 0; item < p->linear_items; ++item)
+            bn_bf16_rewrite_linear(p, item);
+        return;
+    }
     const fb_index per_channel = p->interleaved ? 0 : p->chunks;
     for (fb_index c0 = 0; c0 < p->channels; c0 += p->block_channels) {
         const fb_index c1 = fb_min_index(p->channels, c0 + p->block_channels);
@@ -492,6 +531,8 @@ static int bn_bf16_run(bn_bf16_pass *p, fb_index outer, fb_index channels, fb_in
     const fb_index first_of_channel = inner; /* stride between channel starts, before planning */
     bn_bf16_plan(p, outer, channels, inner, streams, nt);
     p->instruction = fb_bn_bf16_cpu_has_instruction();
+    p->linear = !p->reduce;
+    p->linear_items = fb_ceil_div(total, FB_BN_BF16_LINEAR);
     const fb_index partials = p->reduce ? channels * (p->interleaved ? p->chunks : p->chunks) : 0;
     double *work = (double *)malloc((size_t)(2 * partials) * sizeof(double)
                                     + (size_t)(6 * channels) * sizeof(float) + 64);
