@@ -128,6 +128,48 @@ def test_every_bf16_kernel_equals_the_numpy_twin_bit_for_bit_on_exact_sums(
     assert_same_bits(run_all(_bn, *inputs, geo, relu), expected)
 
 
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape,channels_last", [((3, 5, 7, 9), False), ((2, 9, 7, 33), True),
+                                                  ((64, 3, 8, 8), False), ((999, 17), True)])
+def test_eval_kernels_equal_the_twin_bit_for_bit_on_any_data(
+        simd_target, shape, channels_last, relu, rng):
+    """The eval kernels' coefficients come from the running statistics alone
+    (no sums), so on any data every value is the same float32 fused
+    multiply-add: the instruction on FMA targets, the exact emulation on the
+    baseline and in NumPy -- bit-identical outputs."""
+    x, dy, weight, bias, running_mean, running_var = make(rng, shape, channels_last, False)
+    geo = geometry(shape, channels_last)
+    y, _ = _bn.eval_forward(x, None, *geo, running_mean, running_var, weight, bias, EPS, relu)
+    y_twin = R.eval_forward(x, None, *geo, running_mean, running_var, weight, bias, EPS, relu)
+    dx = _bn.backward_eval(dy, x, None, *geo, running_mean, running_var, weight, EPS, None,
+                           None, False, bias, relu)
+    dx_twin = R.backward_eval(dy, x, None, *geo, running_mean, running_var, weight, EPS, None,
+                              None, False, bias, relu)
+    assert np.array_equal(y.view(np.uint16), y_twin.view(np.uint16))
+    assert np.array_equal(dx.view(np.uint16), dx_twin.view(np.uint16))
+
+
+def test_twin_fma_rounds_once_where_two_roundings_differ():
+    """fma32 against exact rational arithmetic on cases where rounding the
+    float64 sum to float32 (a second rounding) would be wrong."""
+    from fractions import Fraction
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal(20000).astype(np.float32)
+    b = rng.standard_normal(20000).astype(np.float32)
+    # c cancels most of a * b, leaving a few bits: ties are frequent
+    c = (-(a.astype(np.float64) * b) * (1 + 2.0 ** -20)).astype(np.float32)
+    got = R.fma32(a, b, c)
+    for i in range(0, 20000, 7):
+        exact = Fraction(float(a[i])) * Fraction(float(b[i])) + Fraction(float(c[i]))
+        below = np.float32(float(exact))
+        # the float32 nearest the exact value (ties to even) by comparing neighbours
+        candidates = [np.nextafter(below, np.float32(-np.inf)), below,
+                      np.nextafter(below, np.float32(np.inf))]
+        best = min(candidates, key=lambda v: (abs(Fraction(float(v)) - exact),
+                                              int(np.float32(v).view(np.uint32)) & 1))
+        assert got[i] == best, (a[i], b[i], c[i])
+
+
 def bf16_order(values):
     """bfloat16 bit patterns mapped to integers in the order of the values
     (adjacent representable values differ by 1; +0 and -0 coincide)."""

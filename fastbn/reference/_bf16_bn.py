@@ -10,12 +10,13 @@ is computed by the same float32/float64 operations as the C kernels
 - statistics around the channel's first value c: d = x - c in float32,
   s1 = sum(d), s2 = sum(d * d) in float64; mean = c + s1 / n,
   var = max((s2 - s1 * (s1 / n)) / n, 0), invstd = 1 / sqrt(var + eps);
-- forward: y = f32(f64(x - m) * f64(k1) + f64(bias)), m the saved (float32)
-  or running mean, k1 = f32(weight * invstd) with the saved float32 invstd
-  (training) or 1 / sqrt(running_var + eps) in float64 (eval);
-- training backward: dx = f32(g k1 + ((x - m) k2 + k3)) with k1 = f32(a),
+- forward: y = fma(x - m, k1, bias) (a float32 fused multiply-add, `fma32`),
+  m the saved (float32) or running mean, k1 = f32(weight * invstd) with the
+  saved float32 invstd (training) or 1 / sqrt(running_var + eps) in float64
+  (eval);
+- training backward: dx = fma(g, k1, fma(x - m, k2, k3)) with k1 = f32(a),
   k2 = f32(-a invstd sum(g xhat) / n), k3 = f32(-a sum(g) / n), a = w invstd;
-- eval backward: dx = f32(g k1);
+- eval backward: dx = g * k1 in float32;
 - ReLU: the forward stores max(y, 0); the backwards keep dy where the
   forward's float32 pre-activation is >= the smallest normal float32, exactly
   where the stored bfloat16 output is > 0.
@@ -90,8 +91,25 @@ def _bias32(bias, channels) -> np.ndarray:
     return np.zeros(channels, np.float32) if bias is None else np.asarray(bias, np.float32)
 
 
+def fma32(a, b, c) -> np.ndarray:
+    """float32 a * b + c rounded once (a fused multiply-add): the exact
+    product and sum in float64, rounded to odd (an inexact result with an
+    even last bit moves one ulp towards the exact value), then rounded to
+    float32, which float64's extra precision makes exact."""
+    a, b, c = np.broadcast_arrays(_f64(a), _f64(b), _f64(c))
+    product = a * b                       # exact: 24 x 24 bits
+    with np.errstate(invalid="ignore", over="ignore"):
+        total = product + c
+        back = total - product
+        error = (product - (total - back)) + (c - back)
+        bits = total.view(np.int64).copy()
+        step = (error != 0) & ((bits & 1) == 0) & np.isfinite(total)
+        bits[step] += np.where((error > 0) == (total > 0), 1, -1)[step]
+        return bits.view(np.float64).astype(np.float32)
+
+
 def _affine(xc, k1, k3) -> np.ndarray:
-    return (_f64(xc) * _col(_f64(k1)) + _col(_f64(k3))).astype(np.float32)
+    return fma32(xc, _col(np.asarray(k1, np.float32)), _col(np.asarray(k3, np.float32)))
 
 
 def _activate(v, relu) -> np.ndarray:
@@ -170,9 +188,9 @@ def backward(dy, x, dx, outer, channels, inner, mean, invstd, weight, dweight, d
     k1 = a.astype(np.float32)
     k2 = (-a * invstd64 * dw / n).astype(np.float32)
     k3 = (-a * s1 / n).astype(np.float32)
-    v = (_f64(g) * _col(_f64(k1)) + (_f64(xc) * _col(_f64(k2)) + _col(_f64(k3))))
+    v = fma32(g, _col(k1), fma32(xc, _col(k2), _col(k3)))
     _gradients(dweight, dbias, dw, s1, accumulate)
-    return _deliver(v.astype(np.float32), dx, np.shape(dy))
+    return _deliver(v, dx, np.shape(dy))
 
 
 def backward_eval(dy, x, dx, outer, channels, inner, running_mean, running_var, weight, eps,
@@ -189,4 +207,4 @@ def backward_eval(dy, x, dx, outer, channels, inner, running_mean, running_var, 
         s1 = _f64(g).sum(axis=(0, 2))
         s2 = (_f64(g) * _f64(xc)).sum(axis=(0, 2))
         _gradients(dweight, dbias, s2 * invstd, s1, accumulate)
-    return _deliver((_f64(g) * _col(_f64(k1))).astype(np.float32), dx, np.shape(dy))
+    return _deliver(g * _col(k1), dx, np.shape(dy))

@@ -21,11 +21,10 @@
  *                 k2 = f32(-k1' invstd sum(g xhat) / n), k3 = f32(-k1' sum(g) / n)
  *                 (k1' the unrounded float64 w * invstd);
  *       eval bwd  dx = g * k1.
- *     x - m is one float32 subtraction; the products and sums are formed in
- *     float64 from float32 operands, where each product is exact, so fused
- *     and unfused multiply-adds give the same value on every target; the
- *     result is rounded once to float32, then to bfloat16
- *     (bn_bf16_convert.h).
+ *     x - m is one float32 subtraction; every a * b + c is a float32 fused
+ *     multiply-add (bn_bf16_fma: the instruction, or an exact emulation on
+ *     targets without FMA), so every target computes the same float32
+ *     value; it is then rounded to bfloat16 (bn_bf16_convert.h).
  *   - ReLU: the forward stores max(y, 0); the backwards keep dy where the
  *     recomputed pre-activation (x - m) * k1 + bias (the forward's float32
  *     value, bit for bit) is >= FLT_MIN, i.e. exactly where the stored
@@ -146,10 +145,38 @@ static inline int bn_bf16_runs_next(const bn_bf16_pass *p, fb_index c, bn_bf16_r
 
 /* ---- elementwise pieces ----------------------------------------------------- */
 
+/* a * b + c rounded once to float32 (a fused multiply-add), on every
+ * target: the instruction where the target has FMA; otherwise the exact
+ * product and sum in float64, rounded to odd (an inexact float64 result
+ * with an even last bit steps one ulp towards the exact value), which then
+ * rounds to float32 exactly as the fused operation does (float64 carries
+ * more than 2 bits beyond float32). */
+#if defined(__FMA__) || defined(__AVX512F__)
+static inline float bn_bf16_fma(float a, float b, float c)
+{
+    return __builtin_fmaf(a, b, c);
+}
+#else
+static inline float bn_bf16_fma(float a, float b, float c)
+{
+    const double product = (double)a * (double)b; /* exact */
+    const double sum = product + (double)c;
+    const double back = sum - product;
+    const double error = (product - (sum - back)) + ((double)c - back);
+    uint64_t bits;
+    memcpy(&bits, &sum, sizeof bits);
+    if (error != 0.0 && !(bits & 1u) && sum - sum == 0.0) /* inexact, even, finite */
+        bits += (error > 0.0) == (sum > 0.0) ? 1 : (uint64_t)-1;
+    double odd;
+    memcpy(&odd, &bits, sizeof odd);
+    return (float)odd;
+}
+#endif
+
 /* The forward's float32 value (x - m) * k1 + k3 from xc = x - m. */
 static inline float bn_bf16_affine(float xc, float k1, float k3)
 {
-    return (float)((double)xc * (double)k1 + (double)k3);
+    return bn_bf16_fma(xc, k1, k3);
 }
 
 /* g = dy, or 0 where the forward's stored output was not > 0. */
@@ -367,7 +394,7 @@ static void bn_bf16_compute(const bn_bf16_pass *p, float *restrict v, fb_index o
         for (fb_index i = 0; i < len; ++i) {
             const float xc = bn_bf16_widen(x[i]) - m;
             const float g = bn_bf16_grad(bn_bf16_widen(dy[i]), xc, ms, mh, relu);
-            v[i] = (float)((double)g * (double)k1 + ((double)xc * (double)k2 + (double)k3));
+            v[i] = bn_bf16_fma(g, k1, bn_bf16_fma(xc, k2, k3));
         }
         return;
     }
@@ -375,7 +402,7 @@ static void bn_bf16_compute(const bn_bf16_pass *p, float *restrict v, fb_index o
         if (!relu) {
 #pragma omp simd
             for (fb_index i = 0; i < len; ++i)
-                v[i] = (float)((double)bn_bf16_widen(dy[i]) * (double)k1);
+                v[i] = bn_bf16_widen(dy[i]) * k1;
             return;
         }
         const float ms = p->mask_scale[c], mh = p->mask_shift[c];
@@ -383,7 +410,7 @@ static void bn_bf16_compute(const bn_bf16_pass *p, float *restrict v, fb_index o
         for (fb_index i = 0; i < len; ++i) {
             const float xc = bn_bf16_widen(x[i]) - m;
             const float g = bn_bf16_grad(bn_bf16_widen(dy[i]), xc, ms, mh, 1);
-            v[i] = (float)((double)g * (double)k1);
+            v[i] = g * k1;
         }
         return;
     }
@@ -414,22 +441,21 @@ static void bn_bf16_compute_row(const bn_bf16_pass *p, float *restrict v, fb_ind
             const float xc = bn_bf16_widen(x[i]) - m[i];
             const float g = relu ? bn_bf16_grad(bn_bf16_widen(dy[i]), xc, ms[i], mh[i], 1)
                                  : bn_bf16_widen(dy[i]);
-            v[i] = (float)((double)g * (double)k1[i]
-                           + ((double)xc * (double)k2[i] + (double)k3[i]));
+            v[i] = bn_bf16_fma(g, k1[i], bn_bf16_fma(xc, k2[i], k3[i]));
         }
         return;
     default:
         if (!relu) {
 #pragma omp simd
             for (fb_index i = 0; i < len; ++i)
-                v[i] = (float)((double)bn_bf16_widen(dy[i]) * (double)k1[i]);
+                v[i] = bn_bf16_widen(dy[i]) * k1[i];
             return;
         }
 #pragma omp simd
         for (fb_index i = 0; i < len; ++i) {
             const float xc = bn_bf16_widen(x[i]) - m[i];
             const float g = bn_bf16_grad(bn_bf16_widen(dy[i]), xc, ms[i], mh[i], 1);
-            v[i] = (float)((double)g * (double)k1[i]);
+            v[i] = g * k1[i];
         }
         return;
     }
@@ -500,6 +526,21 @@ static void bn_bf16_body(bn_bf16_pass *p)
 #pragma omp for schedule(static)
         for (fb_index item = 0; item < p->linear_items; ++item)
             bn_bf16_rewrite_linear(p, item);
+        return;
+    }
+    if (!p->interleaved && p->channels >= 4 * (fb_index)fb_team_size()) {
+        /* enough channels: each thread owns whole channels and reduces,
+         * finalizes and rewrites one channel at a time, with no barrier (a
+         * barrier per cache block waits for the slowest thread, costly on a
+         * busy machine); the same partials in the same order as below */
+#pragma omp for schedule(static)
+        for (fb_index c = 0; c < p->channels; ++c) {
+            for (fb_index k = 0; k < p->chunks && p->reduce; ++k)
+                bn_bf16_reduce_item(p, c * p->chunks + k);
+            bn_bf16_finalize(p, c);
+            for (fb_index k = p->chunks; k-- > 0;) /* newest first: still in L2 */
+                bn_bf16_rewrite_item(p, c * p->chunks + k);
+        }
         return;
     }
     const fb_index per_channel = p->interleaved ? 0 : p->chunks;
