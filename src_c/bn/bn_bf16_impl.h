@@ -574,7 +574,7 @@ static int bn_bf16_run(bn_bf16_pass *p, fb_index outer, fb_index channels, fb_in
     p->instruction = fb_bn_bf16_cpu_has_instruction();
     p->linear = !p->reduce;
     p->linear_items = fb_ceil_div(total, FB_BN_BF16_LINEAR);
-    const fb_index partials = p->reduce ? channels * (p->interleaved ? p->chunks : p->chunks) : 0;
+    const fb_index partials = p->reduce ? channels * p->chunks : 0;
     double *work = (double *)malloc((size_t)(2 * partials) * sizeof(double)
                                     + (size_t)(6 * channels) * sizeof(float) + 64);
     if (!work)
