@@ -233,6 +233,12 @@ class _BatchNorm(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Normalize `x` (float32/float64, channel axis `axis`).
 
+        A layer with float32 parameters also takes bfloat16 activations
+        (``ml_dtypes.bfloat16``, as torch's mixed precision keeps the module
+        in float32): y and the gradient of x are then bfloat16, rounded to
+        nearest-even from float32 arithmetic, while the statistics, running
+        statistics and parameter gradients stay float32.
+
         Training mode: batch statistics; with track_running_stats the running
         statistics are updated in place and num_batches_tracked += 1
         (momentum None: cumulative average).  Eval mode: running statistics,
