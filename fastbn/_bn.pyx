@@ -28,10 +28,32 @@ from fastbn._core cimport current_simd_target, effective_num_threads, raise_for_
 
 cnp.import_array()
 
+# bfloat16 activations (ml_dtypes' NumPy dtype, optional): x, y, dy and dx in
+# bfloat16, every per-channel vector float32.  Without ml_dtypes no array has
+# this type number and the bfloat16 paths are unreachable.
+cdef int BF16_TYPENUM = -1
+try:
+    import ml_dtypes as _ml_dtypes
+    BF16_TYPENUM = np.dtype(_ml_dtypes.bfloat16).num
+except (ImportError, AttributeError):  # optional dependency (or blocked in sys.modules)
+    pass
+
+
+cdef inline bint is_activation_type(int typenum) noexcept:
+    """float32, float64, or bfloat16 (when ml_dtypes is installed)."""
+    return typenum == cnp.NPY_FLOAT32 or typenum == cnp.NPY_FLOAT64 or typenum == BF16_TYPENUM
+
+
+cdef inline int vector_type(int typenum) noexcept:
+    """The dtype of the per-channel vectors of activations of `typenum`:
+    the same, except float32 for bfloat16."""
+    return cnp.NPY_FLOAT32 if typenum == BF16_TYPENUM else typenum
+
 cdef extern from "bn/bn_kernels.h":
     enum:
         FB_DTYPE_F32
         FB_DTYPE_F64
+        FB_DTYPE_BF16
         FB_N_DTYPES
     ctypedef struct fastbn_bn_call:
         int64_t outer, channels, inner
@@ -65,6 +87,8 @@ cdef extern from "bn/bn_kernels.h":
         fastbn_bn_fn apply[FB_N_DTYPES]
         fastbn_bn_fn backward_reduce[FB_N_DTYPES]
         fastbn_bn_fn backward_apply[FB_N_DTYPES]
+        int (*round_bf16)(const float *src, unsigned short *dst, int64_t n,
+                          int allow_instruction) noexcept nogil
     const fastbn_bn_kernels *fastbn_bn_kernels_for(int target) nogil
 
 
@@ -108,7 +132,7 @@ cdef inline bint is_input(object value, int64_t outer, int64_t channels, int64_t
     if type(value) is not cnp.ndarray:
         return False
     cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>value)
-    return ((typenum == cnp.NPY_FLOAT32 or typenum == cnp.NPY_FLOAT64)
+    return (is_activation_type(typenum)
             and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>value)
             and cnp.PyArray_SIZE(<cnp.ndarray>value) == outer * channels * inner)
 
@@ -214,7 +238,7 @@ cdef bint plain_geometry(object x, object axis, int64_t *geometry):
     cdef cnp.ndarray array = <cnp.ndarray>x
     cdef int typenum = cnp.PyArray_TYPE(array)
     cdef int ndim = cnp.PyArray_NDIM(array)
-    if (typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64) or ndim < 2:
+    if not is_activation_type(typenum) or ndim < 2:
         return False
     if not cnp.PyArray_ISNOTSWAPPED(array):
         return False
@@ -310,8 +334,12 @@ cdef int run(const fastbn_bn_fn *family, cnp.ndarray array, fastbn_bn_call *call
         function = family[FB_DTYPE_F32]
     elif typenum == cnp.NPY_FLOAT64:
         function = family[FB_DTYPE_F64]
+    elif typenum == BF16_TYPENUM:
+        function = family[FB_DTYPE_BF16]
     if function == NULL:
-        raise TypeError(f"{kernel}: the input must be float32 or float64, got {array.dtype}")
+        raise TypeError(f"{kernel}: the input must be float32 or float64"
+                        f"{' (bfloat16 has no kernel here)' if typenum == BF16_TYPENUM else ''},"
+                        f" got {array.dtype}")
     cdef int status
     call.num_threads = effective_num_threads()
     with nogil:
@@ -332,7 +360,7 @@ def eval_forward(object x, object y, int64_t outer, int64_t channels, int64_t in
     """
     if not is_input(x, outer, channels, inner):
         return None
-    if not eval_vectors_ready(cnp.PyArray_TYPE(<cnp.ndarray>x), channels, running_mean,
+    if not eval_vectors_ready(vector_type(cnp.PyArray_TYPE(<cnp.ndarray>x)), channels, running_mean,
                               running_var, weight, bias):
         return None
     return run_eval_forward(x, y, outer, channels, inner, running_mean, running_var, weight,
@@ -351,7 +379,8 @@ def eval_forward_at(object x, object y, object axis, object running_mean, object
     cdef int64_t geometry[3]
     if not (plain_eps(eps, False) and plain_geometry(x, axis, geometry)):
         return None
-    if not eval_vectors_ready(cnp.PyArray_TYPE(<cnp.ndarray>x), geometry[1], running_mean,
+    if not eval_vectors_ready(vector_type(cnp.PyArray_TYPE(<cnp.ndarray>x)), geometry[1],
+                              running_mean,
                               running_var, weight, bias):
         return None
     if y is not None and not plain_out(y, <cnp.ndarray>x, running_mean, running_var, weight,
@@ -417,7 +446,7 @@ def train_forward(object x, object y, int64_t outer, int64_t channels, int64_t i
     """
     if not is_input(x, outer, channels, inner):
         return None
-    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    cdef int typenum = vector_type(cnp.PyArray_TYPE(<cnp.ndarray>x))
     if not (train_vectors_ready(typenum, channels, weight, bias, running_mean, running_var)
             and (counter is None or is_counter(counter))):
         return None
@@ -446,7 +475,8 @@ def train_forward_at(object x, object y, object axis, object weight, object bias
     if not (plain_eps(eps, True) and plain_momentum(momentum, running_mean is not None)
             and plain_geometry(x, axis, geometry) and geometry[0] * geometry[2] >= 2):
         return None
-    if not train_vectors_ready(cnp.PyArray_TYPE(<cnp.ndarray>x), geometry[1], weight, bias,
+    if not train_vectors_ready(vector_type(cnp.PyArray_TYPE(<cnp.ndarray>x)), geometry[1],
+                               weight, bias,
                                running_mean, running_var):
         return None
     if y is not None and not plain_out(y, <cnp.ndarray>x, running_mean, running_var, weight,
@@ -468,7 +498,7 @@ cdef object run_train_forward(object x, object y, int64_t outer, int64_t channel
                               int64_t inner, object weight, object bias, double eps,
                               object running_mean, object running_var, double factor,
                               bint relu, object counter):
-    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    cdef int typenum = vector_type(cnp.PyArray_TYPE(<cnp.ndarray>x))
     x = kernel_input(x)
     weight = kernel_input(weight)
     bias = kernel_input(bias)
@@ -515,7 +545,7 @@ def backward(object dy, object x, object dx, int64_t outer, int64_t channels,
     """
     if not is_input(x, outer, channels, inner) or not is_like(dy, <cnp.ndarray>x):
         return None
-    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    cdef int typenum = vector_type(cnp.PyArray_TYPE(<cnp.ndarray>x))
     if not (backward_vectors_ready(typenum, channels, mean, invstd, weight,
                                    bias if relu else None)
             and is_written_vector(dweight, channels, typenum)
@@ -541,7 +571,7 @@ cdef object backward_at_axis(bint eval_mode, object dy, object x, object dx, obj
     cdef int64_t geometry[3]
     if not (plain_geometry(x, axis, geometry) and same_shape(dy, <cnp.ndarray>x)):
         return None
-    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    cdef int typenum = vector_type(cnp.PyArray_TYPE(<cnp.ndarray>x))
     if not backward_vectors_ready(typenum, geometry[1], stat_a, stat_b, weight, bias):
         return None
     # the eval backward's dx may be dy but not x
@@ -621,7 +651,7 @@ def backward_eval(object dy, object x, object dx, int64_t outer, int64_t channel
     if not is_input(dy, outer, channels, inner) or (
             needs_x and not is_like(x, <cnp.ndarray>dy)):
         return None
-    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>dy)
+    cdef int typenum = vector_type(cnp.PyArray_TYPE(<cnp.ndarray>dy))
     if not (backward_vectors_ready(typenum, channels, running_mean, running_var, weight,
                                    bias if relu else None)
             and is_written_vector(dweight, channels, typenum)
@@ -806,3 +836,19 @@ def backward_apply(object dy, object x, object dx, int64_t outer, int64_t channe
     call.relu = relu
     run(kernels().backward_apply, <cnp.ndarray>x, &call, "batch_norm_backward_apply")
     return out
+
+
+def round_bf16(object values, bint allow_instruction=True):
+    """float32 `values` (any shape) rounded to bfloat16 as the bfloat16
+    kernels of the active SIMD target store them: (uint16 bit patterns of
+    values' shape, True when the AVX512_BF16 conversion instruction did it).
+    `allow_instruction=False` forces the portable conversion.  For tests."""
+    cdef cnp.ndarray src = np.ascontiguousarray(values, dtype=np.float32)
+    cdef cnp.ndarray dst = np.empty(np.shape(src), dtype=np.uint16)
+    cdef const fastbn_bn_kernels *table = kernels()
+    cdef int used
+    with nogil:
+        used = table.round_bf16(<const float *>cnp.PyArray_DATA(src),
+                                    <unsigned short *>cnp.PyArray_DATA(dst),
+                                    cnp.PyArray_SIZE(src), allow_instruction)
+    return dst, bool(used)

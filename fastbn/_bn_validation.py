@@ -98,6 +98,58 @@ def check_input(x, name: str = "input") -> np.ndarray:
     return as_float_array(x, name)
 
 
+# ---- bfloat16 activations ----------------------------------------------------------
+# The fused forwards and backwards take bfloat16 x/dy (ml_dtypes.bfloat16,
+# an optional dependency) with float32 per-channel vectors (weight, bias,
+# running and saved statistics, parameter gradients), as torch's bf16 batch
+# norm on CPU.  The split phases take float32/float64 only.
+
+def _bfloat16_dtype() -> Optional[np.dtype]:
+    try:
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    except (ImportError, AttributeError):
+        return None
+
+
+BFLOAT16: Optional[np.dtype] = _bfloat16_dtype()   # None without ml_dtypes
+_FLOAT32 = np.dtype(np.float32)
+
+
+def is_bfloat16(dtype) -> bool:
+    return BFLOAT16 is not None and dtype == BFLOAT16
+
+
+def channel_dtype(dtype) -> np.dtype:
+    """The dtype of the per-channel vectors that go with activations of
+    `dtype`: the same, except float32 for bfloat16."""
+    return _FLOAT32 if is_bfloat16(dtype) else dtype
+
+
+def check_activation(x, name: str = "input") -> np.ndarray:
+    """`check_input`, also accepting a bfloat16 ndarray (as its plain ndarray
+    view)."""
+    if isinstance(x, np.ndarray) and BFLOAT16 is not None and x.dtype == BFLOAT16:
+        return x if type(x) is np.ndarray else x.view(np.ndarray)
+    return as_float_array(x, name)
+
+
+def check_vector(name: str, value, channels: int, x_dtype) -> Optional[np.ndarray]:
+    """A per-channel vector for activations of `x_dtype` (`check_channel_vector`;
+    for bfloat16 activations it must be float32, and the message says why)."""
+    if not is_bfloat16(x_dtype):
+        return check_channel_vector(name, value, channels, x_dtype)
+    if value is None or (type(value) is np.ndarray and value.dtype is _FLOAT32
+                         and value.ndim == 1 and value.shape[0] == channels):
+        return value
+    array = as_float_array(value, name) if not (
+        isinstance(value, np.ndarray) and is_bfloat16(value.dtype)) else value
+    if array.dtype != _FLOAT32:
+        raise TypeError(f"{name}: expected dtype float32 (per-channel vectors of a bfloat16 "
+                        f"input are float32), got {array.dtype}")
+    return check_channel_vector(name, array, channels, _FLOAT32)
+
+
 def check_batch_size(x: np.ndarray, layout: BatchNormLayout) -> None:
     """Batch statistics need at least 2 values per channel (torch's rule and
     message), and a non-empty batch."""
@@ -130,7 +182,7 @@ def check_like(name: str, value, like: np.ndarray, like_name: str) -> np.ndarray
     """An array with exactly the shape and dtype of `like` (e.g. dy vs x)."""
     if type(value) is np.ndarray and value.dtype is like.dtype and value.shape == like.shape:
         return value
-    array = as_float_array(value, name)
+    array = check_activation(value, name) if is_bfloat16(like.dtype) else as_float_array(value, name)
     check_shape(name, array, like.shape)
     check_same_dtype(name, array, like_name, like.dtype)
     return array
@@ -141,7 +193,7 @@ def check_saved_stat(name: str, value, layout: BatchNormLayout, dtype) -> np.nda
     if value is None:
         raise TypeError(f"{name}: expected a 1-D array with {layout.channels} elements "
                         f"(one per channel), got {describe(value)}")
-    return check_channel_vector(name, value, layout.channels, dtype)
+    return check_vector(name, value, layout.channels, dtype)
 
 
 class BatchNormArgs(NamedTuple):
@@ -165,17 +217,17 @@ def check_batch_norm_args(x, running_mean, running_var, weight, bias, use_batch_
     """Every check of a batch-norm forward, in one order for both backends.
     Running statistics are updated when given with batch statistics."""
     from ._validation import check_out
-    x = check_input(x)
+    x = check_activation(x)
     layout = batch_norm_layout(x, axis)
     check_running_stats_pair(running_mean, running_var)
     update = use_batch_stats and running_mean is not None
     eps = check_eps(eps, batch_stats=use_batch_stats)
     momentum = check_update_momentum(momentum) if update else check_momentum(momentum)
     channels, dtype = layout.channels, x.dtype
-    running_mean = check_channel_vector("running_mean", running_mean, channels, dtype)
-    running_var = check_channel_vector("running_var", running_var, channels, dtype)
-    weight = check_channel_vector("weight", weight, channels, dtype)
-    bias = check_channel_vector("bias", bias, channels, dtype)
+    running_mean = check_vector("running_mean", running_mean, channels, dtype)
+    running_var = check_vector("running_var", running_var, channels, dtype)
+    weight = check_vector("weight", weight, channels, dtype)
+    bias = check_vector("bias", bias, channels, dtype)
     if use_batch_stats:
         check_batch_size(x, layout)
     if update:
@@ -209,7 +261,7 @@ def check_backward_args(dy, x, stat_a, stat_b, weight, bias, eps, axis, out, *,
     statistics and eps) and their ReLU twins, in one order for both backends.
     `out` may be dy (and, in training, x) itself."""
     from ._validation import check_out
-    x = check_input(x, "x")
+    x = check_activation(x, "x")
     layout = batch_norm_layout(x, axis, "x")
     dy = check_like("dy", dy, x, "x")
     if eval_mode:
@@ -217,8 +269,8 @@ def check_backward_args(dy, x, stat_a, stat_b, weight, bias, eps, axis, out, *,
     names = ("running_mean", "running_var") if eval_mode else ("mean", "invstd")
     stat_a = check_saved_stat(names[0], stat_a, layout, x.dtype)
     stat_b = check_saved_stat(names[1], stat_b, layout, x.dtype)
-    weight = check_channel_vector("weight", weight, layout.channels, x.dtype)
-    bias = check_channel_vector("bias", bias, layout.channels, x.dtype)
+    weight = check_vector("weight", weight, layout.channels, x.dtype)
+    bias = check_vector("bias", bias, layout.channels, x.dtype)
     if out is not None:
         out = check_out(out, "out", x.shape, x.dtype,
                         inputs=(dy, x, stat_a, stat_b, weight, bias),
@@ -233,7 +285,8 @@ def check_backward_args(dy, x, stat_a, stat_b, weight, bias, eps, axis, out, *,
 
 def is_kernel_input(value, size: int) -> bool:
     """An exact ndarray of native float32/float64 with `size` elements."""
-    return (type(value) is np.ndarray and value.dtype in _FLOAT_DTYPES
+    return (type(value) is np.ndarray
+            and (value.dtype in _FLOAT_DTYPES or is_bfloat16(value.dtype))
             and value.dtype.isnative and value.size == size)
 
 

@@ -45,8 +45,9 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ._backend import current_kernels
-from ._bn_validation import (check_apply_args, check_backward_apply_args, check_backward_args,
-                             check_backward_reduce_args, check_batch_norm_args,
+from ._bn_validation import (channel_dtype, check_apply_args, check_backward_apply_args,
+                             check_backward_args, check_backward_reduce_args,
+                             check_batch_norm_args,
                              check_merge_stats_args, check_stats_args)
 
 __all__ = ["batch_norm", "batch_norm_forward_train", "batch_norm_backward",
@@ -384,7 +385,7 @@ def _forward_train(kernels, x, weight, bias, eps, axis, out, running_mean, runni
         check_batch_norm_args(x, running_mean, running_var, weight, bias, True, momentum,
                               eps, axis, out)
     if x.size == 0:  # no channels: nothing to compute
-        empty = np.empty(0, x.dtype)
+        empty = np.empty(0, channel_dtype(x.dtype))
         return (np.empty(x.shape, x.dtype) if out is None else out), empty, empty.copy()
     outer, channels, inner = layout.outer, layout.channels, layout.inner
     y, mean, invstd, _ = kernels.train_forward(x, out, outer, channels, inner, weight, bias, eps,
@@ -399,8 +400,8 @@ def _backward(kernels, dy, x, mean, invstd, weight, bias, axis, out, relu):
         return result
     dy, x, layout, mean, invstd, weight, bias, _, out = check_backward_args(
         dy, x, mean, invstd, weight, bias, None, axis, out, eval_mode=False)
-    dweight = np.empty(layout.channels, x.dtype)
-    dbias = np.empty(layout.channels, x.dtype)
+    dweight = np.empty(layout.channels, channel_dtype(x.dtype))
+    dbias = np.empty(layout.channels, channel_dtype(x.dtype))
     if x.size == 0:
         dweight.fill(0)
         dbias.fill(0)
@@ -418,8 +419,8 @@ def _backward_eval(kernels, dy, x, running_mean, running_var, weight, bias, eps,
         return result
     dy, x, layout, running_mean, running_var, weight, bias, eps, out = check_backward_args(
         dy, x, running_mean, running_var, weight, bias, eps, axis, out, eval_mode=True)
-    dweight = np.empty(layout.channels, x.dtype)
-    dbias = np.empty(layout.channels, x.dtype)
+    dweight = np.empty(layout.channels, channel_dtype(x.dtype))
+    dbias = np.empty(layout.channels, channel_dtype(x.dtype))
     if x.size == 0:
         dweight.fill(0)
         dbias.fill(0)

@@ -19,8 +19,9 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .._backend import current_kernels
-from .._bn_validation import (batch_norm_layout, check_batch_size, check_counter, check_eps,
-                              check_input, check_layer_axis, check_like, check_momentum,
+from .._bn_validation import (BFLOAT16, batch_norm_layout, channel_dtype, check_activation,
+                              check_batch_size, check_counter, check_eps,
+                              check_layer_axis, check_like, check_momentum,
                               check_num_features, check_running_stats_pair, check_updatable)
 from .._validation import check_bool, check_channel_vector, check_float_dtype, check_grad_target
 from ..parameter import Parameter
@@ -179,7 +180,7 @@ class _BatchNorm(Module):
         return f"expected {ranks} input (got {ndim}D input)"
 
     def _check_input(self, x):
-        x = check_input(x)
+        x = check_activation(x)
         if x.ndim not in self._input_ranks:
             raise ValueError(self._rank_error(x.ndim))
         layout = batch_norm_layout(x, self._axis)
@@ -187,8 +188,12 @@ class _BatchNorm(Module):
             raise ValueError(
                 f"input: expected {self._num_features} channels (num_features) on axis "
                 f"{self._axis}, got {layout.channels} (input shape {tuple(x.shape)})")
-        if x.dtype is not self._dtype and x.dtype != self._dtype and self._has_state():
-            raise TypeError(f"input: expected dtype {self._dtype} (the dtype of this "
+        if x.dtype is not self._dtype and channel_dtype(x.dtype) != self._dtype \
+                and self._has_state():
+            # bfloat16 activations go with float32 parameters and buffers
+            # (torch's mixed precision: module in float32, activations in bf16)
+            also = " (or bfloat16)" if self._dtype == np.float32 and BFLOAT16 is not None else ""
+            raise TypeError(f"input: expected dtype {self._dtype}{also} (the dtype of this "
                             f"{type(self).__name__}'s parameters and buffers), got {x.dtype}")
         return x, layout
 
@@ -227,6 +232,12 @@ class _BatchNorm(Module):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Normalize `x` (float32/float64, channel axis `axis`).
+
+        A layer with float32 parameters also takes bfloat16 activations
+        (``ml_dtypes.bfloat16``, as torch's mixed precision keeps the module
+        in float32): y and the gradient of x are then bfloat16, rounded to
+        nearest-even from float32 arithmetic, while the statistics, running
+        statistics and parameter gradients stay float32.
 
         Training mode: batch statistics; with track_running_stats the running
         statistics are updated in place and num_batches_tracked += 1
@@ -271,7 +282,7 @@ class _BatchNorm(Module):
                                            self.fused_relu, counter)
             if result is None:
                 weight, bias, running_mean, running_var = self._checked_state(
-                    x.dtype, update and running_mean is not None)
+                    channel_dtype(x.dtype), update and running_mean is not None)
                 if not (update and running_mean is not None):
                     running_mean = running_var = None
                 result = self._retry(kernels.train_forward(
@@ -281,13 +292,14 @@ class _BatchNorm(Module):
             object.__setattr__(self, "_saved", (_TRAIN, x, layout, mean, invstd))
             return y
         if x.size == 0:
-            self._checked_state(x.dtype)
+            self._checked_state(channel_dtype(x.dtype))
             y = np.empty(x.shape, x.dtype)
         else:
             result = kernels.eval_forward(x, None, outer, channels, inner, running_mean,
                                           running_var, weight, bias, self._eps, self.fused_relu)
             if result is None:
-                weight, bias, running_mean, running_var = self._checked_state(x.dtype)
+                weight, bias, running_mean, running_var = self._checked_state(
+                    channel_dtype(x.dtype))
                 result = self._retry(kernels.eval_forward(
                     x, None, outer, channels, inner, running_mean, running_var, weight, bias,
                     self._eps, self.fused_relu))
@@ -342,9 +354,9 @@ class _BatchNorm(Module):
                 if dx is not None:
                     return dx
         weight, bias = self._state_arrays()[:2]
-        dweight, dbias, accumulate, finish = self._grad_targets(x.dtype)
+        dweight, dbias, accumulate, finish = self._grad_targets(channel_dtype(x.dtype))
         if x.size == 0:
-            self._checked_state(x.dtype)
+            self._checked_state(channel_dtype(x.dtype))
             dx = np.empty(x.shape, x.dtype)
             if dweight is not None and not accumulate:
                 dweight.fill(0)
@@ -353,7 +365,7 @@ class _BatchNorm(Module):
             dx = self._backward_kernel(kernels, mode, dy, x, layout, stat_a, stat_b, weight,
                                        bias, dweight, dbias, accumulate)
             if dx is None:
-                weight, bias = self._checked_state(x.dtype)[:2]
+                weight, bias = self._checked_state(channel_dtype(x.dtype))[:2]
                 dx = self._retry(self._backward_kernel(kernels, mode, dy, x, layout, stat_a,
                                                        stat_b, weight, bias, dweight, dbias,
                                                        accumulate))

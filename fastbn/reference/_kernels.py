@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 
 from .._bn_validation import is_counter, is_kernel_input, is_kernel_vector
-from . import _optim_kernels
+from . import _bf16_bn, _optim_kernels
 
 _REDUCE = (0, 2)   # every axis of (outer, channels, inner) but the channels
 
@@ -93,6 +93,12 @@ def eval_forward(x, y, outer, channels, inner, running_mean, running_var, weight
     """See fastbn/_bn.pyx: eval_forward.  Returns (y, x) or None."""
     if not is_kernel_input(x, outer * channels * inner):
         return None
+    if _bf16_bn.is_bfloat16(x):
+        if (running_mean is None or running_var is None or not _vectors_ready(
+                channels, np.float32, running_mean, running_var, weight, bias)):
+            return None
+        return _bf16_bn.eval_forward(x, y, outer, channels, inner, running_mean, running_var,
+                                     weight, bias, eps, relu), x
     if (running_mean is None or running_var is None
             or not _vectors_ready(channels, x.dtype, running_mean, running_var, weight, bias)):
         return None
@@ -110,7 +116,7 @@ def train_forward(x, y, outer, channels, inner, weight, bias, eps, running_mean,
     saved_invstd, x) or None."""
     if not is_kernel_input(x, outer * channels * inner):
         return None
-    dtype = x.dtype
+    dtype = np.dtype(np.float32) if _bf16_bn.is_bfloat16(x) else x.dtype
     if not _vectors_ready(channels, dtype, weight, bias, running_mean, running_var):
         return None
     if (running_mean is None) != (running_var is None) or not (
@@ -123,6 +129,19 @@ def train_forward(x, y, outer, channels, inner, weight, bias, eps, running_mean,
         if counter is None:
             return None
         momentum = 1.0 / (int(counter) + 1)
+    if _bf16_bn.is_bfloat16(x):
+        backups = [a.copy() for a in (running_mean, running_var) if a is not None]
+        try:
+            y, mean, invstd = _bf16_bn.train_forward(x, y, outer, channels, inner, weight, bias,
+                                                     eps, running_mean, running_var, momentum,
+                                                     relu)
+            if counter is not None and running_mean is not None:
+                counter[...] += 1
+        except BaseException:
+            for target, backup in zip((running_mean, running_var), backups):
+                target[...] = backup
+            raise
+        return y, mean, invstd, x
     # statistics and normalization in float64, outputs rounded once (torch's
     # CPU kernels also accumulate the statistics in double): a float32 mean
     # accumulated in float32 is off by far more than float32 rounding when
@@ -155,6 +174,14 @@ def backward(dy, x, dx, outer, channels, inner, mean, invstd, weight, dweight, d
     if not (is_kernel_input(x, size) and is_kernel_input(dy, size) and dy.dtype == x.dtype):
         return None
     dtype = x.dtype
+    if _bf16_bn.is_bfloat16(x):
+        if (mean is None or invstd is None
+                or not _vectors_ready(channels, np.float32, mean, invstd, weight,
+                                      bias if relu else None)
+                or not _written_ready(channels, np.float32, dweight, dbias)):
+            return None
+        return _bf16_bn.backward(dy, x, dx, outer, channels, inner, mean, invstd, weight,
+                                 dweight, dbias, accumulate, bias, relu)
     if (mean is None or invstd is None
             or not _vectors_ready(channels, dtype, mean, invstd, weight, bias if relu else None)
             or not _written_ready(channels, dtype, dweight, dbias)):
@@ -185,6 +212,15 @@ def backward_eval(dy, x, dx, outer, channels, inner, running_mean, running_var, 
             needs_x and not (is_kernel_input(x, size) and x.dtype == dy.dtype)):
         return None
     dtype = dy.dtype
+    if _bf16_bn.is_bfloat16(dy):
+        if (running_mean is None or running_var is None
+                or not _vectors_ready(channels, np.float32, running_mean, running_var, weight,
+                                      bias if relu else None)
+                or not _written_ready(channels, np.float32, dweight, dbias)):
+            return None
+        return _bf16_bn.backward_eval(dy, x, dx, outer, channels, inner, running_mean,
+                                      running_var, weight, eps, dweight, dbias, accumulate,
+                                      bias, relu)
     if (running_mean is None or running_var is None
             or not _vectors_ready(channels, dtype, running_mean, running_var, weight,
                                   bias if relu else None)

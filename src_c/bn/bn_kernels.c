@@ -30,17 +30,24 @@
 #undef FB_REAL
 #undef FB_DTYPE
 
+/* section: bfloat16 activations, float32 per-channel vectors ----------------- */
+#include "bn_bf16_impl.h"
+
 /* section: table ------------------------------------------------------------ */
-/* bfloat16 (FB_DTYPE_BF16) entries stay NULL: no kernel yet. */
+/* bfloat16 (FB_DTYPE_BF16): the fused kernels; the split phases stay NULL. */
 const fastbn_bn_kernels FB_TARGETED(fastbn_bn_kernels) = {
     .eval_forward = {[FB_DTYPE_F32] = bn_eval_forward_call_f32,
-        [FB_DTYPE_F64] = bn_eval_forward_call_f64},
+        [FB_DTYPE_F64] = bn_eval_forward_call_f64,
+        [FB_DTYPE_BF16] = bn_eval_forward_call_bf16},
     .train_forward = {[FB_DTYPE_F32] = bn_train_forward_call_f32,
-        [FB_DTYPE_F64] = bn_train_forward_call_f64},
+        [FB_DTYPE_F64] = bn_train_forward_call_f64,
+        [FB_DTYPE_BF16] = bn_train_forward_call_bf16},
     .backward = {[FB_DTYPE_F32] = bn_backward_call_f32,
-        [FB_DTYPE_F64] = bn_backward_call_f64},
+        [FB_DTYPE_F64] = bn_backward_call_f64,
+        [FB_DTYPE_BF16] = bn_backward_call_bf16},
     .backward_eval = {[FB_DTYPE_F32] = bn_backward_eval_call_f32,
-        [FB_DTYPE_F64] = bn_backward_eval_call_f64},
+        [FB_DTYPE_F64] = bn_backward_eval_call_f64,
+        [FB_DTYPE_BF16] = bn_backward_eval_call_bf16},
     .stats = {[FB_DTYPE_F32] = bn_stats_call_f32,
         [FB_DTYPE_F64] = bn_stats_call_f64},
     .apply = {[FB_DTYPE_F32] = bn_apply_call_f32,
@@ -49,4 +56,5 @@ const fastbn_bn_kernels FB_TARGETED(fastbn_bn_kernels) = {
         [FB_DTYPE_F64] = bn_backward_reduce_call_f64},
     .backward_apply = {[FB_DTYPE_F32] = bn_backward_apply_call_f32,
         [FB_DTYPE_F64] = bn_backward_apply_call_f64},
+    .round_bf16 = bn_round_bf16,
 };

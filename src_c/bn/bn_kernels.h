@@ -148,6 +148,11 @@ typedef struct fastbn_bn_kernels {
     fastbn_bn_fn apply[FB_N_DTYPES];
     fastbn_bn_fn backward_reduce[FB_N_DTYPES];
     fastbn_bn_fn backward_apply[FB_N_DTYPES];
+    /* float32 -> bfloat16 as the FB_DTYPE_BF16 kernels store (nearest-even,
+     * bn_bf16_convert.h), with the AVX512_BF16 instruction when
+     * `allow_instruction` and the CPU has it; returns 1 when it was used.
+     * For tests of the two conversion paths. */
+    int (*round_bf16)(const float *src, uint16_t *dst, fb_index n, int allow_instruction);
 } fastbn_bn_kernels;
 
 extern const fastbn_bn_kernels fastbn_bn_kernels_baseline;

@@ -34,7 +34,7 @@ enum fastbn_simd_target {
 enum fastbn_dtype {
     FB_DTYPE_F32 = 0,
     FB_DTYPE_F64 = 1,
-    FB_DTYPE_BF16 = 2, /* bfloat16 storage: reserved, no kernel yet */
+    FB_DTYPE_BF16 = 2, /* bfloat16 storage (uint16_t); per-channel vectors float32 */
     FB_N_DTYPES = 3
 };
 

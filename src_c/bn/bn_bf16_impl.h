@@ -1,0 +1,728 @@
+/* bn_bf16_impl.h -- batch norm on bfloat16 activations: x, y, dy and dx in
+ * bfloat16 (uint16_t storage); weight, bias, running statistics, saved
+ * mean/invstd and dweight/dbias in float32 (torch's bf16 batch norm on CPU).
+ * Included once by bn_kernels.c (per SIMD target); every function is static
+ * and reached through the table's FB_DTYPE_BF16 entries.
+ *
+ * Numerics (the NumPy twin, fastbn/reference/_bf16_bn.py, does the same
+ * operations):
+ *   - bfloat16 is widened to float32 exactly (a 16-bit shift).
+ *   - Statistics: per channel, sum(x - c) and sum((x - c)^2) in float64
+ *     around c = the channel's first value, d = x - c formed in float32 and
+ *     d * d in float64 (exact).  mean = c + s1 / n,
+ *     var = (s2 - s1 * (s1 / n)) / n (>= 0), invstd = 1 / sqrt(var + eps).
+ *   - Every rewrite is a function of the float32 per-channel values only
+ *     (saved or running statistics, weight, bias), never of the float64 sums
+ *     behind them:
+ *       forward   y  = (x - m) * k1 + k3, m = saved/running mean,
+ *                 k1 = f32(weight * invstd) (invstd the saved float32 one, or
+ *                 1 / sqrt(running_var + eps) in float64), k3 = bias;
+ *       backward  dx = g * k1 + ((x - m) * k2 + k3) with k1 = f32(w invstd),
+ *                 k2 = f32(-k1' invstd sum(g xhat) / n), k3 = f32(-k1' sum(g) / n)
+ *                 (k1' the unrounded float64 w * invstd);
+ *       eval bwd  dx = g * k1.
+ *     x - m is one float32 subtraction; every a * b + c is a float32 fused
+ *     multiply-add (bn_bf16_fma: the instruction, or an exact emulation on
+ *     targets without FMA), so every target computes the same float32
+ *     value; it is then rounded to bfloat16 (bn_bf16_convert.h).
+ *   - ReLU: the forward stores max(y, 0); the backwards keep dy where the
+ *     recomputed pre-activation (x - m) * k1 + bias (the forward's float32
+ *     value, bit for bit) is >= FLT_MIN, i.e. exactly where the stored
+ *     bfloat16 output is > 0 (positive subnormals are stored as +0).
+ *
+ * Work plan: chunks fixed by the shape (bn_bf16_plan), never by the thread
+ * count; per-chunk float64 partials added in chunk order, so every output is
+ * bit-identical for any thread count.  Channels-first: items are
+ * (channel, chunk of the channel's values), processed in cache blocks of
+ * channels (reduce, finalize, rewrite the block while it is in L2);
+ * channels-last: items are chunks of rows, every item covering all channels.
+ */
+
+#include <float.h>
+
+#include "bn_bf16_convert.h"
+
+/* Values per planar chunk (8 KiB of bfloat16), at most this many chunks per
+ * channel; float32 values staged per rewrite block (4 KiB on the stack). */
+#define FB_BN_BF16_CHUNK ((fb_index)4096)
+#define FB_BN_BF16_MAX_CHUNKS ((fb_index)1024)
+#define FB_BN_BF16_MAX_ROW_CHUNKS ((fb_index)32)
+#define FB_BN_BF16_BLOCK ((fb_index)1024)
+#define FB_BN_BF16_LANES 16
+/* Elements per work item of a pass without reduction (eval forward, eval
+ * backward without parameter gradients), which walks the array linearly:
+ * long contiguous streams keep the prefetchers ahead, where a channel's rows
+ * (a few KiB each) would restart them every row. */
+#define FB_BN_BF16_LINEAR ((fb_index)16384)
+/* Planar cache block: bytes of streamed input per thread. */
+#define FB_BN_BF16_BLOCK_BYTES ((fb_index)384 * 1024)
+
+enum { BN_BF16_FORWARD = 0, BN_BF16_EVAL_FORWARD = 1, BN_BF16_BACKWARD = 2,
+       BN_BF16_BACKWARD_EVAL = 3 };
+
+typedef struct {
+    int mode, reduce, relu, accumulate, instruction;
+    fb_index outer, channels, inner, n;
+    int interleaved;
+    fb_index chunk, chunks, block_channels;
+    int linear;             /* no reduction: items are flat element ranges */
+    fb_index linear_items;
+    const uint16_t *x, *dy;
+    uint16_t *out;
+    const float *weight, *bias;
+    const float *stat_mean, *stat_spread; /* backward: saved mean, invstd; eval: running */
+    float *saved_mean, *saved_invstd, *running_mean, *running_var;
+    float *dweight, *dbias;
+    double eps, momentum;
+    double *sum1, *sum2;  /* partials: planar [c * chunks + k], interleaved [k * C + c] */
+    float *center;        /* reduction center / rewrite mean m, per channel */
+    float *k1, *k2, *k3;  /* rewrite coefficients */
+    float *mask_scale, *mask_shift;
+} bn_bf16_pass;
+
+static inline float bn_bf16_widen(uint16_t h) { return fb_bf16_to_f32(h); }
+
+static inline double bn_bf16_weight(const bn_bf16_pass *p, fb_index c)
+{
+    return p->weight ? (double)p->weight[c] : 1.0;
+}
+
+/* ---- plan ------------------------------------------------------------------ */
+
+static void bn_bf16_plan(bn_bf16_pass *p, fb_index outer, fb_index channels, fb_index inner,
+                         int streams, int nt)
+{
+    if (channels == 1) { /* one contiguous sequence */
+        inner *= outer;
+        outer = 1;
+    }
+    p->outer = outer;
+    p->channels = channels;
+    p->inner = inner;
+    p->n = outer * inner;
+    p->interleaved = inner == 1 && channels > 1;
+    if (!p->interleaved) {
+        p->chunk = fb_max_index(FB_BN_BF16_CHUNK, fb_ceil_div(p->n, FB_BN_BF16_MAX_CHUNKS));
+        p->chunks = p->n > 0 ? fb_ceil_div(p->n, p->chunk) : 0;
+        const fb_index channel_bytes = p->n * 2 * streams;
+        const fb_index budget = (fb_index)nt * FB_BN_BF16_BLOCK_BYTES;
+        p->block_channels = channel_bytes > 0
+            ? fb_min_index(channels, fb_max_index(1, budget / channel_bytes)) : channels;
+    } else {
+        p->chunk = fb_max_index(fb_ceil_div(FB_BN_BF16_CHUNK, channels),
+                                fb_ceil_div(outer, FB_BN_BF16_MAX_ROW_CHUNKS));
+        p->chunks = outer > 0 ? fb_ceil_div(outer, p->chunk) : 0;
+        p->block_channels = channels;
+    }
+}
+
+/* Contiguous runs of planar chunk k of channel c: calls to next() give
+ * (offset, len) until it returns 0. */
+typedef struct { fb_index row, col, remaining; } bn_bf16_runs;
+
+static inline bn_bf16_runs bn_bf16_runs_start(const bn_bf16_pass *p, fb_index k)
+{
+    bn_bf16_runs r;
+    const fb_index begin = k * p->chunk;
+    r.row = begin / p->inner;
+    r.col = begin - r.row * p->inner;
+    r.remaining = fb_min_index(p->n, begin + p->chunk) - begin;
+    return r;
+}
+
+static inline int bn_bf16_runs_next(const bn_bf16_pass *p, fb_index c, bn_bf16_runs *r,
+                                    fb_index *offset, fb_index *len)
+{
+    if (r->remaining <= 0)
+        return 0;
+    *len = fb_min_index(p->inner - r->col, r->remaining);
+    *offset = (r->row * p->channels + c) * p->inner + r->col;
+    r->remaining -= *len;
+    r->col = 0;
+    ++r->row;
+    return 1;
+}
+
+/* ---- elementwise pieces ----------------------------------------------------- */
+
+/* a * b + c rounded once to float32 (a fused multiply-add), on every
+ * target: the instruction where the target has FMA; otherwise the exact
+ * product and sum in float64, rounded to odd (an inexact float64 result
+ * with an even last bit steps one ulp towards the exact value), which then
+ * rounds to float32 exactly as the fused operation does (float64 carries
+ * more than 2 bits beyond float32). */
+#if defined(__FMA__) || defined(__AVX512F__)
+static inline float bn_bf16_fma(float a, float b, float c)
+{
+    return __builtin_fmaf(a, b, c);
+}
+#else
+static inline float bn_bf16_fma(float a, float b, float c)
+{
+    const double product = (double)a * (double)b; /* exact */
+    const double sum = product + (double)c;
+    const double back = sum - product;
+    const double error = (product - (sum - back)) + ((double)c - back);
+    uint64_t bits;
+    memcpy(&bits, &sum, sizeof bits);
+    if (error != 0.0 && !(bits & 1u) && sum - sum == 0.0) /* inexact, even, finite */
+        bits += (error > 0.0) == (sum > 0.0) ? 1 : (uint64_t)-1;
+    double odd;
+    memcpy(&odd, &bits, sizeof odd);
+    return (float)odd;
+}
+#endif
+
+/* The forward's float32 value (x - m) * k1 + k3 from xc = x - m. */
+static inline float bn_bf16_affine(float xc, float k1, float k3)
+{
+    return bn_bf16_fma(xc, k1, k3);
+}
+
+/* g = dy, or 0 where the forward's stored output was not > 0. */
+static inline float bn_bf16_grad(float dy, float xc, float ms, float mh, int relu)
+{
+    return relu && !(bn_bf16_affine(xc, ms, mh) >= FLT_MIN) ? 0.0f : dy;
+}
+
+static inline float bn_bf16_activate(float v, int relu)
+{
+    return relu && v < 0.0f ? 0.0f : v;
+}
+
+/* ---- reductions ------------------------------------------------------------- */
+
+/* Pairwise total of the fixed lanes (the same order on every target). */
+static inline double bn_bf16_lanes_total(const double *a)
+{
+    double t[FB_BN_BF16_LANES / 2];
+    for (int l = 0; l < FB_BN_BF16_LANES / 2; ++l)
+        t[l] = a[l] + a[l + FB_BN_BF16_LANES / 2];
+    return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
+}
+
+/* s1 += sum(d), s2 += sum(d^2) over a run, d = x - center (float32). */
+static void bn_bf16_reduce_x_run(const uint16_t *restrict x, fb_index len, float center,
+                                 double *s1, double *s2)
+{
+    double a1[FB_BN_BF16_LANES] = {0}, a2[FB_BN_BF16_LANES] = {0};
+    fb_index i = 0;
+    for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
+#pragma omp simd
+        for (int l = 0; l < FB_BN_BF16_LANES; ++l) {
+            const double d = (double)(bn_bf16_widen(x[i + l]) - center);
+            a1[l] += d;
+            a2[l] += d * d;
+        }
+    }
+    double r1 = bn_bf16_lanes_total(a1), r2 = bn_bf16_lanes_total(a2);
+    for (; i < len; ++i) {
+        const double d = (double)(bn_bf16_widen(x[i]) - center);
+        r1 += d;
+        r2 += d * d;
+    }
+    *s1 += r1;
+    *s2 += r2;
+}
+
+/* s1 += sum(g), s2 += sum(g * (x - m)) over a run (g: dy, masked with relu). */
+static void bn_bf16_reduce_grad_run(const uint16_t *restrict dy, const uint16_t *restrict x,
+                                    fb_index len, float m, float ms, float mh, int relu,
+                                    double *s1, double *s2)
+{
+    double a1[FB_BN_BF16_LANES] = {0}, a2[FB_BN_BF16_LANES] = {0};
+    fb_index i = 0;
+    for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
+#pragma omp simd
+        for (int l = 0; l < FB_BN_BF16_LANES; ++l) {
+            const float xc = bn_bf16_widen(x[i + l]) - m;
+            const float g = bn_bf16_grad(bn_bf16_widen(dy[i + l]), xc, ms, mh, relu);
+            a1[l] += (double)g;
+            a2[l] += (double)g * (double)xc;
+        }
+    }
+    double r1 = bn_bf16_lanes_total(a1), r2 = bn_bf16_lanes_total(a2);
+    for (; i < len; ++i) {
+        const float xc = bn_bf16_widen(x[i]) - m;
+        const float g = bn_bf16_grad(bn_bf16_widen(dy[i]), xc, ms, mh, relu);
+        r1 += (double)g;
+        r2 += (double)g * (double)xc;
+    }
+    *s1 += r1;
+    *s2 += r2;
+}
+
+static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
+{
+    const int forward = p->mode == BN_BF16_FORWARD;
+    if (!p->interleaved) {
+        const fb_index c = item / p->chunks, k = item - c * p->chunks;
+        double s1 = 0.0, s2 = 0.0;
+        bn_bf16_runs runs = bn_bf16_runs_start(p, k);
+        fb_index offset, len;
+        while (bn_bf16_runs_next(p, c, &runs, &offset, &len)) {
+            if (forward)
+                bn_bf16_reduce_x_run(p->x + offset, len, p->center[c], &s1, &s2);
+            else if (p->relu)
+                bn_bf16_reduce_grad_run(p->dy + offset, p->x + offset, len, p->center[c],
+                                        p->mask_scale[c], p->mask_shift[c], 1, &s1, &s2);
+            else
+                bn_bf16_reduce_grad_run(p->dy + offset, p->x + offset, len, p->center[c], 0, 0,
+                                        0, &s1, &s2);
+        }
+        p->sum1[item] = s1;
+        p->sum2[item] = s2;
+        return;
+    }
+    /* rows [r0, r1) of every channel, accumulated per channel in row order */
+    const fb_index C = p->channels;
+    const fb_index r0 = item * p->chunk, r1 = fb_min_index(p->outer, r0 + p->chunk);
+    double *restrict s1 = p->sum1 + item * C;
+    double *restrict s2 = p->sum2 + item * C;
+    const float *restrict center = p->center;
+    const float *restrict ms = p->mask_scale;
+    const float *restrict mh = p->mask_shift;
+    for (fb_index c = 0; c < C; ++c)
+        s1[c] = s2[c] = 0.0;
+    for (fb_index r = r0; r < r1; ++r) {
+        const uint16_t *restrict x = p->x + r * C;
+        if (forward) {
+#pragma omp simd
+            for (fb_index c = 0; c < C; ++c) {
+                const double d = (double)(bn_bf16_widen(x[c]) - center[c]);
+                s1[c] += d;
+                s2[c] += d * d;
+            }
+        } else {
+            const uint16_t *restrict dy = p->dy + r * C;
+            const int relu = p->relu;
+#pragma omp simd
+            for (fb_index c = 0; c < C; ++c) {
+                const float xc = bn_bf16_widen(x[c]) - center[c];
+                const float g = relu ? bn_bf16_grad(bn_bf16_widen(dy[c]), xc, ms[c], mh[c], 1)
+                                     : bn_bf16_widen(dy[c]);
+                s1[c] += (double)g;
+                s2[c] += (double)g * (double)xc;
+            }
+        }
+    }
+}
+
+/* ---- per-channel finalize --------------------------------------------------- */
+
+static void bn_bf16_finalize(bn_bf16_pass *p, fb_index c)
+{
+    double s1 = 0.0, s2 = 0.0;
+    if (p->reduce) {
+        const fb_index cs = p->interleaved ? 1 : p->chunks, ks = p->interleaved ? p->channels : 1;
+        const double *p1 = p->sum1 + c * cs, *p2 = p->sum2 + c * cs;
+        for (fb_index k = 0; k < p->chunks; ++k) {
+            s1 += p1[k * ks];
+            s2 += p2[k * ks];
+        }
+    }
+    const double n = (double)p->n;
+    const double w = bn_bf16_weight(p, c);
+    switch (p->mode) {
+    case BN_BF16_FORWARD: {
+        const double shifted = s1 / n;
+        double var = (s2 - s1 * shifted) / n;
+        if (var < 0.0) /* rounding on a (near-)constant channel; NaN passes */
+            var = 0.0;
+        const double mean = (double)p->center[c] + shifted;
+        const float saved_mean = (float)mean, saved_invstd = (float)(1.0 / sqrt(var + p->eps));
+        p->saved_mean[c] = saved_mean;
+        p->saved_invstd[c] = saved_invstd;
+        if (p->running_mean) {
+            const double m = p->momentum;
+            p->running_mean[c] = (float)((1.0 - m) * (double)p->running_mean[c] + m * mean);
+            p->running_var[c] = (float)((1.0 - m) * (double)p->running_var[c]
+                                        + m * var * (n / (n - 1.0)));
+        }
+        p->center[c] = saved_mean; /* the rewrite's m */
+        p->k1[c] = (float)(w * (double)saved_invstd);
+        p->k3[c] = p->bias ? p->bias[c] : 0.0f;
+        return;
+    }
+    case BN_BF16_BACKWARD: {
+        const double invstd = (double)p->stat_spread[c];
+        const double dweight = s2 * invstd;
+        const double a = w * invstd;
+        p->k1[c] = (float)a;
+        p->k2[c] = (float)(-a * invstd * dweight / n);
+        p->k3[c] = (float)(-a * s1 / n);
+        if (p->dweight)
+            p->dweight[c] = (float)((p->accumulate ? (double)p->dweight[c] : 0.0) + dweight);
+        if (p->dbias)
+            p->dbias[c] = (float)((p->accumulate ? (double)p->dbias[c] : 0.0) + s1);
+        return;
+    }
+    case BN_BF16_BACKWARD_EVAL: {
+        const double invstd = 1.0 / sqrt((double)p->stat_spread[c] + p->eps);
+        if (p->reduce && p->dweight)
+            p->dweight[c] = (float)((p->accumulate ? (double)p->dweight[c] : 0.0) + s2 * invstd);
+        if (p->reduce && p->dbias)
+            p->dbias[c] = (float)((p->accumulate ? (double)p->dbias[c] : 0.0) + s1);
+        return;
+    }
+    default: /* eval forward: coefficients set before the pass */
+        return;
+    }
+}
+
+/* ---- rewrite ---------------------------------------------------------------- */
+
+/* `len` (<= FB_BN_BF16_BLOCK) float32 results of elements at `offset` into
+ * v; channel of element i: c (planar, cstep 0) or (c0 + i) % C (rows). */
+static void bn_bf16_compute(const bn_bf16_pass *p, float *restrict v, fb_index offset,
+                            fb_index len, fb_index c)
+{
+    const uint16_t *restrict x = p->x ? p->x + offset : NULL;
+    const uint16_t *restrict dy = p->dy ? p->dy + offset : NULL;
+    const float m = p->center[c], k1 = p->k1[c], k2 = p->k2[c], k3 = p->k3[c];
+    const int relu = p->relu;
+    switch (p->mode) {
+    case BN_BF16_FORWARD:
+    case BN_BF16_EVAL_FORWARD:
+#pragma omp simd
+        for (fb_index i = 0; i < len; ++i)
+            v[i] = bn_bf16_activate(bn_bf16_affine(bn_bf16_widen(x[i]) - m, k1, k3), relu);
+        return;
+    case BN_BF16_BACKWARD: {
+        const float ms = relu ? p->mask_scale[c] : 0.0f, mh = relu ? p->mask_shift[c] : 0.0f;
+#pragma omp simd
+        for (fb_index i = 0; i < len; ++i) {
+            const float xc = bn_bf16_widen(x[i]) - m;
+            const float g = bn_bf16_grad(bn_bf16_widen(dy[i]), xc, ms, mh, relu);
+            v[i] = bn_bf16_fma(g, k1, bn_bf16_fma(xc, k2, k3));
+        }
+        return;
+    }
+    default: { /* eval backward */
+        if (!relu) {
+#pragma omp simd
+            for (fb_index i = 0; i < len; ++i)
+                v[i] = bn_bf16_widen(dy[i]) * k1;
+            return;
+        }
+        const float ms = p->mask_scale[c], mh = p->mask_shift[c];
+#pragma omp simd
+        for (fb_index i = 0; i < len; ++i) {
+            const float xc = bn_bf16_widen(x[i]) - m;
+            const float g = bn_bf16_grad(bn_bf16_widen(dy[i]), xc, ms, mh, 1);
+            v[i] = g * k1;
+        }
+        return;
+    }
+    }
+}
+
+/* One channels-last row piece: element i is channel c0 + i. */
+static void bn_bf16_compute_row(const bn_bf16_pass *p, float *restrict v, fb_index offset,
+                                fb_index len, fb_index c0)
+{
+    const uint16_t *restrict x = p->x ? p->x + offset : NULL;
+    const uint16_t *restrict dy = p->dy ? p->dy + offset : NULL;
+    const float *restrict m = p->center + c0, *restrict k1 = p->k1 + c0;
+    const float *restrict k2 = p->k2 + c0, *restrict k3 = p->k3 + c0;
+    const float *restrict ms = p->mask_scale + c0, *restrict mh = p->mask_shift + c0;
+    const int relu = p->relu;
+    switch (p->mode) {
+    case BN_BF16_FORWARD:
+    case BN_BF16_EVAL_FORWARD:
+#pragma omp simd
+        for (fb_index i = 0; i < len; ++i)
+            v[i] = bn_bf16_activate(bn_bf16_affine(bn_bf16_widen(x[i]) - m[i], k1[i], k3[i]),
+                                    relu);
+        return;
+    case BN_BF16_BACKWARD:
+#pragma omp simd
+        for (fb_index i = 0; i < len; ++i) {
+            const float xc = bn_bf16_widen(x[i]) - m[i];
+            const float g = relu ? bn_bf16_grad(bn_bf16_widen(dy[i]), xc, ms[i], mh[i], 1)
+                                 : bn_bf16_widen(dy[i]);
+            v[i] = bn_bf16_fma(g, k1[i], bn_bf16_fma(xc, k2[i], k3[i]));
+        }
+        return;
+    default:
+        if (!relu) {
+#pragma omp simd
+            for (fb_index i = 0; i < len; ++i)
+                v[i] = bn_bf16_widen(dy[i]) * k1[i];
+            return;
+        }
+#pragma omp simd
+        for (fb_index i = 0; i < len; ++i) {
+            const float xc = bn_bf16_widen(x[i]) - m[i];
+            const float g = bn_bf16_grad(bn_bf16_widen(dy[i]), xc, ms[i], mh[i], 1);
+            v[i] = g * k1[i];
+        }
+        return;
+    }
+}
+
+static void bn_bf16_rewrite_item(const bn_bf16_pass *p, fb_index item)
+{
+    float v[FB_BN_BF16_BLOCK];
+    if (!p->interleaved) {
+        const fb_index c = item / p->chunks, k = item - c * p->chunks;
+        bn_bf16_runs runs = bn_bf16_runs_start(p, k);
+        fb_index offset, len;
+        while (bn_bf16_runs_next(p, c, &runs, &offset, &len)) {
+            for (fb_index s = 0; s < len; s += FB_BN_BF16_BLOCK) {
+                const fb_index piece = fb_min_index(FB_BN_BF16_BLOCK, len - s);
+                bn_bf16_compute(p, v, offset + s, piece, c);
+                fb_bn_bf16_narrow(v, p->out + offset + s, piece, p->instruction);
+            }
+        }
+        return;
+    }
+    const fb_index C = p->channels;
+    const fb_index r0 = item * p->chunk, r1 = fb_min_index(p->outer, r0 + p->chunk);
+    for (fb_index r = r0; r < r1; ++r) {
+        for (fb_index c0 = 0; c0 < C; c0 += FB_BN_BF16_BLOCK) {
+            const fb_index piece = fb_min_index(FB_BN_BF16_BLOCK, C - c0);
+            const fb_index offset = r * C + c0;
+            bn_bf16_compute_row(p, v, offset, piece, c0);
+            fb_bn_bf16_narrow(v, p->out + offset, piece, p->instruction);
+        }
+    }
+}
+
+/* Linear item: elements [item * FB_BN_BF16_LINEAR, ...) in memory order. */
+static void bn_bf16_rewrite_linear(const bn_bf16_pass *p, fb_index item)
+{
+    float v[FB_BN_BF16_BLOCK];
+    const fb_index total = p->outer * p->channels * p->inner;
+    fb_index i = item * FB_BN_BF16_LINEAR;
+    const fb_index end = fb_min_index(total, i + FB_BN_BF16_LINEAR);
+    while (i < end) {
+        if (p->interleaved) {
+            const fb_index c0 = i % p->channels;
+            const fb_index len = fb_min_index(fb_min_index(p->channels - c0, end - i),
+                                              FB_BN_BF16_BLOCK);
+            bn_bf16_compute_row(p, v, i, len, c0);
+            fb_bn_bf16_narrow(v, p->out + i, len, p->instruction);
+            i += len;
+        } else {
+            const fb_index row = i / p->inner, col = i - row * p->inner;
+            const fb_index len = fb_min_index(fb_min_index(p->inner - col, end - i),
+                                              FB_BN_BF16_BLOCK);
+            bn_bf16_compute(p, v, i, len, row % p->channels);
+            fb_bn_bf16_narrow(v, p->out + i, len, p->instruction);
+            i += len;
+        }
+    }
+}
+
+/* ---- the pass --------------------------------------------------------------- */
+
+/* Run by every thread of the team, or by the caller alone.  The work-sharing
+ * loops of one block have the same bounds and a static schedule, so a thread
+ * rewrites the items it reduced (from its own cache). */
+static void bn_bf16_body(bn_bf16_pass *p)
+{
+    if (p->linear) {
+#pragma omp for schedule(static)
+        for (fb_index item = 0; item < p->linear_items; ++item)
+            bn_bf16_rewrite_linear(p, item);
+        return;
+    }
+    if (!p->interleaved && p->channels >= 4 * (fb_index)fb_team_size()) {
+        /* enough channels: each thread owns whole channels and reduces,
+         * finalizes and rewrites one channel at a time, with no barrier (a
+         * barrier per cache block waits for the slowest thread, costly on a
+         * busy machine); the same partials in the same order as below */
+#pragma omp for schedule(static)
+        for (fb_index c = 0; c < p->channels; ++c) {
+            for (fb_index k = 0; k < p->chunks && p->reduce; ++k)
+                bn_bf16_reduce_item(p, c * p->chunks + k);
+            bn_bf16_finalize(p, c);
+            for (fb_index k = p->chunks; k-- > 0;) /* newest first: still in L2 */
+                bn_bf16_rewrite_item(p, c * p->chunks + k);
+        }
+        return;
+    }
+    const fb_index per_channel = p->interleaved ? 0 : p->chunks;
+    for (fb_index c0 = 0; c0 < p->channels; c0 += p->block_channels) {
+        const fb_index c1 = fb_min_index(p->channels, c0 + p->block_channels);
+        const fb_index first = p->interleaved ? 0 : c0 * per_channel;
+        const fb_index last = p->interleaved ? p->chunks : c1 * per_channel;
+        if (p->reduce) {
+#pragma omp for schedule(static)
+            for (fb_index item = first; item < last; ++item)
+                bn_bf16_reduce_item(p, item);
+        }
+#pragma omp for schedule(static)
+        for (fb_index c = c0; c < c1; ++c)
+            bn_bf16_finalize(p, c);
+#pragma omp for schedule(static)
+        for (fb_index item = first; item < last; ++item)
+            bn_bf16_rewrite_item(p, item);
+    }
+}
+
+/* Plan, allocate, set the per-channel arrays the mode needs before the pass
+ * (centers, eval coefficients, relu masks), run, free. */
+static int bn_bf16_run(bn_bf16_pass *p, fb_index outer, fb_index channels, fb_index inner,
+                       int streams, int num_threads)
+{
+    const fb_index total = outer * channels * inner;
+    const int nt = fb_threads_for(total, num_threads);
+    const fb_index first_of_channel = inner; /* stride between channel starts, before planning */
+    bn_bf16_plan(p, outer, channels, inner, streams, nt);
+    p->instruction = fb_bn_bf16_cpu_has_instruction();
+    p->linear = !p->reduce;
+    p->linear_items = fb_ceil_div(total, FB_BN_BF16_LINEAR);
+    const fb_index partials = p->reduce ? channels * p->chunks : 0;
+    double *work = (double *)malloc((size_t)(2 * partials) * sizeof(double)
+                                    + (size_t)(6 * channels) * sizeof(float) + 64);
+    if (!work)
+        return FASTBN_ERR_NOMEM;
+    p->sum1 = work;
+    p->sum2 = work + partials;
+    p->center = (float *)(work + 2 * partials);
+    p->k1 = p->center + channels;
+    p->k2 = p->k1 + channels;
+    p->k3 = p->k2 + channels;
+    p->mask_scale = p->k3 + channels;
+    p->mask_shift = p->mask_scale + channels;
+    for (fb_index c = 0; c < channels; ++c) {
+        p->k1[c] = p->k2[c] = p->k3[c] = 0.0f;
+        p->mask_scale[c] = p->mask_shift[c] = 0.0f;
+        const float bias = p->bias ? p->bias[c] : 0.0f;
+        switch (p->mode) {
+        case BN_BF16_FORWARD:
+            p->center[c] = p->n > 0 ? bn_bf16_widen(p->x[c * first_of_channel]) : 0.0f;
+            break;
+        case BN_BF16_EVAL_FORWARD: {
+            const double invstd = 1.0 / sqrt((double)p->stat_spread[c] + p->eps);
+            p->center[c] = p->stat_mean[c];
+            p->k1[c] = (float)(bn_bf16_weight(p, c) * invstd);
+            p->k3[c] = bias;
+            break;
+        }
+        case BN_BF16_BACKWARD:
+            p->center[c] = p->stat_mean[c];
+            p->mask_scale[c] = (float)(bn_bf16_weight(p, c) * (double)p->stat_spread[c]);
+            p->mask_shift[c] = bias;
+            break;
+        default: { /* eval backward */
+            const double invstd = 1.0 / sqrt((double)p->stat_spread[c] + p->eps);
+            p->center[c] = p->stat_mean[c];
+            p->k1[c] = (float)(bn_bf16_weight(p, c) * invstd);
+            p->mask_scale[c] = p->k1[c];
+            p->mask_shift[c] = bias;
+            break;
+        }
+        }
+    }
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        bn_bf16_body(p);
+    } else {
+        bn_bf16_body(p);
+    }
+    free(work);
+    return FASTBN_OK;
+}
+
+/* ---- table entry points ----------------------------------------------------- */
+
+static int bn_eval_forward_call_bf16(const fastbn_bn_call *c)
+{
+    if (c->outer < 0 || c->channels <= 0 || c->inner < 0 || !c->x || !c->out
+        || !c->running_mean || !c->running_var)
+        return FASTBN_ERR_ARGUMENT;
+    bn_bf16_pass p = {0};
+    p.mode = BN_BF16_EVAL_FORWARD;
+    p.relu = c->relu;
+    p.x = (const uint16_t *)c->x;
+    p.out = (uint16_t *)c->out;
+    p.weight = (const float *)c->weight;
+    p.bias = (const float *)c->bias;
+    p.stat_mean = (const float *)c->running_mean;
+    p.stat_spread = (const float *)c->running_var;
+    p.eps = c->eps;
+    return bn_bf16_run(&p, c->outer, c->channels, c->inner, 1, c->num_threads);
+}
+
+static int bn_train_forward_call_bf16(const fastbn_bn_call *c)
+{
+    if (c->outer < 0 || c->channels <= 0 || c->inner < 0 || c->outer * c->inner < 2 || !c->x
+        || !c->out || !c->mean || !c->invstd
+        || (c->running_mean == NULL) != (c->running_var == NULL) || !(c->eps > 0))
+        return FASTBN_ERR_ARGUMENT;
+    bn_bf16_pass p = {0};
+    p.mode = BN_BF16_FORWARD;
+    p.reduce = 1;
+    p.relu = c->relu;
+    p.x = (const uint16_t *)c->x;
+    p.out = (uint16_t *)c->out;
+    p.weight = (const float *)c->weight;
+    p.bias = (const float *)c->bias;
+    p.saved_mean = (float *)c->mean;
+    p.saved_invstd = (float *)c->invstd;
+    p.running_mean = (float *)c->running_mean;
+    p.running_var = (float *)c->running_var;
+    p.eps = c->eps;
+    p.momentum = c->momentum;
+    return bn_bf16_run(&p, c->outer, c->channels, c->inner, 1, c->num_threads);
+}
+
+static int bn_backward_call_bf16(const fastbn_bn_call *c)
+{
+    if (c->outer < 0 || c->channels <= 0 || c->inner < 0 || !c->dy || !c->x || !c->out
+        || !c->mean || !c->invstd)
+        return FASTBN_ERR_ARGUMENT;
+    bn_bf16_pass p = {0};
+    p.mode = BN_BF16_BACKWARD;
+    p.reduce = 1;
+    p.accumulate = c->accumulate;
+    p.relu = c->relu;
+    p.dy = (const uint16_t *)c->dy;
+    p.x = (const uint16_t *)c->x;
+    p.out = (uint16_t *)c->out;
+    p.weight = (const float *)c->weight;
+    p.bias = (const float *)c->bias;
+    p.stat_mean = (const float *)c->mean;
+    p.stat_spread = (const float *)c->invstd;
+    p.dweight = (float *)c->dweight;
+    p.dbias = (float *)c->dbias;
+    return bn_bf16_run(&p, c->outer, c->channels, c->inner, 2, c->num_threads);
+}
+
+static int bn_backward_eval_call_bf16(const fastbn_bn_call *c)
+{
+    const int reduce = c->dweight != NULL || c->dbias != NULL;
+    if (c->outer < 0 || c->channels <= 0 || c->inner < 0 || !c->dy || !c->out
+        || !c->running_mean || !c->running_var || ((reduce || c->relu) && !c->x)
+        || !(c->eps >= 0))
+        return FASTBN_ERR_ARGUMENT;
+    bn_bf16_pass p = {0};
+    p.mode = BN_BF16_BACKWARD_EVAL;
+    p.reduce = reduce;
+    p.accumulate = c->accumulate;
+    p.relu = c->relu;
+    p.dy = (const uint16_t *)c->dy;
+    p.x = (const uint16_t *)c->x;
+    p.out = (uint16_t *)c->out;
+    p.weight = (const float *)c->weight;
+    p.bias = (const float *)c->bias;
+    p.stat_mean = (const float *)c->running_mean;
+    p.stat_spread = (const float *)c->running_var;
+    p.dweight = (float *)c->dweight;
+    p.dbias = (float *)c->dbias;
+    p.eps = c->eps;
+    return bn_bf16_run(&p, c->outer, c->channels, c->inner, reduce || c->relu ? 2 : 1,
+                       c->num_threads);
+}
+
+/* The narrowing itself, for tests: dst = round(src); `allow_instruction`
+ * lets it use the instruction when the CPU has it.  Returns 1 when it did. */
+static int bn_round_bf16(const float *src, uint16_t *dst, fb_index n, int allow_instruction)
+{
+    const int instruction = allow_instruction && fb_bn_bf16_cpu_has_instruction();
+    fb_bn_bf16_narrow(src, dst, n, instruction);
+    return instruction;
+}
