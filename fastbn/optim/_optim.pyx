@@ -64,6 +64,12 @@ cdef extern from "optim/optim_kernels.h":
         FASTBN_OPTIM_FAMILY_ADAMAX
         FASTBN_OPTIM_FAMILY_LERP
         FASTBN_OPTIM_N_FAMILIES
+    enum:
+        FASTBN_OPTIM_BF16_STATE
+        FASTBN_OPTIM_BF16_PARAMS
+        FASTBN_OPTIM_BF16_PARAMS_STATE
+        FASTBN_OPTIM_BF16_MASTER
+        FASTBN_OPTIM_BF16_MASTER_STATE
 
     ctypedef struct fastbn_optim_batch:
         int64_t n_tensors
@@ -76,6 +82,7 @@ cdef extern from "optim/optim_kernels.h":
         const double *coefficients
         int64_t coefficient_stride
         const uint64_t *rounding_key
+        void **param_copy
 
     ctypedef int (*fastbn_optim_step_fn)(const fastbn_optim_batch *batch, const double *scalars,
                                          int flags, int num_threads) noexcept nogil
@@ -93,7 +100,7 @@ cdef extern from "optim/optim_kernels.h":
                           int num_threads) noexcept nogil
         int (*scale_f32)(const fastbn_optim_batch *batch, double factor, int num_threads) noexcept nogil
         int (*scale_f64)(const fastbn_optim_batch *batch, double factor, int num_threads) noexcept nogil
-        fastbn_optim_step_fn step_f32_bf16state[11]
+        fastbn_optim_step_fn step_bf16[5][11]
         int (*round_bf16)(const float *src, uint16_t *dst, int64_t n, uint64_t key, int slot,
                           int stochastic) noexcept nogil
 
@@ -208,6 +215,7 @@ cdef class _Tensors:
         batch.coefficients = self.coefficients
         batch.coefficient_stride = MAX_COEFFICIENTS
         batch.rounding_key = NULL
+        batch.param_copy = NULL
         return batch
 
 
@@ -563,7 +571,7 @@ cdef class StepPlan:
                     calls[n_calls].batch = batch.float32.batch(batch.n_slots)
                     if batch.state_type >= 0:
                         calls[n_calls].batch.rounding_key = fill_rounding_keys(batch)
-                        calls[n_calls].kernel = table.step_f32_bf16state[batch.family]
+                        calls[n_calls].kernel = table.step_bf16[FASTBN_OPTIM_BF16_STATE][batch.family]
                         if calls[n_calls].kernel == NULL:
                             raise ValueError("optimizer step: no bfloat16-state kernel for this optimizer")
                     else:
