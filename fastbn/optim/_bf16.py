@@ -14,7 +14,7 @@ NaN and infinity stay NaN and infinity.  The random bits come from a
 counter-based generator: a 64-bit key per tensor mixed from (seed, step,
 position of the parameter in its group) by SplitMix64's output function;
 from it two 32-bit word keys per 2**32 elements; and for element i of a
-word, a 32-bit integer hash of ``word_key + i * 0x9E3779B9``.  A word feeds
+word, a 32-bit integer hash of ``word_key + i`` (low 32 bits of i).  A word feeds
 two roundings (16 bits each): slots 0 and 1 (the first two state arrays)
 share word 0, slot 2 (the third state array) and slot 3 (a bfloat16
 parameter) share word 1.  So any thread count and any resumed run draw the
@@ -40,7 +40,6 @@ STATE_DTYPES = ("float32", "bfloat16")
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
-_GOLDEN32 = 0x9E3779B9
 
 #: The rounding slot of a bfloat16 parameter (after the three state slots).
 PARAM_SLOT = 3
@@ -116,7 +115,7 @@ def random_bits(key: int, n: int, slot: int) -> np.ndarray:
         word_key = _mix64_array(np.uint64(key) + (np.uint64(2) * high + word + np.uint64(1))
                                 * np.uint64(_GOLDEN)).astype(np.uint32)
         low = index.astype(np.uint32)
-        words = _hash32_array(word_key + low * np.uint32(_GOLDEN32))
+        words = _hash32_array(word_key + low)
     return (words >> np.uint32(16)) if slot & 1 else (words & np.uint32(0xFFFF))
 
 

@@ -121,6 +121,9 @@ FLAGS = {"maximize": FASTBN_OPTIM_MAXIMIZE, "weight_decay": FASTBN_OPTIM_WEIGHT_
          "decoupled": FASTBN_OPTIM_DECOUPLED}
 CHUNK = FASTBN_OPTIM_CHUNK
 
+# The state key of a bfloat16 parameter's float32 master weights.
+MASTER_KEY = "master_param"
+
 # Largest step counter taken without the Python checks (their MAX_STEP).
 cdef long long MAX_STEP = 1LL << 53
 
@@ -408,6 +411,9 @@ cdef class StepPlan:
         cdef object param, grad, data, key
         cdef PyObject *found
         cdef PyObject *values[N_SLOTS]
+        cdef PyObject *master_array = NULL
+        cdef bint bf16_param
+        cdef int slot_type
         cdef dict entry
         cdef long long step = 0
         cdef double scalar = 0.0
@@ -429,8 +435,18 @@ cdef class StepPlan:
                 continue
             data = param.data
             found = PyDict_GetItem(self.state, param)
-            ready = (ready_for_kernel(data, grad) and found is not NULL and PyDict_CheckExact(<object>found)
-                     and (state_type < 0 or cnp.PyArray_TYPE(<cnp.ndarray>data) == cnp.NPY_FLOAT32))
+            ready = False
+            bf16_param = False
+            slot_type = state_type
+            if found is not NULL and PyDict_CheckExact(<object>found):
+                if ready_for_kernel(data, grad):
+                    ready = state_type < 0 or cnp.PyArray_TYPE(<cnp.ndarray>data) == cnp.NPY_FLOAT32
+                elif (bf16_type >= 0 and cnp.PyArray_Check(data) and cnp.PyArray_Check(grad)
+                        and cnp.PyArray_TYPE(<cnp.ndarray>data) == bf16_type
+                        and ready_bf16(<cnp.ndarray>data, <cnp.ndarray>grad)):
+                    ready = bf16_param = True
+                    if state_type < 0:
+                        slot_type = cnp.NPY_FLOAT32
             if ready:
                 entry = <dict>found
                 if self.counts_steps:
@@ -451,12 +467,20 @@ cdef class StepPlan:
                         continue
                     values[slot] = PyDict_GetItem(entry, key)
                     ready = values[slot] is not NULL and usable_state(<object>values[slot], <cnp.ndarray>data,
-                                                                       state_type)
+                                                                       slot_type)
+                if ready and bf16_param and master:
+                    master_array = PyDict_GetItem(entry, MASTER_KEY)
+                    ready = master_array is not NULL and usable_state(<object>master_array, <cnp.ndarray>data,
+                                                                      cnp.NPY_FLOAT32)
             if not ready:
                 pending.append(position)
                 continue
             tensors = batch.table_for(<cnp.ndarray>data)
             index = tensors.n
+            if bf16_param and master:
+                tensors.param_copy[index] = cnp.PyArray_DATA(<cnp.ndarray>data)
+                tensors.keepalive.append(data)
+                data = <object>master_array
             for slot in range(n_slots):
                 tensors.state[slot][index] = cnp.PyArray_DATA(<cnp.ndarray>values[slot]) if values[slot] is not NULL else NULL
                 if values[slot] is not NULL:

@@ -44,7 +44,7 @@ __all__ = ["Optimizer"]
 _PARAMS_EXPECTED = "expected an iterable of Parameters or of dicts (param groups)"
 
 #: The state key of a bfloat16 parameter's float32 master weights.
-MASTER_KEY = "master_param"
+MASTER_KEY = _optim.MASTER_KEY
 _FLOAT32 = np.dtype(np.float32)
 
 

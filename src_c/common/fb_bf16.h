@@ -19,7 +19,8 @@
  * group) by SplitMix64's finalizer.  From it come two 32-bit word keys per
  * 2**32 elements (one 64-bit mix per chunk, not per element), and element i
  * draws one 32-bit word per word key: a 32-bit integer hash (two multiplies)
- * of word_key + i * golden32.  A word feeds two 16-bit roundings, so four
+ * of word_key + i (low 32 bits of i; the hash is built for consecutive
+ * integers).  A word feeds two 16-bit roundings, so four
  * "slots" share two hashes per element:
  *   slot 0, 1: state slots 0 and 1 (low, high half of word 0);
  *   slot 2:    state slot 2 (low half of word 1);
@@ -66,9 +67,6 @@ static inline uint64_t fb_bf16_tensor_key(uint64_t seed, uint64_t step, uint64_t
     return fb_bf16_mix64(key ^ position);
 }
 
-/* 2**32 / golden ratio: the 32-bit counter increment. */
-#define FB_BF16_GOLDEN32 UINT32_C(0x9E3779B9)
-
 /* Rounding slot of the parameter (after the three state slots). */
 #define FB_BF16_PARAM_SLOT 3
 
@@ -94,7 +92,7 @@ FB_BF16_INLINE uint32_t fb_bf16_hash32(uint32_t x)
 /* The random word of the element whose index has low 32 bits `index_low`. */
 FB_BF16_INLINE uint32_t fb_bf16_random32(uint32_t word_key, uint32_t index_low)
 {
-    return fb_bf16_hash32(word_key + index_low * FB_BF16_GOLDEN32);
+    return fb_bf16_hash32(word_key + index_low);
 }
 
 /* The 16 random bits of `slot` (0-3) from the element's word of that slot. */

@@ -23,9 +23,8 @@ static inline fb_rounding fb_rounding_of(const fastbn_optim_batch *batch, fb_ind
     const uint64_t key = batch->rounding_key[t];
     const uint64_t high = (uint64_t)begin >> 32;
     fb_rounding rounding;
-    rounding.word_key[0] = fb_bf16_word_key(key, 0, high);
-    rounding.word_key[1] = fb_bf16_word_key(key, 1, high);
-    rounding.first = (uint32_t)begin;
+    for (int word = 0; word < 2; ++word)
+        rounding.word_base[word] = fb_bf16_word_key(key, word, high) + (uint32_t)begin;
     rounding.param_copy = batch->param_copy ? (uint16_t *)batch->param_copy[t] + begin : NULL;
     return rounding;
 }
@@ -36,7 +35,7 @@ FB_ALWAYS_INLINE uint16_t fb_bf16_store(float x, const fb_rounding rounding, fb_
 {
     if (!stochastic)
         return fb_f32_to_bf16_nearest(x);
-    const uint32_t word = fb_bf16_random32(rounding.word_key[slot >> 1], rounding.first + (uint32_t)i);
+    const uint32_t word = fb_bf16_hash32(rounding.word_base[slot >> 1] + (uint32_t)i);
     return fb_f32_to_bf16_stochastic(x, fb_bf16_half(word, slot));
 }
 

@@ -49,7 +49,7 @@ static inline FB_TYPED(optim_view) FB_TYPED(optim_view_of)(const optim_call *cal
 #if FB_ROUNDS
     view.rounding = fb_rounding_of(batch, t, begin);
 #else
-    view.rounding = (fb_rounding){{0, 0}, 0, NULL};
+    view.rounding = (fb_rounding){{0, 0}, NULL};
 #endif
     view.coefficients = batch->coefficients ? batch->coefficients + t * batch->coefficient_stride : NULL;
     view.n = end - begin;

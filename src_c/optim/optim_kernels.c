@@ -97,13 +97,12 @@ static void optim_run(const optim_call *call, optim_chunk_fn chunk_fn, int num_t
 /* section: storage ------------------------------------------------------------ */
 
 /* Where a chunk's bfloat16 stores get their random bits (see fb_bf16.h):
- * the tensor's two word keys for the chunk's elements and the low 32 bits
- * of the chunk's first element index; and, with master weights, the
- * bfloat16 parameter (offset to the chunk) that receives the rounded master
- * value.  Zero in the float kernels, which do not round. */
+ * element i of the chunk hashes word_base[w] + i, where word_base[w] =
+ * word key w + (low 32 bits of the chunk's first index); and, with master
+ * weights, the bfloat16 parameter (offset to the chunk) that receives the
+ * rounded master value.  Zero in the float kernels, which do not round. */
 typedef struct fb_rounding {
-    uint32_t word_key[2];
-    uint32_t first;
+    uint32_t word_base[2];
     uint16_t *param_copy;
 } fb_rounding;
 
