@@ -30,7 +30,7 @@ static inline fb_rounding fb_rounding_of(const fastbn_optim_batch *batch, fb_ind
 }
 
 /* `x` rounded to bfloat16 as slot `slot` of element i of the chunk. */
-FB_ALWAYS_INLINE uint16_t fb_bf16_store(float x, const fb_rounding rounding, fb_index i, int slot,
+FB_ALWAYS_INLINE uint16_t fb_bf16_store(float x, const fb_rounding rounding, int32_t i, int slot,
                                         const int stochastic)
 {
     if (!stochastic)

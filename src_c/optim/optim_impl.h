@@ -11,7 +11,10 @@
  * FB_STATE_T.  For the float dtypes they are plain accesses; for bfloat16
  * they widen (a shift) and round (an add and a shift, with the element's
  * random bits from `rounding`), inside the vectorized loop: one pass over
- * memory whatever the storage.
+ * memory whatever the storage.  FB_INDEX_T, the index type of those loops
+ * (a chunk has at most FASTBN_OPTIM_CHUNK elements), is 32-bit in the
+ * bfloat16 layouts: their random bits hash a 32-bit counter, which a 64-bit
+ * induction would have to narrow in every vector.
  *
  * Each loop is one pass over its tensors: every element of param, grad and
  * state is read once and written once, with at most one division and one
@@ -67,7 +70,7 @@ FB_ALWAYS_INLINE void FB_TYPED(sgd_loop)(FB_PARAM_T *restrict param, const FB_GR
                                          const int nesterov, const fb_rounding rounding)
 {
 #pragma omp simd
-    for (fb_index i = 0; i < n; ++i) {
+    for (FB_INDEX_T i = 0; i < n; ++i) {
         const FB_REAL p = FB_LOAD_PARAM(param, i);
         FB_REAL g = sign * FB_LOAD_GRAD(grad, i);
         if (has_weight_decay)
@@ -115,7 +118,7 @@ FB_ALWAYS_INLINE void FB_TYPED(momentum_loop)(FB_PARAM_T *restrict param, const 
                                               const fb_rounding rounding)
 {
 #pragma omp simd
-    for (fb_index i = 0; i < n; ++i) {
+    for (FB_INDEX_T i = 0; i < n; ++i) {
         const FB_REAL p = FB_LOAD_PARAM(param, i);
         FB_REAL g = sign * FB_LOAD_GRAD(grad, i);
         if (has_weight_decay)
@@ -149,7 +152,7 @@ FB_ALWAYS_INLINE void FB_TYPED(rmsprop_loop)(FB_PARAM_T *restrict param, const F
                                              const int has_momentum, const fb_rounding rounding)
 {
 #pragma omp simd
-    for (fb_index i = 0; i < n; ++i) {
+    for (FB_INDEX_T i = 0; i < n; ++i) {
         const FB_REAL p = FB_LOAD_PARAM(param, i);
         FB_REAL g = sign * FB_LOAD_GRAD(grad, i);
         if (has_weight_decay)
@@ -207,7 +210,7 @@ FB_ALWAYS_INLINE void FB_TYPED(adam_loop)(FB_PARAM_T *restrict param, const FB_G
                                           const fb_rounding rounding)
 {
 #pragma omp simd
-    for (fb_index i = 0; i < n; ++i) {
+    for (FB_INDEX_T i = 0; i < n; ++i) {
         FB_REAL g = sign * FB_LOAD_GRAD(grad, i);
         FB_REAL p = FB_LOAD_PARAM(param, i);
         if (l2)
@@ -290,7 +293,7 @@ FB_ALWAYS_INLINE void FB_TYPED(lion_loop)(FB_PARAM_T *restrict param, const FB_G
                                           const fb_rounding rounding)
 {
 #pragma omp simd
-    for (fb_index i = 0; i < n; ++i) {
+    for (FB_INDEX_T i = 0; i < n; ++i) {
         const FB_REAL g = sign * FB_LOAD_GRAD(grad, i);
         const FB_REAL m = FB_LOAD_STATE(exp_avg, i);
         const FB_REAL p = FB_LOAD_PARAM(param, i);

@@ -116,6 +116,7 @@ typedef struct fb_rounding {
 #define FB_STORE_PARAM(array, i, value) ((array)[i] = (value))
 #define FB_STORE_STATE(array, i, slot, value) ((array)[i] = (value))
 #define FB_ROUNDS 0
+#define FB_INDEX_T fb_index
 
 /* section: float32 ------------------------------------------------------------ */
 #define FB_REAL float
@@ -148,6 +149,7 @@ typedef struct fb_rounding {
 #undef FB_STORE_PARAM
 #undef FB_STORE_STATE
 #undef FB_ROUNDS
+#undef FB_INDEX_T
 
 /* section: bfloat16 storage layouts -------------------------------------------- */
 #include "optim_bf16_impl.h"
