@@ -38,11 +38,11 @@ def bits(array):
     return np.ascontiguousarray(array).view(np.uint16).astype(np.int64)
 
 
-def make(case, layout, shapes=SHAPES, seed=1234):
+def make(case, layout, shapes=SHAPES, seed=1234, dtype=BF16):
     cls, kwargs = CASES[case]
     master, state_dtype, stochastic = LAYOUTS[layout]
     rng = np.random.default_rng(seed)
-    params = [fastbn.Parameter(rng.standard_normal(shape).astype(np.float32).astype(BF16)) for shape in shapes]
+    params = [fastbn.Parameter(rng.standard_normal(shape).astype(np.float32).astype(dtype)) for shape in shapes]
     return params, cls(params, state_dtype=state_dtype, stochastic_rounding=stochastic,
                        master_weights=master, **kwargs)
 
@@ -52,7 +52,7 @@ def run(params, opt, first, last, backend="fast"):
         for step in range(first, last):
             rng = np.random.default_rng(100 + step)
             for param in params:
-                param.grad = rng.standard_normal(param.data.shape).astype(np.float32).astype(BF16)
+                param.grad = rng.standard_normal(param.data.shape).astype(np.float32).astype(param.data.dtype)
             opt.step()
 
 
@@ -242,3 +242,105 @@ def test_master_weights_must_be_a_bool_and_fixed_per_group():
     opt = optim.Adam([fastbn.Parameter(np.zeros(3, BF16))], master_weights=True)
     with pytest.raises(ValueError, match=r"param_groups\[1\]\['master_weights'\]: expected True"):
         opt.add_param_group({"params": [fastbn.Parameter(np.zeros(3, BF16))], "master_weights": False})
+
+
+# section: bit for bit: the kernels' rounding inside the update ---------------------
+
+EXACT_CASES = ["sgd_nesterov", "momentum", "rmsprop_centered_momentum", "adam_amsgrad", "lion"]
+
+
+def float32_twin(case, bf16_params, bf16_opt):
+    """A float32 optimizer holding `bf16_opt`'s parameters and state widened
+    to float32 (the values the bfloat16 kernels compute from)."""
+    cls, kwargs = CASES[case]
+    params = [fastbn.Parameter(p.data.astype(np.float32)) for p in bf16_params]
+    twin = cls(params, **kwargs)
+    saved = bf16_opt.state_dict()
+    for entry in saved["state"].values():
+        for key, value in entry.items():
+            if isinstance(value, np.ndarray):
+                entry[key] = value.astype(np.float32)
+    for group in saved["param_groups"]:
+        for key in ("state_dtype", "stochastic_rounding", "rounding_seed", "master_weights"):
+            group.pop(key, None)
+    if not twin._counts_steps:
+        for entry in saved["state"].values():
+            entry.pop("step", None)
+    twin.load_state_dict(saved)
+    return params, twin
+
+
+@pytest.mark.parametrize("target", fastbn.available_simd_targets())
+@pytest.mark.parametrize("layout, param_dtype", [("sr_f32state", "bfloat16"), ("sr_bf16state", "bfloat16"),
+                                                  ("nearest_bf16state", "bfloat16"), ("sr_bf16state", "float32"),
+                                                  ("nearest_bf16state", "float32")])
+@pytest.mark.parametrize("case", EXACT_CASES)
+def test_bf16_kernel_equals_float32_kernel_then_reference_rounding_bit_for_bit(case, layout, param_dtype,
+                                                                               target, restore_config):
+    # On one target the bfloat16 kernel runs the float32 kernel's arithmetic
+    # on the widened values, then rounds each output as the NumPy twin does
+    # (fastbn.optim._bf16): every bit of every output must agree.  float32
+    # parameters with bfloat16 state are the state_dtype="bfloat16" kernels.
+    fastbn.set_simd_target(target)
+    _, state_dtype, stochastic = LAYOUTS[layout]
+    dtype = BF16 if param_dtype == "bfloat16" else np.dtype(np.float32)
+    params, opt = make(case, layout, dtype=dtype)
+    opt.param_groups[0]["rounding_seed"] = 2024
+    run(params, opt, 0, 2)
+    twin_params, twin = float32_twin(case, params, opt)
+    rng = np.random.default_rng(55)
+    for param, twin_param in zip(params, twin_params):
+        param.grad = rng.standard_normal(param.data.shape).astype(np.float32).astype(dtype)
+        twin_param.grad = param.grad.astype(np.float32)
+    opt.step()
+    twin.step()
+    slots = opt._state_slots(opt.param_groups[0])
+    for position, (param, twin_param) in enumerate(zip(params, twin_params)):
+        step = opt.state[param]["step"]
+        key = _bf16.tensor_key(2024, step, position)
+        if dtype == BF16:
+            expected = _bf16.round_to_bf16(twin_param.data, key, _bf16.PARAM_SLOT, stochastic)
+            np.testing.assert_array_equal(bits(param.data), bits(expected), err_msg=f"param {position}")
+        else:
+            np.testing.assert_array_equal(param.data.view(np.uint32), twin_param.data.view(np.uint32))
+        for slot, name in enumerate(slots):
+            if name is None:
+                continue
+            ours, theirs = opt.state[param][name], twin.state[twin_param][name]
+            if state_dtype == "bfloat16":
+                theirs = _bf16.round_to_bf16(theirs, key, slot, stochastic)
+                np.testing.assert_array_equal(bits(ours), bits(theirs), err_msg=f"{name} {position}")
+            else:
+                np.testing.assert_array_equal(ours.view(np.uint32), theirs.view(np.uint32),
+                                              err_msg=f"{name} {position}")
+
+
+@pytest.mark.parametrize("target", fastbn.available_simd_targets())
+@pytest.mark.parametrize("case", ["adam_amsgrad", "rmsprop_centered_momentum"])
+def test_master_weights_kernel_equals_float32_kernel_bit_for_bit(case, target, restore_config):
+    # The master copy is exactly the float32 kernel's parameter; the
+    # bfloat16 parameter is its nearest-even rounding.
+    fastbn.set_simd_target(target)
+    params, opt = make(case, "master_f32state")
+    run(params, opt, 0, 2)
+    cls, kwargs = CASES[case]
+    twin_params = [fastbn.Parameter(opt.state[p]["master_param"].copy()) for p in params]
+    twin = cls(twin_params, **kwargs)
+    saved = opt.state_dict()
+    for entry in saved["state"].values():
+        entry.pop("master_param")
+    for group in saved["param_groups"]:
+        for key in ("stochastic_rounding", "rounding_seed", "master_weights"):
+            group.pop(key)
+    twin.load_state_dict(saved)
+    rng = np.random.default_rng(56)
+    for param, twin_param in zip(params, twin_params):
+        param.grad = rng.standard_normal(param.data.shape).astype(np.float32).astype(BF16)
+        twin_param.grad = param.grad.astype(np.float32)
+    opt.step()
+    twin.step()
+    for param, twin_param in zip(params, twin_params):
+        master = opt.state[param]["master_param"]
+        np.testing.assert_array_equal(master.view(np.uint32), twin_param.data.view(np.uint32))
+        expected = _bf16.round_to_bf16(twin_param.data, 0, _bf16.PARAM_SLOT, stochastic=False)
+        np.testing.assert_array_equal(bits(param.data), bits(expected))
