@@ -27,6 +27,7 @@ imported only when bfloat16 state is asked for.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
@@ -53,6 +54,13 @@ def bfloat16() -> np.dtype:
         raise ImportError("state_dtype='bfloat16' needs the ml_dtypes package (the NumPy bfloat16 "
                           "dtype): install it with `pip install 'fastbn[bf16]'`") from error
     return np.dtype(ml_dtypes.bfloat16)
+
+
+def loaded_bfloat16_number() -> int:
+    """bfloat16's NumPy type number, or -1 while ml_dtypes is not imported
+    (no bfloat16 array can exist then), without importing it."""
+    ml_dtypes = sys.modules.get("ml_dtypes")
+    return np.dtype(ml_dtypes.bfloat16).num if ml_dtypes is not None else -1
 
 
 def is_bfloat16(dtype: Any) -> bool:

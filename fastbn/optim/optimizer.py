@@ -185,6 +185,9 @@ class Optimizer:
         if self._bf16_params_ok and not isinstance(master_weights, (bool, np.bool_)):
             raise TypeError(f"master_weights: expected a bool, got {describe(master_weights)}")
         self._master_weights = bool(master_weights)
+        # Hyperparameters first, as torch checks them (the rounding entries
+        # are added below, once the parameters are known).
+        self._check_hyperparameters(self.defaults, "")
         if isinstance(params, (Parameter, np.ndarray, dict)):
             raise TypeError(f"params: {_PARAMS_EXPECTED}, got {describe(params)}")
         if isinstance(params, (set, frozenset)):
@@ -336,7 +339,7 @@ class Optimizer:
                 if self._state_dtype is not None:
                     state_type = self._state_dtype.num
                 if self._bf16_params_ok:
-                    bf16_type = _bf16.bfloat16().num
+                    bf16_type = _bf16.loaded_bfloat16_number()
                 if group["stochastic_rounding"]:
                     flags |= FLAG_STOCHASTIC_ROUNDING
             for position in plan.scan_group(self._kernel_family, params, slots, scalars, flags,
