@@ -72,7 +72,7 @@ def special_values():
 def test_kernel_rounding_equals_numpy_reference_bitwise_on_every_target(target, stochastic, restore_config):
     fastbn.set_simd_target(target)
     values = special_values()
-    for slot in range(3):
+    for slot in range(4):  # three state slots and the parameter's
         for key in (0, 1, 0xDEADBEEFCAFEF00D, _bf16.tensor_key(3, 17, 2)):
             out = np.empty(values.shape, BF16)
             _optim.round_to_bf16(values, out, key, slot, stochastic)
