@@ -18,9 +18,11 @@ class Parameter:
         array).  Other layouts and byte-swapped float32/float64 are copied
         into a native-order array of the same precision.  Integer and bool
         data become float32 (exact for integers up to 2**24 in magnitude).
+        ml_dtypes' bfloat16 is kept as well (for the optimizers that update
+        bfloat16 parameters: SGD, Momentum, RMSprop, Adam, AdamW, Lion).
         Other float widths (float16, longdouble) and non-numeric dtypes
-        (bfloat16 included) raise TypeError: fastbn's kernels take float32
-        and float64 only, and a silent cast would change the values.
+        raise TypeError: fastbn's kernels take float32 and float64 (and
+        bfloat16 there) only, and a silent cast would change the values.
     grad : array_like or None, optional
         Initial gradient: same shape and dtype as data (TypeError otherwise,
         never a silent cast).
@@ -44,6 +46,8 @@ class Parameter:
                 array = array.astype(dtype.newbyteorder("="))
         elif dtype.kind in "biu":
             array = array.astype(np.float32)
+        elif dtype.kind == "V" and dtype.itemsize == 2 and dtype.name == "bfloat16":
+            pass  # ml_dtypes' bfloat16, native by construction
         else:
             raise TypeError(
                 f"Parameter data: expected a real numeric array (float32, float64 or integer), "

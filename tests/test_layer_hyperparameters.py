@@ -224,10 +224,14 @@ def test_parameter_refuses_other_float_widths(dtype):
         Parameter(np.zeros(3, dtype))
 
 
-def test_parameter_refuses_bfloat16():
+def test_parameter_keeps_bfloat16_data_without_copying():
+    # bfloat16 parameters are for the optimizers that update them in place
     ml_dtypes = pytest.importorskip("ml_dtypes")
-    with pytest.raises(TypeError, match="Parameter data"):
-        Parameter(np.zeros(3, ml_dtypes.bfloat16))
+    data = np.arange(3).astype(ml_dtypes.bfloat16)
+    param = Parameter(data)
+    assert param.data is data
+    with pytest.raises(TypeError, match="Parameter grad: expected dtype bfloat16"):
+        Parameter(data, grad=np.zeros(3, np.float32))
 
 
 @pytest.mark.parametrize("data", ([1, 2, 3], np.arange(3, dtype=np.int64), np.array([True, False])))

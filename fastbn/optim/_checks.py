@@ -30,14 +30,23 @@ def param_name(group_index: int, position: int) -> str:
     return f"param_groups[{group_index}]['params'][{position}]"
 
 
-def check_param_data(param: Parameter, where: str, position: int) -> None:
+def is_bfloat16(dtype: np.dtype) -> bool:
+    """ml_dtypes' bfloat16, recognized without importing ml_dtypes."""
+    return dtype.kind == "V" and dtype.itemsize == 2 and dtype.name == "bfloat16"
+
+
+def check_param_data(param: Parameter, where: str, position: int, allow_bfloat16: bool = False) -> None:
     """`param.data` must be a writeable, aligned, C-contiguous float32/float64
-    ndarray (the kernels update it in place).  `where` names the group."""
+    ndarray, or bfloat16 when `allow_bfloat16` (the kernels update it in
+    place).  `where` names the group."""
     data = param.data
     name = f"{where}['params'][{position}].data"
     if not isinstance(data, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray, got {describe(data)}")
-    if data.dtype not in FLOAT_DTYPES:
+    if data.dtype not in FLOAT_DTYPES and not (allow_bfloat16 and is_bfloat16(data.dtype)):
+        if is_bfloat16(data.dtype):
+            raise TypeError(f"{name}: expected dtype float32 or float64 (bfloat16 parameters are "
+                            "for SGD, Momentum, RMSprop, Adam, AdamW and Lion), got bfloat16")
         raise TypeError(f"{name}: expected dtype float32 or float64, got {data.dtype}")
     if not data.flags.c_contiguous:
         raise ValueError(f"{name}: expected a C-contiguous array (updated in place), "
@@ -48,7 +57,8 @@ def check_param_data(param: Parameter, where: str, position: int) -> None:
         raise ValueError(f"{name}: expected a writeable array (updated in place), got a read-only one")
 
 
-def checked_grad(param: Parameter, group_index: int, position: int) -> Optional[np.ndarray]:
+def checked_grad(param: Parameter, group_index: int, position: int,
+                 allow_bfloat16: bool = False) -> Optional[np.ndarray]:
     """The gradient of `param` ready for an update, or None when it has none.
 
     Raises TypeError when the data or gradient dtype is wrong (they must be
@@ -59,7 +69,7 @@ def checked_grad(param: Parameter, group_index: int, position: int) -> Optional[
     grad = param.grad
     if grad is None:
         return None
-    check_param_data(param, f"param_groups[{group_index}]", position)
+    check_param_data(param, f"param_groups[{group_index}]", position, allow_bfloat16)
     name = param_name(group_index, position) + ".grad"
     if not isinstance(grad, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray, got {describe(grad)}")

@@ -64,6 +64,12 @@ cdef extern from "optim/optim_kernels.h":
         FASTBN_OPTIM_FAMILY_ADAMAX
         FASTBN_OPTIM_FAMILY_LERP
         FASTBN_OPTIM_N_FAMILIES
+    enum:
+        FASTBN_OPTIM_BF16_STATE
+        FASTBN_OPTIM_BF16_PARAMS
+        FASTBN_OPTIM_BF16_PARAMS_STATE
+        FASTBN_OPTIM_BF16_MASTER
+        FASTBN_OPTIM_BF16_MASTER_STATE
 
     ctypedef struct fastbn_optim_batch:
         int64_t n_tensors
@@ -76,6 +82,7 @@ cdef extern from "optim/optim_kernels.h":
         const double *coefficients
         int64_t coefficient_stride
         const uint64_t *rounding_key
+        void **param_copy
 
     ctypedef int (*fastbn_optim_step_fn)(const fastbn_optim_batch *batch, const double *scalars,
                                          int flags, int num_threads) noexcept nogil
@@ -93,7 +100,7 @@ cdef extern from "optim/optim_kernels.h":
                           int num_threads) noexcept nogil
         int (*scale_f32)(const fastbn_optim_batch *batch, double factor, int num_threads) noexcept nogil
         int (*scale_f64)(const fastbn_optim_batch *batch, double factor, int num_threads) noexcept nogil
-        fastbn_optim_step_fn step_f32_bf16state[11]
+        fastbn_optim_step_fn step_bf16[5][11]
         int (*round_bf16)(const float *src, uint16_t *dst, int64_t n, uint64_t key, int slot,
                           int stochastic) noexcept nogil
 
@@ -113,6 +120,9 @@ FLAGS = {"maximize": FASTBN_OPTIM_MAXIMIZE, "weight_decay": FASTBN_OPTIM_WEIGHT_
          "centered": FASTBN_OPTIM_CENTERED, "amsgrad": FASTBN_OPTIM_AMSGRAD,
          "decoupled": FASTBN_OPTIM_DECOUPLED}
 CHUNK = FASTBN_OPTIM_CHUNK
+
+# The state key of a bfloat16 parameter's float32 master weights.
+MASTER_KEY = "master_param"
 
 # Largest step counter taken without the Python checks (their MAX_STEP).
 cdef long long MAX_STEP = 1LL << 53
@@ -140,6 +150,7 @@ cdef class _Tensors:
     cdef int64_t *run
     cdef int64_t *position        # of each tensor in its group (bfloat16 state keys)
     cdef uint64_t *rounding_key   # filled at commit for bfloat16 state
+    cdef void **param_copy        # master weights: the bfloat16 parameters
     cdef double *coefficients
     cdef int64_t n, capacity, n_elements
     cdef list keepalive
@@ -159,11 +170,12 @@ cdef class _Tensors:
         self.run = <int64_t *>PyMem_Malloc(self.capacity * sizeof(int64_t))
         self.position = <int64_t *>PyMem_Malloc(self.capacity * sizeof(int64_t))
         self.rounding_key = <uint64_t *>PyMem_Malloc(self.capacity * sizeof(uint64_t))
+        self.param_copy = <void **>PyMem_Malloc(self.capacity * sizeof(void *))
         self.coefficients = <double *>PyMem_Malloc(self.capacity * MAX_COEFFICIENTS * sizeof(double))
         if (not self.param or not self.grad or not self.state[0] or not self.state[1]
                 or not self.state[2] or not self.size or not self.chunk_start
                 or not self.run or not self.coefficients or not self.position
-                or not self.rounding_key):
+                or not self.rounding_key or not self.param_copy):
             raise MemoryError("optimizer step: could not allocate the tensor tables")
         self.chunk_start[0] = 0
 
@@ -178,6 +190,7 @@ cdef class _Tensors:
         PyMem_Free(self.run)
         PyMem_Free(self.position)
         PyMem_Free(self.rounding_key)
+        PyMem_Free(self.param_copy)
         PyMem_Free(self.coefficients)
 
     cdef inline void add(self, cnp.ndarray data, cnp.ndarray grad, int64_t run, int64_t position=-1):
@@ -208,6 +221,13 @@ cdef class _Tensors:
         batch.coefficients = self.coefficients
         batch.coefficient_stride = MAX_COEFFICIENTS
         batch.rounding_key = NULL
+        batch.param_copy = NULL
+        return batch
+
+    cdef fastbn_optim_batch master_batch(self, int n_used_slots) noexcept:
+        """As `batch`, with the bfloat16 copies of master-weight parameters."""
+        cdef fastbn_optim_batch batch = self.batch(n_used_slots)
+        batch.param_copy = self.param_copy
         return batch
 
 
@@ -260,9 +280,11 @@ cdef class _GroupBatch:
     table per dtype, and the (step, fresh) runs its coefficient rows follow."""
     cdef int family, flags, n_slots
     cdef int state_type           # -1: state of the parameters' dtype; else bfloat16's type number
+    cdef int bf16_type            # bfloat16's type number (bfloat16 parameters), or -1
+    cdef bint master              # bfloat16 parameters keep float32 master weights
     cdef uint64_t rounding_seed
     cdef double scalars[MAX_SCALARS]
-    cdef _Tensors float32, float64
+    cdef _Tensors float32, float64, bfloat16
     cdef list run_keys
     cdef long long last_step
     cdef int last_fresh
@@ -271,7 +293,8 @@ cdef class _GroupBatch:
     cdef list scalar_values
 
     def __cinit__(self, int family, int flags, tuple scalars, int n_slots, int64_t capacity,
-                  bint has_scalar=False, int state_type=-1, uint64_t rounding_seed=0):
+                  bint has_scalar=False, int state_type=-1, uint64_t rounding_seed=0,
+                  int bf16_type=-1, bint master=False):
         cdef int index
         if len(scalars) > MAX_SCALARS:
             raise ValueError(f"at most {MAX_SCALARS} group scalars, got {len(scalars)}")
@@ -281,11 +304,14 @@ cdef class _GroupBatch:
         self.flags = flags
         self.n_slots = n_slots
         self.state_type = state_type
+        self.bf16_type = bf16_type
+        self.master = master
         self.rounding_seed = rounding_seed
         for index in range(MAX_SCALARS):
             self.scalars[index] = scalars[index] if index < len(scalars) else 0.0
         self.float32 = _Tensors(capacity)
         self.float64 = _Tensors(capacity)
+        self.bfloat16 = _Tensors(capacity)
         self.run_keys = []
         self.last_step = -1
         self.last_fresh = -1
@@ -309,7 +335,10 @@ cdef class _GroupBatch:
         return len(self.run_keys) - 1
 
     cdef _Tensors table_for(self, cnp.ndarray data):
-        return self.float32 if cnp.PyArray_TYPE(data) == cnp.NPY_FLOAT32 else self.float64
+        cdef int dtype = cnp.PyArray_TYPE(data)
+        if dtype == cnp.NPY_FLOAT32:
+            return self.float32
+        return self.float64 if dtype == cnp.NPY_FLOAT64 else self.bfloat16
 
 
 cdef inline bint exact_step(object value, long long *step) noexcept:
@@ -360,7 +389,8 @@ cdef class StepPlan:
         self.scalar_runs = []
 
     def scan_group(self, str family, list params, tuple slots, tuple scalars, int flags,
-                   int state_type=-1, uint64_t rounding_seed=0):
+                   int state_type=-1, uint64_t rounding_seed=0, int bf16_type=-1,
+                   bint master=False):
         """Start the next group's batch and take every parameter that is ready
         for the kernel: a gradient, data and gradient float32/float64 of one
         dtype and shape, C-contiguous and aligned, data writeable, and a state
@@ -372,12 +402,18 @@ cdef class StepPlan:
 
         `state_type` -1 keeps state in the parameters' dtype; a bfloat16 type
         number means float32 parameters with bfloat16 state, rounded with
-        generator keys from `rounding_seed` (see the bfloat16 section)."""
+        generator keys from `rounding_seed` (see the bfloat16 section).
+        `bf16_type` (bfloat16's type number, or -1) allows bfloat16
+        parameters, which Python always checks (`add_tensor`); `master`: they
+        keep float32 master weights."""
         cdef Py_ssize_t position, n = len(params)
         cdef int slot, n_slots = len(slots)
         cdef object param, grad, data, key
         cdef PyObject *found
         cdef PyObject *values[N_SLOTS]
+        cdef PyObject *master_array = NULL
+        cdef bint bf16_param
+        cdef int slot_type
         cdef dict entry
         cdef long long step = 0
         cdef double scalar = 0.0
@@ -387,7 +423,8 @@ cdef class StepPlan:
         cdef int64_t index
         cdef _GroupBatch batch = _GroupBatch(FAMILIES[family], flags, scalars, n_slots, n,
                                              has_scalar=has_scalar, state_type=state_type,
-                                             rounding_seed=rounding_seed)
+                                             rounding_seed=rounding_seed, bf16_type=bf16_type,
+                                             master=master)
         cdef Py_ssize_t group_index = len(self.groups)
         cdef list pending = []
         self.groups.append(batch)
@@ -398,8 +435,18 @@ cdef class StepPlan:
                 continue
             data = param.data
             found = PyDict_GetItem(self.state, param)
-            ready = (ready_for_kernel(data, grad) and found is not NULL and PyDict_CheckExact(<object>found)
-                     and (state_type < 0 or cnp.PyArray_TYPE(<cnp.ndarray>data) == cnp.NPY_FLOAT32))
+            ready = False
+            bf16_param = False
+            slot_type = state_type
+            if found is not NULL and PyDict_CheckExact(<object>found):
+                if ready_for_kernel(data, grad):
+                    ready = state_type < 0 or cnp.PyArray_TYPE(<cnp.ndarray>data) == cnp.NPY_FLOAT32
+                elif (bf16_type >= 0 and cnp.PyArray_Check(data) and cnp.PyArray_Check(grad)
+                        and cnp.PyArray_TYPE(<cnp.ndarray>data) == bf16_type
+                        and ready_bf16(<cnp.ndarray>data, <cnp.ndarray>grad)):
+                    ready = bf16_param = True
+                    if state_type < 0:
+                        slot_type = cnp.NPY_FLOAT32
             if ready:
                 entry = <dict>found
                 if self.counts_steps:
@@ -420,12 +467,20 @@ cdef class StepPlan:
                         continue
                     values[slot] = PyDict_GetItem(entry, key)
                     ready = values[slot] is not NULL and usable_state(<object>values[slot], <cnp.ndarray>data,
-                                                                       state_type)
+                                                                       slot_type)
+                if ready and bf16_param and master:
+                    master_array = PyDict_GetItem(entry, MASTER_KEY)
+                    ready = master_array is not NULL and usable_state(<object>master_array, <cnp.ndarray>data,
+                                                                      cnp.NPY_FLOAT32)
             if not ready:
                 pending.append(position)
                 continue
             tensors = batch.table_for(<cnp.ndarray>data)
             index = tensors.n
+            if bf16_param and master:
+                tensors.param_copy[index] = cnp.PyArray_DATA(<cnp.ndarray>data)
+                tensors.keepalive.append(data)
+                data = <object>master_array
             for slot in range(n_slots):
                 tensors.state[slot][index] = cnp.PyArray_DATA(<cnp.ndarray>values[slot]) if values[slot] is not NULL else NULL
                 if values[slot] is not NULL:
@@ -443,7 +498,8 @@ cdef class StepPlan:
 
     def add_tensor(self, Py_ssize_t group, cnp.ndarray data, cnp.ndarray grad, tuple arrays,
                    long long new_step, bint fresh, object step_owner, list insertions,
-                   *, object scalar_owner=None, double scalar=0.0, Py_ssize_t position=-1):
+                   *, object scalar_owner=None, double scalar=0.0, Py_ssize_t position=-1,
+                   object master=None):
         """Add one parameter Python has validated to group `group`'s batch:
         `arrays` its state arrays in slot order (None for unused slots),
         `new_step` its step counter after this step, `fresh` whether its state
@@ -453,19 +509,38 @@ cdef class StepPlan:
         parameter's current value and `scalar_owner` the entry dict (existing,
         or new in `insertions`) whose key gets the run's new value; the key
         must be in that dict once the insertions are made.  `position` (the
-        parameter's index in its group) keys the rounding of bfloat16 state."""
+        parameter's index in its group) keys the rounding of bfloat16 state.
+        A bfloat16 parameter (`data` and `grad` bfloat16, in a group scanned
+        with `bf16_type`) takes float32 state arrays unless the state is
+        bfloat16, and with master weights its float32 `master` array (which
+        the kernel updates; `data` receives its nearest-even rounding)."""
         cdef _GroupBatch batch = <_GroupBatch>self.groups[group]
         cdef _Tensors tensors
         cdef int64_t index
         cdef int slot
         cdef object value
-        if not ready_for_kernel(data, grad) or len(arrays) != batch.n_slots:
+        cdef bint bf16_param = batch.bf16_type >= 0 and cnp.PyArray_TYPE(data) == batch.bf16_type
+        cdef cnp.ndarray kernel_param = data
+        cdef int state_type = batch.state_type
+        if len(arrays) != batch.n_slots:
             raise ValueError("add_tensor: data, gradient or state arrays not ready for the kernel")
-        if batch.state_type >= 0 and (cnp.PyArray_TYPE(data) != cnp.NPY_FLOAT32 or position < 0):
+        if bf16_param:
+            if not ready_bf16(data, grad) or position < 0:
+                raise ValueError("add_tensor: bfloat16 data and gradient not ready for the kernel, "
+                                 "or no position")
+            if batch.master:
+                if not usable_state(master, data, cnp.NPY_FLOAT32):
+                    raise ValueError("add_tensor: master weights not ready for the kernel")
+                kernel_param = <cnp.ndarray>master
+            if state_type < 0:
+                state_type = cnp.NPY_FLOAT32
+        elif not ready_for_kernel(data, grad):
+            raise ValueError("add_tensor: data, gradient or state arrays not ready for the kernel")
+        elif state_type >= 0 and (cnp.PyArray_TYPE(data) != cnp.NPY_FLOAT32 or position < 0):
             raise ValueError("add_tensor: bfloat16 state needs float32 data and the parameter's position")
         for slot in range(batch.n_slots):
             value = arrays[slot]
-            if value is not None and not usable_state(value, data, batch.state_type):
+            if value is not None and not usable_state(value, data, state_type):
                 raise ValueError(f"add_tensor: state slot {slot} not ready for the kernel")
         if batch.has_scalar and not PyDict_Check(scalar_owner):
             raise TypeError("add_tensor: scalar_owner must be a dict")
@@ -478,7 +553,10 @@ cdef class StepPlan:
             tensors.state[slot][index] = cnp.PyArray_DATA(<cnp.ndarray>value) if value is not None else NULL
             if value is not None:
                 tensors.keepalive.append(value)
-        tensors.add(data, grad, batch.run_of(new_step, fresh, scalar), position)
+        if bf16_param and batch.master:
+            tensors.param_copy[index] = cnp.PyArray_DATA(data)
+            tensors.keepalive.append(data)
+        tensors.add(kernel_param, grad, batch.run_of(new_step, fresh, scalar), position)
         if batch.has_scalar:
             self.scalar_owners.append(scalar_owner)
             self.scalar_groups.append(group)
@@ -529,7 +607,7 @@ cdef class StepPlan:
                     raise ValueError(f"at most {MAX_COEFFICIENTS} coefficients, got {len(row)}")
                 for k in range(MAX_COEFFICIENTS):
                     table[run * MAX_COEFFICIENTS + k] = row[k] if k < len(row) else 0.0
-            for tensors in (batch.float32, batch.float64):
+            for tensors in (batch.float32, batch.float64, batch.bfloat16):
                 for index in range(tensors.n):
                     for k in range(MAX_COEFFICIENTS):
                         tensors.coefficients[index * MAX_COEFFICIENTS + k] = \
@@ -549,7 +627,7 @@ cdef class StepPlan:
         cdef _GroupBatch batch
         cdef object triple
         cdef kernel_call *calls = <kernel_call *>PyMem_Malloc(
-            (2 * n_groups if n_groups > 0 else 1) * sizeof(kernel_call))
+            (3 * n_groups if n_groups > 0 else 1) * sizeof(kernel_call))
         if not calls:
             raise MemoryError("optimizer step: could not allocate the kernel call list")
         try:
@@ -562,12 +640,21 @@ cdef class StepPlan:
                 if batch.float32.n:
                     calls[n_calls].batch = batch.float32.batch(batch.n_slots)
                     if batch.state_type >= 0:
-                        calls[n_calls].batch.rounding_key = fill_rounding_keys(batch)
-                        calls[n_calls].kernel = table.step_f32_bf16state[batch.family]
+                        calls[n_calls].batch.rounding_key = fill_rounding_keys(batch.float32, batch)
+                        calls[n_calls].kernel = table.step_bf16[FASTBN_OPTIM_BF16_STATE][batch.family]
                         if calls[n_calls].kernel == NULL:
                             raise ValueError("optimizer step: no bfloat16-state kernel for this optimizer")
                     else:
                         calls[n_calls].kernel = table.step_f32[batch.family]
+                    calls[n_calls].scalars = batch.scalars
+                    calls[n_calls].flags = batch.flags
+                    n_calls += 1
+                if batch.bfloat16.n:
+                    calls[n_calls].batch = batch.bfloat16.master_batch(batch.n_slots)
+                    calls[n_calls].batch.rounding_key = fill_rounding_keys(batch.bfloat16, batch)
+                    calls[n_calls].kernel = table.step_bf16[bf16_layout(batch)][batch.family]
+                    if calls[n_calls].kernel == NULL:
+                        raise ValueError("optimizer step: no bfloat16 kernel for this optimizer")
                     calls[n_calls].scalars = batch.scalars
                     calls[n_calls].flags = batch.flags
                     n_calls += 1
@@ -743,10 +830,9 @@ def lerp_(list averages, list currents, double weight):
 
 STOCHASTIC_ROUNDING_FLAG = FASTBN_OPTIM_STOCHASTIC_ROUNDING
 
-cdef const uint64_t *fill_rounding_keys(_GroupBatch batch) except NULL:
-    """The generator key of every float32 tensor of a bfloat16-state group:
+cdef const uint64_t *fill_rounding_keys(_Tensors tensors, _GroupBatch batch) except NULL:
+    """The generator key of every tensor of `tensors` (a table of `batch`):
     fb_bf16_tensor_key(seed, its step after this one, its position)."""
-    cdef _Tensors tensors = batch.float32
     cdef int64_t index
     cdef list run_keys = batch.run_keys
     for index in range(tensors.n):
@@ -754,6 +840,21 @@ cdef const uint64_t *fill_rounding_keys(_GroupBatch batch) except NULL:
             batch.rounding_seed, <uint64_t>(<long long>run_keys[tensors.run[index]][0]),
             <uint64_t>tensors.position[index])
     return tensors.rounding_key
+
+
+cdef int bf16_layout(_GroupBatch batch) noexcept:
+    if batch.master:
+        return FASTBN_OPTIM_BF16_MASTER_STATE if batch.state_type >= 0 else FASTBN_OPTIM_BF16_MASTER
+    return FASTBN_OPTIM_BF16_PARAMS_STATE if batch.state_type >= 0 else FASTBN_OPTIM_BF16_PARAMS
+
+
+cdef bint ready_bf16(cnp.ndarray data, cnp.ndarray grad) noexcept:
+    """bfloat16 data and gradient of one dtype and shape, data writeable,
+    both C-contiguous and aligned."""
+    return (cnp.PyArray_TYPE(grad) == cnp.PyArray_TYPE(data) and cnp.PyArray_ITEMSIZE(data) == 2
+            and (cnp.PyArray_FLAGS(data) & REQUIRED_DATA_FLAGS) == REQUIRED_DATA_FLAGS
+            and (cnp.PyArray_FLAGS(grad) & REQUIRED_GRAD_FLAGS) == REQUIRED_GRAD_FLAGS
+            and same_shape(data, grad))
 
 
 def tensor_key(uint64_t seed, uint64_t step, uint64_t position):

@@ -40,6 +40,8 @@ class Adam(Optimizer):
     state_dtype : {"float32", "bfloat16"}, default "float32"
     stochastic_rounding : bool, default True
         bfloat16 optimizer state, see `Optimizer`.
+    master_weights : bool, default False
+        bfloat16 parameters: keep float32 master weights, see `Optimizer`.
 
     State: ``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad).
 
@@ -58,12 +60,13 @@ class Adam(Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
                  maximize: bool = False, bias_correction: bool = True,
                  decoupled_weight_decay: bool = False, state_dtype: str = "float32",
-                 stochastic_rounding: bool = True) -> None:
+                 stochastic_rounding: bool = True, master_weights: bool = False) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       amsgrad=amsgrad, maximize=maximize,
                                       bias_correction=bias_correction,
                                       decoupled_weight_decay=decoupled_weight_decay),
-                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
+                         master_weights=master_weights)
 
     def _check_hyperparameters(self, group: Dict[str, Any], where: str) -> None:
         check_non_negative(group, where, "lr", "eps", "weight_decay")
@@ -111,8 +114,9 @@ class AdamW(Adam):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, bias_correction: bool = True, state_dtype: str = "float32",
-                 stochastic_rounding: bool = True) -> None:
+                 stochastic_rounding: bool = True, master_weights: bool = False) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, bias_correction=bias_correction,
                          decoupled_weight_decay=True, state_dtype=state_dtype,
-                         stochastic_rounding=stochastic_rounding)
+                         stochastic_rounding=stochastic_rounding,
+                         master_weights=master_weights)

@@ -30,6 +30,8 @@ class Lion(Optimizer):
     state_dtype : {"float32", "bfloat16"}, default "float32"
     stochastic_rounding : bool, default True
         bfloat16 optimizer state, see `Optimizer`.
+    master_weights : bool, default False
+        bfloat16 parameters: keep float32 master weights, see `Optimizer`.
 
     State: ``exp_avg`` (m).
     """
@@ -38,10 +40,11 @@ class Lion(Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: Tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False, state_dtype: str = "float32",
-                 stochastic_rounding: bool = True) -> None:
+                 stochastic_rounding: bool = True, master_weights: bool = False) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
                                       maximize=maximize),
-                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
+                         master_weights=master_weights)
 
     def _check_hyperparameters(self, group: Dict[str, Any], where: str) -> None:
         check_non_negative(group, where, "lr", "weight_decay")

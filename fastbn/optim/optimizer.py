@@ -37,11 +37,31 @@ from ..parameter import Parameter
 from . import _bf16
 from ._fused import FLAG_STOCHASTIC_ROUNDING, _optim
 from ._checks import (MAX_STEP, check_disjoint_params, check_param_data, check_state_entry,
-                      checked_grad)
+                      checked_grad, is_bfloat16)
 
 __all__ = ["Optimizer"]
 
 _PARAMS_EXPECTED = "expected an iterable of Parameters or of dicts (param groups)"
+
+#: The state key of a bfloat16 parameter's float32 master weights.
+MASTER_KEY = _optim.MASTER_KEY
+_FLOAT32 = np.dtype(np.float32)
+
+
+def _any_bfloat16(groups: List[Any]) -> bool:
+    """True when any Parameter of `groups` (Parameters or group dicts, not yet
+    checked) holds bfloat16 data."""
+    for item in groups:
+        params = item.get("params", ()) if isinstance(item, dict) else (item,)
+        if isinstance(params, Parameter):
+            params = (params,)
+        if not isinstance(params, (list, tuple)):
+            continue  # not consumed here; add_param_group checks it
+        for param in params:
+            data = getattr(param, "data", None) if isinstance(param, Parameter) else None
+            if isinstance(data, np.ndarray) and is_bfloat16(data.dtype):
+                return True
+    return False
 
 
 class KernelSpec(NamedTuple):
@@ -119,11 +139,23 @@ class Optimizer:
         ``stochastic_rounding`` and ``rounding_seed`` (an int in [0, 2**64),
         0 by default; saved and restored with the state).
     stochastic_rounding : bool, default True
-        With bfloat16 state: round stochastically (unbiased, so updates
-        smaller than half a bfloat16 step still move the state on average),
-        with random bits drawn from (rounding_seed, step, position of the
-        parameter in its group, element index) -- the same for any thread
-        count and after a resume.  False: round to nearest-even.
+        With bfloat16 state or parameters: round stochastically (unbiased,
+        so updates smaller than half a bfloat16 step still move the value on
+        average), with random bits drawn from (rounding_seed, step, position
+        of the parameter in its group, element index; the parameter and each
+        state array draw separate bits) -- the same for any thread count and
+        after a resume.  False: round to nearest-even.
+    master_weights : bool, default False
+        Only for optimizers that take bfloat16 parameters (SGD, Momentum,
+        RMSprop, Adam, AdamW, Lion; ``None`` in the others).  A Parameter
+        whose data and grad are ml_dtypes.bfloat16 is updated in float32
+        arithmetic.  False: the result is rounded back into the bfloat16
+        data (stochastic rounding by default).  True: the optimizer keeps a
+        float32 copy of it in the state (``master_param``, saved with the
+        state), applies the update to that copy, and sets the bfloat16 data
+        to its nearest-even rounding.  An optimizer given bfloat16
+        parameters counts steps and gets the group entries
+        ``stochastic_rounding``, ``rounding_seed`` and ``master_weights``.
 
     Attributes
     ----------
@@ -155,7 +187,7 @@ class Optimizer:
     _scalar_initial = 1.0
 
     def __init__(self, params: Iterable, defaults: Dict[str, Any], *, state_dtype: str = "float32",
-                 stochastic_rounding: bool = True) -> None:
+                 stochastic_rounding: bool = True, master_weights: Optional[bool] = None) -> None:
         self.defaults: Dict[str, Any] = dict(defaults)
         self.state: Dict[Parameter, Dict[str, Any]] = defaultdict(dict)
         self.param_groups: List[Dict[str, Any]] = []
@@ -164,12 +196,14 @@ class Optimizer:
         self._disjoint_data: Optional[List[List[np.ndarray]]] = None
         # bfloat16 state: its dtype (None: state of the parameters' dtype).
         self._state_dtype: Optional[np.dtype] = _bf16.check_state_options(state_dtype, stochastic_rounding)
-        if self._state_dtype is not None:
-            # The step counter keys the rounding, so every family counts steps.
-            self._counts_steps = True
-            self.defaults.update(state_dtype="bfloat16", stochastic_rounding=bool(stochastic_rounding),
-                                 rounding_seed=0)
-        self._check_group(self.defaults, "")
+        # bfloat16 parameters: offered when the subclass passes master_weights.
+        self._bf16_params_ok = master_weights is not None
+        if self._bf16_params_ok and not isinstance(master_weights, (bool, np.bool_)):
+            raise TypeError(f"master_weights: expected a bool, got {describe(master_weights)}")
+        self._master_weights = bool(master_weights)
+        # Hyperparameters first, as torch checks them (the rounding entries
+        # are added below, once the parameters are known).
+        self._check_hyperparameters(self.defaults, "")
         if isinstance(params, (Parameter, np.ndarray, dict)):
             raise TypeError(f"params: {_PARAMS_EXPECTED}, got {describe(params)}")
         if isinstance(params, (set, frozenset)):
@@ -182,6 +216,18 @@ class Optimizer:
             raise TypeError(f"params: {_PARAMS_EXPECTED}, got {describe(params)}") from None
         if not groups:
             raise ValueError("params: expected at least one Parameter, got an empty list")
+        # Rounding to bfloat16 (state or parameters) is decided here, once.
+        self._rounds = self._state_dtype is not None or (
+            self._bf16_params_ok and (self._master_weights or _any_bfloat16(groups)))
+        if self._rounds:
+            # The step counter keys the rounding, so every family counts steps.
+            self._counts_steps = True
+            if self._state_dtype is not None:
+                self.defaults["state_dtype"] = "bfloat16"
+            self.defaults.update(stochastic_rounding=bool(stochastic_rounding), rounding_seed=0)
+            if self._bf16_params_ok:
+                self.defaults["master_weights"] = self._master_weights
+        self._check_group(self.defaults, "")
         if not isinstance(groups[0], dict):
             groups = [{"params": groups}]
         for group in groups:
@@ -214,7 +260,8 @@ class Optimizer:
             if not isinstance(param, Parameter):
                 raise TypeError(f"{where}['params'][{position}]: expected a fastbn.Parameter, "
                                 f"got {describe(param)}")
-            check_param_data(param, where, position)
+            check_param_data(param, where, position, allow_bfloat16=self._bf16_params_ok)
+            self._check_bf16_param(param, where, position)
         if len({id(p) for p in params}) != len(params):
             raise ValueError(f"{where}['params']: a parameter appears more than once in the group")
         existing = {id(p) for g in self.param_groups for p in g["params"]}
@@ -225,9 +272,6 @@ class Optimizer:
         for name, default in self.defaults.items():
             group.setdefault(name, default)
         self._check_group(group, where)
-        if self._state_dtype is not None:
-            for position, param in enumerate(params):
-                self._check_bf16_state_param(param, where, position)
         self.param_groups.append(group)
 
     # section: step -------------------------------------------------------------
@@ -304,13 +348,18 @@ class Optimizer:
         for index, group in enumerate(groups):
             slots, scalars, flags, coefficients = self._kernel_spec(group)
             params = group["params"]
-            state_type, seed = -1, 0
-            if self._state_dtype is not None:
-                state_type, seed = self._state_dtype.num, int(group["rounding_seed"])
+            state_type, seed, bf16_type = -1, 0, -1
+            if self._rounds:
+                seed = int(group["rounding_seed"])
+                if self._state_dtype is not None:
+                    state_type = self._state_dtype.num
+                if self._bf16_params_ok:
+                    bf16_type = _bf16.loaded_bfloat16_number()
                 if group["stochastic_rounding"]:
                     flags |= FLAG_STOCHASTIC_ROUNDING
             for position in plan.scan_group(self._kernel_family, params, slots, scalars, flags,
-                                            state_type=state_type, rounding_seed=seed):
+                                            state_type=state_type, rounding_seed=seed,
+                                            bf16_type=bf16_type, master=self._master_weights):
                 updates.append(self._validated_update(index, position, params[position], slots))
             group_slots.append(slots)
             group_coefficients.append(coefficients)
@@ -322,10 +371,15 @@ class Optimizer:
                            update.created[key] if key in update.created else update.entry[key]
                            for key in slots)
             step_owner, insertions = self._attachments(update)
+            master = None
+            if self._master_weights and is_bfloat16(update.data.dtype):
+                master = update.created.get(MASTER_KEY)
+                if master is None:
+                    master = update.entry[MASTER_KEY]
             if self._scalar_state is None:
                 plan.add_tensor(update.group_index, update.data, update.grad, arrays,
                                 update.new_step, update.fresh, step_owner, insertions,
-                                position=update.position)
+                                position=update.position, master=master)
             else:
                 owner = insertions[0][2] if update.entry is None else update.entry
                 plan.add_tensor(update.group_index, update.data, update.grad, arrays,
@@ -349,26 +403,42 @@ class Optimizer:
     def _reference_tensor_update(self, data: np.ndarray, grad: np.ndarray, entry: Dict[str, Any],
                                  group: Dict[str, Any], fresh: bool, position: int) -> None:
         """The reference kernels' update of one parameter (state attached and
-        step counted): `_reference_update`, on float32 copies of bfloat16 state."""
+        step counted): `_reference_update`, on float32 copies of bfloat16 state
+        and of a bfloat16 parameter and gradient (or on its master weights)."""
+        bf16_data = data if is_bfloat16(data.dtype) else None
+        if bf16_data is not None:
+            # float32 arithmetic on the widened values (or the master copy)
+            data = entry[MASTER_KEY] if self._master_weights else _bf16.widen(bf16_data)
+            grad = _bf16.widen(grad)
         if self._state_dtype is None:
             self._reference_update(data, grad, entry, group, fresh)
         else:
             _bf16.reference_update(self._reference_update, data, grad, entry, group, fresh,
                                    self._state_slots(group), position)
+        if bf16_data is not None:
+            # the parameter's own stream (slot 3); master weights round to nearest
+            stochastic = bool(group["stochastic_rounding"]) and not self._master_weights
+            key = _bf16.tensor_key(int(group["rounding_seed"]), int(entry["step"]), position)
+            bf16_data[...] = _bf16.round_to_bf16(data, key, _bf16.PARAM_SLOT, stochastic)
 
     def _validated_update(self, group_index: int, position: int, param: Parameter,
                           slots: Tuple[Optional[str], ...]) -> _Update:
         """Phase 1 for one parameter with a gradient: check it, its gradient
         and its state entry (if any); raise, or return what the step needs."""
-        grad = checked_grad(param, group_index, position)
-        if self._state_dtype is not None:
-            self._check_bf16_state_param(param, f"param_groups[{group_index}]", position)
+        grad = checked_grad(param, group_index, position, allow_bfloat16=self._bf16_params_ok)
+        self._check_bf16_param(param, f"param_groups[{group_index}]", position)
         entry = self.state.get(param)  # .get: a defaultdict lookup would insert
         if entry is not None:
             check_state_entry(entry, slots, self._counts_steps, param.data, group_index, position,
-                              scalar_key=self._scalar_state, state_dtype=self._state_dtype)
+                              scalar_key=self._scalar_state, state_dtype=self._state_dtype_of(param))
         missing = tuple(key for key in slots
                         if key is not None and (entry is None or key not in entry))
+        if self._master_weights and is_bfloat16(param.data.dtype):
+            if entry is not None and MASTER_KEY in entry:
+                _check_master(entry[MASTER_KEY], param, f"optimizer state {MASTER_KEY!r} of "
+                              f"param_groups[{group_index}]['params'][{position}]")
+            else:
+                missing += (MASTER_KEY,)
         new_step = int(entry.get("step", 0)) + 1 if entry is not None and self._counts_steps else 1
         return _Update(group_index, position, param, grad, entry, missing, new_step)
 
@@ -408,7 +478,19 @@ class Optimizer:
         return entry
 
     def _initial_state_array(self, param: Parameter, key: str, group: Dict[str, Any]) -> np.ndarray:
-        return _allocate_state_array(param.data, self._initial_fill(key, group), self._state_dtype)
+        if key == MASTER_KEY:
+            master = _allocate_state_array(param.data, 0.0, _FLOAT32)
+            master[...] = param.data
+            return master
+        return _allocate_state_array(param.data, self._initial_fill(key, group), self._state_dtype_of(param))
+
+    def _state_dtype_of(self, param: Parameter) -> Optional[np.dtype]:
+        """The dtype of `param`'s state arrays: bfloat16 state, float32 for a
+        bfloat16 parameter with float32 state, else None (the parameter's)."""
+        if self._state_dtype is not None:
+            return self._state_dtype
+        data = param.data
+        return _FLOAT32 if isinstance(data, np.ndarray) and is_bfloat16(data.dtype) else None
 
     def _initial_fill(self, key: str, group: Dict[str, Any]) -> float:
         """The value a new state array `key` starts at (zero unless overridden)."""
@@ -427,7 +509,12 @@ class Optimizer:
         if not isinstance(found, str) or found != expected:
             raise ValueError(f"{hyperparameter_name(where, 'state_dtype')}: expected {expected!r} "
                              f"(fixed when the optimizer is constructed), got {found!r}")
-        if self._state_dtype is None:
+        found = group.get("master_weights", False)
+        if not isinstance(found, (bool, np.bool_)) or bool(found) != self._master_weights:
+            raise ValueError(f"{hyperparameter_name(where, 'master_weights')}: expected "
+                             f"{self._master_weights!r} (fixed when the optimizer is constructed), "
+                             f"got {found!r}")
+        if not getattr(self, "_rounds", False):
             return
         check_flags(group, where, "stochastic_rounding")
         seed = group["rounding_seed"]
@@ -436,12 +523,22 @@ class Optimizer:
             raise TypeError(f"{hyperparameter_name(where, 'rounding_seed')}: expected an int in "
                             f"[0, 2**64), got {describe(seed)}")
 
-    @staticmethod
-    def _check_bf16_state_param(param: Parameter, where: str, position: int) -> None:
+    def _check_bf16_param(self, param: Parameter, where: str, position: int) -> None:
+        """bfloat16 state is for float32 (or bfloat16) parameters; a bfloat16
+        parameter needs an optimizer that rounds (decided at construction)."""
         data = param.data
-        if isinstance(data, np.ndarray) and data.dtype != np.float32:
+        if not isinstance(data, np.ndarray):
+            return
+        bf16 = is_bfloat16(data.dtype)
+        if self._state_dtype is not None and data.dtype != np.float32 and not bf16:
             raise TypeError(f"{where}['params'][{position}].data: expected dtype float32 "
-                            f"(state_dtype='bfloat16' is for float32 parameters), got {data.dtype}")
+                            f"(state_dtype='bfloat16' is for float32 or bfloat16 parameters), "
+                            f"got {data.dtype}")
+        if bf16 and not self._rounds:
+            raise TypeError(f"{where}['params'][{position}].data: expected dtype float32 or float64 "
+                            f"(this {type(self).__name__} was constructed without bfloat16 "
+                            "parameters; pass them at construction, or use state_dtype='bfloat16' "
+                            "or master_weights=True), got bfloat16")
 
     # section: subclass hooks ---------------------------------------------------
 
@@ -611,7 +708,8 @@ class Optimizer:
                 if value is not None:
                     values[key] = _checked_state_value(value, param, f"{where}[{key!r}]", key,
                                                        scalar_key=self._scalar_state,
-                                                       state_dtype=self._state_dtype)
+                                                       state_dtype=self._state_dtype_of(param),
+                                                       master=self._master_weights)
             if self._counts_steps and values and "step" not in values:
                 raise ValueError(f"{where}: expected a 'step' entry ({type(self).__name__} counts "
                                  f"steps), got keys {sorted(values)}")
@@ -710,7 +808,7 @@ def _checked_scalar(value: Any, name: str) -> float:
 
 def _checked_state_value(value: Any, param: Parameter, name: str, key: str, *,
                          scalar_key: Optional[str] = None,
-                         state_dtype: Optional[np.dtype] = None) -> Any:
+                         state_dtype: Optional[np.dtype] = None, master: bool = False) -> Any:
     """One value of a saved state entry, normalized (see `check_state_dict`);
     `scalar_key`: the optimizer's per-parameter float (NAdam's
     ``mu_product``), if any; `state_dtype`: bfloat16 for an optimizer with
@@ -719,14 +817,18 @@ def _checked_state_value(value: Any, param: Parameter, name: str, key: str, *,
         return _checked_step(value, name)
     if key == scalar_key:
         return _checked_scalar(value, name)
+    if master and key == MASTER_KEY and is_bfloat16(param.data.dtype):
+        array = np.asarray(value) if hasattr(value, "__array__") else value
+        _check_master(array, param, name, loading=True)
+        return np.array(array, dtype=np.float32, order="C", copy=True)
     if not (isinstance(value, np.ndarray) or hasattr(value, "__array__")):
         raise TypeError(f"{name}: expected an ndarray, got {describe(value)}")
     array = np.asarray(value)
     data = param.data
     if state_dtype is not None:
         if array.dtype != state_dtype:
-            raise _StateDtypeError(f"{name}: expected dtype bfloat16 (the optimizer's state_dtype; "
-                                   f"fastbn never casts state), got {array.dtype}")
+            raise _StateDtypeError(f"{name}: expected dtype {state_dtype} (the optimizer's state dtype "
+                                   f"for this parameter; fastbn never casts state), got {array.dtype}")
         if array.shape != data.shape:
             raise ValueError(f"{name}: expected shape {data.shape} (the shape of the parameter), "
                              f"got {array.shape}")
@@ -738,6 +840,21 @@ def _checked_state_value(value: Any, param: Parameter, name: str, key: str, *,
         raise ValueError(f"{name}: expected shape {data.shape} (the shape of the parameter), "
                          f"got {array.shape}")
     return np.array(array, dtype=data.dtype, order="C", copy=True)
+
+
+def _check_master(value: Any, param: Parameter, name: str, loading: bool = False) -> None:
+    """Master weights: a float32 array of the parameter's shape (aligned,
+    C-contiguous and writeable unless `loading`, which copies it)."""
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name}: expected a float32 ndarray (master weights), got {describe(value)}")
+    if value.dtype != np.float32:
+        raise _StateDtypeError(f"{name}: expected dtype float32 (master weights; fastbn never "
+                               f"casts state), got {value.dtype}")
+    if value.shape != param.data.shape:
+        raise ValueError(f"{name}: expected shape {param.data.shape} (the shape of the parameter), "
+                         f"got {value.shape}")
+    if not loading and not (value.flags.c_contiguous and value.flags.aligned and value.flags.writeable):
+        raise ValueError(f"{name}: expected an aligned C-contiguous writeable array")
 
 
 def hyperparameter_name(where: str, key: str) -> str:

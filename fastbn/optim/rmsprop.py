@@ -35,6 +35,8 @@ class RMSprop(Optimizer):
     state_dtype : {"float32", "bfloat16"}, default "float32"
     stochastic_rounding : bool, default True
         bfloat16 optimizer state, see `Optimizer`.
+    master_weights : bool, default False
+        bfloat16 parameters: keep float32 master weights, see `Optimizer`.
 
     State: ``step``, ``square_avg``, ``momentum_buffer`` (momentum > 0),
     ``grad_avg`` (centered).
@@ -46,10 +48,11 @@ class RMSprop(Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
                  *, maximize: bool = False, state_dtype: str = "float32",
-                 stochastic_rounding: bool = True) -> None:
+                 stochastic_rounding: bool = True, master_weights: bool = False) -> None:
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                                       momentum=momentum, centered=centered, maximize=maximize),
-                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
+                         master_weights=master_weights)
 
     def _check_hyperparameters(self, group: Dict[str, Any], where: str) -> None:
         check_non_negative(group, where, "lr", "eps", "momentum", "weight_decay", "alpha")

@@ -35,6 +35,8 @@ class SGD(Optimizer):
     state_dtype : {"float32", "bfloat16"}, default "float32"
     stochastic_rounding : bool, default True
         bfloat16 optimizer state, see `Optimizer`.
+    master_weights : bool, default False
+        bfloat16 parameters: keep float32 master weights, see `Optimizer`.
 
     State: ``momentum_buffer`` (when momentum != 0).
     """
@@ -44,11 +46,12 @@ class SGD(Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
                  *, maximize: bool = False, state_dtype: str = "float32",
-                 stochastic_rounding: bool = True) -> None:
+                 stochastic_rounding: bool = True, master_weights: bool = False) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
                                       maximize=maximize),
-                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
+                         master_weights=master_weights)
 
     def _check_hyperparameters(self, group: Dict[str, Any], where: str) -> None:
         check_non_negative(group, where, "lr", "momentum", "weight_decay")
@@ -112,6 +115,8 @@ class Momentum(Optimizer):
     state_dtype : {"float32", "bfloat16"}, default "float32"
     stochastic_rounding : bool, default True
         bfloat16 optimizer state, see `Optimizer`.
+    master_weights : bool, default False
+        bfloat16 parameters: keep float32 master weights, see `Optimizer`.
 
     State: ``momentum_buffer`` (v).
     """
@@ -120,10 +125,11 @@ class Momentum(Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.9,
                  weight_decay: float = 0.0, *, maximize: bool = False, state_dtype: str = "float32",
-                 stochastic_rounding: bool = True) -> None:
+                 stochastic_rounding: bool = True, master_weights: bool = False) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       maximize=maximize),
-                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
+                         master_weights=master_weights)
 
     def _check_hyperparameters(self, group: Dict[str, Any], where: str) -> None:
         check_non_negative(group, where, "lr", "weight_decay")

@@ -33,7 +33,8 @@ class ReferenceStepPlan:
         self._steps: List[Tuple[dict, int]] = []
 
     def scan_group(self, family: str, params: list, slots: tuple, scalars: tuple, flags: int,
-                   state_type: int = -1, rounding_seed: int = 0) -> List[int]:
+                   state_type: int = -1, rounding_seed: int = 0, bf16_type: int = -1,
+                   master: bool = False) -> List[int]:
         """Start the next group; return the positions of its parameters that
         have a gradient (all of them go through the Python checks)."""
         self._groups.append(params)
@@ -42,7 +43,7 @@ class ReferenceStepPlan:
     def add_tensor(self, group: int, data: np.ndarray, grad: np.ndarray, arrays: tuple,
                    new_step: int, fresh: bool, step_owner: Optional[dict], insertions: list,
                    *, scalar_owner: Optional[dict] = None, scalar: float = 0.0,
-                   position: int = -1) -> None:
+                   position: int = -1, master: Optional[np.ndarray] = None) -> None:
         """Add one validated parameter (arguments as the compiled plan's; the
         state arrays and the scalar are read from the entry at commit)."""
         self._tensors.append((group, position, data, grad, fresh))

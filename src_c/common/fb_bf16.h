@@ -14,12 +14,22 @@
  * infinite; a NaN is kept a quiet NaN explicitly (its payload may sit in the
  * dropped bits alone, and truncating it would give an infinity).
  *
- * The random bits come from a counter-based generator (SplitMix64's
- * finalizer): a 64-bit key per tensor, mixed from (seed, step, position of
- * the tensor in its group), and the element's index in its tensor.  A given
- * element at a given step always gets the same bits whatever the thread
- * count or chunking, and a resumed run draws the same bits again.  The
- * NumPy reference (fastbn/optim/_bf16.py) computes the same numbers.
+ * The random bits come from a counter-based generator.  Each tensor has a
+ * 64-bit key per step, mixed from (seed, step, position of the tensor in its
+ * group) by SplitMix64's finalizer.  From it come two 32-bit word keys per
+ * 2**32 elements (one 64-bit mix per chunk, not per element), and element i
+ * draws one 32-bit word per word key: a 32-bit integer hash (two multiplies)
+ * of word_key + i (low 32 bits of i; the hash is built for consecutive
+ * integers).  A word feeds two 16-bit roundings, so four
+ * "slots" share two hashes per element:
+ *   slot 0, 1: state slots 0 and 1 (low, high half of word 0);
+ *   slot 2:    state slot 2 (low half of word 1);
+ *   slot 3:    the parameter itself, for bfloat16 parameters (high half of
+ *              word 1), a stream of its own.
+ * A given element at a given step always gets the same bits whatever the
+ * thread count, chunking or SIMD target, and a resumed run draws the same
+ * bits again.  The NumPy reference (fastbn/optim/_bf16.py) computes the same
+ * numbers.
  *
  * Portable C99; the compiler vectorizes the loops of the callers.  The
  * AVX512_BF16 conversion instruction can only do nearest-even (and flushes
@@ -57,11 +67,38 @@ static inline uint64_t fb_bf16_tensor_key(uint64_t seed, uint64_t step, uint64_t
     return fb_bf16_mix64(key ^ position);
 }
 
-/* 64 random bits for element `index` of the tensor with `key`: state slot s
- * of that element takes bits [16 s, 16 s + 16). */
-FB_BF16_INLINE uint64_t fb_bf16_random(uint64_t key, uint64_t index)
+/* Rounding slot of the parameter (after the three state slots). */
+#define FB_BF16_PARAM_SLOT 3
+
+/* The key of word `word` (0 or 1) for the elements whose index >> 32 is
+ * `high` of the tensor with `key`.  Chunks start at multiples of 4096, so a
+ * chunk never straddles two values of `high`. */
+static inline uint32_t fb_bf16_word_key(uint64_t key, int word, uint64_t high)
 {
-    return fb_bf16_mix64(key + (index + 1) * FB_BF16_GOLDEN);
+    return (uint32_t)fb_bf16_mix64(key + (2 * high + (uint64_t)word + 1) * FB_BF16_GOLDEN);
+}
+
+/* A 32-bit integer hash (xor-shift / multiply, two multiplies) with full
+ * avalanche: every input bit flips each output bit with probability near 1/2. */
+FB_BF16_INLINE uint32_t fb_bf16_hash32(uint32_t x)
+{
+    x ^= x >> 16;
+    x *= UINT32_C(0x7FEB352D);
+    x ^= x >> 15;
+    x *= UINT32_C(0x846CA68B);
+    return x ^ (x >> 16);
+}
+
+/* The random word of the element whose index has low 32 bits `index_low`. */
+FB_BF16_INLINE uint32_t fb_bf16_random32(uint32_t word_key, uint32_t index_low)
+{
+    return fb_bf16_hash32(word_key + index_low);
+}
+
+/* The 16 random bits of `slot` (0-3) from the element's word of that slot. */
+FB_BF16_INLINE uint32_t fb_bf16_half(uint32_t word, int slot)
+{
+    return (slot & 1) ? word >> 16 : word & UINT32_C(0xFFFF);
 }
 
 FB_BF16_INLINE uint32_t fb_bf16_bits_of(float x)
@@ -79,26 +116,29 @@ FB_BF16_INLINE float fb_bf16_to_f32(uint16_t h)
     return x;
 }
 
-/* Narrow with `increment` added below the kept half (see the header
- * comment); NaN stays a quiet NaN of the same sign. */
-FB_BF16_INLINE uint16_t fb_bf16_narrow(uint32_t bits, uint32_t increment)
+/* Narrow `x` with `increment` added below the kept half (see the header
+ * comment); NaN stays a quiet NaN of the same sign: it takes no increment
+ * (which could carry its payload into the sign) and gets the quiet bit.
+ * Written so a vectorizer needs one unordered compare, one masked add and
+ * one masked or for the NaN case. */
+FB_BF16_INLINE uint16_t fb_bf16_narrow(float x, uint32_t increment)
 {
-    const int is_nan = (bits & UINT32_C(0x7FFFFFFF)) > UINT32_C(0x7F800000);
-    const uint16_t rounded = (uint16_t)((bits + increment) >> 16);
-    const uint16_t quiet_nan = (uint16_t)((bits >> 16) | 0x0040u);
-    return is_nan ? quiet_nan : rounded;
+    const int is_nan = x != x;
+    const uint32_t bits = fb_bf16_bits_of(x);
+    const uint32_t rounded = (bits + (is_nan ? 0u : increment)) >> 16;
+    return (uint16_t)(rounded | (is_nan ? 0x0040u : 0u));
 }
 
 FB_BF16_INLINE uint16_t fb_f32_to_bf16_nearest(float x)
 {
     const uint32_t bits = fb_bf16_bits_of(x);
-    return fb_bf16_narrow(bits, UINT32_C(0x7FFF) + ((bits >> 16) & 1u));
+    return fb_bf16_narrow(x, UINT32_C(0x7FFF) + ((bits >> 16) & 1u));
 }
 
 /* `random16` in [0, 2**16). */
 FB_BF16_INLINE uint16_t fb_f32_to_bf16_stochastic(float x, uint32_t random16)
 {
-    return fb_bf16_narrow(fb_bf16_bits_of(x), random16);
+    return fb_bf16_narrow(x, random16);
 }
 
 /* section: array helpers ------------------------------------------------------ */
@@ -136,40 +176,37 @@ static inline void fb_bf16_narrow_nearest_avx512bf16(const float *restrict src, 
 #endif
 
 
-static inline void fb_bf16_widen(const uint16_t *restrict src, float *restrict dst, int64_t n)
+/* dst[i] = src[i] rounded to bfloat16 as slot `slot` of elements
+ * first .. first + n - 1 of the tensor with `key` (nearest-even when not
+ * `stochastic`).  Any `first` and `n`: the word key is recomputed where the
+ * index crosses a multiple of 2**32. */
+static inline void fb_bf16_round_array(const float *restrict src, uint16_t *restrict dst, int64_t n,
+                                       uint64_t key, int slot, int64_t first, int stochastic)
 {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i)
-        dst[i] = fb_bf16_to_f32(src[i]);
-}
-
-/* random[i] = the bits of element first + i. */
-static inline void fb_bf16_fill_random(uint64_t *restrict random, int64_t n, uint64_t key, int64_t first)
-{
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i)
-        random[i] = fb_bf16_random(key, (uint64_t)(first + i));
-}
-
-/* dst[i] = src[i] rounded to bfloat16: stochastically with bits [16 slot,
- * 16 slot + 16) of random[i], or to nearest-even when `random` is NULL. */
-static inline void fb_bf16_narrow_array(const float *restrict src, uint16_t *restrict dst, int64_t n,
-                                        const uint64_t *restrict random, int slot)
-{
-    if (random) {
-        const int shift = 16 * slot;
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i)
-            dst[i] = fb_f32_to_bf16_stochastic(src[i], (uint32_t)(random[i] >> shift) & 0xFFFFu);
-        return;
-    }
+    if (!stochastic) {
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
-    fb_bf16_narrow_nearest_avx512bf16(src, dst, n);
+        fb_bf16_narrow_nearest_avx512bf16(src, dst, n);
 #else
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i)
-        dst[i] = fb_f32_to_bf16_nearest(src[i]);
+        for (int64_t i = 0; i < n; ++i)
+            dst[i] = fb_f32_to_bf16_nearest(src[i]);
 #endif
+        return;
+    }
+    int64_t done = 0;
+    while (done < n) {
+        const uint64_t index = (uint64_t)(first + done);
+        const uint64_t to_boundary = (((index >> 32) + 1) << 32) - index;
+        const int64_t count = (uint64_t)(n - done) < to_boundary ? n - done : (int64_t)to_boundary;
+        const uint32_t word_key = fb_bf16_word_key(key, slot >> 1, index >> 32);
+        const uint32_t low = (uint32_t)index;
+        const float *restrict s = src + done;
+        uint16_t *restrict d = dst + done;
+#pragma omp simd
+        for (int64_t i = 0; i < count; ++i)
+            d[i] = fb_f32_to_bf16_stochastic(s[i], fb_bf16_half(fb_bf16_random32(word_key, low + (uint32_t)i), slot));
+        done += count;
+    }
 }
 
 #endif /* FASTBN_BF16_H */

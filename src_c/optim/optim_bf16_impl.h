@@ -1,101 +1,148 @@
-/* optim_bf16_impl.h -- float32 parameters with bfloat16 optimizer state.
- * Included by optim_kernels.c after the float32 section, whose per-chunk
- * functions it reuses: no optimizer formula is written twice.
+/* optim_bf16_impl.h -- the bfloat16 storage layouts (fastbn_optim_bf16_layout).
+ * Included by optim_kernels.c after the float sections: each layout
+ * instantiates optim_impl.h's loops once more through optim_bf16_layout.h,
+ * with bfloat16 loads (a 16-bit shift) and rounded stores inside the
+ * vectorized loop, so no optimizer formula is written twice and memory is
+ * crossed once.
  *
- * A chunk is processed in blocks of FB_BF16_BLOCK elements.  Each block's
- * state slots are widened into float32 scratch arrays (on the stack, in L1),
- * the family's float32 chunk function updates parameter and scratch state
- * exactly as the float32-state kernel would, and the scratch is narrowed
- * back into the bfloat16 state: stochastically, with one 64-bit draw per
- * element shared by its slots (16 bits each), or to nearest-even.  The draw
- * depends only on the tensor's key and the element's index, so results do
- * not depend on the thread count, the chunking or the block size.
+ * Rounding is stochastic or nearest-even by the call's flag; the two are
+ * separate instantiations, so the nearest-even loops compute no random bits.
+ * The random bits of an element depend only on the tensor's key and the
+ * element's index (fb_bf16.h), so results do not depend on the thread
+ * count, the chunking or the SIMD target.
  *
- * Memory traffic of Adam per element: 4+4 (param) + 4 (grad) + 2x(2+2)
- * (state) = 20 bytes instead of 28.
+ * Memory traffic of Adam per element (read + write):
+ *   float32 state                4+4 param, 4 grad, 2x(4+4) state = 28 bytes
+ *   bfloat16 state               4+4, 4, 2x(2+2)                  = 20 bytes
+ *   bfloat16 param, grad, state  2+2, 2, 2x(2+2)                  = 14 bytes
  */
-#include "../common/fb_bf16.h"
 
-/* Elements per block: 3 slots x 2 KB of float32 scratch plus 4 KB of random
- * bits stay in L1 next to the streams. */
-#define FB_BF16_BLOCK ((fb_index)512)
-
-FB_ALWAYS_INLINE void bf16state_chunk(const optim_call *call, fb_index t, fb_index chunk,
-                                      fb_index begin, fb_index end, optim_chunk_fn f32_chunk)
+/* The random-bit source of elements [begin, ...) of tensor t. */
+static inline fb_rounding fb_rounding_of(const fastbn_optim_batch *batch, fb_index t, fb_index begin)
 {
-    const fastbn_optim_batch *batch = call->batch;
-    float scratch[FASTBN_OPTIM_MAX_STATE][FB_BF16_BLOCK];
-    uint64_t random[FB_BF16_BLOCK];
-    uint16_t *stored[FASTBN_OPTIM_MAX_STATE];
-    void *scratch_pointer[FASTBN_OPTIM_MAX_STATE];
-    void *param_pointer = NULL;
-    const void *grad_pointer = NULL;
-    /* A one-tensor batch whose state slots are the scratch arrays. */
-    fastbn_optim_batch block = *batch;
-    block.n_tensors = 1;
-    block.param = &param_pointer;
-    block.grad = batch->grad ? &grad_pointer : NULL;
-    block.coefficients = batch->coefficients ? batch->coefficients + t * batch->coefficient_stride : NULL;
-    for (int slot = 0; slot < FASTBN_OPTIM_MAX_STATE; ++slot) {
-        stored[slot] = batch->state[slot] ? (uint16_t *)batch->state[slot][t] : NULL;
-        scratch_pointer[slot] = stored[slot] ? scratch[slot] : NULL;
-        block.state[slot] = batch->state[slot] ? &scratch_pointer[slot] : NULL;
-    }
-    optim_call block_call = *call;
-    block_call.batch = &block;
     const uint64_t key = batch->rounding_key[t];
-    const int stochastic = (call->flags & FASTBN_OPTIM_STOCHASTIC_ROUNDING) != 0;
-    for (fb_index first = begin; first < end; first += FB_BF16_BLOCK) {
-        const fb_index n = end - first < FB_BF16_BLOCK ? end - first : FB_BF16_BLOCK;
-        param_pointer = (float *)batch->param[t] + first;
-        if (batch->grad)
-            grad_pointer = (const float *)batch->grad[t] + first;
-        for (int slot = 0; slot < FASTBN_OPTIM_MAX_STATE; ++slot)
-            if (stored[slot])
-                fb_bf16_widen(stored[slot] + first, scratch[slot], n);
-        f32_chunk(&block_call, 0, chunk, 0, n);
-        if (stochastic)
-            fb_bf16_fill_random(random, n, key, first);
-        for (int slot = 0; slot < FASTBN_OPTIM_MAX_STATE; ++slot)
-            if (stored[slot])
-                fb_bf16_narrow_array(scratch[slot], stored[slot] + first, n, stochastic ? random : NULL, slot);
-    }
+    const uint64_t high = (uint64_t)begin >> 32;
+    fb_rounding rounding;
+    for (int word = 0; word < 2; ++word)
+        rounding.word_base[word] = fb_bf16_word_key(key, word, high) + (uint32_t)begin;
+    rounding.param_copy = batch->param_copy ? (uint16_t *)batch->param_copy[t] + begin : NULL;
+    return rounding;
 }
 
-/* One chunk function and one entry point per family: the entry point is the
- * float32 one's, with the bfloat16 chunk function and the key table. */
-#define FB_BF16STATE_FAMILY(family, n_state, needs_coefficients, slots_missing)                      \
-    static void family##_chunk_bf16state(const optim_call *call, fb_index t, fb_index chunk,         \
-                                         fb_index begin, fb_index end)                               \
-    {                                                                                                \
-        bf16state_chunk(call, t, chunk, begin, end, family##_chunk_f32);                             \
-    }                                                                                                \
-    static int family##_step_bf16state(FASTBN_OPTIM_STEP_ARGS)                                       \
-    {                                                                                                \
-        if (batch && batch->n_tensors && (!batch->rounding_key || (slots_missing)))                  \
-            return FASTBN_ERR_ARGUMENT;                                                              \
-        return optim_step_f32(batch, scalars, flags, num_threads, family##_chunk_bf16state,          \
-                              (n_state), (needs_coefficients));                                      \
+/* `x` rounded to bfloat16 as slot `slot` of element i of the chunk. */
+FB_ALWAYS_INLINE uint16_t fb_bf16_store(float x, const fb_rounding rounding, int32_t i, int slot,
+                                        const int stochastic)
+{
+    if (!stochastic)
+        return fb_f32_to_bf16_nearest(x);
+    const uint32_t word = fb_bf16_hash32(rounding.word_base[slot >> 1] + (uint32_t)i);
+    return fb_f32_to_bf16_stochastic(x, fb_bf16_half(word, slot));
+}
+
+/* Layout instantiations: FB_BF16_PARAM 0 float32 param and grad, 1 bfloat16
+ * param and grad, 2 float32 master weights with bfloat16 grad and copy;
+ * FB_BF16_STATE 0/1; FB_STOCHASTIC 0/1. */
+#define FB_BF16_PARAM 0
+#define FB_BF16_STATE 1
+#define FB_STOCHASTIC 1
+#define FB_DTYPE bs_sr
+#include "optim_bf16_layout.h"
+#define FB_STOCHASTIC 0
+#define FB_DTYPE bs_rne
+#include "optim_bf16_layout.h"
+#undef FB_BF16_PARAM
+#undef FB_BF16_STATE
+
+#define FB_BF16_PARAM 1
+#define FB_BF16_STATE 0
+#define FB_STOCHASTIC 1
+#define FB_DTYPE bp_sr
+#include "optim_bf16_layout.h"
+#define FB_STOCHASTIC 0
+#define FB_DTYPE bp_rne
+#include "optim_bf16_layout.h"
+#undef FB_BF16_STATE
+#define FB_BF16_STATE 1
+#define FB_STOCHASTIC 1
+#define FB_DTYPE bpbs_sr
+#include "optim_bf16_layout.h"
+#define FB_STOCHASTIC 0
+#define FB_DTYPE bpbs_rne
+#include "optim_bf16_layout.h"
+#undef FB_BF16_PARAM
+#undef FB_BF16_STATE
+
+/* Master weights: the bfloat16 copy is always nearest-even, so with float32
+ * state nothing is stochastic and one instantiation serves both flags. */
+#define FB_BF16_PARAM 2
+#define FB_BF16_STATE 0
+#define FB_STOCHASTIC 0
+#define FB_DTYPE mw
+#include "optim_bf16_layout.h"
+#undef FB_BF16_STATE
+#define FB_BF16_STATE 1
+#define FB_STOCHASTIC 1
+#define FB_DTYPE mwbs_sr
+#include "optim_bf16_layout.h"
+#define FB_STOCHASTIC 0
+#define FB_DTYPE mwbs_rne
+#include "optim_bf16_layout.h"
+#undef FB_BF16_PARAM
+#undef FB_BF16_STATE
+
+/* section: entry points ------------------------------------------------------------ */
+
+static int bf16_step(FASTBN_OPTIM_STEP_ARGS, optim_chunk_fn stochastic_fn, optim_chunk_fn nearest_fn,
+                     int n_state, int needs_coefficients, int needs_copy)
+{
+    if (batch && batch->n_tensors && (!batch->rounding_key || (needs_copy && !batch->param_copy)))
+        return FASTBN_ERR_ARGUMENT;
+    return optim_step_f32(batch, scalars, flags, num_threads,
+                          (flags & FASTBN_OPTIM_STOCHASTIC_ROUNDING) ? stochastic_fn : nearest_fn,
+                          n_state, needs_coefficients);
+}
+
+/* One entry point per (family, layout): the float32 checks and work
+ * splitter with the layout's chunk functions. */
+#define FB_BF16_STEP(family, layout, sr, rne, n_state, needs_coefficients, slots_missing, needs_copy)  \
+    static int family##_step_##layout(FASTBN_OPTIM_STEP_ARGS)                                         \
+    {                                                                                                 \
+        if (batch && batch->n_tensors && (slots_missing))                                             \
+            return FASTBN_ERR_ARGUMENT;                                                               \
+        return bf16_step(batch, scalars, flags, num_threads, family##_chunk_##sr,                     \
+                         family##_chunk_##rne, (n_state), (needs_coefficients), (needs_copy));        \
     }
 
 #define FB_FLAG(name) ((flags & FASTBN_OPTIM_##name) != 0)
-FB_BF16STATE_FAMILY(sgd, FB_FLAG(MOMENTUM), FB_FLAG(MOMENTUM), 0)
-FB_BF16STATE_FAMILY(momentum, 1, 0, 0)
-FB_BF16STATE_FAMILY(rmsprop, 1, 0, (FB_FLAG(CENTERED) && !batch->state[1]) || (FB_FLAG(MOMENTUM) && !batch->state[2]))
-FB_BF16STATE_FAMILY(adam, FB_FLAG(AMSGRAD) ? 3 : 2, 1, 0)
-FB_BF16STATE_FAMILY(lion, 1, 0, 0)
+#define FB_BF16_FAMILIES(layout, sr, rne, needs_copy)                                                 \
+    FB_BF16_STEP(sgd, layout, sr, rne, FB_FLAG(MOMENTUM), FB_FLAG(MOMENTUM), 0, needs_copy)           \
+    FB_BF16_STEP(momentum, layout, sr, rne, 1, 0, 0, needs_copy)                                      \
+    FB_BF16_STEP(rmsprop, layout, sr, rne, 1, 0,                                                      \
+                 (FB_FLAG(CENTERED) && !batch->state[1]) || (FB_FLAG(MOMENTUM) && !batch->state[2]),  \
+                 needs_copy)                                                                          \
+    FB_BF16_STEP(adam, layout, sr, rne, FB_FLAG(AMSGRAD) ? 3 : 2, 1, 0, needs_copy)                   \
+    FB_BF16_STEP(lion, layout, sr, rne, 1, 0, 0, needs_copy)
+FB_BF16_FAMILIES(bs, bs_sr, bs_rne, 0)
+FB_BF16_FAMILIES(bp, bp_sr, bp_rne, 0)
+FB_BF16_FAMILIES(bpbs, bpbs_sr, bpbs_rne, 0)
+FB_BF16_FAMILIES(mw, mw, mw, 1)
+FB_BF16_FAMILIES(mwbs, mwbs_sr, mwbs_rne, 1)
 #undef FB_FLAG
+
+/* The table row of one layout. */
+#define FB_BF16_LAYOUT_TABLE(index, layout)                         \
+    [index] = {                                                     \
+        [FASTBN_OPTIM_FAMILY_SGD] = sgd_step_##layout,              \
+        [FASTBN_OPTIM_FAMILY_MOMENTUM] = momentum_step_##layout,    \
+        [FASTBN_OPTIM_FAMILY_RMSPROP] = rmsprop_step_##layout,      \
+        [FASTBN_OPTIM_FAMILY_ADAM] = adam_step_##layout,            \
+        [FASTBN_OPTIM_FAMILY_LION] = lion_step_##layout,            \
+    }
 
 static int round_bf16(const float *src, uint16_t *dst, fb_index n, uint64_t key, int slot, int stochastic)
 {
-    uint64_t random[FB_BF16_BLOCK];
-    if ((n > 0 && (!src || !dst)) || n < 0 || slot < 0 || slot >= FASTBN_OPTIM_MAX_STATE)
+    if ((n > 0 && (!src || !dst)) || n < 0 || slot < 0 || slot > FB_BF16_PARAM_SLOT)
         return FASTBN_ERR_ARGUMENT;
-    for (fb_index first = 0; first < n; first += FB_BF16_BLOCK) {
-        const fb_index count = n - first < FB_BF16_BLOCK ? n - first : FB_BF16_BLOCK;
-        if (stochastic)
-            fb_bf16_fill_random(random, count, key, first);
-        fb_bf16_narrow_array(src + first, dst + first, count, stochastic ? random : NULL, slot);
-    }
+    fb_bf16_round_array(src, dst, n, key, slot, 0, stochastic);
     return FASTBN_OK;
 }

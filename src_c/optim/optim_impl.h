@@ -1,7 +1,20 @@
-/* optim_impl.h -- template (FB_REAL, FB_DTYPE, FB_SQRT, FB_FABS): the
- * per-chunk loops of every optimizer family and of the gradient-norm pieces,
- * and the kernel entry points built on optim_run().  Included once per dtype
- * by optim_kernels.c.
+/* optim_impl.h -- template (FB_REAL, FB_DTYPE, FB_SQRT, FB_FABS, and the
+ * storage macros below): the per-chunk loops of every optimizer family and of
+ * the gradient-norm pieces, and the kernel entry points built on optim_run().
+ * Included once per dtype by optim_kernels.c, and once per bfloat16 storage
+ * layout (FB_ROUNDS 1), which instantiates only the families that offer
+ * bfloat16 (SGD, Momentum, RMSprop, Adam, Lion).
+ *
+ * Storage: the loops compute in FB_REAL and reach memory only through
+ * FB_LOAD_PARAM / FB_LOAD_GRAD / FB_LOAD_STATE and FB_STORE_PARAM /
+ * FB_STORE_STATE(array, i, slot, value), on arrays of FB_PARAM_T / FB_GRAD_T /
+ * FB_STATE_T.  For the float dtypes they are plain accesses; for bfloat16
+ * they widen (a shift) and round (an add and a shift, with the element's
+ * random bits from `rounding`), inside the vectorized loop: one pass over
+ * memory whatever the storage.  FB_INDEX_T, the index type of those loops
+ * (a chunk has at most FASTBN_OPTIM_CHUNK elements), is 32-bit in the
+ * bfloat16 layouts: their random bits hash a 32-bit counter, which a 64-bit
+ * induction would have to narrow in every vector.
  *
  * Each loop is one pass over its tensors: every element of param, grad and
  * state is read once and written once, with at most one division and one
@@ -16,12 +29,13 @@
 /* Pointers to elements [begin, end) of tensor t and the dtype-rounded sign
  * of the gradient (-1 under maximize), shared by every family's chunk. */
 typedef struct FB_TYPED(optim_view) {
-    FB_REAL *param;
-    const FB_REAL *grad;
-    FB_REAL *state[FASTBN_OPTIM_MAX_STATE]; /* NULL where the slot is unused */
-    const double *coefficients;             /* this tensor's row, or NULL */
+    FB_PARAM_T *param;
+    const FB_GRAD_T *grad;
+    FB_STATE_T *state[FASTBN_OPTIM_MAX_STATE]; /* NULL where the slot is unused */
+    const double *coefficients;                /* this tensor's row, or NULL */
     fb_index n;
     FB_REAL sign;
+    fb_rounding rounding;                      /* bfloat16 layouts only */
 } FB_TYPED(optim_view);
 
 static inline FB_TYPED(optim_view) FB_TYPED(optim_view_of)(const optim_call *call, fb_index t,
@@ -29,12 +43,17 @@ static inline FB_TYPED(optim_view) FB_TYPED(optim_view_of)(const optim_call *cal
 {
     const fastbn_optim_batch *batch = call->batch;
     FB_TYPED(optim_view) view;
-    view.param = (FB_REAL *)batch->param[t] + begin;
-    view.grad = batch->grad ? (const FB_REAL *)batch->grad[t] + begin : NULL;
+    view.param = (FB_PARAM_T *)batch->param[t] + begin;
+    view.grad = batch->grad ? (const FB_GRAD_T *)batch->grad[t] + begin : NULL;
     for (int slot = 0; slot < FASTBN_OPTIM_MAX_STATE; ++slot) {
-        FB_REAL *base = batch->state[slot] ? (FB_REAL *)batch->state[slot][t] : NULL;
+        FB_STATE_T *base = batch->state[slot] ? (FB_STATE_T *)batch->state[slot][t] : NULL;
         view.state[slot] = base ? base + begin : NULL;
     }
+#if FB_ROUNDS
+    view.rounding = fb_rounding_of(batch, t, begin);
+#else
+    view.rounding = (fb_rounding){{0, 0}, NULL};
+#endif
     view.coefficients = batch->coefficients ? batch->coefficients + t * batch->coefficient_stride : NULL;
     view.n = end - begin;
     view.sign = (call->flags & FASTBN_OPTIM_MAXIMIZE) ? (FB_REAL)-1 : (FB_REAL)1;
@@ -43,25 +62,26 @@ static inline FB_TYPED(optim_view) FB_TYPED(optim_view_of)(const optim_call *cal
 
 /* section: SGD -------------------------------------------------------------- */
 
-FB_ALWAYS_INLINE void FB_TYPED(sgd_loop)(FB_REAL *restrict param, const FB_REAL *restrict grad,
-                                         FB_REAL *restrict buffer, fb_index n, FB_REAL sign,
+FB_ALWAYS_INLINE void FB_TYPED(sgd_loop)(FB_PARAM_T *restrict param, const FB_GRAD_T *restrict grad,
+                                         FB_STATE_T *restrict buffer, fb_index n, FB_REAL sign,
                                          FB_REAL lr, FB_REAL weight_decay, FB_REAL momentum,
                                          FB_REAL buffer_decay, FB_REAL grad_weight,
                                          const int has_weight_decay, const int has_momentum,
-                                         const int nesterov)
+                                         const int nesterov, const fb_rounding rounding)
 {
 #pragma omp simd
-    for (fb_index i = 0; i < n; ++i) {
-        FB_REAL g = sign * grad[i];
+    for (FB_INDEX_T i = 0; i < n; ++i) {
+        const FB_REAL p = FB_LOAD_PARAM(param, i);
+        FB_REAL g = sign * FB_LOAD_GRAD(grad, i);
         if (has_weight_decay)
-            g = g + weight_decay * param[i];
+            g = g + weight_decay * p;
         FB_REAL direction = g;
         if (has_momentum) {
-            const FB_REAL b = buffer_decay * buffer[i] + grad_weight * g;
-            buffer[i] = b;
+            const FB_REAL b = buffer_decay * FB_LOAD_STATE(buffer, i) + grad_weight * g;
+            FB_STORE_STATE(buffer, i, 0, b);
             direction = nesterov ? g + momentum * b : b;
         }
-        param[i] = param[i] - lr * direction;
+        FB_STORE_PARAM(param, i, p - lr * direction);
     }
 }
 
@@ -75,7 +95,8 @@ static void FB_TYPED(sgd_chunk)(const optim_call *call, fb_index t, fb_index chu
     const int has_weight_decay = (flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0;
     (void)chunk;
     if (!(flags & FASTBN_OPTIM_MOMENTUM)) {
-#define FB_SGD_PLAIN(wd) FB_TYPED(sgd_loop)(v.param, v.grad, NULL, v.n, v.sign, lr, weight_decay, 0, 0, 0, wd, 0, 0)
+#define FB_SGD_PLAIN(wd) FB_TYPED(sgd_loop)(v.param, v.grad, NULL, v.n, v.sign, lr, weight_decay, 0, 0, 0, wd, 0, 0, \
+                                                    v.rounding)
         FB_SELECT1(FB_SGD_PLAIN, has_weight_decay);
 #undef FB_SGD_PLAIN
         return;
@@ -83,26 +104,28 @@ static void FB_TYPED(sgd_chunk)(const optim_call *call, fb_index t, fb_index chu
     const FB_REAL buffer_decay = (FB_REAL)v.coefficients[0], grad_weight = (FB_REAL)v.coefficients[1];
 #define FB_SGD_MOMENTUM(wd, nes) FB_TYPED(sgd_loop)(v.param, v.grad, v.state[0], v.n, v.sign, lr,       \
                                                     weight_decay, momentum, buffer_decay, grad_weight, \
-                                                    wd, 1, nes)
+                                                    wd, 1, nes, v.rounding)
     FB_SELECT2(FB_SGD_MOMENTUM, has_weight_decay, (flags & FASTBN_OPTIM_NESTEROV) != 0);
 #undef FB_SGD_MOMENTUM
 }
 
 /* section: Momentum (textbook) ------------------------------------------------ */
 
-FB_ALWAYS_INLINE void FB_TYPED(momentum_loop)(FB_REAL *restrict param, const FB_REAL *restrict grad,
-                                              FB_REAL *restrict velocity, fb_index n, FB_REAL sign,
+FB_ALWAYS_INLINE void FB_TYPED(momentum_loop)(FB_PARAM_T *restrict param, const FB_GRAD_T *restrict grad,
+                                              FB_STATE_T *restrict velocity, fb_index n, FB_REAL sign,
                                               FB_REAL lr, FB_REAL weight_decay, FB_REAL beta,
-                                              FB_REAL one_minus_beta, const int has_weight_decay)
+                                              FB_REAL one_minus_beta, const int has_weight_decay,
+                                              const fb_rounding rounding)
 {
 #pragma omp simd
-    for (fb_index i = 0; i < n; ++i) {
-        FB_REAL g = sign * grad[i];
+    for (FB_INDEX_T i = 0; i < n; ++i) {
+        const FB_REAL p = FB_LOAD_PARAM(param, i);
+        FB_REAL g = sign * FB_LOAD_GRAD(grad, i);
         if (has_weight_decay)
-            g = g + weight_decay * param[i];
-        const FB_REAL v = beta * velocity[i] + one_minus_beta * g;
-        velocity[i] = v;
-        param[i] = param[i] - lr * v;
+            g = g + weight_decay * p;
+        const FB_REAL v = beta * FB_LOAD_STATE(velocity, i) + one_minus_beta * g;
+        FB_STORE_STATE(velocity, i, 0, v);
+        FB_STORE_PARAM(param, i, p - lr * v);
     }
 }
 
@@ -113,42 +136,43 @@ static void FB_TYPED(momentum_chunk)(const optim_call *call, fb_index t, fb_inde
     const double *s = call->scalars;
     (void)chunk;
 #define FB_MOMENTUM(wd) FB_TYPED(momentum_loop)(v.param, v.grad, v.state[0], v.n, v.sign, (FB_REAL)s[0], \
-                                                (FB_REAL)s[1], (FB_REAL)s[2], (FB_REAL)s[3], wd)
+                                                (FB_REAL)s[1], (FB_REAL)s[2], (FB_REAL)s[3], wd, v.rounding)
     FB_SELECT1(FB_MOMENTUM, (call->flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0);
 #undef FB_MOMENTUM
 }
 
 /* section: RMSprop ------------------------------------------------------------ */
 
-FB_ALWAYS_INLINE void FB_TYPED(rmsprop_loop)(FB_REAL *restrict param, const FB_REAL *restrict grad,
-                                             FB_REAL *restrict square_avg, FB_REAL *restrict grad_avg,
-                                             FB_REAL *restrict buffer, fb_index n, FB_REAL sign,
+FB_ALWAYS_INLINE void FB_TYPED(rmsprop_loop)(FB_PARAM_T *restrict param, const FB_GRAD_T *restrict grad,
+                                             FB_STATE_T *restrict square_avg, FB_STATE_T *restrict grad_avg,
+                                             FB_STATE_T *restrict buffer, fb_index n, FB_REAL sign,
                                              FB_REAL lr, FB_REAL weight_decay, FB_REAL alpha,
                                              FB_REAL one_minus_alpha, FB_REAL eps, FB_REAL momentum,
                                              const int has_weight_decay, const int centered,
-                                             const int has_momentum)
+                                             const int has_momentum, const fb_rounding rounding)
 {
 #pragma omp simd
-    for (fb_index i = 0; i < n; ++i) {
-        FB_REAL g = sign * grad[i];
+    for (FB_INDEX_T i = 0; i < n; ++i) {
+        const FB_REAL p = FB_LOAD_PARAM(param, i);
+        FB_REAL g = sign * FB_LOAD_GRAD(grad, i);
         if (has_weight_decay)
-            g = g + weight_decay * param[i];
-        const FB_REAL v = alpha * square_avg[i] + one_minus_alpha * (g * g);
-        square_avg[i] = v;
+            g = g + weight_decay * p;
+        const FB_REAL v = alpha * FB_LOAD_STATE(square_avg, i) + one_minus_alpha * (g * g);
+        FB_STORE_STATE(square_avg, i, 0, v);
         FB_REAL denom;
         if (centered) {
-            const FB_REAL mean = alpha * grad_avg[i] + one_minus_alpha * g;
-            grad_avg[i] = mean;
+            const FB_REAL mean = alpha * FB_LOAD_STATE(grad_avg, i) + one_minus_alpha * g;
+            FB_STORE_STATE(grad_avg, i, 1, mean);
             denom = FB_SQRT(v - mean * mean) + eps;
         } else {
             denom = FB_SQRT(v) + eps;
         }
         if (has_momentum) {
-            const FB_REAL b = momentum * buffer[i] + g / denom;
-            buffer[i] = b;
-            param[i] = param[i] - lr * b;
+            const FB_REAL b = momentum * FB_LOAD_STATE(buffer, i) + g / denom;
+            FB_STORE_STATE(buffer, i, 2, b);
+            FB_STORE_PARAM(param, i, p - lr * b);
         } else {
-            param[i] = param[i] - lr * (g / denom);
+            FB_STORE_PARAM(param, i, p - lr * (g / denom));
         }
     }
 }
@@ -163,7 +187,8 @@ static void FB_TYPED(rmsprop_chunk)(const optim_call *call, fb_index t, fb_index
 #define FB_RMSPROP(wd, cen, mom) FB_TYPED(rmsprop_loop)(v.param, v.grad, v.state[0], v.state[1], v.state[2], \
                                                         v.n, v.sign, (FB_REAL)s[0], (FB_REAL)s[1],        \
                                                         (FB_REAL)s[2], (FB_REAL)s[3], (FB_REAL)s[4],      \
-                                                        (FB_REAL)s[5], wd, cen, mom)
+                                                        (FB_REAL)s[5], wd, cen, mom,      \
+                                                        v.rounding)
     FB_SELECT3(FB_RMSPROP, (flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0, (flags & FASTBN_OPTIM_CENTERED) != 0,
                (flags & FASTBN_OPTIM_MOMENTUM) != 0);
 #undef FB_RMSPROP
@@ -175,32 +200,33 @@ static void FB_TYPED(rmsprop_chunk)(const optim_call *call, fb_index t, fb_index
  * param -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps) with the bias
  * corrections moved into a = lr * sqrt(bc2) / bc1 and b = eps * sqrt(bc2):
  * one square root and one division per element instead of two divisions. */
-FB_ALWAYS_INLINE void FB_TYPED(adam_loop)(FB_REAL *restrict param, const FB_REAL *restrict grad,
-                                          FB_REAL *restrict exp_avg, FB_REAL *restrict exp_avg_sq,
-                                          FB_REAL *restrict max_exp_avg_sq, fb_index n, FB_REAL sign,
+FB_ALWAYS_INLINE void FB_TYPED(adam_loop)(FB_PARAM_T *restrict param, const FB_GRAD_T *restrict grad,
+                                          FB_STATE_T *restrict exp_avg, FB_STATE_T *restrict exp_avg_sq,
+                                          FB_STATE_T *restrict max_exp_avg_sq, fb_index n, FB_REAL sign,
                                           FB_REAL weight_decay, FB_REAL beta1, FB_REAL one_minus_beta1,
                                           FB_REAL beta2, FB_REAL one_minus_beta2, FB_REAL param_decay,
                                           FB_REAL step_size, FB_REAL eps_hat, const int l2,
-                                          const int decoupled, const int amsgrad)
+                                          const int decoupled, const int amsgrad,
+                                          const fb_rounding rounding)
 {
 #pragma omp simd
-    for (fb_index i = 0; i < n; ++i) {
-        FB_REAL g = sign * grad[i];
-        FB_REAL p = param[i];
+    for (FB_INDEX_T i = 0; i < n; ++i) {
+        FB_REAL g = sign * FB_LOAD_GRAD(grad, i);
+        FB_REAL p = FB_LOAD_PARAM(param, i);
         if (l2)
             g = g + weight_decay * p;
         if (decoupled)
             p = p * param_decay;
-        const FB_REAL m = beta1 * exp_avg[i] + one_minus_beta1 * g;
-        FB_REAL v = beta2 * exp_avg_sq[i] + one_minus_beta2 * (g * g);
-        exp_avg[i] = m;
-        exp_avg_sq[i] = v;
+        const FB_REAL m = beta1 * FB_LOAD_STATE(exp_avg, i) + one_minus_beta1 * g;
+        FB_REAL v = beta2 * FB_LOAD_STATE(exp_avg_sq, i) + one_minus_beta2 * (g * g);
+        FB_STORE_STATE(exp_avg, i, 0, m);
+        FB_STORE_STATE(exp_avg_sq, i, 1, v);
         if (amsgrad) {
-            const FB_REAL largest = max_exp_avg_sq[i];
+            const FB_REAL largest = FB_LOAD_STATE(max_exp_avg_sq, i);
             v = largest > v ? largest : v;
-            max_exp_avg_sq[i] = v;
+            FB_STORE_STATE(max_exp_avg_sq, i, 2, v);
         }
-        param[i] = p - step_size * m / (FB_SQRT(v) + eps_hat);
+        FB_STORE_PARAM(param, i, p - step_size * m / (FB_SQRT(v) + eps_hat));
     }
 }
 
@@ -217,10 +243,13 @@ static void FB_TYPED(adam_chunk)(const optim_call *call, fb_index t, fb_index ch
                                                   v.n, v.sign, (FB_REAL)s[0], (FB_REAL)s[1],            \
                                                   (FB_REAL)s[2], (FB_REAL)s[3], (FB_REAL)s[4],          \
                                                   (FB_REAL)s[5], (FB_REAL)v.coefficients[0],            \
-                                                  (FB_REAL)v.coefficients[1], l2, dec, ams)
+                                                  (FB_REAL)v.coefficients[1], l2, dec, ams,  \
+                                                  v.rounding)
     FB_SELECT3(FB_ADAM, has_weight_decay && !decoupled, decoupled, (flags & FASTBN_OPTIM_AMSGRAD) != 0);
 #undef FB_ADAM
 }
+
+#if !FB_ROUNDS /* the families without bfloat16 storage */
 
 /* section: Adagrad -------------------------------------------------------------- */
 
@@ -252,25 +281,29 @@ static void FB_TYPED(adagrad_chunk)(const optim_call *call, fb_index t, fb_index
 #undef FB_ADAGRAD
 }
 
+#endif /* !FB_ROUNDS */
+
 /* section: Lion ----------------------------------------------------------------- */
 
-FB_ALWAYS_INLINE void FB_TYPED(lion_loop)(FB_REAL *restrict param, const FB_REAL *restrict grad,
-                                          FB_REAL *restrict exp_avg, fb_index n, FB_REAL sign,
+FB_ALWAYS_INLINE void FB_TYPED(lion_loop)(FB_PARAM_T *restrict param, const FB_GRAD_T *restrict grad,
+                                          FB_STATE_T *restrict exp_avg, fb_index n, FB_REAL sign,
                                           FB_REAL lr, FB_REAL weight_decay, FB_REAL beta1,
                                           FB_REAL one_minus_beta1, FB_REAL beta2,
-                                          FB_REAL one_minus_beta2, const int has_weight_decay)
+                                          FB_REAL one_minus_beta2, const int has_weight_decay,
+                                          const fb_rounding rounding)
 {
 #pragma omp simd
-    for (fb_index i = 0; i < n; ++i) {
-        const FB_REAL g = sign * grad[i];
-        const FB_REAL m = exp_avg[i];
+    for (FB_INDEX_T i = 0; i < n; ++i) {
+        const FB_REAL g = sign * FB_LOAD_GRAD(grad, i);
+        const FB_REAL m = FB_LOAD_STATE(exp_avg, i);
+        const FB_REAL p = FB_LOAD_PARAM(param, i);
         const FB_REAL c = beta1 * m + one_minus_beta1 * g;
         /* sign(c) as np.sign: +-1, and c itself for +-0 and nan */
         FB_REAL direction = c > 0 ? (FB_REAL)1 : (c < 0 ? (FB_REAL)-1 : c);
         if (has_weight_decay)
-            direction = direction + weight_decay * param[i];
-        param[i] = param[i] - lr * direction;
-        exp_avg[i] = beta2 * m + one_minus_beta2 * g;
+            direction = direction + weight_decay * p;
+        FB_STORE_PARAM(param, i, p - lr * direction);
+        FB_STORE_STATE(exp_avg, i, 0, beta2 * m + one_minus_beta2 * g);
     }
 }
 
@@ -282,10 +315,12 @@ static void FB_TYPED(lion_chunk)(const optim_call *call, fb_index t, fb_index ch
     (void)chunk;
 #define FB_LION(wd) FB_TYPED(lion_loop)(v.param, v.grad, v.state[0], v.n, v.sign, (FB_REAL)s[0],  \
                                         (FB_REAL)s[1], (FB_REAL)s[2], (FB_REAL)s[3],            \
-                                        (FB_REAL)s[4], (FB_REAL)s[5], wd)
+                                        (FB_REAL)s[4], (FB_REAL)s[5], wd, v.rounding)
     FB_SELECT1(FB_LION, (call->flags & FASTBN_OPTIM_WEIGHT_DECAY) != 0);
 #undef FB_LION
 }
+
+#if !FB_ROUNDS /* the families without bfloat16 storage, and the float entry points */
 
 /* section: NAdam ------------------------------------------------------------------- */
 
@@ -379,7 +414,7 @@ static void FB_TYPED(radam_chunk)(const optim_call *call, fb_index t, fb_index c
                                                        v.sign, (FB_REAL)s[0], (FB_REAL)s[1],               \
                                                        (FB_REAL)s[2], (FB_REAL)s[3], (FB_REAL)s[4],        \
                                                        (FB_REAL)s[5], (FB_REAL)c[0], (FB_REAL)c[1],        \
-                                                       l2, dec, 0)
+                                                       l2, dec, 0, v.rounding)
         FB_SELECT2(FB_RADAM_ADAPTIVE, has_weight_decay && !decoupled, decoupled);
 #undef FB_RADAM_ADAPTIVE
         return;
@@ -660,3 +695,5 @@ static int FB_TYPED(scale)(FASTBN_OPTIM_SCALE_ARGS)
     optim_run(&call, FB_TYPED(scale_chunk), num_threads);
     return FASTBN_OK;
 }
+
+#endif /* !FB_ROUNDS */

@@ -1,9 +1,10 @@
 /* optim_kernels.c -- optimizer kernels for one SIMD target (FASTBN_TARGET):
  * the multi-tensor work splitter, then both dtypes from optim_impl.h, then
- * float32 parameters with bfloat16 state (optim_bf16_impl.h). */
+ * the bfloat16 storage layouts (optim_bf16_impl.h). */
 #include <math.h>
 #include <stdlib.h>
 
+#include "../common/fb_bf16.h"
 #include "../common/fb_parallel.h"
 #include "optim_kernels.h"
 
@@ -78,6 +79,30 @@ static void optim_run(const optim_call *call, optim_chunk_fn chunk_fn, int num_t
     }
 }
 
+/* section: storage ------------------------------------------------------------ */
+
+/* Where a chunk's bfloat16 stores get their random bits (see fb_bf16.h):
+ * element i of the chunk hashes word_base[w] + i, where word_base[w] =
+ * word key w + (low 32 bits of the chunk's first index); and, with master
+ * weights, the bfloat16 parameter (offset to the chunk) that receives the
+ * rounded master value.  Zero in the float kernels, which do not round. */
+typedef struct fb_rounding {
+    uint32_t word_base[2];
+    uint16_t *param_copy;
+} fb_rounding;
+
+/* Plain float storage: the float32/float64 kernels. */
+#define FB_PARAM_T FB_REAL
+#define FB_GRAD_T FB_REAL
+#define FB_STATE_T FB_REAL
+#define FB_LOAD_PARAM(array, i) ((array)[i])
+#define FB_LOAD_GRAD(array, i) ((array)[i])
+#define FB_LOAD_STATE(array, i) ((array)[i])
+#define FB_STORE_PARAM(array, i, value) ((array)[i] = (value))
+#define FB_STORE_STATE(array, i, slot, value) ((array)[i] = (value))
+#define FB_ROUNDS 0
+#define FB_INDEX_T fb_index
+
 /* section: float32 ------------------------------------------------------------ */
 #define FB_REAL float
 #define FB_DTYPE f32
@@ -100,7 +125,18 @@ static void optim_run(const optim_call *call, optim_chunk_fn chunk_fn, int num_t
 #undef FB_SQRT
 #undef FB_FABS
 
-/* section: float32 parameters, bfloat16 state --------------------------------- */
+#undef FB_PARAM_T
+#undef FB_GRAD_T
+#undef FB_STATE_T
+#undef FB_LOAD_PARAM
+#undef FB_LOAD_GRAD
+#undef FB_LOAD_STATE
+#undef FB_STORE_PARAM
+#undef FB_STORE_STATE
+#undef FB_ROUNDS
+#undef FB_INDEX_T
+
+/* section: bfloat16 storage layouts -------------------------------------------- */
 #include "optim_bf16_impl.h"
 
 /* section: table -------------------------------------------------------------- */
@@ -137,12 +173,12 @@ const fastbn_optim_kernels FB_TARGETED(fastbn_optim_kernels) = {
     .maxabs_f64 = maxabs_f64,
     .scale_f32 = scale_f32,
     .scale_f64 = scale_f64,
-    .step_f32_bf16state = {
-        [FASTBN_OPTIM_FAMILY_SGD] = sgd_step_bf16state,
-        [FASTBN_OPTIM_FAMILY_MOMENTUM] = momentum_step_bf16state,
-        [FASTBN_OPTIM_FAMILY_RMSPROP] = rmsprop_step_bf16state,
-        [FASTBN_OPTIM_FAMILY_ADAM] = adam_step_bf16state,
-        [FASTBN_OPTIM_FAMILY_LION] = lion_step_bf16state,
+    .step_bf16 = {
+        FB_BF16_LAYOUT_TABLE(FASTBN_OPTIM_BF16_STATE, bs),
+        FB_BF16_LAYOUT_TABLE(FASTBN_OPTIM_BF16_PARAMS, bp),
+        FB_BF16_LAYOUT_TABLE(FASTBN_OPTIM_BF16_PARAMS_STATE, bpbs),
+        FB_BF16_LAYOUT_TABLE(FASTBN_OPTIM_BF16_MASTER, mw),
+        FB_BF16_LAYOUT_TABLE(FASTBN_OPTIM_BF16_MASTER_STATE, mwbs),
     },
     .round_bf16 = round_bf16,
 };

@@ -43,8 +43,9 @@ enum fastbn_optim_flag {
     FASTBN_OPTIM_CENTERED = 1 << 4,     /* RMSprop */
     FASTBN_OPTIM_AMSGRAD = 1 << 5,      /* Adam */
     FASTBN_OPTIM_DECOUPLED = 1 << 6,    /* Adam, NAdam, RAdam: decoupled weight decay */
-    /* bfloat16 state kernels: stochastic rounding of the stored state
-     * (nearest-even without it).  A high bit, clear of the per-family options. */
+    /* bfloat16 kernels: stochastic rounding of the stored state and of
+     * bfloat16 parameters (nearest-even without it).  A high bit, clear of
+     * the per-family options. */
     FASTBN_OPTIM_STOCHASTIC_ROUNDING = 1 << 16
 };
 
@@ -59,9 +60,13 @@ typedef struct fastbn_optim_batch {
     const fb_index *chunk_start;               /* [n_tensors + 1] first chunk of each tensor */
     const double *coefficients;                /* [n_tensors][coefficient_stride] or NULL */
     fb_index coefficient_stride;
-    /* bfloat16 state kernels only: [n_tensors] generator key of each tensor
+    /* bfloat16 kernels only: [n_tensors] generator key of each tensor
      * (fb_bf16_tensor_key of seed, step and position in its group). */
     const uint64_t *rounding_key;
+    /* FASTBN_OPTIM_BF16_MASTER* layouts only: [n_tensors] the bfloat16
+     * parameters, written with the nearest-even rounding of the updated
+     * float32 master weights (which `param` holds). */
+    void *const *param_copy;
 } fastbn_optim_batch;
 
 /* Every update kernel: (batch, group scalars, option flags, threads).
@@ -125,6 +130,25 @@ enum fastbn_optim_family {
     FASTBN_OPTIM_N_FAMILIES = 11
 };
 
+/* bfloat16 storage layouts: what is bfloat16 in a step_bf16 call (the
+ * update itself is float32 arithmetic, as step_f32's, in every layout).
+ *   STATE          float32 param and grad, bfloat16 state;
+ *   PARAMS         bfloat16 param and grad (rounded like the state, slot 3
+ *                  of the generator), float32 state;
+ *   PARAMS_STATE   bfloat16 param, grad and state;
+ *   MASTER         bfloat16 grad; `param` holds float32 master weights,
+ *                  `param_copy` the bfloat16 parameters (nearest-even of
+ *                  the master); float32 state;
+ *   MASTER_STATE   as MASTER with bfloat16 state. */
+enum fastbn_optim_bf16_layout {
+    FASTBN_OPTIM_BF16_STATE = 0,
+    FASTBN_OPTIM_BF16_PARAMS = 1,
+    FASTBN_OPTIM_BF16_PARAMS_STATE = 2,
+    FASTBN_OPTIM_BF16_MASTER = 3,
+    FASTBN_OPTIM_BF16_MASTER_STATE = 4,
+    FASTBN_OPTIM_BF16_N_LAYOUTS = 5
+};
+
 typedef struct fastbn_optim_kernels {
     fastbn_optim_step_fn step_f32[FASTBN_OPTIM_N_FAMILIES]; /* indexed by fastbn_optim_family */
     fastbn_optim_step_fn step_f64[FASTBN_OPTIM_N_FAMILIES];
@@ -134,13 +158,14 @@ typedef struct fastbn_optim_kernels {
     int (*maxabs_f64)(FASTBN_OPTIM_MAXABS_ARGS);
     int (*scale_f32)(FASTBN_OPTIM_SCALE_ARGS);
     int (*scale_f64)(FASTBN_OPTIM_SCALE_ARGS);
-    /* float32 parameters and gradients with bfloat16 state: the float32
-     * update of the family (the same arithmetic as step_f32) on state widened
-     * to float32, stored back rounded (batch->rounding_key, flag
-     * FASTBN_OPTIM_STOCHASTIC_ROUNDING).  NULL for families without it. */
-    fastbn_optim_step_fn step_f32_bf16state[FASTBN_OPTIM_N_FAMILIES];
-    /* dst = src rounded to bfloat16 exactly as those kernels store state slot
-     * `slot` of a tensor with generator key `key`. */
+    /* The bfloat16 layouts (indexed by fastbn_optim_bf16_layout): the
+     * float32 update of the family (the same arithmetic as step_f32) on
+     * widened values, each bfloat16 array stored back rounded
+     * (batch->rounding_key, flag FASTBN_OPTIM_STOCHASTIC_ROUNDING).  NULL
+     * for families without bfloat16 storage. */
+    fastbn_optim_step_fn step_bf16[FASTBN_OPTIM_BF16_N_LAYOUTS][FASTBN_OPTIM_N_FAMILIES];
+    /* dst = src rounded to bfloat16 exactly as those kernels store slot
+     * `slot` (0-2 state, 3 parameter) of a tensor with generator key `key`. */
     int (*round_bf16)(const float *src, uint16_t *dst, fb_index n, uint64_t key, int slot,
                       int stochastic);
 } fastbn_optim_kernels;
