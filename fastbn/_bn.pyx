@@ -14,96 +14,57 @@ copied once here; a running statistic (IN-OUT) that needs a copy is copied
 back after the kernel, so the caller's array is always updated in place.
 Outputs passed as None are allocated here, which costs less than np.empty
 from Python on the per-call path.  This
-layer only picks the kernel table for the active SIMD target and the dtype,
-releases the GIL around the call and turns a status code into an exception.
+layer fills one call struct per kernel call, runs the entry of the active
+SIMD target's table for the input's dtype without the GIL and turns a status
+code into an exception.
 """
 import numpy as np
 
 cimport numpy as cnp
 from libc.stdint cimport int64_t
+from libc.string cimport memset
 
 from fastbn._core cimport current_simd_target, effective_num_threads, raise_for_status
 
 cnp.import_array()
 
 cdef extern from "bn/bn_kernels.h":
+    enum:
+        FB_DTYPE_F32
+        FB_DTYPE_F64
+        FB_N_DTYPES
+    ctypedef struct fastbn_bn_call:
+        int64_t outer, channels, inner
+        const void *x
+        const void *dy
+        void *out
+        const void *weight
+        const void *bias
+        void *running_mean
+        void *running_var
+        void *mean
+        void *invstd
+        void *dweight
+        void *dbias
+        double *phase_mean
+        const double *phase_invstd
+        double *m2
+        double *sum_dy
+        double *sum_dy_xhat
+        const void *mask_weight
+        const void *mask_bias
+        double eps, momentum, count
+        int accumulate, relu, num_threads
+    ctypedef int (*fastbn_bn_fn)(const fastbn_bn_call *call) noexcept nogil
     ctypedef struct fastbn_bn_kernels:
-        int (*eval_forward_f32)(const float *x, float *y, int64_t outer, int64_t channels,
-                                int64_t inner, const float *running_mean,
-                                const float *running_var, const float *weight,
-                                const float *bias, double eps, int relu, int num_threads) noexcept nogil
-        int (*eval_forward_f64)(const double *x, double *y, int64_t outer, int64_t channels,
-                                int64_t inner, const double *running_mean,
-                                const double *running_var, const double *weight,
-                                const double *bias, double eps, int relu, int num_threads) noexcept nogil
-        int (*train_forward_f32)(const float *x, float *y, int64_t outer, int64_t channels,
-                                 int64_t inner, const float *weight, const float *bias,
-                                 double eps, float *saved_mean, float *saved_invstd,
-                                 float *running_mean, float *running_var, double momentum,
-                                 int relu, int num_threads) noexcept nogil
-        int (*train_forward_f64)(const double *x, double *y, int64_t outer, int64_t channels,
-                                 int64_t inner, const double *weight, const double *bias,
-                                 double eps, double *saved_mean, double *saved_invstd,
-                                 double *running_mean, double *running_var, double momentum,
-                                 int relu, int num_threads) noexcept nogil
-        int (*backward_f32)(const float *dy, const float *x, float *dx, int64_t outer,
-                            int64_t channels, int64_t inner, const float *mean,
-                            const float *invstd, const float *weight, const float *bias,
-                            float *dweight, float *dbias, int accumulate, int relu,
-                            int num_threads) noexcept nogil
-        int (*backward_f64)(const double *dy, const double *x, double *dx, int64_t outer,
-                            int64_t channels, int64_t inner, const double *mean,
-                            const double *invstd, const double *weight, const double *bias,
-                            double *dweight, double *dbias, int accumulate, int relu,
-                            int num_threads) noexcept nogil
-        int (*backward_eval_f32)(const float *dy, const float *x, float *dx, int64_t outer,
-                                 int64_t channels, int64_t inner, const float *running_mean,
-                                 const float *running_var, const float *weight,
-                                 const float *bias, double eps, float *dweight,
-                                 float *dbias, int accumulate, int relu,
-                                 int num_threads) noexcept nogil
-        int (*backward_eval_f64)(const double *dy, const double *x, double *dx, int64_t outer,
-                                 int64_t channels, int64_t inner, const double *running_mean,
-                                 const double *running_var, const double *weight,
-                                 const double *bias, double eps, double *dweight,
-                                 double *dbias, int accumulate, int relu,
-                                 int num_threads) noexcept nogil
-        int (*stats_f32)(const float *x, int64_t outer, int64_t channels, int64_t inner,
-                         double *mean, double *m2, int num_threads) noexcept nogil
-        int (*stats_f64)(const double *x, int64_t outer, int64_t channels, int64_t inner,
-                         double *mean, double *m2, int num_threads) noexcept nogil
-        int (*apply_f32)(const float *x, float *y, int64_t outer, int64_t channels,
-                         int64_t inner, const double *mean, const double *invstd,
-                         const float *weight, const float *bias, int relu,
-                         int num_threads) noexcept nogil
-        int (*apply_f64)(const double *x, double *y, int64_t outer, int64_t channels,
-                         int64_t inner, const double *mean, const double *invstd,
-                         const double *weight, const double *bias, int relu,
-                         int num_threads) noexcept nogil
-        int (*backward_reduce_f32)(const float *dy, const float *x, int64_t outer,
-                                   int64_t channels, int64_t inner, const double *mean,
-                                   const double *invstd, const float *mask_weight,
-                                   const float *mask_bias, int relu, double *sum_dy,
-                                   double *sum_dy_xhat, int num_threads) noexcept nogil
-        int (*backward_reduce_f64)(const double *dy, const double *x, int64_t outer,
-                                   int64_t channels, int64_t inner, const double *mean,
-                                   const double *invstd, const double *mask_weight,
-                                   const double *mask_bias, int relu, double *sum_dy,
-                                   double *sum_dy_xhat, int num_threads) noexcept nogil
-        int (*backward_apply_f32)(const float *dy, const float *x, float *dx, int64_t outer,
-                                  int64_t channels, int64_t inner, const double *mean,
-                                  const double *invstd, const float *weight,
-                                  const double *sum_dy, const double *sum_dy_xhat,
-                                  double count, const float *mask_weight,
-                                  const float *mask_bias, int relu,
-                                  int num_threads) noexcept nogil
-        int (*backward_apply_f64)(const double *dy, const double *x, double *dx,
-                                  int64_t outer, int64_t channels, int64_t inner,
-                                  const double *mean, const double *invstd,
-                                  const double *weight, const double *sum_dy,
-                                  const double *sum_dy_xhat, double count,
-                                  const double *mask_weight, const double *mask_bias,
-                                  int relu, int num_threads) noexcept nogil
+        fastbn_bn_fn eval_forward[FB_N_DTYPES]
+        fastbn_bn_fn train_forward[FB_N_DTYPES]
+        fastbn_bn_fn backward[FB_N_DTYPES]
+        fastbn_bn_fn backward_eval[FB_N_DTYPES]
+        fastbn_bn_fn stats[FB_N_DTYPES]
+        fastbn_bn_fn apply[FB_N_DTYPES]
+        fastbn_bn_fn backward_reduce[FB_N_DTYPES]
+        fastbn_bn_fn backward_apply[FB_N_DTYPES]
     const fastbn_bn_kernels *fastbn_bn_kernels_for(int target) nogil
 
 
@@ -124,7 +85,7 @@ cdef inline int copy_back(object target, object kernel_array) except -1:
 # ---- kernel-ready checks ---------------------------------------------------------
 # The per-call cost of a tiny batch norm is dominated by argument checking in
 # Python.  These answer True for the COMMON, VALID call only; anything unusual
-# (or wrong) makes a kernel function return None (standard_geometry: None)
+# (or wrong) makes a kernel function return None
 # and the caller runs the Python validators in fastbn._bn_validation, which
 # own every error message.  fastbn._bn_validation.is_kernel_vector and
 # kernel_ready are the same tests for the NumPy kernels.
@@ -244,33 +205,25 @@ cdef inline bint plain_out(object out, cnp.ndarray x, object a, object b, object
     return apart(target, a) and apart(target, b) and apart(target, c) and apart(target, d)
 
 
-def standard_geometry(object x, object axis, object running_mean, object running_var,
-                      object weight, object bias, bint batch_stats, bint update,
-                      object out=None):
-    """(outer, channels, inner) when the arrays of this batch-norm call are
-    valid and plain: x a float32/float64 ndarray of rank >= 2, axis the int 1
-    or -1, per-channel vectors matching, running statistics both given or
-    both None (writeable when `update`), a non-empty input with at least 2
-    values per channel with batch statistics, and `out` None, x itself, or a
-    writeable C-contiguous array like x whose bytes are provably apart from
-    every input.  None otherwise.  The scalars (eps, momentum) are not looked
-    at: their one rule each is in fastbn._bn_validation."""
+cdef bint plain_geometry(object x, object axis, int64_t *geometry):
+    """geometry[:] = (outer, channels, inner) and True when x is a native
+    float32/float64 ndarray of rank >= 2 with at least 1 channel and 1 value
+    per channel and axis is the int 1 or -1; False otherwise."""
     if type(x) is not cnp.ndarray or type(axis) is not int:
-        return None
+        return False
     cdef cnp.ndarray array = <cnp.ndarray>x
     cdef int typenum = cnp.PyArray_TYPE(array)
     cdef int ndim = cnp.PyArray_NDIM(array)
     if (typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64) or ndim < 2:
-        return None
+        return False
     if not cnp.PyArray_ISNOTSWAPPED(array):
-        return None
+        return False
     cdef long channel_axis = axis
     if channel_axis == -1:
         channel_axis = ndim - 1
     elif channel_axis != 1:
-        return None
+        return False
     cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(array)
-    cdef cnp.npy_intp channels = dims[channel_axis]
     cdef int64_t outer = 1, inner = 1
     cdef int i
     for i in range(ndim):
@@ -280,22 +233,37 @@ def standard_geometry(object x, object axis, object running_mean, object running
             inner *= dims[i]
     if channel_axis == ndim - 1:
         outer, inner = outer * inner, 1
-    if (running_mean is None) != (running_var is None):
-        return None
-    if not (is_channel_vector(running_mean, channels, typenum)
-            and is_channel_vector(running_var, channels, typenum)
-            and is_channel_vector(weight, channels, typenum)
-            and is_channel_vector(bias, channels, typenum)):
-        return None
-    if channels == 0 or outer * inner == 0 or (batch_stats and outer * inner < 2):
-        return None  # empty input, or too few values: the Python path decides
-    if update and running_mean is not None and not (
-            cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_mean)
-            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_var)):
-        return None
-    if out is not None and not plain_out(out, array, running_mean, running_var, weight, bias):
-        return None
-    return outer, channels, inner
+    geometry[0] = outer
+    geometry[1] = dims[channel_axis]
+    geometry[2] = inner
+    return geometry[1] > 0 and outer * inner > 0
+
+
+cdef inline bint same_shape(object value, cnp.ndarray like):
+    """An exact native ndarray of like's dtype and shape."""
+    if not is_float_array(value, cnp.PyArray_TYPE(like)):
+        return False
+    cdef cnp.ndarray array = <cnp.ndarray>value
+    if cnp.PyArray_NDIM(array) != cnp.PyArray_NDIM(like):
+        return False
+    cdef int i
+    for i in range(cnp.PyArray_NDIM(like)):
+        if cnp.PyArray_DIMS(array)[i] != cnp.PyArray_DIMS(like)[i]:
+            return False
+    return True
+
+
+# The one rule of each scalar is in fastbn._bn_validation; these accept only
+# the plain valid case (a float, in range), anything else goes there.
+
+cdef inline bint plain_eps(object eps, bint batch_stats):
+    return type(eps) is float and ((<double>eps > 0) if batch_stats else (<double>eps >= 0))
+
+
+cdef inline bint plain_momentum(object momentum, bint update):
+    if momentum is None:
+        return not update
+    return type(momentum) is float and 0.0 <= <double>momentum <= 1.0
 
 
 cdef inline void *data_or_null(object array):
@@ -315,6 +283,42 @@ cdef inline cnp.ndarray empty_vector(int64_t length, int typenum):
     return cnp.PyArray_EMPTY(1, dims, typenum, 0)
 
 
+# ---- one kernel call ---------------------------------------------------------------
+# Each function below fills one fastbn_bn_call and runs the entry of the
+# kernel's per-dtype array that matches the input's dtype: no per-dtype code.
+
+cdef inline const fastbn_bn_kernels *kernels() noexcept:
+    return fastbn_bn_kernels_for(current_simd_target())
+
+
+cdef inline void start_call(fastbn_bn_call *call, int64_t outer, int64_t channels,
+                            int64_t inner) noexcept:
+    """Zero every field (unused buffers NULL), then set the geometry."""
+    memset(call, 0, sizeof(fastbn_bn_call))
+    call.outer = outer
+    call.channels = channels
+    call.inner = inner
+
+
+cdef int run(const fastbn_bn_fn *family, cnp.ndarray array, fastbn_bn_call *call,
+             str kernel) except -1:
+    """family[dtype of `array`](call) without the GIL; the status becomes an
+    exception, a dtype without a kernel a TypeError."""
+    cdef int typenum = cnp.PyArray_TYPE(array)
+    cdef fastbn_bn_fn function = NULL
+    if typenum == cnp.NPY_FLOAT32:
+        function = family[FB_DTYPE_F32]
+    elif typenum == cnp.NPY_FLOAT64:
+        function = family[FB_DTYPE_F64]
+    if function == NULL:
+        raise TypeError(f"{kernel}: the input must be float32 or float64, got {array.dtype}")
+    cdef int status
+    call.num_threads = effective_num_threads()
+    with nogil:
+        status = function(call)
+    return raise_for_status(status, kernel)
+
+
 def eval_forward(object x, object y, int64_t outer, int64_t channels, int64_t inner,
                  object running_mean, object running_var, object weight, object bias,
                  double eps, bint relu=False):
@@ -328,42 +332,64 @@ def eval_forward(object x, object y, int64_t outer, int64_t channels, int64_t in
     """
     if not is_input(x, outer, channels, inner):
         return None
-    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
-    if not (running_mean is not None and running_var is not None
+    if not eval_vectors_ready(cnp.PyArray_TYPE(<cnp.ndarray>x), channels, running_mean,
+                              running_var, weight, bias):
+        return None
+    return run_eval_forward(x, y, outer, channels, inner, running_mean, running_var, weight,
+                            bias, eps, relu)
+
+
+def eval_forward_at(object x, object y, object axis, object running_mean, object running_var,
+                    object weight, object bias, object eps, bint relu=False):
+    """`eval_forward` with the geometry read from x and the channel `axis`:
+    (y, the array read as x), or None (nothing written) unless x is a
+    non-empty float32/float64 ndarray of rank >= 2, axis the int 1 or -1,
+    the vectors kernel-ready, eps a float >= 0 and y None, x itself or a
+    writeable C-contiguous array like x whose bytes are provably apart from
+    every input.  Lets a caller that got None run the validators once and
+    call `eval_forward`, while the valid call crosses into the bridge once."""
+    cdef int64_t geometry[3]
+    if not (plain_eps(eps, False) and plain_geometry(x, axis, geometry)):
+        return None
+    if not eval_vectors_ready(cnp.PyArray_TYPE(<cnp.ndarray>x), geometry[1], running_mean,
+                              running_var, weight, bias):
+        return None
+    if y is not None and not plain_out(y, <cnp.ndarray>x, running_mean, running_var, weight,
+                                       bias):
+        return None
+    return run_eval_forward(x, y, geometry[0], geometry[1], geometry[2], running_mean,
+                            running_var, weight, bias, eps, relu)
+
+
+cdef inline bint eval_vectors_ready(int typenum, int64_t channels, object running_mean,
+                                    object running_var, object weight, object bias):
+    return (running_mean is not None and running_var is not None
             and is_channel_vector(running_mean, channels, typenum)
             and is_channel_vector(running_var, channels, typenum)
             and is_channel_vector(weight, channels, typenum)
-            and is_channel_vector(bias, channels, typenum)):
-        return None
-    cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
-    cdef int nt = effective_num_threads()
-    cdef int status
-    cdef int fused_relu = relu
+            and is_channel_vector(bias, channels, typenum))
+
+
+cdef object run_eval_forward(object x, object y, int64_t outer, int64_t channels,
+                             int64_t inner, object running_mean, object running_var,
+                             object weight, object bias, double eps, bint relu):
     x = kernel_input(x)
     running_mean = kernel_input(running_mean)
     running_var = kernel_input(running_var)
     weight = kernel_input(weight)
     bias = kernel_input(bias)
     cdef cnp.ndarray out = empty_like_array(x) if y is None else <cnp.ndarray>y
-    cdef void *xp = cnp.PyArray_DATA(x)
-    cdef void *yp = cnp.PyArray_DATA(out)
-    cdef void *mp = cnp.PyArray_DATA(running_mean)
-    cdef void *vp = cnp.PyArray_DATA(running_var)
-    cdef void *wp = data_or_null(weight)
-    cdef void *bp = data_or_null(bias)
-    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
-        with nogil:
-            status = table.eval_forward_f32(<const float *>xp, <float *>yp, outer, channels, inner,
-                                            <const float *>mp, <const float *>vp,
-                                            <const float *>wp, <const float *>bp, eps,
-                                            fused_relu, nt)
-    else:
-        with nogil:
-            status = table.eval_forward_f64(<const double *>xp, <double *>yp, outer, channels, inner,
-                                            <const double *>mp, <const double *>vp,
-                                            <const double *>wp, <const double *>bp, eps,
-                                            fused_relu, nt)
-    raise_for_status(status, "batch_norm eval forward")
+    cdef fastbn_bn_call call
+    start_call(&call, outer, channels, inner)
+    call.x = cnp.PyArray_DATA(x)
+    call.out = cnp.PyArray_DATA(out)
+    call.running_mean = cnp.PyArray_DATA(running_mean)
+    call.running_var = cnp.PyArray_DATA(running_var)
+    call.weight = data_or_null(weight)
+    call.bias = data_or_null(bias)
+    call.eps = eps
+    call.relu = relu
+    run(kernels().eval_forward, <cnp.ndarray>x, &call, "batch_norm eval forward")
     return out, x
 
 
@@ -392,9 +418,7 @@ def train_forward(object x, object y, int64_t outer, int64_t channels, int64_t i
     if not is_input(x, outer, channels, inner):
         return None
     cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
-    if not (is_channel_vector(weight, channels, typenum)
-            and is_channel_vector(bias, channels, typenum)
-            and is_updatable_pair(running_mean, running_var, channels, typenum)
+    if not (train_vectors_ready(typenum, channels, weight, bias, running_mean, running_var)
             and (counter is None or is_counter(counter))):
         return None
     cdef double factor
@@ -404,10 +428,47 @@ def train_forward(object x, object y, int64_t outer, int64_t channels, int64_t i
         factor = 1.0 / (int(counter) + 1)
     else:
         factor = momentum
-    cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
-    cdef int nt = effective_num_threads()
-    cdef int status
-    cdef int fused_relu = relu
+    return run_train_forward(x, y, outer, channels, inner, weight, bias, eps, running_mean,
+                             running_var, factor, relu, counter)
+
+
+def train_forward_at(object x, object y, object axis, object weight, object bias, object eps,
+                     object running_mean, object running_var, object momentum,
+                     bint relu=False):
+    """`train_forward` (no counter) with the geometry read from x and the
+    channel `axis`: (y, saved_mean, saved_invstd, the array read as x), or
+    None (nothing written) unless, as in `eval_forward_at`, every array is
+    plain and kernel-ready (running statistics both None, or both writeable),
+    x has at least 2 values per channel, eps is a float > 0 and momentum a
+    float in [0, 1] (or None without running statistics, which are then not
+    updated)."""
+    cdef int64_t geometry[3]
+    if not (plain_eps(eps, True) and plain_momentum(momentum, running_mean is not None)
+            and plain_geometry(x, axis, geometry) and geometry[0] * geometry[2] >= 2):
+        return None
+    if not train_vectors_ready(cnp.PyArray_TYPE(<cnp.ndarray>x), geometry[1], weight, bias,
+                               running_mean, running_var):
+        return None
+    if y is not None and not plain_out(y, <cnp.ndarray>x, running_mean, running_var, weight,
+                                       bias):
+        return None
+    return run_train_forward(x, y, geometry[0], geometry[1], geometry[2], weight, bias, eps,
+                             running_mean, running_var,
+                             0.0 if momentum is None else <double>momentum, relu, None)
+
+
+cdef inline bint train_vectors_ready(int typenum, int64_t channels, object weight,
+                                     object bias, object running_mean, object running_var):
+    return (is_channel_vector(weight, channels, typenum)
+            and is_channel_vector(bias, channels, typenum)
+            and is_updatable_pair(running_mean, running_var, channels, typenum))
+
+
+cdef object run_train_forward(object x, object y, int64_t outer, int64_t channels,
+                              int64_t inner, object weight, object bias, double eps,
+                              object running_mean, object running_var, double factor,
+                              bint relu, object counter):
+    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
     x = kernel_input(x)
     weight = kernel_input(weight)
     bias = kernel_input(bias)
@@ -416,27 +477,20 @@ def train_forward(object x, object y, int64_t outer, int64_t channels, int64_t i
     cdef cnp.ndarray out = empty_like_array(x) if y is None else <cnp.ndarray>y
     cdef cnp.ndarray saved_mean = empty_vector(channels, typenum)
     cdef cnp.ndarray saved_invstd = empty_vector(channels, typenum)
-    cdef void *xp = cnp.PyArray_DATA(x)
-    cdef void *yp = cnp.PyArray_DATA(out)
-    cdef void *wp = data_or_null(weight)
-    cdef void *bp = data_or_null(bias)
-    cdef void *smp = cnp.PyArray_DATA(saved_mean)
-    cdef void *sip = cnp.PyArray_DATA(saved_invstd)
-    cdef void *rmp = data_or_null(rm)
-    cdef void *rvp = data_or_null(rv)
-    if typenum == cnp.NPY_FLOAT32:
-        with nogil:
-            status = table.train_forward_f32(<const float *>xp, <float *>yp, outer, channels, inner,
-                                             <const float *>wp, <const float *>bp, eps,
-                                             <float *>smp, <float *>sip, <float *>rmp,
-                                             <float *>rvp, factor, fused_relu, nt)
-    else:
-        with nogil:
-            status = table.train_forward_f64(<const double *>xp, <double *>yp, outer, channels,
-                                             inner, <const double *>wp, <const double *>bp, eps,
-                                             <double *>smp, <double *>sip, <double *>rmp,
-                                             <double *>rvp, factor, fused_relu, nt)
-    raise_for_status(status, "batch_norm training forward")
+    cdef fastbn_bn_call call
+    start_call(&call, outer, channels, inner)
+    call.x = cnp.PyArray_DATA(x)
+    call.out = cnp.PyArray_DATA(out)
+    call.weight = data_or_null(weight)
+    call.bias = data_or_null(bias)
+    call.mean = cnp.PyArray_DATA(saved_mean)
+    call.invstd = cnp.PyArray_DATA(saved_invstd)
+    call.running_mean = data_or_null(rm)
+    call.running_var = data_or_null(rv)
+    call.eps = eps
+    call.momentum = factor
+    call.relu = relu
+    run(kernels().train_forward, <cnp.ndarray>x, &call, "batch_norm training forward")
     if rm is not None:
         copy_back(running_mean, rm)
         copy_back(running_var, rv)
@@ -462,50 +516,90 @@ def backward(object dy, object x, object dx, int64_t outer, int64_t channels,
     if not is_input(x, outer, channels, inner) or not is_like(dy, <cnp.ndarray>x):
         return None
     cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
-    if not (mean is not None and invstd is not None
-            and is_channel_vector(mean, channels, typenum)
-            and is_channel_vector(invstd, channels, typenum)
-            and is_channel_vector(weight, channels, typenum)
-            and (not relu or is_channel_vector(bias, channels, typenum))
+    if not (backward_vectors_ready(typenum, channels, mean, invstd, weight,
+                                   bias if relu else None)
             and is_written_vector(dweight, channels, typenum)
             and is_written_vector(dbias, channels, typenum)):
         return None
-    cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
-    cdef int nt = effective_num_threads()
-    cdef int status
-    cdef int acc = accumulate
-    cdef int fused_relu = relu
+    return run_backward(False, dy, x, dx, outer, channels, inner, mean, invstd, weight, 0.0,
+                        dweight, dbias, accumulate, bias, relu)
+
+
+def backward_at(object dy, object x, object dx, object axis, object mean, object invstd,
+                object weight, object bias, bint relu=False):
+    """`backward` with the geometry read from x and the channel `axis`, the
+    parameter gradients new arrays: (dx, dweight, dbias), or None (nothing
+    written) unless, as in `eval_forward_at`, every array is plain and
+    kernel-ready, dy is shaped and typed like x, and dx is None, dy, x, or
+    apart from every input."""
+    return backward_at_axis(False, dy, x, dx, axis, mean, invstd, weight, bias, 0.0, relu)
+
+
+cdef object backward_at_axis(bint eval_mode, object dy, object x, object dx, object axis,
+                             object stat_a, object stat_b, object weight, object bias,
+                             double eps, bint relu):
+    cdef int64_t geometry[3]
+    if not (plain_geometry(x, axis, geometry) and same_shape(dy, <cnp.ndarray>x)):
+        return None
+    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    if not backward_vectors_ready(typenum, geometry[1], stat_a, stat_b, weight, bias):
+        return None
+    # the eval backward's dx may be dy but not x
+    if dx is not None and not ((not eval_mode or dx is not x)
+                               and plain_out(dx, <cnp.ndarray>x, stat_a, stat_b, weight, bias)
+                               and (dx is dy or apart(<cnp.ndarray>dx, dy))):
+        return None
+    cdef cnp.ndarray dweight = empty_vector(geometry[1], typenum)
+    cdef cnp.ndarray dbias = empty_vector(geometry[1], typenum)
+    dx = run_backward(eval_mode, dy, x, dx, geometry[0], geometry[1], geometry[2], stat_a,
+                      stat_b, weight, eps, dweight, dbias, False, bias, relu)
+    return dx, dweight, dbias
+
+
+cdef inline bint backward_vectors_ready(int typenum, int64_t channels, object stat_a,
+                                        object stat_b, object weight, object bias):
+    return (stat_a is not None and stat_b is not None
+            and is_channel_vector(stat_a, channels, typenum)
+            and is_channel_vector(stat_b, channels, typenum)
+            and is_channel_vector(weight, channels, typenum)
+            and is_channel_vector(bias, channels, typenum))
+
+
+cdef object run_backward(bint eval_mode, object dy, object x, object dx, int64_t outer,
+                         int64_t channels, int64_t inner, object stat_a, object stat_b,
+                         object weight, double eps, object dweight, object dbias,
+                         bint accumulate, object bias, bint relu):
+    """The training backward (stat_a, stat_b: the saved mean and invstd) or,
+    with `eval_mode`, the eval backward (the running statistics and eps; x
+    is read only for dweight, dbias or relu, and may be None otherwise)."""
+    cdef bint needs_x = not eval_mode or dweight is not None or dbias is not None or relu
     dy = kernel_input(dy)
-    x = kernel_input(x)
-    mean = kernel_input(mean)
-    invstd = kernel_input(invstd)
+    x = kernel_input(x) if needs_x else None
+    stat_a = kernel_input(stat_a)
+    stat_b = kernel_input(stat_b)
     weight = kernel_input(weight)
     bias = kernel_input(bias) if relu else None
     cdef cnp.ndarray out = empty_like_array(dy) if dx is None else <cnp.ndarray>dx
-    cdef void *dyp = cnp.PyArray_DATA(dy)
-    cdef void *xp = cnp.PyArray_DATA(x)
-    cdef void *dxp = cnp.PyArray_DATA(out)
-    cdef void *mp = cnp.PyArray_DATA(mean)
-    cdef void *ip = cnp.PyArray_DATA(invstd)
-    cdef void *wp = data_or_null(weight)
-    cdef void *bp = data_or_null(bias)
-    cdef void *dwp = data_or_null(dweight)
-    cdef void *dbp = data_or_null(dbias)
-    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
-        with nogil:
-            status = table.backward_f32(<const float *>dyp, <const float *>xp, <float *>dxp,
-                                        outer, channels, inner, <const float *>mp,
-                                        <const float *>ip, <const float *>wp,
-                                        <const float *>bp, <float *>dwp, <float *>dbp, acc,
-                                        fused_relu, nt)
+    cdef fastbn_bn_call call
+    start_call(&call, outer, channels, inner)
+    call.dy = cnp.PyArray_DATA(dy)
+    call.x = data_or_null(x)
+    call.out = cnp.PyArray_DATA(out)
+    call.weight = data_or_null(weight)
+    call.bias = data_or_null(bias)
+    call.dweight = data_or_null(dweight)
+    call.dbias = data_or_null(dbias)
+    call.accumulate = accumulate
+    call.relu = relu
+    if eval_mode:
+        call.running_mean = cnp.PyArray_DATA(stat_a)
+        call.running_var = cnp.PyArray_DATA(stat_b)
+        call.eps = eps
+        run(kernels().backward_eval, <cnp.ndarray>dy, &call, "batch_norm eval backward")
     else:
-        with nogil:
-            status = table.backward_f64(<const double *>dyp, <const double *>xp, <double *>dxp,
-                                        outer, channels, inner, <const double *>mp,
-                                        <const double *>ip, <const double *>wp,
-                                        <const double *>bp, <double *>dwp, <double *>dbp, acc,
-                                        fused_relu, nt)
-    raise_for_status(status, "batch_norm backward")
+        call.mean = cnp.PyArray_DATA(stat_a)
+        call.invstd = cnp.PyArray_DATA(stat_b)
+        run(kernels().backward, <cnp.ndarray>dy, &call, "batch_norm backward")
     return out
 
 
@@ -528,52 +622,26 @@ def backward_eval(object dy, object x, object dx, int64_t outer, int64_t channel
             needs_x and not is_like(x, <cnp.ndarray>dy)):
         return None
     cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>dy)
-    if not (running_mean is not None and running_var is not None
-            and is_channel_vector(running_mean, channels, typenum)
-            and is_channel_vector(running_var, channels, typenum)
-            and is_channel_vector(weight, channels, typenum)
-            and (not relu or is_channel_vector(bias, channels, typenum))
+    if not (backward_vectors_ready(typenum, channels, running_mean, running_var, weight,
+                                   bias if relu else None)
             and is_written_vector(dweight, channels, typenum)
             and is_written_vector(dbias, channels, typenum)):
         return None
-    cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
-    cdef int nt = effective_num_threads()
-    cdef int status
-    cdef int acc = accumulate
-    cdef int fused_relu = relu
-    dy = kernel_input(dy)
-    x = kernel_input(x) if needs_x else None
-    running_mean = kernel_input(running_mean)
-    running_var = kernel_input(running_var)
-    weight = kernel_input(weight)
-    bias = kernel_input(bias) if relu else None
-    cdef cnp.ndarray out = empty_like_array(dy) if dx is None else <cnp.ndarray>dx
-    cdef void *dyp = cnp.PyArray_DATA(dy)
-    cdef void *xp = data_or_null(x)
-    cdef void *dxp = cnp.PyArray_DATA(out)
-    cdef void *mp = cnp.PyArray_DATA(running_mean)
-    cdef void *vp = cnp.PyArray_DATA(running_var)
-    cdef void *wp = data_or_null(weight)
-    cdef void *bp = data_or_null(bias)
-    cdef void *dwp = data_or_null(dweight)
-    cdef void *dbp = data_or_null(dbias)
-    if cnp.PyArray_TYPE(dy) == cnp.NPY_FLOAT32:
-        with nogil:
-            status = table.backward_eval_f32(<const float *>dyp, <const float *>xp, <float *>dxp,
-                                             outer, channels, inner, <const float *>mp,
-                                             <const float *>vp, <const float *>wp,
-                                             <const float *>bp, eps, <float *>dwp,
-                                             <float *>dbp, acc, fused_relu, nt)
-    else:
-        with nogil:
-            status = table.backward_eval_f64(<const double *>dyp, <const double *>xp,
-                                             <double *>dxp, outer, channels, inner,
-                                             <const double *>mp, <const double *>vp,
-                                             <const double *>wp, <const double *>bp, eps,
-                                             <double *>dwp, <double *>dbp, acc, fused_relu,
-                                             nt)
-    raise_for_status(status, "batch_norm eval backward")
-    return out
+    return run_backward(True, dy, x, dx, outer, channels, inner, running_mean, running_var,
+                        weight, eps, dweight, dbias, accumulate, bias, relu)
+
+
+def backward_eval_at(object dy, object x, object dx, object axis, object running_mean,
+                     object running_var, object weight, object bias, object eps,
+                     bint relu=False):
+    """`backward_eval` with the geometry read from x and the channel `axis`,
+    the parameter gradients new arrays: (dx, dweight, dbias), or None
+    (nothing written) unless, as in `backward_at`, every array is plain and
+    kernel-ready (dx may be dy but not x) and eps is a float >= 0."""
+    if not plain_eps(eps, False):
+        return None
+    return backward_at_axis(True, dy, x, dx, axis, running_mean, running_var, weight, bias,
+                            eps, relu)
 
 
 # ---- split phases ----------------------------------------------------------------
@@ -599,22 +667,15 @@ def stats(object x, int64_t outer, int64_t channels, int64_t inner):
     x IN (outer, channels, inner) any strides, at least 1 value per channel.
     Returns (mean, m2), new float64 (channels,) arrays.
     """
-    cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
-    cdef int nt = effective_num_threads()
-    cdef int status
     x = kernel_input(x)
     cdef cnp.ndarray mean = empty_vector(channels, cnp.NPY_FLOAT64)
     cdef cnp.ndarray m2 = empty_vector(channels, cnp.NPY_FLOAT64)
-    cdef void *xp = cnp.PyArray_DATA(x)
-    cdef double *mp = <double *>cnp.PyArray_DATA(mean)
-    cdef double *m2p = <double *>cnp.PyArray_DATA(m2)
-    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
-        with nogil:
-            status = table.stats_f32(<const float *>xp, outer, channels, inner, mp, m2p, nt)
-    else:
-        with nogil:
-            status = table.stats_f64(<const double *>xp, outer, channels, inner, mp, m2p, nt)
-    raise_for_status(status, "batch_norm_stats")
+    cdef fastbn_bn_call call
+    start_call(&call, outer, channels, inner)
+    call.x = cnp.PyArray_DATA(x)
+    call.phase_mean = <double *>cnp.PyArray_DATA(mean)
+    call.m2 = <double *>cnp.PyArray_DATA(m2)
+    run(kernels().stats, <cnp.ndarray>x, &call, "batch_norm_stats")
     return mean, m2
 
 
@@ -657,32 +718,22 @@ def apply(object x, object y, int64_t outer, int64_t channels, int64_t inner, ob
     or None to allocate it; mean, invstd IN (channels,); weight, bias IN
     (channels,) x's dtype, or None.  Returns y.
     """
-    cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
-    cdef int nt = effective_num_threads()
-    cdef int status
-    cdef int fused_relu = relu
     x = kernel_input(x)
     mean = float64_vector(mean)
     invstd = float64_vector(invstd)
     weight = kernel_input(weight)
     bias = kernel_input(bias)
     cdef cnp.ndarray out = empty_like_array(x) if y is None else <cnp.ndarray>y
-    cdef void *xp = cnp.PyArray_DATA(x)
-    cdef void *yp = cnp.PyArray_DATA(out)
-    cdef const double *mp = <const double *>cnp.PyArray_DATA(mean)
-    cdef const double *ip = <const double *>cnp.PyArray_DATA(invstd)
-    cdef void *wp = data_or_null(weight)
-    cdef void *bp = data_or_null(bias)
-    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
-        with nogil:
-            status = table.apply_f32(<const float *>xp, <float *>yp, outer, channels, inner, mp,
-                                     ip, <const float *>wp, <const float *>bp, fused_relu, nt)
-    else:
-        with nogil:
-            status = table.apply_f64(<const double *>xp, <double *>yp, outer, channels, inner,
-                                     mp, ip, <const double *>wp, <const double *>bp,
-                                     fused_relu, nt)
-    raise_for_status(status, "batch_norm_apply")
+    cdef fastbn_bn_call call
+    start_call(&call, outer, channels, inner)
+    call.x = cnp.PyArray_DATA(x)
+    call.out = cnp.PyArray_DATA(out)
+    call.phase_mean = <double *>cnp.PyArray_DATA(mean)
+    call.phase_invstd = <const double *>cnp.PyArray_DATA(invstd)
+    call.weight = data_or_null(weight)
+    call.bias = data_or_null(bias)
+    call.relu = relu
+    run(kernels().apply, <cnp.ndarray>x, &call, "batch_norm_apply")
     return out
 
 
@@ -695,10 +746,6 @@ def backward_reduce(object dy, object x, int64_t outer, int64_t channels, int64_
     (channels,).  Returns (sum_dy, sum_dy_xhat), new float64 (channels,)
     arrays.
     """
-    cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
-    cdef int nt = effective_num_threads()
-    cdef int status
-    cdef int fused_relu = relu
     dy = kernel_input(dy)
     x = kernel_input(x)
     mean = float64_vector(mean)
@@ -707,25 +754,18 @@ def backward_reduce(object dy, object x, int64_t outer, int64_t channels, int64_
     mask_bias = kernel_input(mask_bias) if relu else None
     cdef cnp.ndarray sum_dy = empty_vector(channels, cnp.NPY_FLOAT64)
     cdef cnp.ndarray sum_dy_xhat = empty_vector(channels, cnp.NPY_FLOAT64)
-    cdef void *dyp = cnp.PyArray_DATA(dy)
-    cdef void *xp = cnp.PyArray_DATA(x)
-    cdef const double *mp = <const double *>cnp.PyArray_DATA(mean)
-    cdef const double *ip = <const double *>cnp.PyArray_DATA(invstd)
-    cdef void *wp = data_or_null(mask_weight)
-    cdef void *bp = data_or_null(mask_bias)
-    cdef double *s1p = <double *>cnp.PyArray_DATA(sum_dy)
-    cdef double *s2p = <double *>cnp.PyArray_DATA(sum_dy_xhat)
-    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
-        with nogil:
-            status = table.backward_reduce_f32(<const float *>dyp, <const float *>xp, outer,
-                                               channels, inner, mp, ip, <const float *>wp,
-                                               <const float *>bp, fused_relu, s1p, s2p, nt)
-    else:
-        with nogil:
-            status = table.backward_reduce_f64(<const double *>dyp, <const double *>xp, outer,
-                                               channels, inner, mp, ip, <const double *>wp,
-                                               <const double *>bp, fused_relu, s1p, s2p, nt)
-    raise_for_status(status, "batch_norm_backward_reduce")
+    cdef fastbn_bn_call call
+    start_call(&call, outer, channels, inner)
+    call.dy = cnp.PyArray_DATA(dy)
+    call.x = cnp.PyArray_DATA(x)
+    call.phase_mean = <double *>cnp.PyArray_DATA(mean)
+    call.phase_invstd = <const double *>cnp.PyArray_DATA(invstd)
+    call.mask_weight = data_or_null(mask_weight)
+    call.mask_bias = data_or_null(mask_bias)
+    call.sum_dy = <double *>cnp.PyArray_DATA(sum_dy)
+    call.sum_dy_xhat = <double *>cnp.PyArray_DATA(sum_dy_xhat)
+    call.relu = relu
+    run(kernels().backward_reduce, <cnp.ndarray>x, &call, "batch_norm_backward_reduce")
     return sum_dy, sum_dy_xhat
 
 
@@ -740,10 +780,6 @@ def backward_apply(object dy, object x, object dx, int64_t outer, int64_t channe
     (channels,); weight IN (channels,) x's dtype, or None; count > 0.
     Returns dx.
     """
-    cdef const fastbn_bn_kernels *table = fastbn_bn_kernels_for(current_simd_target())
-    cdef int nt = effective_num_threads()
-    cdef int status
-    cdef int fused_relu = relu
     dy = kernel_input(dy)
     x = kernel_input(x)
     mean = float64_vector(mean)
@@ -754,29 +790,19 @@ def backward_apply(object dy, object x, object dx, int64_t outer, int64_t channe
     mask_weight = kernel_input(mask_weight) if relu else None
     mask_bias = kernel_input(mask_bias) if relu else None
     cdef cnp.ndarray out = empty_like_array(dy) if dx is None else <cnp.ndarray>dx
-    cdef void *dyp = cnp.PyArray_DATA(dy)
-    cdef void *xp = cnp.PyArray_DATA(x)
-    cdef void *dxp = cnp.PyArray_DATA(out)
-    cdef const double *mp = <const double *>cnp.PyArray_DATA(mean)
-    cdef const double *ip = <const double *>cnp.PyArray_DATA(invstd)
-    cdef const double *s1p = <const double *>cnp.PyArray_DATA(sum_dy)
-    cdef const double *s2p = <const double *>cnp.PyArray_DATA(sum_dy_xhat)
-    cdef void *wp = data_or_null(weight)
-    cdef void *mwp = data_or_null(mask_weight)
-    cdef void *mbp = data_or_null(mask_bias)
-    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
-        with nogil:
-            status = table.backward_apply_f32(<const float *>dyp, <const float *>xp,
-                                              <float *>dxp, outer, channels, inner, mp, ip,
-                                              <const float *>wp, s1p, s2p, count,
-                                              <const float *>mwp, <const float *>mbp,
-                                              fused_relu, nt)
-    else:
-        with nogil:
-            status = table.backward_apply_f64(<const double *>dyp, <const double *>xp,
-                                              <double *>dxp, outer, channels, inner, mp, ip,
-                                              <const double *>wp, s1p, s2p, count,
-                                              <const double *>mwp, <const double *>mbp,
-                                              fused_relu, nt)
-    raise_for_status(status, "batch_norm_backward_apply")
+    cdef fastbn_bn_call call
+    start_call(&call, outer, channels, inner)
+    call.dy = cnp.PyArray_DATA(dy)
+    call.x = cnp.PyArray_DATA(x)
+    call.out = cnp.PyArray_DATA(out)
+    call.phase_mean = <double *>cnp.PyArray_DATA(mean)
+    call.phase_invstd = <const double *>cnp.PyArray_DATA(invstd)
+    call.sum_dy = <double *>cnp.PyArray_DATA(sum_dy)
+    call.sum_dy_xhat = <double *>cnp.PyArray_DATA(sum_dy_xhat)
+    call.count = count
+    call.weight = data_or_null(weight)
+    call.mask_weight = data_or_null(mask_weight)
+    call.mask_bias = data_or_null(mask_bias)
+    call.relu = relu
+    run(kernels().backward_apply, <cnp.ndarray>x, &call, "batch_norm_backward_apply")
     return out

@@ -45,11 +45,9 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ._backend import current_kernels
-from ._bn import standard_geometry
 from ._bn_validation import (check_apply_args, check_backward_apply_args, check_backward_args,
-                             check_backward_reduce_args, check_batch_norm_args, check_eps,
-                             check_merge_stats_args, check_momentum, check_stats_args,
-                             check_update_momentum)
+                             check_backward_reduce_args, check_batch_norm_args,
+                             check_merge_stats_args, check_stats_args)
 
 __all__ = ["batch_norm", "batch_norm_forward_train", "batch_norm_backward",
            "batch_norm_backward_eval", "batch_norm_relu", "batch_norm_relu_forward_train",
@@ -340,23 +338,32 @@ def batch_norm_relu_backward_eval(dy: np.ndarray, x: np.ndarray, running_mean: n
 # entry point for both backends.  relu: fused ReLU.
 
 
+# Each first tries the kernels' `*_at` method, which reads the geometry from
+# `axis` and runs the kernel when every argument is plain and valid (one
+# bridge crossing); on None (nothing written) the validators run, raising
+# the error or normalizing the arguments for the explicit-geometry kernel.
+
+
 def _batch_norm(kernels, x, running_mean, running_var, weight, bias, training, momentum, eps,
                 axis, out, relu):
     use_batch_stats = bool(training) or running_mean is None
-    update = use_batch_stats and running_mean is not None
-    geometry = standard_geometry(x, axis, running_mean, running_var, weight, bias,
-                                 use_batch_stats, update, out)
-    if geometry is not None:  # plain valid arrays: only the scalars are left to check
-        eps = check_eps(eps, batch_stats=use_batch_stats)
-        momentum = check_update_momentum(momentum) if update else check_momentum(momentum)
-        outer, channels, inner = geometry
+    if use_batch_stats:
+        result = kernels.train_forward_at(x, out, axis, weight, bias, eps, running_mean,
+                                          running_var, momentum, relu)
+    elif momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0):
+        # eval reads no momentum, but a bad one is still an error
+        result = kernels.eval_forward_at(x, out, axis, running_mean, running_var, weight, bias,
+                                         eps, relu)
     else:
-        x, layout, eps, momentum, use_batch_stats, update, running_mean, running_var, weight, \
-            bias, out = check_batch_norm_args(x, running_mean, running_var, weight, bias,
-                                              use_batch_stats, momentum, eps, axis, out)
-        if x.size == 0:
-            return np.empty(x.shape, x.dtype) if out is None else out
-        outer, channels, inner = layout.outer, layout.channels, layout.inner
+        result = None
+    if result is not None:
+        return result[0]
+    x, layout, eps, momentum, use_batch_stats, update, running_mean, running_var, weight, \
+        bias, out = check_batch_norm_args(x, running_mean, running_var, weight, bias,
+                                          use_batch_stats, momentum, eps, axis, out)
+    if x.size == 0:
+        return np.empty(x.shape, x.dtype) if out is None else out
+    outer, channels, inner = layout.outer, layout.channels, layout.inner
     if use_batch_stats:
         if not update:
             running_mean = running_var = None
@@ -369,21 +376,17 @@ def _batch_norm(kernels, x, running_mean, running_var, weight, bias, training, m
 
 def _forward_train(kernels, x, weight, bias, eps, axis, out, running_mean, running_var,
                    momentum, relu):
-    update = running_mean is not None
-    geometry = standard_geometry(x, axis, running_mean, running_var, weight, bias, True,
-                                 update, out)
-    if geometry is not None:  # plain valid arrays: only the scalars are left to check
-        eps = check_eps(eps, batch_stats=True)
-        momentum = check_update_momentum(momentum) if update else check_momentum(momentum)
-        outer, channels, inner = geometry
-    else:
-        x, layout, eps, momentum, _, update, running_mean, running_var, weight, bias, out = \
-            check_batch_norm_args(x, running_mean, running_var, weight, bias, True, momentum,
-                                  eps, axis, out)
-        if x.size == 0:  # no channels: nothing to compute
-            empty = np.empty(0, x.dtype)
-            return (np.empty(x.shape, x.dtype) if out is None else out), empty, empty.copy()
-        outer, channels, inner = layout.outer, layout.channels, layout.inner
+    result = kernels.train_forward_at(x, out, axis, weight, bias, eps, running_mean,
+                                      running_var, momentum, relu)
+    if result is not None:
+        return result[:3]
+    x, layout, eps, momentum, _, update, running_mean, running_var, weight, bias, out = \
+        check_batch_norm_args(x, running_mean, running_var, weight, bias, True, momentum,
+                              eps, axis, out)
+    if x.size == 0:  # no channels: nothing to compute
+        empty = np.empty(0, x.dtype)
+        return (np.empty(x.shape, x.dtype) if out is None else out), empty, empty.copy()
+    outer, channels, inner = layout.outer, layout.channels, layout.inner
     y, mean, invstd, _ = kernels.train_forward(x, out, outer, channels, inner, weight, bias, eps,
                                                running_mean, running_var,
                                                momentum if update else 0.0, relu)
@@ -391,6 +394,9 @@ def _forward_train(kernels, x, weight, bias, eps, axis, out, running_mean, runni
 
 
 def _backward(kernels, dy, x, mean, invstd, weight, bias, axis, out, relu):
+    result = kernels.backward_at(dy, x, out, axis, mean, invstd, weight, bias, relu)
+    if result is not None:
+        return result
     dy, x, layout, mean, invstd, weight, bias, _, out = check_backward_args(
         dy, x, mean, invstd, weight, bias, None, axis, out, eval_mode=False)
     dweight = np.empty(layout.channels, x.dtype)
@@ -406,6 +412,10 @@ def _backward(kernels, dy, x, mean, invstd, weight, bias, axis, out, relu):
 
 def _backward_eval(kernels, dy, x, running_mean, running_var, weight, bias, eps, axis, out,
                    relu):
+    result = kernels.backward_eval_at(dy, x, out, axis, running_mean, running_var, weight, bias,
+                                      eps, relu)
+    if result is not None:
+        return result
     dy, x, layout, running_mean, running_var, weight, bias, eps, out = check_backward_args(
         dy, x, running_mean, running_var, weight, bias, eps, axis, out, eval_mode=True)
     dweight = np.empty(layout.channels, x.dtype)

@@ -1,14 +1,14 @@
 """Adadelta (torch.optim.Adadelta)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable
 
 import numpy as np
 
 from .._validation import check_range
 from ..reference import optim as reference
 from . import _fused
-from .optimizer import Optimizer, check_flags, check_non_negative, hyperparameter_name
+from .optimizer import KernelSpec, Optimizer, check_flags, check_non_negative, hyperparameter_name
 
 __all__ = ["Adadelta"]
 
@@ -45,17 +45,15 @@ class Adadelta(Optimizer):
         check_range(group["rho"], hyperparameter_name(where, "rho"), 0.0, 1.0)
         check_flags(group, where, "maximize")
 
-    def _state_slots(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
-        return ("square_avg", "acc_delta")
-
     def _reference_update(self, data: np.ndarray, grad: np.ndarray, state: Dict[str, Any],
                           group: Dict[str, Any], fresh: bool) -> None:
         reference.adadelta_update(data, grad, state["square_avg"], state["acc_delta"],
                                   lr=group["lr"], rho=group["rho"], eps=group["eps"],
                                   weight_decay=group["weight_decay"], maximize=group["maximize"])
 
-    def _kernel_arguments(self, group: Dict[str, Any]):
+    def _kernel_spec(self, group: Dict[str, Any]) -> KernelSpec:
+        slots = ("square_avg", "acc_delta")
         rho = float(group["rho"])
         scalars = (float(group["lr"]), float(group["weight_decay"]), rho, 1.0 - rho,
                    float(group["eps"]))
-        return scalars, _fused.common_flags(group), None
+        return KernelSpec(slots, scalars, _fused.common_flags(group), None)

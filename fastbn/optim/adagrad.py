@@ -1,13 +1,13 @@
 """Adagrad (torch.optim.Adagrad)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Tuple
 
 import numpy as np
 
 from ..reference import optim as reference
 from . import _fused
-from .optimizer import Optimizer, check_flags, check_non_negative
+from .optimizer import KernelSpec, Optimizer, check_flags, check_non_negative
 
 __all__ = ["Adagrad"]
 
@@ -51,9 +51,6 @@ class Adagrad(Optimizer):
                            "initial_accumulator_value", "eps")
         check_flags(group, where, "maximize")
 
-    def _state_slots(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
-        return ("sum",)
-
     def _initial_fill(self, key: str, group: Dict[str, Any]) -> float:
         return group["initial_accumulator_value"]
 
@@ -63,11 +60,12 @@ class Adagrad(Optimizer):
                                  lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
                                  eps=group["eps"], maximize=group["maximize"])
 
-    def _kernel_arguments(self, group: Dict[str, Any]):
+    def _kernel_spec(self, group: Dict[str, Any]) -> KernelSpec:
+        slots = ("sum",)
         lr, lr_decay = float(group["lr"]), float(group["lr_decay"])
         scalars = (float(group["weight_decay"]), float(group["eps"]))
 
         def decayed_lr(step: int, fresh: bool) -> Tuple[float]:
             return (lr / (1 + (step - 1) * lr_decay),)
 
-        return scalars, _fused.common_flags(group), decayed_lr
+        return KernelSpec(slots, scalars, _fused.common_flags(group), decayed_lr)

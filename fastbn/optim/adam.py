@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Tuple
 
 import numpy as np
 
 from ..reference import optim as reference
 from . import _fused
-from .optimizer import Optimizer, check_betas, check_flags, check_non_negative
+from .optimizer import KernelSpec, Optimizer, check_betas, check_flags, check_non_negative
 
 __all__ = ["Adam", "AdamW"]
 
@@ -70,9 +70,6 @@ class Adam(Optimizer):
         check_betas(group, where)
         check_flags(group, where, "amsgrad", "maximize", "bias_correction", "decoupled_weight_decay")
 
-    def _state_slots(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
-        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if group["amsgrad"] else None)
-
     def _reference_update(self, data: np.ndarray, grad: np.ndarray, state: Dict[str, Any],
                           group: Dict[str, Any], fresh: bool) -> None:
         beta1, beta2 = group["betas"]
@@ -83,7 +80,8 @@ class Adam(Optimizer):
             maximize=group["maximize"], bias_correction=group["bias_correction"],
             decoupled_weight_decay=group["decoupled_weight_decay"])
 
-    def _kernel_arguments(self, group: Dict[str, Any]):
+    def _kernel_spec(self, group: Dict[str, Any]) -> KernelSpec:
+        slots = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if group["amsgrad"] else None)
         beta1, beta2 = (float(b) for b in group["betas"])
         lr, eps = float(group["lr"]), float(group["eps"])
         weight_decay = float(group["weight_decay"])
@@ -102,7 +100,7 @@ class Adam(Optimizer):
             bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
             return lr * bias_correction2_sqrt / bias_correction1, eps * bias_correction2_sqrt
 
-        return scalars, flags, update_coefficients
+        return KernelSpec(slots, scalars, flags, update_coefficients)
 
 
 class AdamW(Adam):

@@ -1,13 +1,13 @@
 """Adamax (torch.optim.Adamax): Adam with an infinity-norm second moment."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Tuple
 
 import numpy as np
 
 from ..reference import optim as reference
 from . import _fused
-from .optimizer import Optimizer, check_betas, check_flags, check_non_negative
+from .optimizer import KernelSpec, Optimizer, check_betas, check_flags, check_non_negative
 
 __all__ = ["Adamax"]
 
@@ -44,9 +44,6 @@ class Adamax(Optimizer):
         check_betas(group, where)
         check_flags(group, where, "maximize")
 
-    def _state_slots(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
-        return ("exp_avg", "exp_inf")
-
     def _reference_update(self, data: np.ndarray, grad: np.ndarray, state: Dict[str, Any],
                           group: Dict[str, Any], fresh: bool) -> None:
         beta1, beta2 = group["betas"]
@@ -54,7 +51,8 @@ class Adamax(Optimizer):
                                 lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                                 weight_decay=group["weight_decay"], maximize=group["maximize"])
 
-    def _kernel_arguments(self, group: Dict[str, Any]):
+    def _kernel_spec(self, group: Dict[str, Any]) -> KernelSpec:
+        slots = ("exp_avg", "exp_inf")
         beta1, beta2 = (float(b) for b in group["betas"])
         lr = float(group["lr"])
         scalars = (float(group["weight_decay"]), beta1, 1.0 - beta1, beta2, float(group["eps"]))
@@ -62,4 +60,4 @@ class Adamax(Optimizer):
         def decayed_lr(step: int, fresh: bool) -> Tuple[float]:
             return (lr / (1.0 - beta1 ** step),)
 
-        return scalars, _fused.common_flags(group), decayed_lr
+        return KernelSpec(slots, scalars, _fused.common_flags(group), decayed_lr)

@@ -1,13 +1,13 @@
 """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms")."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Tuple
 
 import numpy as np
 
 from ..reference import optim as reference
 from . import _fused
-from .optimizer import Optimizer, check_betas, check_flags, check_non_negative
+from .optimizer import KernelSpec, Optimizer, check_betas, check_flags, check_non_negative
 
 __all__ = ["Lion"]
 
@@ -48,9 +48,6 @@ class Lion(Optimizer):
         check_betas(group, where)
         check_flags(group, where, "maximize")
 
-    def _state_slots(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
-        return ("exp_avg",)
-
     def _reference_update(self, data: np.ndarray, grad: np.ndarray, state: Dict[str, Any],
                           group: Dict[str, Any], fresh: bool) -> None:
         beta1, beta2 = group["betas"]
@@ -58,8 +55,9 @@ class Lion(Optimizer):
                               beta2=beta2, weight_decay=group["weight_decay"],
                               maximize=group["maximize"])
 
-    def _kernel_arguments(self, group: Dict[str, Any]):
+    def _kernel_spec(self, group: Dict[str, Any]) -> KernelSpec:
+        slots = ("exp_avg",)
         beta1, beta2 = (float(b) for b in group["betas"])
         scalars = (float(group["lr"]), float(group["weight_decay"]),
                    beta1, 1.0 - beta1, beta2, 1.0 - beta2)
-        return scalars, _fused.common_flags(group), None
+        return KernelSpec(slots, scalars, _fused.common_flags(group), None)

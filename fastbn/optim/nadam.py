@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Tuple
 
 import numpy as np
 
 from ..reference import optim as reference
 from . import _fused
-from .optimizer import Optimizer, check_betas, check_flags, check_non_negative
+from .optimizer import KernelSpec, Optimizer, check_betas, check_flags, check_non_negative
 
 __all__ = ["NAdam"]
 
@@ -63,9 +63,6 @@ class NAdam(Optimizer):
         check_betas(group, where)
         check_flags(group, where, "decoupled_weight_decay", "maximize")
 
-    def _state_slots(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
-        return ("exp_avg", "exp_avg_sq")
-
     def _reference_update(self, data: np.ndarray, grad: np.ndarray, state: Dict[str, Any],
                           group: Dict[str, Any], fresh: bool) -> None:
         beta1, beta2 = group["betas"]
@@ -76,7 +73,8 @@ class NAdam(Optimizer):
             momentum_decay=group["momentum_decay"],
             decoupled_weight_decay=group["decoupled_weight_decay"], maximize=group["maximize"])
 
-    def _kernel_arguments(self, group: Dict[str, Any]):
+    def _kernel_spec(self, group: Dict[str, Any]) -> KernelSpec:
+        slots = ("exp_avg", "exp_avg_sq")
         beta1, beta2 = (float(b) for b in group["betas"])
         lr, eps = float(group["lr"]), float(group["eps"])
         weight_decay = float(group["weight_decay"])
@@ -95,4 +93,4 @@ class NAdam(Optimizer):
             avg_weight = lr * mu_next / (1.0 - mu_product * mu_next) * bias_correction2_sqrt
             return (grad_weight, avg_weight, eps * bias_correction2_sqrt), mu_product
 
-        return scalars, flags, update_coefficients
+        return KernelSpec(slots, scalars, flags, update_coefficients)

@@ -4,12 +4,12 @@ What a subclass provides (everything else lives here):
 
 - ``defaults`` (the hyperparameters and their default values) and
   `_check_hyperparameters(group, where)` (PyTorch's validation, our messages);
-- `_state_slots(group)`: the state arrays a step of this group needs, in the
-  kernel's slot order;
+- `_kernel_spec(group)`: a `KernelSpec`, everything the fused kernel takes
+  for this group (see fastbn/optim/_fused.py): the state arrays in the
+  kernel's slot order, the group scalars, option flags and per-step
+  coefficients;
 - `_reference_update(data, grad, state, group, fresh)`: one parameter,
-  through fastbn.reference.optim (the oracle);
-- `_kernel_arguments(group)`: the group scalars, option flags and per-step
-  coefficients the fused kernel takes (see fastbn/optim/_fused.py).
+  through fastbn.reference.optim (the oracle).
 
 A step runs in three phases over every group: validate (hyperparameters,
 memory overlap, data, gradients, existing state), allocate the state that is
@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -42,6 +42,22 @@ from ._checks import (MAX_STEP, check_disjoint_params, check_param_data, check_s
 __all__ = ["Optimizer"]
 
 _PARAMS_EXPECTED = "expected an iterable of Parameters or of dicts (param groups)"
+
+
+class KernelSpec(NamedTuple):
+    """What the fused kernel takes for one param group (`Optimizer._kernel_spec`)."""
+
+    #: State arrays of one parameter, in the kernel's slot order; None marks a
+    #: slot this group's options leave unused.
+    slots: Tuple[Optional[str], ...]
+    #: The group scalars, in the family's order (src_c/optim/optim_kernels.h).
+    scalars: Tuple[float, ...]
+    #: Option flags (fastbn.optim._fused.FLAG_*).
+    flags: int
+    #: (step, fresh) -> the per-parameter coefficients (NAdam: (step, fresh,
+    #: scalar state) -> (coefficients, new scalar state)); None when every
+    #: parameter uses the group scalars only.
+    coefficients: Optional[Callable[..., Any]]
 
 
 class _Update:
@@ -286,8 +302,7 @@ class Optimizer:
         # Phase 1: the bridge takes every parameter that is ready as it is,
         # and the checks below handle the rest (first step, copies, errors).
         for index, group in enumerate(groups):
-            slots = self._state_slots(group)
-            scalars, flags, coefficients = self._kernel_arguments(group)
+            slots, scalars, flags, coefficients = self._kernel_spec(group)
             params = group["params"]
             state_type, seed = -1, 0
             if self._state_dtype is not None:
@@ -435,22 +450,17 @@ class Optimizer:
         `where` prefixes the names ('' for constructor arguments)."""
         raise NotImplementedError
 
-    def _state_slots(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
-        """State arrays of one parameter, in the kernel's slot order; None
-        marks a slot this group's options leave unused."""
+    def _kernel_spec(self, group: Dict[str, Any]) -> KernelSpec:
+        """What the fused kernel takes for this (validated) group."""
         raise NotImplementedError
+
+    def _state_slots(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
+        return self._kernel_spec(group).slots
 
     def _reference_update(self, data: np.ndarray, grad: np.ndarray, state: Dict[str, Any],
                           group: Dict[str, Any], fresh: bool) -> None:
         """One parameter through fastbn.reference.optim (step already counted;
         `fresh`: its state arrays were created by this step)."""
-        raise NotImplementedError
-
-    def _kernel_arguments(self, group: Dict[str, Any]) -> Tuple[Tuple[float, ...], int,
-                                                                 Optional[Callable[[int, bool], Tuple[float, ...]]]]:
-        """What the fused kernel takes for this group: the group scalars, the
-        option flags, and a function (step, fresh) -> per-parameter
-        coefficients (None when every parameter uses the group scalars only)."""
         raise NotImplementedError
 
     # section: state dict -------------------------------------------------------

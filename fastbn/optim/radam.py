@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Tuple
 
 import numpy as np
 
 from ..reference import optim as reference
 from . import _fused
-from .optimizer import Optimizer, check_betas, check_flags, check_non_negative
+from .optimizer import KernelSpec, Optimizer, check_betas, check_flags, check_non_negative
 
 __all__ = ["RAdam"]
 
@@ -59,9 +59,6 @@ class RAdam(Optimizer):
         check_betas(group, where)
         check_flags(group, where, "decoupled_weight_decay", "maximize")
 
-    def _state_slots(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
-        return ("exp_avg", "exp_avg_sq")
-
     def _reference_update(self, data: np.ndarray, grad: np.ndarray, state: Dict[str, Any],
                           group: Dict[str, Any], fresh: bool) -> None:
         beta1, beta2 = group["betas"]
@@ -71,7 +68,8 @@ class RAdam(Optimizer):
                                decoupled_weight_decay=group["decoupled_weight_decay"],
                                maximize=group["maximize"])
 
-    def _kernel_arguments(self, group: Dict[str, Any]):
+    def _kernel_spec(self, group: Dict[str, Any]) -> KernelSpec:
+        slots = ("exp_avg", "exp_avg_sq")
         beta1, beta2 = (float(b) for b in group["betas"])
         lr, eps = float(group["lr"]), float(group["eps"])
         weight_decay = float(group["weight_decay"])
@@ -88,4 +86,4 @@ class RAdam(Optimizer):
             step_size = lr * rectification * math.sqrt(1.0 - beta2 ** step) / bias_correction1
             return step_size, eps, 1.0
 
-        return scalars, flags, update_coefficients
+        return KernelSpec(slots, scalars, flags, update_coefficients)

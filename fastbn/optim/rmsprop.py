@@ -1,13 +1,13 @@
 """RMSprop (torch.optim.RMSprop: eps outside the square root)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable
 
 import numpy as np
 
 from ..reference import optim as reference
 from . import _fused
-from .optimizer import Optimizer, check_flags, check_non_negative
+from .optimizer import KernelSpec, Optimizer, check_flags, check_non_negative
 
 __all__ = ["RMSprop"]
 
@@ -55,11 +55,6 @@ class RMSprop(Optimizer):
         check_non_negative(group, where, "lr", "eps", "momentum", "weight_decay", "alpha")
         check_flags(group, where, "centered", "maximize")
 
-    def _state_slots(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
-        return ("square_avg",
-                "grad_avg" if group["centered"] else None,
-                "momentum_buffer" if group["momentum"] > 0 else None)
-
     def _reference_update(self, data: np.ndarray, grad: np.ndarray, state: Dict[str, Any],
                           group: Dict[str, Any], fresh: bool) -> None:
         reference.rmsprop_update(
@@ -68,7 +63,10 @@ class RMSprop(Optimizer):
             weight_decay=group["weight_decay"], momentum=group["momentum"],
             centered=group["centered"], maximize=group["maximize"])
 
-    def _kernel_arguments(self, group: Dict[str, Any]):
+    def _kernel_spec(self, group: Dict[str, Any]) -> KernelSpec:
+        slots = ("square_avg",
+                 "grad_avg" if group["centered"] else None,
+                 "momentum_buffer" if group["momentum"] > 0 else None)
         alpha = float(group["alpha"])
         momentum = float(group["momentum"])
         flags = _fused.common_flags(group)
@@ -78,4 +76,4 @@ class RMSprop(Optimizer):
             flags |= _fused.FLAG_MOMENTUM
         scalars = (float(group["lr"]), float(group["weight_decay"]), alpha, 1.0 - alpha,
                    float(group["eps"]), momentum)
-        return scalars, flags, None
+        return KernelSpec(slots, scalars, flags, None)

@@ -1,13 +1,13 @@
 """SGD (torch.optim.SGD) and Momentum (the textbook v = beta*v + (1-beta)*g)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Tuple
 
 import numpy as np
 
 from ..reference import optim as reference
 from . import _fused
-from .optimizer import (Optimizer, check_flags, check_non_negative, check_reals,
+from .optimizer import (KernelSpec, Optimizer, check_flags, check_non_negative, check_reals,
                         check_unit_interval, hyperparameter_name)
 
 __all__ = ["SGD", "Momentum"]
@@ -60,9 +60,6 @@ class SGD(Optimizer):
                 f"and dampening == 0, got momentum={group['momentum']!r}, "
                 f"dampening={group['dampening']!r}")
 
-    def _state_slots(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
-
     def _reference_update(self, data: np.ndarray, grad: np.ndarray, state: Dict[str, Any],
                           group: Dict[str, Any], fresh: bool) -> None:
         # A buffer created for this step means "first step": b = g.
@@ -74,7 +71,8 @@ class SGD(Optimizer):
         if buffer is not None:
             state["momentum_buffer"] = buffer
 
-    def _kernel_arguments(self, group: Dict[str, Any]):
+    def _kernel_spec(self, group: Dict[str, Any]) -> KernelSpec:
+        slots = ("momentum_buffer",) if group["momentum"] != 0 else ()
         momentum = float(group["momentum"])
         flags = _fused.common_flags(group)
         if momentum != 0:
@@ -90,7 +88,7 @@ class SGD(Optimizer):
 
         scalars = (float(group["lr"]), float(group["weight_decay"]), momentum)
         # Without momentum the kernel reads no coefficients.
-        return scalars, flags, buffer_coefficients if momentum != 0 else None
+        return KernelSpec(slots, scalars, flags, buffer_coefficients if momentum != 0 else None)
 
 
 class Momentum(Optimizer):
@@ -132,16 +130,14 @@ class Momentum(Optimizer):
         check_unit_interval(group, where, "momentum")
         check_flags(group, where, "maximize")
 
-    def _state_slots(self, group: Dict[str, Any]) -> Tuple[Optional[str], ...]:
-        return ("momentum_buffer",)
-
     def _reference_update(self, data: np.ndarray, grad: np.ndarray, state: Dict[str, Any],
                           group: Dict[str, Any], fresh: bool) -> None:
         reference.momentum_update(data, grad, state["momentum_buffer"], lr=group["lr"],
                                   momentum=group["momentum"], weight_decay=group["weight_decay"],
                                   maximize=group["maximize"])
 
-    def _kernel_arguments(self, group: Dict[str, Any]):
+    def _kernel_spec(self, group: Dict[str, Any]) -> KernelSpec:
+        slots = ("momentum_buffer",)
         beta = float(group["momentum"])
         scalars = (float(group["lr"]), float(group["weight_decay"]), beta, 1.0 - beta)
-        return scalars, _fused.common_flags(group), None
+        return KernelSpec(slots, scalars, _fused.common_flags(group), None)

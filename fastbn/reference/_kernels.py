@@ -288,6 +288,14 @@ def backward_apply(dy, x, dx, outer, channels, inner, mean, invstd, weight, sum_
     return _deliver(dx__ocn.astype(x.dtype, copy=False), dx, x.shape)
 
 
+def _no_shortcut(*args, **kwargs) -> None:
+    """The `*_at` methods: the bridge's one-crossing path for plain valid
+    arguments.  The NumPy kernels take no shortcut (None: the caller runs the
+    validators, then the explicit-geometry method), so the reference backend
+    validates every call in full."""
+    return None
+
+
 class ReferenceKernels:
     """The NumPy kernels object selected by ``use_backend("reference")``."""
 
@@ -296,6 +304,8 @@ class ReferenceKernels:
     train_forward = staticmethod(train_forward)
     backward = staticmethod(backward)
     backward_eval = staticmethod(backward_eval)
+    eval_forward_at = train_forward_at = backward_at = backward_eval_at = \
+        staticmethod(_no_shortcut)
     stats = staticmethod(stats)
     merge_stats = staticmethod(merge_stats)
     apply = staticmethod(apply)

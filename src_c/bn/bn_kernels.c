@@ -6,7 +6,7 @@
 #include "../common/fb_parallel.h"
 #include "bn_kernels.h"
 #include "bn_plan.h"
-#include "bn_simd.h"
+#include "../common/fb_simd.h"
 
 /* section: float32 ---------------------------------------------------------- */
 #define FB_REAL float
@@ -15,6 +15,7 @@
 #include "bn_span_impl.h"
 #include "bn_affine_impl.h"
 #include "bn_train_impl.h"
+#include "bn_entry_impl.h"
 #undef FB_REAL
 #undef FB_DTYPE
 
@@ -25,25 +26,27 @@
 #include "bn_span_impl.h"
 #include "bn_affine_impl.h"
 #include "bn_train_impl.h"
+#include "bn_entry_impl.h"
 #undef FB_REAL
 #undef FB_DTYPE
 
 /* section: table ------------------------------------------------------------ */
+/* bfloat16 (FB_DTYPE_BF16) entries stay NULL: no kernel yet. */
 const fastbn_bn_kernels FB_TARGETED(fastbn_bn_kernels) = {
-    .eval_forward_f32 = bn_eval_forward_f32,
-    .eval_forward_f64 = bn_eval_forward_f64,
-    .train_forward_f32 = bn_train_forward_f32,
-    .train_forward_f64 = bn_train_forward_f64,
-    .backward_f32 = bn_backward_f32,
-    .backward_f64 = bn_backward_f64,
-    .backward_eval_f32 = bn_backward_eval_f32,
-    .backward_eval_f64 = bn_backward_eval_f64,
-    .stats_f32 = bn_stats_f32,
-    .stats_f64 = bn_stats_f64,
-    .apply_f32 = bn_apply_f32,
-    .apply_f64 = bn_apply_f64,
-    .backward_reduce_f32 = bn_backward_reduce_f32,
-    .backward_reduce_f64 = bn_backward_reduce_f64,
-    .backward_apply_f32 = bn_backward_apply_f32,
-    .backward_apply_f64 = bn_backward_apply_f64,
+    .eval_forward = {[FB_DTYPE_F32] = bn_eval_forward_call_f32,
+        [FB_DTYPE_F64] = bn_eval_forward_call_f64},
+    .train_forward = {[FB_DTYPE_F32] = bn_train_forward_call_f32,
+        [FB_DTYPE_F64] = bn_train_forward_call_f64},
+    .backward = {[FB_DTYPE_F32] = bn_backward_call_f32,
+        [FB_DTYPE_F64] = bn_backward_call_f64},
+    .backward_eval = {[FB_DTYPE_F32] = bn_backward_eval_call_f32,
+        [FB_DTYPE_F64] = bn_backward_eval_call_f64},
+    .stats = {[FB_DTYPE_F32] = bn_stats_call_f32,
+        [FB_DTYPE_F64] = bn_stats_call_f64},
+    .apply = {[FB_DTYPE_F32] = bn_apply_call_f32,
+        [FB_DTYPE_F64] = bn_apply_call_f64},
+    .backward_reduce = {[FB_DTYPE_F32] = bn_backward_reduce_call_f32,
+        [FB_DTYPE_F64] = bn_backward_reduce_call_f64},
+    .backward_apply = {[FB_DTYPE_F32] = bn_backward_apply_call_f32,
+        [FB_DTYPE_F64] = bn_backward_apply_call_f64},
 };

@@ -107,23 +107,47 @@
     const double *sum_dy, const double *sum_dy_xhat, double count,                 \
     const real *mask_weight, const real *mask_bias, int relu, int num_threads
 
+/* ---- the table ------------------------------------------------------------
+ * Every entry point takes one fastbn_bn_call: the buffers as untyped
+ * pointers (of the dtype the entry is indexed by; the split phases'
+ * statistics and sums are float64 whatever the dtype), the geometry and the
+ * scalars.  A kernel reads only the fields of its *_ARGS above, under the
+ * same names, except: the training forward's saved_mean/saved_invstd are
+ * `mean`/`invstd`, the split phases' float64 mean/invstd/m2 are
+ * `phase_mean`/`phase_invstd`/`m2`, and `y`/`dx` are `out`.  Every other
+ * field is ignored (bn_entry_impl.h unpacks the struct). */
+typedef struct fastbn_bn_call {
+    fb_index outer, channels, inner;
+    const void *x;              /* IN: input (forwards), the forward's input (backwards) */
+    const void *dy;             /* IN: gradient of the output (backwards) */
+    void *out;                  /* OUT: y (forwards, apply) or dx (backwards) */
+    const void *weight, *bias;  /* IN (channels,) or NULL */
+    void *running_mean;         /* eval kernels IN, training forward IN-OUT (or NULL) */
+    void *running_var;
+    void *mean, *invstd;        /* training forward OUT (saved), backward IN */
+    void *dweight, *dbias;      /* backwards OUT (channels,) or NULL */
+    double *phase_mean;         /* float64 (channels,): stats OUT, other phases IN */
+    const double *phase_invstd; /* IN: apply, backward_reduce, backward_apply */
+    double *m2;                 /* stats OUT */
+    double *sum_dy, *sum_dy_xhat; /* backward_reduce OUT, backward_apply IN */
+    const void *mask_weight, *mask_bias; /* backward_reduce/apply IN, read with relu */
+    double eps, momentum, count;
+    int accumulate, relu, num_threads;
+} fastbn_bn_call;
+
+typedef int (*fastbn_bn_fn)(const fastbn_bn_call *call);
+
+/* One array per kernel, indexed by enum fastbn_dtype; a NULL entry means
+ * the dtype has no kernel (the bridge raises TypeError). */
 typedef struct fastbn_bn_kernels {
-    int (*eval_forward_f32)(FASTBN_BN_EVAL_FORWARD_ARGS(float));
-    int (*eval_forward_f64)(FASTBN_BN_EVAL_FORWARD_ARGS(double));
-    int (*train_forward_f32)(FASTBN_BN_TRAIN_FORWARD_ARGS(float));
-    int (*train_forward_f64)(FASTBN_BN_TRAIN_FORWARD_ARGS(double));
-    int (*backward_f32)(FASTBN_BN_BACKWARD_ARGS(float));
-    int (*backward_f64)(FASTBN_BN_BACKWARD_ARGS(double));
-    int (*backward_eval_f32)(FASTBN_BN_BACKWARD_EVAL_ARGS(float));
-    int (*backward_eval_f64)(FASTBN_BN_BACKWARD_EVAL_ARGS(double));
-    int (*stats_f32)(FASTBN_BN_STATS_ARGS(float));
-    int (*stats_f64)(FASTBN_BN_STATS_ARGS(double));
-    int (*apply_f32)(FASTBN_BN_APPLY_ARGS(float));
-    int (*apply_f64)(FASTBN_BN_APPLY_ARGS(double));
-    int (*backward_reduce_f32)(FASTBN_BN_BACKWARD_REDUCE_ARGS(float));
-    int (*backward_reduce_f64)(FASTBN_BN_BACKWARD_REDUCE_ARGS(double));
-    int (*backward_apply_f32)(FASTBN_BN_BACKWARD_APPLY_ARGS(float));
-    int (*backward_apply_f64)(FASTBN_BN_BACKWARD_APPLY_ARGS(double));
+    fastbn_bn_fn eval_forward[FB_N_DTYPES];
+    fastbn_bn_fn train_forward[FB_N_DTYPES];
+    fastbn_bn_fn backward[FB_N_DTYPES];
+    fastbn_bn_fn backward_eval[FB_N_DTYPES];
+    fastbn_bn_fn stats[FB_N_DTYPES];
+    fastbn_bn_fn apply[FB_N_DTYPES];
+    fastbn_bn_fn backward_reduce[FB_N_DTYPES];
+    fastbn_bn_fn backward_apply[FB_N_DTYPES];
 } fastbn_bn_kernels;
 
 extern const fastbn_bn_kernels fastbn_bn_kernels_baseline;

@@ -106,10 +106,6 @@ typedef struct fb_bn_plan {
     fb_index block_channels; /* planar: channels per cache block; interleaved: all */
 } fb_bn_plan;
 
-static inline fb_index fb_ceil_div(fb_index a, fb_index b) { return (a + b - 1) / b; }
-static inline fb_index fb_min_index(fb_index a, fb_index b) { return a < b ? a : b; }
-static inline fb_index fb_max_index(fb_index a, fb_index b) { return a > b ? a : b; }
-
 /* `streamed_bytes_per_value`: bytes read per value in the reduction (x: one
  * array; backward: dy and x).  `num_threads` only decides who computes what
  * (owned channels or shared chunks, block sizes), never the chunk boundaries

@@ -67,7 +67,7 @@ static inline FB_REAL FB_TYPED(bn_relu_masked)(FB_REAL dy, FB_REAL x, FB_REAL me
 
 #if FB_BN_HAVE_VECTORS
 #define FB_RVEC FB_TYPED(fb_rvec)
-FB_BN_INLINE FB_RVEC FB_TYPED(bn_activate_vec)(FB_RVEC v, int relu)
+FB_ALWAYS_INLINE FB_RVEC FB_TYPED(bn_activate_vec)(FB_RVEC v, int relu)
 {
     if (!relu)
         return v;
@@ -79,7 +79,7 @@ FB_BN_INLINE FB_RVEC FB_TYPED(bn_activate_vec)(FB_RVEC v, int relu)
 }
 
 /* bn_relu_masked on vectors, given the centered x - mean */
-FB_BN_INLINE FB_RVEC FB_TYPED(bn_relu_mask_vec)(FB_RVEC dy, FB_RVEC centered, FB_RVEC scale,
+FB_ALWAYS_INLINE FB_RVEC FB_TYPED(bn_relu_mask_vec)(FB_RVEC dy, FB_RVEC centered, FB_RVEC scale,
                                                 FB_RVEC shift)
 {
     const FB_RVEC zero = FB_TYPED(fb_rvec_broadcast)(0);

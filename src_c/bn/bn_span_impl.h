@@ -148,7 +148,7 @@ static inline void FB_TYPED(bn_wrap_extend)(FB_REAL *coefficients, fb_index chan
 /* x == NULL: out = act((in - m) * a + b); else out = g * a + ((x - m) * b + d)
  * with g = in, or with mask, in masked where (x - m) * ms + mh <= 0.  Always
  * inlined with constant flags, so each variant is a tight loop. */
-FB_BN_INLINE void FB_TYPED(bn_wrap_body)(FB_REAL *out, const FB_REAL *in, const FB_REAL *x,
+FB_ALWAYS_INLINE void FB_TYPED(bn_wrap_body)(FB_REAL *out, const FB_REAL *in, const FB_REAL *x,
                                          fb_index len, fb_index c, fb_index channels,
                                          const FB_REAL *restrict m, const FB_REAL *restrict a,
                                          const FB_REAL *restrict b, const FB_REAL *restrict d,

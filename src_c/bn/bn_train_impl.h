@@ -117,7 +117,7 @@ static inline const FB_REAL *FB_TYPED(bn_grad_row)(const FB_TYPED(bn_pass) *pass
 #define FB_RVECS (FB_BN_LANES / FB_RVEC_LEN)
 
 /* a1 += x - center, a2 += (x - center)^2 */
-FB_BN_INLINE void FB_TYPED(bn_lanes_shifted)(const FB_REAL *restrict x, fb_index len,
+FB_ALWAYS_INLINE void FB_TYPED(bn_lanes_shifted)(const FB_REAL *restrict x, fb_index len,
                                              FB_REAL center, fb_bn_lanes *restrict a1,
                                              fb_bn_lanes *restrict a2)
 {
@@ -149,7 +149,7 @@ FB_BN_INLINE void FB_TYPED(bn_lanes_shifted)(const FB_REAL *restrict x, fb_index
  * (x - center) * mask_scale + mask_shift <= 0 (bn_relu_impl.h; the backwards'
  * center is the forward's mean).  Always inlined, and
  * called with a constant relu, so the plain path carries no mask code. */
-FB_BN_INLINE void FB_TYPED(bn_lanes_grad)(const FB_REAL *restrict dy, const FB_REAL *restrict x,
+FB_ALWAYS_INLINE void FB_TYPED(bn_lanes_grad)(const FB_REAL *restrict dy, const FB_REAL *restrict x,
                                           fb_index len, FB_REAL center, fb_bn_lanes *restrict a1,
                                           fb_bn_lanes *restrict a2, const int relu,
                                           FB_REAL mask_scale, FB_REAL mask_shift)

@@ -1,5 +1,5 @@
-/* fastbn_common.h -- types, status codes and naming macros shared by every
- * kernel family.
+/* fastbn_common.h -- types, status codes, naming macros and small inline
+ * helpers shared by every kernel family.
  *
  * Kernels are plain C99: no Python API, no allocation inside loops, and an int
  * status as the return value (FASTBN_OK or a negative error).  Each family
@@ -29,6 +29,15 @@ enum fastbn_simd_target {
     FASTBN_TARGET_AVX512 = 2  /* AVX-512 F/BW/VL/DQ */
 };
 
+/* Element type of a kernel's buffers: the index into every per-dtype array
+ * of function pointers. */
+enum fastbn_dtype {
+    FB_DTYPE_F32 = 0,
+    FB_DTYPE_F64 = 1,
+    FB_DTYPE_BF16 = 2, /* bfloat16 storage: reserved, no kernel yet */
+    FB_N_DTYPES = 3
+};
+
 #define FB_CAT_(a, b) a##_##b
 #define FB_CAT(a, b) FB_CAT_(a, b)
 
@@ -46,5 +55,27 @@ enum fastbn_simd_target {
 #else
 #define FB_UNUSED
 #endif
+
+/* Small helpers of the vector loops and the work plans: inlined even where
+ * the compiler's size heuristics would not, so that each caller's
+ * compile-time constants reach the loop. */
+#if defined(__GNUC__) || defined(__clang__)
+#define FB_ALWAYS_INLINE static inline __attribute__((always_inline))
+#else
+#define FB_ALWAYS_INLINE static inline
+#endif
+
+static inline fb_index fb_ceil_div(fb_index a, fb_index b) { return (a + b - 1) / b; }
+static inline fb_index fb_min_index(fb_index a, fb_index b) { return a < b ? a : b; }
+static inline fb_index fb_max_index(fb_index a, fb_index b) { return a > b ? a : b; }
+
+/* Call LOOP with its option arguments as literal 0/1, so each combination is
+ * its own branch-free, vectorized instance. */
+#define FB_SELECT1(LOOP, a) ((a) ? LOOP(1) : LOOP(0))
+#define FB_SELECT2(LOOP, a, b) \
+    ((a) ? ((b) ? LOOP(1, 1) : LOOP(1, 0)) : ((b) ? LOOP(0, 1) : LOOP(0, 0)))
+#define FB_SELECT3(LOOP, a, b, c)                                                  \
+    ((a) ? ((b) ? ((c) ? LOOP(1, 1, 1) : LOOP(1, 1, 0)) : ((c) ? LOOP(1, 0, 1) : LOOP(1, 0, 0))) \
+         : ((b) ? ((c) ? LOOP(0, 1, 1) : LOOP(0, 1, 0)) : ((c) ? LOOP(0, 0, 1) : LOOP(0, 0, 0))))
 
 #endif /* FASTBN_COMMON_H */

@@ -7,21 +7,6 @@
 #include "../common/fb_parallel.h"
 #include "optim_kernels.h"
 
-#if defined(__GNUC__) || defined(__clang__)
-#define FB_ALWAYS_INLINE static inline __attribute__((always_inline))
-#else
-#define FB_ALWAYS_INLINE static inline
-#endif
-
-/* Call LOOP with its option arguments as literal 0/1, so each combination is
- * its own branch-free, vectorized instance. */
-#define FB_SELECT1(LOOP, a) ((a) ? LOOP(1) : LOOP(0))
-#define FB_SELECT2(LOOP, a, b) \
-    ((a) ? ((b) ? LOOP(1, 1) : LOOP(1, 0)) : ((b) ? LOOP(0, 1) : LOOP(0, 0)))
-#define FB_SELECT3(LOOP, a, b, c)                                                  \
-    ((a) ? ((b) ? ((c) ? LOOP(1, 1, 1) : LOOP(1, 1, 0)) : ((c) ? LOOP(1, 0, 1) : LOOP(1, 0, 0))) \
-         : ((b) ? ((c) ? LOOP(0, 1, 1) : LOOP(0, 1, 0)) : ((c) ? LOOP(0, 0, 1) : LOOP(0, 0, 0))))
-
 /* section: the multi-tensor work splitter ------------------------------------- */
 
 /* What one kernel call passes to its per-chunk function. */

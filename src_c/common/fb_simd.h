@@ -1,14 +1,19 @@
-/* bn_simd.h -- vector building blocks of the batch-norm kernels: the float64
- * accumulator lanes of the reductions, vectors in the input dtype (short sums,
- * rewrites), widening, and non-temporal stores.  Compiled once per SIMD
- * target; the widths follow the target's flags.  FASTBN_NO_VECTOR_EXTENSIONS
- * (compile flag) selects the plain-C fallback, to test it with GCC.
+/* fb_simd.h -- the vector layer of the kernels: float64 accumulator lanes
+ * for reductions in a fixed order, vectors in the input dtype (short sums,
+ * elementwise rewrites), widening, and non-temporal stores.  Compiled once
+ * per SIMD target; the widths follow the target's flags.
+ * FASTBN_NO_VECTOR_EXTENSIONS (compile flag) selects the plain-C fallback,
+ * to test it with GCC.  The batch-norm kernels are its users today (hence the
+ * FB_BN_ lane constants); the optimizer kernels' elementwise loops are
+ * vectorized by the compiler (`#pragma omp simd`) and need none of it.
  */
-#ifndef FASTBN_BN_SIMD_H
-#define FASTBN_BN_SIMD_H
+#ifndef FASTBN_SIMD_H
+#define FASTBN_SIMD_H
 
 #include <stdint.h>
 #include <string.h>
+
+#include "fastbn_common.h"
 
 /* Independent accumulators per reduction: enough to hide the FP-add latency
  * (4 cycles x 2 pipes x 4 doubles per AVX2 vector = 32 lanes would saturate;
@@ -28,7 +33,6 @@
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
-#define FB_BN_INLINE static inline __attribute__((always_inline))
 #if defined(__AVX512F__)
 #define FB_BN_VEC 8
 #elif defined(__AVX__)
@@ -47,26 +51,26 @@ typedef double fb_rvec_f64 __attribute__((vector_size(FB_BN_VEC * sizeof(double)
 /* `rest` takes the values of each run's tail (len % FB_BN_LANES). */
 typedef struct { fb_vec_d v[FB_BN_VECS]; double rest; } fb_bn_lanes;
 
-FB_BN_INLINE fb_rvec_f32 fb_rvec_load_f32(const float *p)
+FB_ALWAYS_INLINE fb_rvec_f32 fb_rvec_load_f32(const float *p)
 {
     fb_rvec_f32 v;
     memcpy(&v, p, sizeof v);
     return v;
 }
-FB_BN_INLINE fb_rvec_f64 fb_rvec_load_f64(const double *p)
+FB_ALWAYS_INLINE fb_rvec_f64 fb_rvec_load_f64(const double *p)
 {
     fb_rvec_f64 v;
     memcpy(&v, p, sizeof v);
     return v;
 }
-FB_BN_INLINE fb_rvec_f32 fb_rvec_broadcast_f32(float value)
+FB_ALWAYS_INLINE fb_rvec_f32 fb_rvec_broadcast_f32(float value)
 {
     fb_rvec_f32 v;
     for (int l = 0; l < FB_RVEC_LEN_f32; ++l)
         v[l] = value;
     return v;
 }
-FB_BN_INLINE fb_rvec_f64 fb_rvec_broadcast_f64(double value)
+FB_ALWAYS_INLINE fb_rvec_f64 fb_rvec_broadcast_f64(double value)
 {
     fb_rvec_f64 v;
     for (int l = 0; l < FB_RVEC_LEN_f64; ++l)
@@ -75,7 +79,7 @@ FB_BN_INLINE fb_rvec_f64 fb_rvec_broadcast_f64(double value)
 }
 
 /* Non-temporal store of one vector; p is aligned to the vector size. */
-FB_BN_INLINE void fb_rvec_stream_f32(float *p, fb_rvec_f32 v)
+FB_ALWAYS_INLINE void fb_rvec_stream_f32(float *p, fb_rvec_f32 v)
 {
 #if defined(__AVX512F__)
     _mm512_stream_ps(p, (__m512)v);
@@ -87,7 +91,7 @@ FB_BN_INLINE void fb_rvec_stream_f32(float *p, fb_rvec_f32 v)
     memcpy(p, &v, sizeof v);
 #endif
 }
-FB_BN_INLINE void fb_rvec_stream_f64(double *p, fb_rvec_f64 v)
+FB_ALWAYS_INLINE void fb_rvec_stream_f64(double *p, fb_rvec_f64 v)
 {
 #if defined(__AVX512F__)
     _mm512_stream_pd(p, (__m512d)v);
@@ -104,7 +108,7 @@ FB_BN_INLINE void fb_rvec_stream_f64(double *p, fb_rvec_f64 v)
  * goes to double lane v * FB_RVEC_LEN + l.  The conversion instruction is
  * spelled out: GCC 12 lowers __builtin_convertvector(float -> double)
  * through the stack. */
-FB_BN_INLINE void fb_widen_add(fb_vec_d *low, fb_vec_d *high, fb_rvec_f32 v)
+FB_ALWAYS_INLINE void fb_widen_add(fb_vec_d *low, fb_vec_d *high, fb_rvec_f32 v)
 {
 #if defined(__AVX512F__)
     const __m512 w = (__m512)v;
@@ -128,19 +132,18 @@ FB_BN_INLINE void fb_widen_add(fb_vec_d *low, fb_vec_d *high, fb_rvec_f32 v)
 }
 
 /* Add short in-dtype lane sums into the float64 lanes. */
-FB_BN_INLINE void fb_flush_f32(fb_bn_lanes *a, const fb_rvec_f32 *b)
+FB_ALWAYS_INLINE void fb_flush_f32(fb_bn_lanes *a, const fb_rvec_f32 *b)
 {
     for (int v = 0; v < FB_BN_LANES / FB_RVEC_LEN_f32; ++v)
         fb_widen_add(&a->v[2 * v], &a->v[2 * v + 1], b[v]);
 }
-FB_BN_INLINE void fb_flush_f64(fb_bn_lanes *a, const fb_rvec_f64 *b)
+FB_ALWAYS_INLINE void fb_flush_f64(fb_bn_lanes *a, const fb_rvec_f64 *b)
 {
     for (int v = 0; v < FB_BN_LANES / FB_RVEC_LEN_f64; ++v)
         a->v[v] += b[v];
 }
 #else
 #define FB_BN_HAVE_VECTORS 0
-#define FB_BN_INLINE static inline
 typedef struct { double v[FB_BN_LANES]; double rest; } fb_bn_lanes;
 #endif
 
@@ -153,13 +156,13 @@ static inline void fb_stream_fence(void)
 #endif
 }
 
-FB_BN_INLINE void fb_bn_lanes_zero(fb_bn_lanes *a)
+FB_ALWAYS_INLINE void fb_bn_lanes_zero(fb_bn_lanes *a)
 {
     memset(a, 0, sizeof *a);
 }
 
 /* Sum of the lanes in lane order, then the tails. */
-FB_BN_INLINE double fb_bn_lanes_total(const fb_bn_lanes *a)
+FB_ALWAYS_INLINE double fb_bn_lanes_total(const fb_bn_lanes *a)
 {
     double lanes[FB_BN_LANES], total = 0.0;
     memcpy(lanes, a->v, sizeof lanes);
@@ -168,4 +171,4 @@ FB_BN_INLINE double fb_bn_lanes_total(const fb_bn_lanes *a)
     return total + a->rest;
 }
 
-#endif /* FASTBN_BN_SIMD_H */
+#endif /* FASTBN_SIMD_H */
