@@ -34,8 +34,11 @@ SHAPES_CL = [(2, 5, 7, 3), (3, 4, 5, 17), (2, 9, 9, 63), (2, 6, 6, 129), (2, 2, 
 # The paired rewrite (first and second half of the rows together, then the
 # halves' vector tails and an odd last row): half-row counts just below and at
 # the 64-element minimum (2 x 63, 2 x 64, 4 x 32), tails of 1..15 elements
-# past a vector (5 x 33, 7 x 100), an odd last row (9 x 100, 3 x 3 x 3 x 50).
-SHAPES_PAIRED = [(2, 63), (2, 64), (4, 32), (5, 33), (7, 100), (9, 100), (3, 3, 3, 50)]
+# past a vector (5 x 33, 7 x 100), an odd last row (9 x 100, 3 x 3 x 3 x 50);
+# past the 512-channel group width the pieces of rows pair up (7 x 1030: two
+# 515-channel groups, an odd row count).
+SHAPES_PAIRED = [(2, 63), (2, 64), (4, 32), (5, 33), (7, 100), (9, 100), (3, 3, 3, 50),
+                 (7, 1030)]
 
 
 def make(rng, shape, dtype):
@@ -169,7 +172,7 @@ def test_large_channels_last_output_streams_and_matches_the_reference(simd_targe
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(9, 100), (5, 33), (4, 6, 6, 24)])
+@pytest.mark.parametrize("shape", [(9, 100), (5, 33), (4, 6, 6, 24), (7, 1030)])
 def test_in_place_channels_last_rewrites_match_out_of_place(simd_target, threads, shape, dtype,
                                                            rng):
     """out=x (forward, eval) and out=dy (backward): the paired rewrite reads

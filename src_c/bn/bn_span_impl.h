@@ -186,17 +186,19 @@ FB_ALWAYS_INLINE void FB_TYPED(bn_wrap_body)(FB_REAL *out, const FB_REAL *in, co
 #undef FB_SCALAR_STEP
 }
 
-/* The vector part of two stretches `half` elements apart, `half` a multiple
- * of channels, so element i and element i + half belong to the same channel:
+/* The vector part of two stretches of `len` elements, the second `distance`
+ * elements after the first (distance >= len, a multiple of channels), so
+ * element i and element i + distance belong to the same channel:
  * each coefficient vector is loaded once for two output vectors.  In the
  * training backward's rewrite that is 4 coefficient loads and 4 data loads
  * per two vectors instead of 12 (the loads were the rewrite's bound: it was
  * 43 % of a (256, 512) float32 backward, profiled).  Each element is the same
  * expression as in bn_wrap_body, so the split changes no bit.  Returns the
- * elements done (a multiple of FB_RVEC_LEN, at most `half`); *c becomes the
+ * elements done (a multiple of FB_RVEC_LEN, at most `len`); *c becomes the
  * channel of the first element not done. */
 FB_ALWAYS_INLINE fb_index FB_TYPED(bn_wrap_pair_body)(FB_REAL *out, const FB_REAL *in,
-                                                  const FB_REAL *x, fb_index half, fb_index *c_io,
+                                                  const FB_REAL *x, fb_index len,
+                                                  fb_index distance, fb_index *c_io,
                                                   fb_index channels,
                                                   const FB_REAL *restrict m,
                                                   const FB_REAL *restrict a,
@@ -208,8 +210,8 @@ FB_ALWAYS_INLINE fb_index FB_TYPED(bn_wrap_pair_body)(FB_REAL *out, const FB_REA
 {
     fb_index i = 0, c = *c_io;
     const fb_index step = FB_RVEC_LEN % channels;
-    for (; i + FB_RVEC_LEN <= half; i += FB_RVEC_LEN) {
-        const fb_index j = i + half;
+    for (; i + FB_RVEC_LEN <= len; i += FB_RVEC_LEN) {
+        const fb_index j = i + distance;
         const FB_RVEC vm = FB_LOAD(m + c), va = FB_LOAD(a + c), vb = FB_LOAD(b + c);
         FB_RVEC v0, v1;
         if (!x) {
@@ -264,26 +266,45 @@ static inline void FB_TYPED(bn_wrap_body)(FB_REAL *out, const FB_REAL *in, const
 }
 #endif
 
-#if FB_BN_CAN_PAIR
 /* Pairs need at least one vector per half to pay off. */
 #define FB_BN_PAIR_MIN ((fb_index)64)
-/* A short piece (less than one vector per half) of a cached output. */
-static void FB_TYPED(bn_span_wrap_tail)(FB_REAL *out, const FB_REAL *in, const FB_REAL *x,
-                                        fb_index len, fb_index c, fb_index channels,
-                                        const FB_REAL *m, const FB_REAL *a, const FB_REAL *b,
-                                        const FB_REAL *d, const FB_REAL *ms, const FB_REAL *mh,
-                                        int relu)
+
+/* Two stretches of `len` elements of a cached (not streamed) output, both
+ * starting at channel c, the second `distance` elements after the first
+ * (distance >= len, a multiple of channels): rewritten together
+ * (bn_wrap_pair_body), then the vectors' leftovers of each.  Every element
+ * is computed as bn_span_wrap computes it. */
+static void FB_TYPED(bn_span_wrap_pair)(FB_REAL *out, const FB_REAL *in, const FB_REAL *x,
+                                        fb_index len, fb_index distance, fb_index c,
+                                        fb_index channels, const FB_REAL *m, const FB_REAL *a,
+                                        const FB_REAL *b, const FB_REAL *d, const FB_REAL *ms,
+                                        const FB_REAL *mh, int relu)
 {
-    if (len <= 0)
-        return;
-    if (!x)
-        relu ? FB_TYPED(bn_wrap_body)(out, in, NULL, len, c, channels, m, a, b, d, ms, mh, 0, 1, 0)
-             : FB_TYPED(bn_wrap_body)(out, in, NULL, len, c, channels, m, a, b, d, ms, mh, 0, 0, 0);
-    else
-        relu ? FB_TYPED(bn_wrap_body)(out, in, x, len, c, channels, m, a, b, d, ms, mh, 0, 0, 1)
-             : FB_TYPED(bn_wrap_body)(out, in, x, len, c, channels, m, a, b, d, ms, mh, 0, 0, 0);
-}
+    fb_index done = 0;
+#if FB_BN_CAN_PAIR
+#define FB_PAIR(x_, relu_, mask_) \
+    FB_TYPED(bn_wrap_pair_body)(out, in, x_, len, distance, &c, channels, m, a, b, d, ms, mh, \
+                                relu_, mask_)
+    done = !x ? (relu ? FB_PAIR(NULL, 1, 0) : FB_PAIR(NULL, 0, 0))
+              : (relu ? FB_PAIR(x, 0, 1) : FB_PAIR(x, 0, 0));
+#undef FB_PAIR
 #endif
+    for (fb_index half = 0; half < 2; ++half) {
+        const fb_index at = done + half * distance, rest = len - done;
+        if (rest <= 0)
+            break;
+        if (!x)
+            relu ? FB_TYPED(bn_wrap_body)(out + at, in + at, NULL, rest, c, channels, m, a, b, d,
+                                          ms, mh, 0, 1, 0)
+                 : FB_TYPED(bn_wrap_body)(out + at, in + at, NULL, rest, c, channels, m, a, b, d,
+                                          ms, mh, 0, 0, 0);
+        else
+            relu ? FB_TYPED(bn_wrap_body)(out + at, in + at, x + at, rest, c, channels, m, a, b,
+                                          d, ms, mh, 0, 0, 1)
+                 : FB_TYPED(bn_wrap_body)(out + at, in + at, x + at, rest, c, channels, m, a, b,
+                                          d, ms, mh, 0, 0, 0);
+    }
+}
 
 /* The variants, each a loop of its own (constant flags). */
 static void FB_TYPED(bn_span_wrap)(FB_REAL *out, const FB_REAL *in, const FB_REAL *x,
@@ -294,31 +315,19 @@ static void FB_TYPED(bn_span_wrap)(FB_REAL *out, const FB_REAL *in, const FB_REA
 {
 #define FB_WRAP(x_, stream_, relu_, mask_) \
     FB_TYPED(bn_wrap_body)(out, in, x_, len, c, channels, m, a, b, d, ms, mh, stream_, relu_, mask_)
-#if FB_BN_CAN_PAIR
     /* cached outputs of at least two rows: the first and second halves of
-     * the rows together (bn_wrap_pair_body), then what the vectors left: the
-     * two halves' tails and the odd last row.  (Streamed outputs are bound by
-     * memory, and their alignment head would differ between the halves.) */
+     * the rows together (bn_span_wrap_pair), then the odd last row.
+     * (Streamed outputs are bound by memory, and their alignment head would
+     * differ between the halves.) */
     const fb_index half = len / (2 * channels) * channels;
     if (!stream && half >= FB_BN_PAIR_MIN) {
-        fb_index c1 = c;
-#define FB_PAIR(x_, relu_, mask_) \
-    FB_TYPED(bn_wrap_pair_body)(out, in, x_, half, &c1, channels, m, a, b, d, ms, mh, relu_, mask_)
-        const fb_index done = !x ? (relu ? FB_PAIR(NULL, 1, 0) : FB_PAIR(NULL, 0, 0))
-                                 : (relu ? FB_PAIR(x, 0, 1) : FB_PAIR(x, 0, 0));
-#undef FB_PAIR
-        const fb_index rest = half - done;
-        FB_TYPED(bn_span_wrap_tail)(out + done, in + done, x ? x + done : NULL, rest, c1,
-                                    channels, m, a, b, d, ms, mh, relu);
-        FB_TYPED(bn_span_wrap_tail)(out + half + done, in + half + done,
-                                    x ? x + half + done : NULL, rest, c1, channels, m, a, b, d,
-                                    ms, mh, relu);
+        FB_TYPED(bn_span_wrap_pair)(out, in, x, half, half, c, channels, m, a, b, d, ms, mh,
+                                    relu);
         out += 2 * half;
         in += 2 * half;
         x = x ? x + 2 * half : NULL;
         len -= 2 * half;  /* the channel at 2 * half is c again */
     }
-#endif
     if (!x) {
         if (stream)
             relu ? FB_WRAP(NULL, 1, 1, 0) : FB_WRAP(NULL, 1, 0, 0);
@@ -335,4 +344,3 @@ static void FB_TYPED(bn_span_wrap)(FB_REAL *out, const FB_REAL *in, const FB_REA
 
 #undef FB_BN_CAN_STREAM
 #undef FB_BN_CAN_PAIR
-#undef FB_BN_PAIR_MIN

@@ -635,7 +635,22 @@ static void FB_TYPED(bn_apply_rows)(const fb_bn_plan *plan, const FB_TYPED(bn_pa
     const int span_relu = pass->relu && !staged;
     const fb_index rows = staged || width < C ? r1 - r0 : 1;
     const fb_index len = rows == 1 ? (r1 - r0) * width : width;
-    for (fb_index r = r0; r < r0 + rows; ++r) {
+    fb_index r = r0;
+    if (rows > 1 && !staged && !pass->stream) {
+        /* pieces of rows: row r with row r + half, sharing the coefficient
+         * loads (bn_span_wrap_pair), as bn_span_wrap does for whole rows */
+        const fb_index half = rows / 2;
+        for (; r < r0 + half; ++r) {
+            const fb_index offset = r * C + c0;
+            FB_TYPED(bn_span_wrap_pair)(pass->out + offset,
+                                        (forward ? pass->x : pass->dy) + offset,
+                                        x_term ? x_term + offset : NULL, width, half * C, c0, C,
+                                        m, coef.k1, shift, coef.k3, pass->mask_scale,
+                                        pass->mask_shift, span_relu);
+        }
+        r += half;
+    }
+    for (; r < r0 + rows; ++r) {
         const fb_index offset = r * C + c0;
         const FB_REAL *in = forward ? pass->x + offset
                           : staged ? FB_TYPED(bn_grad_row)(pass, c0, offset, width, staging)
