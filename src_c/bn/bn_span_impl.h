@@ -186,6 +186,17 @@ FB_ALWAYS_INLINE void FB_TYPED(bn_wrap_body)(FB_REAL *out, const FB_REAL *in, co
 #undef FB_SCALAR_STEP
 }
 
+#ifndef FB_BN_IN_REGISTER
+/* Keeps a loaded vector in a register: without it GCC folds the load into
+ * both of its uses as a memory operand, loading each coefficient twice and
+ * undoing the pairing below (seen in the profile of the paired loop). */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__) || defined(__aarch64__))
+#define FB_BN_IN_REGISTER(v) __asm__("" : "+v"(v))
+#else
+#define FB_BN_IN_REGISTER(v) ((void)0)
+#endif
+#endif
+
 /* The vector part of two stretches of `len` elements, the second `distance`
  * elements after the first (distance >= len, a multiple of channels), so
  * element i and element i + distance belong to the same channel:
@@ -212,17 +223,23 @@ FB_ALWAYS_INLINE fb_index FB_TYPED(bn_wrap_pair_body)(FB_REAL *out, const FB_REA
     const fb_index step = FB_RVEC_LEN % channels;
     for (; i + FB_RVEC_LEN <= len; i += FB_RVEC_LEN) {
         const fb_index j = i + distance;
-        const FB_RVEC vm = FB_LOAD(m + c), va = FB_LOAD(a + c), vb = FB_LOAD(b + c);
+        FB_RVEC vm = FB_LOAD(m + c), va = FB_LOAD(a + c), vb = FB_LOAD(b + c);
+        FB_BN_IN_REGISTER(vm);
+        FB_BN_IN_REGISTER(va);
+        FB_BN_IN_REGISTER(vb);
         FB_RVEC v0, v1;
         if (!x) {
             v0 = FB_TYPED(bn_activate_vec)((FB_LOAD(in + i) - vm) * va + vb, relu);
             v1 = FB_TYPED(bn_activate_vec)((FB_LOAD(in + j) - vm) * va + vb, relu);
         } else {
-            const FB_RVEC vd = FB_LOAD(d + c);
+            FB_RVEC vd = FB_LOAD(d + c);
+            FB_BN_IN_REGISTER(vd);
             const FB_RVEC xc0 = FB_LOAD(x + i) - vm, xc1 = FB_LOAD(x + j) - vm;
             FB_RVEC g0 = FB_LOAD(in + i), g1 = FB_LOAD(in + j);
             if (mask) {
-                const FB_RVEC vms = FB_LOAD(ms + c), vmh = FB_LOAD(mh + c);
+                FB_RVEC vms = FB_LOAD(ms + c), vmh = FB_LOAD(mh + c);
+                FB_BN_IN_REGISTER(vms);
+                FB_BN_IN_REGISTER(vmh);
                 g0 = FB_TYPED(bn_relu_mask_vec)(g0, xc0, vms, vmh);
                 g1 = FB_TYPED(bn_relu_mask_vec)(g1, xc1, vms, vmh);
             }
