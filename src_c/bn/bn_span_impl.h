@@ -283,8 +283,11 @@ static inline void FB_TYPED(bn_wrap_body)(FB_REAL *out, const FB_REAL *in, const
 }
 #endif
 
-/* Pairs need at least one vector per half to pay off. */
+#ifndef FB_BN_PAIR_MIN
+/* Elements per half from which bn_span_wrap pairs the halves: a few vectors
+ * each, so the pair loop runs rather than only the halves' scalar tails. */
 #define FB_BN_PAIR_MIN ((fb_index)64)
+#endif
 
 /* Two stretches of `len` elements of a cached (not streamed) output, both
  * starting at channel c, the second `distance` elements after the first
