@@ -31,6 +31,14 @@ SHAPES_THREADS = [(63, 64), (65, 72), (2047, 64), (2049, 64), (1031, 136), (700,
 # channels-last (N, H, W, C) and (N, D, H, W, C): the channel wraps inside a
 # work item, and across the stretches of the threads.
 SHAPES_CL = [(2, 5, 7, 3), (3, 4, 5, 17), (2, 9, 9, 63), (2, 6, 6, 129), (2, 2, 3, 4, 33)]
+# The paired rewrite (first and second half of the rows together, then the
+# halves' vector tails and an odd last row): half-row counts just below and at
+# the 64-element minimum (2 x 63, 2 x 64, 4 x 32), tails of 1..15 elements
+# past a vector (5 x 33, 7 x 100), an odd last row (9 x 100, 3 x 3 x 3 x 50);
+# past the 512-channel group width the pieces of rows pair up (7 x 1030: two
+# 515-channel groups, an odd row count).
+SHAPES_PAIRED = [(2, 63), (2, 64), (4, 32), (5, 33), (7, 100), (9, 100), (3, 3, 3, 50),
+                 (7, 1030)]
 
 
 def make(rng, shape, dtype):
@@ -76,7 +84,7 @@ def threads():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES_NC + SHAPES_CL + SHAPES_THREADS)
+@pytest.mark.parametrize("shape", SHAPES_NC + SHAPES_CL + SHAPES_THREADS + SHAPES_PAIRED)
 def test_channels_last_kernels_match_the_reference(simd_target, threads, shape, dtype, rng):
     inputs = make(rng, shape, dtype)
     expected = run_all(R, *inputs)
@@ -89,7 +97,7 @@ def test_channels_last_kernels_match_the_reference(simd_target, threads, shape, 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES_NC + SHAPES_CL + SHAPES_THREADS
+@pytest.mark.parametrize("shape", SHAPES_NC + SHAPES_CL + SHAPES_THREADS + SHAPES_PAIRED
                          + [(1024, 96), (64, 1000)])
 def test_channels_last_results_are_bit_identical_for_1_2_and_3_threads(simd_target, threads,
                                                                        shape, dtype, rng):
@@ -161,3 +169,25 @@ def test_large_channels_last_output_streams_and_matches_the_reference(simd_targe
         np.testing.assert_array_equal(got, want)
     want = R.batch_norm_forward_train(x, weight, bias, 1e-5, axis=-1)
     assert_close(outputs[0][0], want[0], dtype, scale=10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(9, 100), (5, 33), (4, 6, 6, 24), (7, 1030)])
+def test_in_place_channels_last_rewrites_match_out_of_place(simd_target, threads, shape, dtype,
+                                                           rng):
+    """out=x (forward, eval) and out=dy (backward): the paired rewrite reads
+    both halves' vectors before writing them, so in place equals out of place
+    bit for bit."""
+    x, dy, weight, bias, running_mean, running_var = make(rng, shape, dtype)
+    threads(1)
+    y, mean, invstd = F.batch_norm_forward_train(x, weight, bias, 1e-5, axis=-1)
+    dx = F.batch_norm_backward(dy, x, mean, invstd, weight, axis=-1)[0]
+    y_eval = F.batch_norm(x, running_mean, running_var, weight, bias, training=False, axis=-1)
+    x_in, dy_in, x_eval = x.copy(), dy.copy(), x.copy()
+    assert F.batch_norm_forward_train(x_in, weight, bias, 1e-5, axis=-1, out=x_in)[0] is x_in
+    assert F.batch_norm_backward(dy_in, x, mean, invstd, weight, axis=-1, out=dy_in)[0] is dy_in
+    F.batch_norm(x_eval, running_mean, running_var, weight, bias, training=False, axis=-1,
+                 out=x_eval)
+    np.testing.assert_array_equal(x_in, y)
+    np.testing.assert_array_equal(dy_in, dx)
+    np.testing.assert_array_equal(x_eval, y_eval)

@@ -565,6 +565,111 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
         pass->dbias[c] = (FB_REAL)((pass->accumulate ? (double)pass->dbias[c] : 0.0) + s1);
 }
 
+/* bn_finalize_columns_f32 / _f64: bn_finalize of channels [first, last) of
+ * an interleaved plan from their channel totals t1, t2 (this thread's own
+ * copy; overwritten), the owner of channels [owned_first, owned_last).  The
+ * hot modes, FORWARD and BACKWARD, run as loops over the channels that the
+ * compiler vectorizes: per channel the same expressions as bn_finalize, and
+ * vector division and square root round correctly like the scalar ones, so
+ * the bits are the same (the split phases' m2 / n still equals the forward's
+ * var).  Channel by channel, the chain of dependent divisions and the square
+ * root was 8-12 % of a (256, 512) float32 training forward (profiled).  The
+ * other modes call bn_finalize per channel. */
+static void FB_TYPED(bn_finalize_columns)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass,
+                                          fb_index first, fb_index last, double *restrict t1,
+                                          double *restrict t2,
+                                          const FB_TYPED(bn_coefficients) *coefficients,
+                                          fb_index owned_first, fb_index owned_last)
+{
+    const FB_TYPED(bn_coefficients) coef = *coefficients;
+    FB_REAL *restrict k1 = coef.k1, *restrict k2 = coef.k2, *restrict k3 = coef.k3;
+    const FB_REAL *restrict weight = pass->weight, *restrict bias = pass->bias;
+    const double n = (double)plan->n;
+    owned_first = fb_max_index(owned_first, first);
+    owned_last = fb_min_index(owned_last, last);
+    if (pass->mode == FB_BN_FORWARD) {
+        const double *restrict center = pass->center;
+        const double eps = pass->eps;
+        /* t1 := mean, t2 := var */
+#pragma omp simd
+        for (fb_index c = first; c < last; ++c) {
+            const double shifted_mean = t1[c] / n;
+            double var = (t2[c] - t1[c] * shifted_mean) / n;
+            var = var < 0.0 ? 0.0 : var;  /* rounding on a constant channel; NaN stays */
+            t1[c] = center[c] + shifted_mean;
+            t2[c] = var;
+        }
+        if (pass->relu) {
+            /* as bn_forward_coefficients with relu: from the rounded invstd */
+#pragma omp simd
+            for (fb_index c = first; c < last; ++c) {
+                const double invstd = (double)(FB_REAL)(1.0 / sqrt(t2[c] + eps));
+                k2[c] = (FB_REAL)t1[c];
+                k1[c] = (FB_REAL)((weight ? (double)weight[c] : 1.0) * invstd);
+                k3[c] = bias ? bias[c] : (FB_REAL)0;
+            }
+        } else {
+#pragma omp simd
+            for (fb_index c = first; c < last; ++c) {
+                const double invstd = 1.0 / sqrt(t2[c] + eps);
+                const double mean = t1[c];
+                const FB_REAL mean_real = (FB_REAL)mean;
+                const double s = (weight ? (double)weight[c] : 1.0) * invstd;
+                k2[c] = mean_real;
+                k1[c] = (FB_REAL)s;
+                k3[c] = (FB_REAL)((bias ? (double)bias[c] : 0.0) - (mean - (double)mean_real) * s);
+            }
+        }
+        FB_REAL *restrict saved_mean = pass->saved_mean, *restrict saved_invstd = pass->saved_invstd;
+#pragma omp simd
+        for (fb_index c = owned_first; c < owned_last; ++c) {
+            saved_mean[c] = (FB_REAL)t1[c];
+            saved_invstd[c] = (FB_REAL)(1.0 / sqrt(t2[c] + eps));
+        }
+        if (pass->running_mean) {
+            FB_REAL *restrict running_mean = pass->running_mean;
+            FB_REAL *restrict running_var = pass->running_var;
+            const double m = pass->momentum;
+#pragma omp simd
+            for (fb_index c = owned_first; c < owned_last; ++c) {
+                running_mean[c] = (FB_REAL)((1.0 - m) * (double)running_mean[c] + m * t1[c]);
+                running_var[c] = (FB_REAL)((1.0 - m) * (double)running_var[c]
+                                           + m * t2[c] * (n / (n - 1.0)));
+            }
+        }
+        return;
+    }
+    if (pass->mode == FB_BN_BACKWARD) {
+        const FB_REAL *restrict spread = pass->spread;
+        /* t2 := dweight */
+#pragma omp simd
+        for (fb_index c = first; c < last; ++c) {
+            const double invstd = (double)spread[c];
+            const double dweight = t2[c] * invstd;
+            t2[c] = dweight;
+            FB_TYPED(bn_backward_coefficients)(coef, c, weight ? (double)weight[c] : 1.0, invstd,
+                                               t1[c], dweight, n, 0.0);
+        }
+        const int accumulate = pass->accumulate;
+        FB_REAL *restrict dweight = pass->dweight, *restrict dbias = pass->dbias;
+        if (dweight) {
+#pragma omp simd
+            for (fb_index c = owned_first; c < owned_last; ++c)
+                dweight[c] = (FB_REAL)((accumulate ? (double)dweight[c] : 0.0) + t2[c]);
+        }
+        if (dbias) {
+#pragma omp simd
+            for (fb_index c = owned_first; c < owned_last; ++c)
+                dbias[c] = (FB_REAL)((accumulate ? (double)dbias[c] : 0.0) + t1[c]);
+        }
+        return;
+    }
+    for (fb_index c = first; c < last; ++c)
+        FB_TYPED(bn_finalize)(plan, pass, c, pass->reduce ? t1[c] : 0.0,
+                              pass->reduce ? t2[c] : 0.0, coefficients,
+                              c >= owned_first && c < owned_last);
+}
+
 /* ---- rewrite one work item ------------------------------------------------- */
 
 static void FB_TYPED(bn_apply_rows)(const fb_bn_plan *plan, const FB_TYPED(bn_pass) *pass,
@@ -635,7 +740,22 @@ static void FB_TYPED(bn_apply_rows)(const fb_bn_plan *plan, const FB_TYPED(bn_pa
     const int span_relu = pass->relu && !staged;
     const fb_index rows = staged || width < C ? r1 - r0 : 1;
     const fb_index len = rows == 1 ? (r1 - r0) * width : width;
-    for (fb_index r = r0; r < r0 + rows; ++r) {
+    fb_index r = r0;
+    if (rows > 1 && !staged && !pass->stream) {
+        /* pieces of rows: row r with row r + half, sharing the coefficient
+         * loads (bn_span_wrap_pair), as bn_span_wrap does for whole rows */
+        const fb_index half = rows / 2;
+        for (; r < r0 + half; ++r) {
+            const fb_index offset = r * C + c0;
+            FB_TYPED(bn_span_wrap_pair)(pass->out + offset,
+                                        (forward ? pass->x : pass->dy) + offset,
+                                        x_term ? x_term + offset : NULL, width, half * C, c0, C,
+                                        m, coef.k1, shift, coef.k3, pass->mask_scale,
+                                        pass->mask_shift, span_relu);
+        }
+        r += half;
+    }
+    for (; r < r0 + rows; ++r) {
         const fb_index offset = r * C + c0;
         const FB_REAL *in = forward ? pass->x + offset
                           : staged ? FB_TYPED(bn_grad_row)(pass, c0, offset, width, staging)
@@ -695,9 +815,8 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
         double *totals = pass->totals + (fb_index)2 * C * tid;
         if (pass->reduce)
             FB_TYPED(bn_interleaved_totals)(plan, pass, first, last, totals, totals + C);
-        for (fb_index c = first; c < last; ++c)
-            FB_TYPED(bn_finalize)(plan, pass, c, pass->reduce ? totals[c] : 0.0,
-                                  pass->reduce ? totals[C + c] : 0.0, &coef, 1);
+        FB_TYPED(bn_finalize_columns)(plan, pass, first, last, totals, totals + C, &coef,
+                                      first, last);
         for (fb_index k = plan->chunks; rewrite && k-- > 0;)
             for (fb_index c0 = first; c0 < last; c0 += plan->group_width)
                 FB_TYPED(bn_apply_rows)(plan, pass, coef, k, c0,
@@ -731,16 +850,17 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
         if (pass->reduce && plan->interleaved)
             FB_TYPED(bn_interleaved_totals)(plan, pass, 0, plan->channels, totals,
                                             totals + plan->channels);
-        for (fb_index c = c0; c < c1; ++c) {
-            double s1 = 0.0, s2 = 0.0;
-            if (pass->reduce && plan->interleaved) {
-                s1 = totals[c];
-                s2 = totals[plan->channels + c];
-            } else if (pass->reduce) {
-                FB_TYPED(bn_channel_sums)(plan, pass, c, &s1, &s2);
+        if (plan->interleaved) {
+            FB_TYPED(bn_finalize_columns)(plan, pass, c0, c1, totals, totals + plan->channels,
+                                          &coef, c0 + owned_first, c0 + owned_last);
+        } else {
+            for (fb_index c = c0; c < c1; ++c) {
+                double s1 = 0.0, s2 = 0.0;
+                if (pass->reduce)
+                    FB_TYPED(bn_channel_sums)(plan, pass, c, &s1, &s2);
+                FB_TYPED(bn_finalize)(plan, pass, c, s1, s2, &coef,
+                                      c >= c0 + owned_first && c < c0 + owned_last);
             }
-            FB_TYPED(bn_finalize)(plan, pass, c, s1, s2, &coef,
-                                  c >= c0 + owned_first && c < c0 + owned_last);
         }
         if (plan->interleaved) {
             FB_TYPED(bn_wrap_extend)(coef.k1, plan->channels);
