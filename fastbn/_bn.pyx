@@ -438,16 +438,23 @@ def train_forward_at(object x, object y, object axis, object weight, object bias
     """`train_forward` (no counter) with the geometry read from x and the
     channel `axis`: (y, saved_mean, saved_invstd, the array read as x), or
     None (nothing written) unless, as in `eval_forward_at`, every array is
-    plain and kernel-ready (running statistics both None, or both writeable),
-    x has at least 2 values per channel, eps is a float > 0 and momentum a
-    float in [0, 1] (or None without running statistics, which are then not
-    updated)."""
+    plain and kernel-ready (running statistics both None, or both writeable
+    and sharing no memory with each other or the inputs), x has at least 2
+    values per channel, eps is a float > 0 and momentum a float in [0, 1]
+    (or None without running statistics, which are then not updated)."""
     cdef int64_t geometry[3]
     if not (plain_eps(eps, True) and plain_momentum(momentum, running_mean is not None)
             and plain_geometry(x, axis, geometry) and geometry[0] * geometry[2] >= 2):
         return None
     if not train_vectors_ready(cnp.PyArray_TYPE(<cnp.ndarray>x), geometry[1], weight, bias,
                                running_mean, running_var):
+        return None
+    # the running statistics are written: apart from each other and the inputs
+    if running_mean is not None and not (
+            apart(<cnp.ndarray>running_mean, running_var)
+            and apart(<cnp.ndarray>running_mean, x) and apart(<cnp.ndarray>running_var, x)
+            and apart(<cnp.ndarray>running_mean, weight) and apart(<cnp.ndarray>running_var, weight)
+            and apart(<cnp.ndarray>running_mean, bias) and apart(<cnp.ndarray>running_var, bias)):
         return None
     if y is not None and not plain_out(y, <cnp.ndarray>x, running_mean, running_var, weight,
                                        bias):
