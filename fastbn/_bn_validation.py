@@ -127,7 +127,7 @@ def check_updatable(name: str, array: Optional[np.ndarray]) -> None:
 
 
 def check_running_stats_apart(running_mean: np.ndarray, running_var: np.ndarray,
-                              x: np.ndarray, weight: Optional[np.ndarray],
+                              x: Optional[np.ndarray], weight: Optional[np.ndarray],
                               bias: Optional[np.ndarray]) -> None:
     """Running statistics updated in place share no memory with each other or
     with an input the kernel reads (otherwise the result would depend on the

@@ -46,3 +46,41 @@ def test_eval_running_statistics_may_share_memory_as_nothing_is_written(backend)
     with fastbn.use_backend(backend):
         y = F.batch_norm(x, stats, stats, training=False)
     np.testing.assert_allclose(y, (x - 0.25) / np.sqrt(0.25 + 1e-5))
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_layer_with_running_var_assigned_the_running_mean_array_raises_and_changes_nothing(
+        backend):
+    x = np.random.default_rng(3).standard_normal((8, 3)).astype(np.float32)
+    layer = fastbn.nn.BatchNorm1d(3)
+    layer.running_var = layer.running_mean
+    shared = layer.running_mean.copy()
+    counter = int(layer.num_batches_tracked)
+    with fastbn.use_backend(backend):
+        with pytest.raises(ValueError, match="running_mean: .*running_var"):
+            layer(x)
+    np.testing.assert_array_equal(layer.running_mean, shared)
+    assert int(layer.num_batches_tracked) == counter
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_interleaved_running_statistics_that_share_no_element_are_updated(backend):
+    # their byte ranges meet but no element is shared: valid, and the
+    # kernels must not refuse what the validators accept
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((8, 3))
+    buffer = np.empty(6)
+    expected_mean = 0.9 * 0.0 + 0.1 * x.mean(axis=0)
+    expected_var = 0.9 * 1.0 + 0.1 * x.var(axis=0, ddof=1)
+    with fastbn.use_backend(backend):
+        buffer[0::2], buffer[1::2] = 0.0, 1.0
+        F.batch_norm(x, buffer[0::2], buffer[1::2], training=True)
+        np.testing.assert_allclose(buffer[0::2], expected_mean, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(buffer[1::2], expected_var, rtol=1e-12)
+        layer = fastbn.nn.BatchNorm1d(3)
+        buffer32 = np.empty(6, np.float32)
+        buffer32[0::2], buffer32[1::2] = 0.0, 1.0
+        layer.running_mean, layer.running_var = buffer32[0::2], buffer32[1::2]
+        layer(x.astype(np.float32))
+        np.testing.assert_allclose(buffer32[0::2], expected_mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(buffer32[1::2], expected_var, rtol=1e-5)
