@@ -431,7 +431,7 @@ def train_forward(object x, object y, int64_t outer, int64_t channels, int64_t i
     x IN (outer, channels, inner) any strides, at least 2 values per channel;
     y OUT same shape (may be x), or None to allocate it; weight, bias IN
     (channels,) or None; running_mean, running_var IN-OUT (channels,) or both
-    None.  momentum: the running-average factor (a float), or None for the
+    None, sharing no memory with each other or the inputs.  momentum: the running-average factor (a float), or None for the
     cumulative average 1 / (counter + 1).  relu: store max(y, 0) (fused
     ReLU).  counter IN-OUT: None, or a writeable native 0-d integer array
     incremented after the running statistics (a layer's num_batches_tracked).
@@ -448,6 +448,7 @@ def train_forward(object x, object y, int64_t outer, int64_t channels, int64_t i
         return None
     cdef int typenum = vector_type(cnp.PyArray_TYPE(<cnp.ndarray>x))
     if not (train_vectors_ready(typenum, channels, weight, bias, running_mean, running_var)
+            and stats_apart(x, weight, bias, running_mean, running_var)
             and (counter is None or is_counter(counter))):
         return None
     cdef double factor
@@ -467,17 +468,17 @@ def train_forward_at(object x, object y, object axis, object weight, object bias
     """`train_forward` (no counter) with the geometry read from x and the
     channel `axis`: (y, saved_mean, saved_invstd, the array read as x), or
     None (nothing written) unless, as in `eval_forward_at`, every array is
-    plain and kernel-ready (running statistics both None, or both writeable),
-    x has at least 2 values per channel, eps is a float > 0 and momentum a
-    float in [0, 1] (or None without running statistics, which are then not
-    updated)."""
+    plain and kernel-ready (running statistics both None, or both writeable
+    and sharing no memory with each other or the inputs), x has at least 2
+    values per channel, eps is a float > 0 and momentum a float in [0, 1]
+    (or None without running statistics, which are then not updated)."""
     cdef int64_t geometry[3]
     if not (plain_eps(eps, True) and plain_momentum(momentum, running_mean is not None)
             and plain_geometry(x, axis, geometry) and geometry[0] * geometry[2] >= 2):
         return None
-    if not train_vectors_ready(vector_type(cnp.PyArray_TYPE(<cnp.ndarray>x)), geometry[1],
-                               weight, bias,
-                               running_mean, running_var):
+    if not (train_vectors_ready(vector_type(cnp.PyArray_TYPE(<cnp.ndarray>x)), geometry[1],
+                                weight, bias, running_mean, running_var)
+            and stats_apart(x, weight, bias, running_mean, running_var)):
         return None
     if y is not None and not plain_out(y, <cnp.ndarray>x, running_mean, running_var, weight,
                                        bias):
@@ -492,6 +493,23 @@ cdef inline bint train_vectors_ready(int typenum, int64_t channels, object weigh
     return (is_channel_vector(weight, channels, typenum)
             and is_channel_vector(bias, channels, typenum)
             and is_updatable_pair(running_mean, running_var, channels, typenum))
+
+
+cdef inline bint stats_apart(object x, object weight, object bias, object running_mean,
+                             object running_var):
+    """The running statistics (written) share no bytes with each other or
+    with x, weight and bias (True when they are None).  Exact, as the
+    validators' test (a refusal they would pass is a bug): the bounds test
+    first, np.shares_memory only where the bounds meet."""
+    if running_mean is None:
+        return True
+    cdef cnp.ndarray rm = <cnp.ndarray>running_mean, rv = <cnp.ndarray>running_var
+    return (disjoint(rm, rv) and disjoint(rm, x) and disjoint(rv, x) and disjoint(rm, weight)
+            and disjoint(rv, weight) and disjoint(rm, bias) and disjoint(rv, bias))
+
+
+cdef inline bint disjoint(cnp.ndarray stat, object other):
+    return apart(stat, other) or not np.shares_memory(stat, other)
 
 
 cdef object run_train_forward(object x, object y, int64_t outer, int64_t channels,

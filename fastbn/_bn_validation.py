@@ -178,6 +178,24 @@ def check_updatable(name: str, array: Optional[np.ndarray]) -> None:
                          f"in place in training), got a read-only one")
 
 
+def check_running_stats_apart(running_mean: np.ndarray, running_var: np.ndarray,
+                              x: Optional[np.ndarray], weight: Optional[np.ndarray],
+                              bias: Optional[np.ndarray]) -> None:
+    """Running statistics updated in place share no memory with each other or
+    with an input the kernel reads (otherwise the result would depend on the
+    order of reads and writes)."""
+    pairs = [("running_mean", running_mean, "running_var", running_var)]
+    for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+        pairs += [(name, stat, "input", x), (name, stat, "weight", weight),
+                  (name, stat, "bias", bias)]
+    for name, stat, other_name, other in pairs:
+        if other is not None and np.may_share_memory(stat, other) \
+                and np.shares_memory(stat, other):
+            raise ValueError(f"{name}: expected an array sharing no memory with {other_name} "
+                             f"(running statistics are updated in place in training), got "
+                             f"one that overlaps it")
+
+
 def check_like(name: str, value, like: np.ndarray, like_name: str) -> np.ndarray:
     """An array with exactly the shape and dtype of `like` (e.g. dy vs x)."""
     if type(value) is np.ndarray and value.dtype is like.dtype and value.shape == like.shape:
@@ -233,6 +251,7 @@ def check_batch_norm_args(x, running_mean, running_var, weight, bias, use_batch_
     if update:
         check_updatable("running_mean", running_mean)
         check_updatable("running_var", running_var)
+        check_running_stats_apart(running_mean, running_var, x, weight, bias)
     if out is not None:
         out = check_out(out, "out", x.shape, dtype,
                         inputs=(x, running_mean, running_var, weight, bias), allow_identical=(x,))

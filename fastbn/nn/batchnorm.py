@@ -22,7 +22,8 @@ from .._backend import current_kernels
 from .._bn_validation import (BFLOAT16, batch_norm_layout, channel_dtype, check_activation,
                               check_batch_size, check_counter, check_eps,
                               check_layer_axis, check_like, check_momentum,
-                              check_num_features, check_running_stats_pair, check_updatable)
+                              check_num_features, check_running_stats_apart,
+                              check_running_stats_pair, check_updatable)
 from .._validation import check_bool, check_channel_vector, check_float_dtype, check_grad_target
 from ..parameter import Parameter
 from .module import Module, accumulate_grads
@@ -210,10 +211,11 @@ class _BatchNorm(Module):
         return (None if weight is None else weight.data, None if bias is None else bias.data,
                 self.running_mean, self.running_var)
 
-    def _checked_state(self, dtype, updating: bool = False):
+    def _checked_state(self, dtype, updating: bool = False, x: Optional[np.ndarray] = None):
         """The state arrays validated against num_features and the input dtype
-        (and, when `updating`, writeable running statistics and a counter a
-        training forward can bump), for a kernel that refused them (it checks
+        (and, when `updating`, writeable running statistics sharing no memory
+        with each other, `x`, weight or bias, and a counter a training forward
+        can bump), for a kernel that refused them (it checks
         them itself, before writing anything): raises the validators' error,
         or returns the arrays they normalized for a second try."""
         arrays = self._state_arrays()
@@ -223,6 +225,8 @@ class _BatchNorm(Module):
         if updating:
             check_updatable("running_mean", arrays[2])
             check_updatable("running_var", arrays[3])
+            if arrays[2] is not None:
+                check_running_stats_apart(arrays[2], arrays[3], x, arrays[0], arrays[1])
             check_counter("num_batches_tracked", self.num_batches_tracked, updating=True)
             if self._momentum is None and self.num_batches_tracked is None:
                 raise ValueError("num_batches_tracked: expected a 0-d int64 array because "
@@ -282,7 +286,7 @@ class _BatchNorm(Module):
                                            self.fused_relu, counter)
             if result is None:
                 weight, bias, running_mean, running_var = self._checked_state(
-                    channel_dtype(x.dtype), update and running_mean is not None)
+                    channel_dtype(x.dtype), update and running_mean is not None, x)
                 if not (update and running_mean is not None):
                     running_mean = running_var = None
                 result = self._retry(kernels.train_forward(

@@ -125,6 +125,13 @@ def train_forward(x, y, outer, channels, inner, weight, bias, eps, running_mean,
         return None
     if counter is not None and not is_counter(counter):
         return None
+    if running_mean is not None and any(
+            np.may_share_memory(stat, other) and np.shares_memory(stat, other)
+            for stat, other in ((running_mean, running_var), (running_mean, x), (running_var, x),
+                                (running_mean, weight), (running_var, weight),
+                                (running_mean, bias), (running_var, bias))
+            if other is not None):
+        return None  # the bridge's test (written statistics apart from the inputs)
     if momentum is None:
         if counter is None:
             return None
