@@ -56,12 +56,14 @@
 #define FB_BN_BF16_LINEAR ((fb_index)16384)
 /* Planar cache block: bytes of streamed input per thread. */
 #define FB_BN_BF16_BLOCK_BYTES ((fb_index)384 * 1024)
+#define FB_BN_BF16_STREAM_BYTES ((fb_index)8 * 1024 * 1024)
 
 enum { BN_BF16_FORWARD = 0, BN_BF16_EVAL_FORWARD = 1, BN_BF16_BACKWARD = 2,
        BN_BF16_BACKWARD_EVAL = 3 };
 
 typedef struct {
     int mode, reduce, relu, accumulate, instruction;
+    int stream;             /* non-temporal stores for the output (fused path) */
     fb_index outer, channels, inner, n;
     int interleaved;
     fb_index chunk, chunks, block_channels;
@@ -461,6 +463,75 @@ static void bn_bf16_compute_row(const bn_bf16_pass *p, float *restrict v, fb_ind
     }
 }
 
+
+/* ---- fused rewrite (AVX-512 build, CPU with AVX512_BF16) ------------------- */
+
+/* One planar run of channel c: the same float32 operations as
+ * bn_bf16_compute followed by the conversion instruction, in registers
+ * (no float32 block), with non-temporal stores when p->stream (the output is
+ * not read again by the pass).  Same bits as compute + narrow: widening is a
+ * 16-bit shift, sub/fma/mul are the IEEE operations, the relu tests are the
+ * same ordered comparisons. */
+#if FB_BN_BF16_CAN_USE_INSTRUCTION
+#define FB_BN_BF16_FUSED 1
+__attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
+static inline __m512 bn_bf16_widen16(const uint16_t *src, __mmask16 mask)
+{
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, src);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+__attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
+static void bn_bf16_fused_run(const bn_bf16_pass *p, fb_index offset, fb_index len, fb_index c)
+{
+    const uint16_t *restrict x = p->x ? p->x + offset : NULL;
+    const uint16_t *restrict dy = p->dy ? p->dy + offset : NULL;
+    uint16_t *restrict out = p->out + offset;
+    const __m512 m = _mm512_set1_ps(p->center[c]), k1 = _mm512_set1_ps(p->k1[c]);
+    const __m512 k2 = _mm512_set1_ps(p->k2[c]), k3 = _mm512_set1_ps(p->k3[c]);
+    const __m512 ms = _mm512_set1_ps(p->mask_scale[c]), mh = _mm512_set1_ps(p->mask_shift[c]);
+    const __m512 zero = _mm512_setzero_ps(), tiny = _mm512_set1_ps(FLT_MIN);
+    const int relu = p->relu, mode = p->mode, stream = p->stream;
+    fb_index i = 0;
+    while (i < len) {
+        fb_index piece = fb_min_index(16, len - i);
+        const int aligned = (((uintptr_t)(out + i)) & 31u) == 0;
+        if (!aligned) /* up to the next 32-byte boundary */
+            piece = fb_min_index(piece, fb_max_index(1, (fb_index)((32u - ((uintptr_t)(out + i) & 31u)) / 2u)));
+        const __mmask16 mask = (__mmask16)(piece == 16 ? 0xFFFFu : (1u << piece) - 1u);
+        __m512 v;
+        if (mode == BN_BF16_FORWARD || mode == BN_BF16_EVAL_FORWARD) {
+            v = _mm512_fmadd_ps(_mm512_sub_ps(bn_bf16_widen16(x + i, mask), m), k1, k3);
+            if (relu)
+                v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), zero);
+        } else {
+            const int need_x = mode == BN_BF16_BACKWARD || relu;
+            const __m512 xc = need_x ? _mm512_sub_ps(bn_bf16_widen16(x + i, mask), m) : zero;
+            __m512 g = bn_bf16_widen16(dy + i, mask);
+            if (relu) {
+                const __mmask16 live = _mm512_cmp_ps_mask(_mm512_fmadd_ps(xc, ms, mh), tiny,
+                                                          _CMP_GE_OQ);
+                g = _mm512_maskz_mov_ps(live, g);
+            }
+            v = mode == BN_BF16_BACKWARD ? _mm512_fmadd_ps(g, k1, _mm512_fmadd_ps(xc, k2, k3))
+                                         : _mm512_mul_ps(g, k1);
+        }
+        const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+        if (piece == 16 && aligned) {
+            if (stream)
+                _mm256_stream_si256((__m256i *)(out + i), h);
+            else
+                _mm256_store_si256((__m256i *)(out + i), h);
+        } else {
+            _mm256_mask_storeu_epi16(out + i, mask, h);
+        }
+        i += piece;
+    }
+}
+#else
+#define FB_BN_BF16_FUSED 0
+#endif
+
 static void bn_bf16_rewrite_item(const bn_bf16_pass *p, fb_index item)
 {
     float v[FB_BN_BF16_BLOCK];
@@ -469,6 +540,12 @@ static void bn_bf16_rewrite_item(const bn_bf16_pass *p, fb_index item)
         bn_bf16_runs runs = bn_bf16_runs_start(p, k);
         fb_index offset, len;
         while (bn_bf16_runs_next(p, c, &runs, &offset, &len)) {
+#if FB_BN_BF16_FUSED
+            if (p->instruction) {
+                bn_bf16_fused_run(p, offset, len, c);
+                continue;
+            }
+#endif
             for (fb_index s = 0; s < len; s += FB_BN_BF16_BLOCK) {
                 const fb_index piece = fb_min_index(FB_BN_BF16_BLOCK, len - s);
                 bn_bf16_compute(p, v, offset + s, piece, c);
@@ -506,8 +583,15 @@ static void bn_bf16_rewrite_linear(const bn_bf16_pass *p, fb_index item)
             i += len;
         } else {
             const fb_index row = i / p->inner, col = i - row * p->inner;
-            const fb_index len = fb_min_index(fb_min_index(p->inner - col, end - i),
-                                              FB_BN_BF16_BLOCK);
+            fb_index len = fb_min_index(p->inner - col, end - i);
+#if FB_BN_BF16_FUSED
+            if (p->instruction) {
+                bn_bf16_fused_run(p, i, len, row % p->channels);
+                i += len;
+                continue;
+            }
+#endif
+            len = fb_min_index(len, FB_BN_BF16_BLOCK);
             bn_bf16_compute(p, v, i, len, row % p->channels);
             fb_bn_bf16_narrow(v, p->out + i, len, p->instruction);
             i += len;
@@ -520,7 +604,7 @@ static void bn_bf16_rewrite_linear(const bn_bf16_pass *p, fb_index item)
 /* Run by every thread of the team, or by the caller alone.  The work-sharing
  * loops of one block have the same bounds and a static schedule, so a thread
  * rewrites the items it reduced (from its own cache). */
-static void bn_bf16_body(bn_bf16_pass *p)
+static void bn_bf16_body_work(bn_bf16_pass *p)
 {
     if (p->linear) {
 #pragma omp for schedule(static)
@@ -562,6 +646,13 @@ static void bn_bf16_body(bn_bf16_pass *p)
     }
 }
 
+static void bn_bf16_body(bn_bf16_pass *p)
+{
+    bn_bf16_body_work(p);
+    if (p->stream)
+        fb_stream_fence();
+}
+
 /* Plan, allocate, set the per-channel arrays the mode needs before the pass
  * (centers, eval coefficients, relu masks), run, free. */
 static int bn_bf16_run(bn_bf16_pass *p, fb_index outer, fb_index channels, fb_index inner,
@@ -572,6 +663,9 @@ static int bn_bf16_run(bn_bf16_pass *p, fb_index outer, fb_index channels, fb_in
     const fb_index first_of_channel = inner; /* stride between channel starts, before planning */
     bn_bf16_plan(p, outer, channels, inner, streams, nt);
     p->instruction = fb_bn_bf16_cpu_has_instruction();
+    /* an output past the last-level cache share would be evicted before any
+     * reuse: skip the read-for-ownership */
+    p->stream = FB_BN_BF16_FUSED && p->instruction && total * 2 >= FB_BN_BF16_STREAM_BYTES;
     p->linear = !p->reduce;
     p->linear_items = fb_ceil_div(total, FB_BN_BF16_LINEAR);
     const fb_index partials = p->reduce ? channels * p->chunks : 0;
