@@ -203,12 +203,93 @@ static inline double bn_bf16_lanes_total(const double *a)
     return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) \
+    && defined(__AVX512DQ__)
+#define FB_BN_BF16_VECTOR_REDUCE 1
+#include <immintrin.h>
+/* Explicit AVX-512 forms of the two run reductions below: lane l of the
+ * 16 float64 accumulators takes elements i + l, as in the portable loops
+ * (which the compiler does not keep in registers), so the partial sums are
+ * the same bits.  The float64 products of two float32 values are exact, so
+ * a fused multiply-add equals the product-then-add of the portable form. */
+static inline __m512 bn_bf16_widen16_full(const uint16_t *src)
+{
+    const __m256i h = _mm256_loadu_si256((const __m256i *)src);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline __m512d bn_bf16_low8(__m512 v)
+{
+    return _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+}
+
+static inline __m512d bn_bf16_high8(__m512 v)
+{
+    return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+static inline fb_index bn_bf16_reduce_x_vector(const uint16_t *restrict x, fb_index len,
+                                               float center, double *a1, double *a2)
+{
+    const __m512 m = _mm512_set1_ps(center);
+    __m512d s1lo = _mm512_setzero_pd(), s1hi = s1lo, s2lo = s1lo, s2hi = s1lo;
+    fb_index i = 0;
+    for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
+        const __m512 d = _mm512_sub_ps(bn_bf16_widen16_full(x + i), m);
+        const __m512d lo = bn_bf16_low8(d), hi = bn_bf16_high8(d);
+        s1lo = _mm512_add_pd(s1lo, lo);
+        s1hi = _mm512_add_pd(s1hi, hi);
+        s2lo = _mm512_fmadd_pd(lo, lo, s2lo);
+        s2hi = _mm512_fmadd_pd(hi, hi, s2hi);
+    }
+    _mm512_storeu_pd(a1, s1lo);
+    _mm512_storeu_pd(a1 + 8, s1hi);
+    _mm512_storeu_pd(a2, s2lo);
+    _mm512_storeu_pd(a2 + 8, s2hi);
+    return i;
+}
+
+static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
+                                                  const uint16_t *restrict x, fb_index len,
+                                                  float center, float mask_scale,
+                                                  float mask_shift, int relu, double *a1,
+                                                  double *a2)
+{
+    const __m512 m = _mm512_set1_ps(center), ms = _mm512_set1_ps(mask_scale);
+    const __m512 mh = _mm512_set1_ps(mask_shift), tiny = _mm512_set1_ps(FLT_MIN);
+    __m512d s1lo = _mm512_setzero_pd(), s1hi = s1lo, s2lo = s1lo, s2hi = s1lo;
+    fb_index i = 0;
+    for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
+        const __m512 xc = _mm512_sub_ps(bn_bf16_widen16_full(x + i), m);
+        __m512 g = bn_bf16_widen16_full(dy + i);
+        if (relu)
+            g = _mm512_maskz_mov_ps(
+                _mm512_cmp_ps_mask(_mm512_fmadd_ps(xc, ms, mh), tiny, _CMP_GE_OQ), g);
+        const __m512d glo = bn_bf16_low8(g), ghi = bn_bf16_high8(g);
+        s1lo = _mm512_add_pd(s1lo, glo);
+        s1hi = _mm512_add_pd(s1hi, ghi);
+        s2lo = _mm512_fmadd_pd(glo, bn_bf16_low8(xc), s2lo);
+        s2hi = _mm512_fmadd_pd(ghi, bn_bf16_high8(xc), s2hi);
+    }
+    _mm512_storeu_pd(a1, s1lo);
+    _mm512_storeu_pd(a1 + 8, s1hi);
+    _mm512_storeu_pd(a2, s2lo);
+    _mm512_storeu_pd(a2 + 8, s2hi);
+    return i;
+}
+#else
+#define FB_BN_BF16_VECTOR_REDUCE 0
+#endif
+
 /* s1 += sum(d), s2 += sum(d^2) over a run, d = x - center (float32). */
 static void bn_bf16_reduce_x_run(const uint16_t *restrict x, fb_index len, float center,
                                  double *s1, double *s2)
 {
     double a1[FB_BN_BF16_LANES] = {0}, a2[FB_BN_BF16_LANES] = {0};
     fb_index i = 0;
+#if FB_BN_BF16_VECTOR_REDUCE
+    i = bn_bf16_reduce_x_vector(x, len, center, a1, a2);
+#endif
     for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
 #pragma omp simd
         for (int l = 0; l < FB_BN_BF16_LANES; ++l) {
@@ -234,6 +315,9 @@ static void bn_bf16_reduce_grad_run(const uint16_t *restrict dy, const uint16_t 
 {
     double a1[FB_BN_BF16_LANES] = {0}, a2[FB_BN_BF16_LANES] = {0};
     fb_index i = 0;
+#if FB_BN_BF16_VECTOR_REDUCE
+    i = bn_bf16_reduce_grad_vector(dy, x, len, m, ms, mh, relu, a1, a2);
+#endif
     for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
 #pragma omp simd
         for (int l = 0; l < FB_BN_BF16_LANES; ++l) {
