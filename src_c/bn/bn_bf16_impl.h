@@ -229,12 +229,15 @@ static inline __m512d bn_bf16_high8(__m512 v)
 }
 
 static inline fb_index bn_bf16_reduce_x_vector(const uint16_t *restrict x, fb_index len,
-                                               float center, double *a1, double *a2)
+                                               float center, fb_index ahead, double *a1,
+                                               double *a2)
 {
     const __m512 m = _mm512_set1_ps(center);
     __m512d s1lo = _mm512_setzero_pd(), s1hi = s1lo, s2lo = s1lo, s2hi = s1lo;
     fb_index i = 0;
     for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
+        if (ahead)
+            _mm_prefetch((const char *)(x + i + ahead), _MM_HINT_T0);
         const __m512 d = _mm512_sub_ps(bn_bf16_widen16_full(x + i), m);
         const __m512d lo = bn_bf16_low8(d), hi = bn_bf16_high8(d);
         s1lo = _mm512_add_pd(s1lo, lo);
@@ -252,14 +255,18 @@ static inline fb_index bn_bf16_reduce_x_vector(const uint16_t *restrict x, fb_in
 static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
                                                   const uint16_t *restrict x, fb_index len,
                                                   float center, float mask_scale,
-                                                  float mask_shift, int relu, double *a1,
-                                                  double *a2)
+                                                  float mask_shift, int relu, fb_index ahead,
+                                                  double *a1, double *a2)
 {
     const __m512 m = _mm512_set1_ps(center), ms = _mm512_set1_ps(mask_scale);
     const __m512 mh = _mm512_set1_ps(mask_shift), tiny = _mm512_set1_ps(FLT_MIN);
     __m512d s1lo = _mm512_setzero_pd(), s1hi = s1lo, s2lo = s1lo, s2hi = s1lo;
     fb_index i = 0;
     for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
+        if (ahead) {
+            _mm_prefetch((const char *)(x + i + ahead), _MM_HINT_T0);
+            _mm_prefetch((const char *)(dy + i + ahead), _MM_HINT_T0);
+        }
         const __m512 xc = _mm512_sub_ps(bn_bf16_widen16_full(x + i), m);
         __m512 g = bn_bf16_widen16_full(dy + i);
         if (relu)
@@ -283,12 +290,13 @@ static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
 
 /* s1 += sum(d), s2 += sum(d^2) over a run, d = x - center (float32). */
 static void bn_bf16_reduce_x_run(const uint16_t *restrict x, fb_index len, float center,
-                                 double *s1, double *s2)
+                                 fb_index ahead, double *s1, double *s2)
 {
+    (void)ahead;
     double a1[FB_BN_BF16_LANES] = {0}, a2[FB_BN_BF16_LANES] = {0};
     fb_index i = 0;
 #if FB_BN_BF16_VECTOR_REDUCE
-    i = bn_bf16_reduce_x_vector(x, len, center, a1, a2);
+    i = bn_bf16_reduce_x_vector(x, len, center, ahead, a1, a2);
 #endif
     for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
 #pragma omp simd
@@ -311,12 +319,13 @@ static void bn_bf16_reduce_x_run(const uint16_t *restrict x, fb_index len, float
 /* s1 += sum(g), s2 += sum(g * (x - m)) over a run (g: dy, masked with relu). */
 static void bn_bf16_reduce_grad_run(const uint16_t *restrict dy, const uint16_t *restrict x,
                                     fb_index len, float m, float ms, float mh, int relu,
-                                    double *s1, double *s2)
+                                    fb_index ahead, double *s1, double *s2)
 {
+    (void)ahead;
     double a1[FB_BN_BF16_LANES] = {0}, a2[FB_BN_BF16_LANES] = {0};
     fb_index i = 0;
 #if FB_BN_BF16_VECTOR_REDUCE
-    i = bn_bf16_reduce_grad_vector(dy, x, len, m, ms, mh, relu, a1, a2);
+    i = bn_bf16_reduce_grad_vector(dy, x, len, m, ms, mh, relu, ahead, a1, a2);
 #endif
     for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
 #pragma omp simd
@@ -347,14 +356,19 @@ static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
         bn_bf16_runs runs = bn_bf16_runs_start(p, k);
         fb_index offset, len;
         while (bn_bf16_runs_next(p, c, &runs, &offset, &len)) {
+            /* the channel's run in the next row, one row of planes away:
+             * runs are short (one plane), too short for the hardware
+             * prefetcher to follow the jump */
+            const fb_index ahead = runs.row < p->outer && p->outer > 1
+                ? p->channels * p->inner : 0;
             if (forward)
-                bn_bf16_reduce_x_run(p->x + offset, len, p->center[c], &s1, &s2);
+                bn_bf16_reduce_x_run(p->x + offset, len, p->center[c], ahead, &s1, &s2);
             else if (p->relu)
                 bn_bf16_reduce_grad_run(p->dy + offset, p->x + offset, len, p->center[c],
-                                        p->mask_scale[c], p->mask_shift[c], 1, &s1, &s2);
+                                        p->mask_scale[c], p->mask_shift[c], 1, ahead, &s1, &s2);
             else
                 bn_bf16_reduce_grad_run(p->dy + offset, p->x + offset, len, p->center[c], 0, 0,
-                                        0, &s1, &s2);
+                                        0, ahead, &s1, &s2);
         }
         p->sum1[item] = s1;
         p->sum2[item] = s2;
