@@ -128,6 +128,30 @@ def test_every_bf16_kernel_equals_the_numpy_twin_bit_for_bit_on_exact_sums(
     assert_same_bits(run_all(_bn, *inputs, geo, relu), expected)
 
 
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_outputs_large_enough_for_streaming_stores_equal_the_twin_bit_for_bit(
+        simd_target, relu, rng):
+    """Outputs of 8 MB and more are written with non-temporal stores (on the
+    AVX-512 target with AVX512_BF16): the same bits as the twin, for every
+    kernel on exact sums, and for the eval kernels on any data with channel
+    runs that start off the 32-byte boundary (odd spatial size)."""
+    shape = (2, 8, 512, 512)  # 2**19 values per channel: exact means
+    inputs = make(rng, shape, False, dyadic=True)
+    geo = geometry(shape, False)
+    assert_same_bits(run_all(_bn, *inputs, geo, relu), run_all(R, *inputs, geo, relu))
+    shape = (3, 7, 401, 501)
+    x, dy, weight, bias, running_mean, running_var = make(rng, shape, False, False)
+    geo = geometry(shape, False)
+    y, _ = _bn.eval_forward(x, None, *geo, running_mean, running_var, weight, bias, EPS, relu)
+    y_twin = R.eval_forward(x, None, *geo, running_mean, running_var, weight, bias, EPS, relu)
+    dx = _bn.backward_eval(dy, x, None, *geo, running_mean, running_var, weight, EPS, None,
+                           None, False, bias, relu)
+    dx_twin = R.backward_eval(dy, x, None, *geo, running_mean, running_var, weight, EPS, None,
+                              None, False, bias, relu)
+    assert np.array_equal(y.view(np.uint16), y_twin.view(np.uint16))
+    assert np.array_equal(dx.view(np.uint16), dx_twin.view(np.uint16))
+
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("shape,channels_last", [((3, 5, 7, 9), False), ((2, 9, 7, 33), True),
                                                   ((64, 3, 8, 8), False), ((999, 17), True)])

@@ -56,12 +56,14 @@
 #define FB_BN_BF16_LINEAR ((fb_index)16384)
 /* Planar cache block: bytes of streamed input per thread. */
 #define FB_BN_BF16_BLOCK_BYTES ((fb_index)384 * 1024)
+#define FB_BN_BF16_STREAM_BYTES ((fb_index)8 * 1024 * 1024)
 
 enum { BN_BF16_FORWARD = 0, BN_BF16_EVAL_FORWARD = 1, BN_BF16_BACKWARD = 2,
        BN_BF16_BACKWARD_EVAL = 3 };
 
 typedef struct {
     int mode, reduce, relu, accumulate, instruction;
+    int stream;             /* non-temporal stores for the output (fused path) */
     fb_index outer, channels, inner, n;
     int interleaved;
     fb_index chunk, chunks, block_channels;
@@ -201,12 +203,101 @@ static inline double bn_bf16_lanes_total(const double *a)
     return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) \
+    && defined(__AVX512DQ__)
+#define FB_BN_BF16_VECTOR_REDUCE 1
+#include <immintrin.h>
+/* Explicit AVX-512 forms of the two run reductions below: lane l of the
+ * 16 float64 accumulators takes elements i + l, as in the portable loops
+ * (which the compiler does not keep in registers), so the partial sums are
+ * the same bits.  The float64 products of two float32 values are exact, so
+ * a fused multiply-add equals the product-then-add of the portable form. */
+static inline __m512 bn_bf16_widen16_full(const uint16_t *src)
+{
+    const __m256i h = _mm256_loadu_si256((const __m256i *)src);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline __m512d bn_bf16_low8(__m512 v)
+{
+    return _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+}
+
+static inline __m512d bn_bf16_high8(__m512 v)
+{
+    return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+static inline fb_index bn_bf16_reduce_x_vector(const uint16_t *restrict x, fb_index len,
+                                               float center, fb_index ahead, double *a1,
+                                               double *a2)
+{
+    const __m512 m = _mm512_set1_ps(center);
+    __m512d s1lo = _mm512_setzero_pd(), s1hi = s1lo, s2lo = s1lo, s2hi = s1lo;
+    fb_index i = 0;
+    for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
+        if (ahead)
+            _mm_prefetch((const char *)(x + i + ahead), _MM_HINT_T0);
+        const __m512 d = _mm512_sub_ps(bn_bf16_widen16_full(x + i), m);
+        const __m512d lo = bn_bf16_low8(d), hi = bn_bf16_high8(d);
+        s1lo = _mm512_add_pd(s1lo, lo);
+        s1hi = _mm512_add_pd(s1hi, hi);
+        s2lo = _mm512_fmadd_pd(lo, lo, s2lo);
+        s2hi = _mm512_fmadd_pd(hi, hi, s2hi);
+    }
+    _mm512_storeu_pd(a1, s1lo);
+    _mm512_storeu_pd(a1 + 8, s1hi);
+    _mm512_storeu_pd(a2, s2lo);
+    _mm512_storeu_pd(a2 + 8, s2hi);
+    return i;
+}
+
+static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
+                                                  const uint16_t *restrict x, fb_index len,
+                                                  float center, float mask_scale,
+                                                  float mask_shift, int relu, fb_index ahead,
+                                                  double *a1, double *a2)
+{
+    const __m512 m = _mm512_set1_ps(center), ms = _mm512_set1_ps(mask_scale);
+    const __m512 mh = _mm512_set1_ps(mask_shift), tiny = _mm512_set1_ps(FLT_MIN);
+    __m512d s1lo = _mm512_setzero_pd(), s1hi = s1lo, s2lo = s1lo, s2hi = s1lo;
+    fb_index i = 0;
+    for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
+        if (ahead) {
+            _mm_prefetch((const char *)(x + i + ahead), _MM_HINT_T0);
+            _mm_prefetch((const char *)(dy + i + ahead), _MM_HINT_T0);
+        }
+        const __m512 xc = _mm512_sub_ps(bn_bf16_widen16_full(x + i), m);
+        __m512 g = bn_bf16_widen16_full(dy + i);
+        if (relu)
+            g = _mm512_maskz_mov_ps(
+                _mm512_cmp_ps_mask(_mm512_fmadd_ps(xc, ms, mh), tiny, _CMP_GE_OQ), g);
+        const __m512d glo = bn_bf16_low8(g), ghi = bn_bf16_high8(g);
+        s1lo = _mm512_add_pd(s1lo, glo);
+        s1hi = _mm512_add_pd(s1hi, ghi);
+        s2lo = _mm512_fmadd_pd(glo, bn_bf16_low8(xc), s2lo);
+        s2hi = _mm512_fmadd_pd(ghi, bn_bf16_high8(xc), s2hi);
+    }
+    _mm512_storeu_pd(a1, s1lo);
+    _mm512_storeu_pd(a1 + 8, s1hi);
+    _mm512_storeu_pd(a2, s2lo);
+    _mm512_storeu_pd(a2 + 8, s2hi);
+    return i;
+}
+#else
+#define FB_BN_BF16_VECTOR_REDUCE 0
+#endif
+
 /* s1 += sum(d), s2 += sum(d^2) over a run, d = x - center (float32). */
 static void bn_bf16_reduce_x_run(const uint16_t *restrict x, fb_index len, float center,
-                                 double *s1, double *s2)
+                                 fb_index ahead, double *s1, double *s2)
 {
+    (void)ahead;
     double a1[FB_BN_BF16_LANES] = {0}, a2[FB_BN_BF16_LANES] = {0};
     fb_index i = 0;
+#if FB_BN_BF16_VECTOR_REDUCE
+    i = bn_bf16_reduce_x_vector(x, len, center, ahead, a1, a2);
+#endif
     for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
 #pragma omp simd
         for (int l = 0; l < FB_BN_BF16_LANES; ++l) {
@@ -228,10 +319,14 @@ static void bn_bf16_reduce_x_run(const uint16_t *restrict x, fb_index len, float
 /* s1 += sum(g), s2 += sum(g * (x - m)) over a run (g: dy, masked with relu). */
 static void bn_bf16_reduce_grad_run(const uint16_t *restrict dy, const uint16_t *restrict x,
                                     fb_index len, float m, float ms, float mh, int relu,
-                                    double *s1, double *s2)
+                                    fb_index ahead, double *s1, double *s2)
 {
+    (void)ahead;
     double a1[FB_BN_BF16_LANES] = {0}, a2[FB_BN_BF16_LANES] = {0};
     fb_index i = 0;
+#if FB_BN_BF16_VECTOR_REDUCE
+    i = bn_bf16_reduce_grad_vector(dy, x, len, m, ms, mh, relu, ahead, a1, a2);
+#endif
     for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
 #pragma omp simd
         for (int l = 0; l < FB_BN_BF16_LANES; ++l) {
@@ -261,14 +356,19 @@ static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
         bn_bf16_runs runs = bn_bf16_runs_start(p, k);
         fb_index offset, len;
         while (bn_bf16_runs_next(p, c, &runs, &offset, &len)) {
+            /* the channel's run in the next row, one row of planes away:
+             * runs are short (one plane), too short for the hardware
+             * prefetcher to follow the jump */
+            const fb_index ahead = runs.row < p->outer && p->outer > 1
+                ? p->channels * p->inner : 0;
             if (forward)
-                bn_bf16_reduce_x_run(p->x + offset, len, p->center[c], &s1, &s2);
+                bn_bf16_reduce_x_run(p->x + offset, len, p->center[c], ahead, &s1, &s2);
             else if (p->relu)
                 bn_bf16_reduce_grad_run(p->dy + offset, p->x + offset, len, p->center[c],
-                                        p->mask_scale[c], p->mask_shift[c], 1, &s1, &s2);
+                                        p->mask_scale[c], p->mask_shift[c], 1, ahead, &s1, &s2);
             else
                 bn_bf16_reduce_grad_run(p->dy + offset, p->x + offset, len, p->center[c], 0, 0,
-                                        0, &s1, &s2);
+                                        0, ahead, &s1, &s2);
         }
         p->sum1[item] = s1;
         p->sum2[item] = s2;
@@ -461,6 +561,75 @@ static void bn_bf16_compute_row(const bn_bf16_pass *p, float *restrict v, fb_ind
     }
 }
 
+
+/* ---- fused rewrite (AVX-512 build, CPU with AVX512_BF16) ------------------- */
+
+/* One planar run of channel c: the same float32 operations as
+ * bn_bf16_compute followed by the conversion instruction, in registers
+ * (no float32 block), with non-temporal stores when p->stream (the output is
+ * not read again by the pass).  Same bits as compute + narrow: widening is a
+ * 16-bit shift, sub/fma/mul are the IEEE operations, the relu tests are the
+ * same ordered comparisons. */
+#if FB_BN_BF16_CAN_USE_INSTRUCTION
+#define FB_BN_BF16_FUSED 1
+__attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
+static inline __m512 bn_bf16_widen16(const uint16_t *src, __mmask16 mask)
+{
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, src);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+__attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
+static void bn_bf16_fused_run(const bn_bf16_pass *p, fb_index offset, fb_index len, fb_index c)
+{
+    const uint16_t *restrict x = p->x ? p->x + offset : NULL;
+    const uint16_t *restrict dy = p->dy ? p->dy + offset : NULL;
+    uint16_t *restrict out = p->out + offset;
+    const __m512 m = _mm512_set1_ps(p->center[c]), k1 = _mm512_set1_ps(p->k1[c]);
+    const __m512 k2 = _mm512_set1_ps(p->k2[c]), k3 = _mm512_set1_ps(p->k3[c]);
+    const __m512 ms = _mm512_set1_ps(p->mask_scale[c]), mh = _mm512_set1_ps(p->mask_shift[c]);
+    const __m512 zero = _mm512_setzero_ps(), tiny = _mm512_set1_ps(FLT_MIN);
+    const int relu = p->relu, mode = p->mode, stream = p->stream;
+    fb_index i = 0;
+    while (i < len) {
+        fb_index piece = fb_min_index(16, len - i);
+        const int aligned = (((uintptr_t)(out + i)) & 31u) == 0;
+        if (!aligned) /* up to the next 32-byte boundary */
+            piece = fb_min_index(piece, fb_max_index(1, (fb_index)((32u - ((uintptr_t)(out + i) & 31u)) / 2u)));
+        const __mmask16 mask = (__mmask16)(piece == 16 ? 0xFFFFu : (1u << piece) - 1u);
+        __m512 v;
+        if (mode == BN_BF16_FORWARD || mode == BN_BF16_EVAL_FORWARD) {
+            v = _mm512_fmadd_ps(_mm512_sub_ps(bn_bf16_widen16(x + i, mask), m), k1, k3);
+            if (relu)
+                v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), zero);
+        } else {
+            const int need_x = mode == BN_BF16_BACKWARD || relu;
+            const __m512 xc = need_x ? _mm512_sub_ps(bn_bf16_widen16(x + i, mask), m) : zero;
+            __m512 g = bn_bf16_widen16(dy + i, mask);
+            if (relu) {
+                const __mmask16 live = _mm512_cmp_ps_mask(_mm512_fmadd_ps(xc, ms, mh), tiny,
+                                                          _CMP_GE_OQ);
+                g = _mm512_maskz_mov_ps(live, g);
+            }
+            v = mode == BN_BF16_BACKWARD ? _mm512_fmadd_ps(g, k1, _mm512_fmadd_ps(xc, k2, k3))
+                                         : _mm512_mul_ps(g, k1);
+        }
+        const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+        if (piece == 16 && aligned) {
+            if (stream)
+                _mm256_stream_si256((__m256i *)(out + i), h);
+            else
+                _mm256_store_si256((__m256i *)(out + i), h);
+        } else {
+            _mm256_mask_storeu_epi16(out + i, mask, h);
+        }
+        i += piece;
+    }
+}
+#else
+#define FB_BN_BF16_FUSED 0
+#endif
+
 static void bn_bf16_rewrite_item(const bn_bf16_pass *p, fb_index item)
 {
     float v[FB_BN_BF16_BLOCK];
@@ -469,6 +638,12 @@ static void bn_bf16_rewrite_item(const bn_bf16_pass *p, fb_index item)
         bn_bf16_runs runs = bn_bf16_runs_start(p, k);
         fb_index offset, len;
         while (bn_bf16_runs_next(p, c, &runs, &offset, &len)) {
+#if FB_BN_BF16_FUSED
+            if (p->instruction) {
+                bn_bf16_fused_run(p, offset, len, c);
+                continue;
+            }
+#endif
             for (fb_index s = 0; s < len; s += FB_BN_BF16_BLOCK) {
                 const fb_index piece = fb_min_index(FB_BN_BF16_BLOCK, len - s);
                 bn_bf16_compute(p, v, offset + s, piece, c);
@@ -506,8 +681,15 @@ static void bn_bf16_rewrite_linear(const bn_bf16_pass *p, fb_index item)
             i += len;
         } else {
             const fb_index row = i / p->inner, col = i - row * p->inner;
-            const fb_index len = fb_min_index(fb_min_index(p->inner - col, end - i),
-                                              FB_BN_BF16_BLOCK);
+            fb_index len = fb_min_index(p->inner - col, end - i);
+#if FB_BN_BF16_FUSED
+            if (p->instruction) {
+                bn_bf16_fused_run(p, i, len, row % p->channels);
+                i += len;
+                continue;
+            }
+#endif
+            len = fb_min_index(len, FB_BN_BF16_BLOCK);
             bn_bf16_compute(p, v, i, len, row % p->channels);
             fb_bn_bf16_narrow(v, p->out + i, len, p->instruction);
             i += len;
@@ -520,7 +702,7 @@ static void bn_bf16_rewrite_linear(const bn_bf16_pass *p, fb_index item)
 /* Run by every thread of the team, or by the caller alone.  The work-sharing
  * loops of one block have the same bounds and a static schedule, so a thread
  * rewrites the items it reduced (from its own cache). */
-static void bn_bf16_body(bn_bf16_pass *p)
+static void bn_bf16_body_work(bn_bf16_pass *p)
 {
     if (p->linear) {
 #pragma omp for schedule(static)
@@ -562,6 +744,13 @@ static void bn_bf16_body(bn_bf16_pass *p)
     }
 }
 
+static void bn_bf16_body(bn_bf16_pass *p)
+{
+    bn_bf16_body_work(p);
+    if (p->stream)
+        fb_stream_fence();
+}
+
 /* Plan, allocate, set the per-channel arrays the mode needs before the pass
  * (centers, eval coefficients, relu masks), run, free. */
 static int bn_bf16_run(bn_bf16_pass *p, fb_index outer, fb_index channels, fb_index inner,
@@ -572,6 +761,9 @@ static int bn_bf16_run(bn_bf16_pass *p, fb_index outer, fb_index channels, fb_in
     const fb_index first_of_channel = inner; /* stride between channel starts, before planning */
     bn_bf16_plan(p, outer, channels, inner, streams, nt);
     p->instruction = fb_bn_bf16_cpu_has_instruction();
+    /* an output past the last-level cache share would be evicted before any
+     * reuse: skip the read-for-ownership */
+    p->stream = FB_BN_BF16_FUSED && p->instruction && total * 2 >= FB_BN_BF16_STREAM_BYTES;
     p->linear = !p->reduce;
     p->linear_items = fb_ceil_div(total, FB_BN_BF16_LINEAR);
     const fb_index partials = p->reduce ? channels * p->chunks : 0;
