@@ -118,32 +118,7 @@ static void bn_bf16_plan(bn_bf16_pass *p, fb_index outer, fb_index channels, fb_
     }
 }
 
-/* Contiguous runs of planar chunk k of channel c: calls to next() give
- * (offset, len) until it returns 0. */
-typedef struct { fb_index row, col, remaining; } bn_bf16_runs;
-
-static inline bn_bf16_runs bn_bf16_runs_start(const bn_bf16_pass *p, fb_index k)
-{
-    bn_bf16_runs r;
-    const fb_index begin = k * p->chunk;
-    r.row = begin / p->inner;
-    r.col = begin - r.row * p->inner;
-    r.remaining = fb_min_index(p->n, begin + p->chunk) - begin;
-    return r;
-}
-
-static inline int bn_bf16_runs_next(const bn_bf16_pass *p, fb_index c, bn_bf16_runs *r,
-                                    fb_index *offset, fb_index *len)
-{
-    if (r->remaining <= 0)
-        return 0;
-    *len = fb_min_index(p->inner - r->col, r->remaining);
-    *offset = (r->row * p->channels + c) * p->inner + r->col;
-    r->remaining -= *len;
-    r->col = 0;
-    ++r->row;
-    return 1;
-}
+/* Contiguous runs of planar chunk k of channel c: fb_bn_runs (bn_plan.h). */
 
 /* ---- elementwise pieces ----------------------------------------------------- */
 
@@ -353,9 +328,9 @@ static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
     if (!p->interleaved) {
         const fb_index c = item / p->chunks, k = item - c * p->chunks;
         double s1 = 0.0, s2 = 0.0;
-        bn_bf16_runs runs = bn_bf16_runs_start(p, k);
+        fb_bn_runs runs = fb_bn_runs_start(p->n, p->channels, p->inner, p->chunk, k);
         fb_index offset, len;
-        while (bn_bf16_runs_next(p, c, &runs, &offset, &len)) {
+        while (fb_bn_runs_next(&runs, c, &offset, &len)) {
             /* the channel's run in the next row, one row of planes away:
              * runs are short (one plane), too short for the hardware
              * prefetcher to follow the jump */
@@ -635,9 +610,9 @@ static void bn_bf16_rewrite_item(const bn_bf16_pass *p, fb_index item)
     float v[FB_BN_BF16_BLOCK];
     if (!p->interleaved) {
         const fb_index c = item / p->chunks, k = item - c * p->chunks;
-        bn_bf16_runs runs = bn_bf16_runs_start(p, k);
+        fb_bn_runs runs = fb_bn_runs_start(p->n, p->channels, p->inner, p->chunk, k);
         fb_index offset, len;
-        while (bn_bf16_runs_next(p, c, &runs, &offset, &len)) {
+        while (fb_bn_runs_next(&runs, c, &offset, &len)) {
 #if FB_BN_BF16_FUSED
             if (p->instruction) {
                 bn_bf16_fused_run(p, offset, len, c);

@@ -163,29 +163,34 @@ static inline void fb_bn_block_items(const fb_bn_plan *plan, fb_index c0, fb_ind
     }
 }
 
-/* Walks the contiguous runs (row pieces) of planar chunk k of a channel:
- *     fb_bn_runs runs = fb_bn_runs_start(plan, k);
- *     while (fb_bn_runs_next(plan, c, &runs, &offset, &len)) ...
- * One division per chunk, none per run. */
-typedef struct { fb_index row, col, remaining; } fb_bn_runs;
+/* Walks the contiguous runs (row pieces) of planar chunk k of a channel, for
+ * any planar pass (the float kernels' plans and the bfloat16 family's):
+ *     fb_bn_runs runs = fb_bn_runs_start(n, channels, inner, chunk, k);
+ *     while (fb_bn_runs_next(&runs, c, &offset, &len)) ...
+ * n values per channel, chunks of `chunk` values; one division per chunk,
+ * none per run. */
+typedef struct { fb_index row, col, remaining, channels, inner; } fb_bn_runs;
 
-static inline fb_bn_runs fb_bn_runs_start(const fb_bn_plan *plan, fb_index k)
+static inline fb_bn_runs fb_bn_runs_start(fb_index n, fb_index channels, fb_index inner,
+                                          fb_index chunk, fb_index k)
 {
     fb_bn_runs runs;
-    const fb_index begin = k * plan->chunk;
-    runs.row = begin / plan->inner;
-    runs.col = begin - runs.row * plan->inner;
-    runs.remaining = fb_min_index(plan->n, begin + plan->chunk) - begin;
+    const fb_index begin = k * chunk;
+    runs.row = begin / inner;
+    runs.col = begin - runs.row * inner;
+    runs.remaining = fb_min_index(n, begin + chunk) - begin;
+    runs.channels = channels;
+    runs.inner = inner;
     return runs;
 }
 
-static inline int fb_bn_runs_next(const fb_bn_plan *plan, fb_index c, fb_bn_runs *runs,
-                                  fb_index *offset, fb_index *len)
+static inline int fb_bn_runs_next(fb_bn_runs *runs, fb_index c, fb_index *offset,
+                                  fb_index *len)
 {
     if (runs->remaining <= 0)
         return 0;
-    *len = fb_min_index(plan->inner - runs->col, runs->remaining);
-    *offset = (runs->row * plan->channels + c) * plan->inner + runs->col;
+    *len = fb_min_index(runs->inner - runs->col, runs->remaining);
+    *offset = (runs->row * runs->channels + c) * runs->inner + runs->col;
     runs->remaining -= *len;
     runs->col = 0;
     ++runs->row;

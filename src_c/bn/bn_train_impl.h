@@ -245,18 +245,18 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, const FB_TYPED(bn
     fb_bn_lanes a1, a2;
     fb_bn_lanes_zero(&a1);
     fb_bn_lanes_zero(&a2);
-    fb_bn_runs runs = fb_bn_runs_start(plan, k);
+    fb_bn_runs runs = fb_bn_runs_start(plan->n, plan->channels, plan->inner, plan->chunk, k);
     fb_index offset, len;
     if (fb_bn_reduces_x(pass->mode)) {
-        while (fb_bn_runs_next(plan, c, &runs, &offset, &len))
+        while (fb_bn_runs_next(&runs, c, &offset, &len))
             FB_TYPED(bn_lanes_shifted)(pass->x + offset, len, center, &a1, &a2);
     } else if (pass->relu) {
         const FB_REAL mask_scale = pass->mask_scale[c], mask_shift = pass->mask_shift[c];
-        while (fb_bn_runs_next(plan, c, &runs, &offset, &len))
+        while (fb_bn_runs_next(&runs, c, &offset, &len))
             FB_TYPED(bn_lanes_grad)(pass->dy + offset, pass->x + offset, len, center, &a1, &a2,
                                     1, mask_scale, mask_shift);
     } else {
-        while (fb_bn_runs_next(plan, c, &runs, &offset, &len))
+        while (fb_bn_runs_next(&runs, c, &offset, &len))
             FB_TYPED(bn_lanes_grad)(pass->dy + offset, pass->x + offset, len, center, &a1, &a2,
                                     0, 0, 0);
     }
@@ -699,9 +699,9 @@ static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pa
         const int span_relu = pass->relu && !staged;
         const FB_REAL mask_scale = span_relu && !forward ? pass->mask_scale[c] : 0;
         const FB_REAL mask_shift = span_relu && !forward ? pass->mask_shift[c] : 0;
-        fb_bn_runs runs = fb_bn_runs_start(plan, k);
+        fb_bn_runs runs = fb_bn_runs_start(plan->n, plan->channels, plan->inner, plan->chunk, k);
         fb_index offset, len;
-        while (fb_bn_runs_next(plan, c, &runs, &offset, &len)) {
+        while (fb_bn_runs_next(&runs, c, &offset, &len)) {
             const fb_index step = staged ? FB_BN_RELU_BLOCK : len;
             for (fb_index s = 0; s < len; s += step) {
                 const fb_index n = fb_min_index(step, len - s), at = offset + s;
