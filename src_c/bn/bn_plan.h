@@ -81,14 +81,18 @@
 
 /* Interleaved, several threads: from this many channels per thread, every
  * thread OWNS a range of channels (columns) over all rows and reduces,
- * finalizes and rewrites it alone -- no barrier.  64 float32 channels are a
- * 256-byte piece of every row, 4 whole cache lines, long enough for the
- * prefetchers; narrower pieces would read rows in fragments.  The shared
- * plan (row chunks split across threads, one barrier) remains for few
- * channels: measured on 2 cores, (256, 512) float32 training forward took
- * 134 us with the barrier against 45 us on one thread, on a loaded machine
- * where the waiting thread is descheduled. */
-#define FB_BN_OWNED_COLUMNS_PER_THREAD 64
+ * finalizes and rewrites it alone -- no barrier.  Below it, the shared plan
+ * (row chunks split across threads, one barrier) runs.  Owned pieces of a
+ * row must be long for the prefetchers: measured on 2 cores (fastbn bench,
+ * float32, medians of interleaved rounds, two alternating runs), with owned
+ * columns from 64 channels per thread the channels-last training forward of
+ * (16,28,28,200) took 2.40-2.44 ms and of (32,14,14,512) 2.48-3.34 ms, with
+ * the shared plan 1.06-1.11 and 1.21-1.29 ms (backward: 3.8-5.2 against
+ * 1.7 and 2.4-2.5 ms); (4096, 1024) was equal or better shared, (8192,
+ * 4096) equal within noise.  So threads own columns only from 1024 channels
+ * each (4 KiB pieces of every float32 row).  Calls under 1 MiB run on one
+ * thread anyway (fb_threads_for_bytes). */
+#define FB_BN_OWNED_COLUMNS_PER_THREAD 1024
 /* Owned column ranges start at multiples of 16 channels (a 64-byte line of
  * float32), so no two threads write the same line of a row. */
 #define FB_BN_COLUMN_UNIT ((fb_index)16)
