@@ -49,22 +49,26 @@ def torch_twin(case: str, params):
     return ours, twin, tensors
 
 
-@pytest.mark.parametrize("backend", ["reference", "fast"])
-@pytest.mark.parametrize("case", TORCH_CASES)
-def test_matches_torch_optim_for_every_state_buffer(case, backend):
-    params = make_params(SHAPES, np.float64)
-    ours, twin, tensors = torch_twin(case, params)
-    with fastbn.use_backend(backend):
-        for step in range(STEPS):
+def step_side_by_side(ours, twin, params, tensors, steps, *, first=0,
+                      change_hyperparameters_too=True, torch_only=False) -> None:
+    """Steps `twin` (and `ours`, unless `torch_only`) on the same gradients
+    for steps first .. first + steps - 1."""
+    for step in range(first, first + steps):
+        if change_hyperparameters_too:
             change_hyperparameters(ours, step)
             change_hyperparameters(twin, step)
-            set_grads(params, step)
-            copy_grads(params, tensors)
+        set_grads(params, step)
+        copy_grads(params, tensors)
+        twin.step()
+        if not torch_only:
             ours.step()
-            twin.step()
+
+
+def assert_state_matches_torch(ours, twin, params, tensors, **tolerance) -> None:
+    """Every parameter and every state buffer torch keeps, with the same keys."""
     for index, (param, tensor) in enumerate(zip(params, tensors)):
-        np.testing.assert_allclose(param.data, tensor.detach().numpy(), rtol=1e-10, atol=1e-12,
-                                   err_msg=f"param {index}")
+        np.testing.assert_allclose(param.data, tensor.detach().numpy(), err_msg=f"param {index}",
+                                   **tolerance)
         theirs = twin.state.get(tensor, {})
         mine = ours.state.get(param, {})
         assert set(mine) == {key for key, value in theirs.items() if value is not None}, index
@@ -72,28 +76,39 @@ def test_matches_torch_optim_for_every_state_buffer(case, backend):
             if key == "step":
                 assert mine["step"] == int(value.item())
             elif value is not None:
-                np.testing.assert_allclose(mine[key], value.numpy(), rtol=1e-10, atol=1e-12,
-                                           err_msg=f"param {index} state {key}")
+                np.testing.assert_allclose(mine[key], value.numpy(),
+                                           err_msg=f"param {index} state {key}", **tolerance)
+
+
+def assert_resumes_from_torch_checkpoint(case, warm_steps, more_steps) -> None:
+    """torch trains `warm_steps`, its state_dict loads into ours, and both
+    continue alike for `more_steps`."""
+    params = make_params(SHAPES, np.float64)
+    ours, twin, tensors = torch_twin(case, params)
+    step_side_by_side(ours, twin, params, tensors, warm_steps, torch_only=True,
+                      change_hyperparameters_too=False)
+    for param, tensor in zip(params, tensors):
+        param.data[...] = tensor.detach().numpy()
+    ours.load_state_dict(twin.state_dict())
+    step_side_by_side(ours, twin, params, tensors, more_steps, first=warm_steps,
+                      change_hyperparameters_too=False)
+    for param, tensor in zip(params, tensors):
+        np.testing.assert_allclose(param.data, tensor.detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+@pytest.mark.parametrize("case", TORCH_CASES)
+def test_matches_torch_optim_for_every_state_buffer(case, backend):
+    params = make_params(SHAPES, np.float64)
+    ours, twin, tensors = torch_twin(case, params)
+    with fastbn.use_backend(backend):
+        step_side_by_side(ours, twin, params, tensors, STEPS)
+    assert_state_matches_torch(ours, twin, params, tensors, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", ["adam_amsgrad", "rmsprop_all_options", "sgd_momentum", "adagrad"])
 def test_torch_state_dict_loads_and_training_continues_like_torch(case):
-    params = make_params(SHAPES, np.float64)
-    ours, twin, tensors = torch_twin(case, params)
-    for step in range(5):
-        set_grads(params, step)
-        copy_grads(params, tensors)
-        twin.step()
-    for param, tensor in zip(params, tensors):
-        param.data[...] = tensor.detach().numpy()
-    ours.load_state_dict(twin.state_dict())
-    for step in range(5, 9):
-        set_grads(params, step)
-        copy_grads(params, tensors)
-        twin.step()
-        ours.step()
-    for param, tensor in zip(params, tensors):
-        np.testing.assert_allclose(param.data, tensor.detach().numpy(), rtol=1e-10, atol=1e-12)
+    assert_resumes_from_torch_checkpoint(case, warm_steps=5, more_steps=4)
 
 
 def test_momentum_matches_torch_sgd_with_scaled_lr():
@@ -102,11 +117,7 @@ def test_momentum_matches_torch_sgd_with_scaled_lr():
     tensors = [torch.tensor(p.data.copy(), requires_grad=True) for p in params]
     ours = optim.Momentum(params, lr=lr, momentum=beta)
     twin = torch.optim.SGD(tensors, lr=lr * (1 - beta), momentum=beta)
-    for step in range(STEPS):
-        set_grads(params, step)
-        copy_grads(params, tensors)
-        ours.step()
-        twin.step()
+    step_side_by_side(ours, twin, params, tensors, STEPS, change_hyperparameters_too=False)
     for param, tensor in zip(params, tensors):
         np.testing.assert_allclose(param.data, tensor.detach().numpy(), rtol=1e-10, atol=1e-12)
         # torch's buffer is b = sum of beta^k g; ours is v = (1 - beta) * b
@@ -138,43 +149,13 @@ NEW_CASES = [name for name, (cls, _) in CASES.items()
 def test_new_optimizers_match_torch_over_100_steps(case, dtype):
     params = make_params(SHAPES, dtype)
     ours, twin, tensors = torch_twin(case, params)
-    for step in range(100):
-        change_hyperparameters(ours, step)
-        change_hyperparameters(twin, step)
-        set_grads(params, step)
-        copy_grads(params, tensors)
-        ours.step()
-        twin.step()
+    step_side_by_side(ours, twin, params, tensors, 100)
+    assert all(param.data.dtype == dtype for param in params)
     tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-12)
-    for index, (param, tensor) in enumerate(zip(params, tensors)):
-        assert param.data.dtype == dtype
-        np.testing.assert_allclose(param.data, tensor.detach().numpy(), err_msg=f"param {index}",
-                                   **tolerance)
-        for key, value in twin.state[tensor].items():
-            mine = ours.state[param][key]
-            if key == "step":
-                assert mine == int(value.item())
-            else:
-                np.testing.assert_allclose(mine, value.numpy(), err_msg=f"param {index} {key}",
-                                           **tolerance)
+    assert_state_matches_torch(ours, twin, params, tensors, **tolerance)
 
 
 @pytest.mark.parametrize("case", ["nadam_decoupled_maximize", "radam_weight_decay_early_rectification",
                                   "adadelta", "adamax_weight_decay_maximize"])
 def test_new_optimizers_load_torch_state_and_continue_like_torch(case):
-    params = make_params(SHAPES, np.float64)
-    ours, twin, tensors = torch_twin(case, params)
-    for step in range(5):
-        set_grads(params, step)
-        copy_grads(params, tensors)
-        twin.step()
-    for param, tensor in zip(params, tensors):
-        param.data[...] = tensor.detach().numpy()
-    ours.load_state_dict(twin.state_dict())
-    for step in range(5, 12):
-        set_grads(params, step)
-        copy_grads(params, tensors)
-        twin.step()
-        ours.step()
-    for param, tensor in zip(params, tensors):
-        np.testing.assert_allclose(param.data, tensor.detach().numpy(), rtol=1e-10, atol=1e-12)
+    assert_resumes_from_torch_checkpoint(case, warm_steps=5, more_steps=7)
