@@ -6,8 +6,10 @@ non-blocking all-gather as an `Exchange`.
 Why blocks: the split phases (stats, exchange, apply) read x twice, and for
 an activation larger than the caches both reads come from DRAM, while the
 fused local kernel rewrites each channel right after reducing it.  So for
-planar inputs (channels-first with spatial values, inner > 1) the channels
-are cut into blocks of about `BLOCK_BYTES` of input per rank, and::
+planar inputs (channels-first with spatial values, inner > 1), when
+`BLOCK_BYTES` is set (it is not by default: see the measurements there),
+the channels are cut into blocks of about that many bytes of input per
+rank, and::
 
     stats(0); start(0)
     for k: stats(k + 1); wait(k); merge(k); start(k + 1); apply(k)
@@ -44,9 +46,19 @@ __all__ = ["BLOCK_BYTES", "plan_blocks", "Exchange", "CommExchange", "forward_bl
            "backward_blocks"]
 
 #: Input bytes per block and rank (x in the forward; dy and x in the
-#: backward).  Measured on (32, 128, 56, 56) float32 per rank, 2 ranks x 1
-#: thread: see README ("SyncBatchNorm cost").
-BLOCK_BYTES = 4 << 20
+#: backward), or None: one block (the unblocked phases).  None by default,
+#: from measurements on a 2-core machine shared with other jobs (load ~7),
+#: (32, 128, 56, 56) float32 per rank, 1 thread per rank, min of 10-15
+#: interleaved rounds: 2 ranks, fwd+bwd 145-151 ms unblocked against 296-340
+#: ms with 1 MiB blocks and 141-187 ms with 4 MiB (the ranks wait for each
+#: other at every block, and on an oversubscribed machine a waited-for rank is
+#: often descheduled); on 1 process the blocks' kernels alone took 19.7 ms
+#: against 24.8 ms unblocked and 19.5 ms for the fused kernels, with outputs
+#: allocated beforehand; with a fresh output per call, as the layers return,
+#: both took 35 ms (the first-touch zeroing of the output's pages evicts the
+#: block from the caches).  1 << 20 is the size those kernel measurements
+#: favour (two blocks in a 1 MiB L2).
+BLOCK_BYTES: Optional[int] = None
 
 Blocks = List[Tuple[int, int]]
 
@@ -55,12 +67,12 @@ def plan_blocks(channels: int, max_count: int, itemsize: int, streams: int, plan
                 block_bytes: Optional[int] = None) -> Blocks:
     """The channel blocks [(first, stop), ...] of a pipelined pass, the same
     on every rank given the same (gathered) arguments: about `block_bytes`
-    (default `BLOCK_BYTES`) of `streams` input arrays per block, at least
-    one channel; one block when no rank's input is planar."""
+    (None: `BLOCK_BYTES`) of `streams` input arrays per block, at least one
+    channel; one block when that is None or no rank's input is planar."""
     if block_bytes is None:
         block_bytes = BLOCK_BYTES
     channel_bytes = max_count * itemsize * streams
-    if not planar or channel_bytes <= 0:
+    if block_bytes is None or not planar or channel_bytes <= 0:
         return [(0, channels)]
     per_block = max(1, min(channels, block_bytes // channel_bytes))
     return [(first, min(channels, first + per_block)) for first in range(0, channels, per_block)]

@@ -19,13 +19,14 @@ and the backward, per block: local (sum dy, sum dy*xhat), Iallgather of
 block.  Bytes sent per rank and call, C channels in B blocks: forward
 8 * (6 + B + 2C), backward 8 * (B + 2C); every rank receives P times that.
 
-Blocks (fastbn/distributed/_pipeline.py): for channels-first input with
-spatial values, the channels are cut into blocks of a few MB of input, and
-each block is normalized while still in the caches, right after the next
-block's statistics, so x (and dy) come from DRAM about once, as in the
-fused local kernels.  Channels-last and 2-D inputs form one block.  The
-results are bit-identical to those of the unblocked phases, whatever the
-blocks.
+Blocks (fastbn/distributed/_pipeline.py): when its BLOCK_BYTES is set
+(None by default, one block, from the measurements recorded there), the
+channels of a channels-first input with spatial values are cut into
+blocks of that many bytes of input, and each block is normalized while
+still in the caches, right after the next block's statistics, so x (and
+dy) come from DRAM about once, as in the fused local kernels.
+Channels-last and 2-D inputs always form one block.  The results are
+bit-identical to those of one block, whatever the blocks.
 
 Gathering then combining in rank order (rather than an Allreduce, whose
 summation order is the MPI library's choice) makes every rank compute the
