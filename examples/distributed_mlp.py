@@ -98,7 +98,7 @@ def bn_cost(repeats=10):
             layer.backward(dy)
             best = min(best, time.perf_counter() - start)
         times[name] = comm.allreduce(best, op=MPI.MAX)
-    forward_bytes = 8 * (5 + 2 * 128)
+    forward_bytes = 8 * (6 + 1 + 2 * 128)   # header (6) + one block: status, mean, m2
     backward_bytes = 8 * (1 + 2 * 128)
     report(f"{size} rank(s) x {args.threads} thread(s), (32,128,56,56) float32 per rank, "
            "forward+backward, best of 10 (slowest rank):")

@@ -78,7 +78,7 @@ def time_layers(rank, shape, channels_last, repeats):
         channels = shape[1]
         print(f"\nper rank {tuple(shape)} float32, {'channels_last' if channels_last else 'contiguous'}, "
               f"{torch.get_num_threads()} thread(s) per rank; SyncBatchNorm sends "
-              f"{8 * (5 + 2 * channels)} + {8 * (1 + 2 * channels)} bytes per rank per step")
+              f"{8 * (6 + 1 + 2 * channels)} + {8 * (1 + 2 * channels)} bytes per rank per step")
         for name, values in times.items():
             values = values[1:]
             print(f"  {name:28s} median {statistics.median(values) * 1e3:8.1f} ms   "

@@ -57,6 +57,7 @@ cdef extern from "bn/bn_kernels.h":
         FB_N_DTYPES
     ctypedef struct fastbn_bn_call:
         int64_t outer, channels, inner
+        int64_t row_channels
         const void *x
         const void *dy
         void *out
@@ -709,18 +710,101 @@ cdef inline object float64_vector(object vector):
     return cnp.PyArray_FROMANY(vector, cnp.NPY_FLOAT64, 1, 1, cnp.NPY_ARRAY_IN_ARRAY)
 
 
-def stats(object x, int64_t outer, int64_t channels, int64_t inner):
+# A phase may run over a channel sub-range [first, stop) of a planar
+# (outer, channels, inner) array (inner > 1): `channel_range=(first, stop)`.
+# The C call then sees stop - first channels with a row stride of `channels`
+# (fastbn_bn_call.row_channels), x/dy/out and the per-channel inputs offset
+# to channel `first`.  Every array is checked here, before anything is
+# written (a copy of x or out would defeat the purpose, so none is made):
+# x, dy and out C-contiguous, aligned and native, of outer * channels *
+# inner values; per-channel inputs of `channels` values.
+
+
+cdef int64_t range_start(object channel_range, int64_t outer, int64_t channels,
+                         int64_t inner, int64_t *stop) except -1:
+    """first of a valid `channel_range` (its stop in *stop), else ValueError/TypeError."""
+    if not isinstance(channel_range, tuple) or len(channel_range) != 2 or not all(
+            isinstance(bound, (int, np.integer)) and not isinstance(bound, bool)
+            for bound in channel_range):
+        raise TypeError(f"channel_range: expected a (first, stop) tuple of ints, "
+                        f"got {channel_range!r}")
+    first, last = int(channel_range[0]), int(channel_range[1])
+    if not 0 <= first < last <= channels:
+        raise ValueError(f"channel_range: expected 0 <= first < stop <= channels "
+                         f"({channels}), got {channel_range!r}")
+    if inner <= 1 and (first, last) != (0, channels):
+        raise ValueError(f"channel_range: a channel sub-range needs a planar input (more than "
+                         f"one value per channel and row, inner > 1), got inner={inner} for "
+                         f"range {channel_range!r} of {channels} channels")
+    stop[0] = last
+    return first
+
+
+cdef int check_range_array(str name, object value, int64_t outer, int64_t channels,
+                           int64_t inner, int typenum, bint written) except -1:
+    if not (type(value) is cnp.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>value) == typenum
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>value)
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>value)
+            and cnp.PyArray_ISALIGNED(<cnp.ndarray>value)
+            and cnp.PyArray_SIZE(<cnp.ndarray>value) == outer * channels * inner
+            and (not written or cnp.PyArray_ISWRITEABLE(<cnp.ndarray>value))):
+        raise ValueError(f"{name}: with channel_range, expected a C-contiguous aligned native "
+                         f"{'writeable ' if written else ''}ndarray of dtype "
+                         f"{cnp.PyArray_DescrFromType(typenum)} and {outer * channels * inner} "
+                         f"values, got {describe_array(value)}")
+    return 0
+
+
+cdef int check_range_vector(str name, object value, int64_t channels,
+                            int typenum) except -1:
+    if value is None:
+        return 0
+    if not (type(value) is cnp.ndarray and cnp.PyArray_TYPE(<cnp.ndarray>value) == typenum
+            and cnp.PyArray_NDIM(<cnp.ndarray>value) == 1
+            and cnp.PyArray_DIMS(<cnp.ndarray>value)[0] == channels):
+        raise ValueError(f"{name}: with channel_range, expected a ({channels},) "
+                         f"{cnp.PyArray_DescrFromType(typenum)} array (all channels), got "
+                         f"{describe_array(value)}")
+    return 0
+
+
+cdef str describe_array(object value):
+    if isinstance(value, np.ndarray):
+        flags = "C-contiguous" if value.flags.c_contiguous else "not C-contiguous"
+        return f"{value.dtype} array of shape {value.shape} ({flags})"
+    return type(value).__name__
+
+
+cdef inline void *at_channel(object array, int64_t offset):
+    """The data of `array` (or NULL) advanced by `offset` elements."""
+    if array is None:
+        return NULL
+    return <char *>cnp.PyArray_DATA(<cnp.ndarray>array) + offset * cnp.PyArray_ITEMSIZE(
+        <cnp.ndarray>array)
+
+
+def stats(object x, int64_t outer, int64_t channels, int64_t inner, object channel_range=None):
     """Per-channel mean and m2 = sum((x - mean)^2), float64.
 
     x IN (outer, channels, inner) any strides, at least 1 value per channel.
-    Returns (mean, m2), new float64 (channels,) arrays.
+    Returns (mean, m2), new float64 (channels,) arrays.  With
+    `channel_range` (first, stop): only those channels (see above), the
+    arrays (stop - first,), bit-identical to those channels of the whole
+    call.
     """
-    x = kernel_input(x)
-    cdef cnp.ndarray mean = empty_vector(channels, cnp.NPY_FLOAT64)
-    cdef cnp.ndarray m2 = empty_vector(channels, cnp.NPY_FLOAT64)
+    cdef int64_t first = 0, stop = channels
+    if channel_range is not None:
+        first = range_start(channel_range, outer, channels, inner, &stop)
+        check_range_array("x", x, outer, channels, inner, cnp.PyArray_TYPE(<cnp.ndarray>x)
+                          if type(x) is cnp.ndarray else cnp.NPY_FLOAT32, False)
+    else:
+        x = kernel_input(x)
+    cdef cnp.ndarray mean = empty_vector(stop - first, cnp.NPY_FLOAT64)
+    cdef cnp.ndarray m2 = empty_vector(stop - first, cnp.NPY_FLOAT64)
     cdef fastbn_bn_call call
-    start_call(&call, outer, channels, inner)
-    call.x = cnp.PyArray_DATA(x)
+    start_call(&call, outer, stop - first, inner)
+    call.row_channels = channels
+    call.x = at_channel(x, first * inner)
     call.phase_mean = <double *>cnp.PyArray_DATA(mean)
     call.m2 = <double *>cnp.PyArray_DATA(m2)
     run(kernels().stats, <cnp.ndarray>x, &call, "batch_norm_stats")
@@ -759,27 +843,42 @@ def merge_stats(list counts, object means, object m2s):
 
 
 def apply(object x, object y, int64_t outer, int64_t channels, int64_t inner, object mean,
-          object invstd, object weight, object bias, bint relu=False):
+          object invstd, object weight, object bias, bint relu=False,
+          object channel_range=None):
     """y = (x - mean) * invstd * weight + bias (max(., 0) with relu).
 
     x IN (outer, channels, inner) any strides; y OUT same shape (may be x),
     or None to allocate it; mean, invstd IN (channels,); weight, bias IN
-    (channels,) x's dtype, or None.  Returns y.
+    (channels,) x's dtype, or None.  Returns y.  With `channel_range`
+    (first, stop): only those channels of y are written (y is required).
     """
-    x = kernel_input(x)
+    cdef int64_t first = 0, stop = channels
+    cdef int typenum
     mean = float64_vector(mean)
     invstd = float64_vector(invstd)
     weight = kernel_input(weight)
     bias = kernel_input(bias)
+    if channel_range is not None:
+        first = range_start(channel_range, outer, channels, inner, &stop)
+        typenum = cnp.PyArray_TYPE(<cnp.ndarray>x) if type(x) is cnp.ndarray else cnp.NPY_FLOAT32
+        check_range_array("x", x, outer, channels, inner, typenum, False)
+        check_range_array("y", y, outer, channels, inner, typenum, True)
+        for name, vector in (("mean", mean), ("invstd", invstd)):
+            check_range_vector(name, vector, channels, cnp.NPY_FLOAT64)
+        for name, vector in (("weight", weight), ("bias", bias)):
+            check_range_vector(name, vector, channels, typenum)
+    else:
+        x = kernel_input(x)
     cdef cnp.ndarray out = empty_like_array(x) if y is None else <cnp.ndarray>y
     cdef fastbn_bn_call call
-    start_call(&call, outer, channels, inner)
-    call.x = cnp.PyArray_DATA(x)
-    call.out = cnp.PyArray_DATA(out)
-    call.phase_mean = <double *>cnp.PyArray_DATA(mean)
-    call.phase_invstd = <const double *>cnp.PyArray_DATA(invstd)
-    call.weight = data_or_null(weight)
-    call.bias = data_or_null(bias)
+    start_call(&call, outer, stop - first, inner)
+    call.row_channels = channels
+    call.x = at_channel(x, first * inner)
+    call.out = at_channel(out, first * inner)
+    call.phase_mean = <double *>at_channel(mean, first)
+    call.phase_invstd = <const double *>at_channel(invstd, first)
+    call.weight = at_channel(weight, first)
+    call.bias = at_channel(bias, first)
     call.relu = relu
     run(kernels().apply, <cnp.ndarray>x, &call, "batch_norm_apply")
     return out
@@ -787,29 +886,43 @@ def apply(object x, object y, int64_t outer, int64_t channels, int64_t inner, ob
 
 def backward_reduce(object dy, object x, int64_t outer, int64_t channels, int64_t inner,
                     object mean, object invstd, object mask_weight=None,
-                    object mask_bias=None, bint relu=False):
+                    object mask_bias=None, bint relu=False, object channel_range=None):
     """Per-channel float64 sum(dy) and sum(dy * (x - mean) * invstd).
 
     dy, x IN (outer, channels, inner) any strides; mean, invstd IN
     (channels,).  Returns (sum_dy, sum_dy_xhat), new float64 (channels,)
-    arrays.
+    arrays; with `channel_range` (first, stop), (stop - first,) arrays of
+    those channels.
     """
-    dy = kernel_input(dy)
-    x = kernel_input(x)
+    cdef int64_t first = 0, stop = channels
+    cdef int typenum
     mean = float64_vector(mean)
     invstd = float64_vector(invstd)
     mask_weight = kernel_input(mask_weight) if relu else None
     mask_bias = kernel_input(mask_bias) if relu else None
-    cdef cnp.ndarray sum_dy = empty_vector(channels, cnp.NPY_FLOAT64)
-    cdef cnp.ndarray sum_dy_xhat = empty_vector(channels, cnp.NPY_FLOAT64)
+    if channel_range is not None:
+        first = range_start(channel_range, outer, channels, inner, &stop)
+        typenum = cnp.PyArray_TYPE(<cnp.ndarray>x) if type(x) is cnp.ndarray else cnp.NPY_FLOAT32
+        check_range_array("x", x, outer, channels, inner, typenum, False)
+        check_range_array("dy", dy, outer, channels, inner, typenum, False)
+        for name, vector in (("mean", mean), ("invstd", invstd)):
+            check_range_vector(name, vector, channels, cnp.NPY_FLOAT64)
+        for name, vector in (("mask_weight", mask_weight), ("mask_bias", mask_bias)):
+            check_range_vector(name, vector, channels, typenum)
+    else:
+        dy = kernel_input(dy)
+        x = kernel_input(x)
+    cdef cnp.ndarray sum_dy = empty_vector(stop - first, cnp.NPY_FLOAT64)
+    cdef cnp.ndarray sum_dy_xhat = empty_vector(stop - first, cnp.NPY_FLOAT64)
     cdef fastbn_bn_call call
-    start_call(&call, outer, channels, inner)
-    call.dy = cnp.PyArray_DATA(dy)
-    call.x = cnp.PyArray_DATA(x)
-    call.phase_mean = <double *>cnp.PyArray_DATA(mean)
-    call.phase_invstd = <const double *>cnp.PyArray_DATA(invstd)
-    call.mask_weight = data_or_null(mask_weight)
-    call.mask_bias = data_or_null(mask_bias)
+    start_call(&call, outer, stop - first, inner)
+    call.row_channels = channels
+    call.dy = at_channel(dy, first * inner)
+    call.x = at_channel(x, first * inner)
+    call.phase_mean = <double *>at_channel(mean, first)
+    call.phase_invstd = <const double *>at_channel(invstd, first)
+    call.mask_weight = at_channel(mask_weight, first)
+    call.mask_bias = at_channel(mask_bias, first)
     call.sum_dy = <double *>cnp.PyArray_DATA(sum_dy)
     call.sum_dy_xhat = <double *>cnp.PyArray_DATA(sum_dy_xhat)
     call.relu = relu
@@ -820,16 +933,17 @@ def backward_reduce(object dy, object x, int64_t outer, int64_t channels, int64_
 def backward_apply(object dy, object x, object dx, int64_t outer, int64_t channels,
                    int64_t inner, object mean, object invstd, object weight, object sum_dy,
                    object sum_dy_xhat, double count, object mask_weight=None,
-                   object mask_bias=None, bint relu=False):
+                   object mask_bias=None, bint relu=False, object channel_range=None):
     """dx = weight * invstd / count * (count * dy - sum_dy - xhat * sum_dy_xhat).
 
     dy, x IN (outer, channels, inner) any strides; dx OUT same shape (may be
     dy or x), or None to allocate it; mean, invstd, sum_dy, sum_dy_xhat IN
     (channels,); weight IN (channels,) x's dtype, or None; count > 0.
-    Returns dx.
+    Returns dx.  With `channel_range` (first, stop): only those channels of
+    dx are written (dx is required).
     """
-    dy = kernel_input(dy)
-    x = kernel_input(x)
+    cdef int64_t first = 0, stop = channels
+    cdef int typenum
     mean = float64_vector(mean)
     invstd = float64_vector(invstd)
     sum_dy = float64_vector(sum_dy)
@@ -837,20 +951,36 @@ def backward_apply(object dy, object x, object dx, int64_t outer, int64_t channe
     weight = kernel_input(weight)
     mask_weight = kernel_input(mask_weight) if relu else None
     mask_bias = kernel_input(mask_bias) if relu else None
+    if channel_range is not None:
+        first = range_start(channel_range, outer, channels, inner, &stop)
+        typenum = cnp.PyArray_TYPE(<cnp.ndarray>x) if type(x) is cnp.ndarray else cnp.NPY_FLOAT32
+        check_range_array("x", x, outer, channels, inner, typenum, False)
+        check_range_array("dy", dy, outer, channels, inner, typenum, False)
+        check_range_array("dx", dx, outer, channels, inner, typenum, True)
+        for name, vector in (("mean", mean), ("invstd", invstd), ("sum_dy", sum_dy),
+                             ("sum_dy_xhat", sum_dy_xhat)):
+            check_range_vector(name, vector, channels, cnp.NPY_FLOAT64)
+        for name, vector in (("weight", weight), ("mask_weight", mask_weight),
+                             ("mask_bias", mask_bias)):
+            check_range_vector(name, vector, channels, typenum)
+    else:
+        dy = kernel_input(dy)
+        x = kernel_input(x)
     cdef cnp.ndarray out = empty_like_array(dy) if dx is None else <cnp.ndarray>dx
     cdef fastbn_bn_call call
-    start_call(&call, outer, channels, inner)
-    call.dy = cnp.PyArray_DATA(dy)
-    call.x = cnp.PyArray_DATA(x)
-    call.out = cnp.PyArray_DATA(out)
-    call.phase_mean = <double *>cnp.PyArray_DATA(mean)
-    call.phase_invstd = <const double *>cnp.PyArray_DATA(invstd)
-    call.sum_dy = <double *>cnp.PyArray_DATA(sum_dy)
-    call.sum_dy_xhat = <double *>cnp.PyArray_DATA(sum_dy_xhat)
+    start_call(&call, outer, stop - first, inner)
+    call.row_channels = channels
+    call.dy = at_channel(dy, first * inner)
+    call.x = at_channel(x, first * inner)
+    call.out = at_channel(out, first * inner)
+    call.phase_mean = <double *>at_channel(mean, first)
+    call.phase_invstd = <const double *>at_channel(invstd, first)
+    call.sum_dy = <double *>at_channel(sum_dy, first)
+    call.sum_dy_xhat = <double *>at_channel(sum_dy_xhat, first)
     call.count = count
-    call.weight = data_or_null(weight)
-    call.mask_weight = data_or_null(mask_weight)
-    call.mask_bias = data_or_null(mask_bias)
+    call.weight = at_channel(weight, first)
+    call.mask_weight = at_channel(mask_weight, first)
+    call.mask_bias = at_channel(mask_bias, first)
     call.relu = relu
     run(kernels().backward_apply, <cnp.ndarray>x, &call, "batch_norm_backward_apply")
     return out

@@ -7,6 +7,7 @@ Usage: python _torch_syncbn_worker.py SCENARIO RANK WORLD STORE_FILE OUT_JSON
 """
 import datetime
 import json
+import math
 import sys
 import zlib
 
@@ -243,19 +244,20 @@ def attempt(run):
 
 def backward_failing_on_rank_1(layer, rank):
     """A backward whose local sums fail on rank 1 only."""
+    from fastbn._backend import FastKernels
     x = torch.randn(3, 4, 5, requires_grad=True)
     y = layer(x)
-    original = fastbn.functional.batch_norm_backward_reduce
+    original = FastKernels.__dict__["backward_reduce"]
 
     def failing(*args, **kwargs):
         raise MemoryError("simulated: no memory for the backward's sums")
 
-    if rank == 1:
-        fastbn.functional.batch_norm_backward_reduce = failing
+    if rank == 1:   # the kernels' phase the layer's backward calls
+        FastKernels.backward_reduce = staticmethod(failing)
     try:
         y.backward(torch.randn(y.shape))
     finally:
-        fastbn.functional.batch_norm_backward_reduce = original
+        FastKernels.backward_reduce = original
 
 
 def scenario_mismatch(rank, world):
@@ -385,8 +387,44 @@ def scenario_subgroup(rank, world):
                                                      reference.running_var)}}
 
 
+BLOCK_CASES = ["4d_f32_contiguous_uneven", "4d_f64_contiguous_batch_1",
+               "5d_f64_contiguous_uneven", "3d_f64_fused_relu", "4d_f32_channels_last_uneven"]
+
+
+def scenario_blocks(rank, world):
+    """The channel-block pipeline: block sizes from one channel per block up
+    give the bits of one block (the unblocked phases); errors against
+    torch's BatchNorm as in `compare`."""
+    from fastbn.distributed import _pipeline
+    cases = {case[0]: case for case in COMPARE_CASES}
+    saved = _pipeline.BLOCK_BYTES
+    results = {}
+    try:
+        for name in BLOCK_CASES:
+            _, ndim, dtype_name, _, batches, _ = cases[name]
+            channel_bytes = (max(batches[:world]) * math.prod(SPATIAL[ndim])
+                             * DTYPES[dtype_name].itemsize)
+            runs = []
+            # one block; one channel; 2 and 3 channels per forward block (5
+            # channels: blocks of 2, 2, 1 and 3, 2)
+            for block_bytes in (1 << 40, 1, 2 * channel_bytes, 3 * channel_bytes + 1):
+                _pipeline.BLOCK_BYTES = block_bytes
+                errors, bits, _ = run_case(*cases[name], rank, world)
+                runs.append((errors, bits))
+            results[name] = {
+                "dtype": cases[name][2],
+                "errors": {key: max(run[0][key] for run in runs) for key in runs[0][0]},
+                "same_bits_for_every_block_size": all(
+                    len(bits) == len(runs[0][1])
+                    and all(torch.equal(a, b) for a, b in zip(bits, runs[0][1]))
+                    for _, bits in runs[1:])}
+    finally:
+        _pipeline.BLOCK_BYTES = saved
+    return results
+
+
 SCENARIOS = {"compare": scenario_compare, "subgroup": scenario_subgroup, "mismatch": scenario_mismatch,
-             "single": scenario_single, "ddp": scenario_ddp}
+             "single": scenario_single, "ddp": scenario_ddp, "blocks": scenario_blocks}
 
 
 def main():

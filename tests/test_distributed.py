@@ -114,6 +114,11 @@ def test_syncbatchnorm_on_ranks_matches_batchnorm_on_the_concatenated_batch(rank
     assert f"on {ranks} ranks" in _run_under_mpiexec("check_syncbn.py", ranks)
 
 
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_syncbatchnorm_channel_blocks_give_the_unblocked_bits_on_ranks(ranks):
+    assert f"on {ranks} ranks" in _run_under_mpiexec("check_syncbn_blocks.py", ranks)
+
+
 @pytest.mark.parametrize("ranks", RANKS)
 def test_bad_input_on_one_rank_raises_the_same_error_on_every_rank(ranks):
     assert f"on {ranks} ranks" in _run_under_mpiexec("check_mismatch.py", ranks, timeout=120)
@@ -168,8 +173,9 @@ def test_syncbatchnorm_on_one_rank_equals_batchnorm(axis, dtype):
         np.testing.assert_allclose(sync.state_dict()[name], value, **tol)
     np.testing.assert_allclose(sync.weight.grad, plain.weight.grad, **tol)
     np.testing.assert_allclose(sync.bias.grad, plain.bias.grad, **tol)
-    # one configuration check, then one collective per forward and per backward
-    assert comm.calls == ["Allgather"] * 5
+    # one configuration check, then per forward a header and one block (a
+    # small input is one block), per backward one block
+    assert comm.calls == ["Allgather"] * 7
 
 
 def test_syncbatchnorm_rejected_state_leaves_running_stats_and_counter_unchanged():

@@ -113,6 +113,21 @@ def test_three_ranks_match_batchnorm_on_the_concatenated_batch(compare_three_ran
     assert_case_matches_full_batch(compare_three_ranks, case)
 
 
+def test_channel_blocks_give_the_unblocked_bits_and_match_batchnorm(tmp_path):
+    """fastbn.distributed._pipeline.BLOCK_BYTES from one channel per block
+    to one block: the same bits (y, dx, parameters, running statistics),
+    within tolerance of torch's BatchNorm on the concatenated batch."""
+    results = run_ranks(tmp_path, "blocks", 2)
+    for rank, rank_results in enumerate(results):
+        assert len(rank_results) == 5
+        for case, result in rank_results.items():
+            assert result["same_bits_for_every_block_size"], (rank, case)
+            tolerance = TOLERANCE[result["dtype"]]
+            assert result["errors"], (rank, case)
+            too_large = {k: e for k, e in result["errors"].items() if e > tolerance}
+            assert not too_large, f"rank {rank}, {case}: {too_large}"
+
+
 def test_every_compared_quantity_is_reported(compare_two_ranks):
     """The worker compared what the tests claim (so a silently skipped
     comparison fails here)."""

@@ -3,7 +3,9 @@ point runs first.
 
 Any object with mpi4py's communicator methods works as ``comm``
 (``Get_rank``, ``Get_size``, ``Allgather``, ``Allgatherv``, ``Allreduce``,
-``Bcast`` and the pickle-based ``allgather``, ``bcast``, ``gather``); None
+``Bcast`` and the pickle-based ``allgather``, ``bcast``, ``gather``; and
+``Iallgather`` if it has it: SyncBatchNorm's channel-block pipeline then
+overlaps its exchanges with computation, else it uses Allgather); None
 means ``mpi4py.MPI.COMM_WORLD``.  mpi4py is imported only when that default is
 needed, so single-process code never requires it.
 
@@ -20,7 +22,7 @@ from typing import Any, List, Sequence
 import numpy as np
 
 __all__ = ["resolve_comm", "rank_and_size", "DTYPE_CODES", "dtype_code", "dtype_name",
-           "agree", "raise_on_disagreement", "merge_gathered_stats", "sum_in_rank_order"]
+           "agree", "raise_on_disagreement", "gathered_counts", "sum_in_rank_order"]
 
 #: small integer codes for the dtypes ranks exchange in metadata
 DTYPE_CODES = {np.dtype(np.float32): 1, np.dtype(np.float64): 2, np.dtype(np.int64): 3}
@@ -76,22 +78,18 @@ def raise_on_disagreement(what: str, rows: List[str], cause: BaseException = Non
     raise ValueError(message) from cause
 
 
-def merge_gathered_stats(table: np.ndarray, header_width: int,
-                         channels: int) -> tuple:
-    """The whole batch's ``(count, mean, m2)`` from a SyncBatchNorm forward's
-    gathered table, whose rows are ``[header (values per channel in its last
-    column), mean (C), m2 (C)]``, merged in rank order (the same bits on
-    every rank).  ValueError, on every rank alike, when all ranks together
-    hold fewer than 2 values per channel."""
-    from ..functional import batch_norm_merge_stats
-    counts = table[:, header_width - 1].astype(np.int64)
-    total, mean, m2 = batch_norm_merge_stats(counts, table[:, header_width:header_width + channels],
-                                             table[:, header_width + channels:])
+def gathered_counts(header: np.ndarray, count_column: int = 4) -> np.ndarray:
+    """Every rank's values per channel from a synchronized batch norm's
+    gathered forward header (rows ``[status, channels, dtype code, ndim,
+    count, planar]``), int64 in rank order.  ValueError, on every rank
+    alike, when all ranks together hold fewer than 2 values per channel."""
+    counts = header[:, count_column].astype(np.int64)
+    total = int(counts.sum())
     if total < 2:
         raise ValueError(f"Expected more than 1 value per channel when training, got "
                          f"{total} over all {len(counts)} ranks (per rank: "
                          f"{[int(c) for c in counts]})")
-    return int(total), mean, m2
+    return counts
 
 
 def sum_in_rank_order(rows: np.ndarray) -> np.ndarray:

@@ -7,17 +7,26 @@ an MPI communicator (mpi4py), for data-parallel training on CPU clusters.
 
 Training forward, on every rank::
 
-    local (count, mean, m2) per channel     fastbn.functional.batch_norm_stats
-    ONE Allgather of [header, mean, m2]     (8 * (6 + 2C) bytes sent per rank)
-    merge in rank order (Chan's formula)    batch_norm_merge_stats
-    normalize the local batch               batch_norm_apply
+    ONE Allgather of a header               (input description, checks, count)
+    per channel block k (see below):
+      local (mean, m2) of block k           the kernels' stats phase
+      Iallgather of [status, mean, m2]      (started, waited one block later)
+      merge in rank order (Chan's formula)  batch_norm_merge_stats
+      normalize block k                     the kernels' apply phase
 
-and the backward::
+and the backward, per block: local (sum dy, sum dy*xhat), Iallgather of
+[status, both sums], the sums added in rank order (float64), dx of the
+block.  Bytes sent per rank and call, C channels in B blocks: forward
+8 * (6 + B + 2C), backward 8 * (B + 2C); every rank receives P times that.
 
-    local (sum dy, sum dy*xhat)             batch_norm_backward_reduce
-    ONE Allgather of [header, both sums]    (8 * (1 + 2C) bytes sent per rank)
-    add the sums in rank order              (float64)
-    dx of the local batch                   batch_norm_backward_apply
+Blocks (fastbn/distributed/_pipeline.py): when its BLOCK_BYTES is set
+(None by default, one block, from the measurements recorded there), the
+channels of a channels-first input with spatial values are cut into
+blocks of that many bytes of input, and each block is normalized while
+still in the caches, right after the next block's statistics, so x (and
+dy) come from DRAM about once, as in the fused local kernels.
+Channels-last and 2-D inputs always form one block.  The results are
+bit-identical to those of one block, whatever the blocks.
 
 Gathering then combining in rank order (rather than an Allreduce, whose
 summation order is the MPI library's choice) makes every rank compute the
@@ -44,18 +53,17 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .. import functional as F
+from .._backend import current_kernels
 from .._bn_validation import check_like
 from .._validation import describe
-from ..distributed import _comm
+from ..distributed import _comm, _pipeline
 from .batchnorm import _BatchNorm, _TRAIN
 from .module import accumulate_grads
 
 __all__ = ["SyncBatchNorm"]
 
 _SYNCED = 2                 # saved-forward mode: statistics of every rank
-_FORWARD_HEADER = 5         # status, channels, dtype code, ndim, count
-_BACKWARD_HEADER = 1        # status
+_FORWARD_HEADER = 6         # status, channels, dtype code, ndim, count, planar
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -137,7 +145,9 @@ class SyncBatchNorm(_BatchNorm):
         comm = self._communicator()
         self._agree_on_configuration(comm)
         channels = self.num_features
-        send = np.zeros(_FORWARD_HEADER + 2 * channels)
+        # the header: this rank's input description and checks, then every
+        # rank derives the same block partition from the gathered table
+        send = np.zeros(_FORWARD_HEADER)
         send[1:4] = (-1, 0, -1)
         local_error = None
         try:
@@ -150,15 +160,12 @@ class SyncBatchNorm(_BatchNorm):
             x, layout = self._check_input(x)
             update = self._track_running_stats and self.running_mean is not None
             state = self._checked_state(x.dtype, update)
-            count, mean, m2 = F.batch_norm_stats(x, axis=self.axis)
-            send[4] = count
-            send[_FORWARD_HEADER:_FORWARD_HEADER + channels] = mean
-            send[_FORWARD_HEADER + channels:] = m2
+            send[4] = layout.n_per_channel
+            send[5] = layout.inner > 1
         except Exception as error:  # reported to every rank through the header
             local_error = error
             send[0] = 1
-        table = _comm.agree(comm, send)
-        header = table[:, :_FORWARD_HEADER]
+        header = _comm.agree(comm, send)
         if header[:, 0].any() or not (header[:, 2] == header[0, 2]).all():
             rows = [f"{int(row[1])} channels, dtype {_comm.dtype_name(row[2])}, "
                     f"{int(row[3])}D input" + (" -- rejected by this rank's checks" if row[0] else "")
@@ -167,15 +174,26 @@ class SyncBatchNorm(_BatchNorm):
                 f"SyncBatchNorm: an input is invalid or the ranks' inputs disagree (every rank "
                 f"needs a {self.dtype} input with {channels} channels on axis {self.axis}):",
                 rows, local_error)
-        total, mean, m2 = _comm.merge_gathered_stats(table, _FORWARD_HEADER, channels)
+        counts = _comm.gathered_counts(header)
         weight, bias, running_mean, running_var = state
-        invstd = 1.0 / np.sqrt(m2 / total + self._eps)
-        y = F.batch_norm_apply(x, mean, invstd, weight, bias, axis=self._axis,
-                               relu=self.fused_relu)
+        if layout.inner > 1:
+            x = np.ascontiguousarray(x)   # once, not per block
+        blocks = _pipeline.plan_blocks(channels, int(counts.max()), x.dtype.itemsize, 1,
+                                       bool(header[:, 5].any()))
+        y, total, mean, m2, invstd = _pipeline.forward_blocks(
+            current_kernels(), x, layout, counts, weight, bias, self._eps, self.fused_relu,
+            blocks, _pipeline.CommExchange(comm), self._forward_failed)
         if update:
             self._update_running_stats(mean, m2 / (total - 1), running_mean, running_var)
-        object.__setattr__(self, "_saved", (_SYNCED, x, layout, mean, invstd, total))
+        object.__setattr__(self, "_saved", (_SYNCED, x, layout, mean, invstd, total,
+                                            int(counts.max()), bool(header[:, 5].any())))
         return y
+
+    @staticmethod
+    def _forward_failed(statuses, local_error) -> None:
+        _comm.raise_on_disagreement(
+            "SyncBatchNorm: the forward failed on a rank:",
+            ["failed" if status else "ok" for status in statuses], local_error)
 
     def _update_running_stats(self, mean, unbiased_var, running_mean, running_var) -> None:
         """r = (1 - m) * r + m * stat (m = 1 / (count + 1) for momentum None),
@@ -223,37 +241,32 @@ class SyncBatchNorm(_BatchNorm):
             if saved is not None and saved[0] == _TRAIN:
                 raise RuntimeError("SyncBatchNorm.backward: internal error, unsynchronized saved forward")
             return super().backward(dy)
-        _, x, layout, mean, invstd, total = saved
+        _, x, layout, mean, invstd, total, max_count, planar = saved
         comm = self._communicator()
-        channels = self.num_features
-        send = np.zeros(_BACKWARD_HEADER + 2 * channels)
         local_error = None
+        weight = relu_from = None
         try:
             dy = check_like("dy", dy, x, "the forward's input")
             weight, bias = self._checked_state(x.dtype)[:2]
             self._check_grads(x.dtype)   # before any rank writes a gradient
             relu_from = (weight, bias) if self.fused_relu else None
-            sum_dy, sum_dy_xhat = F.batch_norm_backward_reduce(dy, x, mean, invstd,
-                                                               axis=layout.axis,
-                                                               relu_from=relu_from)
-            send[_BACKWARD_HEADER:_BACKWARD_HEADER + channels] = sum_dy
-            send[_BACKWARD_HEADER + channels:] = sum_dy_xhat
-        except Exception as error:
+            if layout.inner > 1:
+                dy = np.ascontiguousarray(dy)
+        except Exception as error:  # reported to every rank by the first block's status
             local_error = error
-            send[0] = 1
-        table = _comm.agree(comm, send)
-        if table[:, 0].any():
-            rows = ["dy or the layer's state rejected by this rank's checks" if row[0] else "ok"
-                    for row in table]
+        blocks = _pipeline.plan_blocks(self.num_features, max_count, x.dtype.itemsize, 2, planar)
+
+        def failed(statuses, error):
+            rows = ["dy or the layer's state rejected by this rank's checks, or its backward "
+                    "failed" if status else "ok" for status in statuses]
             _comm.raise_on_disagreement(
                 f"SyncBatchNorm.backward: a rank's dy or gradients are invalid (every rank "
                 f"needs dy shaped like its forward input, dtype {x.dtype}, and grads of that "
-                f"dtype):", rows, local_error)
-        # rank order, on every rank: the same sums bit for bit
-        sums = _comm.sum_in_rank_order(table[:, _BACKWARD_HEADER:])
-        sum_dy, sum_dy_xhat = sums[:channels], sums[channels:]
-        dx = F.batch_norm_backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, total,
-                                         axis=layout.axis, relu_from=relu_from)
+                f"dtype):", rows, error)
+
+        dx, sum_dy, sum_dy_xhat, _, _ = _pipeline.backward_blocks(
+            current_kernels(), dy, x, layout, mean, invstd, weight, relu_from, total, blocks,
+            _pipeline.CommExchange(comm), failed, local_error)
         # both grads change together or not at all (the base layer's rule)
         accumulate_grads([(param, grad.astype(x.dtype))
                           for param, grad in ((self.weight, sum_dy_xhat), (self.bias, sum_dy))

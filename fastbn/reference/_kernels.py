@@ -278,9 +278,29 @@ def _gradient64(dy__ocn, xhat, mask_weight, mask_bias, relu):
     return np.where(pre > 0, g, 0.0)
 
 
-def stats(x, outer, channels, inner):
+def _channel_slice(channel_range, channels, inner) -> slice:
+    """The channels of a `channel_range` (first, stop), checked as the
+    bridge checks it (bounds; a sub-range only with inner > 1)."""
+    if channel_range is None:
+        return slice(0, channels)
+    first, stop = channel_range
+    if not 0 <= first < stop <= channels:
+        raise ValueError(f"channel_range: expected 0 <= first < stop <= channels "
+                         f"({channels}), got {channel_range!r}")
+    if inner <= 1 and (first, stop) != (0, channels):
+        raise ValueError(f"channel_range: a channel sub-range needs a planar input (inner > "
+                         f"1), got inner={inner}")
+    return slice(first, stop)
+
+
+def _sliced(part, *vectors):
+    return [None if v is None else np.asarray(v)[part] for v in vectors]
+
+
+def stats(x, outer, channels, inner, channel_range=None):
     """See fastbn/_bn.pyx: stats.  Returns (mean, m2), float64."""
-    x__ocn = x.reshape(outer, channels, inner).astype(np.float64)
+    part = _channel_slice(channel_range, channels, inner)
+    x__ocn = x.reshape(outer, channels, inner)[:, part].astype(np.float64)
     mean = x__ocn.mean(axis=_REDUCE)
     centered = x__ocn - _per_channel(mean)
     return mean, (centered * centered).sum(axis=_REDUCE)
@@ -301,34 +321,56 @@ def merge_stats(counts, means, m2s):
     return total, mean, m2
 
 
-def apply(x, y, outer, channels, inner, mean, invstd, weight, bias, relu=False):
+def _deliver_range(result__ocn, out, outer, channels, inner, part, like):
+    """The whole result, or with a channel sub-range written into `out`'s
+    channels `part` (out required)."""
+    if part == slice(0, channels):
+        return _deliver(result__ocn.astype(like.dtype, copy=False), out, like.shape)
+    out.reshape(outer, channels, inner)[:, part] = result__ocn
+    return out
+
+
+def apply(x, y, outer, channels, inner, mean, invstd, weight, bias, relu=False,
+          channel_range=None):
     """See fastbn/_bn.pyx: apply.  Returns y."""
-    x__ocn = x.reshape(outer, channels, inner)
+    part = _channel_slice(channel_range, channels, inner)
+    mean, invstd, weight, bias = _sliced(part, mean, invstd, weight, bias)
+    x__ocn = x.reshape(outer, channels, inner)[:, part]
     y__ocn = (_xhat64(x__ocn, mean, invstd) * _float64_per_channel(weight, 1.0)
               + _float64_per_channel(bias, 0.0))
     if relu:
         y__ocn = np.maximum(y__ocn, 0.0)   # NaN passes through, as in torch.relu
-    return _deliver(y__ocn.astype(x.dtype, copy=False), y, x.shape)
+    return _deliver_range(y__ocn.astype(x.dtype, copy=False), y, outer, channels, inner, part,
+                          x)
 
 
 def backward_reduce(dy, x, outer, channels, inner, mean, invstd, mask_weight=None,
-                    mask_bias=None, relu=False):
+                    mask_bias=None, relu=False, channel_range=None):
     """See fastbn/_bn.pyx: backward_reduce.  Returns (sum_dy, sum_dy_xhat), float64."""
-    xhat = _xhat64(x.reshape(outer, channels, inner), mean, invstd)
-    g = _gradient64(dy.reshape(outer, channels, inner), xhat, mask_weight, mask_bias, relu)
+    part = _channel_slice(channel_range, channels, inner)
+    mean, invstd, mask_weight, mask_bias = _sliced(part, mean, invstd, mask_weight, mask_bias)
+    xhat = _xhat64(x.reshape(outer, channels, inner)[:, part], mean, invstd)
+    g = _gradient64(dy.reshape(outer, channels, inner)[:, part], xhat, mask_weight, mask_bias,
+                    relu)
     return g.sum(axis=_REDUCE), (g * xhat).sum(axis=_REDUCE)
 
 
 def backward_apply(dy, x, dx, outer, channels, inner, mean, invstd, weight, sum_dy,
-                   sum_dy_xhat, count, mask_weight=None, mask_bias=None, relu=False):
+                   sum_dy_xhat, count, mask_weight=None, mask_bias=None, relu=False,
+                   channel_range=None):
     """See fastbn/_bn.pyx: backward_apply.  Returns dx."""
+    part = _channel_slice(channel_range, channels, inner)
+    mean, invstd, weight, sum_dy, sum_dy_xhat, mask_weight, mask_bias = _sliced(
+        part, mean, invstd, weight, sum_dy, sum_dy_xhat, mask_weight, mask_bias)
     n = float(count)
-    xhat = _xhat64(x.reshape(outer, channels, inner), mean, invstd)
-    g = _gradient64(dy.reshape(outer, channels, inner), xhat, mask_weight, mask_bias, relu)
+    xhat = _xhat64(x.reshape(outer, channels, inner)[:, part], mean, invstd)
+    g = _gradient64(dy.reshape(outer, channels, inner)[:, part], xhat, mask_weight, mask_bias,
+                    relu)
     scale = _float64_per_channel(weight, 1.0) * _float64_per_channel(invstd, 1.0)
     dx__ocn = scale / n * (n * g - _float64_per_channel(sum_dy, 0.0)
                            - xhat * _float64_per_channel(sum_dy_xhat, 0.0))
-    return _deliver(dx__ocn.astype(x.dtype, copy=False), dx, x.shape)
+    return _deliver_range(dx__ocn.astype(x.dtype, copy=False), dx, outer, channels, inner,
+                          part, dy)
 
 
 def _no_shortcut(*args, **kwargs) -> None:

@@ -5,13 +5,17 @@ torch's own ``torch.nn.SyncBatchNorm`` refuses CPU tensors.  This layer
 has its constructor and state_dict (but is not its subclass, since
 DistributedDataParallel rejects those on CPU).  It runs the protocol of
 `fastbn.nn.SyncBatchNorm` (the MPI layer) over ``torch.distributed``: the
-training forward computes this rank's per-channel (count, mean, m2) with
-`fastbn.functional.batch_norm_stats`, all_gathers them with a small header
-(8 * (5 + 2C) bytes per rank), merges them in rank order
-(`batch_norm_merge_stats`) and normalizes the local batch
-(`batch_norm_apply`); the backward all_gathers this rank's
-`batch_norm_backward_reduce` sums (8 * (1 + 2C) bytes per rank), adds them
-in rank order in float64 and computes dx (`batch_norm_backward_apply`).
+training forward all_gathers a small header (the input's description, this
+rank's checks, its values per channel), then runs the channel-block
+pipeline of fastbn/distributed/_pipeline.py (one block unless its
+BLOCK_BYTES is set): per block of channels, this
+rank's (mean, m2) by the kernels' stats phase, an asynchronous all_gather
+(``async_op=True``) of [status, mean, m2], the merge in rank order (Chan's
+formula) and the normalization of the block while it is still in the
+caches.  The backward does the same with the per-channel sums of dy and
+dy * xhat (added in rank order in float64) and dx.  Bytes sent per rank
+and call, C channels in B blocks: forward 8 * (6 + B + 2C), backward
+8 * (B + 2C).  Channels-last and 2-D inputs form one block.
 
 Gathering then combining in rank order (instead of an all_reduce, whose
 summation order is the backend's) gives every rank the same bits, run after
@@ -30,21 +34,23 @@ sum over the ranks is the full-batch gradient (DDP's all_reduce adds them).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .. import functional as bn_functional
-from ..distributed._comm import merge_gathered_stats, raise_on_disagreement, sum_in_rank_order
+from .._backend import current_kernels
+from .._bn_validation import batch_norm_layout
+from ..distributed._comm import gathered_counts, raise_on_disagreement
+from ..distributed._pipeline import Exchange, backward_blocks, forward_blocks, plan_blocks
 from . import _ops
 from .batchnorm import BatchNormReLU1d, BatchNormReLU2d, BatchNormReLU3d, _forward
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormReLU", "convert_sync_batchnorm"]
 
-_FORWARD_HEADER = 5   # status, channels, dtype code, ndim, values per channel
-_BACKWARD_HEADER = 1  # status
+_FORWARD_HEADER = 6   # status, channels, dtype code, ndim, values per channel, planar
 _DTYPE_CODES = {torch.float32: 1, torch.float64: 2}
 _DTYPE_NAMES = {1: "float32", 2: "float64"}
 
@@ -149,9 +155,8 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             return _forward(self, input, self._local_torch_forward, self._fused_relu)
         if _ops.channel_axis(input) == 0:
             input = input.contiguous()
-        mean, invstd, count = self._synchronized_statistics(input, group)
-        return _SyncBatchNormFunction.apply(input, self.weight, self.bias, mean, invstd, count,
-                                            group, self._fused_relu)
+        self._agree_on_configuration(group)
+        return _SyncBatchNormFunction.apply(input, self.weight, self.bias, self, group)
 
     # ---- when to synchronize ------------------------------------------------------
 
@@ -213,28 +218,29 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
                 raise ValueError(f"{name}: expected a CPU {x.dtype} tensor like the input, got "
                                  f"{tensor.dtype} on {tensor.device}")
 
-    def _synchronized_statistics(self, x: Tensor, group) -> Tuple[np.ndarray, np.ndarray, int]:
-        """The merged batch statistics of all ranks: (mean, invstd, count),
-        float64; updates the running statistics (unbiased variance with the
-        global count) and num_batches_tracked."""
-        self._agree_on_configuration(group)
+    def _synchronized_forward(self, x: Tensor, group):
+        """The training forward over all ranks (the layers agreed): the
+        header all_gather (input description, checks, values per channel),
+        then the channel-block pipeline (fastbn/distributed/_pipeline.py).
+        Returns (y array, axis, mean, invstd, total, backward blocks), the
+        statistics float64; updates the running statistics (unbiased
+        variance with the global count) and num_batches_tracked."""
         channels = self.num_features
-        send = np.zeros(_FORWARD_HEADER + 2 * channels)
+        send = np.zeros(_FORWARD_HEADER)
         send[1:4] = (x.shape[1] if x.dim() >= 2 else -1, _dtype_code(x.dtype), x.dim())
         local_error = None
         try:
             self._check_local_input(x)
             axis = _ops.channel_axis(x)
             _ops.sync_num_threads()
-            count, mean, m2 = bn_functional.batch_norm_stats(_ops._view(x, axis), axis=axis)
-            send[4] = count
-            send[_FORWARD_HEADER:_FORWARD_HEADER + channels] = mean
-            send[_FORWARD_HEADER + channels:] = m2
+            x_array = _ops._view(x, axis)
+            layout = batch_norm_layout(x_array, axis)
+            send[4] = layout.n_per_channel
+            send[5] = layout.inner > 1
         except Exception as error:  # reported to every rank through the header
             local_error = error
             send[0] = 1
-        table = _all_gather_rows(send, group)
-        header = table[:, :_FORWARD_HEADER]
+        header = _all_gather_rows(send, group)
         if header[:, 0].any() or not (header[:, 2] == header[0, 2]).all():
             rows = [f"{int(row[1])} channels, {_dtype_name(row[2])}, {int(row[3])}D input"
                     + (" -- rejected by this rank's checks" if row[0] else "") for row in header]
@@ -242,10 +248,23 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
                 f"{type(self).__name__}: an input is invalid or the ranks' inputs disagree "
                 f"(every rank needs a float32 or float64 CPU input of the layer's dtype with "
                 f"{channels} channels on dimension 1):", rows, local_error)
-        total, mean, m2 = merge_gathered_stats(table, _FORWARD_HEADER, channels)
-        invstd = 1.0 / np.sqrt(m2 / total + self.eps)
+        counts = gathered_counts(header)
+        planar = bool(header[:, 5].any())
+        max_count = int(counts.max())
+        itemsize = x_array.dtype.itemsize
+        blocks = plan_blocks(channels, max_count, itemsize, 1, planar)
+
+        def failed(statuses, error):
+            raise_on_disagreement(f"{type(self).__name__}: the forward failed on a rank:",
+                                  ["failed" if status else "ok" for status in statuses], error)
+
+        y, total, mean, m2, invstd = forward_blocks(
+            current_kernels(), x_array, layout, counts, _ops._array_or_none(self.weight),
+            _ops._array_or_none(self.bias), self.eps, self._fused_relu, blocks,
+            _GroupExchange(group), failed)
         self._update_running_stats(mean, m2 / (total - 1))
-        return mean, invstd, total
+        backward_blocks = plan_blocks(channels, max_count, itemsize, 2, planar)
+        return y, axis, mean, invstd, total, backward_blocks
 
     def _update_running_stats(self, mean: np.ndarray, unbiased_var: np.ndarray) -> None:
         """torch's update, ``r = (1 - m) * r + m * stat`` (m = 1 /
@@ -293,73 +312,85 @@ class SyncBatchNormReLU(SyncBatchNorm):
 # section: autograd ----------------------------------------------------------------
 
 
+class _GroupExchange(Exchange):
+    """``torch.distributed.all_gather`` of one float64 row per rank with
+    ``async_op=True`` (the gloo backend runs it in its own thread)."""
+
+    def __init__(self, group) -> None:
+        self.group = group
+        self.size = torch.distributed.get_world_size(group)
+
+    def start(self, row: np.ndarray):
+        send = torch.from_numpy(row)
+        received = [torch.empty_like(send) for _ in range(self.size)]
+        work = torch.distributed.all_gather(received, send, group=self.group, async_op=True)
+        return work, received, send
+
+    def wait(self, handle) -> np.ndarray:
+        work, received, _ = handle
+        work.wait()
+        return torch.stack(received).numpy()
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """Normalization with given (merged) statistics; its backward combines
-    the per-channel sums of every rank."""
+    """The synchronized forward (statistics of all ranks, the channel-block
+    pipeline); its backward combines the per-channel sums of every rank."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                mean: np.ndarray, invstd: np.ndarray, count: int, group, relu: bool) -> Tensor:
-        axis = _ops._kernel_axis(x)
-        y, y_array = _ops._new_output(x, axis)
-        bn_functional.batch_norm_apply(_ops._view(x, axis), mean, invstd,
-                                       _ops._array_or_none(weight), _ops._array_or_none(bias),
-                                       axis=axis, relu=relu, out=y_array)
+                layer: SyncBatchNorm, group) -> Tensor:
+        y_array, axis, mean, invstd, count, blocks = layer._synchronized_forward(x, group)
+        y = torch.from_numpy(y_array)
+        if axis == -1:
+            y = y.movedim(-1, 1)
         ctx.save_for_backward(x, weight, bias)
-        ctx.statistics = (mean, invstd, count)
-        ctx.group, ctx.relu, ctx.axis = group, relu, axis
+        ctx.statistics = (mean, invstd, count, blocks)
+        ctx.group, ctx.relu, ctx.axis = group, layer._fused_relu, axis
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, weight, bias = ctx.saved_tensors
-        mean, invstd, count = ctx.statistics
+        mean, invstd, count, blocks = ctx.statistics
         axis = ctx.axis
         _ops.sync_num_threads()
-        dy_view, x_view = _ops._view(dy, axis), _ops._view(x, axis)
+        x_view = _ops._view(x, axis)
         weight_array, bias_array = _ops._array_or_none(weight), _ops._array_or_none(bias)
         relu_from = (weight_array, bias_array) if ctx.relu else None
-        # this rank's sums are this rank's share of dbias and dweight
+        layout = batch_norm_layout(x_view, axis)
         local_error = None
         try:
-            sum_dy, sum_dy_xhat = bn_functional.batch_norm_backward_reduce(
-                dy_view, x_view, mean, invstd, axis=axis, relu_from=relu_from)
+            dy_view = _ops._view(dy, axis)
+            if layout.inner > 1:   # the channel-range phases read dy as x: C-contiguous
+                dy_view = np.ascontiguousarray(dy_view)
         except Exception as error:  # e.g. MemoryError: reported to every rank
             if not ctx.needs_input_grad[0]:
                 raise  # no collective follows
             local_error = error
-            sum_dy = sum_dy_xhat = np.zeros(mean.shape[0])
+            dy_view = None
         dx = None
-        if ctx.needs_input_grad[0]:  # as torch: no dx needed, no communication
-            global_dy, global_dy_xhat = _gathered_sums(sum_dy, sum_dy_xhat, ctx.group,
-                                                       local_error)
-            dx, dx_array = _ops._new_output(x, axis)
-            bn_functional.batch_norm_backward_apply(
-                dy_view, x_view, mean, invstd, weight_array, global_dy, global_dy_xhat, count,
-                axis=axis, relu_from=relu_from, out=dx_array)
+        if not ctx.needs_input_grad[0]:
+            # as torch: no dx needed, no communication; this rank's sums only
+            sum_dy, sum_dy_xhat = bn_functional.batch_norm_backward_reduce(
+                dy_view, x_view, mean, invstd, axis=axis, relu_from=relu_from)
+        else:
+            def failed(statuses, error):
+                raise_on_disagreement("SyncBatchNorm.backward: the backward failed on a rank:",
+                                      ["failed" if status else "ok" for status in statuses],
+                                      error)
+
+            dx_array, _, _, sum_dy, sum_dy_xhat = backward_blocks(
+                current_kernels(), dy_view, x_view, layout, mean, invstd, weight_array,
+                relu_from, count, blocks, _GroupExchange(ctx.group), failed, local_error)
+            dx = torch.from_numpy(dx_array)
+            if axis == -1:
+                dx = dx.movedim(-1, 1)
+        # this rank's sums are this rank's share of dbias and dweight
         dweight = (torch.from_numpy(sum_dy_xhat.astype(x_view.dtype))
                    if weight is not None and ctx.needs_input_grad[1] else None)
         dbias = (torch.from_numpy(sum_dy.astype(x_view.dtype))
                  if bias is not None and ctx.needs_input_grad[2] else None)
-        return dx, dweight, dbias, None, None, None, None, None
-
-
-def _gathered_sums(sum_dy: np.ndarray, sum_dy_xhat: np.ndarray, group,
-                   local_error: Optional[BaseException]) -> Tuple[np.ndarray, np.ndarray]:
-    """The sums of every rank, added in rank order (the same bits on every
-    rank); a rank whose own sums failed (`local_error`) still takes part,
-    and then every rank raises."""
-    channels = sum_dy.shape[0]
-    send = np.zeros(_BACKWARD_HEADER + 2 * channels)
-    send[0] = local_error is not None
-    send[_BACKWARD_HEADER:_BACKWARD_HEADER + channels] = sum_dy
-    send[_BACKWARD_HEADER + channels:] = sum_dy_xhat
-    table = _all_gather_rows(send, group)
-    if table[:, 0].any():
-        raise_on_disagreement("SyncBatchNorm.backward: the backward failed on a rank:",
-                              ["failed" if row[0] else "ok" for row in table], local_error)
-    sums = sum_in_rank_order(table[:, _BACKWARD_HEADER:])
-    return sums[:channels], sums[channels:]
+        return dx, dweight, dbias, None, None
 
 
 # section: conversion --------------------------------------------------------------

@@ -10,6 +10,8 @@
 
 #define FB_IN(field) ((const FB_REAL *)c->field)
 #define FB_OUT(field) ((FB_REAL *)c->field)
+/* the split phases' row stride, 0 meaning `channels` */
+#define FB_ROWS(c) ((c)->row_channels ? (c)->row_channels : (c)->channels)
 
 static int FB_TYPED(bn_eval_forward_call)(const fastbn_bn_call *c)
 {
@@ -44,32 +46,34 @@ static int FB_TYPED(bn_backward_eval_call)(const fastbn_bn_call *c)
 
 static int FB_TYPED(bn_stats_call)(const fastbn_bn_call *c)
 {
-    return FB_TYPED(bn_stats)(FB_IN(x), c->outer, c->channels, c->inner, c->phase_mean, c->m2,
-                              c->num_threads);
+    return FB_TYPED(bn_stats)(FB_IN(x), c->outer, c->channels, c->inner, FB_ROWS(c),
+                              c->phase_mean, c->m2, c->num_threads);
 }
 
 static int FB_TYPED(bn_apply_call)(const fastbn_bn_call *c)
 {
     return FB_TYPED(bn_apply)(FB_IN(x), FB_OUT(out), c->outer, c->channels, c->inner,
-                              c->phase_mean, c->phase_invstd, FB_IN(weight), FB_IN(bias),
-                              c->relu, c->num_threads);
+                              FB_ROWS(c), c->phase_mean, c->phase_invstd, FB_IN(weight),
+                              FB_IN(bias), c->relu, c->num_threads);
 }
 
 static int FB_TYPED(bn_backward_reduce_call)(const fastbn_bn_call *c)
 {
     return FB_TYPED(bn_backward_reduce)(FB_IN(dy), FB_IN(x), c->outer, c->channels, c->inner,
-                                        c->phase_mean, c->phase_invstd, FB_IN(mask_weight),
-                                        FB_IN(mask_bias), c->relu, c->sum_dy, c->sum_dy_xhat,
-                                        c->num_threads);
+                                        FB_ROWS(c), c->phase_mean, c->phase_invstd,
+                                        FB_IN(mask_weight), FB_IN(mask_bias), c->relu,
+                                        c->sum_dy, c->sum_dy_xhat, c->num_threads);
 }
 
 static int FB_TYPED(bn_backward_apply_call)(const fastbn_bn_call *c)
 {
     return FB_TYPED(bn_backward_apply)(FB_IN(dy), FB_IN(x), FB_OUT(out), c->outer, c->channels,
-                                       c->inner, c->phase_mean, c->phase_invstd, FB_IN(weight),
-                                       c->sum_dy, c->sum_dy_xhat, c->count, FB_IN(mask_weight),
-                                       FB_IN(mask_bias), c->relu, c->num_threads);
+                                       c->inner, FB_ROWS(c), c->phase_mean, c->phase_invstd,
+                                       FB_IN(weight), c->sum_dy, c->sum_dy_xhat, c->count,
+                                       FB_IN(mask_weight), FB_IN(mask_bias), c->relu,
+                                       c->num_threads);
 }
 
 #undef FB_IN
 #undef FB_OUT
+#undef FB_ROWS

@@ -70,21 +70,30 @@
  * The same passes and plans as the fused kernels: per-channel results are
  * bit-identical for any thread count, and composing the phases on one part
  * reproduces the fused kernels.  Statistics and sums cross the phase
- * boundary as float64 (channels,) arrays. */
+ * boundary as float64 (channels,) arrays.
+ *
+ * `row_channels` (>= channels): channels between consecutive outer rows, so
+ * a phase can run over a channel sub-range of a larger planar array (inner >
+ * 1): x/dy/out point at the range's first channel, `channels` is the range's
+ * length, and channel c's values are at (row * row_channels + c) * inner +
+ * col.  Each channel's results are those of the whole-array call, bit for
+ * bit (the chunks depend on outer * inner only).  row_channels == channels
+ * for a whole array; inner == 1 (interleaved) takes no sub-range. */
 
 /* OUT mean and m2 = sum((x - mean)^2) of the outer * inner (>= 1) values of
  * each channel, accumulated in float64 around a value of the channel (the
  * training forward's reduction; m2 / n is exactly its biased variance). */
 #define FASTBN_BN_STATS_ARGS(real)                                                 \
-    const real *x, fb_index outer, fb_index channels, fb_index inner, double *mean, \
-    double *m2, int num_threads
+    const real *x, fb_index outer, fb_index channels, fb_index inner,              \
+    fb_index row_channels, double *mean, double *m2, int num_threads
 
 /* y = (x - mean) * invstd * weight + bias through the training forward's
  * rewrite (coefficients rounded once from float64); relu stores max(y, 0).
  * y may equal x. */
 #define FASTBN_BN_APPLY_ARGS(real)                                                 \
     const real *x, real *y, fb_index outer, fb_index channels, fb_index inner,     \
-    const double *mean, const double *invstd, const real *weight, const real *bias, \
+    fb_index row_channels, const double *mean, const double *invstd,               \
+    const real *weight, const real *bias,                                          \
     int relu, int num_threads
 
 /* OUT sum_dy = sum(g), sum_dy_xhat = sum(g * (x - mean) * invstd) in float64
@@ -93,9 +102,9 @@
  * is <= 0. */
 #define FASTBN_BN_BACKWARD_REDUCE_ARGS(real)                                       \
     const real *dy, const real *x, fb_index outer, fb_index channels,              \
-    fb_index inner, const double *mean, const double *invstd,                      \
-    const real *mask_weight, const real *mask_bias, int relu, double *sum_dy,      \
-    double *sum_dy_xhat, int num_threads
+    fb_index inner, fb_index row_channels, const double *mean,                     \
+    const double *invstd, const real *mask_weight, const real *mask_bias,          \
+    int relu, double *sum_dy, double *sum_dy_xhat, int num_threads
 
 /* dx = weight * invstd / count * (count * g - sum_dy - xhat * sum_dy_xhat),
  * xhat = (x - mean) * invstd, g as in backward_reduce (count > 0: the values
@@ -103,7 +112,8 @@
  * equal dy or x. */
 #define FASTBN_BN_BACKWARD_APPLY_ARGS(real)                                        \
     const real *dy, const real *x, real *dx, fb_index outer, fb_index channels,    \
-    fb_index inner, const double *mean, const double *invstd, const real *weight,  \
+    fb_index inner, fb_index row_channels, const double *mean,                     \
+    const double *invstd, const real *weight,                                      \
     const double *sum_dy, const double *sum_dy_xhat, double count,                 \
     const real *mask_weight, const real *mask_bias, int relu, int num_threads
 
@@ -118,6 +128,7 @@
  * field is ignored (bn_entry_impl.h unpacks the struct). */
 typedef struct fastbn_bn_call {
     fb_index outer, channels, inner;
+    fb_index row_channels;      /* split phases: see above; 0 means `channels` */
     const void *x;              /* IN: input (forwards), the forward's input (backwards) */
     const void *dy;             /* IN: gradient of the output (backwards) */
     void *out;                  /* OUT: y (forwards, apply) or dx (backwards) */

@@ -99,6 +99,7 @@
 
 typedef struct fb_bn_plan {
     fb_index outer, channels, inner;
+    fb_index row_channels;   /* planar: channels between outer rows (>= channels) */
     fb_index n;              /* values per channel */
     int interleaved;         /* inner == 1 */
     int owned;               /* planar, many channels: threads own whole channels */
@@ -110,21 +111,24 @@ typedef struct fb_bn_plan {
     fb_index block_channels; /* planar: channels per cache block; interleaved: all */
 } fb_bn_plan;
 
-/* `streamed_bytes_per_value`: bytes read per value in the reduction (x: one
+/* `row_channels`: channels between consecutive outer rows (`channels` for a
+ * whole array, more for a channel sub-range of a planar one, bn_kernels.h).
+ * `streamed_bytes_per_value`: bytes read per value in the reduction (x: one
  * array; backward: dy and x).  `num_threads` only decides who computes what
  * (owned channels or shared chunks, block sizes), never the chunk boundaries
  * or the order of any sum. */
 static inline void fb_bn_make_plan(fb_bn_plan *plan, fb_index outer, fb_index channels,
-                                   fb_index inner, fb_index streamed_bytes_per_value,
-                                   int num_threads)
+                                   fb_index row_channels, fb_index inner,
+                                   fb_index streamed_bytes_per_value, int num_threads)
 {
-    if (channels == 1) {
+    if (channels == 1 && row_channels == 1) {
         /* a single channel is one contiguous sequence: always planar */
         inner *= outer;
         outer = 1;
     }
     plan->outer = outer;
     plan->channels = channels;
+    plan->row_channels = row_channels;
     plan->inner = inner;
     plan->n = outer * inner;
     plan->interleaved = inner == 1 && channels > 1;

@@ -245,7 +245,8 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, const FB_TYPED(bn
     fb_bn_lanes a1, a2;
     fb_bn_lanes_zero(&a1);
     fb_bn_lanes_zero(&a2);
-    fb_bn_runs runs = fb_bn_runs_start(plan->n, plan->channels, plan->inner, plan->chunk, k);
+    fb_bn_runs runs = fb_bn_runs_start(plan->n, plan->row_channels, plan->inner, plan->chunk,
+                                       k);
     fb_index offset, len;
     if (fb_bn_reduces_x(pass->mode)) {
         while (fb_bn_runs_next(&runs, c, &offset, &len))
@@ -699,7 +700,8 @@ static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pa
         const int span_relu = pass->relu && !staged;
         const FB_REAL mask_scale = span_relu && !forward ? pass->mask_scale[c] : 0;
         const FB_REAL mask_shift = span_relu && !forward ? pass->mask_shift[c] : 0;
-        fb_bn_runs runs = fb_bn_runs_start(plan->n, plan->channels, plan->inner, plan->chunk, k);
+        fb_bn_runs runs = fb_bn_runs_start(plan->n, plan->row_channels, plan->inner, plan->chunk,
+                                           k);
         fb_index offset, len;
         while (fb_bn_runs_next(&runs, c, &offset, &len)) {
             const fb_index step = staged ? FB_BN_RELU_BLOCK : len;
@@ -878,17 +880,23 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
 
 /* Plan, allocate the workspace (O(channels x threads), plus the chunk
  * partials when threads share channels), run, free.
- * `streams`: arrays read by the reduction (sizes the cache blocks). */
+ * `streams`: arrays read by the reduction (sizes the cache blocks).
+ * `row_channels`: as in bn_kernels.h (`channels` for a whole array). */
 static int FB_TYPED(bn_run)(FB_TYPED(bn_pass) *pass, fb_index outer, fb_index channels,
-                            fb_index inner, int streams, int num_threads)
+                            fb_index row_channels, fb_index inner, int streams,
+                            int num_threads)
 {
     /* bytes moved: the reduction's input arrays, plus the output */
     const fb_index values = outer * channels * inner;
     const int nt = fb_threads_for_bytes(values * (fb_index)sizeof(FB_REAL)
                                         * (streams + fb_bn_rewrites(pass->mode)), num_threads);
-    pass->stream = outer * channels * inner * (fb_index)sizeof(FB_REAL) >= FB_BN_STREAM_BYTES;
+    /* by the size of the whole array: a channel range of a large one is
+     * one of a sequence of calls that together write all of it */
+    pass->stream = outer * row_channels * inner * (fb_index)sizeof(FB_REAL)
+                   >= FB_BN_STREAM_BYTES;
     fb_bn_plan plan;
-    fb_bn_make_plan(&plan, outer, channels, inner, streams * (fb_index)sizeof(FB_REAL), nt);
+    fb_bn_make_plan(&plan, outer, channels, row_channels, inner,
+                    streams * (fb_index)sizeof(FB_REAL), nt);
     /* stored partials only where threads share channels; owners add theirs
      * on the fly */
     const fb_index partials = pass->reduce && !plan.owned ? fb_bn_partial_count(&plan) : 0;
@@ -971,7 +979,7 @@ static int FB_TYPED(bn_train_forward)(FASTBN_BN_TRAIN_FORWARD_ARGS(FB_REAL))
     pass.eps = eps;
     pass.momentum = momentum;
     pass.relu = relu;
-    return FB_TYPED(bn_run)(&pass, outer, channels, inner, 1, num_threads);
+    return FB_TYPED(bn_run)(&pass, outer, channels, channels, inner, 1, num_threads);
 }
 
 static int FB_TYPED(bn_backward)(FASTBN_BN_BACKWARD_ARGS(FB_REAL))
@@ -993,7 +1001,7 @@ static int FB_TYPED(bn_backward)(FASTBN_BN_BACKWARD_ARGS(FB_REAL))
     pass.dweight = dweight;
     pass.dbias = dbias;
     pass.relu = relu;
-    return FB_TYPED(bn_run)(&pass, outer, channels, inner, 2, num_threads);
+    return FB_TYPED(bn_run)(&pass, outer, channels, channels, inner, 2, num_threads);
 }
 
 static int FB_TYPED(bn_backward_eval)(FASTBN_BN_BACKWARD_EVAL_ARGS(FB_REAL))
@@ -1018,7 +1026,8 @@ static int FB_TYPED(bn_backward_eval)(FASTBN_BN_BACKWARD_EVAL_ARGS(FB_REAL))
     pass.dweight = dweight;
     pass.dbias = dbias;
     pass.relu = relu;
-    return FB_TYPED(bn_run)(&pass, outer, channels, inner, reduce ? 2 : 1, num_threads);
+    return FB_TYPED(bn_run)(&pass, outer, channels, channels, inner, reduce ? 2 : 1,
+                            num_threads);
 }
 
 /* ---- split-phase entry points ---------------------------------------------- */
@@ -1027,9 +1036,18 @@ static int FB_TYPED(bn_backward_eval)(FASTBN_BN_BACKWARD_EVAL_ARGS(FB_REAL))
  * lanes, chunk order and rewrite coefficients, so composing the phases on
  * one process reproduces the fused kernels. */
 
+/* The split phases' row stride: a sub-range only of a planar array. */
+static inline int FB_TYPED(bn_rows_valid)(fb_index channels, fb_index row_channels,
+                                          fb_index inner)
+{
+    return row_channels == channels || (row_channels > channels && inner > 1);
+}
+
 /* bn_stats_f32, bn_stats_f64 */
 static int FB_TYPED(bn_stats)(FASTBN_BN_STATS_ARGS(FB_REAL))
 {
+    if (!FB_TYPED(bn_rows_valid)(channels, row_channels, inner))
+        return FASTBN_ERR_ARGUMENT;
     if (outer < 0 || channels <= 0 || inner < 0 || outer * inner < 1 || !x || !mean || !m2)
         return FASTBN_ERR_ARGUMENT;
     FB_TYPED(bn_pass) pass = {0};
@@ -1038,12 +1056,14 @@ static int FB_TYPED(bn_stats)(FASTBN_BN_STATS_ARGS(FB_REAL))
     pass.x = x;
     pass.phase_out1 = mean;
     pass.phase_out2 = m2;
-    return FB_TYPED(bn_run)(&pass, outer, channels, inner, 1, num_threads);
+    return FB_TYPED(bn_run)(&pass, outer, channels, row_channels, inner, 1, num_threads);
 }
 
 /* bn_apply_f32, bn_apply_f64 */
 static int FB_TYPED(bn_apply)(FASTBN_BN_APPLY_ARGS(FB_REAL))
 {
+    if (!FB_TYPED(bn_rows_valid)(channels, row_channels, inner))
+        return FASTBN_ERR_ARGUMENT;
     if (outer < 0 || channels <= 0 || inner < 0 || !x || !y || !mean || !invstd)
         return FASTBN_ERR_ARGUMENT;
     FB_TYPED(bn_pass) pass = {0};
@@ -1055,12 +1075,14 @@ static int FB_TYPED(bn_apply)(FASTBN_BN_APPLY_ARGS(FB_REAL))
     pass.phase_mean = mean;
     pass.phase_invstd = invstd;
     pass.relu = relu;
-    return FB_TYPED(bn_run)(&pass, outer, channels, inner, 1, num_threads);
+    return FB_TYPED(bn_run)(&pass, outer, channels, row_channels, inner, 1, num_threads);
 }
 
 /* bn_backward_reduce_f32, bn_backward_reduce_f64 */
 static int FB_TYPED(bn_backward_reduce)(FASTBN_BN_BACKWARD_REDUCE_ARGS(FB_REAL))
 {
+    if (!FB_TYPED(bn_rows_valid)(channels, row_channels, inner))
+        return FASTBN_ERR_ARGUMENT;
     if (outer < 0 || channels <= 0 || inner < 0 || !dy || !x || !mean || !invstd || !sum_dy
         || !sum_dy_xhat)
         return FASTBN_ERR_ARGUMENT;
@@ -1076,12 +1098,14 @@ static int FB_TYPED(bn_backward_reduce)(FASTBN_BN_BACKWARD_REDUCE_ARGS(FB_REAL))
     pass.relu = relu;
     pass.phase_out1 = sum_dy;
     pass.phase_out2 = sum_dy_xhat;
-    return FB_TYPED(bn_run)(&pass, outer, channels, inner, 2, num_threads);
+    return FB_TYPED(bn_run)(&pass, outer, channels, row_channels, inner, 2, num_threads);
 }
 
 /* bn_backward_apply_f32, bn_backward_apply_f64 */
 static int FB_TYPED(bn_backward_apply)(FASTBN_BN_BACKWARD_APPLY_ARGS(FB_REAL))
 {
+    if (!FB_TYPED(bn_rows_valid)(channels, row_channels, inner))
+        return FASTBN_ERR_ARGUMENT;
     if (outer < 0 || channels <= 0 || inner < 0 || !dy || !x || !dx || !mean || !invstd
         || !sum_dy || !sum_dy_xhat || !(count > 0))
         return FASTBN_ERR_ARGUMENT;
@@ -1099,5 +1123,5 @@ static int FB_TYPED(bn_backward_apply)(FASTBN_BN_BACKWARD_APPLY_ARGS(FB_REAL))
     pass.mask_weight = mask_weight;
     pass.bias = mask_bias;
     pass.relu = relu;
-    return FB_TYPED(bn_run)(&pass, outer, channels, inner, 2, num_threads);
+    return FB_TYPED(bn_run)(&pass, outer, channels, row_channels, inner, 2, num_threads);
 }

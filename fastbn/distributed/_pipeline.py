@@ -1,0 +1,271 @@
+"""The channel-block pipeline of the synchronized batch norms
+(`fastbn.nn.SyncBatchNorm` over MPI, `fastbn.torch.SyncBatchNorm` over
+torch.distributed): one implementation, given the communicator's
+non-blocking all-gather as an `Exchange`.
+
+Why blocks: the split phases (stats, exchange, apply) read x twice, and for
+an activation larger than the caches both reads come from DRAM, while the
+fused local kernel rewrites each channel right after reducing it.  So for
+planar inputs (channels-first with spatial values, inner > 1), when
+`BLOCK_BYTES` is set (it is not by default: see the measurements there),
+the channels are cut into blocks of about that many bytes of input per
+rank, and::
+
+    stats(0); start(0)
+    for k: stats(k + 1); wait(k); merge(k); start(k + 1); apply(k)
+
+block k's apply reads x while it is still in L2/L3 (only block k + 1 was
+read in between), and block k's all-gather runs while block k + 1 is
+reduced.  The backward does the same with backward_reduce/backward_apply.
+
+Determinism: every per-channel statistic is the one of the whole-array
+phase call (the kernels' chunks depend on the values per channel only), the
+merge is per channel in rank order, so the results are bit-identical to the
+unblocked composition whatever the block size.
+
+The block partition must be the same on every rank (the all-gathers must
+match), so it is computed from gathered values only: the largest count of
+values per channel of any rank and the dtype (`plan_blocks`).  A rank whose
+own input is not planar (channels-last, 2-D, or no values) takes part in
+every block's all-gather but reduces and rewrites its whole array at once.
+
+Errors: every block's message starts with a status word.  A rank whose
+reduction or rewrite raises keeps taking part with status 1; at the next
+wait every rank sees it and raises the same ValueError (`fail`), so none is
+left blocked in a collective.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ._comm import sum_in_rank_order
+
+__all__ = ["BLOCK_BYTES", "plan_blocks", "Exchange", "CommExchange", "forward_blocks",
+           "backward_blocks"]
+
+#: Input bytes per block and rank (x in the forward; dy and x in the
+#: backward), or None: one block (the unblocked phases).  None by default,
+#: from measurements on a 2-core machine shared with other jobs (load ~7),
+#: (32, 128, 56, 56) float32 per rank, 1 thread per rank, min of 10-15
+#: interleaved rounds: 2 ranks, fwd+bwd 145-151 ms unblocked against 296-340
+#: ms with 1 MiB blocks and 141-187 ms with 4 MiB (the ranks wait for each
+#: other at every block, and on an oversubscribed machine a waited-for rank is
+#: often descheduled); on 1 process the blocks' kernels alone took 19.7 ms
+#: against 24.8 ms unblocked and 19.5 ms for the fused kernels, with outputs
+#: allocated beforehand; with a fresh output per call, as the layers return,
+#: both took 35 ms (the first-touch zeroing of the output's pages evicts the
+#: block from the caches).  1 << 20 is the size those kernel measurements
+#: favour (two blocks in a 1 MiB L2).
+BLOCK_BYTES: Optional[int] = None
+
+Blocks = List[Tuple[int, int]]
+
+
+def plan_blocks(channels: int, max_count: int, itemsize: int, streams: int, planar: bool,
+                block_bytes: Optional[int] = None) -> Blocks:
+    """The channel blocks [(first, stop), ...] of a pipelined pass, the same
+    on every rank given the same (gathered) arguments: about `block_bytes`
+    (None: `BLOCK_BYTES`) of `streams` input arrays per block, at least one
+    channel; one block when that is None or no rank's input is planar."""
+    if block_bytes is None:
+        block_bytes = BLOCK_BYTES
+    channel_bytes = max_count * itemsize * streams
+    if block_bytes is None or not planar or channel_bytes <= 0:
+        return [(0, channels)]
+    per_block = max(1, min(channels, block_bytes // channel_bytes))
+    return [(first, min(channels, first + per_block)) for first in range(0, channels, per_block)]
+
+
+class Exchange:
+    """A communicator's all-gather of one float64 row per rank, split in
+    start and wait (non-blocking when the communicator has it).
+    `start(row)` returns a handle; `wait(handle)` the (ranks, len) table in
+    rank order.  `row` is not modified until the wait."""
+
+    def start(self, row: np.ndarray) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def wait(self, handle: Any) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class CommExchange(Exchange):
+    """An mpi4py communicator's Iallgather (Allgather, completed at once,
+    when the object has no Iallgather)."""
+
+    def __init__(self, comm: Any) -> None:
+        self.comm = comm
+        self.size = int(comm.Get_size())
+
+    def start(self, row: np.ndarray) -> Any:
+        table = np.empty((self.size, row.size))
+        if hasattr(self.comm, "Iallgather"):
+            return self.comm.Iallgather(row, table), table, row
+        self.comm.Allgather(row, table)
+        return None, table, row
+
+    def wait(self, handle: Any) -> np.ndarray:
+        request, table, _ = handle
+        if request is not None:
+            request.Wait()
+        return table
+
+
+def _run(blocks: Blocks, exchange: Exchange, reduce: Callable, combine: Callable,
+         rewrite: Callable, fail: Callable, local_error: Optional[BaseException] = None) -> None:
+    """The block loop.  reduce(first, stop) -> this rank's payload row of
+    the block; combine(first, stop, table) with the (ranks, payload) table;
+    rewrite(first, stop).  fail(statuses, local_error) raises on every
+    rank; a rank's own rewrite error after the last exchange is raised
+    here, on that rank."""
+    error = [local_error]
+
+    def message(first: int, stop: int) -> np.ndarray:
+        payload = None
+        if error[0] is None:
+            try:
+                payload = reduce(first, stop)
+            except Exception as caught:  # reported to every rank by the status
+                error[0] = caught
+        row = np.zeros(1 + 2 * (stop - first))
+        if payload is None:
+            row[0] = 1.0
+        else:
+            row[1:] = payload
+        return row
+
+    pending = exchange.start(message(*blocks[0]))
+    for k, (first, stop) in enumerate(blocks):
+        following = message(*blocks[k + 1]) if k + 1 < len(blocks) else None
+        table = exchange.wait(pending)
+        if table[:, 0].any():
+            fail(table[:, 0], error[0])
+        combine(first, stop, table[:, 1:])
+        if following is not None:
+            pending = exchange.start(following)
+        if error[0] is None:
+            try:
+                rewrite(first, stop)
+            except Exception as caught:
+                error[0] = caught
+    if error[0] is not None:
+        raise error[0]
+
+
+class _Pass:
+    """Per-rank geometry of a pipelined pass: the kernels' channel-range
+    calls on a planar array, or (`whole`) the whole array at the first
+    block and its rewrite after the last."""
+
+    def __init__(self, kernels, x: np.ndarray, layout, blocks: Blocks) -> None:
+        self.kernels = kernels
+        self.geometry = (layout.outer, layout.channels, layout.inner)
+        self.empty = x.size == 0
+        self.whole = len(blocks) == 1 or layout.inner <= 1 or self.empty
+        self.last = blocks[-1]
+        self.cache = None
+
+    def reduce(self, first: int, stop: int, compute: Callable) -> np.ndarray:
+        """The payload [a, b] of channels [first, stop): compute(range) ->
+        (a, b) for those channels (range None: all of them)."""
+        if not self.whole:
+            a, b = compute((first, stop))
+            return np.concatenate((a, b))
+        if self.cache is None:
+            self.cache = compute(None)
+        a, b = self.cache
+        return np.concatenate((a[first:stop], b[first:stop]))
+
+    def rewrite(self, first: int, stop: int, compute: Callable) -> None:
+        if self.empty:
+            return
+        if not self.whole:
+            compute((first, stop))
+        elif (first, stop) == self.last:
+            compute(None)
+
+
+def forward_blocks(kernels, x: np.ndarray, layout, counts: Sequence[int], weight, bias,
+                   eps: float, relu: bool, blocks: Blocks, exchange: Exchange,
+                   fail: Callable
+                   ) -> Tuple[np.ndarray, int, np.ndarray, np.ndarray, np.ndarray]:
+    """The synchronized training forward of this rank's `x` (C-contiguous,
+    already checked), given the ranks' values per channel `counts`
+    (gathered, total >= 2): (y, total, mean, m2, invstd), the merged
+    statistics float64 with ``invstd = 1 / sqrt(m2 / total + eps)``."""
+    outer, channels, inner = layout.outer, layout.channels, layout.inner
+    counts = [int(c) for c in counts]
+    total = sum(counts)
+    state = _Pass(kernels, x, layout, blocks)
+    y = np.empty(x.shape, x.dtype)
+    mean, m2, invstd = np.zeros(channels), np.zeros(channels), np.zeros(channels)
+
+    def stats(channel_range):
+        if state.empty:
+            width = channels if channel_range is None else channel_range[1] - channel_range[0]
+            return np.zeros(width), np.zeros(width)
+        if channel_range is None:
+            return kernels.stats(x, outer, channels, inner)
+        return kernels.stats(x, outer, channels, inner, channel_range=channel_range)
+
+    def combine(first, stop, table):
+        width = stop - first
+        _, mean[first:stop], m2[first:stop] = kernels.merge_stats(
+            counts, table[:, :width], table[:, width:])
+        invstd[first:stop] = 1.0 / np.sqrt(m2[first:stop] / total + eps)
+
+    def apply(channel_range):
+        if channel_range is None:
+            kernels.apply(x, y, outer, channels, inner, mean, invstd, weight, bias, relu)
+        else:
+            kernels.apply(x, y, outer, channels, inner, mean, invstd, weight, bias, relu,
+                          channel_range=channel_range)
+
+    _run(blocks, exchange, lambda a, b: state.reduce(a, b, stats), combine,
+         lambda a, b: state.rewrite(a, b, apply), fail)
+    return y, total, mean, m2, invstd
+
+
+def backward_blocks(kernels, dy: np.ndarray, x: np.ndarray, layout, mean: np.ndarray,
+                    invstd: np.ndarray, weight, relu_from, total: int, blocks: Blocks,
+                    exchange: Exchange, fail: Callable,
+                    local_error: Optional[BaseException] = None
+                    ) -> Tuple[np.ndarray, ...]:
+    """The synchronized training backward of this rank's (dy, x) (both
+    C-contiguous when planar, checked; `local_error`: this rank's checks
+    failed, it only takes part in the exchanges): (dx, sum_dy, sum_dy_xhat,
+    local_sum_dy, local_sum_dy_xhat), the sums float64, over all ranks
+    (added in rank order) and this rank's own."""
+    outer, channels, inner = layout.outer, layout.channels, layout.inner
+    state = _Pass(kernels, x, layout, blocks)
+    mask_weight, mask_bias = relu_from or (None, None)
+    relu = relu_from is not None
+    dx = np.empty(x.shape, x.dtype)
+    sum_dy, sum_dy_xhat = np.zeros(channels), np.zeros(channels)
+    local_dy, local_dy_xhat = np.zeros(channels), np.zeros(channels)
+
+    def reduce(channel_range):
+        first, stop = (0, channels) if channel_range is None else channel_range
+        if not state.empty:
+            extra = {} if channel_range is None else {"channel_range": channel_range}
+            local_dy[first:stop], local_dy_xhat[first:stop] = kernels.backward_reduce(
+                dy, x, outer, channels, inner, mean, invstd, mask_weight, mask_bias, relu,
+                **extra)
+        return local_dy[first:stop], local_dy_xhat[first:stop]
+
+    def combine(first, stop, table):
+        width = stop - first
+        # rank order, on every rank: the same sums bit for bit
+        sums = sum_in_rank_order(table)
+        sum_dy[first:stop], sum_dy_xhat[first:stop] = sums[:width], sums[width:]
+
+    def apply(channel_range):
+        extra = {} if channel_range is None else {"channel_range": channel_range}
+        kernels.backward_apply(dy, x, dx, outer, channels, inner, mean, invstd, weight, sum_dy,
+                               sum_dy_xhat, float(total), mask_weight, mask_bias, relu, **extra)
+
+    _run(blocks, exchange, lambda a, b: state.reduce(a, b, reduce), combine,
+         lambda a, b: state.rewrite(a, b, apply), fail, local_error)
+    return dx, sum_dy, sum_dy_xhat, local_dy, local_dy_xhat
