@@ -184,6 +184,44 @@ def test_running_stats_apart_in_eval_are_not_checked(monkeypatch):
         torch.testing.assert_close(module(x), expected)
 
 
+@pytest.mark.parametrize("eager", [True, False])
+def test_autograd_grad_of_the_parameters_leaves_their_grad_untouched(eager, monkeypatch):
+    """The parameter gradients are returned to autograd, not written into
+    .grad: torch.autograd.grad must return them and change no .grad."""
+    monkeypatch.setattr(batchnorm, "_EAGER_FAST_PATH", eager)
+    module = ft.BatchNorm2d(5)
+    reference = torch.nn.BatchNorm2d(5)
+    x = make_input(2, torch.float32, "contiguous", seed=5).requires_grad_()
+    dy = make_input(2, torch.float32, "contiguous", seed=6)
+    module.weight.grad = torch.full((5,), 3.0)
+    grads = torch.autograd.grad(module(x), [x, module.weight, module.bias], dy)
+    expected = torch.autograd.grad(reference(x), [x, reference.weight, reference.bias], dy)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(module.weight.grad, torch.full((5,), 3.0))
+    assert module.bias.grad is None
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_parameter_hooks_see_the_gradient_and_grad_accumulates(eager, monkeypatch):
+    monkeypatch.setattr(batchnorm, "_EAGER_FAST_PATH", eager)
+    module = ft.BatchNorm2d(5)
+    x = make_input(2, torch.float32, "contiguous", seed=7).requires_grad_()
+    dy = make_input(2, torch.float32, "contiguous", seed=8)
+    seen, accumulated = [], []
+    module.weight.register_hook(lambda grad: seen.append(grad.clone()))
+    module.bias.register_post_accumulate_grad_hook(
+        lambda parameter: accumulated.append(parameter.grad.clone()))
+    module(x).backward(dy)
+    first_weight, first_bias = module.weight.grad.clone(), module.bias.grad.clone()
+    module(x).backward(dy)
+    assert len(seen) == 2 and len(accumulated) == 2
+    torch.testing.assert_close(seen[0], first_weight)
+    torch.testing.assert_close(accumulated[1], 2 * first_bias)
+    torch.testing.assert_close(module.weight.grad, 2 * first_weight)
+    torch.testing.assert_close(module.bias.grad, 2 * first_bias)
+
+
 def test_running_stats_updated_after_an_eval_forward_invalidate_its_backward():
     """As with torch's BatchNorm: the eval backward reads the running
     statistics it saved; updating them in place first must raise, not give
