@@ -463,9 +463,7 @@ def _run_backward(kernels, args, relu, dweight_out, dbias_out, accumulate):
     layout, dtype = args.layout, channel_dtype(args.x.dtype)
     dweight = np.empty(layout.channels, dtype) if kernel_dweight is None else kernel_dweight
     dbias = np.empty(layout.channels, dtype) if kernel_dbias is None else kernel_dbias
-    # a new array takes the sums as they are; only the caller's buffers are added to
-    fresh_accumulate = accumulate and (kernel_dweight is None or kernel_dbias is None)
-    if fresh_accumulate:
+    if accumulate:  # only the caller's buffers are added to: a new array starts at 0
         for fresh, given in ((dweight, kernel_dweight), (dbias, kernel_dbias)):
             if given is None:
                 fresh.fill(0)
