@@ -297,6 +297,39 @@ def check_backward_args(dy, x, stat_a, stat_b, weight, bias, eps, axis, out, *,
     return BackwardArgs(dy, x, layout, stat_a, stat_b, weight, bias, eps, out)
 
 
+def check_gradient_outs(dweight_out, dbias_out, accumulate, args: BackwardArgs):
+    """`dweight_out` / `dbias_out` of a backward: each None or a writeable
+    C-contiguous ndarray of shape (C,) and the per-channel dtype of x
+    (float32 for bfloat16 x), sharing no memory with any array the backward
+    reads or writes (dy, x, the statistics, weight, bias, `out`) or with each
+    other.  `accumulate` is a bool, True only with at least one of them.
+    Returns ``(dweight_out, dbias_out, accumulate)``."""
+    accumulate = check_bool(accumulate, "accumulate")
+    if accumulate and dweight_out is None and dbias_out is None:
+        raise ValueError("accumulate: expected dweight_out or dbias_out to add into "
+                         "(accumulate=True adds the gradients to those buffers), got neither")
+    inputs = (args.dy, args.x, args.stat_a, args.stat_b, args.weight, args.bias, args.out)
+    dweight_out = _check_gradient_out("dweight_out", dweight_out, args, inputs)
+    dbias_out = _check_gradient_out("dbias_out", dbias_out, args, inputs + (dweight_out,))
+    return dweight_out, dbias_out, accumulate
+
+
+def _check_gradient_out(name: str, value, args: BackwardArgs, inputs) -> Optional[np.ndarray]:
+    """One of `check_gradient_outs`' buffers, as a plain ndarray view (the
+    kernels take exact ndarrays; the view shares the caller's memory)."""
+    from ._validation import check_out
+    if value is None:
+        return None
+    dtype = channel_dtype(args.x.dtype)
+    if isinstance(value, np.ndarray) and value.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} (the per-channel dtype of an input "
+                        f"of dtype {args.x.dtype}), got {value.dtype}")
+    value = check_out(value, name, (args.layout.channels,), dtype, inputs=inputs)
+    if not value.flags.aligned:
+        raise ValueError(f"{name}: expected an aligned array, got an unaligned view")
+    return value if type(value) is np.ndarray else value.view(np.ndarray)
+
+
 # ---- kernel-ready arrays: the NumPy twin of the bridge's own tests --------------
 # A kernel method (fastbn._backend) returns None for an array that fails these;
 # the caller then runs the checks above, which name the problem.

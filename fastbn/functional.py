@@ -47,7 +47,7 @@ import numpy as np
 from ._backend import current_kernels
 from ._bn_validation import (channel_dtype, check_apply_args, check_backward_apply_args,
                              check_backward_args, check_backward_reduce_args,
-                             check_batch_norm_args,
+                             check_batch_norm_args, check_gradient_outs,
                              check_merge_stats_args, check_stats_args)
 
 __all__ = ["batch_norm", "batch_norm_forward_train", "batch_norm_backward",
@@ -161,7 +161,9 @@ def batch_norm_forward_train(x: np.ndarray, weight: Optional[np.ndarray] = None,
 
 def batch_norm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd: np.ndarray,
                         weight: Optional[np.ndarray] = None, *, axis: int = 1,
-                        out: Optional[np.ndarray] = None
+                        out: Optional[np.ndarray] = None,
+                        dweight_out: Optional[np.ndarray] = None,
+                        dbias_out: Optional[np.ndarray] = None, accumulate: bool = False
                         ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of a training-mode batch norm (batch statistics).
 
@@ -186,22 +188,37 @@ def batch_norm_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd:
     out : ndarray or None, keyword-only
         OUT for dx.  C-contiguous, same shape and dtype as x; may be dy (or x)
         itself.
+    dweight_out, dbias_out : ndarray (C,) or None, keyword-only
+        OUT for dweight / dbias: writeable, C-contiguous, aligned, x's dtype
+        (float32 for bfloat16 x), sharing no memory with any other argument
+        or with each other.  The kernel writes the gradient straight into
+        them (e.g. a parameter's existing gradient buffer); they are returned
+        in place of new arrays.  An invalid one raises before anything is
+        written.
+    accumulate : bool, keyword-only
+        Add the gradients to `dweight_out` / `dbias_out` instead of
+        overwriting them (a gradient without a buffer is still returned as a
+        new array).  Requires at least one of them.
 
     Returns
     -------
     dx : ndarray
         Gradient of the input (`out` when given).
     dweight, dbias : ndarray (C,)
-        Gradients of weight and bias (computed even when weight is None).
+        Gradients of weight and bias (computed even when weight is None;
+        `dweight_out` / `dbias_out` when given).
     """
-    return _backward(current_kernels(), dy, x, mean, invstd, weight, None, axis, out, False)
+    return _backward(current_kernels(), dy, x, mean, invstd, weight, None, axis, out, False,
+                     dweight_out, dbias_out, accumulate)
 
 
 
 def batch_norm_backward_eval(dy: np.ndarray, x: np.ndarray, running_mean: np.ndarray,
                              running_var: np.ndarray, weight: Optional[np.ndarray] = None,
                              eps: float = 1e-5, *, axis: int = 1,
-                             out: Optional[np.ndarray] = None
+                             out: Optional[np.ndarray] = None,
+                             dweight_out: Optional[np.ndarray] = None,
+                             dbias_out: Optional[np.ndarray] = None, accumulate: bool = False
                              ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of an eval-mode batch norm (running statistics, constants).
 
@@ -227,16 +244,28 @@ def batch_norm_backward_eval(dy: np.ndarray, x: np.ndarray, running_mean: np.nda
         Channel axis: 1 or -1.
     out : ndarray or None, keyword-only
         OUT for dx.  C-contiguous, same shape and dtype as x; may be dy itself.
+    dweight_out, dbias_out : ndarray (C,) or None, keyword-only
+        OUT for dweight / dbias: writeable, C-contiguous, aligned, x's dtype
+        (float32 for bfloat16 x), sharing no memory with any other argument
+        or with each other.  The kernel writes the gradient straight into
+        them (e.g. a parameter's existing gradient buffer); they are returned
+        in place of new arrays.  An invalid one raises before anything is
+        written.
+    accumulate : bool, keyword-only
+        Add the gradients to `dweight_out` / `dbias_out` instead of
+        overwriting them (a gradient without a buffer is still returned as a
+        new array).  Requires at least one of them.
 
     Returns
     -------
     dx : ndarray
         Gradient of the input (`out` when given).
     dweight, dbias : ndarray (C,)
-        Gradients of weight and bias (computed even when weight is None).
+        Gradients of weight and bias (computed even when weight is None;
+        `dweight_out` / `dbias_out` when given).
     """
     return _backward_eval(current_kernels(), dy, x, running_mean, running_var, weight, None,
-                          eps, axis, out, False)
+                          eps, axis, out, False, dweight_out, dbias_out, accumulate)
 
 
 def batch_norm_relu(x: np.ndarray, running_mean: Optional[np.ndarray],
@@ -291,7 +320,9 @@ def batch_norm_relu_forward_train(x: np.ndarray, weight: Optional[np.ndarray] = 
 def batch_norm_relu_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray,
                              invstd: np.ndarray, weight: Optional[np.ndarray] = None,
                              bias: Optional[np.ndarray] = None, *, axis: int = 1,
-                             out: Optional[np.ndarray] = None
+                             out: Optional[np.ndarray] = None,
+                             dweight_out: Optional[np.ndarray] = None,
+                             dbias_out: Optional[np.ndarray] = None, accumulate: bool = False
                              ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of `batch_norm_relu_forward_train`.
 
@@ -303,7 +334,7 @@ def batch_norm_relu_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray,
 
     Parameters
     ----------
-    dy, x, mean, invstd, weight, axis, out
+    dy, x, mean, invstd, weight, axis, out, dweight_out, dbias_out, accumulate
         As in `batch_norm_backward`.
     bias : ndarray (C,) or None
         IN.  The forward's bias (None means 0), needed for the mask.
@@ -315,22 +346,27 @@ def batch_norm_relu_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray,
     dweight, dbias : ndarray (C,)
         Gradients of weight and bias.
     """
-    return _backward(current_kernels(), dy, x, mean, invstd, weight, bias, axis, out, True)
+    return _backward(current_kernels(), dy, x, mean, invstd, weight, bias, axis, out, True,
+                     dweight_out, dbias_out, accumulate)
 
 
 def batch_norm_relu_backward_eval(dy: np.ndarray, x: np.ndarray, running_mean: np.ndarray,
                                   running_var: np.ndarray, weight: Optional[np.ndarray] = None,
                                   bias: Optional[np.ndarray] = None, eps: float = 1e-5, *,
-                                  axis: int = 1, out: Optional[np.ndarray] = None
+                                  axis: int = 1, out: Optional[np.ndarray] = None,
+                                  dweight_out: Optional[np.ndarray] = None,
+                                  dbias_out: Optional[np.ndarray] = None,
+                                  accumulate: bool = False
                                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of an eval-mode `batch_norm_relu` (running statistics).
 
-    As `batch_norm_backward_eval`, with dy masked where the eval forward's
+    As `batch_norm_backward_eval` (the same arguments, `dweight_out`,
+    `dbias_out` and `accumulate` included), with dy masked where the eval forward's
     pre-activation ``(x - running_mean) * scale + bias`` is <= 0; `bias` is the forward's
     bias (None means 0).  x is always read (for the mask).
     """
     return _backward_eval(current_kernels(), dy, x, running_mean, running_var, weight, bias,
-                          eps, axis, out, True)
+                          eps, axis, out, True, dweight_out, dbias_out, accumulate)
 
 
 # section: shared implementations --------------------------------------------------
@@ -394,41 +430,58 @@ def _forward_train(kernels, x, weight, bias, eps, axis, out, running_mean, runni
     return y, mean, invstd
 
 
-def _backward(kernels, dy, x, mean, invstd, weight, bias, axis, out, relu):
-    result = kernels.backward_at(dy, x, out, axis, mean, invstd, weight, bias, relu)
-    if result is not None:
-        return result
-    dy, x, layout, mean, invstd, weight, bias, _, out = check_backward_args(
-        dy, x, mean, invstd, weight, bias, None, axis, out, eval_mode=False)
-    dweight = np.empty(layout.channels, channel_dtype(x.dtype))
-    dbias = np.empty(layout.channels, channel_dtype(x.dtype))
-    if x.size == 0:
-        dweight.fill(0)
-        dbias.fill(0)
-        return (np.empty(x.shape, x.dtype) if out is None else out), dweight, dbias
-    dx = kernels.backward(dy, x, out, layout.outer, layout.channels, layout.inner, mean, invstd,
-                          weight, dweight, dbias, False, bias, relu)
-    return dx, dweight, dbias
+def _backward(kernels, dy, x, mean, invstd, weight, bias, axis, out, relu,
+              dweight_out=None, dbias_out=None, accumulate=False):
+    if dweight_out is None and dbias_out is None and accumulate is False:
+        result = kernels.backward_at(dy, x, out, axis, mean, invstd, weight, bias, relu)
+        if result is not None:
+            return result
+    args = check_backward_args(dy, x, mean, invstd, weight, bias, None, axis, out,
+                               eval_mode=False)
+    return _run_backward(kernels, args, relu, dweight_out, dbias_out, accumulate)
 
 
 def _backward_eval(kernels, dy, x, running_mean, running_var, weight, bias, eps, axis, out,
-                   relu):
-    result = kernels.backward_eval_at(dy, x, out, axis, running_mean, running_var, weight, bias,
-                                      eps, relu)
-    if result is not None:
-        return result
-    dy, x, layout, running_mean, running_var, weight, bias, eps, out = check_backward_args(
-        dy, x, running_mean, running_var, weight, bias, eps, axis, out, eval_mode=True)
-    dweight = np.empty(layout.channels, channel_dtype(x.dtype))
-    dbias = np.empty(layout.channels, channel_dtype(x.dtype))
-    if x.size == 0:
-        dweight.fill(0)
-        dbias.fill(0)
-        return (np.empty(x.shape, x.dtype) if out is None else out), dweight, dbias
-    dx = kernels.backward_eval(dy, x, out, layout.outer, layout.channels, layout.inner,
-                               running_mean, running_var, weight, eps, dweight, dbias, False,
-                               bias, relu)
-    return dx, dweight, dbias
+                   relu, dweight_out=None, dbias_out=None, accumulate=False):
+    if dweight_out is None and dbias_out is None and accumulate is False:
+        result = kernels.backward_eval_at(dy, x, out, axis, running_mean, running_var, weight,
+                                          bias, eps, relu)
+        if result is not None:
+            return result
+    args = check_backward_args(dy, x, running_mean, running_var, weight, bias, eps, axis, out,
+                               eval_mode=True)
+    return _run_backward(kernels, args, relu, dweight_out, dbias_out, accumulate)
+
+
+def _run_backward(kernels, args, relu, dweight_out, dbias_out, accumulate):
+    """The validated backward (training when ``args.eps`` is None): dx, and
+    dweight and dbias written into (or, with `accumulate`, added to) the
+    caller's buffers when given, into new arrays otherwise."""
+    # every check (the gradient buffers' too) before anything is written
+    kernel_dweight, kernel_dbias, accumulate = check_gradient_outs(dweight_out, dbias_out,
+                                                                   accumulate, args)
+    layout, dtype = args.layout, channel_dtype(args.x.dtype)
+    dweight = np.empty(layout.channels, dtype) if kernel_dweight is None else kernel_dweight
+    dbias = np.empty(layout.channels, dtype) if kernel_dbias is None else kernel_dbias
+    if accumulate:  # only the caller's buffers are added to: a new array starts at 0
+        for fresh, given in ((dweight, kernel_dweight), (dbias, kernel_dbias)):
+            if given is None:
+                fresh.fill(0)
+    if args.x.size == 0:
+        if not accumulate:
+            dweight.fill(0)
+            dbias.fill(0)
+        dx = np.empty(args.x.shape, args.x.dtype) if args.out is None else args.out
+    elif args.eps is None:
+        dx = kernels.backward(args.dy, args.x, args.out, layout.outer, layout.channels,
+                              layout.inner, args.stat_a, args.stat_b, args.weight, dweight,
+                              dbias, accumulate, args.bias, relu)
+    else:
+        dx = kernels.backward_eval(args.dy, args.x, args.out, layout.outer, layout.channels,
+                                   layout.inner, args.stat_a, args.stat_b, args.weight,
+                                   args.eps, dweight, dbias, accumulate, args.bias, relu)
+    return (dx, dweight if dweight_out is None else dweight_out,
+            dbias if dbias_out is None else dbias_out)
 
 
 # section: split-phase primitives ----------------------------------------------------

@@ -123,6 +123,185 @@ def test_backward_of_an_empty_batch_has_zero_parameter_gradients():
     np.testing.assert_array_equal(dweight, 0)
 
 
+# ---- dweight_out / dbias_out ---------------------------------------------------
+
+_BACKWARDS = {
+    "train": (lambda M, dy, x, mean, invstd, rm, rv, w, b, **kw:
+              M.batch_norm_backward(dy, x, mean, invstd, w, **kw)),
+    "eval": (lambda M, dy, x, mean, invstd, rm, rv, w, b, **kw:
+             M.batch_norm_backward_eval(dy, x, rm, rv, w, 1e-3, **kw)),
+    "relu_train": (lambda M, dy, x, mean, invstd, rm, rv, w, b, **kw:
+                   M.batch_norm_relu_backward(dy, x, mean, invstd, w, b, **kw)),
+    "relu_eval": (lambda M, dy, x, mean, invstd, rm, rv, w, b, **kw:
+                  M.batch_norm_relu_backward_eval(dy, x, rm, rv, w, b, 1e-3, **kw)),
+}
+
+
+def _gradient_problem(rng, shape, axis, dtype):
+    dy, x, weight, mean, invstd, running_mean, running_var = make_backward_inputs(
+        rng, shape, axis, dtype)
+    bias = rng.standard_normal(shape[axis]).astype(dtype)
+    return dy, x, mean, invstd, running_mean, running_var, weight, bias
+
+
+@pytest.mark.parametrize("kind", sorted(_BACKWARDS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", [((4, 6, 5, 3), 1), ((4, 5, 3, 6), -1), ((16, 6), 1)])
+def test_gradient_buffers_receive_the_reference_gradients(simd_target, kind, dtype, shape,
+                                                          axis, rng):
+    problem = _gradient_problem(rng, shape, axis, dtype)
+    backward = _BACKWARDS[kind]
+    inputs_before = [a.copy() for a in problem]
+    dx_ref, dweight_ref, dbias_ref = backward(R, *problem, axis=axis)
+    channels = shape[axis]
+    for module in (F, R):
+        dweight_out = np.full(channels, np.nan, dtype)
+        dbias_out = np.full(channels, np.nan, dtype)
+        dx, dweight, dbias = backward(module, *problem, axis=axis, dweight_out=dweight_out,
+                                      dbias_out=dbias_out)
+        assert dweight is dweight_out and dbias is dbias_out
+        assert_close(dx, dx_ref, dtype, scale=SUM_SCALE)
+        assert_close(dweight_out, dweight_ref, dtype, scale=SUM_SCALE)
+        assert_close(dbias_out, dbias_ref, dtype, scale=SUM_SCALE)
+        # only one buffer: the other gradient is a new array
+        dbias_only = np.full(channels, np.nan, dtype)
+        _, dweight_new, dbias = backward(module, *problem, axis=axis, dbias_out=dbias_only)
+        assert dbias is dbias_only
+        assert_close(dweight_new, dweight_ref, dtype, scale=SUM_SCALE)
+        assert_close(dbias_only, dbias_ref, dtype, scale=SUM_SCALE)
+    for before, after in zip(inputs_before, problem):
+        np.testing.assert_array_equal(before, after)
+
+
+@pytest.mark.parametrize("kind", sorted(_BACKWARDS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_accumulate_adds_the_gradients_to_the_buffers(simd_target, kind, dtype, rng):
+    shape, axis = (4, 6, 5, 3), 1
+    problem = _gradient_problem(rng, shape, axis, dtype)
+    backward = _BACKWARDS[kind]
+    dx_ref, dweight_ref, dbias_ref = backward(R, *problem, axis=axis)
+    for module in (F, R):
+        start_weight = rng.standard_normal(6).astype(dtype)
+        start_bias = rng.standard_normal(6).astype(dtype)
+        dweight_out, dbias_out = start_weight.copy(), start_bias.copy()
+        dx, dweight, dbias = backward(module, *problem, axis=axis, dweight_out=dweight_out,
+                                      dbias_out=dbias_out, accumulate=True)
+        assert dweight is dweight_out and dbias is dbias_out
+        assert_close(dx, dx_ref, dtype, scale=SUM_SCALE)
+        assert_close(dweight_out, start_weight + dweight_ref, dtype, scale=SUM_SCALE)
+        assert_close(dbias_out, start_bias + dbias_ref, dtype, scale=SUM_SCALE)
+        # a gradient without a buffer is the plain gradient, not added to anything
+        dweight_out = start_weight.copy()
+        _, _, dbias_new = backward(module, *problem, axis=axis, dweight_out=dweight_out,
+                                   accumulate=True)
+        assert_close(dweight_out, start_weight + dweight_ref, dtype, scale=SUM_SCALE)
+        assert_close(dbias_new, dbias_ref, dtype, scale=SUM_SCALE)
+
+
+def test_accumulate_into_buffers_of_an_empty_batch_leaves_them_unchanged():
+    x = np.zeros((0, 3, 4), np.float32)
+    ones = np.ones(3, np.float32)
+    dweight_out, dbias_out = np.full(3, 2.0, np.float32), np.full(3, 5.0, np.float32)
+    F.batch_norm_backward(x, x, ones, ones, ones, dweight_out=dweight_out, dbias_out=dbias_out,
+                          accumulate=True)
+    np.testing.assert_array_equal(dweight_out, 2.0)
+    np.testing.assert_array_equal(dbias_out, 5.0)
+    F.batch_norm_backward_eval(x, x, ones, ones, ones, dweight_out=dweight_out)
+    np.testing.assert_array_equal(dweight_out, 0.0)
+
+
+def _bad_gradient_buffers(problem, dtype, kind):
+    """(argument name, the bad buffer, exception type, message part); the
+    overlaps are with arrays that `kind` reads."""
+    dy, x, mean, invstd, running_mean, running_var, weight, bias = problem
+    other = np.float64 if np.dtype(dtype) == np.float32 else np.float32
+    channels = weight.shape[0]
+    padded = np.zeros(2 * channels, dtype)
+    yield "dweight_out", np.zeros(channels, other), TypeError, "dtype"
+    yield "dweight_out", np.zeros(channels + 1, dtype), ValueError, "shape"
+    yield "dweight_out", np.zeros((channels, 1), dtype), ValueError, "shape"
+    yield "dweight_out", padded[::2], ValueError, "C-contiguous"
+    read_only = np.zeros(channels, dtype)
+    read_only.flags.writeable = False
+    yield "dweight_out", read_only, ValueError, "writeable"
+    yield "dweight_out", [0.0] * channels, TypeError, "ndarray"
+    yield "dweight_out", weight, ValueError, "overlap"
+    yield "dweight_out", running_var if kind.endswith("eval") else mean, ValueError, "overlap"
+    yield "dbias_out", running_mean if kind.endswith("eval") else invstd, ValueError, "overlap"
+    yield "dbias_out", dy.reshape(-1)[:channels], ValueError, "overlap"
+    yield "dbias_out", x.reshape(-1)[:channels], ValueError, "overlap"
+    if kind.startswith("relu"):
+        yield "dbias_out", bias, ValueError, "overlap"
+    yield "dbias_out", np.zeros(channels, other), TypeError, "dtype"
+
+
+@pytest.mark.parametrize("kind", sorted(_BACKWARDS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_bad_gradient_buffer_raises_naming_it_and_writes_nothing(kind, dtype, accumulate, rng):
+    problem = _gradient_problem(rng, (4, 6, 5), 1, dtype)
+    backward = _BACKWARDS[kind]
+    for name, bad, error, message in _bad_gradient_buffers(problem, dtype, kind):
+        good_name = "dbias_out" if name == "dweight_out" else "dweight_out"
+        good = np.full(6, 7.0, dtype)
+        dx_out = np.full(problem[1].shape, 3.0, dtype)
+        snapshot = [a.copy() for a in problem] + [good.copy(), dx_out.copy()]
+        bad_before = np.array(bad, copy=True)
+        for module in (F, R):
+            with pytest.raises(error, match=f"{name}.*{message}"):
+                backward(module, *problem, axis=1, out=dx_out, accumulate=accumulate,
+                         **{name: bad, good_name: good})
+            for before, after in zip(snapshot, list(problem) + [good, dx_out]):
+                np.testing.assert_array_equal(before, after)
+            np.testing.assert_array_equal(np.asarray(bad), bad_before)
+
+
+def test_gradient_buffers_of_a_bfloat16_backward_are_float32(rng):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    x = rng.standard_normal((4, 6, 5)).astype(bf16)
+    dy = rng.standard_normal((4, 6, 5)).astype(bf16)
+    weight = rng.standard_normal(6).astype(np.float32)
+    _, mean, invstd = R.batch_norm_forward_train(x, weight)
+    dx_ref, dweight_ref, dbias_ref = R.batch_norm_backward(dy, x, mean, invstd, weight)
+    for module in (F, R):
+        dweight_out, dbias_out = np.ones(6, np.float32), np.ones(6, np.float32)
+        dx, _, _ = module.batch_norm_backward(dy, x, mean, invstd, weight,
+                                              dweight_out=dweight_out, dbias_out=dbias_out,
+                                              accumulate=True)
+        np.testing.assert_allclose(dx.astype(np.float32), dx_ref.astype(np.float32),
+                                   rtol=2e-2, atol=2e-2)
+        np.testing.assert_allclose(dweight_out, 1 + dweight_ref, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(dbias_out, 1 + dbias_ref, rtol=1e-4, atol=1e-4)
+        with pytest.raises(TypeError, match="dweight_out.*float32"):
+            module.batch_norm_backward(dy, x, mean, invstd, weight,
+                                       dweight_out=np.zeros(6, bf16))
+
+
+def test_gradient_buffers_may_not_share_memory_with_each_other_or_out(rng):
+    problem = _gradient_problem(rng, (4, 6, 5), 1, np.float32)
+    dy, x, mean, invstd = problem[:4]
+    weight = problem[6]
+    shared = np.zeros(6, np.float32)
+    with pytest.raises(ValueError, match="dbias_out.*overlap"):
+        F.batch_norm_backward(dy, x, mean, invstd, weight, dweight_out=shared, dbias_out=shared)
+    out = np.zeros_like(x)
+    with pytest.raises(ValueError, match="dweight_out.*overlap"):
+        F.batch_norm_backward(dy, x, mean, invstd, weight, out=out,
+                              dweight_out=out.reshape(-1)[:6])
+    np.testing.assert_array_equal(out, 0)
+
+
+def test_accumulate_without_a_buffer_or_not_a_bool_is_refused(rng):
+    problem = _gradient_problem(rng, (4, 6, 5), 1, np.float32)
+    dy, x, mean, invstd = problem[:4]
+    with pytest.raises(ValueError, match="accumulate.*dweight_out or dbias_out"):
+        F.batch_norm_backward(dy, x, mean, invstd, accumulate=True)
+    with pytest.raises(TypeError, match="accumulate.*bool"):
+        F.batch_norm_backward(dy, x, mean, invstd, dweight_out=np.zeros(6, np.float32),
+                              accumulate=1)
+
+
 # ---- finite differences (float64) -------------------------------------------
 
 def _numeric_gradient(function, array, step=1e-6):

@@ -126,6 +126,102 @@ def test_failing_training_forward_changes_no_state():
         assert torch.equal(tensor, before[name]), name
 
 
+def _module_with_shared_stats(how):
+    module = ft.BatchNorm2d(5)  # make_input's channels
+    if how == "same tensor":
+        module.running_var = module.running_mean
+    else:  # overlapping views of one buffer
+        storage = torch.ones(8)
+        module.running_mean, module.running_var = storage[:5], storage[3:]
+    return module
+
+
+def _refusal(module, x, eager, monkeypatch):
+    """The error message of a training forward, and whether any state moved."""
+    monkeypatch.setattr(batchnorm, "_EAGER_FAST_PATH", eager)
+    before = {name: t.clone() for name, t in module.state_dict().items()}
+    with pytest.raises(ValueError) as error:
+        module(x)
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    return str(error.value)
+
+
+@pytest.mark.parametrize("how", ["same tensor", "overlapping views"])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_running_stats_sharing_memory_are_refused_alike_on_both_paths(how, requires_grad,
+                                                                     monkeypatch):
+    x = make_input(2, torch.float32, "contiguous", seed=0).requires_grad_(requires_grad)
+    messages = [_refusal(_module_with_shared_stats(how), x, eager, monkeypatch)
+                for eager in (True, False)]
+    assert messages[0] == messages[1]
+    assert "running_mean" in messages[0] and "running_var" in messages[0]
+
+
+def test_train_op_refuses_running_stats_sharing_memory_with_the_eager_message(monkeypatch):
+    """Called directly (as a compiled graph or a dispatch mode calls it), the
+    op raises the eager path's error instead of updating a clone."""
+    x = make_input(2, torch.float32, "contiguous", seed=1)
+    message = _refusal(_module_with_shared_stats("same tensor"), x, True, monkeypatch)
+    stats = torch.zeros(5)
+    with pytest.raises(ValueError) as error:
+        torch.ops.fastbn.batch_norm_train(x, None, None, stats, stats, 0.1, None, 1e-5, False)
+    assert str(error.value) == message
+    assert torch.equal(stats, torch.zeros(5))
+    with pytest.raises(ValueError, match="running_var.*input"):
+        torch.ops.fastbn.batch_norm_train(x, None, None, torch.zeros(5),
+                                          x.view(-1)[:5], 0.1, None, 1e-5, False)
+
+
+def test_running_stats_apart_in_eval_are_not_checked(monkeypatch):
+    """Nothing is updated in eval, so shared statistics are only read."""
+    x = make_input(2, torch.float32, "contiguous", seed=2)
+    for eager in (True, False):
+        monkeypatch.setattr(batchnorm, "_EAGER_FAST_PATH", eager)
+        module = _module_with_shared_stats("same tensor").eval()
+        expected = torch.nn.functional.batch_norm(x, module.running_mean, module.running_var,
+                                                  module.weight, module.bias)
+        torch.testing.assert_close(module(x), expected)
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_autograd_grad_of_the_parameters_leaves_their_grad_untouched(eager, monkeypatch):
+    """The parameter gradients are returned to autograd, not written into
+    .grad: torch.autograd.grad must return them and change no .grad."""
+    monkeypatch.setattr(batchnorm, "_EAGER_FAST_PATH", eager)
+    module = ft.BatchNorm2d(5)
+    reference = torch.nn.BatchNorm2d(5)
+    x = make_input(2, torch.float32, "contiguous", seed=5).requires_grad_()
+    dy = make_input(2, torch.float32, "contiguous", seed=6)
+    module.weight.grad = torch.full((5,), 3.0)
+    grads = torch.autograd.grad(module(x), [x, module.weight, module.bias], dy)
+    expected = torch.autograd.grad(reference(x), [x, reference.weight, reference.bias], dy)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(module.weight.grad, torch.full((5,), 3.0))
+    assert module.bias.grad is None
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_parameter_hooks_see_the_gradient_and_grad_accumulates(eager, monkeypatch):
+    monkeypatch.setattr(batchnorm, "_EAGER_FAST_PATH", eager)
+    module = ft.BatchNorm2d(5)
+    x = make_input(2, torch.float32, "contiguous", seed=7).requires_grad_()
+    dy = make_input(2, torch.float32, "contiguous", seed=8)
+    seen, accumulated = [], []
+    module.weight.register_hook(lambda grad: seen.append(grad.clone()))
+    module.bias.register_post_accumulate_grad_hook(
+        lambda parameter: accumulated.append(parameter.grad.clone()))
+    module(x).backward(dy)
+    first_weight, first_bias = module.weight.grad.clone(), module.bias.grad.clone()
+    module(x).backward(dy)
+    assert len(seen) == 2 and len(accumulated) == 2
+    torch.testing.assert_close(seen[0], first_weight)
+    torch.testing.assert_close(accumulated[1], 2 * first_bias)
+    torch.testing.assert_close(module.weight.grad, 2 * first_weight)
+    torch.testing.assert_close(module.bias.grad, 2 * first_bias)
+
+
 def test_running_stats_updated_after_an_eval_forward_invalidate_its_backward():
     """As with torch's BatchNorm: the eval backward reads the running
     statistics it saved; updating them in place first must raise, not give

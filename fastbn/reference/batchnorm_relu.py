@@ -42,17 +42,23 @@ def batch_norm_relu_forward_train(x: np.ndarray, weight: Optional[np.ndarray] = 
 def batch_norm_relu_backward(dy: np.ndarray, x: np.ndarray, mean: np.ndarray,
                              invstd: np.ndarray, weight: Optional[np.ndarray] = None,
                              bias: Optional[np.ndarray] = None, *, axis: int = 1,
-                             out: Optional[np.ndarray] = None
+                             out: Optional[np.ndarray] = None,
+                             dweight_out: Optional[np.ndarray] = None,
+                             dbias_out: Optional[np.ndarray] = None, accumulate: bool = False
                              ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reference for `fastbn.functional.batch_norm_relu_backward`."""
-    return _entries._backward(REFERENCE, dy, x, mean, invstd, weight, bias, axis, out, True)
+    return _entries._backward(REFERENCE, dy, x, mean, invstd, weight, bias, axis, out, True,
+                              dweight_out, dbias_out, accumulate)
 
 
 def batch_norm_relu_backward_eval(dy: np.ndarray, x: np.ndarray, running_mean: np.ndarray,
                                   running_var: np.ndarray, weight: Optional[np.ndarray] = None,
                                   bias: Optional[np.ndarray] = None, eps: float = 1e-5, *,
-                                  axis: int = 1, out: Optional[np.ndarray] = None
+                                  axis: int = 1, out: Optional[np.ndarray] = None,
+                                  dweight_out: Optional[np.ndarray] = None,
+                                  dbias_out: Optional[np.ndarray] = None,
+                                  accumulate: bool = False
                                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reference for `fastbn.functional.batch_norm_relu_backward_eval`."""
     return _entries._backward_eval(REFERENCE, dy, x, running_mean, running_var, weight, bias,
-                                   eps, axis, out, True)
+                                   eps, axis, out, True, dweight_out, dbias_out, accumulate)

@@ -143,6 +143,13 @@ class EagerFor_fastbn_batch_norm_train(torch.autograd.Function):  # noqa: N801
         else:
             dx, dweight, dbias = _run_backward(dy, x, ctx.mean, ctx.invstd, weight, bias, (),
                                                ctx.relu, ctx.axis, False)
+        # dweight and dbias go back to autograd rather than into weight.grad
+        # (fastbn.functional's dweight_out=/accumulate= could write there):
+        # autograd.grad(loss, [weight]) must leave .grad alone, tensor and
+        # post-accumulate hooks (DDP's bucketing among them) must see the
+        # gradient, and a parametrized weight is not the leaf.  The cost is
+        # AccumulateGrad's: it adopts these tensors without a copy when .grad
+        # is None and adds C elements otherwise.
         needs = ctx.needs_input_grad
         return (dx if needs[0] else None,
                 dweight if weight is not None and needs[1] else None,

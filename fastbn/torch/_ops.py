@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as bn_functional
+from .._bn_validation import check_running_stats_apart as check_stats_apart
 from .._config import _follow_num_threads, get_user_num_threads
 
 __all__ = ["batch_norm_train", "batch_norm_eval", "batch_norm_backward",
@@ -121,6 +122,19 @@ def _kernel_axis(x: Tensor) -> int:
     return -1 if channel_axis(x) == -1 else 1
 
 
+def check_running_stats_apart(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                              running_mean: Tensor, running_var: Tensor) -> None:
+    """Raise the ValueError of the kernels' own validation (the eager path's
+    error) when running statistics about to be updated share memory with
+    each other or with x, weight or bias.  Real CPU tensors only.
+
+    The train op updates clones of the statistics, so without this check
+    ``running_mean is running_var`` would run and the caller's two
+    ``copy_`` calls would leave both buffers holding the variance."""
+    check_stats_apart(running_mean.detach().numpy(), running_var.detach().numpy(),
+                      x.detach().numpy(), _array_or_none(weight), _array_or_none(bias))
+
+
 # section: forward ops --------------------------------------------------------------
 
 
@@ -129,6 +143,8 @@ def batch_norm_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
                      running_mean: Optional[Tensor], running_var: Optional[Tensor],
                      momentum: float, num_batches_tracked: Optional[Tensor], eps: float,
                      relu: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if running_mean is not None:
+        check_running_stats_apart(x, weight, bias, running_mean, running_var)
     sync_num_threads()
     axis = _kernel_axis(x)
     y, y_array = _new_output(x, axis)

@@ -109,6 +109,10 @@ def _forward(module: torch.nn.Module, x: Tensor, torch_forward: Callable[[Tensor
         if training and module.track_running_stats and counter is not None:
             counter.add_(1)
         return y
+    if update and eager_allowed(x, weight, bias, running_mean, running_var):
+        # before the counter moves (a refused call changes no state); the op
+        # checks again when it runs (compiled graphs), after the counter
+        _ops.check_running_stats_apart(x, weight, bias, running_mean, running_var)
     momentum = 0.0 if module.momentum is None else module.momentum
     cumulative_count = None
     if training and module.track_running_stats and counter is not None:
