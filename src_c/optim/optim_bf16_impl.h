@@ -5,6 +5,11 @@
  * vectorized loop, so no optimizer formula is written twice and memory is
  * crossed once.
  *
+ * With bfloat16 param, grad and state, Adam's loop reads and writes two
+ * elements per 32-bit word (optim_impl.h, FB_PAIRS): widening is one shift
+ * or one mask per 16 elements, narrowing one shift and one bitwise select
+ * per 32, where element-order vectors need 16/32-bit lane shuffles.
+ *
  * Rounding is stochastic or nearest-even by the call's flag; the two are
  * separate instantiations, so the nearest-even loops compute no random bits.
  * The random bits of an element depend only on the tensor's key and the
