@@ -85,3 +85,18 @@ def test_bench_float64_skips_the_bfloat16_state_case(tmp_path):
     assert case["name"] == "optim_adam-bf16state_resnet50"
     assert "bfloat16" in case["skipped"] and "float64" in case["skipped"]
     assert "fastbn" not in case
+
+
+@pytest.mark.parametrize("name, bytes_per_element", [("Adam", 28), ("Adam-bf16state", 20), ("Adam-bf16", 14)])
+def test_adam_bench_rows_count_the_bytes_of_their_storage(name, bytes_per_element):
+    # float32 Adam moves param (r+w), grad (r), two states (r+w) of 4 bytes;
+    # bfloat16 state halves the state bytes, pure bfloat16 halves everything
+    pytest.importorskip("ml_dtypes")
+    from fastbn.bench import cases
+    shapes = [(10,), (7, 3)]
+    build = cases._optimizer_case(name, lambda quick: shapes)
+    contenders, moved = build(cases.BenchConfig(dtype=np.dtype(np.float32), threads=1, quick=True, torch=None))
+    assert moved == 31 * bytes_per_element
+    assert set(contenders) == {"fastbn", "reference"}
+    contenders["fastbn"]()
+    contenders["reference"]()

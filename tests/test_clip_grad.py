@@ -119,3 +119,72 @@ def test_single_parameter_and_bad_arguments():
         clip_grad_norm_([np.zeros(3)], 1.0)
     with pytest.raises(TypeError, match="max_norm: expected a real number"):
         clip_grad_norm_(param, "1")
+
+
+def bf16_params(shapes=SHAPES, scale=1.0, seed=3):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    params = params_with_grads(np.float32, shapes, scale, seed)
+    for param in params:
+        param.data = param.data.astype(ml_dtypes.bfloat16)
+        param.grad = param.grad.astype(ml_dtypes.bfloat16)
+    return params
+
+
+def bf16_bits(array):
+    return np.ascontiguousarray(array).view(np.uint16)
+
+
+@pytest.mark.parametrize("target", fastbn.available_simd_targets())
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_bf16_grads_are_clipped_in_float32_and_rounded_to_nearest_even(norm_type, backend, target,
+                                                                         restore_config):
+    # Oracle: the norm of the exact float32 values of the gradients (float64
+    # sum), then each element times float32(coef), rounded to nearest-even.
+    fastbn.set_simd_target(target)
+    params = bf16_params(scale=0.5)
+    widened = [p.grad.astype(np.float32) for p in params]
+    if math.isinf(norm_type):
+        expected_norm = max(float(np.max(np.abs(w))) for w in widened)
+    else:
+        expected_norm = math.sqrt(sum(float(np.dot(w.astype(np.float64).ravel(), w.astype(np.float64).ravel()))
+                                      for w in widened))
+    coef = np.float32(1.0 / (expected_norm + 1e-6))
+    with fastbn.use_backend(backend):
+        norm = clip_grad_norm_(params, max_norm=1.0, norm_type=norm_type)
+    assert norm == pytest.approx(expected_norm, rel=1e-12)
+    for param, w in zip(params, widened):
+        assert param.grad.dtype == param.data.dtype
+        expected = (w * coef).astype(param.grad.dtype)
+        np.testing.assert_array_equal(bf16_bits(param.grad), bf16_bits(expected))
+
+
+def test_bf16_grads_mixed_with_float32_match_the_reference_bit_for_bit():
+    mixed = bf16_params(shapes=((7,), (4097,)), scale=2.0) + params_with_grads(np.float32, shapes=((1000,),))
+    twin = bf16_params(shapes=((7,), (4097,)), scale=2.0) + params_with_grads(np.float32, shapes=((1000,),))
+    norm = clip_grad_norm_(mixed, max_norm=0.5)
+    with fastbn.use_backend("reference"):
+        expected = clip_grad_norm_(twin, max_norm=0.5)
+    assert norm == pytest.approx(expected, rel=1e-12)
+    for a, b in zip(mixed[:2], twin[:2]):
+        np.testing.assert_array_equal(bf16_bits(a.grad), bf16_bits(b.grad))
+    np.testing.assert_allclose(mixed[2].grad, twin[2].grad, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_bf16_norm_raises_and_leaves_the_grads_unchanged(backend):
+    params = bf16_params()
+    params[2].grad[5] = np.nan
+    before = [bf16_bits(p.grad).copy() for p in params]
+    with fastbn.use_backend(backend):
+        with pytest.raises(RuntimeError, match="non-finite"):
+            clip_grad_norm_(params, max_norm=1.0, error_if_nonfinite=True)
+    for param, old in zip(params, before):
+        np.testing.assert_array_equal(bf16_bits(param.grad), old)
+
+
+def test_float16_grad_is_refused_naming_the_parameter_and_dtypes():
+    params = params_with_grads(np.float32, shapes=((3,), (4,)))
+    params[1].grad = params[1].grad.astype(np.float16)
+    with pytest.raises(TypeError, match=r"parameters\[1\]\.grad: expected a float32, float64 or bfloat16"):
+        clip_grad_norm_(params, 1.0)

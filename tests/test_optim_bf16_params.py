@@ -246,7 +246,7 @@ def test_master_weights_must_be_a_bool_and_fixed_per_group():
 
 # section: bit for bit: the kernels' rounding inside the update ---------------------
 
-EXACT_CASES = ["sgd_nesterov", "momentum", "rmsprop_centered_momentum", "adam_amsgrad", "lion"]
+EXACT_CASES = ["sgd_nesterov", "momentum", "rmsprop_centered_momentum", "adam_amsgrad", "adamw", "lion"]
 
 
 def float32_twin(case, bf16_params, bf16_opt):

@@ -218,24 +218,34 @@ OPTIMIZERS = {
     "Adamax": (dict(lr=2e-3), 2, "Adamax", dict(foreach=True)),
     # bfloat16 state (ml_dtypes): 2-byte state buffers; torch keeps float32 state
     "Adam-bf16state": (dict(lr=1e-3, state_dtype="bfloat16"), 2, "Adam", dict(fused=True)),
+    # pure bfloat16: bfloat16 params, grads and state (stochastic rounding);
+    # torch's peer runs bfloat16 params and grads, its state follows the params
+    "Adam-bf16": (dict(lr=1e-3, state_dtype="bfloat16"), 2, "Adam", dict(fused=True)),
 }
+# variants whose parameters and gradients are bfloat16 whatever the run's dtype
+BF16_PARAM_OPTIMIZERS = ("Adam-bf16",)
 
 
 def _optimizer_case(name: str, shapes_fn: Callable[[bool], List[tuple]]):
     fast_kwargs, state_buffers, torch_name, torch_variant = OPTIMIZERS[name]
-    class_name = "SGD" if name == "SGD-momentum" else name.split("-bf16state")[0]
+    class_name = "SGD" if name == "SGD-momentum" else name.split("-bf16")[0]
     state_itemsize = 2 if fast_kwargs.get("state_dtype") == "bfloat16" else None
+    bf16_params = name in BF16_PARAM_OPTIMIZERS
 
     def build(config: BenchConfig):
         if state_itemsize is not None and np.dtype(config.dtype) != np.float32:
             # run_case reports NotImplementedError as a skipped case
             raise NotImplementedError(f"state_dtype='bfloat16' is for float32 parameters, "
                                       f"not {np.dtype(config.dtype)}")
+        dtype = np.dtype(config.dtype)
+        if bf16_params:
+            from fastbn.optim._bf16 import bfloat16
+            dtype = np.dtype(bfloat16())
         shapes = shapes_fn(config.quick)
         rng = np.random.default_rng(0)
-        datas = [(rng.standard_normal(s, dtype=np.float32) * 0.05).astype(config.dtype) for s in shapes]
-        grads = [(rng.standard_normal(s, dtype=np.float32) * 0.01).astype(config.dtype) for s in shapes]
-        itemsize = np.dtype(config.dtype).itemsize
+        datas = [(rng.standard_normal(s, dtype=np.float32) * 0.05).astype(dtype) for s in shapes]
+        grads = [(rng.standard_normal(s, dtype=np.float32) * 0.01).astype(dtype) for s in shapes]
+        itemsize = dtype.itemsize
         total = sum(d.size for d in datas)
         moved = total * (itemsize * (2 + 1) + 2 * state_buffers * (state_itemsize or itemsize))
 
@@ -247,10 +257,15 @@ def _optimizer_case(name: str, shapes_fn: Callable[[bool], List[tuple]]):
         contenders: Contenders = {"fastbn": fast_opt.step, "reference": _reference(reference_opt.step)}
         torch = config.torch
         if torch is not None and torch_name is not None:
-            t_params = [torch.from_numpy(d.copy()) for d in datas]
-            for p, g in zip(t_params, grads):
+            if bf16_params:   # torch.from_numpy does not take ml_dtypes arrays
+                t_params = [torch.from_numpy(d.astype(np.float32)).to(torch.bfloat16) for d in datas]
+                t_grads = [torch.from_numpy(g.astype(np.float32)).to(torch.bfloat16) for g in grads]
+            else:
+                t_params = [torch.from_numpy(d.copy()) for d in datas]
+                t_grads = [torch.from_numpy(g) for g in grads]
+            for p, g in zip(t_params, t_grads):
                 p.requires_grad_(True)
-                p.grad = torch.from_numpy(g)
+                p.grad = g
             torch_kwargs = {k: v for k, v in fast_kwargs.items() if k != "state_dtype"}
             try:
                 t_opt = getattr(torch.optim, torch_name)(t_params, **torch_kwargs, **torch_variant)

@@ -19,7 +19,7 @@ from .. import nn, optim
 from ..optim import lr_scheduler
 from .data import Dataset
 
-__all__ = ["RunConfig", "RunResult", "OPTIMIZERS", "SCHEDULES", "build_configs", "make_mlp",
+__all__ = ["RunConfig", "RunResult", "OPTIMIZERS", "VARIANTS", "SCHEDULES", "build_configs", "make_mlp",
            "make_optimizer", "make_scheduler", "train_run"]
 
 #: name -> (class, normal lr, high lr, lr sweep).  The normal lrs are the
@@ -29,6 +29,14 @@ OPTIMIZERS: Dict[str, tuple] = {
     "Momentum": (optim.Momentum, 0.1, 3.0, (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)),
     "RMSprop": (optim.RMSprop, 1e-3, 3e-2, (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)),
     "Adam": (optim.Adam, 1e-3, 3e-2, (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)),
+}
+#: Variants of an optimizer above: name -> (optimizer, extra keyword
+#: arguments).  They run at the optimizer's normal lr, constant schedule,
+#: with and without BN, next to its float32 runs (not in the sweep or plots).
+#: "Adam-bf16st": Adam keeping exp_avg and exp_avg_sq in bfloat16 with
+#: stochastic rounding (needs ml_dtypes).
+VARIANTS: Dict[str, tuple] = {
+    "Adam-bf16st": ("Adam", dict(state_dtype="bfloat16")),
 }
 SCHEDULES = ("constant", "step", "exponential", "cyclical")
 LR_LEVELS = ("normal", "high")
@@ -106,7 +114,22 @@ def build_configs(mode: str = "default") -> List[RunConfig]:
             if mode != "quick":
                 configs += [RunConfig(batch_norm, name, lr, "constant")
                             for lr in sweep if lr not in (normal, high)]
+    if mode != "quick":
+        for variant, (base, _kwargs) in VARIANTS.items():
+            if _variant_available(variant):
+                configs += [RunConfig(batch_norm, variant, OPTIMIZERS[base][1], "constant", "normal")
+                            for batch_norm in (True, False)]
     return configs
+
+
+def _variant_available(name: str) -> bool:
+    if VARIANTS[name][1].get("state_dtype") != "bfloat16":
+        return True
+    try:
+        import ml_dtypes  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def make_mlp(num_features: int, num_classes: int, hidden: Sequence[int] = (128, 64), *,
@@ -128,8 +151,10 @@ def make_mlp(num_features: int, num_classes: int, hidden: Sequence[int] = (128, 
 
 
 def make_optimizer(name: str, params, lr: float):
-    cls = OPTIMIZERS[name][0]
-    return cls(params, lr=lr)
+    """The optimizer `name` (a key of OPTIMIZERS or VARIANTS) over `params`."""
+    base, kwargs = VARIANTS.get(name, (name, {}))
+    cls = OPTIMIZERS[base][0]
+    return cls(params, lr=lr, **kwargs)
 
 
 def make_scheduler(schedule: str, optimizer, lr: float, epochs: int, steps_per_epoch: int):

@@ -9,7 +9,7 @@ import os
 import statistics
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .experiment import OPTIMIZERS, RunResult
+from .experiment import OPTIMIZERS, VARIANTS, RunResult
 
 __all__ = ["results_table", "sweep_table", "summary_lines", "write_results"]
 
@@ -27,12 +27,12 @@ def _epochs(result: RunResult) -> str:
 def results_table(results: Sequence[RunResult], target_accuracy: float) -> str:
     """One row per run of the named (normal/high lr) configurations."""
     rows = [r for r in results if r.config.lr_level]
-    header = (f"{'BN':<6}{'optimizer':<10}{'lr':>8} {'level':<7}{'schedule':<12}"
+    header = (f"{'BN':<6}{'optimizer':<12}{'lr':>8} {'level':<7}{'schedule':<12}"
               f"{'train acc':>10}{'test acc':>10}{f'ep->{100 * target_accuracy:g}%':>10}{'time':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         c = r.config
-        lines.append(f"{'yes' if c.batch_norm else 'no':<6}{c.optimizer:<10}{c.lr:>8g} "
+        lines.append(f"{'yes' if c.batch_norm else 'no':<6}{c.optimizer:<12}{c.lr:>8g} "
                      f"{c.lr_level:<7}{c.schedule:<12}{_percent(r.final_train_accuracy):>10}"
                      f"{_percent(r.final_test_accuracy):>10}{_epochs(r):>10}{r.seconds:>7.2f}s")
     return "\n".join(lines)
@@ -90,6 +90,17 @@ def summary_lines(results: Sequence[RunResult], target_accuracy: float, epochs: 
                                    for bn, plain in pairs)
             lines.append(f"{level} lr: BN ahead in {better}/{len(pairs)} paired runs, "
                          f"mean test-accuracy difference {100 * gap:+.1f} points")
+    for variant, (base, _kwargs) in VARIANTS.items():
+        for batch_norm in (True, False):
+            runs = [r for r in named if r.config.batch_norm == batch_norm and r.config.schedule == "constant"
+                    and r.config.lr_level == "normal"]
+            mine = [r for r in runs if r.config.optimizer == variant]
+            theirs = [r for r in runs if r.config.optimizer == base]
+            if mine and theirs:
+                gap = mine[0].final_test_accuracy - theirs[0].final_test_accuracy
+                lines.append(f"{variant} ({'BN' if batch_norm else 'no BN'}): test accuracy "
+                             f"{_percent(mine[0].final_test_accuracy)} against {base}'s "
+                             f"{_percent(theirs[0].final_test_accuracy)} ({100 * gap:+.1f} points)")
     sweep = _sweep(results)
     for name in OPTIMIZERS:
         tolerated = []

@@ -119,20 +119,32 @@ FB_BF16_INLINE float fb_bf16_to_f32(uint16_t h)
 /* Narrow `x` with `increment` added below the kept half (see the header
  * comment); NaN stays a quiet NaN of the same sign: it takes no increment
  * (which could carry its payload into the sign) and gets the quiet bit.
- * Written so a vectorizer needs one unordered compare, one masked add and
- * one masked or for the NaN case. */
-FB_BF16_INLINE uint16_t fb_bf16_narrow(float x, uint32_t increment)
+ * Both cases are selected in 32 bits before the one shift, so a vectorizer
+ * needs one unordered compare and one masked or for the NaN case and packs
+ * one vector per 16 elements (setting the quiet bit after narrowing to 16
+ * bits made GCC pack a second vector of quiet bits). */
+FB_BF16_INLINE uint32_t fb_bf16_rounded_bits(float x, uint32_t increment)
 {
     const int is_nan = x != x;
     const uint32_t bits = fb_bf16_bits_of(x);
-    const uint32_t rounded = (bits + (is_nan ? 0u : increment)) >> 16;
-    return (uint16_t)(rounded | (is_nan ? 0x0040u : 0u));
+    return is_nan ? bits | UINT32_C(0x00400000) : bits + increment;
+}
+
+/* The bfloat16 is the top half of fb_bf16_rounded_bits. */
+FB_BF16_INLINE uint16_t fb_bf16_narrow(float x, uint32_t increment)
+{
+    return (uint16_t)(fb_bf16_rounded_bits(x, increment) >> 16);
+}
+
+/* fb_bf16_rounded_bits's increment for nearest-even. */
+FB_BF16_INLINE uint32_t fb_bf16_nearest_increment(float x)
+{
+    return UINT32_C(0x7FFF) + ((fb_bf16_bits_of(x) >> 16) & 1u);
 }
 
 FB_BF16_INLINE uint16_t fb_f32_to_bf16_nearest(float x)
 {
-    const uint32_t bits = fb_bf16_bits_of(x);
-    return fb_bf16_narrow(x, UINT32_C(0x7FFF) + ((bits >> 16) & 1u));
+    return fb_bf16_narrow(x, fb_bf16_nearest_increment(x));
 }
 
 /* `random16` in [0, 2**16). */

@@ -5,6 +5,11 @@
  * vectorized loop, so no optimizer formula is written twice and memory is
  * crossed once.
  *
+ * With bfloat16 param, grad and state, Adam's loop reads and writes two
+ * elements per 32-bit word (optim_impl.h, FB_PAIRS): widening is one shift
+ * or one mask per 16 elements, narrowing one shift and one bitwise select
+ * per 32, where element-order vectors need 16/32-bit lane shuffles.
+ *
  * Rounding is stochastic or nearest-even by the call's flag; the two are
  * separate instantiations, so the nearest-even loops compute no random bits.
  * The random bits of an element depend only on the tensor's key and the
@@ -37,6 +42,55 @@ FB_ALWAYS_INLINE uint16_t fb_bf16_store(float x, const fb_rounding rounding, int
         return fb_f32_to_bf16_nearest(x);
     const uint32_t word = fb_bf16_hash32(rounding.word_base[slot >> 1] + (uint32_t)i);
     return fb_f32_to_bf16_stochastic(x, fb_bf16_half(word, slot));
+}
+
+/* fb_bf16_store before the final shift: the bfloat16 in the top half. */
+FB_ALWAYS_INLINE uint32_t fb_bf16_round_bits(float x, const fb_rounding rounding, int32_t i, int slot,
+                                             const int stochastic)
+{
+    if (!stochastic)
+        return fb_bf16_rounded_bits(x, fb_bf16_nearest_increment(x));
+    const uint32_t word = fb_bf16_hash32(rounding.word_base[slot >> 1] + (uint32_t)i);
+    return fb_bf16_rounded_bits(x, fb_bf16_half(word, slot));
+}
+
+/* Pure bfloat16 storage read and written two elements per 32-bit word
+ * (optim_impl.h's pair loops): element 2j is the low half of word j on a
+ * little-endian machine; elsewhere the layouts keep the element loops. */
+#if defined(__BYTE_ORDER__) && defined(__ORDER_LITTLE_ENDIAN__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define FB_PAIRS_POSSIBLE 1
+#else
+#define FB_PAIRS_POSSIBLE 0
+#endif
+
+FB_ALWAYS_INLINE uint32_t fb_pair_load(const uint16_t *array, int32_t j)
+{
+    uint32_t word;
+    memcpy(&word, array + 2 * (fb_index)j, sizeof word);
+    return word;
+}
+
+FB_ALWAYS_INLINE float fb_pair_low(uint32_t word)
+{
+    const uint32_t bits = word << 16;
+    float x;
+    memcpy(&x, &bits, sizeof x);
+    return x;
+}
+
+FB_ALWAYS_INLINE float fb_pair_high(uint32_t word)
+{
+    const uint32_t bits = word & UINT32_C(0xFFFF0000);
+    float x;
+    memcpy(&x, &bits, sizeof x);
+    return x;
+}
+
+/* Store the top halves of `low_bits` (element 2j) and `high_bits` (2j + 1). */
+FB_ALWAYS_INLINE void fb_pair_store(uint16_t *array, int32_t j, uint32_t low_bits, uint32_t high_bits)
+{
+    const uint32_t word = (high_bits & UINT32_C(0xFFFF0000)) | (low_bits >> 16);
+    memcpy(array + 2 * (fb_index)j, &word, sizeof word);
 }
 
 /* Layout instantiations: FB_BF16_PARAM 0 float32 param and grad, 1 bfloat16

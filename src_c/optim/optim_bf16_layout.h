@@ -8,6 +8,7 @@
 #define FB_FABS fabsf
 #define FB_ROUNDS 1
 #define FB_INDEX_T int32_t
+#define FB_PAIRS (FB_BF16_PARAM == 1 && FB_BF16_STATE && FB_PAIRS_POSSIBLE)
 
 #define FB_LOAD_WIDENED(array, i) fb_bf16_to_f32((array)[i])
 #define FB_LOAD_PLAIN(array, i) ((array)[i])
@@ -52,6 +53,7 @@
 #undef FB_FABS
 #undef FB_ROUNDS
 #undef FB_INDEX_T
+#undef FB_PAIRS
 #undef FB_LOAD_WIDENED
 #undef FB_LOAD_PLAIN
 #undef FB_STATE_T

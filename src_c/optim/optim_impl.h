@@ -200,6 +200,33 @@ static void FB_TYPED(rmsprop_chunk)(const optim_call *call, fb_index t, fb_index
  * param -= (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps) with the bias
  * corrections moved into a = lr * sqrt(bc2) / bc1 and b = eps * sqrt(bc2):
  * one square root and one division per element instead of two divisions. */
+/* One element's Adam update: the new parameter; the new exp_avg,
+ * exp_avg_sq and (amsgrad) max_exp_avg_sq in *m_out, *v_out, *largest_out.
+ * Shared by the element loop and the pair loop of pure bfloat16 storage, so
+ * both compute the same operations in the same order. */
+FB_ALWAYS_INLINE FB_REAL FB_TYPED(adam_element)(FB_REAL g, FB_REAL p, FB_REAL m_old, FB_REAL v_old,
+                                                FB_REAL largest, FB_REAL *m_out, FB_REAL *v_out,
+                                                FB_REAL *largest_out, FB_REAL weight_decay,
+                                                FB_REAL beta1, FB_REAL one_minus_beta1, FB_REAL beta2,
+                                                FB_REAL one_minus_beta2, FB_REAL param_decay,
+                                                FB_REAL step_size, FB_REAL eps_hat, const int l2,
+                                                const int decoupled, const int amsgrad)
+{
+    if (l2)
+        g = g + weight_decay * p;
+    if (decoupled)
+        p = p * param_decay;
+    const FB_REAL m = beta1 * m_old + one_minus_beta1 * g;
+    FB_REAL v = beta2 * v_old + one_minus_beta2 * (g * g);
+    *m_out = m;
+    *v_out = v;
+    if (amsgrad) {
+        v = largest > v ? largest : v;
+        *largest_out = v;
+    }
+    return p - step_size * m / (FB_SQRT(v) + eps_hat);
+}
+
 FB_ALWAYS_INLINE void FB_TYPED(adam_loop)(FB_PARAM_T *restrict param, const FB_GRAD_T *restrict grad,
                                           FB_STATE_T *restrict exp_avg, FB_STATE_T *restrict exp_avg_sq,
                                           FB_STATE_T *restrict max_exp_avg_sq, fb_index n, FB_REAL sign,
@@ -209,25 +236,54 @@ FB_ALWAYS_INLINE void FB_TYPED(adam_loop)(FB_PARAM_T *restrict param, const FB_G
                                           const int decoupled, const int amsgrad,
                                           const fb_rounding rounding)
 {
+#define FB_ADAM_ELEMENT(g, p, m_old, v_old, largest, m_out, v_out, largest_out)                     \
+    FB_TYPED(adam_element)((g), (p), (m_old), (v_old), (largest), (m_out), (v_out), (largest_out), \
+                           weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2,         \
+                           param_decay, step_size, eps_hat, l2, decoupled, amsgrad)
+    FB_INDEX_T first = 0;
+#if FB_PAIRS
+    /* Pure bfloat16 storage: a 32-bit word holds elements 2j (low half) and
+     * 2j + 1 (high half), widened by one shift and one mask and narrowed
+     * back with one shift and one bitwise select -- no 16/32-bit lane
+     * shuffles.  Each element still gets its own index's random bits. */
+    const FB_INDEX_T n_pairs = (FB_INDEX_T)(n / 2);
 #pragma omp simd
-    for (FB_INDEX_T i = 0; i < n; ++i) {
-        FB_REAL g = sign * FB_LOAD_GRAD(grad, i);
-        FB_REAL p = FB_LOAD_PARAM(param, i);
-        if (l2)
-            g = g + weight_decay * p;
-        if (decoupled)
-            p = p * param_decay;
-        const FB_REAL m = beta1 * FB_LOAD_STATE(exp_avg, i) + one_minus_beta1 * g;
-        FB_REAL v = beta2 * FB_LOAD_STATE(exp_avg_sq, i) + one_minus_beta2 * (g * g);
+    for (FB_INDEX_T j = 0; j < n_pairs; ++j) {
+        const FB_INDEX_T i0 = 2 * j, i1 = 2 * j + 1;
+        const uint32_t pw = fb_pair_load(param, j), gw = fb_pair_load(grad, j);
+        const uint32_t mw = fb_pair_load(exp_avg, j), vw = fb_pair_load(exp_avg_sq, j);
+        const uint32_t xw = amsgrad ? fb_pair_load(max_exp_avg_sq, j) : 0u;
+        FB_REAL m0, v0, x0 = 0, m1, v1, x1 = 0;
+        const FB_REAL p0 = FB_ADAM_ELEMENT(sign * fb_pair_low(gw), fb_pair_low(pw), fb_pair_low(mw),
+                                           fb_pair_low(vw), fb_pair_low(xw), &m0, &v0, &x0);
+        const FB_REAL p1 = FB_ADAM_ELEMENT(sign * fb_pair_high(gw), fb_pair_high(pw), fb_pair_high(mw),
+                                           fb_pair_high(vw), fb_pair_high(xw), &m1, &v1, &x1);
+        fb_pair_store(exp_avg, j, fb_bf16_round_bits(m0, rounding, i0, 0, FB_STOCHASTIC),
+                      fb_bf16_round_bits(m1, rounding, i1, 0, FB_STOCHASTIC));
+        fb_pair_store(exp_avg_sq, j, fb_bf16_round_bits(v0, rounding, i0, 1, FB_STOCHASTIC),
+                      fb_bf16_round_bits(v1, rounding, i1, 1, FB_STOCHASTIC));
+        if (amsgrad)
+            fb_pair_store(max_exp_avg_sq, j, fb_bf16_round_bits(x0, rounding, i0, 2, FB_STOCHASTIC),
+                          fb_bf16_round_bits(x1, rounding, i1, 2, FB_STOCHASTIC));
+        fb_pair_store(param, j, fb_bf16_round_bits(p0, rounding, i0, FB_BF16_PARAM_SLOT, FB_STOCHASTIC),
+                      fb_bf16_round_bits(p1, rounding, i1, FB_BF16_PARAM_SLOT, FB_STOCHASTIC));
+    }
+    first = 2 * n_pairs;
+#endif
+#pragma omp simd
+    for (FB_INDEX_T i = first; i < n; ++i) {
+        FB_REAL m, v, largest = 0;
+        const FB_REAL p = FB_ADAM_ELEMENT(sign * FB_LOAD_GRAD(grad, i), FB_LOAD_PARAM(param, i),
+                                          FB_LOAD_STATE(exp_avg, i), FB_LOAD_STATE(exp_avg_sq, i),
+                                          amsgrad ? FB_LOAD_STATE(max_exp_avg_sq, i) : (FB_REAL)0,
+                                          &m, &v, &largest);
         FB_STORE_STATE(exp_avg, i, 0, m);
         FB_STORE_STATE(exp_avg_sq, i, 1, v);
-        if (amsgrad) {
-            const FB_REAL largest = FB_LOAD_STATE(max_exp_avg_sq, i);
-            v = largest > v ? largest : v;
-            FB_STORE_STATE(max_exp_avg_sq, i, 2, v);
-        }
-        FB_STORE_PARAM(param, i, p - step_size * m / (FB_SQRT(v) + eps_hat));
+        if (amsgrad)
+            FB_STORE_STATE(max_exp_avg_sq, i, 2, largest);
+        FB_STORE_PARAM(param, i, p);
     }
+#undef FB_ADAM_ELEMENT
 }
 
 static void FB_TYPED(adam_chunk)(const optim_call *call, fb_index t, fb_index chunk,

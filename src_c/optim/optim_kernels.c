@@ -101,6 +101,7 @@ typedef struct fb_rounding {
 #define FB_STORE_PARAM(array, i, value) ((array)[i] = (value))
 #define FB_STORE_STATE(array, i, slot, value) ((array)[i] = (value))
 #define FB_ROUNDS 0
+#define FB_PAIRS 0
 #define FB_INDEX_T fb_index
 
 /* section: float32 ------------------------------------------------------------ */
@@ -134,6 +135,7 @@ typedef struct fb_rounding {
 #undef FB_STORE_PARAM
 #undef FB_STORE_STATE
 #undef FB_ROUNDS
+#undef FB_PAIRS
 #undef FB_INDEX_T
 
 /* section: bfloat16 storage layouts -------------------------------------------- */
