@@ -259,6 +259,65 @@ static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
     _mm512_storeu_pd(a2 + 8, s2hi);
     return i;
 }
+
+/* Channels-last rows [r0, r1): s1[c], s2[c] accumulated over the rows in row
+ * order, as the portable loop does, but 16 channels at a time held in
+ * registers across a tile of rows (the portable loop loads and stores four
+ * float64 values per element).  Tile: FB_BN_BF16_ROW_TILE_BYTES of streamed
+ * input, so the lines a channel block shares with the next one are still in
+ * L1 when that block reads them. */
+#define FB_BN_BF16_ROW_TILE_BYTES ((fb_index)16384)
+static void bn_bf16_reduce_rows_vector(const bn_bf16_pass *p, fb_index r0, fb_index r1,
+                                       double *restrict s1, double *restrict s2)
+{
+    const fb_index C = p->channels;
+    const int forward = p->mode == BN_BF16_FORWARD, relu = p->relu;
+    const int streams = forward ? 1 : 2;
+    const fb_index tile = fb_max_index(1, FB_BN_BF16_ROW_TILE_BYTES / (streams * 2 * C));
+    const __m512 tiny = _mm512_set1_ps(FLT_MIN);
+    for (fb_index t0 = r0; t0 < r1; t0 += tile) {
+        const fb_index t1 = fb_min_index(r1, t0 + tile);
+        for (fb_index c = 0; c < C; c += 16) {
+            const fb_index piece = fb_min_index(16, C - c);
+            const __mmask16 mask = (__mmask16)(piece == 16 ? 0xFFFFu : (1u << piece) - 1u);
+            const __mmask8 mlo = (__mmask8)(mask & 0xFFu), mhi = (__mmask8)(mask >> 8);
+            __m512d a1lo = _mm512_maskz_loadu_pd(mlo, s1 + c);
+            __m512d a1hi = _mm512_maskz_loadu_pd(mhi, s1 + c + 8);
+            __m512d a2lo = _mm512_maskz_loadu_pd(mlo, s2 + c);
+            __m512d a2hi = _mm512_maskz_loadu_pd(mhi, s2 + c + 8);
+            const __m512 m = _mm512_maskz_loadu_ps(mask, p->center + c);
+            if (forward) {
+                for (fb_index r = t0; r < t1; ++r) {
+                    const __m512 d = _mm512_sub_ps(fb_bf16_widen16_mask(p->x + r * C + c, mask), m);
+                    const __m512d lo = bn_bf16_low8(d), hi = bn_bf16_high8(d);
+                    a1lo = _mm512_add_pd(a1lo, lo);
+                    a1hi = _mm512_add_pd(a1hi, hi);
+                    a2lo = _mm512_fmadd_pd(lo, lo, a2lo);
+                    a2hi = _mm512_fmadd_pd(hi, hi, a2hi);
+                }
+            } else {
+                const __m512 ms = _mm512_maskz_loadu_ps(mask, p->mask_scale + c);
+                const __m512 mh = _mm512_maskz_loadu_ps(mask, p->mask_shift + c);
+                for (fb_index r = t0; r < t1; ++r) {
+                    const __m512 xc = _mm512_sub_ps(fb_bf16_widen16_mask(p->x + r * C + c, mask), m);
+                    __m512 g = fb_bf16_widen16_mask(p->dy + r * C + c, mask);
+                    if (relu)
+                        g = _mm512_maskz_mov_ps(
+                            _mm512_cmp_ps_mask(_mm512_fmadd_ps(xc, ms, mh), tiny, _CMP_GE_OQ), g);
+                    const __m512d glo = bn_bf16_low8(g), ghi = bn_bf16_high8(g);
+                    a1lo = _mm512_add_pd(a1lo, glo);
+                    a1hi = _mm512_add_pd(a1hi, ghi);
+                    a2lo = _mm512_fmadd_pd(glo, bn_bf16_low8(xc), a2lo);
+                    a2hi = _mm512_fmadd_pd(ghi, bn_bf16_high8(xc), a2hi);
+                }
+            }
+            _mm512_mask_storeu_pd(s1 + c, mlo, a1lo);
+            _mm512_mask_storeu_pd(s1 + c + 8, mhi, a1hi);
+            _mm512_mask_storeu_pd(s2 + c, mlo, a2lo);
+            _mm512_mask_storeu_pd(s2 + c + 8, mhi, a2hi);
+        }
+    }
+}
 #else
 #define FB_BN_BF16_VECTOR_REDUCE 0
 #endif
@@ -359,6 +418,10 @@ static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
     const float *restrict mh = p->mask_shift;
     for (fb_index c = 0; c < C; ++c)
         s1[c] = s2[c] = 0.0;
+#if FB_BN_BF16_VECTOR_REDUCE
+    bn_bf16_reduce_rows_vector(p, r0, r1, s1, s2);
+    return;
+#endif
     for (fb_index r = r0; r < r1; ++r) {
         const uint16_t *restrict x = p->x + r * C;
         if (forward) {
@@ -537,69 +600,35 @@ static void bn_bf16_compute_row(const bn_bf16_pass *p, float *restrict v, fb_ind
 }
 
 
-/* ---- fused rewrite (AVX-512 build, CPU with AVX512_BF16) ------------------- */
+/* ---- fused rewrite (AVX-512 build) ----------------------------------------- */
 
-/* One planar run of channel c: the same float32 operations as
- * bn_bf16_compute followed by the conversion instruction, in registers
- * (no float32 block), with non-temporal stores when p->stream (the output is
- * not read again by the pass).  Same bits as compute + narrow: widening is a
- * 16-bit shift, sub/fma/mul are the IEEE operations, the relu tests are the
- * same ordered comparisons. */
+/* Two instances of bn_bf16_fused_impl.h: with the conversion instruction
+ * (CPU with AVX512_BF16) and with fb_bn_bf16_narrow16 (any AVX-512 CPU).
+ * The compute-into-a-float32-block-then-narrow form it replaces stores and
+ * reloads every value through L1 and costs an extra call per block. */
 #if FB_BN_BF16_CAN_USE_INSTRUCTION
 #define FB_BN_BF16_FUSED 1
 __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
-static inline __m512 bn_bf16_widen16(const uint16_t *src, __mmask16 mask)
+static inline __m256i bn_bf16_narrow_instruction16(__m512 v)
 {
-    const __m256i h = _mm256_maskz_loadu_epi16(mask, src);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return (__m256i)_mm512_cvtneps_pbh(v);
 }
+#define FB_BN_BF16_FUSED_NAME bn_bf16_fused_run_instruction
+#define FB_BN_BF16_FUSED_ATTR __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
+#define FB_BN_BF16_FUSED_NARROW bn_bf16_narrow_instruction16
+#include "bn_bf16_fused_impl.h"
+#define FB_BN_BF16_FUSED_NAME bn_bf16_fused_run_shift
+#define FB_BN_BF16_FUSED_ATTR
+#define FB_BN_BF16_FUSED_NARROW fb_bn_bf16_narrow16
+#include "bn_bf16_fused_impl.h"
 
-__attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
-static void bn_bf16_fused_run(const bn_bf16_pass *p, fb_index offset, fb_index len, fb_index c)
+static inline void bn_bf16_fused_run(const bn_bf16_pass *p, fb_index offset, fb_index len,
+                                     fb_index c, int row)
 {
-    const uint16_t *restrict x = p->x ? p->x + offset : NULL;
-    const uint16_t *restrict dy = p->dy ? p->dy + offset : NULL;
-    uint16_t *restrict out = p->out + offset;
-    const __m512 m = _mm512_set1_ps(p->center[c]), k1 = _mm512_set1_ps(p->k1[c]);
-    const __m512 k2 = _mm512_set1_ps(p->k2[c]), k3 = _mm512_set1_ps(p->k3[c]);
-    const __m512 ms = _mm512_set1_ps(p->mask_scale[c]), mh = _mm512_set1_ps(p->mask_shift[c]);
-    const __m512 zero = _mm512_setzero_ps(), tiny = _mm512_set1_ps(FLT_MIN);
-    const int relu = p->relu, mode = p->mode, stream = p->stream;
-    fb_index i = 0;
-    while (i < len) {
-        fb_index piece = fb_min_index(16, len - i);
-        const int aligned = (((uintptr_t)(out + i)) & 31u) == 0;
-        if (!aligned) /* up to the next 32-byte boundary */
-            piece = fb_min_index(piece, fb_max_index(1, (fb_index)((32u - ((uintptr_t)(out + i) & 31u)) / 2u)));
-        const __mmask16 mask = (__mmask16)(piece == 16 ? 0xFFFFu : (1u << piece) - 1u);
-        __m512 v;
-        if (mode == BN_BF16_FORWARD || mode == BN_BF16_EVAL_FORWARD) {
-            v = _mm512_fmadd_ps(_mm512_sub_ps(bn_bf16_widen16(x + i, mask), m), k1, k3);
-            if (relu)
-                v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), zero);
-        } else {
-            const int need_x = mode == BN_BF16_BACKWARD || relu;
-            const __m512 xc = need_x ? _mm512_sub_ps(bn_bf16_widen16(x + i, mask), m) : zero;
-            __m512 g = bn_bf16_widen16(dy + i, mask);
-            if (relu) {
-                const __mmask16 live = _mm512_cmp_ps_mask(_mm512_fmadd_ps(xc, ms, mh), tiny,
-                                                          _CMP_GE_OQ);
-                g = _mm512_maskz_mov_ps(live, g);
-            }
-            v = mode == BN_BF16_BACKWARD ? _mm512_fmadd_ps(g, k1, _mm512_fmadd_ps(xc, k2, k3))
-                                         : _mm512_mul_ps(g, k1);
-        }
-        const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-        if (piece == 16 && aligned) {
-            if (stream)
-                _mm256_stream_si256((__m256i *)(out + i), h);
-            else
-                _mm256_store_si256((__m256i *)(out + i), h);
-        } else {
-            _mm256_mask_storeu_epi16(out + i, mask, h);
-        }
-        i += piece;
-    }
+    if (p->instruction)
+        bn_bf16_fused_run_instruction(p, offset, len, c, row);
+    else
+        bn_bf16_fused_run_shift(p, offset, len, c, row);
 }
 #else
 #define FB_BN_BF16_FUSED 0
@@ -614,10 +643,8 @@ static void bn_bf16_rewrite_item(const bn_bf16_pass *p, fb_index item)
         fb_index offset, len;
         while (fb_bn_runs_next(&runs, c, &offset, &len)) {
 #if FB_BN_BF16_FUSED
-            if (p->instruction) {
-                bn_bf16_fused_run(p, offset, len, c);
-                continue;
-            }
+            bn_bf16_fused_run(p, offset, len, c, 0);
+            continue;
 #endif
             for (fb_index s = 0; s < len; s += FB_BN_BF16_BLOCK) {
                 const fb_index piece = fb_min_index(FB_BN_BF16_BLOCK, len - s);
@@ -630,6 +657,10 @@ static void bn_bf16_rewrite_item(const bn_bf16_pass *p, fb_index item)
     const fb_index C = p->channels;
     const fb_index r0 = item * p->chunk, r1 = fb_min_index(p->outer, r0 + p->chunk);
     for (fb_index r = r0; r < r1; ++r) {
+#if FB_BN_BF16_FUSED
+        bn_bf16_fused_run(p, r * C, C, 0, 1);
+        continue;
+#endif
         for (fb_index c0 = 0; c0 < C; c0 += FB_BN_BF16_BLOCK) {
             const fb_index piece = fb_min_index(FB_BN_BF16_BLOCK, C - c0);
             const fb_index offset = r * C + c0;
@@ -649,8 +680,13 @@ static void bn_bf16_rewrite_linear(const bn_bf16_pass *p, fb_index item)
     while (i < end) {
         if (p->interleaved) {
             const fb_index c0 = i % p->channels;
-            const fb_index len = fb_min_index(fb_min_index(p->channels - c0, end - i),
-                                              FB_BN_BF16_BLOCK);
+            fb_index len = fb_min_index(p->channels - c0, end - i);
+#if FB_BN_BF16_FUSED
+            bn_bf16_fused_run(p, i, len, c0, 1);
+            i += len;
+            continue;
+#endif
+            len = fb_min_index(len, FB_BN_BF16_BLOCK);
             bn_bf16_compute_row(p, v, i, len, c0);
             fb_bn_bf16_narrow(v, p->out + i, len, p->instruction);
             i += len;
@@ -658,11 +694,9 @@ static void bn_bf16_rewrite_linear(const bn_bf16_pass *p, fb_index item)
             const fb_index row = i / p->inner, col = i - row * p->inner;
             fb_index len = fb_min_index(p->inner - col, end - i);
 #if FB_BN_BF16_FUSED
-            if (p->instruction) {
-                bn_bf16_fused_run(p, i, len, row % p->channels);
-                i += len;
-                continue;
-            }
+            bn_bf16_fused_run(p, i, len, row % p->channels, 0);
+            i += len;
+            continue;
 #endif
             len = fb_min_index(len, FB_BN_BF16_BLOCK);
             bn_bf16_compute(p, v, i, len, row % p->channels);
@@ -738,7 +772,7 @@ static int bn_bf16_run(bn_bf16_pass *p, fb_index outer, fb_index channels, fb_in
     p->instruction = fb_bn_bf16_cpu_has_instruction();
     /* an output past the last-level cache share would be evicted before any
      * reuse: skip the read-for-ownership */
-    p->stream = FB_BN_BF16_FUSED && p->instruction && total * 2 >= FB_BN_BF16_STREAM_BYTES;
+    p->stream = FB_BN_BF16_FUSED && !p->interleaved && total * 2 >= FB_BN_BF16_STREAM_BYTES;
     p->linear = !p->reduce;
     p->linear_items = fb_ceil_div(total, FB_BN_BF16_LINEAR);
     const fb_index partials = p->reduce ? channels * p->chunks : 0;
