@@ -260,64 +260,6 @@ static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
     return i;
 }
 
-/* Channels-last rows [r0, r1): s1[c], s2[c] accumulated over the rows in row
- * order, as the portable loop does, but 16 channels at a time held in
- * registers across a tile of rows (the portable loop loads and stores four
- * float64 values per element).  Tile: FB_BN_BF16_ROW_TILE_BYTES of streamed
- * input, so the lines a channel block shares with the next one are still in
- * L1 when that block reads them. */
-#define FB_BN_BF16_ROW_TILE_BYTES ((fb_index)16384)
-static void bn_bf16_reduce_rows_vector(const bn_bf16_pass *p, fb_index r0, fb_index r1,
-                                       double *restrict s1, double *restrict s2)
-{
-    const fb_index C = p->channels;
-    const int forward = p->mode == BN_BF16_FORWARD, relu = p->relu;
-    const int streams = forward ? 1 : 2;
-    const fb_index tile = fb_max_index(1, FB_BN_BF16_ROW_TILE_BYTES / (streams * 2 * C));
-    const __m512 tiny = _mm512_set1_ps(FLT_MIN);
-    for (fb_index t0 = r0; t0 < r1; t0 += tile) {
-        const fb_index t1 = fb_min_index(r1, t0 + tile);
-        for (fb_index c = 0; c < C; c += 16) {
-            const fb_index piece = fb_min_index(16, C - c);
-            const __mmask16 mask = (__mmask16)(piece == 16 ? 0xFFFFu : (1u << piece) - 1u);
-            const __mmask8 mlo = (__mmask8)(mask & 0xFFu), mhi = (__mmask8)(mask >> 8);
-            __m512d a1lo = _mm512_maskz_loadu_pd(mlo, s1 + c);
-            __m512d a1hi = _mm512_maskz_loadu_pd(mhi, s1 + c + 8);
-            __m512d a2lo = _mm512_maskz_loadu_pd(mlo, s2 + c);
-            __m512d a2hi = _mm512_maskz_loadu_pd(mhi, s2 + c + 8);
-            const __m512 m = _mm512_maskz_loadu_ps(mask, p->center + c);
-            if (forward) {
-                for (fb_index r = t0; r < t1; ++r) {
-                    const __m512 d = _mm512_sub_ps(fb_bf16_widen16_mask(p->x + r * C + c, mask), m);
-                    const __m512d lo = bn_bf16_low8(d), hi = bn_bf16_high8(d);
-                    a1lo = _mm512_add_pd(a1lo, lo);
-                    a1hi = _mm512_add_pd(a1hi, hi);
-                    a2lo = _mm512_fmadd_pd(lo, lo, a2lo);
-                    a2hi = _mm512_fmadd_pd(hi, hi, a2hi);
-                }
-            } else {
-                const __m512 ms = _mm512_maskz_loadu_ps(mask, p->mask_scale + c);
-                const __m512 mh = _mm512_maskz_loadu_ps(mask, p->mask_shift + c);
-                for (fb_index r = t0; r < t1; ++r) {
-                    const __m512 xc = _mm512_sub_ps(fb_bf16_widen16_mask(p->x + r * C + c, mask), m);
-                    __m512 g = fb_bf16_widen16_mask(p->dy + r * C + c, mask);
-                    if (relu)
-                        g = _mm512_maskz_mov_ps(
-                            _mm512_cmp_ps_mask(_mm512_fmadd_ps(xc, ms, mh), tiny, _CMP_GE_OQ), g);
-                    const __m512d glo = bn_bf16_low8(g), ghi = bn_bf16_high8(g);
-                    a1lo = _mm512_add_pd(a1lo, glo);
-                    a1hi = _mm512_add_pd(a1hi, ghi);
-                    a2lo = _mm512_fmadd_pd(glo, bn_bf16_low8(xc), a2lo);
-                    a2hi = _mm512_fmadd_pd(ghi, bn_bf16_high8(xc), a2hi);
-                }
-            }
-            _mm512_mask_storeu_pd(s1 + c, mlo, a1lo);
-            _mm512_mask_storeu_pd(s1 + c + 8, mhi, a1hi);
-            _mm512_mask_storeu_pd(s2 + c, mlo, a2lo);
-            _mm512_mask_storeu_pd(s2 + c + 8, mhi, a2hi);
-        }
-    }
-}
 #else
 #define FB_BN_BF16_VECTOR_REDUCE 0
 #endif
@@ -418,10 +360,6 @@ static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
     const float *restrict mh = p->mask_shift;
     for (fb_index c = 0; c < C; ++c)
         s1[c] = s2[c] = 0.0;
-#if FB_BN_BF16_VECTOR_REDUCE
-    bn_bf16_reduce_rows_vector(p, r0, r1, s1, s2);
-    return;
-#endif
     for (fb_index r = r0; r < r1; ++r) {
         const uint16_t *restrict x = p->x + r * C;
         if (forward) {
