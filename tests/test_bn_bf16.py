@@ -292,6 +292,132 @@ def test_bf16_kernels_write_in_place_like_the_out_of_place_call(simd_target, rng
     assert np.array_equal(buffer.view(np.uint16), expected.view(np.uint16))
 
 
+# ---- vector paths: tails, special values, every target, the shift narrowing ------
+
+# sizes that leave a tail after the 16-lane vectors, runs that start off the
+# 32-byte boundary, channel counts not a multiple of 16 (channels-last rows)
+TAIL_CASES = [((3, 5, 7, 9), False), ((2, 3, 1, 33), False), ((5, 2, 3, 11), False),
+              ((7, 3, 5, 37), True), ((9, 17), True), ((4, 3, 3, 129), True)]
+
+
+def with_special_values(x, dy):
+    """x and dy with NaN, infinities, subnormals, signed zeros and the
+    largest finite bfloat16 sprinkled in at fixed places (a few channels get
+    NaN statistics, the rest stay finite)."""
+    x, dy = x.copy(), dy.copy()
+    fx, fdy = x.reshape(-1), dy.reshape(-1)
+    specials = np.array([np.nan, np.inf, -np.inf, 1e-39, -1e-39, 0.0, -0.0, 3.3895314e38],
+                        np.float32).astype(BF16)
+    step = max(1, fx.size // 23)
+    for i, position in enumerate(range(1, fx.size, step)):
+        fdy[position] = specials[i % specials.size]
+        if i % 3 == 0:
+            fx[position] = specials[(i + 3) % specials.size]
+    return x, dy
+
+
+def assert_same_bits_nan_aware(actual, expected):
+    """Bit-identical except NaN lanes, which must be NaN in both: the sign of
+    a NaN made from infinities (inf - inf) differs between the hardware FMA
+    and the baseline's exact emulation (already so before the vector paths)."""
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        got, want = np.asarray(actual[name]), np.asarray(expected[name])
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        wide_got, wide_want = got.astype(np.float32), want.astype(np.float32)
+        nan = np.isnan(wide_want)
+        assert np.array_equal(np.isnan(wide_got), nan), name
+        bits = np.uint16 if got.dtype == BF16 else np.uint32
+        assert np.array_equal(got.view(bits)[~nan], want.view(bits)[~nan]), name
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape,channels_last", TAIL_CASES)
+def test_bf16_kernels_give_the_same_bits_on_every_target_and_thread_count_with_tails_and_specials(
+        threads, shape, channels_last, relu, rng):
+    x, dy, weight, bias, running_mean, running_var = make(rng, shape, channels_last, False)
+    x, dy = with_special_values(x, dy)
+    geo = geometry(shape, channels_last)
+    previous = fastbn.get_simd_target()
+    results = {}
+    try:
+        for target in fastbn.available_simd_targets():
+            fastbn.set_simd_target(target)
+            for count in (1, 2):
+                threads(count)
+                results[target, count] = run_all(_bn, x, dy, weight, bias, running_mean,
+                                                 running_var, geo, relu)
+    finally:
+        fastbn.set_simd_target(previous)
+    first = next(iter(results.values()))
+    for key, result in results.items():
+        assert_same_bits_nan_aware(result, first)
+    # the eval kernels use no sums: bit-identical to the twin on these values too
+    y_twin = R.eval_forward(x, None, *geo, running_mean, running_var, weight, bias, EPS, relu)
+    assert np.array_equal(first["y_eval"].view(np.uint16), y_twin.view(np.uint16))
+    dx_twin = R.backward_eval(dy, x if relu else None, None, *geo, running_mean, running_var,
+                              weight, EPS, None, None, False, bias, relu)
+    assert np.array_equal(first["dx_eval_only"].view(np.uint16), dx_twin.view(np.uint16))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape,channels_last", DYADIC_CASES[:4] + [
+    ((8, 17), True), ((4, 2, 2, 37), True), ((2, 2, 4, 129), True), ((4, 2, 1, 8), False)])
+def test_every_bf16_kernel_equals_the_twin_with_tails_on_exact_sums(
+        simd_target, shape, channels_last, relu, rng):
+    inputs = make(rng, shape, channels_last, dyadic=True)
+    geo = geometry(shape, channels_last)
+    assert_same_bits(run_all(_bn, *inputs, geo, relu), run_all(R, *inputs, geo, relu))
+
+
+def test_kernels_without_the_conversion_instruction_give_the_same_bits(tmp_path, rng):
+    """FASTBN_BF16_INSTRUCTION=0 makes the AVX-512 build narrow by shift and
+    add instead of the AVX512_BF16 instruction (and is a no-op elsewhere):
+    every kernel, both layouts, large enough for streaming stores, with
+    special values -- the same bits as this process's (default) run."""
+    cases = [((2, 3, 5, 33), False), ((7, 3, 5, 37), True), ((2, 4, 1024, 1030), False),
+             ((2, 512, 64, 40), True)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastbn.__file__)))
+    saved = {}
+    for k, (shape, channels_last) in enumerate(cases):
+        x, dy, weight, bias, running_mean, running_var = make(rng, shape, channels_last, False)
+        x, dy = with_special_values(x, dy)
+        for name, value in dict(x=x.view(np.uint16), dy=dy.view(np.uint16), weight=weight,
+                                bias=bias, running_mean=running_mean,
+                                running_var=running_var).items():
+            saved[f"{k}_{name}"] = value
+    np.savez(tmp_path / "inputs.npz", **saved)
+    code = f"""
+import numpy as np, fastbn, ml_dtypes, sys
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+from test_bn_bf16 import run_all, geometry, BF16
+from fastbn import _bn
+data = np.load("inputs.npz")
+out = {{}}
+for target in fastbn.available_simd_targets():
+    fastbn.set_simd_target(target)
+    for k, (shape, cl) in enumerate({cases!r}):
+        args = [data[f"{{k}}_x"].view(BF16), data[f"{{k}}_dy"].view(BF16)]
+        args += [data[f"{{k}}_{{n}}"] for n in ("weight", "bias", "running_mean", "running_var")]
+        for relu in (False, True):
+            for name, value in run_all(_bn, *args, geometry(shape, cl), relu).items():
+                value = np.asarray(value)
+                out[f"{{target}}_{{k}}_{{relu}}_{{name}}"] = (
+                    value.view(np.uint16) if value.dtype == BF16 else value.view(np.uint32))
+np.savez("outputs.npz", **out)
+"""
+    outputs = {}
+    for flag in ("0", "1"):
+        env = dict(os.environ, PYTHONPATH=root, FASTBN_BF16_INSTRUCTION=flag)
+        result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        outputs[flag] = dict(np.load(tmp_path / "outputs.npz"))
+    assert outputs["0"].keys() == outputs["1"].keys() and outputs["0"]
+    for key, value in outputs["1"].items():
+        assert np.array_equal(outputs["0"][key], value), key
+
+
 # ---- the conversion ------------------------------------------------------------
 
 def special_floats():

@@ -58,17 +58,39 @@ def _bn_data(shape, axis, dtype, seed=0):
 def _torch_view(torch, array, axis):
     """A torch tensor over the same memory, in torch's (N, C, ...) indexing;
     channels-last arrays become channels_last-strided tensors (no copy)."""
-    tensor = torch.from_numpy(array)
+    if array.dtype.kind == "V":  # ml_dtypes.bfloat16: torch reads its bits as int16
+        tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    else:
+        tensor = torch.from_numpy(array)
     if axis == -1 and array.ndim > 2:
         tensor = tensor.movedim(-1, 1)
     return tensor
 
 
-def _bn_case(kind: str, shape_full, shape_quick, axis: int):
+def _bf16_activations(config: BenchConfig):
+    """ml_dtypes.bfloat16 for the bfloat16 cases (float32 parameters and
+    statistics, as torch's bf16 batch norm); skipped otherwise."""
+    if np.dtype(config.dtype) != np.float32:
+        # run_case reports NotImplementedError as a skipped case
+        raise NotImplementedError(f"bfloat16 activations take float32 parameters, "
+                                  f"not {np.dtype(config.dtype)}")
+    try:
+        import ml_dtypes
+    except ImportError as error:
+        raise NotImplementedError(f"bfloat16 cases need ml_dtypes ({error})") from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _bn_case(kind: str, shape_full, shape_quick, axis: int, bf16: bool = False):
+    """`bf16`: x and dy (and the outputs) in bfloat16, 2 bytes per element in
+    the bytes moved; parameters and statistics in float32."""
     def build(config: BenchConfig):
         from fastbn import functional as F
         shape = shape_quick if config.quick else shape_full
+        activations = _bf16_activations(config) if bf16 else None
         x, (running_mean, running_var, weight, bias) = _bn_data(shape, axis, config.dtype)
+        if activations is not None:
+            x = x.astype(activations)
         out = np.empty_like(x)
         contenders: Contenders = {}
         nbytes = x.nbytes
@@ -87,6 +109,8 @@ def _bn_case(kind: str, shape_full, shape_quick, axis: int):
         else:  # backward
             moved = 3 * nbytes
             dy, _ = _bn_data(shape, axis, config.dtype, seed=1)
+            if activations is not None:
+                dy = dy.astype(activations)
             _, mean, invstd = F.batch_norm_forward_train(x, weight, bias, 1e-5, axis=axis)
 
             def op(out=None):
@@ -341,6 +365,22 @@ def _shape_cases() -> List[Case]:
     return cases
 
 
+def _bf16_cases() -> List[Case]:
+    """bfloat16 activations (ml_dtypes), torch's bf16 batch norm as the peer;
+    the float32 rows of the same shapes are bn_train_fwd_nchw etc."""
+    cases = []
+    for layout, shape, quick, axis in (("nchw", (64, 128, 56, 56), (16, 128, 56, 56), 1),
+                                       ("nhwc", (64, 56, 56, 128), (16, 56, 56, 128), -1)):
+        label = "channels-first" if axis == 1 else "channels-last"
+        for kind, name, text in (("train", "train_fwd", "training forward"),
+                                 ("eval", "eval_fwd", "eval forward"),
+                                 ("backward", "backward", "backward")):
+            cases.append(Case(f"bn_bf16_{name}_{layout}", "batchnorm",
+                              f"BN bfloat16 {text} {shape} {label}",
+                              _bn_case(kind, shape, quick, axis, bf16=True)))
+    return cases
+
+
 def all_cases() -> List[Case]:
     return [
         Case("bn_train_fwd_nchw", "batchnorm", "BN training forward (64,128,56,56) channels-first",
@@ -373,7 +413,7 @@ def all_cases() -> List[Case]:
              _overhead_case(False), per_call=True),
         Case("overhead_train_2x4", "overhead", "per-call: BN training forward on (2,4)",
              _overhead_case(True), per_call=True),
-    ] + _shape_cases() + [
+    ] + _bf16_cases() + _shape_cases() + [
         Case(f"optim_{name.lower()}_resnet50", "optimizer",
              f"{name} step, ResNet-50 parameters (161 tensors, 25.6M)",
              _optimizer_case(name, _resnet_shapes))

@@ -259,6 +259,7 @@ static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
     _mm512_storeu_pd(a2 + 8, s2hi);
     return i;
 }
+
 #else
 #define FB_BN_BF16_VECTOR_REDUCE 0
 #endif
@@ -537,69 +538,35 @@ static void bn_bf16_compute_row(const bn_bf16_pass *p, float *restrict v, fb_ind
 }
 
 
-/* ---- fused rewrite (AVX-512 build, CPU with AVX512_BF16) ------------------- */
+/* ---- fused rewrite (AVX-512 build) ----------------------------------------- */
 
-/* One planar run of channel c: the same float32 operations as
- * bn_bf16_compute followed by the conversion instruction, in registers
- * (no float32 block), with non-temporal stores when p->stream (the output is
- * not read again by the pass).  Same bits as compute + narrow: widening is a
- * 16-bit shift, sub/fma/mul are the IEEE operations, the relu tests are the
- * same ordered comparisons. */
+/* Two instances of bn_bf16_fused_impl.h: with the conversion instruction
+ * (CPU with AVX512_BF16) and with fb_bn_bf16_narrow16 (any AVX-512 CPU).
+ * The compute-into-a-float32-block-then-narrow form it replaces stores and
+ * reloads every value through L1 and costs an extra call per block. */
 #if FB_BN_BF16_CAN_USE_INSTRUCTION
 #define FB_BN_BF16_FUSED 1
 __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
-static inline __m512 bn_bf16_widen16(const uint16_t *src, __mmask16 mask)
+static inline __m256i bn_bf16_narrow_instruction16(__m512 v)
 {
-    const __m256i h = _mm256_maskz_loadu_epi16(mask, src);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return (__m256i)_mm512_cvtneps_pbh(v);
 }
+#define FB_BN_BF16_FUSED_NAME bn_bf16_fused_run_instruction
+#define FB_BN_BF16_FUSED_ATTR __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
+#define FB_BN_BF16_FUSED_NARROW bn_bf16_narrow_instruction16
+#include "bn_bf16_fused_impl.h"
+#define FB_BN_BF16_FUSED_NAME bn_bf16_fused_run_shift
+#define FB_BN_BF16_FUSED_ATTR
+#define FB_BN_BF16_FUSED_NARROW fb_bn_bf16_narrow16
+#include "bn_bf16_fused_impl.h"
 
-__attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
-static void bn_bf16_fused_run(const bn_bf16_pass *p, fb_index offset, fb_index len, fb_index c)
+static inline void bn_bf16_fused_run(const bn_bf16_pass *p, fb_index offset, fb_index len,
+                                     fb_index c, int row)
 {
-    const uint16_t *restrict x = p->x ? p->x + offset : NULL;
-    const uint16_t *restrict dy = p->dy ? p->dy + offset : NULL;
-    uint16_t *restrict out = p->out + offset;
-    const __m512 m = _mm512_set1_ps(p->center[c]), k1 = _mm512_set1_ps(p->k1[c]);
-    const __m512 k2 = _mm512_set1_ps(p->k2[c]), k3 = _mm512_set1_ps(p->k3[c]);
-    const __m512 ms = _mm512_set1_ps(p->mask_scale[c]), mh = _mm512_set1_ps(p->mask_shift[c]);
-    const __m512 zero = _mm512_setzero_ps(), tiny = _mm512_set1_ps(FLT_MIN);
-    const int relu = p->relu, mode = p->mode, stream = p->stream;
-    fb_index i = 0;
-    while (i < len) {
-        fb_index piece = fb_min_index(16, len - i);
-        const int aligned = (((uintptr_t)(out + i)) & 31u) == 0;
-        if (!aligned) /* up to the next 32-byte boundary */
-            piece = fb_min_index(piece, fb_max_index(1, (fb_index)((32u - ((uintptr_t)(out + i) & 31u)) / 2u)));
-        const __mmask16 mask = (__mmask16)(piece == 16 ? 0xFFFFu : (1u << piece) - 1u);
-        __m512 v;
-        if (mode == BN_BF16_FORWARD || mode == BN_BF16_EVAL_FORWARD) {
-            v = _mm512_fmadd_ps(_mm512_sub_ps(bn_bf16_widen16(x + i, mask), m), k1, k3);
-            if (relu)
-                v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), zero);
-        } else {
-            const int need_x = mode == BN_BF16_BACKWARD || relu;
-            const __m512 xc = need_x ? _mm512_sub_ps(bn_bf16_widen16(x + i, mask), m) : zero;
-            __m512 g = bn_bf16_widen16(dy + i, mask);
-            if (relu) {
-                const __mmask16 live = _mm512_cmp_ps_mask(_mm512_fmadd_ps(xc, ms, mh), tiny,
-                                                          _CMP_GE_OQ);
-                g = _mm512_maskz_mov_ps(live, g);
-            }
-            v = mode == BN_BF16_BACKWARD ? _mm512_fmadd_ps(g, k1, _mm512_fmadd_ps(xc, k2, k3))
-                                         : _mm512_mul_ps(g, k1);
-        }
-        const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-        if (piece == 16 && aligned) {
-            if (stream)
-                _mm256_stream_si256((__m256i *)(out + i), h);
-            else
-                _mm256_store_si256((__m256i *)(out + i), h);
-        } else {
-            _mm256_mask_storeu_epi16(out + i, mask, h);
-        }
-        i += piece;
-    }
+    if (p->instruction)
+        bn_bf16_fused_run_instruction(p, offset, len, c, row);
+    else
+        bn_bf16_fused_run_shift(p, offset, len, c, row);
 }
 #else
 #define FB_BN_BF16_FUSED 0
@@ -614,10 +581,8 @@ static void bn_bf16_rewrite_item(const bn_bf16_pass *p, fb_index item)
         fb_index offset, len;
         while (fb_bn_runs_next(&runs, c, &offset, &len)) {
 #if FB_BN_BF16_FUSED
-            if (p->instruction) {
-                bn_bf16_fused_run(p, offset, len, c);
-                continue;
-            }
+            bn_bf16_fused_run(p, offset, len, c, 0);
+            continue;
 #endif
             for (fb_index s = 0; s < len; s += FB_BN_BF16_BLOCK) {
                 const fb_index piece = fb_min_index(FB_BN_BF16_BLOCK, len - s);
@@ -630,6 +595,10 @@ static void bn_bf16_rewrite_item(const bn_bf16_pass *p, fb_index item)
     const fb_index C = p->channels;
     const fb_index r0 = item * p->chunk, r1 = fb_min_index(p->outer, r0 + p->chunk);
     for (fb_index r = r0; r < r1; ++r) {
+#if FB_BN_BF16_FUSED
+        bn_bf16_fused_run(p, r * C, C, 0, 1);
+        continue;
+#endif
         for (fb_index c0 = 0; c0 < C; c0 += FB_BN_BF16_BLOCK) {
             const fb_index piece = fb_min_index(FB_BN_BF16_BLOCK, C - c0);
             const fb_index offset = r * C + c0;
@@ -649,8 +618,13 @@ static void bn_bf16_rewrite_linear(const bn_bf16_pass *p, fb_index item)
     while (i < end) {
         if (p->interleaved) {
             const fb_index c0 = i % p->channels;
-            const fb_index len = fb_min_index(fb_min_index(p->channels - c0, end - i),
-                                              FB_BN_BF16_BLOCK);
+            fb_index len = fb_min_index(p->channels - c0, end - i);
+#if FB_BN_BF16_FUSED
+            bn_bf16_fused_run(p, i, len, c0, 1);
+            i += len;
+            continue;
+#endif
+            len = fb_min_index(len, FB_BN_BF16_BLOCK);
             bn_bf16_compute_row(p, v, i, len, c0);
             fb_bn_bf16_narrow(v, p->out + i, len, p->instruction);
             i += len;
@@ -658,11 +632,9 @@ static void bn_bf16_rewrite_linear(const bn_bf16_pass *p, fb_index item)
             const fb_index row = i / p->inner, col = i - row * p->inner;
             fb_index len = fb_min_index(p->inner - col, end - i);
 #if FB_BN_BF16_FUSED
-            if (p->instruction) {
-                bn_bf16_fused_run(p, i, len, row % p->channels);
-                i += len;
-                continue;
-            }
+            bn_bf16_fused_run(p, i, len, row % p->channels, 0);
+            i += len;
+            continue;
 #endif
             len = fb_min_index(len, FB_BN_BF16_BLOCK);
             bn_bf16_compute(p, v, i, len, row % p->channels);
@@ -738,7 +710,7 @@ static int bn_bf16_run(bn_bf16_pass *p, fb_index outer, fb_index channels, fb_in
     p->instruction = fb_bn_bf16_cpu_has_instruction();
     /* an output past the last-level cache share would be evicted before any
      * reuse: skip the read-for-ownership */
-    p->stream = FB_BN_BF16_FUSED && p->instruction && total * 2 >= FB_BN_BF16_STREAM_BYTES;
+    p->stream = FB_BN_BF16_FUSED && !p->interleaved && total * 2 >= FB_BN_BF16_STREAM_BYTES;
     p->linear = !p->reduce;
     p->linear_items = fb_ceil_div(total, FB_BN_BF16_LINEAR);
     const fb_index partials = p->reduce ? channels * p->chunks : 0;

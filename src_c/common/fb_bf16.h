@@ -153,6 +153,85 @@ FB_BF16_INLINE uint16_t fb_f32_to_bf16_stochastic(float x, uint32_t random16)
     return fb_bf16_narrow(x, random16);
 }
 
+/* section: vector widen / nearest-even narrow ---------------------------------- */
+
+/* The same operations as fb_bf16_to_f32 and fb_f32_to_bf16_nearest on whole
+ * vectors, for kernels that keep float32 values in registers (the batch-norm
+ * rewrites): widening is the 16-bit left shift of zero-extended lanes;
+ * narrowing adds 0x7FFF plus the lowest kept bit and keeps the top half, a
+ * NaN lane taking the top half with the quiet bit instead.  Bit-identical to
+ * the scalar forms lane by lane (subnormals kept, as there; a caller with
+ * other subnormal rules applies them before narrowing).  16 lanes per call on
+ * both targets: one vector on AVX-512, two on AVX2 (so the 16-bit halves pack
+ * into one 256-bit store). */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define FB_BF16_HAVE_VECTOR16 1
+typedef __m512 fb_bf16_v16; /* 16 float32 lanes */
+
+FB_BF16_INLINE fb_bf16_v16 fb_bf16_widen16_mask(const uint16_t *src, __mmask16 mask)
+{
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, src);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+FB_BF16_INLINE fb_bf16_v16 fb_bf16_widen16(const uint16_t *src)
+{
+    const __m256i h = _mm256_loadu_si256((const __m256i *)src);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+FB_BF16_INLINE __m256i fb_bf16_narrow16_nearest(fb_bf16_v16 x)
+{
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet));
+}
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define FB_BF16_HAVE_VECTOR16 1
+typedef struct { __m256 lo, hi; } fb_bf16_v16; /* lanes 0-7, 8-15 */
+
+FB_BF16_INLINE __m256 fb_bf16_widen8_bits(__m128i h)
+{
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+FB_BF16_INLINE fb_bf16_v16 fb_bf16_widen16(const uint16_t *src)
+{
+    fb_bf16_v16 v;
+    v.lo = fb_bf16_widen8_bits(_mm_loadu_si128((const __m128i *)src));
+    v.hi = fb_bf16_widen8_bits(_mm_loadu_si128((const __m128i *)(src + 8)));
+    return v;
+}
+
+/* 8 lanes of 32-bit results, each < 2**16 */
+FB_BF16_INLINE __m256i fb_bf16_narrow8_bits(__m256 x)
+{
+    const __m256i bits = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40));
+    return _mm256_blendv_epi8(rounded, quiet, nan);
+}
+
+FB_BF16_INLINE __m256i fb_bf16_narrow16_nearest(fb_bf16_v16 x)
+{
+    /* packus works per 128-bit half: lo0-3 hi0-3 lo4-7 hi4-7; the permute
+     * restores lane order */
+    const __m256i packed = _mm256_packus_epi32(fb_bf16_narrow8_bits(x.lo), fb_bf16_narrow8_bits(x.hi));
+    return _mm256_permute4x64_epi64(packed, 0xD8);
+}
+#else
+#define FB_BF16_HAVE_VECTOR16 0
+#endif
+
 /* section: array helpers ------------------------------------------------------ */
 
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
