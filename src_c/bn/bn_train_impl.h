@@ -288,13 +288,17 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, const FB_TYPED(bn
  * FB_BN_PREFETCH_STEPS steps ahead into L2 (prefetcht1) brought it to
  * 0.31-0.47 ms, (8,28,28,256) from 0.47-1.1 to 0.31-0.43 ms and
  * (16,28,28,128) from 0.40-0.77 to 0.31-0.47 ms; the whole backward of those
- * shapes gained 15-55 %.  It lost where the pieces are shorter or longer:
+ * shapes gained 5-56 % (two runs).  It lost where the pieces are shorter
+ * or longer:
  * (32,28,28,64) float32 (256 B rows: four rows are one 1 KiB run the
  * prefetchers follow) went from 0.25-0.37 to 0.37-0.47 ms, (1024, 1024)
  * (2 KiB pieces) from 0.21-0.23 to 0.30-0.32 ms, and float64 (8,28,28,256)
  * (2 KiB rows) did not change.  Hence the piece range below, and only for
- * inputs (dy and x) of at least FB_BN_PREFETCH_MIN_BYTES: below that they
- * stay in the caches between calls and the prefetches are pure overhead.
+ * inputs (dy and x) of at least FB_BN_PREFETCH_MIN_BYTES: the smallest
+ * measured gain was at 11 MiB of dy and x ((5600, 256)), while (4800, 256)
+ * and smaller ran at the x-only statistics' speed without prefetching
+ * (they stay in the caches); where between 9 and 11 MiB the gain starts was
+ * not measured.
  * Measured on a loaded 2-core AVX-512 machine (load average 7-8), so the
  * ranges are wide; a prefetch changes no value, only timing. */
 #define FB_BN_PREFETCH_MIN_BYTES ((fb_index)8 << 20)
@@ -302,7 +306,7 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, const FB_TYPED(bn
 #define FB_BN_PREFETCH_MAX_PIECE ((fb_index)1024)
 /* Steps of four rows ahead: 16 rows, 16 KiB of each array at 1 KiB rows,
  * far enough to cover a memory latency at ~20 GB/s; 2 steps measured about
- * the same, 1 step (and prefetcht0 at 2 steps) gained nothing. */
+ * the same, 1 step and 2 steps with prefetcht0 were mixed (no clear gain). */
 #define FB_BN_PREFETCH_STEPS ((fb_index)4)
 #endif
 
