@@ -294,11 +294,10 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, const FB_TYPED(bn
  * prefetchers follow) went from 0.25-0.37 to 0.37-0.47 ms, (1024, 1024)
  * (2 KiB pieces) from 0.21-0.23 to 0.30-0.32 ms, and float64 (8,28,28,256)
  * (2 KiB rows) did not change.  Hence the piece range below, and only for
- * inputs (dy and x) of at least FB_BN_PREFETCH_MIN_BYTES: the smallest
- * measured gain was at 11 MiB of dy and x ((5600, 256)), while (4800, 256)
- * and smaller ran at the x-only statistics' speed without prefetching
- * (they stay in the caches); where between 9 and 11 MiB the gain starts was
- * not measured.
+ * inputs (dy and x) of at least FB_BN_PREFETCH_MIN_BYTES: without
+ * prefetching, (4000, 256) float32 (7.8 MiB of dy and x) reduced as fast
+ * per byte as the x-only statistics, (4800, 256) (9.4 MiB) was already 2-4x
+ * slower; the prefetch itself was measured only from 11 MiB ((5600, 256)).
  * Measured on a loaded 2-core AVX-512 machine (load average 7-8), so the
  * ranges are wide; a prefetch changes no value, only timing. */
 #define FB_BN_PREFETCH_MIN_BYTES ((fb_index)8 << 20)
