@@ -191,3 +191,40 @@ def test_in_place_channels_last_rewrites_match_out_of_place(simd_target, threads
     np.testing.assert_array_equal(x_in, y)
     np.testing.assert_array_equal(dy_in, dx)
     np.testing.assert_array_equal(x_eval, y_eval)
+
+
+# The backward's interleaved reduction prefetches rows ahead when dy and x
+# together hold at least 8 MiB and a row piece is 512 B to 1 KiB: shapes on
+# both sides of each bound (4096 x 256 float32 is exactly 8 MiB, 4095 x 256
+# just below; 128 and 256 float32 channels are the piece bounds, 120 and 257
+# just outside; float64 64 and 128 channels; a channels-last shape; 4100
+# rows leave the last steps without rows 16 ahead to prefetch).
+SHAPES_PREFETCH = [((4096, 256), np.float32), ((4095, 256), np.float32),
+                   ((8200, 128), np.float32), ((8800, 120), np.float32),
+                   ((4100, 257), np.float32), ((8200, 64), np.float64),
+                   ((4100, 128), np.float64), ((4100, 129), np.float64),
+                   ((16, 16, 16, 256), np.float32)]
+
+
+@pytest.mark.parametrize("shape,dtype", SHAPES_PREFETCH)
+def test_prefetching_backward_reduction_matches_the_reference_for_1_2_3_threads(
+        simd_target, threads, shape, dtype, rng):
+    """Prefetching changes no value: the backwards (plain and ReLU, with
+    dweight and dbias from the reduction) match the reference and are bit
+    identical for 1, 2 and 3 threads on either side of the thresholds."""
+    x, dy, weight, bias, _, _ = make(rng, shape, dtype)
+    mean, invstd = R.batch_norm_forward_train(x, weight, bias, 1e-5, axis=-1)[1:]
+    mean, invstd = mean.astype(dtype), invstd.astype(dtype)
+    want = R.batch_norm_backward(dy, x, mean, invstd, weight, axis=-1)
+    want_relu = R.batch_norm_relu_backward(dy, x, mean, invstd, weight, bias, axis=-1)
+    results = []
+    for count in (1, 2, 3):
+        threads(count)
+        got = F.batch_norm_backward(dy, x, mean, invstd, weight, axis=-1)
+        got_relu = F.batch_norm_relu_backward(dy, x, mean, invstd, weight, bias, axis=-1)
+        results.append(list(got) + list(got_relu))
+    for got, expected in zip(results[0], list(want) + list(want_relu)):
+        assert_close(got, expected, dtype, scale=10)
+    for other in results[1:]:
+        for got, first in zip(other, results[0]):
+            np.testing.assert_array_equal(got, first)
