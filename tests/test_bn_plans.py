@@ -196,17 +196,22 @@ def test_in_place_channels_last_rewrites_match_out_of_place(simd_target, threads
 # ---- planar (channels-first, inner > 1) owned channels ----------------------
 # Threads own whole channels from 4 per thread and walk them in blocks of
 # neighbouring channels, row by row (bn_owned_channels), with rows of at
-# least 48 KiB per block and at most 4 MiB of input per block.  Shapes on
+# least 48 KiB per block and at most 4 MiB of input per block, unless a
+# channel's input fits in 32 KiB (then one channel at a time).  Shapes on
 # each side: one channel per block (rows of 12289 float32 values = 48 KiB),
 # blocks of 2-4 channels with 4096-value chunks ending mid-row (56 x 56 rows),
 # blocks capped by the 4 MiB budget (300 rows of 20 x 20: 16 by row length,
 # 8 or 4 by the budget), full 16-channel blocks of small rows with a partial
 # last block (13, 37 channels), and channel counts just below and at the
-# owned threshold for 2 and 3 threads (7/8, 11/12).  The larger ones move
-# over 1 MiB, so they really run on 2 and 3 threads.
+# owned threshold for 2 and 3 threads (7/8, 11/12), and channels whose input
+# fits the 32 KiB L1 (one channel at a time: (4, 32, 8, 8), (5, 37, 9, 9),
+# 32 x 256 float32 values exactly 32 KiB) or just does not (33 x 256; the
+# backwards stream two arrays).  The larger ones move over 1 MiB, so they
+# really run on 2 and 3 threads.
 SHAPES_PLANAR = [(2, 16, 12289), (4, 24, 56, 56), (3, 13, 56, 56), (300, 12, 20, 20),
                  (4, 32, 8, 8), (3, 13, 5, 7), (5, 37, 9, 9), (64, 7, 32, 32),
-                 (64, 8, 32, 32), (48, 11, 24, 24), (48, 12, 24, 24)]
+                 (64, 8, 32, 32), (48, 11, 24, 24), (48, 12, 24, 24), (32, 16, 16, 16),
+                 (33, 16, 16, 16)]
 
 
 def make_planar(rng, shape, dtype):
