@@ -228,3 +228,98 @@ def test_prefetching_backward_reduction_matches_the_reference_for_1_2_3_threads(
     for other in results[1:]:
         for got, first in zip(other, results[0]):
             np.testing.assert_array_equal(got, first)
+# ---- planar (channels-first, inner > 1) owned channels ----------------------
+# Threads own whole channels from 4 per thread and walk them in blocks of
+# neighbouring channels, row by row (bn_owned_channels), with rows of at
+# least 48 KiB per block and at most 4 MiB of input per block, unless a
+# channel's input fits in 32 KiB (then one channel at a time).  Shapes on
+# each side: one channel per block (rows of 12289 float32 values = 48 KiB),
+# blocks of 2-4 channels with 4096-value chunks ending mid-row (56 x 56 rows),
+# blocks capped by the 4 MiB budget (300 rows of 20 x 20: 16 by row length,
+# 8 or 4 by the budget), full 16-channel blocks of small rows with a partial
+# last block (13, 37 channels), and channel counts just below and at the
+# owned threshold for 2 and 3 threads (7/8, 11/12), and channels whose input
+# fits the 32 KiB L1 (one channel at a time: (4, 32, 8, 8), (5, 37, 9, 9),
+# 32 x 256 float32 values exactly 32 KiB) or just does not (33 x 256; the
+# backwards stream two arrays).  The larger ones move over 1 MiB, so they
+# really run on 2 and 3 threads.
+SHAPES_PLANAR = [(2, 16, 12289), (4, 24, 56, 56), (3, 13, 56, 56), (300, 12, 20, 20),
+                 (4, 32, 8, 8), (3, 13, 5, 7), (5, 37, 9, 9), (64, 7, 32, 32),
+                 (64, 8, 32, 32), (48, 11, 24, 24), (48, 12, 24, 24), (32, 16, 16, 16),
+                 (33, 16, 16, 16)]
+
+
+def make_planar(rng, shape, dtype):
+    channels = shape[1]
+    x = (rng.standard_normal(shape) * 2 + 3.0).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    weight = rng.normal(1.0, 0.5, channels).astype(dtype)
+    bias = rng.normal(0.0, 0.5, channels).astype(dtype)
+    running_mean = rng.normal(3.0, 0.5, channels).astype(dtype)
+    running_var = (np.abs(rng.standard_normal(channels)) + 0.5).astype(dtype)
+    return x, dy, weight, bias, running_mean, running_var
+
+
+def run_planar(module, x, dy, weight, bias, running_mean, running_var):
+    """The training kernels on channels-first input (axis=1), plain and fused
+    with ReLU, and the split phases; every output and mutated buffer."""
+    rm, rv = running_mean.copy(), running_var.copy()
+    y, mean, invstd = module.batch_norm_forward_train(x, weight, bias, 1e-5, axis=1,
+                                                      running_mean=rm, running_var=rv)
+    dx, dweight, dbias = module.batch_norm_backward(dy, x, mean, invstd, weight, axis=1)
+    yr, mean_r, invstd_r = module.batch_norm_relu_forward_train(x, weight, bias, axis=1)
+    dxr = module.batch_norm_relu_backward(dy, x, mean_r, invstd_r, weight, bias, axis=1)
+    dx_eval = module.batch_norm_backward_eval(dy, x, running_mean, running_var, weight, axis=1)
+    flat = [y, mean, invstd, rm, rv, dx, dweight, dbias, yr, mean_r, invstd_r]
+    for result in (dxr, dx_eval):
+        flat.extend(result if isinstance(result, tuple) else (result,))
+    return [np.asarray(a) for a in flat if a is not None]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES_PLANAR)
+def test_planar_owned_channel_blocks_match_the_reference(simd_target, threads, shape, dtype,
+                                                         rng):
+    inputs = make_planar(rng, shape, dtype)
+    expected = run_planar(R, *inputs)
+    for count in (1, 2):
+        threads(count)
+        actual = run_planar(F, *inputs)
+        assert len(actual) == len(expected)
+        for got, want in zip(actual, expected):
+            assert_close(got, want, dtype, scale=10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES_PLANAR)
+def test_planar_results_are_bit_identical_for_1_2_and_3_threads(simd_target, threads, shape,
+                                                                dtype, rng):
+    inputs = make_planar(rng, shape, dtype)
+    results = []
+    for count in (1, 2, 3):
+        threads(count)
+        results.append(run_planar(F, *inputs))
+    for other in results[1:]:
+        for got, want in zip(other, results[0]):
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 24, 56, 56), (300, 12, 20, 20), (5, 37, 9, 9)])
+def test_planar_split_phases_compose_to_the_fused_owned_kernels(simd_target, threads, shape,
+                                                                 dtype, rng):
+    """The split phases run the same owned block walk, so stats + apply and
+    backward_reduce + backward_apply equal the fused kernels bit for bit."""
+    x, dy, weight, bias, _, _ = make_planar(rng, shape, dtype)
+    for count in (1, 2, 3):
+        threads(count)
+        y, mean, invstd = F.batch_norm_forward_train(x, weight, bias, 1e-5, axis=1)
+        n, mean64, m2 = F.batch_norm_stats(x, axis=1)
+        invstd64 = 1.0 / np.sqrt(m2 / n + 1e-5)
+        np.testing.assert_array_equal(mean64.astype(dtype), mean)
+        np.testing.assert_array_equal(F.batch_norm_apply(x, mean64, invstd64, weight, bias,
+                                                         axis=1), y)
+        dx = F.batch_norm_backward(dy, x, mean, invstd, weight, axis=1)[0]
+        sums = F.batch_norm_backward_reduce(dy, x, mean, invstd, axis=1)
+        np.testing.assert_array_equal(
+            F.batch_norm_backward_apply(dy, x, mean, invstd, weight, *sums, n, axis=1), dx)

@@ -13,8 +13,9 @@
  *     cut into chunks of `chunk` values (a chunk may span rows); one work item
  *     is (channel, chunk), numbered c * chunks + k.  With enough channels
  *     (FB_BN_OWNED_CHANNELS_PER_THREAD per thread) every thread OWNS a
- *     contiguous range of channels and, one channel at a time, reduces its
- *     chunks, finalizes it and rewrites it while it is still in L2/L3: no
+ *     contiguous range of channels and, a block of neighbouring channels at a
+ *     time (walked row by row, bn_train_impl.h), reduces their chunks,
+ *     finalizes them and rewrites them while they are still in L2/L3: no
  *     barrier at all, and the data comes from DRAM about once.  With few
  *     channels, the chunks of each channel are shared by all threads instead,
  *     in cache blocks of channels: all chunks of a block are reduced, one

@@ -1,8 +1,9 @@
 /* bandwidth_probe.h -- the roofline for memory-bound kernels: how fast this
  * machine copies an array far larger than its caches, with the same thread
- * count the kernels use.  STREAM convention: a copy moves 2 x n x 8 bytes
- * (read + write; the write-allocate read is not counted, as it is not in
- * the kernels' "bytes that must move"). */
+ * count the kernels use.  The pass dst += 0.5 * src moves 3 x n x 8 bytes
+ * (two reads, one write; dst is read anyway, so no write-allocate read), the
+ * count fastbn.bench divides by; a kernel's "bytes that must move" count no
+ * write-allocate read either (training forward: x read once, y written). */
 #ifndef FASTBN_BANDWIDTH_PROBE_H
 #define FASTBN_BANDWIDTH_PROBE_H
 
