@@ -228,6 +228,8 @@ def test_prefetching_backward_reduction_matches_the_reference_for_1_2_3_threads(
     for other in results[1:]:
         for got, first in zip(other, results[0]):
             np.testing.assert_array_equal(got, first)
+
+
 # ---- planar (channels-first, inner > 1) owned channels ----------------------
 # Threads own whole channels from 4 per thread and walk them in blocks of
 # neighbouring channels, row by row (bn_owned_channels), with rows of at
