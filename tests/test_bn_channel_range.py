@@ -111,6 +111,42 @@ def test_ranged_phases_on_a_large_array_match_the_whole_call():
     assert np.array_equal(y, y_whole)
 
 
+@pytest.mark.parametrize("channel_range", [(0, 16), (3, 19), (8, 24)])
+def test_ranged_phases_in_owned_channel_blocks_match_the_whole_call(channel_range, simd_target,
+                                                                    num_threads):
+    # 16 channels of a 24-channel (8, 24, 40, 40) float32 array: threads own
+    # channels (>= 4 each) and walk them in blocks of 8 neighbours row by row
+    # (rows of 6.4 KB, 51 KB of input per channel), so the block walk must
+    # step rows by all 24 channels, not by the 16 of the range
+    first, stop = channel_range
+    shape, n = (8, 24, 40, 40), 8 * 40 * 40
+    x, dy = planar(shape, np.float32, 11), planar(shape, np.float32, 12)
+    weight = np.linspace(0.5, 1.5, 24).astype(np.float32)
+    bias = np.linspace(-1, 1, 24).astype(np.float32)
+    mean, m2 = FAST.stats(x, 8, 24, 1600)
+    invstd = 1.0 / np.sqrt(m2 / n + 1e-5)
+    part_mean, part_m2 = FAST.stats(x, 8, 24, 1600, channel_range=channel_range)
+    assert np.array_equal(part_mean, mean[first:stop]) and np.array_equal(part_m2, m2[first:stop])
+    for relu in (False, True):
+        sums = FAST.backward_reduce(dy, x, 8, 24, 1600, mean, invstd, weight, bias, relu)
+        part = FAST.backward_reduce(dy, x, 8, 24, 1600, mean, invstd, weight, bias, relu,
+                                    channel_range=channel_range)
+        for whole, ranged in zip(sums, part):
+            assert np.array_equal(ranged, whole[first:stop])
+        y_whole = FAST.apply(x, None, 8, 24, 1600, mean, invstd, weight, bias, relu)
+        dx_whole = FAST.backward_apply(dy, x, None, 8, 24, 1600, mean, invstd, weight, *sums,
+                                       float(n), weight, bias, relu)
+        y, dx = np.full_like(x, np.nan), np.full_like(x, np.nan)
+        FAST.apply(x, y, 8, 24, 1600, mean, invstd, weight, bias, relu,
+                   channel_range=channel_range)
+        FAST.backward_apply(dy, x, dx, 8, 24, 1600, mean, invstd, weight, *sums, float(n),
+                            weight, bias, relu, channel_range=channel_range)
+        assert np.array_equal(y[:, first:stop], y_whole[:, first:stop])
+        assert np.array_equal(dx[:, first:stop], dx_whole[:, first:stop])
+        assert np.isnan(np.delete(y, np.s_[first:stop], axis=1)).all()
+        assert np.isnan(np.delete(dx, np.s_[first:stop], axis=1)).all()
+
+
 @pytest.mark.parametrize("kernels", [FAST, REFERENCE], ids=["fast", "reference"])
 def test_a_bad_channel_range_raises_and_writes_nothing(kernels):
     x, dy, mean, invstd, weight, bias, (sum_dy, sum_dy_xhat) = phase_inputs(np.float32)
