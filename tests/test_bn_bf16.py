@@ -292,6 +292,43 @@ def test_bf16_kernels_write_in_place_like_the_out_of_place_call(simd_target, rng
     assert np.array_equal(buffer.view(np.uint16), expected.view(np.uint16))
 
 
+def odd_address_like(array):
+    """An uninitialized array of `array`'s shape and dtype whose data starts
+    1 byte past a 32-byte boundary (a caller's out= may be any view)."""
+    raw = np.empty(array.nbytes + 64, np.uint8)
+    start = (-raw.ctypes.data) % 32 + 1
+    odd = raw[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    assert odd.ctypes.data % 2 == 1
+    return odd
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape,channels_last", [((2, 3, 9, 17), False), ((4, 5, 5, 64), True),
+                                                 ((4, 16, 256, 256), False)])
+def test_outputs_at_an_odd_address_get_the_bits_of_an_aligned_output(shape, channels_last,
+                                                                     relu, simd_target, rng):
+    # the last shape's output is over 8 MiB: the aligned call streams its stores
+    x, dy, weight, bias, running_mean, running_var = make(rng, shape, channels_last, False)
+    geo = geometry(shape, channels_last)
+    y, mean, invstd, _ = _bn.train_forward(x, None, *geo, weight, bias, EPS, None, None,
+                                           MOMENTUM, relu)
+    out = odd_address_like(x)
+    _bn.train_forward(x, out, *geo, weight, bias, EPS, None, None, MOMENTUM, relu)
+    assert np.array_equal(out.view(np.uint16), y.view(np.uint16))
+    y_eval, _ = _bn.eval_forward(x, None, *geo, running_mean, running_var, weight, bias, EPS,
+                                 relu)
+    _bn.eval_forward(x, out, *geo, running_mean, running_var, weight, bias, EPS, relu)
+    assert np.array_equal(out.view(np.uint16), y_eval.view(np.uint16))
+    dx = _bn.backward(dy, x, None, *geo, mean, invstd, weight, None, None, False, bias, relu)
+    _bn.backward(dy, x, out, *geo, mean, invstd, weight, None, None, False, bias, relu)
+    assert np.array_equal(out.view(np.uint16), dx.view(np.uint16))
+    dx_eval = _bn.backward_eval(dy, x, None, *geo, running_mean, running_var, weight, EPS, None,
+                                None, False, bias, relu)
+    _bn.backward_eval(dy, x, out, *geo, running_mean, running_var, weight, EPS, None, None,
+                      False, bias, relu)
+    assert np.array_equal(out.view(np.uint16), dx_eval.view(np.uint16))
+
+
 # ---- vector paths: tails, special values, every target, the shift narrowing ------
 
 # sizes that leave a tail after the 16-lane vectors, runs that start off the

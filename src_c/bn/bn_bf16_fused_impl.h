@@ -77,21 +77,31 @@ static inline __attribute__((always_inline)) void FB_BN_BF16_BODY(
     const __m512 ms = _mm512_set1_ps(p->mask_scale[c]), mh = _mm512_set1_ps(p->mask_shift[c]);
     const int stream = p->stream;
     fb_index i = 0;
-    const fb_index misaligned = (fb_index)(((uintptr_t)out & 31u) / 2u);
-    if (misaligned) {
-        const fb_index piece = fb_min_index(len, 16 - misaligned);
-        const __mmask16 mask = (__mmask16)((1u << piece) - 1u);
-        const __m512 v = FB_BN_BF16_STEP(p, x, dy, c, 0, 0, mask, mode, relu, row, m, k1, k2, k3, ms, mh);
-        _mm256_mask_storeu_epi16(out, mask, FB_BN_BF16_FUSED_NARROW(v));
-        i = piece;
-    }
-    for (; i + 16 <= len; i += 16) {
-        const __m512 v = FB_BN_BF16_STEP(p, x, dy, c, i, 1, 0xFFFF, mode, relu, row, m, k1, k2, k3, ms, mh);
-        const __m256i h = FB_BN_BF16_FUSED_NARROW(v);
-        if (stream)
-            _mm256_stream_si256((__m256i *)(out + i), h);
-        else
-            _mm256_store_si256((__m256i *)(out + i), h);
+    if ((uintptr_t)out & 1u) {
+        /* an odd address (a caller's out= may be any byte offset) never
+         * reaches a 32-byte boundary in 2-byte steps: unaligned stores, no
+         * streaming */
+        for (; i + 16 <= len; i += 16) {
+            const __m512 v = FB_BN_BF16_STEP(p, x, dy, c, i, 1, 0xFFFF, mode, relu, row, m, k1, k2, k3, ms, mh);
+            _mm256_storeu_si256((__m256i *)(out + i), FB_BN_BF16_FUSED_NARROW(v));
+        }
+    } else {
+        const fb_index misaligned = (fb_index)(((uintptr_t)out & 31u) / 2u);
+        if (misaligned) {
+            const fb_index piece = fb_min_index(len, 16 - misaligned);
+            const __mmask16 mask = (__mmask16)((1u << piece) - 1u);
+            const __m512 v = FB_BN_BF16_STEP(p, x, dy, c, 0, 0, mask, mode, relu, row, m, k1, k2, k3, ms, mh);
+            _mm256_mask_storeu_epi16(out, mask, FB_BN_BF16_FUSED_NARROW(v));
+            i = piece;
+        }
+        for (; i + 16 <= len; i += 16) {
+            const __m512 v = FB_BN_BF16_STEP(p, x, dy, c, i, 1, 0xFFFF, mode, relu, row, m, k1, k2, k3, ms, mh);
+            const __m256i h = FB_BN_BF16_FUSED_NARROW(v);
+            if (stream)
+                _mm256_stream_si256((__m256i *)(out + i), h);
+            else
+                _mm256_store_si256((__m256i *)(out + i), h);
+        }
     }
     if (i < len) {
         const __mmask16 mask = (__mmask16)((1u << (len - i)) - 1u);
