@@ -188,3 +188,23 @@ def test_float16_grad_is_refused_naming_the_parameter_and_dtypes():
     params[1].grad = params[1].grad.astype(np.float16)
     with pytest.raises(TypeError, match=r"parameters\[1\]\.grad: expected a float32, float64 or bfloat16"):
         clip_grad_norm_(params, 1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_gradient_listed_twice_is_scaled_twice_in_bf16_as_in_float32(backend):
+    # torch (and the float32 path) scale each listed entry, so a gradient
+    # listed twice is scaled by coef twice; the bfloat16 one rounds after each
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = Parameter(np.zeros(4, ml_dtypes.bfloat16))
+    bf16.grad = np.full(4, 2.0, ml_dtypes.bfloat16)
+    fp32 = Parameter(np.zeros(4, np.float32))
+    fp32.grad = np.full(4, 2.0, np.float32)
+    with fastbn.use_backend(backend):
+        norm_bf16 = clip_grad_norm_([bf16, bf16], 1.0)
+        norm_fp32 = clip_grad_norm_([fp32, fp32], 1.0)
+    assert norm_bf16 == norm_fp32 == pytest.approx(math.sqrt(32.0))
+    coef = np.float32(1.0 / (math.sqrt(32.0) + 1e-6))
+    once = (np.float32(2.0) * coef).astype(ml_dtypes.bfloat16)
+    twice = (once.astype(np.float32) * coef).astype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(bf16.grad.astype(np.float32), np.full(4, twice, np.float32))
+    np.testing.assert_allclose(fp32.grad, 2.0 * coef * coef, rtol=1e-6)

@@ -60,10 +60,15 @@ def clip_grad_norm_(parameters: Union[Parameter, Iterable[Parameter]], max_norm:
                            f"is non-finite ({norm}), so it cannot be clipped")
     coef = max_norm / (norm + 1e-6)
     if coef < 1:
-        kernels.scale_grads(widened, coef)
-        for grad, scaled in zip(grads, widened):
-            if scaled is not grad:
-                # ml_dtypes' float32 -> bfloat16 cast rounds to nearest-even
+        kernels.scale_grads([grad for grad in grads if not is_bfloat16(grad.dtype)], coef)
+        for grad in grads:
+            if is_bfloat16(grad.dtype):
+                # widened from its current values, one listed entry at a
+                # time: a gradient listed twice is scaled twice, as a float32
+                # one is; ml_dtypes' float32 -> bfloat16 cast rounds to
+                # nearest-even
+                scaled = grad.astype(np.float32)
+                kernels.scale_grads([scaled], coef)
                 grad[...] = scaled.astype(grad.dtype)
     return norm
 
