@@ -320,3 +320,33 @@ def test_plan_blocks_covers_every_channel_once():
             assert all(a < b for a, b in blocks)
             assert all(blocks[i][1] == blocks[i + 1][0] for i in range(len(blocks) - 1))
     assert _pipeline.plan_blocks(128, 3136 * 32, 4, 1, False, 1) == [(0, 128)]
+
+
+@pytest.mark.parametrize("failing_block", [0, 3, 4, 5])
+def test_a_rewrite_error_in_any_block_raises_on_every_rank(failing_block):
+    # rank 0's rewrite of one block raises (e.g. out of memory); the last two
+    # blocks' rewrites run after their exchanges, so the loop ends with one
+    # more status word: every rank must raise, none may return normally
+    blocks = [(c, c + 1) for c in range(6)]
+    hub = _Hub(2)
+    outcomes = [None, None]
+
+    def rank_main(rank):
+        def rewrite(first, stop):
+            if rank == 0 and first == failing_block:
+                raise MemoryError("simulated")
+
+        try:
+            _pipeline._run(blocks, hub.exchange(rank), lambda a, b: np.zeros(2 * (b - a)),
+                           lambda a, b, table: None, rewrite, _fail)
+            outcomes[rank] = "returned"
+        except ValueError as error:
+            outcomes[rank] = f"ValueError: {error}"
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert all(outcome is not None and outcome.startswith("ValueError") for outcome in outcomes), \
+        outcomes

@@ -32,7 +32,11 @@ every block's all-gather but reduces and rewrites its whole array at once.
 Errors: every block's message starts with a status word.  A rank whose
 reduction or rewrite raises keeps taking part with status 1; at the next
 wait every rank sees it and raises the same ValueError (`fail`), so none is
-left blocked in a collective.
+left blocked in a collective.  With several blocks, one last status word
+after the loop covers the rewrites of the last two blocks.  With one block
+(the default) the rewrite runs after the only exchange, on data every rank
+has checked, so only an out-of-memory error can stop it, and that one
+stays on its rank.
 """
 from __future__ import annotations
 
@@ -118,8 +122,9 @@ def _run(blocks: Blocks, exchange: Exchange, reduce: Callable, combine: Callable
     """The block loop.  reduce(first, stop) -> this rank's payload row of
     the block; combine(first, stop, table) with the (ranks, payload) table;
     rewrite(first, stop).  fail(statuses, local_error) raises on every
-    rank; a rank's own rewrite error after the last exchange is raised
-    here, on that rank."""
+    rank (with several blocks, also for an error in the last rewrites, through
+    one more status exchange); with one block, a rank's own rewrite error
+    after the only exchange is raised here, on that rank."""
     error = [local_error]
 
     def message(first: int, stop: int) -> np.ndarray:
@@ -150,6 +155,12 @@ def _run(blocks: Blocks, exchange: Exchange, reduce: Callable, combine: Callable
                 rewrite(first, stop)
             except Exception as caught:
                 error[0] = caught
+    if len(blocks) > 1:
+        # the rewrites of the last two blocks ran after their exchanges: one
+        # more status word, so an error there also raises on every rank
+        table = exchange.wait(exchange.start(np.array([0.0 if error[0] is None else 1.0])))
+        if table[:, 0].any():
+            fail(table[:, 0], error[0])
     if error[0] is not None:
         raise error[0]
 

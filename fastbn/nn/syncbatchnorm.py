@@ -17,7 +17,8 @@ Training forward, on every rank::
 and the backward, per block: local (sum dy, sum dy*xhat), Iallgather of
 [status, both sums], the sums added in rank order (float64), dx of the
 block.  Bytes sent per rank and call, C channels in B blocks: forward
-8 * (6 + B + 2C), backward 8 * (B + 2C); every rank receives P times that.
+8 * (6 + B + 2C), backward 8 * (B + 2C), 8 more each when B > 1 (a last
+status word); every rank receives P times that.
 
 Blocks (fastbn/distributed/_pipeline.py): when its BLOCK_BYTES is set
 (None by default, one block, from the measurements recorded there), the

@@ -15,7 +15,7 @@ formula) and the normalization of the block while it is still in the
 caches.  The backward does the same with the per-channel sums of dy and
 dy * xhat (added in rank order in float64) and dx.  Bytes sent per rank
 and call, C channels in B blocks: forward 8 * (6 + B + 2C), backward
-8 * (B + 2C).  Channels-last and 2-D inputs form one block.
+8 * (B + 2C), 8 more each when B > 1.  Channels-last and 2-D inputs form one block.
 
 Gathering then combining in rank order (instead of an all_reduce, whose
 summation order is the backend's) gives every rank the same bits, run after
