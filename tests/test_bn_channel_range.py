@@ -350,3 +350,34 @@ def test_a_rewrite_error_in_any_block_raises_on_every_rank(failing_block):
         thread.join(60)
     assert all(outcome is not None and outcome.startswith("ValueError") for outcome in outcomes), \
         outcomes
+
+
+class _OneRankComm:
+    """A 1-rank communicator (Allgather only): SyncBatchNorm's collectives
+    without mpi4py."""
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 1
+
+    def Allgather(self, send, recv):
+        recv[...] = np.asarray(send).reshape(recv.shape)
+
+
+@pytest.mark.parametrize("block_bytes", [None, 1])
+def test_sync_batchnorm_takes_an_input_at_an_odd_byte_offset(block_bytes, monkeypatch):
+    # the channel-range phases need aligned arrays: an unaligned (but valid)
+    # input is copied once, never refused
+    from fastbn import nn
+    monkeypatch.setattr(_pipeline, "BLOCK_BYTES", block_bytes)
+    x_aligned = planar((4, 6, 5, 5), np.float32, 21)
+    raw = np.empty(x_aligned.nbytes + 64, np.uint8)
+    start = (-raw.ctypes.data) % 32 + 1
+    x = raw[start:start + x_aligned.nbytes].view(np.float32).reshape(x_aligned.shape)
+    x[...] = x_aligned
+    assert not x.flags.aligned
+    local, sync = nn.BatchNorm2d(6), nn.SyncBatchNorm(6, comm=_OneRankComm())
+    np.testing.assert_allclose(sync(x), local(x_aligned), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(sync.backward(x), local.backward(x_aligned), rtol=1e-5, atol=1e-5)

@@ -178,7 +178,9 @@ class SyncBatchNorm(_BatchNorm):
         counts = _comm.gathered_counts(header)
         weight, bias, running_mean, running_var = state
         if layout.inner > 1:
-            x = np.ascontiguousarray(x)   # once, not per block
+            # once, not per block; the channel-range phases need C-contiguous,
+            # aligned arrays (a view at an odd byte offset is copied)
+            x = np.require(x, requirements=("C", "A"))
         blocks = _pipeline.plan_blocks(channels, int(counts.max()), x.dtype.itemsize, 1,
                                        bool(header[:, 5].any()))
         y, total, mean, m2, invstd = _pipeline.forward_blocks(
@@ -252,7 +254,7 @@ class SyncBatchNorm(_BatchNorm):
             self._check_grads(x.dtype)   # before any rank writes a gradient
             relu_from = (weight, bias) if self.fused_relu else None
             if layout.inner > 1:
-                dy = np.ascontiguousarray(dy)
+                dy = np.require(dy, requirements=("C", "A"))
         except Exception as error:  # reported to every rank by the first block's status
             local_error = error
         blocks = _pipeline.plan_blocks(self.num_features, max_count, x.dtype.itemsize, 2, planar)

@@ -362,7 +362,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         try:
             dy_view = _ops._view(dy, axis)
             if layout.inner > 1:   # the channel-range phases read dy as x: C-contiguous
-                dy_view = np.ascontiguousarray(dy_view)
+                dy_view = np.require(dy_view, requirements=("C", "A"))
         except Exception as error:  # e.g. MemoryError: reported to every rank
             if not ctx.needs_input_grad[0]:
                 raise  # no collective follows
