@@ -220,7 +220,8 @@ cdef inline bint plain_out(object out, cnp.ndarray x, object a, object b, object
     cdef int i
     if (cnp.PyArray_TYPE(target) != cnp.PyArray_TYPE(x) or not cnp.PyArray_ISNOTSWAPPED(target)
             or cnp.PyArray_NDIM(target) != cnp.PyArray_NDIM(x)
-            or not cnp.PyArray_IS_C_CONTIGUOUS(target) or not cnp.PyArray_ISWRITEABLE(target)):
+            or not cnp.PyArray_IS_C_CONTIGUOUS(target) or not cnp.PyArray_ISWRITEABLE(target)
+            or not cnp.PyArray_ISALIGNED(target)):
         return False
     for i in range(cnp.PyArray_NDIM(x)):
         if cnp.PyArray_DIMS(target)[i] != cnp.PyArray_DIMS(x)[i]:
@@ -300,6 +301,18 @@ cdef inline void *data_or_null(object array):
 cdef inline cnp.ndarray empty_like_array(cnp.ndarray array):
     return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(array), cnp.PyArray_DIMS(array),
                              cnp.PyArray_TYPE(array), 0)
+
+
+cdef inline cnp.ndarray output_array(cnp.ndarray like, object given):
+    """`given` (the caller's out=, already checked for shape, dtype and
+    contiguity), or a new array shaped like `like`.  An unaligned view is
+    refused before anything is written: the kernels store whole elements."""
+    if given is None:
+        return empty_like_array(like)
+    if not cnp.PyArray_ISALIGNED(<cnp.ndarray>given):
+        raise ValueError("out: expected an aligned array (the kernels store whole elements), "
+                         "got an unaligned view")
+    return <cnp.ndarray>given
 
 
 cdef inline cnp.ndarray empty_vector(int64_t length, int typenum):
@@ -408,7 +421,7 @@ cdef object run_eval_forward(object x, object y, int64_t outer, int64_t channels
     running_var = kernel_input(running_var)
     weight = kernel_input(weight)
     bias = kernel_input(bias)
-    cdef cnp.ndarray out = empty_like_array(x) if y is None else <cnp.ndarray>y
+    cdef cnp.ndarray out = output_array(x, y)
     cdef fastbn_bn_call call
     start_call(&call, outer, channels, inner)
     call.x = cnp.PyArray_DATA(x)
@@ -523,7 +536,7 @@ cdef object run_train_forward(object x, object y, int64_t outer, int64_t channel
     bias = kernel_input(bias)
     cdef object rm = kernel_input(running_mean)
     cdef object rv = kernel_input(running_var)
-    cdef cnp.ndarray out = empty_like_array(x) if y is None else <cnp.ndarray>y
+    cdef cnp.ndarray out = output_array(x, y)
     cdef cnp.ndarray saved_mean = empty_vector(channels, typenum)
     cdef cnp.ndarray saved_invstd = empty_vector(channels, typenum)
     cdef fastbn_bn_call call
@@ -628,7 +641,7 @@ cdef object run_backward(bint eval_mode, object dy, object x, object dx, int64_t
     stat_b = kernel_input(stat_b)
     weight = kernel_input(weight)
     bias = kernel_input(bias) if relu else None
-    cdef cnp.ndarray out = empty_like_array(dy) if dx is None else <cnp.ndarray>dx
+    cdef cnp.ndarray out = output_array(dy, dx)
     cdef fastbn_bn_call call
     start_call(&call, outer, channels, inner)
     call.dy = cnp.PyArray_DATA(dy)
@@ -869,7 +882,7 @@ def apply(object x, object y, int64_t outer, int64_t channels, int64_t inner, ob
             check_range_vector(name, vector, channels, typenum)
     else:
         x = kernel_input(x)
-    cdef cnp.ndarray out = empty_like_array(x) if y is None else <cnp.ndarray>y
+    cdef cnp.ndarray out = output_array(x, y)
     cdef fastbn_bn_call call
     start_call(&call, outer, stop - first, inner)
     call.row_channels = channels
@@ -966,7 +979,7 @@ def backward_apply(object dy, object x, object dx, int64_t outer, int64_t channe
     else:
         dy = kernel_input(dy)
         x = kernel_input(x)
-    cdef cnp.ndarray out = empty_like_array(dy) if dx is None else <cnp.ndarray>dx
+    cdef cnp.ndarray out = output_array(dy, dx)
     cdef fastbn_bn_call call
     start_call(&call, outer, stop - first, inner)
     call.row_channels = channels

@@ -78,7 +78,7 @@ static inline __attribute__((always_inline)) void FB_BN_BF16_BODY(
     const int stream = p->stream;
     fb_index i = 0;
     if ((uintptr_t)out & 1u) {
-        /* an odd address (a caller's out= may be any byte offset) never
+        /* defensive (the bridge refuses unaligned outputs): an odd address never
          * reaches a 32-byte boundary in 2-byte steps: unaligned stores, no
          * streaming */
         for (; i + 16 <= len; i += 16) {
