@@ -244,17 +244,9 @@ def batch_norm_backward_eval(dy: np.ndarray, x: np.ndarray, running_mean: np.nda
         Channel axis: 1 or -1.
     out : ndarray or None, keyword-only
         OUT for dx.  C-contiguous, same shape and dtype as x; may be dy itself.
-    dweight_out, dbias_out : ndarray (C,) or None, keyword-only
-        OUT for dweight / dbias: writeable, C-contiguous, aligned, x's dtype
-        (float32 for bfloat16 x), sharing no memory with any other argument
-        or with each other.  The kernel writes the gradient straight into
-        them (e.g. a parameter's existing gradient buffer); they are returned
-        in place of new arrays.  An invalid one raises before anything is
-        written.
-    accumulate : bool, keyword-only
-        Add the gradients to `dweight_out` / `dbias_out` instead of
-        overwriting them (a gradient without a buffer is still returned as a
-        new array).  Requires at least one of them.
+    dweight_out, dbias_out, accumulate : keyword-only
+        As in `batch_norm_backward` (OUT buffers for dweight / dbias, and
+        whether to add into them).
 
     Returns
     -------
