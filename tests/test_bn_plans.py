@@ -230,6 +230,78 @@ def test_prefetching_backward_reduction_matches_the_reference_for_1_2_3_threads(
             np.testing.assert_array_equal(got, first)
 
 
+# Interleaved rewrites of several 512-channel groups: each row chunk's work
+# items of one thread are rewritten as one column range (whole rows, or one
+# piece of each row when a thread's items start or end inside a row chunk).
+# Shapes with 2-4 groups that move over 1 MiB (so 2 and 3 threads share row
+# chunks and split them mid-chunk: 33 items of (701, 1030) over 2 or 3
+# threads), odd row counts leaving a short last row chunk, channels-last
+# with several groups, float64; and inputs of at least 8 MiB (the x-only
+# reduction prefetches rows 8 KiB ahead; the output streams).
+SHAPES_GROUPS = [((701, 1030), np.float32), ((701, 1030), np.float64),
+                 ((333, 1600), np.float64), ((3, 17, 19, 1100), np.float32),
+                 ((2100, 1100), np.float32), ((1100, 1000), np.float64)]
+@pytest.mark.parametrize("shape,dtype", SHAPES_GROUPS)
+def test_multi_group_rewrites_match_the_reference_and_are_thread_count_independent(
+        simd_target, threads, shape, dtype, rng):
+    """Every kernel family (run_all) on 1, 2 and 3 threads: each close to the
+    reference, the 2- and 3-thread results bit-identical to 1 thread's."""
+    inputs = make(rng, shape, dtype)
+    expected = run_all(R, *inputs)
+    results = []
+    for count in (1, 2, 3):
+        threads(count)
+        results.append(run_all(F, *inputs))
+    assert len(results[0]) == len(expected)
+    for got, want in zip(results[0], expected):
+        assert_close(got, want, dtype, scale=10)
+    for other in results[1:]:
+        for got, first in zip(other, results[0]):
+            np.testing.assert_array_equal(got, first)
+
+
+# The x-only reduction's prefetch (inputs of at least 8 MiB) with narrow
+# rows (65 float32 channels: 260-byte rows, 32 rows ahead) and an odd row
+# count that leaves the last steps nothing to prefetch, 1 to 8 rows past a
+# multiple of 8, float64 with 3 channels-last dims.
+SHAPES_FORWARD_PREFETCH = [((32803, 65), np.float32), ((32807, 64), np.float32),
+                           ((4, 64, 65, 66), np.float64), ((8193, 256), np.float32)]
+
+
+@pytest.mark.parametrize("shape,dtype", SHAPES_FORWARD_PREFETCH)
+def test_prefetching_forward_reduction_matches_the_reference_for_1_2_3_threads(
+        simd_target, threads, shape, dtype, rng):
+    """Prefetching changes no value: the training forwards (plain and ReLU,
+    with the running statistics) and the split statistics match the
+    reference and are bit-identical for 1, 2 and 3 threads."""
+    x, _, weight, bias, running_mean, running_var = make(rng, shape, dtype)
+    want_rm, want_rv = running_mean.copy(), running_var.copy()
+    want = R.batch_norm_forward_train(x, weight, bias, 1e-5, axis=-1, running_mean=want_rm,
+                                      running_var=want_rv)
+    want_relu = R.batch_norm_relu_forward_train(x, weight, bias, axis=-1)
+    want_stats = R.batch_norm_stats(x, axis=-1)
+    results = []
+    for count in (1, 2, 3):
+        threads(count)
+        rm, rv = running_mean.copy(), running_var.copy()
+        got = F.batch_norm_forward_train(x, weight, bias, 1e-5, axis=-1, running_mean=rm,
+                                         running_var=rv)
+        got_relu = F.batch_norm_relu_forward_train(x, weight, bias, axis=-1)
+        stats = F.batch_norm_stats(x, axis=-1)
+        assert stats[0] == want_stats[0]
+        results.append(list(got) + [rm, rv] + list(got_relu) + list(stats[1:]))
+    expected = list(want) + [want_rm, want_rv] + list(want_relu)
+    for got, wanted in zip(results[0], expected):
+        assert_close(got, wanted, dtype, scale=10)
+    # mean and m2 come back in float64 from sums of the input dtype
+    rtol = 1e-4 if dtype == np.float32 else 1e-10
+    for got, wanted in zip(results[0][len(expected):], want_stats[1:]):
+        np.testing.assert_allclose(got, wanted, rtol=rtol, atol=rtol)
+    for other in results[1:]:
+        for got, first in zip(other, results[0]):
+            np.testing.assert_array_equal(got, first)
+
+
 # ---- planar (channels-first, inner > 1) owned channels ----------------------
 # Threads own whole channels from 4 per thread and walk them in blocks of
 # neighbouring channels, row by row (bn_owned_channels), with rows of at
