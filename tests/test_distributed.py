@@ -484,3 +484,18 @@ def test_data_parallel_on_one_rank_trains_like_the_module():
     for a, b in zip(wrapped.parameters(), plain.parameters()):
         np.testing.assert_array_equal(a.grad, b.grad)
     assert list(wrapped.state_dict()) == ["module.0.weight", "module.0.bias"]
+
+
+def test_error_messages_exchange_one_line_per_rank_cut_to_the_byte_limit():
+    from fastbn.distributed import _comm
+    comm = MirrorComm()
+    assert _comm.error_messages(comm, None) == ["", ""]
+    assert _comm.error_messages(comm, ValueError("x: expected\n  3, got 4")) == \
+        ["ValueError: x: expected 3, got 4"] * 2
+    # cut at the byte limit, inside a 2-byte character: that character is dropped
+    long = ValueError("é" * 500)
+    message = _comm.error_messages(comm, long)[0]
+    assert message.endswith("...") and len(message.encode()) <= _comm.MESSAGE_BYTES
+    assert message.startswith("ValueError: éé")
+    assert _comm.with_cause("failed", "") == "failed"
+    assert _comm.with_cause("failed", "E: m") == "failed (E: m)"

@@ -316,8 +316,10 @@ def _allreduce(params, comm, average: bool, bucket_bytes: int,
     digest = zlib.crc32(repr(signature).encode())
     table = _comm.agree(comm, [len(signature), digest, 1.0 if error else 0.0])
     if table[:, 2].any() or not (table[:, :2] == table[0, :2]).all():
-        rows = [f"{int(row[0])} gradients, signature {int(row[1]):#010x}"
-                + (" (and invalid gradients on this rank)" if row[2] else "") for row in table]
+        messages = _comm.error_messages(comm, ValueError(error) if error else None)
+        rows = [_comm.with_cause(f"{int(row[0])} gradients, signature {int(row[1]):#010x}"
+                                 + (" and invalid gradients on this rank" if row[2] else ""),
+                                 message) for row, message in zip(table, messages)]
         cause = ValueError(error) if error else None
         _comm.raise_on_disagreement(
             "allreduce_gradients: the ranks' gradients differ in number, names, shapes or "
