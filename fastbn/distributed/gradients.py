@@ -375,10 +375,13 @@ class DataParallel(Module):
     (collective).  ``forward`` is the module's; ``backward(dy)`` runs the
     module's backward, then `allreduce_gradients` (averaged over ranks, so
     with equal per-rank batches and a mean loss the gradients equal one
-    process's on the whole batch).  The allreduce runs after the whole
-    backward (no overlap: with MPICH's default progress model, a pending
-    nonblocking allreduce only advances inside MPI calls, so overlapping
-    buckets would gain little on CPU).
+    process's on the whole batch).  The gradients are packed into flat
+    bucket arrays kept from step to step (about as much memory as the
+    gradients; a fresh multi-MiB array per step would pay its page faults
+    every step).  The allreduce runs after the whole backward (no overlap:
+    with MPICH's default progress model, a pending nonblocking allreduce
+    only advances inside MPI calls, and on CPU its copies and sums take the
+    cores the backward uses).
 
     State dict keys are the module's, prefixed with ``module.`` (torch's
     DistributedDataParallel convention).
