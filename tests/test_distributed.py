@@ -394,6 +394,12 @@ def test_data_parallel_keeps_its_bucket_buffers_and_renews_them_when_gradients_c
     assert all(np.array_equal(a, b) for a, b in zip(third, expected()))
     assert [call[2] for call in comm.calls[-2:]] == [12, 11]
     assert comm.reduced[-1] is not buffer and comm.reduced[-1].size == 11
+    second_buffer = comm.reduced[-1]
+    fourth = step()
+    assert all(np.array_equal(a, b) for a, b in zip(fourth, expected()))
+    # bucket 1's buffer is kept (bucket 0 needs none), the old one dropped
+    assert comm.reduced[-1] is second_buffer
+    assert list(model._bucket_buffers.flats) == [1]
 
 
 def test_allreduce_gradients_skips_syncbatchnorm_parameters_of_a_module():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
-from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -269,21 +269,24 @@ class _BucketBuffers:
     a fresh multi-MiB array per step costs its page faults (first touch)
     every time.  Only the bucket sizes are remembered (gradients are packed
     into them every call), so parameters and gradient arrays may change
-    freely between calls: a buffer of another size or dtype is replaced."""
+    freely between calls: a buffer of another size or dtype is replaced,
+    and buffers of buckets that no longer need one are dropped."""
 
     def __init__(self) -> None:
-        self.flats: List[np.ndarray] = []
+        self.flats: Dict[int, np.ndarray] = {}
 
     def get(self, index: int, dtype: np.dtype, size: int) -> np.ndarray:
-        flats = self.flats
-        if index < len(flats) and flats[index].dtype == dtype and flats[index].size == size:
-            return flats[index]
-        flat = np.empty(size, dtype)
-        if index < len(flats):
-            flats[index] = flat
-        else:
-            flats.append(flat)
+        """The buffer of bucket `index` (a new one if it has another size or
+        dtype)."""
+        flat = self.flats.get(index)
+        if flat is None or flat.dtype != dtype or flat.size != size:
+            flat = self.flats[index] = np.empty(size, dtype)
         return flat
+
+    def keep_only(self, indices: set) -> None:
+        """Drop the buffers of the other buckets."""
+        for index in [i for i in self.flats if i not in indices]:
+            del self.flats[index]
 
 
 _IN_PLACE: Any = None
@@ -327,6 +330,7 @@ def _allreduce(params, comm, average: bool, bucket_bytes: int,
     if size == 1:
         return
     in_place = _in_place_marker()
+    packed = set()
     for index, bucket in enumerate(_buckets(reduced, bucket_bytes)):
         grads = [param.grad for param in bucket]
         if len(grads) == 1 and grads[0].flags.c_contiguous and in_place is not None:
@@ -338,6 +342,7 @@ def _allreduce(params, comm, average: bool, bucket_bytes: int,
                 np.divide(grad, size, out=grad)
             continue
         count = sum(grad.size for grad in grads)
+        packed.add(index)
         flat = np.empty(count, grads[0].dtype) if buffers is None else \
             buffers.get(index, grads[0].dtype, count)
         offset = 0
@@ -360,6 +365,8 @@ def _allreduce(params, comm, average: bool, bucket_bytes: int,
             else:
                 np.copyto(grad, part)
             offset += grad.size
+    if buffers is not None:
+        buffers.keep_only(packed)
     if average:
         for _, param in scaled:
             param.grad /= size
