@@ -114,6 +114,11 @@ def test_syncbatchnorm_on_ranks_matches_batchnorm_on_the_concatenated_batch(rank
     assert f"on {ranks} ranks" in _run_under_mpiexec("check_syncbn.py", ranks)
 
 
+@pytest.mark.parametrize("ranks", RANKS)
+def test_allreduce_gradients_on_ranks_gives_the_bits_of_plain_packing(ranks):
+    assert f"on {ranks} ranks" in _run_under_mpiexec("check_gradients.py", ranks)
+
+
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_syncbatchnorm_channel_blocks_give_the_unblocked_bits_on_ranks(ranks):
     assert f"on {ranks} ranks" in _run_under_mpiexec("check_syncbn_blocks.py", ranks)
@@ -268,29 +273,144 @@ def test_converted_fused_relu_layer_matches_batchnorm_relu():
     np.testing.assert_allclose(sync.bias.grad, plain.bias.grad, rtol=1e-12, atol=1e-12)
 
 
+class MirrorComm(OneRankComm):
+    """Rank 0 of a world of two whose other rank holds the same arrays as
+    this one: an Allreduce doubles, an Allgather repeats.  Records each
+    Allreduce as ("Allreduce", dtype, size, in place) and the buffer it got."""
+
+    def __init__(self):
+        super().__init__()
+        self.reduced = []
+
+    def Get_size(self):
+        return 2
+
+    def Allgather(self, send, recv):
+        self.calls.append("Allgather")
+        recv[...] = np.asarray(send).ravel()
+
+    def Allreduce(self, send, recv):
+        in_place = not isinstance(send, np.ndarray)
+        source = recv if in_place else send
+        self.calls.append(("Allreduce", source.dtype, source.size, in_place))
+        self.reduced.append(recv)
+        np.add(source, source, out=recv)
+
+    def allgather(self, obj):
+        self.calls.append("allgather")
+        return [obj, obj]
+
+
+def _reduces(comm):
+    return [call[:3] for call in comm.calls if isinstance(call, tuple)]
+
+
 def test_allreduce_gradients_packs_one_bucket_per_dtype_and_size_limit():
     params = [fastbn.Parameter(np.ones(n, dtype)) for n, dtype in
               ((10, np.float32), (6, np.float64), (20, np.float32), (5, np.float32))]
     for index, param in enumerate(params):
         param.grad = np.full_like(param.data, index + 1)
-    comm = OneRankComm()
+    comm = MirrorComm()
     allreduce_gradients(params, comm, bucket_bytes=4 * 30)
-    reduces = [call for call in comm.calls if isinstance(call, tuple)]
     # float32: 10 + 20 fill the first bucket, 5 start the next; float64: one
-    assert reduces == [("Allreduce", np.float32, 30), ("Allreduce", np.float32, 5),
-                       ("Allreduce", np.float64, 6)]
+    assert _reduces(comm) == [("Allreduce", np.float32, 30), ("Allreduce", np.float32, 5),
+                              ("Allreduce", np.float64, 6)]
+    # both ranks hold the same gradients: their mean is the gradient
     for index, param in enumerate(params):
         assert np.array_equal(param.grad, np.full_like(param.data, index + 1))
+    allreduce_gradients(params, comm, average=False, bucket_bytes=4 * 30)
+    for index, param in enumerate(params):
+        assert np.array_equal(param.grad, np.full_like(param.data, 2 * (index + 1)))
+
+
+def test_allreduce_gradients_reduces_a_lone_contiguous_gradient_in_its_own_array():
+    pytest.importorskip("mpi4py")
+    rng = np.random.default_rng(5)
+    big, small = fastbn.Parameter(np.ones((4, 8))), fastbn.Parameter(np.ones(3))
+    big.grad, small.grad = rng.standard_normal((4, 8)), rng.standard_normal(3)
+    expected = [big.grad.copy(), small.grad.copy()]
+    comm = MirrorComm()
+    grad = big.grad
+    allreduce_gradients([big, small], comm, average=False, bucket_bytes=8 * 8)
+    assert [call[3] for call in comm.calls if isinstance(call, tuple)] == [True, True]
+    assert comm.reduced[0] is grad and big.grad is grad
+    assert np.array_equal(big.grad, 2 * expected[0]) and np.array_equal(small.grad, 2 * expected[1])
+
+
+def test_allreduce_gradients_of_a_strided_gradient_packs_it():
+    param = fastbn.Parameter(np.ones((3, 2)))
+    param.grad = np.arange(12.0).reshape(3, 4)[:, ::2]
+    comm = MirrorComm()
+    allreduce_gradients([param], comm, average=False)
+    assert comm.reduced[0] is not param.grad and comm.reduced[0].size == 6
+    assert np.array_equal(param.grad, 2 * np.arange(12.0).reshape(3, 4)[:, ::2])
+
+
+def test_allreduce_gradients_on_one_rank_communicates_only_the_agreement():
+    params = [fastbn.Parameter(np.ones(4, np.float32)), fastbn.Parameter(np.ones(2))]
+    for param in params:
+        param.grad = np.full_like(param.data, 3)
+    comm = OneRankComm()
+    allreduce_gradients(params, comm)
+    assert comm.calls == ["Allgather"]
+    assert all(np.array_equal(param.grad, np.full_like(param.data, 3)) for param in params)
+
+
+def test_data_parallel_keeps_its_bucket_buffers_and_renews_them_when_gradients_change():
+    rng = np.random.default_rng(6)
+    comm = MirrorComm()
+    model = DataParallel(nn.Sequential(nn.Linear(4, 3, rng=rng, dtype=np.float64),
+                                       nn.Linear(3, 2, rng=rng, dtype=np.float64)), comm)
+    x = rng.standard_normal((5, 4))
+
+    def step():
+        for param in model.parameters():
+            param.grad = None
+        model(x)
+        model.backward(np.ones((5, 2)))
+        return [param.grad.copy() for param in model.parameters()]
+
+    plain = nn.Sequential(nn.Linear(4, 3, dtype=np.float64), nn.Linear(3, 2, dtype=np.float64))
+    plain.load_state_dict({k[len("module."):]: v for k, v in model.state_dict().items()})
+
+    def expected():
+        for param in plain.parameters():
+            param.grad = None
+        plain(x)
+        plain.backward(np.ones((5, 2)))
+        return [param.grad for param in plain.parameters()]
+
+    first = step()
+    buffer = comm.reduced[-1]
+    assert buffer.size == 12 + 3 + 6 + 2
+    second = step()
+    assert comm.reduced[-1] is buffer           # the same flat array, step after step
+    for got, want in zip((first, second), (expected(), expected())):
+        assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    # other buckets (the weight of the first layer alone, then the rest):
+    # buffers of other sizes; a lone contiguous gradient needs none
+    model.bucket_bytes = 8 * 12
+    third = step()
+    assert all(np.array_equal(a, b) for a, b in zip(third, expected()))
+    assert [call[2] for call in comm.calls[-2:]] == [12, 11]
+    assert comm.reduced[-1] is not buffer and comm.reduced[-1].size == 11
+    second_buffer = comm.reduced[-1]
+    fourth = step()
+    assert all(np.array_equal(a, b) for a, b in zip(fourth, expected()))
+    # bucket 1's buffer is kept (bucket 0 needs none), the old one dropped
+    assert comm.reduced[-1] is second_buffer
+    assert list(model._bucket_buffers.flats) == [1]
 
 
 def test_allreduce_gradients_skips_syncbatchnorm_parameters_of_a_module():
-    comm = OneRankComm()
+    comm = MirrorComm()
     model = nn.Sequential(nn.Linear(3, 2), nn.SyncBatchNorm(2, comm=comm))
     for param in model.parameters():
         param.grad = np.ones_like(param.data)
     allreduce_gradients(model, comm)
-    assert [call for call in comm.calls if isinstance(call, tuple)] == \
-        [("Allreduce", np.float32, 8)]
+    assert _reduces(comm) == [("Allreduce", np.float32, 8)]
+    # the SyncBatchNorm gradients are sums over the ranks already: only halved
+    assert np.array_equal(model[1].weight.grad, np.full(2, 0.5, np.float32))
 
 
 def test_allreduce_gradients_rejects_bad_arguments():
@@ -370,3 +490,18 @@ def test_data_parallel_on_one_rank_trains_like_the_module():
     for a, b in zip(wrapped.parameters(), plain.parameters()):
         np.testing.assert_array_equal(a.grad, b.grad)
     assert list(wrapped.state_dict()) == ["module.0.weight", "module.0.bias"]
+
+
+def test_error_messages_exchange_one_line_per_rank_cut_to_the_byte_limit():
+    from fastbn.distributed import _comm
+    comm = MirrorComm()
+    assert _comm.error_messages(comm, None) == ["", ""]
+    assert _comm.error_messages(comm, ValueError("x: expected\n  3, got 4")) == \
+        ["ValueError: x: expected 3, got 4"] * 2
+    # cut at the byte limit, inside a 2-byte character: that character is dropped
+    long = ValueError("é" * 500)
+    message = _comm.error_messages(comm, long)[0]
+    assert message.endswith("...") and len(message.encode()) <= _comm.MESSAGE_BYTES
+    assert message.startswith("ValueError: éé")
+    assert _comm.with_cause("failed", "") == "failed"
+    assert _comm.with_cause("failed", "E: m") == "failed (E: m)"

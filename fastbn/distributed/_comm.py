@@ -22,7 +22,11 @@ from typing import Any, List, Sequence
 import numpy as np
 
 __all__ = ["resolve_comm", "rank_and_size", "DTYPE_CODES", "dtype_code", "dtype_name",
-           "agree", "raise_on_disagreement", "gathered_counts", "sum_in_rank_order"]
+           "agree", "error_messages", "raise_on_disagreement", "gathered_counts",
+           "sum_in_rank_order"]
+
+#: bytes of each rank's error message exchanged on a failure path
+MESSAGE_BYTES = 240
 
 #: small integer codes for the dtypes ranks exchange in metadata
 DTYPE_CODES = {np.dtype(np.float32): 1, np.dtype(np.float64): 2, np.dtype(np.int64): 3}
@@ -69,6 +73,29 @@ def agree(comm: Any, description: Sequence[float]) -> np.ndarray:
     table = np.empty((rank_and_size(comm)[1], send.size), dtype=np.float64)
     comm.Allgather(send, table)
     return table
+
+
+def error_messages(comm: Any, error: BaseException = None) -> List[str]:
+    """Every rank's error as one short line ("" for a rank without one), in
+    rank order: one Allgather of `MESSAGE_BYTES` bytes per rank.  Only for a
+    failure path that every rank takes (each has seen the same gathered
+    status), so that the ValueError every rank raises can name the cause on
+    the rank that failed."""
+    text = "" if error is None else " ".join(f"{type(error).__name__}: {error}".split())
+    data = text.encode("utf-8")
+    if len(data) > MESSAGE_BYTES:
+        data = data[:MESSAGE_BYTES - 3] + b"..."
+    send = np.zeros(MESSAGE_BYTES, np.uint8)
+    send[:len(data)] = np.frombuffer(data, np.uint8)
+    table = np.empty((rank_and_size(comm)[1], MESSAGE_BYTES), np.uint8)
+    comm.Allgather(send, table)
+    # a character cut by the truncation is dropped, not an error
+    return [bytes(row).rstrip(b"\0").decode("utf-8", "ignore") for row in table]
+
+
+def with_cause(row: str, message: str) -> str:
+    """`row`, then the rank's error message when it has one."""
+    return f"{row} ({message})" if message else row
 
 
 def raise_on_disagreement(what: str, rows: List[str], cause: BaseException = None) -> None:

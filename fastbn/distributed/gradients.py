@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
-from typing import Any, Iterable, List, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -227,8 +227,11 @@ def allreduce_gradients(params: Union[Module, Iterable[Parameter]], comm: Any = 
     """Sum (or average) every parameter's ``grad`` over the ranks, in place.
 
     Gradients are packed into flat buckets of one dtype and at most
-    `bucket_bytes` bytes, in parameter order; one Allreduce per bucket.
-    Parameters whose ``grad`` is None on every rank are skipped.
+    `bucket_bytes` bytes, in parameter order; one in-place Allreduce per
+    bucket (a bucket of one C-contiguous gradient is reduced in that array,
+    without packing), and the mean is taken while copying back.  Parameters
+    whose ``grad`` is None on every rank are skipped.  On one rank nothing is
+    communicated (the sum over one rank is the gradient itself).
 
     Given a module, the weight and bias of its `SyncBatchNorm` layers are
     not allreduced: their gradients are already the sums over all ranks, so
@@ -251,12 +254,61 @@ def allreduce_gradients(params: Union[Module, Iterable[Parameter]], comm: Any = 
     ------
     ValueError
         On every rank, when the ranks' parameters (count, shapes, dtypes,
-        which have a gradient) differ, or a rank's gradient is invalid.
+        which have a gradient) differ, or a rank's gradient is invalid; no
+        gradient is changed then.
     """
     comm = _comm.resolve_comm(comm)
     if not isinstance(average, (bool, np.bool_)):
         raise TypeError(f"average: expected a bool, got {describe(average)}")
     bucket_bytes = check_int(bucket_bytes, "bucket_bytes", minimum=1)
+    _allreduce(params, comm, average, bucket_bytes, None)
+
+
+class _BucketBuffers:
+    """The flat buffers of `DataParallel`'s buckets, kept from step to step:
+    a fresh multi-MiB array per step costs its page faults (first touch)
+    every time.  Only the bucket sizes are remembered (gradients are packed
+    into them every call), so parameters and gradient arrays may change
+    freely between calls: a buffer of another size or dtype is replaced,
+    and buffers of buckets that no longer need one are dropped."""
+
+    def __init__(self) -> None:
+        self.flats: Dict[int, np.ndarray] = {}
+
+    def get(self, index: int, dtype: np.dtype, size: int) -> np.ndarray:
+        """The buffer of bucket `index` (a new one if it has another size or
+        dtype)."""
+        flat = self.flats.get(index)
+        if flat is None or flat.dtype != dtype or flat.size != size:
+            flat = self.flats[index] = np.empty(size, dtype)
+        return flat
+
+    def keep_only(self, indices: set) -> None:
+        """Drop the buffers of the other buckets."""
+        for index in [i for i in self.flats if i not in indices]:
+            del self.flats[index]
+
+
+_IN_PLACE: Any = None
+
+
+def _in_place_marker() -> Any:
+    """mpi4py's MPI.IN_PLACE (None when mpi4py is not importable: a stand-in
+    communicator then gets separate send and receive buffers)."""
+    global _IN_PLACE
+    if _IN_PLACE is None:
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            return None
+        _IN_PLACE = MPI.IN_PLACE
+    return _IN_PLACE
+
+
+def _allreduce(params, comm, average: bool, bucket_bytes: int,
+               buffers: "Optional[_BucketBuffers]") -> None:
+    """`allreduce_gradients` after its argument checks; `buffers` keeps the
+    flat bucket arrays between calls (None: fresh ones)."""
     size = _comm.rank_and_size(comm)[1]
     reduced, scaled, error = _gradient_entries(params)
     signature = [(name, tuple(param.grad.shape), param.grad.dtype.str) for name, param in reduced]
@@ -267,24 +319,55 @@ def allreduce_gradients(params: Union[Module, Iterable[Parameter]], comm: Any = 
     digest = zlib.crc32(repr(signature).encode())
     table = _comm.agree(comm, [len(signature), digest, 1.0 if error else 0.0])
     if table[:, 2].any() or not (table[:, :2] == table[0, :2]).all():
-        rows = [f"{int(row[0])} gradients, signature {int(row[1]):#010x}"
-                + (" (and invalid gradients on this rank)" if row[2] else "") for row in table]
+        messages = _comm.error_messages(comm, ValueError(error) if error else None)
+        rows = [_comm.with_cause(f"{int(row[0])} gradients, signature {int(row[1]):#010x}"
+                                 + (" and invalid gradients on this rank" if row[2] else ""),
+                                 message) for row, message in zip(table, messages)]
         cause = ValueError(error) if error else None
         _comm.raise_on_disagreement(
             "allreduce_gradients: the ranks' gradients differ in number, names, shapes or "
             "dtypes, or are invalid:", rows, cause)
-    for bucket in _buckets(reduced, bucket_bytes):
-        flat = np.concatenate([param.grad.ravel() for param in bucket])
-        total = np.empty_like(flat)
-        comm.Allreduce(flat, total)
-        if average and size > 1:
-            total /= size
+    if size == 1:
+        return
+    in_place = _in_place_marker()
+    packed = set()
+    for index, bucket in enumerate(_buckets(reduced, bucket_bytes)):
+        grads = [param.grad for param in bucket]
+        if len(grads) == 1 and grads[0].flags.c_contiguous and in_place is not None:
+            # the same count and so the same MPI algorithm (and bits) as a
+            # packed bucket of that one gradient
+            grad = grads[0]
+            comm.Allreduce(in_place, grad)
+            if average:
+                np.divide(grad, size, out=grad)
+            continue
+        count = sum(grad.size for grad in grads)
+        packed.add(index)
+        flat = np.empty(count, grads[0].dtype) if buffers is None else \
+            buffers.get(index, grads[0].dtype, count)
         offset = 0
-        for param in bucket:
-            grad = param.grad
-            np.copyto(grad, total[offset:offset + grad.size].reshape(grad.shape))
+        for grad in grads:
+            np.copyto(flat[offset:offset + grad.size].reshape(grad.shape), grad)
             offset += grad.size
-    if average and size > 1:
+        if in_place is not None:
+            comm.Allreduce(in_place, flat)
+            total = flat
+        else:
+            total = np.empty_like(flat)
+            comm.Allreduce(flat, total)
+        offset = 0
+        for grad in grads:
+            part = total[offset:offset + grad.size].reshape(grad.shape)
+            if average:
+                # divided while copied back: one pass over the bucket, and
+                # the bits of dividing the whole sum
+                np.divide(part, size, out=grad)
+            else:
+                np.copyto(grad, part)
+            offset += grad.size
+    if buffers is not None:
+        buffers.keep_only(packed)
+    if average:
         for _, param in scaled:
             param.grad /= size
 
@@ -299,10 +382,13 @@ class DataParallel(Module):
     (collective).  ``forward`` is the module's; ``backward(dy)`` runs the
     module's backward, then `allreduce_gradients` (averaged over ranks, so
     with equal per-rank batches and a mean loss the gradients equal one
-    process's on the whole batch).  The allreduce runs after the whole
-    backward (no overlap: with MPICH's default progress model, a pending
-    nonblocking allreduce only advances inside MPI calls, so overlapping
-    buckets would gain little on CPU).
+    process's on the whole batch).  The gradients are packed into flat
+    bucket arrays kept from step to step (about as much memory as the
+    gradients; a fresh multi-MiB array per step would pay its page faults
+    every step).  The allreduce runs after the whole backward (no overlap:
+    with MPICH's default progress model, a pending nonblocking allreduce
+    only advances inside MPI calls, and on CPU its copies and sums take the
+    cores the backward uses).
 
     State dict keys are the module's, prefixed with ``module.`` (torch's
     DistributedDataParallel convention).
@@ -326,6 +412,7 @@ class DataParallel(Module):
         self.bucket_bytes = check_int(bucket_bytes, "bucket_bytes", minimum=1)
         self.module = module
         object.__setattr__(self, "comm", comm)
+        object.__setattr__(self, "_bucket_buffers", _BucketBuffers())
         broadcast_parameters(module, root=0, comm=comm)
 
     def forward(self, *args, **kwargs):
@@ -335,5 +422,5 @@ class DataParallel(Module):
         """The module's backward, then the gradients averaged over ranks
         (collective)."""
         dx = self.module.backward(dy)
-        allreduce_gradients(self.module, self.comm, average=True, bucket_bytes=self.bucket_bytes)
+        _allreduce(self.module, self.comm, True, self.bucket_bytes, self._bucket_buffers)
         return dx

@@ -157,7 +157,9 @@ class ZeroRedundancyOptimizer:
             error = f"invalid gradient in this rank's shard: {exc}"
         table = _comm.agree(self.comm, [1.0 if error else 0.0])
         if table[:, 0].any():
-            rows = ["invalid gradient (see this rank's error)" if row[0] else "ok" for row in table]
+            messages = _comm.error_messages(self.comm, ValueError(error) if error else None)
+            rows = [_comm.with_cause("invalid gradient" if row[0] else "ok", message)
+                    for row, message in zip(table, messages)]
             _comm.raise_on_disagreement("ZeroRedundancyOptimizer.step: a rank's gradients are "
                                         "invalid; no parameter was updated:", rows,
                                         ValueError(error) if error else None)

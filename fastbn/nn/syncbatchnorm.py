@@ -34,7 +34,8 @@ summation order is the MPI library's choice) makes every rank compute the
 same bits, run after run.  The header carries each rank's input description
 and whether its local checks passed, so a bad input on one rank makes EVERY
 rank raise the same ValueError instead of leaving the others blocked in the
-collective.  The first training forward of a layer also checks, with one
+collective; that message quotes the failing rank's own error (one more
+Allgather of 240 bytes per rank, on the failure path only).  The first training forward of a layer also checks, with one
 tiny Allgather, that the ranks built the same layer (num_features, dtype,
 axis, eps, ...).
 
@@ -168,9 +169,12 @@ class SyncBatchNorm(_BatchNorm):
             send[0] = 1
         header = _comm.agree(comm, send)
         if header[:, 0].any() or not (header[:, 2] == header[0, 2]).all():
-            rows = [f"{int(row[1])} channels, dtype {_comm.dtype_name(row[2])}, "
-                    f"{int(row[3])}D input" + (" -- rejected by this rank's checks" if row[0] else "")
-                    for row in header]
+            messages = _comm.error_messages(comm, local_error)
+            rows = [_comm.with_cause(f"{int(row[1])} channels, dtype {_comm.dtype_name(row[2])}, "
+                                     f"{int(row[3])}D input"
+                                     + (" -- rejected by this rank's checks" if row[0] else ""),
+                                     message)
+                    for row, message in zip(header, messages)]
             _comm.raise_on_disagreement(
                 f"SyncBatchNorm: an input is invalid or the ranks' inputs disagree (every rank "
                 f"needs a {self.dtype} input with {channels} channels on axis {self.axis}):",
@@ -183,20 +187,21 @@ class SyncBatchNorm(_BatchNorm):
             x = np.require(x, requirements=("C", "A"))
         blocks = _pipeline.plan_blocks(channels, int(counts.max()), x.dtype.itemsize, 1,
                                        bool(header[:, 5].any()))
+        def failed(statuses, error):
+            messages = _comm.error_messages(comm, error)
+            _comm.raise_on_disagreement(
+                "SyncBatchNorm: the forward failed on a rank:",
+                [_comm.with_cause("failed" if status else "ok", message)
+                 for status, message in zip(statuses, messages)], error)
+
         y, total, mean, m2, invstd = _pipeline.forward_blocks(
             current_kernels(), x, layout, counts, weight, bias, self._eps, self.fused_relu,
-            blocks, _pipeline.CommExchange(comm), self._forward_failed)
+            blocks, _pipeline.CommExchange(comm), failed)
         if update:
             self._update_running_stats(mean, m2 / (total - 1), running_mean, running_var)
         object.__setattr__(self, "_saved", (_SYNCED, x, layout, mean, invstd, total,
                                             int(counts.max()), bool(header[:, 5].any())))
         return y
-
-    @staticmethod
-    def _forward_failed(statuses, local_error) -> None:
-        _comm.raise_on_disagreement(
-            "SyncBatchNorm: the forward failed on a rank:",
-            ["failed" if status else "ok" for status in statuses], local_error)
 
     def _update_running_stats(self, mean, unbiased_var, running_mean, running_var) -> None:
         """r = (1 - m) * r + m * stat (m = 1 / (count + 1) for momentum None),
@@ -260,8 +265,10 @@ class SyncBatchNorm(_BatchNorm):
         blocks = _pipeline.plan_blocks(self.num_features, max_count, x.dtype.itemsize, 2, planar)
 
         def failed(statuses, error):
-            rows = ["dy or the layer's state rejected by this rank's checks, or its backward "
-                    "failed" if status else "ok" for status in statuses]
+            messages = _comm.error_messages(comm, error)
+            rows = [_comm.with_cause("dy or the layer's state rejected by this rank's checks, or "
+                                     "its backward failed" if status else "ok", message)
+                    for status, message in zip(statuses, messages)]
             _comm.raise_on_disagreement(
                 f"SyncBatchNorm.backward: a rank's dy or gradients are invalid (every rank "
                 f"needs dy shaped like its forward input, dtype {x.dtype}, and grads of that "

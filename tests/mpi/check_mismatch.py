@@ -41,7 +41,10 @@ def main(comm):
     expect_same_error(comm, lambda: bn(x), "channels", f"rank {size - 1}: {C + 1} channels")
     # dtype disagrees on the last rank
     x = good.astype(np.float64) if last else good
-    expect_same_error(comm, lambda: bn(x), "float64", "rejected")
+    # every rank's message names the cause on the rank that failed
+    expect_same_error(comm, lambda: bn(x), "float64", "rejected",
+                      f"rank {size - 1}: 4 channels, dtype float64, 4D input -- rejected by this "
+                      f"rank's checks (TypeError: ")
     # fewer than 2 values per channel over all ranks
     x = good[:1] if rank == 0 else good[:0]
     expect_same_error(comm, lambda: bn(x[:, :, :1, :1]), "more than 1 value per channel")
@@ -51,7 +54,9 @@ def main(comm):
     # backward with a wrong dy on the last rank
     bn(good)
     dy = np.ones((3, C, 2, 3) if last else good.shape, np.float32)
-    expect_same_error(comm, lambda: bn.backward(dy), "dy")
+    expect_same_error(comm, lambda: bn.backward(dy), "dy",
+                      f"rank {size - 1}: dy or the layer's state rejected by this rank's checks, "
+                      f"or its backward failed (ValueError: dy: ")
     assert bn.weight.grad is None and bn.bias.grad is None
     bn.backward(np.ones_like(good))   # still in step: a correct call works
 
@@ -72,7 +77,10 @@ def main(comm):
     # a gradient of the wrong shape on the last rank
     param = fastbn.Parameter(np.zeros(3))
     param.grad = np.ones(2) if last else np.ones(3)
-    expect_same_error(comm, lambda: allreduce_gradients([param], comm), "allreduce_gradients")
+    expect_same_error(comm, lambda: allreduce_gradients([param], comm), "allreduce_gradients",
+                      f"rank {size - 1}: 0 gradients, signature",
+                      "invalid gradients on this rank (ValueError: invalid gradients (not a "
+                      "writeable array of the parameter's shape and dtype): ['params[0]'])")
     assert np.array_equal(param.grad, np.ones(2) if last else np.ones(3))
 
 
