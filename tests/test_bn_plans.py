@@ -397,3 +397,49 @@ def test_planar_split_phases_compose_to_the_fused_owned_kernels(simd_target, thr
         sums = F.batch_norm_backward_reduce(dy, x, mean, invstd, axis=1)
         np.testing.assert_array_equal(
             F.batch_norm_backward_apply(dy, x, mean, invstd, weight, *sums, n, axis=1), dx)
+
+
+
+def placed(array, offset):
+    """A copy of `array` starting `offset` elements past a 64-byte boundary."""
+    buffer = np.empty(array.size + 64, array.dtype)
+    begin = (-buffer.ctypes.data // array.itemsize) % (64 // array.itemsize) + offset
+    view = buffer[begin:begin + array.size].reshape(array.shape)
+    view[...] = array
+    return view
+
+
+def test_planar_streamed_rewrite_gives_the_same_bits_at_any_alignment(simd_target, threads,
+                                                                     rng):
+    """Above the 8 MiB streaming size the owned block walk rewrites each row
+    piece as one span, while the shared plan (3 threads: 11 channels are
+    fewer than 4 per thread) cuts rows where chunks end (4356-value rows,
+    4096-value chunks), and where the streaming stores start depends on the
+    output's address.  Inputs and outputs starting 0, 1, 4 or 16 elements
+    past a 64-byte boundary give the same bits for 1, 2 and 3 threads (the
+    forward, the backward and the fused ReLU forward), and the reference's
+    values."""
+    shape, dtype = (48, 11, 66, 66), np.float32
+    x0, dy0, weight, bias, _, _ = make_planar(rng, shape, dtype)
+    want_y = R.batch_norm_forward_train(x0, weight, bias, 1e-5, axis=1)
+    want_dx = R.batch_norm_backward(dy0, x0, want_y[1], want_y[2], weight, axis=1)
+    expected = None
+    for offset in (0, 1, 4, 16):
+        x, dy = placed(x0, offset), placed(dy0, offset)
+        for count in (1, 2, 3):
+            threads(count)
+            y, mean, invstd = F.batch_norm_forward_train(x, weight, bias, 1e-5, axis=1,
+                                                         out=placed(x0 * 0, offset))
+            dx = F.batch_norm_backward(dy, x, mean, invstd, weight, axis=1,
+                                       out=placed(x0 * 0, offset))
+            yr = F.batch_norm_relu_forward_train(x, weight, bias, axis=1,
+                                                 out=placed(x0 * 0, offset))[0]
+            results = [np.array(a) for a in (y, mean, invstd, *dx, yr)]
+            if expected is None:
+                expected = results
+                assert_close(y, want_y[0], dtype, scale=10)
+                for got, want in zip(dx, want_dx):
+                    assert_close(got, want, dtype, scale=10)
+                assert_close(yr, np.maximum(want_y[0], 0), dtype, scale=10)
+            for got, want in zip(results, expected):
+                np.testing.assert_array_equal(got, want)
