@@ -131,6 +131,92 @@ def test_stochastic_rounding_is_unbiased_over_1e5_roundings(value):
     np.testing.assert_array_equal(bits(out), bits(_bf16.round_to_bf16(values, _bf16.tensor_key(11, 1, 0), 0, True)))
 
 
+# section: independence of the random bits -------------------------------------------
+
+def _max_lag_bit_correlation(a, b):
+    """Largest |correlation| over every (bit of a[k], bit of b[k]) pair of
+    16-bit draws, in units of its null standard deviation 1/sqrt(n)."""
+    n = a.size
+    abits = ((a[:, None] >> np.arange(16, dtype=np.uint32)) & 1).astype(np.float32)
+    bbits = ((b[:, None] >> np.arange(16, dtype=np.uint32)) & 1).astype(np.float32)
+    abits = (abits - abits.mean(0)) / abits.std(0)
+    bbits = (bbits - bbits.mean(0)) / bbits.std(0)
+    return np.abs(abits.T @ bbits / n).max() * np.sqrt(n)
+
+
+def _pair_chi_square(a, b, shift):
+    """Chi-square (255 degrees of freedom) of the 256 joint values of four
+    bits (from bit `shift`) of a[k] and of b[k]."""
+    cells = (((a >> shift) & 15) << 4) | ((b >> shift) & 15)
+    counts = np.bincount(cells.astype(np.int64), minlength=256)
+    expected = a.size / 256
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+# chi-square with 255 degrees of freedom: mean 255, sd sqrt(510) = 22.6; the
+# bound is 6.5 sd above the mean (a false alarm about once in 10**10).
+_CHI_SQUARE_BOUND = 255 + 6.5 * np.sqrt(510)
+# largest of 256 standard normals: 6 sd is a false alarm about once in 10**6.
+_CORRELATION_BOUND = 6.0
+
+
+def _neighbour_pairs(key, n):
+    """(a, b) pairs of 16-bit draws that share a counter or sit next to
+    each other: consecutive elements of each slot, the two halves of one
+    word (slots 0 and 1 of an element; slot 2 or 3 of elements 2j, 2j+1),
+    and the same element in different words."""
+    streams = [_bf16.random_bits(key, n, slot) for slot in range(4)]
+    pairs = {}
+    for slot, stream in enumerate(streams):
+        pairs[f"slot {slot} lag 1"] = (stream[:-1], stream[1:])
+        pairs[f"slot {slot} lag 2"] = (stream[:-2], stream[2:])
+        pairs[f"slot {slot} even-odd"] = (stream[0::2], stream[1::2])
+    pairs["slots 0 and 1"] = (streams[0], streams[1])
+    pairs["slots 1 and 3"] = (streams[1], streams[3])
+    pairs["slots 2 and 3"] = (streams[2], streams[3])
+    pairs["slot 0 and next slot 1"] = (streams[0][1:], streams[1][:-1])
+    return pairs
+
+
+@pytest.mark.parametrize("key", [0, _bf16.tensor_key(5, 123, 7)])
+def test_random_bits_of_consecutive_counters_are_uncorrelated(key):
+    # 200k draws per stream: every bit pair between neighbouring draws
+    # uncorrelated, and the joint distribution of four low, middle and high
+    # bits of neighbours uniform.
+    for name, (a, b) in _neighbour_pairs(key, 200_000).items():
+        assert _max_lag_bit_correlation(a, b) < _CORRELATION_BOUND, name
+        for shift in (0, 6, 12):
+            assert _pair_chi_square(a, b, shift) < _CHI_SQUARE_BOUND, (name, shift)
+
+
+def test_independence_checks_reject_a_correlated_generator():
+    # The checks above can fail: a one-multiply hash of consecutive counters
+    # (x ^ x >> 16) * c is caught by both (its low bits follow the counter).
+    counter = np.arange(300_000, dtype=np.uint32) + np.uint32(12345)
+    words = (counter ^ (counter >> np.uint32(16))) * np.uint32(0x7FEB352D)
+    low = words & np.uint32(0xFFFF)
+    assert _max_lag_bit_correlation(low[:-1], low[1:]) > _CORRELATION_BOUND
+    assert _pair_chi_square(low[:-1], low[1:], 0) > _CHI_SQUARE_BOUND
+
+
+@pytest.mark.parametrize("slot", range(4))
+def test_kernel_rounding_decisions_of_neighbouring_elements_are_uncorrelated(slot):
+    # A value one third of the way between two bfloat16s rounds up with
+    # probability 1/3; the decisions of elements k and k+1 (and of the two
+    # elements of one pair) must be independent: lag-1 correlation within
+    # 6 / sqrt(n), and P(both up) = 1/9.
+    n = 300_000
+    low = np.float32(1.0)
+    values = np.full(n, np.float32(1.0 + (1.0 / 3.0) * 2.0 ** -7))
+    out = np.empty(n, BF16)
+    _optim.round_to_bf16(values, out, _bf16.tensor_key(9, 4, 1), slot, True)
+    up = (out.astype(np.float32) > low).astype(np.float64)
+    assert abs(up.mean() - 1 / 3) < 6 * np.sqrt(2 / 9 / n)
+    for a, b in ((up[:-1], up[1:]), (up[0::2], up[1::2]), (up[1:-1:2], up[2::2])):
+        assert abs(np.corrcoef(a, b)[0, 1]) < 6 / np.sqrt(a.size)
+        assert abs(np.mean(a * b) - 1 / 9) < 6 * np.sqrt((1 / 9) * (8 / 9) / a.size)
+
+
 # section: optimizer steps -------------------------------------------------------------
 
 def assert_within_one_bf16_ulp(fast, reference):

@@ -13,11 +13,14 @@ stored back rounded to bfloat16:
 NaN and infinity stay NaN and infinity.  The random bits come from a
 counter-based generator: a 64-bit key per tensor mixed from (seed, step,
 position of the parameter in its group) by SplitMix64's output function;
-from it two 32-bit word keys per 2**32 elements; and for element i of a
-word, a 32-bit integer hash of ``word_key + i`` (low 32 bits of i).  A word feeds
-two roundings (16 bits each): slots 0 and 1 (the first two state arrays)
-share word 0, slot 2 (the third state array) and slot 3 (a bfloat16
-parameter) share word 1.  So any thread count and any resumed run draw the
+from it three 32-bit word keys per 2**32 elements; and a word is a 32-bit
+integer hash of ``word_key + counter`` (low 32 bits of the counter).  A word
+feeds two roundings (16 bits each): slots 0 and 1 (the first two state
+arrays) share word 0, whose counter is the element index i (slot 0 its low
+half, slot 1 its high half); slot 2 (the third state array) and slot 3 (a
+bfloat16 parameter) draw words 1 and 2, whose counter is the pair index
+``i >> 1`` (an even element takes the low half, an odd one the high half).
+So any thread count and any resumed run draw the
 same bits.  The functions below compute the same numbers as
 src_c/common/fb_bf16.h, bit for bit; they are the oracle of the kernels and
 the reference backend.
@@ -112,19 +115,26 @@ def _hash32_array(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint32(16))
 
 
+def _word_of(slot: int) -> int:
+    """The word (0-2) rounding slot `slot` (0-3) draws."""
+    return 0 if slot < 2 else slot - 1
+
+
 def random_bits(key: int, n: int, slot: int) -> np.ndarray:
     """The 16 random bits (uint32 in [0, 2**16)) of rounding slot `slot`
     (0-2 state, 3 parameter) for each element 0 .. n-1 of the tensor with
     generator key `key`."""
     index = np.arange(n, dtype=np.uint64)
     high = index >> np.uint64(32)
-    word = np.uint64(slot >> 1)
+    word = _word_of(slot)
+    paired = slot >= 2
     with np.errstate(over="ignore"):
-        word_key = _mix64_array(np.uint64(key) + (np.uint64(2) * high + word + np.uint64(1))
+        word_key = _mix64_array(np.uint64(key) + (np.uint64(4) * high + np.uint64(word + 1))
                                 * np.uint64(_GOLDEN)).astype(np.uint32)
-        low = index.astype(np.uint32)
-        words = _hash32_array(word_key + low)
-    return (words >> np.uint32(16)) if slot & 1 else (words & np.uint32(0xFFFF))
+        counter = (index >> np.uint64(1) if paired else index).astype(np.uint32)
+        words = _hash32_array(word_key + counter)
+    half = (index & np.uint64(1)).astype(bool) if paired else np.full(n, bool(slot & 1))
+    return np.where(half, words >> np.uint32(16), words & np.uint32(0xFFFF)).astype(np.uint32)
 
 
 # section: rounding -------------------------------------------------------------

@@ -16,20 +16,23 @@
  *
  * The random bits come from a counter-based generator.  Each tensor has a
  * 64-bit key per step, mixed from (seed, step, position of the tensor in its
- * group) by SplitMix64's finalizer.  From it come two 32-bit word keys per
- * 2**32 elements (one 64-bit mix per chunk, not per element), and element i
- * draws one 32-bit word per word key: a 32-bit integer hash (two multiplies)
- * of word_key + i (low 32 bits of i; the hash is built for consecutive
- * integers).  A word feeds two 16-bit roundings, so four
- * "slots" share two hashes per element:
- *   slot 0, 1: state slots 0 and 1 (low, high half of word 0);
- *   slot 2:    state slot 2 (low half of word 1);
- *   slot 3:    the parameter itself, for bfloat16 parameters (high half of
- *              word 1), a stream of its own.
- * A given element at a given step always gets the same bits whatever the
- * thread count, chunking or SIMD target, and a resumed run draws the same
- * bits again.  The NumPy reference (fastbn/optim/_bf16.py) computes the same
- * numbers.
+ * group) by SplitMix64's finalizer.  From it come three 32-bit word keys per
+ * 2**32 elements (one 64-bit mix per chunk, not per element), and a word is
+ * a 32-bit integer hash (two multiplies) of word_key + counter (low 32 bits;
+ * the hash is built for consecutive integers).  A word feeds two 16-bit
+ * roundings:
+ *   slots 0, 1: state slots 0 and 1 share word 0, whose counter is the
+ *               element index i: slot 0 takes its low half, slot 1 its high
+ *               half;
+ *   slot 2:     state slot 2 draws word 1, slot 3 (the parameter, for
+ *               bfloat16 parameters) word 2, each a stream of its own whose
+ *               counter is the pair index i >> 1: element i takes the low
+ *               half when i is even, the high half when it is odd.
+ * So pure bfloat16 Adam hashes three words per two elements (four with
+ * amsgrad), not four, and no drawn half goes unused.  A given element at a
+ * given step always gets the same bits whatever the thread count, chunking
+ * or SIMD target, and a resumed run draws the same bits again.  The NumPy
+ * reference (fastbn/optim/_bf16.py) computes the same numbers.
  *
  * Portable C99; the compiler vectorizes the loops of the callers.  The
  * AVX512_BF16 conversion instruction can only do nearest-even (and flushes
@@ -70,35 +73,54 @@ static inline uint64_t fb_bf16_tensor_key(uint64_t seed, uint64_t step, uint64_t
 /* Rounding slot of the parameter (after the three state slots). */
 #define FB_BF16_PARAM_SLOT 3
 
-/* The key of word `word` (0 or 1) for the elements whose index >> 32 is
- * `high` of the tensor with `key`.  Chunks start at multiples of 4096, so a
- * chunk never straddles two values of `high`. */
+/* The key of word `word` (0-2) for the elements whose index >> 32 is `high`
+ * of the tensor with `key`.  Chunks start at multiples of 4096, so a chunk
+ * never straddles two values of `high`. */
 static inline uint32_t fb_bf16_word_key(uint64_t key, int word, uint64_t high)
 {
-    return (uint32_t)fb_bf16_mix64(key + (2 * high + (uint64_t)word + 1) * FB_BF16_GOLDEN);
+    return (uint32_t)fb_bf16_mix64(key + (4 * high + (uint64_t)word + 1) * FB_BF16_GOLDEN);
 }
 
+/* The word (0-2) a rounding slot (0-3) draws, and whether its counter is
+ * the pair index (slots 2 and 3) rather than the element index. */
+#define FB_BF16_WORD_OF(slot) ((slot) < 2 ? 0 : (slot) - 1)
+#define FB_BF16_PAIRED(slot) ((slot) >= 2)
+
 /* A 32-bit integer hash (xor-shift / multiply, two multiplies) with full
- * avalanche: every input bit flips each output bit with probability near 1/2. */
-FB_BF16_INLINE uint32_t fb_bf16_hash32(uint32_t x)
+ * avalanche: every input bit flips each output bit with probability near
+ * 1/2.  The final xor-shift, x ^ (x >> 16), changes only the low half, so
+ * it is left to fb_bf16_low/fb_bf16_high: together they take two vector
+ * operations (a shift, and one xor-and) instead of four. */
+FB_BF16_INLINE uint32_t fb_bf16_hash32_open(uint32_t x)
 {
     x ^= x >> 16;
     x *= UINT32_C(0x7FEB352D);
     x ^= x >> 15;
     x *= UINT32_C(0x846CA68B);
-    return x ^ (x >> 16);
+    return x;
 }
 
-/* The random word of the element whose index has low 32 bits `index_low`. */
-FB_BF16_INLINE uint32_t fb_bf16_random32(uint32_t word_key, uint32_t index_low)
+/* Low and high 16 bits of the finished hash of the open word `open`. */
+FB_BF16_INLINE uint32_t fb_bf16_low(uint32_t open)
 {
-    return fb_bf16_hash32(word_key + index_low);
+    return (open ^ (open >> 16)) & UINT32_C(0xFFFF);
 }
 
-/* The 16 random bits of `slot` (0-3) from the element's word of that slot. */
-FB_BF16_INLINE uint32_t fb_bf16_half(uint32_t word, int slot)
+FB_BF16_INLINE uint32_t fb_bf16_high(uint32_t open)
 {
-    return (slot & 1) ? word >> 16 : word & UINT32_C(0xFFFF);
+    return open >> 16;
+}
+
+FB_BF16_INLINE uint32_t fb_bf16_hash32(uint32_t x)
+{
+    const uint32_t open = fb_bf16_hash32_open(x);
+    return open ^ (open >> 16);
+}
+
+/* The 16 random bits of half `half` (0 low, 1 high) of the open word `open`. */
+FB_BF16_INLINE uint32_t fb_bf16_half(uint32_t open, int half)
+{
+    return half ? fb_bf16_high(open) : fb_bf16_low(open);
 }
 
 FB_BF16_INLINE uint32_t fb_bf16_bits_of(float x)
@@ -284,18 +306,32 @@ static inline void fb_bf16_round_array(const float *restrict src, uint16_t *rest
 #endif
         return;
     }
+    const int word = FB_BF16_WORD_OF(slot);
     int64_t done = 0;
     while (done < n) {
         const uint64_t index = (uint64_t)(first + done);
         const uint64_t to_boundary = (((index >> 32) + 1) << 32) - index;
         const int64_t count = (uint64_t)(n - done) < to_boundary ? n - done : (int64_t)to_boundary;
-        const uint32_t word_key = fb_bf16_word_key(key, slot >> 1, index >> 32);
+        const uint32_t word_key = fb_bf16_word_key(key, word, index >> 32);
         const uint32_t low = (uint32_t)index;
         const float *restrict s = src + done;
         uint16_t *restrict d = dst + done;
+        if (FB_BF16_PAIRED(slot)) {
+            /* the low 32 bits of (index + i) >> 1; low + i does not wrap
+             * before the boundary */
+            const uint32_t pair_base = word_key + ((uint32_t)(index >> 32) << 31);
 #pragma omp simd
-        for (int64_t i = 0; i < count; ++i)
-            d[i] = fb_f32_to_bf16_stochastic(s[i], fb_bf16_half(fb_bf16_random32(word_key, low + (uint32_t)i), slot));
+            for (int64_t i = 0; i < count; ++i) {
+                const uint32_t element = low + (uint32_t)i;
+                const uint32_t open = fb_bf16_hash32_open(pair_base + (element >> 1));
+                d[i] = fb_f32_to_bf16_stochastic(s[i], fb_bf16_half(open, (int)(element & 1)));
+            }
+        } else {
+#pragma omp simd
+            for (int64_t i = 0; i < count; ++i)
+                d[i] = fb_f32_to_bf16_stochastic(s[i], fb_bf16_half(fb_bf16_hash32_open(word_key + low + (uint32_t)i),
+                                                                    slot & 1));
+        }
         done += count;
     }
 }

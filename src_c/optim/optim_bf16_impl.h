@@ -22,16 +22,28 @@
  *   bfloat16 param, grad, state  2+2, 2, 2x(2+2)                  = 14 bytes
  */
 
-/* The random-bit source of elements [begin, ...) of tensor t. */
+/* The random-bit source of elements [begin, ...) of tensor t (begin is a
+ * multiple of the chunk size, so even: pair j of the chunk is pair
+ * begin / 2 + j of the tensor). */
 static inline fb_rounding fb_rounding_of(const fastbn_optim_batch *batch, fb_index t, fb_index begin)
 {
     const uint64_t key = batch->rounding_key[t];
     const uint64_t high = (uint64_t)begin >> 32;
     fb_rounding rounding;
-    for (int word = 0; word < 2; ++word)
-        rounding.word_base[word] = fb_bf16_word_key(key, word, high) + (uint32_t)begin;
+    rounding.word_base[0] = fb_bf16_word_key(key, 0, high) + (uint32_t)begin;
+    for (int word = 1; word < 3; ++word)
+        rounding.word_base[word] = fb_bf16_word_key(key, word, high) + (uint32_t)((uint64_t)begin >> 1);
     rounding.param_copy = batch->param_copy ? (uint16_t *)batch->param_copy[t] + begin : NULL;
     return rounding;
+}
+
+/* The 16 random bits of `slot` for element i of the chunk. */
+FB_ALWAYS_INLINE uint32_t fb_bf16_increment(const fb_rounding rounding, int32_t i, int slot)
+{
+    if (!FB_BF16_PAIRED(slot))
+        return fb_bf16_half(fb_bf16_hash32_open(rounding.word_base[0] + (uint32_t)i), slot & 1);
+    const uint32_t open = fb_bf16_hash32_open(rounding.word_base[FB_BF16_WORD_OF(slot)] + ((uint32_t)i >> 1));
+    return fb_bf16_half(open, i & 1);
 }
 
 /* `x` rounded to bfloat16 as slot `slot` of element i of the chunk. */
@@ -40,8 +52,7 @@ FB_ALWAYS_INLINE uint16_t fb_bf16_store(float x, const fb_rounding rounding, int
 {
     if (!stochastic)
         return fb_f32_to_bf16_nearest(x);
-    const uint32_t word = fb_bf16_hash32(rounding.word_base[slot >> 1] + (uint32_t)i);
-    return fb_f32_to_bf16_stochastic(x, fb_bf16_half(word, slot));
+    return fb_f32_to_bf16_stochastic(x, fb_bf16_increment(rounding, i, slot));
 }
 
 /* fb_bf16_store before the final shift: the bfloat16 in the top half. */
@@ -50,8 +61,7 @@ FB_ALWAYS_INLINE uint32_t fb_bf16_round_bits(float x, const fb_rounding rounding
 {
     if (!stochastic)
         return fb_bf16_rounded_bits(x, fb_bf16_nearest_increment(x));
-    const uint32_t word = fb_bf16_hash32(rounding.word_base[slot >> 1] + (uint32_t)i);
-    return fb_bf16_rounded_bits(x, fb_bf16_half(word, slot));
+    return fb_bf16_rounded_bits(x, fb_bf16_increment(rounding, i, slot));
 }
 
 /* Pure bfloat16 storage read and written two elements per 32-bit word
@@ -91,6 +101,21 @@ FB_ALWAYS_INLINE void fb_pair_store(uint16_t *array, int32_t j, uint32_t low_bit
 {
     const uint32_t word = (high_bits & UINT32_C(0xFFFF0000)) | (low_bits >> 16);
     memcpy(array + 2 * (fb_index)j, &word, sizeof word);
+}
+
+/* Elements 2j (x0) and 2j + 1 (x1) rounded as `slot` and stored as word j.
+ * The paired slots (2, 3) draw one word per pair: one hash serves both. */
+FB_ALWAYS_INLINE void fb_pair_round_store(uint16_t *array, int32_t j, float x0, float x1,
+                                          const fb_rounding rounding, int slot, const int stochastic)
+{
+    if (stochastic && FB_BF16_PAIRED(slot)) {
+        const uint32_t open = fb_bf16_hash32_open(rounding.word_base[FB_BF16_WORD_OF(slot)] + (uint32_t)j);
+        fb_pair_store(array, j, fb_bf16_rounded_bits(x0, fb_bf16_low(open)),
+                      fb_bf16_rounded_bits(x1, fb_bf16_high(open)));
+        return;
+    }
+    fb_pair_store(array, j, fb_bf16_round_bits(x0, rounding, 2 * j, slot, stochastic),
+                  fb_bf16_round_bits(x1, rounding, 2 * j + 1, slot, stochastic));
 }
 
 /* Layout instantiations: FB_BF16_PARAM 0 float32 param and grad, 1 bfloat16

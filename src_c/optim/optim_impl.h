@@ -52,7 +52,7 @@ static inline FB_TYPED(optim_view) FB_TYPED(optim_view_of)(const optim_call *cal
 #if FB_ROUNDS
     view.rounding = fb_rounding_of(batch, t, begin);
 #else
-    view.rounding = (fb_rounding){{0, 0}, NULL};
+    view.rounding = (fb_rounding){{0, 0, 0}, NULL};
 #endif
     view.coefficients = batch->coefficients ? batch->coefficients + t * batch->coefficient_stride : NULL;
     view.n = end - begin;
@@ -245,11 +245,11 @@ FB_ALWAYS_INLINE void FB_TYPED(adam_loop)(FB_PARAM_T *restrict param, const FB_G
     /* Pure bfloat16 storage: a 32-bit word holds elements 2j (low half) and
      * 2j + 1 (high half), widened by one shift and one mask and narrowed
      * back with one shift and one bitwise select -- no 16/32-bit lane
-     * shuffles.  Each element still gets its own index's random bits. */
+     * shuffles.  Each element still gets its own index's random bits; the
+     * parameter's (and amsgrad's) word is drawn once per pair. */
     const FB_INDEX_T n_pairs = (FB_INDEX_T)(n / 2);
 #pragma omp simd
     for (FB_INDEX_T j = 0; j < n_pairs; ++j) {
-        const FB_INDEX_T i0 = 2 * j, i1 = 2 * j + 1;
         const uint32_t pw = fb_pair_load(param, j), gw = fb_pair_load(grad, j);
         const uint32_t mw = fb_pair_load(exp_avg, j), vw = fb_pair_load(exp_avg_sq, j);
         const uint32_t xw = amsgrad ? fb_pair_load(max_exp_avg_sq, j) : 0u;
@@ -258,15 +258,11 @@ FB_ALWAYS_INLINE void FB_TYPED(adam_loop)(FB_PARAM_T *restrict param, const FB_G
                                            fb_pair_low(vw), fb_pair_low(xw), &m0, &v0, &x0);
         const FB_REAL p1 = FB_ADAM_ELEMENT(sign * fb_pair_high(gw), fb_pair_high(pw), fb_pair_high(mw),
                                            fb_pair_high(vw), fb_pair_high(xw), &m1, &v1, &x1);
-        fb_pair_store(exp_avg, j, fb_bf16_round_bits(m0, rounding, i0, 0, FB_STOCHASTIC),
-                      fb_bf16_round_bits(m1, rounding, i1, 0, FB_STOCHASTIC));
-        fb_pair_store(exp_avg_sq, j, fb_bf16_round_bits(v0, rounding, i0, 1, FB_STOCHASTIC),
-                      fb_bf16_round_bits(v1, rounding, i1, 1, FB_STOCHASTIC));
+        fb_pair_round_store(exp_avg, j, m0, m1, rounding, 0, FB_STOCHASTIC);
+        fb_pair_round_store(exp_avg_sq, j, v0, v1, rounding, 1, FB_STOCHASTIC);
         if (amsgrad)
-            fb_pair_store(max_exp_avg_sq, j, fb_bf16_round_bits(x0, rounding, i0, 2, FB_STOCHASTIC),
-                          fb_bf16_round_bits(x1, rounding, i1, 2, FB_STOCHASTIC));
-        fb_pair_store(param, j, fb_bf16_round_bits(p0, rounding, i0, FB_BF16_PARAM_SLOT, FB_STOCHASTIC),
-                      fb_bf16_round_bits(p1, rounding, i1, FB_BF16_PARAM_SLOT, FB_STOCHASTIC));
+            fb_pair_round_store(max_exp_avg_sq, j, x0, x1, rounding, 2, FB_STOCHASTIC);
+        fb_pair_round_store(param, j, p0, p1, rounding, FB_BF16_PARAM_SLOT, FB_STOCHASTIC);
     }
     first = 2 * n_pairs;
 #endif

@@ -82,12 +82,14 @@ static void optim_run(const optim_call *call, optim_chunk_fn chunk_fn, int num_t
 /* section: storage ------------------------------------------------------------ */
 
 /* Where a chunk's bfloat16 stores get their random bits (see fb_bf16.h):
- * element i of the chunk hashes word_base[w] + i, where word_base[w] =
- * word key w + (low 32 bits of the chunk's first index); and, with master
- * weights, the bfloat16 parameter (offset to the chunk) that receives the
- * rounded master value.  Zero in the float kernels, which do not round. */
+ * element i of the chunk hashes word_base[0] + i for slots 0 and 1, and
+ * word_base[w] + (i >> 1) for slot 2 (w = 1) and slot 3 (w = 2), where
+ * word_base[w] = word key w + (low 32 bits of the chunk's first element
+ * index, or of its first pair index); and, with master weights, the
+ * bfloat16 parameter (offset to the chunk) that receives the rounded master
+ * value.  Zero in the float kernels, which do not round. */
 typedef struct fb_rounding {
-    uint32_t word_base[2];
+    uint32_t word_base[3];
     uint16_t *param_copy;
 } fb_rounding;
 
