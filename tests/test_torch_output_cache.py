@@ -73,14 +73,6 @@ def reference_forward(x, module):
         module.bias.detach().numpy(), module.eps)
 
 
-def rounds_until_reuse(module, x, rounds=6):
-    """Run forward+backward `rounds` times on fresh inputs shaped as x,
-    dropping each result: outputs that can be reused are reused."""
-    for seed in range(rounds):
-        xi = make_input(100 + seed, dtype=x.dtype, requires_grad=True)
-        module(xi).sum().backward()
-
-
 # section: reuse only when dead -------------------------------------------------------
 
 
