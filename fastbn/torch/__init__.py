@@ -18,6 +18,12 @@ and ``torch.autograd.gradcheck`` work through them; plain eager calls of
 the modules skip the op dispatch and run the same kernels directly
 (bit-identical results, a fraction of the per-call cost).
 
+Output buffers: the modules' large outputs (forward y, backward dx; 1 MiB
+and more) are reused from a cache once every tensor that could see them is
+gone, instead of page-faulting fresh memory in at every call; it keeps at
+most 256 MiB of free buffers by default (`set_output_cache_bytes`, 0 turns
+it off; or ``FASTBN_TORCH_OUTPUT_CACHE_BYTES`` in the environment).
+
 Threads: fastbn's kernels use ``torch.get_num_threads()`` threads unless a
 count was set with `fastbn.set_num_threads`.  fastbn's OpenMP runtime and
 torch's are separate; on a shared or loaded machine set
@@ -37,6 +43,7 @@ from .batchnorm import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormReLU1d,
                         BatchNormReLU2d, BatchNormReLU3d)
 from .clip_grad import clip_grad_norm_
 from .convert import convert
+from ._output_cache import get_output_cache_bytes, output_cache_info, set_output_cache_bytes
 from .syncbatchnorm import SyncBatchNorm, SyncBatchNormReLU, convert_sync_batchnorm
 from . import optim
 
@@ -44,4 +51,5 @@ _ops.sync_num_threads()
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU1d",
            "BatchNormReLU2d", "BatchNormReLU3d", "SyncBatchNorm", "SyncBatchNormReLU",
-           "convert", "convert_sync_batchnorm", "clip_grad_norm_", "optim"]
+           "convert", "convert_sync_batchnorm", "clip_grad_norm_", "optim",
+           "set_output_cache_bytes", "get_output_cache_bytes", "output_cache_info"]

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as bn_functional
+from . import _output_cache
 from .._bn_validation import check_running_stats_apart as check_stats_apart
 from .._config import _follow_num_threads, get_user_num_threads
 
@@ -101,17 +102,19 @@ def _new_output(x: Tensor, axis: int) -> Tuple[Tensor, np.ndarray]:
     """The real kernels' output: a fresh tensor laid out as `_empty_like_input`
     says, and its NumPy view with the channel axis at `axis`.
 
-    Allocated by NumPy, which asks the kernel for transparent huge pages on
-    large arrays: a fresh 100 MB torch.empty costs about 5x more in page
-    faults on its first write than the whole batch-norm kernel.
+    Its memory is NumPy's, which asks the kernel for transparent huge pages
+    on large arrays (a fresh 100 MB torch.empty costs about 5x more in page
+    faults on its first write than the whole batch-norm kernel), and large
+    outputs come from `_output_cache`, which reuses the buffers of outputs
+    that are gone instead of faulting new memory in at every call.
     """
     shape = x.movedim(1, -1).shape if axis == -1 else x.shape
-    array = np.empty(tuple(shape), dtype=_NUMPY_DTYPE[x.dtype])
+    array = _output_cache.new_array(shape, _NUMPY_DTYPE[x.dtype])
     tensor = torch.from_numpy(array)
     return (tensor.movedim(-1, 1) if axis == -1 else tensor), array
 
 
-_NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+_NUMPY_DTYPE = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
 
 def _array_or_none(tensor: Optional[Tensor]) -> Optional[np.ndarray]:

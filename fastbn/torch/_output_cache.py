@@ -1,0 +1,259 @@
+"""A size-capped cache of the fast path's large output buffers (forward y,
+backward dx) so that a training loop that produces the same shapes every
+step reuses their memory.
+
+Why: an output over 32 MB is freed back to the OS by glibc's ``free``, so a
+fresh one is page-faulted in again on its first write at every call.  For a
+(64, 128, 56, 56) float32 output (51 MB) that first touch costs more than
+the batch-norm kernel itself (measured in the README).  Kept buffers are
+already mapped.
+
+Safety: a buffer is handed out as the memory of a `_Lease` object, which
+every view of it keeps alive: the NumPy array the kernel writes has the
+lease as its base (NumPy stops collapsing a view's base at an object that
+is not an array), ``torch.from_numpy`` keeps that array alive for as long
+as the tensor's storage lives, and torch views, autograd's saved tensors,
+``tensor.numpy()`` arrays, DLPack capsules and ``untyped_storage()`` objects
+all keep the storage alive.  Only when the last of them is gone does the
+lease's ``__del__`` run and give the buffer back, so a buffer is never
+handed out while anything can still see it.
+
+Threads: a lease may die in any thread, or inside the garbage collector
+while this thread holds the cache's lock.  ``__del__`` therefore never
+blocks: it queues the buffer (``deque.append`` is atomic) and files the
+queue only if the lock is free; whoever holds the lock files the queue
+after releasing it.  A forked child starts with an empty cache and a new
+lock (the parent's lock may have been held by another thread at the fork).
+"""
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import warnings
+from math import prod
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+__all__ = ["DEFAULT_CACHE_BYTES", "MIN_CACHED_BYTES", "ENV_VAR", "new_array",
+           "set_output_cache_bytes", "get_output_cache_bytes", "output_cache_info",
+           "clear_output_cache"]
+
+DEFAULT_CACHE_BYTES = 256 * 2**20
+# Smaller outputs come from malloc's heap, which reuses freed memory itself;
+# a lease costs a few microseconds more than np.empty.
+MIN_CACHED_BYTES = 2**20
+ENV_VAR = "FASTBN_TORCH_OUTPUT_CACHE_BYTES"
+
+_Key = Tuple[int, str]
+
+
+class _Cache:
+    """The free buffers by (nbytes, dtype character), least recently given
+    back first, and the bytes they hold (never more than `cap`).  A buffer
+    is kept as an entry ``[array, address, shape, array interface]`` (the
+    last two: of its last hand-out, reused when the shape repeats)."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._reset()
+
+    def _reset(self) -> None:
+        self.lock = threading.Lock()
+        self.free: Dict[_Key, List[np.ndarray]] = {}
+        self.retained = 0
+        self.pending: collections.deque = collections.deque()
+        self.hits = 0
+        self.misses = 0
+
+    # Both with the lock held.
+
+    def _file_pending(self) -> None:
+        pending, free = self.pending, self.free
+        while pending:
+            entry, key = pending.popleft()
+            if key[0] > self.cap:
+                continue
+            # re-inserted last: the dict's order is the keys' eviction order
+            buffers = free.pop(key, None) or []
+            buffers.append(entry)
+            free[key] = buffers
+            self.retained += key[0]
+        self._evict()
+
+    def _evict(self) -> None:
+        free = self.free
+        while self.retained > self.cap:
+            key = next(iter(free))
+            buffers = free[key]
+            del buffers[0]
+            self.retained -= key[0]
+            if not buffers:
+                del free[key]
+
+    # Any thread, lock not held.
+
+    def file_pending(self) -> None:
+        """File the queued buffers unless someone else holds the lock (then
+        they do it after releasing it)."""
+        while self.pending:
+            if not self.lock.acquire(blocking=False):
+                return
+            try:
+                self._file_pending()
+            finally:
+                self.lock.release()
+
+    def take(self, key: _Key) -> "list | None":
+        entry = None
+        with self.lock:
+            if self.pending:
+                self._file_pending()
+            buffers = self.free.get(key)
+            if buffers:
+                entry = buffers.pop()
+                self.retained -= key[0]
+                if not buffers:
+                    del self.free[key]
+                self.hits += 1
+            else:
+                self.misses += 1
+        if self.pending:
+            self.file_pending()
+        return entry
+
+
+_cache = _Cache(DEFAULT_CACHE_BYTES)
+
+
+class _Lease:
+    """The owner of a cached buffer while it is handed out (see the module
+    docstring); NumPy reads the memory through ``__array_interface__``."""
+
+    __slots__ = ("entry", "key", "__array_interface__")
+
+    def __init__(self, entry: list, key: _Key, interface: dict) -> None:
+        self.entry, self.key, self.__array_interface__ = entry, key, interface
+
+    def __del__(self) -> None:
+        cache = _Lease.cache
+        cache.pending.append((self.entry, self.key))
+        cache.file_pending()
+
+    cache = _cache
+
+
+def new_array(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialized C-contiguous array, from the cache when it is at
+    least `MIN_CACHED_BYTES` and the cache is on (else ``np.empty``)."""
+    nbytes = prod(shape) * dtype.itemsize
+    cache = _cache
+    if nbytes < MIN_CACHED_BYTES or cache.cap == 0:
+        return np.empty(shape, dtype)
+    key = (nbytes, dtype.char)
+    entry = cache.take(key)
+    if entry is None:
+        # NumPy asks for transparent huge pages on arrays of 4 MiB and more
+        raw = np.empty(nbytes // dtype.itemsize, dtype)
+        entry = [raw, raw.__array_interface__["data"][0], None, None]
+    shape = tuple(shape)
+    if entry[2] != shape:
+        # a buffer is usually asked for with the same shape every time
+        entry[2], entry[3] = shape, {"data": (entry[1], False), "shape": shape,
+                                     "typestr": dtype.str, "version": 3}
+    return np.asarray(_Lease(entry, key, entry[3]))
+
+
+def _check_bytes(n: object) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n: expected an int number of bytes, got {type(n).__name__}")
+    if n < 0:
+        raise ValueError(f"n: expected a number of bytes >= 0, got {n}")
+    return int(n)
+
+
+def set_output_cache_bytes(n: int) -> None:
+    """Keep at most `n` bytes of freed fastbn.torch output buffers for reuse.
+
+    The BatchNorm modules' fast path writes its outputs (forward y, backward
+    dx) into buffers of at least 1 MiB taken from this cache; a buffer goes
+    back to it only when every tensor, view, saved tensor and NumPy array
+    that can see it is gone, and buffers beyond `n` bytes are released to
+    the allocator (least recently freed first).  Buffers still in use are
+    not counted.  ``0`` turns the cache off and releases everything.  The
+    default is 256 MiB, or the environment variable
+    ``FASTBN_TORCH_OUTPUT_CACHE_BYTES`` read at import.
+
+    Parameters
+    ----------
+    n : int
+        Bytes to keep, >= 0.
+
+    Raises
+    ------
+    TypeError
+        `n` is not an int.
+    ValueError
+        `n` is negative.
+    """
+    n = _check_bytes(n)
+    cache = _cache
+    with cache.lock:
+        cache.cap = n
+        cache._file_pending()
+        cache._evict()
+    cache.file_pending()
+
+
+def get_output_cache_bytes() -> int:
+    """The cap set by `set_output_cache_bytes` (bytes; 0: cache off)."""
+    return _cache.cap
+
+
+def clear_output_cache() -> None:
+    """Release every buffer the cache keeps (the cap stays)."""
+    cache = _cache
+    with cache.lock:
+        cache._file_pending()
+        cache.free.clear()
+        cache.retained = 0
+    cache.file_pending()
+
+
+def output_cache_info() -> Dict[str, int]:
+    """The cache's state: ``cap`` and ``retained`` bytes, ``buffers`` kept,
+    and the ``hits`` and ``misses`` of calls that asked it for a buffer."""
+    cache = _cache
+    with cache.lock:
+        cache._file_pending()
+        info = {"cap": cache.cap, "retained": cache.retained,
+                "buffers": sum(len(b) for b in cache.free.values()),
+                "hits": cache.hits, "misses": cache.misses}
+    cache.file_pending()
+    return info
+
+
+def _initial_cap() -> int:
+    text = os.environ.get(ENV_VAR, "").strip()
+    if not text:
+        return DEFAULT_CACHE_BYTES
+    try:
+        return _check_bytes(int(text))
+    except (TypeError, ValueError):
+        warnings.warn(f"{ENV_VAR}={text!r} is not a number of bytes >= 0; using "
+                      f"{DEFAULT_CACHE_BYTES}", RuntimeWarning, stacklevel=2)
+        return DEFAULT_CACHE_BYTES
+
+
+def _after_fork_in_child() -> None:
+    # The parent's lock may have been held by another of its threads, and
+    # the child has no use for the parent's free buffers (copy-on-write).
+    # Leases alive at the fork give their buffers (the child's copies) to
+    # the child's new free list.
+    _cache._reset()
+
+
+_cache.cap = _initial_cap()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
