@@ -781,6 +781,25 @@ cdef int check_range_vector(str name, object value, int64_t channels,
     return 0
 
 
+cdef int64_t checked_range(object channel_range, int64_t outer, int64_t channels,
+                           int64_t inner, object x, tuple arrays, tuple doubles, tuple typed,
+                           int64_t *stop) except -1:
+    """first of a valid `channel_range` (its stop in *stop) once every argument
+    is usable with it: `arrays` ((name, array, written), ...) of x's dtype and
+    whole shape, `doubles` ((name, vector), ...) float64 and `typed` of x's
+    dtype, all of every channel.  Raises before anything is written."""
+    cdef int64_t first = range_start(channel_range, outer, channels, inner, stop)
+    cdef int typenum = (cnp.PyArray_TYPE(<cnp.ndarray>x) if type(x) is cnp.ndarray
+                        else cnp.NPY_FLOAT32)
+    for name, array, written in arrays:
+        check_range_array(name, array, outer, channels, inner, typenum, written)
+    for name, vector in doubles:
+        check_range_vector(name, vector, channels, cnp.NPY_FLOAT64)
+    for name, vector in typed:
+        check_range_vector(name, vector, channels, typenum)
+    return first
+
+
 cdef str describe_array(object value):
     if isinstance(value, np.ndarray):
         flags = "C-contiguous" if value.flags.c_contiguous else "not C-contiguous"
@@ -796,6 +815,23 @@ cdef inline void *at_channel(object array, int64_t offset):
         <cnp.ndarray>array)
 
 
+cdef void start_ranged_call(fastbn_bn_call *call, int64_t outer, int64_t channels,
+                            int64_t inner, int64_t first, int64_t stop, object x, object dy,
+                            object out, object mean, object invstd, object mask_weight,
+                            object mask_bias):
+    """start_call for channels [first, stop) of an (outer, channels, inner)
+    array: the arrays and per-channel inputs (None: NULL) start at `first`."""
+    start_call(call, outer, stop - first, inner)
+    call.row_channels = channels
+    call.x = at_channel(x, first * inner)
+    call.dy = at_channel(dy, first * inner)
+    call.out = at_channel(out, first * inner)
+    call.phase_mean = <double *>at_channel(mean, first)
+    call.phase_invstd = <const double *>at_channel(invstd, first)
+    call.mask_weight = at_channel(mask_weight, first)
+    call.mask_bias = at_channel(mask_bias, first)
+
+
 def stats(object x, int64_t outer, int64_t channels, int64_t inner, object channel_range=None):
     """Per-channel mean and m2 = sum((x - mean)^2), float64.
 
@@ -807,17 +843,15 @@ def stats(object x, int64_t outer, int64_t channels, int64_t inner, object chann
     """
     cdef int64_t first = 0, stop = channels
     if channel_range is not None:
-        first = range_start(channel_range, outer, channels, inner, &stop)
-        check_range_array("x", x, outer, channels, inner, cnp.PyArray_TYPE(<cnp.ndarray>x)
-                          if type(x) is cnp.ndarray else cnp.NPY_FLOAT32, False)
+        first = checked_range(channel_range, outer, channels, inner, x,
+                              (("x", x, False),), (), (), &stop)
     else:
         x = kernel_input(x)
     cdef cnp.ndarray mean = empty_vector(stop - first, cnp.NPY_FLOAT64)
     cdef cnp.ndarray m2 = empty_vector(stop - first, cnp.NPY_FLOAT64)
     cdef fastbn_bn_call call
-    start_call(&call, outer, stop - first, inner)
-    call.row_channels = channels
-    call.x = at_channel(x, first * inner)
+    start_ranged_call(&call, outer, channels, inner, first, stop, x, None, None, None, None,
+                      None, None)
     call.phase_mean = <double *>cnp.PyArray_DATA(mean)
     call.m2 = <double *>cnp.PyArray_DATA(m2)
     run(kernels().stats, <cnp.ndarray>x, &call, "batch_norm_stats")
@@ -866,30 +900,21 @@ def apply(object x, object y, int64_t outer, int64_t channels, int64_t inner, ob
     (first, stop): only those channels of y are written (y is required).
     """
     cdef int64_t first = 0, stop = channels
-    cdef int typenum
     mean = float64_vector(mean)
     invstd = float64_vector(invstd)
     weight = kernel_input(weight)
     bias = kernel_input(bias)
     if channel_range is not None:
-        first = range_start(channel_range, outer, channels, inner, &stop)
-        typenum = cnp.PyArray_TYPE(<cnp.ndarray>x) if type(x) is cnp.ndarray else cnp.NPY_FLOAT32
-        check_range_array("x", x, outer, channels, inner, typenum, False)
-        check_range_array("y", y, outer, channels, inner, typenum, True)
-        for name, vector in (("mean", mean), ("invstd", invstd)):
-            check_range_vector(name, vector, channels, cnp.NPY_FLOAT64)
-        for name, vector in (("weight", weight), ("bias", bias)):
-            check_range_vector(name, vector, channels, typenum)
+        first = checked_range(channel_range, outer, channels, inner, x,
+                              (("x", x, False), ("y", y, True)),
+                              (("mean", mean), ("invstd", invstd)),
+                              (("weight", weight), ("bias", bias)), &stop)
     else:
         x = kernel_input(x)
     cdef cnp.ndarray out = output_array(x, y)
     cdef fastbn_bn_call call
-    start_call(&call, outer, stop - first, inner)
-    call.row_channels = channels
-    call.x = at_channel(x, first * inner)
-    call.out = at_channel(out, first * inner)
-    call.phase_mean = <double *>at_channel(mean, first)
-    call.phase_invstd = <const double *>at_channel(invstd, first)
+    start_ranged_call(&call, outer, channels, inner, first, stop, x, None, out, mean, invstd,
+                      None, None)
     call.weight = at_channel(weight, first)
     call.bias = at_channel(bias, first)
     call.relu = relu
@@ -908,34 +933,23 @@ def backward_reduce(object dy, object x, int64_t outer, int64_t channels, int64_
     those channels.
     """
     cdef int64_t first = 0, stop = channels
-    cdef int typenum
     mean = float64_vector(mean)
     invstd = float64_vector(invstd)
     mask_weight = kernel_input(mask_weight) if relu else None
     mask_bias = kernel_input(mask_bias) if relu else None
     if channel_range is not None:
-        first = range_start(channel_range, outer, channels, inner, &stop)
-        typenum = cnp.PyArray_TYPE(<cnp.ndarray>x) if type(x) is cnp.ndarray else cnp.NPY_FLOAT32
-        check_range_array("x", x, outer, channels, inner, typenum, False)
-        check_range_array("dy", dy, outer, channels, inner, typenum, False)
-        for name, vector in (("mean", mean), ("invstd", invstd)):
-            check_range_vector(name, vector, channels, cnp.NPY_FLOAT64)
-        for name, vector in (("mask_weight", mask_weight), ("mask_bias", mask_bias)):
-            check_range_vector(name, vector, channels, typenum)
+        first = checked_range(channel_range, outer, channels, inner, x,
+                              (("x", x, False), ("dy", dy, False)),
+                              (("mean", mean), ("invstd", invstd)),
+                              (("mask_weight", mask_weight), ("mask_bias", mask_bias)), &stop)
     else:
         dy = kernel_input(dy)
         x = kernel_input(x)
     cdef cnp.ndarray sum_dy = empty_vector(stop - first, cnp.NPY_FLOAT64)
     cdef cnp.ndarray sum_dy_xhat = empty_vector(stop - first, cnp.NPY_FLOAT64)
     cdef fastbn_bn_call call
-    start_call(&call, outer, stop - first, inner)
-    call.row_channels = channels
-    call.dy = at_channel(dy, first * inner)
-    call.x = at_channel(x, first * inner)
-    call.phase_mean = <double *>at_channel(mean, first)
-    call.phase_invstd = <const double *>at_channel(invstd, first)
-    call.mask_weight = at_channel(mask_weight, first)
-    call.mask_bias = at_channel(mask_bias, first)
+    start_ranged_call(&call, outer, channels, inner, first, stop, x, dy, None, mean, invstd,
+                      mask_weight, mask_bias)
     call.sum_dy = <double *>cnp.PyArray_DATA(sum_dy)
     call.sum_dy_xhat = <double *>cnp.PyArray_DATA(sum_dy_xhat)
     call.relu = relu
@@ -956,7 +970,6 @@ def backward_apply(object dy, object x, object dx, int64_t outer, int64_t channe
     dx are written (dx is required).
     """
     cdef int64_t first = 0, stop = channels
-    cdef int typenum
     mean = float64_vector(mean)
     invstd = float64_vector(invstd)
     sum_dy = float64_vector(sum_dy)
@@ -965,35 +978,23 @@ def backward_apply(object dy, object x, object dx, int64_t outer, int64_t channe
     mask_weight = kernel_input(mask_weight) if relu else None
     mask_bias = kernel_input(mask_bias) if relu else None
     if channel_range is not None:
-        first = range_start(channel_range, outer, channels, inner, &stop)
-        typenum = cnp.PyArray_TYPE(<cnp.ndarray>x) if type(x) is cnp.ndarray else cnp.NPY_FLOAT32
-        check_range_array("x", x, outer, channels, inner, typenum, False)
-        check_range_array("dy", dy, outer, channels, inner, typenum, False)
-        check_range_array("dx", dx, outer, channels, inner, typenum, True)
-        for name, vector in (("mean", mean), ("invstd", invstd), ("sum_dy", sum_dy),
-                             ("sum_dy_xhat", sum_dy_xhat)):
-            check_range_vector(name, vector, channels, cnp.NPY_FLOAT64)
-        for name, vector in (("weight", weight), ("mask_weight", mask_weight),
-                             ("mask_bias", mask_bias)):
-            check_range_vector(name, vector, channels, typenum)
+        first = checked_range(channel_range, outer, channels, inner, x,
+                              (("x", x, False), ("dy", dy, False), ("dx", dx, True)),
+                              (("mean", mean), ("invstd", invstd), ("sum_dy", sum_dy),
+                               ("sum_dy_xhat", sum_dy_xhat)),
+                              (("weight", weight), ("mask_weight", mask_weight),
+                               ("mask_bias", mask_bias)), &stop)
     else:
         dy = kernel_input(dy)
         x = kernel_input(x)
     cdef cnp.ndarray out = output_array(dy, dx)
     cdef fastbn_bn_call call
-    start_call(&call, outer, stop - first, inner)
-    call.row_channels = channels
-    call.dy = at_channel(dy, first * inner)
-    call.x = at_channel(x, first * inner)
-    call.out = at_channel(out, first * inner)
-    call.phase_mean = <double *>at_channel(mean, first)
-    call.phase_invstd = <const double *>at_channel(invstd, first)
+    start_ranged_call(&call, outer, channels, inner, first, stop, x, dy, out, mean, invstd,
+                      mask_weight, mask_bias)
     call.sum_dy = <double *>at_channel(sum_dy, first)
     call.sum_dy_xhat = <double *>at_channel(sum_dy_xhat, first)
     call.count = count
     call.weight = at_channel(weight, first)
-    call.mask_weight = at_channel(mask_weight, first)
-    call.mask_bias = at_channel(mask_bias, first)
     call.relu = relu
     run(kernels().backward_apply, <cnp.ndarray>x, &call, "batch_norm_backward_apply")
     return out
