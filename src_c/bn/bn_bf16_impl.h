@@ -57,6 +57,15 @@
 /* Planar cache block: bytes of streamed input per thread. */
 #define FB_BN_BF16_BLOCK_BYTES ((fb_index)384 * 1024)
 #define FB_BN_BF16_STREAM_BYTES ((fb_index)8 * 1024 * 1024)
+/* Owned planar blocks (bn_bf16_owned_block): rows of at least
+ * FB_BN_BF16_OWNED_STRETCH_BYTES per stretch, at most
+ * FB_BN_BF16_OWNED_BLOCK_BYTES of streamed input per block (re-read by the
+ * rewrite from the L3 share of a core), one channel at a time when a
+ * channel fits in L1. */
+#define FB_BN_BF16_OWNED_STRETCH_BYTES ((fb_index)48 * 1024)
+#define FB_BN_BF16_OWNED_BLOCK_BYTES ((fb_index)4 << 20)
+#define FB_BN_BF16_OWNED_L1_BYTES ((fb_index)32 * 1024)
+#define FB_BN_BF16_OWNED_BLOCK_MAX ((fb_index)16)
 
 enum { BN_BF16_FORWARD = 0, BN_BF16_EVAL_FORWARD = 1, BN_BF16_BACKWARD = 2,
        BN_BF16_BACKWARD_EVAL = 3 };
@@ -67,6 +76,7 @@ typedef struct {
     fb_index outer, channels, inner, n;
     int interleaved;
     fb_index chunk, chunks, block_channels;
+    fb_index owned_block;   /* planar owned channels walked together (bn_bf16_owned_block) */
     int linear;             /* no reduction: items are flat element ranges */
     fb_index linear_items;
     const uint16_t *x, *dy;
@@ -110,6 +120,13 @@ static void bn_bf16_plan(bn_bf16_pass *p, fb_index outer, fb_index channels, fb_
         const fb_index budget = (fb_index)nt * FB_BN_BF16_BLOCK_BYTES;
         p->block_channels = channel_bytes > 0
             ? fb_min_index(channels, fb_max_index(1, budget / channel_bytes)) : channels;
+        const fb_index row_bytes = inner * 2;
+        fb_index width = row_bytes > 0 ? fb_ceil_div(FB_BN_BF16_OWNED_STRETCH_BYTES, row_bytes) : 1;
+        if (channel_bytes > 0)
+            width = fb_min_index(width, FB_BN_BF16_OWNED_BLOCK_BYTES / channel_bytes);
+        if (channel_bytes <= FB_BN_BF16_OWNED_L1_BYTES)
+            width = 1;
+        p->owned_block = fb_max_index(1, fb_min_index(width, FB_BN_BF16_OWNED_BLOCK_MAX));
     } else {
         p->chunk = fb_max_index(fb_ceil_div(FB_BN_BF16_CHUNK, channels),
                                 fb_ceil_div(outer, FB_BN_BF16_MAX_ROW_CHUNKS));
@@ -323,6 +340,22 @@ static void bn_bf16_reduce_grad_run(const uint16_t *restrict dy, const uint16_t 
     *s2 += r2;
 }
 
+/* One planar run of channel c: *s1 += its sum, *s2 += its sum of squares
+ * (forward) or of g (x - m) (backwards). */
+static inline void bn_bf16_reduce_planar_run(const bn_bf16_pass *p, fb_index c, fb_index offset,
+                                             fb_index len, fb_index ahead, double *s1,
+                                             double *s2)
+{
+    if (p->mode == BN_BF16_FORWARD)
+        bn_bf16_reduce_x_run(p->x + offset, len, p->center[c], ahead, s1, s2);
+    else if (p->relu)
+        bn_bf16_reduce_grad_run(p->dy + offset, p->x + offset, len, p->center[c],
+                                p->mask_scale[c], p->mask_shift[c], 1, ahead, s1, s2);
+    else
+        bn_bf16_reduce_grad_run(p->dy + offset, p->x + offset, len, p->center[c], 0, 0, 0,
+                                ahead, s1, s2);
+}
+
 static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
 {
     const int forward = p->mode == BN_BF16_FORWARD;
@@ -337,14 +370,7 @@ static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
              * prefetcher to follow the jump */
             const fb_index ahead = runs.row < p->outer && p->outer > 1
                 ? p->channels * p->inner : 0;
-            if (forward)
-                bn_bf16_reduce_x_run(p->x + offset, len, p->center[c], ahead, &s1, &s2);
-            else if (p->relu)
-                bn_bf16_reduce_grad_run(p->dy + offset, p->x + offset, len, p->center[c],
-                                        p->mask_scale[c], p->mask_shift[c], 1, ahead, &s1, &s2);
-            else
-                bn_bf16_reduce_grad_run(p->dy + offset, p->x + offset, len, p->center[c], 0, 0,
-                                        0, ahead, &s1, &s2);
+            bn_bf16_reduce_planar_run(p, c, offset, len, ahead, &s1, &s2);
         }
         p->sum1[item] = s1;
         p->sum2[item] = s2;
@@ -572,6 +598,22 @@ static inline void bn_bf16_fused_run(const bn_bf16_pass *p, fb_index offset, fb_
 #define FB_BN_BF16_FUSED 0
 #endif
 
+/* Rewrite `len` values of channel c at `offset` (planar). */
+static inline void bn_bf16_rewrite_planar_run(const bn_bf16_pass *p, fb_index offset,
+                                              fb_index len, fb_index c)
+{
+#if FB_BN_BF16_FUSED
+    bn_bf16_fused_run(p, offset, len, c, 0);
+#else
+    float v[FB_BN_BF16_BLOCK];
+    for (fb_index s = 0; s < len; s += FB_BN_BF16_BLOCK) {
+        const fb_index piece = fb_min_index(FB_BN_BF16_BLOCK, len - s);
+        bn_bf16_compute(p, v, offset + s, piece, c);
+        fb_bn_bf16_narrow(v, p->out + offset + s, piece, p->instruction);
+    }
+#endif
+}
+
 static void bn_bf16_rewrite_item(const bn_bf16_pass *p, fb_index item)
 {
     float v[FB_BN_BF16_BLOCK];
@@ -579,17 +621,8 @@ static void bn_bf16_rewrite_item(const bn_bf16_pass *p, fb_index item)
         const fb_index c = item / p->chunks, k = item - c * p->chunks;
         fb_bn_runs runs = fb_bn_runs_start(p->n, p->channels, p->inner, p->chunk, k);
         fb_index offset, len;
-        while (fb_bn_runs_next(&runs, c, &offset, &len)) {
-#if FB_BN_BF16_FUSED
-            bn_bf16_fused_run(p, offset, len, c, 0);
-            continue;
-#endif
-            for (fb_index s = 0; s < len; s += FB_BN_BF16_BLOCK) {
-                const fb_index piece = fb_min_index(FB_BN_BF16_BLOCK, len - s);
-                bn_bf16_compute(p, v, offset + s, piece, c);
-                fb_bn_bf16_narrow(v, p->out + offset + s, piece, p->instruction);
-            }
-        }
+        while (fb_bn_runs_next(&runs, c, &offset, &len))
+            bn_bf16_rewrite_planar_run(p, offset, len, c);
         return;
     }
     const fb_index C = p->channels;
@@ -646,6 +679,44 @@ static void bn_bf16_rewrite_linear(const bn_bf16_pass *p, fb_index item)
 
 /* ---- the pass --------------------------------------------------------------- */
 
+/* Owned planar channels [c0, c1) walked together, row by row: row r of
+ * every channel of the block is one contiguous stretch of (c1 - c0) * inner
+ * values, where one channel at a time reads row pieces of inner values a
+ * whole row of planes apart (6 KiB pieces 800 KiB apart for (64,128,56,56)
+ * bfloat16), which restarts the hardware prefetcher on every piece.  Each
+ * channel's row piece is cut at its chunk boundaries into exactly the runs
+ * of fb_bn_runs, each run's total added to its chunk's partial in row
+ * order: the partials of bn_bf16_reduce_item, bit for bit, and finalize
+ * adds them in chunk order as before.  Then the block is rewritten, newest
+ * rows first (the likeliest to be in cache). */
+static void bn_bf16_owned_block(bn_bf16_pass *p, fb_index c0, fb_index c1)
+{
+    const fb_index C = p->channels, inner = p->inner, chunk = p->chunk, chunks = p->chunks;
+    if (p->reduce) {
+        for (fb_index i = c0 * chunks; i < c1 * chunks; ++i)
+            p->sum1[i] = p->sum2[i] = 0.0;
+        for (fb_index r = 0; r < p->outer; ++r) {
+            const fb_index p0 = r * inner, p2 = p0 + inner;
+            const fb_index k0 = p0 / chunk;
+            for (fb_index c = c0; c < c1; ++c) {
+                const fb_index base = (r * C + c) * inner - p0; /* value q at base + q */
+                fb_index k = k0;
+                for (fb_index q = p0; q < p2; ++k) {
+                    const fb_index stop = fb_min_index(p2, (k + 1) * chunk);
+                    bn_bf16_reduce_planar_run(p, c, base + q, stop - q, 0,
+                                              &p->sum1[c * chunks + k], &p->sum2[c * chunks + k]);
+                    q = stop;
+                }
+            }
+        }
+    }
+    for (fb_index c = c0; c < c1; ++c)
+        bn_bf16_finalize(p, c);
+    for (fb_index r = p->outer; r-- > 0;)
+        for (fb_index c = c0; c < c1; ++c)
+            bn_bf16_rewrite_planar_run(p, (r * C + c) * inner, inner, c);
+}
+
 /* Run by every thread of the team, or by the caller alone.  The work-sharing
  * loops of one block have the same bounds and a static schedule, so a thread
  * rewrites the items it reduced (from its own cache). */
@@ -655,6 +726,13 @@ static void bn_bf16_body_work(bn_bf16_pass *p)
 #pragma omp for schedule(static)
         for (fb_index item = 0; item < p->linear_items; ++item)
             bn_bf16_rewrite_linear(p, item);
+        return;
+    }
+    if (!p->interleaved && p->channels >= 4 * (fb_index)fb_team_size() && p->owned_block > 1) {
+        fb_index first, last;
+        fb_split_range(p->channels, fb_team_size(), fb_thread_id(), &first, &last);
+        for (fb_index c0 = first; c0 < last; c0 += p->owned_block)
+            bn_bf16_owned_block(p, c0, fb_min_index(last, c0 + p->owned_block));
         return;
     }
     if (!p->interleaved && p->channels >= 4 * (fb_index)fb_team_size()) {
