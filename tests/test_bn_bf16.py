@@ -342,7 +342,8 @@ def test_an_output_at_an_odd_address_is_refused_and_left_unwritten(shape, channe
 # sizes that leave a tail after the 16-lane vectors, runs that start off the
 # 32-byte boundary, channel counts not a multiple of 16 (channels-last rows)
 TAIL_CASES = [((3, 5, 7, 9), False), ((2, 3, 1, 33), False), ((5, 2, 3, 11), False),
-              ((7, 3, 5, 37), True), ((9, 17), True), ((4, 3, 3, 129), True)]
+              ((7, 3, 5, 37), True), ((9, 17), True), ((4, 3, 3, 129), True),
+              ((6, 19, 40, 77), False)]  # channel blocks walked row by row
 
 
 def with_special_values(x, dy):
