@@ -34,7 +34,10 @@
  * count; per-chunk float64 partials added in chunk order, so every output is
  * bit-identical for any thread count.  Channels-first: items are
  * (channel, chunk of the channel's values), processed in cache blocks of
- * channels (reduce, finalize, rewrite the block while it is in L2);
+ * channels (reduce, finalize, rewrite the block while it is in L2); with
+ * enough channels each thread owns whole channels and walks them in blocks
+ * of neighbours, row by row (bn_bf16_owned_block), with the same runs and
+ * chunk partials;
  * channels-last: items are chunks of rows, every item covering all channels.
  */
 
