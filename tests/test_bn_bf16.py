@@ -115,7 +115,10 @@ def threads():
 # (shape, channels_last); every count per channel a power of two (exact means)
 DYADIC_CASES = [((2, 3, 4, 4), False), ((4, 1, 8), False), ((2, 17, 2, 4), False),
                 ((1, 5, 2), False), ((2, 4, 4, 3), True), ((16, 33), True), ((2, 65), True),
-                ((8, 2, 2, 17), True), ((64, 3, 16, 16), False), ((4, 16, 16, 19), True)]
+                ((8, 2, 2, 17), True), ((64, 3, 16, 16), False), ((4, 16, 16, 19), True),
+                # channels walked in blocks, row by row (bn_bf16_owned_block): rows of 8192
+                # values cut by 4096-value chunks; rows of 2048, two per chunk
+                ((4, 10, 8192), False), ((16, 10, 32, 64), False)]
 
 
 @pytest.mark.parametrize("relu", [False, True])
@@ -267,7 +270,11 @@ def test_bf16_statistics_match_float64_statistics_of_the_same_values(
 
 # above the serial threshold, so 2 and 3 threads really split the work
 THREADED_CASES = [((4, 3, 64, 65), False), ((2, 40, 31, 33), False), ((3, 1, 130, 129), False),
-                  ((2, 60, 61, 21), True), ((6, 47, 41, 200), True), ((5000, 7), True)]
+                  ((2, 60, 61, 21), True), ((6, 47, 41, 200), True), ((5000, 7), True),
+                  # channel blocks walked row by row: 19 channels split 8+8+3 (1 thread),
+                  # 8+2 / 8+1 (2), 7 / 6 / 6 (3); rows of 3080 values cut by 4096-value
+                  # chunks; 10 channels: owned on 1 and 2 threads, shared blocks on 3
+                  ((6, 19, 40, 77), False), ((6, 10, 40, 77), False)]
 
 
 @pytest.mark.parametrize("relu", [False, True])
@@ -335,7 +342,8 @@ def test_an_output_at_an_odd_address_is_refused_and_left_unwritten(shape, channe
 # sizes that leave a tail after the 16-lane vectors, runs that start off the
 # 32-byte boundary, channel counts not a multiple of 16 (channels-last rows)
 TAIL_CASES = [((3, 5, 7, 9), False), ((2, 3, 1, 33), False), ((5, 2, 3, 11), False),
-              ((7, 3, 5, 37), True), ((9, 17), True), ((4, 3, 3, 129), True)]
+              ((7, 3, 5, 37), True), ((9, 17), True), ((4, 3, 3, 129), True),
+              ((6, 19, 40, 77), False)]  # channel blocks walked row by row
 
 
 def with_special_values(x, dy):

@@ -34,7 +34,10 @@
  * count; per-chunk float64 partials added in chunk order, so every output is
  * bit-identical for any thread count.  Channels-first: items are
  * (channel, chunk of the channel's values), processed in cache blocks of
- * channels (reduce, finalize, rewrite the block while it is in L2);
+ * channels (reduce, finalize, rewrite the block while it is in L2); with
+ * enough channels each thread owns whole channels and walks them in blocks
+ * of neighbours, row by row (bn_bf16_owned_block), with the same runs and
+ * chunk partials;
  * channels-last: items are chunks of rows, every item covering all channels.
  */
 
@@ -57,6 +60,15 @@
 /* Planar cache block: bytes of streamed input per thread. */
 #define FB_BN_BF16_BLOCK_BYTES ((fb_index)384 * 1024)
 #define FB_BN_BF16_STREAM_BYTES ((fb_index)8 * 1024 * 1024)
+/* Owned planar blocks (bn_bf16_owned_block): rows of at least
+ * FB_BN_BF16_OWNED_STRETCH_BYTES per stretch, at most
+ * FB_BN_BF16_OWNED_BLOCK_BYTES of streamed input per block (re-read by the
+ * rewrite from the L3 share of a core), one channel at a time when a
+ * channel fits in L1. */
+#define FB_BN_BF16_OWNED_STRETCH_BYTES ((fb_index)48 * 1024)
+#define FB_BN_BF16_OWNED_BLOCK_BYTES ((fb_index)4 << 20)
+#define FB_BN_BF16_OWNED_L1_BYTES ((fb_index)32 * 1024)
+#define FB_BN_BF16_OWNED_BLOCK_MAX ((fb_index)16)
 
 enum { BN_BF16_FORWARD = 0, BN_BF16_EVAL_FORWARD = 1, BN_BF16_BACKWARD = 2,
        BN_BF16_BACKWARD_EVAL = 3 };
@@ -67,6 +79,7 @@ typedef struct {
     fb_index outer, channels, inner, n;
     int interleaved;
     fb_index chunk, chunks, block_channels;
+    fb_index owned_block;   /* planar owned channels walked together (bn_bf16_owned_block) */
     int linear;             /* no reduction: items are flat element ranges */
     fb_index linear_items;
     const uint16_t *x, *dy;
@@ -110,6 +123,13 @@ static void bn_bf16_plan(bn_bf16_pass *p, fb_index outer, fb_index channels, fb_
         const fb_index budget = (fb_index)nt * FB_BN_BF16_BLOCK_BYTES;
         p->block_channels = channel_bytes > 0
             ? fb_min_index(channels, fb_max_index(1, budget / channel_bytes)) : channels;
+        const fb_index row_bytes = inner * 2;
+        fb_index width = row_bytes > 0 ? fb_ceil_div(FB_BN_BF16_OWNED_STRETCH_BYTES, row_bytes) : 1;
+        if (channel_bytes > 0)
+            width = fb_min_index(width, FB_BN_BF16_OWNED_BLOCK_BYTES / channel_bytes);
+        if (channel_bytes <= FB_BN_BF16_OWNED_L1_BYTES)
+            width = 1;
+        p->owned_block = fb_max_index(1, fb_min_index(width, FB_BN_BF16_OWNED_BLOCK_MAX));
     } else {
         p->chunk = fb_max_index(fb_ceil_div(FB_BN_BF16_CHUNK, channels),
                                 fb_ceil_div(outer, FB_BN_BF16_MAX_ROW_CHUNKS));
@@ -187,34 +207,29 @@ static inline double bn_bf16_lanes_total(const double *a)
  * (which the compiler does not keep in registers), so the partial sums are
  * the same bits.  The float64 products of two float32 values are exact, so
  * a fused multiply-add equals the product-then-add of the portable form. */
-static inline __m512 bn_bf16_widen16_full(const uint16_t *src)
+/* Eight values widened in a 256-bit register: the halves of 16 are
+ * converted to float64 straight from their own registers (one conversion
+ * each), which on Zen 4 beat widening 16 in a 512-bit register and
+ * extracting its upper half (an extra shuffle per 16 values, and 512-bit
+ * integer operations that take two cycles of a 256-bit pipe). */
+static inline __m256 bn_bf16_widen8(const uint16_t *src)
 {
-    const __m256i h = _mm256_loadu_si256((const __m256i *)src);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-static inline __m512d bn_bf16_low8(__m512 v)
-{
-    return _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-}
-
-static inline __m512d bn_bf16_high8(__m512 v)
-{
-    return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    const __m128i h = _mm_loadu_si128((const __m128i *)src);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
 static inline fb_index bn_bf16_reduce_x_vector(const uint16_t *restrict x, fb_index len,
                                                float center, fb_index ahead, double *a1,
                                                double *a2)
 {
-    const __m512 m = _mm512_set1_ps(center);
+    const __m256 m = _mm256_set1_ps(center);
     __m512d s1lo = _mm512_setzero_pd(), s1hi = s1lo, s2lo = s1lo, s2hi = s1lo;
     fb_index i = 0;
     for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
         if (ahead)
             _mm_prefetch((const char *)(x + i + ahead), _MM_HINT_T0);
-        const __m512 d = _mm512_sub_ps(bn_bf16_widen16_full(x + i), m);
-        const __m512d lo = bn_bf16_low8(d), hi = bn_bf16_high8(d);
+        const __m512d lo = _mm512_cvtps_pd(_mm256_sub_ps(bn_bf16_widen8(x + i), m));
+        const __m512d hi = _mm512_cvtps_pd(_mm256_sub_ps(bn_bf16_widen8(x + i + 8), m));
         s1lo = _mm512_add_pd(s1lo, lo);
         s1hi = _mm512_add_pd(s1hi, hi);
         s2lo = _mm512_fmadd_pd(lo, lo, s2lo);
@@ -227,14 +242,24 @@ static inline fb_index bn_bf16_reduce_x_vector(const uint16_t *restrict x, fb_in
     return i;
 }
 
+/* g = dy where relu keeps it: fma(xc, ms, mh) >= FLT_MIN, as bn_bf16_grad. */
+static inline __m256 bn_bf16_grad8(__m256 dy, __m256 xc, __m256 ms, __m256 mh, int relu)
+{
+    if (!relu)
+        return dy;
+    /* the AVX-512 build has no -mfma: the VL form of the 256-bit FMA */
+    return _mm256_maskz_mov_ps(_mm256_cmp_ps_mask(_mm256_maskz_fmadd_ps((__mmask8)0xFF, xc, ms, mh),
+                                                  _mm256_set1_ps(FLT_MIN), _CMP_GE_OQ), dy);
+}
+
 static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
                                                   const uint16_t *restrict x, fb_index len,
                                                   float center, float mask_scale,
                                                   float mask_shift, int relu, fb_index ahead,
                                                   double *a1, double *a2)
 {
-    const __m512 m = _mm512_set1_ps(center), ms = _mm512_set1_ps(mask_scale);
-    const __m512 mh = _mm512_set1_ps(mask_shift), tiny = _mm512_set1_ps(FLT_MIN);
+    const __m256 m = _mm256_set1_ps(center), ms = _mm256_set1_ps(mask_scale);
+    const __m256 mh = _mm256_set1_ps(mask_shift);
     __m512d s1lo = _mm512_setzero_pd(), s1hi = s1lo, s2lo = s1lo, s2hi = s1lo;
     fb_index i = 0;
     for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
@@ -242,16 +267,16 @@ static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
             _mm_prefetch((const char *)(x + i + ahead), _MM_HINT_T0);
             _mm_prefetch((const char *)(dy + i + ahead), _MM_HINT_T0);
         }
-        const __m512 xc = _mm512_sub_ps(bn_bf16_widen16_full(x + i), m);
-        __m512 g = bn_bf16_widen16_full(dy + i);
-        if (relu)
-            g = _mm512_maskz_mov_ps(
-                _mm512_cmp_ps_mask(_mm512_fmadd_ps(xc, ms, mh), tiny, _CMP_GE_OQ), g);
-        const __m512d glo = bn_bf16_low8(g), ghi = bn_bf16_high8(g);
+        const __m256 xlo = _mm256_sub_ps(bn_bf16_widen8(x + i), m);
+        const __m256 xhi = _mm256_sub_ps(bn_bf16_widen8(x + i + 8), m);
+        const __m512d glo = _mm512_cvtps_pd(bn_bf16_grad8(bn_bf16_widen8(dy + i), xlo, ms, mh,
+                                                          relu));
+        const __m512d ghi = _mm512_cvtps_pd(bn_bf16_grad8(bn_bf16_widen8(dy + i + 8), xhi, ms,
+                                                          mh, relu));
         s1lo = _mm512_add_pd(s1lo, glo);
         s1hi = _mm512_add_pd(s1hi, ghi);
-        s2lo = _mm512_fmadd_pd(glo, bn_bf16_low8(xc), s2lo);
-        s2hi = _mm512_fmadd_pd(ghi, bn_bf16_high8(xc), s2hi);
+        s2lo = _mm512_fmadd_pd(glo, _mm512_cvtps_pd(xlo), s2lo);
+        s2hi = _mm512_fmadd_pd(ghi, _mm512_cvtps_pd(xhi), s2hi);
     }
     _mm512_storeu_pd(a1, s1lo);
     _mm512_storeu_pd(a1 + 8, s1hi);
@@ -323,6 +348,22 @@ static void bn_bf16_reduce_grad_run(const uint16_t *restrict dy, const uint16_t 
     *s2 += r2;
 }
 
+/* One planar run of channel c: *s1 += its sum, *s2 += its sum of squares
+ * (forward) or of g (x - m) (backwards). */
+static inline void bn_bf16_reduce_planar_run(const bn_bf16_pass *p, fb_index c, fb_index offset,
+                                             fb_index len, fb_index ahead, double *s1,
+                                             double *s2)
+{
+    if (p->mode == BN_BF16_FORWARD)
+        bn_bf16_reduce_x_run(p->x + offset, len, p->center[c], ahead, s1, s2);
+    else if (p->relu)
+        bn_bf16_reduce_grad_run(p->dy + offset, p->x + offset, len, p->center[c],
+                                p->mask_scale[c], p->mask_shift[c], 1, ahead, s1, s2);
+    else
+        bn_bf16_reduce_grad_run(p->dy + offset, p->x + offset, len, p->center[c], 0, 0, 0,
+                                ahead, s1, s2);
+}
+
 static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
 {
     const int forward = p->mode == BN_BF16_FORWARD;
@@ -337,14 +378,7 @@ static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
              * prefetcher to follow the jump */
             const fb_index ahead = runs.row < p->outer && p->outer > 1
                 ? p->channels * p->inner : 0;
-            if (forward)
-                bn_bf16_reduce_x_run(p->x + offset, len, p->center[c], ahead, &s1, &s2);
-            else if (p->relu)
-                bn_bf16_reduce_grad_run(p->dy + offset, p->x + offset, len, p->center[c],
-                                        p->mask_scale[c], p->mask_shift[c], 1, ahead, &s1, &s2);
-            else
-                bn_bf16_reduce_grad_run(p->dy + offset, p->x + offset, len, p->center[c], 0, 0,
-                                        0, ahead, &s1, &s2);
+            bn_bf16_reduce_planar_run(p, c, offset, len, ahead, &s1, &s2);
         }
         p->sum1[item] = s1;
         p->sum2[item] = s2;
@@ -572,6 +606,22 @@ static inline void bn_bf16_fused_run(const bn_bf16_pass *p, fb_index offset, fb_
 #define FB_BN_BF16_FUSED 0
 #endif
 
+/* Rewrite `len` values of channel c at `offset` (planar). */
+static inline void bn_bf16_rewrite_planar_run(const bn_bf16_pass *p, fb_index offset,
+                                              fb_index len, fb_index c)
+{
+#if FB_BN_BF16_FUSED
+    bn_bf16_fused_run(p, offset, len, c, 0);
+#else
+    float v[FB_BN_BF16_BLOCK];
+    for (fb_index s = 0; s < len; s += FB_BN_BF16_BLOCK) {
+        const fb_index piece = fb_min_index(FB_BN_BF16_BLOCK, len - s);
+        bn_bf16_compute(p, v, offset + s, piece, c);
+        fb_bn_bf16_narrow(v, p->out + offset + s, piece, p->instruction);
+    }
+#endif
+}
+
 static void bn_bf16_rewrite_item(const bn_bf16_pass *p, fb_index item)
 {
     float v[FB_BN_BF16_BLOCK];
@@ -579,17 +629,8 @@ static void bn_bf16_rewrite_item(const bn_bf16_pass *p, fb_index item)
         const fb_index c = item / p->chunks, k = item - c * p->chunks;
         fb_bn_runs runs = fb_bn_runs_start(p->n, p->channels, p->inner, p->chunk, k);
         fb_index offset, len;
-        while (fb_bn_runs_next(&runs, c, &offset, &len)) {
-#if FB_BN_BF16_FUSED
-            bn_bf16_fused_run(p, offset, len, c, 0);
-            continue;
-#endif
-            for (fb_index s = 0; s < len; s += FB_BN_BF16_BLOCK) {
-                const fb_index piece = fb_min_index(FB_BN_BF16_BLOCK, len - s);
-                bn_bf16_compute(p, v, offset + s, piece, c);
-                fb_bn_bf16_narrow(v, p->out + offset + s, piece, p->instruction);
-            }
-        }
+        while (fb_bn_runs_next(&runs, c, &offset, &len))
+            bn_bf16_rewrite_planar_run(p, offset, len, c);
         return;
     }
     const fb_index C = p->channels;
@@ -646,6 +687,44 @@ static void bn_bf16_rewrite_linear(const bn_bf16_pass *p, fb_index item)
 
 /* ---- the pass --------------------------------------------------------------- */
 
+/* Owned planar channels [c0, c1) walked together, row by row: row r of
+ * every channel of the block is one contiguous stretch of (c1 - c0) * inner
+ * values, where one channel at a time reads row pieces of inner values a
+ * whole row of planes apart (6 KiB pieces 800 KiB apart for (64,128,56,56)
+ * bfloat16), which restarts the hardware prefetcher on every piece.  Each
+ * channel's row piece is cut at its chunk boundaries into exactly the runs
+ * of fb_bn_runs, each run's total added to its chunk's partial in row
+ * order: the partials of bn_bf16_reduce_item, bit for bit, and finalize
+ * adds them in chunk order as before.  Then the block is rewritten, newest
+ * rows first (the likeliest to be in cache). */
+static void bn_bf16_owned_block(bn_bf16_pass *p, fb_index c0, fb_index c1)
+{
+    const fb_index C = p->channels, inner = p->inner, chunk = p->chunk, chunks = p->chunks;
+    if (p->reduce) {
+        for (fb_index i = c0 * chunks; i < c1 * chunks; ++i)
+            p->sum1[i] = p->sum2[i] = 0.0;
+        for (fb_index r = 0; r < p->outer; ++r) {
+            const fb_index p0 = r * inner, p2 = p0 + inner;
+            const fb_index k0 = p0 / chunk;
+            for (fb_index c = c0; c < c1; ++c) {
+                const fb_index base = (r * C + c) * inner - p0; /* value q at base + q */
+                fb_index k = k0;
+                for (fb_index q = p0; q < p2; ++k) {
+                    const fb_index stop = fb_min_index(p2, (k + 1) * chunk);
+                    bn_bf16_reduce_planar_run(p, c, base + q, stop - q, 0,
+                                              &p->sum1[c * chunks + k], &p->sum2[c * chunks + k]);
+                    q = stop;
+                }
+            }
+        }
+    }
+    for (fb_index c = c0; c < c1; ++c)
+        bn_bf16_finalize(p, c);
+    for (fb_index r = p->outer; r-- > 0;)
+        for (fb_index c = c0; c < c1; ++c)
+            bn_bf16_rewrite_planar_run(p, (r * C + c) * inner, inner, c);
+}
+
 /* Run by every thread of the team, or by the caller alone.  The work-sharing
  * loops of one block have the same bounds and a static schedule, so a thread
  * rewrites the items it reduced (from its own cache). */
@@ -655,6 +734,13 @@ static void bn_bf16_body_work(bn_bf16_pass *p)
 #pragma omp for schedule(static)
         for (fb_index item = 0; item < p->linear_items; ++item)
             bn_bf16_rewrite_linear(p, item);
+        return;
+    }
+    if (!p->interleaved && p->channels >= 4 * (fb_index)fb_team_size() && p->owned_block > 1) {
+        fb_index first, last;
+        fb_split_range(p->channels, fb_team_size(), fb_thread_id(), &first, &last);
+        for (fb_index c0 = first; c0 < last; c0 += p->owned_block)
+            bn_bf16_owned_block(p, c0, fb_min_index(last, c0 + p->owned_block));
         return;
     }
     if (!p->interleaved && p->channels >= 4 * (fb_index)fb_team_size()) {
