@@ -41,8 +41,8 @@ SHAPES_PAIRED = [(2, 63), (2, 64), (4, 32), (5, 33), (7, 100), (9, 100), (3, 3, 
                  (7, 1030)]
 
 
-def make(rng, shape, dtype):
-    channels = shape[-1]
+def make(rng, shape, dtype, axis=-1):
+    channels = shape[axis]
     x = (rng.standard_normal(shape) * 2 + 3.0).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     weight = rng.normal(1.0, 0.5, channels).astype(dtype)
@@ -52,11 +52,10 @@ def make(rng, shape, dtype):
     return x, dy, weight, bias, running_mean, running_var
 
 
-def run_all(module, x, dy, weight, bias, running_mean, running_var):
-    """Every kernel family on channels-last input (axis=-1): forward and
-    backward, training and eval, plain and fused with ReLU.  Returns every
-    output and every mutated buffer."""
-    axis = -1
+def run_all(module, x, dy, weight, bias, running_mean, running_var, axis=-1):
+    """Every kernel family with the channels on `axis` (channels-last by
+    default): forward and backward, training and eval, plain and fused with
+    ReLU.  Returns every output and every mutated buffer."""
     rm, rv = running_mean.copy(), running_var.copy()
     y, mean, invstd = module.batch_norm_forward_train(x, weight, bias, 1e-5, axis=axis,
                                                       running_mean=rm, running_var=rv)
@@ -83,17 +82,32 @@ def threads():
     fastbn.set_num_threads(None)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES_NC + SHAPES_CL + SHAPES_THREADS + SHAPES_PAIRED)
-def test_channels_last_kernels_match_the_reference(simd_target, threads, shape, dtype, rng):
-    inputs = make(rng, shape, dtype)
-    expected = run_all(R, *inputs)
+def assert_kernels_match_the_reference(threads, inputs, dtype, axis):
+    """Every output and mutated buffer of run_all on 1 and 2 threads is close
+    to the reference's."""
+    expected = run_all(R, *inputs, axis=axis)
     for count in (1, 2):
         threads(count)
-        actual = run_all(F, *inputs)
+        actual = run_all(F, *inputs, axis=axis)
         assert len(actual) == len(expected)
         for got, want in zip(actual, expected):
             assert_close(got, want, dtype, scale=10)
+
+
+def assert_bits_do_not_depend_on_the_thread_count(threads, inputs, axis):
+    results = []
+    for count in (1, 2, 3):
+        threads(count)
+        results.append(run_all(F, *inputs, axis=axis))
+    for other in results[1:]:
+        for got, want in zip(other, results[0]):
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES_NC + SHAPES_CL + SHAPES_THREADS + SHAPES_PAIRED)
+def test_channels_last_kernels_match_the_reference(simd_target, threads, shape, dtype, rng):
+    assert_kernels_match_the_reference(threads, make(rng, shape, dtype), dtype, axis=-1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -101,14 +115,7 @@ def test_channels_last_kernels_match_the_reference(simd_target, threads, shape, 
                          + [(1024, 96), (64, 1000)])
 def test_channels_last_results_are_bit_identical_for_1_2_and_3_threads(simd_target, threads,
                                                                        shape, dtype, rng):
-    inputs = make(rng, shape, dtype)
-    results = []
-    for count in (1, 2, 3):
-        threads(count)
-        results.append(run_all(F, *inputs))
-    for other in results[1:]:
-        for got, want in zip(other, results[0]):
-            np.testing.assert_array_equal(got, want)
+    assert_bits_do_not_depend_on_the_thread_count(threads, make(rng, shape, dtype), axis=-1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -323,59 +330,19 @@ SHAPES_PLANAR = [(2, 16, 12289), (4, 24, 56, 56), (3, 13, 56, 56), (300, 12, 20,
                  (33, 16, 16, 16)]
 
 
-def make_planar(rng, shape, dtype):
-    channels = shape[1]
-    x = (rng.standard_normal(shape) * 2 + 3.0).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
-    weight = rng.normal(1.0, 0.5, channels).astype(dtype)
-    bias = rng.normal(0.0, 0.5, channels).astype(dtype)
-    running_mean = rng.normal(3.0, 0.5, channels).astype(dtype)
-    running_var = (np.abs(rng.standard_normal(channels)) + 0.5).astype(dtype)
-    return x, dy, weight, bias, running_mean, running_var
-
-
-def run_planar(module, x, dy, weight, bias, running_mean, running_var):
-    """The training kernels on channels-first input (axis=1), plain and fused
-    with ReLU, and the split phases; every output and mutated buffer."""
-    rm, rv = running_mean.copy(), running_var.copy()
-    y, mean, invstd = module.batch_norm_forward_train(x, weight, bias, 1e-5, axis=1,
-                                                      running_mean=rm, running_var=rv)
-    dx, dweight, dbias = module.batch_norm_backward(dy, x, mean, invstd, weight, axis=1)
-    yr, mean_r, invstd_r = module.batch_norm_relu_forward_train(x, weight, bias, axis=1)
-    dxr = module.batch_norm_relu_backward(dy, x, mean_r, invstd_r, weight, bias, axis=1)
-    dx_eval = module.batch_norm_backward_eval(dy, x, running_mean, running_var, weight, axis=1)
-    flat = [y, mean, invstd, rm, rv, dx, dweight, dbias, yr, mean_r, invstd_r]
-    for result in (dxr, dx_eval):
-        flat.extend(result if isinstance(result, tuple) else (result,))
-    return [np.asarray(a) for a in flat if a is not None]
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES_PLANAR)
 def test_planar_owned_channel_blocks_match_the_reference(simd_target, threads, shape, dtype,
                                                          rng):
-    inputs = make_planar(rng, shape, dtype)
-    expected = run_planar(R, *inputs)
-    for count in (1, 2):
-        threads(count)
-        actual = run_planar(F, *inputs)
-        assert len(actual) == len(expected)
-        for got, want in zip(actual, expected):
-            assert_close(got, want, dtype, scale=10)
+    assert_kernels_match_the_reference(threads, make(rng, shape, dtype, axis=1), dtype, axis=1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES_PLANAR)
 def test_planar_results_are_bit_identical_for_1_2_and_3_threads(simd_target, threads, shape,
                                                                 dtype, rng):
-    inputs = make_planar(rng, shape, dtype)
-    results = []
-    for count in (1, 2, 3):
-        threads(count)
-        results.append(run_planar(F, *inputs))
-    for other in results[1:]:
-        for got, want in zip(other, results[0]):
-            np.testing.assert_array_equal(got, want)
+    assert_bits_do_not_depend_on_the_thread_count(threads, make(rng, shape, dtype, axis=1),
+                                                  axis=1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -384,7 +351,7 @@ def test_planar_split_phases_compose_to_the_fused_owned_kernels(simd_target, thr
                                                                  dtype, rng):
     """The split phases run the same owned block walk, so stats + apply and
     backward_reduce + backward_apply equal the fused kernels bit for bit."""
-    x, dy, weight, bias, _, _ = make_planar(rng, shape, dtype)
+    x, dy, weight, bias, _, _ = make(rng, shape, dtype, axis=1)
     for count in (1, 2, 3):
         threads(count)
         y, mean, invstd = F.batch_norm_forward_train(x, weight, bias, 1e-5, axis=1)
@@ -420,7 +387,7 @@ def test_planar_streamed_rewrite_gives_the_same_bits_at_any_alignment(simd_targe
     forward, the backward and the fused ReLU forward), and the reference's
     values."""
     shape, dtype = (48, 11, 66, 66), np.float32
-    x0, dy0, weight, bias, _, _ = make_planar(rng, shape, dtype)
+    x0, dy0, weight, bias, _, _ = make(rng, shape, dtype, axis=1)
     want_y = R.batch_norm_forward_train(x0, weight, bias, 1e-5, axis=1)
     want_dx = R.batch_norm_backward(dy0, x0, want_y[1], want_y[2], weight, axis=1)
     expected = None
