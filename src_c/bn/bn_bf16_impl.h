@@ -60,15 +60,8 @@
 /* Planar cache block: bytes of streamed input per thread. */
 #define FB_BN_BF16_BLOCK_BYTES ((fb_index)384 * 1024)
 #define FB_BN_BF16_STREAM_BYTES ((fb_index)8 * 1024 * 1024)
-/* Owned planar blocks (bn_bf16_owned_block): rows of at least
- * FB_BN_BF16_OWNED_STRETCH_BYTES per stretch, at most
- * FB_BN_BF16_OWNED_BLOCK_BYTES of streamed input per block (re-read by the
- * rewrite from the L3 share of a core), one channel at a time when a
- * channel fits in L1. */
-#define FB_BN_BF16_OWNED_STRETCH_BYTES ((fb_index)48 * 1024)
-#define FB_BN_BF16_OWNED_BLOCK_BYTES ((fb_index)4 << 20)
-#define FB_BN_BF16_OWNED_L1_BYTES ((fb_index)32 * 1024)
-#define FB_BN_BF16_OWNED_BLOCK_MAX ((fb_index)16)
+/* Owned planar blocks (bn_bf16_owned_block) take their width from
+ * fb_bn_owned_block_width (bn_plan.h), as the float kernels' do. */
 
 enum { BN_BF16_FORWARD = 0, BN_BF16_EVAL_FORWARD = 1, BN_BF16_BACKWARD = 2,
        BN_BF16_BACKWARD_EVAL = 3 };
@@ -123,13 +116,7 @@ static void bn_bf16_plan(bn_bf16_pass *p, fb_index outer, fb_index channels, fb_
         const fb_index budget = (fb_index)nt * FB_BN_BF16_BLOCK_BYTES;
         p->block_channels = channel_bytes > 0
             ? fb_min_index(channels, fb_max_index(1, budget / channel_bytes)) : channels;
-        const fb_index row_bytes = inner * 2;
-        fb_index width = row_bytes > 0 ? fb_ceil_div(FB_BN_BF16_OWNED_STRETCH_BYTES, row_bytes) : 1;
-        if (channel_bytes > 0)
-            width = fb_min_index(width, FB_BN_BF16_OWNED_BLOCK_BYTES / channel_bytes);
-        if (channel_bytes <= FB_BN_BF16_OWNED_L1_BYTES)
-            width = 1;
-        p->owned_block = fb_max_index(1, fb_min_index(width, FB_BN_BF16_OWNED_BLOCK_MAX));
+        p->owned_block = fb_bn_owned_block_width(inner * 2, channel_bytes);
     } else {
         p->chunk = fb_max_index(fb_ceil_div(FB_BN_BF16_CHUNK, channels),
                                 fb_ceil_div(outer, FB_BN_BF16_MAX_ROW_CHUNKS));
