@@ -410,3 +410,46 @@ def test_planar_streamed_rewrite_gives_the_same_bits_at_any_alignment(simd_targe
                 assert_close(yr, np.maximum(want_y[0], 0), dtype, scale=10)
             for got, want in zip(results, expected):
                 np.testing.assert_array_equal(got, want)
+
+
+SMALL_TEAM_SCRIPT = """
+import sys
+import numpy as np
+import fastbn
+from fastbn import functional as F
+from fastbn import reference as R
+sys.path.insert(0, {tests!r})
+from conftest import assert_close
+from test_bn_plans import make, run_all
+for target in fastbn.available_simd_targets():
+    fastbn.set_simd_target(target)
+    for shape, dtype in (((600, 2100), np.float32), ((300, 2100), np.float64)):
+        inputs = make(np.random.default_rng(7), shape, dtype)
+        expected = run_all(R, *inputs)
+        fastbn.set_num_threads(1)
+        alone = run_all(F, *inputs)
+        fastbn.set_num_threads(2)
+        got = run_all(F, *inputs)
+        for value, single, want in zip(got, alone, expected):
+            assert_close(value, want, dtype, scale=10)
+            np.testing.assert_array_equal(value, single)
+print("ok")
+"""
+
+
+def test_owned_columns_plan_on_a_team_smaller_than_planned_matches_the_reference(tmp_path):
+    """With OMP_THREAD_LIMIT=1 a call planned for 2 threads (2100 channels:
+    the owned-columns plan) runs on a team of one, whose one thread owns
+    every column and rewrites whole rows as one channel-wrapping span: every
+    kernel family, on every SIMD target, both dtypes, matches the reference
+    and the 1-thread call bit for bit."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastbn.__file__)))
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=root, OMP_THREAD_LIMIT="1")
+    result = subprocess.run([sys.executable, "-c", SMALL_TEAM_SCRIPT.format(tests=tests)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"

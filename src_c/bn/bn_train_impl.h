@@ -1062,6 +1062,14 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
             FB_TYPED(bn_interleaved_totals)(plan, pass, first, last, totals, totals + C);
         FB_TYPED(bn_finalize_columns)(plan, pass, first, last, totals, totals + C, &coef,
                                       first, last);
+        if (first == 0 && last == C) {
+            /* a team smaller than planned (OMP_THREAD_LIMIT, OMP_DYNAMIC):
+             * one thread owns whole rows, rewritten as one flat span whose
+             * channel wraps, reading the wrapped coefficients */
+            FB_TYPED(bn_wrap_extend)(coef.k1, C);
+            FB_TYPED(bn_wrap_extend)(coef.k2, C);
+            FB_TYPED(bn_wrap_extend)(coef.k3, C);
+        }
         /* the whole owned range of each row at once (bn_apply_interleaved) */
         for (fb_index k = plan->chunks; rewrite && k-- > 0;)
             FB_TYPED(bn_apply_columns)(plan, pass, coef, k, first, last);
