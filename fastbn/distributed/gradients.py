@@ -255,7 +255,9 @@ def allreduce_gradients(params: Union[Module, Iterable[Parameter]], comm: Any = 
     ValueError
         On every rank, when the ranks' parameters (count, shapes, dtypes,
         which have a gradient) differ, or a rank's gradient is invalid; no
-        gradient is changed then.
+        gradient is changed then (these checks come before any reduction).
+        An MPI error during the reductions themselves is not caught: the
+        buckets reduced before it keep their new values.
     """
     comm = _comm.resolve_comm(comm)
     if not isinstance(average, (bool, np.bool_)):

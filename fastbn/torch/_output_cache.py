@@ -4,7 +4,7 @@ step reuses their memory.
 
 Why: an output over 32 MB is freed back to the OS by glibc's ``free``, so a
 fresh one is page-faulted in again on its first write at every call.  For a
-(64, 128, 56, 56) float32 output (51 MB) that first touch costs more than
+(64, 128, 56, 56) float32 output (103 MB) that first touch costs more than
 the batch-norm kernel itself (measured in the README).  Kept buffers are
 already mapped.
 
