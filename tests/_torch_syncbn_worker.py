@@ -434,6 +434,11 @@ def main():
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         results = SCENARIOS[scenario](rank, world)
+        # no rank tears the group down while another may still be receiving
+        # the last collective's data from it (gloo's threads then abort the
+        # other process: "terminate called without an active exception",
+        # seen under load)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     with open(out, "w") as handle:
