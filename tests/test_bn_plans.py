@@ -420,29 +420,88 @@ from fastbn import functional as F
 from fastbn import reference as R
 sys.path.insert(0, {tests!r})
 from conftest import assert_close
-from test_bn_plans import make, run_all
+from test_bn_plans import make, run_all, run_phases
+
+
+def both_ways(run, *args):
+    # the call planned for 1 thread, then the one planned for 2 threads
+    # (a team of one under OMP_THREAD_LIMIT=1)
+    fastbn.set_num_threads(1)
+    alone = run(*args)
+    fastbn.set_num_threads(2)
+    return run(*args), alone
+
+
+try:
+    import ml_dtypes
+except ImportError:
+    ml_dtypes = None
+if ml_dtypes is not None:
+    from fastbn import _bn
+    import test_bn_bf16 as B
 for target in fastbn.available_simd_targets():
     fastbn.set_simd_target(target)
-    for shape, dtype in (((600, 2100), np.float32), ((300, 2100), np.float64)):
+    # channel counts that are no multiple of a vector (2, 4, 8 or 16
+    # values): vectors straddle the row ends, reading the wrap pad
+    for shape, dtype in (((600, 2100), np.float32), ((300, 2101), np.float64),
+                         ((2, 20, 15, 2102), np.float32)):
         inputs = make(np.random.default_rng(7), shape, dtype)
         expected = run_all(R, *inputs)
-        fastbn.set_num_threads(1)
-        alone = run_all(F, *inputs)
-        fastbn.set_num_threads(2)
-        got = run_all(F, *inputs)
+        got, alone = both_ways(run_all, F, *inputs)
+        assert len(got) == len(expected)
         for value, single, want in zip(got, alone, expected):
             assert_close(value, want, dtype, scale=10)
             np.testing.assert_array_equal(value, single)
+        expected = run_phases(R, *inputs)
+        got, alone = both_ways(run_phases, F, *inputs)
+        assert len(got) == len(expected)
+        for value, single, want in zip(got, alone, expected):
+            if value.dtype == dtype:  # the rewrites (statistics and sums: float64)
+                assert_close(value, want, dtype, scale=10)
+            np.testing.assert_array_equal(value, single)
+    if ml_dtypes is None:
+        continue
+    # bfloat16: every fused kernel, with and without ReLU, on exact sums
+    # (512 rows), bit for bit against the NumPy twin
+    shape = (512, 2100)
+    inputs = B.make(np.random.default_rng(7), shape, True, dyadic=True)
+    geo = B.geometry(shape, True)
+    for relu in (False, True):
+        expected = B.run_all(B.R, *inputs, geo, relu)
+        got, alone = both_ways(B.run_all, _bn, *inputs, geo, relu)
+        B.assert_same_bits(got, expected)
+        B.assert_same_bits(alone, expected)
 print("ok")
 """
 
 
+def run_phases(module, x, dy, weight, bias, running_mean, running_var, axis=-1):
+    """The split phases (statistics, apply, backward reduce and apply), plain
+    and with the ReLU; every output, as arrays."""
+    n, mean64, m2 = module.batch_norm_stats(x, axis=axis)
+    invstd64 = 1.0 / np.sqrt(m2 / n + 1e-5)
+    dtype = x.dtype
+    mean, invstd = mean64.astype(dtype), invstd64.astype(dtype)
+    flat = [mean64, m2]
+    for relu_from in (None, (weight, bias)):
+        flat.append(module.batch_norm_apply(x, mean64, invstd64, weight, bias, axis=axis,
+                                            relu=relu_from is not None))
+        sums = module.batch_norm_backward_reduce(dy, x, mean, invstd, axis=axis,
+                                                 relu_from=relu_from)
+        flat.extend(sums)
+        flat.append(module.batch_norm_backward_apply(dy, x, mean, invstd, weight, *sums, n,
+                                                     axis=axis, relu_from=relu_from))
+    return [np.asarray(a) for a in flat]
+
+
 def test_owned_columns_plan_on_a_team_smaller_than_planned_matches_the_reference(tmp_path):
-    """With OMP_THREAD_LIMIT=1 a call planned for 2 threads (2100 channels:
-    the owned-columns plan) runs on a team of one, whose one thread owns
+    """With OMP_THREAD_LIMIT=1 a call planned for 2 threads (2100-2102
+    channels: the owned-columns plan) runs on a team of one, whose one thread owns
     every column and rewrites whole rows as one channel-wrapping span: every
-    kernel family, on every SIMD target, both dtypes, matches the reference
-    and the 1-thread call bit for bit."""
+    kernel family that can walk such a span (training and eval forward and
+    backward, plain and with the fused ReLU, the split phases; and the
+    bfloat16 kernels when ml_dtypes is installed), on every SIMD target, both
+    dtypes, matches the reference and the 1-thread call bit for bit."""
     import os
     import subprocess
     import sys

@@ -73,14 +73,16 @@ static int FB_TYPED(bn_eval_forward)(FASTBN_BN_EVAL_FORWARD_ARGS(FB_REAL))
 {
     if (outer < 0 || channels <= 0 || inner < 0 || !x || !y || !running_mean || !running_var)
         return FASTBN_ERR_ARGUMENT;
-    /* scale, shift and (channels-last) a wrapped copy of running_mean, each
-     * channels + FB_BN_WRAP_PAD long (bn_span_wrap) */
+    /* scale, shift and a copy of running_mean, each wrapped (channels +
+     * FB_BN_WRAP_PAD long, the pad mirrored as soon as the entries are set:
+     * bn_wrap_mirror), whatever the layout, so that any walk bn_affine_range
+     * takes may wrap */
     const fb_index stride = channels + FB_BN_WRAP_PAD;
     FB_REAL *coefficients = (FB_REAL *)malloc(3 * (size_t)stride * sizeof(FB_REAL));
     if (!coefficients)
         return FASTBN_ERR_NOMEM;
     FB_REAL *scale = coefficients, *shift = coefficients + stride;
-    FB_REAL *mean = inner == 1 ? coefficients + 2 * stride : (FB_REAL *)running_mean;
+    FB_REAL *mean = coefficients + 2 * stride;
     /* running_var + eps == 0 gives scale = +-inf (NaN with weight 0): y is
      * then +-inf where x != running_mean and NaN where x == running_mean
      * (0 * inf), the IEEE value of (x - mean) / sqrt(var + eps) * weight +
@@ -88,12 +90,10 @@ static int FB_TYPED(bn_eval_forward)(FASTBN_BN_EVAL_FORWARD_ARGS(FB_REAL))
     for (fb_index c = 0; c < channels; ++c)
         FB_TYPED(bn_normalize_coefficients)(1.0 / sqrt((double)running_var[c] + eps), weight,
                                             bias, c, scale + c, shift + c);
-    if (inner == 1) {
-        memcpy(mean, running_mean, (size_t)channels * sizeof(FB_REAL));
-        FB_TYPED(bn_wrap_extend)(mean, channels);
-        FB_TYPED(bn_wrap_extend)(scale, channels);
-        FB_TYPED(bn_wrap_extend)(shift, channels);
-    }
+    memcpy(mean, running_mean, (size_t)channels * sizeof(FB_REAL));
+    FB_TYPED(bn_wrap_extend)(mean, channels);
+    FB_TYPED(bn_wrap_extend)(scale, channels);
+    FB_TYPED(bn_wrap_extend)(shift, channels);
     FB_TYPED(bn_affine)(x, y, mean, scale, shift, outer, channels, inner, relu,
                         num_threads);
     free(coefficients);

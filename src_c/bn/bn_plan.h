@@ -77,7 +77,9 @@
 /* Channels-last rewrites walk a work item as one flat span whose channel
  * index wraps (bn_span_wrap); their per-channel coefficient arrays carry this
  * many extra entries repeating the first ones, so one vector of coefficients
- * (at most 64 bytes = 16 float32) starting at any channel is one load. */
+ * (at most 64 bytes = 16 float32) starting at any channel is one load.  The
+ * pad is filled where the entries are set (bn_wrap_mirror, bn_span_impl.h),
+ * never by the walker's callers. */
 #define FB_BN_WRAP_PAD ((fb_index)16)
 
 /* Interleaved, several threads: from this many channels per thread, every

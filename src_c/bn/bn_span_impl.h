@@ -129,15 +129,35 @@ static inline void FB_TYPED(bn_span)(FB_REAL *out, const FB_REAL *in, const FB_R
  * vector width), which measured ~1 ns/element against 0.23 for NCHW; the flat
  * walk pays them once per work item.  The coefficient arrays are WRAPPED:
  * length channels + FB_BN_WRAP_PAD with entry i == entry i % channels
- * (bn_wrap_extend), so a full vector of coefficients starting at any channel
+ * (bn_wrap_mirror, below), so a full vector of coefficients starting at any channel
  * is one unaligned load.  The vector body and the scalar head and tail
  * evaluate the same expressions (same contraction), so a value does not
  * depend on where a stretch starts. */
 
+/* The invariant every wrapped array keeps: pad entry channels + i mirrors
+ * entry i % channels as soon as that entry is set.  A wrapping span reads a
+ * pad entry only inside a vector whose elements belong to the channels the
+ * entry mirrors, and it rewrites only channels whose coefficients were set,
+ * so the pad it reads is always filled, whatever range of channels a thread
+ * computed and whatever spans it then walks.  The code that sets entries
+ * [first, last) of a wrapped array therefore calls bn_wrap_mirror right
+ * after, rather than each caller of the walker deciding whether its spans
+ * can wrap (a team smaller than planned once walked whole rows with the pad
+ * unset). */
+static inline void FB_TYPED(bn_wrap_mirror)(FB_REAL *coefficients, fb_index channels,
+                                            fb_index first, fb_index last)
+{
+    for (fb_index i = 0; i < FB_BN_WRAP_PAD; ++i) {
+        const fb_index c = i % channels;
+        if (c >= first && c < last)
+            coefficients[channels + i] = coefficients[c];
+    }
+}
+
+/* All channels set: the whole pad. */
 static inline void FB_TYPED(bn_wrap_extend)(FB_REAL *coefficients, fb_index channels)
 {
-    for (fb_index i = 0; i < FB_BN_WRAP_PAD; ++i)
-        coefficients[channels + i] = coefficients[i % channels];
+    FB_TYPED(bn_wrap_mirror)(coefficients, channels, 0, channels);
 }
 
 #if FB_BN_HAVE_VECTORS

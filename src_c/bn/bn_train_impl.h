@@ -649,7 +649,7 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
         pass->dbias[c] = (FB_REAL)((pass->accumulate ? (double)pass->dbias[c] : 0.0) + s1);
 }
 
-/* bn_finalize_columns_f32 / _f64: bn_finalize of channels [first, last) of
+/* bn_finalize_column_values_f32 / _f64: bn_finalize of channels [first, last) of
  * an interleaved plan from their channel totals t1, t2 (this thread's own
  * copy; overwritten), the owner of channels [owned_first, owned_last).  The
  * hot modes, FORWARD and BACKWARD, run as loops over the channels that the
@@ -659,11 +659,12 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
  * var).  Channel by channel, the chain of dependent divisions and the square
  * root was 8-12 % of a (256, 512) float32 training forward (profiled).  The
  * other modes call bn_finalize per channel. */
-static void FB_TYPED(bn_finalize_columns)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass,
-                                          fb_index first, fb_index last, double *restrict t1,
-                                          double *restrict t2,
-                                          const FB_TYPED(bn_coefficients) *coefficients,
-                                          fb_index owned_first, fb_index owned_last)
+static void FB_TYPED(bn_finalize_column_values)(const fb_bn_plan *plan,
+                                                FB_TYPED(bn_pass) *pass, fb_index first,
+                                                fb_index last, double *restrict t1,
+                                                double *restrict t2,
+                                                const FB_TYPED(bn_coefficients) *coefficients,
+                                                fb_index owned_first, fb_index owned_last)
 {
     const FB_TYPED(bn_coefficients) coef = *coefficients;
     FB_REAL *restrict k1 = coef.k1, *restrict k2 = coef.k2, *restrict k3 = coef.k3;
@@ -752,6 +753,28 @@ static void FB_TYPED(bn_finalize_columns)(const fb_bn_plan *plan, FB_TYPED(bn_pa
         FB_TYPED(bn_finalize)(plan, pass, c, pass->reduce ? t1[c] : 0.0,
                               pass->reduce ? t2[c] : 0.0, coefficients,
                               c >= owned_first && c < owned_last);
+}
+
+/* bn_finalize_column_values, then the wrap pad of the coefficients it set
+ * (bn_wrap_mirror): the interleaved rewrite walks flat channel-wrapping
+ * spans (bn_span_wrap), so every coefficient of an interleaved plan is set
+ * here and nowhere else, with its mirrors.  Whichever channel range a thread
+ * finalizes and whichever spans it walks afterwards (one flat span of whole
+ * rows when its team turned out smaller than planned, OMP_THREAD_LIMIT), the
+ * pad it can read is filled; no caller decides it. */
+static void FB_TYPED(bn_finalize_columns)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass,
+                                          fb_index first, fb_index last, double *restrict t1,
+                                          double *restrict t2,
+                                          const FB_TYPED(bn_coefficients) *coefficients,
+                                          fb_index owned_first, fb_index owned_last)
+{
+    FB_TYPED(bn_finalize_column_values)(plan, pass, first, last, t1, t2, coefficients,
+                                        owned_first, owned_last);
+    if (!fb_bn_rewrites(pass->mode))
+        return;  /* no coefficients: the reduce-only phases */
+    FB_TYPED(bn_wrap_mirror)(coefficients->k1, plan->channels, first, last);
+    FB_TYPED(bn_wrap_mirror)(coefficients->k2, plan->channels, first, last);
+    FB_TYPED(bn_wrap_mirror)(coefficients->k3, plan->channels, first, last);
 }
 
 /* ---- rewrite one work item ------------------------------------------------- */
@@ -1062,15 +1085,10 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
             FB_TYPED(bn_interleaved_totals)(plan, pass, first, last, totals, totals + C);
         FB_TYPED(bn_finalize_columns)(plan, pass, first, last, totals, totals + C, &coef,
                                       first, last);
-        if (first == 0 && last == C) {
-            /* a team smaller than planned (OMP_THREAD_LIMIT, OMP_DYNAMIC):
-             * one thread owns whole rows, rewritten as one flat span whose
-             * channel wraps, reading the wrapped coefficients */
-            FB_TYPED(bn_wrap_extend)(coef.k1, C);
-            FB_TYPED(bn_wrap_extend)(coef.k2, C);
-            FB_TYPED(bn_wrap_extend)(coef.k3, C);
-        }
-        /* the whole owned range of each row at once (bn_apply_interleaved) */
+        /* the whole owned range of each row at once (bn_apply_interleaved;
+         * all of every row, one flat channel-wrapping span, when a team
+         * smaller than planned left this thread every column: the pad is
+         * filled by bn_finalize_columns) */
         for (fb_index k = plan->chunks; rewrite && k-- > 0;)
             FB_TYPED(bn_apply_columns)(plan, pass, coef, k, first, last);
         if (pass->stream)
@@ -1113,11 +1131,6 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
                 FB_TYPED(bn_finalize)(plan, pass, c, s1, s2, &coef,
                                       c >= c0 + owned_first && c < c0 + owned_last);
             }
-        }
-        if (plan->interleaved) {
-            FB_TYPED(bn_wrap_extend)(coef.k1, plan->channels);
-            FB_TYPED(bn_wrap_extend)(coef.k2, plan->channels);
-            FB_TYPED(bn_wrap_extend)(coef.k3, plan->channels);
         }
         /* newest first: the items this thread reduced last are the likeliest
          * to still be in its cache */
