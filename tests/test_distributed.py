@@ -17,8 +17,9 @@ import pytest
 
 import fastbn
 from fastbn import nn
-from fastbn.distributed import (DataParallel, ZeroRedundancyOptimizer, allreduce_gradients,
-                                broadcast_optimizer_state, broadcast_parameters)
+from fastbn.distributed import (IN_PLACE, DataParallel, ZeroRedundancyOptimizer,
+                                allreduce_gradients, broadcast_optimizer_state,
+                                broadcast_parameters)
 from fastbn.distributed.zero import assign_owners
 
 MPI_SCRIPTS = Path(__file__).parent / "mpi"
@@ -160,6 +161,46 @@ def test_importing_fastbn_and_building_layers_does_not_import_mpi4py():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=package_root)
 
 
+def test_stand_in_communicators_reduce_in_place_without_mpi4py():
+    """With mpi4py unimportable, allreduce_gradients hands a stand-in
+    communicator the package's IN_PLACE sentinel (a packed bucket and a lone
+    gradient alike) and imports nothing of mpi4py."""
+    code = ("import sys\n"
+            "sys.modules['mpi4py'] = None\n"
+            "import numpy as np, fastbn\n"
+            "from fastbn.distributed import IN_PLACE, allreduce_gradients\n"
+            "from fastbn.distributed._comm import in_place_marker\n"
+            "class Two:\n"
+            "    sends = []\n"
+            "    def Get_rank(self): return 0\n"
+            "    def Get_size(self): return 2\n"
+            "    def Allgather(self, send, recv): recv[...] = np.asarray(send).ravel()\n"
+            "    def Allreduce(self, send, recv):\n"
+            "        self.sends.append(send)\n"
+            "        recv *= 2\n"
+            "comm = Two()\n"
+            "assert in_place_marker(comm) is IN_PLACE\n"
+            "params = [fastbn.Parameter(np.ones(n)) for n in (3, 2, 40)]\n"
+            "for param in params: param.grad = np.full_like(param.data, 5.0)\n"
+            "allreduce_gradients(params, comm, average=False, bucket_bytes=8 * 5)\n"
+            "assert comm.sends == [IN_PLACE, IN_PLACE], comm.sends\n"
+            "assert all((param.grad == 10.0).all() for param in params)\n"
+            "assert sys.modules['mpi4py'] is None\n"
+            "assert 'mpi4py.MPI' not in sys.modules\n")
+    package_root = str(Path(fastbn.__file__).resolve().parent.parent)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=package_root)
+
+
+def test_the_in_place_sentinel_is_one_object():
+    import copy
+    import pickle
+    from fastbn.distributed._comm import in_place_marker
+    assert in_place_marker(OneRankComm()) is IN_PLACE
+    assert copy.deepcopy(IN_PLACE) is IN_PLACE
+    assert pickle.loads(pickle.dumps(IN_PLACE)) is IN_PLACE
+    assert repr(IN_PLACE) == "fastbn.distributed.IN_PLACE"
+
+
 @pytest.mark.parametrize("axis", [1, -1])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_syncbatchnorm_on_one_rank_equals_batchnorm(axis, dtype):
@@ -290,7 +331,7 @@ class MirrorComm(OneRankComm):
         recv[...] = np.asarray(send).ravel()
 
     def Allreduce(self, send, recv):
-        in_place = not isinstance(send, np.ndarray)
+        in_place = send is IN_PLACE
         source = recv if in_place else send
         self.calls.append(("Allreduce", source.dtype, source.size, in_place))
         self.reduced.append(recv)
@@ -324,7 +365,6 @@ def test_allreduce_gradients_packs_one_bucket_per_dtype_and_size_limit():
 
 
 def test_allreduce_gradients_reduces_a_lone_contiguous_gradient_in_its_own_array():
-    pytest.importorskip("mpi4py")
     rng = np.random.default_rng(5)
     big, small = fastbn.Parameter(np.ones((4, 8))), fastbn.Parameter(np.ones(3))
     big.grad, small.grad = rng.standard_normal((4, 8)), rng.standard_normal(3)
@@ -357,10 +397,6 @@ def test_allreduce_gradients_on_one_rank_communicates_only_the_agreement():
 
 
 def test_data_parallel_keeps_its_bucket_buffers_and_renews_them_when_gradients_change():
-    # the kept buffers are reduced in place, which needs mpi4py's IN_PLACE
-    # marker (without mpi4py a stand-in communicator gets a fresh receive
-    # array, and a lone gradient is packed too)
-    pytest.importorskip("mpi4py")
     rng = np.random.default_rng(6)
     comm = MirrorComm()
     model = DataParallel(nn.Sequential(nn.Linear(4, 3, rng=rng, dtype=np.float64),

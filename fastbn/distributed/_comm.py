@@ -9,6 +9,14 @@ overlaps its exchanges with computation, else it uses Allgather); None
 means ``mpi4py.MPI.COMM_WORLD``.  mpi4py is imported only when that default is
 needed, so single-process code never requires it.
 
+In-place reductions pass ``in_place_marker(comm)`` as the send buffer:
+mpi4py's ``MPI.IN_PLACE`` for an mpi4py communicator, and for any other
+object the `IN_PLACE` sentinel of this module, which a stand-in communicator
+recognizes (``send is IN_PLACE``: the receive buffer holds this rank's
+input).  So a stand-in gets the same calls whether mpi4py is installed or
+not, and telling the two apart imports nothing: an mpi4py communicator
+exists only once ``mpi4py.MPI`` is in ``sys.modules``.
+
 Why the checks: a collective that ranks enter with different buffer sizes,
 or that one rank skips because it raised locally, hangs or corrupts memory.
 So every entry point first exchanges a small fixed-size description of what
@@ -17,13 +25,14 @@ ValueError, built from the gathered descriptions.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, List, Sequence
 
 import numpy as np
 
-__all__ = ["resolve_comm", "rank_and_size", "DTYPE_CODES", "dtype_code", "dtype_name",
-           "agree", "error_messages", "raise_on_disagreement", "gathered_counts",
-           "sum_in_rank_order"]
+__all__ = ["resolve_comm", "rank_and_size", "IN_PLACE", "in_place_marker", "DTYPE_CODES",
+           "dtype_code", "dtype_name", "agree", "error_messages", "raise_on_disagreement",
+           "gathered_counts", "sum_in_rank_order"]
 
 #: bytes of each rank's error message exchanged on a failure path
 MESSAGE_BYTES = 240
@@ -52,6 +61,35 @@ def resolve_comm(comm: Any = None) -> Any:
 
 def rank_and_size(comm: Any) -> tuple:
     return int(comm.Get_rank()), int(comm.Get_size())
+
+
+class _InPlace:
+    """The type of `IN_PLACE` (one instance)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "fastbn.distributed.IN_PLACE"
+
+    def __reduce__(self) -> str:
+        return "IN_PLACE"  # pickles as this module's one instance
+
+
+#: The send buffer of an in-place reduction as a stand-in (non-mpi4py)
+#: communicator receives it: ``comm.Allreduce(IN_PLACE, buffer)`` means
+#: "buffer holds this rank's input and receives the result".
+IN_PLACE = _InPlace()
+
+
+def in_place_marker(comm: Any) -> Any:
+    """The send buffer that makes ``comm.Allreduce(marker, buffer)`` reduce
+    in place: ``MPI.IN_PLACE`` when `comm` is an mpi4py communicator, else
+    `IN_PLACE`.  Never imports mpi4py (an mpi4py communicator means it is
+    imported already)."""
+    MPI = sys.modules.get("mpi4py.MPI")
+    if MPI is not None and isinstance(comm, MPI.Comm):
+        return MPI.IN_PLACE
+    return IN_PLACE
 
 
 def dtype_code(dtype: Any) -> int:

@@ -291,22 +291,6 @@ class _BucketBuffers:
             del self.flats[index]
 
 
-_IN_PLACE: Any = None
-
-
-def _in_place_marker() -> Any:
-    """mpi4py's MPI.IN_PLACE (None when mpi4py is not importable: a stand-in
-    communicator then gets separate send and receive buffers)."""
-    global _IN_PLACE
-    if _IN_PLACE is None:
-        try:
-            from mpi4py import MPI
-        except ImportError:
-            return None
-        _IN_PLACE = MPI.IN_PLACE
-    return _IN_PLACE
-
-
 def _allreduce(params, comm, average: bool, bucket_bytes: int,
                buffers: "Optional[_BucketBuffers]") -> None:
     """`allreduce_gradients` after its argument checks; `buffers` keeps the
@@ -331,11 +315,11 @@ def _allreduce(params, comm, average: bool, bucket_bytes: int,
             "dtypes, or are invalid:", rows, cause)
     if size == 1:
         return
-    in_place = _in_place_marker()
+    in_place = _comm.in_place_marker(comm)
     packed = set()
     for index, bucket in enumerate(_buckets(reduced, bucket_bytes)):
         grads = [param.grad for param in bucket]
-        if len(grads) == 1 and grads[0].flags.c_contiguous and in_place is not None:
+        if len(grads) == 1 and grads[0].flags.c_contiguous:
             # the same count and so the same MPI algorithm (and bits) as a
             # packed bucket of that one gradient
             grad = grads[0]
@@ -351,15 +335,10 @@ def _allreduce(params, comm, average: bool, bucket_bytes: int,
         for grad in grads:
             np.copyto(flat[offset:offset + grad.size].reshape(grad.shape), grad)
             offset += grad.size
-        if in_place is not None:
-            comm.Allreduce(in_place, flat)
-            total = flat
-        else:
-            total = np.empty_like(flat)
-            comm.Allreduce(flat, total)
+        comm.Allreduce(in_place, flat)
         offset = 0
         for grad in grads:
-            part = total[offset:offset + grad.size].reshape(grad.shape)
+            part = flat[offset:offset + grad.size].reshape(grad.shape)
             if average:
                 # divided while copied back: one pass over the bucket, and
                 # the bits of dividing the whole sum

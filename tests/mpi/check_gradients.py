@@ -7,6 +7,7 @@ import numpy as np
 import fastbn
 from fastbn import nn
 from fastbn.distributed import DataParallel, allreduce_gradients
+from fastbn.distributed import _comm
 from fastbn.distributed.gradients import _allreduce, _buckets
 
 from _harness import run
@@ -33,6 +34,10 @@ def packed_reference(comm, grads, average, bucket_bytes):
 
 
 def main(comm):
+    from mpi4py import MPI
+    # an mpi4py communicator gets mpi4py's in-place marker, not the stand-in
+    # communicators' sentinel
+    assert _comm.in_place_marker(comm) is MPI.IN_PLACE
     rank, size = comm.Get_rank(), comm.Get_size()
     rng = np.random.default_rng(10 + rank)
     shapes = [((7, 5), np.float32), ((300,), np.float32), ((4,), np.float64), ((33, 3), np.float32),
