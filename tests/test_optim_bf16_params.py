@@ -23,6 +23,7 @@ CASES = {
     "rmsprop_centered_momentum": (optim.RMSprop, dict(lr=0.01, centered=True, momentum=0.5)),
     "adam_amsgrad": (optim.Adam, dict(lr=0.01, amsgrad=True, weight_decay=0.05)),
     "adamw": (optim.AdamW, dict(lr=0.01, maximize=True)),
+    "adam_plain": (optim.Adam, dict(lr=0.01)),
     "lion": (optim.Lion, dict(lr=0.001, weight_decay=0.1)),
 }
 LAYOUTS = {  # (master_weights, state_dtype, stochastic_rounding)
@@ -246,7 +247,8 @@ def test_master_weights_must_be_a_bool_and_fixed_per_group():
 
 # section: bit for bit: the kernels' rounding inside the update ---------------------
 
-EXACT_CASES = ["sgd_nesterov", "momentum", "rmsprop_centered_momentum", "adam_amsgrad", "adamw", "lion"]
+EXACT_CASES = ["sgd_nesterov", "momentum", "rmsprop_centered_momentum", "adam_amsgrad", "adamw", "adam_plain",
+               "lion"]
 
 
 def float32_twin(case, bf16_params, bf16_opt):
@@ -313,6 +315,63 @@ def test_bf16_kernel_equals_float32_kernel_then_reference_rounding_bit_for_bit(c
             else:
                 np.testing.assert_array_equal(ours.view(np.uint32), theirs.view(np.uint32),
                                               err_msg=f"{name} {position}")
+
+
+@pytest.mark.parametrize("target", fastbn.available_simd_targets())
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("stochastic", [True, False])
+@pytest.mark.parametrize("case", ["adamw", "adam_plain"])
+def test_bf16_state_adam_with_nan_and_inf_in_some_blocks_is_bit_exact(case, stochastic, param_dtype, target,
+                                                                      restore_config):
+    # The AVX2 Adam loops for bfloat16 state (float32 or bfloat16 params)
+    # round a 16-element block without the per-lane NaN select unless the
+    # block holds a NaN: NaN (signalling, negative, payloads the rounding
+    # could carry into the sign) and infinite gradients in a few blocks, at
+    # block edges and in the remainder, must still round as the twin does,
+    # and the clean blocks next to them too.
+    fastbn.set_simd_target(target)
+    cls, kwargs = CASES[case]
+    dtype = BF16 if param_dtype == "bfloat16" else np.dtype(np.float32)
+    shapes = ((4096 + 77,), (31,), (33,), (1000,))
+    rng = np.random.default_rng(7)
+    params = [fastbn.Parameter(rng.standard_normal(shape).astype(np.float32).astype(dtype)) for shape in shapes]
+    opt = cls(params, state_dtype="bfloat16", stochastic_rounding=stochastic, **kwargs)
+    opt.param_groups[0]["rounding_seed"] = 11
+    for param in params:
+        param.grad = rng.standard_normal(param.data.shape).astype(np.float32).astype(dtype)
+    opt.step()
+    if dtype == BF16:   # bfloat16 patterns (the top halves) widened
+        specials = (np.array([0x7F81, 0xFFC1, 0x7FFF, 0x7F80, 0xFF80, 0x7FC0], np.uint32) << 16).view(np.float32)
+    else:
+        specials = np.array([0x7F800001, 0xFFC0ABCD, 0x7FBFFFFF, 0x7F800000, 0xFF800000, 0x7FC00000],
+                            np.uint32).view(np.float32)
+    for param in params:
+        grad = rng.standard_normal(param.data.shape).astype(np.float32)
+        n = grad.size
+        where = [i for i in (0, 15, 16, 47, 100, 1001, n - 1, n - 40) if 0 <= i < n]
+        grad[where] = specials[np.arange(len(where)) % len(specials)]
+        with np.errstate(invalid="ignore"):   # NaN to bfloat16
+            param.grad = grad.astype(dtype) if dtype == BF16 else grad
+    twin_params, twin = float32_twin(case, params, opt)
+    for param, twin_param in zip(params, twin_params):
+        twin_param.grad = param.grad.astype(np.float32)
+    opt.step()
+    twin.step()
+    slots = opt._state_slots(opt.param_groups[0])
+    for position, (param, twin_param) in enumerate(zip(params, twin_params)):
+        key = _bf16.tensor_key(11, opt.state[param]["step"], position)
+        if dtype == BF16:
+            expected = _bf16.round_to_bf16(twin_param.data, key, _bf16.PARAM_SLOT, stochastic)
+            np.testing.assert_array_equal(bits(param.data), bits(expected), err_msg=f"param {position}")
+        else:
+            np.testing.assert_array_equal(param.data.view(np.uint32), twin_param.data.view(np.uint32))
+        for slot, name in enumerate(slots):
+            if name is None:
+                continue
+            expected = _bf16.round_to_bf16(twin.state[twin_param][name], key, slot, stochastic)
+            np.testing.assert_array_equal(bits(opt.state[param][name]), bits(expected),
+                                          err_msg=f"{name} {position}")
+        assert np.isnan(opt.state[param]["exp_avg"].astype(np.float32)).any()
 
 
 @pytest.mark.parametrize("target", fastbn.available_simd_targets())

@@ -118,6 +118,264 @@ FB_ALWAYS_INLINE void fb_pair_round_store(uint16_t *array, int32_t j, float x0, 
                   fb_bf16_round_bits(x1, rounding, 2 * j + 1, slot, stochastic));
 }
 
+/* section: AVX2 Adam with bfloat16 state ---------------------------------------- */
+
+/* Adam's element loop with float32 param and grad and bfloat16 state, by
+ * hand for AVX2 (AdamW and plain Adam; L2 weight decay and amsgrad keep the
+ * compiler-vectorized loop).  What the compiler made of the generic loop is
+ * bound by Zen 3's vector pipes, not by the divider: per 16 elements the
+ * float32 update takes ~42 pipe-cycles, the bfloat16 widening, rounding and
+ * narrowing ~64 more (llvm-mca -mcpu=znver3 on adam_chunk_bs_sr: 106; the
+ * loop measured 0.91 ns per element in L2 against 0.43 for float32 state).
+ * The widening with vpmovzxwd (a load and a shuffle, three pipe-cycles each
+ * there), the truncating mask before vpackusdw and the lane-order vpermq are
+ * what this loop does not do: each 16 bfloat16 of a state array are widened
+ * with one unpack per 8 lanes, which puts elements {0-3, 8-11} in one vector
+ * and {4-7, 12-15} in the other ("unpack order"); param and grad are loaded
+ * and stored in that order with 128-bit halves (free on the load ports), and
+ * vpackusdw of the two rounded vectors gives the elements back in memory
+ * order.  The random words are those of the generic loop: element i hashes
+ * word_base[0] + i (the counter vectors follow the unpack order), slot 0
+ * takes the low half, slot 1 the high half.  The float32 arithmetic is the
+ * float32 kernel's on this target, operation for operation (GCC contracts
+ * beta1 * m + (1 - beta1) * g to fma(m, beta1, (1 - beta1) * g), the same
+ * for v, and AdamW's p * decay - q to one fmsub), so the update is
+ * bit-identical to it (tests/test_optim_bf16_params.py checks).
+ * The NaN select of the rounding (compare, or, blend per vector) cost about
+ * 0.2 ns of 0.9 per element in L2; here one unordered compare covers an m
+ * and a v vector and only a 16-element block holding a NaN pays for the
+ * select.  Measured on Zen 3 (32768 elements in L2, one thread, min of 100
+ * rounds, load average 7-9): bfloat16 state 0.88 -> 0.81 ns per element with
+ * stochastic rounding, 0.76 -> 0.68 nearest-even; pure bfloat16 (the pair
+ * loop below) 0.95 -> 0.89 and 0.86 -> 0.73; float32 state 0.43.  The
+ * AVX-512 target keeps the compiler's loops. */
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#include <immintrin.h>
+#define FB_ADAM_BS_AVX2 1
+
+/* 8 float32 of elements {k..k+3, k+8..k+11} (unpack order from k). */
+FB_ALWAYS_INLINE __m256 fb_avx2_load_split(const float *p)
+{
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(p)), _mm_loadu_ps(p + 8), 1);
+}
+
+FB_ALWAYS_INLINE void fb_avx2_store_split(float *p, __m256 x)
+{
+    _mm_storeu_ps(p, _mm256_castps256_ps128(x));
+    _mm_storeu_ps(p + 8, _mm256_extractf128_ps(x, 1));
+}
+
+/* 32-bit bit patterns with the bfloat16 in the top half: fb_bf16_rounded_bits
+ * lane by lane, shifted down. */
+FB_ALWAYS_INLINE __m256i fb_avx2_round16(__m256 x, __m256i increment)
+{
+    const __m256i bits = _mm256_castps_si256(x);
+    const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    const __m256 sum = _mm256_castsi256_ps(_mm256_add_epi32(bits, increment));
+    const __m256 quiet = _mm256_castsi256_ps(_mm256_or_si256(bits, _mm256_set1_epi32(0x00400000)));
+    return _mm256_srli_epi32(_mm256_castps_si256(_mm256_blendv_ps(sum, quiet, nan)), 16);
+}
+
+/* fb_avx2_round16 of lanes known not to be NaN. */
+FB_ALWAYS_INLINE __m256i fb_avx2_add16(__m256 x, __m256i increment)
+{
+    return _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(x), increment), 16);
+}
+
+FB_ALWAYS_INLINE __m256i fb_avx2_nearest_increment(__m256 x)
+{
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(x), 16), _mm256_set1_epi32(1));
+    return _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
+}
+
+/* fb_bf16_hash32_open of 8 counters. */
+FB_ALWAYS_INLINE __m256i fb_avx2_hash_open(__m256i x)
+{
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0x7FEB352D));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+    return _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0x846CA68B));
+}
+
+/* The first n - n % 32 elements; returns how many were done. */
+FB_ALWAYS_INLINE int32_t fb_adam_bs_avx2(float *restrict param, const float *restrict grad,
+                                         uint16_t *restrict exp_avg, uint16_t *restrict exp_avg_sq, int32_t n,
+                                         float sign, float beta1, float one_minus_beta1, float beta2,
+                                         float one_minus_beta2, float param_decay, float step_size,
+                                         float eps_hat, const int decoupled, const fb_rounding rounding,
+                                         const int stochastic)
+{
+    const __m256 sign_v = _mm256_set1_ps(sign), beta1_v = _mm256_set1_ps(beta1);
+    const __m256 omb1_v = _mm256_set1_ps(one_minus_beta1), beta2_v = _mm256_set1_ps(beta2);
+    const __m256 omb2_v = _mm256_set1_ps(one_minus_beta2), decay_v = _mm256_set1_ps(param_decay);
+    const __m256 step_v = _mm256_set1_ps(step_size), eps_v = _mm256_set1_ps(eps_hat);
+    const __m256i zero = _mm256_setzero_si256(), low16 = _mm256_set1_epi32(0xFFFF);
+    /* the counters of elements {0-3, 8-11} and {4-7, 12-15} of the first block */
+    __m256i counter_a = _mm256_add_epi32(_mm256_set1_epi32((int)rounding.word_base[0]),
+                                         _mm256_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11));
+    __m256i counter_b = _mm256_add_epi32(counter_a, _mm256_set1_epi32(4));
+    const __m256i counter_step = _mm256_set1_epi32(16);
+    const int32_t end = n - n % 32;
+    for (int32_t i = 0; i < end; i += 32) {
+        /* two blocks of 16: four independent square-root / division chains
+         * in flight (with one block per iteration the loop waited on them) */
+        __m256 m_half[4], v_half[4], p_half[4];
+        for (int h = 0; h < 4; ++h) {
+            const int32_t at = i + 16 * (h >> 1) + 4 * (h & 1);
+            const __m256i m16 = _mm256_loadu_si256((const __m256i *)(exp_avg + i + 16 * (h >> 1)));
+            const __m256i v16 = _mm256_loadu_si256((const __m256i *)(exp_avg_sq + i + 16 * (h >> 1)));
+            const __m256 m_old = _mm256_castsi256_ps((h & 1) ? _mm256_unpackhi_epi16(zero, m16)
+                                                              : _mm256_unpacklo_epi16(zero, m16));
+            const __m256 v_old = _mm256_castsi256_ps((h & 1) ? _mm256_unpackhi_epi16(zero, v16)
+                                                              : _mm256_unpacklo_epi16(zero, v16));
+            const __m256 g = _mm256_mul_ps(fb_avx2_load_split(grad + at), sign_v);
+            const __m256 p = fb_avx2_load_split(param + at);
+            const __m256 m = _mm256_fmadd_ps(m_old, beta1_v, _mm256_mul_ps(g, omb1_v));
+            const __m256 v = _mm256_fmadd_ps(v_old, beta2_v, _mm256_mul_ps(_mm256_mul_ps(g, g), omb2_v));
+            const __m256 q = _mm256_div_ps(_mm256_mul_ps(m, step_v), _mm256_add_ps(_mm256_sqrt_ps(v), eps_v));
+            p_half[h] = decoupled ? _mm256_fmsub_ps(p, decay_v, q) : _mm256_sub_ps(p, q);
+            m_half[h] = m;
+            v_half[h] = v;
+        }
+        for (int b = 0; b < 2; ++b) {
+            __m256i m_inc[2], v_inc[2];
+            if (stochastic) {
+                const __m256i open_a = fb_avx2_hash_open(counter_a), open_b = fb_avx2_hash_open(counter_b);
+                const __m256i high_a = _mm256_srli_epi32(open_a, 16), high_b = _mm256_srli_epi32(open_b, 16);
+                m_inc[0] = _mm256_and_si256(_mm256_xor_si256(open_a, high_a), low16);
+                m_inc[1] = _mm256_and_si256(_mm256_xor_si256(open_b, high_b), low16);
+                v_inc[0] = high_a;
+                v_inc[1] = high_b;
+                counter_a = _mm256_add_epi32(counter_a, counter_step);
+                counter_b = _mm256_add_epi32(counter_b, counter_step);
+            } else {
+                for (int h = 0; h < 2; ++h) {
+                    m_inc[h] = fb_avx2_nearest_increment(m_half[2 * b + h]);
+                    v_inc[h] = fb_avx2_nearest_increment(v_half[2 * b + h]);
+                }
+            }
+            const int32_t at = i + 16 * b;
+            /* NaN is rare: one unordered compare covers an m and a v vector,
+             * and only a block holding a NaN pays for the per-lane select
+             * (the select cost ~0.2 ns of ~0.9 per element in L2) */
+            const __m256 nan = _mm256_or_ps(_mm256_cmp_ps(m_half[2 * b], v_half[2 * b], _CMP_UNORD_Q),
+                                            _mm256_cmp_ps(m_half[2 * b + 1], v_half[2 * b + 1], _CMP_UNORD_Q));
+            if (_mm256_testz_ps(nan, nan)) {
+                _mm256_storeu_si256((__m256i *)(exp_avg + at),
+                                    _mm256_packus_epi32(fb_avx2_add16(m_half[2 * b], m_inc[0]),
+                                                        fb_avx2_add16(m_half[2 * b + 1], m_inc[1])));
+                _mm256_storeu_si256((__m256i *)(exp_avg_sq + at),
+                                    _mm256_packus_epi32(fb_avx2_add16(v_half[2 * b], v_inc[0]),
+                                                        fb_avx2_add16(v_half[2 * b + 1], v_inc[1])));
+            } else {
+                _mm256_storeu_si256((__m256i *)(exp_avg + at),
+                                    _mm256_packus_epi32(fb_avx2_round16(m_half[2 * b], m_inc[0]),
+                                                        fb_avx2_round16(m_half[2 * b + 1], m_inc[1])));
+                _mm256_storeu_si256((__m256i *)(exp_avg_sq + at),
+                                    _mm256_packus_epi32(fb_avx2_round16(v_half[2 * b], v_inc[0]),
+                                                        fb_avx2_round16(v_half[2 * b + 1], v_inc[1])));
+            }
+            fb_avx2_store_split(param + at, p_half[2 * b]);
+            fb_avx2_store_split(param + at + 4, p_half[2 * b + 1]);
+        }
+    }
+    return end;
+}
+
+/* Pure bfloat16 Adam (param, grad and state bfloat16) in the pair layout of
+ * optim_impl.h's FB_PAIRS loop: a 32-bit word j holds elements 2j (low
+ * half) and 2j + 1 (high half); widening is a shift or a mask, narrowing a
+ * shift and one 16-bit blend.  The random words are the pair loop's: slots
+ * 0 and 1 hash word_base[0] + element index (even and odd elements are two
+ * counter vectors), the parameter hashes word_base[2] + pair index once per
+ * pair.  NaN is checked once per 16 elements as in fb_adam_bs_avx2.  Plain
+ * Adam and AdamW; the first 2 * (n / 16 * 8) elements, returned. */
+FB_ALWAYS_INLINE __m256i fb_avx2_pair_narrow(__m256i even_rounded, __m256i odd_rounded)
+{
+    return _mm256_blend_epi16(_mm256_srli_epi32(even_rounded, 16), odd_rounded, 0xAA);
+}
+
+FB_ALWAYS_INLINE __m256i fb_avx2_pair_round(__m256 even, __m256 odd, __m256i even_increment,
+                                            __m256i odd_increment, const int any_nan)
+{
+    if (!any_nan)
+        return fb_avx2_pair_narrow(_mm256_add_epi32(_mm256_castps_si256(even), even_increment),
+                                   _mm256_add_epi32(_mm256_castps_si256(odd), odd_increment));
+    return fb_avx2_pair_narrow(_mm256_slli_epi32(fb_avx2_round16(even, even_increment), 16),
+                               _mm256_slli_epi32(fb_avx2_round16(odd, odd_increment), 16));
+}
+
+FB_ALWAYS_INLINE int32_t fb_adam_bpbs_avx2(uint16_t *restrict param, const uint16_t *restrict grad,
+                                           uint16_t *restrict exp_avg, uint16_t *restrict exp_avg_sq, int32_t n,
+                                           float sign, float beta1, float one_minus_beta1, float beta2,
+                                           float one_minus_beta2, float param_decay, float step_size,
+                                           float eps_hat, const int decoupled, const fb_rounding rounding,
+                                           const int stochastic)
+{
+    const __m256 sign_v = _mm256_set1_ps(sign), beta1_v = _mm256_set1_ps(beta1);
+    const __m256 omb1_v = _mm256_set1_ps(one_minus_beta1), beta2_v = _mm256_set1_ps(beta2);
+    const __m256 omb2_v = _mm256_set1_ps(one_minus_beta2), decay_v = _mm256_set1_ps(param_decay);
+    const __m256 step_v = _mm256_set1_ps(step_size), eps_v = _mm256_set1_ps(eps_hat);
+    const __m256i high_mask = _mm256_set1_epi32((int)0xFFFF0000u), low16 = _mm256_set1_epi32(0xFFFF);
+    __m256i counter_even = _mm256_add_epi32(_mm256_set1_epi32((int)rounding.word_base[0]),
+                                            _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14));
+    __m256i counter_pair = _mm256_add_epi32(_mm256_set1_epi32((int)rounding.word_base[2]),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i one = _mm256_set1_epi32(1);
+    const int32_t end = n - n % 16;
+    for (int32_t i = 0; i < end; i += 16) {
+        const __m256i pw = _mm256_loadu_si256((const __m256i *)(param + i));
+        const __m256i gw = _mm256_loadu_si256((const __m256i *)(grad + i));
+        const __m256i mw = _mm256_loadu_si256((const __m256i *)(exp_avg + i));
+        const __m256i vw = _mm256_loadu_si256((const __m256i *)(exp_avg_sq + i));
+        __m256 m_out[2], v_out[2], p_out[2];
+        for (int h = 0; h < 2; ++h) {
+#define FB_HALF(w) _mm256_castsi256_ps(h ? _mm256_and_si256((w), high_mask) : _mm256_slli_epi32((w), 16))
+            const __m256 g = _mm256_mul_ps(FB_HALF(gw), sign_v);
+            const __m256 p = FB_HALF(pw);
+            const __m256 m = _mm256_fmadd_ps(FB_HALF(mw), beta1_v, _mm256_mul_ps(g, omb1_v));
+            const __m256 v = _mm256_fmadd_ps(FB_HALF(vw), beta2_v, _mm256_mul_ps(_mm256_mul_ps(g, g), omb2_v));
+#undef FB_HALF
+            const __m256 q = _mm256_div_ps(_mm256_mul_ps(m, step_v), _mm256_add_ps(_mm256_sqrt_ps(v), eps_v));
+            p_out[h] = decoupled ? _mm256_fmsub_ps(p, decay_v, q) : _mm256_sub_ps(p, q);
+            m_out[h] = m;
+            v_out[h] = v;
+        }
+        const __m256 nan = _mm256_or_ps(_mm256_or_ps(_mm256_cmp_ps(m_out[0], v_out[0], _CMP_UNORD_Q),
+                                                     _mm256_cmp_ps(m_out[1], v_out[1], _CMP_UNORD_Q)),
+                                        _mm256_cmp_ps(p_out[0], p_out[1], _CMP_UNORD_Q));
+        const int any_nan = !_mm256_testz_ps(nan, nan);
+        __m256i m_inc[2], v_inc[2], p_inc[2];
+        if (stochastic) {
+            const __m256i open_even = fb_avx2_hash_open(counter_even);
+            const __m256i open_odd = fb_avx2_hash_open(_mm256_add_epi32(counter_even, one));
+            const __m256i open_pair = fb_avx2_hash_open(counter_pair);
+            const __m256i high_even = _mm256_srli_epi32(open_even, 16), high_odd = _mm256_srli_epi32(open_odd, 16);
+            const __m256i high_pair = _mm256_srli_epi32(open_pair, 16);
+            m_inc[0] = _mm256_and_si256(_mm256_xor_si256(open_even, high_even), low16);
+            m_inc[1] = _mm256_and_si256(_mm256_xor_si256(open_odd, high_odd), low16);
+            v_inc[0] = high_even;
+            v_inc[1] = high_odd;
+            p_inc[0] = _mm256_and_si256(_mm256_xor_si256(open_pair, high_pair), low16);
+            p_inc[1] = high_pair;
+            counter_even = _mm256_add_epi32(counter_even, _mm256_set1_epi32(16));
+            counter_pair = _mm256_add_epi32(counter_pair, _mm256_set1_epi32(8));
+        } else {
+            for (int h = 0; h < 2; ++h) {
+                m_inc[h] = fb_avx2_nearest_increment(m_out[h]);
+                v_inc[h] = fb_avx2_nearest_increment(v_out[h]);
+                p_inc[h] = fb_avx2_nearest_increment(p_out[h]);
+            }
+        }
+        _mm256_storeu_si256((__m256i *)(exp_avg + i), fb_avx2_pair_round(m_out[0], m_out[1], m_inc[0], m_inc[1], any_nan));
+        _mm256_storeu_si256((__m256i *)(exp_avg_sq + i),
+                            fb_avx2_pair_round(v_out[0], v_out[1], v_inc[0], v_inc[1], any_nan));
+        _mm256_storeu_si256((__m256i *)(param + i), fb_avx2_pair_round(p_out[0], p_out[1], p_inc[0], p_inc[1], any_nan));
+    }
+    return end;
+}
+#endif
+
 /* Layout instantiations: FB_BF16_PARAM 0 float32 param and grad, 1 bfloat16
  * param and grad, 2 float32 master weights with bfloat16 grad and copy;
  * FB_BF16_STATE 0/1; FB_STOCHASTIC 0/1. */

@@ -241,6 +241,18 @@ FB_ALWAYS_INLINE void FB_TYPED(adam_loop)(FB_PARAM_T *restrict param, const FB_G
                            weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2,         \
                            param_decay, step_size, eps_hat, l2, decoupled, amsgrad)
     FB_INDEX_T first = 0;
+#if defined(FB_ADAM_BS_AVX2) && FB_ROUNDS && FB_BF16_STATE && FB_BF16_PARAM == 0
+    if (!l2 && !amsgrad)
+        first = fb_adam_bs_avx2(param, grad, exp_avg, exp_avg_sq, (int32_t)n, sign, beta1, one_minus_beta1,
+                                beta2, one_minus_beta2, param_decay, step_size, eps_hat, decoupled, rounding,
+                                FB_STOCHASTIC);
+#endif
+#if defined(FB_ADAM_BS_AVX2) && FB_ROUNDS && FB_BF16_STATE && FB_BF16_PARAM == 1 && FB_PAIRS
+    if (!l2 && !amsgrad)
+        first = fb_adam_bpbs_avx2(param, grad, exp_avg, exp_avg_sq, (int32_t)n, sign, beta1, one_minus_beta1,
+                                  beta2, one_minus_beta2, param_decay, step_size, eps_hat, decoupled, rounding,
+                                  FB_STOCHASTIC);
+#endif
 #if FB_PAIRS
     /* Pure bfloat16 storage: a 32-bit word holds elements 2j (low half) and
      * 2j + 1 (high half), widened by one shift and one mask and narrowed
@@ -249,7 +261,7 @@ FB_ALWAYS_INLINE void FB_TYPED(adam_loop)(FB_PARAM_T *restrict param, const FB_G
      * parameter's (and amsgrad's) word is drawn once per pair. */
     const FB_INDEX_T n_pairs = (FB_INDEX_T)(n / 2);
 #pragma omp simd
-    for (FB_INDEX_T j = 0; j < n_pairs; ++j) {
+    for (FB_INDEX_T j = first / 2; j < n_pairs; ++j) {
         const uint32_t pw = fb_pair_load(param, j), gw = fb_pair_load(grad, j);
         const uint32_t mw = fb_pair_load(exp_avg, j), vw = fb_pair_load(exp_avg_sq, j);
         const uint32_t xw = amsgrad ? fb_pair_load(max_exp_avg_sq, j) : 0u;
