@@ -17,8 +17,8 @@ DTYPES = [np.float32, np.float64]
 
 # (N, C) shapes: odd channel counts (1, 3, 17 and 63/65 around a vector
 # multiple, 4097 past the 512-channel group width), odd row counts, and
-# channel counts around the owned-columns threshold (64 per thread: 127/128
-# for two threads, 191/192 for three).
+# channel counts around 128/192 (the owned-columns threshold of an earlier
+# plan, 64 channels per thread).
 SHAPES_NC = [(2, 1), (3, 3), (33, 17), (2, 63), (33, 65), (3, 4097), (257, 127), (256, 128),
              (170, 191), (171, 192), (127, 257), (128, 256), (129, 256), (300, 600)]
 # Shapes on both sides of the thread threshold (1 MiB moved per call: from
@@ -412,6 +412,37 @@ def test_planar_streamed_rewrite_gives_the_same_bits_at_any_alignment(simd_targe
                 np.testing.assert_array_equal(got, want)
 
 
+# The thread decisions of interleaved passes, which change no value:
+# reductions over fewer than 128 rows run on one thread (127/128/129 rows,
+# channels-last with 121 rows), and threads own column ranges only from
+# 4096 channels each (8200 channels: owned on 2 threads, shared on 3;
+# 12300: owned on 3; float64 of 12300 channels streams its output).  Every
+# shape moves over 1 MiB, so the thread count really varies.
+SHAPES_THREAD_DECISIONS = [((127, 2100), np.float32), ((128, 2100), np.float32),
+                           ((129, 1100), np.float64), ((1, 11, 11, 2100), np.float32),
+                           ((130, 8200), np.float32), ((129, 12300), np.float64)]
+
+
+@pytest.mark.parametrize("shape,dtype", SHAPES_THREAD_DECISIONS)
+def test_few_row_and_owned_column_plans_match_the_reference_for_1_2_3_threads(
+        simd_target, threads, shape, dtype, rng):
+    """Every kernel family (run_all) on 1, 2 and 3 threads on either side of
+    the few-rows rule and of the owned-columns threshold: close to the
+    reference, 2 and 3 threads bit-identical to 1 thread."""
+    inputs = make(rng, shape, dtype)
+    expected = run_all(R, *inputs)
+    results = []
+    for count in (1, 2, 3):
+        threads(count)
+        results.append(run_all(F, *inputs))
+    assert len(results[0]) == len(expected)
+    for got, want in zip(results[0], expected):
+        assert_close(got, want, dtype, scale=10)
+    for other in results[1:]:
+        for got, first in zip(other, results[0]):
+            np.testing.assert_array_equal(got, first)
+
+
 SMALL_TEAM_SCRIPT = """
 import sys
 import numpy as np
@@ -442,9 +473,10 @@ if ml_dtypes is not None:
 for target in fastbn.available_simd_targets():
     fastbn.set_simd_target(target)
     # channel counts that are no multiple of a vector (2, 4, 8 or 16
-    # values): vectors straddle the row ends, reading the wrap pad
-    for shape, dtype in (((600, 2100), np.float32), ((300, 2101), np.float64),
-                         ((2, 20, 15, 2102), np.float32)):
+    # values): vectors straddle the row ends, reading the wrap pad; wide
+    # enough for the owned-columns plan on 2 threads (4096 channels each)
+    for shape, dtype in (((200, 8204), np.float32), ((150, 8201), np.float64),
+                         ((2, 10, 8, 8206), np.float32)):
         inputs = make(np.random.default_rng(7), shape, dtype)
         expected = run_all(R, *inputs)
         got, alone = both_ways(run_all, F, *inputs)
@@ -495,7 +527,7 @@ def run_phases(module, x, dy, weight, bias, running_mean, running_var, axis=-1):
 
 
 def test_owned_columns_plan_on_a_team_smaller_than_planned_matches_the_reference(tmp_path):
-    """With OMP_THREAD_LIMIT=1 a call planned for 2 threads (2100-2102
+    """With OMP_THREAD_LIMIT=1 a call planned for 2 threads (8201-8206
     channels: the owned-columns plan) runs on a team of one, whose one thread owns
     every column and rewrites whole rows as one channel-wrapping span: every
     kernel family that can walk such a span (training and eval forward and

@@ -92,10 +92,33 @@
  * (16,28,28,200) took 2.40-2.44 ms and of (32,14,14,512) 2.48-3.34 ms, with
  * the shared plan 1.06-1.11 and 1.21-1.29 ms (backward: 3.8-5.2 against
  * 1.7 and 2.4-2.5 ms); (4096, 1024) was equal or better shared, (8192,
- * 4096) equal within noise.  So threads own columns only from 1024 channels
- * each (4 KiB pieces of every float32 row).  Calls under 1 MiB run on one
- * thread anyway (fb_threads_for_bytes). */
-#define FB_BN_OWNED_COLUMNS_PER_THREAD 1024
+ * 4096) equal within noise.  From 1024 channels per thread the owned plan
+ * still lost: two builds differing only in this constant (1024 against no
+ * owned columns), alternated call by call in two worker processes, 2
+ * threads, float32, 5th percentile of 150 calls each (load average 6-9):
+ * training forward of (128, 2048) 132 against 103 us, (256, 2048) 271 / 182,
+ * (256, 4096) 385 / 302, (512, 2048) 685 / 340, (2,14,14,2048) 470 / 306;
+ * backward of (128, 2048) 165 / 133, (256, 2048) 352 / 213, (256, 4096) 610
+ * / 443, (512, 2048) 658 / 462 (1 thread, the same plan in both builds,
+ * within 0.86-1.15).  So threads own columns only from 4096 channels each
+ * (16 KiB pieces of every float32 row, past the 4096 channels of the
+ * (N, C) shapes measured), where nothing showed either plan ahead.  Calls
+ * under 1 MiB run on one thread anyway (fb_threads_for_bytes). */
+#define FB_BN_OWNED_COLUMNS_PER_THREAD 4096
+/* Interleaved passes that reduce (training forward, backward, statistics)
+ * run on one thread below this many rows, whatever their size: with fewer
+ * than two minimum row chunks there is one row chunk, the threads split only
+ * its channel groups, and the second thread did not pay for itself.  Shared
+ * plan on 2 threads against 1 (float32, 5th percentile of 250 alternating
+ * calls, load average 8-11), 1-thread time / 2-thread time: training forward
+ * (64, 3000) 0.89, (64, 4096) 0.74, (96, 3000) 0.93, (128, 3000) 1.04,
+ * (192, 2048) 1.05, (256, 2048) 1.0, (512, 2048) 1.5; backward (64, 3000)
+ * 0.82, (64, 4096) 1.13, (96, 3000) 1.03, (128, 3000) 1.31, (192, 2048)
+ * 1.24.  The rewrite-only passes (eval, apply) gain from a second thread at
+ * any row count (1.3x for (64, 3000) eval) and keep it.  The thread count
+ * changes no result (bn_plan.h: chunks depend on the shape alone). */
+#define FB_BN_PARALLEL_MIN_ROWS ((fb_index)2 * FB_BN_MIN_ROW_CHUNK)
+
 /* Owned column ranges start at multiples of 16 channels (a 64-byte line of
  * float32), so no two threads write the same line of a row. */
 #define FB_BN_COLUMN_UNIT ((fb_index)16)

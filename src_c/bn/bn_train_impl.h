@@ -1154,8 +1154,11 @@ static int FB_TYPED(bn_run)(FB_TYPED(bn_pass) *pass, fb_index outer, fb_index ch
 {
     /* bytes moved: the reduction's input arrays, plus the output */
     const fb_index values = outer * channels * inner;
-    const int nt = fb_threads_for_bytes(values * (fb_index)sizeof(FB_REAL)
-                                        * (streams + fb_bn_rewrites(pass->mode)), num_threads);
+    int nt = fb_threads_for_bytes(values * (fb_index)sizeof(FB_REAL)
+                                  * (streams + fb_bn_rewrites(pass->mode)), num_threads);
+    /* interleaved reductions over few rows: one thread (FB_BN_PARALLEL_MIN_ROWS) */
+    if (inner == 1 && channels > 1 && pass->reduce && outer < FB_BN_PARALLEL_MIN_ROWS)
+        nt = 1;
     /* by the size of the whole array: a channel range of a large one is
      * one of a sequence of calls that together write all of it */
     pass->stream = outer * row_channels * inner * (fb_index)sizeof(FB_REAL)
