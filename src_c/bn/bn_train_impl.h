@@ -1318,6 +1318,30 @@ static int FB_TYPED(bn_stats)(FASTBN_BN_STATS_ARGS(FB_REAL))
     return FB_TYPED(bn_run)(&pass, outer, channels, row_channels, inner, 1, num_threads);
 }
 
+/* The split phases' rewrites (apply, backward_apply) need no reduction:
+ * they run the eval forward's straight walk (bn_straight), one pass over the
+ * arrays in memory order, with the coefficients the fused kernels derive for
+ * the same statistics (bn_forward_coefficients, bn_backward_coefficients)
+ * and the same bn_span / bn_span_wrap per element, so every value is what
+ * the pass walk (bn_run) wrote before, bit for bit.  That walk is shaped
+ * for a reduction followed by a rewrite from cache; without the reduction,
+ * its blocks of channels revisited row by row (and their cuts inside cache
+ * lines of a streamed output) only cost time: (32,128,56,56) float32,
+ * 1 thread, apply took 1.09x the eval forward's time through it (min CPU
+ * time of 20 interleaved rounds, load 14; see benchmarks/bn_phases.py).
+ *
+ * The geometry of the straight walk: a single channel (channels ==
+ * row_channels == 1) is one contiguous sequence, walked as planar, as the
+ * plans do (fb_bn_make_plan). */
+static inline void FB_TYPED(bn_phase_geometry)(fb_index *outer, fb_index channels,
+                                               fb_index row_channels, fb_index *inner)
+{
+    if (channels == 1 && row_channels == 1) {
+        *inner *= *outer;
+        *outer = 1;
+    }
+}
+
 /* bn_apply_f32, bn_apply_f64 */
 static int FB_TYPED(bn_apply)(FASTBN_BN_APPLY_ARGS(FB_REAL))
 {
@@ -1325,16 +1349,37 @@ static int FB_TYPED(bn_apply)(FASTBN_BN_APPLY_ARGS(FB_REAL))
         return FASTBN_ERR_ARGUMENT;
     if (outer < 0 || channels <= 0 || inner < 0 || !x || !y || !mean || !invstd)
         return FASTBN_ERR_ARGUMENT;
-    FB_TYPED(bn_pass) pass = {0};
-    pass.mode = FB_BN_APPLY;
-    pass.x = x;
-    pass.out = y;
+    FB_TYPED(bn_phase_geometry)(&outer, channels, row_channels, &inner);
+    /* k1, k2, k3, wrapped when channels-last (bn_span_wrap) */
+    const fb_index stride = channels + FB_BN_WRAP_PAD;
+    FB_REAL *coefficients = (FB_REAL *)malloc(3 * (size_t)stride * sizeof(FB_REAL));
+    if (!coefficients)
+        return FASTBN_ERR_NOMEM;
+    const FB_TYPED(bn_coefficients) coef = {coefficients, coefficients + stride,
+                                            coefficients + 2 * stride};
+    FB_TYPED(bn_pass) pass = {0};   /* bn_forward_coefficients reads weight, bias */
     pass.weight = weight;
     pass.bias = bias;
-    pass.phase_mean = mean;
-    pass.phase_invstd = invstd;
-    pass.relu = relu;
-    return FB_TYPED(bn_run)(&pass, outer, channels, row_channels, inner, 1, num_threads);
+    for (fb_index c = 0; c < channels; ++c)
+        FB_TYPED(bn_forward_coefficients)(&pass, coef, c, mean[c], invstd[c], relu);
+    if (inner == 1) {
+        FB_TYPED(bn_wrap_extend)(coef.k1, channels);
+        FB_TYPED(bn_wrap_extend)(coef.k2, channels);
+        FB_TYPED(bn_wrap_extend)(coef.k3, channels);
+    }
+    /* y = act((x - k2) * k1 + k3), as the pass walk's forward rewrite */
+    const FB_TYPED(bn_straight_coefficients) k = {coef.k2, coef.k1, coef.k3, NULL, NULL, NULL};
+    const fb_index values = outer * channels * inner;
+    /* streamed by the size of the whole array: a channel range of a large
+     * one is one of a sequence of calls that together write all of it */
+    FB_TYPED(bn_straight)(y, x, NULL, &k, outer, channels, row_channels, inner,
+                          outer * row_channels * inner * (fb_index)sizeof(FB_REAL)
+                              >= FB_BN_STREAM_BYTES,
+                          relu,
+                          fb_threads_for_bytes(2 * values * (fb_index)sizeof(FB_REAL),
+                                               num_threads));
+    free(coefficients);
+    return FASTBN_OK;
 }
 
 /* bn_backward_reduce_f32, bn_backward_reduce_f64 */
@@ -1360,7 +1405,9 @@ static int FB_TYPED(bn_backward_reduce)(FASTBN_BN_BACKWARD_REDUCE_ARGS(FB_REAL))
     return FB_TYPED(bn_run)(&pass, outer, channels, row_channels, inner, 2, num_threads);
 }
 
-/* bn_backward_apply_f32, bn_backward_apply_f64 */
+/* bn_backward_apply_f32, bn_backward_apply_f64: the straight walk (see
+ * bn_apply) with the training backward's rewrite dx = g * k1 + ((x - m) *
+ * k2 + k3), m = the mean rounded to FB_REAL. */
 static int FB_TYPED(bn_backward_apply)(FASTBN_BN_BACKWARD_APPLY_ARGS(FB_REAL))
 {
     if (!FB_TYPED(bn_rows_valid)(channels, row_channels, inner))
@@ -1368,19 +1415,42 @@ static int FB_TYPED(bn_backward_apply)(FASTBN_BN_BACKWARD_APPLY_ARGS(FB_REAL))
     if (outer < 0 || channels <= 0 || inner < 0 || !dy || !x || !dx || !mean || !invstd
         || !sum_dy || !sum_dy_xhat || !(count > 0))
         return FASTBN_ERR_ARGUMENT;
-    FB_TYPED(bn_pass) pass = {0};
-    pass.mode = FB_BN_BACKWARD_APPLY;
-    pass.dy = dy;
-    pass.x = x;
-    pass.out = dx;
-    pass.weight = weight;
-    pass.phase_mean = mean;
-    pass.phase_invstd = invstd;
-    pass.phase_sum_dy = sum_dy;
-    pass.phase_sum_dy_xhat = sum_dy_xhat;
-    pass.phase_count = count;
-    pass.mask_weight = mask_weight;
-    pass.bias = mask_bias;
-    pass.relu = relu;
-    return FB_TYPED(bn_run)(&pass, outer, channels, row_channels, inner, 2, num_threads);
+    FB_TYPED(bn_phase_geometry)(&outer, channels, row_channels, &inner);
+    /* m, k1, k2, k3 and, with relu, the mask's scale and shift; wrapped
+     * when channels-last (bn_span_wrap) */
+    const fb_index stride = channels + FB_BN_WRAP_PAD;
+    const int arrays = relu ? 6 : 4;
+    FB_REAL *coefficients = (FB_REAL *)malloc((size_t)arrays * (size_t)stride * sizeof(FB_REAL));
+    if (!coefficients)
+        return FASTBN_ERR_NOMEM;
+    FB_REAL *center = coefficients;
+    const FB_TYPED(bn_coefficients) coef = {coefficients + stride, coefficients + 2 * stride,
+                                            coefficients + 3 * stride};
+    FB_REAL *mask_scale = relu ? coefficients + 4 * stride : NULL;
+    FB_REAL *mask_shift = relu ? coefficients + 5 * stride : NULL;
+    for (fb_index c = 0; c < channels; ++c) {
+        center[c] = (FB_REAL)mean[c];
+        /* as the forward computed them, from the same mean and invstd */
+        if (relu)
+            FB_TYPED(bn_normalize_coefficients)(invstd[c], mask_weight, mask_bias, c,
+                                                mask_scale + c, mask_shift + c);
+        FB_TYPED(bn_backward_coefficients)(coef, c, weight ? (double)weight[c] : 1.0, invstd[c],
+                                           sum_dy[c], sum_dy_xhat[c], count,
+                                           mean[c] - (double)center[c]);
+    }
+    if (inner == 1)
+        for (int j = 0; j < arrays; ++j)
+            FB_TYPED(bn_wrap_extend)(coefficients + j * stride, channels);
+    const FB_TYPED(bn_straight_coefficients) k = {center, coef.k1, coef.k2, coef.k3, mask_scale,
+                                                  mask_shift};
+    const fb_index values = outer * channels * inner;
+    /* bytes moved: dy and x read, dx written; streamed as in bn_apply */
+    FB_TYPED(bn_straight)(dx, dy, x, &k, outer, channels, row_channels, inner,
+                          outer * row_channels * inner * (fb_index)sizeof(FB_REAL)
+                              >= FB_BN_STREAM_BYTES,
+                          relu,
+                          fb_threads_for_bytes(3 * values * (fb_index)sizeof(FB_REAL),
+                                               num_threads));
+    free(coefficients);
+    return FASTBN_OK;
 }
