@@ -252,6 +252,8 @@ enum fb_bn_mode {
     /* The split phases (the fused FORWARD and BACKWARD cut in two, for
      * statistics combined across processes between the halves): */
     FB_BN_STATS = 3,           /* FORWARD's reduction; outputs mean and m2, no rewrite */
+    /* APPLY and BACKWARD_APPLY: no entry point runs them through the pass
+     * any more (bn_apply / bn_backward_apply use the straight walk) */
     FB_BN_APPLY = 4,           /* FORWARD's rewrite from a given mean and invstd */
     FB_BN_BACKWARD_REDUCE = 5, /* BACKWARD's reduction; outputs the two sums, no rewrite */
     FB_BN_BACKWARD_APPLY = 6   /* BACKWARD's rewrite from given sums and count */

@@ -5,9 +5,11 @@
  * All three are one pass shape (bn_plan.h): reduce chunks to per-channel
  * partial sums, finalize per-channel coefficients, rewrite the block with one
  * subtraction of the mean and one or two FMAs per value.  The split phases
- * (stats, apply, backward_reduce, backward_apply; end of file) are the same
- * pass stopped after the finalize or started at it, with the per-channel
- * results in float64.
+ * (end of file): stats and backward_reduce are the same pass stopped after
+ * the finalize, with the per-channel results in float64; apply and
+ * backward_apply take the fused passes' coefficients and run the straight
+ * walk of bn_affine_impl.h (the pass's FB_BN_APPLY / FB_BN_BACKWARD_APPLY
+ * modes are no longer entered: left for removal).
  *
  * Accumulators: float64, fed by short sums (at most 8 values) formed in the
  * input dtype.  The forward sums (x - center) and (x - center)^2 where center
@@ -1292,8 +1294,9 @@ static int FB_TYPED(bn_backward_eval)(FASTBN_BN_BACKWARD_EVAL_ARGS(FB_REAL))
 /* ---- split-phase entry points ---------------------------------------------- */
 /* The fused forward and backward cut at their per-channel sums (see
  * FASTBN_BN_STATS_ARGS and after in bn_kernels.h): the same passes, plans,
- * lanes, chunk order and rewrite coefficients, so composing the phases on
- * one process reproduces the fused kernels. */
+ * lanes and chunk order for the reductions, the same rewrite coefficients
+ * for the rewrites, so composing the phases on one process reproduces the
+ * fused kernels. */
 
 /* The split phases' row stride: a sub-range only of a planar array. */
 static inline int FB_TYPED(bn_rows_valid)(fb_index channels, fb_index row_channels,
@@ -1326,9 +1329,11 @@ static int FB_TYPED(bn_stats)(FASTBN_BN_STATS_ARGS(FB_REAL))
  * the pass walk (bn_run) wrote before, bit for bit.  That walk is shaped
  * for a reduction followed by a rewrite from cache; without the reduction,
  * its blocks of channels revisited row by row (and their cuts inside cache
- * lines of a streamed output) only cost time: (32,128,56,56) float32,
- * 1 thread, apply took 1.09x the eval forward's time through it (min CPU
- * time of 20 interleaved rounds, load 14; see benchmarks/bn_phases.py).
+ * lines of a streamed output) only cost time.  (32,128,56,56) float32,
+ * 1 thread, outputs allocated beforehand, min CPU time of 25 interleaved
+ * rounds (benchmarks/bn_phases.py, load 5): apply 5.61 ms through the pass
+ * walk, 5.07 ms straight (the eval forward: 4.78-4.89 ms); backward_apply
+ * 8.68 -> 6.87 ms.
  *
  * The geometry of the straight walk: a single channel (channels ==
  * row_channels == 1) is one contiguous sequence, walked as planar, as the
