@@ -8,8 +8,7 @@
  * (end of file): stats and backward_reduce are the same pass stopped after
  * the finalize, with the per-channel results in float64; apply and
  * backward_apply take the fused passes' coefficients and run the straight
- * walk of bn_affine_impl.h (the pass's FB_BN_APPLY / FB_BN_BACKWARD_APPLY
- * modes are no longer entered: left for removal).
+ * walk of bn_affine_impl.h.
  *
  * Accumulators: float64, fed by short sums (at most 8 values) formed in the
  * input dtype.  The forward sums (x - center) and (x - center)^2 where center
@@ -37,11 +36,9 @@ typedef struct {
     FB_REAL *saved_mean, *saved_invstd, *running_mean, *running_var;
     FB_REAL *dweight, *dbias;
     double eps, momentum;
-    /* split phases (FB_BN_STATS and after): per-channel statistics and sums
-     * cross the phase boundary in float64 */
-    const double *phase_mean, *phase_invstd; /* IN: APPLY, BACKWARD_REDUCE, BACKWARD_APPLY */
-    const double *phase_sum_dy, *phase_sum_dy_xhat; /* IN: BACKWARD_APPLY */
-    double phase_count;                /* IN: BACKWARD_APPLY, the n of those sums */
+    /* split-phase reductions (FB_BN_STATS, FB_BN_BACKWARD_REDUCE):
+     * per-channel statistics and sums cross the phase boundary in float64 */
+    const double *phase_mean, *phase_invstd; /* IN: BACKWARD_REDUCE */
     double *phase_out1, *phase_out2;   /* OUT: STATS mean, m2; BACKWARD_REDUCE the sums */
     const FB_REAL *mask_weight;        /* relu backwards: the forward's weight, for the mask */
     /* workspace */
@@ -505,7 +502,7 @@ static void FB_TYPED(bn_interleaved_totals)(const fb_bn_plan *plan,
     }
 }
 
-/* The training forward's rewrite coefficients (fused FORWARD and APPLY
+/* The training forward's rewrite coefficients (fused FORWARD and the apply phase
  * alike): y = (x - k2) * k1 + k3.  `relu`: the fused ReLU forward, whose
  * backward recomputes the mask as (x - k2) * k1 + bias from the statistics
  * it is given, so the shift is exactly bias. */
@@ -534,7 +531,7 @@ static inline void FB_TYPED(bn_forward_coefficients)(const FB_TYPED(bn_pass) *pa
 }
 
 /* The training backward's rewrite coefficients from its per-channel sums
- * (fused BACKWARD and BACKWARD_APPLY alike):
+ * (fused BACKWARD and the backward_apply phase alike):
  * dx = w*invstd/n * (n*dy - sum_dy - xhat*sum_dy_xhat) with
  * xhat = (x - mean) * invstd kept centered (expanding it in x would cancel
  * x * k2 against mean * k2 when |mean| >> the spread):
@@ -614,12 +611,6 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
         }
         return;
     }
-    case FB_BN_APPLY:
-        /* with relu, shift = bias: the mask of backward_reduce/apply is
-         * (x - m) * scale + bias from the same mean and invstd */
-        FB_TYPED(bn_forward_coefficients)(pass, coef, c, pass->phase_mean[c],
-                                          pass->phase_invstd[c], pass->relu);
-        return;
     case FB_BN_BACKWARD_REDUCE:
         if (owner) {
             /* s2 is around center = the mean rounded to the input dtype;
@@ -628,12 +619,6 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
             pass->phase_out1[c] = s1;
             pass->phase_out2[c] = pass->phase_invstd[c] * (s2 - s1 * (mean - pass->center[c]));
         }
-        return;
-    case FB_BN_BACKWARD_APPLY:
-        FB_TYPED(bn_backward_coefficients)(coef, c, w, pass->phase_invstd[c],
-                                           pass->phase_sum_dy[c], pass->phase_sum_dy_xhat[c],
-                                           pass->phase_count,
-                                           pass->phase_mean[c] - pass->center[c]);
         return;
     default: /* FB_BN_BACKWARD_EVAL */
         invstd = 1.0 / sqrt((double)pass->spread[c] + pass->eps);
