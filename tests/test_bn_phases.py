@@ -492,6 +492,71 @@ def test_every_phase_is_bitwise_identical_for_1_2_and_3_threads(simd_target, thr
             np.testing.assert_array_equal(actual, expected)
 
 
+def offset_view(values, offset):
+    """`values` copied into a C-contiguous view `offset` elements into a
+    fresh buffer: offset 1 puts a float32 array 4 bytes past NumPy's
+    16-byte alignment, so vector and streaming stores start mid-line."""
+    buffer = np.empty(values.size + offset, values.dtype)
+    view = buffer[offset:].reshape(values.shape)
+    view[...] = values
+    return view
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", [((3, 7, 331, 331), 1), ((5, 3, 57, 61), 1),
+                                        ((2, 93, 101, 3), -1), ((4099, 33), -1),
+                                        ((7, 1, 1000), 1), ((300, 1), 1)])
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("relu", [False, True])
+def test_the_rewrites_straight_walk_is_bitwise_identical_for_1_2_and_3_threads(
+        simd_target, threads, shape, axis, offset, dtype, relu, rng):
+    """apply and backward_apply walk the array in memory order, cut into one
+    element range per thread (mid-row, mid-cache-line), with streaming
+    stores from 8 MiB ((3, 7, 331, 331) float32 is 9.2 MB): every split and
+    alignment gives the same bits, and the reference's values."""
+    x, dy, weight, bias = make_inputs(rng, shape, axis, dtype)
+    x, dy = offset_view(x, offset), offset_view(dy, offset)
+    count, mean, m2 = F.batch_norm_stats(x, axis=axis)
+    invstd = 1.0 / np.sqrt(m2 / count + 1e-5)
+    relu_from = (weight, bias) if relu else None
+    sums = F.batch_norm_backward_reduce(dy, x, mean, invstd, axis=axis, relu_from=relu_from)
+    results = []
+    for threads_used in (1, 2, 3):
+        threads(threads_used)
+        results.append((F.batch_norm_apply(x, mean, invstd, weight, bias, axis=axis, relu=relu),
+                        F.batch_norm_backward_apply(dy, x, mean, invstd, weight, *sums, count,
+                                                    axis=axis, relu_from=relu_from)))
+    for other in results[1:]:
+        for expected, actual in zip(results[0], other):
+            np.testing.assert_array_equal(actual, expected)
+    y, dx = results[0]
+    assert_close(y, R.batch_norm_apply(x, mean, invstd, weight, bias, axis=axis, relu=relu))
+    assert_close(dx, R.batch_norm_backward_apply(dy, x, mean, invstd, weight, *sums, count,
+                                                 axis=axis, relu_from=relu_from),
+                 scale=10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", CASES + [((3, 7, 331, 331), 1)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_apply_with_running_statistics_is_the_eval_forward_bit_for_bit(simd_target, shape, axis,
+                                                                      dtype, relu, rng):
+    """The apply runs the eval forward's walk and, for a mean the input dtype
+    holds exactly, its coefficients: scale = weight * invstd rounded once,
+    shift = bias."""
+    x, _, weight, bias = make_inputs(rng, shape, axis, dtype)
+    channels = shape[axis]
+    running_mean = rng.normal(3.0, 1.0, channels).astype(dtype)
+    running_var = rng.uniform(0.5, 4.0, channels).astype(dtype)
+    eps = 1e-5
+    invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+    y = F.batch_norm_apply(x, running_mean.astype(np.float64), invstd, weight, bias, axis=axis,
+                           relu=relu)
+    evaluate = F.batch_norm_relu if relu else F.batch_norm
+    expected = evaluate(x, running_mean, running_var, weight, bias, eps=eps, axis=axis)
+    np.testing.assert_array_equal(y, expected)
+
+
 def test_large_arrays_compose_like_the_fused_kernels_on_any_thread_count(simd_target, threads,
                                                                          rng):
     """Above the streaming-store size (8 MiB outputs)."""

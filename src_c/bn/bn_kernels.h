@@ -67,9 +67,12 @@
  * The training forward and backward cut at their per-channel sums, so that
  * the sums of several parts of a batch (processes) can be combined in
  * between: stats, (merge), apply; backward_reduce, (add), backward_apply.
- * The same passes and plans as the fused kernels: per-channel results are
- * bit-identical for any thread count, and composing the phases on one part
- * reproduces the fused kernels.  Statistics and sums cross the phase
+ * The reductions (stats, backward_reduce) are the fused kernels' passes and
+ * plans; the rewrites (apply, backward_apply) compute the fused kernels'
+ * coefficients and run the eval forward's straight walk (bn_affine_impl.h),
+ * as they need no reduction first.  Results are bit-identical for any
+ * thread count, and composing the phases on one part reproduces the fused
+ * kernels.  Statistics and sums cross the phase
  * boundary as float64 (channels,) arrays.
  *
  * `row_channels` (>= channels): channels between consecutive outer rows, so

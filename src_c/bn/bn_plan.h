@@ -274,12 +274,12 @@ enum fb_bn_mode {
     FB_BN_FORWARD = 0,       /* batch statistics, then y = (x - mean) * scale + shift */
     FB_BN_BACKWARD = 1,      /* sums of dy and dy * (x - mean), then dx (3 coefficients) */
     FB_BN_BACKWARD_EVAL = 2, /* optional sums for dweight/dbias, dx = dy * scale */
-    /* The split phases (the fused FORWARD and BACKWARD cut in two, for
-     * statistics combined across processes between the halves): */
+    /* The split phases' reductions (the fused FORWARD and BACKWARD stopped
+     * at their per-channel sums, for statistics combined across processes;
+     * their rewrites, apply and backward_apply, need no pass: they run the
+     * straight walk of bn_affine_impl.h): */
     FB_BN_STATS = 3,           /* FORWARD's reduction; outputs mean and m2, no rewrite */
-    FB_BN_APPLY = 4,           /* FORWARD's rewrite from a given mean and invstd */
-    FB_BN_BACKWARD_REDUCE = 5, /* BACKWARD's reduction; outputs the two sums, no rewrite */
-    FB_BN_BACKWARD_APPLY = 6   /* BACKWARD's rewrite from given sums and count */
+    FB_BN_BACKWARD_REDUCE = 4  /* BACKWARD's reduction; outputs the two sums, no rewrite */
 };
 
 /* The reduction sums x - center (FORWARD, STATS), not dy terms. */
@@ -291,13 +291,13 @@ static inline int fb_bn_reduces_x(int mode)
 /* The rewrite normalizes x (y), rather than producing dx from dy. */
 static inline int fb_bn_normalizes(int mode)
 {
-    return mode == FB_BN_FORWARD || mode == FB_BN_APPLY;
+    return mode == FB_BN_FORWARD;
 }
 
 /* The rewrite is the training backward's dx = dy * k1 + (x * k2 + k3). */
 static inline int fb_bn_training_dx(int mode)
 {
-    return mode == FB_BN_BACKWARD || mode == FB_BN_BACKWARD_APPLY;
+    return mode == FB_BN_BACKWARD;
 }
 
 /* The pass writes an array (the reduce-only phases do not). */

@@ -5,9 +5,10 @@
  * All three are one pass shape (bn_plan.h): reduce chunks to per-channel
  * partial sums, finalize per-channel coefficients, rewrite the block with one
  * subtraction of the mean and one or two FMAs per value.  The split phases
- * (stats, apply, backward_reduce, backward_apply; end of file) are the same
- * pass stopped after the finalize or started at it, with the per-channel
- * results in float64.
+ * (end of file): stats and backward_reduce are the same pass stopped after
+ * the finalize, with the per-channel results in float64; apply and
+ * backward_apply take the fused passes' coefficients and run the straight
+ * walk of bn_affine_impl.h.
  *
  * Accumulators: float64, fed by short sums (at most 8 values) formed in the
  * input dtype.  The forward sums (x - center) and (x - center)^2 where center
@@ -35,11 +36,9 @@ typedef struct {
     FB_REAL *saved_mean, *saved_invstd, *running_mean, *running_var;
     FB_REAL *dweight, *dbias;
     double eps, momentum;
-    /* split phases (FB_BN_STATS and after): per-channel statistics and sums
-     * cross the phase boundary in float64 */
-    const double *phase_mean, *phase_invstd; /* IN: APPLY, BACKWARD_REDUCE, BACKWARD_APPLY */
-    const double *phase_sum_dy, *phase_sum_dy_xhat; /* IN: BACKWARD_APPLY */
-    double phase_count;                /* IN: BACKWARD_APPLY, the n of those sums */
+    /* split-phase reductions (FB_BN_STATS, FB_BN_BACKWARD_REDUCE):
+     * per-channel statistics and sums cross the phase boundary in float64 */
+    const double *phase_mean, *phase_invstd; /* IN: BACKWARD_REDUCE */
     double *phase_out1, *phase_out2;   /* OUT: STATS mean, m2; BACKWARD_REDUCE the sums */
     const FB_REAL *mask_weight;        /* relu backwards: the forward's weight, for the mask */
     /* workspace */
@@ -503,7 +502,7 @@ static void FB_TYPED(bn_interleaved_totals)(const fb_bn_plan *plan,
     }
 }
 
-/* The training forward's rewrite coefficients (fused FORWARD and APPLY
+/* The training forward's rewrite coefficients (fused FORWARD and the apply phase
  * alike): y = (x - k2) * k1 + k3.  `relu`: the fused ReLU forward, whose
  * backward recomputes the mask as (x - k2) * k1 + bias from the statistics
  * it is given, so the shift is exactly bias. */
@@ -532,7 +531,7 @@ static inline void FB_TYPED(bn_forward_coefficients)(const FB_TYPED(bn_pass) *pa
 }
 
 /* The training backward's rewrite coefficients from its per-channel sums
- * (fused BACKWARD and BACKWARD_APPLY alike):
+ * (fused BACKWARD and the backward_apply phase alike):
  * dx = w*invstd/n * (n*dy - sum_dy - xhat*sum_dy_xhat) with
  * xhat = (x - mean) * invstd kept centered (expanding it in x would cancel
  * x * k2 against mean * k2 when |mean| >> the spread):
@@ -612,12 +611,6 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
         }
         return;
     }
-    case FB_BN_APPLY:
-        /* with relu, shift = bias: the mask of backward_reduce/apply is
-         * (x - m) * scale + bias from the same mean and invstd */
-        FB_TYPED(bn_forward_coefficients)(pass, coef, c, pass->phase_mean[c],
-                                          pass->phase_invstd[c], pass->relu);
-        return;
     case FB_BN_BACKWARD_REDUCE:
         if (owner) {
             /* s2 is around center = the mean rounded to the input dtype;
@@ -626,12 +619,6 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
             pass->phase_out1[c] = s1;
             pass->phase_out2[c] = pass->phase_invstd[c] * (s2 - s1 * (mean - pass->center[c]));
         }
-        return;
-    case FB_BN_BACKWARD_APPLY:
-        FB_TYPED(bn_backward_coefficients)(coef, c, w, pass->phase_invstd[c],
-                                           pass->phase_sum_dy[c], pass->phase_sum_dy_xhat[c],
-                                           pass->phase_count,
-                                           pass->phase_mean[c] - pass->center[c]);
         return;
     default: /* FB_BN_BACKWARD_EVAL */
         invstd = 1.0 / sqrt((double)pass->spread[c] + pass->eps);
@@ -1308,8 +1295,9 @@ static int FB_TYPED(bn_backward_eval)(FASTBN_BN_BACKWARD_EVAL_ARGS(FB_REAL))
 /* ---- split-phase entry points ---------------------------------------------- */
 /* The fused forward and backward cut at their per-channel sums (see
  * FASTBN_BN_STATS_ARGS and after in bn_kernels.h): the same passes, plans,
- * lanes, chunk order and rewrite coefficients, so composing the phases on
- * one process reproduces the fused kernels. */
+ * lanes and chunk order for the reductions, the same rewrite coefficients
+ * for the rewrites, so composing the phases on one process reproduces the
+ * fused kernels. */
 
 /* The split phases' row stride: a sub-range only of a planar array. */
 static inline int FB_TYPED(bn_rows_valid)(fb_index channels, fb_index row_channels,
@@ -1334,6 +1322,32 @@ static int FB_TYPED(bn_stats)(FASTBN_BN_STATS_ARGS(FB_REAL))
     return FB_TYPED(bn_run)(&pass, outer, channels, row_channels, inner, 1, num_threads);
 }
 
+/* The split phases' rewrites (apply, backward_apply) need no reduction:
+ * they run the eval forward's straight walk (bn_straight), one pass over the
+ * arrays in memory order, with the coefficients the fused kernels derive for
+ * the same statistics (bn_forward_coefficients, bn_backward_coefficients)
+ * and the same bn_span / bn_span_wrap per element, so every value is what
+ * the pass walk (bn_run) wrote before, bit for bit.  That walk is shaped
+ * for a reduction followed by a rewrite from cache; without the reduction,
+ * its blocks of channels revisited row by row (and their cuts inside cache
+ * lines of a streamed output) only cost time.  (32,128,56,56) float32,
+ * 1 thread, outputs allocated beforehand, min CPU time of 25 interleaved
+ * rounds (benchmarks/bn_phases.py, load 5): apply 5.61 ms through the pass
+ * walk, 5.07 ms straight (the eval forward: 4.78-4.89 ms); backward_apply
+ * 8.68 -> 6.87 ms.
+ *
+ * The geometry of the straight walk: a single channel (channels ==
+ * row_channels == 1) is one contiguous sequence, walked as planar, as the
+ * plans do (fb_bn_make_plan). */
+static inline void FB_TYPED(bn_phase_geometry)(fb_index *outer, fb_index channels,
+                                               fb_index row_channels, fb_index *inner)
+{
+    if (channels == 1 && row_channels == 1) {
+        *inner *= *outer;
+        *outer = 1;
+    }
+}
+
 /* bn_apply_f32, bn_apply_f64 */
 static int FB_TYPED(bn_apply)(FASTBN_BN_APPLY_ARGS(FB_REAL))
 {
@@ -1341,16 +1355,37 @@ static int FB_TYPED(bn_apply)(FASTBN_BN_APPLY_ARGS(FB_REAL))
         return FASTBN_ERR_ARGUMENT;
     if (outer < 0 || channels <= 0 || inner < 0 || !x || !y || !mean || !invstd)
         return FASTBN_ERR_ARGUMENT;
-    FB_TYPED(bn_pass) pass = {0};
-    pass.mode = FB_BN_APPLY;
-    pass.x = x;
-    pass.out = y;
+    FB_TYPED(bn_phase_geometry)(&outer, channels, row_channels, &inner);
+    /* k1, k2, k3, wrapped when channels-last (bn_span_wrap) */
+    const fb_index stride = channels + FB_BN_WRAP_PAD;
+    FB_REAL *coefficients = (FB_REAL *)malloc(3 * (size_t)stride * sizeof(FB_REAL));
+    if (!coefficients)
+        return FASTBN_ERR_NOMEM;
+    const FB_TYPED(bn_coefficients) coef = {coefficients, coefficients + stride,
+                                            coefficients + 2 * stride};
+    FB_TYPED(bn_pass) pass = {0};   /* bn_forward_coefficients reads weight, bias */
     pass.weight = weight;
     pass.bias = bias;
-    pass.phase_mean = mean;
-    pass.phase_invstd = invstd;
-    pass.relu = relu;
-    return FB_TYPED(bn_run)(&pass, outer, channels, row_channels, inner, 1, num_threads);
+    for (fb_index c = 0; c < channels; ++c)
+        FB_TYPED(bn_forward_coefficients)(&pass, coef, c, mean[c], invstd[c], relu);
+    if (inner == 1) {
+        FB_TYPED(bn_wrap_extend)(coef.k1, channels);
+        FB_TYPED(bn_wrap_extend)(coef.k2, channels);
+        FB_TYPED(bn_wrap_extend)(coef.k3, channels);
+    }
+    /* y = act((x - k2) * k1 + k3), as the pass walk's forward rewrite */
+    const FB_TYPED(bn_straight_coefficients) k = {coef.k2, coef.k1, coef.k3, NULL, NULL, NULL};
+    const fb_index values = outer * channels * inner;
+    /* streamed by the size of the whole array: a channel range of a large
+     * one is one of a sequence of calls that together write all of it */
+    FB_TYPED(bn_straight)(y, x, NULL, &k, outer, channels, row_channels, inner,
+                          outer * row_channels * inner * (fb_index)sizeof(FB_REAL)
+                              >= FB_BN_STREAM_BYTES,
+                          relu,
+                          fb_threads_for_bytes(2 * values * (fb_index)sizeof(FB_REAL),
+                                               num_threads));
+    free(coefficients);
+    return FASTBN_OK;
 }
 
 /* bn_backward_reduce_f32, bn_backward_reduce_f64 */
@@ -1376,7 +1411,9 @@ static int FB_TYPED(bn_backward_reduce)(FASTBN_BN_BACKWARD_REDUCE_ARGS(FB_REAL))
     return FB_TYPED(bn_run)(&pass, outer, channels, row_channels, inner, 2, num_threads);
 }
 
-/* bn_backward_apply_f32, bn_backward_apply_f64 */
+/* bn_backward_apply_f32, bn_backward_apply_f64: the straight walk (see
+ * bn_apply) with the training backward's rewrite dx = g * k1 + ((x - m) *
+ * k2 + k3), m = the mean rounded to FB_REAL. */
 static int FB_TYPED(bn_backward_apply)(FASTBN_BN_BACKWARD_APPLY_ARGS(FB_REAL))
 {
     if (!FB_TYPED(bn_rows_valid)(channels, row_channels, inner))
@@ -1384,19 +1421,42 @@ static int FB_TYPED(bn_backward_apply)(FASTBN_BN_BACKWARD_APPLY_ARGS(FB_REAL))
     if (outer < 0 || channels <= 0 || inner < 0 || !dy || !x || !dx || !mean || !invstd
         || !sum_dy || !sum_dy_xhat || !(count > 0))
         return FASTBN_ERR_ARGUMENT;
-    FB_TYPED(bn_pass) pass = {0};
-    pass.mode = FB_BN_BACKWARD_APPLY;
-    pass.dy = dy;
-    pass.x = x;
-    pass.out = dx;
-    pass.weight = weight;
-    pass.phase_mean = mean;
-    pass.phase_invstd = invstd;
-    pass.phase_sum_dy = sum_dy;
-    pass.phase_sum_dy_xhat = sum_dy_xhat;
-    pass.phase_count = count;
-    pass.mask_weight = mask_weight;
-    pass.bias = mask_bias;
-    pass.relu = relu;
-    return FB_TYPED(bn_run)(&pass, outer, channels, row_channels, inner, 2, num_threads);
+    FB_TYPED(bn_phase_geometry)(&outer, channels, row_channels, &inner);
+    /* m, k1, k2, k3 and, with relu, the mask's scale and shift; wrapped
+     * when channels-last (bn_span_wrap) */
+    const fb_index stride = channels + FB_BN_WRAP_PAD;
+    const int arrays = relu ? 6 : 4;
+    FB_REAL *coefficients = (FB_REAL *)malloc((size_t)arrays * (size_t)stride * sizeof(FB_REAL));
+    if (!coefficients)
+        return FASTBN_ERR_NOMEM;
+    FB_REAL *center = coefficients;
+    const FB_TYPED(bn_coefficients) coef = {coefficients + stride, coefficients + 2 * stride,
+                                            coefficients + 3 * stride};
+    FB_REAL *mask_scale = relu ? coefficients + 4 * stride : NULL;
+    FB_REAL *mask_shift = relu ? coefficients + 5 * stride : NULL;
+    for (fb_index c = 0; c < channels; ++c) {
+        center[c] = (FB_REAL)mean[c];
+        /* as the forward computed them, from the same mean and invstd */
+        if (relu)
+            FB_TYPED(bn_normalize_coefficients)(invstd[c], mask_weight, mask_bias, c,
+                                                mask_scale + c, mask_shift + c);
+        FB_TYPED(bn_backward_coefficients)(coef, c, weight ? (double)weight[c] : 1.0, invstd[c],
+                                           sum_dy[c], sum_dy_xhat[c], count,
+                                           mean[c] - (double)center[c]);
+    }
+    if (inner == 1)
+        for (int j = 0; j < arrays; ++j)
+            FB_TYPED(bn_wrap_extend)(coefficients + j * stride, channels);
+    const FB_TYPED(bn_straight_coefficients) k = {center, coef.k1, coef.k2, coef.k3, mask_scale,
+                                                  mask_shift};
+    const fb_index values = outer * channels * inner;
+    /* bytes moved: dy and x read, dx written; streamed as in bn_apply */
+    FB_TYPED(bn_straight)(dx, dy, x, &k, outer, channels, row_channels, inner,
+                          outer * row_channels * inner * (fb_index)sizeof(FB_REAL)
+                              >= FB_BN_STREAM_BYTES,
+                          relu,
+                          fb_threads_for_bytes(3 * values * (fb_index)sizeof(FB_REAL),
+                                               num_threads));
+    free(coefficients);
+    return FASTBN_OK;
 }
