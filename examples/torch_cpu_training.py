@@ -101,8 +101,9 @@ def make_optimizer(module, params, args):
         if module is torch.optim and args.torch_fused:
             options["fused"] = True
         return module.Adam(params, **options)
-    # lr 0.01: with 0.05 the ResNet's loss overshot at step 2-4 even on the
-    # learnable task (momentum 0.9 on 4 cycled batches)
+    # lr 0.01: at 0.05 the ResNet's loss on the learnable task (4 cycled
+    # batches) rose from 2.5 to 5.1 by step 5 and, after falling to 0.12 at
+    # step 16, jumped back to 3-5; at 0.01 it falls to about 0.004 in 22 steps
     options = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
     if module is torch.optim and args.torch_fused:
         options["fused"] = True
