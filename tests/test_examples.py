@@ -1,5 +1,6 @@
 """The scripts in examples/ run (small settings, in a subprocess)."""
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -57,7 +58,29 @@ def test_torch_cpu_training_compares_torch_and_fastbn_steps():
                       "--optimizer", "adam")
     assert "ResNet-18-shaped CNN" in out and "MLP" in out
     assert out.count("speed-up") == 2
-    first_step_differences = [float(line.split("first step ")[1].split(",")[0])
-                              for line in out.splitlines() if "first step" in line]
+    loss_lines = [line for line in out.splitlines() if line.strip().startswith("loss: first step")]
+    assert len(loss_lines) == 2
+    first_step_differences = [float(line.split("relative difference ")[1].split(";")[0])
+                              for line in loss_lines]
     # same initial weights and batch: the first losses agree to float32 rounding
-    assert len(first_step_differences) == 2 and max(first_step_differences) < 1e-4
+    assert max(first_step_differences) < 1e-4
+    # the synthetic task starts at chance level: about ln(10) = 2.30
+    first_losses = [float(line.split("first step ")[1].split(",")[0]) for line in loss_lines]
+    assert all(1.5 < loss < 3.5 for loss in first_losses), first_losses
+
+
+def test_torch_cpu_training_loss_falls_on_its_synthetic_task():
+    pytest.importorskip("torch")
+    # default optimizer (SGD, momentum 0.9) on a small ResNet and MLP: the
+    # learnable task must not diverge as random labels did (final loss 5.2)
+    out = run_example("torch_cpu_training.py", "--batch", "8", "--size", "32", "--width", "8",
+                      "--steps", "8", "--mlp-batch", "32", "--mlp-width", "32",
+                      "--mlp-steps", "20")
+    loss_lines = [line for line in out.splitlines() if line.strip().startswith("loss: first step")]
+    assert len(loss_lines) == 2
+    for line in loss_lines:
+        match = re.search(r"first step ([0-9.]+),.*final step torch ([0-9.]+), fastbn ([0-9.]+);",
+                          line)
+        assert match, line
+        first, final_torch, final_fastbn = map(float, match.groups())
+        assert max(final_torch, final_fastbn) < first, line
