@@ -77,12 +77,14 @@ done
 echo "   built: $(find "$work/src/fastbn" -name '*.so' | wc -l) instrumented extensions"
 
 echo "== 3. kernel tests under ASan + UBSan"
-# Kernel tests: every batch-norm, optimizer and clipping test, the
+# Kernel tests: every batch-norm, optimizer (bfloat16 storage included: the
+# AVX2 bfloat16 Adam loops are hand-written) and clipping test, the
 # fast-vs-reference property tests, the reliability tests that drive kernels
 # (catalogue, determinism, threads, zero-size subprocesses).  Not the leak
 # tests (RSS is meaningless under ASan) nor the fork tests (slow here, and
 # covered by the normal run).
-patterns=(tests/test_bn*.py tests/test_optim_fused.py tests/test_optim_api.py tests/test_clip_grad.py
+patterns=(tests/test_bn*.py tests/test_optim_fused.py tests/test_optim_api.py tests/test_optim_bf16*.py
+          tests/test_clip_grad.py
           tests/test_property_*.py tests/test_reliability_kernels.py tests/test_reliability_determinism.py
           tests/test_reliability_threads.py tests/test_reliability_edge_cases.py tests/test_layers.py
           tests/test_checkpoint.py)
