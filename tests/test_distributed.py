@@ -26,7 +26,10 @@ MPI_SCRIPTS = Path(__file__).parent / "mpi"
 
 
 class OneRankComm:
-    """mpi4py's communicator methods for a world of one rank; counts calls."""
+    """mpi4py's communicator methods for a world of one rank; counts calls.
+    In-place reductions reach it as fastbn's IN_PLACE (declared below)."""
+
+    fastbn_in_place = IN_PLACE
 
     def __init__(self):
         self.calls = []
@@ -545,3 +548,48 @@ def test_error_messages_exchange_one_line_per_rank_cut_to_the_byte_limit():
     assert message.startswith("ValueError: éé")
     assert _comm.with_cause("failed", "") == "failed"
     assert _comm.with_cause("failed", "E: m") == "failed (E: m)"
+
+
+PROXY_SCRIPT = """
+import numpy as np
+from mpi4py import MPI
+from fastbn.distributed import IN_PLACE
+from fastbn.distributed._comm import in_place_marker
+
+
+class Proxy:
+    def __init__(self, comm):
+        self._comm = comm
+
+    def __getattr__(self, name):
+        return getattr(self._comm, name)
+
+
+class StandIn:
+    fastbn_in_place = IN_PLACE
+
+
+proxy = Proxy(MPI.COMM_SELF)
+assert in_place_marker(proxy) is MPI.IN_PLACE
+assert in_place_marker(MPI.COMM_SELF) is MPI.IN_PLACE
+assert in_place_marker(StandIn()) is IN_PLACE
+buffer = np.arange(4.0)
+proxy.Allreduce(in_place_marker(proxy), buffer)
+assert (buffer == np.arange(4.0)).all()
+print("ok")
+"""
+
+
+def test_a_proxy_forwarding_to_an_mpi4py_communicator_gets_mpis_in_place():
+    """A wrapper whose __getattr__ forwards to a real communicator is no
+    stand-in: once mpi4py is imported it gets MPI.IN_PLACE, which mpi4py
+    understands (an in-place Allreduce through the proxy works); a class
+    that declares fastbn_in_place gets that.  In a subprocess, so this
+    process does not initialize MPI."""
+    pytest.importorskip("mpi4py")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastbn.__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    result = subprocess.run([sys.executable, "-c", PROXY_SCRIPT], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"

@@ -83,13 +83,22 @@ IN_PLACE = _InPlace()
 
 def in_place_marker(comm: Any) -> Any:
     """The send buffer that makes ``comm.Allreduce(marker, buffer)`` reduce
-    in place: ``MPI.IN_PLACE`` when `comm` is an mpi4py communicator, else
-    `IN_PLACE`.  Never imports mpi4py (an mpi4py communicator means it is
-    imported already)."""
+    in place.
+
+    - A communicator class that sets ``fastbn_in_place`` (a stand-in, e.g. a
+      test double: ``fastbn_in_place = IN_PLACE``) gets that value.
+    - Otherwise, once mpi4py is imported, ``MPI.IN_PLACE``: mpi4py's own
+      communicators, and wrappers that forward to one, need it.
+    - Otherwise `IN_PLACE` (no mpi4py communicator can exist yet).
+
+    Never imports mpi4py.  The attribute is looked up on the class, so a
+    proxy whose ``__getattr__`` forwards to an mpi4py communicator is not
+    mistaken for a stand-in."""
+    declared = getattr(type(comm), "fastbn_in_place", None)
+    if declared is not None:
+        return declared
     MPI = sys.modules.get("mpi4py.MPI")
-    if MPI is not None and isinstance(comm, MPI.Comm):
-        return MPI.IN_PLACE
-    return IN_PLACE
+    return MPI.IN_PLACE if MPI is not None else IN_PLACE
 
 
 def dtype_code(dtype: Any) -> int:
