@@ -18,6 +18,9 @@ CASES = [
     ((4, 7), -1), ((3, 9, 7), -1), ((2, 7, 9, 3), -1), ((2, 3, 4, 5, 7), -1),
     ((1, 1, 4097), 1), ((4097, 1), -1), ((2, 4099, 3), -1),
     ((16, 64, 40), 1), ((16, 40, 64), -1),   # above the serial threshold
+    # one channel of short rows, above the serial threshold: walked as one
+    # contiguous span, split mid-row between threads
+    ((50001, 1, 3), 1),
 ]
 
 

@@ -120,6 +120,14 @@ static int FB_TYPED(bn_eval_forward)(FASTBN_BN_EVAL_FORWARD_ARGS(FB_REAL))
     FB_TYPED(bn_wrap_extend)(mean, channels);
     FB_TYPED(bn_wrap_extend)(scale, channels);
     FB_TYPED(bn_wrap_extend)(shift, channels);
+    /* a single channel is one contiguous sequence: one span, as the split
+     * phases walk it (bn_phase_geometry, bn_train_impl.h), not `outer` spans
+     * of `inner` values -- (262144, 1, 4) float32 took 3.0 ms row by row, 0.44
+     * ms as one span (1 thread, min of 40 calls, load 2.6) */
+    if (channels == 1) {
+        inner *= outer;
+        outer = 1;
+    }
     const fb_index total = outer * channels * inner;
     const FB_TYPED(bn_straight_coefficients) k = {mean, scale, shift, NULL, NULL, NULL};
     /* bytes moved: x read, y written */
