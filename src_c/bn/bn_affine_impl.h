@@ -132,7 +132,9 @@ static int FB_TYPED(bn_eval_forward)(FASTBN_BN_EVAL_FORWARD_ARGS(FB_REAL))
     const FB_TYPED(bn_straight_coefficients) k = {mean, scale, shift, NULL, NULL, NULL};
     /* bytes moved: x read, y written */
     FB_TYPED(bn_straight)(y, x, NULL, &k, outer, channels, channels, inner,
-                          total * (fb_index)sizeof(FB_REAL) >= FB_BN_STREAM_BYTES, relu,
+                          fb_bn_stream_output(outer, channels, channels, inner,
+                                              (fb_index)sizeof(FB_REAL)),
+                          relu,
                           fb_threads_for_bytes(2 * total * (fb_index)sizeof(FB_REAL),
                                                num_threads));
     free(coefficients);

@@ -1148,8 +1148,8 @@ static int FB_TYPED(bn_run)(FB_TYPED(bn_pass) *pass, fb_index outer, fb_index ch
         nt = 1;
     /* by the size of the whole array: a channel range of a large one is
      * one of a sequence of calls that together write all of it */
-    pass->stream = outer * row_channels * inner * (fb_index)sizeof(FB_REAL)
-                   >= FB_BN_STREAM_BYTES;
+    pass->stream = fb_bn_stream_output(outer, channels, row_channels, inner,
+                                       (fb_index)sizeof(FB_REAL));
     fb_bn_plan plan;
     fb_bn_make_plan(&plan, outer, channels, row_channels, inner,
                     streams * (fb_index)sizeof(FB_REAL), nt);
@@ -1379,8 +1379,8 @@ static int FB_TYPED(bn_apply)(FASTBN_BN_APPLY_ARGS(FB_REAL))
     /* streamed by the size of the whole array: a channel range of a large
      * one is one of a sequence of calls that together write all of it */
     FB_TYPED(bn_straight)(y, x, NULL, &k, outer, channels, row_channels, inner,
-                          outer * row_channels * inner * (fb_index)sizeof(FB_REAL)
-                              >= FB_BN_STREAM_BYTES,
+                          fb_bn_stream_output(outer, channels, row_channels, inner,
+                                              (fb_index)sizeof(FB_REAL)),
                           relu,
                           fb_threads_for_bytes(2 * values * (fb_index)sizeof(FB_REAL),
                                                num_threads));
@@ -1452,8 +1452,8 @@ static int FB_TYPED(bn_backward_apply)(FASTBN_BN_BACKWARD_APPLY_ARGS(FB_REAL))
     const fb_index values = outer * channels * inner;
     /* bytes moved: dy and x read, dx written; streamed as in bn_apply */
     FB_TYPED(bn_straight)(dx, dy, x, &k, outer, channels, row_channels, inner,
-                          outer * row_channels * inner * (fb_index)sizeof(FB_REAL)
-                              >= FB_BN_STREAM_BYTES,
+                          fb_bn_stream_output(outer, channels, row_channels, inner,
+                                              (fb_index)sizeof(FB_REAL)),
                           relu,
                           fb_threads_for_bytes(3 * values * (fb_index)sizeof(FB_REAL),
                                                num_threads));
