@@ -424,9 +424,10 @@ def test_planar_streamed_rewrite_gives_the_same_bits_at_any_alignment(simd_targe
                 np.testing.assert_array_equal(got, want)
 
 
-# The thread decisions of interleaved passes, which change no value:
-# reductions over fewer than 128 rows run on one thread (127/128/129 rows,
-# channels-last with 121 rows), and threads own column ranges only from
+# The thread decisions of interleaved passes, which change no value: wide
+# rows with fewer than two minimum row chunks (127/128/129 rows,
+# channels-last with 121 rows) split only channel groups between threads,
+# and threads own column ranges only from
 # 4096 channels each (8200 channels: owned on 2 threads, shared on 3;
 # 12300: owned on 3; float64 of 12300 channels streams its output).  Every
 # shape moves over 1 MiB, so the thread count really varies.

@@ -93,6 +93,23 @@ static void FB_TYPED(bn_straight)(FB_REAL *out, const FB_REAL *in, const FB_REAL
     }
 }
 
+/* bn_straight over a whole array's written channels: streamed by
+ * fb_bn_stream_output (by the size of the whole array: a channel range of a
+ * large one is one of a sequence of calls that together write all of it),
+ * on the threads that `arrays` arrays of its size (inputs read and output
+ * written) call for. */
+static void FB_TYPED(bn_straight_all)(FB_REAL *out, const FB_REAL *in, const FB_REAL *x,
+                                      const FB_TYPED(bn_straight_coefficients) *k,
+                                      fb_index outer, fb_index channels, fb_index row_channels,
+                                      fb_index inner, int relu, int arrays, int num_threads)
+{
+    const fb_index bytes = outer * channels * inner * (fb_index)sizeof(FB_REAL);
+    FB_TYPED(bn_straight)(out, in, x, k, outer, channels, row_channels, inner,
+                          fb_bn_stream_output(outer, channels, row_channels, inner,
+                                              (fb_index)sizeof(FB_REAL)),
+                          relu, fb_threads_for_bytes(arrays * bytes, num_threads));
+}
+
 /* ---- eval-mode forward ---------------------------------------------------- */
 
 static int FB_TYPED(bn_eval_forward)(FASTBN_BN_EVAL_FORWARD_ARGS(FB_REAL))
@@ -128,15 +145,10 @@ static int FB_TYPED(bn_eval_forward)(FASTBN_BN_EVAL_FORWARD_ARGS(FB_REAL))
         inner *= outer;
         outer = 1;
     }
-    const fb_index total = outer * channels * inner;
     const FB_TYPED(bn_straight_coefficients) k = {mean, scale, shift, NULL, NULL, NULL};
-    /* bytes moved: x read, y written */
-    FB_TYPED(bn_straight)(y, x, NULL, &k, outer, channels, channels, inner,
-                          fb_bn_stream_output(outer, channels, channels, inner,
-                                              (fb_index)sizeof(FB_REAL)),
-                          relu,
-                          fb_threads_for_bytes(2 * total * (fb_index)sizeof(FB_REAL),
-                                               num_threads));
+    /* x read, y written */
+    FB_TYPED(bn_straight_all)(y, x, NULL, &k, outer, channels, channels, inner, relu, 2,
+                              num_threads);
     free(coefficients);
     return FASTBN_OK;
 }

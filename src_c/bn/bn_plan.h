@@ -126,19 +126,13 @@ static inline int fb_bn_stream_output(fb_index outer, fb_index channels, fb_inde
  * (N, C) shapes measured), where nothing showed either plan ahead.  Calls
  * under 1 MiB run on one thread anyway (fb_threads_for_bytes). */
 #define FB_BN_OWNED_COLUMNS_PER_THREAD 4096
-/* Interleaved passes that reduce (training forward, backward, statistics)
- * run on one thread below this many rows, whatever their size: with fewer
- * than two minimum row chunks there is one row chunk, the threads split only
- * its channel groups, and the second thread did not pay for itself.  Shared
- * plan on 2 threads against 1 (float32, 5th percentile of 250 alternating
- * calls, load average 8-11), 1-thread time / 2-thread time: training forward
- * (64, 3000) 0.89, (64, 4096) 0.74, (96, 3000) 0.93, (128, 3000) 1.04,
- * (192, 2048) 1.05, (256, 2048) 1.0, (512, 2048) 1.5; backward (64, 3000)
- * 0.82, (64, 4096) 1.13, (96, 3000) 1.03, (128, 3000) 1.31, (192, 2048)
- * 1.24.  The rewrite-only passes (eval, apply) gain from a second thread at
- * any row count (1.3x for (64, 3000) eval) and keep it.  The thread count
- * changes no result (bn_plan.h: chunks depend on the shape alone). */
-#define FB_BN_PARALLEL_MIN_ROWS ((fb_index)2 * FB_BN_MIN_ROW_CHUNK)
+/* Interleaved reductions over few rows keep both threads.  Tried: one
+ * thread below 128 rows (fewer than two minimum row chunks).  Measured
+ * against this on a quiet machine (2 threads, float32, 10th percentile of
+ * 200 calls, two alternating runs): one thread was slower, training forward
+ * (64, 4096) 103-137 against 90-104 us, (100, 3000) 107-131 against 89-94,
+ * backward (100, 3000) 151-191 against 127-135, (120, 2048) 149-155
+ * against 104-107; so it was dropped. */
 
 /* Owned column ranges start at multiples of 16 channels (a 64-byte line of
  * float32), so no two threads write the same line of a row. */

@@ -1143,9 +1143,6 @@ static int FB_TYPED(bn_run)(FB_TYPED(bn_pass) *pass, fb_index outer, fb_index ch
     const fb_index values = outer * channels * inner;
     int nt = fb_threads_for_bytes(values * (fb_index)sizeof(FB_REAL)
                                   * (streams + fb_bn_rewrites(pass->mode)), num_threads);
-    /* interleaved reductions over few rows: one thread (FB_BN_PARALLEL_MIN_ROWS) */
-    if (inner == 1 && channels > 1 && pass->reduce && outer < FB_BN_PARALLEL_MIN_ROWS)
-        nt = 1;
     /* by the size of the whole array: a channel range of a large one is
      * one of a sequence of calls that together write all of it */
     pass->stream = fb_bn_stream_output(outer, channels, row_channels, inner,
@@ -1375,15 +1372,9 @@ static int FB_TYPED(bn_apply)(FASTBN_BN_APPLY_ARGS(FB_REAL))
     }
     /* y = act((x - k2) * k1 + k3), as the pass walk's forward rewrite */
     const FB_TYPED(bn_straight_coefficients) k = {coef.k2, coef.k1, coef.k3, NULL, NULL, NULL};
-    const fb_index values = outer * channels * inner;
-    /* streamed by the size of the whole array: a channel range of a large
-     * one is one of a sequence of calls that together write all of it */
-    FB_TYPED(bn_straight)(y, x, NULL, &k, outer, channels, row_channels, inner,
-                          fb_bn_stream_output(outer, channels, row_channels, inner,
-                                              (fb_index)sizeof(FB_REAL)),
-                          relu,
-                          fb_threads_for_bytes(2 * values * (fb_index)sizeof(FB_REAL),
-                                               num_threads));
+    /* x read, y written */
+    FB_TYPED(bn_straight_all)(y, x, NULL, &k, outer, channels, row_channels, inner, relu, 2,
+                              num_threads);
     free(coefficients);
     return FASTBN_OK;
 }
@@ -1449,14 +1440,9 @@ static int FB_TYPED(bn_backward_apply)(FASTBN_BN_BACKWARD_APPLY_ARGS(FB_REAL))
             FB_TYPED(bn_wrap_extend)(coefficients + j * stride, channels);
     const FB_TYPED(bn_straight_coefficients) k = {center, coef.k1, coef.k2, coef.k3, mask_scale,
                                                   mask_shift};
-    const fb_index values = outer * channels * inner;
-    /* bytes moved: dy and x read, dx written; streamed as in bn_apply */
-    FB_TYPED(bn_straight)(dx, dy, x, &k, outer, channels, row_channels, inner,
-                          fb_bn_stream_output(outer, channels, row_channels, inner,
-                                              (fb_index)sizeof(FB_REAL)),
-                          relu,
-                          fb_threads_for_bytes(3 * values * (fb_index)sizeof(FB_REAL),
-                                               num_threads));
+    /* dy and x read, dx written */
+    FB_TYPED(bn_straight_all)(dx, dy, x, &k, outer, channels, row_channels, inner, relu, 3,
+                              num_threads);
     free(coefficients);
     return FASTBN_OK;
 }

@@ -62,10 +62,9 @@ static inline int fb_threads_for(fb_index work, int requested)
  * 15 ms for a 50 us call).  From 1 MiB, where a call takes >= 30 us on one
  * core, two threads gain 1.4-1.9x in the best case, so that is where they
  * start.  The threshold only chooses how many threads run a plan whose
- * chunks depend on the shape alone: results do not depend on it.  Wide,
- * short (N, C) arrays can move more than this in fewer rows than make two
- * row chunks; their reductions stay on one thread (FB_BN_PARALLEL_MIN_ROWS,
- * bn_plan.h, with its measurement). */
+ * chunks depend on the shape alone: results do not depend on it.  (Wide,
+ * short (N, C) arrays keep two threads even with one row chunk: see
+ * bn_plan.h after FB_BN_OWNED_COLUMNS_PER_THREAD.) */
 #define FASTBN_PARALLEL_BYTES ((fb_index)1 << 20)
 
 /* Threads worth using for a call moving `bytes` when the caller allows
