@@ -6,11 +6,17 @@ import fnmatch
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+SANITIZE_SCRIPT = ROOT / ".ci" / "sanitize.sh"
 
 
 def sanitized_patterns():
-    script = (ROOT / ".ci" / "sanitize.sh").read_text()
+    if not SANITIZE_SCRIPT.exists():
+        # CI's wheel stage tests a copy of tests/ without the repository's .ci/
+        pytest.skip("no .ci/sanitize.sh beside this test tree (a copied test tree)")
+    script = SANITIZE_SCRIPT.read_text()
     block = re.search(r"patterns=\((.*?)\)", script, re.S)
     assert block, "no patterns=(...) list in .ci/sanitize.sh"
     return block.group(1).split()
