@@ -6,6 +6,7 @@ cost measured.
     mpiexec -n 2 python examples/distributed_mlp.py            # 2 ranks x 1 thread
     mpiexec -n 1 python examples/distributed_mlp.py            # the 1-rank baseline
     mpiexec -n 2 python examples/distributed_mlp.py --bn-cost  # SyncBN vs local BN
+    mpiexec -n 2 python examples/distributed_mlp.py --bn-cost --block-bytes 0,2097152,4194304
 
 Every rank takes 1/P of each global batch (same global batch for any P), so
 examples/s of P ranks over examples/s of 1 rank is the parallel speed-up.
@@ -27,6 +28,11 @@ parser.add_argument("--steps", type=int, default=10)
 parser.add_argument("--zero", action="store_true", help="shard Adam's state (ZeroRedundancyOptimizer)")
 parser.add_argument("--bn-cost", action="store_true",
                     help="time SyncBatchNorm vs BatchNorm2d forward+backward on (32,128,56,56) per rank")
+parser.add_argument("--block-bytes", default=None,
+                    help="with --bn-cost: comma-separated SyncBatchNorm channel-block sizes, input "
+                         "bytes per block and rank (0: one block), timed in alternating rounds "
+                         "(default: the library's BLOCK_BYTES only)")
+parser.add_argument("--rounds", type=int, default=10, help="with --bn-cost: timed rounds")
 args = parser.parse_args()
 # before NumPy starts its BLAS threads
 for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -86,31 +92,52 @@ def train():
            f"{args.steps * share * size / elapsed:.0f} examples/s (last loss {float(loss):.4f})")
 
 
-def bn_cost(repeats=10):
+def bn_cost():
+    from fastbn.distributed import _pipeline
     shape = (32, 128, 56, 56)
     x = np.random.default_rng(rank).standard_normal(shape).astype(np.float32)
     dy = np.ones_like(x)
     local, sync = nn.BatchNorm2d(128), nn.SyncBatchNorm(128, comm=comm)
-    times = {}
-    for name, layer in (("BatchNorm2d (local)", local), ("SyncBatchNorm", sync)):
-        layer(x)
-        layer.backward(dy)
-        best = float("inf")
-        for _ in range(repeats):
+    default = _pipeline.BLOCK_BYTES
+    sizes = ([default] if args.block_bytes is None
+             else [int(v) or None for v in args.block_bytes.split(",")])
+
+    def label(size):
+        return "one block" if size is None else f"{size / 2 ** 20:g} MiB blocks"
+
+    variants = [("BatchNorm2d (local)", local, None)]
+    variants += [(f"SyncBatchNorm, {label(block_size)}", sync, block_size) for block_size in sizes]
+    times = {name: [] for name, _, _ in variants}
+    # rounds alternate the variants, so a change of machine load hits them all
+    for timed in [False] + [True] * args.rounds:
+        for name, layer, block_size in variants:
+            _pipeline.BLOCK_BYTES = block_size
             comm.Barrier()
             start = time.perf_counter()
             layer(x)
             layer.backward(dy)
-            best = min(best, time.perf_counter() - start)
-        times[name] = comm.allreduce(best, op=MPI.MAX)
-    forward_bytes = 8 * (6 + 1 + 2 * 128)   # header (6) + one block: status, mean, m2
-    backward_bytes = 8 * (1 + 2 * 128)
+            if timed:   # the slowest rank's time
+                times[name].append(comm.allreduce(time.perf_counter() - start, op=MPI.MAX))
     report(f"{size} rank(s) x {args.threads} thread(s), (32,128,56,56) float32 per rank, "
-           "forward+backward, best of 10 (slowest rank):")
-    for name, seconds in times.items():
-        report(f"  {name:20s} {1e3 * seconds:8.2f} ms")
-    report(f"  ratio {times['SyncBatchNorm'] / times['BatchNorm2d (local)']:.3f}; bytes sent per rank: "
-           f"forward {forward_bytes}, backward {backward_bytes} (each rank receives {size}x that)")
+           f"forward+backward, {args.rounds} alternating rounds (slowest rank), load "
+           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}:")
+    base = times["BatchNorm2d (local)"]
+    report(f"  {'':34s} {'min ms':>8s} {'median':>8s}  ratio of min, of median")
+    for name, values in times.items():
+        report(f"  {name:34s} {1e3 * min(values):8.2f} {1e3 * np.median(values):8.2f}  "
+               f"{min(values) / min(base):.3f} {np.median(values) / np.median(base):.3f}")
+    for block_size in sizes:
+        # per call: header (6 words) and per block status, mean, m2 forward;
+        # status and two sums backward; one last status word when blocked
+        _pipeline.BLOCK_BYTES = block_size
+        blocks = [len(_pipeline.plan_blocks(128, 32 * 56 * 56, 4, streams, True))
+                  for streams in (1, 2)]
+        forward = 8 * (6 + blocks[0] + 2 * 128 + (blocks[0] > 1))
+        backward = 8 * (blocks[1] + 2 * 128 + (blocks[1] > 1))
+        report(f"  {label(block_size)}: {blocks[0]} forward, {blocks[1]} backward blocks; bytes "
+               f"sent per rank: forward {forward}, backward {backward} (each rank receives "
+               f"{size}x that)")
+    _pipeline.BLOCK_BYTES = default
 
 
 if args.bn_cost:

@@ -3,7 +3,10 @@
 channels) the outputs, dx, parameter gradients and running statistics are
 bit-identical to the one-block (unblocked) run and equal to BatchNorm2d on
 the concatenated batch; uneven per-rank batches with a rank holding one
-image; float32 and float64, with and without the fused ReLU."""
+image, and with a rank holding none (its pass is "whole": no pre-fault, no
+ranged calls, but it takes part in every block's exchange); float32 and
+float64, with and without the fused ReLU.  With several blocks the fresh
+outputs are pre-faulted (`_pipeline.prefault`) on the planar ranks."""
 import numpy as np
 
 from fastbn import nn
@@ -15,14 +18,16 @@ CHANNELS = 10
 SPATIAL = (6, 5)
 
 
-def per_rank_batches(size):
-    sizes = [3, 1, 4, 2]
-    return [sizes[r % len(sizes)] for r in range(size)]
+PATTERNS = ([3, 1, 4, 2], [0, 2, 1, 3])
 
 
-def one_run(comm, dtype, relu, block_bytes, seed):
+def per_rank_batches(size, pattern=PATTERNS[0]):
+    return [pattern[r % len(pattern)] for r in range(size)]
+
+
+def one_run(comm, dtype, relu, block_bytes, seed, pattern):
     rank, size = comm.Get_rank(), comm.Get_size()
-    batches = per_rank_batches(size)
+    batches = per_rank_batches(size, pattern)
     rng = np.random.default_rng(seed)
     shape = (sum(batches), CHANNELS) + SPATIAL
     x_full = (rng.standard_normal(shape) * 2.0 + 3.0).astype(dtype)
@@ -37,8 +42,18 @@ def one_run(comm, dtype, relu, block_bytes, seed):
     for layer in (full, sync):
         layer.weight.data[...] = weight
         layer.bias.data[...] = bias
-    saved = _pipeline.BLOCK_BYTES
+    saved, real_prefault = _pipeline.BLOCK_BYTES, _pipeline.prefault
+    prefaulted = []
+
+    def counting_prefault(array):
+        prefaulted.append(array.shape)
+        real_prefault(array)
+
     _pipeline.BLOCK_BYTES = block_bytes
+    _pipeline.prefault = counting_prefault
+    largest = max(batches) * SPATIAL[0] * SPATIAL[1]
+    passes = [len(_pipeline.plan_blocks(CHANNELS, largest, np.dtype(dtype).itemsize, streams,
+                                        True)) for streams in (1, 2)]
     try:
         results = []
         for step in range(2):
@@ -46,7 +61,8 @@ def one_run(comm, dtype, relu, block_bytes, seed):
             dx_expected = full.backward(dy_full)
             y = sync(x_full[start:stop])
             dx = sync.backward(dy_full[start:stop])
-            where = f"dtype={np.dtype(dtype)}, relu={relu}, block_bytes={block_bytes}, step={step}"
+            where = (f"dtype={np.dtype(dtype)}, relu={relu}, block_bytes={block_bytes}, "
+                     f"batches={batches}, step={step}")
             for name, got, want in (("y", y, y_expected[start:stop]),
                                     ("dx", dx, dx_expected[start:stop]),
                                     ("weight.grad", sync.weight.grad, full.weight.grad),
@@ -57,13 +73,21 @@ def one_run(comm, dtype, relu, block_bytes, seed):
                                            **tolerance(dtype))
             results.extend([y, dx, sync.weight.grad.copy(), sync.bias.grad.copy(),
                             sync.running_mean.copy(), sync.running_var.copy()])
+        # y and dx of a planar rank with values are pre-faulted in a blocked pass
+        expected = 2 * sum(blocks > 1 for blocks in passes) if batches[rank] else 0
+        assert prefaulted == [x_full[start:stop].shape] * expected, (prefaulted, expected)
         return results
     finally:
-        _pipeline.BLOCK_BYTES = saved
+        _pipeline.BLOCK_BYTES, _pipeline.prefault = saved, real_prefault
 
 
 def main(comm):
-    largest = max(per_rank_batches(comm.Get_size())) * SPATIAL[0] * SPATIAL[1]
+    for pattern in PATTERNS:
+        check_pattern(comm, pattern)
+
+
+def check_pattern(comm, pattern):
+    largest = max(per_rank_batches(comm.Get_size(), pattern)) * SPATIAL[0] * SPATIAL[1]
     for dtype in (np.float32, np.float64):
         channel_bytes = largest * np.dtype(dtype).itemsize
         sizes = [1 << 40,                  # one block: the unblocked composition
@@ -74,13 +98,13 @@ def main(comm):
                                          sizes[1])) == CHANNELS
         for relu in (False, True):
             seed = 7 + relu + 10 * (dtype == np.float64)
-            reference = one_run(comm, dtype, relu, sizes[0], seed)
+            reference = one_run(comm, dtype, relu, sizes[0], seed, pattern)
             for block_bytes in sizes[1:]:
-                got = one_run(comm, dtype, relu, block_bytes, seed)
+                got = one_run(comm, dtype, relu, block_bytes, seed, pattern)
                 for a, b in zip(got, reference):
                     assert np.array_equal(a, b), (
                         f"blocks of {block_bytes} bytes differ from one block "
-                        f"(dtype={np.dtype(dtype)}, relu={relu})")
+                        f"(dtype={np.dtype(dtype)}, relu={relu}, pattern={pattern})")
 
 
 if __name__ == "__main__":
