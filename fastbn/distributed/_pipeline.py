@@ -9,7 +9,7 @@ fused local kernel rewrites each channel right after reducing it.  So for
 planar inputs (channels-first with spatial values, inner > 1), when
 `BLOCK_BYTES` is set (it is not by default: see the measurements there),
 the channels are cut into blocks of about that many bytes of input per
-rank, and::
+rank, the fresh outputs are pre-faulted (`prefault`), and::
 
     stats(0); start(0)
     for k: stats(k + 1); wait(k); merge(k); start(k + 1); apply(k)
@@ -51,18 +51,40 @@ __all__ = ["BLOCK_BYTES", "plan_blocks", "Exchange", "CommExchange", "forward_bl
            "backward_blocks"]
 
 #: Input bytes per block and rank (x in the forward; dy and x in the
-#: backward), or None: one block (the unblocked phases).  None by default,
-#: from measurements on a 2-core machine shared with other jobs (load ~7),
-#: (32, 128, 56, 56) float32 per rank, 1 thread per rank, min of 10-15
-#: interleaved rounds: 2 ranks, fwd+bwd 145-151 ms unblocked against 296-340
-#: ms with 1 MiB blocks and 141-187 ms with 4 MiB (the ranks wait for each
-#: other at every block, and on an oversubscribed machine a waited-for rank is
-#: often descheduled); on 1 process the blocks' kernels alone took 19.7 ms
-#: against 24.8 ms unblocked and 19.5 ms for the fused kernels, with outputs
-#: allocated beforehand; with a fresh output per call, as the layers return,
-#: both took 35 ms (the first-touch zeroing of the output's pages evicts the
-#: block from the caches).  1 << 20 is the size those kernel measurements
-#: favour (two blocks in a 1 MiB L2).
+#: backward), or None: one block (the unblocked phases).  None by default:
+#: blocks were not faster on the 2-core AMD EPYC (Zen 3, AVX2; 512 KiB L2
+#: per core, 32 MiB L3 shared with other tenants) of session 7, even with
+#: the pre-fault.  (32, 128, 56, 56) float32, 1 thread per rank, forward+
+#: backward with the fresh y and dx the layers return, interleaved rounds,
+#: median (min) ms, load average 2.3-5.4:
+#:
+#: - 1 process (benchmarks/syncbn_blocks.py, one-rank stand-in
+#:   communicator, CPU time, 31 rounds): local BatchNorm2d 42.5 (36.3), one
+#:   block 52.3 (44.1), blocks of 1/2/4/8 MiB 57.3/55.3/55.0/57.1 (42.6-48.4)
+#:   with the pre-fault, 57.1/54.8/56.3/57.0 without it; a second run at load
+#:   5.4: local 44.3, one block 52.8, blocks 60.3/60.4/63.0/56.6, without the
+#:   pre-fault 64.2/62.5/59.8/57.8.
+#: - 2 ranks (examples/distributed_mlp.py --bn-cost --block-bytes ..., 15
+#:   rounds, slowest rank): ratio to the local layer one block 1.26 and 1.24,
+#:   blocks of 2/4/8 MiB 1.58/1.50/1.48 and 1.96/1.69/1.43: every block is a
+#:   wait for the slower rank (MPICH progresses the Iallgather only inside
+#:   the wait), and a waiting rank spins on a CPU the other jobs want.
+#:
+#: Why the blocks do not pay here: (1) a fresh 51 MB output costs 7-9 ms of
+#: page faults (the OS maps and zeroes its pages: a strided one-byte-per-page
+#: touch takes 8.4-9.0 ms; filling a fresh array 11.3 ms against 4.3 ms for
+#: an existing one) whoever touches it first, the fused local kernels
+#: included, so it is most of the gap between the blocks' kernels with
+#: outputs allocated beforehand (22-25 ms, min) and with fresh ones
+#: (38-45 ms); moving it before the loop (`prefault`) removes the eviction
+#: of the block but not that cost, and was within the noise above.  (2)
+#: each block costs about 31 us of Python (loop, exchange, merge, kernel
+#: calls; 192 blocks at 1 MiB: 6 ms).  (3) the loop reads block k + 1
+#: before it rewrites block k, so two blocks must stay cached: more than the
+#: 512 KiB L2 even for one channel (401 KB here), so the reuse depends on an
+#: L3 other jobs share (kernels alone, outputs allocated beforehand: 1-2 ms
+#: (min) or 2-4 ms (median) more than rewriting each block right after its
+#: reduction).
 BLOCK_BYTES: Optional[int] = None
 
 Blocks = List[Tuple[int, int]]
@@ -75,10 +97,13 @@ _PAGE = mmap.PAGESIZE
 def prefault(array: np.ndarray) -> None:
     """Write a zero byte into every page of the new C-contiguous `array`
     (whose contents are all overwritten later), so the OS maps and zeroes
-    its pages now rather than at the kernels' first write of each block:
-    that zeroing (51 MB: about 5 ms) went through the caches and evicted
-    the block the apply was about to read again.  One byte per page, not a
-    full write pass (which would cost the zeroing plus a second pass)."""
+    its pages now rather than at the kernels' first write of each block,
+    where that zeroing goes through the caches and evicts the block about to
+    be read again.  It moves the cost (7-9 ms for 51 MB on the machine of
+    the BLOCK_BYTES figures), it does not remove it.  One byte per page: a
+    full write pass would cost the zeroing plus a second pass (11.3 against
+    8.4 ms there); touching only every 2 MiB (huge pages) leaves the 4 KiB
+    pages at the ends of the mapping to the kernels."""
     flat = array.reshape(-1).view(np.uint8)
     if flat.size:
         flat[::_PAGE] = 0

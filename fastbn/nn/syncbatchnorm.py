@@ -21,11 +21,13 @@ block.  Bytes sent per rank and call, C channels in B blocks: forward
 status word); every rank receives P times that.
 
 Blocks (fastbn/distributed/_pipeline.py): when its BLOCK_BYTES is set
-(None by default, one block, from the measurements recorded there), the
-channels of a channels-first input with spatial values are cut into
-blocks of that many bytes of input, and each block is normalized while
-still in the caches, right after the next block's statistics, so x (and
-dy) come from DRAM about once, as in the fused local kernels.
+(None by default, one block: blocks were slower on the machines measured,
+see the figures there), the channels of a channels-first input with
+spatial values are cut into blocks of that many bytes of input, the new
+output's pages are faulted in before the first block, and each block is
+normalized while still in the caches, right after the next block's
+statistics, so x (and dy) come from DRAM about once, as in the fused local
+kernels.
 Channels-last and 2-D inputs always form one block.  The results are
 bit-identical to those of one block, whatever the blocks.
 
