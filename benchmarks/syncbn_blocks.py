@@ -59,7 +59,7 @@ dtype = np.dtype(args.dtype)
 rng = np.random.default_rng(0)
 x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
 dy = rng.standard_normal(shape).astype(dtype)
-sizes = [int(v) for v in args.block_bytes.split(",")]
+sizes = list(dict.fromkeys(int(v) for v in args.block_bytes.split(",")))  # each once
 real_prefault = _pipeline.prefault
 
 

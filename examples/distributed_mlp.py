@@ -99,8 +99,9 @@ def bn_cost():
     dy = np.ones_like(x)
     local, sync = nn.BatchNorm2d(128), nn.SyncBatchNorm(128, comm=comm)
     default = _pipeline.BLOCK_BYTES
+    # each size once (a repeated one would share its name, and its times)
     sizes = ([default] if args.block_bytes is None
-             else [int(v) or None for v in args.block_bytes.split(",")])
+             else list(dict.fromkeys(int(v) or None for v in args.block_bytes.split(","))))
 
     def label(size):
         return "one block" if size is None else f"{size / 2 ** 20:g} MiB blocks"
