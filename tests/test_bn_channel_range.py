@@ -266,9 +266,12 @@ def simulate(parts, block_bytes, relu=False, dy_parts=None, weight=None, bias=No
     return results
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("relu", [False, True])
-def test_pipeline_blocks_give_the_unblocked_bits_and_the_full_batch_norm(dtype, relu):
+def test_pipeline_blocks_give_the_unblocked_bits_and_the_full_batch_norm(dtype, relu, overlap,
+                                                                          monkeypatch):
+    monkeypatch.setattr(_pipeline, "OVERLAP", overlap)
     channels, spatial = 11, (5, 6)
     batches = [3, 1, 4]            # uneven, a rank with a batch of 1
     x_full = planar((sum(batches), channels) + spatial, dtype, 11)
@@ -322,22 +325,33 @@ def test_plan_blocks_covers_every_channel_once():
     assert _pipeline.plan_blocks(128, 3136 * 32, 4, 1, False, 1) == [(0, 128)]
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
+@pytest.mark.parametrize("phase", ["reduce", "rewrite"])
 @pytest.mark.parametrize("failing_block", [0, 3, 4, 5])
-def test_a_rewrite_error_in_any_block_raises_on_every_rank(failing_block):
-    # rank 0's rewrite of one block raises (e.g. out of memory); the last two
-    # blocks' rewrites run after their exchanges, so the loop ends with one
-    # more status word: every rank must raise, none may return normally
+def test_an_error_in_any_block_raises_on_every_rank(failing_block, phase, overlap, monkeypatch):
+    # rank 0's reduction or rewrite of one block raises (e.g. out of memory);
+    # the last rewrite(s) run after their exchanges, so the loop ends with one
+    # more status word: every rank must raise, none may return normally or hang
+    monkeypatch.setattr(_pipeline, "OVERLAP", overlap)
     blocks = [(c, c + 1) for c in range(6)]
     hub = _Hub(2)
     outcomes = [None, None]
+    calls = [[], []]
 
     def rank_main(rank):
+        def reduce(first, stop):
+            calls[rank].append(("reduce", first))
+            if phase == "reduce" and rank == 0 and first == failing_block:
+                raise MemoryError("simulated")
+            return np.zeros(2 * (stop - first))
+
         def rewrite(first, stop):
-            if rank == 0 and first == failing_block:
+            calls[rank].append(("rewrite", first))
+            if phase == "rewrite" and rank == 0 and first == failing_block:
                 raise MemoryError("simulated")
 
         try:
-            _pipeline._run(blocks, hub.exchange(rank), lambda a, b: np.zeros(2 * (b - a)),
+            _pipeline._run(blocks, hub.exchange(rank), reduce,
                            lambda a, b, table: None, rewrite, _fail)
             outcomes[rank] = "returned"
         except ValueError as error:
@@ -350,6 +364,13 @@ def test_a_rewrite_error_in_any_block_raises_on_every_rank(failing_block):
         thread.join(60)
     assert all(outcome is not None and outcome.startswith("ValueError") for outcome in outcomes), \
         outcomes
+    # the failing rank stops reducing and rewriting after its error
+    failed_at = calls[0].index((phase, failing_block))
+    assert not any(name == "rewrite" for name, _ in calls[0][failed_at + 1:])
+    if not overlap:
+        # sequential order: each block is rewritten before the next is read
+        want = [(name, c) for c in range(6) for name in ("reduce", "rewrite")]
+        assert calls[1] == want[:len(calls[1])]
 
 
 class _OneRankComm:

@@ -137,6 +137,11 @@ class Exchange:
     def wait(self, handle: Any) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def allgather(self, row: np.ndarray) -> np.ndarray:
+        """The blocking all-gather: the table, valid until the next call
+        (an implementation may reuse its memory)."""
+        return self.wait(self.start(row))
+
 
 class CommExchange(Exchange):
     """An mpi4py communicator's Iallgather (Allgather, completed at once,
@@ -145,6 +150,7 @@ class CommExchange(Exchange):
     def __init__(self, comm: Any) -> None:
         self.comm = comm
         self.size = int(comm.Get_size())
+        self._buffer: Optional[np.ndarray] = None
 
     def start(self, row: np.ndarray) -> Any:
         table = np.empty((self.size, row.size))
@@ -159,29 +165,104 @@ class CommExchange(Exchange):
             request.Wait()
         return table
 
+    def allgather(self, row: np.ndarray) -> np.ndarray:
+        """A blocking Allgather into one table buffer reused by the next
+        call (the block loop copies what it keeps out of each table)."""
+        width = row.size
+        if self._buffer is None or self._buffer.size < self.size * width:
+            self._buffer = np.empty(self.size * width)
+        table = self._buffer[:self.size * width].reshape(self.size, width)
+        self.comm.Allgather(row, table)
+        return table
+
+
+#: The order of the block loop.  False (the default): each block is
+#: reduced, exchanged (a blocking all-gather), merged and rewritten before
+#: the next one is read, so only one block has to stay cached and the
+#: rewrite follows its reduction as in the fused local kernels.  True: the
+#: overlapped order of the module docstring, which reads block k + 1 before
+#: rewriting block k so that block k's all-gather could run meanwhile; kept
+#: for communicators that progress a non-blocking collective on their own
+#: (MPICH does not: see BLOCK_BYTES) and for the A/B benchmarks.
+OVERLAP = False
+
 
 def _run(blocks: Blocks, exchange: Exchange, reduce: Callable, combine: Callable,
          rewrite: Callable, fail: Callable, local_error: Optional[BaseException] = None) -> None:
-    """The block loop.  reduce(first, stop) -> this rank's payload row of
-    the block; combine(first, stop, table) with the (ranks, payload) table;
-    rewrite(first, stop).  fail(statuses, local_error) raises on every
-    rank (with several blocks, also for an error in the last rewrites, through
-    one more status exchange); with one block, a rank's own rewrite error
-    after the only exchange is raised here, on that rank."""
+    """The block loop.  reduce(first, stop) -> this rank's payload of the
+    block (a float64 row, or a tuple of parts that make it up);
+    combine(first, stop, table) with the (ranks, payload) table;
+    rewrite(first, stop).  fail(statuses, local_error) raises on every rank:
+    every block's message starts with this rank's status (1: its reduction
+    or an earlier rewrite raised), and with several blocks one last status
+    exchange covers the last rewrite(s); with one block, a rank's own
+    rewrite error after the only exchange is raised here, on that rank."""
+    if OVERLAP:
+        _run_overlapped(blocks, exchange, reduce, combine, rewrite, fail, local_error)
+        return
+    error = local_error
+    # one message buffer for every block (the exchange is blocking, the row
+    # is free again when it returns)
+    buffer = np.zeros(1 + 2 * max(stop - first for first, stop in blocks))
+    for first, stop in blocks:
+        row = buffer[:1 + 2 * (stop - first)]
+        if error is None:
+            try:
+                _fill(row, reduce(first, stop))
+            except Exception as caught:  # reported to every rank by the status
+                error = caught
+        row[0] = 0.0 if error is None else 1.0
+        table = exchange.allgather(row)
+        if table[:, 0].any():
+            fail(table[:, 0], error)
+        combine(first, stop, table[:, 1:])
+        if error is None:
+            try:
+                rewrite(first, stop)
+            except Exception as caught:
+                error = caught
+    _finish(blocks, exchange, fail, error)
+
+
+def _fill(row: np.ndarray, payload) -> None:
+    """Write a payload (a row or a tuple of parts) after the status word."""
+    if isinstance(payload, tuple):
+        at = 1
+        for part in payload:
+            row[at:at + part.size] = part
+            at += part.size
+    else:
+        row[1:] = payload
+
+
+def _finish(blocks: Blocks, exchange: Exchange, fail: Callable,
+            error: Optional[BaseException]) -> None:
+    if len(blocks) > 1:
+        # the last rewrite(s) ran after their exchanges: one more status
+        # word, so an error there also raises on every rank
+        table = exchange.allgather(np.array([0.0 if error is None else 1.0]))
+        if table[:, 0].any():
+            fail(table[:, 0], error)
+    if error is not None:
+        raise error
+
+
+def _run_overlapped(blocks: Blocks, exchange: Exchange, reduce: Callable, combine: Callable,
+                    rewrite: Callable, fail: Callable,
+                    local_error: Optional[BaseException] = None) -> None:
+    """`_run` in the overlapped order (`OVERLAP`): stats(0); start(0);
+    for k: stats(k + 1); wait(k); merge(k); start(k + 1); apply(k)."""
     error = [local_error]
 
     def message(first: int, stop: int) -> np.ndarray:
-        payload = None
+        row = np.zeros(1 + 2 * (stop - first))
         if error[0] is None:
             try:
-                payload = reduce(first, stop)
+                _fill(row, reduce(first, stop))
             except Exception as caught:  # reported to every rank by the status
                 error[0] = caught
-        row = np.zeros(1 + 2 * (stop - first))
-        if payload is None:
+        if error[0] is not None:
             row[0] = 1.0
-        else:
-            row[1:] = payload
         return row
 
     pending = exchange.start(message(*blocks[0]))
@@ -198,14 +279,7 @@ def _run(blocks: Blocks, exchange: Exchange, reduce: Callable, combine: Callable
                 rewrite(first, stop)
             except Exception as caught:
                 error[0] = caught
-    if len(blocks) > 1:
-        # the rewrites of the last two blocks ran after their exchanges: one
-        # more status word, so an error there also raises on every rank
-        table = exchange.wait(exchange.start(np.array([0.0 if error[0] is None else 1.0])))
-        if table[:, 0].any():
-            fail(table[:, 0], error[0])
-    if error[0] is not None:
-        raise error[0]
+    _finish(blocks, exchange, fail, error[0])
 
 
 class _Pass:
@@ -225,12 +299,11 @@ class _Pass:
         """The payload [a, b] of channels [first, stop): compute(range) ->
         (a, b) for those channels (range None: all of them)."""
         if not self.whole:
-            a, b = compute((first, stop))
-            return np.concatenate((a, b))
+            return tuple(compute((first, stop)))
         if self.cache is None:
             self.cache = compute(None)
         a, b = self.cache
-        return np.concatenate((a[first:stop], b[first:stop]))
+        return a[first:stop], b[first:stop]
 
     def rewrite(self, first: int, stop: int, compute: Callable) -> None:
         if self.empty:
