@@ -213,7 +213,7 @@ def _run(blocks: Blocks, exchange: Exchange, reduce: Callable, combine: Callable
                 error = caught
         row[0] = 0.0 if error is None else 1.0
         table = exchange.allgather(row)
-        if table[:, 0].any():
+        if np.count_nonzero(table[:, 0]):
             fail(table[:, 0], error)
         combine(first, stop, table[:, 1:])
         if error is None:
@@ -241,7 +241,7 @@ def _finish(blocks: Blocks, exchange: Exchange, fail: Callable,
         # the last rewrite(s) ran after their exchanges: one more status
         # word, so an error there also raises on every rank
         table = exchange.allgather(np.array([0.0 if error is None else 1.0]))
-        if table[:, 0].any():
+        if np.count_nonzero(table[:, 0]):
             fail(table[:, 0], error)
     if error is not None:
         raise error
@@ -269,7 +269,7 @@ def _run_overlapped(blocks: Blocks, exchange: Exchange, reduce: Callable, combin
     for k, (first, stop) in enumerate(blocks):
         following = message(*blocks[k + 1]) if k + 1 < len(blocks) else None
         table = exchange.wait(pending)
-        if table[:, 0].any():
+        if np.count_nonzero(table[:, 0]):
             fail(table[:, 0], error[0])
         combine(first, stop, table[:, 1:])
         if following is not None:
@@ -343,7 +343,13 @@ def forward_blocks(kernels, x: np.ndarray, layout, counts: Sequence[int], weight
         width = stop - first
         _, mean[first:stop], m2[first:stop] = kernels.merge_stats(
             counts, table[:, :width], table[:, width:])
-        invstd[first:stop] = 1.0 / np.sqrt(m2[first:stop] / total + eps)
+        # 1 / sqrt(m2 / total + eps) in place (the same operations, the same
+        # bits as the whole-array expression, no temporaries per block)
+        part = invstd[first:stop]
+        np.divide(m2[first:stop], total, out=part)
+        part += eps
+        np.sqrt(part, out=part)
+        np.divide(1.0, part, out=part)
 
     def apply(channel_range):
         if channel_range is None:
