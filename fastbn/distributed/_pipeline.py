@@ -1,7 +1,7 @@
 """The channel-block pipeline of the synchronized batch norms
 (`fastbn.nn.SyncBatchNorm` over MPI, `fastbn.torch.SyncBatchNorm` over
 torch.distributed): one implementation, given the communicator's
-non-blocking all-gather as an `Exchange`.
+all-gather (blocking, and split in start and wait) as an `Exchange`.
 
 Why blocks: the split phases (stats, exchange, apply) read x twice, and for
 an activation larger than the caches both reads come from DRAM, while the
@@ -11,12 +11,16 @@ planar inputs (channels-first with spatial values, inner > 1), when
 the channels are cut into blocks of about that many bytes of input per
 rank, the fresh outputs are pre-faulted (`prefault`), and::
 
-    stats(0); start(0)
-    for k: stats(k + 1); wait(k); merge(k); start(k + 1); apply(k)
+    for k: stats(k); allgather(k); merge(k); apply(k)
 
-block k's apply reads x while it is still in L2/L3 (only block k + 1 was
-read in between), and block k's all-gather runs while block k + 1 is
-reduced.  The backward does the same with backward_reduce/backward_apply.
+block k's apply reads x right after its stats did, so only one block has to
+stay cached (as in the fused local kernels, which rewrite each channel right
+after reducing it).  The backward does the same with
+backward_reduce/backward_apply.  `OVERLAP` selects the older overlapped
+order, ``stats(0); start(0); for k: stats(k + 1); wait(k); merge(k);
+start(k + 1); apply(k)``, which hides block k's all-gather behind block
+k + 1's reduction only where the communicator progresses it meanwhile, and
+needs two blocks cached.
 
 Determinism: every per-channel statistic is the one of the whole-array
 phase call (the kernels' chunks depend on the values per channel only), the
@@ -31,12 +35,12 @@ every block's all-gather but reduces and rewrites its whole array at once.
 
 Errors: every block's message starts with a status word.  A rank whose
 reduction or rewrite raises keeps taking part with status 1; at the next
-wait every rank sees it and raises the same ValueError (`fail`), so none is
-left blocked in a collective.  With several blocks, one last status word
-after the loop covers the rewrites of the last two blocks.  With one block
-(the default) the rewrite runs after the only exchange, on data every rank
-has checked, so only an out-of-memory error can stop it, and that one
-stays on its rank.
+exchange every rank sees it and raises the same ValueError (`fail`), so
+none is left blocked in a collective.  With several blocks, one last status
+word after the loop covers the rewrite of the last block (of the last two in
+the overlapped order).  With one block (the default) the rewrite runs after
+the only exchange, on data every rank has checked, so only an out-of-memory
+error can stop it, and that one stays on its rank.
 """
 from __future__ import annotations
 
@@ -53,38 +57,46 @@ __all__ = ["BLOCK_BYTES", "plan_blocks", "Exchange", "CommExchange", "forward_bl
 #: Input bytes per block and rank (x in the forward; dy and x in the
 #: backward), or None: one block (the unblocked phases).  None by default:
 #: blocks were not faster on the 2-core AMD EPYC (Zen 3, AVX2; 512 KiB L2
-#: per core, 32 MiB L3 shared with other tenants) of session 7, even with
-#: the pre-fault.  (32, 128, 56, 56) float32, 1 thread per rank, forward+
-#: backward with the fresh y and dx the layers return, interleaved rounds,
-#: median (min) ms, load average 2.3-5.4:
+#: per core, 32 MiB L3 shared with other tenants) of session 7 once two
+#: ranks must meet at every block.  (32, 128, 56, 56) float32, 1 thread per
+#: rank, forward+backward with the fresh y and dx the layers return,
+#: interleaved rounds, all under load average 4.6-5.3 from other jobs
+#: (8-9 for the last item):
 #:
 #: - 1 process (benchmarks/syncbn_blocks.py, one-rank stand-in
-#:   communicator, CPU time, 31 rounds): local BatchNorm2d 42.5 (36.3), one
-#:   block 52.3 (44.1), blocks of 1/2/4/8 MiB 57.3/55.3/55.0/57.1 (42.6-48.4)
-#:   with the pre-fault, 57.1/54.8/56.3/57.0 without it; a second run at load
-#:   5.4: local 44.3, one block 52.8, blocks 60.3/60.4/63.0/56.6, without the
-#:   pre-fault 64.2/62.5/59.8/57.8.
-#: - 2 ranks (examples/distributed_mlp.py --bn-cost --block-bytes ..., 15
-#:   rounds, slowest rank): ratio to the local layer one block 1.26 and 1.24,
-#:   blocks of 2/4/8 MiB 1.58/1.50/1.48 and 1.96/1.69/1.43: every block is a
-#:   wait for the slower rank (MPICH progresses the Iallgather only inside
-#:   the wait), and a waiting rank spins on a CPU the other jobs want.
+#:   communicator, CPU time median (min) ms, 31 rounds): local BatchNorm2d
+#:   41.5 (36.3), one block 50.8 (43.1); sequential order (the default loop)
+#:   2/4/8 MiB 48.6/49.9/50.3 (43.2/42.5/43.3), overlapped order
+#:   53.4/55.0/54.4 (45.9/46.7/45.4).  Another run (21 rounds): one block
+#:   60.1, sequential 0.5/1/2/4 MiB 68.5/63.0/56.8/56.6, overlapped
+#:   68.6/66.6/61.5/62.9.  So alone, the sequential order at 2-4 MiB is even
+#:   with or a few % under one block, and 4-5 ms under the overlapped order
+#:   (one cached block instead of two, see below).
+#: - 2 ranks (examples/distributed_mlp.py --bn-cost --block-bytes ...
+#:   --orders sequential,overlapped, 15 rounds, slowest rank, median ratio
+#:   to the local layer): one block 1.51 and 1.27 in two runs; sequential
+#:   1/2/4 MiB 2.52/2.08/1.68, overlapped 2.39/1.90/1.70; sequential
+#:   4/8/16 MiB 1.70/1.42/1.30, overlapped 1.62/1.42/1.34.  At load 7-9:
+#:   one block 0.19-0.23 s, 2/4/8 MiB blocks 5.3-6.6/1.8-3.0/0.8-1.0 s.
+#:   Every block is a meeting of the ranks: when the machine is
+#:   oversubscribed, a rank waits there for its peer to be scheduled again,
+#:   up to a time slice per block, which no order removes (MPICH's
+#:   Iallgather progresses only inside the wait, so the overlapped order
+#:   hides nothing either; polling with Test and sched_yield instead of one
+#:   Wait made no difference).  A quiet machine may tell otherwise:
+#:   re-measure there before setting this.
 #:
-#: Why the blocks do not pay here: (1) a fresh 51 MB output costs 7-9 ms of
-#: page faults (the OS maps and zeroes its pages: a strided one-byte-per-page
+#: Other costs of blocks: (1) a fresh 51 MB output costs 7-9 ms of page
+#: faults (the OS maps and zeroes its pages: a strided one-byte-per-page
 #: touch takes 8.4-9.0 ms; filling a fresh array 11.3 ms against 4.3 ms for
 #: an existing one) whoever touches it first, the fused local kernels
-#: included, so it is most of the gap between the blocks' kernels with
-#: outputs allocated beforehand (22-25 ms, min) and with fresh ones
-#: (38-45 ms); moving it before the loop (`prefault`) removes the eviction
-#: of the block but not that cost, and was within the noise above.  (2)
-#: each block costs about 31 us of Python (loop, exchange, merge, kernel
-#: calls; 192 blocks at 1 MiB: 6 ms).  (3) the loop reads block k + 1
-#: before it rewrites block k, so two blocks must stay cached: more than the
-#: 512 KiB L2 even for one channel (401 KB here), so the reuse depends on an
-#: L3 other jobs share (kernels alone, outputs allocated beforehand: 1-2 ms
-#: (min) or 2-4 ms (median) more than rewriting each block right after its
-#: reduction).
+#: included; `prefault` moves it before the loop, so it does not evict the
+#: block, but does not remove it.  (2) each block costs about 16.5 us of
+#: Python (loop, exchange, merge, kernel calls; min over 300 rounds of
+#: 2x128x2x2 in one-channel blocks; 18.0 us before the reused message row
+#: and table): 90 blocks at 2 MiB, 1.5 ms.  (3) the overlapped order reads
+#: block k + 1 before it rewrites block k, so two blocks must stay cached:
+#: more than the 512 KiB L2 even for one channel (401 KB here).
 BLOCK_BYTES: Optional[int] = None
 
 Blocks = List[Tuple[int, int]]
@@ -126,8 +138,9 @@ def plan_blocks(channels: int, max_count: int, itemsize: int, streams: int, plan
 
 
 class Exchange:
-    """A communicator's all-gather of one float64 row per rank, split in
-    start and wait (non-blocking when the communicator has it).
+    """A communicator's all-gather of one float64 row per rank: `allgather`
+    (blocking, the default loop) and split in start and wait (non-blocking
+    when the communicator has it; the overlapped order).
     `start(row)` returns a handle; `wait(handle)` the (ranks, len) table in
     rank order.  `row` is not modified until the wait."""
 

@@ -10,11 +10,11 @@ Training forward, on every rank::
     ONE Allgather of a header               (input description, checks, count)
     per channel block k (see below):
       local (mean, m2) of block k           the kernels' stats phase
-      Iallgather of [status, mean, m2]      (started, waited one block later)
+      Allgather of [status, mean, m2]       (blocking; see _pipeline.OVERLAP)
       merge in rank order (Chan's formula)  batch_norm_merge_stats
       normalize block k                     the kernels' apply phase
 
-and the backward, per block: local (sum dy, sum dy*xhat), Iallgather of
+and the backward, per block: local (sum dy, sum dy*xhat), Allgather of
 [status, both sums], the sums added in rank order (float64), dx of the
 block.  Bytes sent per rank and call, C channels in B blocks: forward
 8 * (6 + B + 2C), backward 8 * (B + 2C), 8 more each when B > 1 (a last
@@ -25,9 +25,9 @@ Blocks (fastbn/distributed/_pipeline.py): when its BLOCK_BYTES is set
 see the figures there), the channels of a channels-first input with
 spatial values are cut into blocks of that many bytes of input, the new
 output's pages are faulted in before the first block, and each block is
-normalized while still in the caches, right after the next block's
-statistics, so x (and dy) come from DRAM about once, as in the fused local
-kernels.
+normalized right after its own statistics and exchange, while it is still
+in the caches, so x (and dy) come from DRAM about once, as in the fused
+local kernels.
 Channels-last and 2-D inputs always form one block.  The results are
 bit-identical to those of one block, whatever the blocks.
 

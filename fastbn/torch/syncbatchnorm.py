@@ -10,8 +10,9 @@ rank's checks, its values per channel), then runs the channel-block
 pipeline of fastbn/distributed/_pipeline.py (one block unless its
 BLOCK_BYTES is set, None by default; with several blocks the new output's
 pages are faulted in first): per block of channels, this
-rank's (mean, m2) by the kernels' stats phase, an asynchronous all_gather
-(``async_op=True``) of [status, mean, m2], the merge in rank order (Chan's
+rank's (mean, m2) by the kernels' stats phase, an all_gather of [status,
+mean, m2] (waited at once; ``async_op=True`` with the pipeline's
+overlapped order, `_pipeline.OVERLAP`), the merge in rank order (Chan's
 formula) and the normalization of the block while it is still in the
 caches.  The backward does the same with the per-channel sums of dy and
 dy * xhat (added in rank order in float64) and dx.  Bytes sent per rank
