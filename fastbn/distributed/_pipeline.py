@@ -60,8 +60,8 @@ __all__ = ["BLOCK_BYTES", "plan_blocks", "Exchange", "CommExchange", "forward_bl
 #: per core, 32 MiB L3 shared with other tenants) of session 7 once two
 #: ranks must meet at every block.  (32, 128, 56, 56) float32, 1 thread per
 #: rank, forward+backward with the fresh y and dx the layers return,
-#: interleaved rounds, all under load average 4.6-5.3 from other jobs
-#: (8-9 for the last item):
+#: interleaved rounds, all under load average 4.6-6.3 from other jobs
+#: (7-9 where said):
 #:
 #: - 1 process (benchmarks/syncbn_blocks.py, one-rank stand-in
 #:   communicator, CPU time median (min) ms, 31 rounds): local BatchNorm2d
@@ -76,7 +76,10 @@ __all__ = ["BLOCK_BYTES", "plan_blocks", "Exchange", "CommExchange", "forward_bl
 #:   --orders sequential,overlapped, 15 rounds, slowest rank, median ratio
 #:   to the local layer): one block 1.51 and 1.27 in two runs; sequential
 #:   1/2/4 MiB 2.52/2.08/1.68, overlapped 2.39/1.90/1.70; sequential
-#:   4/8/16 MiB 1.70/1.42/1.30, overlapped 1.62/1.42/1.34.  At load 7-9:
+#:   4/8/16 MiB 1.70/1.42/1.30, overlapped 1.62/1.42/1.34; a third run
+#:   (load 6.3): one block 1.18, sequential 1/2/4 MiB 2.40/1.59/1.46,
+#:   overlapped 2.36/1.66/1.48 (1 MiB: 192 blocks, ~0.9 ms each against
+#:   16.5 us of Python: the cost is the meeting).  At load 7-9:
 #:   one block 0.19-0.23 s, 2/4/8 MiB blocks 5.3-6.6/1.8-3.0/0.8-1.0 s.
 #:   Every block is a meeting of the ranks: when the machine is
 #:   oversubscribed, a rank waits there for its peer to be scheduled again,
