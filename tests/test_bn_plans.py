@@ -249,6 +249,43 @@ def test_prefetching_backward_reduction_matches_the_reference_for_1_2_3_threads(
             np.testing.assert_array_equal(got, first)
 
 
+
+# The interleaved backward's plain reduction steps eight rows, then four,
+# then one inside each row chunk (at least 64 rows): row counts with every
+# remainder mod 8 past a whole step (2, 3 tiny batches; 13 = 8 + 4 + 1;
+# 79 = 64 + 15 gives a second, 15-row chunk; 207, 1031 several chunks and
+# both thread counts), odd channel counts around vector widths (1 is planar),
+# past the 512-channel group width (513), and channels-last.
+SHAPES_EIGHT_ROWS = [(2, 1), (3, 3), (2, 7), (3, 15), (13, 17), (79, 33), (207, 63),
+                     (15, 65), (11, 513), (1031, 7), (1031, 65), (3, 5, 7, 15),
+                     (2, 9, 9, 33)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES_EIGHT_ROWS)
+def test_eight_row_backward_reduction_matches_the_reference_for_1_2_3_threads(
+        simd_target, threads, shape, dtype, rng):
+    """The training backward (plain and ReLU: dx, dweight, dbias), its split
+    reduction and every other kernel of run_all match the reference, and are
+    bit identical for 1, 2 and 3 threads."""
+    inputs = make(rng, shape, dtype)
+    assert_kernels_match_the_reference(threads, inputs, dtype, axis=-1)
+    assert_bits_do_not_depend_on_the_thread_count(threads, inputs, axis=-1)
+    x, dy, weight, bias, _, _ = inputs
+    mean, invstd = F.batch_norm_forward_train(x, weight, bias, 1e-5, axis=-1)[1:]
+    sums = []
+    for count in (1, 2, 3):
+        threads(count)
+        sums.append(F.batch_norm_backward_reduce(dy, x, mean, invstd, axis=-1))
+    want = R.batch_norm_backward_reduce(dy, x, mean, invstd, axis=-1)
+    # float64 sums of `dtype` terms: compared at the tolerance of `dtype`
+    for got, expected in zip(sums[0], want):
+        assert_close(np.asarray(got).astype(dtype), np.asarray(expected).astype(dtype), dtype,
+                     scale=10)
+    for other in sums[1:]:
+        for got, first in zip(other, sums[0]):
+            np.testing.assert_array_equal(got, first)
+
 # Interleaved rewrites of several 512-channel groups: each row chunk's work
 # items of one thread are rewritten as one column range (whole rows, or one
 # piece of each row when a thread's items start or end inside a row chunk).

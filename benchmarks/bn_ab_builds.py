@@ -1,0 +1,168 @@
+"""Two builds of fastbn against each other and against torch, on a loaded
+machine: channels-last / (N, C) batch norm (axis -1), one worker process per
+build, alternated round by round.
+
+    python benchmarks/bn_ab_builds.py --a /path/to/base --b /path/to/new \\
+        [--rounds 20] [--threads 1,2] [--dtype float32] \\
+        [--kinds train,backward,eval,relu_train,relu_backward] 3000x96 8x28x28x100 ...
+
+--a and --b are folders that `import fastbn` finds the built package in (a
+worktree built in place).  Both workers also time torch on the same arrays
+(pooled).  Every timed call follows one untimed call and a 3 ms pause (see
+fastbn.bench.measure.time_interleaved: idle OpenMP workers spin after a
+parallel region).  Both builds allocate their output, as torch does.
+Printed per row: min of A, B and torch; torch / A and torch / B from the
+mins and from the medians; B / A from the mins.  The load average is
+printed before and after: with other work on the machine, compare only the
+alternated columns of one row, and repeat a row before believing it.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def worker():
+    import numpy as np
+    import torch
+    import fastbn
+    from fastbn import functional as F
+    nn = torch.nn.functional
+    built = {}
+
+    def build(kind, shape, dtype):
+        key = (kind, shape, dtype)
+        if key in built:
+            return built[key]
+        built.clear()
+        rng = np.random.default_rng(0)
+        x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
+        dy = rng.standard_normal(shape).astype(dtype)
+        channels = shape[-1]
+        w = (rng.standard_normal(channels) * 0.5 + 1).astype(dtype)
+        b = rng.standard_normal(channels).astype(dtype)
+        rm, rv = np.zeros(channels, dtype), np.ones(channels, dtype)
+        tx, tdy = torch.from_numpy(x), torch.from_numpy(dy)
+        if len(shape) > 2:  # channels_last-strided tensors over the same memory
+            tx, tdy = tx.movedim(-1, 1), tdy.movedim(-1, 1)
+        tw, tb = torch.from_numpy(w), torch.from_numpy(b)
+        trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+        if kind == "train":
+            def ours():
+                return F.batch_norm(x, rm, rv, w, b, training=True, axis=-1)
+
+            def theirs():
+                with torch.no_grad():
+                    return nn.batch_norm(tx, trm, trv, tw, tb, training=True)
+        elif kind == "relu_train":
+            def ours():
+                return F.batch_norm_relu_forward_train(x, w, b, axis=-1)
+
+            def theirs():
+                with torch.no_grad():
+                    return nn.relu(nn.batch_norm(tx, None, None, tw, tb, training=True),
+                                   inplace=True)
+        elif kind == "eval":
+            def ours():
+                return F.batch_norm(x, rm, rv, w, b, training=False, axis=-1)
+
+            def theirs():
+                with torch.no_grad():
+                    return nn.batch_norm(tx, trm, trv, tw, tb, training=False)
+        elif kind == "backward":
+            _, mean, invstd = F.batch_norm_forward_train(x, w, b, 1e-5, axis=-1)
+            _, sm, si = torch.ops.aten.native_batch_norm(tx, tw, tb, None, None, True, 0.1, 1e-5)
+
+            def ours():
+                return F.batch_norm_backward(dy, x, mean, invstd, w, axis=-1)
+
+            def theirs():
+                return torch.ops.aten.native_batch_norm_backward(
+                    tdy, tx, tw, None, None, sm, si, True, 1e-5, [True, True, True])
+        elif kind == "relu_backward":
+            _, mean, invstd = F.batch_norm_relu_forward_train(x, w, b, axis=-1)
+            xg, wg, bg = (t.clone().requires_grad_(True) for t in (tx, tw, tb))
+            ty = nn.relu(nn.batch_norm(xg, None, None, wg, bg, training=True))
+
+            def ours():
+                return F.batch_norm_relu_backward(dy, x, mean, invstd, w, b, axis=-1)
+
+            def theirs():
+                return torch.autograd.grad(ty, (xg, wg, bg), tdy, retain_graph=True)
+        else:
+            raise ValueError(f"kind: expected train, relu_train, eval, backward or "
+                             f"relu_backward, got {kind!r}")
+        built[key] = (ours, theirs)
+        return built[key]
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        fastbn.set_num_threads(request["threads"])
+        torch.set_num_threads(request["threads"])
+        ours, theirs = build(request["kind"], tuple(request["shape"]), request["dtype"])
+        reply = {}
+        for name, fn in (("ours", ours), ("torch", theirs)):
+            time.sleep(0.003)
+            fn()
+            start = time.perf_counter()
+            fn()
+            reply[name] = time.perf_counter() - start
+        print(json.dumps(reply), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--a", required=True, help="folder holding the base build")
+    parser.add_argument("--b", required=True, help="folder holding the new build")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--kinds", default="train,backward")
+    parser.add_argument("shapes", nargs="+", help="e.g. 3000x96 or 8x28x28x100 (channels last)")
+    args = parser.parse_args()
+
+    def spawn(path):
+        env = dict(os.environ, PYTHONPATH=path)
+        return subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                env=env, cwd="/")  # not a source tree: the build's fastbn
+
+    workers = {"A": spawn(args.a), "B": spawn(args.b)}
+
+    def ask(name, request):
+        workers[name].stdin.write(json.dumps(request) + "\n")
+        workers[name].stdin.flush()
+        return json.loads(workers[name].stdout.readline())
+
+    print("load average", open("/proc/loadavg").read().split()[:3])
+    print(f"{'shape':<18} {'kind':<14} {'th':>2} {'A min':>10} {'B min':>10} {'torch min':>10}"
+          f" | {'xT A':>5} {'xT B':>5} | {'med A':>5} {'med B':>5} | B/A")
+    for threads in (int(t) for t in args.threads.split(",")):
+        for kind in args.kinds.split(","):
+            for text in args.shapes:
+                shape = [int(v) for v in text.split("x")]
+                times = {"A": [], "B": [], "torch": []}
+                for index in range(args.rounds):
+                    for name in ("A", "B") if index % 2 == 0 else ("B", "A"):
+                        reply = ask(name, dict(kind=kind, shape=shape, dtype=args.dtype,
+                                               threads=threads))
+                        times[name].append(reply["ours"])
+                        times["torch"].append(reply["torch"])
+                low = {k: min(v) for k, v in times.items()}
+                mid = {k: statistics.median(v) for k, v in times.items()}
+                print(f"{text:<18} {kind:<14} {threads:>2} {low['A'] * 1e6:>8.1f}us"
+                      f" {low['B'] * 1e6:>8.1f}us {low['torch'] * 1e6:>8.1f}us"
+                      f" | {low['torch'] / low['A']:>5.2f} {low['torch'] / low['B']:>5.2f}"
+                      f" | {mid['torch'] / mid['A']:>5.2f} {mid['torch'] / mid['B']:>5.2f}"
+                      f" | {low['B'] / low['A']:.2f}", flush=True)
+    print("load average", open("/proc/loadavg").read().split()[:3])
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        worker()
+    else:
+        main()
