@@ -176,6 +176,37 @@ static inline fb_index fb_bn_owned_block_width(fb_index row_bytes, fb_index chan
     return fb_max_index(1, fb_min_index(width, FB_BN_OWNED_BLOCK_MAX));
 }
 
+/* Short planar rows: rows (the values of one sample and channel) of at most
+ * FB_BN_SHORT_ROW_BYTES, e.g. the 4x4 and 7x7 maps at the end of a ResNet.
+ * Owned channels with such rows are walked sample by sample
+ * (bn_owned_short_rows, bn_train_impl.h): each sample's piece of a block of
+ * channels is one contiguous stretch, where the channel-by-channel walk read
+ * one short row every channels x inner values.  Profiled on (32,512,4,4)
+ * float32 backward, 1 thread (load 8): 47 % of the time in the planar
+ * reduction, nearly all of it on the instructions after the loads of dy and
+ * x, which came from L3 one 64-byte row at a time, 32 KiB apart (all in the
+ * same L1 set, the same few L2 sets).  The sums are the channel walk's, bit
+ * for bit (same runs, lanes and chunk order), only the order of the memory
+ * accesses changes. */
+#define FB_BN_SHORT_ROW_BYTES ((fb_index)256)
+/* Channels walked together by the short-row walk: each keeps two lane sets
+ * (fb_bn_lanes) on the stack, 64 x 2 x ~160 bytes = 20 KiB; and at most
+ * FB_BN_BLOCK_BYTES_PER_THREAD of streamed input per block, so the rewrite
+ * can find it in L2. */
+#define FB_BN_SHORT_BLOCK_MAX ((fb_index)64)
+
+/* Channels per block of the short-row walk, or 0 when rows are longer than
+ * FB_BN_SHORT_ROW_BYTES (the channel walk runs).  `channel_bytes`: streamed
+ * input per channel.  Depends on the shape only. */
+static inline fb_index fb_bn_short_block_width(fb_index row_bytes, fb_index channel_bytes)
+{
+    if (row_bytes <= 0 || row_bytes > FB_BN_SHORT_ROW_BYTES)
+        return 0;
+    const fb_index width = channel_bytes > 0
+        ? FB_BN_BLOCK_BYTES_PER_THREAD / channel_bytes : FB_BN_SHORT_BLOCK_MAX;
+    return fb_max_index(1, fb_min_index(width, FB_BN_SHORT_BLOCK_MAX));
+}
+
 typedef struct fb_bn_plan {
     fb_index outer, channels, inner;
     fb_index row_channels;   /* planar: channels between outer rows (>= channels) */
