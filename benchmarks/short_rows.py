@@ -5,8 +5,8 @@ another build's kernels, all in one process, interleaved rounds.
     python benchmarks/short_rows.py [--shapes 32,512,4,4;32,256,7,7]
         [--threads 1] [--rounds 60] [--dtype float32] [--against PATH/_bn.so]
 
-Every round calls every variant once, in order (outputs allocated
-beforehand); min and median of the wall times of the rounds, in us.
+Every round calls every variant once, in an order rotated each round
+(outputs allocated beforehand); min and median of the wall times of the rounds, in us.
 Variants: training forward, eval forward, training backward (dx, dweight,
 dbias), each plain and with the fused ReLU (torch: batch norm then ReLU /
 threshold_backward then the batch-norm backward, as autograd runs them).
@@ -123,8 +123,11 @@ for text in args.shapes.split(";"):
         times = {name: [] for name, _ in calls}
         for _, call in calls:
             call()
-        for _ in range(args.rounds):
-            for name, call in calls:
+        for round_ in range(args.rounds):
+            # rotated each round: whoever runs after another variant finds
+            # the caches as that one left them
+            shift = round_ % len(calls)
+            for name, call in calls[shift:] + calls[:shift]:
                 start = clock()
                 call()
                 times[name].append(clock() - start)

@@ -381,18 +381,19 @@ def test_planar_split_phases_compose_to_the_fused_owned_kernels(simd_target, thr
 
 # ---- planar short rows (bn_owned_short_rows) ---------------------------------
 # Owned channels whose rows (one sample's values of one channel) are at most
-# 256 bytes are walked sample by sample, blocks of up to 64 channels at once,
+# 640 bytes are walked sample by sample, blocks of up to 64 channels at once,
 # at most 384 KiB of streamed input per block.  Row lengths HW = 1 (no
-# planar walk: inner 1 is interleaved), 2, 3, 5, 9, 15, 17, 63 (float32 in
-# the walk, float64 not: 504 bytes), 64 (exactly 256 bytes of float32) and
-# 65 (past it); channel counts around the owned thresholds of 2 and 3
+# planar walk: inner 1 is interleaved), 2, 3, 5, 9, 15, 17, 63, 64, 65 (all
+# in the walk), 80 (exactly 640 bytes of float32; float64 not) and 161
+# (past it for both); channel counts around the owned thresholds of 2 and 3
 # threads (7/8, 11/12) and past one 64-channel block (150: 64, 64, 22 on one
 # thread); blocks cut by the budget ((300, 40, 9): 18 channels of float32
 # per backward block); a chunk (4096 values) ending inside a row ((700, 12,
 # 7): value 4096 is in row 585) and at a row end ((300, 16, 4, 4)); tiny
 # batches (1 and 2 samples, 1 channel); the ResNet-18 tail shapes.
 SHAPES_SHORT = [(6, 9, 1, 1), (5, 8, 2), (3, 12, 3), (4, 11, 5), (2, 7, 3, 3), (3, 13, 15),
-                (2, 12, 17), (3, 8, 63), (2, 9, 8, 8), (2, 12, 65), (4, 150, 5), (300, 40, 9),
+                (2, 12, 17), (3, 8, 63), (2, 9, 8, 8), (2, 12, 65), (3, 8, 80), (2, 9, 161),
+                (4, 150, 5), (300, 40, 9),
                 (700, 12, 7), (300, 16, 4, 4), (1, 24, 3, 3), (2, 16, 2), (3, 1, 5, 5),
                 (32, 512, 2, 2), (32, 256, 7, 7), (8, 512, 4, 4)]
 

@@ -187,12 +187,24 @@ static inline fb_index fb_bn_owned_block_width(fb_index row_bytes, fb_index chan
  * x, which came from L3 one 64-byte row at a time, 32 KiB apart (all in the
  * same L1 set, the same few L2 sets).  The sums are the channel walk's, bit
  * for bit (same runs, lanes and chunk order), only the order of the memory
- * accesses changes. */
-#define FB_BN_SHORT_ROW_BYTES ((fb_index)256)
+ * accesses changes.
+ * The limit: float32, 1 thread, min thread CPU time of 60-100 rounds
+ * alternating with the channel walk (load 5-7; an A/A run of one build
+ * against itself differed by up to 5 % in the mins): rows of 16-144 values
+ * gained, e.g. training forward / backward (32,512,4,4) 391 / 331 against
+ * 565 / 371 us, (32,256,7,7) 307 / 345 against 360 / 381, (128,64,3,3)
+ * 163 / 236 against 200 / 229 (the ReLU backward gained most: the branch of
+ * bn_relu_masked_scalar), (16,128,12,12) 107 / 174 against 121 / 210 us;
+ * (32,64,10,10) forward 81 against 91, backward even (109 against 105).
+ * At 14x14 (784 bytes) it was mixed: (32,256,14,14) forward 1233 against
+ * 1663 us, but (64,64,14,14) backward 617 against 550 (three channels per
+ * block, by the L2 budget below, against the channel walk's sixteen), so
+ * 14x14 float32 rows stay with the channel walk. */
+#define FB_BN_SHORT_ROW_BYTES ((fb_index)640)
 /* Channels walked together by the short-row walk: each keeps two lane sets
- * (fb_bn_lanes) on the stack, 64 x 2 x ~160 bytes = 20 KiB; and at most
- * FB_BN_BLOCK_BYTES_PER_THREAD of streamed input per block, so the rewrite
- * can find it in L2. */
+ * (fb_bn_lanes, 144-192 bytes by target) on the stack, at most 64 x 2 x 192
+ * bytes = 24 KiB; and at most FB_BN_BLOCK_BYTES_PER_THREAD of streamed
+ * input per block, so the rewrite can find it in L2. */
 #define FB_BN_SHORT_BLOCK_MAX ((fb_index)64)
 
 /* Channels per block of the short-row walk, or 0 when rows are longer than
