@@ -416,6 +416,61 @@ def test_planar_split_phases_compose_to_the_fused_owned_kernels(simd_target, thr
 
 
 
+# ---- planar short rows (bn_owned_short_rows) ---------------------------------
+# Owned channels whose rows (one sample's values of one channel) are at most
+# 640 bytes are walked sample by sample, blocks of up to 64 channels at once,
+# at most 384 KiB of streamed input per block.  Row lengths HW = 1 (no
+# planar walk: inner 1 is interleaved), 2, 3, 5, 9, 15, 17, 63, 64, 65 (all
+# in the walk), 80 (exactly 640 bytes of float32; float64 not) and 161
+# (past it for both); channel counts around the owned thresholds of 2 and 3
+# threads (7/8, 11/12) and past one 64-channel block (150: 64, 64, 22 on one
+# thread); blocks cut by the budget ((300, 40, 9): 18 channels of float32
+# per backward block); a chunk (4096 values) ending inside a row ((700, 12,
+# 7): value 4096 is in row 585) and at a row end ((300, 16, 4, 4)); tiny
+# batches (1 and 2 samples, 1 channel); the ResNet-18 tail shapes.
+SHAPES_SHORT = [(6, 9, 1, 1), (5, 8, 2), (3, 12, 3), (4, 11, 5), (2, 7, 3, 3), (3, 13, 15),
+                (2, 12, 17), (3, 8, 63), (2, 9, 8, 8), (2, 12, 65), (3, 8, 80), (2, 9, 161),
+                (4, 150, 5), (300, 40, 9),
+                (700, 12, 7), (300, 16, 4, 4), (1, 24, 3, 3), (2, 16, 2), (3, 1, 5, 5),
+                (32, 512, 2, 2), (32, 256, 7, 7), (8, 512, 4, 4)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES_SHORT)
+def test_planar_short_rows_match_the_reference(simd_target, threads, shape, dtype, rng):
+    assert_kernels_match_the_reference(threads, make(rng, shape, dtype, axis=1), dtype, axis=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES_SHORT)
+def test_planar_short_rows_are_bit_identical_for_1_2_and_3_threads(simd_target, threads, shape,
+                                                                   dtype, rng):
+    """1 thread walks every channel sample by sample; 2 and 3 threads own
+    channel ranges (or, under 4 channels per thread, share each channel's
+    chunks, reduced channel by channel): the same bits."""
+    assert_bits_do_not_depend_on_the_thread_count(threads, make(rng, shape, dtype, axis=1),
+                                                  axis=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(700, 12, 7), (4, 150, 5), (2, 12, 17)])
+def test_planar_short_rows_split_phases_compose_to_the_fused_kernels(simd_target, threads,
+                                                                     shape, dtype, rng):
+    x, dy, weight, bias, _, _ = make(rng, shape, dtype, axis=1)
+    for count in (1, 2, 3):
+        threads(count)
+        y, mean, invstd = F.batch_norm_forward_train(x, weight, bias, 1e-5, axis=1)
+        n, mean64, m2 = F.batch_norm_stats(x, axis=1)
+        invstd64 = 1.0 / np.sqrt(m2 / n + 1e-5)
+        np.testing.assert_array_equal(mean64.astype(dtype), mean)
+        np.testing.assert_array_equal(F.batch_norm_apply(x, mean64, invstd64, weight, bias,
+                                                         axis=1), y)
+        dx = F.batch_norm_backward(dy, x, mean, invstd, weight, axis=1)[0]
+        sums = F.batch_norm_backward_reduce(dy, x, mean, invstd, axis=1)
+        np.testing.assert_array_equal(
+            F.batch_norm_backward_apply(dy, x, mean, invstd, weight, *sums, n, axis=1), dx)
+
+
 def placed(array, offset):
     """A copy of `array` starting `offset` elements past a 64-byte boundary."""
     buffer = np.empty(array.size + 64, array.dtype)

@@ -1,7 +1,9 @@
 /* bn_kernels.c -- batch-norm kernels for one SIMD target (FASTBN_TARGET),
  * both dtypes from the same templates. */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "../common/fb_parallel.h"
 #include "bn_kernels.h"
@@ -10,6 +12,7 @@
 
 /* section: float32 ---------------------------------------------------------- */
 #define FB_REAL float
+#define FB_REAL_BITS uint32_t  /* same size as FB_REAL (bn_relu_masked_scalar) */
 #define FB_DTYPE f32
 #include "bn_relu_impl.h"
 #include "bn_span_impl.h"
@@ -17,10 +20,12 @@
 #include "bn_train_impl.h"
 #include "bn_entry_impl.h"
 #undef FB_REAL
+#undef FB_REAL_BITS
 #undef FB_DTYPE
 
 /* section: float64 ---------------------------------------------------------- */
 #define FB_REAL double
+#define FB_REAL_BITS uint64_t
 #define FB_DTYPE f64
 #include "bn_relu_impl.h"
 #include "bn_span_impl.h"
@@ -28,6 +33,7 @@
 #include "bn_train_impl.h"
 #include "bn_entry_impl.h"
 #undef FB_REAL
+#undef FB_REAL_BITS
 #undef FB_DTYPE
 
 /* section: bfloat16 activations, float32 per-channel vectors ----------------- */

@@ -176,6 +176,49 @@ static inline fb_index fb_bn_owned_block_width(fb_index row_bytes, fb_index chan
     return fb_max_index(1, fb_min_index(width, FB_BN_OWNED_BLOCK_MAX));
 }
 
+/* Short planar rows: rows (the values of one sample and channel) of at most
+ * FB_BN_SHORT_ROW_BYTES, e.g. the 4x4 and 7x7 maps at the end of a ResNet.
+ * Owned channels with such rows are walked sample by sample
+ * (bn_owned_short_rows, bn_train_impl.h): each sample's piece of a block of
+ * channels is one contiguous stretch, where the channel-by-channel walk read
+ * one short row every channels x inner values.  Profiled on (32,512,4,4)
+ * float32 backward, 1 thread (load 8): 47 % of the time in the planar
+ * reduction, nearly all of it on the instructions after the loads of dy and
+ * x, which came from L3 one 64-byte row at a time, 32 KiB apart (all in the
+ * same L1 set, the same few L2 sets).  The sums are the channel walk's, bit
+ * for bit (same runs, lanes and chunk order), only the order of the memory
+ * accesses changes.
+ * The limit: float32, 1 thread, min thread CPU time of 60-100 rounds
+ * alternating with the channel walk (load 5-7; an A/A run of one build
+ * against itself differed by up to 5 % in the mins): rows of 16-144 values
+ * gained, e.g. training forward / backward (32,512,4,4) 391 / 331 against
+ * 565 / 371 us, (32,256,7,7) 307 / 345 against 360 / 381, (128,64,3,3)
+ * 163 / 236 against 200 / 229 (the ReLU backward gained most: the branch of
+ * bn_relu_masked_scalar), (16,128,12,12) 107 / 174 against 121 / 210 us;
+ * (32,64,10,10) forward 81 against 91, backward even (109 against 105).
+ * At 14x14 (784 bytes) it was mixed: (32,256,14,14) forward 1233 against
+ * 1663 us, but (64,64,14,14) backward 617 against 550 (three channels per
+ * block, by the L2 budget below, against the channel walk's sixteen), so
+ * 14x14 float32 rows stay with the channel walk. */
+#define FB_BN_SHORT_ROW_BYTES ((fb_index)640)
+/* Channels walked together by the short-row walk: each keeps two lane sets
+ * (fb_bn_lanes, 144-192 bytes by target) on the stack, at most 64 x 2 x 192
+ * bytes = 24 KiB; and at most FB_BN_BLOCK_BYTES_PER_THREAD of streamed
+ * input per block, so the rewrite can find it in L2. */
+#define FB_BN_SHORT_BLOCK_MAX ((fb_index)64)
+
+/* Channels per block of the short-row walk, or 0 when rows are longer than
+ * FB_BN_SHORT_ROW_BYTES (the channel walk runs).  `channel_bytes`: streamed
+ * input per channel.  Depends on the shape only. */
+static inline fb_index fb_bn_short_block_width(fb_index row_bytes, fb_index channel_bytes)
+{
+    if (row_bytes <= 0 || row_bytes > FB_BN_SHORT_ROW_BYTES)
+        return 0;
+    const fb_index width = channel_bytes > 0
+        ? FB_BN_BLOCK_BYTES_PER_THREAD / channel_bytes : FB_BN_SHORT_BLOCK_MAX;
+    return fb_max_index(1, fb_min_index(width, FB_BN_SHORT_BLOCK_MAX));
+}
+
 typedef struct fb_bn_plan {
     fb_index outer, channels, inner;
     fb_index row_channels;   /* planar: channels between outer rows (>= channels) */

@@ -29,6 +29,7 @@ typedef struct {
     int stream;                        /* non-temporal stores for the output */
     int relu;                          /* fused ReLU (bn_relu_impl.h) */
     fb_index owned_block;              /* planar owned: channels reduced, then rewritten, together */
+    fb_index short_block;              /* planar owned, short rows: channels per block, else 0 */
     const FB_REAL *x, *dy;
     FB_REAL *out;                      /* y (forward) or dx */
     const FB_REAL *weight, *bias;
@@ -178,8 +179,8 @@ FB_ALWAYS_INLINE void FB_TYPED(bn_lanes_grad)(const FB_REAL *restrict dy, const 
         FB_TYPED(fb_flush)(a2, b2);
     }
     for (; i < len; ++i) {
-        const FB_REAL g = relu ? FB_TYPED(bn_relu_masked)(dy[i], x[i], center, mask_scale,
-                                                          mask_shift)
+        const FB_REAL g = relu ? FB_TYPED(bn_relu_masked_scalar)(dy[i], x[i], center,
+                                                                 mask_scale, mask_shift)
                                : dy[i];
         a1->rest += (double)g;
         a2->rest += (double)(g * (x[i] - center));
@@ -218,15 +219,16 @@ static inline void FB_TYPED(bn_lanes_grad)(const FB_REAL *restrict dy, const FB_
     fb_index i = 0;
     for (; i + FB_BN_LANES <= len; i += FB_BN_LANES)
         for (int l = 0; l < FB_BN_LANES; ++l) {
-            const FB_REAL g = relu ? FB_TYPED(bn_relu_masked)(dy[i + l], x[i + l], center,
-                                                              mask_scale, mask_shift)
+            const FB_REAL g = relu ? FB_TYPED(bn_relu_masked_scalar)(dy[i + l], x[i + l],
+                                                                     center, mask_scale,
+                                                                     mask_shift)
                                    : dy[i + l];
             a1->v[l] += (double)g;
             a2->v[l] += (double)(g * (x[i + l] - center));
         }
     for (; i < len; ++i) {
-        const FB_REAL g = relu ? FB_TYPED(bn_relu_masked)(dy[i], x[i], center, mask_scale,
-                                                          mask_shift)
+        const FB_REAL g = relu ? FB_TYPED(bn_relu_masked_scalar)(dy[i], x[i], center,
+                                                                 mask_scale, mask_shift)
                                : dy[i];
         a1->rest += (double)g;
         a2->rest += (double)(g * (x[i] - center));
@@ -969,6 +971,128 @@ static void FB_TYPED(bn_apply_interleaved)(const fb_bn_plan *plan, const FB_TYPE
     }
 }
 
+/* One row of channel c (`len` values at `at`, a run of one chunk) into the
+ * channel's lanes: bn_reduce_planar's calls for the same run. */
+FB_ALWAYS_INLINE void FB_TYPED(bn_short_run)(const FB_TYPED(bn_pass) *pass, fb_index c,
+                                             fb_index at, fb_index len, int reduces_x,
+                                             fb_bn_lanes *a1, fb_bn_lanes *a2)
+{
+    const FB_REAL center = pass->center_real[c];
+    if (reduces_x)
+        FB_TYPED(bn_lanes_shifted)(pass->x + at, len, center, a1, a2);
+    else if (pass->relu)
+        FB_TYPED(bn_lanes_grad)(pass->dy + at, pass->x + at, len, center, a1, a2, 1,
+                                pass->mask_scale[c], pass->mask_shift[c]);
+    else
+        FB_TYPED(bn_lanes_grad)(pass->dy + at, pass->x + at, len, center, a1, a2, 0, 0, 0);
+}
+
+/* Rewrite row r of channels [c0, c1) (short rows): bn_apply_run's bn_span
+ * call per row, with the mode's choices made once.  The ReLU eval backward
+ * (staged dy) goes through bn_apply_run itself. */
+static void FB_TYPED(bn_short_rewrite)(const fb_bn_plan *plan, const FB_TYPED(bn_pass) *pass,
+                                       const FB_TYPED(bn_coefficients) *coefficients,
+                                       fb_index r, fb_index c0, fb_index c1, FB_REAL *staging)
+{
+    const FB_TYPED(bn_coefficients) coef = *coefficients;
+    const fb_index inner = plan->inner, base = r * plan->row_channels * inner;
+    if (pass->relu && pass->mode == FB_BN_BACKWARD_EVAL) {
+        for (fb_index c = c0; c < c1; ++c)
+            FB_TYPED(bn_apply_run)(pass, coef, c, base + c * inner, inner, staging);
+        return;
+    }
+    const int stream = pass->stream, relu = pass->relu;
+    FB_REAL *out = pass->out + base;
+    if (fb_bn_normalizes(pass->mode)) {
+        /* y = act((x - k2) * k1 + k3) */
+        const FB_REAL *x = pass->x + base;
+        for (fb_index c = c0; c < c1; ++c)
+            FB_TYPED(bn_span)(out + c * inner, x + c * inner, NULL, inner, coef.k2[c],
+                              coef.k1[c], coef.k3[c], 0, stream, relu, 0, 0);
+    } else if (fb_bn_training_dx(pass->mode)) {
+        /* dx = g * k1 + ((x - m) * k2 + k3), g = dy masked with relu */
+        const FB_REAL *dy = pass->dy + base, *x = pass->x + base;
+        for (fb_index c = c0; c < c1; ++c)
+            FB_TYPED(bn_span)(out + c * inner, dy + c * inner, x + c * inner, inner,
+                              pass->center_real[c], coef.k1[c], coef.k2[c], coef.k3[c], stream,
+                              relu, relu ? pass->mask_scale[c] : 0,
+                              relu ? pass->mask_shift[c] : 0);
+    } else {
+        /* eval backward: dx = (dy - k2) * k1 + k3, k2 = k3 = 0 */
+        const FB_REAL *dy = pass->dy + base;
+        for (fb_index c = c0; c < c1; ++c)
+            FB_TYPED(bn_span)(out + c * inner, dy + c * inner, NULL, inner, coef.k2[c],
+                              coef.k1[c], coef.k3[c], 0, stream, 0, 0, 0);
+    }
+}
+
+/* Planar owned channels with short rows (FB_BN_SHORT_ROW_BYTES): blocks of
+ * pass->short_block channels, each walked sample by sample -- sample r's rows
+ * of the block are one contiguous stretch -- reduced, finalized, then
+ * rewritten the same way, newest sample first.  Every channel keeps its own
+ * lanes; each row is one run of bn_reduce_planar's (cut in two where a chunk
+ * ends inside it), fed to the same lanes in the same order, and the chunk
+ * totals are added in chunk order from 0: bn_reduce_planar's sums, bit for
+ * bit.  The rewrite is elementwise (bn_span per row), so the walk changes
+ * no value. */
+static void FB_TYPED(bn_owned_short_rows)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass,
+                                          const FB_TYPED(bn_coefficients) *coef, int rewrite,
+                                          fb_index first, fb_index last)
+{
+    const fb_index inner = plan->inner, chunk = plan->chunk, n = plan->n;
+    const fb_index row_stride = plan->row_channels * inner;
+    const int reduces_x = fb_bn_reduces_x(pass->mode);
+    fb_bn_lanes a1[FB_BN_SHORT_BLOCK_MAX], a2[FB_BN_SHORT_BLOCK_MAX];
+    double s1[FB_BN_SHORT_BLOCK_MAX], s2[FB_BN_SHORT_BLOCK_MAX];
+    FB_REAL staging[FB_BN_RELU_BLOCK];
+    for (fb_index c0 = first; c0 < last; c0 += pass->short_block) {
+        const fb_index c1 = fb_min_index(last, c0 + pass->short_block), width = c1 - c0;
+        for (fb_index j = 0; j < width; ++j) {
+            s1[j] = s2[j] = 0.0;
+            fb_bn_lanes_zero(&a1[j]);
+            fb_bn_lanes_zero(&a2[j]);
+        }
+        for (fb_index r = 0; r < plan->outer && pass->reduce; ++r) {
+            /* values [p0, p2) of every channel's sequence; a chunk ends at
+             * `cut` (rows are shorter than a chunk: at most one end) */
+            const fb_index p0 = r * inner, p2 = p0 + inner;
+            const fb_index cut = (p0 / chunk + 1) * chunk;
+            const fb_index at0 = r * row_stride + c0 * inner;
+            if (cut < p2) {
+                const fb_index head = cut - p0;
+                for (fb_index j = 0; j < width; ++j) {
+                    const fb_index at = at0 + j * inner;
+                    FB_TYPED(bn_short_run)(pass, c0 + j, at, head, reduces_x, &a1[j], &a2[j]);
+                    s1[j] += fb_bn_lanes_total(&a1[j]);
+                    s2[j] += fb_bn_lanes_total(&a2[j]);
+                    fb_bn_lanes_zero(&a1[j]);
+                    fb_bn_lanes_zero(&a2[j]);
+                    FB_TYPED(bn_short_run)(pass, c0 + j, at + head, inner - head, reduces_x,
+                                           &a1[j], &a2[j]);
+                }
+            } else {
+                for (fb_index j = 0; j < width; ++j)
+                    FB_TYPED(bn_short_run)(pass, c0 + j, at0 + j * inner, inner, reduces_x,
+                                           &a1[j], &a2[j]);
+            }
+            if (cut == p2 || p2 == n) {  /* a chunk ends with the row */
+                for (fb_index j = 0; j < width; ++j) {
+                    s1[j] += fb_bn_lanes_total(&a1[j]);
+                    s2[j] += fb_bn_lanes_total(&a2[j]);
+                    fb_bn_lanes_zero(&a1[j]);
+                    fb_bn_lanes_zero(&a2[j]);
+                }
+            }
+        }
+        for (fb_index c = c0; c < c1; ++c)
+            FB_TYPED(bn_finalize)(plan, pass, c, s1[c - c0], s2[c - c0], coef, 1);
+        for (fb_index r = plan->outer; rewrite && r-- > 0;)
+            FB_TYPED(bn_short_rewrite)(plan, pass, coef, r, c0, c1, staging);
+    }
+    if (pass->stream)
+        fb_stream_fence();
+}
+
 /* Planar, many channels: this thread's channels, in blocks of
  * pass->owned_block neighbours: reduce a block, finalize it, rewrite it while
  * it is still in L2/L3; no barrier.  A block is walked row by row, each row
@@ -991,6 +1115,10 @@ static void FB_TYPED(bn_owned_channels)(const fb_bn_plan *plan, FB_TYPED(bn_pass
     const fb_index width = pass->owned_block;
     fb_index first, last;
     fb_split_range(C, team, tid, &first, &last);
+    if (pass->short_block > 0) {
+        FB_TYPED(bn_owned_short_rows)(plan, pass, coef, rewrite, first, last);
+        return;
+    }
     fb_bn_lanes a1[FB_BN_OWNED_BLOCK_MAX], a2[FB_BN_OWNED_BLOCK_MAX];
     double s1[FB_BN_OWNED_BLOCK_MAX], s2[FB_BN_OWNED_BLOCK_MAX];
     FB_REAL staging[FB_BN_RELU_BLOCK];
@@ -1190,6 +1318,7 @@ static int FB_TYPED(bn_run)(FB_TYPED(bn_pass) *pass, fb_index outer, fb_index ch
     {
         const fb_index row_bytes = inner * (fb_index)sizeof(FB_REAL);
         pass->owned_block = fb_bn_owned_block_width(row_bytes, outer * row_bytes * streams);
+        pass->short_block = fb_bn_short_block_width(row_bytes, outer * row_bytes * streams);
     }
     /* stored partials only where threads share channels; owners add theirs
      * on the fly */
