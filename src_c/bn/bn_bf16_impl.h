@@ -59,7 +59,6 @@
 #define FB_BN_BF16_LINEAR ((fb_index)16384)
 /* Planar cache block: bytes of streamed input per thread. */
 #define FB_BN_BF16_BLOCK_BYTES ((fb_index)384 * 1024)
-#define FB_BN_BF16_STREAM_BYTES ((fb_index)8 * 1024 * 1024)
 /* Owned planar blocks (bn_bf16_owned_block) take their width from
  * fb_bn_owned_block_width (bn_plan.h), as the float kernels' do. */
 
@@ -593,18 +592,52 @@ static inline void bn_bf16_fused_run(const bn_bf16_pass *p, fb_index offset, fb_
 #define FB_BN_BF16_FUSED 0
 #endif
 
+#if !FB_BN_BF16_FUSED
+/* Rewrite `len` values of channel c at `offset` (planar) through a float32
+ * block and the narrowing loop, normal stores. */
+static void bn_bf16_rewrite_generic(const bn_bf16_pass *p, fb_index offset, fb_index len, fb_index c)
+{
+    float v[FB_BN_BF16_BLOCK];
+    for (fb_index s = 0; s < len; s += FB_BN_BF16_BLOCK) {
+        const fb_index piece = fb_min_index(FB_BN_BF16_BLOCK, len - s);
+        bn_bf16_compute(p, v, offset + s, piece, c);
+        fb_bn_bf16_narrow(v, p->out + offset + s, piece, p->instruction);
+    }
+}
+#endif
+
+#if !FB_BN_BF16_FUSED && defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__) \
+    && FB_BF16_HAVE_VECTOR16
+#define FB_BN_BF16_FUSED_AVX2 1
+#include "bn_bf16_fused_avx2.h"
+#else
+#define FB_BN_BF16_FUSED_AVX2 0
+#endif
+
 /* Rewrite `len` values of channel c at `offset` (planar). */
 static inline void bn_bf16_rewrite_planar_run(const bn_bf16_pass *p, fb_index offset,
                                               fb_index len, fb_index c)
 {
 #if FB_BN_BF16_FUSED
     bn_bf16_fused_run(p, offset, len, c, 0);
+#elif FB_BN_BF16_FUSED_AVX2
+    bn_bf16_fused_run_avx2(p, offset, len, c);
 #else
-    float v[FB_BN_BF16_BLOCK];
-    for (fb_index s = 0; s < len; s += FB_BN_BF16_BLOCK) {
-        const fb_index piece = fb_min_index(FB_BN_BF16_BLOCK, len - s);
-        bn_bf16_compute(p, v, offset + s, piece, c);
-        fb_bn_bf16_narrow(v, p->out + offset + s, piece, p->instruction);
+    bn_bf16_rewrite_generic(p, offset, len, c);
+#endif
+}
+
+/* Planar elements [begin, end) in memory order: consecutive rows (of
+ * consecutive channels, channel of element e: (e / inner) % channels). */
+static void bn_bf16_rewrite_stretch(const bn_bf16_pass *p, fb_index begin, fb_index end)
+{
+#if FB_BN_BF16_FUSED_AVX2
+    bn_bf16_fused_stretch_avx2(p, begin, end);
+#else
+    for (fb_index i = begin; i < end;) {
+        const fb_index row = i / p->inner, stop = fb_min_index(end, (row + 1) * p->inner);
+        bn_bf16_rewrite_planar_run(p, i, stop - i, row % p->channels);
+        i = stop;
     }
 #endif
 }
@@ -657,13 +690,12 @@ static void bn_bf16_rewrite_linear(const bn_bf16_pass *p, fb_index item)
             fb_bn_bf16_narrow(v, p->out + i, len, p->instruction);
             i += len;
         } else {
+#if FB_BN_BF16_FUSED || FB_BN_BF16_FUSED_AVX2
+            bn_bf16_rewrite_stretch(p, i, end);
+            return;
+#endif
             const fb_index row = i / p->inner, col = i - row * p->inner;
             fb_index len = fb_min_index(p->inner - col, end - i);
-#if FB_BN_BF16_FUSED
-            bn_bf16_fused_run(p, i, len, row % p->channels, 0);
-            i += len;
-            continue;
-#endif
             len = fb_min_index(len, FB_BN_BF16_BLOCK);
             bn_bf16_compute(p, v, i, len, row % p->channels);
             fb_bn_bf16_narrow(v, p->out + i, len, p->instruction);
@@ -707,9 +739,8 @@ static void bn_bf16_owned_block(bn_bf16_pass *p, fb_index c0, fb_index c1)
     }
     for (fb_index c = c0; c < c1; ++c)
         bn_bf16_finalize(p, c);
-    for (fb_index r = p->outer; r-- > 0;)
-        for (fb_index c = c0; c < c1; ++c)
-            bn_bf16_rewrite_planar_run(p, (r * C + c) * inner, inner, c);
+    for (fb_index r = p->outer; r-- > 0;) /* row r of the block: one stretch */
+        bn_bf16_rewrite_stretch(p, (r * C + c0) * inner, (r * C + c1) * inner);
 }
 
 /* Run by every thread of the team, or by the caller alone.  The work-sharing
@@ -781,9 +812,11 @@ static int bn_bf16_run(bn_bf16_pass *p, fb_index outer, fb_index channels, fb_in
     const fb_index first_of_channel = inner; /* stride between channel starts, before planning */
     bn_bf16_plan(p, outer, channels, inner, streams, nt);
     p->instruction = fb_bn_bf16_cpu_has_instruction();
-    /* an output past the last-level cache share would be evicted before any
-     * reuse: skip the read-for-ownership */
-    p->stream = FB_BN_BF16_FUSED && !p->interleaved && total * 2 >= FB_BN_BF16_STREAM_BYTES;
+    /* the float kernels' rule (fb_bn_stream_output, bn_plan.h): an output past
+     * the last-level cache share, whose rows are whole 64-byte lines, skips
+     * the read-for-ownership; only the fused planar rewrites stream */
+    p->stream = (FB_BN_BF16_FUSED || FB_BN_BF16_FUSED_AVX2) && !p->interleaved
+        && fb_bn_stream_output(p->outer, channels, channels, p->inner, 2);
     p->linear = !p->reduce;
     p->linear_items = fb_ceil_div(total, FB_BN_BF16_LINEAR);
     const fb_index partials = p->reduce ? channels * p->chunks : 0;
