@@ -59,7 +59,6 @@
 #define FB_BN_BF16_LINEAR ((fb_index)16384)
 /* Planar cache block: bytes of streamed input per thread. */
 #define FB_BN_BF16_BLOCK_BYTES ((fb_index)384 * 1024)
-#define FB_BN_BF16_STREAM_BYTES ((fb_index)8 * 1024 * 1024)
 /* Owned planar blocks (bn_bf16_owned_block) take their width from
  * fb_bn_owned_block_width (bn_plan.h), as the float kernels' do. */
 
@@ -272,6 +271,98 @@ static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
     return i;
 }
 
+#elif defined(__AVX2__) && defined(__FMA__)
+#define FB_BN_BF16_VECTOR_REDUCE 1
+#include <immintrin.h>
+/* Explicit AVX2 forms of the two run reductions: lane l of the 16 float64
+ * accumulators still takes elements i + l, in order, so the partial sums are
+ * the portable loops' bits; the lanes are only held in another arrangement.
+ * 16 loaded bfloat16 form 8 32-bit words, word j holding elements 2j (low
+ * half) and 2j + 1 (high half): the even elements widen with one shift, the
+ * odd ones with one mask ("pair order", no lane shuffle), and the four
+ * float64 vectors of a sum hold lanes {0,2,4,6}, {8,10,12,14}, {1,3,5,7},
+ * {9,11,13,15}; bn_bf16_avx2_lanes puts them back in lane order once per
+ * run.  What GCC made of the portable loops (vpmovzxwd widening, the lane
+ * arrays zeroed with rep stos per run) took ~1 cycle per value in L1. */
+static inline void bn_bf16_avx2_lanes(const __m256d *v, double *a)
+{
+    double t[16];
+    for (int q = 0; q < 4; ++q)
+        _mm256_storeu_pd(t + 4 * q, v[q]);
+    for (int k = 0; k < 4; ++k) {
+        a[2 * k] = t[k];
+        a[8 + 2 * k] = t[4 + k];
+        a[2 * k + 1] = t[8 + k];
+        a[9 + 2 * k] = t[12 + k];
+    }
+}
+
+/* 8 float32 as float64: lanes 0-3 (q 0) or 4-7 (q 1) */
+#define FB_BN_BF16_WIDEN_PD(v, q) \
+    ((q) ? _mm256_cvtps_pd(_mm256_extractf128_ps((v), 1)) : _mm256_cvtps_pd(_mm256_castps256_ps128(v)))
+
+static inline fb_index bn_bf16_reduce_x_vector(const uint16_t *restrict x, fb_index len,
+                                               float center, fb_index ahead, double *a1,
+                                               double *a2)
+{
+    (void)ahead;
+    const __m256 m = _mm256_set1_ps(center);
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    __m256d s1[4], s2[4];
+    for (int q = 0; q < 4; ++q)
+        s1[q] = s2[q] = _mm256_setzero_pd();
+    fb_index i = 0;
+    for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(x + i));
+        const __m256 even = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), m);
+        const __m256 odd = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_and_si256(w, high)), m);
+        for (int q = 0; q < 4; ++q) {
+            const __m256d d = FB_BN_BF16_WIDEN_PD(q < 2 ? even : odd, q & 1);
+            s1[q] = _mm256_add_pd(s1[q], d);
+            s2[q] = _mm256_fmadd_pd(d, d, s2[q]); /* d * d is exact: one rounding either way */
+        }
+    }
+    bn_bf16_avx2_lanes(s1, a1);
+    bn_bf16_avx2_lanes(s2, a2);
+    return i;
+}
+
+static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
+                                                  const uint16_t *restrict x, fb_index len,
+                                                  float center, float mask_scale,
+                                                  float mask_shift, int relu, fb_index ahead,
+                                                  double *a1, double *a2)
+{
+    (void)ahead;
+    const __m256 m = _mm256_set1_ps(center), ms = _mm256_set1_ps(mask_scale);
+    const __m256 mh = _mm256_set1_ps(mask_shift), smallest = _mm256_set1_ps(FLT_MIN);
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    __m256d s1[4], s2[4];
+    for (int q = 0; q < 4; ++q)
+        s1[q] = s2[q] = _mm256_setzero_pd();
+    fb_index i = 0;
+    for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
+        const __m256i xw = _mm256_loadu_si256((const __m256i *)(x + i));
+        const __m256i gw = _mm256_loadu_si256((const __m256i *)(dy + i));
+        __m256 xc[2], g[2];
+        xc[0] = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_slli_epi32(xw, 16)), m);
+        xc[1] = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_and_si256(xw, high)), m);
+        g[0] = _mm256_castsi256_ps(_mm256_slli_epi32(gw, 16));
+        g[1] = _mm256_castsi256_ps(_mm256_and_si256(gw, high));
+        if (relu)
+            for (int h = 0; h < 2; ++h)
+                g[h] = _mm256_and_ps(_mm256_cmp_ps(_mm256_fmadd_ps(xc[h], ms, mh), smallest, _CMP_GE_OQ), g[h]);
+        for (int q = 0; q < 4; ++q) {
+            const __m256d gd = FB_BN_BF16_WIDEN_PD(g[q >> 1], q & 1);
+            s1[q] = _mm256_add_pd(s1[q], gd);
+            s2[q] = _mm256_fmadd_pd(gd, FB_BN_BF16_WIDEN_PD(xc[q >> 1], q & 1), s2[q]);
+        }
+    }
+    bn_bf16_avx2_lanes(s1, a1);
+    bn_bf16_avx2_lanes(s2, a2);
+    return i;
+}
+#undef FB_BN_BF16_WIDEN_PD
 #else
 #define FB_BN_BF16_VECTOR_REDUCE 0
 #endif
@@ -281,10 +372,13 @@ static void bn_bf16_reduce_x_run(const uint16_t *restrict x, fb_index len, float
                                  fb_index ahead, double *s1, double *s2)
 {
     (void)ahead;
-    double a1[FB_BN_BF16_LANES] = {0}, a2[FB_BN_BF16_LANES] = {0};
+    double a1[FB_BN_BF16_LANES], a2[FB_BN_BF16_LANES]; /* set by the vector loop, or zeroed */
     fb_index i = 0;
 #if FB_BN_BF16_VECTOR_REDUCE
     i = bn_bf16_reduce_x_vector(x, len, center, ahead, a1, a2);
+#else
+    for (int l = 0; l < FB_BN_BF16_LANES; ++l)
+        a1[l] = a2[l] = 0.0;
 #endif
     for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
 #pragma omp simd
@@ -310,10 +404,13 @@ static void bn_bf16_reduce_grad_run(const uint16_t *restrict dy, const uint16_t 
                                     fb_index ahead, double *s1, double *s2)
 {
     (void)ahead;
-    double a1[FB_BN_BF16_LANES] = {0}, a2[FB_BN_BF16_LANES] = {0};
+    double a1[FB_BN_BF16_LANES], a2[FB_BN_BF16_LANES]; /* set by the vector loop, or zeroed */
     fb_index i = 0;
 #if FB_BN_BF16_VECTOR_REDUCE
     i = bn_bf16_reduce_grad_vector(dy, x, len, m, ms, mh, relu, ahead, a1, a2);
+#else
+    for (int l = 0; l < FB_BN_BF16_LANES; ++l)
+        a1[l] = a2[l] = 0.0;
 #endif
     for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
 #pragma omp simd
@@ -593,18 +690,52 @@ static inline void bn_bf16_fused_run(const bn_bf16_pass *p, fb_index offset, fb_
 #define FB_BN_BF16_FUSED 0
 #endif
 
+#if !FB_BN_BF16_FUSED
+/* Rewrite `len` values of channel c at `offset` (planar) through a float32
+ * block and the narrowing loop, normal stores. */
+static void bn_bf16_rewrite_generic(const bn_bf16_pass *p, fb_index offset, fb_index len, fb_index c)
+{
+    float v[FB_BN_BF16_BLOCK];
+    for (fb_index s = 0; s < len; s += FB_BN_BF16_BLOCK) {
+        const fb_index piece = fb_min_index(FB_BN_BF16_BLOCK, len - s);
+        bn_bf16_compute(p, v, offset + s, piece, c);
+        fb_bn_bf16_narrow(v, p->out + offset + s, piece, p->instruction);
+    }
+}
+#endif
+
+#if !FB_BN_BF16_FUSED && defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__) \
+    && FB_BF16_HAVE_VECTOR16
+#define FB_BN_BF16_FUSED_AVX2 1
+#include "bn_bf16_fused_avx2.h"
+#else
+#define FB_BN_BF16_FUSED_AVX2 0
+#endif
+
 /* Rewrite `len` values of channel c at `offset` (planar). */
 static inline void bn_bf16_rewrite_planar_run(const bn_bf16_pass *p, fb_index offset,
                                               fb_index len, fb_index c)
 {
 #if FB_BN_BF16_FUSED
     bn_bf16_fused_run(p, offset, len, c, 0);
+#elif FB_BN_BF16_FUSED_AVX2
+    bn_bf16_fused_run_avx2(p, offset, len, c);
 #else
-    float v[FB_BN_BF16_BLOCK];
-    for (fb_index s = 0; s < len; s += FB_BN_BF16_BLOCK) {
-        const fb_index piece = fb_min_index(FB_BN_BF16_BLOCK, len - s);
-        bn_bf16_compute(p, v, offset + s, piece, c);
-        fb_bn_bf16_narrow(v, p->out + offset + s, piece, p->instruction);
+    bn_bf16_rewrite_generic(p, offset, len, c);
+#endif
+}
+
+/* Planar elements [begin, end) in memory order: consecutive rows (of
+ * consecutive channels, channel of element e: (e / inner) % channels). */
+static void bn_bf16_rewrite_stretch(const bn_bf16_pass *p, fb_index begin, fb_index end)
+{
+#if FB_BN_BF16_FUSED_AVX2
+    bn_bf16_fused_stretch_avx2(p, begin, end);
+#else
+    for (fb_index i = begin; i < end;) {
+        const fb_index row = i / p->inner, stop = fb_min_index(end, (row + 1) * p->inner);
+        bn_bf16_rewrite_planar_run(p, i, stop - i, row % p->channels);
+        i = stop;
     }
 #endif
 }
@@ -657,13 +788,12 @@ static void bn_bf16_rewrite_linear(const bn_bf16_pass *p, fb_index item)
             fb_bn_bf16_narrow(v, p->out + i, len, p->instruction);
             i += len;
         } else {
+#if FB_BN_BF16_FUSED || FB_BN_BF16_FUSED_AVX2
+            bn_bf16_rewrite_stretch(p, i, end);
+            return;
+#endif
             const fb_index row = i / p->inner, col = i - row * p->inner;
             fb_index len = fb_min_index(p->inner - col, end - i);
-#if FB_BN_BF16_FUSED
-            bn_bf16_fused_run(p, i, len, row % p->channels, 0);
-            i += len;
-            continue;
-#endif
             len = fb_min_index(len, FB_BN_BF16_BLOCK);
             bn_bf16_compute(p, v, i, len, row % p->channels);
             fb_bn_bf16_narrow(v, p->out + i, len, p->instruction);
@@ -707,9 +837,8 @@ static void bn_bf16_owned_block(bn_bf16_pass *p, fb_index c0, fb_index c1)
     }
     for (fb_index c = c0; c < c1; ++c)
         bn_bf16_finalize(p, c);
-    for (fb_index r = p->outer; r-- > 0;)
-        for (fb_index c = c0; c < c1; ++c)
-            bn_bf16_rewrite_planar_run(p, (r * C + c) * inner, inner, c);
+    for (fb_index r = p->outer; r-- > 0;) /* row r of the block: one stretch */
+        bn_bf16_rewrite_stretch(p, (r * C + c0) * inner, (r * C + c1) * inner);
 }
 
 /* Run by every thread of the team, or by the caller alone.  The work-sharing
@@ -781,9 +910,11 @@ static int bn_bf16_run(bn_bf16_pass *p, fb_index outer, fb_index channels, fb_in
     const fb_index first_of_channel = inner; /* stride between channel starts, before planning */
     bn_bf16_plan(p, outer, channels, inner, streams, nt);
     p->instruction = fb_bn_bf16_cpu_has_instruction();
-    /* an output past the last-level cache share would be evicted before any
-     * reuse: skip the read-for-ownership */
-    p->stream = FB_BN_BF16_FUSED && !p->interleaved && total * 2 >= FB_BN_BF16_STREAM_BYTES;
+    /* the float kernels' rule (fb_bn_stream_output, bn_plan.h): an output past
+     * the last-level cache share, whose rows are whole 64-byte lines, skips
+     * the read-for-ownership; only the fused planar rewrites stream */
+    p->stream = (FB_BN_BF16_FUSED || FB_BN_BF16_FUSED_AVX2) && !p->interleaved
+        && fb_bn_stream_output(p->outer, channels, channels, p->inner, 2);
     p->linear = !p->reduce;
     p->linear_items = fb_ceil_div(total, FB_BN_BF16_LINEAR);
     const fb_index partials = p->reduce ? channels * p->chunks : 0;

@@ -1,0 +1,234 @@
+/* bn_bf16_fused_avx2.h -- the fused planar rewrite of the bfloat16
+ * batch-norm kernels on the AVX2 target (included by bn_bf16_impl.h, AVX2
+ * build without AVX-512 only).
+ *
+ * One planar run (every element of channel c, coefficients broadcast): the
+ * float32 operations of bn_bf16_compute and the narrowing of fb_bn_bf16_round
+ * in registers, 16 elements per step, with non-temporal stores when
+ * p->stream.  The form it replaces computed a float32 block on the stack and
+ * narrowed it in a second loop (vpmovzxwd widening, a lane-order vpermq per
+ * 16 values, an NaN and subnormal select per vector) with normal stores,
+ * whose read of every output line made the rewrite of (64,128,56,56) the
+ * slowest part of the bfloat16 training forward (perf: the narrowing store
+ * alone ~45 % of the rewrite's samples).
+ *
+ * Pair order: a 32-bit word j of 16 loaded bfloat16 holds elements 2j (low
+ * half) and 2j + 1 (high half), so the even elements widen with one shift
+ * and the odd ones with one mask -- no lane shuffle; the rounded results go
+ * back the same way (the even results shifted down, one 16-bit blend), so
+ * the output is in memory order.  The rewrite is elementwise with the
+ * channel's coefficients broadcast, so the order in which lanes are computed
+ * changes no value.
+ *
+ * Rounding: fb_bn_bf16_round's general form selects NaN and subnormal lanes
+ * (compare, mask, blend per vector).  Outputs are rarely either, so one
+ * compare per vector, |v| !>= FLT_MIN (true for NaN and for |v| < FLT_MIN,
+ * zero included), decides per 16 elements; only a step holding such a lane
+ * takes the general form.  Forward with ReLU tests the value before the
+ * ReLU: a lane the ReLU zeroes from a normal negative value rounds to +0 by
+ * the plain add as well (+0 + 0x7FFF stays below 0x10000), so the many
+ * zeroed lanes do not send every step to the general form.  Same bits as
+ * compute + narrow on every lane (tests/test_bn_bf16*.py against the twin).
+ *
+ * Heads up to the output's next 32-byte boundary and tails shorter than 16
+ * go through bn_bf16_compute + fb_bn_bf16_narrow (normal stores); so does an
+ * output at an odd address (never streamed). */
+
+#include <immintrin.h>
+
+/* the general narrowing of 8 lanes, the bfloat16 in the top half of each
+ * 32-bit lane: fb_bn_bf16_round (subnormals to the sign's zero, NaN quiet) */
+FB_ALWAYS_INLINE __m256i bn_bf16_avx2_round_general(__m256 v)
+{
+    const __m256 flushed = fb_bn_bf16_flush8(v);
+    const __m256i bits = _mm256_castps_si256(flushed);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb);
+    const __m256i quiet = _mm256_or_si256(bits, _mm256_set1_epi32(0x00400000));
+    return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(quiet),
+                                                _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+
+/* nearest-even of 8 lanes that are neither NaN nor subnormal */
+FB_ALWAYS_INLINE __m256i bn_bf16_avx2_round_plain(__m256 v)
+{
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    return _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb);
+}
+
+/* 16 bfloat16 in memory order from the even and odd elements' rounded
+ * words (bfloat16 in the top half of each) */
+FB_ALWAYS_INLINE __m256i bn_bf16_avx2_pair_pack(__m256i even, __m256i odd)
+{
+    return _mm256_blend_epi16(_mm256_srli_epi32(even, 16), odd, 0xAA);
+}
+
+FB_ALWAYS_INLINE __m256 bn_bf16_avx2_even(__m256i words)
+{
+    return _mm256_castsi256_ps(_mm256_slli_epi32(words, 16));
+}
+
+FB_ALWAYS_INLINE __m256 bn_bf16_avx2_odd(__m256i words)
+{
+    return _mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32((int)0xFFFF0000u)));
+}
+
+/* The float32 results of 8 elements (xc = x - m, g = dy widened); *check
+ * receives the value the special-lane test looks at. */
+FB_ALWAYS_INLINE __m256 bn_bf16_avx2_value(__m256 xc, __m256 g, const int mode, const int relu, __m256 k1,
+                                           __m256 k2, __m256 k3, __m256 ms, __m256 mh, __m256 *check)
+{
+    if (mode == BN_BF16_FORWARD || mode == BN_BF16_EVAL_FORWARD) {
+        const __m256 v = _mm256_fmadd_ps(xc, k1, k3);
+        *check = v;
+        if (!relu)
+            return v;
+        return _mm256_andnot_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ), v);
+    }
+    if (relu)
+        g = _mm256_and_ps(_mm256_cmp_ps(_mm256_fmadd_ps(xc, ms, mh), _mm256_set1_ps(FLT_MIN), _CMP_GE_OQ), g);
+    const __m256 v = mode == BN_BF16_BACKWARD ? _mm256_fmadd_ps(g, k1, _mm256_fmadd_ps(xc, k2, k3))
+                                              : _mm256_mul_ps(g, k1);
+    *check = v;
+    return v;
+}
+
+/* Full vectors: elements [offset, offset + 16 * count) of channel c, out +
+ * offset 32-byte aligned when p->stream. */
+FB_ALWAYS_INLINE void bn_bf16_avx2_vectors(const bn_bf16_pass *p, fb_index offset, fb_index count,
+                                           fb_index c, const int mode, const int relu)
+{
+    const int forward = mode == BN_BF16_FORWARD || mode == BN_BF16_EVAL_FORWARD;
+    const int need_x = forward || mode == BN_BF16_BACKWARD || relu;
+    const uint16_t *restrict x = p->x ? p->x + offset : NULL;
+    const uint16_t *restrict dy = p->dy ? p->dy + offset : NULL;
+    uint16_t *restrict out = p->out + offset;
+    const __m256 m = _mm256_set1_ps(p->center[c]), k1 = _mm256_set1_ps(p->k1[c]);
+    const __m256 k2 = _mm256_set1_ps(p->k2[c]), k3 = _mm256_set1_ps(p->k3[c]);
+    const __m256 ms = _mm256_set1_ps(p->mask_scale[c]), mh = _mm256_set1_ps(p->mask_shift[c]);
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 smallest = _mm256_set1_ps(FLT_MIN);
+    const int stream = p->stream;
+    const fb_index len = 16 * count;
+    for (fb_index i = 0; i < len; i += 16) {
+        const __m256i xw = need_x ? _mm256_loadu_si256((const __m256i *)(x + i)) : _mm256_setzero_si256();
+        const __m256i gw = forward ? _mm256_setzero_si256() : _mm256_loadu_si256((const __m256i *)(dy + i));
+        __m256 check_even, check_odd;
+        const __m256 xc_even = need_x ? _mm256_sub_ps(bn_bf16_avx2_even(xw), m) : _mm256_setzero_ps();
+        const __m256 xc_odd = need_x ? _mm256_sub_ps(bn_bf16_avx2_odd(xw), m) : _mm256_setzero_ps();
+        const __m256 even = bn_bf16_avx2_value(xc_even, bn_bf16_avx2_even(gw), mode, relu, k1, k2, k3, ms, mh,
+                                               &check_even);
+        const __m256 odd = bn_bf16_avx2_value(xc_odd, bn_bf16_avx2_odd(gw), mode, relu, k1, k2, k3, ms, mh,
+                                              &check_odd);
+        const __m256 special = _mm256_or_ps(
+            _mm256_cmp_ps(_mm256_and_ps(check_even, magnitude), smallest, _CMP_NGE_UQ),
+            _mm256_cmp_ps(_mm256_and_ps(check_odd, magnitude), smallest, _CMP_NGE_UQ));
+        __m256i h;
+        if (_mm256_testz_ps(special, special))
+            h = bn_bf16_avx2_pair_pack(bn_bf16_avx2_round_plain(even), bn_bf16_avx2_round_plain(odd));
+        else
+            h = bn_bf16_avx2_pair_pack(bn_bf16_avx2_round_general(even), bn_bf16_avx2_round_general(odd));
+        if (stream)
+            _mm256_stream_si256((__m256i *)(out + i), h);
+        else
+            _mm256_storeu_si256((__m256i *)(out + i), h);
+    }
+}
+
+static void bn_bf16_avx2_vectors_any(const bn_bf16_pass *p, fb_index offset, fb_index count, fb_index c)
+{
+#define FB_BN_BF16_AVX2_CASE(MODE)                                    \
+    case MODE:                                                        \
+        if (p->relu)                                                  \
+            bn_bf16_avx2_vectors(p, offset, count, c, MODE, 1);       \
+        else                                                          \
+            bn_bf16_avx2_vectors(p, offset, count, c, MODE, 0);       \
+        return;
+    switch (p->mode) {
+    FB_BN_BF16_AVX2_CASE(BN_BF16_FORWARD)
+    FB_BN_BF16_AVX2_CASE(BN_BF16_EVAL_FORWARD)
+    FB_BN_BF16_AVX2_CASE(BN_BF16_BACKWARD)
+    default: FB_BN_BF16_AVX2_CASE(BN_BF16_BACKWARD_EVAL)
+    }
+#undef FB_BN_BF16_AVX2_CASE
+}
+
+/* Elements of out + offset before its next 32-byte boundary (at most len;
+ * len when out is at an odd address: no aligned store ever). */
+static inline fb_index bn_bf16_avx2_head(const uint16_t *out, fb_index len)
+{
+    if ((uintptr_t)out & 1u)
+        return len;
+    return fb_min_index(len, (fb_index)(((32u - ((uintptr_t)out & 31u)) & 31u) / 2u));
+}
+
+/* One planar run of channel c: head and tail through the generic path. */
+static void bn_bf16_fused_run_avx2(const bn_bf16_pass *p, fb_index offset, fb_index len, fb_index c)
+{
+    const fb_index head = bn_bf16_avx2_head(p->out + offset, len);
+    if (head)
+        bn_bf16_rewrite_generic(p, offset, head, c);
+    const fb_index count = (len - head) / 16;
+    if (count)
+        bn_bf16_avx2_vectors_any(p, offset + head, count, c);
+    const fb_index done = head + 16 * count;
+    if (done < len)
+        bn_bf16_rewrite_generic(p, offset + done, len - done, c);
+}
+
+/* Elements [begin, end) of a planar array in memory order (consecutive rows
+ * of consecutive channels), channel of element e: (e / inner) % channels.
+ * With a streamed output every 32-byte piece between the first and the last
+ * boundary is one streaming store, also where it straddles two rows (its
+ * values then computed by the generic path into a staging vector): a row
+ * end inside a line, written by run-by-run rewrites with a normal store
+ * beside streaming ones, cost a memory round trip per row.  Measured with
+ * the usual 16-byte-aligned arrays against 64-byte-aligned ones (whose rows
+ * of whole lines never split a line), (64,128,56,56), 1 thread, min CPU time
+ * of 18 interleaved calls, load 5: eval forward 10.3 against 8.8 ms,
+ * training forward 18.3 against 14.6 ms, before this walk. */
+static void bn_bf16_fused_stretch_avx2(const bn_bf16_pass *p, fb_index begin, fb_index end)
+{
+    const fb_index inner = p->inner, C = p->channels;
+    fb_index i = begin;
+    if (!p->stream || inner < 16) {
+        while (i < end) {
+            const fb_index row = i / inner, stop = fb_min_index(end, (row + 1) * inner);
+            bn_bf16_fused_run_avx2(p, i, stop - i, row % C);
+            i = stop;
+        }
+        return;
+    }
+    const fb_index head = bn_bf16_avx2_head(p->out + begin, end - begin);
+    const fb_index aligned_end = head < end - begin ? end - (end - begin - head) % 16 : begin + head;
+    /* the head and the tail: normal stores, row by row */
+    for (int side = 0; side < 2; ++side) {
+        fb_index a = side ? aligned_end : begin;
+        const fb_index b = side ? end : begin + head;
+        while (a < b) {
+            const fb_index row = a / inner, stop = fb_min_index(b, (row + 1) * inner);
+            bn_bf16_rewrite_generic(p, a, stop - a, row % C);
+            a = stop;
+        }
+    }
+    i = begin + head;
+    while (i < aligned_end) {
+        const fb_index row = i / inner, row_end = (row + 1) * inner;
+        const fb_index count = (fb_min_index(row_end, aligned_end) - i) / 16;
+        if (count) {
+            bn_bf16_avx2_vectors_any(p, i, count, row % C);
+            i += 16 * count;
+            continue;
+        }
+        /* a vector across a row end (inner >= 16: at most two rows) */
+        float v[16];
+        uint16_t staged[16] __attribute__((aligned(32)));
+        const fb_index first = row_end - i;
+        bn_bf16_compute(p, v, i, first, row % C);
+        bn_bf16_compute(p, v + first, row_end, 16 - first, (row + 1) % C);
+        fb_bn_bf16_narrow(v, staged, 16, p->instruction);
+        _mm256_stream_si256((__m256i *)(p->out + i), _mm256_load_si256((const __m256i *)staged));
+        i += 16;
+    }
+}

@@ -1,0 +1,123 @@
+"""bfloat16 batch norm where the output is written with non-temporal stores
+(fb_bn_stream_output: at least 8 MiB of output, every row a whole number of
+64-byte lines) and where it is not, around both conditions: planar rows of
+whole lines and of partial lines, just under and at the size threshold,
+arrays starting at every even offset within a 64-byte line (the AVX2 rewrite
+streams 32-byte pieces across row ends, staging a piece that straddles two
+rows), on 1, 2 and 3 threads, on every SIMD target the CPU has.  Every output
+is compared bit for bit with the NumPy twin: all kernels where the float64
+sums are exact (dyadic values, a power-of-two count per channel), the eval
+kernels (no sums) on any data."""
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn import _bn
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+from fastbn.reference import _bf16_bn as R  # noqa: E402
+
+from test_bn_bf16 import BF16, EPS, assert_same_bits, geometry, make, run_all  # noqa: E402
+
+STREAM_BYTES = 8 << 20
+
+
+@pytest.fixture
+def threads():
+    yield fastbn.set_num_threads
+    fastbn.set_num_threads(None)
+
+
+def at_offset(array, offset):
+    """A copy of `array` whose data starts `offset` bytes past a 64-byte
+    boundary."""
+    raw = np.empty(array.nbytes + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + offset
+    moved = raw[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    moved[...] = array
+    assert moved.ctypes.data % 64 == offset
+    return moved
+
+
+def streamed(shape):
+    """Whether the kernels stream this planar output (bn_plan.h's rule)."""
+    inner = int(np.prod(shape[2:]))
+    return np.prod(shape) * 2 >= STREAM_BYTES and inner * 2 % 64 == 0
+
+
+# (shape, streamed?).  Exact sums: 2**22 values (8 MiB) with rows of whole
+# lines (inner 512: 16 lines; inner 32: one line), one channel fewer (just
+# under the threshold), 4 channels (fewer than 4 per thread from 2 threads:
+# chunks shared by the threads).  Any data: rows of half a line more (inner
+# 528, just under 8 MiB) and of a partial last line (inner 520 and 1000) at
+# 8 MiB and more, and whole lines over a non-power-of-two count.
+EXACT_CASES = [((64, 128, 16, 32), True), ((2048, 64, 32), True), ((64, 127, 16, 32), False),
+               ((16, 4, 256, 256), True)]
+ANY_CASES = [((62, 128, 16, 33), False), ((65, 126, 520), False), ((65, 128, 512), True),
+             ((65, 64, 1000), False)]
+
+
+def test_the_cases_cover_both_sides_of_the_rule():
+    assert [streamed(s) for s, _ in EXACT_CASES] == [e for _, e in EXACT_CASES]
+    assert [streamed(s) for s, _ in ANY_CASES] == [e for _, e in ANY_CASES]
+    assert any(e for _, e in ANY_CASES) and not all(e for _, e in ANY_CASES)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape,_", EXACT_CASES)
+def test_every_kernel_equals_the_twin_around_the_streaming_rule(simd_target, threads, shape, _,
+                                                               relu, rng):
+    inputs = make(rng, shape, False, dyadic=True)
+    geo = geometry(shape, False)
+    expected = run_all(R, *inputs, geo, relu)
+    for count in (1, 2, 3):
+        threads(count)
+        assert_same_bits(run_all(_bn, *inputs, geo, relu), expected)
+
+
+def eval_outputs(x, dy, weight, bias, running_mean, running_var, geo, relu, y=None, dx=None):
+    y, _ = _bn.eval_forward(x, y, *geo, running_mean, running_var, weight, bias, EPS, relu)
+    dx = _bn.backward_eval(dy, x, dx, *geo, running_mean, running_var, weight, EPS, None, None,
+                           False, bias, relu)
+    return dict(y=y, dx=dx)
+
+
+def eval_twin(x, dy, weight, bias, running_mean, running_var, geo, relu):
+    return dict(y=R.eval_forward(x, None, *geo, running_mean, running_var, weight, bias, EPS, relu),
+                dx=R.backward_eval(dy, x, None, *geo, running_mean, running_var, weight, EPS, None,
+                                   None, False, bias, relu))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape,_", ANY_CASES)
+def test_eval_kernels_equal_the_twin_on_any_data_around_the_streaming_rule(
+        simd_target, threads, shape, _, relu, rng):
+    x, dy, weight, bias, running_mean, running_var = make(rng, shape, False, dyadic=False)
+    geo = geometry(shape, False)
+    expected = eval_twin(x, dy, weight, bias, running_mean, running_var, geo, relu)
+    for count in (1, 2, 3):
+        threads(count)
+        assert_same_bits(eval_outputs(x, dy, weight, bias, running_mean, running_var, geo, relu),
+                         expected)
+
+
+@pytest.mark.parametrize("offset", [0, 2, 30, 48])
+def test_streamed_outputs_at_every_even_offset_in_a_line_equal_the_twin(simd_target, threads,
+                                                                        offset, rng):
+    """Inputs and outputs off the line boundary: the first and last pieces of
+    each row of channels are written with normal stores, the 32-byte pieces
+    between streamed, also across row ends."""
+    shape = (64, 128, 16, 32)
+    inputs = make(rng, shape, False, dyadic=True)
+    x, dy = at_offset(inputs[0], offset), at_offset(inputs[1], (offset + 16) % 64)
+    geo = geometry(shape, False)
+    expected = run_all(R, *inputs, geo, False)
+    twin_eval = eval_twin(*inputs, geo, True)
+    for count in (1, 2):
+        threads(count)
+        assert_same_bits(run_all(_bn, x, dy, *inputs[2:], geo, False), expected)
+        y = at_offset(np.zeros(shape, BF16), offset)
+        dx = at_offset(np.zeros(shape, BF16), (offset + 34) % 64)
+        got = eval_outputs(x, dy, *inputs[2:], geo, True, y=y, dx=dx)
+        assert got["y"] is y or np.shares_memory(got["y"], y)
+        assert_same_bits(got, twin_eval)
