@@ -367,10 +367,23 @@ def test_an_error_in_any_block_raises_on_every_rank(failing_block, phase, overla
     # the failing rank stops reducing and rewriting after its error
     failed_at = calls[0].index((phase, failing_block))
     assert not any(name == "rewrite" for name, _ in calls[0][failed_at + 1:])
-    if not overlap:
-        # sequential order: each block is rewritten before the next is read
+    # the other rank raises at the first exchange that carries the error:
+    # block k's for a reduction of block k, the next message's for a rewrite
+    # (block k + 1's in the sequential order, block k + 2's in the overlapped
+    # one, whose message k + 1 was sent before rewrite k), or the last status
+    # word; until then it runs the loop in its order
+    if overlap:
+        # R0, then per block k: R(k + 1), wait(k), W(k)
+        want = [("reduce", 0)] + [call for k in range(6) for call in
+                                  ([("reduce", k + 1)] if k < 5 else []) + [("rewrite", k)]]
+        seen = failing_block if phase == "reduce" else failing_block + 2
+        called = 1 + 2 * seen + (seen < 5)
+    else:
+        # each block is rewritten before the next is read
         want = [(name, c) for c in range(6) for name in ("reduce", "rewrite")]
-        assert calls[1] == want[:len(calls[1])]
+        seen = failing_block if phase == "reduce" else failing_block + 1
+        called = 2 * seen + 1
+    assert calls[1] == want[:called if seen <= 5 else len(want)], calls[1]
 
 
 class _OneRankComm:

@@ -251,14 +251,18 @@ def test_prefetching_backward_reduction_matches_the_reference_for_1_2_3_threads(
 
 
 # The interleaved backward's plain reduction steps eight rows, then four,
-# then one inside each row chunk (at least 64 rows): row counts with every
-# remainder mod 8 past a whole step (2, 3 tiny batches; 13 = 8 + 4 + 1;
-# 79 = 64 + 15 gives a second, 15-row chunk; 207, 1031 several chunks and
-# both thread counts), odd channel counts around vector widths (1 is planar),
-# past the 512-channel group width (513), and channels-last.
+# then one inside each row chunk (max(64, ceil(4096 / group width),
+# ceil(rows / 32)) rows: 125 at 33 channels, 64 from 65): chunks whose row
+# count leaves every remainder mod 8 after at least one eight-row step
+# (13 -> 5, 79 -> 7, 207 = 3 x 66 + 9 -> 2 and 1, 11 -> 3, 1031 x 65 =
+# 16 x 64 + 7 -> 0 and 7, 12 -> 4, 14 and 30 -> 6; 2, 3: tiny batches, no
+# eight-row step; several chunks: 207, 1031, (2, 9, 9, 33)), odd channel
+# counts around vector widths (1 is planar), past the 512-channel group
+# width (513), and channels-last (105 -> 1, 162 = 125 + 37 -> 5, 20 -> 4,
+# 22 -> 6).
 SHAPES_EIGHT_ROWS = [(2, 1), (3, 3), (2, 7), (3, 15), (13, 17), (79, 33), (207, 63),
-                     (15, 65), (11, 513), (1031, 7), (1031, 65), (3, 5, 7, 15),
-                     (2, 9, 9, 33)]
+                     (15, 65), (11, 513), (1031, 7), (1031, 65), (12, 17), (14, 33),
+                     (30, 513), (3, 5, 7, 15), (2, 9, 9, 33), (2, 2, 5, 9), (2, 11, 1, 15)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

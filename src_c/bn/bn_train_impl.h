@@ -291,8 +291,9 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, const FB_TYPED(bn
  * (bn_grad_row), and eight staged rows would be twice the stack. */
 #ifndef FB_BN_PREFETCH_MIN_BYTES
 /* The backward's interleaved reduction walks four rows of dy and four of x
- * at once: eight streams, each only one row piece long before it jumps four
- * rows.  With row pieces of 512 B to 1 KiB (128-256 float32 channels) and
+ * at once (eight of each since the eight-row step, see above; the prefetch
+ * below was measured with four): eight streams, each only one row piece long
+ * before it jumps four rows.  With row pieces of 512 B to 1 KiB (128-256 float32 channels) and
  * data that comes from L3 or memory, the hardware prefetchers did not keep
  * up: (5600, 256) float32 backward_reduce took 0.5-1.5 ms where the x-only
  * statistics of the same x took 0.17 ms (single thread, min of interleaved
@@ -315,7 +316,7 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, const FB_TYPED(bn
 #define FB_BN_PREFETCH_MIN_BYTES ((fb_index)8 << 20)
 #define FB_BN_PREFETCH_MIN_PIECE ((fb_index)512)
 #define FB_BN_PREFETCH_MAX_PIECE ((fb_index)1024)
-/* Steps of four rows ahead: 16 rows, 16 KiB of each array at 1 KiB rows,
+/* Steps of four rows ahead (two of the eight-row steps): 16 rows, 16 KiB of each array at 1 KiB rows,
  * far enough to cover a memory latency at ~20 GB/s; 2 steps measured about
  * the same, 1 step and 2 steps with prefetcht0 were mixed (no clear gain). */
 #define FB_BN_PREFETCH_STEPS ((fb_index)4)
