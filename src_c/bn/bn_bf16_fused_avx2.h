@@ -57,23 +57,6 @@ FB_ALWAYS_INLINE __m256i bn_bf16_avx2_round_plain(__m256 v)
     return _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb);
 }
 
-/* 16 bfloat16 in memory order from the even and odd elements' rounded
- * words (bfloat16 in the top half of each) */
-FB_ALWAYS_INLINE __m256i bn_bf16_avx2_pair_pack(__m256i even, __m256i odd)
-{
-    return _mm256_blend_epi16(_mm256_srli_epi32(even, 16), odd, 0xAA);
-}
-
-FB_ALWAYS_INLINE __m256 bn_bf16_avx2_even(__m256i words)
-{
-    return _mm256_castsi256_ps(_mm256_slli_epi32(words, 16));
-}
-
-FB_ALWAYS_INLINE __m256 bn_bf16_avx2_odd(__m256i words)
-{
-    return _mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32((int)0xFFFF0000u)));
-}
-
 /* The float32 results of 8 elements (xc = x - m, g = dy widened); *check
  * receives the value the special-lane test looks at. */
 FB_ALWAYS_INLINE __m256 bn_bf16_avx2_value(__m256 xc, __m256 g, const int mode, const int relu, __m256 k1,
@@ -115,20 +98,20 @@ FB_ALWAYS_INLINE void bn_bf16_avx2_vectors(const bn_bf16_pass *p, fb_index offse
         const __m256i xw = need_x ? _mm256_loadu_si256((const __m256i *)(x + i)) : _mm256_setzero_si256();
         const __m256i gw = forward ? _mm256_setzero_si256() : _mm256_loadu_si256((const __m256i *)(dy + i));
         __m256 check_even, check_odd;
-        const __m256 xc_even = need_x ? _mm256_sub_ps(bn_bf16_avx2_even(xw), m) : _mm256_setzero_ps();
-        const __m256 xc_odd = need_x ? _mm256_sub_ps(bn_bf16_avx2_odd(xw), m) : _mm256_setzero_ps();
-        const __m256 even = bn_bf16_avx2_value(xc_even, bn_bf16_avx2_even(gw), mode, relu, k1, k2, k3, ms, mh,
+        const __m256 xc_even = need_x ? _mm256_sub_ps(fb_bf16_pair_even(xw), m) : _mm256_setzero_ps();
+        const __m256 xc_odd = need_x ? _mm256_sub_ps(fb_bf16_pair_odd(xw), m) : _mm256_setzero_ps();
+        const __m256 even = bn_bf16_avx2_value(xc_even, fb_bf16_pair_even(gw), mode, relu, k1, k2, k3, ms, mh,
                                                &check_even);
-        const __m256 odd = bn_bf16_avx2_value(xc_odd, bn_bf16_avx2_odd(gw), mode, relu, k1, k2, k3, ms, mh,
+        const __m256 odd = bn_bf16_avx2_value(xc_odd, fb_bf16_pair_odd(gw), mode, relu, k1, k2, k3, ms, mh,
                                               &check_odd);
         const __m256 special = _mm256_or_ps(
             _mm256_cmp_ps(_mm256_and_ps(check_even, magnitude), smallest, _CMP_NGE_UQ),
             _mm256_cmp_ps(_mm256_and_ps(check_odd, magnitude), smallest, _CMP_NGE_UQ));
         __m256i h;
         if (_mm256_testz_ps(special, special))
-            h = bn_bf16_avx2_pair_pack(bn_bf16_avx2_round_plain(even), bn_bf16_avx2_round_plain(odd));
+            h = fb_bf16_pair_pack(bn_bf16_avx2_round_plain(even), bn_bf16_avx2_round_plain(odd));
         else
-            h = bn_bf16_avx2_pair_pack(bn_bf16_avx2_round_general(even), bn_bf16_avx2_round_general(odd));
+            h = fb_bf16_pair_pack(bn_bf16_avx2_round_general(even), bn_bf16_avx2_round_general(odd));
         if (stream)
             _mm256_stream_si256((__m256i *)(out + i), h);
         else

@@ -44,6 +44,7 @@
 #include <float.h>
 
 #include "bn_bf16_convert.h"
+#include "../common/fb_bf16.h"   /* the AVX2 pair-order helpers */
 
 /* Values per planar chunk (8 KiB of bfloat16), at most this many chunks per
  * channel; float32 values staged per rewrite block (4 KiB on the stack). */
@@ -307,15 +308,14 @@ static inline fb_index bn_bf16_reduce_x_vector(const uint16_t *restrict x, fb_in
 {
     (void)ahead;
     const __m256 m = _mm256_set1_ps(center);
-    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
     __m256d s1[4], s2[4];
     for (int q = 0; q < 4; ++q)
         s1[q] = s2[q] = _mm256_setzero_pd();
     fb_index i = 0;
     for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
         const __m256i w = _mm256_loadu_si256((const __m256i *)(x + i));
-        const __m256 even = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), m);
-        const __m256 odd = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_and_si256(w, high)), m);
+        const __m256 even = _mm256_sub_ps(fb_bf16_pair_even(w), m);
+        const __m256 odd = _mm256_sub_ps(fb_bf16_pair_odd(w), m);
         for (int q = 0; q < 4; ++q) {
             const __m256d d = FB_BN_BF16_WIDEN_PD(q < 2 ? even : odd, q & 1);
             s1[q] = _mm256_add_pd(s1[q], d);
@@ -336,7 +336,6 @@ static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
     (void)ahead;
     const __m256 m = _mm256_set1_ps(center), ms = _mm256_set1_ps(mask_scale);
     const __m256 mh = _mm256_set1_ps(mask_shift), smallest = _mm256_set1_ps(FLT_MIN);
-    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
     __m256d s1[4], s2[4];
     for (int q = 0; q < 4; ++q)
         s1[q] = s2[q] = _mm256_setzero_pd();
@@ -345,10 +344,10 @@ static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
         const __m256i xw = _mm256_loadu_si256((const __m256i *)(x + i));
         const __m256i gw = _mm256_loadu_si256((const __m256i *)(dy + i));
         __m256 xc[2], g[2];
-        xc[0] = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_slli_epi32(xw, 16)), m);
-        xc[1] = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_and_si256(xw, high)), m);
-        g[0] = _mm256_castsi256_ps(_mm256_slli_epi32(gw, 16));
-        g[1] = _mm256_castsi256_ps(_mm256_and_si256(gw, high));
+        xc[0] = _mm256_sub_ps(fb_bf16_pair_even(xw), m);
+        xc[1] = _mm256_sub_ps(fb_bf16_pair_odd(xw), m);
+        g[0] = fb_bf16_pair_even(gw);
+        g[1] = fb_bf16_pair_odd(gw);
         if (relu)
             for (int h = 0; h < 2; ++h)
                 g[h] = _mm256_and_ps(_mm256_cmp_ps(_mm256_fmadd_ps(xc[h], ms, mh), smallest, _CMP_GE_OQ), g[h]);

@@ -254,6 +254,31 @@ FB_BF16_INLINE __m256i fb_bf16_narrow16_nearest(fb_bf16_v16 x)
 #define FB_BF16_HAVE_VECTOR16 0
 #endif
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+/* Pair order (the AVX2 loops of both kernel families): 16 bfloat16 loaded
+ * as 8 32-bit words, word j holding element 2j (low half) and 2j + 1 (high
+ * half).  The even elements widen with one shift and the odd ones with one
+ * mask, with no lane shuffle; elementwise work on the two halves then packs
+ * back in memory order with one shift and one 16-bit blend. */
+FB_BF16_INLINE __m256 fb_bf16_pair_even(__m256i words)
+{
+    return _mm256_castsi256_ps(_mm256_slli_epi32(words, 16));
+}
+
+FB_BF16_INLINE __m256 fb_bf16_pair_odd(__m256i words)
+{
+    return _mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32((int)0xFFFF0000u)));
+}
+
+/* 16 bfloat16 in memory order from the even and the odd elements' 32-bit
+ * words, each holding its bfloat16 in the top half */
+FB_BF16_INLINE __m256i fb_bf16_pair_pack(__m256i even, __m256i odd)
+{
+    return _mm256_blend_epi16(_mm256_srli_epi32(even, 16), odd, 0xAA);
+}
+#endif
+
 /* section: array helpers ------------------------------------------------------ */
 
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)

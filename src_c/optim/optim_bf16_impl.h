@@ -319,18 +319,13 @@ FB_ALWAYS_INLINE int32_t fb_adam_bs_avx2(float *restrict param, const float *res
  * pair.  NaN lanes take the plain rounding unless a scalar is NaN (see
  * fb_adam_bpbs_avx2).  Plain Adam and AdamW; the first 2 * (n / 16 * 8)
  * elements, returned. */
-FB_ALWAYS_INLINE __m256i fb_avx2_pair_narrow(__m256i even_rounded, __m256i odd_rounded)
-{
-    return _mm256_blend_epi16(_mm256_srli_epi32(even_rounded, 16), odd_rounded, 0xAA);
-}
-
 FB_ALWAYS_INLINE __m256i fb_avx2_pair_round(__m256 even, __m256 odd, __m256i even_increment,
                                             __m256i odd_increment, const int any_nan)
 {
     if (!any_nan)
-        return fb_avx2_pair_narrow(_mm256_add_epi32(_mm256_castps_si256(even), even_increment),
+        return fb_bf16_pair_pack(_mm256_add_epi32(_mm256_castps_si256(even), even_increment),
                                    _mm256_add_epi32(_mm256_castps_si256(odd), odd_increment));
-    return fb_avx2_pair_narrow(_mm256_slli_epi32(fb_avx2_round16(even, even_increment), 16),
+    return fb_bf16_pair_pack(_mm256_slli_epi32(fb_avx2_round16(even, even_increment), 16),
                                _mm256_slli_epi32(fb_avx2_round16(odd, odd_increment), 16));
 }
 
@@ -340,7 +335,7 @@ FB_ALWAYS_INLINE int32_t fb_adam_bpbs_avx2_loop(uint16_t *restrict param, const 
                                                 const fb_rounding rounding, const int stochastic,
                                                 const int any_nan)
 {
-    const __m256i high_mask = _mm256_set1_epi32((int)0xFFFF0000u), low16 = _mm256_set1_epi32(0xFFFF);
+    const __m256i low16 = _mm256_set1_epi32(0xFFFF);
     __m256i counter_even = _mm256_add_epi32(_mm256_set1_epi32((int)rounding.word_base[0]),
                                             _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14));
     __m256i counter_pair = _mm256_add_epi32(_mm256_set1_epi32((int)rounding.word_base[2]),
@@ -354,7 +349,7 @@ FB_ALWAYS_INLINE int32_t fb_adam_bpbs_avx2_loop(uint16_t *restrict param, const 
         const __m256i vw = _mm256_loadu_si256((const __m256i *)(exp_avg_sq + i));
         __m256 m_out[2], v_out[2], p_out[2];
         for (int h = 0; h < 2; ++h) {
-#define FB_HALF(w) _mm256_castsi256_ps(h ? _mm256_and_si256((w), high_mask) : _mm256_slli_epi32((w), 16))
+#define FB_HALF(w) (h ? fb_bf16_pair_odd(w) : fb_bf16_pair_even(w))
             p_out[h] = fb_avx2_adam8(&k, FB_HALF(gw), FB_HALF(pw), FB_HALF(mw), FB_HALF(vw), decoupled, &m_out[h],
                                      &v_out[h]);
 #undef FB_HALF
