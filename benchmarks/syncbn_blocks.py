@@ -6,7 +6,6 @@ outputs; interleaved rounds.
 
     python benchmarks/syncbn_blocks.py [--shape 32,128,56,56] [--rounds 15]
         [--block-bytes 0,1048576,2097152,4194304,8388608] [--no-prefault]
-        [--orders sequential,overlapped]
 
 Block size 0 is one block (the unblocked phases).  Every round calls every
 variant once, in order; each call returns fresh y and dx, as the layers do.
@@ -14,8 +13,6 @@ Printed: wall and CPU time (this thread's, which excludes time descheduled
 on a loaded machine), min and median over the rounds, and each median's
 ratio to the local layer's.  `--no-prefault` adds, per block size > 0, the
 same run with `_pipeline.prefault` disabled (the code before it existed).
-Every block size > 0 is timed in each of `--orders` (`_pipeline.OVERLAP`
-False: "seq", True: "ove").
 """
 import argparse
 import os
@@ -30,9 +27,6 @@ parser.add_argument("--block-bytes", default="0,1048576,2097152,4194304,8388608"
 parser.add_argument("--no-prefault", action="store_true",
                     help="also time every block size > 0 without the pre-fault")
 parser.add_argument("--dtype", default="float32")
-parser.add_argument("--orders", default="sequential,overlapped",
-                    help="comma-separated block-loop orders timed for every block size > 0: "
-                         "sequential (the default loop) and/or overlapped (_pipeline.OVERLAP)")
 args = parser.parse_args()
 for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(variable, "1")
@@ -69,17 +63,15 @@ sizes = list(dict.fromkeys(int(v) for v in args.block_bytes.split(",")))  # each
 real_prefault = _pipeline.prefault
 
 
-def run(layer, block_bytes=None, prefault=True, overlap=False):
+def run(layer, block_bytes=None, prefault=True):
     def call():
         _pipeline.BLOCK_BYTES = block_bytes
-        _pipeline.OVERLAP = overlap
         _pipeline.prefault = real_prefault if prefault else (lambda array: None)
         try:
             layer(x)
             layer.backward(dy)
         finally:
             _pipeline.BLOCK_BYTES = None
-            _pipeline.OVERLAP = False
             _pipeline.prefault = real_prefault
     return call
 
@@ -87,20 +79,14 @@ def run(layer, block_bytes=None, prefault=True, overlap=False):
 local = nn.BatchNorm2d(shape[1], dtype=dtype)
 sync = nn.SyncBatchNorm(shape[1], comm=OneRank(), dtype=dtype)
 variants = {"BatchNorm2d (local)": run(local)}
-orders = list(dict.fromkeys(args.orders.split(",")))
-if not set(orders) <= {"sequential", "overlapped"}:
-    parser.error(f"--orders: expected sequential and/or overlapped, got {args.orders!r}")
 for size in sizes:
     if not size:
         variants["SyncBatchNorm one block"] = run(sync)
         continue
-    for order in orders:
-        label = f"{size / 2 ** 20:g} MiB {order[:3]}"
-        overlap = order == "overlapped"
-        variants[f"SyncBatchNorm {label}"] = run(sync, size, overlap=overlap)
-        if args.no_prefault:
-            variants[f"SyncBatchNorm {label}, no pre-fault"] = run(sync, size, prefault=False,
-                                                                   overlap=overlap)
+    label = f"{size / 2 ** 20:g} MiB"
+    variants[f"SyncBatchNorm {label}"] = run(sync, size)
+    if args.no_prefault:
+        variants[f"SyncBatchNorm {label}, no pre-fault"] = run(sync, size, prefault=False)
 wall = {name: [] for name in variants}
 cpu = {name: [] for name in variants}
 for call in variants.values():

@@ -33,9 +33,6 @@ parser.add_argument("--block-bytes", default=None,
                          "bytes per block and rank (0: one block), timed in alternating rounds "
                          "(default: the library's BLOCK_BYTES only)")
 parser.add_argument("--rounds", type=int, default=10, help="with --bn-cost: timed rounds")
-parser.add_argument("--orders", default="sequential",
-                    help="with --bn-cost and blocks: comma-separated block-loop orders to time, "
-                         "sequential (the default loop) and/or overlapped (_pipeline.OVERLAP)")
 args = parser.parse_args()
 # before NumPy starts its BLAS threads
 for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -109,21 +106,13 @@ def bn_cost():
     def label(size):
         return "one block" if size is None else f"{size / 2 ** 20:g} MiB blocks"
 
-    orders = list(dict.fromkeys(args.orders.split(",")))
-    if not set(orders) <= {"sequential", "overlapped"}:
-        parser.error(f"--orders: expected sequential and/or overlapped, got {args.orders!r}")
-    variants = [("BatchNorm2d (local)", local, None, False)]
-    for block_size in sizes:
-        for order in (orders if block_size is not None else ["sequential"]):
-            suffix = f", {order}" if block_size is not None and len(orders) > 1 else ""
-            variants.append((f"SyncBatchNorm, {label(block_size)}{suffix}", sync, block_size,
-                             order == "overlapped"))
-    times = {name: [] for name, _, _, _ in variants}
+    variants = [("BatchNorm2d (local)", local, None)]
+    variants += [(f"SyncBatchNorm, {label(block_size)}", sync, block_size) for block_size in sizes]
+    times = {name: [] for name, _, _ in variants}
     # rounds alternate the variants, so a change of machine load hits them all
     for timed in [False] + [True] * args.rounds:
-        for name, layer, block_size, overlap in variants:
+        for name, layer, block_size in variants:
             _pipeline.BLOCK_BYTES = block_size
-            _pipeline.OVERLAP = overlap
             comm.Barrier()
             start = time.perf_counter()
             layer(x)
@@ -150,7 +139,6 @@ def bn_cost():
                f"sent per rank: forward {forward}, backward {backward} (each rank receives "
                f"{size}x that)")
     _pipeline.BLOCK_BYTES = default
-    _pipeline.OVERLAP = False
 
 
 if args.bn_cost:

@@ -406,14 +406,9 @@ def scenario_blocks(rank, world):
                              * DTYPES[dtype_name].itemsize)
             runs = []
             # one block; one channel; 2 and 3 channels per forward block (5
-            # channels: blocks of 2, 2, 1 and 3, 2); one and 3 channels also in
-            # the overlapped order (_pipeline.OVERLAP: async_op all_gathers
-            # waited one block later)
-            for block_bytes, overlap in ((1 << 40, False), (1, False), (1, True),
-                                         (2 * channel_bytes, False),
-                                         (3 * channel_bytes + 1, False),
-                                         (3 * channel_bytes + 1, True)):
-                _pipeline.BLOCK_BYTES, _pipeline.OVERLAP = block_bytes, overlap
+            # channels: blocks of 2, 2, 1 and 3, 2)
+            for block_bytes in (1 << 40, 1, 2 * channel_bytes, 3 * channel_bytes + 1):
+                _pipeline.BLOCK_BYTES = block_bytes
                 errors, bits, _ = run_case(*cases[name], rank, world)
                 runs.append((errors, bits))
             results[name] = {
@@ -424,7 +419,7 @@ def scenario_blocks(rank, world):
                     and all(torch.equal(a, b) for a, b in zip(bits, runs[0][1]))
                     for _, bits in runs[1:])}
     finally:
-        _pipeline.BLOCK_BYTES, _pipeline.OVERLAP = saved, False
+        _pipeline.BLOCK_BYTES = saved
     return results
 
 

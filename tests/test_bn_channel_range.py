@@ -211,16 +211,12 @@ class _Hub:
         hub = self
 
         class ThreadExchange(_pipeline.Exchange):
-            def start(self, row):
+            def allgather(self, row):
                 with hub.lock:
                     key = hub.sequence[rank]
                     hub.sequence[rank] += 1
                     hub.rows.setdefault(key, {})[rank] = row.copy()
                     hub.lock.notify_all()
-                return key
-
-            def wait(self, key):
-                with hub.lock:
                     hub.lock.wait_for(lambda: len(hub.rows[key]) == hub.size, timeout=60)
                     return np.stack([hub.rows[key][r] for r in range(hub.size)])
 
@@ -266,12 +262,9 @@ def simulate(parts, block_bytes, relu=False, dy_parts=None, weight=None, bias=No
     return results
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("relu", [False, True])
-def test_pipeline_blocks_give_the_unblocked_bits_and_the_full_batch_norm(dtype, relu, overlap,
-                                                                          monkeypatch):
-    monkeypatch.setattr(_pipeline, "OVERLAP", overlap)
+def test_pipeline_blocks_give_the_unblocked_bits_and_the_full_batch_norm(dtype, relu):
     channels, spatial = 11, (5, 6)
     batches = [3, 1, 4]            # uneven, a rank with a batch of 1
     x_full = planar((sum(batches), channels) + spatial, dtype, 11)
@@ -325,14 +318,12 @@ def test_plan_blocks_covers_every_channel_once():
     assert _pipeline.plan_blocks(128, 3136 * 32, 4, 1, False, 1) == [(0, 128)]
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
 @pytest.mark.parametrize("phase", ["reduce", "rewrite"])
 @pytest.mark.parametrize("failing_block", [0, 3, 4, 5])
-def test_an_error_in_any_block_raises_on_every_rank(failing_block, phase, overlap, monkeypatch):
+def test_an_error_in_any_block_raises_on_every_rank(failing_block, phase):
     # rank 0's reduction or rewrite of one block raises (e.g. out of memory);
-    # the last rewrite(s) run after their exchanges, so the loop ends with one
+    # the last rewrite runs after its exchange, so the loop ends with one
     # more status word: every rank must raise, none may return normally or hang
-    monkeypatch.setattr(_pipeline, "OVERLAP", overlap)
     blocks = [(c, c + 1) for c in range(6)]
     hub = _Hub(2)
     outcomes = [None, None]
@@ -368,21 +359,12 @@ def test_an_error_in_any_block_raises_on_every_rank(failing_block, phase, overla
     failed_at = calls[0].index((phase, failing_block))
     assert not any(name == "rewrite" for name, _ in calls[0][failed_at + 1:])
     # the other rank raises at the first exchange that carries the error:
-    # block k's for a reduction of block k, the next message's for a rewrite
-    # (block k + 1's in the sequential order, block k + 2's in the overlapped
-    # one, whose message k + 1 was sent before rewrite k), or the last status
-    # word; until then it runs the loop in its order
-    if overlap:
-        # R0, then per block k: R(k + 1), wait(k), W(k)
-        want = [("reduce", 0)] + [call for k in range(6) for call in
-                                  ([("reduce", k + 1)] if k < 5 else []) + [("rewrite", k)]]
-        seen = failing_block if phase == "reduce" else failing_block + 2
-        called = 1 + 2 * seen + (seen < 5)
-    else:
-        # each block is rewritten before the next is read
-        want = [(name, c) for c in range(6) for name in ("reduce", "rewrite")]
-        seen = failing_block if phase == "reduce" else failing_block + 1
-        called = 2 * seen + 1
+    # block k's for a reduction of block k, block k + 1's for a rewrite of
+    # block k, or the last status word; until then it reduces and rewrites
+    # each block before reading the next
+    want = [(name, c) for c in range(6) for name in ("reduce", "rewrite")]
+    seen = failing_block if phase == "reduce" else failing_block + 1
+    called = 2 * seen + 1
     assert calls[1] == want[:called if seen <= 5 else len(want)], calls[1]
 
 

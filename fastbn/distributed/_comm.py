@@ -3,9 +3,7 @@ point runs first.
 
 Any object with mpi4py's communicator methods works as ``comm``
 (``Get_rank``, ``Get_size``, ``Allgather``, ``Allgatherv``, ``Allreduce``,
-``Bcast`` and the pickle-based ``allgather``, ``bcast``, ``gather``; and
-``Iallgather`` if it has it, used only by SyncBatchNorm's overlapped
-block order, `_pipeline.OVERLAP`, which otherwise falls back to Allgather); None
+``Bcast`` and the pickle-based ``allgather``, ``bcast``, ``gather``); None
 means ``mpi4py.MPI.COMM_WORLD``.  mpi4py is imported only when that default is
 needed, so single-process code never requires it.
 

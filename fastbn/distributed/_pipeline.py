@@ -1,7 +1,7 @@
 """The channel-block pipeline of the synchronized batch norms
 (`fastbn.nn.SyncBatchNorm` over MPI, `fastbn.torch.SyncBatchNorm` over
 torch.distributed): one implementation, given the communicator's
-all-gather (blocking, and split in start and wait) as an `Exchange`.
+blocking all-gather as an `Exchange`.
 
 Why blocks: the split phases (stats, exchange, apply) read x twice, and for
 an activation larger than the caches both reads come from DRAM, while the
@@ -16,11 +16,10 @@ rank, the fresh outputs are pre-faulted (`prefault`), and::
 block k's apply reads x right after its stats did, so only one block has to
 stay cached (as in the fused local kernels, which rewrite each channel right
 after reducing it).  The backward does the same with
-backward_reduce/backward_apply.  `OVERLAP` selects the older overlapped
-order, ``stats(0); start(0); for k: stats(k + 1); wait(k); merge(k);
-start(k + 1); apply(k)``, which hides block k's all-gather behind block
-k + 1's reduction only where the communicator progresses it meanwhile, and
-needs two blocks cached.
+backward_reduce/backward_apply.  This is the only loop order: an
+overlapped one (``stats(0); start(0); for k: stats(k + 1); wait(k);
+merge(k); start(k + 1); apply(k)``, a non-blocking all-gather of block k
+behind block k + 1's reduction) was measured and removed, see BLOCK_BYTES.
 
 Determinism: every per-channel statistic is the one of the whole-array
 phase call (the kernels' chunks depend on the values per channel only), the
@@ -37,10 +36,10 @@ Errors: every block's message starts with a status word.  A rank whose
 reduction or rewrite raises keeps taking part with status 1; at the next
 exchange every rank sees it and raises the same ValueError (`fail`), so
 none is left blocked in a collective.  With several blocks, one last status
-word after the loop covers the rewrite of the last block (of the last two in
-the overlapped order).  With one block (the default) the rewrite runs after
-the only exchange, on data every rank has checked, so only an out-of-memory
-error can stop it, and that one stays on its rank.
+word after the loop covers the rewrite of the last block.  With one block
+(the default) the rewrite runs after the only exchange, on data every rank
+has checked, so only an out-of-memory error can stop it, and that one stays
+on its rank.
 """
 from __future__ import annotations
 
@@ -65,15 +64,15 @@ __all__ = ["BLOCK_BYTES", "plan_blocks", "Exchange", "CommExchange", "forward_bl
 #:
 #: - 1 process (benchmarks/syncbn_blocks.py, one-rank stand-in
 #:   communicator, CPU time median (min) ms, 31 rounds): local BatchNorm2d
-#:   41.5 (36.3), one block 50.8 (43.1); sequential order (the default loop)
-#:   2/4/8 MiB 48.6/49.9/50.3 (43.2/42.5/43.3), overlapped order
-#:   53.4/55.0/54.4 (45.9/46.7/45.4).  Another run (21 rounds): one block
-#:   60.1, sequential 0.5/1/2/4 MiB 68.5/63.0/56.8/56.6, overlapped
-#:   68.6/66.6/61.5/62.9.  So alone, the sequential order at 2-4 MiB is even
-#:   with or a few % under one block, and 4-5 ms under the overlapped order
-#:   (one cached block instead of two, see below).
-#: - 2 ranks (examples/distributed_mlp.py --bn-cost --block-bytes ...
-#:   --orders sequential,overlapped, 15 rounds, slowest rank, median ratio
+#:   41.5 (36.3), one block 50.8 (43.1); sequential order (the block loop
+#:   of `_run`) 2/4/8 MiB 48.6/49.9/50.3 (43.2/42.5/43.3), overlapped order
+#:   (see below) 53.4/55.0/54.4 (45.9/46.7/45.4).  Another run (21 rounds):
+#:   one block 60.1, sequential 0.5/1/2/4 MiB 68.5/63.0/56.8/56.6,
+#:   overlapped 68.6/66.6/61.5/62.9.  So alone, the sequential order at
+#:   2-4 MiB is even with or a few % under one block, and 4-5 ms under the
+#:   overlapped order (one cached block instead of two, see below).
+#: - 2 ranks (examples/distributed_mlp.py --bn-cost --block-bytes ..., then
+#:   with an option timing both orders, 15 rounds, slowest rank, median ratio
 #:   to the local layer): one block 1.51 and 1.27 in two runs; sequential
 #:   1/2/4 MiB 2.52/2.08/1.68, overlapped 2.39/1.90/1.70; sequential
 #:   4/8/16 MiB 1.70/1.42/1.30, overlapped 1.62/1.42/1.34; a third run
@@ -89,6 +88,14 @@ __all__ = ["BLOCK_BYTES", "plan_blocks", "Exchange", "CommExchange", "forward_bl
 #:   Wait made no difference).  A quiet machine may tell otherwise:
 #:   re-measure there before setting this.
 #:
+#: The overlapped order (until session 7 the `OVERLAP` flag: stats(0);
+#: Iallgather(0); for k: stats(k + 1); wait(k); merge(k); Iallgather(k + 1);
+#: apply(k)) was removed after these figures: alone it was 4-5 ms slower
+#: (two blocks cached); with two ranks it was within the run-to-run spread
+#: of the sequential order (a little under it in one run, over it in
+#: another), and MPICH does not progress the Iallgather between start and
+#: wait, so it hid nothing.
+#:
 #: Other costs of blocks: (1) a fresh 51 MB output costs 7-9 ms of page
 #: faults (the OS maps and zeroes its pages: a strided one-byte-per-page
 #: touch takes 8.4-9.0 ms; filling a fresh array 11.3 ms against 4.3 ms for
@@ -97,9 +104,9 @@ __all__ = ["BLOCK_BYTES", "plan_blocks", "Exchange", "CommExchange", "forward_bl
 #: block, but does not remove it.  (2) each block costs about 16.5 us of
 #: Python (loop, exchange, merge, kernel calls; min over 300 rounds of
 #: 2x128x2x2 in one-channel blocks; 18.0 us before the reused message row
-#: and table): 90 blocks at 2 MiB, 1.5 ms.  (3) the overlapped order reads
-#: block k + 1 before it rewrites block k, so two blocks must stay cached:
-#: more than the 512 KiB L2 even for one channel (401 KB here).
+#: and table): 90 blocks at 2 MiB, 1.5 ms.  (3) the removed overlapped
+#: order read block k + 1 before it rewrote block k, so two blocks had to
+#: stay cached: more than the 512 KiB L2 even for one channel (401 KB here).
 BLOCK_BYTES: Optional[int] = None
 
 Blocks = List[Tuple[int, int]]
@@ -141,45 +148,21 @@ def plan_blocks(channels: int, max_count: int, itemsize: int, streams: int, plan
 
 
 class Exchange:
-    """A communicator's all-gather of one float64 row per rank: `allgather`
-    (blocking, the default loop) and split in start and wait (non-blocking
-    when the communicator has it; the overlapped order).
-    `start(row)` returns a handle; `wait(handle)` the (ranks, len) table in
-    rank order.  `row` is not modified until the wait."""
+    """A communicator's blocking all-gather of one float64 row per rank."""
 
-    def start(self, row: np.ndarray) -> Any:  # pragma: no cover - interface
+    def allgather(self, row: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+        """The (ranks, len) table of every rank's `row`, in rank order, valid
+        until the next call (an implementation may reuse its memory)."""
         raise NotImplementedError
-
-    def wait(self, handle: Any) -> np.ndarray:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def allgather(self, row: np.ndarray) -> np.ndarray:
-        """The blocking all-gather: the table, valid until the next call
-        (an implementation may reuse its memory)."""
-        return self.wait(self.start(row))
 
 
 class CommExchange(Exchange):
-    """An mpi4py communicator's Iallgather (Allgather, completed at once,
-    when the object has no Iallgather)."""
+    """An mpi4py communicator's Allgather."""
 
     def __init__(self, comm: Any) -> None:
         self.comm = comm
         self.size = int(comm.Get_size())
         self._buffer: Optional[np.ndarray] = None
-
-    def start(self, row: np.ndarray) -> Any:
-        table = np.empty((self.size, row.size))
-        if hasattr(self.comm, "Iallgather"):
-            return self.comm.Iallgather(row, table), table, row
-        self.comm.Allgather(row, table)
-        return None, table, row
-
-    def wait(self, handle: Any) -> np.ndarray:
-        request, table, _ = handle
-        if request is not None:
-            request.Wait()
-        return table
 
     def allgather(self, row: np.ndarray) -> np.ndarray:
         """A blocking Allgather into one table buffer reused by the next
@@ -192,30 +175,19 @@ class CommExchange(Exchange):
         return table
 
 
-#: The order of the block loop.  False (the default): each block is
-#: reduced, exchanged (a blocking all-gather), merged and rewritten before
-#: the next one is read, so only one block has to stay cached and the
-#: rewrite follows its reduction as in the fused local kernels.  True: the
-#: overlapped order of the module docstring, which reads block k + 1 before
-#: rewriting block k so that block k's all-gather could run meanwhile; kept
-#: for communicators that progress a non-blocking collective on their own
-#: (MPICH does not: see BLOCK_BYTES) and for the A/B benchmarks.
-OVERLAP = False
-
-
 def _run(blocks: Blocks, exchange: Exchange, reduce: Callable, combine: Callable,
          rewrite: Callable, fail: Callable, local_error: Optional[BaseException] = None) -> None:
-    """The block loop.  reduce(first, stop) -> this rank's payload of the
-    block (a float64 row, or a tuple of parts that make it up);
+    """The block loop: each block is reduced, exchanged (a blocking
+    all-gather), merged and rewritten before the next one is read, so only
+    one block has to stay cached and the rewrite follows its reduction as in
+    the fused local kernels.  reduce(first, stop) -> this rank's payload of
+    the block (a float64 row, or a tuple of parts that make it up);
     combine(first, stop, table) with the (ranks, payload) table;
     rewrite(first, stop).  fail(statuses, local_error) raises on every rank:
     every block's message starts with this rank's status (1: its reduction
     or an earlier rewrite raised), and with several blocks one last status
-    exchange covers the last rewrite(s); with one block, a rank's own
-    rewrite error after the only exchange is raised here, on that rank."""
-    if OVERLAP:
-        _run_overlapped(blocks, exchange, reduce, combine, rewrite, fail, local_error)
-        return
+    exchange covers the last rewrite; with one block, a rank's own rewrite
+    error after the only exchange is raised here, on that rank."""
     error = local_error
     # one message buffer for every block (the exchange is blocking, the row
     # is free again when it returns)
@@ -254,48 +226,13 @@ def _fill(row: np.ndarray, payload) -> None:
 def _finish(blocks: Blocks, exchange: Exchange, fail: Callable,
             error: Optional[BaseException]) -> None:
     if len(blocks) > 1:
-        # the last rewrite(s) ran after their exchanges: one more status
+        # the last rewrite ran after its exchange: one more status
         # word, so an error there also raises on every rank
         table = exchange.allgather(np.array([0.0 if error is None else 1.0]))
         if np.count_nonzero(table[:, 0]):
             fail(table[:, 0], error)
     if error is not None:
         raise error
-
-
-def _run_overlapped(blocks: Blocks, exchange: Exchange, reduce: Callable, combine: Callable,
-                    rewrite: Callable, fail: Callable,
-                    local_error: Optional[BaseException] = None) -> None:
-    """`_run` in the overlapped order (`OVERLAP`): stats(0); start(0);
-    for k: stats(k + 1); wait(k); merge(k); start(k + 1); apply(k)."""
-    error = [local_error]
-
-    def message(first: int, stop: int) -> np.ndarray:
-        row = np.zeros(1 + 2 * (stop - first))
-        if error[0] is None:
-            try:
-                _fill(row, reduce(first, stop))
-            except Exception as caught:  # reported to every rank by the status
-                error[0] = caught
-        if error[0] is not None:
-            row[0] = 1.0
-        return row
-
-    pending = exchange.start(message(*blocks[0]))
-    for k, (first, stop) in enumerate(blocks):
-        following = message(*blocks[k + 1]) if k + 1 < len(blocks) else None
-        table = exchange.wait(pending)
-        if np.count_nonzero(table[:, 0]):
-            fail(table[:, 0], error[0])
-        combine(first, stop, table[:, 1:])
-        if following is not None:
-            pending = exchange.start(following)
-        if error[0] is None:
-            try:
-                rewrite(first, stop)
-            except Exception as caught:
-                error[0] = caught
-    _finish(blocks, exchange, fail, error[0])
 
 
 class _Pass:

@@ -10,7 +10,7 @@ Training forward, on every rank::
     ONE Allgather of a header               (input description, checks, count)
     per channel block k (see below):
       local (mean, m2) of block k           the kernels' stats phase
-      Allgather of [status, mean, m2]       (blocking; see _pipeline.OVERLAP)
+      Allgather of [status, mean, m2]       (blocking)
       merge in rank order (Chan's formula)  batch_norm_merge_stats
       normalize block k                     the kernels' apply phase
 

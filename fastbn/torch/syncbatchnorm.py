@@ -11,8 +11,7 @@ pipeline of fastbn/distributed/_pipeline.py (one block unless its
 BLOCK_BYTES is set, None by default; with several blocks the new output's
 pages are faulted in first): per block of channels, this
 rank's (mean, m2) by the kernels' stats phase, an all_gather of [status,
-mean, m2] (waited at once; ``async_op=True`` with the pipeline's
-overlapped order, `_pipeline.OVERLAP`), the merge in rank order (Chan's
+mean, m2] (blocking), the merge in rank order (Chan's
 formula) and the normalization of the block while it is still in the
 caches.  The backward does the same with the per-channel sums of dy and
 dy * xhat (added in rank order in float64) and dx.  Bytes sent per rank
@@ -315,22 +314,17 @@ class SyncBatchNormReLU(SyncBatchNorm):
 
 
 class _GroupExchange(Exchange):
-    """``torch.distributed.all_gather`` of one float64 row per rank with
-    ``async_op=True`` (the gloo backend runs it in its own thread)."""
+    """A blocking ``torch.distributed.all_gather`` of one float64 row per
+    rank."""
 
     def __init__(self, group) -> None:
         self.group = group
         self.size = torch.distributed.get_world_size(group)
 
-    def start(self, row: np.ndarray):
+    def allgather(self, row: np.ndarray) -> np.ndarray:
         send = torch.from_numpy(row)
         received = [torch.empty_like(send) for _ in range(self.size)]
-        work = torch.distributed.all_gather(received, send, group=self.group, async_op=True)
-        return work, received, send
-
-    def wait(self, handle) -> np.ndarray:
-        work, received, _ = handle
-        work.wait()
+        torch.distributed.all_gather(received, send, group=self.group)
         return torch.stack(received).numpy()
 
 

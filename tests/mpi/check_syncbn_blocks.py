@@ -5,8 +5,7 @@ bit-identical to the one-block (unblocked) run and equal to BatchNorm2d on
 the concatenated batch; uneven per-rank batches with a rank holding one
 image, and with a rank holding none (its pass is "whole": no pre-fault, no
 ranged calls, but it takes part in every block's exchange); float32 and
-float64, with and without the fused ReLU, in both block-loop orders
-(sequential and `_pipeline.OVERLAP`).  With several blocks the fresh
+float64, with and without the fused ReLU.  With several blocks the fresh
 outputs are pre-faulted (`_pipeline.prefault`) on the planar ranks."""
 import numpy as np
 
@@ -26,7 +25,7 @@ def per_rank_batches(size, pattern=PATTERNS[0]):
     return [pattern[r % len(pattern)] for r in range(size)]
 
 
-def one_run(comm, dtype, relu, block_bytes, seed, pattern, overlap=False):
+def one_run(comm, dtype, relu, block_bytes, seed, pattern):
     rank, size = comm.Get_rank(), comm.Get_size()
     batches = per_rank_batches(size, pattern)
     rng = np.random.default_rng(seed)
@@ -51,7 +50,6 @@ def one_run(comm, dtype, relu, block_bytes, seed, pattern, overlap=False):
         real_prefault(array)
 
     _pipeline.BLOCK_BYTES = block_bytes
-    _pipeline.OVERLAP = overlap
     _pipeline.prefault = counting_prefault
     largest = max(batches) * SPATIAL[0] * SPATIAL[1]
     passes = [len(_pipeline.plan_blocks(CHANNELS, largest, np.dtype(dtype).itemsize, streams,
@@ -64,7 +62,6 @@ def one_run(comm, dtype, relu, block_bytes, seed, pattern, overlap=False):
             y = sync(x_full[start:stop])
             dx = sync.backward(dy_full[start:stop])
             where = (f"dtype={np.dtype(dtype)}, relu={relu}, block_bytes={block_bytes}, "
-                     f"overlap={overlap}, "
                      f"batches={batches}, step={step}")
             for name, got, want in (("y", y, y_expected[start:stop]),
                                     ("dx", dx, dx_expected[start:stop]),
@@ -82,7 +79,6 @@ def one_run(comm, dtype, relu, block_bytes, seed, pattern, overlap=False):
         return results
     finally:
         _pipeline.BLOCK_BYTES, _pipeline.prefault = saved, real_prefault
-        _pipeline.OVERLAP = False
 
 
 def main(comm):
@@ -103,15 +99,12 @@ def check_pattern(comm, pattern):
         for relu in (False, True):
             seed = 7 + relu + 10 * (dtype == np.float64)
             reference = one_run(comm, dtype, relu, sizes[0], seed, pattern)
-            # both block-loop orders (the default sequential one, _pipeline.OVERLAP)
-            for block_bytes, overlap in [(size, overlap) for size in sizes[1:]
-                                         for overlap in (False, True)]:
-                got = one_run(comm, dtype, relu, block_bytes, seed, pattern, overlap)
+            for block_bytes in sizes[1:]:
+                got = one_run(comm, dtype, relu, block_bytes, seed, pattern)
                 for a, b in zip(got, reference):
                     assert np.array_equal(a, b), (
                         f"blocks of {block_bytes} bytes differ from one block "
-                        f"(dtype={np.dtype(dtype)}, relu={relu}, pattern={pattern}, "
-                        f"overlap={overlap})")
+                        f"(dtype={np.dtype(dtype)}, relu={relu}, pattern={pattern})")
 
 
 if __name__ == "__main__":
