@@ -511,3 +511,71 @@ def test_one_rank_sync_batchnorm_blocks_give_the_unblocked_bits(dtype, relu, mon
     for run in runs[1:]:
         for got, want in zip(run, runs[0]):
             assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+class _FailingKernels:
+    """The fast kernels, except that the `at`-th call (0-based) of `phase`
+    raises ValueError, as a kernel's status would."""
+
+    def __init__(self, phase, at):
+        self.phase, self.at, self.calls = phase, at, 0
+
+    def __getattr__(self, name):
+        method = getattr(FAST, name)
+        if name != self.phase:
+            return method
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            if self.calls - 1 == self.at:
+                raise ValueError(f"injected failure in {name} call {self.at}")
+            return method(*args, **kwargs)
+        return counted
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("phase", ["stats", "apply", "backward_reduce", "backward_apply"])
+@pytest.mark.parametrize("failing_call", [0, 2, 4])
+def test_a_failed_blocked_pass_leaves_the_sync_layer_unchanged_and_the_next_step_works(
+        phase, failing_call, relu, monkeypatch):
+    # nine channels of 420 bytes: forward blocks of two channels (five
+    # blocks), backward blocks of one (x and dy: nine blocks); the failure in
+    # the first, a middle or the last forward block.  After the error the
+    # running statistics, num_batches_tracked and weight/bias grads are those
+    # of before the failed call, and the next forward+backward gives the bits
+    # of a layer that never failed
+    from fastbn import nn
+    from fastbn.nn import syncbatchnorm
+    from tests._state_snapshot import assert_same_state, snapshot
+    x, dy = planar((3, 9, 7, 5), np.float32, 51), planar((3, 9, 7, 5), np.float32, 52)
+    monkeypatch.setattr(_pipeline, "BLOCK_BYTES", 2 * 3 * 35 * 4)
+
+    def make_layer():
+        layer_type = nn.BatchNormReLU2d if relu else nn.BatchNorm2d
+        layer = nn.SyncBatchNorm.convert_sync_batchnorm(layer_type(9), _OneRankComm())
+        layer.weight.data[...] = np.linspace(0.5, 1.5, 9, dtype=np.float32)
+        layer.bias.data[...] = np.linspace(-0.4, 0.4, 9, dtype=np.float32)
+        layer(x * 0.5)                  # a step first: stats and grads not at their initial values
+        layer.backward(dy)
+        return layer
+
+    layer, clean = make_layer(), make_layer()
+    failing = _FailingKernels(phase, failing_call)
+    monkeypatch.setattr(syncbatchnorm, "current_kernels", lambda: failing)
+    backward = phase.startswith("backward")
+    if backward:
+        layer(x)                        # the forward succeeds and updates its state
+        clean(x)
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match="injected failure"):
+        layer.backward(dy) if backward else layer(x)
+    assert failing.calls == failing_call + 1     # the failure was reached
+    assert_same_state(before, snapshot(layer), f"after a failure in {phase}")
+    monkeypatch.setattr(syncbatchnorm, "current_kernels", lambda: FAST)
+    got = [layer(x), layer.backward(dy)]
+    want = [clean(x), clean.backward(dy)]
+    for a, b in zip(got + [layer.weight.grad, layer.bias.grad, layer.running_mean,
+                           layer.running_var, layer.num_batches_tracked],
+                    want + [clean.weight.grad, clean.bias.grad, clean.running_mean,
+                            clean.running_var, clean.num_batches_tracked]):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
