@@ -1,18 +1,16 @@
 """SyncBatchNorm's channel-block pipeline in one process: forward+backward of
 `nn.BatchNorm2d` (the fused local kernels) against `nn.SyncBatchNorm` on a
 one-rank stand-in communicator (the split phases and the block loop, no MPI)
-for several block sizes, with and without the pre-fault of the fresh
-outputs; interleaved rounds.
+for several block sizes; interleaved rounds.
 
     python benchmarks/syncbn_blocks.py [--shape 32,128,56,56] [--rounds 15]
-        [--block-bytes 0,1048576,2097152,4194304,8388608] [--no-prefault]
+        [--block-bytes 0,1048576,2097152,4194304,8388608]
 
 Block size 0 is one block (the unblocked phases).  Every round calls every
 variant once, in order; each call returns fresh y and dx, as the layers do.
 Printed: wall and CPU time (this thread's, which excludes time descheduled
 on a loaded machine), min and median over the rounds, and each median's
-ratio to the local layer's.  `--no-prefault` adds, per block size > 0, the
-same run with `_pipeline.prefault` disabled (the code before it existed).
+ratio to the local layer's.
 """
 import argparse
 import os
@@ -24,8 +22,6 @@ parser.add_argument("--shape", default="32,128,56,56")
 parser.add_argument("--rounds", type=int, default=15)
 parser.add_argument("--block-bytes", default="0,1048576,2097152,4194304,8388608",
                     help="comma-separated input bytes per block (0: one block)")
-parser.add_argument("--no-prefault", action="store_true",
-                    help="also time every block size > 0 without the pre-fault")
 parser.add_argument("--dtype", default="float32")
 args = parser.parse_args()
 for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -60,19 +56,16 @@ rng = np.random.default_rng(0)
 x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
 dy = rng.standard_normal(shape).astype(dtype)
 sizes = list(dict.fromkeys(int(v) for v in args.block_bytes.split(",")))  # each once
-real_prefault = _pipeline.prefault
 
 
-def run(layer, block_bytes=None, prefault=True):
+def run(layer, block_bytes=None):
     def call():
         _pipeline.BLOCK_BYTES = block_bytes
-        _pipeline.prefault = real_prefault if prefault else (lambda array: None)
         try:
             layer(x)
             layer.backward(dy)
         finally:
             _pipeline.BLOCK_BYTES = None
-            _pipeline.prefault = real_prefault
     return call
 
 
@@ -85,8 +78,6 @@ for size in sizes:
         continue
     label = f"{size / 2 ** 20:g} MiB"
     variants[f"SyncBatchNorm {label}"] = run(sync, size)
-    if args.no_prefault:
-        variants[f"SyncBatchNorm {label}, no pre-fault"] = run(sync, size, prefault=False)
 wall = {name: [] for name in variants}
 cpu = {name: [] for name in variants}
 for call in variants.values():

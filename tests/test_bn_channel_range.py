@@ -399,36 +399,6 @@ def test_sync_batchnorm_takes_an_input_at_an_odd_byte_offset(block_bytes, monkey
     np.testing.assert_allclose(sync.backward(x), local.backward(x_aligned), rtol=1e-5, atol=1e-5)
 
 
-# section: the pre-fault of the blocked passes' fresh outputs ----------------------
-
-
-@pytest.mark.parametrize("nbytes", [0, 1, 7, 4095, 4096, 4097, 3 * 4096 + 5, 70000])
-@pytest.mark.parametrize("offset", [0, 8, 4000])
-def test_prefault_writes_a_zero_byte_in_every_page_and_nothing_else(nbytes, offset):
-    page = _pipeline._PAGE
-    raw = np.full(nbytes + offset + 2 * page, 0xAB, np.uint8)
-    start = (-raw.ctypes.data) % page + offset     # `offset` bytes into a page
-    array = raw[start:start + nbytes]
-    _pipeline.prefault(array)
-    touched = np.flatnonzero(raw != 0xAB) - start
-    expected = sorted(set(range(0, nbytes, page)) | ({nbytes - 1} if nbytes else set()))
-    assert touched.tolist() == expected
-    assert (raw[start + touched] == 0).all()
-    # every page the array overlaps holds a touched byte
-    first_page = (raw.ctypes.data + start) // page
-    pages = {(raw.ctypes.data + start + t) // page for t in touched}
-    last_page = (raw.ctypes.data + start + nbytes - 1) // page if nbytes else first_page - 1
-    assert pages == set(range(first_page, last_page + 1))
-
-
-@pytest.mark.parametrize("shape, dtype", [((2, 3, 4, 5), np.float32), ((3, 700, 3), np.float64),
-                                          ((0, 4, 5, 5), np.float32)])
-def test_prefault_takes_any_c_contiguous_array(shape, dtype):
-    array = np.full(shape, 2.5, dtype)
-    _pipeline.prefault(array)
-    assert array.shape == shape and array.dtype == dtype
-
-
 def _mixed_parts(dtype, channels, seed):
     # a rank with no values, an uneven planar batch, one value per channel
     # (1, C, 1, 1: not planar, one "whole" pass), one image
@@ -440,30 +410,16 @@ def _mixed_parts(dtype, channels, seed):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("relu", [False, True])
-def test_pipeline_with_empty_and_single_value_ranks_gives_the_unblocked_bits(dtype, relu,
-                                                                              monkeypatch):
+def test_pipeline_with_empty_and_single_value_ranks_gives_the_unblocked_bits(dtype, relu):
     channels = 11
     parts, dy_parts = _mixed_parts(dtype, channels, 31)
     rng = np.random.default_rng(33)
     weight = rng.uniform(0.5, 1.5, channels).astype(dtype)
     bias = (rng.standard_normal(channels) * 0.3).astype(dtype)
-    prefaulted = []
-    real_prefault = _pipeline.prefault
-
-    def counting_prefault(array):
-        prefaulted.append(array.shape)
-        real_prefault(array)
-
-    monkeypatch.setattr(_pipeline, "prefault", counting_prefault)
     channel_bytes = 3 * 30 * np.dtype(dtype).itemsize     # largest rank: 3 images
     runs = []
     for size in [1 << 30, 8, 3 * channel_bytes, 4 * channel_bytes + 5]:
-        prefaulted.clear()
         runs.append(simulate(parts, size, relu, dy_parts, weight, bias))
-        # blocked: y and dx of the two planar ranks with values, none of the
-        # empty or the (1, C, 1, 1) rank; one block: nothing
-        expected = [] if size == 1 << 30 else [parts[1].shape, parts[3].shape] * 2
-        assert sorted(prefaulted) == sorted(expected), size
     for run in runs[1:]:
         for rank_got, rank_want in zip(run, runs[0]):
             for got, want in zip(rank_got, rank_want):
@@ -488,14 +444,9 @@ def test_one_rank_sync_batchnorm_blocks_give_the_unblocked_bits(dtype, relu, mon
     x = planar((3, 9, 7, 5), dtype, 41)
     dy = planar((3, 9, 7, 5), dtype, 42)
     channel_bytes = 3 * 35 * np.dtype(dtype).itemsize
-    prefaulted = []
-    real_prefault = _pipeline.prefault
-    monkeypatch.setattr(_pipeline, "prefault",
-                        lambda array: (prefaulted.append(array.shape), real_prefault(array)))
     runs = []
     for block_bytes in [None, 1, 2 * channel_bytes, 4 * channel_bytes + 1]:
         monkeypatch.setattr(_pipeline, "BLOCK_BYTES", block_bytes)
-        prefaulted.clear()
         layer_type = nn.BatchNormReLU2d if relu else nn.BatchNorm2d
         layer = nn.SyncBatchNorm.convert_sync_batchnorm(layer_type(9, dtype=dtype),
                                                         _OneRankComm())
@@ -507,7 +458,6 @@ def test_one_rank_sync_batchnorm_blocks_give_the_unblocked_bits(dtype, relu, mon
             got.append(layer.backward(dy))
         got += [layer.weight.grad, layer.bias.grad, layer.running_mean, layer.running_var]
         runs.append(got)
-        assert prefaulted == ([] if block_bytes is None else [x.shape] * 4), block_bytes
     for run in runs[1:]:
         for got, want in zip(run, runs[0]):
             assert got.dtype == want.dtype and np.array_equal(got, want)

@@ -9,7 +9,7 @@ fused local kernel rewrites each channel right after reducing it.  So for
 planar inputs (channels-first with spatial values, inner > 1), when
 `BLOCK_BYTES` is set (it is not by default: see the measurements there),
 the channels are cut into blocks of about that many bytes of input per
-rank, the fresh outputs are pre-faulted (`prefault`), and::
+rank, and::
 
     for k: stats(k); allgather(k); merge(k); apply(k)
 
@@ -43,7 +43,6 @@ on its rank.
 """
 from __future__ import annotations
 
-import mmap
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -100,8 +99,10 @@ __all__ = ["BLOCK_BYTES", "plan_blocks", "Exchange", "CommExchange", "forward_bl
 #: faults (the OS maps and zeroes its pages: a strided one-byte-per-page
 #: touch takes 8.4-9.0 ms; filling a fresh array 11.3 ms against 4.3 ms for
 #: an existing one) whoever touches it first, the fused local kernels
-#: included; `prefault` moves it before the loop, so it does not evict the
-#: block, but does not remove it.  (2) each block costs about 16.5 us of
+#: included.  Writing one byte per page of the fresh y / dx before the loop
+#: (so the zeroing does not evict the block about to be read again) moved
+#: that cost without removing it: blocked runs with and without it were
+#: within noise, so it was removed (session 8).  (2) each block costs about 16.5 us of
 #: Python (loop, exchange, merge, kernel calls; min over 300 rounds of
 #: 2x128x2x2 in one-channel blocks; 18.0 us before the reused message row
 #: and table): 90 blocks at 2 MiB, 1.5 ms.  (3) the removed overlapped
@@ -110,27 +111,6 @@ __all__ = ["BLOCK_BYTES", "plan_blocks", "Exchange", "CommExchange", "forward_bl
 BLOCK_BYTES: Optional[int] = None
 
 Blocks = List[Tuple[int, int]]
-
-#: Bytes between two touches of `prefault`: the OS page size (4 KiB on
-#: x86-64 Linux; a huge page is faulted in whole by its first touch).
-_PAGE = mmap.PAGESIZE
-
-
-def prefault(array: np.ndarray) -> None:
-    """Write a zero byte into every page of the new C-contiguous `array`
-    (whose contents are all overwritten later), so the OS maps and zeroes
-    its pages now rather than at the kernels' first write of each block,
-    where that zeroing goes through the caches and evicts the block about to
-    be read again.  It moves the cost (7-9 ms for 51 MB on the machine of
-    the BLOCK_BYTES figures), it does not remove it.  One byte per page: a
-    full write pass would cost the zeroing plus a second pass (11.3 against
-    8.4 ms there); touching only every 2 MiB (huge pages) leaves the 4 KiB
-    pages at the ends of the mapping to the kernels."""
-    flat = array.reshape(-1).view(np.uint8)
-    if flat.size:
-        flat[::_PAGE] = 0
-        flat[-1] = 0            # the last page, when the array starts mid-page
-
 
 def plan_blocks(channels: int, max_count: int, itemsize: int, streams: int, planar: bool,
                 block_bytes: Optional[int] = None) -> Blocks:
@@ -280,8 +260,6 @@ def forward_blocks(kernels, x: np.ndarray, layout, counts: Sequence[int], weight
     total = sum(counts)
     state = _Pass(kernels, x, layout, blocks)
     y = np.empty(x.shape, x.dtype)
-    if not state.whole:
-        prefault(y)
     mean, m2, invstd = np.zeros(channels), np.zeros(channels), np.zeros(channels)
 
     def stats(channel_range):
@@ -331,8 +309,6 @@ def backward_blocks(kernels, dy: np.ndarray, x: np.ndarray, layout, mean: np.nda
     mask_weight, mask_bias = relu_from or (None, None)
     relu = relu_from is not None
     dx = np.empty(x.shape, x.dtype)
-    if not state.whole:
-        prefault(dx)
     sum_dy, sum_dy_xhat = np.zeros(channels), np.zeros(channels)
     local_dy, local_dy_xhat = np.zeros(channels), np.zeros(channels)
 
