@@ -151,16 +151,15 @@ FB_ALWAYS_INLINE void FB_TYPED(bn_lanes_shifted_from)(const FB_REAL *restrict x,
  * (x - center) * mask_scale + mask_shift <= 0 (bn_relu_impl.h; the backwards'
  * center is the forward's mean).  Always inlined, and
  * called with a constant relu, so the plain path carries no mask code. */
-FB_ALWAYS_INLINE void FB_TYPED(bn_lanes_grad_from)(const FB_REAL *restrict dy,
-                                               const FB_REAL *restrict x, fb_index i,
-                                               fb_index len, FB_REAL center,
-                                               fb_bn_lanes *restrict a1,
-                                               fb_bn_lanes *restrict a2, const int relu,
-                                               FB_REAL mask_scale, FB_REAL mask_shift)
+FB_ALWAYS_INLINE void FB_TYPED(bn_lanes_grad)(const FB_REAL *restrict dy, const FB_REAL *restrict x,
+                                          fb_index len, FB_REAL center, fb_bn_lanes *restrict a1,
+                                          fb_bn_lanes *restrict a2, const int relu,
+                                          FB_REAL mask_scale, FB_REAL mask_shift)
 {
     const FB_RVEC shift = FB_TYPED(fb_rvec_broadcast)(center);
     const FB_RVEC vscale = FB_TYPED(fb_rvec_broadcast)(mask_scale);
     const FB_RVEC vshift = FB_TYPED(fb_rvec_broadcast)(mask_shift);
+    fb_index i = 0;
     while (i + FB_BN_LANES <= len) {
         FB_RVEC b1[FB_RVECS], b2[FB_RVECS];
         for (int v = 0; v < FB_RVECS; ++v)
@@ -212,13 +211,12 @@ FB_ALWAYS_INLINE void FB_TYPED(bn_lanes_shifted_from)(const FB_REAL *restrict x,
     }
 }
 
-FB_ALWAYS_INLINE void FB_TYPED(bn_lanes_grad_from)(const FB_REAL *restrict dy,
-                                               const FB_REAL *restrict x, fb_index i,
-                                               fb_index len, FB_REAL center,
-                                               fb_bn_lanes *restrict a1,
-                                               fb_bn_lanes *restrict a2, const int relu,
-                                               FB_REAL mask_scale, FB_REAL mask_shift)
+static inline void FB_TYPED(bn_lanes_grad)(const FB_REAL *restrict dy, const FB_REAL *restrict x,
+                                           fb_index len, FB_REAL center, fb_bn_lanes *restrict a1,
+                                           fb_bn_lanes *restrict a2, const int relu,
+                                           FB_REAL mask_scale, FB_REAL mask_shift)
 {
+    fb_index i = 0;
     for (; i + FB_BN_LANES <= len; i += FB_BN_LANES)
         for (int l = 0; l < FB_BN_LANES; ++l) {
             const FB_REAL g = relu ? FB_TYPED(bn_relu_masked_scalar)(dy[i + l], x[i + l],
@@ -247,13 +245,6 @@ FB_ALWAYS_INLINE void FB_TYPED(bn_lanes_shifted)(const FB_REAL *restrict x, fb_i
     FB_TYPED(bn_lanes_shifted_from)(x, 0, len, center, a1, a2);
 }
 
-FB_ALWAYS_INLINE void FB_TYPED(bn_lanes_grad)(const FB_REAL *restrict dy, const FB_REAL *restrict x,
-                                          fb_index len, FB_REAL center, fb_bn_lanes *restrict a1,
-                                          fb_bn_lanes *restrict a2, const int relu,
-                                          FB_REAL mask_scale, FB_REAL mask_shift)
-{
-    FB_TYPED(bn_lanes_grad_from)(dy, x, 0, len, center, a1, a2, relu, mask_scale, mask_shift);
-}
 
 /* ---- several runs at once (planar statistics) ------------------------------
  * A planar reduction reads a channel's row pieces, H*W values each, one
@@ -1284,6 +1275,62 @@ static void FB_TYPED(bn_owned_short_rows)(const fb_bn_plan *plan, FB_TYPED(bn_pa
  * chunk order from 0: the sums are bn_reduce_planar's, bit for bit.  The
  * rewrite calls bn_span once per row piece (bn_apply_item, per chunk run):
  * elementwise, the same values whatever the runs. */
+/* bn_owned_channels for the statistics of long rows (bn_takes_turns): the
+ * same blocks, sums and rewrites, the reduction in turns (FB_BN_STREAMS
+ * chunks of a channel, or channels of a block row by row).  A separate
+ * function, so that the one-run walk's code is left exactly as it was. */
+static void FB_TYPED(bn_owned_turns)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass,
+                                     const FB_TYPED(bn_coefficients) *coef, int rewrite,
+                                     int team, int tid)
+{
+    const fb_index C = plan->channels, inner = plan->inner, chunks = plan->chunks;
+    const fb_index row_stride = plan->row_channels;
+    const fb_index width = pass->owned_block;
+    fb_index first, last;
+    fb_split_range(C, team, tid, &first, &last);
+    fb_bn_lanes a1[FB_BN_OWNED_BLOCK_MAX], a2[FB_BN_OWNED_BLOCK_MAX];
+    double s1[FB_BN_OWNED_BLOCK_MAX], s2[FB_BN_OWNED_BLOCK_MAX];
+    FB_REAL staging[FB_BN_RELU_BLOCK];
+    for (fb_index c0 = first; c0 < last; c0 += width) {
+        const fb_index c1 = fb_min_index(last, c0 + width);
+        if (width == 1) {  /* bn_owned_channels' chunk-by-chunk walk */
+            double t1 = 0.0, t2 = 0.0;
+            for (fb_index s = 0; s < chunks; s += FB_BN_STREAMS) {
+                double chunk1[FB_BN_STREAMS], chunk2[FB_BN_STREAMS];
+                const int count = (int)fb_min_index(FB_BN_STREAMS, chunks - s);
+                FB_TYPED(bn_reduce_chunks)(plan, pass, c0 * chunks + s, count, chunk1, chunk2);
+                for (int g = 0; g < count; ++g) {
+                    t1 += chunk1[g];
+                    t2 += chunk2[g];
+                }
+            }
+            FB_TYPED(bn_finalize)(plan, pass, c0, t1, t2, coef, 1);
+            for (fb_index s = 0; s < chunks && rewrite; ++s)
+                FB_TYPED(bn_apply_item)(plan, pass, *coef, (c0 + 1) * chunks - 1 - s);
+            continue;
+        }
+        for (fb_index c = c0; c < c1; ++c) {
+            s1[c - c0] = s2[c - c0] = 0.0;
+            fb_bn_lanes_zero(&a1[c - c0]);
+            fb_bn_lanes_zero(&a2[c - c0]);
+        }
+        for (fb_index r = 0; r < plan->outer; ++r)
+            for (fb_index c = c0; c < c1; c += FB_BN_STREAMS)
+                FB_TYPED(bn_owned_row_turns)(plan, pass, r, c0, c,
+                                             (int)fb_min_index(FB_BN_STREAMS, c1 - c), a1, a2,
+                                             s1, s2);
+        for (fb_index c = c0; c < c1; ++c)
+            FB_TYPED(bn_finalize)(plan, pass, c, s1[c - c0], s2[c - c0], coef, 1);
+        /* bn_owned_channels' rewrite: newest rows first, whole row pieces */
+        for (fb_index r = plan->outer; rewrite && r-- > 0;)
+            for (fb_index c = c0; c < c1; ++c)
+                FB_TYPED(bn_apply_run)(pass, *coef, c, (r * row_stride + c) * inner, inner,
+                                       staging);
+    }
+    if (pass->stream)
+        fb_stream_fence();
+}
+
 static void FB_TYPED(bn_owned_channels)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass,
                                         const FB_TYPED(bn_coefficients) *coef, int rewrite,
                                         int team, int tid)
@@ -1301,7 +1348,6 @@ static void FB_TYPED(bn_owned_channels)(const fb_bn_plan *plan, FB_TYPED(bn_pass
     double s1[FB_BN_OWNED_BLOCK_MAX], s2[FB_BN_OWNED_BLOCK_MAX];
     FB_REAL staging[FB_BN_RELU_BLOCK];
     const int reduces_x = fb_bn_reduces_x(pass->mode);
-    const int turns = FB_TYPED(bn_takes_turns)(plan, pass);
     if (width == 1) {
         /* one channel at a time, chunk by chunk: the same runs and sums
          * with less bookkeeping per run, which short rows notice (the row
@@ -1309,16 +1355,7 @@ static void FB_TYPED(bn_owned_channels)(const fb_bn_plan *plan, FB_TYPED(bn_pass
         const fb_index chunks = plan->chunks;
         for (fb_index c = first; c < last; ++c) {
             double t1 = 0.0, t2 = 0.0;
-            for (fb_index s = 0; s < chunks && pass->reduce && turns; s += FB_BN_STREAMS) {
-                double chunk1[FB_BN_STREAMS], chunk2[FB_BN_STREAMS];
-                const int count = (int)fb_min_index(FB_BN_STREAMS, chunks - s);
-                FB_TYPED(bn_reduce_chunks)(plan, pass, c * chunks + s, count, chunk1, chunk2);
-                for (int g = 0; g < count; ++g) {
-                    t1 += chunk1[g];
-                    t2 += chunk2[g];
-                }
-            }
-            for (fb_index s = 0; s < chunks && pass->reduce && !turns; ++s) {
+            for (fb_index s = 0; s < chunks && pass->reduce; ++s) {
                 double chunk1, chunk2;
                 FB_TYPED(bn_reduce_planar)(plan, pass, c * chunks + s, &chunk1, &chunk2);
                 t1 += chunk1;
@@ -1346,13 +1383,6 @@ static void FB_TYPED(bn_owned_channels)(const fb_bn_plan *plan, FB_TYPED(bn_pass
              * than a chunk); one division per row of the block */
             const fb_index p0 = r * inner, p2 = p0 + inner;
             const fb_index cut0 = (p0 / chunk + 1) * chunk;
-            if (turns) {  /* FB_BN_STREAMS channels of the block in turns */
-                for (fb_index c = c0; c < c1; c += FB_BN_STREAMS)
-                    FB_TYPED(bn_owned_row_turns)(plan, pass, r, c0, c,
-                                                 (int)fb_min_index(FB_BN_STREAMS, c1 - c), a1, a2,
-                                                 s1, s2);
-                continue;
-            }
             for (fb_index c = c0; c < c1; ++c) {
                 const fb_index j = c - c0;
                 const FB_REAL center = pass->center_real[c];
@@ -1411,7 +1441,10 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
     const int rewrite = fb_bn_rewrites(pass->mode);
     const int turns = FB_TYPED(bn_takes_turns)(plan, pass);
     if (plan->owned) {
-        FB_TYPED(bn_owned_channels)(plan, pass, &coef, rewrite, team, tid);
+        if (turns)  /* long rows: never short ones (pass->short_block is 0) */
+            FB_TYPED(bn_owned_turns)(plan, pass, &coef, rewrite, team, tid);
+        else
+            FB_TYPED(bn_owned_channels)(plan, pass, &coef, rewrite, team, tid);
         return;
     }
     if (plan->owned_columns) {
