@@ -270,7 +270,18 @@ FB_ALWAYS_INLINE void FB_TYPED(bn_lanes_shifted)(const FB_REAL *restrict x, fb_i
  * are already one 50 KiB stretch, 2.03 against 1.62 ms -- hence turns only
  * from FB_BN_STREAM_ROW_BYTES rows.  The backward's sums (dy and x, two
  * streams already) did not gain: (32,128,56,56) 5.09 / 5.09 ms with four,
- * 5.23 / 4.85 with two; the backward keeps the one-run walk. */
+ * 5.23 / 4.85 with two; the backward keeps the one-run walk.  The final
+ * build (25 rounds, load 5.7-5.9): 1 thread (32,128,56,56) statistics 3.01
+ * / 3.42, training forward 5.55 / 5.84 ms, (16,64,112,112) 2.85 / 3.24 and
+ * 5.56 / 5.91; 2 threads 1.59 / 1.89 and 2.84 / 3.04, 1.58 / 3.17 and
+ * 3.06 / 3.98 (CPU time mins; the 2-thread medians were the scheduler's);
+ * float64 statistics (32,64,56,56) 2.85 / 3.06, (16,32,112,112) 2.46 /
+ * 2.91 ms.
+ * The turns live in functions of their own (bn_owned_turns, not a branch
+ * inside bn_owned_channels): with the branch inside, GCC contracted the
+ * unchanged backward reduction of that walker into FMAs differently on
+ * AVX2, and (16,6,2100) float64 dweight differed by one ulp between 1 and
+ * 2 threads. */
 #define FB_BN_BLOCK_VALUES ((fb_index)FB_BN_SHORT_SUM * FB_BN_LANES)
 
 typedef struct {
