@@ -53,6 +53,9 @@
 #define FB_BN_BF16_MAX_ROW_CHUNKS ((fb_index)32)
 #define FB_BN_BF16_BLOCK ((fb_index)1024)
 #define FB_BN_BF16_LANES 16
+/* Channels-last rows reduced per load and store of the float64 sums (the
+ * loop body is written out for 4). */
+#define FB_BN_BF16_ROW_GROUP 4
 /* Elements per work item of a pass without reduction (eval forward, eval
  * backward without parameter gradients), which walks the array linearly:
  * long contiguous streams keep the prefetchers ahead, where a channel's rows
@@ -478,7 +481,48 @@ static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
     const float *restrict mh = p->mask_shift;
     for (fb_index c = 0; c < C; ++c)
         s1[c] = s2[c] = 0.0;
-    for (fb_index r = r0; r < r1; ++r) {
+    /* FB_BN_BF16_ROW_GROUP rows per visit of the sums: each channel's
+     * values are still added one row after another (the same bits), but the
+     * float64 sums are loaded and stored once per group instead of once per
+     * row (perf, (64,56,56,128) training forward, 1 thread: the per-row
+     * loads and stores of the sums were the reduction's hottest
+     * instructions, the reduction ~46 % of the kernel's samples). */
+    const int relu = p->relu;
+    fb_index r = r0;
+    for (; r + FB_BN_BF16_ROW_GROUP <= r1; r += FB_BN_BF16_ROW_GROUP) {
+        const uint16_t *restrict x = p->x + r * C;
+        if (forward) {
+#pragma omp simd
+            for (fb_index c = 0; c < C; ++c) {
+                /* written out row by row: GCC left a loop over the rows scalar */
+                const double d0 = (double)(bn_bf16_widen(x[c]) - center[c]);
+                const double d1 = (double)(bn_bf16_widen(x[C + c]) - center[c]);
+                const double d2 = (double)(bn_bf16_widen(x[2 * C + c]) - center[c]);
+                const double d3 = (double)(bn_bf16_widen(x[3 * C + c]) - center[c]);
+                s1[c] = (((s1[c] + d0) + d1) + d2) + d3;
+                s2[c] = (((s2[c] + d0 * d0) + d1 * d1) + d2 * d2) + d3 * d3;
+            }
+        } else {
+            const uint16_t *restrict dy = p->dy + r * C;
+#pragma omp simd
+            for (fb_index c = 0; c < C; ++c) {
+#define FB_BN_BF16_GRAD_TERMS(q)                                                                 \
+                const float xc##q = bn_bf16_widen(x[(q) * C + c]) - center[c];                  \
+                const float g##q = relu ? bn_bf16_grad(bn_bf16_widen(dy[(q) * C + c]), xc##q,   \
+                                                       ms[c], mh[c], 1)                         \
+                                        : bn_bf16_widen(dy[(q) * C + c]);
+                FB_BN_BF16_GRAD_TERMS(0)
+                FB_BN_BF16_GRAD_TERMS(1)
+                FB_BN_BF16_GRAD_TERMS(2)
+                FB_BN_BF16_GRAD_TERMS(3)
+#undef FB_BN_BF16_GRAD_TERMS
+                s1[c] = ((((s1[c] + (double)g0) + (double)g1) + (double)g2) + (double)g3);
+                s2[c] = ((((s2[c] + (double)g0 * (double)xc0) + (double)g1 * (double)xc1)
+                         + (double)g2 * (double)xc2) + (double)g3 * (double)xc3);
+            }
+        }
+    }
+    for (; r < r1; ++r) {
         const uint16_t *restrict x = p->x + r * C;
         if (forward) {
 #pragma omp simd
@@ -489,7 +533,6 @@ static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
             }
         } else {
             const uint16_t *restrict dy = p->dy + r * C;
-            const int relu = p->relu;
 #pragma omp simd
             for (fb_index c = 0; c < C; ++c) {
                 const float xc = bn_bf16_widen(x[c]) - center[c];
