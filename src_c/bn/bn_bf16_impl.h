@@ -486,40 +486,24 @@ static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
      * float64 sums are loaded and stored once per group instead of once per
      * row (perf, (64,56,56,128) training forward, 1 thread: the per-row
      * loads and stores of the sums were the reduction's hottest
-     * instructions, the reduction ~46 % of the kernel's samples). */
+     * instructions, the reduction ~46 % of the kernel's samples).  Forward
+     * only: the same grouping of the backward's sums (x and dy of four rows
+     * per step) took more samples than the row-by-row loop (perf, 1 thread,
+     * (64,56,56,128) backward: 1914 against 1160), so it keeps one row per
+     * visit. */
     const int relu = p->relu;
     fb_index r = r0;
-    for (; r + FB_BN_BF16_ROW_GROUP <= r1; r += FB_BN_BF16_ROW_GROUP) {
+    for (; forward && r + FB_BN_BF16_ROW_GROUP <= r1; r += FB_BN_BF16_ROW_GROUP) {
         const uint16_t *restrict x = p->x + r * C;
-        if (forward) {
 #pragma omp simd
-            for (fb_index c = 0; c < C; ++c) {
-                /* written out row by row: GCC left a loop over the rows scalar */
-                const double d0 = (double)(bn_bf16_widen(x[c]) - center[c]);
-                const double d1 = (double)(bn_bf16_widen(x[C + c]) - center[c]);
-                const double d2 = (double)(bn_bf16_widen(x[2 * C + c]) - center[c]);
-                const double d3 = (double)(bn_bf16_widen(x[3 * C + c]) - center[c]);
-                s1[c] = (((s1[c] + d0) + d1) + d2) + d3;
-                s2[c] = (((s2[c] + d0 * d0) + d1 * d1) + d2 * d2) + d3 * d3;
-            }
-        } else {
-            const uint16_t *restrict dy = p->dy + r * C;
-#pragma omp simd
-            for (fb_index c = 0; c < C; ++c) {
-#define FB_BN_BF16_GRAD_TERMS(q)                                                                 \
-                const float xc##q = bn_bf16_widen(x[(q) * C + c]) - center[c];                  \
-                const float g##q = relu ? bn_bf16_grad(bn_bf16_widen(dy[(q) * C + c]), xc##q,   \
-                                                       ms[c], mh[c], 1)                         \
-                                        : bn_bf16_widen(dy[(q) * C + c]);
-                FB_BN_BF16_GRAD_TERMS(0)
-                FB_BN_BF16_GRAD_TERMS(1)
-                FB_BN_BF16_GRAD_TERMS(2)
-                FB_BN_BF16_GRAD_TERMS(3)
-#undef FB_BN_BF16_GRAD_TERMS
-                s1[c] = ((((s1[c] + (double)g0) + (double)g1) + (double)g2) + (double)g3);
-                s2[c] = ((((s2[c] + (double)g0 * (double)xc0) + (double)g1 * (double)xc1)
-                         + (double)g2 * (double)xc2) + (double)g3 * (double)xc3);
-            }
+        for (fb_index c = 0; c < C; ++c) {
+            /* written out row by row: GCC left a loop over the rows scalar */
+            const double d0 = (double)(bn_bf16_widen(x[c]) - center[c]);
+            const double d1 = (double)(bn_bf16_widen(x[C + c]) - center[c]);
+            const double d2 = (double)(bn_bf16_widen(x[2 * C + c]) - center[c]);
+            const double d3 = (double)(bn_bf16_widen(x[3 * C + c]) - center[c]);
+            s1[c] = (((s1[c] + d0) + d1) + d2) + d3;
+            s2[c] = (((s2[c] + d0 * d0) + d1 * d1) + d2 * d2) + d3 * d3;
         }
     }
     for (; r < r1; ++r) {
