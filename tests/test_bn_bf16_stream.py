@@ -121,3 +121,72 @@ def test_streamed_outputs_at_every_even_offset_in_a_line_equal_the_twin(simd_tar
         got = eval_outputs(x, dy, *inputs[2:], geo, True, y=y, dx=dx)
         assert got["y"] is y or np.shares_memory(got["y"], y)
         assert_same_bits(got, twin_eval)
+
+
+# ---- channels-last (N, H, W, C) --------------------------------------------
+# The rule for an interleaved output (fb_bn_stream_output): at least 8 MiB,
+# any row length -- the array is one contiguous stream.  The AVX2 build
+# rewrites each work item as one flat walk whose channel index wraps at row
+# ends (16 values per vector, streamed between the first and the last 32-byte
+# boundary), so rows of whole lines (C 128), of partial lines (C 65, 40), C
+# under 16 (several row ends in one vector) and odd C are all covered, each
+# with a power-of-two count per channel (exact sums), at, over and just under
+# the threshold.
+
+def streamed_channels_last(shape):
+    return np.prod(shape) * 2 >= STREAM_BYTES
+
+
+CL_CASES = [((32, 32, 32, 128), True), ((32, 32, 32, 127), False), ((64, 32, 32, 65), True),
+            ((128, 32, 32, 40), True), ((1024, 32, 32, 5), True), ((16, 32, 32, 200), False)]
+
+
+def test_the_channels_last_cases_cover_both_sides_of_the_rule():
+    assert [streamed_channels_last(s) for s, _ in CL_CASES] == [e for _, e in CL_CASES]
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape,_", CL_CASES)
+def test_channels_last_kernels_equal_the_twin_around_the_streaming_rule(simd_target, threads, shape,
+                                                                       _, relu, rng):
+    inputs = make(rng, shape, True, dyadic=True)
+    geo = geometry(shape, True)
+    expected = run_all(R, *inputs, geo, relu)
+    for count in (1, 2, 3):
+        threads(count)
+        assert_same_bits(run_all(_bn, *inputs, geo, relu), expected)
+
+
+@pytest.mark.parametrize("shape", [(64, 32, 32, 65), (32, 32, 32, 128)])
+def test_channels_last_eval_kernels_equal_the_twin_on_any_data_when_streamed(simd_target, threads,
+                                                                            shape, rng):
+    x, dy, weight, bias, running_mean, running_var = make(rng, shape, True, dyadic=False)
+    geo = geometry(shape, True)
+    for relu in (False, True):
+        expected = eval_twin(x, dy, weight, bias, running_mean, running_var, geo, relu)
+        for count in (1, 2, 3):
+            threads(count)
+            assert_same_bits(eval_outputs(x, dy, weight, bias, running_mean, running_var, geo,
+                                          relu), expected)
+
+
+@pytest.mark.parametrize("offset", [0, 2, 30, 48])
+@pytest.mark.parametrize("shape", [(128, 32, 32, 40), (64, 32, 32, 65)])
+def test_channels_last_streamed_outputs_at_every_even_offset_in_a_line_equal_the_twin(
+        simd_target, threads, shape, offset, rng):
+    """Outputs off the line boundary: the piece before the first 32-byte
+    boundary of each work item and its tail are written with normal stores,
+    the pieces between streamed."""
+    inputs = make(rng, shape, True, dyadic=True)
+    x, dy = at_offset(inputs[0], offset), at_offset(inputs[1], (offset + 16) % 64)
+    geo = geometry(shape, True)
+    expected = run_all(R, *inputs, geo, True)
+    twin_eval = eval_twin(*inputs, geo, True)
+    for count in (1, 2, 3):
+        threads(count)
+        assert_same_bits(run_all(_bn, x, dy, *inputs[2:], geo, True), expected)
+        y = at_offset(np.zeros(shape, BF16), offset)
+        dx = at_offset(np.zeros(shape, BF16), (offset + 34) % 64)
+        got = eval_outputs(x, dy, *inputs[2:], geo, True, y=y, dx=dx)
+        assert np.shares_memory(got["y"], y) and np.shares_memory(got["dx"], dx)
+        assert_same_bits(got, twin_eval)

@@ -77,33 +77,89 @@ FB_ALWAYS_INLINE __m256 bn_bf16_avx2_value(__m256 xc, __m256 g, const int mode, 
     return v;
 }
 
-/* Full vectors: elements [offset, offset + 16 * count) of channel c, out +
- * offset 32-byte aligned when p->stream. */
+/* Pair-order coefficient tables of a channels-last pass (bn_bf16_pair_fill
+ * sets them): for each of the six per-channel arrays (center, k1, k2, k3,
+ * mask_scale, mask_shift) the sequence e[t] = a[t mod C], t < C + 16, split
+ * into its even entries E[q] = e[2q] and odd ones O[q] = e[2q + 1].  A
+ * vector of 16 elements from channel c then takes its even lanes (channels
+ * c, c + 2, ..., wrapping past C) and its odd lanes with one load each --
+ * E + c/2 and O + c/2 for even c, O + (c-1)/2 and E + (c+1)/2 for odd c --
+ * where the coefficients loaded in channel order would need two shuffles
+ * per half to reach pair order.  BN_BF16_PAIR_SLOTS(C) entries per half. */
+#define BN_BF16_PAIR_SLOTS(C) ((C) / 2 + 9)
+enum { BN_BF16_PAIR_CENTER = 0, BN_BF16_PAIR_K1, BN_BF16_PAIR_K2, BN_BF16_PAIR_K3,
+       BN_BF16_PAIR_MS, BN_BF16_PAIR_MH, BN_BF16_PAIR_TABLES };
+
+/* The even-lane (half 0) or odd-lane (half 1) coefficients of table `which`
+ * for a vector starting at channel c. */
+FB_ALWAYS_INLINE __m256 bn_bf16_avx2_pair_coef(const float *pairs, fb_index slots, int which, int half,
+                                               fb_index c)
+{
+    const float *table = pairs + (fb_index)(2 * which) * slots;
+    const fb_index odd_c = c & 1, h = c >> 1;
+    /* half 0: E + h (even c) or O + h (odd c); half 1: O + h or E + h + 1 */
+    const fb_index from_odd = half ^ (int)odd_c;
+    return _mm256_loadu_ps(table + from_odd * slots + h + (half & odd_c));
+}
+
+/* Full vectors: elements [offset, offset + 16 * count), out + offset 32-byte
+ * aligned when p->stream.  Planar (`row` 0): every element is channel c,
+ * coefficients broadcast.  Channels-last (`row` 1): element offset + i is
+ * channel (c + i) mod C, coefficients from the pair tables per vector. */
 FB_ALWAYS_INLINE void bn_bf16_avx2_vectors(const bn_bf16_pass *p, fb_index offset, fb_index count,
-                                           fb_index c, const int mode, const int relu)
+                                           fb_index c, const int mode, const int relu, const int row)
 {
     const int forward = mode == BN_BF16_FORWARD || mode == BN_BF16_EVAL_FORWARD;
     const int need_x = forward || mode == BN_BF16_BACKWARD || relu;
     const uint16_t *restrict x = p->x ? p->x + offset : NULL;
     const uint16_t *restrict dy = p->dy ? p->dy + offset : NULL;
     uint16_t *restrict out = p->out + offset;
-    const __m256 m = _mm256_set1_ps(p->center[c]), k1 = _mm256_set1_ps(p->k1[c]);
-    const __m256 k2 = _mm256_set1_ps(p->k2[c]), k3 = _mm256_set1_ps(p->k3[c]);
-    const __m256 ms = _mm256_set1_ps(p->mask_scale[c]), mh = _mm256_set1_ps(p->mask_shift[c]);
+    __m256 m[2], k1[2], k2[2], k3[2], ms[2], mh[2];
+    if (!row) {
+        m[0] = m[1] = _mm256_set1_ps(p->center[c]);
+        k1[0] = k1[1] = _mm256_set1_ps(p->k1[c]);
+        k2[0] = k2[1] = _mm256_set1_ps(p->k2[c]);
+        k3[0] = k3[1] = _mm256_set1_ps(p->k3[c]);
+        ms[0] = ms[1] = _mm256_set1_ps(p->mask_scale[c]);
+        mh[0] = mh[1] = _mm256_set1_ps(p->mask_shift[c]);
+    } else {
+        for (int h = 0; h < 2; ++h)
+            m[h] = k1[h] = k2[h] = k3[h] = ms[h] = mh[h] = _mm256_setzero_ps();
+    }
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     const __m256 smallest = _mm256_set1_ps(FLT_MIN);
     const int stream = p->stream;
-    const fb_index len = 16 * count;
+    const fb_index len = 16 * count, C = p->channels;
+    const float *pairs = p->pairs; /* loaded once: the stores may alias it */
+    const fb_index slots = BN_BF16_PAIR_SLOTS(C);
     for (fb_index i = 0; i < len; i += 16) {
+        if (row) {
+            for (int h = 0; h < 2; ++h) {
+                if (need_x)
+                    m[h] = bn_bf16_avx2_pair_coef(pairs, slots, BN_BF16_PAIR_CENTER, h, c);
+                k1[h] = bn_bf16_avx2_pair_coef(pairs, slots, BN_BF16_PAIR_K1, h, c);
+                if (forward || mode == BN_BF16_BACKWARD)
+                    k3[h] = bn_bf16_avx2_pair_coef(pairs, slots, BN_BF16_PAIR_K3, h, c);
+                if (mode == BN_BF16_BACKWARD)
+                    k2[h] = bn_bf16_avx2_pair_coef(pairs, slots, BN_BF16_PAIR_K2, h, c);
+                if (relu && !forward) {
+                    ms[h] = bn_bf16_avx2_pair_coef(pairs, slots, BN_BF16_PAIR_MS, h, c);
+                    mh[h] = bn_bf16_avx2_pair_coef(pairs, slots, BN_BF16_PAIR_MH, h, c);
+                }
+            }
+            c += 16;
+            while (c >= C)
+                c -= C;
+        }
         const __m256i xw = need_x ? _mm256_loadu_si256((const __m256i *)(x + i)) : _mm256_setzero_si256();
         const __m256i gw = forward ? _mm256_setzero_si256() : _mm256_loadu_si256((const __m256i *)(dy + i));
         __m256 check_even, check_odd;
-        const __m256 xc_even = need_x ? _mm256_sub_ps(fb_bf16_pair_even(xw), m) : _mm256_setzero_ps();
-        const __m256 xc_odd = need_x ? _mm256_sub_ps(fb_bf16_pair_odd(xw), m) : _mm256_setzero_ps();
-        const __m256 even = bn_bf16_avx2_value(xc_even, fb_bf16_pair_even(gw), mode, relu, k1, k2, k3, ms, mh,
-                                               &check_even);
-        const __m256 odd = bn_bf16_avx2_value(xc_odd, fb_bf16_pair_odd(gw), mode, relu, k1, k2, k3, ms, mh,
-                                              &check_odd);
+        const __m256 xc_even = need_x ? _mm256_sub_ps(fb_bf16_pair_even(xw), m[0]) : _mm256_setzero_ps();
+        const __m256 xc_odd = need_x ? _mm256_sub_ps(fb_bf16_pair_odd(xw), m[1]) : _mm256_setzero_ps();
+        const __m256 even = bn_bf16_avx2_value(xc_even, fb_bf16_pair_even(gw), mode, relu, k1[0], k2[0], k3[0],
+                                               ms[0], mh[0], &check_even);
+        const __m256 odd = bn_bf16_avx2_value(xc_odd, fb_bf16_pair_odd(gw), mode, relu, k1[1], k2[1], k3[1],
+                                              ms[1], mh[1], &check_odd);
         const __m256 special = _mm256_or_ps(
             _mm256_cmp_ps(_mm256_and_ps(check_even, magnitude), smallest, _CMP_NGE_UQ),
             _mm256_cmp_ps(_mm256_and_ps(check_odd, magnitude), smallest, _CMP_NGE_UQ));
@@ -119,14 +175,15 @@ FB_ALWAYS_INLINE void bn_bf16_avx2_vectors(const bn_bf16_pass *p, fb_index offse
     }
 }
 
-static void bn_bf16_avx2_vectors_any(const bn_bf16_pass *p, fb_index offset, fb_index count, fb_index c)
+static void bn_bf16_avx2_vectors_any(const bn_bf16_pass *p, fb_index offset, fb_index count, fb_index c,
+                                     int row)
 {
-#define FB_BN_BF16_AVX2_CASE(MODE)                                    \
-    case MODE:                                                        \
-        if (p->relu)                                                  \
-            bn_bf16_avx2_vectors(p, offset, count, c, MODE, 1);       \
-        else                                                          \
-            bn_bf16_avx2_vectors(p, offset, count, c, MODE, 0);       \
+#define FB_BN_BF16_AVX2_CASE(MODE)                                              \
+    case MODE:                                                                  \
+        if (row && p->relu)   bn_bf16_avx2_vectors(p, offset, count, c, MODE, 1, 1); \
+        else if (row)         bn_bf16_avx2_vectors(p, offset, count, c, MODE, 0, 1); \
+        else if (p->relu)     bn_bf16_avx2_vectors(p, offset, count, c, MODE, 1, 0); \
+        else                  bn_bf16_avx2_vectors(p, offset, count, c, MODE, 0, 0); \
         return;
     switch (p->mode) {
     FB_BN_BF16_AVX2_CASE(BN_BF16_FORWARD)
@@ -154,7 +211,7 @@ static void bn_bf16_fused_run_avx2(const bn_bf16_pass *p, fb_index offset, fb_in
         bn_bf16_rewrite_generic(p, offset, head, c);
     const fb_index count = (len - head) / 16;
     if (count)
-        bn_bf16_avx2_vectors_any(p, offset + head, count, c);
+        bn_bf16_avx2_vectors_any(p, offset + head, count, c, 0);
     const fb_index done = head + 16 * count;
     if (done < len)
         bn_bf16_rewrite_generic(p, offset + done, len - done, c);
@@ -200,7 +257,7 @@ static void bn_bf16_fused_stretch_avx2(const bn_bf16_pass *p, fb_index begin, fb
         const fb_index row = i / inner, row_end = (row + 1) * inner;
         const fb_index count = (fb_min_index(row_end, aligned_end) - i) / 16;
         if (count) {
-            bn_bf16_avx2_vectors_any(p, i, count, row % C);
+            bn_bf16_avx2_vectors_any(p, i, count, row % C, 0);
             i += 16 * count;
             continue;
         }
@@ -214,4 +271,39 @@ static void bn_bf16_fused_stretch_avx2(const bn_bf16_pass *p, fb_index begin, fb
         _mm256_stream_si256((__m256i *)(p->out + i), _mm256_load_si256((const __m256i *)staged));
         i += 16;
     }
+}
+
+/* Channels-last elements [begin, end) (element e is channel e mod C) with
+ * the generic row pieces (compute_row + narrow, normal stores). */
+static void bn_bf16_rows_generic(const bn_bf16_pass *p, fb_index begin, fb_index end)
+{
+    float v[FB_BN_BF16_BLOCK];
+    for (fb_index i = begin; i < end;) {
+        const fb_index c0 = i % p->channels;
+        const fb_index len = fb_min_index(fb_min_index(p->channels - c0, end - i), FB_BN_BF16_BLOCK);
+        bn_bf16_compute_row(p, v, i, len, c0);
+        fb_bn_bf16_narrow(v, p->out + i, len, p->instruction);
+        i += len;
+    }
+}
+
+/* Channels-last elements [begin, end) as one flat walk: the piece up to the
+ * output's first 32-byte boundary and the tail shorter than 16 through the
+ * generic row pieces, every 16 elements between as one vector whose channel
+ * index wraps at row ends (the pair tables hold C + 16 entries), streamed
+ * when p->stream.  The form it replaces computed each row into a float32
+ * block and narrowed it with normal stores (perf, (64,56,56,128) training
+ * forward, 1 thread: the row compute and narrowing ~54 % of the kernel's
+ * samples). */
+static void bn_bf16_rows_stretch_avx2(const bn_bf16_pass *p, fb_index begin, fb_index end)
+{
+    const fb_index head = bn_bf16_avx2_head(p->out + begin, end - begin);
+    if (head)
+        bn_bf16_rows_generic(p, begin, begin + head);
+    const fb_index count = (end - begin - head) / 16;
+    if (count)
+        bn_bf16_avx2_vectors_any(p, begin + head, count, (begin + head) % p->channels, 1);
+    const fb_index done = begin + head + 16 * count;
+    if (done < end)
+        bn_bf16_rows_generic(p, done, end);
 }
