@@ -290,6 +290,42 @@ def test_eight_row_backward_reduction_matches_the_reference_for_1_2_3_threads(
         for got, first in zip(other, sums[0]):
             np.testing.assert_array_equal(got, first)
 
+# Rows whose stride is a multiple of 4 KiB (bn_rows_alias: 1024 and 2048
+# channels of either dtype, 512 of float64) take four-row backward steps:
+# row counts leaving every remainder mod 4 (2, 7, 13 -> 1, 71 = 64 + 7 ->
+# 0 and 3, 130 = 2 x 64 + 2 -> 2, 1027 -> 3, over 1 MiB: 2 and 3 threads
+# share the row chunks), several groups, channels-last, and a stride that
+# does not alias (1536 float32 channels: 6 KiB) next to one that does.
+SHAPES_ALIASED_ROWS = [(2, 1024), (7, 512), (13, 1024), (71, 1024), (130, 2048),
+                       (1027, 1024), (3, 4, 5, 512), (9, 1536)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES_ALIASED_ROWS)
+def test_four_row_backward_on_aliased_rows_matches_the_reference_for_1_2_3_threads(
+        simd_target, threads, shape, dtype, rng):
+    """Every kernel of run_all (the training backward plain and ReLU: dx,
+    dweight, dbias; the forwards: y, saved and running statistics) matches
+    the reference and is bit identical for 1, 2 and 3 threads, on rows whose
+    stride is a multiple of 4 KiB; so do the split phases' backward sums."""
+    inputs = make(rng, shape, dtype)
+    assert_kernels_match_the_reference(threads, inputs, dtype, axis=-1)
+    assert_bits_do_not_depend_on_the_thread_count(threads, inputs, axis=-1)
+    x, dy, weight, bias, _, _ = inputs
+    mean, invstd = F.batch_norm_forward_train(x, weight, bias, 1e-5, axis=-1)[1:]
+    sums = []
+    for count in (1, 2, 3):
+        threads(count)
+        sums.append(F.batch_norm_backward_reduce(dy, x, mean, invstd, axis=-1))
+    want = R.batch_norm_backward_reduce(dy, x, mean, invstd, axis=-1)
+    for got, expected in zip(sums[0], want):
+        assert_close(np.asarray(got).astype(dtype), np.asarray(expected).astype(dtype), dtype,
+                     scale=10)
+    for other in sums[1:]:
+        for got, first in zip(other, sums[0]):
+            np.testing.assert_array_equal(got, first)
+
+
 # Interleaved rewrites of several 512-channel groups: each row chunk's work
 # items of one thread are rewritten as one column range (whole rows, or one
 # piece of each row when a thread's items start or end inside a row chunk).
