@@ -192,10 +192,10 @@ def test_large_channels_last_output_streams_and_matches_the_reference(simd_targe
 
 # Large channels-last arrays (dy and x together at least 8 MiB): the
 # backward's interleaved reduction walks one row at a time where a row piece
-# is at least 256 bytes (FB_BN_ROW_WALK_MIN_PIECE), the eight-row step below
-# that: 65 float32 channels (260 B) and 63 (252 B) on both sides, N = 1 with
+# is at least 400 bytes (FB_BN_ROW_WALK_MIN_PIECE), the eight-row step below
+# that: 101 float32 channels (404 B) and 99 (396 B) on both sides, N = 1 with
 # odd sizes, 3-D; float64 takes the row walk for all of them.
-SHAPES_ROW_WALK = [(1, 63, 67, 257), (2, 91, 93, 65), (2, 93, 95, 63), (2, 3, 21, 23, 449)]
+SHAPES_ROW_WALK = [(1, 63, 67, 257), (2, 73, 73, 101), (2, 75, 71, 99), (2, 3, 21, 23, 449)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -354,10 +354,16 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, const FB_TYPED(bn
  * 1.82 -> 1.13 / 1.26.  Narrower rows lost (the per-row load and store of
  * the double partials dominates): backward_reduce (16,56,56,48) (192 B
  * pieces) 0.91 / 1.33 -> 1.08 / 1.39, (64,56,56,16) 1.21 / 1.46 -> 1.33 /
- * 1.51.  Hence 256 bytes (64 float32 channels).  float64 and 2 threads were
- * not measured apart (2-thread timings were dominated by the load). */
+ * 1.51.  Then two builds (bn_ab_builds.py, 1 thread, min of 12-20
+ * alternated rounds, load 4-5), row walk from 256 B against none: backward
+ * (32,28,28,64) 1.03 -> 1.15 ms and (16,28,28,96) 0.70 -> 0.81 ms (lost,
+ * twice), (32,56,56,64) even (5.20 / 5.18), while (32,28,28,100) 2.30 ->
+ * 1.89, (16,28,28,200) 2.37 -> 2.14, (32,28,28,256) 7.7 -> 5.3 and 6.5 ->
+ * 5.1, (32,14,14,512) 2.88 -> 2.67 ms gained.  Hence 400 bytes (100 float32
+ * channels).  float64 and 2 threads were not measured apart (2-thread
+ * timings were dominated by the load). */
 #ifndef FB_BN_ROW_WALK_MIN_PIECE
-#define FB_BN_ROW_WALK_MIN_PIECE ((fb_index)256)
+#define FB_BN_ROW_WALK_MIN_PIECE ((fb_index)400)
 #endif
 
 /* Prefetches `rows` row pieces of `width` values (row stride C) from p into
