@@ -190,6 +190,42 @@ def test_large_channels_last_output_streams_and_matches_the_reference(simd_targe
     assert_close(outputs[0][0], want[0], dtype, scale=10)
 
 
+# Large channels-last arrays (dy and x together at least 8 MiB): the
+# backward's interleaved reduction walks one row at a time where a row piece
+# is at least 400 bytes (FB_BN_ROW_WALK_MIN_PIECE), the eight-row step below
+# that: 101 float32 channels (404 B) and 99 (396 B) on both sides, N = 1 with
+# odd sizes, 3-D; float64 takes the row walk for all of them.
+SHAPES_ROW_WALK = [(1, 63, 67, 257), (2, 73, 73, 101), (2, 75, 71, 99), (2, 3, 21, 23, 449)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES_ROW_WALK)
+def test_large_channels_last_row_walk_matches_the_reference_at_any_thread_count(
+        simd_target, threads, shape, dtype, rng):
+    """Every output and mutated buffer against the reference, and the same
+    bits on 1, 2 and 3 threads; the split backward phases give the fused
+    backward's bits."""
+    inputs = make(rng, shape, dtype)
+    expected = run_all(R, *inputs)
+    results = []
+    for count in (1, 2, 3):
+        threads(count)
+        results.append(run_all(F, *inputs))
+    for got, want in zip(results[0], expected):
+        assert_close(got, want, dtype, scale=10)
+    for other in results[1:]:
+        for got, want in zip(other, results[0]):
+            np.testing.assert_array_equal(got, want)
+    x, dy, weight = inputs[0], inputs[1], inputs[2]
+    threads(2)
+    _, mean, invstd = F.batch_norm_forward_train(x, weight, inputs[3], 1e-5, axis=-1)
+    dx = F.batch_norm_backward(dy, x, mean, invstd, weight, axis=-1)[0]
+    sums = F.batch_norm_backward_reduce(dy, x, mean, invstd, axis=-1)
+    dx_phases = F.batch_norm_backward_apply(dy, x, mean, invstd, weight, *sums,
+                                            x.size // x.shape[-1], axis=-1)
+    np.testing.assert_array_equal(dx_phases, dx)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(9, 100), (5, 33), (4, 6, 6, 24), (7, 1030)])
 def test_in_place_channels_last_rewrites_match_out_of_place(simd_target, threads, shape, dtype,

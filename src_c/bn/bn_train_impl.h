@@ -515,6 +515,35 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, const FB_TYPED(bn
  * keeps its own rule below. */
 #define FB_BN_FWD_PREFETCH_BYTES ((fb_index)8192)
 #endif
+/* The backward's interleaved reduction (no ReLU) of dy and x of at least
+ * FB_BN_PREFETCH_MIN_BYTES together, whose row pieces are at least this many
+ * bytes, walks ONE row at a time: two sequential streams instead of the
+ * eight-row step's sixteen short ones (a row piece of each of eight rows of
+ * dy and x), which the hardware prefetchers of a Zen 3 core did not keep
+ * fed from L3/memory.  The sums are added in a different grouping (each
+ * value's term in double, more exact), fixed by the shape alone.  Measured
+ * on Zen 3 (AVX2), float32, 1 thread, the two walks alternated call by call
+ * in one process (same build, an experiment switch), min / median of 30
+ * calls, load average 9-10: whole backward (32,28,28,64) 1.38 / 1.81 ms ->
+ * 1.11 / 1.50, (32,56,56,64) 10.1 / 18.8 -> 9.6 / 14.3, (16,28,28,96)
+ * 0.91 / 1.40 -> 0.82 / 1.15, (16,28,28,128) 1.02 / 1.81 -> 1.03 / 1.30,
+ * (8,28,28,200) 0.74 / 1.03 -> 0.73 / 0.86, (32,28,28,256) 7.5 / 19.0 ->
+ * 5.1 / 13.4, (32,14,14,512) 3.45 / 3.88 -> 2.87 / 3.27; backward_reduce
+ * alone (16,28,28,200) 1.14 / 1.82 -> 1.04 / 1.18, (32,28,28,100) 1.58 /
+ * 1.82 -> 1.13 / 1.26.  Narrower rows lost (the per-row load and store of
+ * the double partials dominates): backward_reduce (16,56,56,48) (192 B
+ * pieces) 0.91 / 1.33 -> 1.08 / 1.39, (64,56,56,16) 1.21 / 1.46 -> 1.33 /
+ * 1.51.  Then two builds (bn_ab_builds.py, 1 thread, min of 12-20
+ * alternated rounds, load 4-5), row walk from 256 B against none: backward
+ * (32,28,28,64) 1.03 -> 1.15 ms and (16,28,28,96) 0.70 -> 0.81 ms (lost,
+ * twice), (32,56,56,64) even (5.20 / 5.18), while (32,28,28,100) 2.30 ->
+ * 1.89, (16,28,28,200) 2.37 -> 2.14, (32,28,28,256) 7.7 -> 5.3 and 6.5 ->
+ * 5.1, (32,14,14,512) 2.88 -> 2.67 ms gained.  Hence 400 bytes (100 float32
+ * channels).  float64 and 2 threads were not measured apart (2-thread
+ * timings were dominated by the load). */
+#ifndef FB_BN_ROW_WALK_MIN_PIECE
+#define FB_BN_ROW_WALK_MIN_PIECE ((fb_index)400)
+#endif
 
 /* Prefetches `rows` row pieces of `width` values (row stride C) from p into
  * L2 (see FB_BN_PREFETCH_MIN_BYTES).  Timing only: no value changes. */
@@ -615,10 +644,14 @@ static void FB_TYPED(bn_reduce_rows)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *
         FB_REAL staging[4][FB_BN_RELU_BLOCK];
         const fb_index piece_bytes = width * (fb_index)sizeof(FB_REAL);
         const fb_index ahead = 4 * FB_BN_PREFETCH_STEPS;
+        const int large = 2 * plan->outer * C * (fb_index)sizeof(FB_REAL)
+                          >= FB_BN_PREFETCH_MIN_BYTES;
         const int prefetch = piece_bytes >= FB_BN_PREFETCH_MIN_PIECE
-            && piece_bytes <= FB_BN_PREFETCH_MAX_PIECE
-            && 2 * plan->outer * C * (fb_index)sizeof(FB_REAL) >= FB_BN_PREFETCH_MIN_BYTES;
-        if (!pass->relu && !FB_TYPED(bn_rows_alias)(C)) {
+            && piece_bytes <= FB_BN_PREFETCH_MAX_PIECE && large;
+        /* wide pieces of large arrays: one row at a time (the loop after
+         * the four-row one), see FB_BN_ROW_WALK_MIN_PIECE */
+        const int row_walk = !pass->relu && large && piece_bytes >= FB_BN_ROW_WALK_MIN_PIECE;
+        if (!pass->relu && !row_walk && !FB_TYPED(bn_rows_alias)(C)) {
             /* eight rows at a time (see the comment before
              * FB_BN_PREFETCH_MIN_BYTES), every row addressed from one x and
              * one dy pointer */
@@ -645,7 +678,7 @@ static void FB_TYPED(bn_reduce_rows)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *
                 }
             }
         }
-        for (; r + 4 <= r1; r += 4) {
+        for (; !row_walk && r + 4 <= r1; r += 4) {
             const fb_index offset = r * C + c0;
             if (prefetch && r + ahead + 4 <= plan->outer) {
                 FB_TYPED(bn_prefetch_rows)(pass->x + offset + ahead * C, 4, C, width);
