@@ -116,6 +116,28 @@ def assert_bits_do_not_depend_on_the_thread_count(threads, inputs, axis):
             np.testing.assert_array_equal(got, want)
 
 
+def assert_backward_matches_the_reference_for_1_2_3_threads(threads, inputs, dtype):
+    """Every kernel of run_all on channels-last `inputs` matches the reference
+    and is bit identical for 1, 2 and 3 threads; so are the split phases'
+    backward sums (float64 sums of `dtype` terms: compared to the reference
+    at the tolerance of `dtype`)."""
+    assert_kernels_match_the_reference(threads, inputs, dtype, axis=-1)
+    assert_bits_do_not_depend_on_the_thread_count(threads, inputs, axis=-1)
+    x, dy, weight, bias, _, _ = inputs
+    mean, invstd = F.batch_norm_forward_train(x, weight, bias, 1e-5, axis=-1)[1:]
+    sums = []
+    for count in (1, 2, 3):
+        threads(count)
+        sums.append(F.batch_norm_backward_reduce(dy, x, mean, invstd, axis=-1))
+    want = R.batch_norm_backward_reduce(dy, x, mean, invstd, axis=-1)
+    for got, expected in zip(sums[0], want):
+        assert_close(np.asarray(got).astype(dtype), np.asarray(expected).astype(dtype), dtype,
+                     scale=10)
+    for other in sums[1:]:
+        for got, first in zip(other, sums[0]):
+            np.testing.assert_array_equal(got, first)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES_NC + SHAPES_CL + SHAPES_THREADS + SHAPES_PAIRED)
 def test_channels_last_kernels_match_the_reference(simd_target, threads, shape, dtype, rng):
@@ -308,23 +330,8 @@ def test_eight_row_backward_reduction_matches_the_reference_for_1_2_3_threads(
     """The training backward (plain and ReLU: dx, dweight, dbias), its split
     reduction and every other kernel of run_all match the reference, and are
     bit identical for 1, 2 and 3 threads."""
-    inputs = make(rng, shape, dtype)
-    assert_kernels_match_the_reference(threads, inputs, dtype, axis=-1)
-    assert_bits_do_not_depend_on_the_thread_count(threads, inputs, axis=-1)
-    x, dy, weight, bias, _, _ = inputs
-    mean, invstd = F.batch_norm_forward_train(x, weight, bias, 1e-5, axis=-1)[1:]
-    sums = []
-    for count in (1, 2, 3):
-        threads(count)
-        sums.append(F.batch_norm_backward_reduce(dy, x, mean, invstd, axis=-1))
-    want = R.batch_norm_backward_reduce(dy, x, mean, invstd, axis=-1)
-    # float64 sums of `dtype` terms: compared at the tolerance of `dtype`
-    for got, expected in zip(sums[0], want):
-        assert_close(np.asarray(got).astype(dtype), np.asarray(expected).astype(dtype), dtype,
-                     scale=10)
-    for other in sums[1:]:
-        for got, first in zip(other, sums[0]):
-            np.testing.assert_array_equal(got, first)
+    assert_backward_matches_the_reference_for_1_2_3_threads(threads, make(rng, shape, dtype),
+                                                            dtype)
 
 # Rows whose stride is a multiple of 4 KiB (bn_rows_alias: 1024 and 2048
 # channels of either dtype, 512 of float64) take four-row backward steps:
@@ -344,22 +351,8 @@ def test_four_row_backward_on_aliased_rows_matches_the_reference_for_1_2_3_threa
     dweight, dbias; the forwards: y, saved and running statistics) matches
     the reference and is bit identical for 1, 2 and 3 threads, on rows whose
     stride is a multiple of 4 KiB; so do the split phases' backward sums."""
-    inputs = make(rng, shape, dtype)
-    assert_kernels_match_the_reference(threads, inputs, dtype, axis=-1)
-    assert_bits_do_not_depend_on_the_thread_count(threads, inputs, axis=-1)
-    x, dy, weight, bias, _, _ = inputs
-    mean, invstd = F.batch_norm_forward_train(x, weight, bias, 1e-5, axis=-1)[1:]
-    sums = []
-    for count in (1, 2, 3):
-        threads(count)
-        sums.append(F.batch_norm_backward_reduce(dy, x, mean, invstd, axis=-1))
-    want = R.batch_norm_backward_reduce(dy, x, mean, invstd, axis=-1)
-    for got, expected in zip(sums[0], want):
-        assert_close(np.asarray(got).astype(dtype), np.asarray(expected).astype(dtype), dtype,
-                     scale=10)
-    for other in sums[1:]:
-        for got, first in zip(other, sums[0]):
-            np.testing.assert_array_equal(got, first)
+    assert_backward_matches_the_reference_for_1_2_3_threads(threads, make(rng, shape, dtype),
+                                                            dtype)
 
 
 # Interleaved rewrites of several 512-channel groups: each row chunk's work
