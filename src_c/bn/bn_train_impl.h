@@ -540,7 +540,14 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, const FB_TYPED(bn
  * 1.89, (16,28,28,200) 2.37 -> 2.14, (32,28,28,256) 7.7 -> 5.3 and 6.5 ->
  * 5.1, (32,14,14,512) 2.88 -> 2.67 ms gained.  Hence 400 bytes (100 float32
  * channels).  float64 and 2 threads were not measured apart (2-thread
- * timings were dominated by the load). */
+ * timings were dominated by the load).  Only where a row piece is the whole
+ * row (width == C; channels-last rows of up to FB_BN_MAX_GROUP_WIDTH
+ * channels): wider rows are reduced in groups of at most 512 channels, and
+ * there the row walk reads a piece and jumps to the next row, which lost
+ * (two builds alternated in two processes, 15 rounds, min, quiet, float32
+ * backward, 1 thread): (4096, 1024) 3.43 -> 6.01 ms, (4000, 1000) 3.56 ->
+ * 5.45, (3000, 2000) 5.47 -> 7.56, while (8192, 512) (whole rows) stayed
+ * 3.57 / 3.59. */
 #ifndef FB_BN_ROW_WALK_MIN_PIECE
 #define FB_BN_ROW_WALK_MIN_PIECE ((fb_index)400)
 #endif
@@ -648,9 +655,11 @@ static void FB_TYPED(bn_reduce_rows)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *
                           >= FB_BN_PREFETCH_MIN_BYTES;
         const int prefetch = piece_bytes >= FB_BN_PREFETCH_MIN_PIECE
             && piece_bytes <= FB_BN_PREFETCH_MAX_PIECE && large;
-        /* wide pieces of large arrays: one row at a time (the loop after
-         * the four-row one), see FB_BN_ROW_WALK_MIN_PIECE */
-        const int row_walk = !pass->relu && large && piece_bytes >= FB_BN_ROW_WALK_MIN_PIECE;
+        /* wide pieces of large arrays that are whole rows (width == C: one
+         * sequential stream each of dy and x): one row at a time (the loop
+         * after the four-row one), see FB_BN_ROW_WALK_MIN_PIECE */
+        const int row_walk = !pass->relu && large && width == C
+                             && piece_bytes >= FB_BN_ROW_WALK_MIN_PIECE;
         if (!pass->relu && !row_walk && !FB_TYPED(bn_rows_alias)(C)) {
             /* eight rows at a time (see the comment before
              * FB_BN_PREFETCH_MIN_BYTES), every row addressed from one x and
