@@ -439,10 +439,13 @@ def main():
         # other process: "terminate called without an active exception",
         # seen under load)
         dist.barrier()
+        # the results are complete here: written before the teardown, which
+        # still aborted a rank that way once in a CI run (session 8) after
+        # the barrier; the test accepts exactly that abort after the results
+        with open(out, "w") as handle:
+            json.dump(results, handle)
     finally:
         dist.destroy_process_group()
-    with open(out, "w") as handle:
-        json.dump(results, handle)
 
 
 if __name__ == "__main__":

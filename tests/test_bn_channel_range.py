@@ -496,7 +496,7 @@ def test_a_failed_blocked_pass_leaves_the_sync_layer_unchanged_and_the_next_step
     # of a layer that never failed
     from fastbn import nn
     from fastbn.nn import syncbatchnorm
-    from tests._state_snapshot import assert_same_state, snapshot
+    from _state_snapshot import assert_same_state, snapshot
     x, dy = planar((3, 9, 7, 5), np.float32, 51), planar((3, 9, 7, 5), np.float32, 52)
     monkeypatch.setattr(_pipeline, "BLOCK_BYTES", 2 * 3 * 35 * 4)
 

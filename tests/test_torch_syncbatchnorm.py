@@ -10,6 +10,7 @@ in this process.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,12 @@ WORKER = Path(__file__).resolve().parent / "_torch_syncbn_worker.py"
 PACKAGE_ROOT = str(Path(fastbn.__file__).resolve().parent.parent)
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
 nn = torch.nn
+
+
+#: What gloo prints when its threads abort a process that tears its group
+#: down while a peer does the same (seen rarely, under load, after the
+#: scenario's last barrier; the worker writes its results before the teardown).
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def run_ranks(folder: Path, scenario: str, world: int, timeout: float = 300) -> list:
@@ -53,6 +60,9 @@ def run_ranks(folder: Path, scenario: str, world: int, timeout: float = 300) -> 
             process.kill()
         pytest.fail(f"{scenario} on {world} ranks did not finish within {timeout} s (a hang?)")
     for rank, (process, output) in enumerate(zip(processes, outputs)):
+        if process.returncode == -signal.SIGABRT and output.strip() == GLOO_TEARDOWN_ABORT \
+                and (run / f"rank{rank}.json").exists():
+            continue  # gloo aborted the process in destroy_process_group, after its results
         assert process.returncode == 0, f"rank {rank} exited with {process.returncode}:\n{output}"
     return [json.loads((run / f"rank{rank}.json").read_text()) for rank in range(world)]
 
