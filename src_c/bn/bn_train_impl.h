@@ -270,7 +270,13 @@ FB_ALWAYS_INLINE void FB_TYPED(bn_lanes_shifted)(const FB_REAL *restrict x, fb_i
  * are already one 50 KiB stretch, 2.03 against 1.62 ms -- hence turns only
  * from FB_BN_STREAM_ROW_BYTES rows.  The backward's sums (dy and x, two
  * streams already) did not gain: (32,128,56,56) 5.09 / 5.09 ms with four,
- * 5.23 / 4.85 with two; the backward keeps the one-run walk.  The final
+ * 5.23 / 4.85 with two; the backward keeps the one-run walk.  Nor did the
+ * split backward_reduce alone (no rewrite after it; session 9: the owned
+ * blocks' channels in turns, dy and x of each a stream, every turn one
+ * short sum, bits unchanged), (32,128,56,56) float32, 1 thread, min CPU time
+ * of 25 rounds alternated with main's build (benchmarks/bn_phases.py
+ * --against, load 5-5.4): four channels in turns 4.50 against 4.11 ms, two
+ * 4.21 against 3.76 ms.  The final
  * build (25 rounds, load 5.7-5.9): 1 thread (32,128,56,56) statistics 3.01
  * / 3.42, training forward 5.55 / 5.84 ms, (16,64,112,112) 2.85 / 3.24 and
  * 5.56 / 5.91; 2 threads 1.59 / 1.89 and 2.84 / 3.04, 1.58 / 3.17 and
@@ -1807,6 +1813,16 @@ static int FB_TYPED(bn_stats)(FASTBN_BN_STATS_ARGS(FB_REAL))
  * rounds (benchmarks/bn_phases.py, load 5): apply 5.61 ms through the pass
  * walk, 5.07 ms straight (the eval forward: 4.78-4.89 ms); backward_apply
  * 8.68 -> 6.87 ms.
+ * Walking the reduction's blocks in reverse instead (the last blocks it read
+ * first, rows newest first, hoping to find them still cached) lost, session
+ * 9: same shape, min CPU time of 25 rounds alternated with the straight
+ * walk's build (load 2.8): apply 2.92 against 2.60 ms, stats + apply 5.37 /
+ * 4.86, backward_apply 3.98 / 3.86, backward_reduce + backward_apply 7.75 /
+ * 7.61 (fresh outputs: 9.61 / 9.40 and 12.49 / 12.20).  Little of a
+ * streamed read survives in the caches here: the last K MiB of a 64 MiB
+ * array, read (np.dot, 1 thread) right after the whole array or after
+ * another 64 MiB one, took 0.030 / 0.034 ms (K = 1), 0.279 / 0.309 (8),
+ * 0.621 / 0.668 (16).
  *
  * The geometry of the straight walk: a single channel (channels ==
  * row_channels == 1) is one contiguous sequence, walked as planar, as the
