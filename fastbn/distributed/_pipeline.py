@@ -108,6 +108,28 @@ __all__ = ["BLOCK_BYTES", "plan_blocks", "Exchange", "CommExchange", "forward_bl
 #: and table): 90 blocks at 2 MiB, 1.5 ms.  (3) the removed overlapped
 #: order read block k + 1 before it rewrote block k, so two blocks had to
 #: stay cached: more than the 512 KiB L2 even for one channel (401 KB here).
+#:
+#: Where one block's time goes (session 9, issue #15; 2 ranks x 1 thread,
+#: (32, 128, 56, 56) float32, both ranks timed after a barrier, slowest rank,
+#: min of 20 rounds, load 3): the split kernels are not slower than the
+#: fused ones when both ranks run them at once -- stats 2.69 + apply 15.41
+#: ms against train_forward 20.99, backward_reduce 5.07 + backward_apply
+#: 18.53 against backward 23.00 (fresh outputs; outputs allocated before:
+#: apply 2.99, train_forward 7.88, backward_apply 6.62, backward 12.26).
+#: Much of a call is the fresh output's page faults (NumPy asks for huge
+#: pages: zeroing, and compaction when two ranks fault at once), about half
+#: of both layers' time (fused forward+backward: 44 ms with fresh outputs,
+#: 20 ms without); with freed outputs reused by malloc
+#: (MALLOC_MMAP_THRESHOLD_=1073741824) the --bn-cost local layer took
+#: 27-31 ms instead of 51-52 (min of 10 rounds, load 6).  A one-block call
+#: also costs ~0.2 ms of Python and exchanges the local layer does not:
+#: forward+backward of (2, 128, 2, 2), 232 against 26 us (min of 1500; one
+#: Allgather of a 257-double row 4.4 us).  The rest of the gap the --bn-cost
+#: ratio shows is, as far as measured, the meetings: a rank waits at every
+#: exchange for the slower one, so the variance of each segment (page faults
+#: mostly) adds up segment by segment instead of once per call (not proven
+#: apart).  The ratio moved by +-0.05 between runs of the same build minutes
+#: apart (1.08-1.18 min, 1.04-1.14 median, load 5-6).
 BLOCK_BYTES: Optional[int] = None
 
 Blocks = List[Tuple[int, int]]
