@@ -116,6 +116,12 @@ __all__ = ["BLOCK_BYTES", "plan_blocks", "Exchange", "CommExchange", "forward_bl
 #: ms against train_forward 20.99, backward_reduce 5.07 + backward_apply
 #: 18.53 against backward 23.00 (fresh outputs; outputs allocated before:
 #: apply 2.99, train_forward 7.88, backward_apply 6.62, backward 12.26).
+#: Timed as whole sequences instead (stats, apply, backward_reduce,
+#: backward_apply with fresh outputs and no exchange, against the local
+#: layer's forward+backward, 15-25 rounds), the split kernels were 5-17 %
+#: slower (min; 33.80 / 30.60 ms at load 1.5, 38.62 / 32.83 at load 3.4),
+#: so how much of the gap the second read costs with two ranks is not
+#: settled.
 #: Much of a call is the fresh output's page faults (NumPy asks for huge
 #: pages: zeroing, and compaction when two ranks fault at once), about half
 #: of both layers' time (fused forward+backward: 44 ms with fresh outputs,
