@@ -147,6 +147,59 @@ FB_ALWAYS_INLINE void fb_flush_f64(fb_bn_lanes *a, const fb_rvec_f64 *b)
 typedef struct { double v[FB_BN_LANES]; double rest; } fb_bn_lanes;
 #endif
 
+/* x - c on the multiply-add pipes: fb_sub_fma_f32(x, one, minus_c), with
+ * `one` from fb_opaque_one_f32() and minus_c = -c.  A reduction that centers
+ * every value before summing it (x - c, then sums of the differences and of
+ * their squares) has about three additions per multiplication, and a Zen 3
+ * core runs additions on two pipes and multiply-adds on two others: the
+ * additions are the bottleneck while the FMA pipes idle.  fma(x, 1, -c) rounds
+ * the exact x - c once, exactly as the subtraction does (same bits), but
+ * issues on the FMA pipes.  `one` is hidden from the compiler behind an
+ * empty asm so that it does not fold the multiply-add back into a
+ * subtraction.  Targets without FMA add -c (also exactly x - c). */
+#if defined(__FMA__) && (defined(__GNUC__) || defined(__clang__))
+#include <math.h>
+FB_ALWAYS_INLINE float fb_opaque_one_f32(void)
+{
+    float one = 1.0f;
+    __asm__("" : "+x"(one));
+    return one;
+}
+FB_ALWAYS_INLINE double fb_opaque_one_f64(void)
+{
+    double one = 1.0;
+    __asm__("" : "+x"(one));
+    return one;
+}
+FB_ALWAYS_INLINE float fb_sub_fma_f32(float x, float one, float minus_c)
+{
+    return fmaf(x, one, minus_c);
+}
+FB_ALWAYS_INLINE double fb_sub_fma_f64(double x, double one, double minus_c)
+{
+    return fma(x, one, minus_c);
+}
+#else
+FB_ALWAYS_INLINE float fb_opaque_one_f32(void)
+{
+    return 1.0f;
+}
+FB_ALWAYS_INLINE double fb_opaque_one_f64(void)
+{
+    return 1.0;
+}
+FB_ALWAYS_INLINE float fb_sub_fma_f32(float x, float one, float minus_c)
+{
+    (void)one;
+    return x + minus_c;
+}
+FB_ALWAYS_INLINE double fb_sub_fma_f64(double x, double one, double minus_c)
+{
+    (void)one;
+    return x + minus_c;
+}
+#endif
+
 /* Orders this thread's non-temporal stores before whatever follows (the end
  * of the parallel region, the return to Python). */
 static inline void fb_stream_fence(void)
