@@ -385,8 +385,75 @@ static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
     bn_bf16_avx2_lanes(s2, a2);
     return i;
 }
+
+/* Channels-last backward sums of rows [r0, r1) when C <= this (and C a
+ * multiple of 8): per channel s1[c] += g, s2[c] += g (x - m), row after row
+ * -- the portable loop of bn_bf16_reduce_item, the same adds in the same
+ * order (the float64 product of two float32 is exact: the fused
+ * multiply-add is the product-then-add).  8 channels per 16-byte load in
+ * pair order (even channels by a shift, odd ones by a mask), each 4 float32
+ * converted with one vcvtps2pd, the sums kept in pair order on the stack
+ * and put back in channel order at the end; two rows per load and store of
+ * the sums.  What GCC made of the portable loop widened across 128-bit
+ * lanes (vpmovzxwd ymm, vextracti128, vextractf128 beside every two
+ * conversions, all on Zen 3's one lane-crossing unit) and loaded and stored
+ * the sums once per row (perf, (64,56,56,128) backward, 1 thread: the
+ * reduction 37 % of the samples, hottest on the sums' loads and stores and
+ * the extracts). */
+#define FB_BN_BF16_ROWS_AVX2_MAX ((fb_index)512)
+static void bn_bf16_rows_grad_avx2(const bn_bf16_pass *p, fb_index r0, fb_index r1,
+                                   double *restrict s1, double *restrict s2)
+{
+    const fb_index C = p->channels;
+    double t1[FB_BN_BF16_ROWS_AVX2_MAX], t2[FB_BN_BF16_ROWS_AVX2_MAX];
+    float m[FB_BN_BF16_ROWS_AVX2_MAX], ms[FB_BN_BF16_ROWS_AVX2_MAX], mh[FB_BN_BF16_ROWS_AVX2_MAX];
+    for (fb_index c = 0; c < C; ++c) { /* position of channel c in pair order */
+        const fb_index q = (c & ~(fb_index)7) + ((c & 1) ? 4 : 0) + ((c & 7) >> 1);
+        t1[q] = t2[q] = 0.0;
+        m[q] = p->center[c];
+        ms[q] = p->relu ? p->mask_scale[c] : 0.0f;
+        mh[q] = p->relu ? p->mask_shift[c] : 0.0f;
+    }
+    const int relu = p->relu;
+    const __m128 smallest = _mm_set1_ps(FLT_MIN);
+    fb_index r = r0;
+    for (; r < r1; r += 2) {
+        const int rows = r + 1 < r1 ? 2 : 1;
+        const uint16_t *x = p->x + r * C, *dy = p->dy + r * C;
+        for (fb_index c = 0; c < C; c += 8) {
+            for (int e = 0; e < 2; ++e) { /* even, odd channels of c .. c + 7 */
+                const fb_index q = c + 4 * e;
+                const __m128 mq = _mm_loadu_ps(m + q);
+                __m256d u1 = _mm256_loadu_pd(t1 + q), u2 = _mm256_loadu_pd(t2 + q);
+                for (int k = 0; k < rows; ++k) {
+                    const __m128i xw = _mm_loadu_si128((const __m128i *)(x + k * C + c));
+                    const __m128i gw = _mm_loadu_si128((const __m128i *)(dy + k * C + c));
+                    const __m128 xc = _mm_sub_ps(e ? bn_bf16_avx2_odd4(xw) : bn_bf16_avx2_even4(xw), mq);
+                    __m128 g = e ? bn_bf16_avx2_odd4(gw) : bn_bf16_avx2_even4(gw);
+                    if (relu)
+                        g = _mm_and_ps(_mm_cmp_ps(_mm_fmadd_ps(xc, _mm_loadu_ps(ms + q), _mm_loadu_ps(mh + q)),
+                                                  smallest, _CMP_GE_OQ), g);
+                    const __m256d gd = _mm256_cvtps_pd(g);
+                    u1 = _mm256_add_pd(u1, gd);
+                    u2 = _mm256_fmadd_pd(gd, _mm256_cvtps_pd(xc), u2);
+                }
+                _mm256_storeu_pd(t1 + q, u1);
+                _mm256_storeu_pd(t2 + q, u2);
+            }
+        }
+    }
+    for (fb_index c = 0; c < C; ++c) {
+        const fb_index q = (c & ~(fb_index)7) + ((c & 1) ? 4 : 0) + ((c & 7) >> 1);
+        s1[c] = t1[q];
+        s2[c] = t2[q];
+    }
+}
+#define FB_BN_BF16_ROWS_GRAD_AVX2 1
 #else
 #define FB_BN_BF16_VECTOR_REDUCE 0
+#endif
+#ifndef FB_BN_BF16_ROWS_GRAD_AVX2
+#define FB_BN_BF16_ROWS_GRAD_AVX2 0
 #endif
 
 /* s1 += sum(d), s2 += sum(d^2) over a run, d = x - center (float32). */
@@ -512,6 +579,12 @@ static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
      * visit. */
     const int relu = p->relu;
     fb_index r = r0;
+#if FB_BN_BF16_ROWS_GRAD_AVX2
+    if (!forward && C % 8 == 0 && C <= FB_BN_BF16_ROWS_AVX2_MAX) {
+        bn_bf16_rows_grad_avx2(p, r0, r1, s1, s2);
+        return;
+    }
+#endif
     for (; forward && r + FB_BN_BF16_ROW_GROUP <= r1; r += FB_BN_BF16_ROW_GROUP) {
         const uint16_t *restrict x = p->x + r * C;
 #pragma omp simd
