@@ -115,7 +115,7 @@ def threads():
 # (shape, channels_last); every count per channel a power of two (exact means)
 DYADIC_CASES = [((2, 3, 4, 4), False), ((4, 1, 8), False), ((2, 17, 2, 4), False),
                 ((1, 5, 2), False), ((2, 4, 4, 3), True), ((16, 33), True), ((2, 65), True),
-                ((8, 2, 2, 17), True), ((64, 3, 16, 16), False), ((4, 16, 16, 19), True),
+                ((8, 2, 2, 17), True), ((64, 3, 16, 16), False), ((4, 16, 16, 19), True), ((4, 16, 16, 8), True),
                 # channels walked in blocks, row by row (bn_bf16_owned_block): rows of 8192
                 # values cut by 4096-value chunks; rows of 2048, two per chunk
                 ((4, 10, 8192), False), ((16, 10, 32, 64), False)]
@@ -271,6 +271,7 @@ def test_bf16_statistics_match_float64_statistics_of_the_same_values(
 # above the serial threshold, so 2 and 3 threads really split the work
 THREADED_CASES = [((4, 3, 64, 65), False), ((2, 40, 31, 33), False), ((3, 1, 130, 129), False),
                   ((2, 60, 61, 21), True), ((6, 47, 41, 200), True), ((5000, 7), True),
+                  ((3, 41, 61, 24), True),  # pair-order channels-last sums
                   # channel blocks walked row by row: 19 channels split 8+8+3 (1 thread),
                   # 8+2 / 8+1 (2), 7 / 6 / 6 (3); rows of 3080 values cut by 4096-value
                   # chunks; 10 channels: owned on 1 and 2 threads, shared blocks on 3
@@ -343,7 +344,9 @@ def test_an_output_at_an_odd_address_is_refused_and_left_unwritten(shape, channe
 # 32-byte boundary, channel counts not a multiple of 16 (channels-last rows)
 TAIL_CASES = [((3, 5, 7, 9), False), ((2, 3, 1, 33), False), ((5, 2, 3, 11), False),
               ((7, 3, 5, 37), True), ((9, 17), True), ((4, 3, 3, 129), True),
-              ((6, 19, 40, 77), False)]  # channel blocks walked row by row
+              ((6, 19, 40, 77), False),  # channel blocks walked row by row
+              # channels-last backward sums in pair order (a multiple of 8 channels)
+              ((5, 3, 3, 24), True), ((9, 8), True)]
 
 
 def with_special_values(x, dy):

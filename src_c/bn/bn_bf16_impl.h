@@ -282,13 +282,22 @@ static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
 /* Explicit AVX2 forms of the two run reductions: lane l of the 16 float64
  * accumulators still takes elements i + l, in order, so the partial sums are
  * the portable loops' bits; the lanes are only held in another arrangement.
- * 16 loaded bfloat16 form 8 32-bit words, word j holding elements 2j (low
- * half) and 2j + 1 (high half): the even elements widen with one shift, the
- * odd ones with one mask ("pair order", no lane shuffle), and the four
- * float64 vectors of a sum hold lanes {0,2,4,6}, {8,10,12,14}, {1,3,5,7},
+ * 8 loaded bfloat16 (16 bytes) form 4 32-bit words, word j holding elements
+ * 2j (low half) and 2j + 1 (high half): the even elements widen with one
+ * shift, the odd ones with one mask ("pair order", no lane shuffle), and
+ * each 4 float32 become 4 float64 with one conversion; the four float64
+ * vectors of a sum hold lanes {0,2,4,6}, {8,10,12,14}, {1,3,5,7},
  * {9,11,13,15}; bn_bf16_avx2_lanes puts them back in lane order once per
  * run.  What GCC made of the portable loops (vpmovzxwd widening, the lane
- * arrays zeroed with rep stos per run) took ~1 cycle per value in L1. */
+ * arrays zeroed with rep stos per run) took ~1 cycle per value in L1.
+ * Loaded as 16-byte halves, not as one 32-byte vector: the 256-bit
+ * float32 -> float64 conversion (vcvtps2pd ymm, xmm) and the vextractf128
+ * that fed it the upper 128 bits share one lane-crossing unit on Zen 3, and
+ * the four extracts per 16 values were a third of the loop's shuffles.
+ * Measured on the (16 KiB, L1-resident) loop alone, 3.2 GHz Zen 3: 13.5
+ * cycles per 16 values with 32-byte loads, 11.1 with 16-byte halves (all
+ * 128-bit arithmetic, vcvtps2pd xmm: 18.2; the sum of g as a fused
+ * multiply-add g * 1 + s to move it off the add pipes: slower). */
 static inline void bn_bf16_avx2_lanes(const __m256d *v, double *a)
 {
     double t[16];
@@ -302,28 +311,36 @@ static inline void bn_bf16_avx2_lanes(const __m256d *v, double *a)
     }
 }
 
-/* 8 float32 as float64: lanes 0-3 (q 0) or 4-7 (q 1) */
-#define FB_BN_BF16_WIDEN_PD(v, q) \
-    ((q) ? _mm256_cvtps_pd(_mm256_extractf128_ps((v), 1)) : _mm256_cvtps_pd(_mm256_castps256_ps128(v)))
+/* the even (pair-order shift) and odd (mask) float32 of 8 bfloat16 */
+static inline __m128 bn_bf16_avx2_even4(__m128i w)
+{
+    return _mm_castsi128_ps(_mm_slli_epi32(w, 16));
+}
+
+static inline __m128 bn_bf16_avx2_odd4(__m128i w)
+{
+    return _mm_castsi128_ps(_mm_and_si128(w, _mm_set1_epi32((int)0xFFFF0000u)));
+}
 
 static inline fb_index bn_bf16_reduce_x_vector(const uint16_t *restrict x, fb_index len,
                                                float center, fb_index ahead, double *a1,
                                                double *a2)
 {
     (void)ahead;
-    const __m256 m = _mm256_set1_ps(center);
+    const __m128 m = _mm_set1_ps(center);
     __m256d s1[4], s2[4];
     for (int q = 0; q < 4; ++q)
         s1[q] = s2[q] = _mm256_setzero_pd();
     fb_index i = 0;
     for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
-        const __m256i w = _mm256_loadu_si256((const __m256i *)(x + i));
-        const __m256 even = _mm256_sub_ps(fb_bf16_pair_even(w), m);
-        const __m256 odd = _mm256_sub_ps(fb_bf16_pair_odd(w), m);
-        for (int q = 0; q < 4; ++q) {
-            const __m256d d = FB_BN_BF16_WIDEN_PD(q < 2 ? even : odd, q & 1);
-            s1[q] = _mm256_add_pd(s1[q], d);
-            s2[q] = _mm256_fmadd_pd(d, d, s2[q]); /* d * d is exact: one rounding either way */
+        for (int h = 0; h < 2; ++h) { /* elements i + 8h .. i + 8h + 7 */
+            const __m128i w = _mm_loadu_si128((const __m128i *)(x + i + 8 * h));
+            const __m256d even = _mm256_cvtps_pd(_mm_sub_ps(bn_bf16_avx2_even4(w), m));
+            const __m256d odd = _mm256_cvtps_pd(_mm_sub_ps(bn_bf16_avx2_odd4(w), m));
+            s1[h] = _mm256_add_pd(s1[h], even);
+            s2[h] = _mm256_fmadd_pd(even, even, s2[h]); /* d * d is exact: one rounding either way */
+            s1[2 + h] = _mm256_add_pd(s1[2 + h], odd);
+            s2[2 + h] = _mm256_fmadd_pd(odd, odd, s2[2 + h]);
         }
     }
     bn_bf16_avx2_lanes(s1, a1);
@@ -338,36 +355,126 @@ static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
                                                   double *a1, double *a2)
 {
     (void)ahead;
-    const __m256 m = _mm256_set1_ps(center), ms = _mm256_set1_ps(mask_scale);
-    const __m256 mh = _mm256_set1_ps(mask_shift), smallest = _mm256_set1_ps(FLT_MIN);
+    const __m128 m = _mm_set1_ps(center);
     __m256d s1[4], s2[4];
     for (int q = 0; q < 4; ++q)
         s1[q] = s2[q] = _mm256_setzero_pd();
     fb_index i = 0;
-    for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
+    /* with ReLU, the mask (a fused multiply-add, a compare and an and per
+     * vector) costs twice as many operations at 128 bits as the extracts it
+     * saves: 32-byte vectors ((64,128,56,56) backward with ReLU, 1 thread CPU
+     * time: 15.34 ms with them, 15.72 with 16-byte halves, load 3) */
+    for (; relu && i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
         const __m256i xw = _mm256_loadu_si256((const __m256i *)(x + i));
         const __m256i gw = _mm256_loadu_si256((const __m256i *)(dy + i));
-        __m256 xc[2], g[2];
-        xc[0] = _mm256_sub_ps(fb_bf16_pair_even(xw), m);
-        xc[1] = _mm256_sub_ps(fb_bf16_pair_odd(xw), m);
+        const __m256 m8 = _mm256_set1_ps(center), ms8 = _mm256_set1_ps(mask_scale);
+        const __m256 mh8 = _mm256_set1_ps(mask_shift), smallest8 = _mm256_set1_ps(FLT_MIN);
+        __m256 xc[2], g[2]; /* even, odd */
+        xc[0] = _mm256_sub_ps(fb_bf16_pair_even(xw), m8);
+        xc[1] = _mm256_sub_ps(fb_bf16_pair_odd(xw), m8);
         g[0] = fb_bf16_pair_even(gw);
         g[1] = fb_bf16_pair_odd(gw);
-        if (relu)
-            for (int h = 0; h < 2; ++h)
-                g[h] = _mm256_and_ps(_mm256_cmp_ps(_mm256_fmadd_ps(xc[h], ms, mh), smallest, _CMP_GE_OQ), g[h]);
-        for (int q = 0; q < 4; ++q) {
-            const __m256d gd = FB_BN_BF16_WIDEN_PD(g[q >> 1], q & 1);
+        for (int e = 0; e < 2; ++e)
+            g[e] = _mm256_and_ps(_mm256_cmp_ps(_mm256_fmadd_ps(xc[e], ms8, mh8), smallest8, _CMP_GE_OQ), g[e]);
+        for (int q = 0; q < 4; ++q) { /* q: lanes {0,2,4,6}, {8,...}, {1,3,5,7}, {9,...} */
+            const int e = q >> 1, upper = q & 1;
+            const __m128 gq = upper ? _mm256_extractf128_ps(g[e], 1) : _mm256_castps256_ps128(g[e]);
+            const __m128 xq = upper ? _mm256_extractf128_ps(xc[e], 1) : _mm256_castps256_ps128(xc[e]);
+            const __m256d gd = _mm256_cvtps_pd(gq);
             s1[q] = _mm256_add_pd(s1[q], gd);
-            s2[q] = _mm256_fmadd_pd(gd, FB_BN_BF16_WIDEN_PD(xc[q >> 1], q & 1), s2[q]);
+            s2[q] = _mm256_fmadd_pd(gd, _mm256_cvtps_pd(xq), s2[q]);
+        }
+    }
+    for (; !relu && i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
+        for (int h = 0; h < 2; ++h) { /* elements i + 8h .. i + 8h + 7 */
+            const __m128i xw = _mm_loadu_si128((const __m128i *)(x + i + 8 * h));
+            const __m128i gw = _mm_loadu_si128((const __m128i *)(dy + i + 8 * h));
+            __m128 xc[2], g[2]; /* even, odd */
+            xc[0] = _mm_sub_ps(bn_bf16_avx2_even4(xw), m);
+            xc[1] = _mm_sub_ps(bn_bf16_avx2_odd4(xw), m);
+            g[0] = bn_bf16_avx2_even4(gw);
+            g[1] = bn_bf16_avx2_odd4(gw);
+            for (int e = 0; e < 2; ++e) {
+                const int q = 2 * e + h;
+                const __m256d gd = _mm256_cvtps_pd(g[e]);
+                s1[q] = _mm256_add_pd(s1[q], gd);
+                s2[q] = _mm256_fmadd_pd(gd, _mm256_cvtps_pd(xc[e]), s2[q]);
+            }
         }
     }
     bn_bf16_avx2_lanes(s1, a1);
     bn_bf16_avx2_lanes(s2, a2);
     return i;
 }
-#undef FB_BN_BF16_WIDEN_PD
+
+/* Channels-last backward sums of rows [r0, r1) when C <= this (and C a
+ * multiple of 8): per channel s1[c] += g, s2[c] += g (x - m), row after row
+ * -- the portable loop of bn_bf16_reduce_item, the same adds in the same
+ * order (the float64 product of two float32 is exact: the fused
+ * multiply-add is the product-then-add).  8 channels per 16-byte load in
+ * pair order (even channels by a shift, odd ones by a mask), each 4 float32
+ * converted with one vcvtps2pd, the sums kept in pair order on the stack
+ * and put back in channel order at the end; two rows per load and store of
+ * the sums.  What GCC made of the portable loop widened across 128-bit
+ * lanes (vpmovzxwd ymm, vextracti128, vextractf128 beside every two
+ * conversions, all on Zen 3's one lane-crossing unit) and loaded and stored
+ * the sums once per row (perf, (64,56,56,128) backward, 1 thread: the
+ * reduction 37 % of the samples, hottest on the sums' loads and stores and
+ * the extracts). */
+#define FB_BN_BF16_ROWS_AVX2_MAX ((fb_index)512)
+static void bn_bf16_rows_grad_avx2(const bn_bf16_pass *p, fb_index r0, fb_index r1,
+                                   double *restrict s1, double *restrict s2)
+{
+    const fb_index C = p->channels;
+    double t1[FB_BN_BF16_ROWS_AVX2_MAX], t2[FB_BN_BF16_ROWS_AVX2_MAX];
+    float m[FB_BN_BF16_ROWS_AVX2_MAX], ms[FB_BN_BF16_ROWS_AVX2_MAX], mh[FB_BN_BF16_ROWS_AVX2_MAX];
+    for (fb_index c = 0; c < C; ++c) { /* position of channel c in pair order */
+        const fb_index q = (c & ~(fb_index)7) + ((c & 1) ? 4 : 0) + ((c & 7) >> 1);
+        t1[q] = t2[q] = 0.0;
+        m[q] = p->center[c];
+        ms[q] = p->relu ? p->mask_scale[c] : 0.0f;
+        mh[q] = p->relu ? p->mask_shift[c] : 0.0f;
+    }
+    const int relu = p->relu;
+    const __m128 smallest = _mm_set1_ps(FLT_MIN);
+    fb_index r = r0;
+    for (; r < r1; r += 2) {
+        const int rows = r + 1 < r1 ? 2 : 1;
+        const uint16_t *x = p->x + r * C, *dy = p->dy + r * C;
+        for (fb_index c = 0; c < C; c += 8) {
+            for (int e = 0; e < 2; ++e) { /* even, odd channels of c .. c + 7 */
+                const fb_index q = c + 4 * e;
+                const __m128 mq = _mm_loadu_ps(m + q);
+                __m256d u1 = _mm256_loadu_pd(t1 + q), u2 = _mm256_loadu_pd(t2 + q);
+                for (int k = 0; k < rows; ++k) {
+                    const __m128i xw = _mm_loadu_si128((const __m128i *)(x + k * C + c));
+                    const __m128i gw = _mm_loadu_si128((const __m128i *)(dy + k * C + c));
+                    const __m128 xc = _mm_sub_ps(e ? bn_bf16_avx2_odd4(xw) : bn_bf16_avx2_even4(xw), mq);
+                    __m128 g = e ? bn_bf16_avx2_odd4(gw) : bn_bf16_avx2_even4(gw);
+                    if (relu)
+                        g = _mm_and_ps(_mm_cmp_ps(_mm_fmadd_ps(xc, _mm_loadu_ps(ms + q), _mm_loadu_ps(mh + q)),
+                                                  smallest, _CMP_GE_OQ), g);
+                    const __m256d gd = _mm256_cvtps_pd(g);
+                    u1 = _mm256_add_pd(u1, gd);
+                    u2 = _mm256_fmadd_pd(gd, _mm256_cvtps_pd(xc), u2);
+                }
+                _mm256_storeu_pd(t1 + q, u1);
+                _mm256_storeu_pd(t2 + q, u2);
+            }
+        }
+    }
+    for (fb_index c = 0; c < C; ++c) {
+        const fb_index q = (c & ~(fb_index)7) + ((c & 1) ? 4 : 0) + ((c & 7) >> 1);
+        s1[c] = t1[q];
+        s2[c] = t2[q];
+    }
+}
+#define FB_BN_BF16_ROWS_GRAD_AVX2 1
 #else
 #define FB_BN_BF16_VECTOR_REDUCE 0
+#endif
+#ifndef FB_BN_BF16_ROWS_GRAD_AVX2
+#define FB_BN_BF16_ROWS_GRAD_AVX2 0
 #endif
 
 /* s1 += sum(d), s2 += sum(d^2) over a run, d = x - center (float32). */
@@ -493,6 +600,12 @@ static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
      * visit. */
     const int relu = p->relu;
     fb_index r = r0;
+#if FB_BN_BF16_ROWS_GRAD_AVX2
+    if (!forward && C % 8 == 0 && C <= FB_BN_BF16_ROWS_AVX2_MAX) {
+        bn_bf16_rows_grad_avx2(p, r0, r1, s1, s2);
+        return;
+    }
+#endif
     for (; forward && r + FB_BN_BF16_ROW_GROUP <= r1; r += FB_BN_BF16_ROW_GROUP) {
         const uint16_t *restrict x = p->x + r * C;
 #pragma omp simd
