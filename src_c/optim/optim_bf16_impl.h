@@ -142,13 +142,26 @@ FB_ALWAYS_INLINE void fb_pair_round_store(uint16_t *array, int32_t j, float x0, 
  * for v, and AdamW's p * decay - q to one fmsub), so the update is
  * bit-identical to it (tests/test_optim_bf16_params.py checks).
  * The NaN select of the rounding (compare, or, blend per vector) cost about
- * 0.2 ns of 0.9 per element in L2; here one unordered compare covers an m
- * and a v vector and only a 16-element block holding a NaN pays for the
- * select.  Measured on Zen 3 (32768 elements in L2, one thread, min of 100
+ * 0.2 ns of 0.9 per element in L2; only a 32-element block whose gradient
+ * holds a NaN pays for it (see fb_adam_bs_avx2_loop for why the gradient
+ * decides).  Measured on Zen 3 (32768 elements in L2, one thread, min of 100
  * rounds, load average 7-9): bfloat16 state 0.88 -> 0.81 ns per element with
  * stochastic rounding, 0.76 -> 0.68 nearest-even; pure bfloat16 (the pair
- * loop below) 0.95 -> 0.89 and 0.86 -> 0.73; float32 state 0.43.  The
- * AVX-512 target keeps the compiler's loops. */
+ * loop below) 0.95 -> 0.89 and 0.86 -> 0.73; float32 state 0.43.
+ * The loops are bound by the vector pipes, not by memory or the divider
+ * (perf annotate: the samples pile up behind vsqrtps/vdivps, whose pipe the
+ * multiplies share; llvm-mca -mcpu=znver3 puts pipes 0-2 at 34-42 of the 44
+ * cycles per 32 elements), so what follows takes vector operations out of
+ * them with the same bits: no multiply by a +1 gradient sign, the NaN test
+ * on the gradient once per 32 elements, and (bfloat16 state) the counters'
+ * high halves broadcast instead of shifted.  Same harness, min of 60
+ * interleaved rounds, load 5-6: bfloat16 state 0.715 -> 0.637 ns per
+ * element, pure bfloat16 0.669 -> 0.589 (stochastic).  Tried and dropped:
+ * the high-half broadcast in the pure bfloat16 loop (0.61 -> 0.70 ns, with
+ * 16 or 32 elements per iteration); element order in the bfloat16-state
+ * loop (plain float32 loads and stores, a vpermq per state vector in and
+ * out: 0.648 -> 0.708); 32 elements per iteration in the pure bfloat16 loop
+ * (no change).  The AVX-512 target keeps the compiler's loops. */
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 #include <immintrin.h>
 #define FB_ADAM_BS_AVX2 1
@@ -282,6 +295,18 @@ FB_ALWAYS_INLINE void fb_avx2_split_open(__m256i open, __m256i *low, __m256i *hi
     *low = _mm256_and_si256(_mm256_xor_si256(open, *high), _mm256_set1_epi32(0xFFFF));
 }
 
+/* 16 bfloat16 in memory order from two rounded vectors in unpack order
+ * ({0-3, 8-11} and {4-7, 12-15}): the plain add of the increments when no
+ * lane needs the NaN select (`plain`), fb_avx2_round16 otherwise.  The
+ * pair-order twin is fb_avx2_pair_round below. */
+FB_ALWAYS_INLINE __m256i fb_avx2_unpack_round(__m256 first, __m256 second, __m256i first_increment,
+                                              __m256i second_increment, const int plain)
+{
+    if (plain)
+        return _mm256_packus_epi32(fb_avx2_add16(first, first_increment), fb_avx2_add16(second, second_increment));
+    return _mm256_packus_epi32(fb_avx2_round16(first, first_increment), fb_avx2_round16(second, second_increment));
+}
+
 /* NaN lanes of m and v: m and v are float32 results of widened bfloat16
  * state (low 16 bits zero), the gradient and the chunk's scalars; a NaN
  * result is quiet (x86 arithmetic never returns a signaling NaN) and its
@@ -356,21 +381,10 @@ FB_ALWAYS_INLINE int32_t fb_adam_bs_avx2_loop(float *restrict param, const float
         for (int b = 0; b < 2; ++b) {
             const int32_t at = i + 16 * b;
             const int h = 2 * b;
-            if (plain) {
-                _mm256_storeu_si256((__m256i *)(exp_avg + at),
-                                    _mm256_packus_epi32(fb_avx2_add16(m_half[h], m_inc[h]),
-                                                        fb_avx2_add16(m_half[h + 1], m_inc[h + 1])));
-                _mm256_storeu_si256((__m256i *)(exp_avg_sq + at),
-                                    _mm256_packus_epi32(fb_avx2_add16(v_half[h], v_inc[h]),
-                                                        fb_avx2_add16(v_half[h + 1], v_inc[h + 1])));
-            } else {
-                _mm256_storeu_si256((__m256i *)(exp_avg + at),
-                                    _mm256_packus_epi32(fb_avx2_round16(m_half[h], m_inc[h]),
-                                                        fb_avx2_round16(m_half[h + 1], m_inc[h + 1])));
-                _mm256_storeu_si256((__m256i *)(exp_avg_sq + at),
-                                    _mm256_packus_epi32(fb_avx2_round16(v_half[h], v_inc[h]),
-                                                        fb_avx2_round16(v_half[h + 1], v_inc[h + 1])));
-            }
+            _mm256_storeu_si256((__m256i *)(exp_avg + at),
+                                fb_avx2_unpack_round(m_half[h], m_half[h + 1], m_inc[h], m_inc[h + 1], plain));
+            _mm256_storeu_si256((__m256i *)(exp_avg_sq + at),
+                                fb_avx2_unpack_round(v_half[h], v_half[h + 1], v_inc[h], v_inc[h + 1], plain));
             fb_avx2_store_split(param + at, p_half[h]);
             fb_avx2_store_split(param + at + 4, p_half[h + 1]);
         }
