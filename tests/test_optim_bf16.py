@@ -114,6 +114,32 @@ def test_nan_gradient_gives_nan_state_and_inf_state_stays_inf():
     assert np.isfinite(buffer[[1, 4, 5]]).all()
 
 
+@pytest.mark.parametrize("target", fastbn.available_simd_targets())
+@pytest.mark.parametrize("stochastic", [True, False])
+@pytest.mark.parametrize("cls, kwargs", [(optim.Adam, {}), (optim.AdamW, dict(maximize=True))])
+def test_nan_gradient_payload_in_the_low_half_keeps_its_kept_half_in_the_adam_state(target, stochastic, cls,
+                                                                                  kwargs, restore_config):
+    # The first step from zero state gives m and v the gradient's NaN,
+    # quieted, payload and all; rounding must keep its top half with the
+    # quiet bit.  An increment added to a payload whose low half is nearly
+    # full would carry into the kept half (the AVX2 loop takes the plain
+    # add unless the gradient holds a NaN).  64 elements reach the
+    # vectorized loop; the NaNs sit in both of its 16-element blocks.
+    fastbn.set_simd_target(target)
+    patterns = np.array([0x7FC0FFFF, 0xFFC0FFFF, 0x7F80FFFF, 0x7FFFFFFF, 0x7FC08000, 0xFFBFFFFF],
+                        np.uint32)
+    where = np.array([0, 5, 17, 30, 33, 62])
+    grad_bits = np.full(64, np.float32(0.25)).view(np.uint32)
+    grad_bits[where] = patterns
+    param = fastbn.Parameter(np.zeros(64, np.float32))
+    opt = cls([param], lr=0.01, state_dtype="bfloat16", stochastic_rounding=stochastic, **kwargs)
+    param.grad = grad_bits.view(np.float32).copy()
+    opt.step()
+    expected = ((patterns | 0x00400000) >> 16).astype(np.int64)
+    for key in ("exp_avg", "exp_avg_sq"):
+        np.testing.assert_array_equal(bits(opt.state[param][key])[where], expected, err_msg=key)
+
+
 @pytest.mark.parametrize("value", [1.0 + 1.0 / 3.0 * 2.0 ** -7, 0.1234567, -3.3e-5, 7.77e20])
 def test_stochastic_rounding_is_unbiased_over_1e5_roundings(value):
     n = 100_000

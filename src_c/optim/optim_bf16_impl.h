@@ -142,13 +142,26 @@ FB_ALWAYS_INLINE void fb_pair_round_store(uint16_t *array, int32_t j, float x0, 
  * for v, and AdamW's p * decay - q to one fmsub), so the update is
  * bit-identical to it (tests/test_optim_bf16_params.py checks).
  * The NaN select of the rounding (compare, or, blend per vector) cost about
- * 0.2 ns of 0.9 per element in L2; here one unordered compare covers an m
- * and a v vector and only a 16-element block holding a NaN pays for the
- * select.  Measured on Zen 3 (32768 elements in L2, one thread, min of 100
+ * 0.2 ns of 0.9 per element in L2; only a 32-element block whose gradient
+ * holds a NaN pays for it (see fb_adam_bs_avx2_loop for why the gradient
+ * decides).  Measured on Zen 3 (32768 elements in L2, one thread, min of 100
  * rounds, load average 7-9): bfloat16 state 0.88 -> 0.81 ns per element with
  * stochastic rounding, 0.76 -> 0.68 nearest-even; pure bfloat16 (the pair
- * loop below) 0.95 -> 0.89 and 0.86 -> 0.73; float32 state 0.43.  The
- * AVX-512 target keeps the compiler's loops. */
+ * loop below) 0.95 -> 0.89 and 0.86 -> 0.73; float32 state 0.43.
+ * The loops are bound by the vector pipes, not by memory or the divider
+ * (perf annotate: the samples pile up behind vsqrtps/vdivps, whose pipe the
+ * multiplies share; llvm-mca -mcpu=znver3 puts pipes 0-2 at 34-42 of the 44
+ * cycles per 32 elements), so what follows takes vector operations out of
+ * them with the same bits: no multiply by a +1 gradient sign, the NaN test
+ * on the gradient once per 32 elements, and (bfloat16 state) the counters'
+ * high halves broadcast instead of shifted.  Same harness, min of 60
+ * interleaved rounds, load 5-6: bfloat16 state 0.715 -> 0.637 ns per
+ * element, pure bfloat16 0.669 -> 0.589 (stochastic).  Tried and dropped:
+ * the high-half broadcast in the pure bfloat16 loop (0.61 -> 0.70 ns, with
+ * 16 or 32 elements per iteration); element order in the bfloat16-state
+ * loop (plain float32 loads and stores, a vpermq per state vector in and
+ * out: 0.648 -> 0.708); 32 elements per iteration in the pure bfloat16 loop
+ * (no change).  The AVX-512 target keeps the compiler's loops. */
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 #include <immintrin.h>
 #define FB_ADAM_BS_AVX2 1
@@ -188,13 +201,43 @@ FB_ALWAYS_INLINE __m256i fb_avx2_nearest_increment(__m256 x)
     return _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
 }
 
-/* fb_bf16_hash32_open of 8 counters. */
-FB_ALWAYS_INLINE __m256i fb_avx2_hash_open(__m256i x)
+/* fb_bf16_hash32_open of 8 counters x, given x >> 16 (`x_high`): within a
+ * chunk the high halves of the counters change at most once (a chunk is 4096
+ * elements, the low halves count up from any start), so the loops below pass
+ * one broadcast of them and shift per lane only in the iteration where the
+ * counters cross a multiple of 2**16 (fb_avx2_counter_high). */
+FB_ALWAYS_INLINE __m256i fb_avx2_hash_open_high(__m256i x, __m256i x_high)
 {
-    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    x = _mm256_xor_si256(x, x_high);
     x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0x7FEB352D));
     x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
     return _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0x846CA68B));
+}
+
+FB_ALWAYS_INLINE __m256i fb_avx2_hash_open(__m256i x)
+{
+    return fb_avx2_hash_open_high(x, _mm256_srli_epi32(x, 16));
+}
+
+/* Whether the counters first .. first + span - 1 (mod 2**32) share their
+ * high 16 bits; if so, *cached_high / *high_vector hold them (broadcast),
+ * refreshed when they changed.  A scalar test and a predictable branch per
+ * iteration, instead of one vector shift per counter vector: worth 1-2% of
+ * the bfloat16-state loop in L2 (0.66 -> 0.65 ns per element, three runs of
+ * 50 interleaved rounds, load 3; 5% at load 6), and a loss in the pure
+ * bfloat16 loop (see above), which keeps the shifts.  The tests' 70001- and
+ * 90300-element tensors cross a multiple of 2**16 at every step. */
+FB_ALWAYS_INLINE int fb_avx2_counter_high(uint32_t first, uint32_t span, uint32_t *cached_high,
+                                          __m256i *high_vector)
+{
+    const uint32_t high = first >> 16;
+    if (high != (uint32_t)(first + (span - 1)) >> 16)
+        return 0;
+    if (high != *cached_high) {
+        *cached_high = high;
+        *high_vector = _mm256_set1_epi32((int)high);
+    }
+    return 1;
 }
 
 /* The loop constants of one chunk, broadcast. */
@@ -218,19 +261,139 @@ FB_ALWAYS_INLINE fb_avx2_adam_constants fb_avx2_adam_constants_of(float sign, fl
     return k;
 }
 
+/* Whether any of the chunk's scalars is NaN (see fb_adam_bpbs_avx2). */
+FB_ALWAYS_INLINE int fb_adam_scalar_nan(float sign, float beta1, float one_minus_beta1, float beta2,
+                                        float one_minus_beta2, float param_decay, float step_size, float eps_hat)
+{
+    const float scalars[] = {sign, beta1, one_minus_beta1, beta2, one_minus_beta2, param_decay, step_size, eps_hat};
+    int scalar_nan = 0;
+    for (int s = 0; s < (int)(sizeof scalars / sizeof scalars[0]); ++s)
+        scalar_nan |= scalars[s] != scalars[s];
+    return scalar_nan;
+}
+
 /* One Adam (or AdamW, `decoupled`) step of 8 lanes, the operations of the
  * float32 kernel on this target (see above): the new parameter; the new
- * moments in *m_out and *v_out.  `grad` before the sign. */
+ * moments in *m_out and *v_out.  `grad` before the sign; `negate` 0 when the
+ * sign is +1, whose product g * 1 is g bit for bit (a NaN comes out quiet
+ * with its payload either way: the next product quiets it alike), so that
+ * multiply is left out. */
 FB_ALWAYS_INLINE __m256 fb_avx2_adam8(const fb_avx2_adam_constants *k, __m256 grad, __m256 p, __m256 m_old,
-                                      __m256 v_old, const int decoupled, __m256 *m_out, __m256 *v_out)
+                                      __m256 v_old, const int decoupled, const int negate, __m256 *m_out,
+                                      __m256 *v_out)
 {
-    const __m256 g = _mm256_mul_ps(grad, k->sign);
+    const __m256 g = negate ? _mm256_mul_ps(grad, k->sign) : grad;
     const __m256 m = _mm256_fmadd_ps(m_old, k->beta1, _mm256_mul_ps(g, k->one_minus_beta1));
     const __m256 v = _mm256_fmadd_ps(v_old, k->beta2, _mm256_mul_ps(_mm256_mul_ps(g, g), k->one_minus_beta2));
     const __m256 q = _mm256_div_ps(_mm256_mul_ps(m, k->step_size), _mm256_add_ps(_mm256_sqrt_ps(v), k->eps_hat));
     *m_out = m;
     *v_out = v;
     return decoupled ? _mm256_fmsub_ps(p, k->param_decay, q) : _mm256_sub_ps(p, q);
+}
+
+/* The 16-bit increments of 8 elements' m (low half) and v (high half) from
+ * their open word (fb_bf16_low / fb_bf16_high). */
+FB_ALWAYS_INLINE void fb_avx2_split_open(__m256i open, __m256i *low, __m256i *high)
+{
+    *high = _mm256_srli_epi32(open, 16);
+    *low = _mm256_and_si256(_mm256_xor_si256(open, *high), _mm256_set1_epi32(0xFFFF));
+}
+
+/* 16 bfloat16 in memory order from two rounded vectors in unpack order
+ * ({0-3, 8-11} and {4-7, 12-15}): the plain add of the increments when no
+ * lane needs the NaN select (`plain`), fb_avx2_round16 otherwise.  The
+ * pair-order twin is fb_avx2_pair_round below. */
+FB_ALWAYS_INLINE __m256i fb_avx2_unpack_round(__m256 first, __m256 second, __m256i first_increment,
+                                              __m256i second_increment, const int plain)
+{
+    if (plain)
+        return _mm256_packus_epi32(fb_avx2_add16(first, first_increment), fb_avx2_add16(second, second_increment));
+    return _mm256_packus_epi32(fb_avx2_round16(first, first_increment), fb_avx2_round16(second, second_increment));
+}
+
+/* NaN lanes of m and v: m and v are float32 results of widened bfloat16
+ * state (low 16 bits zero), the gradient and the chunk's scalars; a NaN
+ * result is quiet (x86 arithmetic never returns a signaling NaN) and its
+ * payload is an operand's or the default NaN's.  So unless a scalar or the
+ * gradient lane is NaN (a float32 gradient may carry payload bits in its low
+ * half), a NaN m or v has zero low 16 bits and the plain add of the
+ * increment (< 2**16) gives fb_bf16_rounded_bits's quiet-NaN select bit for
+ * bit: one unordered compare per two gradient vectors decides for 32
+ * elements whether the select is needed (it was one compare per m and v
+ * vector before, after the update). */
+FB_ALWAYS_INLINE int32_t fb_adam_bs_avx2_loop(float *restrict param, const float *restrict grad,
+                                              uint16_t *restrict exp_avg, uint16_t *restrict exp_avg_sq,
+                                              int32_t n, const fb_avx2_adam_constants k, const int decoupled,
+                                              const fb_rounding rounding, const int stochastic, const int negate,
+                                              const int scalar_nan)
+{
+    const __m256i zero = _mm256_setzero_si256();
+    /* the counters of elements {0-3, 8-11} and {4-7, 12-15} of the first block */
+    __m256i counter_a = _mm256_add_epi32(_mm256_set1_epi32((int)rounding.word_base[0]),
+                                         _mm256_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11));
+    __m256i counter_b = _mm256_add_epi32(counter_a, _mm256_set1_epi32(4));
+    const __m256i counter_step = _mm256_set1_epi32(16);
+    uint32_t cached_high = ~(uint32_t)0;  /* no counter's high half (those are < 2**16) */
+    __m256i high_vector = zero;
+    const int32_t end = n - n % 32;
+    for (int32_t i = 0; i < end; i += 32) {
+        /* two blocks of 16: four independent square-root / division chains
+         * in flight (with one block per iteration the loop waited on them) */
+        __m256 m_half[4], v_half[4], p_half[4], g_half[4];
+        for (int h = 0; h < 4; ++h) {
+            const int32_t at = i + 16 * (h >> 1) + 4 * (h & 1);
+            const __m256i m16 = _mm256_loadu_si256((const __m256i *)(exp_avg + i + 16 * (h >> 1)));
+            const __m256i v16 = _mm256_loadu_si256((const __m256i *)(exp_avg_sq + i + 16 * (h >> 1)));
+            const __m256 m_old = _mm256_castsi256_ps((h & 1) ? _mm256_unpackhi_epi16(zero, m16)
+                                                              : _mm256_unpacklo_epi16(zero, m16));
+            const __m256 v_old = _mm256_castsi256_ps((h & 1) ? _mm256_unpackhi_epi16(zero, v16)
+                                                              : _mm256_unpacklo_epi16(zero, v16));
+            g_half[h] = fb_avx2_load_split(grad + at);
+            p_half[h] = fb_avx2_adam8(&k, g_half[h], fb_avx2_load_split(param + at), m_old, v_old, decoupled,
+                                      negate, &m_half[h], &v_half[h]);
+        }
+        __m256i m_inc[4], v_inc[4];
+        if (stochastic) {
+            __m256i open[4];
+            if (fb_avx2_counter_high(rounding.word_base[0] + (uint32_t)i, 32, &cached_high, &high_vector)) {
+                open[0] = fb_avx2_hash_open_high(counter_a, high_vector);
+                open[1] = fb_avx2_hash_open_high(counter_b, high_vector);
+                open[2] = fb_avx2_hash_open_high(_mm256_add_epi32(counter_a, counter_step), high_vector);
+                open[3] = fb_avx2_hash_open_high(_mm256_add_epi32(counter_b, counter_step), high_vector);
+            } else {
+                open[0] = fb_avx2_hash_open(counter_a);
+                open[1] = fb_avx2_hash_open(counter_b);
+                open[2] = fb_avx2_hash_open(_mm256_add_epi32(counter_a, counter_step));
+                open[3] = fb_avx2_hash_open(_mm256_add_epi32(counter_b, counter_step));
+            }
+            for (int h = 0; h < 4; ++h)
+                fb_avx2_split_open(open[h], &m_inc[h], &v_inc[h]);
+            counter_a = _mm256_add_epi32(counter_a, _mm256_set1_epi32(32));
+            counter_b = _mm256_add_epi32(counter_b, _mm256_set1_epi32(32));
+        } else {
+            for (int h = 0; h < 4; ++h) {
+                m_inc[h] = fb_avx2_nearest_increment(m_half[h]);
+                v_inc[h] = fb_avx2_nearest_increment(v_half[h]);
+            }
+        }
+        int plain = !scalar_nan;
+        if (plain) {
+            const __m256 nan = _mm256_or_ps(_mm256_cmp_ps(g_half[0], g_half[1], _CMP_UNORD_Q),
+                                            _mm256_cmp_ps(g_half[2], g_half[3], _CMP_UNORD_Q));
+            plain = _mm256_testz_ps(nan, nan);
+        }
+        for (int b = 0; b < 2; ++b) {
+            const int32_t at = i + 16 * b;
+            const int h = 2 * b;
+            _mm256_storeu_si256((__m256i *)(exp_avg + at),
+                                fb_avx2_unpack_round(m_half[h], m_half[h + 1], m_inc[h], m_inc[h + 1], plain));
+            _mm256_storeu_si256((__m256i *)(exp_avg_sq + at),
+                                fb_avx2_unpack_round(v_half[h], v_half[h + 1], v_inc[h], v_inc[h + 1], plain));
+            fb_avx2_store_split(param + at, p_half[h]);
+            fb_avx2_store_split(param + at + 4, p_half[h + 1]);
+        }
+    }
+    return end;
 }
 
 /* The first n - n % 32 elements; returns how many were done. */
@@ -243,71 +406,11 @@ FB_ALWAYS_INLINE int32_t fb_adam_bs_avx2(float *restrict param, const float *res
 {
     const fb_avx2_adam_constants k = fb_avx2_adam_constants_of(sign, beta1, one_minus_beta1, beta2, one_minus_beta2,
                                                                 param_decay, step_size, eps_hat);
-    const __m256i zero = _mm256_setzero_si256(), low16 = _mm256_set1_epi32(0xFFFF);
-    /* the counters of elements {0-3, 8-11} and {4-7, 12-15} of the first block */
-    __m256i counter_a = _mm256_add_epi32(_mm256_set1_epi32((int)rounding.word_base[0]),
-                                         _mm256_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11));
-    __m256i counter_b = _mm256_add_epi32(counter_a, _mm256_set1_epi32(4));
-    const __m256i counter_step = _mm256_set1_epi32(16);
-    const int32_t end = n - n % 32;
-    for (int32_t i = 0; i < end; i += 32) {
-        /* two blocks of 16: four independent square-root / division chains
-         * in flight (with one block per iteration the loop waited on them) */
-        __m256 m_half[4], v_half[4], p_half[4];
-        for (int h = 0; h < 4; ++h) {
-            const int32_t at = i + 16 * (h >> 1) + 4 * (h & 1);
-            const __m256i m16 = _mm256_loadu_si256((const __m256i *)(exp_avg + i + 16 * (h >> 1)));
-            const __m256i v16 = _mm256_loadu_si256((const __m256i *)(exp_avg_sq + i + 16 * (h >> 1)));
-            const __m256 m_old = _mm256_castsi256_ps((h & 1) ? _mm256_unpackhi_epi16(zero, m16)
-                                                              : _mm256_unpacklo_epi16(zero, m16));
-            const __m256 v_old = _mm256_castsi256_ps((h & 1) ? _mm256_unpackhi_epi16(zero, v16)
-                                                              : _mm256_unpacklo_epi16(zero, v16));
-            p_half[h] = fb_avx2_adam8(&k, fb_avx2_load_split(grad + at), fb_avx2_load_split(param + at), m_old,
-                                      v_old, decoupled, &m_half[h], &v_half[h]);
-        }
-        for (int b = 0; b < 2; ++b) {
-            __m256i m_inc[2], v_inc[2];
-            if (stochastic) {
-                const __m256i open_a = fb_avx2_hash_open(counter_a), open_b = fb_avx2_hash_open(counter_b);
-                const __m256i high_a = _mm256_srli_epi32(open_a, 16), high_b = _mm256_srli_epi32(open_b, 16);
-                m_inc[0] = _mm256_and_si256(_mm256_xor_si256(open_a, high_a), low16);
-                m_inc[1] = _mm256_and_si256(_mm256_xor_si256(open_b, high_b), low16);
-                v_inc[0] = high_a;
-                v_inc[1] = high_b;
-                counter_a = _mm256_add_epi32(counter_a, counter_step);
-                counter_b = _mm256_add_epi32(counter_b, counter_step);
-            } else {
-                for (int h = 0; h < 2; ++h) {
-                    m_inc[h] = fb_avx2_nearest_increment(m_half[2 * b + h]);
-                    v_inc[h] = fb_avx2_nearest_increment(v_half[2 * b + h]);
-                }
-            }
-            const int32_t at = i + 16 * b;
-            /* NaN is rare: one unordered compare covers an m and a v vector,
-             * and only a block holding a NaN pays for the per-lane select
-             * (the select cost ~0.2 ns of ~0.9 per element in L2) */
-            const __m256 nan = _mm256_or_ps(_mm256_cmp_ps(m_half[2 * b], v_half[2 * b], _CMP_UNORD_Q),
-                                            _mm256_cmp_ps(m_half[2 * b + 1], v_half[2 * b + 1], _CMP_UNORD_Q));
-            if (_mm256_testz_ps(nan, nan)) {
-                _mm256_storeu_si256((__m256i *)(exp_avg + at),
-                                    _mm256_packus_epi32(fb_avx2_add16(m_half[2 * b], m_inc[0]),
-                                                        fb_avx2_add16(m_half[2 * b + 1], m_inc[1])));
-                _mm256_storeu_si256((__m256i *)(exp_avg_sq + at),
-                                    _mm256_packus_epi32(fb_avx2_add16(v_half[2 * b], v_inc[0]),
-                                                        fb_avx2_add16(v_half[2 * b + 1], v_inc[1])));
-            } else {
-                _mm256_storeu_si256((__m256i *)(exp_avg + at),
-                                    _mm256_packus_epi32(fb_avx2_round16(m_half[2 * b], m_inc[0]),
-                                                        fb_avx2_round16(m_half[2 * b + 1], m_inc[1])));
-                _mm256_storeu_si256((__m256i *)(exp_avg_sq + at),
-                                    _mm256_packus_epi32(fb_avx2_round16(v_half[2 * b], v_inc[0]),
-                                                        fb_avx2_round16(v_half[2 * b + 1], v_inc[1])));
-            }
-            fb_avx2_store_split(param + at, p_half[2 * b]);
-            fb_avx2_store_split(param + at + 4, p_half[2 * b + 1]);
-        }
-    }
-    return end;
+    if (fb_adam_scalar_nan(sign, beta1, one_minus_beta1, beta2, one_minus_beta2, param_decay, step_size, eps_hat))
+        return fb_adam_bs_avx2_loop(param, grad, exp_avg, exp_avg_sq, n, k, decoupled, rounding, stochastic, 1, 1);
+    if (sign == 1.0f)
+        return fb_adam_bs_avx2_loop(param, grad, exp_avg, exp_avg_sq, n, k, decoupled, rounding, stochastic, 0, 0);
+    return fb_adam_bs_avx2_loop(param, grad, exp_avg, exp_avg_sq, n, k, decoupled, rounding, stochastic, 1, 0);
 }
 
 /* Pure bfloat16 Adam (param, grad and state bfloat16) in the pair layout of
@@ -333,9 +436,8 @@ FB_ALWAYS_INLINE int32_t fb_adam_bpbs_avx2_loop(uint16_t *restrict param, const 
                                                 uint16_t *restrict exp_avg, uint16_t *restrict exp_avg_sq,
                                                 int32_t n, const fb_avx2_adam_constants k, const int decoupled,
                                                 const fb_rounding rounding, const int stochastic,
-                                                const int any_nan)
+                                                const int negate, const int any_nan)
 {
-    const __m256i low16 = _mm256_set1_epi32(0xFFFF);
     __m256i counter_even = _mm256_add_epi32(_mm256_set1_epi32((int)rounding.word_base[0]),
                                             _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14));
     __m256i counter_pair = _mm256_add_epi32(_mm256_set1_epi32((int)rounding.word_base[2]),
@@ -350,23 +452,15 @@ FB_ALWAYS_INLINE int32_t fb_adam_bpbs_avx2_loop(uint16_t *restrict param, const 
         __m256 m_out[2], v_out[2], p_out[2];
         for (int h = 0; h < 2; ++h) {
 #define FB_HALF(w) (h ? fb_bf16_pair_odd(w) : fb_bf16_pair_even(w))
-            p_out[h] = fb_avx2_adam8(&k, FB_HALF(gw), FB_HALF(pw), FB_HALF(mw), FB_HALF(vw), decoupled, &m_out[h],
-                                     &v_out[h]);
+            p_out[h] = fb_avx2_adam8(&k, FB_HALF(gw), FB_HALF(pw), FB_HALF(mw), FB_HALF(vw), decoupled, negate,
+                                     &m_out[h], &v_out[h]);
 #undef FB_HALF
         }
         __m256i m_inc[2], v_inc[2], p_inc[2];
         if (stochastic) {
-            const __m256i open_even = fb_avx2_hash_open(counter_even);
-            const __m256i open_odd = fb_avx2_hash_open(_mm256_add_epi32(counter_even, one));
-            const __m256i open_pair = fb_avx2_hash_open(counter_pair);
-            const __m256i high_even = _mm256_srli_epi32(open_even, 16), high_odd = _mm256_srli_epi32(open_odd, 16);
-            const __m256i high_pair = _mm256_srli_epi32(open_pair, 16);
-            m_inc[0] = _mm256_and_si256(_mm256_xor_si256(open_even, high_even), low16);
-            m_inc[1] = _mm256_and_si256(_mm256_xor_si256(open_odd, high_odd), low16);
-            v_inc[0] = high_even;
-            v_inc[1] = high_odd;
-            p_inc[0] = _mm256_and_si256(_mm256_xor_si256(open_pair, high_pair), low16);
-            p_inc[1] = high_pair;
+            fb_avx2_split_open(fb_avx2_hash_open(counter_even), &m_inc[0], &v_inc[0]);
+            fb_avx2_split_open(fb_avx2_hash_open(_mm256_add_epi32(counter_even, one)), &m_inc[1], &v_inc[1]);
+            fb_avx2_split_open(fb_avx2_hash_open(counter_pair), &p_inc[0], &p_inc[1]);
             counter_even = _mm256_add_epi32(counter_even, _mm256_set1_epi32(16));
             counter_pair = _mm256_add_epi32(counter_pair, _mm256_set1_epi32(8));
         } else {
@@ -406,13 +500,11 @@ FB_ALWAYS_INLINE int32_t fb_adam_bpbs_avx2(uint16_t *restrict param, const uint1
 {
     const fb_avx2_adam_constants k = fb_avx2_adam_constants_of(sign, beta1, one_minus_beta1, beta2, one_minus_beta2,
                                                                 param_decay, step_size, eps_hat);
-    const float scalars[] = {sign, beta1, one_minus_beta1, beta2, one_minus_beta2, param_decay, step_size, eps_hat};
-    int scalar_nan = 0;
-    for (int s = 0; s < (int)(sizeof scalars / sizeof scalars[0]); ++s)
-        scalar_nan |= scalars[s] != scalars[s];
-    if (scalar_nan)
-        return fb_adam_bpbs_avx2_loop(param, grad, exp_avg, exp_avg_sq, n, k, decoupled, rounding, stochastic, 1);
-    return fb_adam_bpbs_avx2_loop(param, grad, exp_avg, exp_avg_sq, n, k, decoupled, rounding, stochastic, 0);
+    if (fb_adam_scalar_nan(sign, beta1, one_minus_beta1, beta2, one_minus_beta2, param_decay, step_size, eps_hat))
+        return fb_adam_bpbs_avx2_loop(param, grad, exp_avg, exp_avg_sq, n, k, decoupled, rounding, stochastic, 1, 1);
+    if (sign == 1.0f)
+        return fb_adam_bpbs_avx2_loop(param, grad, exp_avg, exp_avg_sq, n, k, decoupled, rounding, stochastic, 0, 0);
+    return fb_adam_bpbs_avx2_loop(param, grad, exp_avg, exp_avg_sq, n, k, decoupled, rounding, stochastic, 1, 0);
 }
 #endif
 
