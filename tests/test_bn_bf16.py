@@ -409,6 +409,35 @@ def test_bf16_kernels_give_the_same_bits_on_every_target_and_thread_count_with_t
     assert np.array_equal(first["dx_eval_only"].view(np.uint16), dx_twin.view(np.uint16))
 
 
+@pytest.mark.parametrize("shape,seed", [((3, 520), 0), ((3, 520), 2), ((7, 512), 3),
+                                        ((11, 200), 0), ((4, 3, 3, 129), 1)])
+def test_bf16_running_statistics_have_the_same_bits_on_every_target(shape, seed):
+    """The per-channel finalize (statistics, running statistics, the
+    rewrite's coefficients) is scalar float64 code compiled per target: with
+    the compiler free to fuse a * b + c on FMA targets, these inputs gave
+    running_mean / running_var one float32 ulp apart between baseline and
+    AVX2 (seeds and shapes found by a search; with specials sprinkled in)."""
+    targets = fastbn.available_simd_targets()
+    if len(targets) < 2:
+        pytest.skip("one SIMD target on this CPU")
+    x, dy, weight, bias, running_mean, running_var = make(
+        np.random.default_rng(seed), shape, True, False)
+    x, dy = with_special_values(x, dy)
+    geo = geometry(shape, True)
+    previous = fastbn.get_simd_target()
+    results = {}
+    try:
+        for target in targets:
+            fastbn.set_simd_target(target)
+            results[target] = run_all(_bn, x, dy, weight, bias, running_mean, running_var,
+                                      geo, False)
+    finally:
+        fastbn.set_simd_target(previous)
+    first = results[targets[0]]
+    for target in targets[1:]:
+        assert_same_bits_nan_aware(results[target], first)
+
+
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("shape,channels_last", DYADIC_CASES[:4] + [
     ((8, 17), True), ((4, 2, 2, 37), True), ((2, 2, 4, 129), True), ((4, 2, 1, 8), False)])

@@ -644,8 +644,12 @@ static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
 
 /* ---- per-channel finalize --------------------------------------------------- */
 
-static void bn_bf16_finalize(bn_bf16_pass *p, fb_index c)
+/* FB_NO_CONTRACT: these scalars (statistics, running statistics, the
+ * rewrite's coefficients) must have the same bits on every target, as the
+ * NumPy twin computes them (no fused multiply-add). */
+static FB_NO_CONTRACT void bn_bf16_finalize(bn_bf16_pass *p, fb_index c)
 {
+    FB_NO_CONTRACT_BODY
     double s1 = 0.0, s2 = 0.0;
     if (p->reduce) {
         const fb_index cs = p->interleaved ? 1 : p->chunks, ks = p->interleaved ? p->channels : 1;

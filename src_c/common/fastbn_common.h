@@ -65,6 +65,24 @@ enum fastbn_dtype {
 #define FB_ALWAYS_INLINE static inline
 #endif
 
+/* For scalar per-channel arithmetic whose bits must be the same on every
+ * target (the baseline build has no FMA, the AVX2/AVX-512 builds do): GCC
+ * contracts a * b + c into one fused multiply-add by default where the
+ * target has it, which rounds once instead of twice, so a running-statistics
+ * update came out one ulp apart between targets.  FB_NO_CONTRACT on the
+ * function turns contraction off for GCC; clang honours the standard pragma
+ * (written at the start of the function body as FB_NO_CONTRACT_BODY). */
+#if defined(__GNUC__) && !defined(__clang__)
+#define FB_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#define FB_NO_CONTRACT_BODY
+#elif defined(__clang__)
+#define FB_NO_CONTRACT
+#define FB_NO_CONTRACT_BODY _Pragma("STDC FP_CONTRACT OFF")
+#else
+#define FB_NO_CONTRACT
+#define FB_NO_CONTRACT_BODY
+#endif
+
 static inline fb_index fb_ceil_div(fb_index a, fb_index b) { return (a + b - 1) / b; }
 static inline fb_index fb_min_index(fb_index a, fb_index b) { return a < b ? a : b; }
 static inline fb_index fb_max_index(fb_index a, fb_index b) { return a > b ? a : b; }
