@@ -46,17 +46,25 @@ def time_callable(fn: Callable[[], object], *, min_time: float = 0.2, min_runs: 
 def time_interleaved(contenders: "dict[str, Callable[[], object]]", *, min_time: float = 0.2,
                      min_rounds: int = 5, max_rounds: int = 200,
                      max_rounds_for: "dict[str, int] | None" = None,
-                     settle: float = 0.02) -> "dict[str, Timing]":
+                     settle: float = 0.003) -> "dict[str, Timing]":
     """Time several contenders in alternating rounds, so a change of machine
     load affects all of them alike.
 
     In each round every contender gets one untimed call, then one timed call.
     Before that, `settle` seconds of sleep let the previous contender's idle
     OpenMP workers stop spinning: libgomp (fastbn's and the copy torch
-    bundles) busy-waits for milliseconds after each parallel region, which
+    bundles) busy-waits for a while after each parallel region, which
     on a 2-core machine would steal a core from whoever runs next.  Stops
     after `min_rounds` rounds once every contender has spent `min_time`
-    seconds; `max_rounds_for` caps slow contenders (e.g. the reference)."""
+    seconds; `max_rounds_for` caps slow contenders (e.g. the reference).
+
+    Why 3 ms and not longer: after a longer sleep the timed calls of
+    mid-size cases waited whole scheduler ticks (4 ms on the 250 Hz VM this
+    was measured on; fastbn's and torch's alike).  Quiet, 2 threads,
+    medians, 20 ms against 3 ms: bn1d_eval_777x1000 fastbn 4.08 ms against
+    124 us, torch 4.13 ms against 178 us; bn1d_eval_64x64 torch 4.02 ms
+    against 17 us; nine of the thirteen rows tried read 4 or 8 ms with 20
+    ms, none with 3 ms, and the rows unaffected by ticks agree."""
     caps = max_rounds_for or {}
     timings = {name: Timing() for name in contenders}
     for round_index in range(max_rounds):
