@@ -422,6 +422,12 @@ static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
  * reduction 37 % of the samples, hottest on the sums' loads and stores and
  * the extracts). */
 #define FB_BN_BF16_ROWS_AVX2_MAX ((fb_index)512)
+/* where channel c sits in pair order: in each group of 8, the even channels
+ * (0, 2, 4, 6) first, then the odd ones */
+static inline fb_index bn_bf16_pair_position(fb_index c)
+{
+    return (c & ~(fb_index)7) + ((c & 1) ? 4 : 0) + ((c & 7) >> 1);
+}
 static void bn_bf16_rows_grad_avx2(const bn_bf16_pass *p, fb_index r0, fb_index r1,
                                    double *restrict s1, double *restrict s2)
 {
@@ -429,7 +435,7 @@ static void bn_bf16_rows_grad_avx2(const bn_bf16_pass *p, fb_index r0, fb_index 
     double t1[FB_BN_BF16_ROWS_AVX2_MAX], t2[FB_BN_BF16_ROWS_AVX2_MAX];
     float m[FB_BN_BF16_ROWS_AVX2_MAX], ms[FB_BN_BF16_ROWS_AVX2_MAX], mh[FB_BN_BF16_ROWS_AVX2_MAX];
     for (fb_index c = 0; c < C; ++c) { /* position of channel c in pair order */
-        const fb_index q = (c & ~(fb_index)7) + ((c & 1) ? 4 : 0) + ((c & 7) >> 1);
+        const fb_index q = bn_bf16_pair_position(c);
         t1[q] = t2[q] = 0.0;
         m[q] = p->center[c];
         ms[q] = p->relu ? p->mask_scale[c] : 0.0f;
@@ -464,7 +470,7 @@ static void bn_bf16_rows_grad_avx2(const bn_bf16_pass *p, fb_index r0, fb_index 
         }
     }
     for (fb_index c = 0; c < C; ++c) {
-        const fb_index q = (c & ~(fb_index)7) + ((c & 1) ? 4 : 0) + ((c & 7) >> 1);
+        const fb_index q = bn_bf16_pair_position(c);
         s1[c] = t1[q];
         s2[c] = t2[q];
     }

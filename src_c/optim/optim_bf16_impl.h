@@ -396,6 +396,19 @@ FB_ALWAYS_INLINE int32_t fb_adam_bs_avx2_loop(float *restrict param, const float
     return end;
 }
 
+/* The body of both AVX2 entry points: one specialization of `loop` per case
+ * (a NaN scalar: every chunk takes the NaN-safe select; sign +1: no
+ * multiply by the sign), chosen once per call, so the constants reach the
+ * inlined loop. */
+#define FB_ADAM_AVX2_SPECIALIZE(loop)                                                                            \
+    const fb_avx2_adam_constants k = fb_avx2_adam_constants_of(sign, beta1, one_minus_beta1, beta2,              \
+                                                                one_minus_beta2, param_decay, step_size, eps_hat); \
+    if (fb_adam_scalar_nan(sign, beta1, one_minus_beta1, beta2, one_minus_beta2, param_decay, step_size, eps_hat)) \
+        return loop(param, grad, exp_avg, exp_avg_sq, n, k, decoupled, rounding, stochastic, 1, 1);              \
+    if (sign == 1.0f)                                                                                            \
+        return loop(param, grad, exp_avg, exp_avg_sq, n, k, decoupled, rounding, stochastic, 0, 0);              \
+    return loop(param, grad, exp_avg, exp_avg_sq, n, k, decoupled, rounding, stochastic, 1, 0)
+
 /* The first n - n % 32 elements; returns how many were done. */
 FB_ALWAYS_INLINE int32_t fb_adam_bs_avx2(float *restrict param, const float *restrict grad,
                                          uint16_t *restrict exp_avg, uint16_t *restrict exp_avg_sq, int32_t n,
@@ -404,13 +417,7 @@ FB_ALWAYS_INLINE int32_t fb_adam_bs_avx2(float *restrict param, const float *res
                                          float eps_hat, const int decoupled, const fb_rounding rounding,
                                          const int stochastic)
 {
-    const fb_avx2_adam_constants k = fb_avx2_adam_constants_of(sign, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                                                                param_decay, step_size, eps_hat);
-    if (fb_adam_scalar_nan(sign, beta1, one_minus_beta1, beta2, one_minus_beta2, param_decay, step_size, eps_hat))
-        return fb_adam_bs_avx2_loop(param, grad, exp_avg, exp_avg_sq, n, k, decoupled, rounding, stochastic, 1, 1);
-    if (sign == 1.0f)
-        return fb_adam_bs_avx2_loop(param, grad, exp_avg, exp_avg_sq, n, k, decoupled, rounding, stochastic, 0, 0);
-    return fb_adam_bs_avx2_loop(param, grad, exp_avg, exp_avg_sq, n, k, decoupled, rounding, stochastic, 1, 0);
+    FB_ADAM_AVX2_SPECIALIZE(fb_adam_bs_avx2_loop);
 }
 
 /* Pure bfloat16 Adam (param, grad and state bfloat16) in the pair layout of
@@ -498,14 +505,9 @@ FB_ALWAYS_INLINE int32_t fb_adam_bpbs_avx2(uint16_t *restrict param, const uint1
                                            float eps_hat, const int decoupled, const fb_rounding rounding,
                                            const int stochastic)
 {
-    const fb_avx2_adam_constants k = fb_avx2_adam_constants_of(sign, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                                                                param_decay, step_size, eps_hat);
-    if (fb_adam_scalar_nan(sign, beta1, one_minus_beta1, beta2, one_minus_beta2, param_decay, step_size, eps_hat))
-        return fb_adam_bpbs_avx2_loop(param, grad, exp_avg, exp_avg_sq, n, k, decoupled, rounding, stochastic, 1, 1);
-    if (sign == 1.0f)
-        return fb_adam_bpbs_avx2_loop(param, grad, exp_avg, exp_avg_sq, n, k, decoupled, rounding, stochastic, 0, 0);
-    return fb_adam_bpbs_avx2_loop(param, grad, exp_avg, exp_avg_sq, n, k, decoupled, rounding, stochastic, 1, 0);
+    FB_ADAM_AVX2_SPECIALIZE(fb_adam_bpbs_avx2_loop);
 }
+#undef FB_ADAM_AVX2_SPECIALIZE
 #endif
 
 /* Layout instantiations: FB_BF16_PARAM 0 float32 param and grad, 1 bfloat16
