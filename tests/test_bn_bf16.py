@@ -41,13 +41,30 @@ def channel_count(shape, channels_last):
     return shape[-1] if channels_last else shape[1]
 
 
+def symmetric_offsets(rng, shape, channels_last):
+    """Multiples of 1/8 in [-5, 5) whose values in every channel come in
+    pairs v, -v (one 0 when the count is odd), shuffled: every channel's
+    mean is exactly 0, whatever its count of values."""
+    C = channel_count(shape, channels_last)
+    count = int(np.prod(shape)) // C
+    half = rng.integers(-40, 40, (count // 2, C)) / 8
+    columns = np.concatenate([half, -half, np.zeros((count % 2, C))])
+    columns = rng.permuted(columns, axis=0)
+    if channels_last:
+        return columns.reshape(shape)
+    return columns.reshape(shape[0], -1, C).transpose(0, 2, 1).reshape(shape)
+
+
 def make(rng, shape, channels_last, dyadic):
     """x, dy (bfloat16) and the float32 per-channel vectors.  `dyadic`:
-    multiples of 1/8 (x) and 1/16 (dy) in a small range, so every sum the
-    kernels and the twin take is exact in float64."""
+    multiples of 1/8 (x, about an exact per-channel mean of 2) and 1/16 (dy)
+    in a small range, so every sum the kernels and the twin take is exact:
+    the statistics' float64 sums, and the backwards' float32 short sums of
+    g and g * (x - mean) (few significant bits, as x - mean is a multiple
+    of 1/8) as well as their float64 totals."""
     C = channel_count(shape, channels_last)
     if dyadic:
-        x = (rng.integers(-40, 40, shape) / 8 + 2).astype(BF16)
+        x = (symmetric_offsets(rng, shape, channels_last) + 2).astype(BF16)
         dy = (rng.integers(-24, 24, shape) / 16).astype(BF16)
         running_mean = (rng.integers(-8, 8, C) / 4).astype(np.float32)
     else:
@@ -112,7 +129,7 @@ def threads():
     fastbn.set_num_threads(None)
 
 
-# (shape, channels_last); every count per channel a power of two (exact means)
+# (shape, channels_last)
 DYADIC_CASES = [((2, 3, 4, 4), False), ((4, 1, 8), False), ((2, 17, 2, 4), False),
                 ((1, 5, 2), False), ((2, 4, 4, 3), True), ((16, 33), True), ((2, 65), True),
                 ((8, 2, 2, 17), True), ((64, 3, 16, 16), False), ((4, 16, 16, 19), True), ((4, 16, 16, 8), True),
@@ -581,8 +598,12 @@ def test_fastbn_imports_without_ml_dtypes(tmp_path):
 def layer_run(layer_class, x, dy, channels_last):
     """A float32 layer on bfloat16 activations: two training steps (forward,
     backward), then eval forward and backward.  Returns every output and
-    every buffer and gradient the layer holds."""
-    layer = layer_class(channel_count(x.shape, channels_last), axis=-1 if channels_last else 1)
+    every buffer and gradient the layer holds.  Momentum 0.5 keeps the
+    running mean of `make`'s dyadic x (batch mean exactly 2) a multiple of
+    1/4 (1, then 1.5), so the eval backward's sums of g * (x - running_mean)
+    are exact too."""
+    layer = layer_class(channel_count(x.shape, channels_last), momentum=0.5,
+                        axis=-1 if channels_last else 1)
     results = []
     for _ in range(2):
         results += [layer(x), layer.backward(dy)]

@@ -11,6 +11,12 @@
  *     around c = the channel's first value, d = x - c formed in float32 and
  *     d * d in float64 (exact).  mean = c + s1 / n,
  *     var = (s2 - s1 * (s1 / n)) / n (>= 0), invstd = 1 / sqrt(var + eps).
+ *   - The backwards' sums, sum(g) and sum(g (x - m)): channels-first runs
+ *     add FB_BN_BF16_SHORT_SUM values per lane in float32 (g (x - m) by a
+ *     float32 fused multiply-add) before the float64 lane takes them, as
+ *     the float32 kernels do; channels-last rows add every value to float64
+ *     (g (x - m) exact there).  The twin sums in float64 (pairwise): the
+ *     same bits on exact sums.
  *   - Every rewrite is a function of the float32 per-channel values only
  *     (saved or running statistics, weight, bias), never of the float64 sums
  *     behind them:
@@ -189,6 +195,108 @@ static inline double bn_bf16_lanes_total(const double *a)
     return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
 }
 
+/* Short sums of the backwards' reductions: each of the 16 lanes of a run
+ * adds this many of its values (one every 16) in float32 -- g, and
+ * g * (x - m) as a float32 fused multiply-add -- before the float64 lane
+ * takes the short sum, as the float32 kernels' lanes do (FB_BN_SHORT_SUM).
+ * Each value widened to float64 on its own (the form before) cost the AVX2
+ * loop 11.1 cycles per 16 values in L1 (two float32 -> float64 conversions
+ * per 4 values and two float64 operations) and left the bfloat16 backward
+ * compute-bound: with the short sums, backward into out=, 1 thread, CPU
+ * time min of 15 rounds alternated with the float64 form (load 4.8-5.2),
+ * (64,128,56,56) 12.59 -> 10.79 ms, (32,64,28,28) 810 -> 622 us,
+ * (16,96,40,40) 1171 -> 911 us. */
+#define FB_BN_BF16_SHORT_SUM 8
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+/* float64 lane arrangement {0,2,4,6}, {8,10,12,14}, {1,3,5,7}, {9,11,13,15}
+ * (pair order, below) back to lane order */
+static inline void bn_bf16_avx2_lanes(const __m256d *v, double *a)
+{
+    double t[16];
+    for (int q = 0; q < 4; ++q)
+        _mm256_storeu_pd(t + 4 * q, v[q]);
+    for (int k = 0; k < 4; ++k) {
+        a[2 * k] = t[k];
+        a[8 + 2 * k] = t[4 + k];
+        a[2 * k + 1] = t[8 + k];
+        a[9 + 2 * k] = t[12 + k];
+    }
+}
+
+#if defined(__FMA__)
+#define BN_BF16_FMA8(a, b, c) _mm256_fmadd_ps(a, b, c)
+#else /* the AVX-512 build has no -mfma: the VL form of the 256-bit FMA */
+#define BN_BF16_FMA8(a, b, c) _mm256_maskz_fmadd_ps((__mmask8)0xFF, a, b, c)
+#endif
+
+/* float64 pair-order lanes += the float32 short sums of the even and odd
+ * elements (lanes {0,2,..,14} and {1,3,..,15}) */
+static inline void bn_bf16_flush_pairs(__m256 even, __m256 odd, __m256d *s)
+{
+    s[0] = _mm256_add_pd(s[0], _mm256_cvtps_pd(_mm256_castps256_ps128(even)));
+    s[1] = _mm256_add_pd(s[1], _mm256_cvtps_pd(_mm256_extractf128_ps(even, 1)));
+    s[2] = _mm256_add_pd(s[2], _mm256_cvtps_pd(_mm256_castps256_ps128(odd)));
+    s[3] = _mm256_add_pd(s[3], _mm256_cvtps_pd(_mm256_extractf128_ps(odd, 1)));
+}
+
+/* The backwards' run reduction, one form for the AVX2 and the AVX-512
+ * builds (256-bit, so both run the code the tests run on an AVX2 machine):
+ * the full vectors of bn_bf16_reduce_grad_run's portable loop, the same
+ * float32 short sums and float64 lanes, in pair order (16 bfloat16 loaded
+ * as 8 32-bit words, fb_bf16_pair_even / _odd: a shift and a mask, no lane
+ * shuffle).  The float32 operations are the portable loop's, one by one
+ * (adds, and fused multiply-adds written as such), so every target has the
+ * same bits. */
+static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
+                                                  const uint16_t *restrict x, fb_index len,
+                                                  float center, float mask_scale,
+                                                  float mask_shift, int relu, fb_index ahead,
+                                                  double *a1, double *a2)
+{
+    const __m256 m = _mm256_set1_ps(center), ms = _mm256_set1_ps(mask_scale);
+    const __m256 mh = _mm256_set1_ps(mask_shift), smallest = _mm256_set1_ps(FLT_MIN);
+    __m256d s1[4], s2[4];
+    for (int q = 0; q < 4; ++q)
+        s1[q] = s2[q] = _mm256_setzero_pd();
+    fb_index i = 0;
+    while (i + FB_BN_BF16_LANES <= len) {
+        __m256 b1[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}; /* even, odd */
+        __m256 b2[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        const fb_index stop = i + FB_BN_BF16_SHORT_SUM * FB_BN_BF16_LANES;
+        for (; i + FB_BN_BF16_LANES <= len && i < stop; i += FB_BN_BF16_LANES) {
+#if defined(__AVX512F__)
+            if (ahead) {
+                _mm_prefetch((const char *)(x + i + ahead), _MM_HINT_T0);
+                _mm_prefetch((const char *)(dy + i + ahead), _MM_HINT_T0);
+            }
+#endif
+            const __m256i xw = _mm256_loadu_si256((const __m256i *)(x + i));
+            const __m256i gw = _mm256_loadu_si256((const __m256i *)(dy + i));
+            const __m256 xc[2] = {_mm256_sub_ps(fb_bf16_pair_even(xw), m),
+                                  _mm256_sub_ps(fb_bf16_pair_odd(xw), m)};
+            __m256 g[2] = {fb_bf16_pair_even(gw), fb_bf16_pair_odd(gw)};
+            for (int e = 0; e < 2; ++e) {
+                if (relu)
+                    g[e] = _mm256_and_ps(_mm256_cmp_ps(BN_BF16_FMA8(xc[e], ms, mh), smallest,
+                                                       _CMP_GE_OQ), g[e]);
+                b1[e] = _mm256_add_ps(b1[e], g[e]);
+                b2[e] = BN_BF16_FMA8(g[e], xc[e], b2[e]);
+            }
+        }
+        bn_bf16_flush_pairs(b1[0], b1[1], s1);
+        bn_bf16_flush_pairs(b2[0], b2[1], s2);
+    }
+#if !defined(__AVX512F__)
+    (void)ahead;
+#endif
+    bn_bf16_avx2_lanes(s1, a1);
+    bn_bf16_avx2_lanes(s2, a2);
+    return i;
+}
+#endif
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) \
     && defined(__AVX512DQ__)
 #define FB_BN_BF16_VECTOR_REDUCE 1
@@ -233,62 +341,20 @@ static inline fb_index bn_bf16_reduce_x_vector(const uint16_t *restrict x, fb_in
     return i;
 }
 
-/* g = dy where relu keeps it: fma(xc, ms, mh) >= FLT_MIN, as bn_bf16_grad. */
-static inline __m256 bn_bf16_grad8(__m256 dy, __m256 xc, __m256 ms, __m256 mh, int relu)
-{
-    if (!relu)
-        return dy;
-    /* the AVX-512 build has no -mfma: the VL form of the 256-bit FMA */
-    return _mm256_maskz_mov_ps(_mm256_cmp_ps_mask(_mm256_maskz_fmadd_ps((__mmask8)0xFF, xc, ms, mh),
-                                                  _mm256_set1_ps(FLT_MIN), _CMP_GE_OQ), dy);
-}
-
-static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
-                                                  const uint16_t *restrict x, fb_index len,
-                                                  float center, float mask_scale,
-                                                  float mask_shift, int relu, fb_index ahead,
-                                                  double *a1, double *a2)
-{
-    const __m256 m = _mm256_set1_ps(center), ms = _mm256_set1_ps(mask_scale);
-    const __m256 mh = _mm256_set1_ps(mask_shift);
-    __m512d s1lo = _mm512_setzero_pd(), s1hi = s1lo, s2lo = s1lo, s2hi = s1lo;
-    fb_index i = 0;
-    for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
-        if (ahead) {
-            _mm_prefetch((const char *)(x + i + ahead), _MM_HINT_T0);
-            _mm_prefetch((const char *)(dy + i + ahead), _MM_HINT_T0);
-        }
-        const __m256 xlo = _mm256_sub_ps(bn_bf16_widen8(x + i), m);
-        const __m256 xhi = _mm256_sub_ps(bn_bf16_widen8(x + i + 8), m);
-        const __m512d glo = _mm512_cvtps_pd(bn_bf16_grad8(bn_bf16_widen8(dy + i), xlo, ms, mh,
-                                                          relu));
-        const __m512d ghi = _mm512_cvtps_pd(bn_bf16_grad8(bn_bf16_widen8(dy + i + 8), xhi, ms,
-                                                          mh, relu));
-        s1lo = _mm512_add_pd(s1lo, glo);
-        s1hi = _mm512_add_pd(s1hi, ghi);
-        s2lo = _mm512_fmadd_pd(glo, _mm512_cvtps_pd(xlo), s2lo);
-        s2hi = _mm512_fmadd_pd(ghi, _mm512_cvtps_pd(xhi), s2hi);
-    }
-    _mm512_storeu_pd(a1, s1lo);
-    _mm512_storeu_pd(a1 + 8, s1hi);
-    _mm512_storeu_pd(a2, s2lo);
-    _mm512_storeu_pd(a2 + 8, s2hi);
-    return i;
-}
-
 #elif defined(__AVX2__) && defined(__FMA__)
 #define FB_BN_BF16_VECTOR_REDUCE 1
 #include <immintrin.h>
-/* Explicit AVX2 forms of the two run reductions: lane l of the 16 float64
- * accumulators still takes elements i + l, in order, so the partial sums are
- * the portable loops' bits; the lanes are only held in another arrangement.
+/* Explicit AVX2 form of the statistics' run reduction: lane l of the 16
+ * float64 accumulators still takes elements i + l, in order, so the partial
+ * sums are the portable loop's bits; the lanes are only held in another
+ * arrangement.
  * 8 loaded bfloat16 (16 bytes) form 4 32-bit words, word j holding elements
  * 2j (low half) and 2j + 1 (high half): the even elements widen with one
  * shift, the odd ones with one mask ("pair order", no lane shuffle), and
  * each 4 float32 become 4 float64 with one conversion; the four float64
  * vectors of a sum hold lanes {0,2,4,6}, {8,10,12,14}, {1,3,5,7},
  * {9,11,13,15}; bn_bf16_avx2_lanes puts them back in lane order once per
- * run.  What GCC made of the portable loops (vpmovzxwd widening, the lane
+ * run.  What GCC made of the portable loop (vpmovzxwd widening, the lane
  * arrays zeroed with rep stos per run) took ~1 cycle per value in L1.
  * Loaded as 16-byte halves, not as one 32-byte vector: the 256-bit
  * float32 -> float64 conversion (vcvtps2pd ymm, xmm) and the vextractf128
@@ -298,19 +364,6 @@ static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
  * cycles per 16 values with 32-byte loads, 11.1 with 16-byte halves (all
  * 128-bit arithmetic, vcvtps2pd xmm: 18.2; the sum of g as a fused
  * multiply-add g * 1 + s to move it off the add pipes: slower). */
-static inline void bn_bf16_avx2_lanes(const __m256d *v, double *a)
-{
-    double t[16];
-    for (int q = 0; q < 4; ++q)
-        _mm256_storeu_pd(t + 4 * q, v[q]);
-    for (int k = 0; k < 4; ++k) {
-        a[2 * k] = t[k];
-        a[8 + 2 * k] = t[4 + k];
-        a[2 * k + 1] = t[8 + k];
-        a[9 + 2 * k] = t[12 + k];
-    }
-}
-
 /* the even (pair-order shift) and odd (mask) float32 of 8 bfloat16 */
 static inline __m128 bn_bf16_avx2_even4(__m128i w)
 {
@@ -341,65 +394,6 @@ static inline fb_index bn_bf16_reduce_x_vector(const uint16_t *restrict x, fb_in
             s2[h] = _mm256_fmadd_pd(even, even, s2[h]); /* d * d is exact: one rounding either way */
             s1[2 + h] = _mm256_add_pd(s1[2 + h], odd);
             s2[2 + h] = _mm256_fmadd_pd(odd, odd, s2[2 + h]);
-        }
-    }
-    bn_bf16_avx2_lanes(s1, a1);
-    bn_bf16_avx2_lanes(s2, a2);
-    return i;
-}
-
-static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
-                                                  const uint16_t *restrict x, fb_index len,
-                                                  float center, float mask_scale,
-                                                  float mask_shift, int relu, fb_index ahead,
-                                                  double *a1, double *a2)
-{
-    (void)ahead;
-    const __m128 m = _mm_set1_ps(center);
-    __m256d s1[4], s2[4];
-    for (int q = 0; q < 4; ++q)
-        s1[q] = s2[q] = _mm256_setzero_pd();
-    fb_index i = 0;
-    /* with ReLU, the mask (a fused multiply-add, a compare and an and per
-     * vector) costs twice as many operations at 128 bits as the extracts it
-     * saves: 32-byte vectors ((64,128,56,56) backward with ReLU, 1 thread CPU
-     * time: 15.34 ms with them, 15.72 with 16-byte halves, load 3) */
-    for (; relu && i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
-        const __m256i xw = _mm256_loadu_si256((const __m256i *)(x + i));
-        const __m256i gw = _mm256_loadu_si256((const __m256i *)(dy + i));
-        const __m256 m8 = _mm256_set1_ps(center), ms8 = _mm256_set1_ps(mask_scale);
-        const __m256 mh8 = _mm256_set1_ps(mask_shift), smallest8 = _mm256_set1_ps(FLT_MIN);
-        __m256 xc[2], g[2]; /* even, odd */
-        xc[0] = _mm256_sub_ps(fb_bf16_pair_even(xw), m8);
-        xc[1] = _mm256_sub_ps(fb_bf16_pair_odd(xw), m8);
-        g[0] = fb_bf16_pair_even(gw);
-        g[1] = fb_bf16_pair_odd(gw);
-        for (int e = 0; e < 2; ++e)
-            g[e] = _mm256_and_ps(_mm256_cmp_ps(_mm256_fmadd_ps(xc[e], ms8, mh8), smallest8, _CMP_GE_OQ), g[e]);
-        for (int q = 0; q < 4; ++q) { /* q: lanes {0,2,4,6}, {8,...}, {1,3,5,7}, {9,...} */
-            const int e = q >> 1, upper = q & 1;
-            const __m128 gq = upper ? _mm256_extractf128_ps(g[e], 1) : _mm256_castps256_ps128(g[e]);
-            const __m128 xq = upper ? _mm256_extractf128_ps(xc[e], 1) : _mm256_castps256_ps128(xc[e]);
-            const __m256d gd = _mm256_cvtps_pd(gq);
-            s1[q] = _mm256_add_pd(s1[q], gd);
-            s2[q] = _mm256_fmadd_pd(gd, _mm256_cvtps_pd(xq), s2[q]);
-        }
-    }
-    for (; !relu && i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
-        for (int h = 0; h < 2; ++h) { /* elements i + 8h .. i + 8h + 7 */
-            const __m128i xw = _mm_loadu_si128((const __m128i *)(x + i + 8 * h));
-            const __m128i gw = _mm_loadu_si128((const __m128i *)(dy + i + 8 * h));
-            __m128 xc[2], g[2]; /* even, odd */
-            xc[0] = _mm_sub_ps(bn_bf16_avx2_even4(xw), m);
-            xc[1] = _mm_sub_ps(bn_bf16_avx2_odd4(xw), m);
-            g[0] = bn_bf16_avx2_even4(gw);
-            g[1] = bn_bf16_avx2_odd4(gw);
-            for (int e = 0; e < 2; ++e) {
-                const int q = 2 * e + h;
-                const __m256d gd = _mm256_cvtps_pd(g[e]);
-                s1[q] = _mm256_add_pd(s1[q], gd);
-                s2[q] = _mm256_fmadd_pd(gd, _mm256_cvtps_pd(xc[e]), s2[q]);
-            }
         }
     }
     bn_bf16_avx2_lanes(s1, a1);
@@ -528,13 +522,23 @@ static void bn_bf16_reduce_grad_run(const uint16_t *restrict dy, const uint16_t 
     for (int l = 0; l < FB_BN_BF16_LANES; ++l)
         a1[l] = a2[l] = 0.0;
 #endif
-    for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
+    while (i + FB_BN_BF16_LANES <= len) { /* short sums, see FB_BN_BF16_SHORT_SUM */
+        float b1[FB_BN_BF16_LANES], b2[FB_BN_BF16_LANES];
+        for (int l = 0; l < FB_BN_BF16_LANES; ++l)
+            b1[l] = b2[l] = 0.0f;
+        const fb_index stop = i + FB_BN_BF16_SHORT_SUM * FB_BN_BF16_LANES;
+        for (; i + FB_BN_BF16_LANES <= len && i < stop; i += FB_BN_BF16_LANES) {
 #pragma omp simd
+            for (int l = 0; l < FB_BN_BF16_LANES; ++l) {
+                const float xc = bn_bf16_widen(x[i + l]) - m;
+                const float g = bn_bf16_grad(bn_bf16_widen(dy[i + l]), xc, ms, mh, relu);
+                b1[l] += g;
+                b2[l] = bn_bf16_fma(g, xc, b2[l]);
+            }
+        }
         for (int l = 0; l < FB_BN_BF16_LANES; ++l) {
-            const float xc = bn_bf16_widen(x[i + l]) - m;
-            const float g = bn_bf16_grad(bn_bf16_widen(dy[i + l]), xc, ms, mh, relu);
-            a1[l] += (double)g;
-            a2[l] += (double)g * (double)xc;
+            a1[l] += (double)b1[l];
+            a2[l] += (double)b2[l];
         }
     }
     double r1 = bn_bf16_lanes_total(a1), r2 = bn_bf16_lanes_total(a2);
