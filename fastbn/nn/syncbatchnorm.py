@@ -225,7 +225,9 @@ class SyncBatchNorm(_BatchNorm):
         `header`: the gathered header rows as lists (Python comparisons: a
         NumPy reduction of a tiny column costs more here)."""
         dtype = header[0][2]
-        if not any(row[0] == _REJECTED or row[2] != dtype for row in header):
+        # (list comprehensions, not generators: an abandoned generator is
+        # closed later, wherever the collector runs)
+        if not any([row[0] == _REJECTED or row[2] != dtype for row in header]):
             return
         messages = _comm.error_messages(comm, local_error)
         notes = {_REJECTED: " -- rejected by this rank's checks",
@@ -293,7 +295,7 @@ class SyncBatchNorm(_BatchNorm):
         self._raise_on_bad_header(comm, header, local_error)
         counts = [int(row[4]) for row in header]
         total = _comm.check_total_count(counts)
-        if any(row[0] for row in header):
+        if any([row[0] for row in header]):
             self._raise_forward_failed(comm, [row[0] for row in header], local_error)
         mean, m2, invstd = _pipeline.merged_stats(kernels, counts, total,
                                                   table[:, _FORWARD_HEADER:], self._eps)
@@ -307,7 +309,7 @@ class SyncBatchNorm(_BatchNorm):
         if update:
             self._update_running_stats(mean, m2 / (total - 1), running_mean, running_var)
         object.__setattr__(self, "_saved", (_SYNCED, x, layout, mean, invstd, total,
-                                            max(counts), any(row[5] for row in header)))
+                                            max(counts), any([row[5] for row in header])))
         return y
 
     def _blocked_forward(self, comm, x: np.ndarray) -> np.ndarray:
@@ -409,8 +411,8 @@ class SyncBatchNorm(_BatchNorm):
             else:
                 weight, bias = self._checked_state(dtype)[:2]
             # before any rank writes a gradient
-            if not all(param is None or param.grad is None or self._accumulable(param.grad, dtype)
-                       for param in (self.weight, self.bias)):
+            if not all([param is None or param.grad is None or self._accumulable(param.grad, dtype)
+                        for param in (self.weight, self.bias)]):
                 self._check_grads(dtype)
             relu_from = (weight, bias) if self.fused_relu else None
             if layout.inner > 1:
