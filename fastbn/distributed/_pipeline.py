@@ -32,6 +32,14 @@ values per channel of any rank and the dtype (`plan_blocks`).  A rank whose
 own input is not planar (channels-last, 2-D, or no values) takes part in
 every block's all-gather but reduces and rewrites its whole array at once.
 
+One block (the default, `BLOCK_BYTES` None) skips the loop's machinery
+(`_forward_one_block`, `_backward_one_block`: the same kernel calls and
+arithmetic, so the same bits).  The MPI layer (fastbn/nn/syncbatchnorm.py)
+does not call `forward_blocks` then: it folds its header into the one
+statistics exchange with `local_stats_into` and `merged_stats`, so its
+one-block forward is one Allgather instead of two; the torch layer keeps
+its header exchange.
+
 Errors: every block's message starts with a status word.  A rank whose
 reduction or rewrite raises keeps taking part with status 1; at the next
 exchange every rank sees it and raises the same ValueError (`fail`), so
@@ -136,6 +144,9 @@ __all__ = ["BLOCK_BYTES", "plan_blocks", "Exchange", "CommExchange", "forward_bl
 #: mostly) adds up segment by segment instead of once per call (not proven
 #: apart).  The ratio moved by +-0.05 between runs of the same build minutes
 #: apart (1.08-1.18 min, 1.04-1.14 median, load 5-6).
+#: Session 10: the MPI layer's one-block forward folds its header into the
+#: statistics exchange (one meeting less per forward) and the per-call
+#: Python was cut (see fastbn/nn/syncbatchnorm.py for the figures).
 BLOCK_BYTES: Optional[int] = None
 
 Blocks = List[Tuple[int, int]]

@@ -5,27 +5,40 @@ an MPI communicator (mpi4py), for data-parallel training on CPU clusters.
     bn = fastbn.nn.SyncBatchNorm(64)                   # comm=MPI.COMM_WORLD
     model = fastbn.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
-Training forward, on every rank::
+Training forward, on every rank, with one channel block (the default)::
 
-    ONE Allgather of a header               (input description, checks, count)
-    per channel block k (see below):
-      local (mean, m2) of block k           the kernels' stats phase
-      Allgather of [status, mean, m2]       (blocking)
-      merge in rank order (Chan's formula)  batch_norm_merge_stats
-      normalize block k                     the kernels' apply phase
+    local checks of the input and state     (nothing exchanged yet)
+    local (mean, m2) of every channel       the kernels' stats phase
+    ONE Allgather of [header, mean, m2]     header: status, channels, dtype
+                                            code, ndim, count, planar
+    checks of the gathered headers          the same decision on every rank
+    merge in rank order (Chan's formula)    batch_norm_merge_stats
+    normalize                               the kernels' apply phase
 
-and the backward, per block: local (sum dy, sum dy*xhat), Allgather of
-[status, both sums], the sums added in rank order (float64), dx of the
-block.  Bytes sent per rank and call, C channels in B blocks: forward
-8 * (6 + B + 2C), backward 8 * (B + 2C), 8 more each when B > 1 (a last
-status word); every rank receives P times that.
+The message length, 6 + 2C words, depends only on num_features (agreed by
+the ranks at the first call), so a rank whose input fails its checks still
+sends it (status 1, zeros) and a rank whose statistics raise sends status 2:
+every rank sees the failure in the same exchange.
+
+With channel blocks (BLOCK_BYTES set) the partition depends on every rank's
+count and layout, so the forward first Allgathers the 6-word header alone,
+then per block k: local (mean, m2) of block k, Allgather of [status, mean,
+m2] (blocking), merge, normalize block k.
+
+The backward, per block (one by default): local (sum dy, sum dy*xhat),
+Allgather of [status, both sums], the sums added in rank order (float64),
+dx of the block.  Bytes sent per rank and call, C channels: one block,
+forward 8 * (6 + 2C), backward 8 * (1 + 2C) (C = 128: 2096 and 2056);
+B > 1 blocks, forward 8 * (6 + B + 2C + 1), backward 8 * (B + 2C + 1) (a
+last status word each); every rank receives P times that.  So one
+exchange (one meeting of the ranks) per forward and one per backward by
+default.
 
 Blocks (fastbn/distributed/_pipeline.py): when its BLOCK_BYTES is set
 (None by default, one block: blocks were slower on the machines measured,
 see the figures there), the channels of a channels-first input with
-spatial values are cut into blocks of that many bytes of input, the new
-output's pages are faulted in before the first block, and each block is
-normalized right after its own statistics and exchange, while it is still
+spatial values are cut into blocks of that many bytes of input, and each
+block is normalized right after its own statistics and exchange, while it is still
 in the caches, so x (and dy) come from DRAM about once, as in the fused
 local kernels.
 Channels-last and 2-D inputs always form one block.  The results are
@@ -34,10 +47,10 @@ bit-identical to those of one block, whatever the blocks.
 Gathering then combining in rank order (rather than an Allreduce, whose
 summation order is the MPI library's choice) makes every rank compute the
 same bits, run after run.  The header carries each rank's input description
-and whether its local checks passed, so a bad input on one rank makes EVERY
-rank raise the same ValueError instead of leaving the others blocked in the
-collective; that message quotes the failing rank's own error (one more
-Allgather of 240 bytes per rank, on the failure path only).  The first training forward of a layer also checks, with one
+and whether its local checks (and statistics) passed, so a bad input on one
+rank makes EVERY rank raise the same ValueError instead of leaving the others
+blocked in the collective; that message quotes the failing rank's own error
+(one more Allgather of 240 bytes per rank, on the failure path only).  The first training forward of a layer also checks, with one
 tiny Allgather, that the ranks built the same layer (num_features, dtype,
 axis, eps, ...).
 
