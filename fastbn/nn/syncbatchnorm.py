@@ -27,12 +27,12 @@ m2] (blocking), merge, normalize block k.
 
 The backward, per block (one by default): local (sum dy, sum dy*xhat),
 Allgather of [status, both sums], the sums added in rank order (float64),
-dx of the block.  Bytes sent per rank and call, C channels: one block,
-forward 8 * (6 + 2C), backward 8 * (1 + 2C) (C = 128: 2096 and 2056);
-B > 1 blocks, forward 8 * (6 + B + 2C + 1), backward 8 * (B + 2C + 1) (a
-last status word each); every rank receives P times that.  So one
-exchange (one meeting of the ranks) per forward and one per backward by
-default.
+dx of the block.  Bytes sent per rank and call, C channels: BLOCK_BYTES
+None (the default), forward 8 * (6 + 2C), backward 8 * (1 + 2C) (C = 128:
+2096 and 2056); BLOCK_BYTES set, B blocks, forward 8 * (6 + B + 2C),
+backward 8 * (B + 2C), 8 more each when B > 1 (a last status word); every
+rank receives P times that.  So one exchange (one meeting of the ranks) per
+forward and one per backward by default.
 
 Blocks (fastbn/distributed/_pipeline.py): when its BLOCK_BYTES is set
 (None by default, one block: blocks were slower on the machines measured,
