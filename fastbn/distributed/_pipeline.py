@@ -146,7 +146,16 @@ __all__ = ["BLOCK_BYTES", "plan_blocks", "Exchange", "CommExchange", "forward_bl
 #: apart (1.08-1.18 min, 1.04-1.14 median, load 5-6).
 #: Session 10: the MPI layer's one-block forward folds its header into the
 #: statistics exchange (one meeting less per forward) and the per-call
-#: Python was cut (see fastbn/nn/syncbatchnorm.py for the figures).
+#: Python was cut: forward+backward of (2, 8, 3, 3) on 2 ranks 199-204 ->
+#: 99-100 us (min of 3000, medians 227-272 -> 107-115; (2, 128, 2, 2):
+#: 638 -> 131 us; load 2.7-3.5, builds alternated by launch), forward alone
+#: 135 -> 61 us, backward 68 -> 44.  The --bn-cost ratio did not move
+#: measurably (0.1 ms of a 45-60 ms call; load 3.7-4.7, 7 launches of
+#: each build alternated, 15-30 rounds: before 1.16-1.27 min / 1.18-1.23
+#: median, after 1.07-1.27 / 1.11-1.23; folded against a header exchange plus one
+#: block in the same launch, 25 rounds: medians 1.203 / 1.211 and
+#: 1.224 / 1.238): what remains is the second read of x and dy and the
+#: meetings' waits under load.
 BLOCK_BYTES: Optional[int] = None
 
 Blocks = List[Tuple[int, int]]
