@@ -147,8 +147,9 @@ __all__ = ["BLOCK_BYTES", "plan_blocks", "Exchange", "CommExchange", "forward_bl
 #: Session 10: the MPI layer's one-block forward folds its header into the
 #: statistics exchange (one meeting less per forward) and the per-call
 #: Python was cut: forward+backward of (2, 8, 3, 3) on 2 ranks 199-204 ->
-#: 99-100 us (min of 3000, medians 227-272 -> 107-115; (2, 128, 2, 2):
-#: 638 -> 131 us; load 2.7-3.5, builds alternated by launch), forward alone
+#: 99-100 us (min of 3000, medians 227-272 -> 107-115; (2, 128, 2, 2),
+#: min of 1500: 238-240 -> 131 us, one earlier launch of the old build
+#: read 638; load 2.7-4.4, builds alternated by launch), forward alone
 #: 135 -> 61 us, backward 68 -> 44.  The --bn-cost ratio did not move
 #: measurably (0.1 ms of a 45-60 ms call; load 3.7-4.7, 7 launches of
 #: each build alternated, 15-30 rounds: before 1.16-1.27 min / 1.18-1.23
