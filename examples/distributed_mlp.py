@@ -128,12 +128,15 @@ def bn_cost():
         report(f"  {name:34s} {1e3 * min(values):8.2f} {1e3 * np.median(values):8.2f}  "
                f"{min(values) / min(base):.3f} {np.median(values) / np.median(base):.3f}")
     for block_size in sizes:
-        # per call: header (6 words) and per block status, mean, m2 forward;
-        # status and two sums backward; one last status word when blocked
+        # per call: forward, BLOCK_BYTES None: header (6 words), mean, m2
+        # in one row; BLOCK_BYTES set: the header, then per block status,
+        # mean, m2, and one last status word when blocked; backward: per
+        # block status and two sums, one last status word when blocked
         _pipeline.BLOCK_BYTES = block_size
         blocks = [len(_pipeline.plan_blocks(128, 32 * 56 * 56, 4, streams, True))
                   for streams in (1, 2)]
-        forward = 8 * (6 + blocks[0] + 2 * 128 + (blocks[0] > 1))
+        forward = 8 * (6 + 2 * 128 + (0 if block_size is None else
+                                      blocks[0] + (blocks[0] > 1)))
         backward = 8 * (blocks[1] + 2 * 128 + (blocks[1] > 1))
         report(f"  {label(block_size)}: {blocks[0]} forward, {blocks[1]} backward blocks; bytes "
                f"sent per rank: forward {forward}, backward {backward} (each rank receives "

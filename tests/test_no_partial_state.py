@@ -23,7 +23,8 @@ BACKENDS = ("fast", "reference")
 
 # NumPy (and the bridge) as seen by the code under test
 _MODULES = ["fastbn.nn.batchnorm", "fastbn.nn.linear", "fastbn.nn.module", "fastbn._validation",
-            "fastbn._bn_validation", "fastbn.reference._kernels"]
+            "fastbn._bn_validation", "fastbn.reference._kernels", "fastbn.nn.syncbatchnorm",
+            "fastbn.distributed._pipeline", "fastbn.distributed._comm"]
 
 
 class _ActiveKernels:
@@ -148,6 +149,62 @@ for _op in ("forward", "backward"):
         SETUPS[f"Linear-{_op}-grads_{_grads}"] = (
             lambda op=_op, grads=_grads: _linear_setup(op, grads))
 SETUPS["Module.load_state_dict"] = _load_setup
+
+
+class _OneRankComm:
+    """A 1-rank stand-in communicator: SyncBatchNorm's collectives in one
+    process (its Allgather copies the row)."""
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 1
+
+    def Allgather(self, send, recv):
+        recv[...] = np.asarray(send).reshape(recv.shape)
+
+
+def _collective(call):
+    """A SyncBatchNorm call: a rank's local failure (its checks, its
+    statistics or sums) reaches every rank as a ValueError whose cause is
+    the local error; the injected MemoryError is re-raised from it."""
+    def run(target):
+        try:
+            return call(target)
+        except ValueError as error:
+            if isinstance(error.__cause__, MemoryError):
+                raise error.__cause__
+            raise
+    return run
+
+
+def _sync_setup(op, grads, momentum=0.1, axis=1):
+    """SyncBatchNorm over a 1-rank stand-in: the same promise as the local
+    layers (its running statistics, counter and grads are written by Python
+    after the exchange, not by one kernel call)."""
+    rng = np.random.default_rng(7)
+    layer = nn.SyncBatchNorm(3, momentum=momentum, axis=axis, comm=_OneRankComm())
+    shape = (2, 3, 2, 3) if axis == 1 else (2, 2, 3, 3)
+    layer.weight.data[...] = rng.uniform(0.5, 1.5, 3)
+    layer.bias.data[...] = rng.uniform(-0.5, 0.5, 3)
+    for _ in range(2):
+        layer(rng.standard_normal(shape).astype(np.float32))
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    prepare, call = BN_OPS[op]
+    prepare(layer, x, dy, grads)
+    return layer, _collective(lambda target: call(target, x, dy))
+
+
+SETUPS["SyncBatchNorm-train_forward"] = lambda: _sync_setup("train_forward", "none")
+SETUPS["SyncBatchNorm-momentum_None-train_forward"] = lambda: _sync_setup(
+    "train_forward", "none", momentum=None)
+SETUPS["SyncBatchNorm-channels-last-train_forward"] = lambda: _sync_setup(
+    "train_forward", "none", axis=-1)
+for _grads in ("none", "existing"):
+    SETUPS[f"SyncBatchNorm-train_backward-grads_{_grads}"] = (
+        lambda grads=_grads: _sync_setup("train_backward", grads))
 
 
 @pytest.fixture(params=BACKENDS)

@@ -30,7 +30,7 @@ import numpy as np
 
 __all__ = ["resolve_comm", "rank_and_size", "IN_PLACE", "in_place_marker", "DTYPE_CODES",
            "dtype_code", "dtype_name", "agree", "error_messages", "raise_on_disagreement",
-           "gathered_counts", "sum_in_rank_order"]
+           "gathered_counts", "check_total_count", "sum_in_rank_order"]
 
 #: bytes of each rank's error message exchanged on a failure path
 MESSAGE_BYTES = 240
@@ -156,12 +156,19 @@ def gathered_counts(header: np.ndarray, count_column: int = 4) -> np.ndarray:
     count, planar]``), int64 in rank order.  ValueError, on every rank
     alike, when all ranks together hold fewer than 2 values per channel."""
     counts = header[:, count_column].astype(np.int64)
-    total = int(counts.sum())
+    check_total_count(counts.tolist())
+    return counts
+
+
+def check_total_count(counts: Sequence[int]) -> int:
+    """The total of every rank's values per channel (ints, rank order);
+    ValueError, on every rank alike, when it is under 2."""
+    total = sum(counts)
     if total < 2:
         raise ValueError(f"Expected more than 1 value per channel when training, got "
                          f"{total} over all {len(counts)} ranks (per rank: "
                          f"{[int(c) for c in counts]})")
-    return counts
+    return total
 
 
 def sum_in_rank_order(rows: np.ndarray) -> np.ndarray:

@@ -32,6 +32,14 @@ values per channel of any rank and the dtype (`plan_blocks`).  A rank whose
 own input is not planar (channels-last, 2-D, or no values) takes part in
 every block's all-gather but reduces and rewrites its whole array at once.
 
+One block (the default, `BLOCK_BYTES` None) skips the loop's machinery
+(`_forward_one_block`, `_backward_one_block`: the same kernel calls and
+arithmetic, so the same bits).  The MPI layer (fastbn/nn/syncbatchnorm.py)
+does not call `forward_blocks` then: it folds its header into the one
+statistics exchange with `local_stats_into` and `merged_stats`, so its
+one-block forward is one Allgather instead of two; the torch layer keeps
+its header exchange.
+
 Errors: every block's message starts with a status word.  A rank whose
 reduction or rewrite raises keeps taking part with status 1; at the next
 exchange every rank sees it and raises the same ValueError (`fail`), so
@@ -136,6 +144,19 @@ __all__ = ["BLOCK_BYTES", "plan_blocks", "Exchange", "CommExchange", "forward_bl
 #: mostly) adds up segment by segment instead of once per call (not proven
 #: apart).  The ratio moved by +-0.05 between runs of the same build minutes
 #: apart (1.08-1.18 min, 1.04-1.14 median, load 5-6).
+#: Session 10: the MPI layer's one-block forward folds its header into the
+#: statistics exchange (one meeting less per forward) and the per-call
+#: Python was cut: forward+backward of (2, 8, 3, 3) on 2 ranks 199-204 ->
+#: 99-100 us (min of 3000, medians 227-272 -> 107-115; (2, 128, 2, 2),
+#: min of 1500: 238-240 -> 131 us, one earlier launch of the old build
+#: read 638; load 2.7-4.4, builds alternated by launch), forward alone
+#: 135 -> 61 us, backward 68 -> 44.  The --bn-cost ratio did not move
+#: measurably (0.1 ms of a 45-60 ms call; load 3.7-4.7, 7 launches of
+#: each build alternated, 15-30 rounds: before 1.16-1.27 min / 1.18-1.23
+#: median, after 1.07-1.27 / 1.11-1.23; folded against a header exchange plus one
+#: block in the same launch, 25 rounds: medians 1.203 / 1.211 and
+#: 1.224 / 1.238): what remains is the second read of x and dy and the
+#: meetings' waits under load.
 BLOCK_BYTES: Optional[int] = None
 
 Blocks = List[Tuple[int, int]]
@@ -286,6 +307,9 @@ def forward_blocks(kernels, x: np.ndarray, layout, counts: Sequence[int], weight
     outer, channels, inner = layout.outer, layout.channels, layout.inner
     counts = [int(c) for c in counts]
     total = sum(counts)
+    if len(blocks) == 1:
+        return _forward_one_block(kernels, x, layout, counts, total, weight, bias, eps, relu,
+                                  exchange, fail)
     state = _Pass(kernels, x, layout, blocks)
     y = np.empty(x.shape, x.dtype)
     mean, m2, invstd = np.zeros(channels), np.zeros(channels), np.zeros(channels)
@@ -302,13 +326,7 @@ def forward_blocks(kernels, x: np.ndarray, layout, counts: Sequence[int], weight
         width = stop - first
         _, mean[first:stop], m2[first:stop] = kernels.merge_stats(
             counts, table[:, :width], table[:, width:])
-        # 1 / sqrt(m2 / total + eps) in place (the same operations, the same
-        # bits as the whole-array expression, no temporaries per block)
-        part = invstd[first:stop]
-        np.divide(m2[first:stop], total, out=part)
-        part += eps
-        np.sqrt(part, out=part)
-        np.divide(1.0, part, out=part)
+        invstd_into(invstd[first:stop], m2[first:stop], total, eps)
 
     def apply(channel_range):
         if channel_range is None:
@@ -332,6 +350,9 @@ def backward_blocks(kernels, dy: np.ndarray, x: np.ndarray, layout, mean: np.nda
     failed, it only takes part in the exchanges): (dx, sum_dy, sum_dy_xhat,
     local_sum_dy, local_sum_dy_xhat), the sums float64, over all ranks
     (added in rank order) and this rank's own."""
+    if len(blocks) == 1:
+        return _backward_one_block(kernels, dy, x, layout, mean, invstd, weight, relu_from,
+                                   total, exchange, fail, local_error)
     outer, channels, inner = layout.outer, layout.channels, layout.inner
     state = _Pass(kernels, x, layout, blocks)
     mask_weight, mask_bias = relu_from or (None, None)
@@ -362,4 +383,96 @@ def backward_blocks(kernels, dy: np.ndarray, x: np.ndarray, layout, mean: np.nda
 
     _run(blocks, exchange, lambda a, b: state.reduce(a, b, reduce), combine,
          lambda a, b: state.rewrite(a, b, apply), fail, local_error)
+    return dx, sum_dy, sum_dy_xhat, local_dy, local_dy_xhat
+
+
+# section: one block (the default) -------------------------------------------------
+# The same kernel calls and arithmetic as the block loop with one block (so
+# the same bits), without its per-call machinery (closures, the _Pass state,
+# the payload copies): about 40 us of Python less per forward+backward on a
+# tiny input (session 10, see fastbn/nn/syncbatchnorm.py).
+
+
+def invstd_into(out: np.ndarray, m2: np.ndarray, total: int, eps: float) -> np.ndarray:
+    """``1 / sqrt(m2 / total + eps)`` written into `out` (float64) with no
+    temporaries: the same operations, so the same bits, for any slice."""
+    np.divide(m2, total, out=out)
+    out += eps
+    np.sqrt(out, out=out)
+    np.divide(1.0, out, out=out)
+    return out
+
+
+def local_stats_into(kernels, x: np.ndarray, layout, row: np.ndarray) -> None:
+    """This rank's per-channel (mean, m2) written into `row` (2 * channels
+    float64: the means, then the m2s); zeros when it holds no values (its
+    count 0 drops it from the merge)."""
+    channels = layout.channels
+    if x.size == 0:
+        row[:] = 0.0
+        return
+    mean, m2 = kernels.stats(x, layout.outer, channels, layout.inner)
+    row[:channels] = mean
+    row[channels:] = m2
+
+
+def merged_stats(kernels, counts: List[int], total: int, table: np.ndarray, eps: float
+                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, m2, invstd) of all ranks, float64, from the gathered (ranks,
+    2 * channels) table of `local_stats_into` rows, merged in rank order."""
+    channels = table.shape[1] // 2
+    _, mean, m2 = kernels.merge_stats(counts, table[:, :channels], table[:, channels:])
+    return mean, m2, invstd_into(np.empty(channels), m2, total, eps)
+
+
+def _forward_one_block(kernels, x, layout, counts, total, weight, bias, eps, relu, exchange,
+                       fail):
+    channels = layout.channels
+    row = np.empty(1 + 2 * channels)
+    error = None
+    try:
+        local_stats_into(kernels, x, layout, row[1:])
+        row[0] = 0.0
+    except Exception as caught:  # reported to every rank by the status
+        error = caught
+        row[0] = 1.0
+    table = exchange.allgather(row)
+    if np.count_nonzero(table[:, 0]):
+        fail(table[:, 0], error)
+    mean, m2, invstd = merged_stats(kernels, counts, total, table[:, 1:], eps)
+    y = np.empty(x.shape, x.dtype)
+    if x.size:
+        # after the only exchange, on data every rank has checked: only an
+        # out-of-memory error can stop it, and that one stays on its rank
+        kernels.apply(x, y, layout.outer, channels, layout.inner, mean, invstd, weight, bias,
+                      relu)
+    return y, total, mean, m2, invstd
+
+
+def _backward_one_block(kernels, dy, x, layout, mean, invstd, weight, relu_from, total,
+                        exchange, fail, local_error):
+    outer, channels, inner = layout.outer, layout.channels, layout.inner
+    mask_weight, mask_bias = relu_from or (None, None)
+    relu = relu_from is not None
+    row = np.zeros(1 + 2 * channels)
+    error = local_error
+    if error is None:
+        try:
+            if x.size:
+                row[1:1 + channels], row[1 + channels:] = kernels.backward_reduce(
+                    dy, x, outer, channels, inner, mean, invstd, mask_weight, mask_bias, relu)
+        except Exception as caught:  # reported to every rank by the status
+            error = caught
+    row[0] = 0.0 if error is None else 1.0
+    local_dy, local_dy_xhat = row[1:1 + channels], row[1 + channels:]   # the row is not reused
+    table = exchange.allgather(row)
+    if np.count_nonzero(table[:, 0]):
+        fail(table[:, 0], error)
+    # rank order, on every rank: the same sums bit for bit
+    sums = sum_in_rank_order(table[:, 1:])
+    sum_dy, sum_dy_xhat = sums[:channels], sums[channels:]
+    dx = np.empty(x.shape, x.dtype)
+    if x.size:
+        kernels.backward_apply(dy, x, dx, outer, channels, inner, mean, invstd, weight, sum_dy,
+                               sum_dy_xhat, float(total), mask_weight, mask_bias, relu)
     return dx, sum_dy, sum_dy_xhat, local_dy, local_dy_xhat

@@ -8,8 +8,7 @@ DistributedDataParallel rejects those on CPU).  It runs the protocol of
 training forward all_gathers a small header (the input's description, this
 rank's checks, its values per channel), then runs the channel-block
 pipeline of fastbn/distributed/_pipeline.py (one block unless its
-BLOCK_BYTES is set, None by default; with several blocks the new output's
-pages are faulted in first): per block of channels, this
+BLOCK_BYTES is set, None by default): per block of channels, this
 rank's (mean, m2) by the kernels' stats phase, an all_gather of [status,
 mean, m2] (blocking), the merge in rank order (Chan's
 formula) and the normalization of the block while it is still in the

@@ -1,6 +1,8 @@
 """Bad or disagreeing input on ONE rank makes EVERY rank raise the same
 ValueError (never a hang; the test driver runs this under a timeout), and
 leaves the layers' state unchanged."""
+from contextlib import contextmanager
+
 import numpy as np
 
 import fastbn
@@ -23,6 +25,23 @@ def expect_same_error(comm, action, *fragments):
     assert all(m == messages[0] for m in messages), f"messages differ between ranks: {messages}"
     for fragment in fragments:
         assert fragment in messages[0], (fragment, messages[0])
+
+
+@contextmanager
+def failing_stats(on_this_rank):
+    """The kernels' statistics phase raises MemoryError on this rank."""
+    from fastbn._backend import FastKernels
+    original = FastKernels.__dict__["stats"]
+
+    def failing(*args, **kwargs):
+        raise MemoryError("simulated: no memory for the statistics")
+
+    if on_this_rank:
+        FastKernels.stats = staticmethod(failing)
+    try:
+        yield
+    finally:
+        FastKernels.stats = original
 
 
 def main(comm):
@@ -48,6 +67,21 @@ def main(comm):
     # fewer than 2 values per channel over all ranks
     x = good[:1] if rank == 0 else good[:0]
     expect_same_error(comm, lambda: bn(x[:, :, :1, :1]), "more than 1 value per channel")
+    # the statistics fail on the last rank after its checks passed (one
+    # block, the default: the failure rides in the same Allgather as the
+    # header, status 2): every rank raises the same ValueError
+    with failing_stats(last):
+        expect_same_error(comm, lambda: bn(good), "the forward failed on a rank",
+                          f"rank {size - 1}: failed (MemoryError: simulated")
+    if size > 1:
+        # a rejected input on rank 0 and failed statistics on the last rank
+        # in the same call: the input error wins, both ranks are named
+        x = rng.standard_normal((3, C + 1 if rank == 0 else C, 2, 2)).astype(np.float32)
+        with failing_stats(last):
+            expect_same_error(comm, lambda: bn(x), f"rank 0: {C + 1} channels",
+                              "rejected by this rank's checks",
+                              f"rank {size - 1}: 4 channels, dtype float32, 4D input -- its "
+                              f"statistics failed (MemoryError: simulated")
     for array, old in zip((bn.running_mean, bn.running_var, bn.num_batches_tracked), before):
         assert np.array_equal(array, old), "a failed call changed the running statistics"
 
