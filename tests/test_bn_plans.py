@@ -216,9 +216,10 @@ def test_large_channels_last_output_streams_and_matches_the_reference(simd_targe
 # backward's interleaved reduction walks one row at a time where a row is at
 # least 192 bytes (FB_BN_ROW_WALK_MIN_PIECE) and at most 512 channels, in
 # short sums of 8 rows counted from each row chunk's first row
-# (bn_reduce_row_walk), the eight-row step below 192 bytes.  N = 1 with odd
-# sizes, 3-D; row chunks of 132, 2081 or 2274 rows (group tails of 4, 1, 2
-# rows, and a shorter last chunk).
+# (bn_reduce_row_walk) for rows under 2 KiB (FB_BN_WALK_GROUP_MAX_PIECE; the
+# float64 rows of 257 and 449 channels add every row), the eight-row step
+# below 192 bytes.  N = 1 with odd sizes, 3-D; group tails of 1-7 rows and
+# shorter last chunks.
 SHAPES_ROW_WALK = [(1, 63, 67, 257), (2, 73, 73, 101), (2, 75, 71, 99), (2, 3, 21, 23, 449)]
 # Around the 192-byte edge: float32 48 and 49 channels walk, 47 take the
 # eight-row step; float64 24 and 25 walk, 23 take the step.
@@ -267,8 +268,9 @@ def test_row_walk_of_narrow_rows_matches_the_reference_at_any_thread_count(
 def test_row_walk_sums_are_exact_for_exact_inputs(threads):
     """Integer-valued dy and x (exact in float32 short sums of 8 rows):
     dbias and dweight equal the exact sums, for a narrow (48-channel) and a
-    wide (300-channel) large array, with group tails (21851 and 3511 rows)."""
-    for shape in ((21851, 48), (3511, 300)):
+    wide (300-channel) large array, with group tails (21851 and 3511 rows),
+    and for 2 KiB rows (512 channels), which add every row."""
+    for shape in ((21851, 48), (3511, 300), (2053, 512)):
         rows, channels = shape
         r = np.arange(rows, dtype=np.int64)[:, None]
         c = np.arange(channels, dtype=np.int64)[None, :]

@@ -656,14 +656,27 @@ static inline int FB_TYPED(bn_rows_alias)(fb_index C)
 #else
 #define FB_BN_WALK_OPAQUE(p, q) ((void)0)
 #endif
+/* Rows of at least this many bytes skip the short sums (every row is added
+ * to the float64 sums, the walk as it was): with 2 KiB rows (512 float32
+ * channels) the grouped walk did not gain in the two-build runs (1 / 2
+ * threads, min of 15-31 alternated rounds, load 1.4-3.3): (32,14,14,512)
+ * 1.01-1.23x / 1.13-1.16x the per-row walk's time at the minimum, (8192,
+ * 512) 1.01-1.18x / 1.05-1.06x, where (16,28,28,200), (6000, 384) and the
+ * 192-400 byte rows gained in most runs (one in-process run had
+ * (32,14,14,512) at 0.90; the loss was not profiled). */
+#ifndef FB_BN_WALK_GROUP_MAX_PIECE
+#define FB_BN_WALK_GROUP_MAX_PIECE ((fb_index)2048)
+#endif
+/* `grouped`: form the short sums (rows under FB_BN_WALK_GROUP_MAX_PIECE
+ * bytes), else add every row to the float64 sums. */
 static void FB_TYPED(bn_reduce_row_walk)(const FB_REAL *restrict dy, const FB_REAL *restrict x,
                                          const FB_REAL *restrict center, fb_index C,
                                          fb_index rows, double *restrict s1,
-                                         double *restrict s2)
+                                         double *restrict s2, int grouped)
 {
     FB_REAL b1[FB_BN_MAX_GROUP_WIDTH], b2[FB_BN_MAX_GROUP_WIDTH];  /* C <= the group width */
     fb_index q = 0;
-    for (; q + FB_BN_WALK_GROUP <= rows; q += FB_BN_WALK_GROUP) {
+    for (; grouped && q + FB_BN_WALK_GROUP <= rows; q += FB_BN_WALK_GROUP) {
         const FB_REAL *restrict x0 = x + q * C, *restrict g0 = dy + q * C;
 #pragma omp simd
         for (fb_index c = 0; c < C; ++c) {
@@ -786,7 +799,7 @@ static void FB_TYPED(bn_reduce_rows)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *
                              && piece_bytes >= FB_BN_ROW_WALK_MIN_PIECE;
         if (row_walk) {
             FB_TYPED(bn_reduce_row_walk)(pass->dy + r * C, pass->x + r * C, center, C, r1 - r,
-                                         s1, s2);
+                                         s1, s2, piece_bytes < FB_BN_WALK_GROUP_MAX_PIECE);
             return;
         }
         if (!pass->relu && !FB_TYPED(bn_rows_alias)(C)) {
