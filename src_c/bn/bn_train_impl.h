@@ -574,7 +574,16 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, const FB_TYPED(bn
  * main: (24,56,56,48) 0.83 / 0.98, (32,56,56,64) 0.89 / 0.91 gained, but
  * (64,56,56,16) 1.20 / 1.16 and (40000, 32) 1.28 / 1.08 lost.  Hence 192
  * bytes now (48 float32 or 24 float64 channels, the narrowest rows that
- * gained in every run); narrower rows keep the eight-row step.  Arrays under
+ * gained in every run); narrower rows keep the eight-row step.  The final
+ * rule (walk from 192 bytes, 8-row short sums under 2 KiB rows) against
+ * main's (walk from 400 bytes, float64 adds every row), same build and
+ * process, alternated call by call, 1 thread, min / median thread CPU time
+ * of 41 calls (load 2.5-2.8), float32: (24,56,56,48) 0.96 / 0.86,
+ * (10,56,56,60) 0.87 / 0.90, (32,56,56,64) 0.81 / 0.75, (8,56,56,80) 0.94
+ * / 0.86, (16,28,28,200) 0.70 / 0.72, (9,30,30,333) 0.63 / 0.71, (6000,
+ * 384) 0.80 / 0.68, (20000, 160) 0.63 / 0.63, (4,56,56,128) 0.77 / 0.79;
+ * float64, 31 calls: (16,56,56,24) 0.90 / 0.92, (16,28,28,100) 0.64 /
+ * 0.63, (8,28,28,200) 0.68 / 0.72, (30000, 40) 0.46 / 0.77.  Arrays under
  * FB_BN_PREFETCH_MIN_BYTES keep it too: the walk lost there (same switch,
  * 31 calls, load 4.1): (256, 512) 1.19 / 1.13, (3000, 96) 1.12 / 1.09,
  * (1000, 300) 1.09 / 1.10, (600, 200) 1.18 / 1.17, (64, 500) 1.12 / 1.15
