@@ -213,21 +213,25 @@ def test_large_channels_last_output_streams_and_matches_the_reference(simd_targe
 
 
 # Large channels-last arrays (dy and x together at least 8 MiB): the
-# backward's interleaved reduction walks one row at a time where a row piece
-# is at least 400 bytes (FB_BN_ROW_WALK_MIN_PIECE), the eight-row step below
-# that: 101 float32 channels (404 B) and 99 (396 B) on both sides, N = 1 with
-# odd sizes, 3-D; float64 takes the row walk for all of them.
+# backward's interleaved reduction walks one row at a time where a row is at
+# least 192 bytes (FB_BN_ROW_WALK_MIN_PIECE) and at most 512 channels, in
+# short sums of 8 rows counted from each row chunk's first row
+# (bn_reduce_row_walk) for rows under 2 KiB (FB_BN_WALK_GROUP_MAX_PIECE; the
+# float64 rows of 257 and 449 channels add every row), the eight-row step
+# below 192 bytes.  N = 1 with odd sizes, 3-D; group tails of 1-7 rows and
+# shorter last chunks.
 SHAPES_ROW_WALK = [(1, 63, 67, 257), (2, 73, 73, 101), (2, 75, 71, 99), (2, 3, 21, 23, 449)]
+# Around the 192-byte edge: float32 48 and 49 channels walk, 47 take the
+# eight-row step; float64 24 and 25 walk, 23 take the step.
+SHAPES_ROW_WALK_EDGE = [((1, 149, 147, 48), np.float32), ((3, 83, 87, 49), np.float32),
+                        ((22311, 47), np.float32), ((21847, 24), np.float64),
+                        ((3, 71, 99, 25), np.float64), ((22799, 23), np.float64)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES_ROW_WALK)
-def test_large_channels_last_row_walk_matches_the_reference_at_any_thread_count(
-        simd_target, threads, shape, dtype, rng):
+def check_row_walk(threads, inputs, dtype):
     """Every output and mutated buffer against the reference, and the same
     bits on 1, 2 and 3 threads; the split backward phases give the fused
     backward's bits."""
-    inputs = make(rng, shape, dtype)
     expected = run_all(R, *inputs)
     results = []
     for count in (1, 2, 3):
@@ -246,6 +250,41 @@ def test_large_channels_last_row_walk_matches_the_reference_at_any_thread_count(
     dx_phases = F.batch_norm_backward_apply(dy, x, mean, invstd, weight, *sums,
                                             x.size // x.shape[-1], axis=-1)
     np.testing.assert_array_equal(dx_phases, dx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES_ROW_WALK)
+def test_large_channels_last_row_walk_matches_the_reference_at_any_thread_count(
+        simd_target, threads, shape, dtype, rng):
+    check_row_walk(threads, make(rng, shape, dtype), dtype)
+
+
+@pytest.mark.parametrize("shape,dtype", SHAPES_ROW_WALK_EDGE)
+def test_row_walk_of_narrow_rows_matches_the_reference_at_any_thread_count(
+        simd_target, threads, shape, dtype, rng):
+    check_row_walk(threads, make(rng, shape, dtype), dtype)
+
+
+def test_row_walk_sums_are_exact_for_exact_inputs(threads):
+    """Integer-valued dy and x (exact in float32 short sums of 8 rows):
+    dbias and dweight equal the exact sums, for a narrow (48-channel) and a
+    wide (300-channel) large array, with group tails (21851 and 3511 rows),
+    and for 2 KiB rows (512 channels), which add every row."""
+    for shape in ((21851, 48), (3511, 300), (2053, 512)):
+        rows, channels = shape
+        r = np.arange(rows, dtype=np.int64)[:, None]
+        c = np.arange(channels, dtype=np.int64)[None, :]
+        x = ((r * 7 + c * 3) % 5).astype(np.float32)
+        dy = ((r * 5 + c) % 7 - 3).astype(np.float32)
+        mean = np.full(channels, 2.0, np.float32)
+        invstd = np.ones(channels, np.float32)
+        want_dbias = dy.astype(np.float64).sum(axis=0)
+        want_dweight = (dy.astype(np.float64) * (x - 2.0)).sum(axis=0)
+        for count in (1, 2, 3):
+            threads(count)
+            _, dweight, dbias = F.batch_norm_backward(dy, x, mean, invstd, axis=-1)
+            np.testing.assert_array_equal(dbias, want_dbias.astype(np.float32))
+            np.testing.assert_array_equal(dweight, want_dweight.astype(np.float32))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -560,8 +560,35 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, const FB_TYPED(bn
  * twice), (32,56,56,64) even (5.20 / 5.18), while (32,28,28,100) 2.30 ->
  * 1.89, (16,28,28,200) 2.37 -> 2.14, (32,28,28,256) 7.7 -> 5.3 and 6.5 ->
  * 5.1, (32,14,14,512) 2.88 -> 2.67 ms gained.  Hence 400 bytes (100 float32
- * channels).  float64 and 2 threads were not measured apart (2-thread
- * timings were dominated by the load).  Only where a row piece is the whole
+ * channels) -- for that walk.  Since the walk forms 8-row short sums before
+ * the float64 adds (bn_reduce_row_walk; the per-row float64 partials were
+ * what narrow rows paid for), it also beats the eight-row step on narrow
+ * rows: walk against eight-row step, same build with an experiment switch,
+ * float32, 1 thread, min / median thread CPU time of 31 alternated calls
+ * (load average 4.1-4.6): backward (32,56,56,64) 0.77 / 0.71 (another run
+ * 0.66 / 0.71), (32,28,28,64) 0.94 / 0.96, (16,28,28,96) 0.96 / 0.92,
+ * (16,56,56,48) 0.91 / 0.95, (8,28,28,32,32) 0.89 / 0.90, (64,56,56,16)
+ * 0.95 / 0.98 (another run 1.07 / 1.01), (32,56,56,24) 1.10 / 0.94.  Then
+ * two builds (bn_ab_builds.py --cpu, 1 thread, 15 alternated rounds, min /
+ * median, load 3.6 with a test run beside it), walk from 64 bytes against
+ * main: (24,56,56,48) 0.83 / 0.98, (32,56,56,64) 0.89 / 0.91 gained, but
+ * (64,56,56,16) 1.20 / 1.16 and (40000, 32) 1.28 / 1.08 lost.  Hence 192
+ * bytes now (48 float32 or 24 float64 channels, the narrowest rows that
+ * gained in every run); narrower rows keep the eight-row step.  The final
+ * rule (walk from 192 bytes, 8-row short sums under 2 KiB rows) against
+ * main's (walk from 400 bytes, float64 adds every row), same build and
+ * process, alternated call by call, 1 thread, min / median thread CPU time
+ * of 41 calls (load 2.5-2.8), float32: (24,56,56,48) 0.96 / 0.86,
+ * (10,56,56,60) 0.87 / 0.90, (32,56,56,64) 0.81 / 0.75, (8,56,56,80) 0.94
+ * / 0.86, (16,28,28,200) 0.70 / 0.72, (9,30,30,333) 0.63 / 0.71, (6000,
+ * 384) 0.80 / 0.68, (20000, 160) 0.63 / 0.63, (4,56,56,128) 0.77 / 0.79;
+ * float64, 31 calls: (16,56,56,24) 0.90 / 0.92, (16,28,28,100) 0.64 /
+ * 0.63, (8,28,28,200) 0.68 / 0.72, (30000, 40) 0.46 / 0.77.  Arrays under
+ * FB_BN_PREFETCH_MIN_BYTES keep it too: the walk lost there (same switch,
+ * 31 calls, load 4.1): (256, 512) 1.19 / 1.13, (3000, 96) 1.12 / 1.09,
+ * (1000, 300) 1.09 / 1.10, (600, 200) 1.18 / 1.17, (64, 500) 1.12 / 1.15
+ * ((8192, 64), 4 MiB, even).  float64 and 2 threads were not measured
+ * apart (2-thread timings were dominated by the load).  Only where a row piece is the whole
  * row (width == C; channels-last rows of up to FB_BN_MAX_GROUP_WIDTH
  * channels): wider rows are reduced in groups of at most 512 channels, and
  * there the row walk reads a piece and jumps to the next row, which lost
@@ -570,7 +597,7 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, const FB_TYPED(bn
  * 5.45, (3000, 2000) 5.47 -> 7.56, while (8192, 512) (whole rows) stayed
  * 3.57 / 3.59. */
 #ifndef FB_BN_ROW_WALK_MIN_PIECE
-#define FB_BN_ROW_WALK_MIN_PIECE ((fb_index)400)
+#define FB_BN_ROW_WALK_MIN_PIECE ((fb_index)192)
 #endif
 
 /* Prefetches `rows` row pieces of `width` values (row stride C) from p into
@@ -606,6 +633,89 @@ static inline void FB_TYPED(bn_prefetch_rows)(const FB_REAL *p, fb_index rows, f
 static inline int FB_TYPED(bn_rows_alias)(fb_index C)
 {
     return C * (fb_index)sizeof(FB_REAL) % 4096 == 0;
+}
+
+/* The row walk (see FB_BN_ROW_WALK_MIN_PIECE): `rows` whole rows of C
+ * values from dy and x, one row at a time, into the channel sums s1, s2.
+ * Every FB_BN_WALK_GROUP rows form one short sum per channel in the input
+ * dtype (b1, b2: the first row assigns, the next ones add, in row order),
+ * added to the float64 sums once per group; rows past the last whole group
+ * add their terms to the float64 sums one by one.  The groups count from the
+ * row chunk's first row, so the sums depend on the shape only.
+ * The walk first added every row's terms to the float64 sums (two float64
+ * loads, adds and stores per value pair, with the conversions): the profile
+ * of (16,28,28,200) float32 had its samples on the conversions, adds and
+ * stores of the partials.  Measured against it on Zen 3 (AVX2), float32,
+ * 1 thread, in one process, calls alternated with an experiment switch,
+ * min / median thread CPU time of 21-25 calls (load average 3-5): whole
+ * backward (16,28,28,200) 0.91 / 0.93 of the time, (32,14,14,512) 0.90 /
+ * 0.95, (4,56,56,100) 0.85 / 0.83; backward_reduce alone (16,28,28,200)
+ * 0.87 / 0.94, (64,28,28,160) 0.90 / 0.92, (4,56,56,100) 0.72 / 0.85.
+ * The opaque pointer step between rows (FB_BN_WALK_OPAQUE) keeps GCC's -O3
+ * from jamming two rows into one loop (unroll-and-jam): that build read four
+ * streams per loop again and lost on the DRAM-sized shapes, backward_reduce
+ * (64,28,28,160) 1.46x and (32,14,14,512) 1.22x the per-row walk's time
+ * (the profile: nearly all samples on the load of x), where the same code
+ * with the barrier gained. */
+#ifndef FB_BN_WALK_GROUP
+#define FB_BN_WALK_GROUP ((fb_index)8)
+#endif
+#if defined(__GNUC__)
+#define FB_BN_WALK_OPAQUE(p, q) __asm__ volatile("" : "+r"(p), "+r"(q))
+#else
+#define FB_BN_WALK_OPAQUE(p, q) ((void)0)
+#endif
+/* Rows of at least this many bytes skip the short sums (every row is added
+ * to the float64 sums, the walk as it was): with 2 KiB rows (512 float32
+ * channels) the grouped walk did not gain in the two-build runs (1 / 2
+ * threads, min of 15-31 alternated rounds, load 1.4-3.3): (32,14,14,512)
+ * 1.01-1.23x / 1.13-1.16x the per-row walk's time at the minimum, (8192,
+ * 512) 1.01-1.18x / 1.05-1.06x, where (16,28,28,200), (6000, 384) and the
+ * 192-400 byte rows gained in most runs (one in-process run had
+ * (32,14,14,512) at 0.90; the loss was not profiled). */
+#ifndef FB_BN_WALK_GROUP_MAX_PIECE
+#define FB_BN_WALK_GROUP_MAX_PIECE ((fb_index)2048)
+#endif
+/* `grouped`: form the short sums (rows under FB_BN_WALK_GROUP_MAX_PIECE
+ * bytes), else add every row to the float64 sums. */
+static void FB_TYPED(bn_reduce_row_walk)(const FB_REAL *restrict dy, const FB_REAL *restrict x,
+                                         const FB_REAL *restrict center, fb_index C,
+                                         fb_index rows, double *restrict s1,
+                                         double *restrict s2, int grouped)
+{
+    FB_REAL b1[FB_BN_MAX_GROUP_WIDTH], b2[FB_BN_MAX_GROUP_WIDTH];  /* C <= the group width */
+    fb_index q = 0;
+    for (; grouped && q + FB_BN_WALK_GROUP <= rows; q += FB_BN_WALK_GROUP) {
+        const FB_REAL *restrict x0 = x + q * C, *restrict g0 = dy + q * C;
+#pragma omp simd
+        for (fb_index c = 0; c < C; ++c) {
+            b1[c] = g0[c];
+            b2[c] = g0[c] * (x0[c] - center[c]);
+        }
+        for (fb_index t = 1; t < FB_BN_WALK_GROUP; ++t) {
+            x0 += C;
+            g0 += C;
+            FB_BN_WALK_OPAQUE(x0, g0);
+#pragma omp simd
+            for (fb_index c = 0; c < C; ++c) {
+                b1[c] += g0[c];
+                b2[c] += g0[c] * (x0[c] - center[c]);
+            }
+        }
+#pragma omp simd
+        for (fb_index c = 0; c < C; ++c) {
+            s1[c] += (double)b1[c];
+            s2[c] += (double)b2[c];
+        }
+    }
+    for (; q < rows; ++q) {
+        const FB_REAL *restrict x0 = x + q * C, *restrict g0 = dy + q * C;
+#pragma omp simd
+        for (fb_index c = 0; c < C; ++c) {
+            s1[c] += (double)g0[c];
+            s2[c] += (double)(g0[c] * (x0[c] - center[c]));
+        }
+    }
 }
 
 /* Row chunk k of channels [c0, c0 + width): the partials of one channel
@@ -691,12 +801,17 @@ static void FB_TYPED(bn_reduce_rows)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *
                           >= FB_BN_PREFETCH_MIN_BYTES;
         const int prefetch = piece_bytes >= FB_BN_PREFETCH_MIN_PIECE
             && piece_bytes <= FB_BN_PREFETCH_MAX_PIECE && large;
-        /* wide pieces of large arrays that are whole rows (width == C: one
-         * sequential stream each of dy and x): one row at a time (the loop
-         * after the four-row one), see FB_BN_ROW_WALK_MIN_PIECE */
+        /* pieces of large arrays that are whole rows (width == C: one
+         * sequential stream each of dy and x): one row at a time
+         * (bn_reduce_row_walk), see FB_BN_ROW_WALK_MIN_PIECE */
         const int row_walk = !pass->relu && large && width == C
                              && piece_bytes >= FB_BN_ROW_WALK_MIN_PIECE;
-        if (!pass->relu && !row_walk && !FB_TYPED(bn_rows_alias)(C)) {
+        if (row_walk) {
+            FB_TYPED(bn_reduce_row_walk)(pass->dy + r * C, pass->x + r * C, center, C, r1 - r,
+                                         s1, s2, piece_bytes < FB_BN_WALK_GROUP_MAX_PIECE);
+            return;
+        }
+        if (!pass->relu && !FB_TYPED(bn_rows_alias)(C)) {
             /* eight rows at a time (see the comment before
              * FB_BN_PREFETCH_MIN_BYTES), every row addressed from one x and
              * one dy pointer */
@@ -723,7 +838,7 @@ static void FB_TYPED(bn_reduce_rows)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *
                 }
             }
         }
-        for (; !row_walk && r + 4 <= r1; r += 4) {
+        for (; r + 4 <= r1; r += 4) {
             const fb_index offset = r * C + c0;
             if (prefetch && r + ahead + 4 <= plan->outer) {
                 FB_TYPED(bn_prefetch_rows)(pass->x + offset + ahead * C, 4, C, width);
