@@ -198,6 +198,17 @@ class _BatchNorm(Module):
                             f"{type(self).__name__}'s parameters and buffers), got {x.dtype}")
         return x, layout
 
+    def _known_or_checked_input(self, x):
+        """`_check_input(x)`, or for an ndarray of the last accepted shape and
+        dtype that call's geometry again: a training loop calls the layer on
+        the same shape every step (assigning `axis` clears it)."""
+        known = self._known_input
+        if type(x) is np.ndarray and x.shape == known[0] and x.dtype is known[1]:
+            return x, known[2]
+        x, layout = self._check_input(x)
+        object.__setattr__(self, "_known_input", (x.shape, x.dtype, layout))
+        return x, layout
+
     def _has_state(self) -> bool:
         return (self._affine or self.running_mean is not None
                 or self.running_var is not None)
@@ -255,15 +266,7 @@ class _BatchNorm(Module):
         KeyboardInterrupt arrives during the call).
         """
         kernels = current_kernels()
-        # the geometry of the last input shape is reused: a training loop
-        # calls the layer on the same shape every step (assigning `axis`
-        # clears it)
-        known = self._known_input
-        if type(x) is np.ndarray and x.shape == known[0] and x.dtype is known[1]:
-            layout = known[2]
-        else:
-            x, layout = self._check_input(x)
-            object.__setattr__(self, "_known_input", (x.shape, x.dtype, layout))
+        x, layout = self._known_or_checked_input(x)
         training = self.training
         update = training and self._track_running_stats
         weight, bias, running_mean, running_var = self._state_arrays()

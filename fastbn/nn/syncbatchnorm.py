@@ -211,12 +211,7 @@ class SyncBatchNorm(_BatchNorm):
         # geometry of the last accepted shape is reused, as the base layer
         # does), then the state arrays (writeable running statistics and
         # counter when they are updated), all before anything is written
-        known = self._known_input
-        if type(x) is np.ndarray and x.shape == known[0] and x.dtype is known[1]:
-            layout = known[2]
-        else:
-            x, layout = self._check_input(x)
-            object.__setattr__(self, "_known_input", (x.shape, x.dtype, layout))
+        x, layout = self._known_or_checked_input(x)
         update = self._track_running_stats and self.running_mean is not None
         if self._plain_state(x.dtype, update):
             state = self._state_arrays()
