@@ -16,6 +16,7 @@ from fastbn import functional as F
 from fastbn._backend import kernels_for
 from fastbn._bn_validation import batch_norm_layout
 from fastbn.distributed import _pipeline
+from _one_rank_comm import OneRankComm
 
 FAST = kernels_for("fast")
 REFERENCE = kernels_for("reference")
@@ -368,20 +369,6 @@ def test_an_error_in_any_block_raises_on_every_rank(failing_block, phase):
     assert calls[1] == want[:called if seen <= 5 else len(want)], calls[1]
 
 
-class _OneRankComm:
-    """A 1-rank communicator (Allgather only): SyncBatchNorm's collectives
-    without mpi4py."""
-
-    def Get_rank(self):
-        return 0
-
-    def Get_size(self):
-        return 1
-
-    def Allgather(self, send, recv):
-        recv[...] = np.asarray(send).reshape(recv.shape)
-
-
 @pytest.mark.parametrize("block_bytes", [None, 1])
 def test_sync_batchnorm_takes_an_input_at_an_odd_byte_offset(block_bytes, monkeypatch):
     # the channel-range phases need aligned arrays: an unaligned (but valid)
@@ -394,7 +381,7 @@ def test_sync_batchnorm_takes_an_input_at_an_odd_byte_offset(block_bytes, monkey
     x = raw[start:start + x_aligned.nbytes].view(np.float32).reshape(x_aligned.shape)
     x[...] = x_aligned
     assert not x.flags.aligned
-    local, sync = nn.BatchNorm2d(6), nn.SyncBatchNorm(6, comm=_OneRankComm())
+    local, sync = nn.BatchNorm2d(6), nn.SyncBatchNorm(6, comm=OneRankComm())
     np.testing.assert_allclose(sync(x), local(x_aligned), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(sync.backward(x), local.backward(x_aligned), rtol=1e-5, atol=1e-5)
 
@@ -449,7 +436,7 @@ def test_one_rank_sync_batchnorm_blocks_give_the_unblocked_bits(dtype, relu, mon
         monkeypatch.setattr(_pipeline, "BLOCK_BYTES", block_bytes)
         layer_type = nn.BatchNormReLU2d if relu else nn.BatchNorm2d
         layer = nn.SyncBatchNorm.convert_sync_batchnorm(layer_type(9, dtype=dtype),
-                                                        _OneRankComm())
+                                                        OneRankComm())
         layer.weight.data[...] = np.linspace(0.5, 1.5, 9).astype(dtype)
         layer.bias.data[...] = np.linspace(-0.4, 0.4, 9).astype(dtype)
         got = []
@@ -502,7 +489,7 @@ def test_a_failed_blocked_pass_leaves_the_sync_layer_unchanged_and_the_next_step
 
     def make_layer():
         layer_type = nn.BatchNormReLU2d if relu else nn.BatchNorm2d
-        layer = nn.SyncBatchNorm.convert_sync_batchnorm(layer_type(9), _OneRankComm())
+        layer = nn.SyncBatchNorm.convert_sync_batchnorm(layer_type(9), OneRankComm())
         layer.weight.data[...] = np.linspace(0.5, 1.5, 9, dtype=np.float32)
         layer.bias.data[...] = np.linspace(-0.4, 0.4, 9, dtype=np.float32)
         layer(x * 0.5)                  # a step first: stats and grads not at their initial values

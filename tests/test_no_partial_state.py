@@ -16,6 +16,7 @@ import pytest
 
 import fastbn
 import fastbn.nn as nn
+from _one_rank_comm import OneRankComm  # noqa: E402
 from _state_snapshot import (assert_same_state, count_library_calls, count_trace_events,
                              run_interrupted, run_out_of_memory, snapshot)
 
@@ -151,18 +152,6 @@ for _op in ("forward", "backward"):
 SETUPS["Module.load_state_dict"] = _load_setup
 
 
-class _OneRankComm:
-    """A 1-rank stand-in communicator: SyncBatchNorm's collectives in one
-    process (its Allgather copies the row)."""
-
-    def Get_rank(self):
-        return 0
-
-    def Get_size(self):
-        return 1
-
-    def Allgather(self, send, recv):
-        recv[...] = np.asarray(send).reshape(recv.shape)
 
 
 def _collective(call):
@@ -184,7 +173,7 @@ def _sync_setup(op, grads, momentum=0.1, axis=1):
     layers (its running statistics, counter and grads are written by Python
     after the exchange, not by one kernel call)."""
     rng = np.random.default_rng(7)
-    layer = nn.SyncBatchNorm(3, momentum=momentum, axis=axis, comm=_OneRankComm())
+    layer = nn.SyncBatchNorm(3, momentum=momentum, axis=axis, comm=OneRankComm())
     shape = (2, 3, 2, 3) if axis == 1 else (2, 2, 3, 3)
     layer.weight.data[...] = rng.uniform(0.5, 1.5, 3)
     layer.bias.data[...] = rng.uniform(-0.5, 0.5, 3)
