@@ -425,6 +425,21 @@ def merged_stats(kernels, counts: List[int], total: int, table: np.ndarray, eps:
     return mean, m2, invstd_into(np.empty(channels), m2, total, eps)
 
 
+def normalize_merged(kernels, x: np.ndarray, layout, counts: List[int], total: int,
+                     table: np.ndarray, weight, bias, eps: float, relu: bool):
+    """The one-block forward after its exchange: the gathered statistics
+    (`local_stats_into` rows) merged in rank order, then x normalized into a
+    new y.  Returns (y, mean, m2, invstd).  It runs on data every rank has
+    checked: only an out-of-memory error can stop it, and that one stays on
+    its rank."""
+    mean, m2, invstd = merged_stats(kernels, counts, total, table, eps)
+    y = np.empty(x.shape, x.dtype)
+    if x.size:
+        kernels.apply(x, y, layout.outer, layout.channels, layout.inner, mean, invstd, weight,
+                      bias, relu)
+    return y, mean, m2, invstd
+
+
 def _forward_one_block(kernels, x, layout, counts, total, weight, bias, eps, relu, exchange,
                        fail):
     channels = layout.channels
@@ -439,13 +454,8 @@ def _forward_one_block(kernels, x, layout, counts, total, weight, bias, eps, rel
     table = exchange.allgather(row)
     if np.count_nonzero(table[:, 0]):
         fail(table[:, 0], error)
-    mean, m2, invstd = merged_stats(kernels, counts, total, table[:, 1:], eps)
-    y = np.empty(x.shape, x.dtype)
-    if x.size:
-        # after the only exchange, on data every rank has checked: only an
-        # out-of-memory error can stop it, and that one stays on its rank
-        kernels.apply(x, y, layout.outer, channels, layout.inner, mean, invstd, weight, bias,
-                      relu)
+    y, mean, m2, invstd = normalize_merged(kernels, x, layout, counts, total, table[:, 1:],
+                                           weight, bias, eps, relu)
     return y, total, mean, m2, invstd
 
 

@@ -227,6 +227,16 @@ class SyncBatchNorm(_BatchNorm):
         header[5] = layout.inner > 1
         return x, layout, update, state
 
+    def _checked_input_or_status(self, x, header: np.ndarray):
+        """(`_checked_input(x, header)`'s result, None), or (None, the error)
+        with header[0] = rejected: the error goes to every rank through the
+        header's status, not up from here."""
+        try:
+            return self._checked_input(x, header), None
+        except Exception as error:
+            header[0] = _REJECTED
+            return None, error
+
     def _raise_on_bad_header(self, comm, header: list, local_error) -> None:
         """The ValueError of every rank when a rank's input failed its checks
         (status 1) or the ranks' dtypes disagree; nothing otherwise.
@@ -284,13 +294,9 @@ class SyncBatchNorm(_BatchNorm):
         channels = self._num_features
         kernels = current_kernels()
         row = np.zeros(_FORWARD_HEADER + 2 * channels)
-        local_error = None
-        try:
-            x, layout, update, state = self._checked_input(x, row)
-        except Exception as error:  # reported to every rank by the status
-            local_error = error
-            row[0] = _REJECTED
-        else:
+        checked, local_error = self._checked_input_or_status(x, row)
+        if checked is not None:
+            x, layout, update, state = checked
             try:
                 _pipeline.local_stats_into(kernels, x, layout, row[_FORWARD_HEADER:])
             except Exception as error:  # e.g. MemoryError: reported to every rank
@@ -305,15 +311,10 @@ class SyncBatchNorm(_BatchNorm):
         total = _comm.check_total_count(counts)
         if any([row[0] for row in header]):
             self._raise_forward_failed(comm, [row[0] for row in header], local_error)
-        mean, m2, invstd = _pipeline.merged_stats(kernels, counts, total,
-                                                  table[:, _FORWARD_HEADER:], self._eps)
         weight, bias, running_mean, running_var = state
-        # after the only exchange, on data every rank has checked: only an
-        # out-of-memory error can stop it, and that one stays on its rank
-        y = np.empty(x.shape, x.dtype)
-        if x.size:
-            kernels.apply(x, y, layout.outer, channels, layout.inner, mean, invstd, weight,
-                          bias, self.fused_relu)
+        y, mean, m2, invstd = _pipeline.normalize_merged(
+            kernels, x, layout, counts, total, table[:, _FORWARD_HEADER:], weight, bias,
+            self._eps, self.fused_relu)
         if update:
             self._update_running_stats(mean, m2 / (total - 1), running_mean, running_var)
         object.__setattr__(self, "_saved", (_SYNCED, x, layout, mean, invstd, total,
@@ -326,15 +327,11 @@ class SyncBatchNorm(_BatchNorm):
         so a header Allgather comes first, then the block pipeline."""
         channels = self._num_features
         send = np.zeros(_FORWARD_HEADER)
-        local_error = None
-        try:
-            x, layout, update, state = self._checked_input(x, send)
-        except Exception as error:  # reported to every rank through the header
-            local_error = error
-            send[0] = _REJECTED
+        checked, local_error = self._checked_input_or_status(x, send)
         header = _comm.agree(comm, send)
         self._raise_on_bad_header(comm, header.tolist(), local_error)
         counts = _comm.gathered_counts(header)
+        x, layout, update, state = checked   # every rank's checks passed
         weight, bias, running_mean, running_var = state
         max_count, planar = int(counts.max()), bool(header[:, 5].any())
         blocks = _pipeline.plan_blocks(channels, max_count, x.dtype.itemsize, 1, planar)
