@@ -8,7 +8,8 @@ Quick start::
     y = fastbn.functional.batch_norm(x, running_mean, running_var, weight, bias)
 
 Configuration: `show_config()`, `set_num_threads()`, `set_simd_target()`,
-`use_backend("reference")`.
+`use_backend("reference")`, `set_output_cache_bytes()` (the reuse of large
+output buffers; see fastbn._output_cache).
 """
 from ._version import __version__
 
@@ -26,6 +27,8 @@ from ._config import (available_simd_targets, compiled_simd_targets, config_info
                       get_num_threads, get_simd_target, get_user_num_threads,
                       set_num_threads, set_simd_target,
                       show_config, _select_initial_target)
+from ._output_cache import (clear_output_cache, get_output_cache_bytes, output_cache_info,
+                            set_output_cache_bytes)
 from .parameter import Parameter
 from .checkpoint import CheckpointError, load, load_into, save
 from . import functional, reference
@@ -42,4 +45,5 @@ __all__ = [
     "get_backend", "set_backend", "use_backend",
     "available_simd_targets", "compiled_simd_targets", "get_simd_target", "set_simd_target",
     "get_num_threads", "get_user_num_threads", "set_num_threads", "show_config", "config_info",
+    "set_output_cache_bytes", "get_output_cache_bytes", "output_cache_info", "clear_output_cache",
 ]

@@ -13,7 +13,8 @@ Inputs may have any strides: one that is not C-contiguous and aligned is
 copied once here; a running statistic (IN-OUT) that needs a copy is copied
 back after the kernel, so the caller's array is always updated in place.
 Outputs passed as None are allocated here, which costs less than np.empty
-from Python on the per-call path.  This
+from Python on the per-call path; large ones come from the output cache
+(fastbn._output_cache), which reuses the buffers of outputs that are gone.  This
 layer fills one call struct per kernel call, runs the entry of the active
 SIMD target's table for the input's dtype without the GIL and turns a status
 code into an exception.
@@ -25,6 +26,8 @@ from libc.stdint cimport int64_t
 from libc.string cimport memset
 
 from fastbn._core cimport current_simd_target, effective_num_threads, raise_for_status
+
+from fastbn import _output_cache
 
 cnp.import_array()
 
@@ -303,11 +306,23 @@ cdef inline cnp.ndarray empty_like_array(cnp.ndarray array):
                              cnp.PyArray_TYPE(array), 0)
 
 
+# Outputs of at least this many bytes come from fastbn._output_cache (the
+# freed buffers of earlier outputs, already mapped: a fresh array over 32 MB
+# is page-faulted in on its first write, which costs about as much as the
+# kernel); smaller ones from NumPy, whose allocator reuses freed memory by
+# itself.  The call into Python (~2 us) is made only for those large
+# outputs, whose kernels take 30 us and more.
+cdef Py_ssize_t MIN_CACHED_BYTES = _output_cache.MIN_CACHED_BYTES
+cdef object cached_array = _output_cache.new_array
+
+
 cdef inline cnp.ndarray output_array(cnp.ndarray like, object given):
     """`given` (the caller's out=, already checked for shape, dtype and
     contiguity), or a new array shaped like `like`.  An unaligned view is
     refused before anything is written: the kernels store whole elements."""
     if given is None:
+        if cnp.PyArray_NBYTES(like) >= MIN_CACHED_BYTES:
+            return <cnp.ndarray>cached_array((<object>like).shape, (<object>like).dtype)
         return empty_like_array(like)
     if not cnp.PyArray_ISALIGNED(<cnp.ndarray>given):
         raise ValueError("out: expected an aligned array (the kernels store whole elements), "

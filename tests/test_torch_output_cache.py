@@ -1,4 +1,4 @@
-"""fastbn.torch's output-buffer cache (fastbn/torch/_output_cache.py): a
+"""fastbn.torch and the output-buffer cache (fastbn/_output_cache.py): a
 buffer is reused only once nothing can see it (views, NumPy arrays,
 storages, DLPack capsules, autograd's saved tensors, .grad), the byte cap
 holds, 0 turns it off, results are the same bits with it on and off and
@@ -20,7 +20,8 @@ torch = pytest.importorskip("torch")
 
 import fastbn.torch as ft  # noqa: E402
 from fastbn import reference  # noqa: E402
-from fastbn.torch import _output_cache, batchnorm  # noqa: E402
+from fastbn import _output_cache  # noqa: E402
+from fastbn.torch import batchnorm  # noqa: E402
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(ft.__file__))))
 SHAPE = (4, 6, 5, 7)

@@ -121,6 +121,12 @@ def _bn_case(kind: str, shape_full, shape_quick, axis: int, bf16: bool = False):
         contenders["fastbn"] = op
         contenders["fastbn_out"] = lambda: op(out)
         contenders["reference"] = _reference(op)
+        if activations is not None:
+            # the same values in float32, in the same rounds: the bf16 rows'
+            # "x fp32" is measured side by side, not against another row
+            contenders["fastbn_fp32"] = _float32_twin(kind, x, dy if kind == "backward" else None,
+                                                      axis, running_mean, running_var, weight,
+                                                      bias)
         torch = config.torch
         if torch is not None:
             tx = _torch_view(torch, x, axis)
@@ -145,6 +151,22 @@ def _bn_case(kind: str, shape_full, shape_quick, axis: int, bf16: bool = False):
             contenders["torch"] = run_torch
         return contenders, moved
     return build
+
+
+def _float32_twin(kind: str, x, dy, axis: int, running_mean, running_var, weight, bias):
+    """fastbn's allocating float32 call on float32 copies of the bfloat16
+    case's arrays (the same values)."""
+    from fastbn import functional as F
+    x32 = x.astype(np.float32)
+    if kind == "eval":
+        return lambda: F.batch_norm(x32, running_mean, running_var, weight, bias,
+                                    training=False, axis=axis)
+    if kind == "train":
+        rm, rv = running_mean.copy(), running_var.copy()
+        return lambda: F.batch_norm(x32, rm, rv, weight, bias, training=True, axis=axis)
+    dy32 = dy.astype(np.float32)
+    _, mean, invstd = F.batch_norm_forward_train(x32, weight, bias, 1e-5, axis=axis)
+    return lambda: F.batch_norm_backward(dy32, x32, mean, invstd, weight, axis=axis)
 
 
 # ---- batch norm + ReLU ----------------------------------------------------------

@@ -19,7 +19,7 @@ from fastbn._progress import ProgressBar
 from .cases import BenchConfig, Case, all_cases
 from .measure import stream_bandwidth, time_interleaved, time_per_call
 
-CONTENDERS = ("fastbn", "fastbn_out", "reference", "torch")
+CONTENDERS = ("fastbn", "fastbn_out", "reference", "torch", "fastbn_fp32")
 
 
 def load_torch(threads: int, enabled: bool):
@@ -75,7 +75,7 @@ def run_case(case: Case, config: BenchConfig, bar: ProgressBar) -> Dict[str, obj
         for contender, timing in timings.items():
             record[contender] = timing.as_dict()
     fast = record["fastbn"]["median_s"]
-    for contender in ("reference", "torch"):
+    for contender in ("reference", "torch", "fastbn_fp32"):
         if contender in record:
             record[f"speedup_vs_{contender}"] = record[contender]["median_s"] / fast
     record["fastbn_gbps"] = moved / fast / 1e9
@@ -103,7 +103,7 @@ def _fmt_time(seconds: Optional[float]) -> str:
 
 def format_table(records: List[Dict[str, object]], bandwidth: float) -> str:
     header = (f"{'case':<28} {'fastbn':>10} {'out=':>10} {'reference':>10} {'torch':>10} "
-              f"{'x ref':>7} {'x torch':>8} {'GB/s':>7} {'% bw':>5}")
+              f"{'x ref':>7} {'x torch':>8} {'GB/s':>7} {'% bw':>5} {'x fp32':>6}")
     lines = [header, "-" * len(header)]
     for r in records:
         if "skipped" in r:
@@ -115,9 +115,11 @@ def format_table(records: List[Dict[str, object]], bandwidth: float) -> str:
         gbps = r.get("fastbn_out_gbps", r["fastbn_gbps"])
         percent = "-" if r["group"] == "overhead" else f"{100 * gbps / bandwidth:.0f}"
         gbps_text = "-" if r["group"] == "overhead" else f"{gbps:.1f}"
+        vs_fp32 = (f"{r['speedup_vs_fastbn_fp32']:.2f}" if "speedup_vs_fastbn_fp32" in r else "")
         lines.append(f"{r['name']:<28} {_fmt_time(med['fastbn']):>10} {_fmt_time(med['fastbn_out']):>10} "
                      f"{_fmt_time(med['reference']):>10} "
-                     f"{_fmt_time(med['torch']):>10} {vs_ref:>7} {vs_torch:>8} {gbps_text:>7} {percent:>5}")
+                     f"{_fmt_time(med['torch']):>10} {vs_ref:>7} {vs_torch:>8} {gbps_text:>7} {percent:>5}"
+                     f" {vs_fp32:>6}".rstrip())
     return "\n".join(lines)
 
 
@@ -199,7 +201,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"bandwidth probe (in-place stream update): {bandwidth:.1f} GB/s ({threads} threads); "
           "times are medians of interleaved rounds; 'x ref'/'x torch' = their time / fastbn time "
           "(all three allocating their output); 'out=' = fastbn writing into a reused buffer; "
-          "GB/s = bytes that must move / fastbn time (out= where available)")
+          "GB/s = bytes that must move / fastbn time (out= where available); "
+          "'x fp32' (bfloat16 rows) = fastbn's float32 time on the same values / its bfloat16 time, "
+          "in the same rounds")
     print(format_table(records, bandwidth))
     if args.json:
         with open(args.json, "w") as f:

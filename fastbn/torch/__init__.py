@@ -20,9 +20,11 @@ the modules skip the op dispatch and run the same kernels directly
 
 Output buffers: the modules' large outputs (forward y, backward dx; 1 MiB
 and more) are reused from a cache once every tensor that could see them is
-gone, instead of page-faulting fresh memory in at every call; it keeps at
-most 256 MiB of free buffers by default (`set_output_cache_bytes`, 0 turns
-it off; or ``FASTBN_TORCH_OUTPUT_CACHE_BYTES`` in the environment).
+gone, instead of page-faulting fresh memory in at every call; it is fastbn's
+one output cache (the NumPy API uses it too) and keeps at most 256 MiB of
+free buffers by default (`set_output_cache_bytes`, the same function as
+``fastbn.set_output_cache_bytes``; 0 turns it off; or
+``FASTBN_OUTPUT_CACHE_BYTES`` in the environment).
 
 Threads: fastbn's kernels use ``torch.get_num_threads()`` threads unless a
 count was set with `fastbn.set_num_threads`.  fastbn's OpenMP runtime and
@@ -43,7 +45,7 @@ from .batchnorm import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormReLU1d,
                         BatchNormReLU2d, BatchNormReLU3d)
 from .clip_grad import clip_grad_norm_
 from .convert import convert
-from ._output_cache import get_output_cache_bytes, output_cache_info, set_output_cache_bytes
+from .._output_cache import get_output_cache_bytes, output_cache_info, set_output_cache_bytes
 from .syncbatchnorm import SyncBatchNorm, SyncBatchNormReLU, convert_sync_batchnorm
 from . import optim
 

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as bn_functional
-from . import _output_cache
+from .. import _output_cache
 from .._bn_validation import check_running_stats_apart as check_stats_apart
 from .._config import _follow_num_threads, get_user_num_threads
 

@@ -1,22 +1,27 @@
 """A size-capped cache of the fast path's large output buffers (forward y,
-backward dx) so that a training loop that produces the same shapes every
-step reuses their memory.
+backward dx of the batch-norm kernels, for the NumPy API, the layers,
+SyncBatchNorm and fastbn.torch alike) so that a training loop that produces
+the same shapes every step reuses their memory.
 
 Why: an output over 32 MB is freed back to the OS by glibc's ``free``, so a
-fresh one is page-faulted in again on its first write at every call.  For a
-(64, 128, 56, 56) float32 output (103 MB) that first touch costs more than
-the batch-norm kernel itself (measured in the README).  Kept buffers are
-already mapped.
+fresh one is page-faulted in again on its first write at every call (the OS
+maps and zeroes every new page: a full extra write).  For a (64, 128, 56, 56)
+float32 output (103 MB) that first touch costs about as much as the
+batch-norm kernel itself (the bench's allocating and ``out=`` columns).
+Kept buffers are already mapped.
 
 Safety: a buffer is handed out as the memory of a `_Lease` object, which
 every view of it keeps alive: the NumPy array the kernel writes has the
 lease as its base (NumPy stops collapsing a view's base at an object that
-is not an array), ``torch.from_numpy`` keeps that array alive for as long
-as the tensor's storage lives, and torch views, autograd's saved tensors,
+is not an array), so every NumPy view, slice or reshape of it keeps the
+lease; ``torch.from_numpy`` keeps that array alive for as long as the
+tensor's storage lives, and torch views, autograd's saved tensors,
 ``tensor.numpy()`` arrays, DLPack capsules and ``untyped_storage()`` objects
 all keep the storage alive.  Only when the last of them is gone does the
 lease's ``__del__`` run and give the buffer back, so a buffer is never
-handed out while anything can still see it.
+handed out while anything can still see it.  What users notice: such an
+array does not own its memory (``flags.owndata`` is False, ``resize`` in
+place is refused), as any view.
 
 Threads: a lease may die in any thread, or inside the garbage collector
 while this thread holds the cache's lock.  ``__del__`` therefore never
@@ -36,7 +41,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-__all__ = ["DEFAULT_CACHE_BYTES", "MIN_CACHED_BYTES", "ENV_VAR", "new_array",
+__all__ = ["DEFAULT_CACHE_BYTES", "MIN_CACHED_BYTES", "ENV_VAR", "LEGACY_ENV_VAR", "new_array",
            "set_output_cache_bytes", "get_output_cache_bytes", "output_cache_info",
            "clear_output_cache"]
 
@@ -44,7 +49,9 @@ DEFAULT_CACHE_BYTES = 256 * 2**20
 # Smaller outputs come from malloc's heap, which reuses freed memory itself;
 # a lease costs a few microseconds more than np.empty.
 MIN_CACHED_BYTES = 2**20
-ENV_VAR = "FASTBN_TORCH_OUTPUT_CACHE_BYTES"
+ENV_VAR = "FASTBN_OUTPUT_CACHE_BYTES"
+# the name of the variable when only fastbn.torch had the cache (still read)
+LEGACY_ENV_VAR = "FASTBN_TORCH_OUTPUT_CACHE_BYTES"
 
 _Key = Tuple[int, str]
 
@@ -146,7 +153,8 @@ class _Lease:
 
 def new_array(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """An uninitialized C-contiguous array, from the cache when it is at
-    least `MIN_CACHED_BYTES` and the cache is on (else ``np.empty``)."""
+    least `MIN_CACHED_BYTES` and the cache is on (else ``np.empty``).
+    `dtype` may be any fixed-size NumPy dtype (ml_dtypes.bfloat16 too)."""
     nbytes = prod(shape) * dtype.itemsize
     cache = _cache
     if nbytes < MIN_CACHED_BYTES or cache.cap == 0:
@@ -162,7 +170,10 @@ def new_array(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         # a buffer is usually asked for with the same shape every time
         entry[2], entry[3] = shape, {"data": (entry[1], False), "shape": shape,
                                      "typestr": dtype.str, "version": 3}
-    return np.asarray(_Lease(entry, key, entry[3]))
+    array = np.asarray(_Lease(entry, key, entry[3]))
+    # a dtype outside NumPy's own (ml_dtypes.bfloat16: typestr '<V2') comes
+    # back as raw bytes of its size; the view keeps the lease alive
+    return array if array.dtype == dtype else array.view(dtype)
 
 
 def _check_bytes(n: object) -> int:
@@ -174,16 +185,18 @@ def _check_bytes(n: object) -> int:
 
 
 def set_output_cache_bytes(n: int) -> None:
-    """Keep at most `n` bytes of freed fastbn.torch output buffers for reuse.
+    """Keep at most `n` bytes of freed batch-norm output buffers for reuse.
 
-    The BatchNorm modules' fast path writes its outputs (forward y, backward
-    dx) into buffers of at least 1 MiB taken from this cache; a buffer goes
-    back to it only when every tensor, view, saved tensor and NumPy array
-    that can see it is gone, and buffers beyond `n` bytes are released to
-    the allocator (least recently freed first).  Buffers still in use are
-    not counted.  ``0`` turns the cache off and releases everything.  The
-    default is 256 MiB, or the environment variable
-    ``FASTBN_TORCH_OUTPUT_CACHE_BYTES`` read at import.
+    The batch-norm kernels (functional API, layers, SyncBatchNorm and
+    fastbn.torch's modules) write the outputs they allocate (forward y,
+    backward dx) into buffers of at least 1 MiB taken from this cache; a
+    buffer goes back to it only when every array, view, tensor and saved
+    tensor that can see it is gone, and buffers beyond `n` bytes are
+    released to the allocator (least recently freed first).  Buffers still
+    in use are not counted.  ``0`` turns the cache off and releases
+    everything.  The default is 256 MiB, or the environment variable
+    ``FASTBN_OUTPUT_CACHE_BYTES`` (formerly ``FASTBN_TORCH_OUTPUT_CACHE_BYTES``,
+    still read when the new one is unset) read at import.
 
     Parameters
     ----------
@@ -235,13 +248,14 @@ def output_cache_info() -> Dict[str, int]:
 
 
 def _initial_cap() -> int:
-    text = os.environ.get(ENV_VAR, "").strip()
+    name = ENV_VAR if os.environ.get(ENV_VAR, "").strip() else LEGACY_ENV_VAR
+    text = os.environ.get(name, "").strip()
     if not text:
         return DEFAULT_CACHE_BYTES
     try:
         return _check_bytes(int(text))
     except (TypeError, ValueError):
-        warnings.warn(f"{ENV_VAR}={text!r} is not a number of bytes >= 0; using "
+        warnings.warn(f"{name}={text!r} is not a number of bytes >= 0; using "
                       f"{DEFAULT_CACHE_BYTES}", RuntimeWarning, stacklevel=2)
         return DEFAULT_CACHE_BYTES
 
