@@ -22,12 +22,13 @@ is computed by the same float32/float64 operations as the C kernels
   where the stored bfloat16 output is > 0.
 
 Only the sums differ from the kernels: NumPy's pairwise float64 sums here,
-fixed chunks there, and the kernels' backward sums (of g and of g * (x - m),
-training and eval) first add 8 values per lane in float32 (g * (x - m) by a
-fused multiply-add) before the float64 lane takes them, as the float32
-kernels do.  So on data whose sums are exact (small dyadic values about an
-exact mean) every output is bit-identical to the kernels'; on other data
-the float32 per-channel values may differ in their last bits.
+fixed chunks there, and the kernels' channels-first sums (the statistics'
+sums of d and d * d, and the backwards' of g and g * (x - m)) first add 8
+values per lane in float32 (the products by a fused multiply-add) before
+the float64 lane takes them, as the float32 kernels do.  So on data whose
+sums are exact (small dyadic values about an exact mean) every output is
+bit-identical to the kernels'; on other data the float32 per-channel values
+may differ in their last bits.
 
 ml_dtypes is imported by the functions, not by this module: fastbn imports
 without it.

@@ -7,16 +7,19 @@
  * Numerics (the NumPy twin, fastbn/reference/_bf16_bn.py, does the same
  * operations):
  *   - bfloat16 is widened to float32 exactly (a 16-bit shift).
- *   - Statistics: per channel, sum(x - c) and sum((x - c)^2) in float64
- *     around c = the channel's first value, d = x - c formed in float32 and
- *     d * d in float64 (exact).  mean = c + s1 / n,
+ *   - Statistics: per channel, sum(x - c) and sum((x - c)^2) around c = the
+ *     channel's first value, d = x - c formed in float32 (exact); channels-
+ *     first runs add FB_BN_BF16_SHORT_SUM values per lane in float32 (d * d
+ *     by a float32 fused multiply-add) before the float64 lane takes them,
+ *     as the float32 kernels do; channels-last rows and run tails add every
+ *     d and its exact square to float64.  mean = c + s1 / n,
  *     var = (s2 - s1 * (s1 / n)) / n (>= 0), invstd = 1 / sqrt(var + eps).
  *   - The backwards' sums, sum(g) and sum(g (x - m)): channels-first runs
  *     add FB_BN_BF16_SHORT_SUM values per lane in float32 (g (x - m) by a
  *     float32 fused multiply-add) before the float64 lane takes them, as
  *     the float32 kernels do; channels-last rows add every value to float64
- *     (g (x - m) exact there).  The twin sums in float64 (pairwise): the
- *     same bits on exact sums.
+ *     (g (x - m) exact there).  The twin sums both in float64 (pairwise):
+ *     the same bits on exact sums.
  *   - Every rewrite is a function of the float32 per-channel values only
  *     (saved or running statistics, weight, bias), never of the float64 sums
  *     behind them:
@@ -295,75 +298,59 @@ static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
     bn_bf16_avx2_lanes(s2, a2);
     return i;
 }
-#endif
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) \
-    && defined(__AVX512DQ__)
-#define FB_BN_BF16_VECTOR_REDUCE 1
-#include <immintrin.h>
-/* Explicit AVX-512 forms of the two run reductions below: lane l of the
- * 16 float64 accumulators takes elements i + l, as in the portable loops
- * (which the compiler does not keep in registers), so the partial sums are
- * the same bits.  The float64 products of two float32 values are exact, so
- * a fused multiply-add equals the product-then-add of the portable form. */
-/* Eight values widened in a 256-bit register: the halves of 16 are
- * converted to float64 straight from their own registers (one conversion
- * each), which on Zen 4 beat widening 16 in a 512-bit register and
- * extracting its upper half (an extra shuffle per 16 values, and 512-bit
- * integer operations that take two cycles of a 256-bit pipe). */
-static inline __m256 bn_bf16_widen8(const uint16_t *src)
-{
-    const __m128i h = _mm_loadu_si128((const __m128i *)src);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
+/* The statistics' run reduction in the same form: d = x - c in float32
+ * (exact), sum(d) and sum(d * d) (a float32 fused multiply-add) in short
+ * sums of FB_BN_BF16_SHORT_SUM per lane, then the float64 lanes -- the
+ * float32 kernels' statistics (FB_BN_SHORT_SUM), so bfloat16 statistics are
+ * those of the float32 kernels on the same values up to their order of
+ * summation.  The form before widened every d to float64 (exact squares):
+ * 11.1 cycles per 16 values in L1 on Zen 3 (the conversions share one
+ * lane-crossing unit), which left the bfloat16 training forward
+ * compute-bound at one thread (11.4 ms against the eval forward's 6.5 ms
+ * for the same rewrite, (64,128,56,56) into out=). */
 static inline fb_index bn_bf16_reduce_x_vector(const uint16_t *restrict x, fb_index len,
                                                float center, fb_index ahead, double *a1,
                                                double *a2)
 {
     const __m256 m = _mm256_set1_ps(center);
-    __m512d s1lo = _mm512_setzero_pd(), s1hi = s1lo, s2lo = s1lo, s2hi = s1lo;
+    __m256d s1[4], s2[4];
+    for (int q = 0; q < 4; ++q)
+        s1[q] = s2[q] = _mm256_setzero_pd();
     fb_index i = 0;
-    for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
-        if (ahead)
-            _mm_prefetch((const char *)(x + i + ahead), _MM_HINT_T0);
-        const __m512d lo = _mm512_cvtps_pd(_mm256_sub_ps(bn_bf16_widen8(x + i), m));
-        const __m512d hi = _mm512_cvtps_pd(_mm256_sub_ps(bn_bf16_widen8(x + i + 8), m));
-        s1lo = _mm512_add_pd(s1lo, lo);
-        s1hi = _mm512_add_pd(s1hi, hi);
-        s2lo = _mm512_fmadd_pd(lo, lo, s2lo);
-        s2hi = _mm512_fmadd_pd(hi, hi, s2hi);
+    while (i + FB_BN_BF16_LANES <= len) {
+        __m256 b1[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}; /* even, odd */
+        __m256 b2[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        const fb_index stop = i + FB_BN_BF16_SHORT_SUM * FB_BN_BF16_LANES;
+        for (; i + FB_BN_BF16_LANES <= len && i < stop; i += FB_BN_BF16_LANES) {
+#if defined(__AVX512F__)
+            if (ahead)
+                _mm_prefetch((const char *)(x + i + ahead), _MM_HINT_T0);
+#endif
+            const __m256i xw = _mm256_loadu_si256((const __m256i *)(x + i));
+            const __m256 d[2] = {_mm256_sub_ps(fb_bf16_pair_even(xw), m),
+                                 _mm256_sub_ps(fb_bf16_pair_odd(xw), m)};
+            for (int e = 0; e < 2; ++e) {
+                b1[e] = _mm256_add_ps(b1[e], d[e]);
+                b2[e] = BN_BF16_FMA8(d[e], d[e], b2[e]);
+            }
+        }
+        bn_bf16_flush_pairs(b1[0], b1[1], s1);
+        bn_bf16_flush_pairs(b2[0], b2[1], s2);
     }
-    _mm512_storeu_pd(a1, s1lo);
-    _mm512_storeu_pd(a1 + 8, s1hi);
-    _mm512_storeu_pd(a2, s2lo);
-    _mm512_storeu_pd(a2 + 8, s2hi);
+#if !defined(__AVX512F__)
+    (void)ahead;
+#endif
+    bn_bf16_avx2_lanes(s1, a1);
+    bn_bf16_avx2_lanes(s2, a2);
     return i;
 }
-
-#elif defined(__AVX2__) && defined(__FMA__)
 #define FB_BN_BF16_VECTOR_REDUCE 1
-#include <immintrin.h>
-/* Explicit AVX2 form of the statistics' run reduction: lane l of the 16
- * float64 accumulators still takes elements i + l, in order, so the partial
- * sums are the portable loop's bits; the lanes are only held in another
- * arrangement.
- * 8 loaded bfloat16 (16 bytes) form 4 32-bit words, word j holding elements
- * 2j (low half) and 2j + 1 (high half): the even elements widen with one
- * shift, the odd ones with one mask ("pair order", no lane shuffle), and
- * each 4 float32 become 4 float64 with one conversion; the four float64
- * vectors of a sum hold lanes {0,2,4,6}, {8,10,12,14}, {1,3,5,7},
- * {9,11,13,15}; bn_bf16_avx2_lanes puts them back in lane order once per
- * run.  What GCC made of the portable loop (vpmovzxwd widening, the lane
- * arrays zeroed with rep stos per run) took ~1 cycle per value in L1.
- * Loaded as 16-byte halves, not as one 32-byte vector: the 256-bit
- * float32 -> float64 conversion (vcvtps2pd ymm, xmm) and the vextractf128
- * that fed it the upper 128 bits share one lane-crossing unit on Zen 3, and
- * the four extracts per 16 values were a third of the loop's shuffles.
- * Measured on the (16 KiB, L1-resident) loop alone, 3.2 GHz Zen 3: 13.5
- * cycles per 16 values with 32-byte loads, 11.1 with 16-byte halves (all
- * 128-bit arithmetic, vcvtps2pd xmm: 18.2; the sum of g as a fused
- * multiply-add g * 1 + s to move it off the add pipes: slower). */
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+/* The AVX2 build's channels-last backward rows (below) widen 8 bfloat16 of
+ * a 16-byte load in pair order. */
 /* the even (pair-order shift) and odd (mask) float32 of 8 bfloat16 */
 static inline __m128 bn_bf16_avx2_even4(__m128i w)
 {
@@ -373,32 +360,6 @@ static inline __m128 bn_bf16_avx2_even4(__m128i w)
 static inline __m128 bn_bf16_avx2_odd4(__m128i w)
 {
     return _mm_castsi128_ps(_mm_and_si128(w, _mm_set1_epi32((int)0xFFFF0000u)));
-}
-
-static inline fb_index bn_bf16_reduce_x_vector(const uint16_t *restrict x, fb_index len,
-                                               float center, fb_index ahead, double *a1,
-                                               double *a2)
-{
-    (void)ahead;
-    const __m128 m = _mm_set1_ps(center);
-    __m256d s1[4], s2[4];
-    for (int q = 0; q < 4; ++q)
-        s1[q] = s2[q] = _mm256_setzero_pd();
-    fb_index i = 0;
-    for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
-        for (int h = 0; h < 2; ++h) { /* elements i + 8h .. i + 8h + 7 */
-            const __m128i w = _mm_loadu_si128((const __m128i *)(x + i + 8 * h));
-            const __m256d even = _mm256_cvtps_pd(_mm_sub_ps(bn_bf16_avx2_even4(w), m));
-            const __m256d odd = _mm256_cvtps_pd(_mm_sub_ps(bn_bf16_avx2_odd4(w), m));
-            s1[h] = _mm256_add_pd(s1[h], even);
-            s2[h] = _mm256_fmadd_pd(even, even, s2[h]); /* d * d is exact: one rounding either way */
-            s1[2 + h] = _mm256_add_pd(s1[2 + h], odd);
-            s2[2 + h] = _mm256_fmadd_pd(odd, odd, s2[2 + h]);
-        }
-    }
-    bn_bf16_avx2_lanes(s1, a1);
-    bn_bf16_avx2_lanes(s2, a2);
-    return i;
 }
 
 /* Channels-last backward sums of rows [r0, r1) when C <= this (and C a
@@ -470,7 +431,8 @@ static void bn_bf16_rows_grad_avx2(const bn_bf16_pass *p, fb_index r0, fb_index 
     }
 }
 #define FB_BN_BF16_ROWS_GRAD_AVX2 1
-#else
+#endif
+#ifndef FB_BN_BF16_VECTOR_REDUCE
 #define FB_BN_BF16_VECTOR_REDUCE 0
 #endif
 #ifndef FB_BN_BF16_ROWS_GRAD_AVX2
@@ -490,12 +452,22 @@ static void bn_bf16_reduce_x_run(const uint16_t *restrict x, fb_index len, float
     for (int l = 0; l < FB_BN_BF16_LANES; ++l)
         a1[l] = a2[l] = 0.0;
 #endif
-    for (; i + FB_BN_BF16_LANES <= len; i += FB_BN_BF16_LANES) {
+    while (i + FB_BN_BF16_LANES <= len) { /* short sums, see bn_bf16_reduce_x_vector */
+        float b1[FB_BN_BF16_LANES], b2[FB_BN_BF16_LANES];
+        for (int l = 0; l < FB_BN_BF16_LANES; ++l)
+            b1[l] = b2[l] = 0.0f;
+        const fb_index stop = i + FB_BN_BF16_SHORT_SUM * FB_BN_BF16_LANES;
+        for (; i + FB_BN_BF16_LANES <= len && i < stop; i += FB_BN_BF16_LANES) {
 #pragma omp simd
+            for (int l = 0; l < FB_BN_BF16_LANES; ++l) {
+                const float d = bn_bf16_widen(x[i + l]) - center;
+                b1[l] += d;
+                b2[l] = bn_bf16_fma(d, d, b2[l]);
+            }
+        }
         for (int l = 0; l < FB_BN_BF16_LANES; ++l) {
-            const double d = (double)(bn_bf16_widen(x[i + l]) - center);
-            a1[l] += d;
-            a2[l] += d * d;
+            a1[l] += (double)b1[l];
+            a2[l] += (double)b2[l];
         }
     }
     double r1 = bn_bf16_lanes_total(a1), r2 = bn_bf16_lanes_total(a2);
