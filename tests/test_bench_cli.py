@@ -100,3 +100,30 @@ def test_adam_bench_rows_count_the_bytes_of_their_storage(name, bytes_per_elemen
     assert set(contenders) == {"fastbn", "reference"}
     contenders["fastbn"]()
     contenders["reference"]()
+
+
+def test_bench_bfloat16_row_reports_its_float32_twin(tmp_path):
+    # a bfloat16 row also times fastbn's float32 call on the same values in
+    # the same rounds: 'speedup_vs_fastbn_fp32' in the JSON and the 'x fp32'
+    # column; a float32 row has neither (--quick: the small shapes)
+    pytest.importorskip("ml_dtypes")
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", "--quick", "--filter", "bn_bf16_eval_fwd_nchw", "--filter",
+                     "overhead_eval_2x4", "--no-torch", "--no-progress", "--threads", "1",
+                     "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    cases = {case["name"]: case for case in json.loads(out.read_text())["cases"]}
+    assert set(cases) == {"bn_bf16_eval_fwd_nchw", "overhead_eval_2x4"}
+    bf16 = cases["bn_bf16_eval_fwd_nchw"]
+    assert bf16["fastbn_fp32"]["median_s"] > 0
+    assert bf16["speedup_vs_fastbn_fp32"] == pytest.approx(
+        bf16["fastbn_fp32"]["median_s"] / bf16["fastbn"]["median_s"])
+    assert "fastbn_fp32" not in cases["overhead_eval_2x4"]
+    assert "speedup_vs_fastbn_fp32" not in cases["overhead_eval_2x4"]
+    lines = result.stdout.splitlines()
+    (header,) = [line for line in lines if line.startswith("case ")]
+    assert header.split()[-2:] == ["x", "fp32"]
+    (row,) = [line for line in lines if line.startswith("bn_bf16_eval_fwd_nchw ")]
+    assert row.split()[-1] == f"{bf16['speedup_vs_fastbn_fp32']:.2f}"
+    (other,) = [line for line in lines if line.startswith("overhead_eval_2x4 ")]
+    assert len(other.rstrip()) < header.index("x fp32")  # the column is empty

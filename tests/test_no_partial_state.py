@@ -5,10 +5,13 @@ updated, exactly as a clean call leaves it.
 
 Injected failures: a read-only buffer (each written buffer in turn), a bad
 state entry, a MemoryError from every NumPy call and every bridge call on
-the path, and a KeyboardInterrupt at every trace event of fastbn's code.
+the path (the output cache's allocation included, on outputs of 1 MiB and
+more that take it), and a KeyboardInterrupt at every trace event of
+fastbn's code.
 """
 from __future__ import annotations
 
+import gc
 import importlib
 
 import numpy as np
@@ -16,16 +19,19 @@ import pytest
 
 import fastbn
 import fastbn.nn as nn
+from fastbn import _output_cache
 from _one_rank_comm import OneRankComm  # noqa: E402
 from _state_snapshot import (assert_same_state, count_library_calls, count_trace_events,
                              run_interrupted, run_out_of_memory, snapshot)
 
 BACKENDS = ("fast", "reference")
 
-# NumPy (and the bridge) as seen by the code under test
+# NumPy (and the bridge) as seen by the code under test; fastbn._output_cache:
+# the bridge and the SyncBatchNorm pipeline allocate their outputs through its
+# new_array (bound at their import, so it is reached through its ``np``)
 _MODULES = ["fastbn.nn.batchnorm", "fastbn.nn.linear", "fastbn.nn.module", "fastbn._validation",
             "fastbn._bn_validation", "fastbn.reference._kernels", "fastbn.nn.syncbatchnorm",
-            "fastbn.distributed._pipeline", "fastbn.distributed._comm"]
+            "fastbn.distributed._pipeline", "fastbn.distributed._comm", "fastbn._output_cache"]
 
 
 class _ActiveKernels:
@@ -47,16 +53,22 @@ PATCHES = [(importlib.import_module(name), "np") for name in _MODULES] + [
 
 # ---- the layers and calls under test -----------------------------------------------
 
-def _bn_case(kind: str, momentum=0.1):
+# float32 activations of (2, 3, 192, 240): 1.05 MiB, outputs that come from the
+# output cache
+LARGE_SPATIAL = (192, 240)
+
+
+def _bn_case(kind: str, momentum=0.1, large=False):
     rng = np.random.default_rng(7)
+    spatial = LARGE_SPATIAL if large else (2, 3)
     if kind == "BatchNorm1d":
         layer, shape = nn.BatchNorm1d(3, momentum=momentum), (5, 3)
     elif kind == "BatchNorm2d":
-        layer, shape = nn.BatchNorm2d(3, momentum=momentum), (2, 3, 2, 3)
+        layer, shape = nn.BatchNorm2d(3, momentum=momentum), (2, 3) + spatial
     elif kind == "BatchNorm2d-channels-last":
-        layer, shape = nn.BatchNorm2d(3, momentum=momentum, axis=-1), (2, 2, 3, 3)
+        layer, shape = nn.BatchNorm2d(3, momentum=momentum, axis=-1), (2,) + spatial + (3,)
     else:
-        layer, shape = nn.BatchNormReLU2d(3, momentum=momentum), (2, 3, 2, 3)
+        layer, shape = nn.BatchNormReLU2d(3, momentum=momentum), (2, 3) + spatial
     layer.weight.data[...] = rng.uniform(0.5, 1.5, 3)
     layer.bias.data[...] = rng.uniform(-0.5, 0.5, 3)
     for _ in range(2):   # non-trivial running statistics and count
@@ -97,8 +109,8 @@ BN_OPS = {
 }
 
 
-def _bn_setup(kind, op, grads, momentum=0.1):
-    layer, x, dy = _bn_case(kind, momentum)
+def _bn_setup(kind, op, grads, momentum=0.1, large=False):
+    layer, x, dy = _bn_case(kind, momentum, large)
     prepare, call = BN_OPS[op]
     prepare(layer, x, dy, grads)
     return layer, (lambda target: call(target, x, dy))
@@ -168,13 +180,14 @@ def _collective(call):
     return run
 
 
-def _sync_setup(op, grads, momentum=0.1, axis=1):
+def _sync_setup(op, grads, momentum=0.1, axis=1, large=False):
     """SyncBatchNorm over a 1-rank stand-in: the same promise as the local
     layers (its running statistics, counter and grads are written by Python
     after the exchange, not by one kernel call)."""
     rng = np.random.default_rng(7)
     layer = nn.SyncBatchNorm(3, momentum=momentum, axis=axis, comm=OneRankComm())
-    shape = (2, 3, 2, 3) if axis == 1 else (2, 2, 3, 3)
+    spatial = LARGE_SPATIAL if large else (2, 3)
+    shape = (2, 3) + spatial if axis == 1 else (2,) + spatial + (3,)
     layer.weight.data[...] = rng.uniform(0.5, 1.5, 3)
     layer.bias.data[...] = rng.uniform(-0.5, 0.5, 3)
     for _ in range(2):
@@ -194,6 +207,22 @@ SETUPS["SyncBatchNorm-channels-last-train_forward"] = lambda: _sync_setup(
 for _grads in ("none", "existing"):
     SETUPS[f"SyncBatchNorm-train_backward-grads_{_grads}"] = (
         lambda grads=_grads: _sync_setup("train_backward", grads))
+
+
+# Outputs of 1 MiB and more, which the bridge and the pipeline take from the
+# output cache: only for the MemoryError test (the KeyboardInterrupt test runs
+# a setup per trace event, and the cached path adds no state of the layer)
+LARGE_SETUPS = {}
+for _kind in ("BatchNorm2d", "BatchNorm2d-channels-last", "BatchNormReLU2d"):
+    for _op in BN_OPS:
+        _grads = "existing" if "backward" in _op else "none"
+        LARGE_SETUPS[f"large-{_kind}-{_op}-grads_{_grads}"] = (
+            lambda kind=_kind, op=_op, grads=_grads: _bn_setup(kind, op, grads, large=True))
+for _axis in (1, -1):
+    LARGE_SETUPS[f"large-SyncBatchNorm-axis{_axis}-train_forward"] = (
+        lambda axis=_axis: _sync_setup("train_forward", "none", axis=axis, large=True))
+    LARGE_SETUPS[f"large-SyncBatchNorm-axis{_axis}-train_backward-grads_existing"] = (
+        lambda axis=_axis: _sync_setup("train_backward", "existing", axis=axis, large=True))
 
 
 @pytest.fixture(params=BACKENDS)
@@ -236,18 +265,29 @@ def test_keyboard_interrupt_anywhere_leaves_state_unchanged_or_complete(name, ba
 # ---- MemoryError from every NumPy and bridge call ---------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(SETUPS))
+@pytest.mark.parametrize("name", sorted(SETUPS) + sorted(LARGE_SETUPS))
 def test_memory_error_anywhere_leaves_state_unchanged(name, backend):
-    setup = SETUPS[name]
+    setup = SETUPS.get(name) or LARGE_SETUPS[name]
     layer, call = setup()
     calls = count_library_calls(lambda: call(layer), PATCHES)
     # Linear's forward allocates only through ufuncs (matmul), not patched
     assert calls > 0 or name == "Linear-forward-grads_none"
+    if name in LARGE_SETUPS and backend == "fast":
+        # the output comes through the cache: its allocation is among the calls
+        layer, call = setup()
+        assert count_library_calls(lambda: call(layer), [(_output_cache, "np")]) > 0
     for k in range(calls):
         layer, call = setup()
         before = snapshot(layer)
         assert run_out_of_memory(lambda: call(layer), k, PATCHES)
         assert_same_state(before, snapshot(layer), f"{name}, MemoryError at call {k}")
+    # the cache's books still balance: what it counts as kept is what it keeps
+    gc.collect()
+    info = _output_cache.output_cache_info()
+    free = _output_cache._cache.free
+    assert info["retained"] == sum(key[0] * len(entries) for key, entries in free.items())
+    assert info["buffers"] == sum(len(entries) for entries in free.values())
+    assert info["retained"] <= info["cap"]
 
 
 # ---- a read-only buffer, each written buffer in turn ---------------------------------------
