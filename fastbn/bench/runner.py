@@ -200,7 +200,8 @@ def main(args: argparse.Namespace) -> int:
     print(title)
     print(f"bandwidth probe (in-place stream update): {bandwidth:.1f} GB/s ({threads} threads); "
           "times are medians of interleaved rounds; 'x ref'/'x torch' = their time / fastbn time "
-          "(all three allocating their output); 'out=' = fastbn writing into a reused buffer; "
+          "(all three allocating their output; fastbn's of 1 MiB and more from its output cache); "
+          "'out=' = fastbn writing into a reused buffer; "
           "GB/s = bytes that must move / fastbn time (out= where available); "
           "'x fp32' (bfloat16 rows) = fastbn's float32 time on the same values / its bfloat16 time, "
           "in the same rounds")

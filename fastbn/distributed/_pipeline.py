@@ -158,6 +158,13 @@ __all__ = ["BLOCK_BYTES", "plan_blocks", "Exchange", "CommExchange", "forward_bl
 #: block in the same launch, 25 rounds: medians 1.203 / 1.211 and
 #: 1.224 / 1.238): what remains is the second read of x and dy and the
 #: meetings' waits under load.
+#: Session 11: y and dx come from the output cache (fastbn._output_cache),
+#: so the page faults above are gone from both layers (--bn-cost, quiet,
+#: load 0.7-1.0, 15 rounds, min: local 35.7 -> 19.3 ms, one block 42.7 ->
+#: 24.9 ms); the ratio rose to 1.29-1.43, and blocks now pay: 6-8 MiB
+#: 1.20-1.25, 4 MiB 1.21-1.24, 2 and 12-16 MiB 1.28-1.38.  With a third
+#: process on one of the two cores, 4 and 16 MiB blocks were 1.5-1.8 where
+#: one block was 1.24-1.39: the default stays one block.
 BLOCK_BYTES: Optional[int] = None
 
 Blocks = List[Tuple[int, int]]
