@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
-import os
-import subprocess
 import sys
 import threading
 import weakref
@@ -19,11 +17,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import fastbn.torch as ft  # noqa: E402
+import fastbn  # noqa: E402
 from fastbn import reference  # noqa: E402
 from fastbn import _output_cache  # noqa: E402
 from fastbn.torch import batchnorm  # noqa: E402
 
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(ft.__file__))))
 SHAPE = (4, 6, 5, 7)
 CHANNELS = SHAPE[1]
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -367,24 +365,12 @@ def test_bad_cap_raises_naming_n_and_changes_nothing(cache, value, error):
     assert ft.get_output_cache_bytes() == before
 
 
-def _python(code, tmp_path, **env):
-    environment = dict(os.environ, **env)
-    environment["PYTHONPATH"] = os.pathsep.join(
-        [PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=environment,
-                          capture_output=True, text=True, timeout=300)
-
-
-def test_environment_variable_sets_the_initial_cap(tmp_path):
-    code = "import fastbn.torch as ft; print(ft.get_output_cache_bytes())"
-    assert _python(code, tmp_path).stdout.split() == [str(256 * 2**20)]
-    assert _python(code, tmp_path, FASTBN_TORCH_OUTPUT_CACHE_BYTES="0").stdout.split() == ["0"]
-    assert _python(code, tmp_path,
-                   FASTBN_TORCH_OUTPUT_CACHE_BYTES="12345").stdout.split() == ["12345"]
-    bad = _python(code, tmp_path, FASTBN_TORCH_OUTPUT_CACHE_BYTES="lots")
-    assert bad.returncode == 0
-    assert bad.stdout.split() == [str(256 * 2**20)]
-    assert "FASTBN_TORCH_OUTPUT_CACHE_BYTES" in bad.stderr and "RuntimeWarning" in bad.stderr
+def test_torch_functions_are_the_core_cache_functions():
+    # one cache: its environment variables and caps are tested with the
+    # NumPy API (tests/test_output_cache.py)
+    assert ft.set_output_cache_bytes is fastbn.set_output_cache_bytes
+    assert ft.get_output_cache_bytes is fastbn.get_output_cache_bytes
+    assert ft.output_cache_info is fastbn.output_cache_info
 
 
 # section: threads and fork ---------------------------------------------------------------

@@ -244,19 +244,31 @@ static inline void bn_bf16_flush_pairs(__m256 even, __m256 odd, __m256d *s)
     s[3] = _mm256_add_pd(s[3], _mm256_cvtps_pd(_mm256_extractf128_ps(odd, 1)));
 }
 
-/* The backwards' run reduction, one form for the AVX2 and the AVX-512
- * builds (256-bit, so both run the code the tests run on an AVX2 machine):
- * the full vectors of bn_bf16_reduce_grad_run's portable loop, the same
- * float32 short sums and float64 lanes, in pair order (16 bfloat16 loaded
- * as 8 32-bit words, fb_bf16_pair_even / _odd: a shift and a mask, no lane
- * shuffle).  The float32 operations are the portable loop's, one by one
- * (adds, and fused multiply-adds written as such), so every target has the
- * same bits. */
-static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
-                                                  const uint16_t *restrict x, fb_index len,
-                                                  float center, float mask_scale,
-                                                  float mask_shift, int relu, fb_index ahead,
-                                                  double *a1, double *a2)
+/* The run reductions, one form for the AVX2 and the AVX-512 builds
+ * (256-bit, so both run the code the tests run on an AVX2 machine): the full
+ * vectors of the portable loops of bn_bf16_reduce_x_run and
+ * bn_bf16_reduce_grad_run, the same float32 short sums and float64 lanes,
+ * in pair order (16 bfloat16 loaded as 8 32-bit words, fb_bf16_pair_even /
+ * _odd: a shift and a mask, no lane shuffle).  The float32 operations are
+ * the portable loops', one by one (adds, and fused multiply-adds written as
+ * such), so every target has the same bits.  `kind` (a constant at every
+ * call): BN_BF16_SUM_X, the statistics' sum(d) and sum(d * d), d = x - c;
+ * BN_BF16_SUM_GRAD, the backwards' sum(g) and sum(g * d), g = dy (with
+ * BN_BF16_SUM_GRAD_RELU masked where the pre-activation d * ms + mh is
+ * below FLT_MIN).
+ * The statistics' float64 form before (every d widened, exact squares)
+ * took 11.1 cycles per 16 values in L1 on Zen 3 (the conversions share one
+ * lane-crossing unit), which left the bfloat16 training forward
+ * compute-bound at one thread (11.4 ms against the eval forward's 6.5 ms
+ * for the same rewrite, (64,128,56,56) into out=; 10.1 ms with the short
+ * sums). */
+enum { BN_BF16_SUM_X = 0, BN_BF16_SUM_GRAD = 1, BN_BF16_SUM_GRAD_RELU = 2 };
+
+FB_ALWAYS_INLINE fb_index bn_bf16_reduce_vector(const uint16_t *restrict dy,
+                                                const uint16_t *restrict x, fb_index len,
+                                                float center, float mask_scale,
+                                                float mask_shift, const int kind,
+                                                fb_index ahead, double *a1, double *a2)
 {
     const __m256 m = _mm256_set1_ps(center), ms = _mm256_set1_ps(mask_scale);
     const __m256 mh = _mm256_set1_ps(mask_shift), smallest = _mm256_set1_ps(FLT_MIN);
@@ -272,67 +284,25 @@ static inline fb_index bn_bf16_reduce_grad_vector(const uint16_t *restrict dy,
 #if defined(__AVX512F__)
             if (ahead) {
                 _mm_prefetch((const char *)(x + i + ahead), _MM_HINT_T0);
-                _mm_prefetch((const char *)(dy + i + ahead), _MM_HINT_T0);
+                if (kind != BN_BF16_SUM_X)
+                    _mm_prefetch((const char *)(dy + i + ahead), _MM_HINT_T0);
             }
 #endif
             const __m256i xw = _mm256_loadu_si256((const __m256i *)(x + i));
-            const __m256i gw = _mm256_loadu_si256((const __m256i *)(dy + i));
             const __m256 xc[2] = {_mm256_sub_ps(fb_bf16_pair_even(xw), m),
                                   _mm256_sub_ps(fb_bf16_pair_odd(xw), m)};
-            __m256 g[2] = {fb_bf16_pair_even(gw), fb_bf16_pair_odd(gw)};
+            __m256 g[2] = {xc[0], xc[1]};
+            if (kind != BN_BF16_SUM_X) {
+                const __m256i gw = _mm256_loadu_si256((const __m256i *)(dy + i));
+                g[0] = fb_bf16_pair_even(gw);
+                g[1] = fb_bf16_pair_odd(gw);
+            }
             for (int e = 0; e < 2; ++e) {
-                if (relu)
+                if (kind == BN_BF16_SUM_GRAD_RELU)
                     g[e] = _mm256_and_ps(_mm256_cmp_ps(BN_BF16_FMA8(xc[e], ms, mh), smallest,
                                                        _CMP_GE_OQ), g[e]);
                 b1[e] = _mm256_add_ps(b1[e], g[e]);
                 b2[e] = BN_BF16_FMA8(g[e], xc[e], b2[e]);
-            }
-        }
-        bn_bf16_flush_pairs(b1[0], b1[1], s1);
-        bn_bf16_flush_pairs(b2[0], b2[1], s2);
-    }
-#if !defined(__AVX512F__)
-    (void)ahead;
-#endif
-    bn_bf16_avx2_lanes(s1, a1);
-    bn_bf16_avx2_lanes(s2, a2);
-    return i;
-}
-
-/* The statistics' run reduction in the same form: d = x - c in float32
- * (exact), sum(d) and sum(d * d) (a float32 fused multiply-add) in short
- * sums of FB_BN_BF16_SHORT_SUM per lane, then the float64 lanes -- the
- * float32 kernels' statistics (FB_BN_SHORT_SUM), so bfloat16 statistics are
- * those of the float32 kernels on the same values up to their order of
- * summation.  The form before widened every d to float64 (exact squares):
- * 11.1 cycles per 16 values in L1 on Zen 3 (the conversions share one
- * lane-crossing unit), which left the bfloat16 training forward
- * compute-bound at one thread (11.4 ms against the eval forward's 6.5 ms
- * for the same rewrite, (64,128,56,56) into out=). */
-static inline fb_index bn_bf16_reduce_x_vector(const uint16_t *restrict x, fb_index len,
-                                               float center, fb_index ahead, double *a1,
-                                               double *a2)
-{
-    const __m256 m = _mm256_set1_ps(center);
-    __m256d s1[4], s2[4];
-    for (int q = 0; q < 4; ++q)
-        s1[q] = s2[q] = _mm256_setzero_pd();
-    fb_index i = 0;
-    while (i + FB_BN_BF16_LANES <= len) {
-        __m256 b1[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}; /* even, odd */
-        __m256 b2[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-        const fb_index stop = i + FB_BN_BF16_SHORT_SUM * FB_BN_BF16_LANES;
-        for (; i + FB_BN_BF16_LANES <= len && i < stop; i += FB_BN_BF16_LANES) {
-#if defined(__AVX512F__)
-            if (ahead)
-                _mm_prefetch((const char *)(x + i + ahead), _MM_HINT_T0);
-#endif
-            const __m256i xw = _mm256_loadu_si256((const __m256i *)(x + i));
-            const __m256 d[2] = {_mm256_sub_ps(fb_bf16_pair_even(xw), m),
-                                 _mm256_sub_ps(fb_bf16_pair_odd(xw), m)};
-            for (int e = 0; e < 2; ++e) {
-                b1[e] = _mm256_add_ps(b1[e], d[e]);
-                b2[e] = BN_BF16_FMA8(d[e], d[e], b2[e]);
             }
         }
         bn_bf16_flush_pairs(b1[0], b1[1], s1);
@@ -447,12 +417,12 @@ static void bn_bf16_reduce_x_run(const uint16_t *restrict x, fb_index len, float
     double a1[FB_BN_BF16_LANES], a2[FB_BN_BF16_LANES]; /* set by the vector loop, or zeroed */
     fb_index i = 0;
 #if FB_BN_BF16_VECTOR_REDUCE
-    i = bn_bf16_reduce_x_vector(x, len, center, ahead, a1, a2);
+    i = bn_bf16_reduce_vector(NULL, x, len, center, 0.0f, 0.0f, BN_BF16_SUM_X, ahead, a1, a2);
 #else
     for (int l = 0; l < FB_BN_BF16_LANES; ++l)
         a1[l] = a2[l] = 0.0;
 #endif
-    while (i + FB_BN_BF16_LANES <= len) { /* short sums, see bn_bf16_reduce_x_vector */
+    while (i + FB_BN_BF16_LANES <= len) { /* short sums, see bn_bf16_reduce_vector */
         float b1[FB_BN_BF16_LANES], b2[FB_BN_BF16_LANES];
         for (int l = 0; l < FB_BN_BF16_LANES; ++l)
             b1[l] = b2[l] = 0.0f;
@@ -489,7 +459,8 @@ static void bn_bf16_reduce_grad_run(const uint16_t *restrict dy, const uint16_t 
     double a1[FB_BN_BF16_LANES], a2[FB_BN_BF16_LANES]; /* set by the vector loop, or zeroed */
     fb_index i = 0;
 #if FB_BN_BF16_VECTOR_REDUCE
-    i = bn_bf16_reduce_grad_vector(dy, x, len, m, ms, mh, relu, ahead, a1, a2);
+    i = relu ? bn_bf16_reduce_vector(dy, x, len, m, ms, mh, BN_BF16_SUM_GRAD_RELU, ahead, a1, a2)
+             : bn_bf16_reduce_vector(dy, x, len, m, ms, mh, BN_BF16_SUM_GRAD, ahead, a1, a2);
 #else
     for (int l = 0; l < FB_BN_BF16_LANES; ++l)
         a1[l] = a2[l] = 0.0;
