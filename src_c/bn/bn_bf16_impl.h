@@ -189,6 +189,9 @@ static inline float bn_bf16_activate(float v, int relu)
 
 /* ---- reductions ------------------------------------------------------------- */
 
+/* What a run reduction sums (bn_bf16_reduce_run, bn_bf16_reduce_vector). */
+enum { BN_BF16_SUM_X = 0, BN_BF16_SUM_GRAD = 1, BN_BF16_SUM_GRAD_RELU = 2 };
+
 /* Pairwise total of the fixed lanes (the same order on every target). */
 static inline double bn_bf16_lanes_total(const double *a)
 {
@@ -246,11 +249,10 @@ static inline void bn_bf16_flush_pairs(__m256 even, __m256 odd, __m256d *s)
 
 /* The run reductions, one form for the AVX2 and the AVX-512 builds
  * (256-bit, so both run the code the tests run on an AVX2 machine): the full
- * vectors of the portable loops of bn_bf16_reduce_x_run and
- * bn_bf16_reduce_grad_run, the same float32 short sums and float64 lanes,
- * in pair order (16 bfloat16 loaded as 8 32-bit words, fb_bf16_pair_even /
+ * vectors of the portable loop of bn_bf16_reduce_run, the same float32
+ * short sums and float64 lanes, in pair order (16 bfloat16 loaded as 8 32-bit words, fb_bf16_pair_even /
  * _odd: a shift and a mask, no lane shuffle).  The float32 operations are
- * the portable loops', one by one (adds, and fused multiply-adds written as
+ * the portable loop's, one by one (adds, and fused multiply-adds written as
  * such), so every target has the same bits.  `kind` (a constant at every
  * call): BN_BF16_SUM_X, the statistics' sum(d) and sum(d * d), d = x - c;
  * BN_BF16_SUM_GRAD, the backwards' sum(g) and sum(g * d), g = dy (with
@@ -262,7 +264,6 @@ static inline void bn_bf16_flush_pairs(__m256 even, __m256 odd, __m256d *s)
  * compute-bound at one thread (11.4 ms against the eval forward's 6.5 ms
  * for the same rewrite, (64,128,56,56) into out=; 10.1 ms with the short
  * sums). */
-enum { BN_BF16_SUM_X = 0, BN_BF16_SUM_GRAD = 1, BN_BF16_SUM_GRAD_RELU = 2 };
 
 FB_ALWAYS_INLINE fb_index bn_bf16_reduce_vector(const uint16_t *restrict dy,
                                                 const uint16_t *restrict x, fb_index len,
@@ -409,58 +410,24 @@ static void bn_bf16_rows_grad_avx2(const bn_bf16_pass *p, fb_index r0, fb_index 
 #define FB_BN_BF16_ROWS_GRAD_AVX2 0
 #endif
 
-/* s1 += sum(d), s2 += sum(d^2) over a run, d = x - center (float32). */
-static void bn_bf16_reduce_x_run(const uint16_t *restrict x, fb_index len, float center,
-                                 fb_index ahead, double *s1, double *s2)
+/* *s1 += sum(g), *s2 += sum(g * d) over a run, d = x - center (float32):
+ * g = d for the statistics (BN_BF16_SUM_X: sum(d) and sum(d * d)), g = dy
+ * for the backwards, masked with the ReLU for BN_BF16_SUM_GRAD_RELU
+ * (bn_bf16_grad).  `kind` is a constant at every call, so each kind
+ * compiles to its own loop.  The vector builds take the whole vectors
+ * (bn_bf16_reduce_vector, the same operations); the loop below does what
+ * is left, and all of a run on the baseline. */
+FB_ALWAYS_INLINE void bn_bf16_reduce_run(const uint16_t *restrict dy, const uint16_t *restrict x,
+                                         fb_index len, float center, float mask_scale,
+                                         float mask_shift, const int kind, fb_index ahead,
+                                         double *s1, double *s2)
 {
     (void)ahead;
+    const int relu = kind == BN_BF16_SUM_GRAD_RELU;
     double a1[FB_BN_BF16_LANES], a2[FB_BN_BF16_LANES]; /* set by the vector loop, or zeroed */
     fb_index i = 0;
 #if FB_BN_BF16_VECTOR_REDUCE
-    i = bn_bf16_reduce_vector(NULL, x, len, center, 0.0f, 0.0f, BN_BF16_SUM_X, ahead, a1, a2);
-#else
-    for (int l = 0; l < FB_BN_BF16_LANES; ++l)
-        a1[l] = a2[l] = 0.0;
-#endif
-    while (i + FB_BN_BF16_LANES <= len) { /* short sums, see bn_bf16_reduce_vector */
-        float b1[FB_BN_BF16_LANES], b2[FB_BN_BF16_LANES];
-        for (int l = 0; l < FB_BN_BF16_LANES; ++l)
-            b1[l] = b2[l] = 0.0f;
-        const fb_index stop = i + FB_BN_BF16_SHORT_SUM * FB_BN_BF16_LANES;
-        for (; i + FB_BN_BF16_LANES <= len && i < stop; i += FB_BN_BF16_LANES) {
-#pragma omp simd
-            for (int l = 0; l < FB_BN_BF16_LANES; ++l) {
-                const float d = bn_bf16_widen(x[i + l]) - center;
-                b1[l] += d;
-                b2[l] = bn_bf16_fma(d, d, b2[l]);
-            }
-        }
-        for (int l = 0; l < FB_BN_BF16_LANES; ++l) {
-            a1[l] += (double)b1[l];
-            a2[l] += (double)b2[l];
-        }
-    }
-    double r1 = bn_bf16_lanes_total(a1), r2 = bn_bf16_lanes_total(a2);
-    for (; i < len; ++i) {
-        const double d = (double)(bn_bf16_widen(x[i]) - center);
-        r1 += d;
-        r2 += d * d;
-    }
-    *s1 += r1;
-    *s2 += r2;
-}
-
-/* s1 += sum(g), s2 += sum(g * (x - m)) over a run (g: dy, masked with relu). */
-static void bn_bf16_reduce_grad_run(const uint16_t *restrict dy, const uint16_t *restrict x,
-                                    fb_index len, float m, float ms, float mh, int relu,
-                                    fb_index ahead, double *s1, double *s2)
-{
-    (void)ahead;
-    double a1[FB_BN_BF16_LANES], a2[FB_BN_BF16_LANES]; /* set by the vector loop, or zeroed */
-    fb_index i = 0;
-#if FB_BN_BF16_VECTOR_REDUCE
-    i = relu ? bn_bf16_reduce_vector(dy, x, len, m, ms, mh, BN_BF16_SUM_GRAD_RELU, ahead, a1, a2)
-             : bn_bf16_reduce_vector(dy, x, len, m, ms, mh, BN_BF16_SUM_GRAD, ahead, a1, a2);
+    i = bn_bf16_reduce_vector(dy, x, len, center, mask_scale, mask_shift, kind, ahead, a1, a2);
 #else
     for (int l = 0; l < FB_BN_BF16_LANES; ++l)
         a1[l] = a2[l] = 0.0;
@@ -473,10 +440,11 @@ static void bn_bf16_reduce_grad_run(const uint16_t *restrict dy, const uint16_t 
         for (; i + FB_BN_BF16_LANES <= len && i < stop; i += FB_BN_BF16_LANES) {
 #pragma omp simd
             for (int l = 0; l < FB_BN_BF16_LANES; ++l) {
-                const float xc = bn_bf16_widen(x[i + l]) - m;
-                const float g = bn_bf16_grad(bn_bf16_widen(dy[i + l]), xc, ms, mh, relu);
+                const float d = bn_bf16_widen(x[i + l]) - center;
+                const float g = kind == BN_BF16_SUM_X
+                    ? d : bn_bf16_grad(bn_bf16_widen(dy[i + l]), d, mask_scale, mask_shift, relu);
                 b1[l] += g;
-                b2[l] = bn_bf16_fma(g, xc, b2[l]);
+                b2[l] = bn_bf16_fma(g, d, b2[l]);
             }
         }
         for (int l = 0; l < FB_BN_BF16_LANES; ++l) {
@@ -485,11 +453,12 @@ static void bn_bf16_reduce_grad_run(const uint16_t *restrict dy, const uint16_t 
         }
     }
     double r1 = bn_bf16_lanes_total(a1), r2 = bn_bf16_lanes_total(a2);
-    for (; i < len; ++i) {
-        const float xc = bn_bf16_widen(x[i]) - m;
-        const float g = bn_bf16_grad(bn_bf16_widen(dy[i]), xc, ms, mh, relu);
+    for (; i < len; ++i) { /* the tail: exact float64 products */
+        const float d = bn_bf16_widen(x[i]) - center;
+        const float g = kind == BN_BF16_SUM_X
+            ? d : bn_bf16_grad(bn_bf16_widen(dy[i]), d, mask_scale, mask_shift, relu);
         r1 += (double)g;
-        r2 += (double)g * (double)xc;
+        r2 += (double)g * (double)d;
     }
     *s1 += r1;
     *s2 += r2;
@@ -502,13 +471,14 @@ static inline void bn_bf16_reduce_planar_run(const bn_bf16_pass *p, fb_index c, 
                                              double *s2)
 {
     if (p->mode == BN_BF16_FORWARD)
-        bn_bf16_reduce_x_run(p->x + offset, len, p->center[c], ahead, s1, s2);
+        bn_bf16_reduce_run(NULL, p->x + offset, len, p->center[c], 0.0f, 0.0f, BN_BF16_SUM_X,
+                           ahead, s1, s2);
     else if (p->relu)
-        bn_bf16_reduce_grad_run(p->dy + offset, p->x + offset, len, p->center[c],
-                                p->mask_scale[c], p->mask_shift[c], 1, ahead, s1, s2);
+        bn_bf16_reduce_run(p->dy + offset, p->x + offset, len, p->center[c], p->mask_scale[c],
+                           p->mask_shift[c], BN_BF16_SUM_GRAD_RELU, ahead, s1, s2);
     else
-        bn_bf16_reduce_grad_run(p->dy + offset, p->x + offset, len, p->center[c], 0, 0, 0,
-                                ahead, s1, s2);
+        bn_bf16_reduce_run(p->dy + offset, p->x + offset, len, p->center[c], 0.0f, 0.0f,
+                           BN_BF16_SUM_GRAD, ahead, s1, s2);
 }
 
 static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
