@@ -1489,6 +1489,58 @@ static void FB_TYPED(bn_owned_short_rows)(const fb_bn_plan *plan, FB_TYPED(bn_pa
         fb_stream_fence();
 }
 
+/* The owned walks' common steps (bn_owned_turns, bn_owned_channels). */
+
+/* Channel c's totals t1, t2 in: finalize it, then rewrite its chunks,
+ * newest first (the likeliest to still be in L1/L2). */
+static inline void FB_TYPED(bn_owned_channel_finish)(const fb_bn_plan *plan,
+                                                    FB_TYPED(bn_pass) *pass,
+                                                    const FB_TYPED(bn_coefficients) *coef,
+                                                    int rewrite, fb_index c, double t1,
+                                                    double t2)
+{
+    const fb_index chunks = plan->chunks;
+    FB_TYPED(bn_finalize)(plan, pass, c, t1, t2, coef, 1);
+    for (fb_index s = 0; s < chunks && rewrite; ++s)
+        FB_TYPED(bn_apply_item)(plan, pass, *coef, (c + 1) * chunks - 1 - s);
+}
+
+/* Zero the sums and lanes of the block [c0, c1) (index c - c0). */
+static inline void FB_TYPED(bn_owned_block_start)(fb_index c0, fb_index c1, fb_bn_lanes *a1,
+                                                 fb_bn_lanes *a2, double *s1, double *s2)
+{
+    for (fb_index c = c0; c < c1; ++c) {
+        s1[c - c0] = s2[c - c0] = 0.0;
+        fb_bn_lanes_zero(&a1[c - c0]);
+        fb_bn_lanes_zero(&a2[c - c0]);
+    }
+}
+
+/* The block [c0, c1) reduced into s1, s2: finalize its channels, then
+ * rewrite it, newest rows first (the likeliest to still be in L2).  Each
+ * row piece is one run, not cut where chunks end: the rewrite is
+ * elementwise, so the cut changes no value, but every run boundary inside
+ * a cache line of the output is written with plain scalar stores between
+ * streaming ones.  With the usual 16-byte-aligned arrays, (64,128,56,56)
+ * float32 (cuts in 3 of 4 rows) took 6.70 ms for the split-phase apply and
+ * 8.67 ms for the training forward with the cuts, 6.06 and 7.87 ms
+ * without, 5.98 and 7.69 ms with 64-byte-aligned arrays (1 thread, min CPU
+ * time of 8 interleaved rounds, real-time priority on a loaded 2-core
+ * machine). */
+static void FB_TYPED(bn_owned_block_finish)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass,
+                                            const FB_TYPED(bn_coefficients) *coef, int rewrite,
+                                            fb_index c0, fb_index c1, const double *s1,
+                                            const double *s2, FB_REAL *staging)
+{
+    const fb_index inner = plan->inner, row_stride = plan->row_channels;
+    for (fb_index c = c0; c < c1; ++c)
+        FB_TYPED(bn_finalize)(plan, pass, c, s1[c - c0], s2[c - c0], coef, 1);
+    for (fb_index r = plan->outer; rewrite && r-- > 0;)
+        for (fb_index c = c0; c < c1; ++c)
+            FB_TYPED(bn_apply_run)(pass, *coef, c, (r * row_stride + c) * inner, inner,
+                                   staging);
+}
+
 /* Planar, many channels: this thread's channels, in blocks of
  * pass->owned_block neighbours: reduce a block, finalize it, rewrite it while
  * it is still in L2/L3; no barrier.  A block is walked row by row, each row
@@ -1510,8 +1562,7 @@ static void FB_TYPED(bn_owned_turns)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *
                                      const FB_TYPED(bn_coefficients) *coef, int rewrite,
                                      int team, int tid)
 {
-    const fb_index C = plan->channels, inner = plan->inner, chunks = plan->chunks;
-    const fb_index row_stride = plan->row_channels;
+    const fb_index C = plan->channels, chunks = plan->chunks;
     const fb_index width = pass->owned_block;
     fb_index first, last;
     fb_split_range(C, team, tid, &first, &last);
@@ -1531,28 +1582,16 @@ static void FB_TYPED(bn_owned_turns)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *
                     t2 += chunk2[g];
                 }
             }
-            FB_TYPED(bn_finalize)(plan, pass, c0, t1, t2, coef, 1);
-            for (fb_index s = 0; s < chunks && rewrite; ++s)
-                FB_TYPED(bn_apply_item)(plan, pass, *coef, (c0 + 1) * chunks - 1 - s);
+            FB_TYPED(bn_owned_channel_finish)(plan, pass, coef, rewrite, c0, t1, t2);
             continue;
         }
-        for (fb_index c = c0; c < c1; ++c) {
-            s1[c - c0] = s2[c - c0] = 0.0;
-            fb_bn_lanes_zero(&a1[c - c0]);
-            fb_bn_lanes_zero(&a2[c - c0]);
-        }
+        FB_TYPED(bn_owned_block_start)(c0, c1, a1, a2, s1, s2);
         for (fb_index r = 0; r < plan->outer; ++r)
             for (fb_index c = c0; c < c1; c += FB_BN_STREAMS)
                 FB_TYPED(bn_owned_row_turns)(plan, pass, r, c0, c,
                                              (int)fb_min_index(FB_BN_STREAMS, c1 - c), a1, a2,
                                              s1, s2);
-        for (fb_index c = c0; c < c1; ++c)
-            FB_TYPED(bn_finalize)(plan, pass, c, s1[c - c0], s2[c - c0], coef, 1);
-        /* bn_owned_channels' rewrite: newest rows first, whole row pieces */
-        for (fb_index r = plan->outer; rewrite && r-- > 0;)
-            for (fb_index c = c0; c < c1; ++c)
-                FB_TYPED(bn_apply_run)(pass, *coef, c, (r * row_stride + c) * inner, inner,
-                                       staging);
+        FB_TYPED(bn_owned_block_finish)(plan, pass, coef, rewrite, c0, c1, s1, s2, staging);
     }
     if (pass->stream)
         fb_stream_fence();
@@ -1588,10 +1627,7 @@ static void FB_TYPED(bn_owned_channels)(const fb_bn_plan *plan, FB_TYPED(bn_pass
                 t1 += chunk1;
                 t2 += chunk2;
             }
-            FB_TYPED(bn_finalize)(plan, pass, c, t1, t2, coef, 1);
-            /* newest chunk first: the likeliest to still be in L1/L2 */
-            for (fb_index s = 0; s < chunks && rewrite; ++s)
-                FB_TYPED(bn_apply_item)(plan, pass, *coef, (c + 1) * chunks - 1 - s);
+            FB_TYPED(bn_owned_channel_finish)(plan, pass, coef, rewrite, c, t1, t2);
         }
         if (pass->stream)
             fb_stream_fence();
@@ -1599,11 +1635,7 @@ static void FB_TYPED(bn_owned_channels)(const fb_bn_plan *plan, FB_TYPED(bn_pass
     }
     for (fb_index c0 = first; c0 < last; c0 += width) {
         const fb_index c1 = fb_min_index(last, c0 + width);
-        for (fb_index c = c0; c < c1; ++c) {
-            s1[c - c0] = s2[c - c0] = 0.0;
-            fb_bn_lanes_zero(&a1[c - c0]);
-            fb_bn_lanes_zero(&a2[c - c0]);
-        }
+        FB_TYPED(bn_owned_block_start)(c0, c1, a1, a2, s1, s2);
         for (fb_index r = 0; r < plan->outer && pass->reduce; ++r) {
             /* row r of every channel: values [p0, p2) of its sequence, cut
              * where chunks end (cut0, cut0 + chunk, ...: rows may be longer
@@ -1636,22 +1668,7 @@ static void FB_TYPED(bn_owned_channels)(const fb_bn_plan *plan, FB_TYPED(bn_pass
                 }
             }
         }
-        for (fb_index c = c0; c < c1; ++c)
-            FB_TYPED(bn_finalize)(plan, pass, c, s1[c - c0], s2[c - c0], coef, 1);
-        /* newest rows first: the likeliest to still be in L2.  Each row
-         * piece is one run, not cut where chunks end: the rewrite is
-         * elementwise, so the cut changes no value, but every run boundary
-         * inside a cache line of the output is written with plain scalar
-         * stores between streaming ones.  With the usual 16-byte-aligned
-         * arrays, (64,128,56,56) float32 (cuts in 3 of 4 rows) took 6.70 ms
-         * for the split-phase apply and 8.67 ms for the training forward
-         * with the cuts, 6.06 and 7.87 ms without, 5.98 and 7.69 ms with
-         * 64-byte-aligned arrays (1 thread, min CPU time of 8 interleaved
-         * rounds, real-time priority on a loaded 2-core machine). */
-        for (fb_index r = plan->outer; rewrite && r-- > 0;)
-            for (fb_index c = c0; c < c1; ++c)
-                FB_TYPED(bn_apply_run)(pass, *coef, c, (r * row_stride + c) * inner, inner,
-                                       staging);
+        FB_TYPED(bn_owned_block_finish)(plan, pass, coef, rewrite, c0, c1, s1, s2, staging);
     }
     if (pass->stream)
         fb_stream_fence();
