@@ -25,7 +25,8 @@ Only the sums differ from the kernels: NumPy's pairwise float64 sums here,
 fixed chunks there, and the kernels' channels-first sums (the statistics'
 sums of d and d * d, and the backwards' of g and g * (x - m)) first add 8
 values per lane in float32 (the products by a fused multiply-add) before
-the float64 lane takes them, as the float32 kernels do.  So on data whose
+the float64 lane takes them, as the float32 kernels do; their channels-last
+statistics do the same with 8 rows of each channel.  So on data whose
 sums are exact (small dyadic values about an exact mean) every output is
 bit-identical to the kernels'; on other data the float32 per-channel values
 may differ in their last bits.

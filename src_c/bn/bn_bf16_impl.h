@@ -11,8 +11,9 @@
  *     channel's first value, d = x - c formed in float32 (exact); channels-
  *     first runs add FB_BN_BF16_SHORT_SUM values per lane in float32 (d * d
  *     by a float32 fused multiply-add) before the float64 lane takes them,
- *     as the float32 kernels do; channels-last rows and run tails add every
- *     d and its exact square to float64.  mean = c + s1 / n,
+ *     as the float32 kernels do, and channels-last rows do the same for
+ *     FB_BN_BF16_SHORT_SUM rows of each channel; the rows past the last
+ *     group and the run tails add every d and its exact square to float64.  mean = c + s1 / n,
  *     var = (s2 - s1 * (s1 / n)) / n (>= 0), invstd = 1 / sqrt(var + eps).
  *   - The backwards' sums, sum(g) and sum(g (x - m)): channels-first runs
  *     add FB_BN_BF16_SHORT_SUM values per lane in float32 (g (x - m) by a
@@ -62,9 +63,6 @@
 #define FB_BN_BF16_MAX_ROW_CHUNKS ((fb_index)32)
 #define FB_BN_BF16_BLOCK ((fb_index)1024)
 #define FB_BN_BF16_LANES 16
-/* Channels-last rows reduced per load and store of the float64 sums (the
- * loop body is written out for 4). */
-#define FB_BN_BF16_ROW_GROUP 4
 /* Elements per work item of a pass without reduction (eval forward, eval
  * backward without parameter gradients), which walks the array linearly:
  * long contiguous streams keep the prefetchers ahead, where a channel's rows
@@ -511,16 +509,18 @@ static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
     const float *restrict mh = p->mask_shift;
     for (fb_index c = 0; c < C; ++c)
         s1[c] = s2[c] = 0.0;
-    /* FB_BN_BF16_ROW_GROUP rows per visit of the sums: each channel's
-     * values are still added one row after another (the same bits), but the
-     * float64 sums are loaded and stored once per group instead of once per
-     * row (perf, (64,56,56,128) training forward, 1 thread: the per-row
-     * loads and stores of the sums were the reduction's hottest
-     * instructions, the reduction ~46 % of the kernel's samples).  Forward
-     * only: the same grouping of the backward's sums (x and dy of four rows
-     * per step) took more samples than the row-by-row loop (perf, 1 thread,
-     * (64,56,56,128) backward: 1914 against 1160), so it keeps one row per
-     * visit. */
+    /* The statistics: FB_BN_BF16_SHORT_SUM rows of each channel form a
+     * float32 short sum of d (in row order) and of d * d (a chain of float32
+     * fused multiply-adds, the same bits on every target), added to the
+     * float64 sums once per group, as the float32 kernels' channels-last
+     * reduction does (bn_reduce_rows); the rows past the last whole group
+     * add each d and its exact square in float64.  Each d widened to float64
+     * and squared there (the form before, 4 rows per load and store of the
+     * sums) left the reduction compute-bound; see the measurements in the
+     * README's bfloat16 section.  The backward keeps one row per visit: the
+     * grouping of its sums (x and dy of four rows per step) took more samples
+     * than the row-by-row loop (perf, 1 thread, (64,56,56,128) backward:
+     * 1914 against 1160). */
     const int relu = p->relu;
     fb_index r = r0;
 #if FB_BN_BF16_ROWS_GRAD_AVX2
@@ -529,17 +529,30 @@ static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
         return;
     }
 #endif
-    for (; forward && r + FB_BN_BF16_ROW_GROUP <= r1; r += FB_BN_BF16_ROW_GROUP) {
+    for (; forward && r + FB_BN_BF16_SHORT_SUM <= r1; r += FB_BN_BF16_SHORT_SUM) {
         const uint16_t *restrict x = p->x + r * C;
 #pragma omp simd
         for (fb_index c = 0; c < C; ++c) {
             /* written out row by row: GCC left a loop over the rows scalar */
-            const double d0 = (double)(bn_bf16_widen(x[c]) - center[c]);
-            const double d1 = (double)(bn_bf16_widen(x[C + c]) - center[c]);
-            const double d2 = (double)(bn_bf16_widen(x[2 * C + c]) - center[c]);
-            const double d3 = (double)(bn_bf16_widen(x[3 * C + c]) - center[c]);
-            s1[c] = (((s1[c] + d0) + d1) + d2) + d3;
-            s2[c] = (((s2[c] + d0 * d0) + d1 * d1) + d2 * d2) + d3 * d3;
+            const float d0 = bn_bf16_widen(x[c]) - center[c];
+            const float d1 = bn_bf16_widen(x[C + c]) - center[c];
+            const float d2 = bn_bf16_widen(x[2 * C + c]) - center[c];
+            const float d3 = bn_bf16_widen(x[3 * C + c]) - center[c];
+            const float d4 = bn_bf16_widen(x[4 * C + c]) - center[c];
+            const float d5 = bn_bf16_widen(x[5 * C + c]) - center[c];
+            const float d6 = bn_bf16_widen(x[6 * C + c]) - center[c];
+            const float d7 = bn_bf16_widen(x[7 * C + c]) - center[c];
+            const float b1 = ((((((d0 + d1) + d2) + d3) + d4) + d5) + d6) + d7;
+            float b2 = bn_bf16_fma(d0, d0, 0.0f);
+            b2 = bn_bf16_fma(d1, d1, b2);
+            b2 = bn_bf16_fma(d2, d2, b2);
+            b2 = bn_bf16_fma(d3, d3, b2);
+            b2 = bn_bf16_fma(d4, d4, b2);
+            b2 = bn_bf16_fma(d5, d5, b2);
+            b2 = bn_bf16_fma(d6, d6, b2);
+            b2 = bn_bf16_fma(d7, d7, b2);
+            s1[c] += (double)b1;
+            s2[c] += (double)b2;
         }
     }
     for (; r < r1; ++r) {
