@@ -13,8 +13,9 @@
  *     by a float32 fused multiply-add) before the float64 lane takes them,
  *     as the float32 kernels do, and channels-last rows do the same for
  *     FB_BN_BF16_SHORT_SUM rows of each channel; the rows past the last
- *     group and the run tails add every d and its exact square to float64.  mean = c + s1 / n,
- *     var = (s2 - s1 * (s1 / n)) / n (>= 0), invstd = 1 / sqrt(var + eps).
+ *     group and the run tails add every d and its exact square to float64.
+ *     mean = c + s1 / n, var = (s2 - s1 * (s1 / n)) / n (>= 0),
+ *     invstd = 1 / sqrt(var + eps).
  *   - The backwards' sums, sum(g) and sum(g (x - m)): channels-first runs
  *     add FB_BN_BF16_SHORT_SUM values per lane in float32 (g (x - m) by a
  *     float32 fused multiply-add) before the float64 lane takes them, as
@@ -248,8 +249,9 @@ static inline void bn_bf16_flush_pairs(__m256 even, __m256 odd, __m256d *s)
 /* The run reductions, one form for the AVX2 and the AVX-512 builds
  * (256-bit, so both run the code the tests run on an AVX2 machine): the full
  * vectors of the portable loop of bn_bf16_reduce_run, the same float32
- * short sums and float64 lanes, in pair order (16 bfloat16 loaded as 8 32-bit words, fb_bf16_pair_even /
- * _odd: a shift and a mask, no lane shuffle).  The float32 operations are
+ * short sums and float64 lanes, in pair order (16 bfloat16 loaded as 8
+ * 32-bit words, fb_bf16_pair_even / _odd: a shift and a mask, no lane
+ * shuffle).  The float32 operations are
  * the portable loop's, one by one (adds, and fused multiply-adds written as
  * such), so every target has the same bits.  `kind` (a constant at every
  * call): BN_BF16_SUM_X, the statistics' sum(d) and sum(d * d), d = x - c;
