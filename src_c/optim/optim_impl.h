@@ -241,17 +241,28 @@ FB_ALWAYS_INLINE void FB_TYPED(adam_loop)(FB_PARAM_T *restrict param, const FB_G
                            weight_decay, beta1, one_minus_beta1, beta2, one_minus_beta2,         \
                            param_decay, step_size, eps_hat, l2, decoupled, amsgrad)
     FB_INDEX_T first = 0;
-#if defined(FB_ADAM_BS_AVX2) && FB_ROUNDS && FB_BF16_STATE && FB_BF16_PARAM == 0
-    if (!l2 && !amsgrad)
-        first = fb_adam_bs_avx2(param, grad, exp_avg, exp_avg_sq, (int32_t)n, sign, beta1, one_minus_beta1,
-                                beta2, one_minus_beta2, param_decay, step_size, eps_hat, decoupled, rounding,
-                                FB_STOCHASTIC);
+#if defined(FB_ADAM_BS_AVX2) || defined(FB_ADAM_BS_AVX512)
+#if defined(FB_ADAM_BS_AVX512)
+#define FB_ADAM_BS_VECTOR fb_adam_bs_avx512
+#define FB_ADAM_BPBS_VECTOR fb_adam_bpbs_avx512
+#else
+#define FB_ADAM_BS_VECTOR fb_adam_bs_avx2
+#define FB_ADAM_BPBS_VECTOR fb_adam_bpbs_avx2
 #endif
-#if defined(FB_ADAM_BS_AVX2) && FB_ROUNDS && FB_BF16_STATE && FB_BF16_PARAM == 1 && FB_PAIRS
+#if FB_ROUNDS && FB_BF16_STATE && FB_BF16_PARAM == 0
     if (!l2 && !amsgrad)
-        first = fb_adam_bpbs_avx2(param, grad, exp_avg, exp_avg_sq, (int32_t)n, sign, beta1, one_minus_beta1,
+        first = FB_ADAM_BS_VECTOR(param, grad, exp_avg, exp_avg_sq, (int32_t)n, sign, beta1, one_minus_beta1,
                                   beta2, one_minus_beta2, param_decay, step_size, eps_hat, decoupled, rounding,
                                   FB_STOCHASTIC);
+#endif
+#if FB_ROUNDS && FB_BF16_STATE && FB_BF16_PARAM == 1 && FB_PAIRS
+    if (!l2 && !amsgrad)
+        first = FB_ADAM_BPBS_VECTOR(param, grad, exp_avg, exp_avg_sq, (int32_t)n, sign, beta1, one_minus_beta1,
+                                    beta2, one_minus_beta2, param_decay, step_size, eps_hat, decoupled, rounding,
+                                    FB_STOCHASTIC);
+#endif
+#undef FB_ADAM_BS_VECTOR
+#undef FB_ADAM_BPBS_VECTOR
 #endif
 #if FB_PAIRS
     /* Pure bfloat16 storage: a 32-bit word holds elements 2j (low half) and
