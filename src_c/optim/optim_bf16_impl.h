@@ -518,13 +518,14 @@ FB_ADAM_VECTOR_ENTRY(fb_adam_bpbs_avx2, uint16_t, fb_adam_bpbs_avx2_loop, fb_avx
  * pair order (fb_bf16.h) with 512-bit words.  The square root and the
  * division (the 512-bit divider) stay the floor of every Adam loop here.
  * Measured on a Xeon (Sapphire Rapids class, 2 cores, KVM), one tensor of
- * 65536 elements (in L2), 1 thread, min of 5 rounds of 400 steps per
+ * 65536 elements (in L2), 1 thread, min of 5 rounds of 400 steps, per
  * element, the AVX2 build timed in the same process as the control, three
- * runs: bfloat16 state 0.73-0.76 -> 0.67-0.70 ns, pure bfloat16 0.81-0.82 ->
- * 0.71-0.73 (AVX2 build 0.84-0.86 before and after; float32 Adam 0.63).  ResNet-50's list (25.6M parameters) is
- * memory-bound there and did not move beyond that machine's noise (bfloat16
- * state, 2 threads, min 14.0 ms with either loop); a software prefetch 1024
- * elements ahead in the bfloat16-state loop did not either, so there is none. */
+ * runs: bfloat16 state 0.73-0.76 -> 0.67-0.70 ns, pure bfloat16 0.81-0.82
+ * -> 0.71-0.73 (AVX2 build 0.84-0.86 before and after; float32 Adam 0.63).
+ * ResNet-50's list (25.6M parameters) is memory-bound there and did not
+ * move beyond that machine's noise (bfloat16 state, 2 threads, min 14.0 ms
+ * with either loop); a software prefetch 1024 elements ahead in the
+ * bfloat16-state loop did not either, so there is none. */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define FB_ADAM_BS_AVX512 1
