@@ -239,6 +239,25 @@ def test_syncbatchnorm_rejected_state_leaves_running_stats_and_counter_unchanged
     assert int(sync.num_batches_tracked) == 0 and sync._saved is None
 
 
+def test_syncbatchnorm_training_refuses_bfloat16_activations_by_name_and_writes_nothing():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    sync = nn.SyncBatchNorm(3, comm=OneRankComm())
+    x = np.random.default_rng(3).standard_normal((4, 3, 2)).astype(ml_dtypes.bfloat16)
+    with pytest.raises(ValueError, match="rejected by this rank's checks") as error:
+        sync(x)
+    cause = error.value.__cause__
+    assert isinstance(cause, TypeError)
+    assert "expected dtype float32 in training mode" in str(cause) and "bfloat16" in str(cause)
+    np.testing.assert_array_equal(sync.running_mean, np.zeros(3, np.float32))
+    np.testing.assert_array_equal(sync.running_var, np.ones(3, np.float32))
+    assert int(sync.num_batches_tracked) == 0 and sync._saved is None
+    # eval mode normalizes bfloat16 activations as BatchNorm1d does
+    plain = nn.BatchNorm1d(3).eval()
+    y = sync.eval()(x)
+    assert y.dtype == x.dtype
+    np.testing.assert_array_equal(y.view(np.uint16), plain(x).view(np.uint16))
+
+
 def test_syncbatchnorm_without_running_buffers_trains_like_batchnorm():
     # track_running_stats switched on after building without buffers: as the
     # base layer, batch statistics and no update (nothing to update)
