@@ -247,7 +247,8 @@ def test_syncbatchnorm_training_refuses_bfloat16_activations_by_name_and_writes_
         sync(x)
     cause = error.value.__cause__
     assert isinstance(cause, TypeError)
-    assert "expected dtype float32 in training mode" in str(cause) and "bfloat16" in str(cause)
+    assert "expected dtype float32 or float64 in training mode" in str(cause)
+    assert "got bfloat16" in str(cause)
     np.testing.assert_array_equal(sync.running_mean, np.zeros(3, np.float32))
     np.testing.assert_array_equal(sync.running_var, np.ones(3, np.float32))
     assert int(sync.num_batches_tracked) == 0 and sync._saved is None
@@ -256,6 +257,19 @@ def test_syncbatchnorm_training_refuses_bfloat16_activations_by_name_and_writes_
     y = sync.eval()(x)
     assert y.dtype == x.dtype
     np.testing.assert_array_equal(y.view(np.uint16), plain(x).view(np.uint16))
+
+
+@pytest.mark.parametrize("layer_dtype, input_dtype", [(np.float32, np.float64), (np.float64, np.float32)])
+def test_stateless_syncbatchnorm_trains_on_either_float_dtype_like_batchnorm(layer_dtype, input_dtype):
+    # without parameters or buffers the layer's dtype constrains nothing (as
+    # the base layer): the input's dtype is the computation's
+    x = np.random.default_rng(6).standard_normal((6, 3)).astype(input_dtype)
+    kwargs = dict(affine=False, track_running_stats=False, dtype=layer_dtype)
+    sync = nn.SyncBatchNorm(3, comm=OneRankComm(), **kwargs)
+    plain = nn.BatchNorm1d(3, **kwargs)
+    y = sync(x)
+    assert y.dtype == input_dtype
+    np.testing.assert_allclose(y, plain(x), rtol=1e-5, atol=1e-5)
 
 
 def test_syncbatchnorm_without_running_buffers_trains_like_batchnorm():

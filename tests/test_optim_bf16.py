@@ -123,8 +123,9 @@ def test_nan_gradient_payload_in_the_low_half_keeps_its_kept_half_in_the_adam_st
     # quieted, payload and all; rounding must keep its top half with the
     # quiet bit.  An increment added to a payload whose low half is nearly
     # full would carry into the kept half (the AVX2 loop takes the plain
-    # add unless the gradient holds a NaN).  64 elements reach the
-    # vectorized loop; the NaNs sit in both of its 16-element blocks.
+    # add unless the gradient holds a NaN; so does the AVX-512 one).  64
+    # elements reach the vectorized loops; the NaNs sit in every 16-element
+    # block.
     fastbn.set_simd_target(target)
     patterns = np.array([0x7FC0FFFF, 0xFFC0FFFF, 0x7F80FFFF, 0x7FFFFFFF, 0x7FC08000, 0xFFBFFFFF],
                         np.uint32)

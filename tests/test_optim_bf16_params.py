@@ -24,6 +24,10 @@ CASES = {
     "adam_amsgrad": (optim.Adam, dict(lr=0.01, amsgrad=True, weight_decay=0.05)),
     "adamw": (optim.AdamW, dict(lr=0.01, maximize=True)),
     "adam_plain": (optim.Adam, dict(lr=0.01)),
+    # the other two entry cases of the hand-written Adam loops (gradient
+    # sign -1 without decoupled decay, +1 with it)
+    "adam_maximize": (optim.Adam, dict(lr=0.01, maximize=True)),
+    "adamw_plain": (optim.AdamW, dict(lr=0.01)),
     "lion": (optim.Lion, dict(lr=0.001, weight_decay=0.1)),
 }
 LAYOUTS = {  # (master_weights, state_dtype, stochastic_rounding)
@@ -248,6 +252,7 @@ def test_master_weights_must_be_a_bool_and_fixed_per_group():
 # section: bit for bit: the kernels' rounding inside the update ---------------------
 
 EXACT_CASES = ["sgd_nesterov", "momentum", "rmsprop_centered_momentum", "adam_amsgrad", "adamw", "adam_plain",
+               "adam_maximize", "adamw_plain",
                "lion"]
 
 
@@ -320,12 +325,13 @@ def test_bf16_kernel_equals_float32_kernel_then_reference_rounding_bit_for_bit(c
 @pytest.mark.parametrize("target", fastbn.available_simd_targets())
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("stochastic", [True, False])
-@pytest.mark.parametrize("case", ["adamw", "adam_plain"])
+@pytest.mark.parametrize("case", ["adamw", "adam_plain", "adam_maximize", "adamw_plain"])
 def test_bf16_state_adam_with_nan_and_inf_in_some_blocks_is_bit_exact(case, stochastic, param_dtype, target,
                                                                       restore_config):
-    # The AVX2 Adam loops for bfloat16 state (float32 or bfloat16 params)
-    # round a 16-element block without the per-lane NaN select unless the
-    # block holds a NaN: NaN (signalling, negative, payloads the rounding
+    # The AVX2 and AVX-512 Adam loops for bfloat16 state with float32 params
+    # round a block without the per-lane NaN select unless its gradient
+    # holds a NaN (the pure bfloat16 loops never take it with finite
+    # hyperparameters): NaN (signalling, negative, payloads the rounding
     # could carry into the sign) and infinite gradients in a few blocks, at
     # block edges and in the remainder, must still round as the twin does,
     # and the clean blocks next to them too.
@@ -407,10 +413,10 @@ def test_master_weights_kernel_equals_float32_kernel_bit_for_bit(case, target, r
 
 @pytest.mark.parametrize("target", fastbn.available_simd_targets())
 @pytest.mark.parametrize("stochastic", [True, False])
-@pytest.mark.parametrize("case", ["adamw", "adam_plain"])
+@pytest.mark.parametrize("case", ["adamw", "adam_plain", "adam_maximize", "adamw_plain"])
 def test_pure_bf16_adam_with_nan_payloads_in_params_and_state_is_bit_exact(case, stochastic, target,
                                                                           restore_config):
-    # The pure-bfloat16 AVX2 Adam loop rounds NaN lanes with the plain add,
+    # The pure-bfloat16 AVX2 and AVX-512 Adam loops round NaN lanes with the plain add,
     # argued from bit patterns: every NaN it rounds comes from widened
     # bfloat16 (low 16 bits zero), whatever operand carried it.  NaN of every
     # kind (signalling, negative, payloads) in the parameter and both moments,

@@ -71,7 +71,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .._backend import current_kernels
-from .._bn_validation import check_like
+from .._bn_validation import check_like, is_bfloat16
 from .._validation import describe
 from ..distributed import _comm, _pipeline
 from .batchnorm import _BatchNorm, _TRAIN
@@ -100,9 +100,9 @@ class SyncBatchNorm(_BatchNorm):
         The ranks to synchronize over; None means ``MPI.COMM_WORLD``
         (mpi4py is imported at the first training forward, not before).
     dtype : float32 or float64, keyword-only
-        dtype of parameters and buffers; inputs must match in training mode
-        (in eval mode a float32 layer also takes bfloat16 activations, as
-        the BatchNorm layers do; the synchronized training forward does not).
+        dtype of parameters and buffers; inputs must match.  As the
+        BatchNorm layers, a float32 layer also takes bfloat16 activations,
+        but only in eval mode: the synchronized training forward does not.
 
     Notes
     -----
@@ -214,13 +214,13 @@ class SyncBatchNorm(_BatchNorm):
         # does), then the state arrays (writeable running statistics and
         # counter when they are updated), all before anything is written
         x, layout = self._known_or_checked_input(x)
-        if x.dtype != self._dtype:
+        if is_bfloat16(x.dtype):
             # the base layer's checks also pass bfloat16 activations; the
-            # statistics exchange and the channel-range kernels take the
-            # layer's dtype only
-            raise TypeError(f"input: expected dtype {self._dtype} in training mode (SyncBatchNorm's "
-                            f"training forward does not take bfloat16 activations; its eval "
-                            f"forward and BatchNorm do), got {x.dtype}")
+            # statistics exchange and the channel-range kernels take
+            # float32 and float64 only
+            raise TypeError(f"input: expected dtype float32 or float64 in training mode "
+                            f"(SyncBatchNorm's training forward does not take bfloat16 "
+                            f"activations; its eval forward and BatchNorm do), got {x.dtype}")
         update = self._track_running_stats and self.running_mean is not None
         if self._plain_state(x.dtype, update):
             state = self._state_arrays()

@@ -217,7 +217,7 @@ FB_ALWAYS_INLINE int fb_adam_scalar_nan(float sign, float beta1, float one_minus
  * 16 or 32 elements per iteration); element order in the bfloat16-state
  * loop (plain float32 loads and stores, a vpermq per state vector in and
  * out: 0.648 -> 0.708); 32 elements per iteration in the pure bfloat16 loop
- * (no change).  The AVX-512 target keeps the compiler's loops. */
+ * (no change).  The AVX-512 target has its own loops (below). */
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
 #include <immintrin.h>
 #define FB_ADAM_BS_AVX2 1
@@ -512,8 +512,9 @@ FB_ADAM_VECTOR_ENTRY(fb_adam_bpbs_avx2, uint16_t, fb_adam_bpbs_avx2_loop, fb_avx
  * same bits (the tests compare every target with the reference rounding).
  * The compiler's generic loops on this target take a NaN select on every
  * rounded vector and a shift before every narrowing; here the select runs
- * only for a block whose gradient holds a NaN (see fb_adam_bs_avx2_loop),
- * m and v split one hash, narrowing takes the high 16-bit words of two
+ * only for a block whose gradient holds a NaN in the bfloat16-state loop
+ * (see fb_adam_bs_avx2_loop) and only for a NaN scalar in the pure
+ * bfloat16 loop (see fb_adam_bpbs_avx2), m and v split one hash, narrowing takes the high 16-bit words of two
  * vectors with one two-source permute, and the pure bfloat16 loop works in
  * pair order (fb_bf16.h) with 512-bit words.  The square root and the
  * division (the 512-bit divider) stay the floor of every Adam loop here.
@@ -590,12 +591,6 @@ FB_ALWAYS_INLINE __m512i fb_avx512_high_words(__m512i first, __m512i second)
     return _mm512_permutex2var_epi16(first, odd_words, second);
 }
 
-/* 16 bfloat16 at p widened to float32 (element order). */
-FB_ALWAYS_INLINE __m512 fb_avx512_widen16(const uint16_t *p)
-{
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
 /* fb_adam_bs_avx2_loop on 16 lanes, in element order: element i hashes
  * word_base[0] + i, m takes the low half and v the high half. */
 FB_ALWAYS_INLINE int32_t fb_adam_bs_avx512_loop(float *restrict param, const float *restrict grad,
@@ -614,7 +609,7 @@ FB_ALWAYS_INLINE int32_t fb_adam_bs_avx512_loop(float *restrict param, const flo
             const int32_t at = i + 16 * h;
             g[h] = _mm512_loadu_ps(grad + at);
             const __m512 p = fb_avx512_adam16(&k, g[h], _mm512_loadu_ps(param + at),
-                                              fb_avx512_widen16(exp_avg + at), fb_avx512_widen16(exp_avg_sq + at),
+                                              fb_bf16_widen16(exp_avg + at), fb_bf16_widen16(exp_avg_sq + at),
                                               decoupled, negate, &m[h], &v[h]);
             _mm512_storeu_ps(param + at, p);
         }
