@@ -195,6 +195,84 @@ def test_unaligned_channels_last_input_and_output(simd_target, threads, offset, 
                                       training=False, axis=-1), dtype, scale=10)
 
 
+def cached_rewrites_into(x, dy, weight, bias, running_mean, running_var, out_offset):
+    """Every channels-last kernel that writes an array, each into an `out=`
+    buffer starting `out_offset` elements past a 64-byte boundary (placed,
+    below): the training and eval forwards, the training and eval backwards,
+    and their fused ReLU forms.  Returns every output."""
+    def out():
+        return placed(np.zeros_like(x), out_offset)
+    y, mean, invstd = F.batch_norm_forward_train(x, weight, bias, 1e-5, axis=-1, out=out())
+    results = [y, mean, invstd]
+    results.append(F.batch_norm(x, running_mean, running_var, weight, bias, training=False,
+                                axis=-1, out=out()))
+    results.extend(F.batch_norm_backward(dy, x, mean, invstd, weight, axis=-1, out=out()))
+    results.extend(F.batch_norm_backward_eval(dy, x, running_mean, running_var, weight,
+                                              axis=-1, out=out()))
+    results.append(F.batch_norm_relu_forward_train(x, weight, bias, axis=-1, out=out())[0])
+    results.extend(F.batch_norm_relu_backward(dy, x, mean, invstd, weight, bias, axis=-1,
+                                              out=out()))
+    results.append(F.batch_norm_relu(x, running_mean, running_var, weight, bias,
+                                     training=False, axis=-1, out=out()))
+    results.extend(F.batch_norm_relu_backward_eval(dy, x, running_mean, running_var, weight,
+                                                   bias, axis=-1, out=out()))
+    return [np.array(a) for a in results]
+
+
+# Cached (not streamed) channels-last rewrites start their vector stores at a
+# vector boundary of the output (a scalar head before it), and pair rows a
+# whole number of vectors apart: odd and even channel counts, the paired
+# halves (9 x 100, 7 x 1030 pieces of rows), a row chunk past 64 rows.
+SHAPES_ALIGNMENT = [(70, 37), (9, 100), (130, 64), (7, 1030), (3, 3, 3, 50), (66, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES_ALIGNMENT)
+def test_channels_last_rewrites_give_the_same_bits_at_any_output_alignment(simd_target,
+                                                                           threads, shape,
+                                                                           dtype, rng):
+    """Where the scalar head ends depends on the output's address, so every
+    output value must be the same whether a vector or the head computes it:
+    inputs and outputs starting 0, 1, 3, 5 or 7 elements past a 64-byte
+    boundary give the same bits for 1 and 2 threads, and the reference's
+    values."""
+    x0, dy0, weight, bias, running_mean, running_var = make(rng, shape, dtype)
+    expected = None
+    for in_offset, out_offset in ((0, 0), (0, 1), (0, 3), (1, 0), (5, 7), (3, 3)):
+        x, dy = placed(x0, in_offset), placed(dy0, in_offset)
+        for count in (1, 2):
+            threads(count)
+            results = cached_rewrites_into(x, dy, weight, bias, running_mean, running_var,
+                                           out_offset)
+            if expected is None:
+                expected = results
+                want = cached_rewrites_into_reference(x0, dy0, weight, bias, running_mean,
+                                                      running_var)
+                assert len(want) == len(results)
+                for got, value in zip(results, want):
+                    assert_close(got, value, dtype, scale=10)
+            for got, value in zip(results, expected):
+                np.testing.assert_array_equal(got, value)
+
+
+def cached_rewrites_into_reference(x, dy, weight, bias, running_mean, running_var):
+    """The reference's values of cached_rewrites_into, in its order."""
+    y, mean, invstd = R.batch_norm_forward_train(x, weight, bias, 1e-5, axis=-1)
+    results = [y, mean, invstd]
+    results.append(R.batch_norm(x, running_mean, running_var, weight, bias, training=False,
+                                axis=-1))
+    results.extend(R.batch_norm_backward(dy, x, mean, invstd, weight, axis=-1))
+    results.extend(R.batch_norm_backward_eval(dy, x, running_mean, running_var, weight,
+                                              axis=-1))
+    results.append(R.batch_norm_relu_forward_train(x, weight, bias, axis=-1)[0])
+    results.extend(R.batch_norm_relu_backward(dy, x, mean, invstd, weight, bias, axis=-1))
+    results.append(R.batch_norm_relu(x, running_mean, running_var, weight, bias,
+                                     training=False, axis=-1))
+    results.extend(R.batch_norm_relu_backward_eval(dy, x, running_mean, running_var, weight,
+                                                   bias, axis=-1))
+    return [np.asarray(a) for a in results]
+
+
 def test_large_channels_last_output_streams_and_matches_the_reference(simd_target, threads, rng):
     """Above the streaming-store size (8 MiB outputs): the non-temporal path
     of the flat rewrite, 1 and 3 threads bit-identical."""
