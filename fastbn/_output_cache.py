@@ -49,6 +49,8 @@ DEFAULT_CACHE_BYTES = 256 * 2**20
 # Smaller outputs come from malloc's heap, which reuses freed memory itself;
 # a lease costs a few microseconds more than np.empty.
 MIN_CACHED_BYTES = 2**20
+# Cached buffers start on a cache-line boundary (new_array).
+ALIGNMENT = 64
 ENV_VAR = "FASTBN_OUTPUT_CACHE_BYTES"
 # the name of the variable when only fastbn.torch had the cache (still read)
 LEGACY_ENV_VAR = "FASTBN_TORCH_OUTPUT_CACHE_BYTES"
@@ -162,9 +164,16 @@ def new_array(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     key = (nbytes, dtype.char)
     entry = cache.take(key)
     if entry is None:
-        # NumPy asks for transparent huge pages on arrays of 4 MiB and more
-        raw = np.empty(nbytes // dtype.itemsize, dtype)
-        entry = [raw, raw.__array_interface__["data"][0], None, None]
+        # NumPy asks for transparent huge pages on arrays of 4 MiB and more.
+        # The buffer starts on a 64-byte boundary (NumPy's start 16 bytes past
+        # one): the kernels' vector stores then need no scalar head, and the
+        # bfloat16 channels-last rewrite of the AVX-512 build writes each row
+        # of 16 or 32 channels as whole aligned vectors rather than two masked
+        # pieces -- (8192, 64) bfloat16 training forward, 1 thread: 147 us
+        # into an aligned output, 219 us 16 bytes off (min of 80 calls).
+        raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+        address = raw.__array_interface__["data"][0]
+        entry = [raw, address + (-address) % ALIGNMENT, None, None]
     shape = tuple(shape)
     if entry[2] != shape:
         # a buffer is usually asked for with the same shape every time
