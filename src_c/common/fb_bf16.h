@@ -186,10 +186,31 @@ FB_BF16_INLINE uint16_t fb_f32_to_bf16_stochastic(float x, uint32_t random16)
  * other subnormal rules applies them before narrowing).  16 lanes per call on
  * both targets: one vector on AVX-512, two on AVX2 (so the 16-bit halves pack
  * into one 256-bit store). */
+#if defined(__AVX2__)
+#include <immintrin.h>
+/* fb_bf16_nearest_increment of 8 lanes (0x7FFF plus the lowest kept bit):
+ * the one definition the batch-norm narrowing below and the optimizers'
+ * rounding (optim_bf16_impl.h) share. */
+FB_BF16_INLINE __m256i fb_bf16_nearest_increment8(__m256 x)
+{
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(x), 16),
+                                         _mm256_set1_epi32(1));
+    return _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
+}
+#endif
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define FB_BF16_HAVE_VECTOR16 1
 typedef __m512 fb_bf16_v16; /* 16 float32 lanes */
+
+/* The same for 16 lanes. */
+FB_BF16_INLINE __m512i fb_bf16_nearest_increment16(__m512 x)
+{
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(x), 16),
+                                         _mm512_set1_epi32(1));
+    return _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
+}
 
 FB_BF16_INLINE fb_bf16_v16 fb_bf16_widen16_mask(const uint16_t *src, __mmask16 mask)
 {
@@ -206,9 +227,8 @@ FB_BF16_INLINE fb_bf16_v16 fb_bf16_widen16(const uint16_t *src)
 FB_BF16_INLINE __m256i fb_bf16_narrow16_nearest(fb_bf16_v16 x)
 {
     const __m512i bits = _mm512_castps_si512(x);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
     const __m512i rounded = _mm512_srli_epi32(
-        _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+        _mm512_add_epi32(bits, fb_bf16_nearest_increment16(x)), 16);
     const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
     const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
     return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet));
@@ -235,9 +255,8 @@ FB_BF16_INLINE fb_bf16_v16 fb_bf16_widen16(const uint16_t *src)
 FB_BF16_INLINE __m256i fb_bf16_narrow8_bits(__m256 x)
 {
     const __m256i bits = _mm256_castps_si256(x);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
     const __m256i rounded = _mm256_srli_epi32(
-        _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+        _mm256_add_epi32(bits, fb_bf16_nearest_increment8(x)), 16);
     const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
     const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40));
     return _mm256_blendv_epi8(rounded, quiet, nan);

@@ -251,12 +251,6 @@ FB_ALWAYS_INLINE __m256i fb_avx2_add16(__m256 x, __m256i increment)
     return _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(x), increment), 16);
 }
 
-FB_ALWAYS_INLINE __m256i fb_avx2_nearest_increment(__m256 x)
-{
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(x), 16), _mm256_set1_epi32(1));
-    return _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
-}
-
 /* fb_bf16_hash32_open of 8 counters x, given x >> 16 (`x_high`): within a
  * chunk the high halves of the counters change at most once (a chunk is 4096
  * elements, the low halves count up from any start), so the loops below pass
@@ -398,8 +392,8 @@ FB_ALWAYS_INLINE int32_t fb_adam_bs_avx2_loop(float *restrict param, const float
             counter_b = _mm256_add_epi32(counter_b, _mm256_set1_epi32(32));
         } else {
             for (int h = 0; h < 4; ++h) {
-                m_inc[h] = fb_avx2_nearest_increment(m_half[h]);
-                v_inc[h] = fb_avx2_nearest_increment(v_half[h]);
+                m_inc[h] = fb_bf16_nearest_increment8(m_half[h]);
+                v_inc[h] = fb_bf16_nearest_increment8(v_half[h]);
             }
         }
         int plain = !scalar_nan;
@@ -476,9 +470,9 @@ FB_ALWAYS_INLINE int32_t fb_adam_bpbs_avx2_loop(uint16_t *restrict param, const 
             counter_pair = _mm256_add_epi32(counter_pair, _mm256_set1_epi32(8));
         } else {
             for (int h = 0; h < 2; ++h) {
-                m_inc[h] = fb_avx2_nearest_increment(m_out[h]);
-                v_inc[h] = fb_avx2_nearest_increment(v_out[h]);
-                p_inc[h] = fb_avx2_nearest_increment(p_out[h]);
+                m_inc[h] = fb_bf16_nearest_increment8(m_out[h]);
+                v_inc[h] = fb_bf16_nearest_increment8(v_out[h]);
+                p_inc[h] = fb_bf16_nearest_increment8(p_out[h]);
             }
         }
         _mm256_storeu_si256((__m256i *)(exp_avg + i), fb_avx2_pair_round(m_out[0], m_out[1], m_inc[0], m_inc[1], any_nan));
@@ -576,12 +570,6 @@ FB_ALWAYS_INLINE __m512i fb_avx512_rounded_bits(__m512 x, __m512i increment, con
     return _mm512_mask_or_epi32(sum, nan, bits, _mm512_set1_epi32(0x00400000));
 }
 
-FB_ALWAYS_INLINE __m512i fb_avx512_nearest_increment(__m512 x)
-{
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(x), 16), _mm512_set1_epi32(1));
-    return _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
-}
-
 /* 32 bfloat16 in element order: the high 16-bit words of `first` (elements
  * 0-15) and `second` (16-31). */
 FB_ALWAYS_INLINE __m512i fb_avx512_high_words(__m512i first, __m512i second)
@@ -619,8 +607,8 @@ FB_ALWAYS_INLINE int32_t fb_adam_bs_avx512_loop(float *restrict param, const flo
                 fb_avx512_split_open(fb_avx512_hash_open(counter), &m_inc[h], &v_inc[h]);
                 counter = _mm512_add_epi32(counter, sixteen);
             } else {
-                m_inc[h] = fb_avx512_nearest_increment(m[h]);
-                v_inc[h] = fb_avx512_nearest_increment(v[h]);
+                m_inc[h] = fb_bf16_nearest_increment16(m[h]);
+                v_inc[h] = fb_bf16_nearest_increment16(v[h]);
             }
         }
         const int plain = !scalar_nan && !_mm512_cmp_ps_mask(g[0], g[1], _CMP_UNORD_Q);
@@ -683,9 +671,9 @@ FB_ALWAYS_INLINE int32_t fb_adam_bpbs_avx512_loop(uint16_t *restrict param, cons
             counter_pair = _mm512_add_epi32(counter_pair, _mm512_set1_epi32(16));
         } else {
             for (int h = 0; h < 2; ++h) {
-                m_inc[h] = fb_avx512_nearest_increment(m_out[h]);
-                v_inc[h] = fb_avx512_nearest_increment(v_out[h]);
-                p_inc[h] = fb_avx512_nearest_increment(p_out[h]);
+                m_inc[h] = fb_bf16_nearest_increment16(m_out[h]);
+                v_inc[h] = fb_bf16_nearest_increment16(v_out[h]);
+                p_inc[h] = fb_bf16_nearest_increment16(p_out[h]);
             }
         }
         _mm512_storeu_si512((void *)(exp_avg + i),
