@@ -61,8 +61,11 @@ _Key = Tuple[int, str]
 class _Cache:
     """The free buffers by (nbytes, dtype character), least recently given
     back first, and the bytes they hold (never more than `cap`).  A buffer
-    is kept as an entry ``[array, address, shape, array interface]`` (the
-    last two: of its last hand-out, reused when the shape repeats)."""
+    is kept as an entry ``[array, address, shape, array interface]``: the
+    raw uint8 allocation (`ALIGNMENT` bytes longer than the buffer, which is
+    not counted in the bytes held), the buffer's 64-byte-aligned start in
+    it, and the shape and interface of its last hand-out (reused when the
+    shape repeats)."""
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
@@ -167,10 +170,11 @@ def new_array(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         # NumPy asks for transparent huge pages on arrays of 4 MiB and more.
         # The buffer starts on a 64-byte boundary (NumPy's start 16 bytes past
         # one): the kernels' vector stores then need no scalar head, and the
-        # bfloat16 channels-last rewrite of the AVX-512 build writes each row
-        # of 16 or 32 channels as whole aligned vectors rather than two masked
-        # pieces -- (8192, 64) bfloat16 training forward, 1 thread: 147 us
-        # into an aligned output, 219 us 16 bytes off (min of 80 calls).
+        # bfloat16 channels-last rewrite of the AVX-512 build, which starts
+        # every row at the output's next 32-byte boundary, writes rows of a
+        # multiple of 16 channels as whole vectors with no masked head and
+        # tail -- (8192, 64) bfloat16 training forward, 1 thread: 147 us into
+        # an aligned output, 219 us 16 bytes off (p10 of 80 calls).
         raw = np.empty(nbytes + ALIGNMENT, np.uint8)
         address = raw.__array_interface__["data"][0]
         entry = [raw, address + (-address) % ALIGNMENT, None, None]

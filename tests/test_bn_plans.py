@@ -32,11 +32,13 @@ SHAPES_THREADS = [(63, 64), (65, 72), (2047, 64), (2049, 64), (1031, 136), (700,
 # work item, and across the stretches of the threads.
 SHAPES_CL = [(2, 5, 7, 3), (3, 4, 5, 17), (2, 9, 9, 63), (2, 6, 6, 129), (2, 2, 3, 4, 33)]
 # The paired rewrite (first and second half of the rows together, then the
-# halves' vector tails and an odd last row): half-row counts just below and at
-# the 64-element minimum (2 x 63, 2 x 64, 4 x 32), tails of 1..15 elements
-# past a vector (5 x 33, 7 x 100), an odd last row (9 x 100, 3 x 3 x 3 x 50);
-# past the 512-channel group width the pieces of rows pair up (7 x 1030: two
-# 515-channel groups, an odd row count).
+# halves' vector tails and the last rows; the half rounded to a whole number
+# of vectors where enough rows allow): half-row counts just below and at the
+# 64-element minimum (2 x 63, 2 x 64, 4 x 32), tails of 1..15 elements past a
+# vector (5 x 33, 7 x 100), an odd last row (9 x 100, 3 x 3 x 3 x 50); past
+# the 512-channel group width (7 x 1030: two 515-channel groups, an odd row
+# count; whole rows on one thread -- pieces of rows pair when threads split a
+# row chunk's groups, SHAPES_ALIGNMENT's (300, 1030)).
 SHAPES_PAIRED = [(2, 63), (2, 64), (4, 32), (5, 33), (7, 100), (9, 100), (3, 3, 3, 50),
                  (7, 1030)]
 
@@ -221,9 +223,14 @@ def cached_rewrites_into(x, dy, weight, bias, running_mean, running_var, out_off
 
 # Cached (not streamed) channels-last rewrites start their vector stores at a
 # vector boundary of the output (a scalar head before it), and pair rows a
-# whole number of vectors apart: odd and even channel counts, the paired
-# halves (9 x 100, 7 x 1030 pieces of rows), a row chunk past 64 rows.
-SHAPES_ALIGNMENT = [(70, 37), (9, 100), (130, 64), (7, 1030), (3, 3, 3, 50), (66, 3)]
+# whole number of vectors apart when there are enough rows (else the plain
+# half): odd and even channel counts, paired whole rows (70 x 37, 130 x 64,
+# 9 x 100), a row chunk past 64 rows, rows shorter than a vector (66 x 3);
+# and calls moving over 1 MiB, so that 2 threads really split the work
+# (fb_threads_for_bytes): (300, 1030) has two 515-channel groups, whose
+# pieces of rows a thread pairs (bn_apply_rows), (4099, 37) many row chunks.
+SHAPES_ALIGNMENT = [(70, 37), (9, 100), (130, 64), (7, 1030), (3, 3, 3, 50), (66, 3),
+                    (300, 1030), (4099, 37)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -490,6 +490,7 @@ def test_bfloat16_outputs_are_cached_bfloat16_with_correct_values(cache, name, a
     y = on[0]
     assert y.dtype == BF16 and y.shape == shape
     assert is_leased(y) and not y.flags.owndata and y.flags.writeable
+    assert address(y) % 64 == 0
     off = results(0)
     assert off[0].flags.owndata
     for a, b in zip(on, off):

@@ -35,9 +35,10 @@
 #define FB_RVEC FB_TYPED(fb_rvec)
 #define FB_RVEC_LEN FB_CAT(FB_RVEC_LEN, FB_DTYPE)
 
-/* Elements before out + i is aligned for a streaming vector store; `len`
- * when out is not even aligned to its element size. */
-static inline fb_index FB_TYPED(bn_stream_head)(const FB_REAL *out, fb_index len)
+/* Elements before out + i is on a vector boundary (where a streaming store
+ * must start, and where a normal one does not straddle two cache lines);
+ * `len` when out is not even aligned to its element size. */
+static inline fb_index FB_TYPED(bn_store_head)(const FB_REAL *out, fb_index len)
 {
     const uintptr_t address = (uintptr_t)out, vector_bytes = sizeof(FB_RVEC);
     if (address % sizeof(FB_REAL))
@@ -51,7 +52,7 @@ static void FB_TYPED(bn_span_stream)(FB_REAL *out, const FB_REAL *in, const FB_R
                                      fb_index len, FB_REAL m, FB_REAL a, FB_REAL b, FB_REAL d,
                                      int relu, FB_REAL mask_scale, FB_REAL mask_shift)
 {
-    const fb_index head = FB_TYPED(bn_stream_head)(out, len);
+    const fb_index head = FB_TYPED(bn_store_head)(out, len);
     fb_index i = 0;
     const FB_RVEC vm = FB_TYPED(fb_rvec_broadcast)(m);
     const FB_RVEC va = FB_TYPED(fb_rvec_broadcast)(a), vb = FB_TYPED(fb_rvec_broadcast)(b);
@@ -200,8 +201,9 @@ FB_ALWAYS_INLINE void FB_TYPED(bn_wrap_body)(FB_REAL *out, const FB_REAL *in, co
      * into an out= 16 bytes off a line: 365-386 us, 64-byte aligned: 218-227
      * us, the input's alignment making no difference (NumPy's multiply into
      * either: 213-220 us). */
-    const fb_index head = FB_TYPED(bn_stream_head)(out, len);
-    (void)stream;
+    fb_index head = FB_TYPED(bn_store_head)(out, len);
+    if (!stream && len - head < FB_RVEC_LEN)
+        head = 0;  /* no whole vector after it: one unaligned vector beats a scalar row */
     const fb_index step = FB_RVEC_LEN % channels;  /* c + step < 2 * channels */
 #define FB_SCALAR_STEP                                                                       do {                                                                                         if (!x) {                                                                                    out[i] = FB_TYPED(bn_activate)((in[i] - m[c]) * a[c] + b[c], relu);                  } else {                                                                                     const FB_REAL g = mask ? FB_TYPED(bn_relu_masked)(in[i], x[i], m[c], ms[c],                                                                mh[c])                                                        : in[i];                                                          out[i] = g * a[c] + ((x[i] - m[c]) * b[c] + d[c]);                                   }                                                                                        if (++c == channels)                                                                         c = 0;                                                                           } while (0)
     for (; i < head; ++i)
@@ -336,7 +338,8 @@ static inline void FB_TYPED(bn_wrap_body)(FB_REAL *out, const FB_REAL *in, const
 
 /* Two stretches of `len` elements of a cached (not streamed) output, both
  * starting at channel c, the second `distance` elements after the first
- * (distance >= len, a multiple of channels): rewritten together
+ * (distance >= len, a multiple of channels): the scalar heads of both up to
+ * the first's vector boundary, then the rest rewritten together
  * (bn_wrap_pair_body), then the vectors' leftovers of each.  Every element
  * is computed as bn_span_wrap computes it. */
 static void FB_TYPED(bn_span_wrap_pair)(FB_REAL *out, const FB_REAL *in, const FB_REAL *x,
@@ -348,16 +351,23 @@ static void FB_TYPED(bn_span_wrap_pair)(FB_REAL *out, const FB_REAL *in, const F
     fb_index done = 0;
 #if FB_BN_CAN_PAIR
     /* both halves' elements up to the first half's first vector boundary,
-     * scalar (bn_wrap_body with that length), so the paired stores of the
-     * first half are aligned, and those of the second when `distance` is a
-     * whole number of vectors (bn_span_wrap picks such a distance) */
-    const fb_index head = FB_TYPED(bn_stream_head)(out, len);
+     * scalar (bn_wrap_body of fewer elements than a vector), so the paired
+     * stores of the first half are aligned, and those of the second when
+     * `distance` is a whole number of vectors (bn_span_wrap and
+     * bn_apply_rows pick such a distance when they can) */
+    const fb_index head = FB_TYPED(bn_store_head)(out, len);
     if (head < len) {
+#define FB_HEAD(at_, x_, relu_, mask_) \
+    FB_TYPED(bn_wrap_body)(out + (at_), in + (at_), x_, head, c, channels, m, a, b, d, ms, mh, \
+                           0, relu_, mask_)
         for (fb_index half = 0; half < 2 && head > 0; ++half) {
             const fb_index at = half * distance;
-            FB_TYPED(bn_wrap_body)(out + at, in + at, x ? x + at : NULL, head, c, channels, m,
-                                   a, b, d, ms, mh, 0, relu && !x, relu && x);
+            if (!x)
+                relu ? FB_HEAD(at, NULL, 1, 0) : FB_HEAD(at, NULL, 0, 0);
+            else
+                relu ? FB_HEAD(at, x + at, 0, 1) : FB_HEAD(at, x + at, 0, 0);
         }
+#undef FB_HEAD
         c = (c + head) % channels;
         FB_REAL *const out_h = out + head;
         const FB_REAL *const in_h = in + head, *const x_h = x ? x + head : NULL;
@@ -398,10 +408,13 @@ static void FB_TYPED(bn_span_wrap)(FB_REAL *out, const FB_REAL *in, const FB_REA
     /* cached outputs of at least two rows: the first and second halves of
      * the rows together (bn_span_wrap_pair), then the last rows; the half a
      * whole number of vectors (bn_aligned_rows), so that both halves' stores
-     * are aligned (bn_span_wrap_pair).  (Streamed outputs are bound by
-     * memory.) */
+     * are aligned (bn_span_wrap_pair), unless too few rows are left for
+     * that: then the plain half, the second half's stores unaligned.
+     * (Streamed outputs are bound by memory.) */
     const fb_index unit = FB_TYPED(bn_aligned_rows)(channels);
-    const fb_index half = len / (2 * channels) / unit * unit * channels;
+    fb_index half = len / (2 * channels) / unit * unit * channels;
+    if (half < FB_BN_PAIR_MIN)
+        half = len / (2 * channels) * channels;
     if (!stream && half >= FB_BN_PAIR_MIN) {
         FB_TYPED(bn_span_wrap_pair)(out, in, x, half, half, c, channels, m, a, b, d, ms, mh,
                                     relu);
