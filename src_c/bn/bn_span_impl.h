@@ -109,6 +109,20 @@ static inline fb_index FB_TYPED(bn_aligned_rows)(fb_index channels)
 }
 #endif
 
+/* Rows in the first half of a paired rewrite (bn_span_wrap_pair) of `rows`
+ * rows: half of them, rounded down to a whole number of vectors
+ * (bn_aligned_rows) so that both halves' stores are aligned, unless that
+ * leaves fewer than `min_rows`: then the plain half, the second half's
+ * stores unaligned.  The one rule for whole rows (bn_span_wrap) and pieces
+ * of rows (bn_apply_rows, bn_train_impl.h). */
+static inline fb_index FB_TYPED(bn_pair_half_rows)(fb_index rows, fb_index channels,
+                                                   fb_index min_rows)
+{
+    const fb_index unit = FB_TYPED(bn_aligned_rows)(channels);
+    const fb_index aligned = rows / 2 / unit * unit;
+    return aligned >= min_rows ? aligned : rows / 2;
+}
+
 static inline void FB_TYPED(bn_span)(FB_REAL *out, const FB_REAL *in, const FB_REAL *x,
                                      fb_index len, FB_REAL m, FB_REAL a, FB_REAL b, FB_REAL d,
                                      int stream, int relu, FB_REAL mask_scale,
@@ -406,15 +420,11 @@ static void FB_TYPED(bn_span_wrap)(FB_REAL *out, const FB_REAL *in, const FB_REA
 #define FB_WRAP(x_, stream_, relu_, mask_) \
     FB_TYPED(bn_wrap_body)(out, in, x_, len, c, channels, m, a, b, d, ms, mh, stream_, relu_, mask_)
     /* cached outputs of at least two rows: the first and second halves of
-     * the rows together (bn_span_wrap_pair), then the last rows; the half a
-     * whole number of vectors (bn_aligned_rows), so that both halves' stores
-     * are aligned (bn_span_wrap_pair), unless too few rows are left for
-     * that: then the plain half, the second half's stores unaligned.
-     * (Streamed outputs are bound by memory.) */
-    const fb_index unit = FB_TYPED(bn_aligned_rows)(channels);
-    fb_index half = len / (2 * channels) / unit * unit * channels;
-    if (half < FB_BN_PAIR_MIN)
-        half = len / (2 * channels) * channels;
+     * the rows together (bn_span_wrap_pair, halves of bn_pair_half_rows of
+     * at least FB_BN_PAIR_MIN elements), then the last rows.  (Streamed
+     * outputs are bound by memory.) */
+    const fb_index half = FB_TYPED(bn_pair_half_rows)(
+        len / channels, channels, fb_ceil_div(FB_BN_PAIR_MIN, channels)) * channels;
     if (!stream && half >= FB_BN_PAIR_MIN) {
         FB_TYPED(bn_span_wrap_pair)(out, in, x, half, half, c, channels, m, a, b, d, ms, mh,
                                     relu);

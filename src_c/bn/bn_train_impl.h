@@ -1297,11 +1297,9 @@ static void FB_TYPED(bn_apply_rows)(const fb_bn_plan *plan, const FB_TYPED(bn_pa
     fb_index r = r0;
     if (rows > 1 && !staged && !pass->stream) {
         /* pieces of rows: row r with row r + half, sharing the coefficient
-         * loads (bn_span_wrap_pair), as bn_span_wrap does for whole rows;
-         * half a whole number of vectors of rows when there are enough rows,
-         * so both pieces' stores are aligned */
-        const fb_index unit = FB_TYPED(bn_aligned_rows)(C);
-        const fb_index half = rows / 2 >= unit ? rows / 2 / unit * unit : rows / 2;
+         * loads (bn_span_wrap_pair), as bn_span_wrap does for whole rows,
+         * split by the same rule */
+        const fb_index half = FB_TYPED(bn_pair_half_rows)(rows, C, 1);
         for (; r < r0 + half; ++r) {
             const fb_index offset = r * C + c0;
             FB_TYPED(bn_span_wrap_pair)(pass->out + offset,
