@@ -964,19 +964,24 @@ static inline void FB_TYPED(bn_forward_coefficients)(const FB_TYPED(bn_pass) *pa
  * x * k2 against mean * k2 when |mean| >> the spread):
  * dx = dy * k1 + ((x - m) * k2 + k3), m = the mean rounded to FB_REAL
  * (center_real); `remainder` = mean - m, nonzero only for a float64 mean
- * that FB_REAL cannot hold (the split phases). */
+ * that FB_REAL cannot hold (the split phases).  `inv_n` = 1 / n: the
+ * finalize multiplies by it rather than dividing by n (a float64 vector
+ * division costs as much as a square root, and the finalize of wide, short
+ * (N, C) arrays is bound by them; at most one rounding more, in float64),
+ * except for the variance: the split phases promise that their m2 / n is
+ * the fused forward's variance, bit for bit. */
 /* bn_backward_coefficients_f32, bn_backward_coefficients_f64 */
 static inline void FB_TYPED(bn_backward_coefficients)(FB_TYPED(bn_coefficients) coef,
                                                       fb_index c, double w, double invstd,
                                                       double sum_dy, double sum_dy_xhat,
-                                                      double n, double remainder)
+                                                      double inv_n, double remainder)
 {
     const double a = w * invstd;
-    const double b = -a * invstd * sum_dy_xhat / n;
+    const double b = -a * invstd * sum_dy_xhat * inv_n;
     coef.k1[c] = (FB_REAL)a;
     coef.k2[c] = (FB_REAL)b;
-    coef.k3[c] = (FB_REAL)(remainder != 0.0 ? -a * sum_dy / n - b * remainder
-                                            : -a * sum_dy / n);
+    coef.k3[c] = (FB_REAL)(remainder != 0.0 ? -a * sum_dy * inv_n - b * remainder
+                                            : -a * sum_dy * inv_n);
 }
 
 /* bn_finalize_f32 / bn_finalize_f64: coefficients of channel c (sums s1,
@@ -991,13 +996,13 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
                                   const FB_TYPED(bn_coefficients) *coefficients, int owner)
 {
     const FB_TYPED(bn_coefficients) coef = *coefficients;
-    const double n = (double)plan->n;
+    const double n = (double)plan->n, inv_n = 1.0 / n;
     const double w = pass->weight ? (double)pass->weight[c] : 1.0;
     double invstd, dweight = 0.0;
     switch (pass->mode) {
     case FB_BN_FORWARD: {
-        const double shifted_mean = s1 / n;
-        double var = (s2 - s1 * shifted_mean) / n;
+        const double shifted_mean = s1 * inv_n;
+        double var = (s2 - s1 * shifted_mean) / n;  /* m2 / n, as the split phases' users */
         if (var < 0.0)  /* rounding on a (near-)constant channel; NaN passes through */
             var = 0.0;
         const double mean = pass->center[c] + shifted_mean;
@@ -1022,13 +1027,13 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
     case FB_BN_BACKWARD: {
         invstd = (double)pass->spread[c];
         dweight = s2 * invstd;
-        FB_TYPED(bn_backward_coefficients)(coef, c, w, invstd, s1, dweight, n, 0.0);
+        FB_TYPED(bn_backward_coefficients)(coef, c, w, invstd, s1, dweight, inv_n, 0.0);
         break;
     }
     case FB_BN_STATS: {
         /* FORWARD's statistics before the division by n: m2 / n is
          * exactly FORWARD's var */
-        const double shifted_mean = s1 / n;
+        const double shifted_mean = s1 * inv_n;
         double m2 = s2 - s1 * shifted_mean;
         if (m2 < 0.0)  /* rounding on a (near-)constant channel; NaN passes through */
             m2 = 0.0;
@@ -1072,7 +1077,8 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
  * the bits are the same (the split phases' m2 / n still equals the forward's
  * var).  Channel by channel, the chain of dependent divisions and the square
  * root was 8-12 % of a (256, 512) float32 training forward (profiled).  The
- * other modes call bn_finalize per channel. */
+ * split phases' reductions (STATS, BACKWARD_REDUCE) run as such loops too;
+ * BACKWARD_EVAL calls bn_finalize per channel. */
 static void FB_TYPED(bn_finalize_column_values)(const fb_bn_plan *plan,
                                                 FB_TYPED(bn_pass) *pass, fb_index first,
                                                 fb_index last, double *restrict t1,
@@ -1083,7 +1089,7 @@ static void FB_TYPED(bn_finalize_column_values)(const fb_bn_plan *plan,
     const FB_TYPED(bn_coefficients) coef = *coefficients;
     FB_REAL *restrict k1 = coef.k1, *restrict k2 = coef.k2, *restrict k3 = coef.k3;
     const FB_REAL *restrict weight = pass->weight, *restrict bias = pass->bias;
-    const double n = (double)plan->n;
+    const double n = (double)plan->n, inv_n = 1.0 / n;
     owned_first = fb_max_index(owned_first, first);
     owned_last = fb_min_index(owned_last, last);
     if (pass->mode == FB_BN_FORWARD) {
@@ -1092,38 +1098,11 @@ static void FB_TYPED(bn_finalize_column_values)(const fb_bn_plan *plan,
         /* t1 := mean, t2 := var */
 #pragma omp simd
         for (fb_index c = first; c < last; ++c) {
-            const double shifted_mean = t1[c] / n;
-            double var = (t2[c] - t1[c] * shifted_mean) / n;
+            const double shifted_mean = t1[c] * inv_n;
+            double var = (t2[c] - t1[c] * shifted_mean) / n;  /* m2 / n exactly */
             var = var < 0.0 ? 0.0 : var;  /* rounding on a constant channel; NaN stays */
             t1[c] = center[c] + shifted_mean;
             t2[c] = var;
-        }
-        if (pass->relu) {
-            /* as bn_forward_coefficients with relu: from the rounded invstd */
-#pragma omp simd
-            for (fb_index c = first; c < last; ++c) {
-                const double invstd = (double)(FB_REAL)(1.0 / sqrt(t2[c] + eps));
-                k2[c] = (FB_REAL)t1[c];
-                k1[c] = (FB_REAL)((weight ? (double)weight[c] : 1.0) * invstd);
-                k3[c] = bias ? bias[c] : (FB_REAL)0;
-            }
-        } else {
-#pragma omp simd
-            for (fb_index c = first; c < last; ++c) {
-                const double invstd = 1.0 / sqrt(t2[c] + eps);
-                const double mean = t1[c];
-                const FB_REAL mean_real = (FB_REAL)mean;
-                const double s = (weight ? (double)weight[c] : 1.0) * invstd;
-                k2[c] = mean_real;
-                k1[c] = (FB_REAL)s;
-                k3[c] = (FB_REAL)((bias ? (double)bias[c] : 0.0) - (mean - (double)mean_real) * s);
-            }
-        }
-        FB_REAL *restrict saved_mean = pass->saved_mean, *restrict saved_invstd = pass->saved_invstd;
-#pragma omp simd
-        for (fb_index c = owned_first; c < owned_last; ++c) {
-            saved_mean[c] = (FB_REAL)t1[c];
-            saved_invstd[c] = (FB_REAL)(1.0 / sqrt(t2[c] + eps));
         }
         if (pass->running_mean) {
             FB_REAL *restrict running_mean = pass->running_mean;
@@ -1136,6 +1115,67 @@ static void FB_TYPED(bn_finalize_column_values)(const fb_bn_plan *plan,
                                            + m * t2[c] * (n / (n - 1.0)));
             }
         }
+        /* t2 := invstd, computed once per channel: the division and square
+         * root in float64 are the costly part of this loop (on wide rows
+         * with few of them, e.g. (64, 4096) float32, the finalize was ~16 %
+         * of the training forward's kernel time, profiled, when the saved
+         * invstd took its own division and square root) */
+        if (pass->relu) {
+            /* as bn_forward_coefficients with relu: from the rounded invstd */
+#pragma omp simd
+            for (fb_index c = first; c < last; ++c) {
+                const double invstd = 1.0 / sqrt(t2[c] + eps);
+                t2[c] = invstd;
+                k2[c] = (FB_REAL)t1[c];
+                k1[c] = (FB_REAL)((weight ? (double)weight[c] : 1.0) * (double)(FB_REAL)invstd);
+                k3[c] = bias ? bias[c] : (FB_REAL)0;
+            }
+        } else {
+#pragma omp simd
+            for (fb_index c = first; c < last; ++c) {
+                const double invstd = 1.0 / sqrt(t2[c] + eps);
+                const double mean = t1[c];
+                const FB_REAL mean_real = (FB_REAL)mean;
+                const double s = (weight ? (double)weight[c] : 1.0) * invstd;
+                t2[c] = invstd;
+                k2[c] = mean_real;
+                k1[c] = (FB_REAL)s;
+                k3[c] = (FB_REAL)((bias ? (double)bias[c] : 0.0) - (mean - (double)mean_real) * s);
+            }
+        }
+        FB_REAL *restrict saved_mean = pass->saved_mean, *restrict saved_invstd = pass->saved_invstd;
+#pragma omp simd
+        for (fb_index c = owned_first; c < owned_last; ++c) {
+            saved_mean[c] = (FB_REAL)t1[c];
+            saved_invstd[c] = (FB_REAL)t2[c];
+        }
+        return;
+    }
+    if (pass->mode == FB_BN_STATS) {
+        /* the split phases' statistics, per channel the expressions of
+         * bn_finalize (FORWARD's before the division by n), as a vector
+         * loop: the scalar call per channel was ~27 % of batch_norm_stats
+         * of (8, 4096) float32 (profiled) */
+        const double *restrict center = pass->center;
+        double *restrict mean = pass->phase_out1, *restrict m2 = pass->phase_out2;
+#pragma omp simd
+        for (fb_index c = owned_first; c < owned_last; ++c) {
+            const double shifted_mean = t1[c] * inv_n;
+            const double sum_sq = t2[c] - t1[c] * shifted_mean;
+            mean[c] = center[c] + shifted_mean;
+            m2[c] = sum_sq < 0.0 ? 0.0 : sum_sq;  /* as bn_finalize; NaN stays */
+        }
+        return;
+    }
+    if (pass->mode == FB_BN_BACKWARD_REDUCE) {
+        const double *restrict center = pass->center;
+        const double *restrict phase_mean = pass->phase_mean, *restrict phase_invstd = pass->phase_invstd;
+        double *restrict sum_dy = pass->phase_out1, *restrict sum_dy_xhat = pass->phase_out2;
+#pragma omp simd
+        for (fb_index c = owned_first; c < owned_last; ++c) {
+            sum_dy[c] = t1[c];
+            sum_dy_xhat[c] = phase_invstd[c] * (t2[c] - t1[c] * (phase_mean[c] - center[c]));
+        }
         return;
     }
     if (pass->mode == FB_BN_BACKWARD) {
@@ -1147,7 +1187,7 @@ static void FB_TYPED(bn_finalize_column_values)(const fb_bn_plan *plan,
             const double dweight = t2[c] * invstd;
             t2[c] = dweight;
             FB_TYPED(bn_backward_coefficients)(coef, c, weight ? (double)weight[c] : 1.0, invstd,
-                                               t1[c], dweight, n, 0.0);
+                                               t1[c], dweight, inv_n, 0.0);
         }
         const int accumulate = pass->accumulate;
         FB_REAL *restrict dweight = pass->dweight, *restrict dbias = pass->dbias;
@@ -1827,23 +1867,40 @@ static int FB_TYPED(bn_run)(FB_TYPED(bn_pass) *pass, fb_index outer, fb_index ch
     pass->coefficients = pass->center_real + stride;
     pass->mask_scale = pass->coefficients + 3 * (fb_index)nt * stride;
     pass->mask_shift = pass->mask_scale + stride;
-    for (fb_index c = 0; c < channels; ++c) {
-        if (fb_bn_reduces_x(pass->mode))
-            pass->center_real[c] = pass->x[c * inner];  /* first value of channel c */
-        else if (pass->phase_mean)
-            pass->center_real[c] = (FB_REAL)pass->phase_mean[c];
-        else
-            pass->center_real[c] = pass->mean ? pass->mean[c] : 0;
-        pass->center[c] = (double)pass->center_real[c];
-        if (masks) {
-            /* as the forward computed them: from the saved mean and invstd
-             * (training) or the running statistics (eval) */
-            const double invstd = pass->phase_invstd ? pass->phase_invstd[c]
-                : pass->mode == FB_BN_BACKWARD
-                ? (double)pass->spread[c] : 1.0 / sqrt((double)pass->spread[c] + pass->eps);
-            FB_TYPED(bn_normalize_coefficients)(invstd, pass->mask_weight, pass->bias, c,
-                                                pass->mask_scale + c, pass->mask_shift + c);
-        }
+    /* one loop per source of the centers (each vectorizes; with the choice
+     * made per channel, this setup was ~5 % of a (8, 4096) float32
+     * backward, profiled) */
+    FB_REAL *restrict center_real = pass->center_real;
+    if (fb_bn_reduces_x(pass->mode)) {
+        const FB_REAL *restrict x = pass->x;
+        for (fb_index c = 0; c < channels; ++c)
+            center_real[c] = x[c * inner];  /* first value of channel c */
+    } else if (pass->phase_mean) {
+        const double *restrict phase_mean = pass->phase_mean;
+#pragma omp simd
+        for (fb_index c = 0; c < channels; ++c)
+            center_real[c] = (FB_REAL)phase_mean[c];
+    } else if (pass->mean) {
+        const FB_REAL *restrict mean = pass->mean;
+#pragma omp simd
+        for (fb_index c = 0; c < channels; ++c)
+            center_real[c] = mean[c];
+    } else {
+        for (fb_index c = 0; c < channels; ++c)
+            center_real[c] = 0;
+    }
+    double *restrict center = pass->center;
+#pragma omp simd
+    for (fb_index c = 0; c < channels; ++c)
+        center[c] = (double)center_real[c];
+    for (fb_index c = 0; masks && c < channels; ++c) {
+        /* as the forward computed them: from the saved mean and invstd
+         * (training) or the running statistics (eval) */
+        const double invstd = pass->phase_invstd ? pass->phase_invstd[c]
+            : pass->mode == FB_BN_BACKWARD
+            ? (double)pass->spread[c] : 1.0 / sqrt((double)pass->spread[c] + pass->eps);
+        FB_TYPED(bn_normalize_coefficients)(invstd, pass->mask_weight, pass->bias, c,
+                                            pass->mask_scale + c, pass->mask_shift + c);
     }
     FB_TYPED(bn_wrap_extend)(pass->center_real, channels);
     if (masks) {
@@ -2079,6 +2136,7 @@ static int FB_TYPED(bn_backward_apply)(FASTBN_BN_BACKWARD_APPLY_ARGS(FB_REAL))
                                             coefficients + 3 * stride};
     FB_REAL *mask_scale = relu ? coefficients + 4 * stride : NULL;
     FB_REAL *mask_shift = relu ? coefficients + 5 * stride : NULL;
+    const double inv_count = 1.0 / count;
     for (fb_index c = 0; c < channels; ++c) {
         center[c] = (FB_REAL)mean[c];
         /* as the forward computed them, from the same mean and invstd */
@@ -2086,7 +2144,7 @@ static int FB_TYPED(bn_backward_apply)(FASTBN_BN_BACKWARD_APPLY_ARGS(FB_REAL))
             FB_TYPED(bn_normalize_coefficients)(invstd[c], mask_weight, mask_bias, c,
                                                 mask_scale + c, mask_shift + c);
         FB_TYPED(bn_backward_coefficients)(coef, c, weight ? (double)weight[c] : 1.0, invstd[c],
-                                           sum_dy[c], sum_dy_xhat[c], count,
+                                           sum_dy[c], sum_dy_xhat[c], inv_count,
                                            mean[c] - (double)center[c]);
     }
     if (inner == 1)
