@@ -964,12 +964,8 @@ static inline void FB_TYPED(bn_forward_coefficients)(const FB_TYPED(bn_pass) *pa
  * x * k2 against mean * k2 when |mean| >> the spread):
  * dx = dy * k1 + ((x - m) * k2 + k3), m = the mean rounded to FB_REAL
  * (center_real); `remainder` = mean - m, nonzero only for a float64 mean
- * that FB_REAL cannot hold (the split phases).  `inv_n` = 1 / n: the
- * finalize multiplies by it rather than dividing by n (a float64 vector
- * division costs as much as a square root, and the finalize of wide, short
- * (N, C) arrays is bound by them; at most one rounding more, in float64),
- * except for the variance: the split phases promise that their m2 / n is
- * the fused forward's variance, bit for bit. */
+ * that FB_REAL cannot hold (the split phases).  `inv_n` = 1 / n (see
+ * bn_finalize). */
 /* bn_backward_coefficients_f32, bn_backward_coefficients_f64 */
 static inline void FB_TYPED(bn_backward_coefficients)(FB_TYPED(bn_coefficients) coef,
                                                       fb_index c, double w, double invstd,
@@ -987,6 +983,13 @@ static inline void FB_TYPED(bn_backward_coefficients)(FB_TYPED(bn_coefficients) 
 /* bn_finalize_f32 / bn_finalize_f64: coefficients of channel c (sums s1,
  * s2) into *coefficients; with `owner`, also the outputs that exactly one
  * thread writes (saved statistics, running statistics, dweight, dbias).
+ * Here and in bn_finalize_column_values (the same expressions as vector
+ * loops) and bn_backward_coefficients, sums are multiplied by inv_n = 1 / n
+ * rather than divided by n: a float64 vector division costs as much as a
+ * square root, and the finalize of wide, short (N, C) arrays is bound by
+ * them (at most one rounding more, in float64).  Except the variance: users
+ * of the split phases compute it as m2 / n, which must be the fused
+ * forward's variance bit for bit.
  * The coefficients come by pointer: passed by value, the three-pointer
  * struct was stored to the stack and reloaded as one wider load on every
  * call, a failed store forward per channel (~10 % of a (256, 512) float32
@@ -1002,7 +1005,7 @@ static void FB_TYPED(bn_finalize)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pas
     switch (pass->mode) {
     case FB_BN_FORWARD: {
         const double shifted_mean = s1 * inv_n;
-        double var = (s2 - s1 * shifted_mean) / n;  /* m2 / n, as the split phases' users */
+        double var = (s2 - s1 * shifted_mean) / n;  /* m2 / n: see above */
         if (var < 0.0)  /* rounding on a (near-)constant channel; NaN passes through */
             var = 0.0;
         const double mean = pass->center[c] + shifted_mean;
@@ -1168,8 +1171,11 @@ static void FB_TYPED(bn_finalize_column_values)(const fb_bn_plan *plan,
         return;
     }
     if (pass->mode == FB_BN_BACKWARD_REDUCE) {
+        /* as bn_finalize: t2 is around center = the mean rounded to the
+         * input dtype; move it to the float64 mean */
         const double *restrict center = pass->center;
-        const double *restrict phase_mean = pass->phase_mean, *restrict phase_invstd = pass->phase_invstd;
+        const double *restrict phase_mean = pass->phase_mean;
+        const double *restrict phase_invstd = pass->phase_invstd;
         double *restrict sum_dy = pass->phase_out1, *restrict sum_dy_xhat = pass->phase_out2;
 #pragma omp simd
         for (fb_index c = owned_first; c < owned_last; ++c) {
@@ -1869,38 +1875,41 @@ static int FB_TYPED(bn_run)(FB_TYPED(bn_pass) *pass, fb_index outer, fb_index ch
     pass->mask_shift = pass->mask_scale + stride;
     /* one loop per source of the centers (each vectorizes; with the choice
      * made per channel, this setup was ~5 % of a (8, 4096) float32
-     * backward, profiled) */
-    FB_REAL *restrict center_real = pass->center_real;
-    if (fb_bn_reduces_x(pass->mode)) {
-        const FB_REAL *restrict x = pass->x;
-        for (fb_index c = 0; c < channels; ++c)
-            center_real[c] = x[c * inner];  /* first value of channel c */
-    } else if (pass->phase_mean) {
-        const double *restrict phase_mean = pass->phase_mean;
+     * backward, profiled); the restrict pointers live in this block only,
+     * the pass reads the same memory through pass-> afterwards */
+    {
+        FB_REAL *restrict center_real = pass->center_real;
+        if (fb_bn_reduces_x(pass->mode)) {
+            const FB_REAL *restrict x = pass->x;
+            for (fb_index c = 0; c < channels; ++c)
+                center_real[c] = x[c * inner];  /* first value of channel c */
+        } else if (pass->phase_mean) {
+            const double *restrict phase_mean = pass->phase_mean;
+#pragma omp simd
+            for (fb_index c = 0; c < channels; ++c)
+                center_real[c] = (FB_REAL)phase_mean[c];
+        } else if (pass->mean) {
+            const FB_REAL *restrict mean = pass->mean;
+#pragma omp simd
+            for (fb_index c = 0; c < channels; ++c)
+                center_real[c] = mean[c];
+        } else {
+            for (fb_index c = 0; c < channels; ++c)
+                center_real[c] = 0;
+        }
+        double *restrict center = pass->center;
 #pragma omp simd
         for (fb_index c = 0; c < channels; ++c)
-            center_real[c] = (FB_REAL)phase_mean[c];
-    } else if (pass->mean) {
-        const FB_REAL *restrict mean = pass->mean;
-#pragma omp simd
-        for (fb_index c = 0; c < channels; ++c)
-            center_real[c] = mean[c];
-    } else {
-        for (fb_index c = 0; c < channels; ++c)
-            center_real[c] = 0;
-    }
-    double *restrict center = pass->center;
-#pragma omp simd
-    for (fb_index c = 0; c < channels; ++c)
-        center[c] = (double)center_real[c];
-    for (fb_index c = 0; masks && c < channels; ++c) {
-        /* as the forward computed them: from the saved mean and invstd
-         * (training) or the running statistics (eval) */
-        const double invstd = pass->phase_invstd ? pass->phase_invstd[c]
-            : pass->mode == FB_BN_BACKWARD
-            ? (double)pass->spread[c] : 1.0 / sqrt((double)pass->spread[c] + pass->eps);
-        FB_TYPED(bn_normalize_coefficients)(invstd, pass->mask_weight, pass->bias, c,
-                                            pass->mask_scale + c, pass->mask_shift + c);
+            center[c] = (double)center_real[c];
+        for (fb_index c = 0; masks && c < channels; ++c) {
+            /* as the forward computed them: from the saved mean and invstd
+             * (training) or the running statistics (eval) */
+            const double invstd = pass->phase_invstd ? pass->phase_invstd[c]
+                : pass->mode == FB_BN_BACKWARD
+                ? (double)pass->spread[c] : 1.0 / sqrt((double)pass->spread[c] + pass->eps);
+            FB_TYPED(bn_normalize_coefficients)(invstd, pass->mask_weight, pass->bias, c,
+                                                pass->mask_scale + c, pass->mask_shift + c);
+        }
     }
     FB_TYPED(bn_wrap_extend)(pass->center_real, channels);
     if (masks) {
