@@ -16,7 +16,10 @@
  *     contiguous range of channels and, a block of neighbouring channels at a
  *     time (walked row by row, bn_train_impl.h), reduces their chunks,
  *     finalizes them and rewrites them while they are still in L2/L3: no
- *     barrier at all, and the data comes from DRAM about once.  With few
+ *     barrier at all, and the data comes from DRAM about once.  (A training
+ *     forward whose output is streamed, rows longer than the short ones,
+ *     goes one channel at a time, and rewrites the previous channel while
+ *     it reduces the next one: bn_owned_paced.)  With few
  *     channels, the chunks of each channel are shared by all threads instead,
  *     in cache blocks of channels: all chunks of a block are reduced, one
  *     barrier, every thread derives the block's coefficients (its own copy),

@@ -325,11 +325,32 @@ FB_ALWAYS_INLINE void FB_TYPED(bn_stream_run)(FB_TYPED(bn_stream) *s, const FB_R
     s->len = len;
 }
 
+/* A rewrite paced by a reduction (bn_owned_paced): channel c, whose
+ * coefficients are set, is rewritten a few KiB at a time from row r, value k
+ * of the row, while the next channel is reduced.  `debt`: values reduced
+ * since the last step. */
+typedef struct {
+    FB_TYPED(bn_coefficients) coef;
+    FB_REAL *staging;
+    fb_index c, r, k, debt;
+} FB_TYPED(bn_paced);
+
+/* A step of the paced rewrite follows every FB_BN_PACE_BYTES of values
+ * reduced in turns (counted as whole turns, so about that many): 4 KiB,
+ * between the 1 and 12.5 KiB pieces tried (bn_owned_paced).  Rows that do
+ * not take turns step once per chunk (16 KiB of float32). */
+#define FB_BN_PACE_BYTES ((fb_index)4096)
+
+static void FB_TYPED(bn_paced_step)(const fb_bn_plan *plan, const FB_TYPED(bn_pass) *pass,
+                                    FB_TYPED(bn_paced) *pace, fb_index values);
+
 /* Chunks item0 .. item0 + count - 1 (count <= FB_BN_STREAMS; item =
  * c * chunks + k) in turns: sum1[g], sum2[g] are bn_reduce_planar's sums
- * of item0 + g, bit for bit. */
+ * of item0 + g, bit for bit.  With `pace`, a step of its rewrite follows
+ * about every FB_BN_PACE_BYTES reduced (the reads and sums are unchanged). */
 static void FB_TYPED(bn_reduce_chunks)(const fb_bn_plan *plan, const FB_TYPED(bn_pass) *pass,
-                                       fb_index item0, int count, double *sum1, double *sum2)
+                                       fb_index item0, int count, double *sum1, double *sum2,
+                                       FB_TYPED(bn_paced) *pace)
 {
     FB_TYPED(bn_stream) st[FB_BN_STREAMS];
     fb_bn_runs runs[FB_BN_STREAMS];
@@ -351,9 +372,17 @@ static void FB_TYPED(bn_reduce_chunks)(const fb_bn_plan *plan, const FB_TYPED(bn
             FB_TYPED(bn_stream_run)(&st[g], pass->x + offset, len);
         active += live[g];
     }
+    const fb_index pace_values = FB_BN_PACE_BYTES / (fb_index)sizeof(FB_REAL);
     while (active > 0) {
         for (int g = 0; g < count; ++g) {
-            if (!live[g] || FB_TYPED(bn_stream_turn)(&st[g]))
+            if (!live[g])
+                continue;
+            const int more = FB_TYPED(bn_stream_turn)(&st[g]);
+            if (pace && (pace->debt += FB_BN_BLOCK_VALUES) >= pace_values) {
+                FB_TYPED(bn_paced_step)(plan, pass, pace, pace->debt);
+                pace->debt = 0;
+            }
+            if (more)
                 continue;
             if (fb_bn_runs_next(&runs[g], chan[g], &offset, &len)) {
                 FB_TYPED(bn_stream_run)(&st[g], pass->x + offset, len);
@@ -1275,6 +1304,36 @@ static void FB_TYPED(bn_apply_run)(const FB_TYPED(bn_pass) *pass, FB_TYPED(bn_co
     }
 }
 
+/* At least `values` more values of the paced channel rewritten (all that
+ * are left when fewer), row by row.  A step that ends inside a row ends
+ * where the output reaches a 64-byte line (also a vector boundary), so the
+ * steps split no line of a streamed output: a row is stored as one whole
+ * bn_span of it would be.  Elementwise: no value depends on where the steps
+ * end. */
+static void FB_TYPED(bn_paced_step)(const fb_bn_plan *plan, const FB_TYPED(bn_pass) *pass,
+                                    FB_TYPED(bn_paced) *pace, fb_index values)
+{
+    const fb_index inner = plan->inner;
+    while (values > 0 && pace->r < plan->outer) {
+        const fb_index base = (pace->r * plan->row_channels + pace->c) * inner;
+        fb_index stop = pace->k + values;
+        if (stop < inner) {
+            const fb_index past = (fb_index)((uintptr_t)(pass->out + base + stop) % 64);
+            if (past > 0)
+                stop += (64 - past) / (fb_index)sizeof(FB_REAL);
+        }
+        stop = fb_min_index(stop, inner);
+        FB_TYPED(bn_apply_run)(pass, pace->coef, pace->c, base + pace->k, stop - pace->k,
+                               pace->staging);
+        values -= stop - pace->k;
+        pace->k = stop;
+        if (pace->k == inner) {
+            pace->k = 0;
+            ++pace->r;
+        }
+    }
+}
+
 /* Rewrite one work item through bn_span (see bn_span_impl.h; out may equal x
  * or dy). */
 static void FB_TYPED(bn_apply_item)(const fb_bn_plan *plan, const FB_TYPED(bn_pass) *pass,
@@ -1623,7 +1682,8 @@ static void FB_TYPED(bn_owned_turns)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *
             for (fb_index s = 0; s < chunks; s += FB_BN_STREAMS) {
                 double chunk1[FB_BN_STREAMS], chunk2[FB_BN_STREAMS];
                 const int count = (int)fb_min_index(FB_BN_STREAMS, chunks - s);
-                FB_TYPED(bn_reduce_chunks)(plan, pass, c0 * chunks + s, count, chunk1, chunk2);
+                FB_TYPED(bn_reduce_chunks)(plan, pass, c0 * chunks + s, count, chunk1, chunk2,
+                                           NULL);
                 for (int g = 0; g < count; ++g) {
                     t1 += chunk1[g];
                     t2 += chunk2[g];
@@ -1642,6 +1702,76 @@ static void FB_TYPED(bn_owned_turns)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *
     }
     if (pass->stream)
         fb_stream_fence();
+}
+
+/* The owned channels of a training forward whose output is streamed
+ * (DRAM-sized arrays), one at a time: channel c is reduced while channel
+ * c - 1, already finalized, is rewritten -- a few KiB of rewrite after
+ * every few KiB read (bn_paced_step: from bn_reduce_chunks' turns when rows
+ * take turns, else after each chunk of bn_reduce_planar) -- and the last
+ * channel alone at the end.  The walks one block after the other read from
+ * memory in their reductions and wrote to it in their rewrites, one at a
+ * time; a core keeps more requests in flight when it does both at once.
+ * The sums are those of bn_owned_turns / bn_owned_channels (the same runs,
+ * turns, lanes and chunk order), and the rewrite is elementwise: only the
+ * order of the memory accesses changes.  The two channels in flight (2 x
+ * 784 KiB of x for a (64,128,56,56) float32 forward) stay in L2 where it is
+ * large, else in L3.
+ * Measured first as a standalone loop (128 channels of 64 x 3136 float32
+ * values; the channel sum, then an AVX-512 streamed y = a x + b; 5 runs):
+ * 2 threads 5.6-5.95 ms one channel after the other, 5.0-5.15 ms paced by
+ * 1-4 KiB, 5.4-5.5 by 12.5 KiB; 1 thread 12.1-13.0 against 10.7-10.9 ms.
+ * Then against the unpaced build (benchmarks/bn_ab_builds.py --axis 1 --out,
+ * float32, min of 25 alternated rounds, load 1.0-1.3), training forward at
+ * 2 / 1 threads: (64,128,56,56) 6.99 -> 5.74 / 14.4 -> 11.7 ms,
+ * (32,64,112,112) (1.5 MiB channels: the previous one is re-read from L3)
+ * 6.77 -> 6.49 / 13.5 -> 13.0, (256,64,28,28) (3 KiB rows, no turns) 3.56
+ * -> 3.21 / 7.21 -> 6.27, (32,256,28,28) 1.38 -> 1.20 / 2.85 -> 2.50.  Only
+ * the forward paces: the backward (dy and x, paced after each chunk) lost
+ * on the largest shapes, (64,128,56,56) 11.1 -> 12.1 / 22.6 -> 23.1 ms and
+ * (256,64,28,28) 5.39 -> 6.10 / 11.1 -> 12.2, with two 1.6 MiB channels of
+ * two arrays in flight, where (32,256,28,28) gained (2.44 -> 2.17 / 4.96
+ * -> 3.78). */
+static void FB_TYPED(bn_owned_paced)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass,
+                                     const FB_TYPED(bn_coefficients) *coef, int turns,
+                                     int team, int tid)
+{
+    const fb_index chunks = plan->chunks;
+    fb_index first, last;
+    fb_split_range(plan->channels, team, tid, &first, &last);
+    FB_REAL staging[FB_BN_RELU_BLOCK];
+    FB_TYPED(bn_paced) pace;
+    pace.coef = *coef;
+    pace.staging = staging;
+    for (fb_index c = first; c < last; ++c) {
+        FB_TYPED(bn_paced) *paced = c > first ? &pace : NULL;
+        double t1 = 0.0, t2 = 0.0;
+        for (fb_index s = 0; s < chunks; s += turns ? FB_BN_STREAMS : 1) {
+            double chunk1[FB_BN_STREAMS], chunk2[FB_BN_STREAMS];
+            int count = 1;
+            if (turns) {
+                count = (int)fb_min_index(FB_BN_STREAMS, chunks - s);
+                FB_TYPED(bn_reduce_chunks)(plan, pass, c * chunks + s, count, chunk1, chunk2,
+                                           paced);
+            } else {
+                FB_TYPED(bn_reduce_planar)(plan, pass, c * chunks + s, chunk1, chunk2);
+                if (paced)
+                    FB_TYPED(bn_paced_step)(plan, pass, paced, plan->chunk);
+            }
+            for (int g = 0; g < count; ++g) {
+                t1 += chunk1[g];
+                t2 += chunk2[g];
+            }
+        }
+        if (paced)  /* what is left of the previous channel */
+            FB_TYPED(bn_paced_step)(plan, pass, paced, plan->n);
+        FB_TYPED(bn_finalize)(plan, pass, c, t1, t2, coef, 1);
+        pace.c = c;
+        pace.r = pace.k = pace.debt = 0;
+    }
+    if (last > first)
+        FB_TYPED(bn_paced_step)(plan, pass, &pace, plan->n);
+    fb_stream_fence();
 }
 
 static void FB_TYPED(bn_owned_channels)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pass,
@@ -1732,7 +1862,10 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
     const int rewrite = fb_bn_rewrites(pass->mode);
     const int turns = FB_TYPED(bn_takes_turns)(plan, pass);
     if (plan->owned) {
-        if (turns)  /* long rows: never short ones (pass->short_block is 0) */
+        if (rewrite && pass->reduce && pass->stream && pass->short_block == 0
+            && fb_bn_reduces_x(pass->mode))
+            FB_TYPED(bn_owned_paced)(plan, pass, &coef, turns, team, tid);
+        else if (turns)  /* long rows: never short ones (pass->short_block is 0) */
             FB_TYPED(bn_owned_turns)(plan, pass, &coef, rewrite, team, tid);
         else
             FB_TYPED(bn_owned_channels)(plan, pass, &coef, rewrite, team, tid);
@@ -1780,7 +1913,7 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
                 } else if (turns) {  /* FB_BN_STREAMS chunks in turns */
                     const int count = (int)fb_min_index(FB_BN_STREAMS, last - item);
                     FB_TYPED(bn_reduce_chunks)(plan, pass, item, count, pass->sum1 + item,
-                                               pass->sum2 + item);
+                                               pass->sum2 + item, NULL);
                     item += count - 1;
                 } else {  /* planar partial index c * chunks + k == item */
                     FB_TYPED(bn_reduce_planar)(plan, pass, item, pass->sum1 + item,
