@@ -72,7 +72,8 @@
 /* Planar cache block: bytes of streamed input per thread. */
 #define FB_BN_BF16_BLOCK_BYTES ((fb_index)384 * 1024)
 /* Owned planar blocks (bn_bf16_owned_block) take their width from
- * fb_bn_owned_block_width (bn_plan.h), as the float kernels' do. */
+ * fb_bn_owned_block_width (bn_plan.h), as the float kernels' do, without its
+ * L2 cap (not measured for bfloat16). */
 
 enum { BN_BF16_FORWARD = 0, BN_BF16_EVAL_FORWARD = 1, BN_BF16_BACKWARD = 2,
        BN_BF16_BACKWARD_EVAL = 3 };
@@ -128,7 +129,7 @@ static void bn_bf16_plan(bn_bf16_pass *p, fb_index outer, fb_index channels, fb_
         const fb_index budget = (fb_index)nt * FB_BN_BF16_BLOCK_BYTES;
         p->block_channels = channel_bytes > 0
             ? fb_min_index(channels, fb_max_index(1, budget / channel_bytes)) : channels;
-        p->owned_block = fb_bn_owned_block_width(inner * 2, channel_bytes);
+        p->owned_block = fb_bn_owned_block_width(inner * 2, channel_bytes, 0);
     } else {
         p->chunk = fb_max_index(fb_ceil_div(FB_BN_BF16_CHUNK, channels),
                                 fb_ceil_div(outer, FB_BN_BF16_MAX_ROW_CHUNKS));

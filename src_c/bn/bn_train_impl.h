@@ -1976,7 +1976,8 @@ static int FB_TYPED(bn_run)(FB_TYPED(bn_pass) *pass, fb_index outer, fb_index ch
      * stretch, within FB_BN_OWNED_BLOCK_BYTES of streamed input */
     {
         const fb_index row_bytes = inner * (fb_index)sizeof(FB_REAL);
-        pass->owned_block = fb_bn_owned_block_width(row_bytes, outer * row_bytes * streams);
+        pass->owned_block = fb_bn_owned_block_width(row_bytes, outer * row_bytes * streams,
+                                                    fb_bn_rewrites(pass->mode));
         pass->short_block = fb_bn_short_block_width(row_bytes, outer * row_bytes * streams);
     }
     /* stored partials only where threads share channels; owners add theirs
