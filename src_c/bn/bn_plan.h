@@ -185,7 +185,9 @@ static inline int fb_bn_stream_output(fb_index outer, fb_index channels, fb_inde
  * (256,64,28,28) 5.81 (2) / 5.46 (1) / 6.02 (4); (32,256,28,28) 2.22 at
  * 16 channels (3.2 MiB) against 1.96-2.03 at 1-8; (16,128,56,56) 1.96 (2) /
  * 1.88 (1).  Where a channel does not fit (a Zen 3 core's 512 KiB L2 and
- * those shapes), the rule is the one measured there, with the block in L3.
+ * the larger of those shapes), the rule is the one measured there, with the
+ * block in L3; smaller channels get L2-sized blocks there too (e.g. 2
+ * channels instead of 16 for (32,256,28,28): not measured on Zen 3).
  * Depends on the shape and the CPU, never on the thread count (and no sum
  * depends on the width). */
 static inline fb_index fb_bn_owned_block_width(fb_index row_bytes, fb_index channel_bytes,
