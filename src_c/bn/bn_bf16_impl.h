@@ -73,7 +73,10 @@
 #define FB_BN_BF16_BLOCK_BYTES ((fb_index)384 * 1024)
 /* Owned planar blocks (bn_bf16_owned_block) take their width from
  * fb_bn_owned_block_width (bn_plan.h), as the float kernels' do, without its
- * L2 cap (not measured for bfloat16). */
+ * L2 cap: with it, (64,128,56,56) bfloat16 on the Xeon (2 MiB L2), 2
+ * threads, 25 alternated calls, p25: backward 10.41 -> 10.32 ms, training
+ * forward 7.77 -> 7.76 ms (mins 8.71 -> 8.25, 7.30 -> 6.50, medians 10-25 %
+ * above the mins): no clear gain. */
 
 enum { BN_BF16_FORWARD = 0, BN_BF16_EVAL_FORWARD = 1, BN_BF16_BACKWARD = 2,
        BN_BF16_BACKWARD_EVAL = 3 };
