@@ -596,16 +596,22 @@ def test_planar_split_phases_compose_to_the_fused_owned_kernels(simd_target, thr
     x, dy, weight, bias, _, _ = make(rng, shape, dtype, axis=1)
     for count in (1, 2, 3):
         threads(count)
-        y, mean, invstd = F.batch_norm_forward_train(x, weight, bias, 1e-5, axis=1)
-        n, mean64, m2 = F.batch_norm_stats(x, axis=1)
-        invstd64 = 1.0 / np.sqrt(m2 / n + 1e-5)
-        np.testing.assert_array_equal(mean64.astype(dtype), mean)
-        np.testing.assert_array_equal(F.batch_norm_apply(x, mean64, invstd64, weight, bias,
-                                                         axis=1), y)
-        dx = F.batch_norm_backward(dy, x, mean, invstd, weight, axis=1)[0]
-        sums = F.batch_norm_backward_reduce(dy, x, mean, invstd, axis=1)
-        np.testing.assert_array_equal(
-            F.batch_norm_backward_apply(dy, x, mean, invstd, weight, *sums, n, axis=1), dx)
+        assert_planar_split_phases_compose(x, dy, weight, bias)
+
+
+def assert_planar_split_phases_compose(x, dy, weight, bias):
+    """stats + apply equal the fused training forward and backward_reduce +
+    backward_apply the fused backward, bit for bit (channels on axis 1)."""
+    y, mean, invstd = F.batch_norm_forward_train(x, weight, bias, 1e-5, axis=1)
+    n, mean64, m2 = F.batch_norm_stats(x, axis=1)
+    invstd64 = 1.0 / np.sqrt(m2 / n + 1e-5)
+    np.testing.assert_array_equal(mean64.astype(x.dtype), mean)
+    np.testing.assert_array_equal(F.batch_norm_apply(x, mean64, invstd64, weight, bias, axis=1),
+                                  y)
+    dx = F.batch_norm_backward(dy, x, mean, invstd, weight, axis=1)[0]
+    sums = F.batch_norm_backward_reduce(dy, x, mean, invstd, axis=1)
+    np.testing.assert_array_equal(
+        F.batch_norm_backward_apply(dy, x, mean, invstd, weight, *sums, n, axis=1), dx)
 
 
 
@@ -652,16 +658,7 @@ def test_planar_short_rows_split_phases_compose_to_the_fused_kernels(simd_target
     x, dy, weight, bias, _, _ = make(rng, shape, dtype, axis=1)
     for count in (1, 2, 3):
         threads(count)
-        y, mean, invstd = F.batch_norm_forward_train(x, weight, bias, 1e-5, axis=1)
-        n, mean64, m2 = F.batch_norm_stats(x, axis=1)
-        invstd64 = 1.0 / np.sqrt(m2 / n + 1e-5)
-        np.testing.assert_array_equal(mean64.astype(dtype), mean)
-        np.testing.assert_array_equal(F.batch_norm_apply(x, mean64, invstd64, weight, bias,
-                                                         axis=1), y)
-        dx = F.batch_norm_backward(dy, x, mean, invstd, weight, axis=1)[0]
-        sums = F.batch_norm_backward_reduce(dy, x, mean, invstd, axis=1)
-        np.testing.assert_array_equal(
-            F.batch_norm_backward_apply(dy, x, mean, invstd, weight, *sums, n, axis=1), dx)
+        assert_planar_split_phases_compose(x, dy, weight, bias)
 
 
 def placed(array, offset):
