@@ -306,6 +306,15 @@ static inline int FB_TYPED(bn_takes_turns)(const fb_bn_plan *plan,
         && plan->inner * (fb_index)sizeof(FB_REAL) >= FB_BN_STREAM_ROW_BYTES;
 }
 
+/* Whether the owned walk of this pass is bn_owned_paced: a training forward
+ * (plain or ReLU) whose output is streamed, rows longer than the short ones
+ * (see there; depends on the shape and mode only). */
+static inline int FB_TYPED(bn_paces)(const FB_TYPED(bn_pass) *pass)
+{
+    return pass->mode == FB_BN_FORWARD && pass->reduce && pass->stream
+        && pass->short_block == 0;
+}
+
 /* One turn: the stream's next short sum, or the rest of its run; returns
  * whether the run has values left. */
 FB_ALWAYS_INLINE int FB_TYPED(bn_stream_turn)(FB_TYPED(bn_stream) *s)
@@ -480,6 +489,36 @@ static void FB_TYPED(bn_reduce_planar)(const fb_bn_plan *plan, const FB_TYPED(bn
     }
     *sum1 = fb_bn_lanes_total(&a1);
     *sum2 = fb_bn_lanes_total(&a2);
+}
+
+/* Channel c's totals: its chunks' sums added in chunk order, FB_BN_STREAMS
+ * chunks at a time in turns (`turns`, bn_reduce_chunks) or one by one
+ * (bn_reduce_planar); with `pace`, steps of that rewrite in between
+ * (bn_owned_paced).  The one-channel reduction of the owned walks. */
+static void FB_TYPED(bn_channel_totals)(const fb_bn_plan *plan, const FB_TYPED(bn_pass) *pass,
+                                        fb_index c, int turns, FB_TYPED(bn_paced) *pace,
+                                        double *t1, double *t2)
+{
+    const fb_index chunks = plan->chunks;
+    double total1 = 0.0, total2 = 0.0;
+    for (fb_index s = 0; s < chunks; s += turns ? FB_BN_STREAMS : 1) {
+        double chunk1[FB_BN_STREAMS], chunk2[FB_BN_STREAMS];
+        int count = 1;
+        if (turns) {
+            count = (int)fb_min_index(FB_BN_STREAMS, chunks - s);
+            FB_TYPED(bn_reduce_chunks)(plan, pass, c * chunks + s, count, chunk1, chunk2, pace);
+        } else {
+            FB_TYPED(bn_reduce_planar)(plan, pass, c * chunks + s, chunk1, chunk2);
+            if (pace)
+                FB_TYPED(bn_paced_step)(plan, pass, pace, plan->chunk);
+        }
+        for (int g = 0; g < count; ++g) {
+            total1 += chunk1[g];
+            total2 += chunk2[g];
+        }
+    }
+    *t1 = total1;
+    *t2 = total2;
 }
 
 /* Rows are taken eight at a time (then four, then one): the rows'
@@ -1668,7 +1707,7 @@ static void FB_TYPED(bn_owned_turns)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *
                                      const FB_TYPED(bn_coefficients) *coef, int rewrite,
                                      int team, int tid)
 {
-    const fb_index C = plan->channels, chunks = plan->chunks;
+    const fb_index C = plan->channels;
     const fb_index width = pass->owned_block;
     fb_index first, last;
     fb_split_range(C, team, tid, &first, &last);
@@ -1678,17 +1717,8 @@ static void FB_TYPED(bn_owned_turns)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *
     for (fb_index c0 = first; c0 < last; c0 += width) {
         const fb_index c1 = fb_min_index(last, c0 + width);
         if (width == 1) {  /* bn_owned_channels' chunk-by-chunk walk */
-            double t1 = 0.0, t2 = 0.0;
-            for (fb_index s = 0; s < chunks; s += FB_BN_STREAMS) {
-                double chunk1[FB_BN_STREAMS], chunk2[FB_BN_STREAMS];
-                const int count = (int)fb_min_index(FB_BN_STREAMS, chunks - s);
-                FB_TYPED(bn_reduce_chunks)(plan, pass, c0 * chunks + s, count, chunk1, chunk2,
-                                           NULL);
-                for (int g = 0; g < count; ++g) {
-                    t1 += chunk1[g];
-                    t2 += chunk2[g];
-                }
-            }
+            double t1, t2;
+            FB_TYPED(bn_channel_totals)(plan, pass, c0, 1, NULL, &t1, &t2);
             FB_TYPED(bn_owned_channel_finish)(plan, pass, coef, rewrite, c0, t1, t2);
             continue;
         }
@@ -1736,7 +1766,6 @@ static void FB_TYPED(bn_owned_paced)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *
                                      const FB_TYPED(bn_coefficients) *coef, int turns,
                                      int team, int tid)
 {
-    const fb_index chunks = plan->chunks;
     fb_index first, last;
     fb_split_range(plan->channels, team, tid, &first, &last);
     FB_REAL staging[FB_BN_RELU_BLOCK];
@@ -1745,24 +1774,8 @@ static void FB_TYPED(bn_owned_paced)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *
     pace.staging = staging;
     for (fb_index c = first; c < last; ++c) {
         FB_TYPED(bn_paced) *paced = c > first ? &pace : NULL;
-        double t1 = 0.0, t2 = 0.0;
-        for (fb_index s = 0; s < chunks; s += turns ? FB_BN_STREAMS : 1) {
-            double chunk1[FB_BN_STREAMS], chunk2[FB_BN_STREAMS];
-            int count = 1;
-            if (turns) {
-                count = (int)fb_min_index(FB_BN_STREAMS, chunks - s);
-                FB_TYPED(bn_reduce_chunks)(plan, pass, c * chunks + s, count, chunk1, chunk2,
-                                           paced);
-            } else {
-                FB_TYPED(bn_reduce_planar)(plan, pass, c * chunks + s, chunk1, chunk2);
-                if (paced)
-                    FB_TYPED(bn_paced_step)(plan, pass, paced, plan->chunk);
-            }
-            for (int g = 0; g < count; ++g) {
-                t1 += chunk1[g];
-                t2 += chunk2[g];
-            }
-        }
+        double t1, t2;
+        FB_TYPED(bn_channel_totals)(plan, pass, c, turns, paced, &t1, &t2);
         if (paced)  /* what is left of the previous channel */
             FB_TYPED(bn_paced_step)(plan, pass, paced, plan->n);
         FB_TYPED(bn_finalize)(plan, pass, c, t1, t2, coef, 1);
@@ -1795,15 +1808,10 @@ static void FB_TYPED(bn_owned_channels)(const fb_bn_plan *plan, FB_TYPED(bn_pass
         /* one channel at a time, chunk by chunk: the same runs and sums
          * with less bookkeeping per run, which short rows notice (the row
          * walk below cost (4,32,8,8) float32 ~4 us more per call, measured) */
-        const fb_index chunks = plan->chunks;
         for (fb_index c = first; c < last; ++c) {
             double t1 = 0.0, t2 = 0.0;
-            for (fb_index s = 0; s < chunks && pass->reduce; ++s) {
-                double chunk1, chunk2;
-                FB_TYPED(bn_reduce_planar)(plan, pass, c * chunks + s, &chunk1, &chunk2);
-                t1 += chunk1;
-                t2 += chunk2;
-            }
+            if (pass->reduce)
+                FB_TYPED(bn_channel_totals)(plan, pass, c, 0, NULL, &t1, &t2);
             FB_TYPED(bn_owned_channel_finish)(plan, pass, coef, rewrite, c, t1, t2);
         }
         if (pass->stream)
@@ -1862,8 +1870,7 @@ static void FB_TYPED(bn_pass_body)(const fb_bn_plan *plan, FB_TYPED(bn_pass) *pa
     const int rewrite = fb_bn_rewrites(pass->mode);
     const int turns = FB_TYPED(bn_takes_turns)(plan, pass);
     if (plan->owned) {
-        if (rewrite && pass->reduce && pass->stream && pass->short_block == 0
-            && fb_bn_reduces_x(pass->mode))
+        if (FB_TYPED(bn_paces)(pass))
             FB_TYPED(bn_owned_paced)(plan, pass, &coef, turns, team, tid);
         else if (turns)  /* long rows: never short ones (pass->short_block is 0) */
             FB_TYPED(bn_owned_turns)(plan, pass, &coef, rewrite, team, tid);
