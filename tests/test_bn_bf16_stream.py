@@ -17,7 +17,8 @@ from fastbn import _bn
 ml_dtypes = pytest.importorskip("ml_dtypes")
 from fastbn.reference import _bf16_bn as R  # noqa: E402
 
-from test_bn_bf16 import BF16, EPS, assert_same_bits, geometry, make, run_all  # noqa: E402
+from test_bn_bf16 import (BF16, EPS, MOMENTUM, assert_same_bits, geometry, make,  # noqa: E402
+                          run_all)
 
 STREAM_BYTES = 8 << 20
 
@@ -190,3 +191,44 @@ def test_channels_last_streamed_outputs_at_every_even_offset_in_a_line_equal_the
         got = eval_outputs(x, dy, *inputs[2:], geo, True, y=y, dx=dx)
         assert np.shares_memory(got["y"], y) and np.shares_memory(got["dx"], dx)
         assert_same_bits(got, twin_eval)
+
+
+# ---- cached outputs of short runs ---------------------------------------------
+# Outputs under the streaming size: every full vector is an unaligned store
+# and a run's last values (fewer than a vector: runs of 1-40 values leave
+# tails of most lengths, and runs shorter than one vector) take one vector
+# step on staged copies in the AVX2 build (masked pieces in the AVX-512 one),
+# planar and channels-last, with inputs and outputs at even offsets off the
+# 32-byte vector boundary.
+
+CACHED_CASES = [((3, 5, 1, 7), False), ((2, 3, 37), False), ((4, 6, 2, 9), False),
+                ((5, 2, 40), False), ((3, 4, 5, 3), True), ((7, 21), True), ((2, 3, 3, 37), True)]
+
+
+@pytest.mark.parametrize("offset", [2, 14, 30])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape,channels_last", CACHED_CASES)
+def test_cached_outputs_of_short_runs_at_any_offset_equal_the_twin(simd_target, threads, shape,
+                                                                   channels_last, relu, offset,
+                                                                   rng):
+    inputs = make(rng, shape, channels_last, dyadic=True)
+    x, dy, weight, bias, running_mean, running_var = inputs
+    geo = geometry(shape, channels_last)
+    expected = run_all(R, *inputs, geo, relu)
+    moved_x, moved_dy = at_offset(x, offset), at_offset(dy, (offset + 6) % 64)
+    for count in (1, 2):
+        threads(count)
+        assert_same_bits(run_all(_bn, moved_x, moved_dy, *inputs[2:], geo, relu), expected)
+        y = at_offset(np.zeros(shape, BF16), (offset + 10) % 64)
+        dx = at_offset(np.zeros(shape, BF16), (offset + 22) % 64)
+        rm, rv = running_mean.copy(), running_var.copy()
+        _, mean, invstd, _ = _bn.train_forward(moved_x, y, *geo, weight, bias, EPS, rm, rv,
+                                               MOMENTUM, relu)
+        _bn.backward(moved_dy, moved_x, dx, *geo, mean, invstd, weight, None, None, False, bias,
+                     relu)
+        assert_same_bits(dict(y=y, dx=dx), dict(y=expected["y"], dx=expected["dx"]))
+        y_eval = at_offset(np.zeros(shape, BF16), (offset + 42) % 64)
+        dx_eval = at_offset(np.zeros(shape, BF16), (offset + 50) % 64)
+        got = eval_outputs(moved_x, moved_dy, *inputs[2:], geo, relu, y=y_eval, dx=dx_eval)
+        assert np.shares_memory(got["y"], y_eval) and np.shares_memory(got["dx"], dx_eval)
+        assert_same_bits(got, eval_twin(*inputs, geo, relu))

@@ -30,11 +30,13 @@
  * zeroed lanes do not send every step to the general form.  Same bits as
  * compute + narrow on every lane (tests/test_bn_bf16*.py against the twin).
  *
- * Heads up to the output's next 32-byte boundary and tails shorter than 16
- * go through bn_bf16_compute + fb_bn_bf16_narrow (normal stores); so does an
- * output at an odd address (never streamed). */
+ * Tails shorter than 16, and the heads up to a streamed output's first
+ * 32-byte boundary, take one vector step on staged copies (normal stores,
+ * bn_bf16_avx2_staged); a streamed output at an odd address goes through
+ * bn_bf16_compute + fb_bn_bf16_narrow (never a streaming store). */
 
 #include <immintrin.h>
+#include <string.h>
 
 /* the general narrowing of 8 lanes, the bfloat16 in the top half of each
  * 32-bit lane: fb_bn_bf16_round (subnormals to the sign's zero, NaN quiet) */
@@ -49,12 +51,14 @@ FB_ALWAYS_INLINE __m256i bn_bf16_avx2_round_general(__m256 v)
                                                 _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
 }
 
-/* nearest-even of 8 lanes that are neither NaN nor subnormal */
-FB_ALWAYS_INLINE __m256i bn_bf16_avx2_round_plain(__m256 v)
+/* nearest-even of 8 lanes that are neither NaN nor subnormal; `half`:
+ * 0x7FFF in every lane, `one`: 1 (made once by the caller: GCC otherwise
+ * rebuilt 0x7FFF in the loop, three instructions per 16 elements) */
+FB_ALWAYS_INLINE __m256i bn_bf16_avx2_round_plain(__m256 v, __m256i half, __m256i one)
 {
     const __m256i bits = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    return _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), one);
+    return _mm256_add_epi32(_mm256_add_epi32(bits, half), lsb);
 }
 
 /* The float32 results of 8 elements (xc = x - m, g = dy widened); *check
@@ -128,6 +132,7 @@ FB_ALWAYS_INLINE void bn_bf16_avx2_vectors(const bn_bf16_pass *p, fb_index offse
     }
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     const __m256 smallest = _mm256_set1_ps(FLT_MIN);
+    const __m256i round_half = _mm256_set1_epi32(0x7FFF), round_one = _mm256_set1_epi32(1);
     const int stream = p->stream;
     const fb_index len = 16 * count, C = p->channels;
     const float *pairs = p->pairs; /* loaded once: the stores may alias it */
@@ -165,7 +170,8 @@ FB_ALWAYS_INLINE void bn_bf16_avx2_vectors(const bn_bf16_pass *p, fb_index offse
             _mm256_cmp_ps(_mm256_and_ps(check_odd, magnitude), smallest, _CMP_NGE_UQ));
         __m256i h;
         if (_mm256_testz_ps(special, special))
-            h = fb_bf16_pair_pack(bn_bf16_avx2_round_plain(even), bn_bf16_avx2_round_plain(odd));
+            h = fb_bf16_pair_pack(bn_bf16_avx2_round_plain(even, round_half, round_one),
+                                  bn_bf16_avx2_round_plain(odd, round_half, round_one));
         else
             h = fb_bf16_pair_pack(bn_bf16_avx2_round_general(even), bn_bf16_avx2_round_general(odd));
         if (stream)
@@ -203,18 +209,53 @@ static inline fb_index bn_bf16_avx2_head(const uint16_t *out, fb_index len)
     return fb_min_index(len, (fb_index)(((32u - ((uintptr_t)out & 31u)) & 31u) / 2u));
 }
 
-/* One planar run of channel c: head and tail through the generic path. */
+/* Fewer than 16 elements at `offset` (channel c; channels-last with `row`)
+ * as one vector step on zero-padded copies of x and dy, its first `len`
+ * results copied out (normal stores): the full vectors' operations, so
+ * their bits, where the generic path (a float32 block, then the narrowing
+ * loop) cost ~10x as much per element: with 2 KiB rows at a 16-byte
+ * offset, the heads and tails of the runs took 15 % of the bfloat16 eval
+ * forward's samples for 1.6 % of its elements (perf, (16,64,32,32), 1
+ * thread). */
+static void bn_bf16_avx2_staged(const bn_bf16_pass *p, fb_index offset, fb_index len, fb_index c,
+                                int row)
+{
+    uint16_t x[16] = {0}, dy[16] = {0}, out[16];
+    bn_bf16_pass staged = *p;
+    if (p->x) {
+        memcpy(x, p->x + offset, (size_t)len * sizeof(uint16_t));
+        staged.x = x;
+    }
+    if (p->dy) {
+        memcpy(dy, p->dy + offset, (size_t)len * sizeof(uint16_t));
+        staged.dy = dy;
+    }
+    staged.out = out;
+    staged.stream = 0;
+    bn_bf16_avx2_vectors_any(&staged, 0, 1, c, row);
+    memcpy(p->out + offset, out, (size_t)len * sizeof(uint16_t));
+}
+
+/* One planar run of channel c: when streamed, the elements before the
+ * output's first 32-byte boundary and after its last one staged (normal
+ * stores), and all of a run at an odd address through the generic path
+ * (never a streaming store); else every full vector with unaligned stores
+ * and the tail staged. */
 static void bn_bf16_fused_run_avx2(const bn_bf16_pass *p, fb_index offset, fb_index len, fb_index c)
 {
-    const fb_index head = bn_bf16_avx2_head(p->out + offset, len);
-    if (head)
+    const fb_index head = p->stream ? bn_bf16_avx2_head(p->out + offset, len) : 0;
+    if (head >= 16) {
         bn_bf16_rewrite_generic(p, offset, head, c);
+        return;
+    }
+    if (head)
+        bn_bf16_avx2_staged(p, offset, head, c, 0);
     const fb_index count = (len - head) / 16;
     if (count)
         bn_bf16_avx2_vectors_any(p, offset + head, count, c, 0);
     const fb_index done = head + 16 * count;
     if (done < len)
-        bn_bf16_rewrite_generic(p, offset + done, len - done, c);
+        bn_bf16_avx2_staged(p, offset + done, len - done, c, 0);
 }
 
 /* Elements [begin, end) of a planar array in memory order (consecutive rows
@@ -288,22 +329,26 @@ static void bn_bf16_rows_generic(const bn_bf16_pass *p, fb_index begin, fb_index
 }
 
 /* Channels-last elements [begin, end) as one flat walk: the piece up to the
- * output's first 32-byte boundary and the tail shorter than 16 through the
- * generic row pieces, every 16 elements between as one vector whose channel
- * index wraps at row ends (the pair tables hold C + 16 entries), streamed
+ * first 32-byte boundary of a streamed output and the tail shorter than 16
+ * staged (bn_bf16_avx2_staged), every 16 elements between as one vector
+ * whose channel index wraps at row ends (the pair tables hold C + 16 entries), streamed
  * when p->stream.  The form it replaces computed each row into a float32
  * block and narrowed it with normal stores (perf, (64,56,56,128) training
  * forward, 1 thread: the row compute and narrowing ~54 % of the kernel's
  * samples). */
 static void bn_bf16_rows_stretch_avx2(const bn_bf16_pass *p, fb_index begin, fb_index end)
 {
-    const fb_index head = bn_bf16_avx2_head(p->out + begin, end - begin);
+    const fb_index head = p->stream ? bn_bf16_avx2_head(p->out + begin, end - begin) : 0;
+    if (head >= 16) {
+        bn_bf16_rows_generic(p, begin, end);
+        return;
+    }
     if (head)
-        bn_bf16_rows_generic(p, begin, begin + head);
+        bn_bf16_avx2_staged(p, begin, head, begin % p->channels, 1);
     const fb_index count = (end - begin - head) / 16;
     if (count)
         bn_bf16_avx2_vectors_any(p, begin + head, count, (begin + head) % p->channels, 1);
     const fb_index done = begin + head + 16 * count;
     if (done < end)
-        bn_bf16_rows_generic(p, done, end);
+        bn_bf16_avx2_staged(p, done, end - done, done % p->channels, 1);
 }
