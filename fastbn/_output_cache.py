@@ -49,8 +49,23 @@ DEFAULT_CACHE_BYTES = 256 * 2**20
 # Smaller outputs come from malloc's heap, which reuses freed memory itself;
 # a lease costs a few microseconds more than np.empty.
 MIN_CACHED_BYTES = 2**20
-# Cached buffers start on a cache-line boundary (new_array).
-ALIGNMENT = 64
+# Cached buffers start PAGE_OFFSET bytes past a 4 KiB page boundary: on a
+# cache-line boundary (see new_array) and half a page away from where
+# NumPy's large arrays start (16 bytes past a page: glibc's mmap header).  A
+# store whose address matches a later load's in its low 12 bits ("4K
+# aliasing") holds that load back until the store is written, and the
+# kernels load the input a few vectors ahead of the output they store: an
+# output 48 bytes past its input modulo 4 KiB -- where the 64-byte-aligned
+# buffers this cache handed out before sat against a NumPy input -- made
+# the (64,128,56,56) float32 training forward into it 36.6 ms against 15.1
+# ms half a page away (1 thread; 19.1 against 11.7 ms at 2 threads, eval
+# forward 14.2 against 10.4; AMD EPYC Zen 3, min of 7 alternated calls).
+# Two cached buffers (a forward's output feeding the next layer) sit at the
+# same offset: the input's load of an element comes before the output's
+# store of it, and both walk forward, so no later load matches a waiting
+# store.
+PAGE = 4096
+PAGE_OFFSET = 2048
 ENV_VAR = "FASTBN_OUTPUT_CACHE_BYTES"
 # the name of the variable when only fastbn.torch had the cache (still read)
 LEGACY_ENV_VAR = "FASTBN_TORCH_OUTPUT_CACHE_BYTES"
@@ -62,9 +77,9 @@ class _Cache:
     """The free buffers by (nbytes, dtype character), least recently given
     back first, and the bytes they hold (never more than `cap`).  A buffer
     is kept as an entry ``[array, address, shape, array interface]``: the
-    raw uint8 allocation (`ALIGNMENT` bytes longer than the buffer, which is
-    not counted in the bytes held), the buffer's 64-byte-aligned start in
-    it, and the shape and interface of its last hand-out (reused when the
+    raw uint8 allocation (up to `PAGE + PAGE_OFFSET` bytes longer than the
+    buffer, which is not counted in the bytes held), the buffer's start in
+    it (`PAGE_OFFSET` past a page boundary), and the shape and interface of its last hand-out (reused when the
     shape repeats)."""
 
     def __init__(self, cap: int) -> None:
@@ -169,15 +184,15 @@ def new_array(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     if entry is None:
         # NumPy asks for transparent huge pages on arrays of 4 MiB and more.
         # The buffer starts on a 64-byte boundary (NumPy's start 16 bytes past
-        # one): the kernels' vector stores then need no scalar head, and the
+        # one; PAGE_OFFSET, above, says which one): the kernels' vector stores then need no scalar head, and the
         # bfloat16 channels-last rewrite of the AVX-512 build, which starts
         # every row at the output's next 32-byte boundary, writes rows of a
         # multiple of 16 channels as whole vectors with no masked head and
         # tail -- (8192, 64) bfloat16 training forward, 1 thread: 147 us into
         # an aligned output, 219 us 16 bytes off (p10 of 80 calls).
-        raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+        raw = np.empty(nbytes + PAGE + PAGE_OFFSET, np.uint8)
         address = raw.__array_interface__["data"][0]
-        entry = [raw, address + (-address) % ALIGNMENT, None, None]
+        entry = [raw, address + (PAGE_OFFSET - address) % PAGE, None, None]
     shape = tuple(shape)
     if entry[2] != shape:
         # a buffer is usually asked for with the same shape every time

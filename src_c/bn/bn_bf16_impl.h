@@ -76,7 +76,16 @@
  * L2 cap: with it, (64,128,56,56) bfloat16 on the Xeon (2 MiB L2), 2
  * threads, 25 alternated calls, p25: backward 10.41 -> 10.32 ms, training
  * forward 7.77 -> 7.76 ms (mins 8.71 -> 8.25, 7.30 -> 6.50, medians 10-25 %
- * above the mins): no clear gain. */
+ * above the mins): no clear gain.
+ * Nor does the bfloat16 training forward pace its rewrite as the float
+ * kernels' bn_owned_paced does (tried on Zen 3, AVX2 build, out=, min of 15
+ * alternated rounds, (64,128,56,56) / (32,64,112,112) / (256,64,28,28)):
+ * channel by channel 2 threads 6.58 -> 6.89, 6.06 -> 6.67, 4.79 -> 5.58 ms;
+ * block by block (this block's row r reduced, then the previous block's
+ * row r rewritten) 6.34 -> 6.70, 5.95 -> 6.03, 4.90 -> 5.73 ms.  Its loops,
+ * not the order of its memory traffic, bound it there: in L3 the eval
+ * forward takes 0.23 ns and the training forward 0.39 ns per value, 1
+ * thread, about its time from DRAM (0.34 / 0.47). */
 
 enum { BN_BF16_FORWARD = 0, BN_BF16_EVAL_FORWARD = 1, BN_BF16_BACKWARD = 2,
        BN_BF16_BACKWARD_EVAL = 3 };
@@ -267,7 +276,9 @@ static inline void bn_bf16_flush_pairs(__m256 even, __m256 odd, __m256d *s)
  * lane-crossing unit), which left the bfloat16 training forward
  * compute-bound at one thread (11.4 ms against the eval forward's 6.5 ms
  * for the same rewrite, (64,128,56,56) into out=; 10.1 ms with the short
- * sums). */
+ * sums).  Two groups' short sums taken in alternation (to overlap their
+ * chains of dependent adds; same sums) did not gain: training forward in
+ * L3, 1 thread, 0.39-0.40 against 0.41-0.42 ns per value (Zen 3). */
 
 FB_ALWAYS_INLINE fb_index bn_bf16_reduce_vector(const uint16_t *restrict dy,
                                                 const uint16_t *restrict x, fb_index len,
