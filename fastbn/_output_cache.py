@@ -79,8 +79,8 @@ class _Cache:
     is kept as an entry ``[array, address, shape, array interface]``: the
     raw uint8 allocation (up to `PAGE + PAGE_OFFSET` bytes longer than the
     buffer, which is not counted in the bytes held), the buffer's start in
-    it (`PAGE_OFFSET` past a page boundary), and the shape and interface of its last hand-out (reused when the
-    shape repeats)."""
+    it (`PAGE_OFFSET` past a page boundary), and the shape and interface of
+    its last hand-out (reused when the shape repeats)."""
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
@@ -184,8 +184,8 @@ def new_array(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     if entry is None:
         # NumPy asks for transparent huge pages on arrays of 4 MiB and more.
         # The buffer starts on a 64-byte boundary (NumPy's start 16 bytes past
-        # one; PAGE_OFFSET, above, says which one): the kernels' vector stores then need no scalar head, and the
-        # bfloat16 channels-last rewrite of the AVX-512 build, which starts
+        # one; PAGE_OFFSET, above, says which one): the kernels' vector
+        # stores then need no scalar head, and the bfloat16 channels-last rewrite of the AVX-512 build, which starts
         # every row at the output's next 32-byte boundary, writes rows of a
         # multiple of 16 channels as whole vectors with no masked head and
         # tail -- (8192, 64) bfloat16 training forward, 1 thread: 147 us into

@@ -331,8 +331,8 @@ static void bn_bf16_rows_generic(const bn_bf16_pass *p, fb_index begin, fb_index
 /* Channels-last elements [begin, end) as one flat walk: the piece up to the
  * first 32-byte boundary of a streamed output and the tail shorter than 16
  * staged (bn_bf16_avx2_staged), every 16 elements between as one vector
- * whose channel index wraps at row ends (the pair tables hold C + 16 entries), streamed
- * when p->stream.  The form it replaces computed each row into a float32
+ * whose channel index wraps at row ends (the pair tables hold C + 16
+ * entries), streamed when p->stream.  The form it replaces computed each row into a float32
  * block and narrowed it with normal stores (perf, (64,56,56,128) training
  * forward, 1 thread: the row compute and narrowing ~54 % of the kernel's
  * samples). */
