@@ -185,11 +185,12 @@ def new_array(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         # NumPy asks for transparent huge pages on arrays of 4 MiB and more.
         # The buffer starts on a 64-byte boundary (NumPy's start 16 bytes past
         # one; PAGE_OFFSET, above, says which one): the kernels' vector
-        # stores then need no scalar head, and the bfloat16 channels-last rewrite of the AVX-512 build, which starts
-        # every row at the output's next 32-byte boundary, writes rows of a
-        # multiple of 16 channels as whole vectors with no masked head and
-        # tail -- (8192, 64) bfloat16 training forward, 1 thread: 147 us into
-        # an aligned output, 219 us 16 bytes off (p10 of 80 calls).
+        # stores then need no scalar head, and the bfloat16 channels-last
+        # rewrite of the AVX-512 build, which starts every row at the
+        # output's next 32-byte boundary, writes rows of a multiple of 16
+        # channels as whole vectors with no masked head and tail -- (8192,
+        # 64) bfloat16 training forward, 1 thread: 147 us into an aligned
+        # output, 219 us 16 bytes off (p10 of 80 calls).
         raw = np.empty(nbytes + PAGE + PAGE_OFFSET, np.uint8)
         address = raw.__array_interface__["data"][0]
         entry = [raw, address + (PAGE_OFFSET - address) % PAGE, None, None]
