@@ -236,26 +236,51 @@ static void bn_bf16_avx2_staged(const bn_bf16_pass *p, fb_index offset, fb_index
     memcpy(p->out + offset, out, (size_t)len * sizeof(uint16_t));
 }
 
-/* One planar run of channel c: when streamed, the elements before the
- * output's first 32-byte boundary and after its last one staged (normal
- * stores), and all of a run at an odd address through the generic path
- * (never a streaming store); else every full vector with unaligned stores
- * and the tail staged. */
-static void bn_bf16_fused_run_avx2(const bn_bf16_pass *p, fb_index offset, fb_index len, fb_index c)
+/* Channels-last elements [begin, end) (element e is channel e mod C) with
+ * the generic row pieces (compute_row + narrow, normal stores). */
+static void bn_bf16_rows_generic(const bn_bf16_pass *p, fb_index begin, fb_index end)
 {
+    float v[FB_BN_BF16_BLOCK];
+    for (fb_index i = begin; i < end;) {
+        const fb_index c0 = i % p->channels;
+        const fb_index len = fb_min_index(fb_min_index(p->channels - c0, end - i), FB_BN_BF16_BLOCK);
+        bn_bf16_compute_row(p, v, i, len, c0);
+        fb_bn_bf16_narrow(v, p->out + i, len, p->instruction);
+        i += len;
+    }
+}
+
+/* `len` elements at `offset`, planar (all of channel c) or, with `row`,
+ * channels-last (element e is channel e mod C, c unused): when streamed,
+ * the elements before the output's first 32-byte boundary and after its
+ * last one staged (normal stores), and all of them through the generic path
+ * when the output is at an odd address (never a streaming store); else
+ * every full vector with unaligned stores and the tail staged. */
+static void bn_bf16_avx2_walk(const bn_bf16_pass *p, fb_index offset, fb_index len, fb_index c,
+                              int row)
+{
+    const fb_index C = p->channels;
     const fb_index head = p->stream ? bn_bf16_avx2_head(p->out + offset, len) : 0;
     if (head >= 16) {
-        bn_bf16_rewrite_generic(p, offset, head, c);
+        if (row)
+            bn_bf16_rows_generic(p, offset, offset + len);
+        else
+            bn_bf16_rewrite_generic(p, offset, len, c);
         return;
     }
     if (head)
-        bn_bf16_avx2_staged(p, offset, head, c, 0);
-    const fb_index count = (len - head) / 16;
+        bn_bf16_avx2_staged(p, offset, head, row ? offset % C : c, row);
+    const fb_index count = (len - head) / 16, done = offset + head + 16 * count;
     if (count)
-        bn_bf16_avx2_vectors_any(p, offset + head, count, c, 0);
-    const fb_index done = head + 16 * count;
-    if (done < len)
-        bn_bf16_avx2_staged(p, offset + done, len - done, c, 0);
+        bn_bf16_avx2_vectors_any(p, offset + head, count, row ? (offset + head) % C : c, row);
+    if (done < offset + len)
+        bn_bf16_avx2_staged(p, done, offset + len - done, row ? done % C : c, row);
+}
+
+/* One planar run of channel c. */
+static void bn_bf16_fused_run_avx2(const bn_bf16_pass *p, fb_index offset, fb_index len, fb_index c)
+{
+    bn_bf16_avx2_walk(p, offset, len, c, 0);
 }
 
 /* Elements [begin, end) of a planar array in memory order (consecutive rows
@@ -314,19 +339,6 @@ static void bn_bf16_fused_stretch_avx2(const bn_bf16_pass *p, fb_index begin, fb
     }
 }
 
-/* Channels-last elements [begin, end) (element e is channel e mod C) with
- * the generic row pieces (compute_row + narrow, normal stores). */
-static void bn_bf16_rows_generic(const bn_bf16_pass *p, fb_index begin, fb_index end)
-{
-    float v[FB_BN_BF16_BLOCK];
-    for (fb_index i = begin; i < end;) {
-        const fb_index c0 = i % p->channels;
-        const fb_index len = fb_min_index(fb_min_index(p->channels - c0, end - i), FB_BN_BF16_BLOCK);
-        bn_bf16_compute_row(p, v, i, len, c0);
-        fb_bn_bf16_narrow(v, p->out + i, len, p->instruction);
-        i += len;
-    }
-}
 
 /* Channels-last elements [begin, end) as one flat walk: the piece up to the
  * first 32-byte boundary of a streamed output and the tail shorter than 16
@@ -338,17 +350,5 @@ static void bn_bf16_rows_generic(const bn_bf16_pass *p, fb_index begin, fb_index
  * samples). */
 static void bn_bf16_rows_stretch_avx2(const bn_bf16_pass *p, fb_index begin, fb_index end)
 {
-    const fb_index head = p->stream ? bn_bf16_avx2_head(p->out + begin, end - begin) : 0;
-    if (head >= 16) {
-        bn_bf16_rows_generic(p, begin, end);
-        return;
-    }
-    if (head)
-        bn_bf16_avx2_staged(p, begin, head, begin % p->channels, 1);
-    const fb_index count = (end - begin - head) / 16;
-    if (count)
-        bn_bf16_avx2_vectors_any(p, begin + head, count, (begin + head) % p->channels, 1);
-    const fb_index done = begin + head + 16 * count;
-    if (done < end)
-        bn_bf16_avx2_staged(p, done, end - done, done % p->channels, 1);
+    bn_bf16_avx2_walk(p, begin, end - begin, 0, 1);
 }
