@@ -51,6 +51,15 @@ FB_ALWAYS_INLINE __m256i bn_bf16_avx2_round_general(__m256 v)
                                                 _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
 }
 
+/* The 16 narrowed results of a step holding a NaN or subnormal lane: out
+ * of line, so that the loop's registers keep its own constants (inlined,
+ * the general form's constants took four of the sixteen ymm registers and
+ * GCC rebuilt 0x7FFF inside the loop, three instructions per 16 values). */
+FB_COLD __m256i bn_bf16_avx2_pack_general(__m256 even, __m256 odd)
+{
+    return fb_bf16_pair_pack(bn_bf16_avx2_round_general(even), bn_bf16_avx2_round_general(odd));
+}
+
 /* nearest-even of 8 lanes that are neither NaN nor subnormal; `half`:
  * 0x7FFF in every lane, `one`: 1 (made once by the caller: GCC otherwise
  * rebuilt 0x7FFF in the loop, three instructions per 16 elements) */
@@ -173,7 +182,7 @@ FB_ALWAYS_INLINE void bn_bf16_avx2_vectors(const bn_bf16_pass *p, fb_index offse
             h = fb_bf16_pair_pack(bn_bf16_avx2_round_plain(even, round_half, round_one),
                                   bn_bf16_avx2_round_plain(odd, round_half, round_one));
         else
-            h = fb_bf16_pair_pack(bn_bf16_avx2_round_general(even), bn_bf16_avx2_round_general(odd));
+            h = bn_bf16_avx2_pack_general(even, odd);
         if (stream)
             _mm256_stream_si256((__m256i *)(out + i), h);
         else

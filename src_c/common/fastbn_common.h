@@ -65,6 +65,14 @@ enum fastbn_dtype {
 #define FB_ALWAYS_INLINE static inline
 #endif
 
+/* A rarely taken path kept out of a vector loop, so the loop's registers
+ * hold its own constants (not the rare path's). */
+#if defined(__GNUC__) || defined(__clang__)
+#define FB_COLD static __attribute__((noinline, cold))
+#else
+#define FB_COLD static
+#endif
+
 /* For scalar per-channel arithmetic whose bits must be the same on every
  * target (the baseline build has no FMA, the AVX2/AVX-512 builds do): GCC
  * contracts a * b + c into one fused multiply-add by default where the
