@@ -173,6 +173,19 @@ def test_outputs_large_enough_for_streaming_stores_equal_the_twin_bit_for_bit(
     assert np.array_equal(dx.view(np.uint16), dx_twin.view(np.uint16))
 
 @pytest.mark.parametrize("relu", [False, True])
+def test_channels_last_statistics_of_16_mib_and_more_equal_the_twin_bit_for_bit(
+        simd_target, relu, rng):
+    """A channels-last x of 16 MiB and more: the training forward's
+    reduction fetches rows ahead into L2 (FB_BN_FWD_PREFETCH_MIN_BYTES) --
+    every kernel still gives the twin's bits on exact sums (2**16 rows)."""
+    shape = (4, 64, 256, 128)  # 2**23 values: 16 MiB of bfloat16
+    inputs = make(rng, shape, True, dyadic=True)
+    assert inputs[0].nbytes >= 16 << 20
+    geo = geometry(shape, True)
+    assert_same_bits(run_all(_bn, *inputs, geo, relu), run_all(R, *inputs, geo, relu))
+
+
+@pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("shape,channels_last", [((3, 5, 7, 9), False), ((2, 9, 7, 33), True),
                                                   ((64, 3, 8, 8), False), ((999, 17), True)])
 def test_eval_kernels_equal_the_twin_bit_for_bit_on_any_data(

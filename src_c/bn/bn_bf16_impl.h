@@ -550,8 +550,26 @@ static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
         return;
     }
 #endif
+    /* rows FB_BN_FWD_PREFETCH_BYTES ahead into L2, for an x of at least
+     * FB_BN_FWD_PREFETCH_MIN_BYTES, as the float kernels' statistics do
+     * (bn_reduce_rows, bn_train_impl.h): eight rows per step are eight
+     * short streams (a 256-byte row of 128 channels), and without it the
+     * step waited on its loads of x (perf, (64,56,56,128) training forward,
+     * 1 thread: a third of the reduction's samples on the first subtraction
+     * after a load).  Two builds alternated (bn_ab_builds.py, out=, min of
+     * 15 rounds, 1 / 2 threads): (64,56,56,128) 18.1 -> 13.8 / 9.2 -> 7.3
+     * ms, (64,56,56,64) 7.8 -> 7.2 / 7.1 -> 6.5; (128,28,28,256) and
+     * (8192, 4096) even.  32 KiB ahead lost to 8 KiB (1.03x / 1.11x).  The
+     * backward's rows (bn_bf16_rows_grad_avx2, two rows of dy and x per
+     * step) did not gain from the same prefetch: 0.94-1.04x the time. */
+    const fb_index row_bytes = C * (fb_index)sizeof(uint16_t);
+    const fb_index ahead = fb_ceil_div(fb_ceil_div(FB_BN_FWD_PREFETCH_BYTES, row_bytes),
+                                       FB_BN_BF16_SHORT_SUM) * FB_BN_BF16_SHORT_SUM;
+    const int prefetch = p->outer * row_bytes >= FB_BN_FWD_PREFETCH_MIN_BYTES;
     for (; forward && r + FB_BN_BF16_SHORT_SUM <= r1; r += FB_BN_BF16_SHORT_SUM) {
         const uint16_t *restrict x = p->x + r * C;
+        if (prefetch && r + ahead + FB_BN_BF16_SHORT_SUM <= p->outer)
+            fb_prefetch_rows(x + ahead * C, FB_BN_BF16_SHORT_SUM, row_bytes, row_bytes);
 #pragma omp simd
         for (fb_index c = 0; c < C; ++c) {
             /* written out row by row: GCC left a loop over the rows scalar */

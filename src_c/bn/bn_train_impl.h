@@ -673,17 +673,7 @@ static void FB_TYPED(bn_channel_totals)(const fb_bn_plan *plan, const FB_TYPED(b
 static inline void FB_TYPED(bn_prefetch_rows)(const FB_REAL *p, fb_index rows, fb_index C,
                                               fb_index width)
 {
-#if defined(__GNUC__)
-    const fb_index line = 64 / (fb_index)sizeof(FB_REAL);  /* values per 64-byte line */
-    for (fb_index r = 0; r < rows; ++r, p += C)
-        for (fb_index c = 0; c < width; c += line)
-            __builtin_prefetch(p + c, 0, 2);
-#else
-    (void)p;
-    (void)rows;
-    (void)C;
-    (void)width;
-#endif
+    fb_prefetch_rows(p, rows, C * (fb_index)sizeof(FB_REAL), width * (fb_index)sizeof(FB_REAL));
 }
 
 /* Rows of C values whose stride is a multiple of 4 KiB: the same column of
