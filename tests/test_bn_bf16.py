@@ -172,12 +172,15 @@ def test_outputs_large_enough_for_streaming_stores_equal_the_twin_bit_for_bit(
     assert np.array_equal(y.view(np.uint16), y_twin.view(np.uint16))
     assert np.array_equal(dx.view(np.uint16), dx_twin.view(np.uint16))
 
+
 @pytest.mark.parametrize("relu", [False, True])
 def test_channels_last_statistics_of_16_mib_and_more_equal_the_twin_bit_for_bit(
         simd_target, relu, rng):
-    """A channels-last x of 16 MiB and more: the training forward's
-    reduction fetches rows ahead into L2 (FB_BN_FWD_PREFETCH_MIN_BYTES) --
-    every kernel still gives the twin's bits on exact sums (2**16 rows)."""
+    """A channels-last x of 16 MiB and more, where the training forward's
+    reduction fetches rows ahead into L2 (FB_BN_FWD_PREFETCH_MIN_BYTES):
+    every kernel gives the twin's bits on exact sums (2**16 rows).  A
+    prefetch changes no value, so this guards the walk at that size (its
+    index arithmetic, the rows near the end), not the prefetch itself."""
     shape = (4, 64, 256, 128)  # 2**23 values: 16 MiB of bfloat16
     inputs = make(rng, shape, True, dyadic=True)
     assert inputs[0].nbytes >= 16 << 20

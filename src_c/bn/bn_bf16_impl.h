@@ -56,6 +56,7 @@
 
 #include "bn_bf16_convert.h"
 #include "../common/fb_bf16.h"   /* the AVX2 pair-order helpers */
+#include "../common/fb_cache.h"  /* fb_prefetch_bytes */
 
 /* Values per planar chunk (8 KiB of bfloat16), at most this many chunks per
  * channel; float32 values staged per rewrite block (4 KiB on the stack). */
@@ -569,7 +570,7 @@ static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
     for (; forward && r + FB_BN_BF16_SHORT_SUM <= r1; r += FB_BN_BF16_SHORT_SUM) {
         const uint16_t *restrict x = p->x + r * C;
         if (prefetch && r + ahead + FB_BN_BF16_SHORT_SUM <= p->outer)
-            fb_prefetch_rows(x + ahead * C, FB_BN_BF16_SHORT_SUM, row_bytes, row_bytes);
+            fb_prefetch_bytes(x + ahead * C, FB_BN_BF16_SHORT_SUM * row_bytes);
 #pragma omp simd
         for (fb_index c = 0; c < C; ++c) {
             /* written out row by row: GCC left a loop over the rows scalar */

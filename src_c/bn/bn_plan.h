@@ -43,9 +43,9 @@
  *     (32,14,14,512) 9.6 / 4.0 ms (2 threads 5.0 / 2.0), (32,14,14,496)
  *     7.4 / 3.0, (8192, 1008) 19.5 / 8.3; training forward (8192, 1008)
  *     8.4 / 5.3.  The profile had the rewrite waiting on its loads of x:
- *     the blocks did not stay cached (with power-of-two rows a block's
- *     pieces use W / C of the cache sets, so a block fits only if the whole
- *     array does), and the reduction read memory one short piece per row.
+ *     the blocks did not stay cached (with power-of-two rows the pieces of
+ *     a block of W of the C channels fall in W / C of the cache sets, so a
+ *     block fits only if the whole array does), and the reduction read memory one short piece per row.
  *
  * Partial sums live in two arrays of channels * chunks doubles, indexed
  * c * chunks + k (planar) or k * channels + c (interleaved).
