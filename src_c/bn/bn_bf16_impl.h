@@ -56,7 +56,7 @@
 
 #include "bn_bf16_convert.h"
 #include "../common/fb_bf16.h"   /* the AVX2 pair-order helpers */
-#include "../common/fb_cache.h"  /* fb_prefetch_bytes */
+#include "../common/fb_cache.h"  /* fb_prefetch_rows */
 
 /* Values per planar chunk (8 KiB of bfloat16), at most this many chunks per
  * channel; float32 values staged per rewrite block (4 KiB on the stack). */
@@ -558,9 +558,14 @@ static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
      * step waited on its loads of x (perf, (64,56,56,128) training forward,
      * 1 thread: a third of the reduction's samples on the first subtraction
      * after a load).  Two builds alternated (bn_ab_builds.py, out=, min of
-     * 15 rounds, 1 / 2 threads): (64,56,56,128) 18.1 -> 13.8 / 9.2 -> 7.3
-     * ms, (64,56,56,64) 7.8 -> 7.2 / 7.1 -> 6.5; (128,28,28,256) and
-     * (8192, 4096) even.  32 KiB ahead lost to 8 KiB (1.03x / 1.11x).  The
+     * 7-15 rounds, 1 / 2 threads): (64,56,56,128) 0.76-0.96x / 0.79-1.03x
+     * the time over five / four runs (each run's pair of worker processes
+     * places its arrays anew, which moved single runs by up to 20 %; e.g.
+     * 15.9 -> 12.9 and 15.0 -> 14.4 ms at 1 thread), (64,56,56,64)
+     * 0.89-0.97x at 2 threads; (128,28,28,256) and (8192, 4096) even.  32 KiB ahead lost to 8 KiB (1.03x / 1.11x), and so did
+     * the eight rows fetched as one range from the line holding them
+     * (1.20x / 1.16x the time: per row, a row 16 bytes past a line leaves
+     * its last line to the hardware; not looked into further).  The
      * backward's rows (bn_bf16_rows_grad_avx2, two rows of dy and x per
      * step) did not gain from the same prefetch: 0.94-1.04x the time. */
     const fb_index row_bytes = C * (fb_index)sizeof(uint16_t);
@@ -570,7 +575,7 @@ static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
     for (; forward && r + FB_BN_BF16_SHORT_SUM <= r1; r += FB_BN_BF16_SHORT_SUM) {
         const uint16_t *restrict x = p->x + r * C;
         if (prefetch && r + ahead + FB_BN_BF16_SHORT_SUM <= p->outer)
-            fb_prefetch_bytes(x + ahead * C, FB_BN_BF16_SHORT_SUM * row_bytes);
+            fb_prefetch_rows(x + ahead * C, FB_BN_BF16_SHORT_SUM, row_bytes, row_bytes);
 #pragma omp simd
         for (fb_index c = 0; c < C; ++c) {
             /* written out row by row: GCC left a loop over the rows scalar */

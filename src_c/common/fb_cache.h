@@ -57,20 +57,4 @@ static inline void fb_prefetch_rows(const void *p, fb_index rows, fb_index strid
 #endif
 }
 
-/* Fetches the 64-byte lines of [p, p + bytes) into L2 (prefetcht1): rows
- * of a walk that are one contiguous stretch (whole rows), fetched from the
- * line that holds p, so no line is fetched twice or missed whatever the
- * row length.  Timing only. */
-static inline void fb_prefetch_bytes(const void *p, fb_index bytes)
-{
-#if defined(__GNUC__)
-    const uintptr_t end = (uintptr_t)p + (uintptr_t)bytes;
-    for (uintptr_t line = (uintptr_t)p & ~(uintptr_t)63; line < end; line += 64)
-        __builtin_prefetch((const void *)line, 0, 2);
-#else
-    (void)p;
-    (void)bytes;
-#endif
-}
-
 #endif /* FASTBN_CACHE_H */
