@@ -259,12 +259,17 @@ static void bn_bf16_rows_generic(const bn_bf16_pass *p, fb_index begin, fb_index
     }
 }
 
-/* `len` elements at `offset`, planar (all of channel c) or, with `row`,
- * channels-last (element e is channel e mod C, c unused): when streamed,
- * the elements before the output's first 32-byte boundary and after its
- * last one staged (normal stores), and all of them through the generic path
- * when the output is at an odd address (never a streaming store); else
- * every full vector with unaligned stores and the tail staged. */
+/* `len` elements at `offset`, planar (one run, all of channel c) or, with
+ * `row`, channels-last (one flat walk over whole rows: element e is channel
+ * e mod C, c unused; each vector's channel index wraps at row ends, the
+ * pair tables hold C + 16 entries): when streamed, the elements before the
+ * output's first 32-byte boundary and after its last one staged (normal
+ * stores), and all of them through the generic path when the output is at
+ * an odd address (never a streaming store); else every full vector with
+ * unaligned stores and the tail staged.  The channels-last form it replaced
+ * computed each row into a float32 block and narrowed it with normal
+ * stores (perf, (64,56,56,128) training forward, 1 thread: the row compute
+ * and narrowing ~54 % of the kernel's samples). */
 static void bn_bf16_avx2_walk(const bn_bf16_pass *p, fb_index offset, fb_index len, fb_index c,
                               int row)
 {
@@ -286,12 +291,6 @@ static void bn_bf16_avx2_walk(const bn_bf16_pass *p, fb_index offset, fb_index l
         bn_bf16_avx2_staged(p, done, offset + len - done, row ? done % C : c, row);
 }
 
-/* One planar run of channel c. */
-static void bn_bf16_fused_run_avx2(const bn_bf16_pass *p, fb_index offset, fb_index len, fb_index c)
-{
-    bn_bf16_avx2_walk(p, offset, len, c, 0);
-}
-
 /* Elements [begin, end) of a planar array in memory order (consecutive rows
  * of consecutive channels), channel of element e: (e / inner) % channels.
  * With a streamed output every 32-byte piece between the first and the last
@@ -310,7 +309,7 @@ static void bn_bf16_fused_stretch_avx2(const bn_bf16_pass *p, fb_index begin, fb
     if (!p->stream || inner < 16) {
         while (i < end) {
             const fb_index row = i / inner, stop = fb_min_index(end, (row + 1) * inner);
-            bn_bf16_fused_run_avx2(p, i, stop - i, row % C);
+            bn_bf16_avx2_walk(p, i, stop - i, row % C, 0);
             i = stop;
         }
         return;
@@ -346,18 +345,4 @@ static void bn_bf16_fused_stretch_avx2(const bn_bf16_pass *p, fb_index begin, fb
         _mm256_stream_si256((__m256i *)(p->out + i), _mm256_load_si256((const __m256i *)staged));
         i += 16;
     }
-}
-
-
-/* Channels-last elements [begin, end) as one flat walk: the piece up to the
- * first 32-byte boundary of a streamed output and the tail shorter than 16
- * staged (bn_bf16_avx2_staged), every 16 elements between as one vector
- * whose channel index wraps at row ends (the pair tables hold C + 16
- * entries), streamed when p->stream.  The form it replaces computed each row into a float32
- * block and narrowed it with normal stores (perf, (64,56,56,128) training
- * forward, 1 thread: the row compute and narrowing ~54 % of the kernel's
- * samples). */
-static void bn_bf16_rows_stretch_avx2(const bn_bf16_pass *p, fb_index begin, fb_index end)
-{
-    bn_bf16_avx2_walk(p, begin, end - begin, 0, 1);
 }

@@ -562,7 +562,8 @@ static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
      * the time over five / four runs (each run's pair of worker processes
      * places its arrays anew, which moved single runs by up to 20 %; e.g.
      * 15.9 -> 12.9 and 15.0 -> 14.4 ms at 1 thread), (64,56,56,64)
-     * 0.89-0.97x at 2 threads; (128,28,28,256) and (8192, 4096) even.  32 KiB ahead lost to 8 KiB (1.03x / 1.11x), and so did
+     * 0.89-0.97x at 2 threads; (128,28,28,256) and (8192, 4096) even.
+     * 32 KiB ahead lost to 8 KiB (1.03x / 1.11x), and so did
      * the eight rows fetched as one range from the line holding them
      * (1.20x / 1.16x the time: per row, a row 16 bytes past a line leaves
      * its last line to the hardware; not looked into further).  The
@@ -571,7 +572,7 @@ static void bn_bf16_reduce_item(const bn_bf16_pass *p, fb_index item)
     const fb_index row_bytes = C * (fb_index)sizeof(uint16_t);
     const fb_index ahead = fb_ceil_div(fb_ceil_div(FB_BN_FWD_PREFETCH_BYTES, row_bytes),
                                        FB_BN_BF16_SHORT_SUM) * FB_BN_BF16_SHORT_SUM;
-    const int prefetch = p->outer * row_bytes >= FB_BN_FWD_PREFETCH_MIN_BYTES;
+    const int prefetch = forward && p->outer * row_bytes >= FB_BN_FWD_PREFETCH_MIN_BYTES;
     for (; forward && r + FB_BN_BF16_SHORT_SUM <= r1; r += FB_BN_BF16_SHORT_SUM) {
         const uint16_t *restrict x = p->x + r * C;
         if (prefetch && r + ahead + FB_BN_BF16_SHORT_SUM <= p->outer)
@@ -844,7 +845,7 @@ static inline void bn_bf16_rewrite_planar_run(const bn_bf16_pass *p, fb_index of
 #if FB_BN_BF16_FUSED
     bn_bf16_fused_run(p, offset, len, c, 0);
 #elif FB_BN_BF16_FUSED_AVX2
-    bn_bf16_fused_run_avx2(p, offset, len, c);
+    bn_bf16_avx2_walk(p, offset, len, c, 0);
 #else
     bn_bf16_rewrite_generic(p, offset, len, c);
 #endif
@@ -879,7 +880,7 @@ static void bn_bf16_rewrite_item(const bn_bf16_pass *p, fb_index item)
     const fb_index C = p->channels;
     const fb_index r0 = item * p->chunk, r1 = fb_min_index(p->outer, r0 + p->chunk);
 #if FB_BN_BF16_FUSED_AVX2
-    bn_bf16_rows_stretch_avx2(p, r0 * C, r1 * C);
+    bn_bf16_avx2_walk(p, r0 * C, (r1 - r0) * C, 0, 1);
     return;
 #endif
     for (fb_index r = r0; r < r1; ++r) {
@@ -906,7 +907,7 @@ static void bn_bf16_rewrite_linear(const bn_bf16_pass *p, fb_index item)
     while (i < end) {
         if (p->interleaved) {
 #if FB_BN_BF16_FUSED_AVX2
-            bn_bf16_rows_stretch_avx2(p, i, end);
+            bn_bf16_avx2_walk(p, i, end - i, 0, 1);
             return;
 #endif
             const fb_index c0 = i % p->channels;

@@ -45,7 +45,8 @@
  *     8.4 / 5.3.  The profile had the rewrite waiting on its loads of x:
  *     the blocks did not stay cached (with power-of-two rows the pieces of
  *     a block of W of the C channels fall in W / C of the cache sets, so a
- *     block fits only if the whole array does), and the reduction read memory one short piece per row.
+ *     block fits only if the whole array does), and the reduction read
+ *     memory one short piece per row.
  *
  * Partial sums live in two arrays of channels * chunks doubles, indexed
  * c * chunks + k (planar) or k * channels + c (interleaved).
