@@ -314,16 +314,62 @@ cdef inline cnp.ndarray empty_like_array(cnp.ndarray array):
 # outputs, whose kernels take 30 us and more.
 cdef Py_ssize_t MIN_CACHED_BYTES = _output_cache.MIN_CACHED_BYTES
 cdef object cached_array = _output_cache.new_array
+# Every output is placed clear of the inputs read alongside it modulo 4 KiB
+# (_output_cache.ALIAS_AHEAD: an output starting a little past an input
+# made the kernels 1.5-3.9x slower): the cache places its buffers so; a
+# smaller np.empty result that landed too close is re-placed (about a
+# microsecond; NumPy's heap puts an array allocated right after another of
+# whole pages 16 bytes past it modulo 4 KiB, the worst place).
+cdef Py_ssize_t ALIAS_AHEAD = _output_cache.ALIAS_AHEAD
+cdef Py_ssize_t ALIAS_BEHIND = _output_cache.ALIAS_BEHIND
+cdef Py_ssize_t ALIAS_MIN_BYTES = _output_cache.ALIAS_MIN_BYTES
+cdef object page_offset_for = _output_cache.page_offset_for
 
 
-cdef inline cnp.ndarray output_array(cnp.ndarray like, object given):
+cdef inline bint clear_of(cnp.ndarray out, cnp.ndarray source) noexcept:
+    """_output_cache.clear_of for one input (None: clear)."""
+    if source is None:
+        return True
+    cdef Py_ssize_t ahead = (<Py_ssize_t>cnp.PyArray_DATA(out)
+                             - <Py_ssize_t>cnp.PyArray_DATA(source)) & 4095
+    return ahead == 0 or (ALIAS_AHEAD <= ahead <= 4096 - ALIAS_BEHIND)
+
+
+cdef inline tuple input_addresses(cnp.ndarray like, object second):
+    if second is None:
+        return (<Py_ssize_t>cnp.PyArray_DATA(like),)
+    return (<Py_ssize_t>cnp.PyArray_DATA(like),
+            <Py_ssize_t>cnp.PyArray_DATA(<cnp.ndarray>second))
+
+
+cdef cnp.ndarray placed_like(cnp.ndarray like, tuple inputs):
+    """_output_cache.placed_array for an array shaped like `like`: one
+    NumPy allocation, whatever the addresses (the allocations a call makes
+    do not depend on where memory is)."""
+    cdef Py_ssize_t nbytes = cnp.PyArray_NBYTES(like)
+    cdef cnp.npy_intp dims[1]
+    dims[0] = <cnp.npy_intp>(nbytes + 2 * 4096)
+    cdef cnp.ndarray raw = cnp.PyArray_EMPTY(1, dims, cnp.NPY_UINT8, 0)
+    cdef Py_ssize_t start = ((-<Py_ssize_t>cnp.PyArray_DATA(raw)) & 4095) + \
+        <Py_ssize_t>page_offset_for(inputs)
+    return raw[start:start + nbytes].view((<object>like).dtype).reshape((<object>like).shape)
+
+
+cdef inline cnp.ndarray output_array(cnp.ndarray like, object given, object second=None):
     """`given` (the caller's out=, already checked for shape, dtype and
-    contiguity), or a new array shaped like `like`.  An unaligned view is
-    refused before anything is written: the kernels store whole elements."""
+    contiguity), or a new array shaped like `like`, placed clear of `like`
+    and `second` (the other input, or None).  An unaligned view is refused
+    before anything is written: the kernels store whole elements."""
+    cdef cnp.ndarray out
     if given is None:
         if cnp.PyArray_NBYTES(like) >= MIN_CACHED_BYTES:
-            return <cnp.ndarray>cached_array((<object>like).shape, (<object>like).dtype)
-        return empty_like_array(like)
+            return <cnp.ndarray>cached_array((<object>like).shape, (<object>like).dtype,
+                                             input_addresses(like, second))
+        out = empty_like_array(like)
+        if (cnp.PyArray_NBYTES(like) < ALIAS_MIN_BYTES
+                or (clear_of(out, like) and clear_of(out, second))):
+            return out
+        return placed_like(like, input_addresses(like, second))
     if not cnp.PyArray_ISALIGNED(<cnp.ndarray>given):
         raise ValueError("out: expected an aligned array (the kernels store whole elements), "
                          "got an unaligned view")
@@ -656,7 +702,7 @@ cdef object run_backward(bint eval_mode, object dy, object x, object dx, int64_t
     stat_b = kernel_input(stat_b)
     weight = kernel_input(weight)
     bias = kernel_input(bias) if relu else None
-    cdef cnp.ndarray out = output_array(dy, dx)
+    cdef cnp.ndarray out = output_array(dy, dx, x)
     cdef fastbn_bn_call call
     start_call(&call, outer, channels, inner)
     call.dy = cnp.PyArray_DATA(dy)
@@ -1002,7 +1048,7 @@ def backward_apply(object dy, object x, object dx, int64_t outer, int64_t channe
     else:
         dy = kernel_input(dy)
         x = kernel_input(x)
-    cdef cnp.ndarray out = output_array(dy, dx)
+    cdef cnp.ndarray out = output_array(dy, dx, x)
     cdef fastbn_bn_call call
     start_ranged_call(&call, outer, channels, inner, first, stop, x, dy, out, mean, invstd,
                       mask_weight, mask_bias)

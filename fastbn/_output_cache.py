@@ -37,11 +37,12 @@ import os
 import threading
 import warnings
 from math import prod
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
 __all__ = ["DEFAULT_CACHE_BYTES", "MIN_CACHED_BYTES", "ENV_VAR", "LEGACY_ENV_VAR", "new_array",
+           "placed_array", "clear_of", "page_offset_for",
            "set_output_cache_bytes", "get_output_cache_bytes", "output_cache_info",
            "clear_output_cache"]
 
@@ -49,23 +50,52 @@ DEFAULT_CACHE_BYTES = 256 * 2**20
 # Smaller outputs come from malloc's heap, which reuses freed memory itself;
 # a lease costs a few microseconds more than np.empty.
 MIN_CACHED_BYTES = 2**20
-# Cached buffers start PAGE_OFFSET bytes past a 4 KiB page boundary: on a
-# cache-line boundary (see new_array) and half a page away from where
-# NumPy's large arrays start (16 bytes past a page: glibc's mmap header).  A
-# store whose address matches a later load's in its low 12 bits ("4K
-# aliasing") holds that load back until the store is written, and the
-# kernels load the input a few vectors ahead of the output they store: an
-# output 48 bytes past its input modulo 4 KiB -- where the 64-byte-aligned
-# buffers this cache handed out before sat against a NumPy input -- made
-# the (64,128,56,56) float32 training forward into it 36.6 ms against 15.1
-# ms half a page away (1 thread; 19.1 against 11.7 ms at 2 threads, eval
-# forward 14.2 against 10.4; AMD EPYC Zen 3, min of 7 alternated calls).
-# Two cached buffers (a forward's output feeding the next layer) sit at the
-# same offset: the input's load of an element comes before the output's
-# store of it, and both walk forward, so no later load matches a waiting
-# store.
+# Where an output starts within its 4 KiB page, against its inputs ("4K
+# aliasing").  A load whose address matches an earlier, still pending store
+# in its low 12 bits is held back until that store is written, and the
+# kernels load their inputs a few vectors ahead of the outputs they store:
+# an output that starts a little past an input, modulo 4 KiB, makes nearly
+# every load wait.  Measured (AMD EPYC Zen 3, float32 (32,96,40,40), into
+# out=, 1 thread, min of 7 alternated calls), time by (output - input) mod
+# 4096 in bytes: training forward 2.54 ms at 0, 6.50 / 6.30 / 7.30 / 4.05 /
+# 2.81 ms at 16 / 32 / 48 / 64 / 128, 2.46 at 192, 2.45-2.55 from 256 to
+# 2048, and 3.77 ms at -16 (2.40-2.55 at -32 and below); eval forward 1.41
+# at 0, 5.71 at 48 (3.9x), 2.32 at -16; backward 3.11 at 0, 9.28 at 48,
+# 4.87 at -16.  Every dtype and both layouts showed it (bfloat16 backward
+# 2.2 against 5.0 ms).  So an output is placed where every input it is
+# read alongside is either at the same offset (each element loaded before
+# it is stored) or at least ALIAS_AHEAD bytes behind it and ALIAS_BEHIND
+# bytes ahead of it.  NumPy's large arrays start 16 bytes past a page (its
+# allocator's mmap header), so their outputs go to PAGE_OFFSETS[0], half a
+# page away, on a cache-line boundary (see new_array); inputs from the heap
+# (any 16-byte boundary) can sit near it, and then the next offset that is
+# clear of them all is taken: each input rules out less than 1 KiB of the
+# page, so one of the four offsets below is clear of any three inputs.
 PAGE = 4096
-PAGE_OFFSET = 2048
+ALIAS_AHEAD = 256
+ALIAS_BEHIND = 64
+PAGE_OFFSETS = (2048, 3072, 1024, 0)
+# Outputs below this size are left where NumPy's allocator put them (the
+# loops are too short for the stalls to matter against a re-allocation).
+ALIAS_MIN_BYTES = 16 * 1024
+
+
+def clear_of(address: int, inputs: Sequence[int]) -> bool:
+    """Whether an output at `address` is placed well against every input
+    address in `inputs` (see ALIAS_AHEAD)."""
+    for source in inputs:
+        ahead = (address - source) % PAGE
+        if ahead and not ALIAS_AHEAD <= ahead <= PAGE - ALIAS_BEHIND:
+            return False
+    return True
+
+
+def page_offset_for(inputs: Sequence[int]) -> int:
+    """The first of PAGE_OFFSETS at which an output is clear of `inputs`."""
+    for offset in PAGE_OFFSETS:
+        if clear_of(offset, inputs):
+            return offset
+    return PAGE_OFFSETS[0]  # not reached for up to three inputs
 ENV_VAR = "FASTBN_OUTPUT_CACHE_BYTES"
 # the name of the variable when only fastbn.torch had the cache (still read)
 LEGACY_ENV_VAR = "FASTBN_TORCH_OUTPUT_CACHE_BYTES"
@@ -77,10 +107,10 @@ class _Cache:
     """The free buffers by (nbytes, dtype character), least recently given
     back first, and the bytes they hold (never more than `cap`).  A buffer
     is kept as an entry ``[array, address, shape, array interface]``: the
-    raw uint8 allocation (up to `PAGE + PAGE_OFFSET` bytes longer than the
-    buffer, which is not counted in the bytes held), the buffer's start in
-    it (`PAGE_OFFSET` past a page boundary), and the shape and interface of
-    its last hand-out (reused when the shape repeats)."""
+    raw uint8 allocation (up to two pages longer than the buffer, which is
+    not counted in the bytes held), the first page boundary in it, and the
+    shape, page offset and array interface of its last hand-out (reused
+    when they repeat)."""
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
@@ -171,38 +201,57 @@ class _Lease:
     cache = _cache
 
 
-def new_array(shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def new_array(shape: Tuple[int, ...], dtype: np.dtype, inputs: Sequence[int] = ()) -> np.ndarray:
     """An uninitialized C-contiguous array, from the cache when it is at
     least `MIN_CACHED_BYTES` and the cache is on (else ``np.empty``).
-    `dtype` may be any fixed-size NumPy dtype (ml_dtypes.bfloat16 too)."""
+    `dtype` may be any fixed-size NumPy dtype (ml_dtypes.bfloat16 too).
+    `inputs`: the addresses of the arrays the kernel reads alongside it;
+    the output is placed clear of them (see ALIAS_AHEAD)."""
     nbytes = prod(shape) * dtype.itemsize
     cache = _cache
     if nbytes < MIN_CACHED_BYTES or cache.cap == 0:
-        return np.empty(shape, dtype)
+        # placed always (not only when np.empty lands too close), so that
+        # the allocations a call makes do not depend on where memory is
+        return (np.empty(shape, dtype) if nbytes < ALIAS_MIN_BYTES
+                else placed_array(shape, dtype, inputs))
     key = (nbytes, dtype.char)
     entry = cache.take(key)
     if entry is None:
         # NumPy asks for transparent huge pages on arrays of 4 MiB and more.
         # The buffer starts on a 64-byte boundary (NumPy's start 16 bytes past
-        # one; PAGE_OFFSET, above, says which one): the kernels' vector
+        # one; PAGE_OFFSETS, above, says which one): the kernels' vector
         # stores then need no scalar head, and the bfloat16 channels-last
         # rewrite of the AVX-512 build, which starts every row at the
         # output's next 32-byte boundary, writes rows of a multiple of 16
         # channels as whole vectors with no masked head and tail -- (8192,
         # 64) bfloat16 training forward, 1 thread: 147 us into an aligned
         # output, 219 us 16 bytes off (p10 of 80 calls).
-        raw = np.empty(nbytes + PAGE + PAGE_OFFSET, np.uint8)
+        raw = np.empty(nbytes + 2 * PAGE, np.uint8)
         address = raw.__array_interface__["data"][0]
-        entry = [raw, address + (PAGE_OFFSET - address) % PAGE, None, None]
+        entry = [raw, address + (-address) % PAGE, None, None, None]
     shape = tuple(shape)
-    if entry[2] != shape:
-        # a buffer is usually asked for with the same shape every time
-        entry[2], entry[3] = shape, {"data": (entry[1], False), "shape": shape,
-                                     "typestr": dtype.str, "version": 3}
+    offset = page_offset_for(inputs)
+    if entry[2] != shape or entry[4] != offset:
+        # a buffer is usually asked for with the same shape (and inputs at
+        # the same page offsets) every time
+        entry[2], entry[4] = shape, offset
+        entry[3] = {"data": (entry[1] + offset, False), "shape": shape,
+                    "typestr": dtype.str, "version": 3}
     array = np.asarray(_Lease(entry, key, entry[3]))
     # a dtype outside NumPy's own (ml_dtypes.bfloat16: typestr '<V2') comes
     # back as raw bytes of its size; the view keeps the lease alive
     return array if array.dtype == dtype else array.view(dtype)
+
+
+def placed_array(shape: Tuple[int, ...], dtype: np.dtype, inputs: Sequence[int]) -> np.ndarray:
+    """An uninitialized C-contiguous array (not cached) that starts at
+    ``page_offset_for(inputs)`` past a page boundary: the outputs from
+    ALIAS_MIN_BYTES to MIN_CACHED_BYTES, and all of them with the cache off."""
+    nbytes = prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + 2 * PAGE, np.uint8)
+    address = raw.__array_interface__["data"][0]
+    start = (-address) % PAGE + page_offset_for(inputs)
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def _check_bytes(n: object) -> int:

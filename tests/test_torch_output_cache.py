@@ -27,6 +27,12 @@ CHANNELS = SHAPE[1]
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+
+def buffer_of(tensor):
+    """The first page of a tensor's memory: a cache buffer is handed out at
+    one of a few offsets within that page (where its inputs allow)."""
+    return tensor.data_ptr() // 4096
+
 @pytest.fixture
 def cache(monkeypatch):
     """The cache on, empty, with a 4 MiB cap, and taking every output (not
@@ -78,11 +84,11 @@ def reference_forward(x, module):
 def test_output_buffer_is_reused_once_the_output_is_gone(cache):
     module = make_module()
     y = module(make_input(0))
-    address = y.data_ptr()
+    address = buffer_of(y)
     hits = cache.output_cache_info()["hits"]
     del y
     y = module(make_input(1))
-    assert y.data_ptr() == address
+    assert buffer_of(y) == address
     assert cache.output_cache_info()["hits"] == hits + 1
 
 
@@ -117,18 +123,18 @@ def test_forward_output_kept_alive_by_any_alias_is_never_overwritten(cache, path
     y = module(make_input(0, layout))
     held, read = _holders(y)[holder]
     before = read(held).copy()
-    address = y.data_ptr()
+    address = buffer_of(y)
     del y
     gc.collect()
     for seed in range(1, 5):  # same shape and layout: would take a dead buffer
         other = module(make_input(seed, layout))
-        assert other.data_ptr() != address
+        assert buffer_of(other) != address
         del other
     np.testing.assert_array_equal(read(held), before)
     del held, read
     gc.collect()
     again = module(make_input(9, layout))
-    assert again.data_ptr() == address  # the buffer came back once the alias was gone
+    assert buffer_of(again) == address  # the buffer came back once the alias was gone
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -296,8 +302,8 @@ def handed_out(monkeypatch):
     entries = []
     original = _output_cache.new_array
 
-    def recording(shape, dtype):
-        array = original(shape, dtype)
+    def recording(shape, dtype, inputs=()):
+        array = original(shape, dtype, inputs)
         if isinstance(array.base, _output_cache._Lease):
             entries.append(array.base.entry)
         return array
@@ -350,7 +356,7 @@ def test_outputs_under_the_minimum_size_bypass_the_cache(handed_out):
         assert _output_cache.output_cache_info()["misses"] == info["misses"]
         big = module(make_input(1, shape=(8, CHANNELS, 128, 64)))  # 1.5 MiB
         assert _output_cache.output_cache_info()["misses"] == info["misses"] + 1
-        assert len(handed_out) == 1 and big.data_ptr() == handed_out[0][1]
+        assert len(handed_out) == 1 and buffer_of(big) * 4096 == handed_out[0][1]
         del big
     finally:
         ft.set_output_cache_bytes(previous)

@@ -230,7 +230,7 @@ def _run_backward(dy: Tensor, x: Tensor, stat_a: np.ndarray, stat_b: np.ndarray,
     """The kernel call of `fastbn::batch_norm_backward` (``eval_mode``:
     ``batch_norm_backward_eval``, `extra` = (eps,))."""
     _ops.sync_num_threads()
-    dx, dx_array = _ops._new_output(x, axis)
+    dx, dx_array = _ops._new_output(x, axis, dy)
     if eval_mode:
         function = (bn_functional.batch_norm_relu_backward_eval if relu
                     else bn_functional.batch_norm_backward_eval)

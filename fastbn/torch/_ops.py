@@ -98,9 +98,11 @@ def _empty_like_input(x: Tensor, axis: int) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def _new_output(x: Tensor, axis: int) -> Tuple[Tensor, np.ndarray]:
+def _new_output(x: Tensor, axis: int, *others: Tensor) -> Tuple[Tensor, np.ndarray]:
     """The real kernels' output: a fresh tensor laid out as `_empty_like_input`
-    says, and its NumPy view with the channel axis at `axis`.
+    says, and its NumPy view with the channel axis at `axis`, placed clear
+    of x and `others` (the other inputs the kernel reads alongside it)
+    modulo 4 KiB (see `_output_cache.ALIAS_AHEAD`).
 
     Its memory is NumPy's, which asks the kernel for transparent huge pages
     on large arrays (a fresh 100 MB torch.empty costs about 5x more in page
@@ -109,7 +111,8 @@ def _new_output(x: Tensor, axis: int) -> Tuple[Tensor, np.ndarray]:
     that are gone instead of faulting new memory in at every call.
     """
     shape = x.movedim(1, -1).shape if axis == -1 else x.shape
-    array = _output_cache.new_array(shape, _NUMPY_DTYPE[x.dtype])
+    array = _output_cache.new_array(shape, _NUMPY_DTYPE[x.dtype],
+                                    tuple(t.data_ptr() for t in (x, *others)))
     tensor = torch.from_numpy(array)
     return (tensor.movedim(-1, 1) if axis == -1 else tensor), array
 
@@ -207,7 +210,7 @@ def _run_backward(function, dy: Tensor, x: Tensor, stat_a: Tensor, stat_b: Tenso
                   ) -> Tuple[Tensor, Tensor, Tensor]:
     sync_num_threads()
     axis = _kernel_axis(x)
-    dx, dx_array = _new_output(x, axis)
+    dx, dx_array = _new_output(x, axis, dy)
     arguments = (_view(dy, axis), _view(x, axis), stat_a.detach().numpy(),
                  stat_b.detach().numpy(), _array_or_none(weight))
     if relu:
