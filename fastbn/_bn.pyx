@@ -316,10 +316,13 @@ cdef Py_ssize_t MIN_CACHED_BYTES = _output_cache.MIN_CACHED_BYTES
 cdef object cached_array = _output_cache.new_array
 # Every output is placed clear of the inputs read alongside it modulo 4 KiB
 # (_output_cache.ALIAS_AHEAD: an output starting a little past an input
-# made the kernels 1.5-3.9x slower): the cache places its buffers so; a
+# made the kernels 1.5-4x slower): the cache places its buffers so; a
 # smaller np.empty result that landed too close is re-placed (about a
 # microsecond; NumPy's heap puts an array allocated right after another of
-# whole pages 16 bytes past it modulo 4 KiB, the worst place).
+# whole pages 16 bytes past it modulo 4 KiB, the worst place).  Only then:
+# the small calls stay as cheap as before (_output_cache.new_array, for
+# fastbn.torch and SyncBatchNorm, places every such output).
+cdef Py_ssize_t PAGE = _output_cache.PAGE
 cdef Py_ssize_t ALIAS_AHEAD = _output_cache.ALIAS_AHEAD
 cdef Py_ssize_t ALIAS_BEHIND = _output_cache.ALIAS_BEHIND
 cdef Py_ssize_t ALIAS_MIN_BYTES = _output_cache.ALIAS_MIN_BYTES
@@ -331,8 +334,10 @@ cdef inline bint clear_of(cnp.ndarray out, cnp.ndarray source) noexcept:
     if source is None:
         return True
     cdef Py_ssize_t ahead = (<Py_ssize_t>cnp.PyArray_DATA(out)
-                             - <Py_ssize_t>cnp.PyArray_DATA(source)) & 4095
-    return ahead == 0 or (ALIAS_AHEAD <= ahead <= 4096 - ALIAS_BEHIND)
+                             - <Py_ssize_t>cnp.PyArray_DATA(source)) % PAGE
+    if ahead < 0:
+        ahead += PAGE
+    return ahead == 0 or (ALIAS_AHEAD <= ahead <= PAGE - ALIAS_BEHIND)
 
 
 cdef inline tuple input_addresses(cnp.ndarray like, object second):
@@ -343,15 +348,15 @@ cdef inline tuple input_addresses(cnp.ndarray like, object second):
 
 
 cdef cnp.ndarray placed_like(cnp.ndarray like, tuple inputs):
-    """_output_cache.placed_array for an array shaped like `like`: one
-    NumPy allocation, whatever the addresses (the allocations a call makes
-    do not depend on where memory is)."""
+    """_output_cache.placed_array for an array shaped like `like`: raw bytes
+    from NumPy (the C API, no Python call), viewed from the offset
+    page_offset_for(inputs) past their first page boundary."""
     cdef Py_ssize_t nbytes = cnp.PyArray_NBYTES(like)
     cdef cnp.npy_intp dims[1]
-    dims[0] = <cnp.npy_intp>(nbytes + 2 * 4096)
+    dims[0] = <cnp.npy_intp>(nbytes + 2 * PAGE)
     cdef cnp.ndarray raw = cnp.PyArray_EMPTY(1, dims, cnp.NPY_UINT8, 0)
-    cdef Py_ssize_t start = ((-<Py_ssize_t>cnp.PyArray_DATA(raw)) & 4095) + \
-        <Py_ssize_t>page_offset_for(inputs)
+    cdef Py_ssize_t address = <Py_ssize_t>cnp.PyArray_DATA(raw)
+    cdef Py_ssize_t start = (PAGE - address % PAGE) % PAGE + <Py_ssize_t>page_offset_for(inputs)
     return raw[start:start + nbytes].view((<object>like).dtype).reshape((<object>like).shape)
 
 

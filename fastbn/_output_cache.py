@@ -55,22 +55,25 @@ MIN_CACHED_BYTES = 2**20
 # in its low 12 bits is held back until that store is written, and the
 # kernels load their inputs a few vectors ahead of the outputs they store:
 # an output that starts a little past an input, modulo 4 KiB, makes nearly
-# every load wait.  Measured (AMD EPYC Zen 3, float32 (32,96,40,40), into
-# out=, 1 thread, min of 7 alternated calls), time by (output - input) mod
-# 4096 in bytes: training forward 2.54 ms at 0, 6.50 / 6.30 / 7.30 / 4.05 /
-# 2.81 ms at 16 / 32 / 48 / 64 / 128, 2.46 at 192, 2.45-2.55 from 256 to
-# 2048, and 3.77 ms at -16 (2.40-2.55 at -32 and below); eval forward 1.41
-# at 0, 5.71 at 48 (3.9x), 2.32 at -16; backward 3.11 at 0, 9.28 at 48,
-# 4.87 at -16.  Every dtype and both layouts showed it (bfloat16 backward
-# 2.2 against 5.0 ms).  So an output is placed where every input it is
-# read alongside is either at the same offset (each element loaded before
-# it is stored) or at least ALIAS_AHEAD bytes behind it and ALIAS_BEHIND
-# bytes ahead of it.  NumPy's large arrays start 16 bytes past a page (its
-# allocator's mmap header), so their outputs go to PAGE_OFFSETS[0], half a
-# page away, on a cache-line boundary (see new_array); inputs from the heap
-# (any 16-byte boundary) can sit near it, and then the next offset that is
-# clear of them all is taken: each input rules out less than 1 KiB of the
-# page, so one of the four offsets below is clear of any three inputs.
+# every load wait (1.5-4x the time).  Measured (AMD EPYC Zen 3, float32
+# (32,96,40,40), into out=, 1 thread, min of 7 alternated calls), time by
+# (output - input) mod 4096 in bytes: training forward 2.54 ms at 0, 6.50 /
+# 6.30 / 7.30 / 4.05 / 2.81 ms at 16 / 32 / 48 / 64 / 128, 2.46 at 192,
+# 2.45-2.55 from 256 to 2048, and 3.77 ms at -16 (2.40-2.55 at -32 and
+# below); eval forward 1.41 at 0, 5.71 at 48, 2.32 at -16; backward 3.11 at
+# 0, 9.28 at 48, 4.87 at -16.  Every dtype and both layouts showed it
+# (bfloat16 backward 2.2 against 5.0 ms).  So an output is placed where
+# every input it is read alongside is either at the same offset (each
+# element loaded before it is stored) or at least ALIAS_AHEAD bytes behind
+# it and ALIAS_BEHIND bytes ahead of it.  NumPy's large arrays start 16
+# bytes past a page (its allocator's mmap header), so their outputs go to
+# PAGE_OFFSETS[0], half a page away, on a cache-line boundary (see
+# new_array); inputs from the heap (any 16-byte boundary; an array
+# allocated right after another of whole pages lands 16 bytes past it) can
+# sit near it, and then the next offset that is clear of them all is taken:
+# each input rules out 318 bytes of the page around it, less than the 1
+# KiB between two offsets below, so one of the four is clear of any three
+# inputs.
 PAGE = 4096
 ALIAS_AHEAD = 256
 ALIAS_BEHIND = 64
@@ -210,8 +213,11 @@ def new_array(shape: Tuple[int, ...], dtype: np.dtype, inputs: Sequence[int] = (
     nbytes = prod(shape) * dtype.itemsize
     cache = _cache
     if nbytes < MIN_CACHED_BYTES or cache.cap == 0:
-        # placed always (not only when np.empty lands too close), so that
-        # the allocations a call makes do not depend on where memory is
+        # placed always (not only when np.empty lands too close, as the
+        # bridge's output_array does to keep small calls cheap): the callers
+        # here, fastbn.torch and SyncBatchNorm, spend tens of microseconds
+        # per call anyway, and their allocations then do not depend on where
+        # memory is
         return (np.empty(shape, dtype) if nbytes < ALIAS_MIN_BYTES
                 else placed_array(shape, dtype, inputs))
     key = (nbytes, dtype.char)

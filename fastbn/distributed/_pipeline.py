@@ -304,6 +304,13 @@ class _Pass:
             compute(None)
 
 
+def _addresses(*arrays) -> Tuple[int, ...]:
+    """Where the arrays among `arrays` start, for new_array's placement; a
+    rank whose own checks failed may hold None or a non-array in their place
+    (it must still reach the exchanges, not raise here)."""
+    return tuple(a.ctypes.data for a in arrays if isinstance(a, np.ndarray))
+
+
 def forward_blocks(kernels, x: np.ndarray, layout, counts: Sequence[int], weight, bias,
                    eps: float, relu: bool, blocks: Blocks, exchange: Exchange,
                    fail: Callable
@@ -319,7 +326,7 @@ def forward_blocks(kernels, x: np.ndarray, layout, counts: Sequence[int], weight
         return _forward_one_block(kernels, x, layout, counts, total, weight, bias, eps, relu,
                                   exchange, fail)
     state = _Pass(kernels, x, layout, blocks)
-    y = new_array(x.shape, x.dtype, (x.ctypes.data,))
+    y = new_array(x.shape, x.dtype, _addresses(x))
     mean, m2, invstd = np.zeros(channels), np.zeros(channels), np.zeros(channels)
 
     def stats(channel_range):
@@ -365,7 +372,7 @@ def backward_blocks(kernels, dy: np.ndarray, x: np.ndarray, layout, mean: np.nda
     state = _Pass(kernels, x, layout, blocks)
     mask_weight, mask_bias = relu_from or (None, None)
     relu = relu_from is not None
-    dx = new_array(x.shape, x.dtype, (x.ctypes.data, dy.ctypes.data))
+    dx = new_array(x.shape, x.dtype, _addresses(x, dy))
     sum_dy, sum_dy_xhat = np.zeros(channels), np.zeros(channels)
     local_dy, local_dy_xhat = np.zeros(channels), np.zeros(channels)
 
@@ -441,7 +448,7 @@ def normalize_merged(kernels, x: np.ndarray, layout, counts: List[int], total: i
     checked: only an out-of-memory error can stop it, and that one stays on
     its rank."""
     mean, m2, invstd = merged_stats(kernels, counts, total, table, eps)
-    y = new_array(x.shape, x.dtype, (x.ctypes.data,))
+    y = new_array(x.shape, x.dtype, _addresses(x))
     if x.size:
         kernels.apply(x, y, layout.outer, layout.channels, layout.inner, mean, invstd, weight,
                       bias, relu)
@@ -489,7 +496,7 @@ def _backward_one_block(kernels, dy, x, layout, mean, invstd, weight, relu_from,
     # rank order, on every rank: the same sums bit for bit
     sums = sum_in_rank_order(table[:, 1:])
     sum_dy, sum_dy_xhat = sums[:channels], sums[channels:]
-    dx = new_array(x.shape, x.dtype, (x.ctypes.data, dy.ctypes.data))
+    dx = new_array(x.shape, x.dtype, _addresses(x, dy))
     if x.size:
         kernels.backward_apply(dy, x, dx, outer, channels, inner, mean, invstd, weight, sum_dy,
                                sum_dy_xhat, float(total), mask_weight, mask_bias, relu)
