@@ -888,6 +888,8 @@ def test_small_output_that_lands_just_past_its_input_is_placed_again(cache, name
         arrays.append(raw[start:start + nbytes].view(np.float32).reshape(shape))
         arrays[-1][...] = values
     x, dy = arrays
+    if address(np.empty(shape, np.float32)) != landing:
+        pytest.skip("this allocator does not hand a freed block of the same size back")
     y = CALLS[name](x, dy, params, 1, None)
     inputs = [address(x)] + ([address(dy)] if "backward" in name else [])
     assert _is_clear(address(y), inputs), ([a % 4096 for a in inputs], address(y) % 4096)
