@@ -314,32 +314,13 @@ cdef inline cnp.ndarray empty_like_array(cnp.ndarray array):
 # outputs, whose kernels take 30 us and more.
 cdef Py_ssize_t MIN_CACHED_BYTES = _output_cache.MIN_CACHED_BYTES
 cdef object cached_array = _output_cache.new_array
-# Every output is placed clear of the inputs read alongside it modulo 4 KiB
-# (_output_cache.ALIAS_AHEAD: an output starting a little past an input
-# made the kernels 1.5-4x slower): the cache places its buffers so; a
-# smaller np.empty result that landed too close is re-placed (about a
-# microsecond; NumPy's heap puts an array allocated right after another of
-# whole pages 16 bytes past it modulo 4 KiB, the worst place).  Only then:
-# the small calls stay as cheap as before (_output_cache.new_array, for
-# fastbn.torch and SyncBatchNorm, places every such output).
-cdef Py_ssize_t PAGE = _output_cache.PAGE
-cdef Py_ssize_t ALIAS_AHEAD = _output_cache.ALIAS_AHEAD
-cdef Py_ssize_t ALIAS_BEHIND = _output_cache.ALIAS_BEHIND
-cdef Py_ssize_t ALIAS_MIN_BYTES = _output_cache.ALIAS_MIN_BYTES
-cdef object page_offset_for = _output_cache.page_offset_for
-
-
-cdef inline bint clear_of(cnp.ndarray out, cnp.ndarray source) noexcept:
-    """_output_cache.clear_of for one input (None: clear)."""
-    if source is None:
-        return True
-    cdef Py_ssize_t ahead = (<Py_ssize_t>cnp.PyArray_DATA(out)
-                             - <Py_ssize_t>cnp.PyArray_DATA(source)) % PAGE
-    if ahead < 0:
-        ahead += PAGE
-    return ahead == 0 or (ALIAS_AHEAD <= ahead <= PAGE - ALIAS_BEHIND)
-
-
+# Outputs of 1 MiB and more are placed clear of the inputs read alongside
+# them modulo 4 KiB (new_array; _output_cache.ALIAS_AHEAD: an output starting
+# a little past an input made the kernels 1.5-4x slower on such arrays).
+# Smaller ones stay where np.empty puts them: their data sits in L2, where
+# the same distances cost 0-14 % (float32, 1 thread: (256, 512) training
+# forward 49 us at the input's offset, 56 us 16 bytes past it; (64, 64)
+# 4.2-4.4 us at any offset), less than placing them again.
 cdef inline tuple input_addresses(cnp.ndarray like, object second):
     if second is None:
         return (<Py_ssize_t>cnp.PyArray_DATA(like),)
@@ -347,34 +328,16 @@ cdef inline tuple input_addresses(cnp.ndarray like, object second):
             <Py_ssize_t>cnp.PyArray_DATA(<cnp.ndarray>second))
 
 
-cdef cnp.ndarray placed_like(cnp.ndarray like, tuple inputs):
-    """_output_cache.placed_array for an array shaped like `like`: raw bytes
-    from NumPy (the C API, no Python call), viewed from the offset
-    page_offset_for(inputs) past their first page boundary."""
-    cdef Py_ssize_t nbytes = cnp.PyArray_NBYTES(like)
-    cdef cnp.npy_intp dims[1]
-    dims[0] = <cnp.npy_intp>(nbytes + 2 * PAGE)
-    cdef cnp.ndarray raw = cnp.PyArray_EMPTY(1, dims, cnp.NPY_UINT8, 0)
-    cdef Py_ssize_t address = <Py_ssize_t>cnp.PyArray_DATA(raw)
-    cdef Py_ssize_t start = (PAGE - address % PAGE) % PAGE + <Py_ssize_t>page_offset_for(inputs)
-    return raw[start:start + nbytes].view((<object>like).dtype).reshape((<object>like).shape)
-
-
 cdef inline cnp.ndarray output_array(cnp.ndarray like, object given, object second=None):
     """`given` (the caller's out=, already checked for shape, dtype and
     contiguity), or a new array shaped like `like`, placed clear of `like`
     and `second` (the other input, or None).  An unaligned view is refused
     before anything is written: the kernels store whole elements."""
-    cdef cnp.ndarray out
     if given is None:
         if cnp.PyArray_NBYTES(like) >= MIN_CACHED_BYTES:
             return <cnp.ndarray>cached_array((<object>like).shape, (<object>like).dtype,
                                              input_addresses(like, second))
-        out = empty_like_array(like)
-        if (cnp.PyArray_NBYTES(like) < ALIAS_MIN_BYTES
-                or (clear_of(out, like) and clear_of(out, second))):
-            return out
-        return placed_like(like, input_addresses(like, second))
+        return empty_like_array(like)
     if not cnp.PyArray_ISALIGNED(<cnp.ndarray>given):
         raise ValueError("out: expected an aligned array (the kernels store whole elements), "
                          "got an unaligned view")

@@ -62,7 +62,9 @@ MIN_CACHED_BYTES = 2**20
 # 2.45-2.55 from 256 to 2048, and 3.77 ms at -16 (2.40-2.55 at -32 and
 # below); eval forward 1.41 at 0, 5.71 at 48, 2.32 at -16; backward 3.11 at
 # 0, 9.28 at 48, 4.87 at -16.  Every dtype and both layouts showed it
-# (bfloat16 backward 2.2 against 5.0 ms).  So an output is placed where
+# (bfloat16 backward 2.2 against 5.0 ms).  So an output of at least
+# MIN_CACHED_BYTES (smaller ones sit in L2, where it costs 0-14 %, see
+# fastbn/_bn.pyx) is placed where
 # every input it is read alongside is either at the same offset (each
 # element loaded before it is stored) or at least ALIAS_AHEAD bytes behind
 # it and ALIAS_BEHIND bytes ahead of it.  NumPy's large arrays start 16
@@ -78,10 +80,6 @@ PAGE = 4096
 ALIAS_AHEAD = 256
 ALIAS_BEHIND = 64
 PAGE_OFFSETS = (2048, 3072, 1024, 0)
-# Outputs below this size are left where NumPy's allocator put them (the
-# loops are too short for the stalls to matter against a re-allocation).
-ALIAS_MIN_BYTES = 16 * 1024
-
 
 def clear_of(address: int, inputs: Sequence[int]) -> bool:
     """Whether an output at `address` is placed well against every input
@@ -205,21 +203,18 @@ class _Lease:
 
 
 def new_array(shape: Tuple[int, ...], dtype: np.dtype, inputs: Sequence[int] = ()) -> np.ndarray:
-    """An uninitialized C-contiguous array, from the cache when it is at
-    least `MIN_CACHED_BYTES` and the cache is on (else ``np.empty``).
-    `dtype` may be any fixed-size NumPy dtype (ml_dtypes.bfloat16 too).
-    `inputs`: the addresses of the arrays the kernel reads alongside it;
-    the output is placed clear of them (see ALIAS_AHEAD)."""
+    """An uninitialized C-contiguous array: ``np.empty`` under
+    `MIN_CACHED_BYTES`; from that size on, placed clear of `inputs` (the
+    addresses of the arrays the kernel reads alongside it, see ALIAS_AHEAD),
+    from the cache when it is on.  `dtype` may be any fixed-size NumPy dtype
+    (ml_dtypes.bfloat16 too)."""
     nbytes = prod(shape) * dtype.itemsize
     cache = _cache
-    if nbytes < MIN_CACHED_BYTES or cache.cap == 0:
-        # placed always (not only when np.empty lands too close, as the
-        # bridge's output_array does to keep small calls cheap): the callers
-        # here, fastbn.torch and SyncBatchNorm, spend tens of microseconds
-        # per call anyway, and their allocations then do not depend on where
-        # memory is
-        return (np.empty(shape, dtype) if nbytes < ALIAS_MIN_BYTES
-                else placed_array(shape, dtype, inputs))
+    if nbytes < MIN_CACHED_BYTES:
+        # in L2, where the placement costs 0-14 % (see fastbn/_bn.pyx)
+        return np.empty(shape, dtype)
+    if cache.cap == 0:
+        return placed_array(shape, dtype, inputs)
     key = (nbytes, dtype.char)
     entry = cache.take(key)
     if entry is None:
@@ -251,8 +246,8 @@ def new_array(shape: Tuple[int, ...], dtype: np.dtype, inputs: Sequence[int] = (
 
 def placed_array(shape: Tuple[int, ...], dtype: np.dtype, inputs: Sequence[int]) -> np.ndarray:
     """An uninitialized C-contiguous array (not cached) that starts at
-    ``page_offset_for(inputs)`` past a page boundary: the outputs from
-    ALIAS_MIN_BYTES to MIN_CACHED_BYTES, and all of them with the cache off."""
+    ``page_offset_for(inputs)`` past a page boundary: the large outputs
+    when the cache is off, and `out=` buffers of the benchmarks."""
     nbytes = prod(shape) * dtype.itemsize
     raw = np.empty(nbytes + 2 * PAGE, np.uint8)
     address = raw.__array_interface__["data"][0]
