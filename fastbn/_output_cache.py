@@ -64,10 +64,9 @@ MIN_CACHED_BYTES = 2**20
 # 0, 9.28 at 48, 4.87 at -16.  Every dtype and both layouts showed it
 # (bfloat16 backward 2.2 against 5.0 ms).  So an output of at least
 # MIN_CACHED_BYTES (smaller ones sit in L2, where it costs 0-14 %, see
-# fastbn/_bn.pyx) is placed where
-# every input it is read alongside is either at the same offset (each
-# element loaded before it is stored) or at least ALIAS_AHEAD bytes behind
-# it and ALIAS_BEHIND bytes ahead of it.  NumPy's large arrays start 16
+# fastbn/_bn.pyx) is placed where every input it is read alongside is
+# either at the same offset (each element loaded before it is stored) or at
+# least ALIAS_AHEAD bytes behind it and ALIAS_BEHIND bytes ahead of it.  NumPy's large arrays start 16
 # bytes past a page (its allocator's mmap header), so their outputs go to
 # PAGE_OFFSETS[0], half a page away, on a cache-line boundary (see
 # new_array); inputs from the heap (any 16-byte boundary; an array
@@ -80,6 +79,7 @@ PAGE = 4096
 ALIAS_AHEAD = 256
 ALIAS_BEHIND = 64
 PAGE_OFFSETS = (2048, 3072, 1024, 0)
+
 
 def clear_of(address: int, inputs: Sequence[int]) -> bool:
     """Whether an output at `address` is placed well against every input
@@ -97,6 +97,8 @@ def page_offset_for(inputs: Sequence[int]) -> int:
         if clear_of(offset, inputs):
             return offset
     return PAGE_OFFSETS[0]  # not reached for up to three inputs
+
+
 ENV_VAR = "FASTBN_OUTPUT_CACHE_BYTES"
 # the name of the variable when only fastbn.torch had the cache (still read)
 LEGACY_ENV_VAR = "FASTBN_TORCH_OUTPUT_CACHE_BYTES"
@@ -107,10 +109,10 @@ _Key = Tuple[int, str]
 class _Cache:
     """The free buffers by (nbytes, dtype character), least recently given
     back first, and the bytes they hold (never more than `cap`).  A buffer
-    is kept as an entry ``[array, address, shape, array interface]``: the
-    raw uint8 allocation (up to two pages longer than the buffer, which is
-    not counted in the bytes held), the first page boundary in it, and the
-    shape, page offset and array interface of its last hand-out (reused
+    is kept as an entry ``[array, page, shape, array interface, offset]``:
+    the raw uint8 allocation (up to two pages longer than the buffer, which
+    is not counted in the bytes held), the first page boundary in it, and
+    the shape, array interface and page offset of its last hand-out (reused
     when they repeat)."""
 
     def __init__(self, cap: int) -> None:
