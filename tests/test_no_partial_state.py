@@ -276,11 +276,7 @@ def test_memory_error_anywhere_leaves_state_unchanged(name, backend):
         # the output comes through the cache: its allocation is among the calls
         layer, call = setup()
         assert count_library_calls(lambda: call(layer), [(_output_cache, "np")]) > 0
-    for k in range(calls):
-        layer, call = setup()
-        before = snapshot(layer)
-        assert run_out_of_memory(lambda: call(layer), k, PATCHES)
-        assert_same_state(before, snapshot(layer), f"{name}, MemoryError at call {k}")
+    _assert_every_memory_error_leaves_state(name, setup, calls)
     # the cache's books still balance: what it counts as kept is what it keeps
     gc.collect()
     info = _output_cache.output_cache_info()
@@ -288,6 +284,31 @@ def test_memory_error_anywhere_leaves_state_unchanged(name, backend):
     assert info["retained"] == sum(key[0] * len(entries) for key, entries in free.items())
     assert info["buffers"] == sum(len(entries) for entries in free.values())
     assert info["retained"] <= info["cap"]
+
+
+def _assert_every_memory_error_leaves_state(name, setup, calls):
+    for k in range(calls):
+        layer, call = setup()
+        before = snapshot(layer)
+        assert run_out_of_memory(lambda: call(layer), k, PATCHES)
+        assert_same_state(before, snapshot(layer), f"{name}, MemoryError at call {k}")
+
+
+@pytest.mark.parametrize("name", sorted(LARGE_SETUPS))
+def test_memory_error_with_the_cache_off_leaves_state_unchanged(name):
+    # large outputs are then allocated at a chosen page offset
+    # (_output_cache.placed_array), outside the cache
+    setup = LARGE_SETUPS[name]
+    previous = fastbn.get_output_cache_bytes()
+    fastbn.set_output_cache_bytes(0)
+    try:
+        layer, call = setup()
+        assert count_library_calls(lambda: call(layer), [(_output_cache, "np")]) > 0
+        layer, call = setup()
+        calls = count_library_calls(lambda: call(layer), PATCHES)
+        _assert_every_memory_error_leaves_state(name, setup, calls)
+    finally:
+        fastbn.set_output_cache_bytes(previous)
 
 
 # ---- a read-only buffer, each written buffer in turn ---------------------------------------
