@@ -134,10 +134,13 @@ static inline const FB_REAL *FB_TYPED(bn_grad_row)(const FB_TYPED(bn_pass) *pass
  * as 1024.  The backward's sums (dy and x) did not gain from the same
  * prefetch of both arrays: (64,128,56,56) 8.93 -> 9.08 ms, (32,64,112,112)
  * 10.14 -> 10.30, (128,64,28,28) 1.65 -> 1.76 (1.69 when kept inside the
- * run, where the statistics lost their gain too); they have none.  On the
+ * run, where the statistics lost their gain too), so they prefetch the
+ * next row's piece instead (below).  On the
  * AVX2 machine (Zen 3) the hardware prefetchers kept up with these
  * single-stream runs (see the turns below), so the other builds have none
- * either.  A prefetch changes no value. */
+ * either.  float64 takes the same one prefetch per FB_BN_LANES values (every
+ * other 64-byte line; not measured separately).  A prefetch changes no
+ * value. */
 #if defined(__AVX512F__)
 #define FB_BN_STATS_PREFETCH_BYTES 1024
 #else
@@ -148,10 +151,10 @@ static inline const FB_REAL *FB_TYPED(bn_grad_row)(const FB_TYPED(bn_pass) *pass
  * the next row, one row of planes away (`ahead` values; 0: none), as the
  * bfloat16 reductions do (bn_bf16_impl.h), in the walks that read a
  * channel row by row (owned blocks, shared chunks).  AVX-512 builds only,
- * measured there as above: 2 threads, backward (64,128,56,56) 11.18 ->
- * 10.67 ms, (32,64,112,112) 11.59 -> 10.67, (128,64,28,28) 1.76 -> 1.71,
- * (16,256,28,28) and (24,80,48,48) within 1 %; 1 thread (64,128,56,56)
- * 21.70 -> 20.72 ms.  (The bfloat16 backward on that machine lost 20-25 %
+ * measured there as above, two runs: 2 threads, backward (64,128,56,56)
+ * 11.18 -> 10.67 and 10.23 -> 9.25 ms, (32,64,112,112) 11.59 -> 10.67 and
+ * 10.51 -> 9.54, (128,64,28,28) 1.76 -> 1.71, (16,256,28,28) and
+ * (24,80,48,48) within 1 %; 1 thread (64,128,56,56) 21.70 -> 20.72 ms.  (The bfloat16 backward on that machine lost 20-25 %
  * without its next-row prefetch, 4.29 -> 5.27 ms, when it took 1024 bytes
  * ahead instead.) */
 #if defined(__AVX512F__)
@@ -1561,7 +1564,8 @@ static void FB_TYPED(bn_apply_interleaved)(const fb_bn_plan *plan, const FB_TYPE
 }
 
 /* One row of channel c (`len` values at `at`, a run of one chunk) into the
- * channel's lanes: bn_reduce_planar's calls for the same run. */
+ * channel's lanes: bn_reduce_planar's calls for the same run (the same
+ * sums; no prefetch: these rows are short). */
 FB_ALWAYS_INLINE void FB_TYPED(bn_short_run)(const FB_TYPED(bn_pass) *pass, fb_index c,
                                              fb_index at, fb_index len, int reduces_x,
                                              fb_bn_lanes *a1, fb_bn_lanes *a2)
@@ -1875,7 +1879,7 @@ static void FB_TYPED(bn_owned_channels)(const fb_bn_plan *plan, FB_TYPED(bn_pass
              * than a chunk); one division per row of the block */
             const fb_index p0 = r * inner, p2 = p0 + inner;
             const fb_index cut0 = (p0 / chunk + 1) * chunk;
-            const fb_index next_row = FB_TYPED(bn_next_row_ahead)(plan, r + 1);
+            const fb_index next_row_ahead = FB_TYPED(bn_next_row_ahead)(plan, r + 1);
             for (fb_index c = c0; c < c1; ++c) {
                 const fb_index j = c - c0;
                 const FB_REAL center = pass->center_real[c];
@@ -1889,11 +1893,11 @@ static void FB_TYPED(bn_owned_channels)(const fb_bn_plan *plan, FB_TYPED(bn_pass
                         FB_TYPED(bn_lanes_grad)(pass->dy + base + p, pass->x + base + p,
                                                 stop - p, center, &a1[j], &a2[j], 1,
                                                 pass->mask_scale[c], pass->mask_shift[c],
-                                                next_row);
+                                                next_row_ahead);
                     else
                         FB_TYPED(bn_lanes_grad)(pass->dy + base + p, pass->x + base + p,
                                                 stop - p, center, &a1[j], &a2[j], 0, 0, 0,
-                                                next_row);
+                                                next_row_ahead);
                     p = stop;
                     if (p == cut || p == plan->n) {  /* a chunk ends */
                         s1[j] += fb_bn_lanes_total(&a1[j]);
