@@ -135,12 +135,11 @@ static inline const FB_REAL *FB_TYPED(bn_grad_row)(const FB_TYPED(bn_pass) *pass
  * prefetch of both arrays: (64,128,56,56) 8.93 -> 9.08 ms, (32,64,112,112)
  * 10.14 -> 10.30, (128,64,28,28) 1.65 -> 1.76 (1.69 when kept inside the
  * run, where the statistics lost their gain too), so they prefetch the
- * next row's piece instead (below).  On the
- * AVX2 machine (Zen 3) the hardware prefetchers kept up with these
- * single-stream runs (see the turns below), so the other builds have none
- * either.  float64 takes the same one prefetch per FB_BN_LANES values (every
- * other 64-byte line; not measured separately).  A prefetch changes no
- * value. */
+ * next row's piece instead (below).  On the AVX2 machine (Zen 3) the
+ * hardware prefetchers kept up with these single-stream runs (see the turns
+ * below), so the other builds have none either.  float64 takes the same one
+ * prefetch per FB_BN_LANES values (every other 64-byte line; not measured
+ * separately).  A prefetch changes no value. */
 #if defined(__AVX512F__)
 #define FB_BN_STATS_PREFETCH_BYTES 1024
 #else
@@ -154,9 +153,9 @@ static inline const FB_REAL *FB_TYPED(bn_grad_row)(const FB_TYPED(bn_pass) *pass
  * measured there as above, two runs: 2 threads, backward (64,128,56,56)
  * 11.18 -> 10.67 and 10.23 -> 9.25 ms, (32,64,112,112) 11.59 -> 10.67 and
  * 10.51 -> 9.54, (128,64,28,28) 1.76 -> 1.71, (16,256,28,28) and
- * (24,80,48,48) within 1 %; 1 thread (64,128,56,56) 21.70 -> 20.72 ms.  (The bfloat16 backward on that machine lost 20-25 %
- * without its next-row prefetch, 4.29 -> 5.27 ms, when it took 1024 bytes
- * ahead instead.) */
+ * (24,80,48,48) within 1 %; 1 thread (64,128,56,56) 21.70 -> 20.72 ms.
+ * (The bfloat16 backward on that machine lost 20-25 % without its next-row
+ * prefetch, 4.29 -> 5.27 ms, when it took 1024 bytes ahead instead.) */
 #if defined(__AVX512F__)
 #define FB_BN_GRAD_PREFETCH_NEXT_ROW 1
 #else
@@ -183,7 +182,8 @@ FB_ALWAYS_INLINE void FB_TYPED(bn_lanes_shifted_from)(const FB_REAL *restrict x,
         const fb_index stop = i + FB_BN_SHORT_SUM * FB_BN_LANES;
         for (; i + FB_BN_LANES <= len && i < stop; i += FB_BN_LANES) {
 #if FB_BN_STATS_PREFETCH_BYTES > 0
-            __builtin_prefetch(x + i + FB_BN_STATS_PREFETCH_BYTES / sizeof(FB_REAL), 0, 3);
+            /* an address, not a pointer: it may lie past the end of x */
+            __builtin_prefetch((const void *)((uintptr_t)(x + i) + FB_BN_STATS_PREFETCH_BYTES), 0, 3);
 #endif
             for (int v = 0; v < FB_RVECS; ++v) {
                 const FB_RVEC d = FB_TYPED(fb_rvec_load)(x + i + v * FB_RVEC_LEN) - shift;

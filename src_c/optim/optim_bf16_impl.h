@@ -541,6 +541,14 @@ FB_ADAM_VECTOR_ENTRY(fb_adam_bpbs_avx2, uint16_t, fb_adam_bpbs_avx2_loop, fb_avx
  * nothing).  Timing only: a prefetch changes no value. */
 #define FB_ADAM_PREFETCH_ELEMENTS 256
 
+/* Prefetch into L1 the `bytes` bytes from `p`, a line at a time (an address
+ * computation: the last line may lie past the array's end). */
+FB_ALWAYS_INLINE void fb_adam_prefetch(const void *p, int bytes)
+{
+    for (int b = 0; b < bytes; b += 64)
+        _mm_prefetch((const char *)((uintptr_t)p + (uintptr_t)b), _MM_HINT_T0);
+}
+
 FB_ADAM_VECTOR_CONSTANTS(fb_avx512_adam_constants, __m512, _mm512_set1_ps)
 
 /* fb_avx2_adam8 on 16 lanes: the same operations. */
@@ -608,13 +616,11 @@ FB_ALWAYS_INLINE int32_t fb_adam_bs_avx512_loop(float *restrict param, const flo
     const __m512i sixteen = _mm512_set1_epi32(16);
     const int32_t end = n - n % 32;
     for (int32_t i = 0; i < end; i += 32) {
-        if (i + FB_ADAM_PREFETCH_ELEMENTS < n) { /* two lines of each float32 array, one of each state */
-            _mm_prefetch((const char *)(param + i + FB_ADAM_PREFETCH_ELEMENTS), _MM_HINT_T0);
-            _mm_prefetch((const char *)(param + i + FB_ADAM_PREFETCH_ELEMENTS + 16), _MM_HINT_T0);
-            _mm_prefetch((const char *)(grad + i + FB_ADAM_PREFETCH_ELEMENTS), _MM_HINT_T0);
-            _mm_prefetch((const char *)(grad + i + FB_ADAM_PREFETCH_ELEMENTS + 16), _MM_HINT_T0);
-            _mm_prefetch((const char *)(exp_avg + i + FB_ADAM_PREFETCH_ELEMENTS), _MM_HINT_T0);
-            _mm_prefetch((const char *)(exp_avg_sq + i + FB_ADAM_PREFETCH_ELEMENTS), _MM_HINT_T0);
+        if (i + FB_ADAM_PREFETCH_ELEMENTS < n) { /* this iteration's 32 elements of each array */
+            fb_adam_prefetch(param + i + FB_ADAM_PREFETCH_ELEMENTS, 32 * sizeof *param);
+            fb_adam_prefetch(grad + i + FB_ADAM_PREFETCH_ELEMENTS, 32 * sizeof *grad);
+            fb_adam_prefetch(exp_avg + i + FB_ADAM_PREFETCH_ELEMENTS, 32 * sizeof *exp_avg);
+            fb_adam_prefetch(exp_avg_sq + i + FB_ADAM_PREFETCH_ELEMENTS, 32 * sizeof *exp_avg_sq);
         }
         __m512 m[2], v[2], g[2];
         for (int h = 0; h < 2; ++h) {
@@ -675,11 +681,11 @@ FB_ALWAYS_INLINE int32_t fb_adam_bpbs_avx512_loop(uint16_t *restrict param, cons
     const __m512i one = _mm512_set1_epi32(1);
     const int32_t end = n - n % 32;
     for (int32_t i = 0; i < end; i += 32) {
-        if (i + FB_ADAM_PREFETCH_ELEMENTS < n) { /* one line of each array */
-            _mm_prefetch((const char *)(param + i + FB_ADAM_PREFETCH_ELEMENTS), _MM_HINT_T0);
-            _mm_prefetch((const char *)(grad + i + FB_ADAM_PREFETCH_ELEMENTS), _MM_HINT_T0);
-            _mm_prefetch((const char *)(exp_avg + i + FB_ADAM_PREFETCH_ELEMENTS), _MM_HINT_T0);
-            _mm_prefetch((const char *)(exp_avg_sq + i + FB_ADAM_PREFETCH_ELEMENTS), _MM_HINT_T0);
+        if (i + FB_ADAM_PREFETCH_ELEMENTS < n) { /* this iteration's 32 elements of each array */
+            fb_adam_prefetch(param + i + FB_ADAM_PREFETCH_ELEMENTS, 32 * sizeof *param);
+            fb_adam_prefetch(grad + i + FB_ADAM_PREFETCH_ELEMENTS, 32 * sizeof *grad);
+            fb_adam_prefetch(exp_avg + i + FB_ADAM_PREFETCH_ELEMENTS, 32 * sizeof *exp_avg);
+            fb_adam_prefetch(exp_avg_sq + i + FB_ADAM_PREFETCH_ELEMENTS, 32 * sizeof *exp_avg_sq);
         }
         const __m512i pw = _mm512_loadu_si512((const void *)(param + i));
         const __m512i gw = _mm512_loadu_si512((const void *)(grad + i));
