@@ -97,9 +97,41 @@ def test_adam_bench_rows_count_the_bytes_of_their_storage(name, bytes_per_elemen
     build = cases._optimizer_case(name, lambda quick: shapes)
     contenders, moved = build(cases.BenchConfig(dtype=np.dtype(np.float32), threads=1, quick=True, torch=None))
     assert moved == 31 * bytes_per_element
-    assert set(contenders) == {"fastbn", "reference"}
-    contenders["fastbn"]()
-    contenders["reference"]()
+    # a bfloat16 row also times fastbn's float32 Adam on the same values
+    twin = {"fastbn_fp32"} if name != "Adam" else set()
+    assert set(contenders) == {"fastbn", "reference"} | twin
+    for contender in contenders.values():
+        contender()
+
+
+def test_bfloat16_adam_rows_float32_twin_steps_the_same_values_in_float32():
+    # the twin is a float32-state Adam on float32 copies of the row's params
+    # and grads: after one step its params are those of a float32 Adam run
+    # here on the same values, and the bfloat16 row's own params are untouched
+    pytest.importorskip("ml_dtypes")
+    import fastbn
+    from fastbn.bench import cases
+    shapes = [(40,), (6, 5)]
+    build = cases._optimizer_case("Adam-bf16", lambda quick: shapes)
+    contenders, _ = build(cases.BenchConfig(dtype=np.dtype(np.float32), threads=1, quick=True,
+                                            torch=None))
+    twin_opt = contenders["fastbn_fp32"].__self__
+    bf16_opt = contenders["fastbn"].__self__
+    start = [p.data.copy() for p in twin_opt.param_groups[0]["params"]]
+    bf16_start = [p.data.copy() for p in bf16_opt.param_groups[0]["params"]]
+    grads = [p.grad.copy() for p in twin_opt.param_groups[0]["params"]]
+    for p, q in zip(twin_opt.param_groups[0]["params"], bf16_opt.param_groups[0]["params"]):
+        assert p.data.dtype == np.float32 and p.grad.dtype == np.float32
+        np.testing.assert_array_equal(p.data, q.data.astype(np.float32))
+        np.testing.assert_array_equal(p.grad, q.grad.astype(np.float32))
+    contenders["fastbn_fp32"]()
+    expected = [fastbn.Parameter(d.copy(), grad=g.copy()) for d, g in zip(start, grads)]
+    fastbn.optim.Adam(expected, lr=1e-3).step()
+    for p, e, s in zip(twin_opt.param_groups[0]["params"], expected, start):
+        np.testing.assert_array_equal(p.data, e.data)
+        assert not np.array_equal(p.data, s)  # the step moved every tensor
+    for p, b in zip(bf16_opt.param_groups[0]["params"], bf16_start):
+        np.testing.assert_array_equal(p.data.view(np.uint16), b.view(np.uint16))
 
 
 def test_bench_bfloat16_row_reports_its_float32_twin(tmp_path):
