@@ -104,34 +104,41 @@ def test_adam_bench_rows_count_the_bytes_of_their_storage(name, bytes_per_elemen
         contender()
 
 
-def test_bfloat16_adam_rows_float32_twin_steps_the_same_values_in_float32():
-    # the twin is a float32-state Adam on float32 copies of the row's params
-    # and grads: after one step its params are those of a float32 Adam run
-    # here on the same values, and the bfloat16 row's own params are untouched
+@pytest.mark.parametrize("name", ["Adam-bf16state", "Adam-bf16"])
+def test_bfloat16_adam_rows_float32_twin_steps_the_same_values_in_float32(name, monkeypatch):
+    # the twin is a float32-state Adam with the row's other settings (a
+    # non-default lr here, so a twin that dropped them would step differently)
+    # on float32 copies of the row's params and grads: after one step its
+    # params are those of such an Adam run here, its state is float32, and
+    # the row's own params are untouched
     pytest.importorskip("ml_dtypes")
-    import fastbn
     from fastbn.bench import cases
+    kwargs, *rest = cases.OPTIMIZERS[name]
+    monkeypatch.setitem(cases.OPTIMIZERS, name, (dict(kwargs, lr=3e-2), *rest))
     shapes = [(40,), (6, 5)]
-    build = cases._optimizer_case("Adam-bf16", lambda quick: shapes)
+    build = cases._optimizer_case(name, lambda quick: shapes)
     contenders, _ = build(cases.BenchConfig(dtype=np.dtype(np.float32), threads=1, quick=True,
                                             torch=None))
     twin_opt = contenders["fastbn_fp32"].__self__
-    bf16_opt = contenders["fastbn"].__self__
-    start = [p.data.copy() for p in twin_opt.param_groups[0]["params"]]
-    bf16_start = [p.data.copy() for p in bf16_opt.param_groups[0]["params"]]
-    grads = [p.grad.copy() for p in twin_opt.param_groups[0]["params"]]
-    for p, q in zip(twin_opt.param_groups[0]["params"], bf16_opt.param_groups[0]["params"]):
+    row_opt = contenders["fastbn"].__self__
+    twin_params = twin_opt.param_groups[0]["params"]
+    row_params = row_opt.param_groups[0]["params"]
+    start = [p.data.copy() for p in twin_params]
+    row_start = [p.data.copy() for p in row_params]
+    for p, q in zip(twin_params, row_params):
         assert p.data.dtype == np.float32 and p.grad.dtype == np.float32
         np.testing.assert_array_equal(p.data, q.data.astype(np.float32))
         np.testing.assert_array_equal(p.grad, q.grad.astype(np.float32))
     contenders["fastbn_fp32"]()
-    expected = [fastbn.Parameter(d.copy(), grad=g.copy()) for d, g in zip(start, grads)]
-    fastbn.optim.Adam(expected, lr=1e-3).step()
-    for p, e, s in zip(twin_opt.param_groups[0]["params"], expected, start):
+    expected = [fastbn.Parameter(d.copy(), grad=p.grad.copy()) for d, p in zip(start, twin_params)]
+    fastbn.optim.Adam(expected, lr=3e-2).step()
+    for p, e, s in zip(twin_params, expected, start):
         np.testing.assert_array_equal(p.data, e.data)
         assert not np.array_equal(p.data, s)  # the step moved every tensor
-    for p, b in zip(bf16_opt.param_groups[0]["params"], bf16_start):
-        np.testing.assert_array_equal(p.data.view(np.uint16), b.view(np.uint16))
+        assert twin_opt.state[p]["exp_avg"].dtype == np.float32
+        assert twin_opt.state[p]["exp_avg_sq"].dtype == np.float32
+    for p, b in zip(row_params, row_start):
+        np.testing.assert_array_equal(p.data.view(np.uint8), b.view(np.uint8))
 
 
 def test_bench_bfloat16_row_reports_its_float32_twin(tmp_path):
