@@ -307,9 +307,10 @@ def _optimizer_case(name: str, shapes_fn: Callable[[bool], List[tuple]]):
         total = sum(d.size for d in datas)
         moved = total * (itemsize * (2 + 1) + 2 * state_buffers * (state_itemsize or itemsize))
 
-        def make_fast():
-            params = [fastbn.Parameter(d.copy(), grad=g) for d, g in zip(datas, grads)]
-            return getattr(fastbn.optim, class_name)(params, **fast_kwargs)
+        def make_fast(kwargs=fast_kwargs, param_dtype=dtype):
+            params = [fastbn.Parameter(d.astype(param_dtype), grad=g.astype(param_dtype, copy=False))
+                      for d, g in zip(datas, grads)]
+            return getattr(fastbn.optim, class_name)(params, **kwargs)
 
         fast_opt, reference_opt = make_fast(), make_fast()
         contenders: Contenders = {"fastbn": fast_opt.step, "reference": _reference(reference_opt.step)}
@@ -317,11 +318,8 @@ def _optimizer_case(name: str, shapes_fn: Callable[[bool], List[tuple]]):
             # the ratio a bfloat16 row is judged by, timed in the same rounds:
             # fastbn's float32 optimizer (float32 state) on float32 copies of
             # the same values
-            twin_params = [fastbn.Parameter(d.astype(np.float32), grad=g.astype(np.float32))
-                           for d, g in zip(datas, grads)]
-            twin_kwargs = {k: v for k, v in fast_kwargs.items() if k != "state_dtype"}
-            contenders["fastbn_fp32"] = getattr(fastbn.optim, class_name)(twin_params,
-                                                                          **twin_kwargs).step
+            float32_kwargs = {k: v for k, v in fast_kwargs.items() if k != "state_dtype"}
+            contenders["fastbn_fp32"] = make_fast(float32_kwargs, np.dtype(np.float32)).step
         torch = config.torch
         if torch is not None and torch_name is not None:
             if bf16_params:   # torch.from_numpy does not take ml_dtypes arrays
