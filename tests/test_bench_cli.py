@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn.bench import all_cases, stream_bandwidth, resnet50_shapes, time_callable, time_per_call
+from fastbn.bench import (all_cases, stream_bandwidth, resnet50_shapes, time_callable,
+                          time_interleaved, time_per_call)
 
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(fastbn.__file__)))
 
@@ -63,6 +64,21 @@ def test_time_callable_respects_run_bounds():
     timing = time_callable(lambda: calls.append(1), min_time=0.0, min_runs=4, max_runs=4, warmup=2)
     assert len(timing.runs) == 4 and len(calls) == 6
     assert timing.best <= timing.median
+
+
+def test_time_interleaved_gives_each_contender_its_untimed_calls_before_the_timed_one():
+    """Two untimed calls per round by default, `warmup_for` per contender,
+    and every contender's calls of a round run back to back (no other
+    contender's call between its untimed calls and its timed one)."""
+    log = []
+    contenders = {name: (lambda name=name: log.append(name)) for name in ("fast", "slow")}
+    timings = time_interleaved(contenders, min_time=0.0, min_rounds=3, max_rounds=3,
+                               settle=0.0, warmup_for={"slow": 1})
+    assert [len(t.runs) for t in timings.values()] == [3, 3]
+    assert log == (["fast"] * 3 + ["slow"] * 2) * 3
+    log.clear()
+    time_interleaved(contenders, min_time=0.0, min_rounds=2, max_rounds=2, settle=0.0, warmup=0)
+    assert log == ["fast", "slow"] * 2
 
 
 def test_time_per_call_reports_per_call_seconds():

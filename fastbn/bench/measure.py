@@ -46,11 +46,26 @@ def time_callable(fn: Callable[[], object], *, min_time: float = 0.2, min_runs: 
 def time_interleaved(contenders: "dict[str, Callable[[], object]]", *, min_time: float = 0.2,
                      min_rounds: int = 5, max_rounds: int = 200,
                      max_rounds_for: "dict[str, int] | None" = None,
-                     settle: float = 0.003) -> "dict[str, Timing]":
+                     settle: float = 0.003, warmup: int = 2,
+                     warmup_for: "dict[str, int] | None" = None) -> "dict[str, Timing]":
     """Time several contenders in alternating rounds, so a change of machine
     load affects all of them alike.
 
-    In each round every contender gets one untimed call, then one timed call.
+    In each round every contender gets `warmup` untimed calls (`warmup_for`
+    sets it per contender), then one timed call.  Two, not one: on a CPU
+    whose last-level cache holds a good part of a large case (480 MiB of L3
+    on the Xeon of the README's bfloat16 tables) the contender timed after
+    another one's large call was slowed for two calls, not one -- its data
+    evicted by the other's, inferred from the times, not profiled.
+    Measured there, (64, 128, 56, 56) bfloat16 training forward into one
+    fixed buffer, 2 threads, medians of 25 rounds, rounds that also ran
+    fastbn's float32 call on the same values: the bfloat16 call timed right
+    after the float32 one took 4.31-4.33 ms with one untimed call before it,
+    against 3.45-3.55 for the same call timed elsewhere in the round; 3.58
+    against 3.31 with two untimed calls, 3.37 against 3.33 with three.  In
+    the bench the bfloat16 rows' allocating column (timed after torch) read
+    20 % above their out= column with one untimed call (4.07 against 3.29
+    ms), 9 % with two (3.48 against 3.18), as with three.
     Before that, `settle` seconds of sleep let the previous contender's idle
     OpenMP workers stop spinning: libgomp (fastbn's and the copy torch
     bundles) busy-waits for a while after each parallel region, which
@@ -66,13 +81,15 @@ def time_interleaved(contenders: "dict[str, Callable[[], object]]", *, min_time:
     against 17 us; nine of the thirteen rows tried read 4 or 8 ms with 20
     ms, none with 3 ms, and the rows unaffected by ticks agree."""
     caps = max_rounds_for or {}
+    warmups = warmup_for or {}
     timings = {name: Timing() for name in contenders}
     for round_index in range(max_rounds):
         for name, fn in contenders.items():
             if round_index >= caps.get(name, max_rounds):
                 continue
             time.sleep(settle)
-            fn()
+            for _ in range(warmups.get(name, warmup)):
+                fn()
             start = time.perf_counter()
             fn()
             timings[name].runs.append(time.perf_counter() - start)

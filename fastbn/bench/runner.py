@@ -70,8 +70,12 @@ def run_case(case: Case, config: BenchConfig, bar: ProgressBar) -> Dict[str, obj
             record[contender] = timing.as_dict()
     else:
         # the reference is 10-100x slower: a few rounds are enough for it
+        # and its own temporaries outweigh any cache state it finds: one
+        # untimed call per round
         timings = time_interleaved(contenders, min_time=min_time, min_rounds=5 if config.quick else 9,
-                                   max_rounds=40 if config.quick else 100, max_rounds_for={"reference": 5 if config.quick else 9})
+                                   max_rounds=40 if config.quick else 100,
+                                   max_rounds_for={"reference": 5 if config.quick else 9},
+                                   warmup_for={"reference": 1})
         for contender, timing in timings.items():
             record[contender] = timing.as_dict()
     fast = record["fastbn"]["median_s"]
