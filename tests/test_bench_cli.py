@@ -66,19 +66,27 @@ def test_time_callable_respects_run_bounds():
     assert timing.best <= timing.median
 
 
-def test_time_interleaved_gives_each_contender_its_untimed_calls_before_the_timed_one():
+def test_time_interleaved_gives_each_contender_its_untimed_calls_before_the_timed_one(monkeypatch):
     """Two untimed calls per round by default, `warmup_for` per contender,
-    and every contender's calls of a round run back to back (no other
-    contender's call between its untimed calls and its timed one)."""
+    then the timed call (the one between two clock reads, "T"), every
+    contender's calls of a round back to back."""
+    from fastbn.bench import measure
     log = []
+    clock = iter(range(10**6))
+
+    def perf_counter():
+        log.append("T")
+        return float(next(clock))
+
+    monkeypatch.setattr(measure.time, "perf_counter", perf_counter)
     contenders = {name: (lambda name=name: log.append(name)) for name in ("fast", "slow")}
     timings = time_interleaved(contenders, min_time=0.0, min_rounds=3, max_rounds=3,
                                settle=0.0, warmup_for={"slow": 1})
     assert [len(t.runs) for t in timings.values()] == [3, 3]
-    assert log == (["fast"] * 3 + ["slow"] * 2) * 3
+    assert log == (["fast", "fast", "T", "fast", "T", "slow", "T", "slow", "T"]) * 3
     log.clear()
     time_interleaved(contenders, min_time=0.0, min_rounds=2, max_rounds=2, settle=0.0, warmup=0)
-    assert log == ["fast", "slow"] * 2
+    assert log == ["T", "fast", "T", "T", "slow", "T"] * 2
 
 
 def test_time_per_call_reports_per_call_seconds():

@@ -52,26 +52,29 @@ def time_interleaved(contenders: "dict[str, Callable[[], object]]", *, min_time:
     load affects all of them alike.
 
     In each round every contender gets `warmup` untimed calls (`warmup_for`
-    sets it per contender), then one timed call.  Two, not one: on a CPU
-    whose last-level cache holds a good part of a large case (480 MiB of L3
-    on the Xeon of the README's bfloat16 tables) the contender timed after
-    another one's large call was slowed for two calls, not one -- its data
-    evicted by the other's, inferred from the times, not profiled.
-    Measured there, (64, 128, 56, 56) bfloat16 training forward into one
-    fixed buffer, 2 threads, medians of 25 rounds, rounds that also ran
-    fastbn's float32 call on the same values: the bfloat16 call timed right
-    after the float32 one took 4.31-4.33 ms with one untimed call before it,
-    against 3.45-3.55 for the same call timed elsewhere in the round; 3.58
-    against 3.31 with two untimed calls, 3.37 against 3.33 with three.  In
-    the bench the bfloat16 rows' allocating column (timed after torch) read
-    20 % above their out= column with one untimed call (4.07 against 3.29
-    ms), 9 % with two (3.48 against 3.18), as with three.
-    Before that, `settle` seconds of sleep let the previous contender's idle
-    OpenMP workers stop spinning: libgomp (fastbn's and the copy torch
-    bundles) busy-waits for a while after each parallel region, which
-    on a 2-core machine would steal a core from whoever runs next.  Stops
-    after `min_rounds` rounds once every contender has spent `min_time`
-    seconds; `max_rounds_for` caps slow contenders (e.g. the reference).
+    sets it per contender), then one timed call.  Before a contender's
+    untimed calls, `settle` seconds of sleep let the previous contender's
+    idle OpenMP workers stop spinning: libgomp (fastbn's and the copy torch
+    bundles) busy-waits for a while after each parallel region, which on a
+    2-core machine would steal a core from whoever runs next.  Stops after
+    `min_rounds` rounds once every contender has spent `min_time` seconds;
+    `max_rounds_for` caps slow contenders (e.g. the reference).
+
+    Why two untimed calls, not one: on a CPU whose last-level cache holds a
+    good part of a large case (480 MiB of L3 on the Xeon of the README's
+    bfloat16 tables) the contender timed after another one's large call was
+    slowed for two calls, not one -- its data evicted by the other's,
+    inferred from the times, not profiled.  Measured there, (64, 128, 56,
+    56) bfloat16 training forward into one fixed buffer, 2 threads, medians
+    of 25 rounds, rounds that also ran fastbn's float32 call on the same
+    values: the bfloat16 call timed right after the float32 one took
+    4.31-4.33 ms with one untimed call before it, against 3.45-3.55 for the
+    same call timed elsewhere in the round; 3.58 against 3.31 with two
+    untimed calls, 3.37 against 3.33 with three (not worth a fourth call
+    per round).  In the bench the bfloat16 rows' allocating column (timed
+    after torch) read 20 % above their out= column with one untimed call
+    (4.07 against 3.29 ms), 9 % with two (3.48 against 3.18), as with
+    three.
 
     Why 3 ms and not longer: after a longer sleep the timed calls of
     mid-size cases waited whole scheduler ticks (4 ms on the 250 Hz VM this

@@ -69,9 +69,10 @@ def run_case(case: Case, config: BenchConfig, bar: ProgressBar) -> Dict[str, obj
                                    repeats=5 if config.quick else 9)
             record[contender] = timing.as_dict()
     else:
-        # the reference is 10-100x slower: a few rounds are enough for it
-        # and its own temporaries outweigh any cache state it finds: one
-        # untimed call per round
+        # the reference is 10-100x slower: a few rounds are enough for it,
+        # and one untimed call per round (its calls allocate temporaries of
+        # several times the case's size, so what another contender left in
+        # cache should matter little -- not measured)
         timings = time_interleaved(contenders, min_time=min_time, min_rounds=5 if config.quick else 9,
                                    max_rounds=40 if config.quick else 100,
                                    max_rounds_for={"reference": 5 if config.quick else 9},

@@ -86,7 +86,20 @@
  * row r rewritten) 6.34 -> 6.70, 5.95 -> 6.03, 4.90 -> 5.73 ms.  Its loops,
  * not the order of its memory traffic, bound it there: in L3 the eval
  * forward takes 0.23 ns and the training forward 0.39 ns per value, 1
- * thread, about its time from DRAM (0.34 / 0.47). */
+ * thread, about its time from DRAM (0.34 / 0.47).
+ * On the Xeon (AVX-512 build) pacing channel by channel (row r of channel c
+ * reduced, then row r of channel c - 1 rewritten, streamed outputs) gained
+ * on some shapes and lost badly on others, with no rule on the row length
+ * that separates them; not kept.  out=, 2 threads, p25 of 60 calls of two
+ * builds alternated, unpaced -> paced, training forward / backward:
+ * (64,128,56,56) 4.06 -> 3.57 / 7.33 -> 5.73 ms, (64,96,40,40) 1.43 -> 1.27
+ * / 1.94 -> 1.67, (32,64,64,64) 1.07 -> 0.90 / 1.48 -> 1.28, (64,64,48,48)
+ * 1.30 -> 1.16 / 1.84 -> 1.59; but (32,64,48,64) 0.67 -> 1.17 / 1.00 ->
+ * 1.39, (64,32,32,64) 0.48 -> 0.95 / 0.72 -> 1.09, and most rows of 2 KiB
+ * or less 3.7-17x slower ((64,64,32,32) 0.48 -> 1.78, (256,64,16,16) 0.72
+ * -> 5.58, (2048,64,32) 2.7 -> 45.7; (8,1024,32,32) 1.42 -> 1.31).  The
+ * bench's (64,128,56,56) rows, back to back: backward 8.17 ->
+ * 5.78 ms (x fp32 1.59 -> 2.11), training forward 4.70 -> 3.92. */
 
 enum { BN_BF16_FORWARD = 0, BN_BF16_EVAL_FORWARD = 1, BN_BF16_BACKWARD = 2,
        BN_BF16_BACKWARD_EVAL = 3 };
