@@ -49,11 +49,14 @@ def streamed(shape):
 # (shape, streamed?).  Exact sums: 2**22 values (8 MiB) with rows of whole
 # lines (inner 512: 16 lines; inner 32: one line), one channel fewer (just
 # under the threshold), 4 channels (fewer than 4 per thread from 2 threads:
-# chunks shared by the threads).  Any data: rows of half a line more (inner
+# chunks shared by the threads), and rows of 2 KiB and 16 KiB (the AVX-512
+# build's training forward and backward walk each thread's channels paced
+# there: row r of channel c reduced, then row r of channel c - 1 rewritten,
+# bn_bf16_owned_paced).  Any data: rows of half a line more (inner
 # 528, just under 8 MiB) and of a partial last line (inner 520 and 1000) at
 # 8 MiB and more, and whole lines over a non-power-of-two count.
 EXACT_CASES = [((64, 128, 16, 32), True), ((2048, 64, 32), True), ((64, 127, 16, 32), False),
-               ((16, 4, 256, 256), True)]
+               ((16, 4, 256, 256), True), ((64, 64, 32, 32), True), ((32, 16, 64, 128), True)]
 ANY_CASES = [((62, 128, 16, 33), False), ((65, 126, 520), False), ((65, 128, 512), True),
              ((65, 64, 1000), False)]
 
@@ -102,13 +105,14 @@ def test_eval_kernels_equal_the_twin_on_any_data_around_the_streaming_rule(
                          expected)
 
 
+@pytest.mark.parametrize("shape", [(64, 128, 16, 32), (64, 64, 32, 32)])
 @pytest.mark.parametrize("offset", [0, 2, 30, 48])
 def test_streamed_outputs_at_every_even_offset_in_a_line_equal_the_twin(simd_target, threads,
-                                                                        offset, rng):
-    """Inputs and outputs off the line boundary: the first and last pieces of
-    each row of channels are written with normal stores, the 32-byte pieces
-    between streamed, also across row ends."""
-    shape = (64, 128, 16, 32)
+                                                                        offset, shape, rng):
+    """Inputs and outputs off the line boundary: the lines a run or a row of
+    channels shares with its neighbours are written with normal stores, the
+    whole lines between streamed (the AVX2 build: 32-byte pieces, also
+    across row ends); 2 KiB rows are walked paced in the AVX-512 build."""
     inputs = make(rng, shape, False, dyadic=True)
     x, dy = at_offset(inputs[0], offset), at_offset(inputs[1], (offset + 16) % 64)
     geo = geometry(shape, False)

@@ -78,8 +78,8 @@
  * threads, 25 alternated calls, p25: backward 10.41 -> 10.32 ms, training
  * forward 7.77 -> 7.76 ms (mins 8.71 -> 8.25, 7.30 -> 6.50, medians 10-25 %
  * above the mins): no clear gain.
- * Nor does the bfloat16 training forward pace its rewrite as the float
- * kernels' bn_owned_paced does (tried on Zen 3, AVX2 build, out=, min of 15
+ * The AVX2 build's training forward does not pace its rewrite as the
+ * AVX-512 build's bn_bf16_owned_paced does (tried on Zen 3, out=, min of 15
  * alternated rounds, (64,128,56,56) / (32,64,112,112) / (256,64,28,28)):
  * channel by channel 2 threads 6.58 -> 6.89, 6.06 -> 6.67, 4.79 -> 5.58 ms;
  * block by block (this block's row r reduced, then the previous block's
@@ -87,19 +87,7 @@
  * not the order of its memory traffic, bound it there: in L3 the eval
  * forward takes 0.23 ns and the training forward 0.39 ns per value, 1
  * thread, about its time from DRAM (0.34 / 0.47).
- * On the Xeon (AVX-512 build) pacing channel by channel (row r of channel c
- * reduced, then row r of channel c - 1 rewritten, streamed outputs) gained
- * on some shapes and lost badly on others, with no rule on the row length
- * that separates them; not kept.  out=, 2 threads, p25 of 60 calls of two
- * builds alternated, unpaced -> paced, training forward / backward:
- * (64,128,56,56) 4.06 -> 3.57 / 7.33 -> 5.73 ms, (64,96,40,40) 1.43 -> 1.27
- * / 1.94 -> 1.67, (32,64,64,64) 1.07 -> 0.90 / 1.48 -> 1.28, (64,64,48,48)
- * 1.30 -> 1.16 / 1.84 -> 1.59; but (32,64,48,64) 0.67 -> 1.17 / 1.00 ->
- * 1.39, (64,32,32,64) 0.48 -> 0.95 / 0.72 -> 1.09, and most rows of 2 KiB
- * or less 3.7-17x slower ((64,64,32,32) 0.48 -> 1.78, (256,64,16,16) 0.72
- * -> 5.58, (2048,64,32) 2.7 -> 45.7; (8,1024,32,32) 1.42 -> 1.31).  The
- * bench's (64,128,56,56) rows, back to back: backward 8.17 ->
- * 5.78 ms (x fp32 1.59 -> 2.11), training forward 4.70 -> 3.92. */
+ * (The AVX-512 build's walk is measured at bn_bf16_owned_paced.) */
 
 enum { BN_BF16_FORWARD = 0, BN_BF16_EVAL_FORWARD = 1, BN_BF16_BACKWARD = 2,
        BN_BF16_BACKWARD_EVAL = 3 };
@@ -966,51 +954,137 @@ static void bn_bf16_pair_fill(const bn_bf16_pass *p, fb_index c)
 
 /* ---- the pass --------------------------------------------------------------- */
 
-/* Owned planar channels [c0, c1) walked together, row by row: row r of
- * every channel of the block is one contiguous stretch of (c1 - c0) * inner
- * values, where one channel at a time reads row pieces of inner values a
- * whole row of planes apart (6 KiB pieces 800 KiB apart for (64,128,56,56)
- * bfloat16), which restarts the hardware prefetcher on every piece.  Each
- * channel's row piece is cut at its chunk boundaries into exactly the runs
- * of fb_bn_runs, each run's total added to its chunk's partial in row
- * order: the partials of bn_bf16_reduce_item, bit for bit, and finalize
- * adds them in chunk order as before.  Then the block is rewritten, newest
- * rows first (the likeliest to be in cache). */
-static void bn_bf16_owned_block(bn_bf16_pass *p, fb_index c0, fb_index c1)
+/* Row r of owned planar channels [c0, c1), whose partials are zeroed, added
+ * to them: row r of every channel of the range is one contiguous stretch of
+ * (c1 - c0) * inner values, where one channel at a time reads row pieces of
+ * inner values a whole row of planes apart (6 KiB pieces 800 KiB apart for
+ * (64,128,56,56) bfloat16), which restarts the hardware prefetcher on every
+ * piece.  Each channel's row piece is cut at its chunk boundaries into
+ * exactly the runs of fb_bn_runs, each run's total added to its chunk's
+ * partial in row order: the partials of bn_bf16_reduce_item, bit for bit,
+ * and finalize adds them in chunk order as before. */
+static void bn_bf16_owned_row(bn_bf16_pass *p, fb_index c0, fb_index c1, fb_index r)
 {
     const fb_index C = p->channels, inner = p->inner, chunk = p->chunk, chunks = p->chunks;
-    if (p->reduce) {
-        for (fb_index i = c0 * chunks; i < c1 * chunks; ++i)
-            p->sum1[i] = p->sum2[i] = 0.0;
-        for (fb_index r = 0; r < p->outer; ++r) {
-            const fb_index p0 = r * inner, p2 = p0 + inner;
-            const fb_index k0 = p0 / chunk;
-            for (fb_index c = c0; c < c1; ++c) {
-                const fb_index base = (r * C + c) * inner - p0; /* value q at base + q */
-                fb_index k = k0;
-                for (fb_index q = p0; q < p2; ++k) {
-                    const fb_index stop = fb_min_index(p2, (k + 1) * chunk);
-                    /* the same piece of the next row fetched ahead (into L1,
-                     * bn_bf16_reduce_vector): a row's stretch is a few tens of
-                     * KiB, and each jump to the next row restarts the hardware
-                     * prefetcher.  Zen 3 (AVX2), bfloat16, out=, two builds
-                     * alternated (bn_ab_builds.py, min of 15 rounds, two runs):
-                     * (64,128,56,56) training forward 0.85-0.88x the time at 1
-                     * and 2 threads, backward 0.91-0.98x; (16,256,28,28) and
-                     * (32,96,40,40) 0.63-1.01x.  Before, only the AVX-512 build
-                     * prefetched, and only outside the owned walk. */
-                    bn_bf16_reduce_planar_run(p, c, base + q, stop - q,
-                                              r + 1 < p->outer ? C * inner : 0,
-                                              &p->sum1[c * chunks + k], &p->sum2[c * chunks + k]);
-                    q = stop;
-                }
-            }
+    const fb_index p0 = r * inner, p2 = p0 + inner;
+    const fb_index k0 = p0 / chunk;
+    for (fb_index c = c0; c < c1; ++c) {
+        const fb_index base = (r * C + c) * inner - p0; /* value q at base + q */
+        fb_index k = k0;
+        for (fb_index q = p0; q < p2; ++k) {
+            const fb_index stop = fb_min_index(p2, (k + 1) * chunk);
+            /* the same piece of the next row fetched ahead (into L1,
+             * bn_bf16_reduce_vector): a row's stretch is a few tens of
+             * KiB, and each jump to the next row restarts the hardware
+             * prefetcher.  Zen 3 (AVX2), bfloat16, out=, two builds
+             * alternated (bn_ab_builds.py, min of 15 rounds, two runs):
+             * (64,128,56,56) training forward 0.85-0.88x the time at 1
+             * and 2 threads, backward 0.91-0.98x; (16,256,28,28) and
+             * (32,96,40,40) 0.63-1.01x.  Before, only the AVX-512 build
+             * prefetched, and only outside the owned walk. */
+            bn_bf16_reduce_planar_run(p, c, base + q, stop - q,
+                                      r + 1 < p->outer ? C * inner : 0,
+                                      &p->sum1[c * chunks + k], &p->sum2[c * chunks + k]);
+            q = stop;
         }
+    }
+}
+
+static void bn_bf16_owned_zero(bn_bf16_pass *p, fb_index c0, fb_index c1)
+{
+    for (fb_index i = c0 * p->chunks; i < c1 * p->chunks; ++i)
+        p->sum1[i] = p->sum2[i] = 0.0;
+}
+
+/* Row r of planar channels [c0, c1) rewritten: one stretch. */
+static void bn_bf16_owned_rewrite_row(const bn_bf16_pass *p, fb_index c0, fb_index c1,
+                                      fb_index r)
+{
+    bn_bf16_rewrite_stretch(p, (r * p->channels + c0) * p->inner,
+                            (r * p->channels + c1) * p->inner);
+}
+
+/* Owned planar channels [c0, c1) walked together, row by row
+ * (bn_bf16_owned_row), then rewritten, newest rows first (the likeliest to
+ * be in cache). */
+static void bn_bf16_owned_block(bn_bf16_pass *p, fb_index c0, fb_index c1)
+{
+    if (p->reduce) {
+        bn_bf16_owned_zero(p, c0, c1);
+        for (fb_index r = 0; r < p->outer; ++r)
+            bn_bf16_owned_row(p, c0, c1, r);
     }
     for (fb_index c = c0; c < c1; ++c)
         bn_bf16_finalize(p, c);
-    for (fb_index r = p->outer; r-- > 0;) /* row r of the block: one stretch */
-        bn_bf16_rewrite_stretch(p, (r * C + c0) * inner, (r * C + c1) * inner);
+    for (fb_index r = p->outer; r-- > 0;)
+        bn_bf16_owned_rewrite_row(p, c0, c1, r);
+}
+
+/* Rows (one sample's plane of one channel) from which the paced walk pays:
+ * below it, rewriting one short row of the previous channel per row reduced
+ * costs more in calls than the overlap of reads and writes gains (measured
+ * at bn_bf16_owned_paced). */
+#define FB_BN_BF16_PACED_ROW_BYTES ((fb_index)2048)
+
+/* Whether the owned walk is bn_bf16_owned_paced: a training forward or
+ * backward (plain or ReLU) whose output is streamed, in the AVX-512 build,
+ * with rows of at least FB_BN_BF16_PACED_ROW_BYTES and channels whose
+ * streamed input does not fit in L1 (those are rewritten from L1 right
+ * after their reduction); depends on the shape, mode and target only. */
+static int bn_bf16_paces(const bn_bf16_pass *p)
+{
+    const fb_index channel_bytes = p->n * 2 * (p->mode == BN_BF16_BACKWARD ? 2 : 1);
+    return FB_BN_BF16_FUSED && p->reduce && p->stream
+        && (p->mode == BN_BF16_FORWARD || p->mode == BN_BF16_BACKWARD)
+        && p->inner * 2 >= FB_BN_BF16_PACED_ROW_BYTES && channel_bytes > FB_BN_OWNED_L1_BYTES;
+}
+
+/* Owned planar channels [first, last) one at a time: row r of channel c is
+ * reduced, then row r of channel c - 1 (already finalized) rewritten, and
+ * the last channel alone at the end -- the float kernels' bn_owned_paced
+ * (reads and writes to memory at once: a core keeps more requests in
+ * flight than when a block's reduction and its rewrite take turns).  The
+ * same runs and partials as bn_bf16_owned_block (one channel wide); the
+ * rewrite is elementwise, so only the order of the memory accesses
+ * changes.
+ * The Xeon (AVX-512 + AVX512_BF16, 2 MiB L2 per core), into out= on a line
+ * boundary, two builds alternated (4 processes of 15 calls each), 25th
+ * percentile, block walk -> paced, training forward / backward, 2 threads:
+ * (64,128,56,56) 3.18 -> 2.86 / 6.62 -> 5.03 ms (1 thread 6.87 -> 5.87 /
+ * 13.7 -> 10.4; output 16 bytes off a line 3.08 -> 2.69 / 5.68 -> 4.56),
+ * (64,96,40,40) 1.11 -> 1.01 / 1.63 -> 1.41, (32,64,64,64) 0.83 -> 0.83 /
+ * 1.30 -> 1.17, (32,64,48,64) 0.63 -> 0.63 / 0.96 -> 0.88, (64,32,32,64)
+ * 0.45 -> 0.42 / 0.67 -> 0.59, (64,64,32,32) (2 KiB rows) 0.47 -> 0.46 /
+ * 0.70 -> 0.63.  Below FB_BN_BF16_PACED_ROW_BYTES it lost: (2048,64,32)
+ * 2.46 -> 2.81 / 2.62 -> 3.32, (256,64,16,16) backward 0.97 -> 1.02,
+ * (128,256,8,8) backward 0.87 -> 0.94 (its forward gained, 0.89 -> 0.78);
+ * and with channels in L1, (8,1024,32,32) backward 1.11 -> 1.18.  (An
+ * earlier trial read losses of 1.5-17x on such shapes: it wrote into
+ * np.empty_like outputs 16 or 48 bytes off a line before a streamed run
+ * kept its streaming stores to whole lines, and the two walks' outputs
+ * landed at different offsets.)  Walking blocks of 2 or 4 channels so
+ * (block b's row r, then block b - 1's) gained less or nothing.  The AVX2
+ * build does not pace: on the same Xeon (FASTBN_SIMD=avx2) its training
+ * forward lost at 2 threads ((64,128,56,56) 4.10 -> 4.25 ms, (64,96,40,40)
+ * 1.40 -> 1.58) and on Zen 3 both orders lost (the note at
+ * FB_BN_BF16_BLOCK_BYTES); its backward gained on the Xeon ((64,128,56,56)
+ * 8.06 -> 6.55 ms, (64,96,40,40) 1.99 -> 2.00) but was not measured on
+ * Zen 3, where the float kernels' paced backward lost (those AVX2 trials
+ * also wrote into np.empty_like outputs). */
+static void bn_bf16_owned_paced(bn_bf16_pass *p, fb_index first, fb_index last)
+{
+    for (fb_index c = first; c < last; ++c) {
+        bn_bf16_owned_zero(p, c, c + 1);
+        for (fb_index r = 0; r < p->outer; ++r) {
+            bn_bf16_owned_row(p, c, c + 1, r);
+            if (c > first)
+                bn_bf16_owned_rewrite_row(p, c - 1, c, r);
+        }
+        bn_bf16_finalize(p, c);
+    }
+    if (last > first)
+        for (fb_index r = p->outer; r-- > 0;)
+            bn_bf16_owned_rewrite_row(p, last - 1, last, r);
 }
 
 /* Run by every thread of the team, or by the caller alone.  The work-sharing
@@ -1024,9 +1098,14 @@ static void bn_bf16_body_work(bn_bf16_pass *p)
             bn_bf16_rewrite_linear(p, item);
         return;
     }
-    if (!p->interleaved && p->channels >= 4 * (fb_index)fb_team_size() && p->owned_block > 1) {
+    if (!p->interleaved && p->channels >= 4 * (fb_index)fb_team_size()
+        && (p->owned_block > 1 || bn_bf16_paces(p))) {
         fb_index first, last;
         fb_split_range(p->channels, fb_team_size(), fb_thread_id(), &first, &last);
+        if (bn_bf16_paces(p)) {
+            bn_bf16_owned_paced(p, first, last);
+            return;
+        }
         for (fb_index c0 = first; c0 < last; c0 += p->owned_block)
             bn_bf16_owned_block(p, c0, fb_min_index(last, c0 + p->owned_block));
         return;
