@@ -32,8 +32,11 @@
  *
  * Tails shorter than 16, and the heads up to a streamed output's first
  * 32-byte boundary, take one vector step on staged copies (normal stores,
- * bn_bf16_avx2_staged); a streamed output at an odd address goes through
- * bn_bf16_compute + fb_bn_bf16_narrow (never a streaming store). */
+ * bn_bf16_avx2_staged), and a full vector in the same 64-byte line as such
+ * a head or tail is stored normally too: a line written partly with
+ * streaming and partly with normal stores costs a round trip to memory.  A
+ * streamed output at an odd address goes through bn_bf16_compute +
+ * fb_bn_bf16_narrow (never a streaming store). */
 
 #include <immintrin.h>
 #include <string.h>
@@ -284,20 +287,66 @@ static void bn_bf16_avx2_walk(const bn_bf16_pass *p, fb_index offset, fb_index l
     }
     if (head)
         bn_bf16_avx2_staged(p, offset, head, row ? offset % C : c, row);
-    const fb_index count = (len - head) / 16, done = offset + head + 16 * count;
-    if (count)
-        bn_bf16_avx2_vectors_any(p, offset + head, count, row ? (offset + head) % C : c, row);
+    const fb_index first = offset + head, count = (len - head) / 16, done = first + 16 * count;
+    /* streamed: the vectors of whole 64-byte lines only; a vector sharing its
+     * line with the staged head or tail (normal stores) is stored normally */
+    const fb_index lead = p->stream && count && ((uintptr_t)(p->out + first) & 63u) ? 1 : 0;
+    const fb_index whole = p->stream ? (count - lead) / 2 * 2 : count;
+    if (whole)
+        bn_bf16_avx2_vectors_any(p, first + 16 * lead, whole,
+                                 row ? (first + 16 * lead) % C : c, row);
+    if (lead || lead + whole < count) {
+        bn_bf16_pass plain = *p;
+        plain.stream = 0;
+        if (lead)
+            bn_bf16_avx2_vectors_any(&plain, first, 1, row ? first % C : c, row);
+        if (lead + whole < count) /* one vector */
+            bn_bf16_avx2_vectors_any(&plain, done - 16, 1, row ? (done - 16) % C : c, row);
+    }
     if (done < offset + len)
         bn_bf16_avx2_staged(p, done, offset + len - done, row ? done % C : c, row);
 }
 
+/* Full vectors [i, stop) of a planar stretch (out + i 32-byte aligned,
+ * stop - i a multiple of 16, inner >= 16), each with a streaming store when
+ * p->stream: the vectors inside a row by bn_bf16_avx2_vectors_any, a vector
+ * across a row end (at most two rows) computed by the generic path into a
+ * staging vector. */
+static void bn_bf16_stretch_vectors_avx2(const bn_bf16_pass *p, fb_index i, fb_index stop)
+{
+    const fb_index inner = p->inner, C = p->channels;
+    while (i < stop) {
+        const fb_index row = i / inner, row_end = (row + 1) * inner;
+        const fb_index count = (fb_min_index(row_end, stop) - i) / 16;
+        if (count) {
+            bn_bf16_avx2_vectors_any(p, i, count, row % C, 0);
+            i += 16 * count;
+            continue;
+        }
+        float v[16];
+        uint16_t staged[16] __attribute__((aligned(32)));
+        const fb_index first = row_end - i;
+        bn_bf16_compute(p, v, i, first, row % C);
+        bn_bf16_compute(p, v + first, row_end, 16 - first, (row + 1) % C);
+        fb_bn_bf16_narrow(v, staged, 16, p->instruction);
+        const __m256i h = _mm256_load_si256((const __m256i *)staged);
+        if (p->stream)
+            _mm256_stream_si256((__m256i *)(p->out + i), h);
+        else
+            _mm256_store_si256((__m256i *)(p->out + i), h);
+        i += 16;
+    }
+}
+
 /* Elements [begin, end) of a planar array in memory order (consecutive rows
  * of consecutive channels), channel of element e: (e / inner) % channels.
- * With a streamed output every 32-byte piece between the first and the last
- * boundary is one streaming store, also where it straddles two rows (its
- * values then computed by the generic path into a staging vector): a row
- * end inside a line, written by run-by-run rewrites with a normal store
- * beside streaming ones, cost a memory round trip per row.  Measured with
+ * With a streamed output every 32-byte piece of the whole 64-byte lines
+ * between the first and the last boundary is one streaming store, also
+ * where it straddles two rows (its values then computed by the generic path
+ * into a staging vector); the pieces of the two partial lines at the ends
+ * are normal stores: a row end inside a line, written by run-by-run
+ * rewrites with a normal store beside streaming ones, cost a memory round
+ * trip per row.  Measured with
  * the usual 16-byte-aligned arrays against 64-byte-aligned ones (whose rows
  * of whole lines never split a line), (64,128,56,56), 1 thread, min CPU time
  * of 18 interleaved calls, load 5: eval forward 10.3 against 8.8 ms,
@@ -326,23 +375,18 @@ static void bn_bf16_fused_stretch_avx2(const bn_bf16_pass *p, fb_index begin, fb
             a = stop;
         }
     }
+    /* between: streamed over whole 64-byte lines [lines, lines_end); the
+     * vector that shares a line with the head or the tail (at most one at
+     * each end) is stored normally */
     i = begin + head;
-    while (i < aligned_end) {
-        const fb_index row = i / inner, row_end = (row + 1) * inner;
-        const fb_index count = (fb_min_index(row_end, aligned_end) - i) / 16;
-        if (count) {
-            bn_bf16_avx2_vectors_any(p, i, count, row % C, 0);
-            i += 16 * count;
-            continue;
-        }
-        /* a vector across a row end (inner >= 16: at most two rows) */
-        float v[16];
-        uint16_t staged[16] __attribute__((aligned(32)));
-        const fb_index first = row_end - i;
-        bn_bf16_compute(p, v, i, first, row % C);
-        bn_bf16_compute(p, v + first, row_end, 16 - first, (row + 1) % C);
-        fb_bn_bf16_narrow(v, staged, 16, p->instruction);
-        _mm256_stream_si256((__m256i *)(p->out + i), _mm256_load_si256((const __m256i *)staged));
-        i += 16;
+    fb_index lines = i, lines_end = i;
+    if (i + 32 <= aligned_end) {
+        lines = i + (((uintptr_t)(p->out + i) & 63u) ? 16 : 0);
+        lines_end = lines + (aligned_end - lines) / 32 * 32;
     }
+    bn_bf16_pass plain = *p;
+    plain.stream = 0;
+    bn_bf16_stretch_vectors_avx2(&plain, i, lines);
+    bn_bf16_stretch_vectors_avx2(p, lines, lines_end);
+    bn_bf16_stretch_vectors_avx2(&plain, lines_end, aligned_end);
 }
