@@ -51,8 +51,9 @@ def streamed(shape):
 # under the threshold), 4 channels (fewer than 4 per thread from 2 threads:
 # chunks shared by the threads), and rows of 2 KiB and 16 KiB (the AVX-512
 # build's training forward and backward walk each thread's channels paced
-# there: row r of channel c reduced, then row r of channel c - 1 rewritten,
-# bn_bf16_owned_paced).  Any data: rows of half a line more (inner
+# there where two channels fit in the L2: row r of channel c reduced, then
+# row r of channel c - 1 rewritten, bn_bf16_owned_paced; the sums, and so
+# the expected bits, are the same in either walk).  Any data: rows of half a line more (inner
 # 528, just under 8 MiB) and of a partial last line (inner 520 and 1000) at
 # 8 MiB and more, and whole lines over a non-power-of-two count.
 EXACT_CASES = [((64, 128, 16, 32), True), ((2048, 64, 32), True), ((64, 127, 16, 32), False),

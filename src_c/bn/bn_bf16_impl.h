@@ -1030,13 +1030,18 @@ static void bn_bf16_owned_block(bn_bf16_pass *p, fb_index c0, fb_index c1)
  * backward (plain or ReLU) whose output is streamed, in the AVX-512 build,
  * with rows of at least FB_BN_BF16_PACED_ROW_BYTES and channels whose
  * streamed input does not fit in L1 (those are rewritten from L1 right
- * after their reduction); depends on the shape, mode and target only. */
+ * after their reduction) but two of which fit in 4/5 of this CPU's L2
+ * (channel c streams in while channel c - 1 is rewritten from L2; measured
+ * at bn_bf16_owned_paced: 1.6 MB gained, 2 MiB lost); depends on the
+ * shape, mode, target and L2 size only, never on the thread count (and the
+ * sums are the same in either walk). */
 static int bn_bf16_paces(const bn_bf16_pass *p)
 {
     const fb_index channel_bytes = p->n * 2 * (p->mode == BN_BF16_BACKWARD ? 2 : 1);
     return FB_BN_BF16_FUSED && p->reduce && p->stream
         && (p->mode == BN_BF16_FORWARD || p->mode == BN_BF16_BACKWARD)
-        && p->inner * 2 >= FB_BN_BF16_PACED_ROW_BYTES && channel_bytes > FB_BN_OWNED_L1_BYTES;
+        && p->inner * 2 >= FB_BN_BF16_PACED_ROW_BYTES && channel_bytes > FB_BN_OWNED_L1_BYTES
+        && 5 * 2 * channel_bytes <= 4 * fb_l2_bytes();
 }
 
 /* Owned planar channels [first, last) one at a time: row r of channel c is
@@ -1058,7 +1063,11 @@ static int bn_bf16_paces(const bn_bf16_pass *p)
  * 0.70 -> 0.63.  Below FB_BN_BF16_PACED_ROW_BYTES it lost: (2048,64,32)
  * 2.46 -> 2.81 / 2.62 -> 3.32, (256,64,16,16) backward 0.97 -> 1.02,
  * (128,256,8,8) backward 0.87 -> 0.94 (its forward gained, 0.89 -> 0.78);
- * and with channels in L1, (8,1024,32,32) backward 1.11 -> 1.18.  (An
+ * and with channels in L1, (8,1024,32,32) backward 1.11 -> 1.18.  Nor
+ * where two channels outgrow the L2 (the rewrite of channel c - 1 then
+ * reads from L3): backward (8,64,224,224) (1.6 MB channels of x and dy)
+ * 5.01 -> 6.82 ms, (16,16,128,128) (1 MiB) 0.60 -> 0.67; hence the 4/5 of
+ * L2 in bn_bf16_paces.  (An
  * earlier trial read losses of 1.5-17x on such shapes: it wrote into
  * np.empty_like outputs 16 or 48 bytes off a line before a streamed run
  * kept its streaming stores to whole lines, and the two walks' outputs
