@@ -2,9 +2,10 @@
 (fb_bn_stream_output: at least 8 MiB of output, every row a whole number of
 64-byte lines) and where it is not, around both conditions: planar rows of
 whole lines and of partial lines, just under and at the size threshold,
-arrays starting at every even offset within a 64-byte line (the AVX2 rewrite
-streams 32-byte pieces across row ends, staging a piece that straddles two
-rows), on 1, 2 and 3 threads, on every SIMD target the CPU has.  Every output
+arrays starting at even offsets within a 64-byte line (0, 2, 30, 48: only
+whole lines are streamed; the AVX2 rewrite streams 32-byte pieces across
+row ends, staging a piece that straddles two rows), on 1, 2 and 3 threads,
+on every SIMD target the CPU has.  Every output
 is compared bit for bit with the NumPy twin: all kernels where the float64
 sums are exact (dyadic values, a power-of-two count per channel), the eval
 kernels (no sums) on any data."""
@@ -129,12 +130,63 @@ def test_streamed_outputs_at_every_even_offset_in_a_line_equal_the_twin(simd_tar
         assert_same_bits(got, twin_eval)
 
 
+def train_outputs(x, dy, weight, bias, running_mean, running_var, geo, y, dx):
+    """run_all's training forward and backward (no ReLU), into `y` and `dx`."""
+    C = geo[1]
+    rm, rv = running_mean.copy(), running_var.copy()
+    y, mean, invstd, _ = _bn.train_forward(x, y, *geo, weight, bias, EPS, rm, rv, MOMENTUM, False)
+    dweight, dbias = np.full(C, 0.5, np.float32), np.full(C, -0.25, np.float32)
+    dx = _bn.backward(dy, x, dx, *geo, mean, invstd, weight, dweight, dbias, True, bias, False)
+    return dict(y=y, mean=mean, invstd=invstd, running_mean=rm, running_var=rv, dx=dx,
+                dweight=dweight, dbias=dbias)
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 32, 32), (16, 4, 256, 256)])
+@pytest.mark.parametrize("offset", [2, 30, 48])
+def test_streamed_training_outputs_off_a_line_equal_the_twin(simd_target, threads, shape, offset,
+                                                             rng):
+    """The training kernels into `out=` buffers off the line boundary (their
+    own outputs come from the output cache, always on a line): the owned
+    walks (paced in the AVX-512 build where rows are 2 KiB) and, with 4
+    channels, the run-by-run rewrites, whose runs start and end inside lines
+    (a vector sharing a line with a run's head or tail is stored normally)."""
+    inputs = make(rng, shape, False, dyadic=True)
+    geo = geometry(shape, False)
+    twin = run_all(R, *inputs, geo, False)
+    for count in (1, 2):
+        threads(count)
+        y = at_offset(np.zeros(shape, BF16), offset)
+        dx = at_offset(np.zeros(shape, BF16), (offset + 34) % 64)
+        got = train_outputs(*inputs, geo, y, dx)
+        assert np.shares_memory(got["y"], y) and np.shares_memory(got["dx"], dx)
+        assert_same_bits(got, {name: twin[name] for name in got})
+
+
+@pytest.mark.parametrize("offset", [2, 48])
+def test_streamed_eval_stretches_ending_inside_rows_equal_the_twin(simd_target, threads, offset,
+                                                                  rng):
+    """Rows of 96 values (three lines, 8 MiB in all): the eval passes walk
+    stretches of 16384 values, which end inside rows, so a vector across a
+    row end falls next to a stretch's head or tail (stored normally)."""
+    shape = (64, 683, 96)
+    x, dy, weight, bias, running_mean, running_var = make(rng, shape, False, dyadic=False)
+    geo = geometry(shape, False)
+    expected = eval_twin(x, dy, weight, bias, running_mean, running_var, geo, False)
+    for count in (1, 2):
+        threads(count)
+        y = at_offset(np.zeros(shape, BF16), offset)
+        dx = at_offset(np.zeros(shape, BF16), (offset + 18) % 64)
+        got = eval_outputs(x, dy, weight, bias, running_mean, running_var, geo, False, y=y, dx=dx)
+        assert np.shares_memory(got["y"], y) and np.shares_memory(got["dx"], dx)
+        assert_same_bits(got, expected)
+
+
 # ---- channels-last (N, H, W, C) --------------------------------------------
 # The rule for an interleaved output (fb_bn_stream_output): at least 8 MiB,
 # any row length -- the array is one contiguous stream.  The AVX2 build
 # rewrites each work item as one flat walk whose channel index wraps at row
-# ends (16 values per vector, streamed between the first and the last 32-byte
-# boundary), so rows of whole lines (C 128), of partial lines (C 65, 40), C
+# ends (16 values per vector, streamed over the whole 64-byte lines between
+# the first and the last boundary), so rows of whole lines (C 128), of partial lines (C 65, 40), C
 # under 16 (several row ends in one vector) and odd C are all covered, each
 # with a power-of-two count per channel (exact sums), at, over and just under
 # the threshold.
@@ -181,8 +233,9 @@ def test_channels_last_eval_kernels_equal_the_twin_on_any_data_when_streamed(sim
 def test_channels_last_streamed_outputs_at_every_even_offset_in_a_line_equal_the_twin(
         simd_target, threads, shape, offset, rng):
     """Outputs off the line boundary: the piece before the first 32-byte
-    boundary of each work item and its tail are written with normal stores,
-    the pieces between streamed."""
+    boundary of each work item, its tail, and a vector sharing a line with
+    either are written with normal stores, the whole lines between
+    streamed."""
     inputs = make(rng, shape, True, dyadic=True)
     x, dy = at_offset(inputs[0], offset), at_offset(inputs[1], (offset + 16) % 64)
     geo = geometry(shape, True)

@@ -267,7 +267,8 @@ static void bn_bf16_rows_generic(const bn_bf16_pass *p, fb_index begin, fb_index
  * e mod C, c unused; each vector's channel index wraps at row ends, the
  * pair tables hold C + 16 entries): when streamed, the elements before the
  * output's first 32-byte boundary and after its last one staged (normal
- * stores), and all of them through the generic path when the output is at
+ * stores), a full vector in a 64-byte line with either stored normally,
+ * the vectors of the whole lines between streamed, and all of them through the generic path when the output is at
  * an odd address (never a streaming store); else every full vector with
  * unaligned stores and the tail staged.  The channels-last form it replaced
  * computed each row into a float32 block and narrowed it with normal

@@ -62,8 +62,9 @@ static inline __attribute__((always_inline)) __m512 FB_BN_BF16_STEP(
 
 /* Masked pieces up to the output's next 32-byte boundary and at the end,
  * full aligned vectors between, streamed over the run's whole lines when
- * p->stream: the loop bodies then have no branch (a per-vector piece/mode/alignment decision measured ~2x
- * slower on channels-last rows of 128 channels). */
+ * p->stream: the loop bodies then have no branch (a per-vector
+ * piece/mode/alignment decision measured ~2x slower on channels-last rows
+ * of 128 channels). */
 FB_BN_BF16_FUSED_ATTR
 static inline __attribute__((always_inline)) void FB_BN_BF16_BODY(
     const bn_bf16_pass *p, fb_index offset, fb_index len, fb_index c, const int mode,

@@ -47,8 +47,10 @@
  * (channel, chunk of the channel's values), processed in cache blocks of
  * channels (reduce, finalize, rewrite the block while it is in L2); with
  * enough channels each thread owns whole channels and walks them in blocks
- * of neighbours, row by row (bn_bf16_owned_block), with the same runs and
- * chunk partials;
+ * of neighbours, row by row (bn_bf16_owned_block), or, in the AVX-512 build
+ * where it gains, one channel at a time with the previous channel's rewrite
+ * paced row by row (bn_bf16_owned_paced), with the same runs and chunk
+ * partials;
  * channels-last: items are chunks of rows, every item covering all channels.
  */
 
@@ -99,6 +101,7 @@ typedef struct {
     int interleaved;
     fb_index chunk, chunks, block_channels;
     fb_index owned_block;   /* planar owned channels walked together (bn_bf16_owned_block) */
+    int paced;              /* owned channels walked by bn_bf16_owned_paced (bn_bf16_paces) */
     int linear;             /* no reduction: items are flat element ranges */
     fb_index linear_items;
     const uint16_t *x, *dy;
@@ -990,6 +993,7 @@ static void bn_bf16_owned_row(bn_bf16_pass *p, fb_index c0, fb_index c1, fb_inde
     }
 }
 
+/* The chunk partials of channels [c0, c1) set to zero. */
 static void bn_bf16_owned_zero(bn_bf16_pass *p, fb_index c0, fb_index c1)
 {
     for (fb_index i = c0 * p->chunks; i < c1 * p->chunks; ++i)
@@ -1032,7 +1036,9 @@ static void bn_bf16_owned_block(bn_bf16_pass *p, fb_index c0, fb_index c1)
  * streamed input does not fit in L1 (those are rewritten from L1 right
  * after their reduction) but two of which fit in 4/5 of this CPU's L2
  * (channel c streams in while channel c - 1 is rewritten from L2; measured
- * at bn_bf16_owned_paced: 1.6 MB gained, 2 MiB lost); depends on the
+ * at bn_bf16_owned_paced: two channels of 1.6 MB in all, (64,128,56,56)
+ * backward, gained, 4 % inside the limit on a 2 MiB L2; 2 MiB
+ * ((16,16,128,128) backward) and 3.2 MB lost); depends on the
  * shape, mode, target and L2 size only, never on the thread count (and the
  * sums are the same in either walk). */
 static int bn_bf16_paces(const bn_bf16_pass *p)
@@ -1108,10 +1114,10 @@ static void bn_bf16_body_work(bn_bf16_pass *p)
         return;
     }
     if (!p->interleaved && p->channels >= 4 * (fb_index)fb_team_size()
-        && (p->owned_block > 1 || bn_bf16_paces(p))) {
+        && (p->owned_block > 1 || p->paced)) {
         fb_index first, last;
         fb_split_range(p->channels, fb_team_size(), fb_thread_id(), &first, &last);
-        if (bn_bf16_paces(p)) {
+        if (p->paced) {
             bn_bf16_owned_paced(p, first, last);
             return;
         }
@@ -1177,6 +1183,7 @@ static int bn_bf16_run(bn_bf16_pass *p, fb_index outer, fb_index channels, fb_in
      * the read-for-ownership; only the fused planar rewrites stream */
     p->stream = ((FB_BN_BF16_FUSED && !p->interleaved) || FB_BN_BF16_FUSED_AVX2)
         && fb_bn_stream_output(p->outer, channels, channels, p->inner, 2);
+    p->paced = bn_bf16_paces(p);
     p->linear = !p->reduce;
     p->linear_items = fb_ceil_div(total, FB_BN_BF16_LINEAR);
     const fb_index partials = p->reduce ? channels * p->chunks : 0;
