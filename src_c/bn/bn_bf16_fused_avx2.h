@@ -268,8 +268,9 @@ static void bn_bf16_rows_generic(const bn_bf16_pass *p, fb_index begin, fb_index
  * pair tables hold C + 16 entries): when streamed, the elements before the
  * output's first 32-byte boundary and after its last one staged (normal
  * stores), a full vector in a 64-byte line with either stored normally,
- * the vectors of the whole lines between streamed, and all of them through the generic path when the output is at
- * an odd address (never a streaming store); else every full vector with
+ * the vectors of the whole lines between streamed, and all of them through
+ * the generic path when the output is at an odd address (never a streaming
+ * store); else every full vector with
  * unaligned stores and the tail staged.  The channels-last form it replaced
  * computed each row into a float32 block and narrowed it with normal
  * stores (perf, (64,56,56,128) training forward, 1 thread: the row compute
@@ -289,20 +290,24 @@ static void bn_bf16_avx2_walk(const bn_bf16_pass *p, fb_index offset, fb_index l
     if (head)
         bn_bf16_avx2_staged(p, offset, head, row ? offset % C : c, row);
     const fb_index first = offset + head, count = (len - head) / 16, done = first + 16 * count;
-    /* streamed: the vectors of whole 64-byte lines only; a vector sharing its
-     * line with the staged head or tail (normal stores) is stored normally */
-    const fb_index lead = p->stream && count && ((uintptr_t)(p->out + first) & 63u) ? 1 : 0;
-    const fb_index whole = p->stream ? (count - lead) / 2 * 2 : count;
-    if (whole)
-        bn_bf16_avx2_vectors_any(p, first + 16 * lead, whole,
-                                 row ? (first + 16 * lead) % C : c, row);
-    if (lead || lead + whole < count) {
+    /* streamed: the vectors of whole lines (bn_bf16_whole_lines); the one
+     * sharing a line with the staged head or tail is stored normally */
+    fb_index lines = first, lines_end = done; /* unstreamed: all of them */
+    if (p->stream) {
+        bn_bf16_whole_lines(p->out, first, done, &lines, &lines_end);
+        if (lines == lines_end) /* no whole line: all of them stored normally */
+            lines = lines_end = done;
+    }
+    if (lines_end > lines)
+        bn_bf16_avx2_vectors_any(p, lines, (lines_end - lines) / 16, row ? lines % C : c, row);
+    if (lines > first || done > lines_end) {
         bn_bf16_pass plain = *p;
         plain.stream = 0;
-        if (lead)
-            bn_bf16_avx2_vectors_any(&plain, first, 1, row ? first % C : c, row);
-        if (lead + whole < count) /* one vector */
-            bn_bf16_avx2_vectors_any(&plain, done - 16, 1, row ? (done - 16) % C : c, row);
+        if (lines > first)
+            bn_bf16_avx2_vectors_any(&plain, first, (lines - first) / 16, row ? first % C : c, row);
+        if (done > lines_end)
+            bn_bf16_avx2_vectors_any(&plain, lines_end, (done - lines_end) / 16,
+                                     row ? lines_end % C : c, row);
     }
     if (done < offset + len)
         bn_bf16_avx2_staged(p, done, offset + len - done, row ? done % C : c, row);
@@ -376,15 +381,12 @@ static void bn_bf16_fused_stretch_avx2(const bn_bf16_pass *p, fb_index begin, fb
             a = stop;
         }
     }
-    /* between: streamed over whole 64-byte lines [lines, lines_end); the
+    /* between: streamed over the whole lines (bn_bf16_whole_lines); the
      * vector that shares a line with the head or the tail (at most one at
      * each end) is stored normally */
     i = begin + head;
-    fb_index lines = i, lines_end = i;
-    if (i + 32 <= aligned_end) {
-        lines = i + (((uintptr_t)(p->out + i) & 63u) ? 16 : 0);
-        lines_end = lines + (aligned_end - lines) / 32 * 32;
-    }
+    fb_index lines, lines_end;
+    bn_bf16_whole_lines(p->out, i, aligned_end, &lines, &lines_end);
     bn_bf16_pass plain = *p;
     plain.stream = 0;
     bn_bf16_stretch_vectors_avx2(&plain, i, lines);

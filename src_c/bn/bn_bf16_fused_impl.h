@@ -95,21 +95,10 @@ static inline __attribute__((always_inline)) void FB_BN_BF16_BODY(
             _mm256_mask_storeu_epi16(out, mask, FB_BN_BF16_FUSED_NARROW(v));
             i = piece;
         }
-        /* streamed: only the whole 64-byte lines of the run, [lines, lines_end);
-         * a line it shares with a neighbouring run (an output off the line
-         * boundary) gets normal stores from both, since a line written partly
-         * with streaming and partly with normal stores costs a round trip to
-         * memory (the Xeon, AVX-512 build, (2048,64,32) training forward, 2
-         * threads, output 48 bytes past a line: 45 ms, against 2.5 ms on a
-         * line) */
+        /* streamed: only the run's whole lines (bn_bf16_whole_lines) */
         fb_index lines = i, lines_end = i;
-        if (stream) {
-            const fb_index lead = (fb_index)(((64u - ((uintptr_t)out & 63u)) & 63u) / 2u);
-            if (lead + 32 <= len) {
-                lines = lead;
-                lines_end = lead + (len - lead) / 32 * 32;
-            }
-        }
+        if (stream)
+            bn_bf16_whole_lines(out, i, len, &lines, &lines_end);
         for (; i < lines; i += 16) /* at most one vector: out + i is 32-byte aligned */
             _mm256_store_si256((__m256i *)(out + i), FB_BN_BF16_FUSED_NARROW(FB_BN_BF16_STEP(
                 p, x, dy, c, i, 1, 0xFFFF, mode, relu, row, m, k1, k2, k3, ms, mh)));

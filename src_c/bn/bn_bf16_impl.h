@@ -783,6 +783,25 @@ static void bn_bf16_compute_row(const bn_bf16_pass *p, float *restrict v, fb_ind
 
 /* ---- fused rewrite (AVX-512 build) ----------------------------------------- */
 
+/* The whole 64-byte lines of output elements [i, end) (out + i on a 32-byte
+ * boundary): [*lines, *lines_end), empty (both i) when there is none.  A
+ * streamed rewrite stores only these non-temporally; the vector at most at
+ * each end that shares a line with a neighbour gets a normal store, since a
+ * line written partly with streaming and partly with normal stores costs a
+ * round trip to memory (the Xeon, AVX-512 build, (2048,64,32) training
+ * forward, 2 threads, output 48 bytes past a line: 45 ms, against 2.5 ms
+ * on a line). */
+static inline void bn_bf16_whole_lines(const uint16_t *out, fb_index i, fb_index end,
+                                       fb_index *lines, fb_index *lines_end)
+{
+    const fb_index start = i + (((uintptr_t)(out + i) & 63u) ? 16 : 0);
+    *lines = *lines_end = i;
+    if (start + 32 <= end) {
+        *lines = start;
+        *lines_end = start + (end - start) / 32 * 32;
+    }
+}
+
 /* Two instances of bn_bf16_fused_impl.h: with the conversion instruction
  * (CPU with AVX512_BF16) and with fb_bn_bf16_narrow16 (any AVX-512 CPU).
  * The compute-into-a-float32-block-then-narrow form it replaces stores and
