@@ -38,6 +38,21 @@ def test_bench_writes_json_with_times_ratios_and_bandwidth(tmp_path):
     assert case["fastbn"]["median_s"] > 0 and case["reference"]["median_s"] > 0
     assert case["speedup_vs_reference"] == pytest.approx(
         case["reference"]["median_s"] / case["fastbn"]["median_s"])
+    assert report["round_order"] == "shuffled (seed 0)"
+
+
+def test_bench_fixed_order_is_reported(tmp_path):
+    """--fixed-order keeps the contenders' order in every round, and says so
+    in the table's legend and the JSON."""
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", "--quick", "--filter", "bn_train_fwd_small", "--no-torch",
+                     "--no-progress", "--threads", "1", "--fixed-order", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "(fixed order)" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["round_order"] == "fixed"
+    (case,) = report["cases"]
+    assert case["fastbn"]["runs"] >= 5 and case["reference"]["runs"] >= 1
 
 
 def test_bench_rejects_a_filter_matching_nothing():
@@ -66,12 +81,9 @@ def test_time_callable_respects_run_bounds():
     assert timing.best <= timing.median
 
 
-def test_time_interleaved_gives_each_contender_its_untimed_calls_before_the_timed_one(monkeypatch):
-    """Two untimed calls per round by default, `warmup_for` per contender,
-    then the timed call (the one between two clock reads, "T"), every
-    contender's calls of a round back to back."""
+def _logging_clock(monkeypatch, log):
+    """Replace the timer's clock by a counter that logs each read as "T"."""
     from fastbn.bench import measure
-    log = []
     clock = iter(range(10**6))
 
     def perf_counter():
@@ -79,14 +91,76 @@ def test_time_interleaved_gives_each_contender_its_untimed_calls_before_the_time
         return float(next(clock))
 
     monkeypatch.setattr(measure.time, "perf_counter", perf_counter)
+
+
+def test_time_interleaved_gives_each_contender_its_untimed_calls_before_the_timed_one(monkeypatch):
+    """Two untimed calls per round by default, `warmup_for` per contender,
+    then the timed call (the one between two clock reads, "T"), every
+    contender's calls of a round back to back (fixed order here)."""
+    log = []
+    _logging_clock(monkeypatch, log)
     contenders = {name: (lambda name=name: log.append(name)) for name in ("fast", "slow")}
     timings = time_interleaved(contenders, min_time=0.0, min_rounds=3, max_rounds=3,
-                               settle=0.0, warmup_for={"slow": 1})
+                               settle=0.0, warmup_for={"slow": 1}, order_seed=None)
     assert [len(t.runs) for t in timings.values()] == [3, 3]
     assert log == (["fast", "fast", "T", "fast", "T", "slow", "T", "slow", "T"]) * 3
     log.clear()
-    time_interleaved(contenders, min_time=0.0, min_rounds=2, max_rounds=2, settle=0.0, warmup=0)
+    time_interleaved(contenders, min_time=0.0, min_rounds=2, max_rounds=2, settle=0.0, warmup=0,
+                     order_seed=None)
     assert log == ["T", "fast", "T", "T", "slow", "T"] * 2
+
+
+def _rounds_of(log, names, warmup=1):
+    """Split a log of calls and clock reads into rounds: each contender's
+    block is `warmup` untimed calls, "T", the timed call, "T"."""
+    block = warmup + 3
+    blocks = [log[i:i + block] for i in range(0, len(log), block)]
+    for b in blocks:
+        assert b == [b[0]] * warmup + ["T", b[0], "T"]
+    order = [b[0] for b in blocks]
+    return [order[i:i + len(names)] for i in range(0, len(order), len(names))]
+
+
+def test_time_interleaved_shuffles_the_order_of_each_round_reproducibly(monkeypatch):
+    """By default every round is a permutation of the contenders drawn from a
+    seeded generator: each contender follows several others over the rounds
+    (no contender always timed after the same one), and the same seed gives
+    the same orders."""
+    names = ("a", "b", "c", "d")
+    log = []
+    _logging_clock(monkeypatch, log)
+    contenders = {name: (lambda name=name: log.append(name)) for name in names}
+    timings = time_interleaved(contenders, min_time=0.0, min_rounds=40, max_rounds=40,
+                               settle=0.0, warmup=1)
+    assert all(len(t.runs) == 40 for t in timings.values())
+    rounds = _rounds_of(log, names)
+    assert len(rounds) == 40 and all(sorted(r) == sorted(names) for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 5
+    followed = {name: set() for name in names}
+    for r in rounds:
+        for before, after in zip(r, r[1:]):
+            followed[after].add(before)
+    assert all(len(f) == len(names) - 1 for f in followed.values())
+    first = list(log)
+    log.clear()
+    time_interleaved(contenders, min_time=0.0, min_rounds=40, max_rounds=40, settle=0.0, warmup=1)
+    assert log == first
+    log.clear()
+    time_interleaved(contenders, min_time=0.0, min_rounds=40, max_rounds=40, settle=0.0, warmup=1,
+                     order_seed=1)
+    assert log != first
+
+
+def test_time_interleaved_caps_a_contender_in_shuffled_rounds(monkeypatch):
+    """`max_rounds_for` still caps a contender's timed calls when the order
+    is shuffled."""
+    log = []
+    _logging_clock(monkeypatch, log)
+    contenders = {name: (lambda name=name: log.append(name)) for name in ("fast", "ref", "peer")}
+    timings = time_interleaved(contenders, min_time=0.0, min_rounds=12, max_rounds=12, settle=0.0,
+                               warmup=0, max_rounds_for={"ref": 3})
+    assert [len(timings[n].runs) for n in ("fast", "ref", "peer")] == [12, 3, 12]
+    assert log.count("ref") == 3
 
 
 def test_time_per_call_reports_per_call_seconds():

@@ -29,6 +29,7 @@ class BenchConfig:
     threads: int
     quick: bool
     torch: Optional[object]        # the torch module, or None
+    order_seed: Optional[int] = 0  # seed of each round's contender order; None: fixed order
 
 
 def _torch_dtype(config: BenchConfig):

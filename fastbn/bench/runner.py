@@ -76,7 +76,7 @@ def run_case(case: Case, config: BenchConfig, bar: ProgressBar) -> Dict[str, obj
         timings = time_interleaved(contenders, min_time=min_time, min_rounds=5 if config.quick else 9,
                                    max_rounds=40 if config.quick else 100,
                                    max_rounds_for={"reference": 5 if config.quick else 9},
-                                   warmup_for={"reference": 1})
+                                   warmup_for={"reference": 1}, order_seed=config.order_seed)
         for contender, timing in timings.items():
             record[contender] = timing.as_dict()
     fast = record["fastbn"]["median_s"]
@@ -171,6 +171,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the speed-ups")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--fixed-order", action="store_true",
+                        help="time the contenders in the same order every round (default: a seeded shuffle "
+                             "per round, so no contender always follows the same one)")
     return parser
 
 
@@ -185,7 +188,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     fastbn.set_num_threads(threads)
     torch = load_torch(threads, not args.no_torch)
-    config = BenchConfig(dtype=np.dtype(args.dtype), threads=threads, quick=args.quick, torch=torch)
+    config = BenchConfig(dtype=np.dtype(args.dtype), threads=threads, quick=args.quick, torch=torch,
+                         order_seed=None if args.fixed_order else 0)
     cases = select_cases(args.filter, args.quick)
     if not cases:
         print("no case matches the filter; see --list", file=sys.stderr)
@@ -204,7 +208,7 @@ def main(args: argparse.Namespace) -> int:
              f"torch {info['torch'] or 'absent'}")
     print(title)
     print(f"bandwidth probe (in-place stream update): {bandwidth:.1f} GB/s ({threads} threads); "
-          "times are medians of interleaved rounds; 'x ref'/'x torch' = their time / fastbn time "
+          f"times are medians of interleaved rounds ({'fixed' if args.fixed_order else 'shuffled'} order); 'x ref'/'x torch' = their time / fastbn time "
           "(all three allocating their output; fastbn's of 1 MiB and more from its output cache); "
           "'out=' = fastbn writing into a reused buffer; "
           "GB/s = bytes that must move / fastbn time (out= where available); "
@@ -214,6 +218,7 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "dtype": args.dtype, "quick": args.quick,
+                       "round_order": "fixed" if args.fixed_order else "shuffled (seed 0)",
                        "stream_bandwidth_gbps": bandwidth, "cases": records}, f, indent=2, default=str)
         print(f"wrote {args.json}")
     if args.plot:
