@@ -183,13 +183,14 @@ def test_streamed_eval_stretches_ending_inside_rows_equal_the_twin(simd_target, 
 
 # ---- channels-last (N, H, W, C) --------------------------------------------
 # The rule for an interleaved output (fb_bn_stream_output): at least 8 MiB,
-# any row length -- the array is one contiguous stream.  The AVX2 build
-# rewrites each work item as one flat walk whose channel index wraps at row
-# ends (16 values per vector, streamed over the whole 64-byte lines between
-# the first and the last boundary), so rows of whole lines (C 128), of partial lines (C 65, 40), C
-# under 16 (several row ends in one vector) and odd C are all covered, each
-# with a power-of-two count per channel (exact sums), at, over and just under
-# the threshold.
+# any row length -- the array is one contiguous stream.  Both vector builds
+# rewrite each work item as one flat walk whose channel index wraps at row
+# ends (16 values per vector; the AVX2 build's pair tables, the AVX-512
+# build's wrapped coefficient arrays), streamed over the whole 64-byte lines
+# between the first and the last boundary, so rows of whole lines (C 128),
+# of partial lines (C 65, 40), C under 16 (several row ends in one vector)
+# and odd C are all covered, each with a power-of-two count per channel
+# (exact sums), at, over and just under the threshold.
 
 def streamed_channels_last(shape):
     return np.prod(shape) * 2 >= STREAM_BYTES

@@ -93,8 +93,8 @@ FB_ALWAYS_INLINE __m256 bn_bf16_avx2_value(__m256 xc, __m256 g, const int mode, 
     return v;
 }
 
-/* Pair-order coefficient tables of a channels-last pass (bn_bf16_pair_fill
- * sets them): for each of the six per-channel arrays (center, k1, k2, k3,
+/* Pair-order coefficient tables of a channels-last pass
+ * (bn_bf16_publish_coefficients sets them): for each of the six per-channel arrays (center, k1, k2, k3,
  * mask_scale, mask_shift) the sequence e[t] = a[t mod C], t < C + 16, split
  * into its even entries E[q] = e[2q] and odd ones O[q] = e[2q + 1].  A
  * vector of 16 elements from channel c then takes its even lanes (channels

@@ -6,8 +6,10 @@
  *   FB_BN_BF16_FUSED_NARROW   __m512 -> __m256i, bit-identical to
  *                             fb_bn_bf16_round lane by lane.
  * One run of elements [offset, offset + len): planar (`row` 0: every element
- * is channel c, coefficients broadcast) or a channels-last row piece (`row`
- * 1: element i is channel c + i, coefficients loaded per vector).  The same
+ * is channel c, coefficients broadcast) or a channels-last stretch of any
+ * length (`row` 1: element i is channel (c + i) % C, coefficients loaded per
+ * vector from the wrapped arrays, entry C + j == entry j % C, so one stretch
+ * runs across row ends and pays a masked head and tail once, not per row).  The same
  * float32 operations as bn_bf16_compute / bn_bf16_compute_row followed by the
  * narrowing, in registers (no float32 block), with non-temporal stores when
  * p->stream (the output is not read again by the pass).  Same bits as
@@ -20,7 +22,8 @@
 #define FB_BN_BF16_BODY FB_BN_BF16_CAT(FB_BN_BF16_FUSED_NAME, _body)
 
 /* The float32 result of 16 elements at i (lanes outside `mask` read as 0 and
- * are not stored).  mode/relu/row are constants in every inlined copy. */
+ * are not stored); with `row`, element i is channel c (wrapped arrays).
+ * mode/relu/row are constants in every inlined copy. */
 FB_BN_BF16_FUSED_ATTR
 static inline __attribute__((always_inline)) __m512 FB_BN_BF16_STEP(
     const bn_bf16_pass *p, const uint16_t *restrict x, const uint16_t *restrict dy, fb_index c,
@@ -31,7 +34,7 @@ static inline __attribute__((always_inline)) __m512 FB_BN_BF16_STEP(
     const int forward = mode == BN_BF16_FORWARD || mode == BN_BF16_EVAL_FORWARD;
     const int need_x = forward || mode == BN_BF16_BACKWARD || relu;
     if (row) {
-#define FB_BN_BF16_COEF(a) (full ? _mm512_loadu_ps((a) + c + i) : _mm512_maskz_loadu_ps(mask, (a) + c + i))
+#define FB_BN_BF16_COEF(a) (full ? _mm512_loadu_ps((a) + c) : _mm512_maskz_loadu_ps(mask, (a) + c))
         if (need_x)
             m = FB_BN_BF16_COEF(p->center);
         k1 = FB_BN_BF16_COEF(p->k1);
@@ -77,43 +80,68 @@ static inline __attribute__((always_inline)) void FB_BN_BF16_BODY(
     const __m512 k2 = _mm512_set1_ps(p->k2[c]), k3 = _mm512_set1_ps(p->k3[c]);
     const __m512 ms = _mm512_set1_ps(p->mask_scale[c]), mh = _mm512_set1_ps(p->mask_shift[c]);
     const int stream = p->stream;
+    /* row: cc is the channel of element i; a vector advances it by 16 % C
+     * (cc + step < 2C: one subtraction), a head piece by its length */
+    const fb_index channels = p->channels, step = row ? 16 % channels : 0;
+    fb_index cc = c;
+#define FB_BN_BF16_ADVANCE(count)                     \
+    do {                                              \
+        if (row && (count) == 16) {                   \
+            cc += step;                               \
+            if (cc >= channels)                       \
+                cc -= channels;                       \
+        } else if (row) {                             \
+            cc = (cc + (count)) % channels;           \
+        }                                             \
+    } while (0)
     fb_index i = 0;
     if ((uintptr_t)out & 1u) {
         /* defensive (the bridge refuses unaligned outputs): an odd address never
          * reaches a 32-byte boundary in 2-byte steps: unaligned stores, no
          * streaming */
         for (; i + 16 <= len; i += 16) {
-            const __m512 v = FB_BN_BF16_STEP(p, x, dy, c, i, 1, 0xFFFF, mode, relu, row, m, k1, k2, k3, ms, mh);
+            const __m512 v = FB_BN_BF16_STEP(p, x, dy, cc, i, 1, 0xFFFF, mode, relu, row,
+                                             m, k1, k2, k3, ms, mh);
             _mm256_storeu_si256((__m256i *)(out + i), FB_BN_BF16_FUSED_NARROW(v));
+            FB_BN_BF16_ADVANCE(16);
         }
     } else {
         const fb_index misaligned = (fb_index)(((uintptr_t)out & 31u) / 2u);
         if (misaligned) {
             const fb_index piece = fb_min_index(len, 16 - misaligned);
             const __mmask16 mask = (__mmask16)((1u << piece) - 1u);
-            const __m512 v = FB_BN_BF16_STEP(p, x, dy, c, 0, 0, mask, mode, relu, row, m, k1, k2, k3, ms, mh);
+            const __m512 v = FB_BN_BF16_STEP(p, x, dy, cc, 0, 0, mask, mode, relu, row,
+                                             m, k1, k2, k3, ms, mh);
             _mm256_mask_storeu_epi16(out, mask, FB_BN_BF16_FUSED_NARROW(v));
+            FB_BN_BF16_ADVANCE(piece);
             i = piece;
         }
         /* streamed: only the run's whole lines (bn_bf16_whole_lines) */
         fb_index lines = i, lines_end = i;
         if (stream)
             bn_bf16_whole_lines(out, i, len, &lines, &lines_end);
-        for (; i < lines; i += 16) /* at most one vector: out + i is 32-byte aligned */
+        for (; i < lines; i += 16) { /* at most one vector: out + i is 32-byte aligned */
             _mm256_store_si256((__m256i *)(out + i), FB_BN_BF16_FUSED_NARROW(FB_BN_BF16_STEP(
-                p, x, dy, c, i, 1, 0xFFFF, mode, relu, row, m, k1, k2, k3, ms, mh)));
-        for (; i < lines_end; i += 16)
+                p, x, dy, cc, i, 1, 0xFFFF, mode, relu, row, m, k1, k2, k3, ms, mh)));
+            FB_BN_BF16_ADVANCE(16);
+        }
+        for (; i < lines_end; i += 16) {
             _mm256_stream_si256((__m256i *)(out + i), FB_BN_BF16_FUSED_NARROW(FB_BN_BF16_STEP(
-                p, x, dy, c, i, 1, 0xFFFF, mode, relu, row, m, k1, k2, k3, ms, mh)));
-        for (; i + 16 <= len; i += 16)
+                p, x, dy, cc, i, 1, 0xFFFF, mode, relu, row, m, k1, k2, k3, ms, mh)));
+            FB_BN_BF16_ADVANCE(16);
+        }
+        for (; i + 16 <= len; i += 16) {
             _mm256_store_si256((__m256i *)(out + i), FB_BN_BF16_FUSED_NARROW(FB_BN_BF16_STEP(
-                p, x, dy, c, i, 1, 0xFFFF, mode, relu, row, m, k1, k2, k3, ms, mh)));
+                p, x, dy, cc, i, 1, 0xFFFF, mode, relu, row, m, k1, k2, k3, ms, mh)));
+            FB_BN_BF16_ADVANCE(16);
+        }
     }
     if (i < len) {
         const __mmask16 mask = (__mmask16)((1u << (len - i)) - 1u);
-        const __m512 v = FB_BN_BF16_STEP(p, x, dy, c, i, 0, mask, mode, relu, row, m, k1, k2, k3, ms, mh);
+        const __m512 v = FB_BN_BF16_STEP(p, x, dy, cc, i, 0, mask, mode, relu, row, m, k1, k2, k3, ms, mh);
         _mm256_mask_storeu_epi16(out + i, mask, FB_BN_BF16_FUSED_NARROW(v));
     }
+#undef FB_BN_BF16_ADVANCE
 }
 
 FB_BN_BF16_FUSED_ATTR

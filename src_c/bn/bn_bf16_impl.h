@@ -67,6 +67,10 @@
 #define FB_BN_BF16_MAX_ROW_CHUNKS ((fb_index)32)
 #define FB_BN_BF16_BLOCK ((fb_index)1024)
 #define FB_BN_BF16_LANES 16
+/* Entries past the C channels of each per-channel array, entry C + j a copy
+ * of entry j % C (bn_bf16_publish_coefficients): a vector of coefficients
+ * starting at any channel is one load, wrapping past the row's end. */
+#define FB_BN_BF16_WRAP ((fb_index)16)
 /* Elements per work item of a pass without reduction (eval forward, eval
  * backward without parameter gradients), which walks the array linearly:
  * long contiguous streams keep the prefetchers ahead, where a channel's rows
@@ -901,11 +905,11 @@ static void bn_bf16_rewrite_item(const bn_bf16_pass *p, fb_index item)
     bn_bf16_avx2_walk(p, r0 * C, (r1 - r0) * C, 0, 1);
     return;
 #endif
-    for (fb_index r = r0; r < r1; ++r) {
 #if FB_BN_BF16_FUSED
-        bn_bf16_fused_run(p, r * C, C, 0, 1);
-        continue;
+    bn_bf16_fused_run(p, r0 * C, (r1 - r0) * C, 0, 1); /* one stretch across row ends */
+    return;
 #endif
+    for (fb_index r = r0; r < r1; ++r) {
         for (fb_index c0 = 0; c0 < C; c0 += FB_BN_BF16_BLOCK) {
             const fb_index piece = fb_min_index(FB_BN_BF16_BLOCK, C - c0);
             const fb_index offset = r * C + c0;
@@ -929,12 +933,11 @@ static void bn_bf16_rewrite_linear(const bn_bf16_pass *p, fb_index item)
             return;
 #endif
             const fb_index c0 = i % p->channels;
-            fb_index len = fb_min_index(p->channels - c0, end - i);
 #if FB_BN_BF16_FUSED
-            bn_bf16_fused_run(p, i, len, c0, 1);
-            i += len;
-            continue;
+            bn_bf16_fused_run(p, i, end - i, c0, 1); /* one stretch across row ends */
+            return;
 #endif
+            fb_index len = fb_min_index(p->channels - c0, end - i);
             len = fb_min_index(len, FB_BN_BF16_BLOCK);
             bn_bf16_compute_row(p, v, i, len, c0);
             fb_bn_bf16_narrow(v, p->out + i, len, p->instruction);
@@ -954,12 +957,20 @@ static void bn_bf16_rewrite_linear(const bn_bf16_pass *p, fb_index item)
     }
 }
 
-/* The pair-table entries of channel c (bn_bf16_fused_avx2.h): each
- * channel writes only its own entries, so the threads finalizing different
- * channels may fill them concurrently. */
-static void bn_bf16_pair_fill(const bn_bf16_pass *p, fb_index c)
+/* Channel c's coefficients, once set, copied to where the channels-last
+ * rewrites read them: the wrapped entries C + j (j % C == c) of the
+ * per-channel arrays (AVX-512 build, bn_bf16_fused_impl.h) or the pair
+ * tables (AVX2 build, bn_bf16_fused_avx2.h).  Each channel writes only its
+ * own entries, so the threads finalizing different channels may fill them
+ * concurrently. */
+static void bn_bf16_publish_coefficients(const bn_bf16_pass *p, fb_index c)
 {
-#if FB_BN_BF16_FUSED_AVX2
+#if FB_BN_BF16_FUSED
+    float *const arrays[6] = {p->center, p->k1, p->k2, p->k3, p->mask_scale, p->mask_shift};
+    for (int which = 0; which < 6; ++which)
+        for (fb_index t = c + p->channels; t < p->channels + FB_BN_BF16_WRAP; t += p->channels)
+            arrays[which][t] = arrays[which][c];
+#elif FB_BN_BF16_FUSED_AVX2
     if (!p->pairs)
         return;
     const fb_index C = p->channels, slots = BN_BF16_PAIR_SLOTS(C);
@@ -1172,7 +1183,7 @@ static void bn_bf16_body_work(bn_bf16_pass *p)
 #pragma omp for schedule(static)
         for (fb_index c = c0; c < c1; ++c) {
             bn_bf16_finalize(p, c);
-            bn_bf16_pair_fill(p, c);
+            bn_bf16_publish_coefficients(p, c);
         }
 #pragma omp for schedule(static)
         for (fb_index item = first; item < last; ++item)
@@ -1198,9 +1209,10 @@ static int bn_bf16_run(bn_bf16_pass *p, fb_index outer, fb_index channels, fb_in
     bn_bf16_plan(p, outer, channels, inner, streams, nt);
     p->instruction = fb_bn_bf16_cpu_has_instruction();
     /* the float kernels' rule (fb_bn_stream_output, bn_plan.h): an output past
-     * the last-level cache share, whose rows are whole 64-byte lines, skips
-     * the read-for-ownership; only the fused planar rewrites stream */
-    p->stream = ((FB_BN_BF16_FUSED && !p->interleaved) || FB_BN_BF16_FUSED_AVX2)
+     * the last-level cache share, whose rows are whole 64-byte lines (or
+     * channels-last: one flat stream), skips the read-for-ownership; only
+     * the fused rewrites (AVX-512, AVX2) stream, each over its whole lines */
+    p->stream = (FB_BN_BF16_FUSED || FB_BN_BF16_FUSED_AVX2)
         && fb_bn_stream_output(p->outer, channels, channels, p->inner, 2);
     p->paced = bn_bf16_paces(p);
     p->linear = !p->reduce;
@@ -1211,19 +1223,20 @@ static int bn_bf16_run(bn_bf16_pass *p, fb_index outer, fb_index channels, fb_in
 #else
     const fb_index pair_floats = 0;
 #endif
+    const fb_index wrapped = channels + FB_BN_BF16_WRAP; /* bn_bf16_publish_coefficients */
     double *work = (double *)malloc((size_t)(2 * partials) * sizeof(double)
-                                    + (size_t)(6 * channels + pair_floats) * sizeof(float) + 64);
+                                    + (size_t)(6 * wrapped + pair_floats) * sizeof(float) + 64);
     if (!work)
         return FASTBN_ERR_NOMEM;
     p->sum1 = work;
     p->sum2 = work + partials;
     p->center = (float *)(work + 2 * partials);
-    p->k1 = p->center + channels;
-    p->k2 = p->k1 + channels;
-    p->k3 = p->k2 + channels;
-    p->mask_scale = p->k3 + channels;
-    p->mask_shift = p->mask_scale + channels;
-    p->pairs = pair_floats ? p->mask_shift + channels : NULL;
+    p->k1 = p->center + wrapped;
+    p->k2 = p->k1 + wrapped;
+    p->k3 = p->k2 + wrapped;
+    p->mask_scale = p->k3 + wrapped;
+    p->mask_shift = p->mask_scale + wrapped;
+    p->pairs = pair_floats ? p->mask_shift + wrapped : NULL;
     for (fb_index c = 0; c < channels; ++c) {
         p->k1[c] = p->k2[c] = p->k3[c] = 0.0f;
         p->mask_scale[c] = p->mask_shift[c] = 0.0f;
@@ -1253,7 +1266,7 @@ static int bn_bf16_run(bn_bf16_pass *p, fb_index outer, fb_index channels, fb_in
             break;
         }
         }
-        bn_bf16_pair_fill(p, c); /* the reducing passes fill again after finalize */
+        bn_bf16_publish_coefficients(p, c); /* the reducing passes fill again after finalize */
     }
     if (nt > 1) {
 #pragma omp parallel num_threads(nt)
