@@ -55,6 +55,30 @@ def test_bench_fixed_order_is_reported(tmp_path):
     assert case["fastbn"]["runs"] >= 5 and case["reference"]["runs"] >= 1
 
 
+@pytest.mark.parametrize("flags,seed", [([], 0), (["--fixed-order"], None)])
+def test_bench_passes_its_round_order_to_the_timer(flags, seed, monkeypatch, capsys):
+    """The order the legend names is the one the interleaved timer gets:
+    seed 0 by default, None (fixed) with --fixed-order."""
+    from fastbn.bench import measure, runner
+    seeds = []
+
+    def recording_timer(contenders, **kwargs):
+        seeds.append(kwargs["order_seed"])
+        return {name: measure.Timing(runs=[1e-3]) for name in contenders}
+
+    monkeypatch.setattr(runner, "time_interleaved", recording_timer)
+    monkeypatch.setattr(runner, "stream_bandwidth", lambda threads: 1.0)
+    previous = fastbn.get_num_threads()
+    try:
+        args = runner.build_parser().parse_args(["--quick", "--filter", "bn_train_fwd_small", "--no-torch",
+                                                 "--no-progress", "--threads", "1", *flags])
+        assert runner.main(args) == 0
+    finally:
+        fastbn.set_num_threads(previous)
+    assert seeds == [seed]
+    assert ("(fixed order)" if seed is None else "(shuffled (seed 0) order)") in capsys.readouterr().out
+
+
 def test_bench_rejects_a_filter_matching_nothing():
     result = run_cli("bench", "--filter", "no_such_case", "--no-progress")
     assert result.returncode == 2

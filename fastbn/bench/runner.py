@@ -207,8 +207,10 @@ def main(args: argparse.Namespace) -> int:
              f"SIMD {info['simd_target']} | {args.dtype} | numpy {info['numpy']} | "
              f"torch {info['torch'] or 'absent'}")
     print(title)
+    order = "fixed" if config.order_seed is None else f"shuffled (seed {config.order_seed})"
     print(f"bandwidth probe (in-place stream update): {bandwidth:.1f} GB/s ({threads} threads); "
-          f"times are medians of interleaved rounds ({'fixed' if args.fixed_order else 'shuffled'} order); 'x ref'/'x torch' = their time / fastbn time "
+          f"times are medians of interleaved rounds ({order} order); "
+          "'x ref'/'x torch' = their time / fastbn time "
           "(all three allocating their output; fastbn's of 1 MiB and more from its output cache); "
           "'out=' = fastbn writing into a reused buffer; "
           "GB/s = bytes that must move / fastbn time (out= where available); "
@@ -218,7 +220,7 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "dtype": args.dtype, "quick": args.quick,
-                       "round_order": "fixed" if args.fixed_order else "shuffled (seed 0)",
+                       "round_order": order,
                        "stream_bandwidth_gbps": bandwidth, "cases": records}, f, indent=2, default=str)
         print(f"wrote {args.json}")
     if args.plot:

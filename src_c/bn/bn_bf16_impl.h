@@ -67,10 +67,6 @@
 #define FB_BN_BF16_MAX_ROW_CHUNKS ((fb_index)32)
 #define FB_BN_BF16_BLOCK ((fb_index)1024)
 #define FB_BN_BF16_LANES 16
-/* Entries past the C channels of each per-channel array, entry C + j a copy
- * of entry j % C (bn_bf16_publish_coefficients): a vector of coefficients
- * starting at any channel is one load, wrapping past the row's end. */
-#define FB_BN_BF16_WRAP ((fb_index)16)
 /* Elements per work item of a pass without reduction (eval forward, eval
  * backward without parameter gradients), which walks the array linearly:
  * long contiguous streams keep the prefetchers ahead, where a channel's rows
@@ -116,7 +112,9 @@ typedef struct {
     float *dweight, *dbias;
     double eps, momentum;
     double *sum1, *sum2;  /* partials: planar [c * chunks + k], interleaved [k * C + c] */
-    float *center;        /* reduction center / rewrite mean m, per channel */
+    /* per channel, C + FB_BN_WRAP_PAD entries (the pad mirrors the first
+     * ones: bn_bf16_publish_coefficients) */
+    float *center;        /* reduction center / rewrite mean m */
     float *k1, *k2, *k3;  /* rewrite coefficients */
     float *mask_scale, *mask_shift;
     float *pairs;         /* AVX2 channels-last: pair-order coefficient tables, or NULL */
@@ -968,7 +966,7 @@ static void bn_bf16_publish_coefficients(const bn_bf16_pass *p, fb_index c)
 #if FB_BN_BF16_FUSED
     float *const arrays[6] = {p->center, p->k1, p->k2, p->k3, p->mask_scale, p->mask_shift};
     for (int which = 0; which < 6; ++which)
-        for (fb_index t = c + p->channels; t < p->channels + FB_BN_BF16_WRAP; t += p->channels)
+        for (fb_index t = c + p->channels; t < p->channels + FB_BN_WRAP_PAD; t += p->channels)
             arrays[which][t] = arrays[which][c];
 #elif FB_BN_BF16_FUSED_AVX2
     if (!p->pairs)
@@ -1223,7 +1221,9 @@ static int bn_bf16_run(bn_bf16_pass *p, fb_index outer, fb_index channels, fb_in
 #else
     const fb_index pair_floats = 0;
 #endif
-    const fb_index wrapped = channels + FB_BN_BF16_WRAP; /* bn_bf16_publish_coefficients */
+    /* per-channel arrays padded as the float kernels' (FB_BN_WRAP_PAD): entry
+     * C + j mirrors entry j % C (bn_bf16_publish_coefficients) */
+    const fb_index wrapped = channels + FB_BN_WRAP_PAD;
     double *work = (double *)malloc((size_t)(2 * partials) * sizeof(double)
                                     + (size_t)(6 * wrapped + pair_floats) * sizeof(float) + 64);
     if (!work)
